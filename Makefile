@@ -1,0 +1,145 @@
+# parallelize - build, test, run, install.
+#
+#   make run        install what is missing, build, run the main demo
+#   make test       install what is missing, build, run every test
+#   make install PREFIX=/some/dir   (DESTDIR honoured)
+#   make bench | soak | fuzz | lint | clean
+#
+# Variables are `?=` so the command line, the environment or LuaRocks can
+# override them; user CFLAGS are added to the required flags, never replace them.
+
+PREFIX    ?= /usr/local
+BINDIR    ?= $(PREFIX)/bin
+LIBDIR    ?= $(PREFIX)/lib/lua/5.1
+LUADIR    ?= $(PREFIX)/share/lua/5.1
+DESTDIR   ?=
+
+CC        ?= cc
+CFLAGS    ?= -O2 -g
+LDFLAGS   ?=
+LIBFLAG   ?= -shared
+LUAJIT    ?= luajit
+BUSTED    ?= busted --lua=$(LUAJIT)
+
+# LuaRocks passes LUA_INCDIR; the code needs LuaJIT's headers, so when the
+# directory given is not LuaJIT's, fall back to what pkg-config knows.
+LUA_INCDIR ?= /usr/include/luajit-2.1
+PZ_INC := $(if $(wildcard $(LUA_INCDIR)/luajit.h),$(LUA_INCDIR),$(shell pkg-config --cflags-only-I luajit 2>/dev/null | sed 's/^-I//'))
+LUAJIT_LIBS ?= $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
+
+PZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+            -fPIC -fvisibility=hidden -pthread -I$(PZ_INC) -Isrc -Ibuild
+SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+
+CORE_SRC  = $(filter-out src/pzlua.c,$(sort $(wildcard src/*.c)))
+HEADERS   = $(wildcard src/*.h)
+LUA_SRC   = lua/parallelize.lua $(sort $(wildcard lua/parallelize/*.lua))
+CORE_OBJ  = $(CORE_SRC:src/%.c=build/obj/%.o)
+ASAN_OBJ  = $(CORE_SRC:src/%.c=build/asan/obj/%.o)
+
+ifeq ($(V),1)
+Q =
+else
+Q = @
+endif
+
+.PHONY: all build deps run test install uninstall clean lint bench soak fuzz asan spec
+
+all build: build/parallelize/core.so build/pzlua
+
+build/obj/%.o: src/%.c $(HEADERS) | build/obj
+	@echo "  CC      $<"
+	$(Q)$(CC) $(PZ_CFLAGS) $(CFLAGS) -c -o $@ $<
+
+build/asan/obj/%.o: src/%.c $(HEADERS) | build/asan/obj
+	@echo "  CC/SAN  $<"
+	$(Q)$(CC) $(PZ_CFLAGS) $(SAN_FLAGS) -O1 -g -c -o $@ $<
+
+# The C module does not link libluajit: the host interpreter provides it.
+build/parallelize/core.so: $(CORE_OBJ) | build/parallelize
+	@echo "  LD      $@"
+	$(Q)$(CC) $(LIBFLAG) $(LDFLAGS) -pthread -o $@ $(CORE_OBJ)
+
+# The Lua layer, compiled into pzlua so it needs no LUA_PATH.
+build/embedded_lua.c: $(LUA_SRC) tools/embed.lua | build
+	@echo "  EMBED   $@"
+	$(Q)$(LUAJIT) tools/embed.lua $@ $(LUA_SRC)
+
+build/obj/embedded_lua.o: build/embedded_lua.c | build/obj
+	$(Q)$(CC) $(PZ_CFLAGS) $(CFLAGS) -Wno-overlength-strings -c -o $@ $<
+
+build/pzlua: build/obj/pzlua.o build/obj/embedded_lua.o $(CORE_OBJ)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(LDFLAGS) -pthread -o $@ $^ $(LUAJIT_LIBS) -lm -ldl
+
+# pzlua with AddressSanitizer and UBSan: the spec suite runs under it.
+build/asan/pzlua: src/pzlua.c build/embedded_lua.c $(ASAN_OBJ) | build/asan/obj
+	@echo "  LD/SAN  $@"
+	$(Q)$(CC) $(PZ_CFLAGS) $(SAN_FLAGS) -O1 -g -Wno-overlength-strings -o $@ \
+	    src/pzlua.c build/embedded_lua.c $(ASAN_OBJ) $(LUAJIT_LIBS) -lm -ldl
+
+asan: build/asan/pzlua
+
+build build/obj build/asan/obj build/parallelize:
+	$(Q)mkdir -p $@
+
+# Debian packages the build and the tests need; apt-get runs only when one
+# is missing.
+DEB_PACKAGES = luajit libluajit-5.1-dev lua-cjson lua-busted lua-check luarocks \
+               gcc make pkg-config python3 clang libclang-rt-14-dev
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+run: deps all
+	$(Q)PZ_SLEEP_SCALE=0.1 build/pzlua examples/sleeper.lua
+
+test: deps all asan
+	$(Q)LUAJIT="$(LUAJIT)" sh tools/run-tests.sh
+
+# One spec file (or all) against the normal build, for development.
+spec: all
+	$(Q)LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/?.so;;" $(BUSTED) $(or $(SPEC),spec)
+
+lint:
+	$(Q)luacheck -q lua spec examples bench tools
+
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/parallelize $(DESTDIR)$(LUADIR)/parallelize
+	install -m 755 build/pzlua $(DESTDIR)$(BINDIR)/pzlua
+	install -m 755 build/parallelize/core.so $(DESTDIR)$(LIBDIR)/parallelize/core.so
+	install -m 644 lua/parallelize.lua $(DESTDIR)$(LUADIR)/parallelize.lua
+	$(if $(wildcard lua/parallelize/*.lua),install -m 644 $(wildcard lua/parallelize/*.lua) $(DESTDIR)$(LUADIR)/parallelize/)
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/pzlua $(DESTDIR)$(LIBDIR)/parallelize/core.so $(DESTDIR)$(LUADIR)/parallelize.lua
+	rm -rf $(DESTDIR)$(LUADIR)/parallelize
+
+bench: deps all
+	$(Q)sh bench/run.sh
+
+soak: deps all
+	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/soak.lua
+
+# libFuzzer harnesses for the value decoder and the frame decoder.
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -I$(PZ_INC) -Isrc
+build/fuzz/%: spec/fuzz/%.c $(CORE_SRC) $(HEADERS)
+	@mkdir -p build/fuzz
+	$(Q)$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(filter-out src/core.c,$(CORE_SRC)) $(LUAJIT_LIBS) -lm -ldl -pthread
+fuzz: deps build/fuzz/fuzz_value build/fuzz/fuzz_frame
+	$(Q)for f in fuzz_value fuzz_frame; do \
+	    mkdir -p build/fuzz/corpus_$$f; \
+	    build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus_$$f spec/fuzz/seeds_$$f || exit 1; \
+	done
+
+clean:
+	rm -rf build

@@ -1,0 +1,56 @@
+/*
+ * codec.h - encode Lua values to bytes and back (format: codec_format.h).
+ *
+ * Encoding walks the value with the Lua C API and appends to a pz_buf.  It
+ * raises a Lua error naming the value's type and its path when something
+ * cannot travel ("cannot encode a thread at args[2].co"); the buffer then
+ * holds a partial encoding, so callers encode into a buffer they own through
+ * a userdata (never one that would leak on the raise) and copy it on success.
+ *
+ * Decoding never trusts its input unless PZ_DECODE_FUNCTIONS is given: it
+ * rejects malformed bytes with a Lua error, never reads out of bounds, and
+ * allocates at most in proportion to the input.  Bytecode is only loaded
+ * with PZ_DECODE_FUNCTIONS, because LuaJIT does not verify it.
+ */
+#ifndef PZ_CODEC_H
+#define PZ_CODEC_H
+
+#include <stddef.h>
+#include <lua.h>
+
+#include "buf.h"
+
+/* Encoding flags. */
+#define PZ_ENCODE_LOSSY 1 /* values that cannot travel become strings such as
+                             "<userdata>" instead of raising */
+
+/* Decoding flags. */
+#define PZ_DECODE_FUNCTIONS 1 /* load bytecode and resolve function references;
+                                 also lets module references `require` */
+
+/* Deepest nesting of tables and functions either side accepts. */
+#define PZ_MAX_DEPTH 1000
+
+/* Appends the encoding of the value at stack index idx to out.  `root` names
+ * the value in error paths ("value", "result", "executors[3]"). */
+void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags);
+
+/* Appends a tuple: a varint count, then the `count` values at stack indexes
+ * first .. first+count-1; error paths read root[1], root[2], ... */
+void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags);
+
+/* Decodes one value from exactly n bytes at p and pushes it.  Trailing bytes
+ * are an error. */
+void pz_decode_value(lua_State *L, const char *p, size_t n, int flags);
+
+/* Decodes a tuple from exactly n bytes at p, pushes its values and returns
+ * how many were pushed (checking the stack has room for them). */
+int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
+
+/* Adds encode, decode and null to the table on top of the stack:
+ *   encode(v) -> string          (a format version byte, then the value)
+ *   decode(s [, {functions = bool}]) -> v
+ *   null                         (a light userdata NULL, equal to cjson.null) */
+void pz_codec_register(lua_State *L);
+
+#endif

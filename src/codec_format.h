@@ -1,0 +1,144 @@
+/*
+ * codec_format.h - the wire format of encoded Lua values.
+ *
+ * One tag byte starts every value.  Integers and short strings fold their
+ * size into the tag, so the common small argument costs one or two bytes.
+ * Every table or function gets the next reference number (0, 1, 2, ...) when
+ * it is first met, in encoding order, whatever tag it is written with; a
+ * later occurrence of the same object is written as PZ_T_REF.  This is what
+ * keeps shared references and cycles intact.
+ *
+ *   0x00 nil        0x01 false      0x02 true      0x03 parallelize.null
+ *   0x04 double     8 bytes, IEEE 754, little-endian
+ *   0x05 +integer   varint n: the value n (128 .. 2^53)
+ *   0x06 -integer   varint n: the value -n (1 .. 2^53)
+ *   0x07 string     varint length, bytes
+ *   0x08 table      varint narr, varint nhash, narr values (keys 1..narr),
+ *                   nhash key/value pairs
+ *   0x09 table+mt   as 0x08, then the metatable (a value that is a table)
+ *   0x0a ref        varint reference number of an earlier table/function
+ *   0x0b module     varint length, name: package.loaded[name]
+ *   0x0c member     module name, key name (each varint length, bytes):
+ *                   package.loaded[module][key]
+ *   0x0d function   varint length, bytecode (lua_dump); a byte nups, then
+ *                   nups upvalues, each a value or a PZ_T_UPJOIN; then
+ *                   varint nglobals and that many (name, value) pairs, a
+ *                   name being varint length, bytes
+ *   0x0e upjoin     varint reference number of a function, a byte n: this
+ *                   upvalue is that function's upvalue n (1-based), shared
+ *   0x40..0x5f      string of length tag - 0x40 (0..31), bytes follow
+ *   0x80..0xff      integer tag - 0x80 (0..127)
+ *
+ * A tuple (the arguments of one call) is a varint count followed by that
+ * many values; all values of a tuple share one reference numbering.
+ * Varints are LEB128: 7 bits a byte, least significant group first, the high
+ * bit set on every byte but the last; at most 10 bytes.
+ */
+#ifndef PZ_CODEC_FORMAT_H
+#define PZ_CODEC_FORMAT_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+enum {
+    PZ_T_NIL = 0x00,
+    PZ_T_FALSE = 0x01,
+    PZ_T_TRUE = 0x02,
+    PZ_T_NULL = 0x03,
+    PZ_T_DOUBLE = 0x04,
+    PZ_T_POSINT = 0x05,
+    PZ_T_NEGINT = 0x06,
+    PZ_T_STRING = 0x07,
+    PZ_T_TABLE = 0x08,
+    PZ_T_TABLE_MT = 0x09,
+    PZ_T_REF = 0x0a,
+    PZ_T_MODULE = 0x0b,
+    PZ_T_MEMBER = 0x0c,
+    PZ_T_FUNCTION = 0x0d,
+    PZ_T_UPJOIN = 0x0e,
+    PZ_T_SHORTSTR = 0x40, /* + length, 0..31 */
+    PZ_T_FIXINT = 0x80    /* + value, 0..127 */
+};
+
+#define PZ_SHORTSTR_MAX 31
+#define PZ_FIXINT_MAX 127
+#define PZ_MAX_SAFE_INT 9007199254740992.0 /* 2^53 */
+
+/* Room one number can take: a tag and an 8-byte double. */
+#define PZ_NUMBER_MAX_BYTES 11
+#define PZ_VARINT_MAX_BYTES 10
+
+/* Writes v as a LEB128 varint at dst; returns the byte count. */
+static inline size_t pz_put_varint(uint8_t *dst, uint64_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        dst[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    dst[n++] = (uint8_t)v;
+    return n;
+}
+
+/* Reads a varint from [*p, end); returns 0 and advances *p, or -1 when the
+ * input is truncated or longer than 10 bytes. */
+static inline int pz_get_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    const uint8_t *q = *p;
+    for (unsigned shift = 0; shift < 70; shift += 7) {
+        if (q >= end)
+            return -1;
+        uint8_t byte = *q++;
+        v |= (uint64_t)(byte & 0x7f) << (shift < 64 ? shift : 63);
+        if (!(byte & 0x80)) {
+            *p = q;
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Writes the encoding of number d at dst (room: PZ_NUMBER_MAX_BYTES);
+ * returns the byte count.  Integral values within +-2^53 (but not -0.0)
+ * take the integer tags; everything else, NaN and infinities included,
+ * travels as the raw 8 bytes. */
+static inline size_t pz_put_number(uint8_t *dst, double d)
+{
+    if (d >= 0 && d <= PZ_FIXINT_MAX && d == (double)(int)d) {
+        if (d != 0 || !signbit(d)) {
+            dst[0] = (uint8_t)(PZ_T_FIXINT + (int)d);
+            return 1;
+        }
+    } else if (d >= -PZ_MAX_SAFE_INT && d <= PZ_MAX_SAFE_INT && d == (double)(int64_t)d) {
+        if (d > 0) {
+            dst[0] = PZ_T_POSINT;
+            return 1 + pz_put_varint(dst + 1, (uint64_t)d);
+        }
+        dst[0] = PZ_T_NEGINT;
+        return 1 + pz_put_varint(dst + 1, (uint64_t)(-d));
+    }
+    dst[0] = PZ_T_DOUBLE;
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    for (int i = 0; i < 8; i++)
+        dst[1 + i] = (uint8_t)(bits >> (8 * i));
+    return 9;
+}
+
+/* Writes the header of a string of length len (the bytes follow it);
+ * returns the header's byte count (at most 1 + PZ_VARINT_MAX_BYTES). */
+static inline size_t pz_put_string_header(uint8_t *dst, size_t len)
+{
+    if (len <= PZ_SHORTSTR_MAX) {
+        dst[0] = (uint8_t)(PZ_T_SHORTSTR + len);
+        return 1;
+    }
+    dst[0] = PZ_T_STRING;
+    return 1 + pz_put_varint(dst + 1, len);
+}
+
+#endif
