@@ -61,7 +61,7 @@ build/parallelize/core.so: $(CORE_OBJ) | build/parallelize
 	$(Q)$(CC) $(LIBFLAG) $(LDFLAGS) -pthread -o $@ $(CORE_OBJ)
 
 # The Lua layer, compiled into pzlua so it needs no LUA_PATH.
-build/embedded_lua.c: $(LUA_SRC) tools/embed.lua | build
+build/embedded_lua.c: $(LUA_SRC) tools/embed.lua | build/obj
 	@echo "  EMBED   $@"
 	$(Q)$(LUAJIT) tools/embed.lua $@ $(LUA_SRC)
 
