@@ -1,0 +1,43 @@
+--- busted output handler used by tools/run-tests.sh.
+--
+-- usage: busted -o tools/busted_counts.lua -Xoutput COUNTS_FILE [...]
+--        (or PZ_BUSTED_COUNTS=COUNTS_FILE in the environment)
+--
+-- Shows what busted's plainTerminal handler shows (a character per test,
+-- then the failures and busted's own summary) and, at the end of the suite,
+-- writes one line to COUNTS_FILE:
+--
+--     successes failures errors pendings
+--
+-- The counts go to a file of their own rather than to stdout, so that
+-- whatever the specs or the processes they start print cannot garble them.
+-- No file means busted never reached the end of the suite (a crash, a hang
+-- killed by a timeout, os.exit in a spec): run-tests.sh counts that as a
+-- failure.
+
+return function(options)
+  local busted = require "busted"
+  local handler = require "busted.outputHandlers.plainTerminal"(options)
+
+  local path = options.arguments and options.arguments[1]
+  if path == nil or path == "" then path = os.getenv("PZ_BUSTED_COUNTS") end
+
+  local function write_counts()
+    if not path or path == "" then return nil, true end
+    local f, err = io.open(path, "w")
+    if not f then
+      io.stderr:write("busted_counts: cannot write counts: ", tostring(err), "\n")
+      return nil, true
+    end
+    f:write(string.format("%d %d %d %d\n", handler.successesCount, handler.failuresCount,
+                          handler.errorsCount, handler.pendingsCount))
+    f:close()
+    return nil, true
+  end
+
+  -- Registered after plainTerminal's own subscriber, so its report comes
+  -- first; the counts are final once the suite has ended.
+  busted.subscribe({ "suite", "end" }, write_counts)
+
+  return handler
+end
