@@ -23,21 +23,27 @@ local function write_file(path, data)
   assert(f:close())
 end
 
--- Absolute path of the tree's top (this file is spec/pzlua_spec.lua), so
--- tests may change directory and still find the binary.
-local function repo_root()
-  local dir = debug.getinfo(1, "S").source:match("^@(.*)spec/[^/]*$") or ""
-  if dir:sub(1, 1) ~= "/" then
+-- Makes path absolute, taking a relative one from dir (or the current
+-- directory), so tests may change directory and still find the binary.
+local function absolute(path, dir)
+  if path:sub(1, 1) == "/" then return path end
+  if not dir or dir:sub(1, 1) ~= "/" then
     local p = assert(io.popen("pwd"))
     local cwd = p:read("*l")
     p:close()
-    dir = cwd .. "/" .. dir
+    dir = cwd .. "/" .. (dir or "")
   end
-  return dir
+  return dir .. path
 end
 
-local PZLUA = os.getenv("PZLUA") or "build/pzlua"
-if PZLUA:sub(1, 1) ~= "/" then PZLUA = repo_root() .. PZLUA end
+-- $PZLUA is taken from the current directory; the default from the top of
+-- the tree (this file is spec/pzlua_spec.lua).
+local PZLUA = os.getenv("PZLUA")
+if PZLUA and PZLUA ~= "" then
+  PZLUA = absolute(PZLUA)
+else
+  PZLUA = absolute("build/pzlua", debug.getinfo(1, "S").source:match("^@(.*)spec/[^/]*$") or "")
+end
 
 local tmpfiles = {}
 local function tmpname()
@@ -345,6 +351,7 @@ describe("pzlua", function()
 
     it("raises 'interrupted!' that ends the script with status 1", function()
       local out, status = run_interrupted([[
+        jit.off()
         print("ready") io.stdout:flush()
         while true do os.clock() end
       ]], 1)
