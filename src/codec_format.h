@@ -42,6 +42,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The byte that starts the output of the Lua-facing encode (not the C API's,
+ * whose callers frame values themselves). */
+#define PZ_FORMAT_VERSION 1
+
 enum {
     PZ_T_NIL = 0x00,
     PZ_T_FALSE = 0x01,

@@ -1,0 +1,58 @@
+/*
+ * frame.c - finding frame boundaries in a byte stream and splitting
+ * payloads, without ever trusting the bytes (a worker may write garbage).
+ */
+#include "codec_format.h"
+#include "frame.h"
+
+int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
+                   const char **why)
+{
+    if (n < PZ_FRAME_HEADER)
+        return PZ_PARSE_MORE;
+    uint32_t len = pz_frame_payload_len(p);
+    uint8_t type = (uint8_t)p[4];
+    if (type < PZ_F_INIT || type > PZ_F_LAST) {
+        *why = "unknown frame type";
+        return PZ_PARSE_BAD;
+    }
+    if (len > max_payload) {
+        *why = "frame longer than max_message";
+        return PZ_PARSE_BAD;
+    }
+    size_t size = PZ_FRAME_HEADER + (size_t)len;
+    if (need)
+        *need = size;
+    if (n < size)
+        return PZ_PARSE_MORE;
+    f->type = type;
+    f->aux = (uint8_t)p[5];
+    f->id = pz_frame_id(p);
+    f->payload = p + PZ_FRAME_HEADER;
+    f->len = len;
+    f->size = size;
+    return PZ_PARSE_OK;
+}
+
+int pz_take_varint(const char **p, size_t *n, uint64_t *v)
+{
+    const uint8_t *q = (const uint8_t *)*p, *end = q + *n;
+    if (pz_get_varint(&q, end, v) != 0)
+        return -1;
+    *n -= (size_t)((const char *)q - *p);
+    *p = (const char *)q;
+    return 0;
+}
+
+int pz_split_prefixed(const char *p, size_t n, const char **s, size_t *slen, const char **rest,
+                      size_t *rlen)
+{
+    uint64_t len;
+    if (pz_take_varint(&p, &n, &len) != 0 || len > n)
+        return -1;
+    *s = p;
+    *slen = (size_t)len;
+    *rest = p + len;
+    *rlen = n - (size_t)len;
+    return 0;
+}

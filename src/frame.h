@@ -1,0 +1,115 @@
+/*
+ * frame.h - the messages between the parent and its workers, and between
+ * the parent's I/O thread and its main thread.
+ *
+ * A frame is a 14-byte header and a payload:
+ *
+ *   u32 payload length (little-endian)
+ *   u8  type            (enum pz_frame_type)
+ *   u8  aux             CALL: how many workers the call has killed (the
+ *                       parent's bookkeeping, ignored by workers)
+ *   u64 id              CALL/RESULT/ERROR: the call id; INIT_OK: the pid;
+ *                       records: the worker slot
+ *
+ * Many frames go in one write and come out of one read; pz_frame_parse finds
+ * the boundaries and rejects anything malformed.
+ *
+ * Payloads (varint = LEB128, see codec_format.h):
+ *   INIT        varint n, n bytes: tuple (package.path, package.cpath, slot,
+ *               max_message); then tuple (kind, spec, ctor args)
+ *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
+ *   INIT_ERROR  varint n, n bytes of message, then the traceback
+ *   CALL        the argument tuple
+ *   RESULT      varint nanoseconds the call ran, then the encoded value
+ *   ERROR       varint nanoseconds, varint n, n bytes of message, traceback
+ *   STOP        empty: finish, call the executor's close, exit
+ *
+ * Records (I/O thread -> main thread) reuse the header; they never cross a
+ * process boundary:
+ *   RESULT      id = call id; payload = the encoded value
+ *   ERROR       id = call id; payload = varint n, n bytes of argument tuple,
+ *               varint m, m bytes of message, then the traceback
+ *   INIT_OK     id = slot; aux unused; payload = varint pid, executor copy
+ *   INIT_ERROR  id = slot; payload = varint n, message, traceback; the slot
+ *               is given up
+ *   FATAL       no worker is left and none can be spawned; payload = message
+ */
+#ifndef PZ_FRAME_H
+#define PZ_FRAME_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PZ_FRAME_HEADER 14
+
+enum pz_frame_type {
+    PZ_F_INIT = 1,
+    PZ_F_INIT_OK = 2,
+    PZ_F_INIT_ERROR = 3,
+    PZ_F_CALL = 4,
+    PZ_F_RESULT = 5,
+    PZ_F_ERROR = 6,
+    PZ_F_STOP = 7,
+    PZ_F_FATAL = 8, /* record only */
+    PZ_F_LAST = 8
+};
+
+typedef struct pz_frame {
+    uint8_t type;
+    uint8_t aux;
+    uint64_t id;
+    const char *payload;
+    size_t len;  /* payload bytes */
+    size_t size; /* header + payload */
+} pz_frame;
+
+/* Writes a header at dst. */
+static inline void pz_frame_header(char *dst, uint8_t type, uint8_t aux, uint64_t id, uint32_t len)
+{
+    unsigned char *d = (unsigned char *)dst;
+    for (int i = 0; i < 4; i++)
+        d[i] = (unsigned char)(len >> (8 * i));
+    d[4] = type;
+    d[5] = aux;
+    for (int i = 0; i < 8; i++)
+        d[6 + i] = (unsigned char)(id >> (8 * i));
+}
+
+/* Reads the payload length of the frame starting at p (14 bytes there). */
+static inline uint32_t pz_frame_payload_len(const char *p)
+{
+    const unsigned char *s = (const unsigned char *)p;
+    return (uint32_t)s[0] | (uint32_t)s[1] << 8 | (uint32_t)s[2] << 16 | (uint32_t)s[3] << 24;
+}
+
+/* Reads the id of the frame starting at p. */
+static inline uint64_t pz_frame_id(const char *p)
+{
+    const unsigned char *s = (const unsigned char *)p + 6;
+    uint64_t id = 0;
+    for (int i = 7; i >= 0; i--)
+        id = id << 8 | s[i];
+    return id;
+}
+
+enum { PZ_PARSE_MORE = 0, PZ_PARSE_OK = 1, PZ_PARSE_BAD = -1 };
+
+/* Looks for one frame at the start of [p, p+n).  Returns PZ_PARSE_OK and
+ * fills *f, PZ_PARSE_MORE when the bytes end inside the frame (*need, if
+ * given, is set to the frame's full size once the header is in), or
+ * PZ_PARSE_BAD with *why set when the header is invalid: an unknown type, or
+ * a payload longer than max_payload. */
+int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
+                   const char **why);
+
+/* Splits a payload that starts with a varint-prefixed byte string: sets
+ * *s and *slen to that string and *rest and *rlen to what follows.  Returns 0, or -1
+ * when it is truncated. */
+int pz_split_prefixed(const char *p, size_t n, const char **s, size_t *slen, const char **rest,
+                      size_t *rlen);
+
+/* Reads a leading varint from a payload: returns 0 and advances *p and *n, or -1. */
+int pz_take_varint(const char **p, size_t *n, uint64_t *v);
+
+#endif

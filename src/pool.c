@@ -1,0 +1,218 @@
+/*
+ * pool.c - a pool's life from the main thread's side: creation (eventfds,
+ * spawner, I/O thread), waking the I/O thread, waiting, stopping, freeing.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "frame.h"
+#include "pool.h"
+#include "spawner.h"
+#include "sys.h"
+
+#define CHUNK_SIZE 65536
+
+static void free_init(pz_buf *init, int n)
+{
+    for (int i = 0; i < n; i++)
+        pz_buf_free(&init[i]);
+    free(init);
+}
+
+pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char **err)
+{
+    pz_pool *p = calloc(1, sizeof *p);
+    if (!p) {
+        free_init(init, nslots);
+        *err = "out of memory";
+        return NULL;
+    }
+    p->nslots = nslots;
+    p->opt = *opt;
+    p->init = init;
+    p->io_wake_fd = p->main_wake_fd = p->spawner_fd = -1;
+    p->next_id = 1;
+    atomic_init(&p->finish_ns, -1);
+    if (pz_spsc_init(&p->submit, CHUNK_SIZE) != 0 || pz_spsc_init(&p->done, CHUNK_SIZE) != 0) {
+        *err = "out of memory";
+        goto fail;
+    }
+    p->io_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    p->main_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->io_wake_fd < 0 || p->main_wake_fd < 0) {
+        *err = "eventfd failed";
+        goto fail;
+    }
+    if (pz_spawner_start(&p->spawner_pid, &p->spawner_fd) != 0) {
+        *err = "cannot fork the spawner process";
+        goto fail;
+    }
+    if (pz_set_nonblock(p->spawner_fd) != 0) {
+        *err = "cannot make the spawner socket non-blocking";
+        goto fail;
+    }
+    p->io = pz_io_new(p);
+    if (!p->io) {
+        *err = "cannot set up the I/O thread's epoll";
+        goto fail;
+    }
+    /* The I/O thread takes no signal: Ctrl-C must reach the main thread,
+     * which is the one running Lua. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&p->thread, NULL, pz_io_main, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        *err = "cannot start the I/O thread";
+        goto fail;
+    }
+    p->thread_started = 1;
+    return p;
+fail:
+    {
+        int e = errno;
+        p->stopped = 1;
+        pz_pool_stop(p, 0);
+        pz_pool_free(p);
+        errno = e;
+    }
+    return NULL;
+}
+
+void pz_pool_kick(pz_pool *p)
+{
+    pz_spsc_publish(&p->submit);
+    if (atomic_load(&p->io_sleeping) && !atomic_exchange(&p->io_woken, 1)) {
+        uint64_t one = 1;
+        /* EAGAIN only when the counter is saturated: it is awake anyway. */
+        if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            atomic_store(&p->io_woken, 0);
+    }
+}
+
+static int condition(pz_pool *p, int kind)
+{
+    if (atomic_load(&p->fatal))
+        return 1;
+    switch (kind) {
+    case PZ_WAIT_CALLS:
+        return atomic_load(&p->calls_done) >= atomic_load(&p->main_target);
+    case PZ_WAIT_INIT:
+        return atomic_load(&p->settled) >= p->nslots;
+    case PZ_WAIT_EXIT:
+        return atomic_load(&p->io_finished);
+    }
+    return 1;
+}
+
+/* Sleeps until the I/O thread says the condition holds.  Returns 0, or -1
+ * when a signal interrupted the sleep and `interruptible` is set. */
+static int sleep_until(pz_pool *p, int kind, int interruptible)
+{
+    atomic_store(&p->main_waiting, kind);
+    if (condition(p, kind) || atomic_load(&p->backlog) >= (1u << 20)) {
+        atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+        return 0;
+    }
+    struct pollfd pf = {p->main_wake_fd, POLLIN, 0};
+    int r = poll(&pf, 1, -1);
+    atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+    if (r < 0 && errno == EINTR && interruptible)
+        return -1;
+    uint64_t v;
+    if (r > 0 && read(p->main_wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+        pz_sleep_ns(1000000); /* cannot happen with an eventfd; never spin */
+    return 0;
+}
+
+int pz_pool_wait(pz_pool *p, int kind, int (*met)(pz_pool *, void *), void *ud)
+{
+    for (;;) {
+        if (met(p, ud))
+            return PZ_WAITED;
+        if (atomic_load(&p->fatal))
+            return PZ_WAIT_FATAL;
+        if (kind == PZ_WAIT_CALLS)
+            atomic_store(&p->main_target, p->next_id - 1);
+        if (sleep_until(p, kind, 1) != 0)
+            return PZ_WAIT_INTERRUPTED;
+    }
+}
+
+void pz_pool_stop(pz_pool *p, int64_t finish_ns)
+{
+    if (p->reaped)
+        return;
+    p->stopped = 1;
+    if (p->thread_started) {
+        atomic_store(&p->finish_ns, finish_ns);
+        atomic_store(&p->stop_requested, 1);
+        uint64_t one = 1;
+        if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+        /* Signals do not cut this short: stop must leave nothing behind. */
+        while (!atomic_load(&p->io_finished))
+            sleep_until(p, PZ_WAIT_EXIT, 0);
+        pthread_join(p->thread, NULL);
+        p->thread_started = 0;
+    } else if (p->spawner_fd >= 0) {
+        shutdown(p->spawner_fd, SHUT_WR);
+    }
+    if (p->spawner_pid > 0) {
+        int status;
+        while (waitpid(p->spawner_pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        p->spawner_pid = 0;
+    }
+    p->reaped = 1;
+}
+
+void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud)
+{
+    if (p->io)
+        pz_io_leftovers(p->io, fn, ud);
+    size_t n;
+    const char *d;
+    while ((d = pz_spsc_peek(&p->submit, &n)) != NULL) {
+        size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(d);
+        fn(d, size, ud);
+        pz_spsc_consume(&p->submit, size);
+    }
+}
+
+void pz_pool_release(pz_pool *p)
+{
+    if (!p)
+        return;
+    pz_io_free(p->io);
+    p->io = NULL;
+    if (p->spawner_fd >= 0)
+        close(p->spawner_fd);
+    if (p->io_wake_fd >= 0)
+        close(p->io_wake_fd);
+    if (p->main_wake_fd >= 0)
+        close(p->main_wake_fd);
+    p->spawner_fd = p->io_wake_fd = p->main_wake_fd = -1;
+    if (p->submit.rd)
+        pz_spsc_destroy(&p->submit);
+    if (p->done.rd)
+        pz_spsc_destroy(&p->done);
+    if (p->init)
+        free_init(p->init, p->nslots);
+    p->init = NULL;
+}
+
+void pz_pool_free(pz_pool *p)
+{
+    pz_pool_release(p);
+    free(p);
+}

@@ -1,0 +1,118 @@
+/*
+ * pool.h - one pool: the state its main thread and its I/O thread share,
+ * and the operations the Lua binding (core.c) calls.
+ *
+ * Ownership: fields under "fixed" are written before the I/O thread starts
+ * and only read afterwards; "main" fields belong to the thread that runs
+ * Lua; "io" fields to the I/O thread (ioloop.c).  They meet only through the
+ * two queues and the atomics below.
+ */
+#ifndef PZ_POOL_H
+#define PZ_POOL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+#include "spsc.h"
+
+/* What the main thread waits for. */
+enum { PZ_WAIT_NONE = 0, PZ_WAIT_CALLS = 1, PZ_WAIT_INIT = 2, PZ_WAIT_EXIT = 3 };
+
+/* Wait outcomes. */
+enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2 };
+
+typedef struct pz_options {
+    int max_deaths;           /* a call that killed this many workers is an error */
+    int respawn;              /* replace dead workers */
+    uint32_t max_message;     /* largest encoded arguments or result */
+    uint32_t max_inflight;    /* most calls queued in one worker */
+    int64_t window_ns;        /* in-flight depth covers this much work */
+    int init_attempts;        /* init crashes before a slot is given up */
+    int64_t kill_grace_ns;    /* SIGTERM -> SIGKILL */
+} pz_options;
+
+struct pz_io;
+
+typedef struct pz_pool {
+    /* fixed */
+    int nslots;
+    pz_options opt;
+    pz_buf *init;             /* per slot: INIT payload (shared buffers are copied) */
+    int io_wake_fd;           /* eventfd: main -> io */
+    int main_wake_fd;         /* eventfd: io -> main */
+    int spawner_fd;
+    pid_t spawner_pid;
+    pthread_t thread;
+    int thread_started;
+
+    /* main -> io */
+    pz_spsc submit;           /* CALL frames, producer: main */
+    _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
+    _Atomic int io_woken;     /* a wake-up is already on its way */
+    _Atomic int stop_requested;
+    _Atomic int64_t finish_ns; /* stop: absolute deadline for running calls, or -1 */
+
+    /* io -> main */
+    pz_spsc done;             /* records, producer: io */
+    _Atomic uint64_t calls_done; /* RESULT/ERROR records published */
+    _Atomic int settled;      /* slots that initialized once or were given up */
+    _Atomic int fatal;        /* a FATAL record was published */
+    _Atomic int io_finished;  /* the I/O thread has ended everything */
+    _Atomic size_t backlog;   /* bytes published and not yet drained (approx.) */
+    _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met */
+    _Atomic uint64_t main_target; /* PZ_WAIT_CALLS: calls_done to reach */
+
+    /* main */
+    uint64_t next_id;         /* ids handed out: 1 .. next_id - 1 */
+    uint64_t drained;         /* RESULT/ERROR records turned into Lua values */
+    int stopped;              /* stop ran (or is running) */
+    int reaped;               /* threads and processes are gone */
+
+    /* io */
+    struct pz_io *io;
+} pz_pool;
+
+/* Creates a pool: forks the spawner, starts the I/O thread, which spawns
+ * one worker per INIT payload.  Takes ownership of `init` (nslots buffers,
+ * malloc'ed array).  Returns NULL with *err set to a static description. */
+pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char **err);
+
+/* Main thread: makes the published CALL frame visible and wakes the I/O
+ * thread if it sleeps with room for calls. */
+void pz_pool_kick(pz_pool *p);
+
+/* Main thread: blocks until `kind` is met (see PZ_WAIT_*), the pool fails,
+ * or a signal interrupts the wait.  Returns PZ_WAITED, PZ_WAIT_FATAL or
+ * PZ_WAIT_INTERRUPTED.  `drain` is called whenever records are pending, and
+ * must consume them. */
+int pz_pool_wait(pz_pool *p, int kind, int (*met)(pz_pool *, void *), void *ud);
+
+/* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
+ * running calls, or -1 to wait for them), then joins it and reaps the
+ * spawner.  Signals do not interrupt it.  Afterwards the submit queue and
+ * the io's requeue hold the calls that never finished: see pz_pool_aborted. */
+void pz_pool_stop(pz_pool *p, int64_t finish_ns);
+
+/* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
+ * finished (frame bytes), in order. */
+void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
+
+/* Frees everything but the pz_pool itself, which keeps stopped = 1 so a
+ * late call through a stale pointer is refused, not a use after free.  The
+ * pool must be stopped.  Safe to call twice. */
+void pz_pool_release(pz_pool *p);
+
+/* pz_pool_release, then frees the pool itself. */
+void pz_pool_free(pz_pool *p);
+
+/* I/O thread entry (ioloop.c). */
+void *pz_io_main(void *pool);
+struct pz_io *pz_io_new(pz_pool *p);
+void pz_io_free(struct pz_io *io);
+/* After the I/O thread ended: frames to abort (requeue then in-flight). */
+void pz_io_leftovers(struct pz_io *io, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
+
+#endif

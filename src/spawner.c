@@ -1,0 +1,301 @@
+/*
+ * spawner.c - the single-threaded process that forks, signals and reaps the
+ * workers of one pool (see spawner.h for why it exists).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "spawner.h"
+#include "sys.h"
+#include "worker.h"
+
+/* The worker's socket is moved to this descriptor number. */
+#define WORKER_FD 3
+
+int pz_spawn_send(int fd, const pz_spawn_msg *m, int pass_fd)
+{
+    struct iovec iov = {(void *)m, sizeof *m};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (pass_fd >= 0) {
+        memset(&ctl, 0, sizeof ctl);
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = sizeof ctl.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+    }
+    ssize_t r;
+    do
+        r = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -1;
+    if ((size_t)r != sizeof *m) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    return 0;
+}
+
+int pz_spawn_recv(int fd, pz_spawn_msg *m, int *passed_fd)
+{
+    struct iovec iov = {m, sizeof *m};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof ctl.buf;
+    *passed_fd = -1;
+    ssize_t r;
+    do
+        r = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0)
+        return (int)r;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(passed_fd, CMSG_DATA(c), sizeof(int));
+    if ((size_t)r != sizeof *m || (msg.msg_flags & MSG_CTRUNC)) {
+        if (*passed_fd >= 0)
+            close(*passed_fd);
+        *passed_fd = -1;
+        errno = EPROTO;
+        return -1;
+    }
+    return 1;
+}
+
+/* The spawner's own state: the socket to the parent and its live children. */
+typedef struct spawner {
+    int sock;
+    int sigfd;
+    pid_t *kids;
+    size_t nkids, capkids;
+} spawner;
+
+static int kid_index(const spawner *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->nkids; i++)
+        if (s->kids[i] == pid)
+            return (int)i;
+    return -1;
+}
+
+/* Gives a process the hygiene every child of ours needs: die with its
+ * parent, leave Ctrl-C to the parent, and stop if the parent is already gone
+ * (it may have died before prctl took effect). */
+static void bind_to_parent(pid_t expected_parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != expected_parent)
+        _exit(1);
+}
+
+/* Runs in the forked worker: keep only its socket and stdio, restore signal
+ * defaults, then become the worker. */
+static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    signal(SIGCHLD, SIG_DFL);
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (fd != WORKER_FD) {
+        if (dup2(fd, WORKER_FD) < 0)
+            _exit(1);
+    }
+    pz_close_fds_from(WORKER_FD + 1, -1);
+    (void)s;
+    /* dup2 cleared close-on-exec; set it again so programs the executor
+     * runs (os.execute, io.popen) do not inherit the worker's socket. */
+    if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
+        _exit(1);
+    bind_to_parent(spawner_pid);
+    pz_worker_main(WORKER_FD, slot);
+}
+
+static void report(spawner *s, int kind, int slot, uint32_t gen, pid_t pid, int arg)
+{
+    pz_spawn_msg m = {kind, slot, gen, pid, arg};
+    /* Blocking send: the parent's I/O thread always reads.  If the parent
+     * is gone, the pdeath signal ends us anyway. */
+    if (pz_spawn_send(s->sock, &m, -1) != 0 && errno == EPIPE)
+        _exit(0);
+}
+
+static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
+{
+    if (fd < 0) {
+        report(s, PZ_S_FAILED, m->slot, m->gen, 0, EBADF);
+        return;
+    }
+    if (s->nkids == s->capkids) {
+        size_t cap = s->capkids ? s->capkids * 2 : 64;
+        pid_t *k = realloc(s->kids, cap * sizeof *k);
+        if (!k) {
+            close(fd);
+            report(s, PZ_S_FAILED, m->slot, m->gen, 0, ENOMEM);
+            return;
+        }
+        s->kids = k;
+        s->capkids = cap;
+    }
+    pid_t me = getpid();
+    pid_t pid = fork();
+    if (pid == 0)
+        become_worker(s, fd, m->slot, me);
+    close(fd);
+    if (pid < 0) {
+        report(s, PZ_S_FAILED, m->slot, m->gen, 0, errno);
+        return;
+    }
+    s->kids[s->nkids++] = pid;
+    report(s, PZ_S_SPAWNED, m->slot, m->gen, pid, 0);
+}
+
+static void reap(spawner *s, int report_them)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        int i = kid_index(s, pid);
+        if (i >= 0)
+            s->kids[i] = s->kids[--s->nkids];
+        if (report_them)
+            report(s, PZ_S_EXITED, -1, 0, pid, status);
+    }
+}
+
+/* The parent closed its end: kill what is left, reap it all, leave. */
+static void shut_down(spawner *s)
+{
+    for (size_t i = 0; i < s->nkids; i++)
+        kill(s->kids[i], SIGKILL);
+    while (s->nkids > 0) {
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        int i = kid_index(s, pid);
+        if (i >= 0)
+            s->kids[i] = s->kids[--s->nkids];
+    }
+    _exit(0);
+}
+
+static void handle_request(spawner *s)
+{
+    pz_spawn_msg m;
+    int fd;
+    int r = pz_spawn_recv(s->sock, &m, &fd);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EPROTO))
+        shut_down(s);
+    if (r < 0)
+        return;
+    if (m.kind == PZ_S_SPAWN) {
+        spawn(s, &m, fd);
+        return;
+    }
+    if (fd >= 0)
+        close(fd);
+    /* Only signal a pid that is still our unreaped child. */
+    if (m.kind == PZ_S_KILL && kid_index(s, m.pid) >= 0)
+        kill(m.pid, m.arg);
+}
+
+static void spawner_main(int sock, pid_t parent)
+{
+    spawner s = {sock, -1, NULL, 0, 0};
+    bind_to_parent(parent);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
+    signal(SIGINT, SIG_IGN);  /* Ctrl-C is the parent's to handle */
+    signal(SIGPIPE, SIG_IGN); /* a closed parent socket shows as EPIPE */
+    signal(SIGQUIT, SIG_IGN);
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    if (sigprocmask(SIG_SETMASK, &chld, NULL) != 0)
+        _exit(1);
+    s.sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (s.sigfd < 0)
+        _exit(1);
+    for (;;) {
+        struct pollfd p[2] = {{s.sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            shut_down(&s);
+        }
+        if (p[1].revents) {
+            struct signalfd_siginfo si;
+            while (read(s.sigfd, &si, sizeof si) == (ssize_t)sizeof si)
+                ;
+            reap(&s, 1);
+        }
+        if (p[0].revents)
+            handle_request(&s);
+    }
+}
+
+int pz_spawner_start(pid_t *pid, int *fd)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+        return -1;
+    /* Unflushed stdio output would otherwise be written again by the child. */
+    fflush(NULL);
+    pid_t parent = getpid();
+    pid_t p = fork();
+    if (p < 0) {
+        int e = errno;
+        close(sv[0]);
+        close(sv[1]);
+        errno = e;
+        return -1;
+    }
+    if (p == 0) {
+        int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (devnull < 0 || dup2(devnull, 0) < 0)
+            _exit(1);
+        /* Keep stdio (0-2) and the socket; everything else belongs to the
+         * parent (other pools' sockets would otherwise hide their EOFs). */
+        int sock = sv[1];
+        if (sock != WORKER_FD + 1) {
+            if (dup2(sock, WORKER_FD + 1) < 0)
+                _exit(1);
+            sock = WORKER_FD + 1;
+        }
+        pz_close_fds_from(3, sock);
+        spawner_main(sock, parent);
+    }
+    close(sv[1]);
+    *pid = p;
+    *fd = sv[0];
+    return 0;
+}

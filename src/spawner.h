@@ -1,0 +1,49 @@
+/*
+ * spawner.h - the process that forks workers.
+ *
+ * Forking from the parent's I/O thread is unsafe: the main thread may hold
+ * a stdio, malloc or dynamic-loader lock at that instant, and the child
+ * would deadlock on its first print or require.  So each pool forks, from
+ * its main thread inside a C function (where no such lock is held), one
+ * single-threaded spawner; the I/O thread asks the spawner for workers over
+ * a SOCK_SEQPACKET socket, passing each worker's socket with SCM_RIGHTS.
+ * The spawner is the workers' parent: it reaps them and reports how they
+ * ended, and it is the only one that signals them, so a pid is never
+ * signalled after it was reaped and reused.
+ */
+#ifndef PZ_SPAWNER_H
+#define PZ_SPAWNER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+enum pz_spawn_kind {
+    PZ_S_SPAWN = 1,   /* parent -> spawner: fork a worker for (slot, gen); carries its fd */
+    PZ_S_KILL = 2,    /* parent -> spawner: send signal `arg` to child `pid` */
+    PZ_S_SPAWNED = 3, /* spawner -> parent: (slot, gen) runs as `pid` */
+    PZ_S_FAILED = 4,  /* spawner -> parent: fork for (slot, gen) failed, errno `arg` */
+    PZ_S_EXITED = 5   /* spawner -> parent: child `pid` ended with wait status `arg` */
+};
+
+typedef struct pz_spawn_msg {
+    int32_t kind;
+    int32_t slot;
+    uint32_t gen;
+    int32_t pid;
+    int32_t arg;
+} pz_spawn_msg;
+
+/* Forks the spawner.  Call from the main thread only.  On success returns
+ * 0 and sets *pid and *fd (the parent's end, close-on-exec, blocking); on
+ * failure returns -1 with errno set. */
+int pz_spawner_start(pid_t *pid, int *fd);
+
+/* Sends one message, with `pass_fd` attached when >= 0.  Returns 0, or -1
+ * with errno set (EAGAIN on a full non-blocking socket). */
+int pz_spawn_send(int fd, const pz_spawn_msg *m, int pass_fd);
+
+/* Receives one message.  Returns 1, 0 on end of file, -1 with errno set.
+ * A passed descriptor, if any, is stored in *passed_fd (else -1). */
+int pz_spawn_recv(int fd, pz_spawn_msg *m, int *passed_fd);
+
+#endif

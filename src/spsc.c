@@ -1,0 +1,76 @@
+/*
+ * spsc.c - chunk management of the single-producer single-consumer queue.
+ */
+#include <stdlib.h>
+
+#include "spsc.h"
+
+static pz_chunk *chunk_new(size_t cap)
+{
+    pz_chunk *c = malloc(sizeof *c + cap);
+    if (!c)
+        return NULL;
+    atomic_init(&c->next, NULL);
+    atomic_init(&c->tail, 0);
+    c->head = 0;
+    c->cap = cap;
+    return c;
+}
+
+int pz_spsc_init(pz_spsc *q, size_t chunk_size)
+{
+    q->chunk_size = chunk_size;
+    q->wr = q->rd = chunk_new(chunk_size);
+    q->wpos = 0;
+    return q->wr ? 0 : -1;
+}
+
+void pz_spsc_destroy(pz_spsc *q)
+{
+    pz_chunk *c = q->rd;
+    while (c) {
+        pz_chunk *next = atomic_load(&c->next);
+        free(c);
+        c = next;
+    }
+    q->wr = q->rd = NULL;
+}
+
+char *pz_spsc_reserve(pz_spsc *q, size_t n)
+{
+    pz_chunk *w = q->wr;
+    if (w->cap - q->wpos >= n)
+        return w->data + q->wpos;
+    /* Publish what this chunk holds before leaving it: the consumer moves to
+     * the next chunk only when it has read this one's final tail. */
+    pz_chunk *c = chunk_new(n > q->chunk_size ? n : q->chunk_size);
+    if (!c)
+        return NULL;
+    atomic_store(&w->tail, q->wpos);
+    atomic_store(&w->next, c);
+    q->wr = c;
+    q->wpos = 0;
+    return c->data;
+}
+
+const char *pz_spsc_peek(pz_spsc *q, size_t *n)
+{
+    for (;;) {
+        pz_chunk *r = q->rd;
+        size_t tail = atomic_load(&r->tail);
+        if (r->head < tail) {
+            *n = tail - r->head;
+            return r->data + r->head;
+        }
+        pz_chunk *next = atomic_load(&r->next);
+        if (!next) {
+            *n = 0;
+            return NULL;
+        }
+        /* The producer stored this chunk's final tail before `next`. */
+        if (r->head < atomic_load(&r->tail))
+            continue;
+        q->rd = next;
+        free(r);
+    }
+}

@@ -1,0 +1,65 @@
+/*
+ * spsc.h - an unbounded single-producer, single-consumer queue of records.
+ *
+ * The main thread hands calls to the I/O thread through one, and the I/O
+ * thread hands results back through another, with no lock: the producer
+ * appends into a chain of chunks and publishes how far it has written with
+ * one atomic store; the consumer reads up to that point.  A record never
+ * spans two chunks, so the consumer always sees whole records.
+ */
+#ifndef PZ_SPSC_H
+#define PZ_SPSC_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+typedef struct pz_chunk {
+    struct pz_chunk *_Atomic next; /* set once the producer has left it */
+    _Atomic size_t tail;           /* bytes published */
+    size_t head;                   /* bytes consumed (consumer only) */
+    size_t cap;
+    char data[];
+} pz_chunk;
+
+typedef struct pz_spsc {
+    pz_chunk *wr;  /* producer's chunk */
+    size_t wpos;   /* producer's write position in wr (>= published tail) */
+    pz_chunk *rd;  /* consumer's chunk */
+    size_t chunk_size;
+} pz_spsc;
+
+/* Returns 0, or -1 when out of memory. */
+int pz_spsc_init(pz_spsc *q, size_t chunk_size);
+
+/* Frees every chunk; only once neither side uses the queue. */
+void pz_spsc_destroy(pz_spsc *q);
+
+/* Producer: returns room for n contiguous bytes, or NULL when out of memory.
+ * The bytes become visible only after pz_spsc_advance and pz_spsc_publish. */
+char *pz_spsc_reserve(pz_spsc *q, size_t n);
+
+/* Producer: counts n reserved bytes as written. */
+static inline void pz_spsc_advance(pz_spsc *q, size_t n)
+{
+    q->wpos += n;
+}
+
+/* Producer: makes everything written so far visible to the consumer.  The
+ * store is sequentially consistent: the wake-up protocol relies on it being
+ * ordered before the producer's next load of the consumer's sleep flag. */
+static inline void pz_spsc_publish(pz_spsc *q)
+{
+    atomic_store(&q->wr->tail, q->wpos);
+}
+
+/* Consumer: returns the published, unconsumed bytes of the current chunk
+ * (whole records) and sets *n, or returns NULL with *n = 0 when empty. */
+const char *pz_spsc_peek(pz_spsc *q, size_t *n);
+
+/* Consumer: drops n bytes returned by the last peek. */
+static inline void pz_spsc_consume(pz_spsc *q, size_t n)
+{
+    q->rd->head += n;
+}
+
+#endif

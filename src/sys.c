@@ -1,0 +1,111 @@
+/*
+ * sys.c - EINTR-safe system call wrappers shared by parent, spawner, worker.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <dirent.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sys.h"
+
+int64_t pz_now_ns(void)
+{
+    struct timespec ts;
+    /* CLOCK_MONOTONIC cannot fail with a valid pointer and clock id. */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void pz_sleep_ns(int64_t ns)
+{
+    if (ns <= 0)
+        return;
+    struct timespec req = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)}, rem;
+    while (nanosleep(&req, &rem) != 0 && errno == EINTR)
+        req = rem;
+}
+
+int pz_write_all(int fd, const void *p, size_t n)
+{
+    const char *c = p;
+    while (n > 0) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        c += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+ssize_t pz_read(int fd, void *p, size_t n)
+{
+    ssize_t r;
+    do
+        r = read(fd, p, n);
+    while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int pz_set_nonblock(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -1;
+    return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+/* close_range(2) where the kernel has it; otherwise walk /proc/self/fd. */
+static int close_range_compat(unsigned lo, unsigned hi)
+{
+#ifdef SYS_close_range
+    if (lo > hi)
+        return 0;
+    if (syscall(SYS_close_range, lo, hi, 0) == 0)
+        return 0;
+#endif
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int dfd = dirfd(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        long fd = strtol(e->d_name, NULL, 10);
+        if (e->d_name[0] < '0' || e->d_name[0] > '9' || fd == dfd)
+            continue;
+        if ((unsigned)fd >= lo && (unsigned)fd <= hi)
+            close((int)fd);
+    }
+    closedir(d);
+    return 0;
+}
+
+void pz_close_fds_from(int lowest, int keep)
+{
+    if (keep < lowest) {
+        close_range_compat((unsigned)lowest, ~0U);
+        return;
+    }
+    close_range_compat((unsigned)lowest, (unsigned)keep - 1);
+    close_range_compat((unsigned)keep + 1, ~0U);
+}
+
+void pz_describe_status(int status, char *buf, size_t len)
+{
+    if (WIFEXITED(status))
+        snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "killed by signal %d", WTERMSIG(status));
+    else
+        snprintf(buf, len, "ended with wait status 0x%x", (unsigned)status);
+}

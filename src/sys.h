@@ -1,0 +1,34 @@
+/*
+ * sys.h - thin, EINTR-safe wrappers over the system calls every process
+ * role (parent, spawner, worker) uses.
+ */
+#ifndef PZ_SYS_H
+#define PZ_SYS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Monotonic clock in nanoseconds. */
+int64_t pz_now_ns(void);
+
+/* Sleeps for ns nanoseconds, resuming after signal handlers. */
+void pz_sleep_ns(int64_t ns);
+
+/* Writes all n bytes to a blocking fd; returns 0, or -1 with errno set. */
+int pz_write_all(int fd, const void *p, size_t n);
+
+/* read(2) that retries on EINTR. */
+ssize_t pz_read(int fd, void *p, size_t n);
+
+/* Sets O_NONBLOCK; returns 0 or -1 with errno set. */
+int pz_set_nonblock(int fd);
+
+/* Closes every descriptor >= lowest except `keep` (-1 for none), so that a
+ * forked process holds only the descriptors it was given. */
+void pz_close_fds_from(int lowest, int keep);
+
+/* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
+void pz_describe_status(int status, char *buf, size_t len);
+
+#endif

@@ -1,0 +1,467 @@
+/*
+ * worker.c - a worker process: a fresh LuaJIT state, one executor, and a
+ * loop that runs calls in the order they arrive.
+ *
+ * The worker's I/O is blocking: it is single-threaded and the parent's side
+ * never blocks, so neither can wait on the other forever.  Results are
+ * batched: they go out when the worker has nothing more to read, or when
+ * enough of them (or enough time) has piled up that the parent should hear
+ * about them now to keep the other workers fed.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "buf.h"
+#include "codec.h"
+#include "codec_format.h"
+#include "core.h"
+#include "frame.h"
+#include "sys.h"
+#include "worker.h"
+
+#define READ_CHUNK 65536
+#define FLUSH_BYTES 65536
+#define FLUSH_FRAMES 128
+#define FLUSH_NS 50000 /* results older than this go out before the next call */
+
+/* One worker process has exactly one of these. */
+static struct {
+    lua_State *L;
+    int fd;
+    int slot;
+    pz_buf in;
+    size_t in_pos;       /* parsed bytes at the front of `in` */
+    pz_buf out;          /* frames not yet written */
+    int out_frames;      /* frames in `out` */
+    int64_t out_since;   /* when the oldest of them was made */
+    size_t max_message;
+    int exec_ref;        /* registry ref of the executor */
+    int handler_ref;     /* registry ref of on_error */
+    int run_ref;         /* registry ref of run_call */
+    pz_frame call;       /* the call run_call works on */
+} W;
+
+static _Noreturn void die(const char *what)
+{
+    fprintf(stderr, "parallelize: worker %d (pid %d): %s\n", W.slot + 1, (int)getpid(), what);
+    fflush(stderr);
+    _exit(3);
+}
+
+static void flush_out(void)
+{
+    if (W.out.len == 0)
+        return;
+    if (pz_write_all(W.fd, W.out.data, W.out.len) != 0) {
+        if (errno == EPIPE)
+            _exit(0); /* the parent is gone */
+        die(strerror(errno));
+    }
+    W.out.len = 0;
+    W.out_frames = 0;
+    pz_buf_trim(&W.out, 4 * FLUSH_BYTES);
+}
+
+static void count_frame(void)
+{
+    if (W.out_frames++ == 0)
+        W.out_since = pz_now_ns();
+}
+
+/* Appends a frame whose payload is a varint-prefixed string and a rest. */
+static void put_message_frame(uint8_t type, uint64_t id, const uint64_t *ns, const char *msg,
+                              size_t msglen, const char *rest, size_t restlen)
+{
+    uint8_t pre[2 * PZ_VARINT_MAX_BYTES];
+    size_t npre = 0;
+    if (ns)
+        npre += pz_put_varint(pre, (uint64_t)*ns);
+    npre += pz_put_varint(pre + npre, msglen);
+    size_t len = npre + msglen + restlen;
+    if (len > UINT32_MAX)
+        die("error message too long");
+    char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + len);
+    if (!dst)
+        die("out of memory");
+    pz_frame_header(dst, type, 0, id, (uint32_t)len);
+    memcpy(dst + PZ_FRAME_HEADER, pre, npre);
+    memcpy(dst + PZ_FRAME_HEADER + npre, msg, msglen);
+    if (restlen)
+        memcpy(dst + PZ_FRAME_HEADER + npre + msglen, rest, restlen);
+    W.out.len += PZ_FRAME_HEADER + len;
+    count_frame();
+}
+
+/* Message handler for executor calls: turns any error value into a table
+ * {message, traceback}. */
+static int on_error(lua_State *L)
+{
+    if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
+        lua_pushstring(L, lua_tostring(L, 1));
+    else if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    luaL_traceback(L, L, NULL, 1);
+    lua_createtable(L, 2, 0);
+    lua_insert(L, -3);
+    lua_rawseti(L, -3, 2);
+    lua_rawseti(L, -2, 1);
+    return 1;
+}
+
+/* Appends an ERROR frame from the {message, traceback} table on top. */
+static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
+{
+    size_t mlen = 0, tlen = 0;
+    lua_rawgeti(L, -1, 1);
+    lua_rawgeti(L, -2, 2);
+    const char *msg = lua_tolstring(L, -2, &mlen);
+    const char *tb = lua_tolstring(L, -1, &tlen);
+    put_message_frame(PZ_F_ERROR, id, &ns, msg ? msg : "?", msg ? mlen : 1, tb, tb ? tlen : 0);
+    lua_pop(L, 2);
+}
+
+/* Protected: runs the call in W.call.  Decoding the arguments or encoding
+ * the result may raise; the executor's own errors are caught inside with
+ * on_error and become ERROR frames. */
+static int run_call(lua_State *L)
+{
+    uint64_t id = W.call.id;
+    int64_t t0 = pz_now_ns();
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
+    int handler = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
+    int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
+    int rc = lua_pcall(L, nargs, 1, handler);
+    uint64_t ns = (uint64_t)(pz_now_ns() - t0);
+    if (rc != 0) {
+        if (lua_istable(L, -1)) {
+            put_error_from_table(L, id, ns);
+        } else { /* out of memory or an error in the handler itself */
+            const char *m = lua_tostring(L, -1);
+            m = m ? m : "error in the error handler";
+            put_message_frame(PZ_F_ERROR, id, &ns, m, strlen(m), NULL, 0);
+        }
+        return 0;
+    }
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushlightuserdata(L, NULL); /* parallelize.null */
+    }
+    size_t start = W.out.len;
+    char *hdr = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
+    if (!hdr)
+        return luaL_error(L, "out of memory");
+    W.out.len += PZ_FRAME_HEADER;
+    W.out.len += pz_put_varint((uint8_t *)W.out.data + W.out.len, ns);
+    pz_encode_value(L, -1, &W.out, "result", 0);
+    size_t len = W.out.len - start - PZ_FRAME_HEADER;
+    if (len > W.max_message) {
+        W.out.len = start;
+        lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
+                        (double)len, (double)W.max_message);
+        const char *m = lua_tostring(L, -1);
+        put_message_frame(PZ_F_ERROR, id, &ns, m, strlen(m), NULL, 0);
+        return 0;
+    }
+    pz_frame_header(W.out.data + start, PZ_F_RESULT, 0, id, (uint32_t)len);
+    count_frame();
+    return 0;
+}
+
+static void handle_call(lua_State *L, const pz_frame *f)
+{
+    size_t mark = W.out.len;
+    int frames = W.out_frames;
+    W.call = *f;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
+    if (lua_pcall(L, 0, 0, 0) != 0) {
+        /* The codec raised: drop any partial frame, report why. */
+        W.out.len = mark;
+        W.out_frames = frames;
+        const char *m = lua_tostring(L, -1);
+        lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
+        m = lua_tostring(L, -1);
+        uint64_t zero = 0;
+        put_message_frame(PZ_F_ERROR, f->id, &zero, m, strlen(m), NULL, 0);
+    }
+    lua_settop(L, 0);
+    if (W.out.len >= FLUSH_BYTES || W.out_frames >= FLUSH_FRAMES ||
+        (W.out_frames > 0 && pz_now_ns() - W.out_since >= FLUSH_NS))
+        flush_out();
+}
+
+/* Calls executor:close() if the executor has such a method, then leaves. */
+static _Noreturn void shut_down(lua_State *L)
+{
+    flush_out();
+    if (L && W.exec_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
+        if (lua_type(L, -1) == LUA_TTABLE || lua_type(L, -1) == LUA_TUSERDATA) {
+            lua_getfield(L, -1, "close");
+            if (lua_isfunction(L, -1)) {
+                lua_insert(L, -2);
+                if (lua_pcall(L, 1, 0, 0) != 0)
+                    fprintf(stderr, "parallelize: worker %d: close failed: %s\n", W.slot + 1,
+                            lua_tostring(L, -1));
+            }
+        }
+    }
+    if (L)
+        lua_close(L);
+    fflush(NULL);
+    _exit(0);
+}
+
+/* Returns the next whole frame, reading (and first flushing results) when
+ * none is buffered.  Ends the process on end of file. */
+static pz_frame next_frame(void)
+{
+    for (;;) {
+        pz_frame f;
+        size_t need = 0;
+        const char *why = NULL;
+        int r = pz_frame_parse(W.in.data + W.in_pos, W.in.len - W.in_pos, W.max_message + 64, &f,
+                               &need, &why);
+        if (r == PZ_PARSE_OK) {
+            W.in_pos += f.size;
+            return f;
+        }
+        if (r == PZ_PARSE_BAD)
+            die(why);
+        pz_buf_consume(&W.in, W.in_pos);
+        W.in_pos = 0;
+        flush_out();
+        size_t want = need > W.in.len + READ_CHUNK ? need - W.in.len : READ_CHUNK;
+        if (!pz_buf_reserve(&W.in, want))
+            die("out of memory");
+        ssize_t n = pz_read(W.fd, W.in.data + W.in.len, W.in.cap - W.in.len);
+        if (n == 0)
+            shut_down(W.L);
+        if (n < 0)
+            die(strerror(errno));
+        W.in.len += (size_t)n;
+    }
+}
+
+/* Protected: turns "mod.sub.name" into the executor it names: the longest
+ * prefix that `require` finds, then fields for the rest. */
+static int require_by_name(lua_State *L)
+{
+    const char *name = lua_tostring(L, 1);
+    size_t len = strlen(name);
+    for (size_t cut = len; cut > 0; cut--) {
+        if (cut < len && name[cut] != '.')
+            continue;
+        lua_settop(L, 1);
+        lua_pushlstring(L, name, cut);                                  /* 2: prefix */
+        lua_pushfstring(L, "module '%s' not found", lua_tostring(L, 2)); /* 3 */
+        lua_getglobal(L, "require");
+        lua_pushvalue(L, 2);
+        if (lua_pcall(L, 1, 1, 0) != 0) {
+            /* Not found: a shorter prefix may be the module. */
+            const char *err = lua_tostring(L, -1);
+            if (err && strstr(err, lua_tostring(L, 3)) && memchr(name, '.', cut))
+                continue;
+            return lua_error(L);
+        }
+        for (const char *p = name + cut; *p == '.';) {
+            const char *q = strchr(p + 1, '.');
+            size_t n = q ? (size_t)(q - p - 1) : strlen(p + 1);
+            if (!lua_istable(L, -1) && !lua_isuserdata(L, -1))
+                return luaL_error(L, "'%s' is not a module field: '%s' is a %s", name,
+                                  lua_tostring(L, 2), luaL_typename(L, -1));
+            lua_pushlstring(L, p + 1, n);
+            lua_gettable(L, -2);
+            p += 1 + n;
+        }
+        return 1;
+    }
+    return luaL_error(L, "module '%s' not found", name);
+}
+
+static int is_callable(lua_State *L, int idx)
+{
+    if (lua_isfunction(L, idx))
+        return 1;
+    if (!luaL_getmetafield(L, idx, "__call"))
+        return 0;
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* Protected: reads the INIT frame's payload, sets package paths, builds the
+ * executor, stores it in the registry.  Raises {message, traceback}-style
+ * errors through on_error when user code fails. */
+static int build_executor(lua_State *L)
+{
+    const pz_frame *f = lua_touserdata(L, 1);
+    const char *part, *spec, *args;
+    size_t partlen, speclen, argslen;
+    if (pz_split_prefixed(f->payload, f->len, &part, &partlen, &spec, &speclen) != 0 ||
+        pz_split_prefixed(spec, speclen, &spec, &speclen, &args, &argslen) != 0)
+        return luaL_error(L, "malformed INIT frame");
+    lua_settop(L, 0);
+    if (pz_decode_tuple(L, part, partlen, PZ_DECODE_FUNCTIONS) != 5)
+        return luaL_error(L, "malformed INIT frame");
+    lua_getglobal(L, "package");
+    lua_pushvalue(L, 1);
+    lua_setfield(L, -2, "path");
+    lua_pushvalue(L, 2);
+    lua_setfield(L, -2, "cpath");
+    W.max_message = (size_t)lua_tonumber(L, 4);
+    /* stack: on_error, kind, spec, args: the spec is decoded only now that
+     * package.path is set, since decoding it may require modules. */
+    lua_pushcfunction(L, on_error);
+    lua_replace(L, 1);
+    lua_replace(L, 2);
+    lua_settop(L, 2);
+    pz_decode_value(L, spec, speclen, PZ_DECODE_FUNCTIONS);
+    int nargs = pz_decode_tuple(L, args, argslen, PZ_DECODE_FUNCTIONS);
+    int base = lua_gettop(L) - nargs; /* the spec's index */
+    lua_createtable(L, nargs, 1);
+    for (int i = 1; i <= nargs; i++) {
+        lua_pushvalue(L, base + i);
+        lua_rawseti(L, -2, i);
+    }
+    lua_pushinteger(L, nargs);
+    lua_setfield(L, -2, "n");
+    lua_insert(L, base + 1);
+    lua_settop(L, base + 1);
+    /* stack: on_error, kind, spec, args */
+    const char *kind = lua_tostring(L, 2);
+    int rc = 0;
+    if (kind && strcmp(kind, "module") == 0) {
+        lua_pushcfunction(L, require_by_name);
+        lua_pushvalue(L, 3);
+        rc = lua_pcall(L, 1, 1, 1);
+    } else if (kind && strcmp(kind, "deferred") == 0) {
+        lua_pushvalue(L, 3);
+        int n = 0;
+        if (lua_istable(L, 4)) {
+            lua_getfield(L, 4, "n");
+            n = (int)lua_tointeger(L, -1);
+            lua_pop(L, 1);
+        }
+        luaL_checkstack(L, n + 1, "too many constructor arguments");
+        for (int i = 1; i <= n; i++)
+            lua_rawgeti(L, 4, i);
+        rc = lua_pcall(L, n, 1, 1);
+    } else {
+        lua_pushvalue(L, 3);
+    }
+    if (rc != 0)
+        return lua_error(L); /* the {message, traceback} table */
+    if (!is_callable(L, -1)) {
+        const char *what = lua_isnil(L, -1) ? "nil" : luaL_typename(L, -1);
+        if (kind && strcmp(kind, "deferred") == 0)
+            lua_pushfstring(L, "the Deferred constructor returned %s, which is not callable", what);
+        else if (kind && strcmp(kind, "module") == 0)
+            lua_pushfstring(L, "'%s' names %s, which is not callable", lua_tostring(L, 3), what);
+        else
+            lua_pushfstring(L, "the executor is %s, which is not callable", what);
+        lua_createtable(L, 2, 0);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+        return lua_error(L);
+    }
+    W.exec_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+/* Protected: the lossy copy of the executor that INIT_OK carries. */
+static int encode_copy(lua_State *L)
+{
+    pz_buf *b = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
+    pz_encode_value(L, -1, b, "executor", PZ_ENCODE_LOSSY);
+    return 0;
+}
+
+static void initialize(lua_State *L)
+{
+    pz_frame f = next_frame();
+    if (f.type == PZ_F_STOP)
+        shut_down(L);
+    if (f.type != PZ_F_INIT)
+        die("the first frame was not INIT");
+    lua_pushcfunction(L, build_executor);
+    lua_pushlightuserdata(L, &f);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+        size_t mlen = 0, tlen = 0;
+        const char *msg, *tb = NULL;
+        if (lua_istable(L, -1)) {
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2);
+            tb = lua_tolstring(L, -1, &tlen);
+            msg = lua_tolstring(L, -2, &mlen);
+        } else {
+            msg = lua_tolstring(L, -1, &mlen);
+        }
+        if (!msg) {
+            msg = "initialization failed";
+            mlen = strlen(msg);
+        }
+        put_message_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), NULL, msg, mlen, tb, tb ? tlen : 0);
+        W.exec_ref = LUA_NOREF;
+        flush_out();
+        lua_close(L);
+        fflush(NULL);
+        _exit(0);
+    }
+    lua_settop(L, 0);
+    pz_buf copy = PZ_BUF_INIT;
+    lua_pushcfunction(L, encode_copy);
+    lua_pushlightuserdata(L, &copy);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+        copy.len = 0;
+        pz_buf_append(&copy, "\x03", 1); /* null: the copy is only informative */
+    }
+    lua_settop(L, 0);
+    if (copy.len > UINT32_MAX)
+        copy.len = 0;
+    char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + copy.len);
+    if (!dst)
+        die("out of memory");
+    pz_frame_header(dst, PZ_F_INIT_OK, 0, (uint64_t)getpid(), (uint32_t)copy.len);
+    memcpy(dst + PZ_FRAME_HEADER, copy.data, copy.len);
+    W.out.len += PZ_FRAME_HEADER + copy.len;
+    pz_buf_free(&copy);
+    flush_out();
+}
+
+_Noreturn void pz_worker_main(int fd, int slot)
+{
+    W.fd = fd;
+    W.slot = slot;
+    W.exec_ref = LUA_NOREF;
+    W.max_message = UINT32_MAX - 64; /* until INIT says otherwise */
+    /* Output of many workers interleaves line by line, as a user expects. */
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    lua_State *L = luaL_newstate();
+    if (!L)
+        die("cannot create a Lua state: out of memory");
+    W.L = L;
+    luaL_openlibs(L);
+    pz_preload(L);
+    initialize(L);
+    lua_pushcfunction(L, on_error);
+    W.handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, run_call);
+    W.run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    for (;;) {
+        pz_frame f = next_frame();
+        if (f.type == PZ_F_CALL)
+            handle_call(L, &f);
+        else if (f.type == PZ_F_STOP)
+            shut_down(L);
+        else
+            die("unexpected frame type from the parent");
+    }
+}
