@@ -1,12 +1,270 @@
 --- parallelize: run Lua calls in parallel worker processes.
--- The public API; the mechanism lives in the C module parallelize.core.
+--
+-- The public API. The mechanism (codec, processes, the I/O thread) lives in
+-- the C module parallelize.core; this file checks arguments, fills in
+-- defaults and gives the pool its Lua shape. See docs/api.md.
 local core = require "parallelize.core"
 
+local error, type, select, pairs = error, type, select, pairs
+local getmetatable, setmetatable, tostring = getmetatable, setmetatable, tostring
+local format, floor = string.format, math.floor
+
+local pool_new, pool_wait, pool_drain = core.pool_new, core.pool_wait, core.pool_drain
+local pool_stop, pool_env, pool_counts = core.pool_stop, core.pool_env, core.pool_counts
+local pool_size, pool_stopped, now = core.pool_size, core.pool_stopped, core.now
+
 local M = {
-  _VERSION = "parallelize scm",
+  _VERSION = "parallelize 0.1.0",
   null = core.null,
   encode = core.encode,
   decode = core.decode,
+  getpid = core.getpid,
+  sleep = core.sleep,
 }
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+--- True when v can be called: a function, or a value whose metatable has
+-- __call.
+local function is_callable(v)
+  if type(v) == "function" then return true end
+  local mt = getmetatable(v)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+
+-- Deferred -----------------------------------------------------------------
+
+local Deferred_mt = {
+  __tostring = function(d) return "Deferred(" .. tostring(d.ctor) .. ")" end,
+}
+
+--- Deferred(ctor, ...): an executor built inside its worker by ctor(...).
+function M.Deferred(ctor, ...)
+  if not is_callable(ctor) then
+    error(format("Deferred: the constructor is not callable (a %s)", type(ctor)), 2)
+  end
+  return setmetatable({ ctor = ctor, args = pack(...) }, Deferred_mt)
+end
+
+--- True when v was made by Deferred.
+function M.is_deferred(v)
+  return getmetatable(v) == Deferred_mt
+end
+
+--- rep(v, n) -> {v, v, ... n times}: the seed's `[f] * 50`.
+function M.rep(v, n)
+  if type(n) ~= "number" or n < 0 or n ~= floor(n) then
+    error("rep: n must be a non-negative integer (got " .. tostring(n) .. ")", 2)
+  end
+  local t = {}
+  for i = 1, n do t[i] = v end
+  return t
+end
+
+-- Options -------------------------------------------------------------------
+
+-- name -> {default, kind, lowest, highest}
+local OPTIONS = {
+  max_deaths = { 3, "integer", 1, 255 },
+  respawn = { true, "boolean" },
+  max_message = { 1024 ^ 3, "integer", 1024, 2 ^ 32 - 65 },
+  max_inflight = { 256, "integer", 1, 2 ^ 20 },
+  window = { 0.002, "number", 0, 3600 },
+  init_attempts = { 5, "integer", 1, 1000 },
+  kill_grace = { 1, "number", 0, 3600 },
+}
+
+local function check_options(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("Parallelize: options must be a table (got a " .. type(opts) .. ")", 3)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if not OPTIONS[k] then error("Parallelize: unknown option '" .. tostring(k) .. "'", 3) end
+  end
+  local out = {}
+  for name, o in pairs(OPTIONS) do
+    local v = opts[name]
+    if v == nil then
+      v = o[1]
+    elseif o[2] == "boolean" then
+      if type(v) ~= "boolean" then
+        error(format("Parallelize: option %s must be a boolean (got a %s)", name, type(v)), 3)
+      end
+    else
+      if type(v) ~= "number" or v ~= v or v < o[3] or v > o[4]
+          or (o[2] == "integer" and v ~= floor(v)) then
+        error(format("Parallelize: option %s must be %s from %s to %s (got %s)", name,
+          o[2] == "integer" and "an integer" or "a number", tostring(o[3]), tostring(o[4]),
+          tostring(v)), 3)
+      end
+    end
+    out[name] = v
+  end
+  return out
+end
+
+-- Executors -----------------------------------------------------------------
+
+--- The spec the C core sends to worker i for executor e, or an error.
+local function executor_spec(e, i)
+  if M.is_deferred(e) then
+    return { kind = "deferred", spec = e.ctor, args = e.args }
+  end
+  local t = type(e)
+  if t == "string" then
+    if not e:match("^[%a_][%w_]*[%w_.-]*$") or e:find("..", 1, true) or e:sub(-1) == "." then
+      error(format("executor %d: %q is not a module name such as \"mod.func\"", i, e), 3)
+    end
+    return { kind = "module", spec = e, args = { n = 0 } }
+  end
+  if is_callable(e) and t ~= "userdata" then
+    return { kind = "value", spec = e, args = { n = 0 } }
+  end
+  error(format("executor %d is not callable (a %s)", i, t), 3)
+end
+
+-- The pool ------------------------------------------------------------------
+
+local pool_mt = core.pool_metatable
+local methods = {}
+
+--- Waits on the pool for `what` ("calls" or "init") until the deadline
+-- (monotonic seconds, or nil). A signal returns from the C wait so that an
+-- interrupt hook (Ctrl-C's "interrupted!") fires here; otherwise the wait
+-- goes on. Returns the final status.
+local function wait_for(p, what, deadline)
+  while true do
+    local left
+    if deadline then
+      left = deadline - now()
+      if left < 0 then left = 0 end
+    end
+    local status = pool_wait(p, what, left)
+    if status ~= "interrupted" then return status end
+  end
+end
+
+--- p:wait([timeout]) -> true when every queued call has finished, false
+-- when timeout seconds passed first. Raises when no worker is left.
+function methods.wait(p, timeout)
+  if pool_stopped(p) then error("wait: the pool is stopped", 2) end
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout) then
+    error("wait: timeout must be a non-negative number (got " .. tostring(timeout) .. ")", 2)
+  end
+  local status = wait_for(p, "calls", timeout and now() + timeout)
+  if status == "fatal" then error(pool_env(p).fatal, 2) end
+  return status == "done"
+end
+
+--- p:stop([finish_timeout]) -> the arguments of every call that never
+-- finished, each {n =, id =, ...}.
+function methods.stop(p, finish_timeout)
+  if finish_timeout ~= nil and (type(finish_timeout) ~= "number" or finish_timeout < 0
+      or finish_timeout ~= finish_timeout) then
+    error("stop: finish_timeout must be a non-negative number (got " .. tostring(finish_timeout) .. ")", 2)
+  end
+  return pool_stop(p, finish_timeout)
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+-- Properties: computed on each read.
+local properties = {}
+
+function properties.results(p)
+  pool_drain(p)
+  return pool_env(p).results
+end
+
+function properties.ids(p)
+  pool_drain(p)
+  return pool_env(p).ids
+end
+
+function properties.errors(p)
+  pool_drain(p)
+  return pool_env(p).errors
+end
+
+function properties.init_errors(p)
+  pool_drain(p)
+  return pool_env(p).init_errors
+end
+
+--- Waits for every worker to initialize (or be given up), then returns
+-- the copies of the initialized executors in worker order.
+function properties.executors(p)
+  if not pool_stopped(p) then wait_for(p, "init") end
+  local env, list = pool_env(p), {}
+  local execs = env.executors
+  for i = 1, pool_size(p) do
+    if execs[i] ~= nil then list[#list + 1] = execs[i] end
+  end
+  return list
+end
+
+function properties.pids(p)
+  pool_drain(p)
+  return copy(pool_env(p).pids)
+end
+
+function properties.size(p)
+  return pool_size(p)
+end
+
+function properties.calls(p)
+  return (pool_counts(p))
+end
+
+function properties.pending(p)
+  pool_drain(p)
+  local calls, finished = pool_counts(p)
+  if pool_stopped(p) then return 0 end
+  return calls - finished
+end
+
+function properties.stopped(p)
+  return pool_stopped(p)
+end
+
+pool_mt.__index = function(p, k)
+  local m = methods[k]
+  if m then return m end
+  local prop = properties[k]
+  if prop then return prop(p) end
+  return nil
+end
+
+pool_mt.__newindex = function(_, k)
+  error("cannot set field '" .. tostring(k) .. "' of a pool", 2)
+end
+
+--- Parallelize(executors [, options]) -> p: one worker process per
+-- executor. See docs/api.md for executors and options.
+function M.Parallelize(executors, options)
+  if type(executors) ~= "table" then
+    error("Parallelize: executors must be an array (got a " .. type(executors) .. ")", 2)
+  end
+  local n = #executors
+  if n == 0 then error("Parallelize: executors must be a non-empty array", 2) end
+  local opts = check_options(options)
+  local specs = {}
+  for i = 1, n do
+    local e = executors[i]
+    specs[i] = executor_spec(e, i)
+  end
+  return pool_new(specs, opts)
+end
+
+-- The documented option defaults, for reference.
+M.defaults = {}
+for name, o in pairs(OPTIONS) do M.defaults[name] = o[1] end
 
 return M

@@ -2,11 +2,19 @@
  * core.c - luaopen_parallelize_core: the table of C functions the Lua layer
  * (lua/parallelize.lua) builds the public API from.
  */
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
 #include <lauxlib.h>
 #include <lua.h>
 
 #include "codec.h"
 #include "core.h"
+#include "lpool.h"
+#include "sys.h"
 
 static pz_preloader extra_preloader;
 
@@ -26,9 +34,51 @@ void pz_preload(lua_State *L)
         extra_preloader(L);
 }
 
+/* getpid() -> the pid of the calling process (a worker's own inside an
+ * executor). */
+static int l_getpid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
+/* sleep(seconds): sleeps, fractions included.  A signal cuts the sleep
+ * short so that Ctrl-C's "interrupted!" is raised promptly; other signals
+ * resume it. */
+static int l_sleep(lua_State *L)
+{
+    double s = luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0 && s == s, 1, "seconds must be a non-negative number");
+    if (s > 1e9)
+        s = 1e9;
+    struct timespec req = {(time_t)s, (long)((s - floor(s)) * 1e9)}, rem;
+    while (nanosleep(&req, &rem) != 0) {
+        if (errno != EINTR)
+            return luaL_error(L, "sleep failed: %s", strerror(errno));
+        if (lua_gethook(L) != NULL)
+            break; /* an interrupt hook is set: let it fire */
+        req = rem;
+    }
+    return 0;
+}
+
+/* now() -> seconds on the monotonic clock, for deadlines. */
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)pz_now_ns() / 1e9);
+    return 1;
+}
+
 int luaopen_parallelize_core(lua_State *L)
 {
     lua_newtable(L);
     pz_codec_register(L);
+    pz_lpool_register(L);
+    lua_pushcfunction(L, l_getpid);
+    lua_setfield(L, -2, "getpid");
+    lua_pushcfunction(L, l_sleep);
+    lua_setfield(L, -2, "sleep");
+    lua_pushcfunction(L, l_now);
+    lua_setfield(L, -2, "now");
     return 1;
 }

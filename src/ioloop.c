@@ -32,7 +32,6 @@
 #include "sys.h"
 
 #define READ_CHUNK 65536
-#define BACKLOG_WAKE (1u << 20)   /* wake a waiting main thread to drain */
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
 #define MAX_BACKOFF_NS 2000000000LL
 #define BACKOFF_NS 50000000LL
@@ -91,6 +90,15 @@ struct pz_io {
 
 static void publish(struct pz_io *io);
 
+/* The I/O thread cannot go on without memory: losing a record or a call
+ * would break the accounting the whole library promises, so it stops the
+ * process loudly instead. */
+static _Noreturn void oom(void)
+{
+    fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
+    abort();
+}
+
 /* ---- records to the main thread ---------------------------------------- */
 
 /* Appends a record whose payload is the concatenation of up to three parts,
@@ -102,12 +110,8 @@ static void put_record(struct pz_io *io, uint8_t type, uint64_t id, const char *
     size_t na = pa ? pz_put_varint(va, alen) : 0, nb = pb ? pz_put_varint(vb, blen) : 0;
     size_t len = na + alen + nb + blen + clen;
     char *d = pz_spsc_reserve(&io->p->done, PZ_FRAME_HEADER + len);
-    if (!d) {
-        /* Nothing sane is left to do: losing a record would break the
-         * accounting the whole library promises. */
-        fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-        abort();
-    }
+    if (!d)
+        oom();
     pz_frame_header(d, type, 0, id, (uint32_t)len);
     char *q = d + PZ_FRAME_HEADER;
     memcpy(q, va, na), q += na;
@@ -191,10 +195,8 @@ static void spawner_send(struct pz_io *io, int kind, int slot, uint32_t gen, pid
     if (io->nspq == io->capspq) {
         size_t cap = io->capspq ? io->capspq * 2 : 16;
         spawn_req *q = realloc(io->spq, cap * sizeof *q);
-        if (!q) {
-            fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-            abort();
-        }
+        if (!q)
+            oom();
         io->spq = q;
         io->capspq = cap;
     }
@@ -242,10 +244,8 @@ static void start_worker(struct pz_io *io, worker *w)
     w->in.len = 0;
     const pz_buf *init = &io->p->init[w->slot];
     char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER + init->len);
-    if (!d) {
-        fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-        abort();
-    }
+    if (!d)
+        oom();
     pz_frame_header(d, PZ_F_INIT, 0, 0, (uint32_t)init->len);
     memcpy(d + PZ_FRAME_HEADER, init->data, init->len);
     w->out.len = PZ_FRAME_HEADER + init->len;
@@ -269,8 +269,7 @@ static void check_fatal(struct pz_io *io)
     snprintf(msg, sizeof msg, "no worker is left and none can be started: %s",
              io->first_error[0] ? io->first_error : "every worker was lost");
     put_record(io, PZ_F_FATAL, 0, NULL, 0, 0, NULL, 0, 0, msg, strlen(msg));
-    io->fatal_sent = 1;
-    atomic_store(&io->p->fatal, 1);
+    io->fatal_sent = 1; /* pool->fatal is set by publish, after the record */
 }
 
 /* Gives slot w up for good, keeping why as an init error. */
@@ -285,18 +284,23 @@ static void give_up(struct pz_io *io, worker *w, const char *why, const char *tb
     check_fatal(io);
 }
 
-/* Moves the frames from w->out[from..] to the front of the requeue. */
+/* Moves the CALL frames from w->out[from..] to the front of the requeue
+ * (a STOP frame queued behind them is dropped). */
 static void requeue_from(struct pz_io *io, worker *w, size_t from)
 {
-    size_t n = w->out.len - from, rest = io->rq.len - io->rq_pos;
-    if (n == 0)
+    size_t rest = io->rq.len - io->rq_pos;
+    if (from >= w->out.len)
         return;
     pz_buf nb = PZ_BUF_INIT;
-    if (pz_buf_append(&nb, w->out.data + from, n) != 0 ||
-        pz_buf_append(&nb, io->rq.data + io->rq_pos, rest) != 0) {
-        fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-        abort();
+    if (!pz_buf_reserve(&nb, w->out.len - from + rest))
+        oom();
+    for (size_t pos = from; pos < w->out.len;) {
+        size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(w->out.data + pos);
+        if (w->out.data[pos + 4] == PZ_F_CALL)
+            pz_buf_append(&nb, w->out.data + pos, size); /* room reserved above */
+        pos += size;
     }
+    pz_buf_append(&nb, io->rq.data + io->rq_pos, rest);
     pz_buf_free(&io->rq);
     io->rq = nb;
     io->rq_pos = 0;
@@ -640,10 +644,8 @@ static void dispatch(struct pz_io *io)
         if (!w)
             break;
         size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(fr);
-        if (pz_buf_append(&w->out, fr, size) != 0) {
-            fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-            abort();
-        }
+        if (pz_buf_append(&w->out, fr, size) != 0)
+            oom();
         w->inflight++;
         if (from_rq) {
             io->rq_pos += size;
@@ -689,10 +691,8 @@ static void unsend(struct pz_io *io, worker *w)
 static void append_stop(worker *w)
 {
     char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER);
-    if (!d) {
-        fprintf(stderr, "parallelize: out of memory in the I/O thread\n");
-        abort();
-    }
+    if (!d)
+        oom();
     pz_frame_header(d, PZ_F_STOP, 0, 0, 0);
     w->out.len += PZ_FRAME_HEADER;
 }
@@ -892,7 +892,7 @@ static int main_condition(struct pz_io *io, int waiting)
     pz_pool *p = io->p;
     if (io->fatal_sent || io->finished)
         return 1;
-    if (atomic_load_explicit(&p->backlog, memory_order_relaxed) >= BACKLOG_WAKE)
+    if (atomic_load_explicit(&p->backlog, memory_order_relaxed) >= PZ_BACKLOG_WAKE && waiting != PZ_WAIT_EXIT)
         return 1;
     if (waiting == PZ_WAIT_CALLS)
         return io->calls_done >= atomic_load(&p->main_target);
@@ -909,6 +909,8 @@ static void publish(struct pz_io *io)
     pz_spsc_publish(&p->done);
     atomic_store(&p->calls_done, io->calls_done);
     atomic_store(&p->settled, io->settled);
+    if (io->fatal_sent)
+        atomic_store(&p->fatal, 1);
     if (io->finished)
         atomic_store(&p->io_finished, 1);
     int waiting = atomic_load(&p->main_waiting);

@@ -114,38 +114,51 @@ static int condition(pz_pool *p, int kind)
     return 1;
 }
 
-/* Sleeps until the I/O thread says the condition holds.  Returns 0, or -1
- * when a signal interrupted the sleep and `interruptible` is set. */
-static int sleep_until(pz_pool *p, int kind, int interruptible)
+/* Sleeps until the I/O thread says the condition holds, the deadline
+ * (absolute, pz_now_ns; -1: none) passes, or, when `interruptible`, a signal
+ * arrives.  Waits for calls or initialization also end when enough records
+ * have piled up that the main thread should drain them. */
+static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible)
 {
     atomic_store(&p->main_waiting, kind);
-    if (condition(p, kind) || atomic_load(&p->backlog) >= (1u << 20)) {
+    if (condition(p, kind) ||
+        (kind != PZ_WAIT_EXIT && atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE)) {
         atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-        return 0;
+        return PZ_WAITED;
+    }
+    int timeout = -1;
+    if (deadline >= 0) {
+        int64_t left = deadline - pz_now_ns();
+        if (left <= 0) {
+            atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+            return PZ_WAIT_TIMEOUT;
+        }
+        timeout = left > INT32_MAX * 1000000LL ? INT32_MAX : (int)((left + 999999) / 1000000);
     }
     struct pollfd pf = {p->main_wake_fd, POLLIN, 0};
-    int r = poll(&pf, 1, -1);
+    int r = poll(&pf, 1, timeout);
     atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-    if (r < 0 && errno == EINTR && interruptible)
-        return -1;
+    if (r < 0 && errno == EINTR)
+        return interruptible ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
+    if (r < 0) {
+        /* poll on one valid descriptor fails only for lack of memory: do
+         * not spin, try again shortly. */
+        pz_sleep_ns(1000000);
+        return PZ_WAITED;
+    }
     uint64_t v;
     if (r > 0 && read(p->main_wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
         pz_sleep_ns(1000000); /* cannot happen with an eventfd; never spin */
-    return 0;
+    return PZ_WAITED;
 }
 
-int pz_pool_wait(pz_pool *p, int kind, int (*met)(pz_pool *, void *), void *ud)
+int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline)
 {
-    for (;;) {
-        if (met(p, ud))
-            return PZ_WAITED;
-        if (atomic_load(&p->fatal))
-            return PZ_WAIT_FATAL;
-        if (kind == PZ_WAIT_CALLS)
-            atomic_store(&p->main_target, p->next_id - 1);
-        if (sleep_until(p, kind, 1) != 0)
-            return PZ_WAIT_INTERRUPTED;
-    }
+    if (atomic_load(&p->fatal))
+        return PZ_WAIT_FATAL;
+    if (kind == PZ_WAIT_CALLS)
+        atomic_store(&p->main_target, p->next_id - 1);
+    return sleep_until(p, kind, deadline, 1);
 }
 
 void pz_pool_stop(pz_pool *p, int64_t finish_ns)
@@ -161,7 +174,7 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
             fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
         /* Signals do not cut this short: stop must leave nothing behind. */
         while (!atomic_load(&p->io_finished))
-            sleep_until(p, PZ_WAIT_EXIT, 0);
+            sleep_until(p, PZ_WAIT_EXIT, -1, 0);
         pthread_join(p->thread, NULL);
         p->thread_started = 0;
     } else if (p->spawner_fd >= 0) {

@@ -22,7 +22,12 @@
 enum { PZ_WAIT_NONE = 0, PZ_WAIT_CALLS = 1, PZ_WAIT_INIT = 2, PZ_WAIT_EXIT = 3 };
 
 /* Wait outcomes. */
-enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2 };
+enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2, PZ_WAIT_TIMEOUT = 3 };
+
+/* Published records (bytes) that make the I/O thread wake a waiting main
+ * thread early, so that it drains them. */
+#define PZ_BACKLOG_WAKE (1u << 20)
+
 
 typedef struct pz_options {
     int max_deaths;           /* a call that killed this many workers is an error */
@@ -84,11 +89,13 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
  * thread if it sleeps with room for calls. */
 void pz_pool_kick(pz_pool *p);
 
-/* Main thread: blocks until `kind` is met (see PZ_WAIT_*), the pool fails,
- * or a signal interrupts the wait.  Returns PZ_WAITED, PZ_WAIT_FATAL or
- * PZ_WAIT_INTERRUPTED.  `drain` is called whenever records are pending, and
- * must consume them. */
-int pz_pool_wait(pz_pool *p, int kind, int (*met)(pz_pool *, void *), void *ud);
+/* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*) may have
+ * come true, records wait to be drained, the pool failed, the deadline
+ * (absolute, pz_now_ns; -1 for none) passed or a signal interrupted the
+ * sleep.  Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_TIMEOUT
+ * or PZ_WAIT_INTERRUPTED.  The caller drains records and checks its own
+ * condition before each call. */
+int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline);
 
 /* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
  * running calls, or -1 to wait for them), then joins it and reaps the
