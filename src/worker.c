@@ -315,6 +315,7 @@ static int build_executor(lua_State *L)
     lua_setfield(L, -2, "path");
     lua_pushvalue(L, 2);
     lua_setfield(L, -2, "cpath");
+    lua_pop(L, 1);
     W.max_message = (size_t)lua_tonumber(L, 4);
     /* stack: on_error, kind, spec, args: the spec is decoded only now that
      * package.path is set, since decoding it may require modules. */
