@@ -1,0 +1,143 @@
+--- Helpers shared by the specs: processes, descriptors, temporary files,
+-- running pzlua as a subprocess.
+local M = {}
+
+local ffi = require "ffi"
+pcall(ffi.cdef, [[
+int kill(int pid, int sig);
+int getpid(void);
+typedef struct pz_spec_dir pz_spec_dir;
+struct pz_spec_dirent {
+  uint64_t d_ino;
+  int64_t d_off;
+  unsigned short d_reclen;
+  unsigned char d_type;
+  char d_name[256];
+};
+pz_spec_dir *opendir(const char *name);
+struct pz_spec_dirent *readdir(pz_spec_dir *dir);
+int closedir(pz_spec_dir *dir);
+]])
+
+--- The names in a directory (without . and ..), read without starting a
+-- process (a popen'd `ls` would show up among our children).
+function M.list(dir)
+  local d = ffi.C.opendir(dir)
+  if d == nil then return {} end
+  local names = {}
+  while true do
+    local e = ffi.C.readdir(d)
+    if e == nil then break end
+    local name = ffi.string(e.d_name)
+    if name ~= "." and name ~= ".." then names[#names + 1] = name end
+  end
+  ffi.C.closedir(d)
+  return names
+end
+
+--- The pid of this process.
+function M.getpid()
+  return ffi.C.getpid()
+end
+
+--- True when a process with this pid exists and is not a zombie.
+function M.alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat", "r")
+  if not f then return false end
+  local stat = f:read("*a")
+  f:close()
+  local state = stat:match("^%d+ %b() (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+--- The pids of the live children of pid (default: this process).
+function M.children(pid)
+  pid = pid or M.getpid()
+  local list = {}
+  for _, name in ipairs(M.list("/proc")) do
+    if name:match("^%d+$") then
+      local f = io.open("/proc/" .. name .. "/stat", "r")
+      if f then
+        local stat = f:read("*a") or ""
+        f:close()
+        local state, ppid = stat:match("^%d+ %b() (%a) (%d+)")
+        if ppid and tonumber(ppid) == pid and state ~= "Z" then list[#list + 1] = tonumber(name) end
+      end
+    end
+  end
+  return list
+end
+
+--- How many descriptors this process has open.
+function M.fd_count()
+  return #M.list("/proc/self/fd") - 1 -- the directory being read
+end
+
+--- Sends signal sig to pid; returns true on success.
+function M.kill(pid, sig)
+  return ffi.C.kill(pid, sig) == 0
+end
+
+--- Waits up to `seconds` for pred() to be true; returns its last value.
+function M.eventually(pred, seconds)
+  local core = require "parallelize.core"
+  local deadline = core.now() + (seconds or 5)
+  repeat
+    local v = pred()
+    if v then return v end
+    core.sleep(0.01)
+  until core.now() > deadline
+  return pred()
+end
+
+--- A fresh temporary directory; removed by M.rmdir.
+function M.tmpdir()
+  local p = io.popen("mktemp -d /tmp/pz-spec.XXXXXX")
+  local dir = p:read("*l")
+  p:close()
+  return dir
+end
+
+function M.rmdir(dir)
+  if dir and dir:match("^/tmp/pz%-spec%.") then os.execute("rm -rf '" .. dir .. "'") end
+end
+
+function M.write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+end
+
+function M.read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+--- The pzlua under test: $PZLUA, else build/pzlua.
+function M.pzlua()
+  local p = os.getenv("PZLUA") or "build/pzlua"
+  if p:sub(1, 1) ~= "/" then
+    local pwd = io.popen("pwd"):read("*l")
+    p = pwd .. "/" .. p
+  end
+  return p
+end
+
+--- Quotes s for the shell.
+function M.quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+--- Runs a shell command; returns its stdout+stderr and its exit status.
+function M.run(cmd)
+  local p = io.popen(cmd .. " 2>&1; echo \"#status=$?\"")
+  local out = p:read("*a")
+  p:close()
+  local status = tonumber(out:match("#status=(%d+)%s*$"))
+  return out:gsub("#status=%d+%s*$", ""), status
+end
+
+return M
