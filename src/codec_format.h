@@ -87,7 +87,9 @@ static inline size_t pz_put_varint(uint8_t *dst, uint64_t v)
 }
 
 /* Reads a varint from [*p, end); returns 0 and advances *p, or -1 when the
- * input is truncated or longer than 10 bytes. */
+ * input is truncated, longer than 10 bytes, or holds more than 64 bits.  The
+ * tenth byte has room for bit 63 only: anything else in it would be dropped,
+ * and a value must never be read as another one. */
 static inline int pz_get_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
 {
     uint64_t v = 0;
@@ -96,7 +98,9 @@ static inline int pz_get_varint(const uint8_t **p, const uint8_t *end, uint64_t 
         if (q >= end)
             return -1;
         uint8_t byte = *q++;
-        v |= (uint64_t)(byte & 0x7f) << (shift < 64 ? shift : 63);
+        if (shift == 63 && byte > 1)
+            return -1;
+        v |= (uint64_t)(byte & 0x7f) << shift;
         if (!(byte & 0x80)) {
             *p = q;
             *out = v;

@@ -30,6 +30,7 @@
 #include "pool.h"
 #include "spawner.h"
 #include "sys.h"
+#include "worker.h"
 
 #define READ_CHUNK 65536
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
@@ -307,29 +308,43 @@ static void requeue_from(struct pz_io *io, worker *w, size_t from)
     w->out.len = from;
 }
 
-/* A worker that was running calls died: charge the call it was running
- * (the head) with a death, turn it into an error once it has killed
- * max_deaths workers, and requeue everything else it held. */
+/* A worker that held calls died.  The call it was running (its id is in
+ * the shared memory, see worker.h) is charged with a death and becomes an
+ * error once it has killed max_deaths workers; every other call it held,
+ * including calls whose results it had not sent yet, goes back to the
+ * front of the queue. */
 static void requeue_inflight(struct pz_io *io, worker *w, const char *how)
 {
-    /* Workers terminated by stop() did not die of their call. */
-    if (w->inflight > 0 && !io->stopping && !io->spawner_gone) {
-        char *head = w->out.data + w->out_head;
-        uint8_t deaths = (uint8_t)(head[5] + 1);
-        head[5] = (char)deaths;
-        uint64_t id = pz_frame_id(head);
-        if (deaths >= io->p->opt.max_deaths) {
-            char msg[512];
-            snprintf(msg, sizeof msg,
-                     "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker %d "
-                     "(pid %d) %s while running call %" PRIu64,
-                     id, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how, id);
-            uint32_t plen = pz_frame_payload_len(head);
-            put_record(io, PZ_F_ERROR, id, head + PZ_FRAME_HEADER, plen, 1, msg, strlen(msg), 1,
-                       NULL, 0);
-            w->out_head += PZ_FRAME_HEADER + plen;
+    uint64_t running = atomic_load(&io->p->shared[w->slot].running);
+    /* Workers terminated by stop() or lost with the spawner did not die of
+     * their call. */
+    if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
+        for (size_t pos = w->out_head; pos < w->out_sent;) {
+            char *fr = w->out.data + pos;
+            uint32_t plen = pz_frame_payload_len(fr);
+            size_t size = PZ_FRAME_HEADER + plen;
+            if (fr[4] != PZ_F_CALL || pz_frame_id(fr) != running) {
+                pos += size;
+                continue;
+            }
+            uint8_t deaths = (uint8_t)(fr[5] + 1);
+            fr[5] = (char)deaths;
+            if (deaths >= io->p->opt.max_deaths) {
+                char msg[512];
+                snprintf(msg, sizeof msg,
+                         "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
+                         "%d (pid %d) %s while running call %" PRIu64,
+                         running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
+                         running);
+                put_record(io, PZ_F_ERROR, running, fr + PZ_FRAME_HEADER, plen, 1, msg,
+                           strlen(msg), 1, NULL, 0);
+                /* Drop the frame: the requeue below skips it. */
+                fr[4] = PZ_F_STOP;
+            }
+            break;
         }
     }
+    atomic_store(&io->p->shared[w->slot].running, 0);
     requeue_from(io, w, w->out_head);
     w->out.len = w->out_head = w->out_sent = 0;
     w->inflight = 0;
@@ -345,7 +360,7 @@ static void close_worker_fd(struct pz_io *io, worker *w)
     w->want_out = 0;
 }
 
-static void read_worker(struct pz_io *io, worker *w);
+static int read_worker(struct pz_io *io, worker *w);
 
 static int64_t backoff(int crashes)
 {
@@ -359,8 +374,9 @@ static int64_t backoff(int crashes)
  * left in the socket, then requeues, respawns or gives the slot up. */
 static void worker_ended(struct pz_io *io, worker *w, int known, int status)
 {
-    if (w->fd >= 0)
-        read_worker(io, w);
+    /* Everything it wrote before it died is still in the socket. */
+    while (w->fd >= 0 && read_worker(io, w))
+        ;
     close_worker_fd(io, w);
     pz_buf_trim(&w->in, 0);
     w->in.len = 0;
@@ -523,11 +539,18 @@ static void on_init(struct pz_io *io, worker *w, const pz_frame *f)
     check_fatal(io);
 }
 
-/* Reads everything available from a worker and handles whole frames. */
-static void read_worker(struct pz_io *io, worker *w)
+/* Reads what a worker sent and handles whole frames, for a bounded number
+ * of reads so that one busy worker cannot starve the others.  Returns 1
+ * when that bound stopped it (more may be waiting), else 0. */
+static int read_worker(struct pz_io *io, worker *w)
 {
     size_t max_payload = (size_t)io->p->opt.max_message + 64;
-    for (int rounds = 0; w->fd >= 0 && rounds < 8; rounds++) {
+    int more = 0;
+    for (int rounds = 0; w->fd >= 0; rounds++) {
+        if (rounds == 8) {
+            more = 1;
+            break;
+        }
         size_t want = READ_CHUNK;
         pz_frame f;
         size_t need = 0;
@@ -537,7 +560,7 @@ static void read_worker(struct pz_io *io, worker *w)
             want = need - w->in.len;
         if (!pz_buf_reserve(&w->in, want)) {
             reject_worker(io, w, "out of memory for its frame");
-            return;
+            return 0;
         }
         size_t room = w->in.cap - w->in.len;
         ssize_t r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
@@ -559,7 +582,7 @@ static void read_worker(struct pz_io *io, worker *w)
                 break;
             if (rc == PZ_PARSE_BAD) {
                 reject_worker(io, w, why);
-                return;
+                return 0;
             }
             pos += f.size;
             if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
@@ -569,7 +592,7 @@ static void read_worker(struct pz_io *io, worker *w)
             else
                 reject_worker(io, w, "a frame type workers do not send");
             if (w->why[0])
-                return;
+                return 0;
         }
         pz_buf_consume(&w->in, pos);
         if ((size_t)r < room)
@@ -577,6 +600,7 @@ static void read_worker(struct pz_io *io, worker *w)
     }
     if (w->in.len == 0)
         pz_buf_trim(&w->in, 1 << 20);
+    return more;
 }
 
 /* ---- sending calls ------------------------------------------------------ */

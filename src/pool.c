@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,8 +18,14 @@
 #include "pool.h"
 #include "spawner.h"
 #include "sys.h"
+#include "worker.h"
 
 #define CHUNK_SIZE 65536
+
+static size_t shared_size(int nslots)
+{
+    return (size_t)nslots * sizeof(pz_slot_shared);
+}
 
 static void free_init(pz_buf *init, int n)
 {
@@ -51,7 +58,15 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
         *err = "eventfd failed";
         goto fail;
     }
-    if (pz_spawner_start(&p->spawner_pid, &p->spawner_fd) != 0) {
+    /* Shared with every worker through the spawner's fork: see worker.h. */
+    p->shared = mmap(NULL, shared_size(nslots), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                     -1, 0);
+    if (p->shared == MAP_FAILED) {
+        p->shared = NULL;
+        *err = "cannot map memory shared with the workers";
+        goto fail;
+    }
+    if (pz_spawner_start(p->shared, &p->spawner_pid, &p->spawner_fd) != 0) {
         *err = "cannot fork the spawner process";
         goto fail;
     }
@@ -222,6 +237,9 @@ void pz_pool_release(pz_pool *p)
     if (p->init)
         free_init(p->init, p->nslots);
     p->init = NULL;
+    if (p->shared)
+        munmap(p->shared, shared_size(p->nslots));
+    p->shared = NULL;
 }
 
 void pz_pool_free(pz_pool *p)

@@ -46,6 +46,7 @@ typedef struct pz_pool {
     int nslots;
     pz_options opt;
     pz_buf *init;             /* per slot: INIT payload (shared buffers are copied) */
+    struct pz_slot_shared *shared; /* per slot, mapped shared with the workers */
     int io_wake_fd;           /* eventfd: main -> io */
     int main_wake_fd;         /* eventfd: io -> main */
     int spawner_fd;

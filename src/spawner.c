@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "core.h"
 #include "spawner.h"
 #include "sys.h"
 #include "worker.h"
@@ -87,8 +88,22 @@ int pz_spawn_recv(int fd, pz_spawn_msg *m, int *passed_fd)
     return 1;
 }
 
+/* Set in the spawner and so in every worker: see __lsan_is_turned_off. */
+static int forked_child;
+
+/* LeakSanitizer (in the sanitizer build) asks this before it checks for
+ * leaks at exit.  A forked process holds a copy of its parent's heap that
+ * it never frees, and a worker leaves by os.exit or _exit without tearing
+ * its state down: a leak check there would report the parent's memory. */
+PZ_EXPORT int __lsan_is_turned_off(void);
+PZ_EXPORT int __lsan_is_turned_off(void)
+{
+    return forked_child;
+}
+
 /* The spawner's own state: the socket to the parent and its live children. */
 typedef struct spawner {
+    pz_slot_shared *shared;
     int sock;
     int sigfd;
     pid_t *kids;
@@ -126,13 +141,12 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
             _exit(1);
     }
     pz_close_fds_from(WORKER_FD + 1, -1);
-    (void)s;
     /* dup2 cleared close-on-exec; set it again so programs the executor
      * runs (os.execute, io.popen) do not inherit the worker's socket. */
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
     bind_to_parent(spawner_pid);
-    pz_worker_main(WORKER_FD, slot);
+    pz_worker_main(WORKER_FD, slot, &s->shared[slot]);
 }
 
 static void report(spawner *s, int kind, int slot, uint32_t gen, pid_t pid, int arg)
@@ -227,9 +241,9 @@ static void handle_request(spawner *s)
         kill(m.pid, m.arg);
 }
 
-static void spawner_main(int sock, pid_t parent)
+static void spawner_main(pz_slot_shared *shared, int sock, pid_t parent)
 {
-    spawner s = {sock, -1, NULL, 0, 0};
+    spawner s = {shared, sock, -1, NULL, 0, 0};
     bind_to_parent(parent);
     for (int sig = 1; sig < NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
@@ -263,7 +277,7 @@ static void spawner_main(int sock, pid_t parent)
     }
 }
 
-int pz_spawner_start(pid_t *pid, int *fd)
+int pz_spawner_start(pz_slot_shared *shared, pid_t *pid, int *fd)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
@@ -280,6 +294,7 @@ int pz_spawner_start(pid_t *pid, int *fd)
         return -1;
     }
     if (p == 0) {
+        forked_child = 1;
         int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull < 0 || dup2(devnull, 0) < 0)
             _exit(1);
@@ -292,7 +307,7 @@ int pz_spawner_start(pid_t *pid, int *fd)
             sock = WORKER_FD + 1;
         }
         pz_close_fds_from(3, sock);
-        spawner_main(sock, parent);
+        spawner_main(shared, sock, parent);
     }
     close(sv[1]);
     *pid = p;

@@ -33,10 +33,13 @@ typedef struct pz_spawn_msg {
     int32_t arg;
 } pz_spawn_msg;
 
-/* Forks the spawner.  Call from the main thread only.  On success returns
- * 0 and sets *pid and *fd (the parent's end, close-on-exec, blocking); on
- * failure returns -1 with errno set. */
-int pz_spawner_start(pid_t *pid, int *fd);
+struct pz_slot_shared;
+
+/* Forks the spawner.  Call from the main thread only.  `shared` is the
+ * pool's shared memory, one entry per slot, which workers write.  On
+ * success returns 0 and sets *pid and *fd (the parent's end, close-on-exec,
+ * blocking); on failure returns -1 with errno set. */
+int pz_spawner_start(struct pz_slot_shared *shared, pid_t *pid, int *fd);
 
 /* Sends one message, with `pass_fd` attached when >= 0.  Returns 0, or -1
  * with errno set (EAGAIN on a full non-blocking socket). */

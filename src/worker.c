@@ -46,6 +46,7 @@ static struct {
     int handler_ref;     /* registry ref of on_error */
     int run_ref;         /* registry ref of run_call */
     pz_frame call;       /* the call run_call works on */
+    pz_slot_shared *shared; /* where the running call's id is published */
 } W;
 
 static _Noreturn void die(const char *what)
@@ -138,7 +139,9 @@ static int run_call(lua_State *L)
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
+    atomic_store_explicit(&W.shared->running, id, memory_order_relaxed);
     int rc = lua_pcall(L, nargs, 1, handler);
+    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     uint64_t ns = (uint64_t)(pz_now_ns() - t0);
     if (rc != 0) {
         if (lua_istable(L, -1)) {
@@ -437,10 +440,11 @@ static void initialize(lua_State *L)
     flush_out();
 }
 
-_Noreturn void pz_worker_main(int fd, int slot)
+_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared)
 {
     W.fd = fd;
     W.slot = slot;
+    W.shared = shared;
     W.exec_ref = LUA_NOREF;
     W.max_message = UINT32_MAX - 64; /* until INIT says otherwise */
     /* Output of many workers interleaves line by line, as a user expects. */

@@ -4,9 +4,24 @@
 #ifndef PZ_WORKER_H
 #define PZ_WORKER_H
 
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* What a worker tells its parent without sending a message: one of these
+ * per slot lives in memory the parent maps shared before forking the
+ * spawner, so every worker inherits it.  `running` is the id of the call
+ * the worker is executing (0 between calls), so that when the worker dies
+ * the parent knows which call killed it, even though results of the calls
+ * before it may still sit unsent in the worker's buffer.  Padded to a
+ * cache line so that workers do not slow each other down. */
+typedef struct pz_slot_shared {
+    _Atomic uint64_t running;
+    char pad[56];
+} pz_slot_shared;
+
 /* Runs in a freshly forked worker whose socket to the parent is `fd`: builds
  * a fresh LuaJIT state, reads the INIT frame, builds the executor, then
  * serves CALL frames until STOP or end of file.  Never returns. */
-_Noreturn void pz_worker_main(int fd, int slot);
+_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared);
 
 #endif

@@ -1,0 +1,384 @@
+-- Faults: killed and crashing workers, poison inputs, failing
+-- initialization, stuck workers, huge and hostile messages, and what is
+-- left behind afterwards. Ctrl-C and a dying parent are in
+-- signals_spec.lua; the long chaos run in chaos_spec.lua.
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local Parallelize, Deferred, rep = parallelize.Parallelize, parallelize.Deferred, parallelize.rep
+
+local SIGKILL = 9
+
+--- Checks that every call 1..n has exactly one result or error.
+local function assert_each_once(p, n, aborted)
+  local seen = {}
+  local function see(id, what)
+    assert.is_nil(seen[id], "call " .. id .. " seen twice (" .. what .. ")")
+    seen[id] = true
+  end
+  for _, id in ipairs(p.ids) do see(id, "result") end
+  for _, e in ipairs(p.errors) do see(e.id, "error") end
+  for _, a in ipairs(aborted or {}) do see(a.id, "aborted") end
+  for i = 1, n do assert.is_true(seen[i], "call " .. i .. " lost") end
+end
+
+-- An executor that dies, the way `how` says, the first time it sees each
+-- value listed in `die_on` (a marker file per value remembers), or every
+-- time when `always` is set.
+local function crasher(how, dir, die_on, always)
+  return function(x)
+    if die_on[x] then
+      local marker = dir .. "/" .. x
+      local f = io.open(marker, "r")
+      if always or not f then
+        if f then f:close() end
+        f = io.open(marker, "w")
+        f:close()
+        if how == "kill" then
+          local ffi = require "ffi"
+          pcall(ffi.cdef, "int kill(int pid, int sig); int getpid(void);")
+          ffi.C.kill(ffi.C.getpid(), 9)
+        elseif how == "segv" then
+          local ffi = require "ffi"
+          return ffi.cast("int *", 0)[0]
+        elseif how == "exit" then
+          os.exit(7)
+        end
+      end
+      if f then f:close() end
+    end
+    return x * 10
+  end
+end
+
+describe("a worker that dies", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(function() support.rmdir(dir) end)
+
+  for _, how in ipairs({ "kill", "segv", "exit" }) do
+    it("(" .. how .. ") loses nothing and is replaced", function()
+      local p = Parallelize(rep(crasher(how, dir, { [5] = true, [17] = true }), 3))
+      finally(function() p:stop() end)
+      local _ = p.executors
+      local before = p.pids
+      for i = 1, 40 do p(i) end
+      assert.is_true(p:wait(30))
+      assert.are.equal(40, #p.results)
+      assert.are.equal(0, #p.errors)
+      assert_each_once(p, 40)
+      for i, id in ipairs(p.ids) do assert.are.equal(id * 10, p.results[i]) end
+      -- two workers were replaced: new pids (once the replacements have
+      -- started), and the old ones are gone
+      local function replaced()
+        local after, n = p.pids, 0
+        for slot = 1, 3 do
+          if after[slot] ~= before[slot] then
+            n = n + 1
+            assert.is_false(support.alive(before[slot]))
+          end
+        end
+        return n == 2
+      end
+      assert.is_true(support.eventually(replaced, 10))
+      assert.are.equal(3, #p.executors)
+    end)
+  end
+
+  it("that keeps dying on one input makes that input an error (max_deaths)", function()
+    local p = Parallelize(rep(crasher("segv", dir, { [3] = true }, true), 2))
+    finally(function() p:stop() end)
+    for i = 1, 10 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(9, #p.results)
+    assert.are.equal(1, #p.errors)
+    local e = p.errors[1]
+    assert.are.equal(3, e.id)
+    assert.are.same({ n = 1, 3 }, e.args)
+    assert.matches("^call 3 killed 3 workers %(max_deaths = 3%); the last: worker %d %(pid %d+%) "
+      .. "killed by signal 11 while running call 3$", e.message)
+    assert_each_once(p, 10)
+  end)
+
+  it("reports how it ended (os.exit) and honours max_deaths", function()
+    local p = Parallelize({ crasher("exit", dir, { [2] = true }, true) }, { max_deaths = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 4 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(3, #p.results)
+    assert.matches("killed 2 workers %(max_deaths = 2%).* exited with status 7 while running call 2$",
+      p.errors[1].message)
+  end)
+
+  it("charges only the running call, not the calls queued behind it", function()
+    -- Tiny calls pile up in the worker; the one that kills it is charged.
+    local p = Parallelize({ crasher("kill", dir, { [50] = true }, true) }, { max_deaths = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 200 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(199, #p.results)
+    assert.are.equal(1, #p.errors)
+    assert.are.equal(50, p.errors[1].id)
+    assert_each_once(p, 200)
+  end)
+
+  it("is not replaced with respawn = false; the pool shrinks, then fails", function()
+    local p = Parallelize(rep(crasher("exit", dir, { [1] = true }, true), 2), { respawn = false })
+    finally(function() p:stop() end)
+    local _ = p.executors
+    p(1)
+    -- the first worker dies on 1; 1 is retried on the other, which dies too
+    local ok, err = pcall(p.wait, p, 30)
+    assert.is_false(ok)
+    assert.matches("no worker is left and none can be started: worker %d %(pid %d+%) exited with status 7; "
+      .. "not replaced %(respawn = false%)", err)
+    local aborted = p:stop()
+    assert.are.equal(1, #aborted)
+  end)
+
+  it("goes on with the workers left when respawn = false", function()
+    local p = Parallelize(rep(crasher("exit", dir, { [1] = true }), 3), { respawn = false })
+    finally(function() p:stop() end)
+    local _ = p.executors
+    for i = 1, 30 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(30, #p.results)
+    local alive = 0
+    for _, pid in pairs(p.pids) do
+      if support.alive(pid) then alive = alive + 1 end
+    end
+    assert.are.equal(2, alive)
+  end)
+end)
+
+describe("initialization that keeps failing", function()
+  it("backs off, gives the slot up after init_attempts, and wait raises", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local log = dir .. "/attempts"
+    local function ctor()
+      local f = io.open(log, "a")
+      f:write("x")
+      f:close()
+      os.exit(3)
+    end
+    local t0 = core.now()
+    local p = Parallelize({ Deferred(ctor) }, { init_attempts = 4 })
+    finally(function() p:stop() end)
+    for i = 1, 5 do p(i) end
+    local ok, err = pcall(p.wait, p)
+    local elapsed = core.now() - t0
+    assert.is_false(ok)
+    assert.matches("worker 1 died during initialization 4 times; the last time, pid %d+ exited with status 3", err)
+    assert.are.equal(4, #support.read(log))
+    -- backed off 0.05 + 0.1 + 0.2 s between the attempts: not a tight loop
+    assert.is_true(elapsed >= 0.3, "gave up after " .. elapsed .. " s")
+    assert.are.equal(1, #p.init_errors)
+    assert.are.equal(5, #p:stop())
+  end)
+
+  it("runs a Deferred constructor again in a replacement worker", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local log = dir .. "/ctor"
+    local function ctor()
+      local f = io.open(log, "a")
+      f:write("c")
+      f:close()
+      return function(x)
+        if x == 3 then os.exit(1) end
+        return x
+      end
+    end
+    local p = Parallelize({ Deferred(ctor) }, { max_deaths = 1 })
+    finally(function() p:stop() end)
+    for i = 1, 5 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(4, #p.results)
+    assert.are.equal(1, #p.errors)
+    assert.are.equal("cc", support.read(log))
+  end)
+end)
+
+describe("stop with a finish_timeout", function()
+  it("terminates a worker stuck in an endless loop, and reaps it", function()
+    local p = Parallelize({ function(x)
+      if x == 1 then while true do end end
+      return x
+    end })
+    local _ = p.executors
+    local pid = p.pids[1]
+    p(1)
+    p(2)
+    parallelize.sleep(0.1)
+    local t0 = core.now()
+    local aborted = p:stop(0.5)
+    local elapsed = core.now() - t0
+    assert.is_true(elapsed >= 0.45 and elapsed < 2, "stop took " .. elapsed)
+    assert.are.equal(2, #aborted)
+    assert.is_false(support.alive(pid))
+    assert.are.equal(0, #support.children())
+  end)
+
+  it("kills a worker that ignores SIGTERM after kill_grace", function()
+    local p = Parallelize({ function()
+      local ffi = require "ffi"
+      pcall(ffi.cdef, "typedef void (*pz_sighandler)(int); pz_sighandler signal(int sig, pz_sighandler h);")
+      ffi.C.signal(15, ffi.cast("pz_sighandler", 1)) -- SIG_IGN
+      while true do end
+    end }, { kill_grace = 0.3 })
+    local _ = p.executors
+    local pid = p.pids[1]
+    p()
+    parallelize.sleep(0.1)
+    local t0 = core.now()
+    local aborted = p:stop(0.2)
+    local elapsed = core.now() - t0
+    assert.is_true(elapsed >= 0.45 and elapsed < 2.5, "stop took " .. elapsed)
+    assert.are.equal(1, #aborted)
+    assert.is_false(support.alive(pid))
+  end)
+
+  it("lets running calls finish when they are quick enough", function()
+    local p = Parallelize(rep(function(x) parallelize.sleep(0.2); return x end, 2))
+    local _ = p.executors
+    p(1)
+    p(2)
+    parallelize.sleep(0.05)
+    local aborted = p:stop(5)
+    assert.are.equal(0, #aborted)
+    assert.are.equal(2, #p.results)
+  end)
+end)
+
+describe("messages", function()
+  it("carry a 100 MB argument and a 100 MB result", function()
+    local p = Parallelize({ function(s, n)
+      if s then return #s, s:sub(1, 3) end
+      return string.rep("y", n)
+    end })
+    finally(function() p:stop() end)
+    local big = string.rep("x", 100 * 1024 * 1024)
+    p(big)
+    p(nil, 100 * 1024 * 1024)
+    big = nil -- luacheck: ignore 311
+    assert.is_true(p:wait(120))
+    assert.are.equal(0, #p.errors)
+    local sizes = {}
+    for i, r in ipairs(p.results) do sizes[p.ids[i]] = type(r) == "string" and -#r or r end
+    assert.are.equal(100 * 1024 * 1024, sizes[1])
+    assert.are.equal(-100 * 1024 * 1024, sizes[2])
+  end)
+
+  it("above max_message fail with a clear error, and the pool goes on", function()
+    local p = Parallelize({ function(n) return string.rep("z", n) end }, { max_message = 4096 })
+    finally(function() p:stop() end)
+    local ok, err = pcall(p, string.rep("a", 5000))
+    assert.is_false(ok)
+    assert.matches("cannot queue the call: its arguments are 500%d bytes encoded, above max_message %(4096%)", err)
+    p(10000)
+    p(10)
+    assert.is_true(p:wait(10))
+    assert.are.equal(1, #p.results)
+    assert.are.equal(string.rep("z", 10), p.results[1])
+    assert.matches("^the result of call 1 is 100%d%d bytes, above max_message %(4096%)$", p.errors[1].message)
+  end)
+
+  it("turns a result that cannot be encoded into that call's error", function()
+    local p = Parallelize({ function(kind)
+      if kind == "co" then return { co = coroutine.create(print) } end
+      if kind == "ud" then return io.stdout end
+      return parallelize.getpid()
+    end })
+    finally(function() p:stop() end)
+    p("co")
+    p("ud")
+    p("pid")
+    assert.is_true(p:wait(10))
+    assert.are.equal(2, #p.errors)
+    local byid = {}
+    for _, e in ipairs(p.errors) do byid[e.id] = e.message end
+    assert.are.equal("call 1: cannot encode a thread at result.co", byid[1])
+    assert.are.equal("call 2: cannot encode a userdata at result", byid[2])
+    assert.are.equal(p.pids[1], p.results[1])
+  end)
+
+  it("kills a worker that writes garbage to its socket, not the parent", function()
+    local p = Parallelize({ function(x)
+      if x == 2 then
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "long write(int fd, const void *buf, unsigned long n);")
+        local junk = string.rep("\255", 64)
+        ffi.C.write(3, junk, #junk)
+        parallelize.sleep(5)
+      end
+      return x
+    end }, { max_deaths = 1 })
+    finally(function() p:stop() end)
+    for i = 1, 4 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(3, #p.results)
+    assert.are.equal(1, #p.errors)
+    assert.matches("^call 2 killed 1 workers %(max_deaths = 1%); the last: worker 1 %(pid %d+%) was killed "
+      .. "after it sent a malformed frame %(unknown frame type%) while running call 2$", p.errors[1].message)
+  end)
+end)
+
+describe("after stop", function()
+  it("no descriptor, process or thread is left", function()
+    local function threads() return #support.list("/proc/self/task") end
+    local fds, kids, nthreads = support.fd_count(), #support.children(), threads()
+    local p = Parallelize(rep(function(x) return x end, 4))
+    assert.are.equal(nthreads + 1, threads())
+    for i = 1, 100 do p(i) end
+    p:wait()
+    local pids = p.pids
+    p:stop()
+    assert.are.equal(fds, support.fd_count())
+    assert.are.equal(kids, #support.children())
+    assert.are.equal(nthreads, threads())
+    for _, pid in pairs(pids) do assert.is_false(support.alive(pid)) end
+  end)
+end)
+
+describe("respawning", function()
+  it("does not deadlock while the main thread prints, requires and allocates", function()
+    local sink = assert(io.open("/dev/null", "w"))
+    finally(function() sink:close() end)
+    local p = Parallelize(rep(function(x) parallelize.sleep(0.001); return x end, 4))
+    finally(function() p:stop() end)
+    local _ = p.executors
+    local n = 2000
+    for i = 1, n do p(i) end
+    local deadline, kills, spawner = core.now() + 60, 0, support.children()
+    while p.pending > 0 and core.now() < deadline do
+      for _ = 1, 200 do
+        sink:write(("line %d %s\n"):format(kills, string.rep("x", 100)))
+        -- a C module: dlopen takes the dynamic loader's lock
+        package.loaded.cjson = nil
+        pcall(require, "cjson")
+        local t = {}
+        for k = 1, 100 do t[k] = { k } end
+        assert(#t == 100)
+      end
+      sink:flush()
+      -- kill a worker that is still a child of our spawner
+      local pids = p.pids
+      local pid = pids[math.random(1, 4)]
+      local kids = support.children(spawner[1])
+      for _, k in ipairs(kids) do
+        if k == pid then
+          support.kill(pid, SIGKILL)
+          kills = kills + 1
+          break
+        end
+      end
+      parallelize.sleep(0.002)
+    end
+    assert.is_true(p:wait(30))
+    assert.is_true(kills > 5, "only " .. kills .. " kills")
+    assert.are.equal(n, #p.results + #p.errors)
+    assert_each_once(p, n)
+  end)
+end)
