@@ -146,6 +146,9 @@ local function wait_for(p, what, deadline)
     if status ~= "interrupted" then return status end
   end
 end
+-- Interrupt hooks fire only in the interpreter: compiled (or stitched)
+-- code would loop back into the C wait without noticing Ctrl-C.
+if jit then jit.off(wait_for) end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
 -- when timeout seconds passed first. Raises when no worker is left.

@@ -265,12 +265,9 @@ static void salvage_record(lua_State *L, lpool *u, int env)
     consume_record(u, &f);
 }
 
-/* Moves every published record into the environment table of the pool
- * userdata at idx. */
-static void drain(lua_State *L, lpool *u, int idx)
+/* drain, with hooks off. */
+static void drain_unhooked(lua_State *L, lpool *u, int idx)
 {
-    if (!u->pool)
-        return;
     lua_getfenv(L, idx);
     int env = lua_gettop(L);
     for (;;) {
@@ -286,6 +283,26 @@ static void drain(lua_State *L, lpool *u, int idx)
         lua_settop(L, env);
     }
     lua_settop(L, env - 1);
+}
+
+/* Moves every published record into the environment table of the pool
+ * userdata at idx.
+ *
+ * Hooks are off meanwhile: Ctrl-C sets a hook that raises "interrupted!"
+ * at the next call, and that call could be drain's own lua_pcall, whose
+ * error would then be taken for a record that cannot be decoded.  A hook
+ * set while draining (by a signal handler) is kept for the caller. */
+static void drain(lua_State *L, lpool *u, int idx)
+{
+    if (!u->pool)
+        return;
+    lua_Hook hook = lua_gethook(L);
+    int mask = lua_gethookmask(L), count = lua_gethookcount(L);
+    if (hook)
+        lua_sethook(L, NULL, 0, 0);
+    drain_unhooked(L, u, idx);
+    if (hook && !lua_gethook(L))
+        lua_sethook(L, hook, mask, count);
 }
 
 /* ------------------------------------------------------------------------

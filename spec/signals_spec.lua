@@ -1,0 +1,174 @@
+-- Signals from outside: Ctrl-C in the parent (pzlua and plain luajit), a
+-- second Ctrl-C during stop, and the parent killed outright. Each runs a
+-- real interpreter as a subprocess in a process group of its own, as a
+-- terminal would, and sends the signal to the whole group.
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local SIGINT, SIGKILL = 2, 9
+
+local ROOT = io.popen("pwd"):read("*l")
+
+-- The interpreters to run the scripts with: pzlua, and plain luajit
+-- finding the module in this tree.
+local interpreters = {
+  { name = "pzlua", cmd = support.quote(support.pzlua()) },
+  { name = "plain luajit", cmd = ("env LUA_PATH=%s LUA_CPATH=%s luajit"):format(
+      support.quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/?.lua;;"),
+      support.quote(ROOT .. "/build/?.so;;")) },
+}
+
+--- Waits until the output file has a line matching pattern; returns the
+-- captures (or the whole match).
+local function await(out, pattern, seconds)
+  local found
+  support.eventually(function()
+    local text = support.read(out) or ""
+    found = { text:match(pattern) }
+    return #found > 0
+  end, seconds or 20)
+  return unpack(found)
+end
+
+--- Starts `interp script` in a new session (its own process group) with
+-- output to a file; returns its pid (which the script prints itself:
+-- setsid may fork) and the output file.
+local function start(dir, interp, script)
+  local path, out = dir .. "/script.lua", dir .. "/out"
+  support.write(path, 'io.stdout:setvbuf("line")\nprint("self " .. require("parallelize").getpid())\n'
+    .. script)
+  os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(
+    support.quote(ROOT), interp.cmd, support.quote(path), support.quote(out)))
+  return tonumber(await(out, "self (%d+)\n")), out
+end
+
+--- Lists the numbers of a "name n n n" line.
+local function numbers(s)
+  local t = {}
+  for n in (s or ""):gmatch("%d+") do t[#t + 1] = tonumber(n) end
+  return t
+end
+
+local function all_gone(pids, seconds)
+  return support.eventually(function()
+    for _, pid in ipairs(pids) do
+      if support.alive(pid) then return false end
+    end
+    return true
+  end, seconds)
+end
+
+-- The pool part of every script: 4 sleeping workers, their pids and the
+-- spawner's printed, `n` calls queued.
+local PRELUDE = [[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local support = require "spec.support"
+local p = parallelize.Parallelize(parallelize.rep(function(x)
+  parallelize.sleep(%s)
+  return x
+end, 4))
+local _ = p.executors
+print("pids " .. table.concat(p.pids, " ") .. " " .. table.concat(support.children(), " "))
+for i = 1, %d do p(i) end
+print("ready")
+]]
+
+for _, interp in ipairs(interpreters) do
+  describe("Ctrl-C (" .. interp.name .. ")", function()
+    local dir, pid
+    before_each(function() dir = support.tmpdir() end)
+    after_each(function()
+      if pid and support.alive(pid) then support.kill(pid, SIGKILL) end
+      support.rmdir(dir)
+    end)
+
+    it("interrupts wait promptly; stop then returns what never ran", function()
+      local out
+      pid, out = start(dir, interp, PRELUDE:format("0.05", 400) .. [[
+        local ok, err = pcall(p.wait, p)
+        print("caught_at " .. core.now() .. " " .. tostring(ok) .. " " .. tostring(err))
+        local aborted = p:stop()
+        print(("counts %d %d %d %d"):format(#p.results, #p.errors, #aborted, p.calls))
+      ]])
+      local pids = numbers(await(out, "pids ([%d ]+)\n"))
+      assert.are.equal(5, #pids) -- four workers and the spawner
+      await(out, "ready\n")
+      core.sleep(0.2)
+      local sent = core.now()
+      assert.is_true(support.kill(-pid, SIGINT))
+      local caught, ok, err = await(out, "caught_at ([%d.]+) (%a+) ([^\n]*)\n")
+      assert.are.equal("false", ok)
+      assert.matches("interrupted!", err, 1, true)
+      assert.is_true(tonumber(caught) - sent < 0.5, "interrupt took " .. (tonumber(caught) - sent) .. " s")
+      local counts = numbers(await(out, "counts ([%d ]+)\n"))
+      assert.are.equal(400, counts[4])
+      assert.are.equal(counts[4], counts[1] + counts[2] + counts[3])
+      assert.is_true(counts[3] > 0, "nothing was aborted")
+      assert.is_true(all_gone({ pid }, 10))
+      assert.is_true(all_gone(pids, 1))
+    end)
+
+    it("interrupts p.executors while constructors run", function()
+      local out
+      pid, out = start(dir, interp, [[
+        io.stdout:setvbuf("line")
+        local parallelize = require "parallelize"
+        local core = require "parallelize.core"
+        local p = parallelize.Parallelize({ parallelize.Deferred(function()
+          parallelize.sleep(30)
+          return print
+        end) })
+        print("ready")
+        local ok, err = pcall(function() return p.executors end)
+        print("caught_at " .. core.now() .. " " .. tostring(ok) .. " " .. tostring(err))
+        p:stop(0)
+        print("stopped")
+      ]])
+      await(out, "ready\n")
+      core.sleep(0.2)
+      local sent = core.now()
+      support.kill(-pid, SIGINT)
+      local caught, ok, err = await(out, "caught_at ([%d.]+) (%a+) ([^\n]*)\n")
+      assert.are.equal("false", ok)
+      assert.matches("interrupted!", err, 1, true)
+      assert.is_true(tonumber(caught) - sent < 0.5)
+      await(out, "stopped\n", 10)
+      assert.is_true(all_gone({ pid }, 10))
+    end)
+
+    it("a second Ctrl-C during stop leaves no process behind", function()
+      local out
+      pid, out = start(dir, interp, PRELUDE:format("1", 40) .. [[
+        local ok = pcall(p.wait, p)
+        print("stopping " .. tostring(ok))
+        p:stop()
+        print("stopped")
+      ]])
+      local pids = numbers(await(out, "pids ([%d ]+)\n"))
+      await(out, "ready\n")
+      core.sleep(0.2)
+      support.kill(-pid, SIGINT)
+      await(out, "stopping false\n")
+      core.sleep(0.1)
+      support.kill(-pid, SIGINT)
+      assert.is_true(all_gone({ pid }, 5), "the parent survived the second Ctrl-C")
+      assert.is_nil((support.read(out) or ""):match("stopped\n"))
+      assert.is_true(all_gone(pids, 1), "workers or spawner outlived the parent")
+    end)
+
+    it("a parent killed with SIGKILL takes every worker and the spawner with it", function()
+      local out
+      pid, out = start(dir, interp, PRELUDE:format("10", 8) .. [[
+        p:wait()
+      ]])
+      local pids = numbers(await(out, "pids ([%d ]+)\n"))
+      await(out, "ready\n")
+      core.sleep(0.1)
+      assert.is_true(support.kill(pid, SIGKILL))
+      assert.is_true(all_gone({ pid }, 5))
+      assert.is_true(all_gone(pids, 1), "workers or spawner outlived the parent")
+    end)
+  end)
+end
