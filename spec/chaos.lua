@@ -1,0 +1,96 @@
+--- The chaos run shared by spec/chaos_spec.lua (short, in make test) and
+-- spec/soak/soak.lua (long, make soak): many calls through many workers
+-- while workers are SIGKILLed at random, then a check that every call has
+-- exactly one result (or, for a call flagged as poison, one error) and that
+-- no process is left.
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local M = {}
+
+local SIGKILL = 9
+
+--- The pid of the parent of process pid, or nil.
+local function ppid(pid)
+  local stat = support.read("/proc/" .. pid .. "/stat")
+  return stat and tonumber(stat:match("^%d+ %b() %a (%d+)"))
+end
+
+--- Runs the chaos. opts: calls, workers, interval (seconds between kills),
+-- work (loop iterations per call), seed, timeout (seconds), progress (a
+-- function called with a status line every second, optional).
+-- Returns a table of figures; raises with a description on any breach.
+function M.run(opts)
+  local work = opts.work or 0
+  math.randomseed(opts.seed or 1)
+  local before = {}
+  for _, pid in ipairs(support.children()) do before[pid] = true end
+  local p = parallelize.Parallelize(parallelize.rep(function(x)
+    local s = 0
+    for i = 1, work do s = s + i % 7 end
+    return x * 2 + s * 0
+  end, opts.workers))
+  local ok, err = pcall(function()
+    local _ = p.executors
+    local spawner
+    for _, pid in ipairs(support.children()) do
+      if not before[pid] then spawner = pid end
+    end
+    assert(spawner, "cannot find the pool's spawner process")
+
+    local t0 = core.now()
+    for i = 1, opts.calls do p(i) end
+    local seen_pids, kills, next_report = {}, 0, t0 + 1
+    local deadline = t0 + (opts.timeout or 60)
+    while p.pending > 0 do
+      assert(core.now() < deadline, ("chaos: %d calls still pending after %d s"):format(p.pending, opts.timeout or 60))
+      local pids = p.pids
+      for _, pid in pairs(pids) do seen_pids[pid] = true end
+      local pid = pids[math.random(1, opts.workers)]
+      -- only ever signal a process that is still a worker of this pool
+      if pid and ppid(pid) == spawner and support.kill(pid, SIGKILL) then kills = kills + 1 end
+      core.sleep(opts.interval)
+      if opts.progress and core.now() >= next_report then
+        next_report = next_report + 1
+        opts.progress(("%.0f s: %d of %d calls done, %d kills"):format(core.now() - t0,
+          opts.calls - p.pending, opts.calls, kills))
+      end
+    end
+    assert(p:wait(), "wait timed out")
+    local elapsed = core.now() - t0
+
+    -- every call exactly once
+    local results, ids, errors = p.results, p.ids, p.errors
+    local seen = {}
+    for i = 1, #ids do
+      local id = ids[i]
+      assert(not seen[id], "call " .. id .. " has two results")
+      assert(results[i] == id * 2, "call " .. id .. " has a wrong result: " .. tostring(results[i]))
+      seen[id] = true
+    end
+    for _, e in ipairs(errors) do
+      assert(not seen[e.id], "call " .. e.id .. " has a result and an error")
+      assert(e.message:match("^call %d+ killed %d+ workers"), "unexpected error: " .. e.message)
+      seen[e.id] = true
+    end
+    for i = 1, opts.calls do assert(seen[i], "call " .. i .. " was lost") end
+
+    local aborted = p:stop()
+    assert(#aborted == 0, #aborted .. " calls aborted")
+    -- nothing left: not the spawner, not a worker
+    assert(support.eventually(function() return not support.alive(spawner) end, 5), "the spawner lives on")
+    for pid in pairs(seen_pids) do
+      assert(support.eventually(function() return not support.alive(pid) end, 5), "worker " .. pid .. " lives on")
+    end
+    M.last = {
+      calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors,
+      elapsed = elapsed, rate = opts.calls / elapsed,
+    }
+  end)
+  p:stop(0)
+  if not ok then error(err, 0) end
+  return M.last
+end
+
+return M
