@@ -1,0 +1,311 @@
+#!/bin/sh
+# run.sh - the benchmarks of issue 5, and their anchors, in one run.
+# `make bench` runs it from the top of the tree after building:
+#
+#     sh bench/run.sh
+#
+# Each benchmark is a script of its own, runnable alone, that prints
+# key=value lines (lines starting with # are comments):
+#
+#   bench/throughput.lua   tiny calls per second, 2 workers
+#   bench/latency.lua      round trip p(x); p:wait() on an idle pool
+#   bench/balance.lua      200 sleeps of 1..50 ms over 8 workers vs ideal
+#   bench/startup.lua      250 workers ready; private memory per idle worker
+#   bench/memory.lua       parent bytes per pending call (1,000,000 queued)
+#   bench/codec_bench.lua  the codec (when present; its output is shown)
+#   bench/py_anchor.py     Python anchors: Pool.imap_unordered (chunksize=1)
+#                          and Pool.map with the same n and workers; a pipe
+#                          ping-pong with os.pipe + os.fork
+#   bench/pingpong.c       a raw pipe ping-pong in C, compiled here with cc:
+#                          placed by the scheduler, and pinned across two
+#                          CPUs; also a 4-hop relay through a middle process
+#                          (as many wake-ups as a pool's round trip has)
+#   taskset -c 0           latency.lua and the C ping-pong again with every
+#                          process on one CPU (a diagnostic)
+#
+# All of them run in this one invocation on this machine, then one aligned
+# table sums up: each figure, its anchor, the ratio and the target. Timings
+# are printed, never asserted; the exit status is 1 only when a benchmark
+# failed to run (an error, a wrong count, or a timeout).
+#
+# Environment:
+#   PZLUA             interpreter with the module built in (build/pzlua)
+#   PYTHON            python3
+#   CC                C compiler for the ping-pong anchor (cc)
+#   PZ_BENCH_RUNS     runs per noisy figure (each script has its default)
+#   PZ_BENCH_PY_RUNS  runs of Pool.imap_unordered chunksize=1 (default 3;
+#                     each takes ~10 s at 200,000 calls)
+#   PZ_BENCH_TIMEOUT  seconds one benchmark may take before it is killed
+#                     (default 300)
+
+set -u
+
+cd "$(dirname "$0")/.." || exit 2
+
+PZLUA=${PZLUA:-build/pzlua}
+PYTHON=${PYTHON:-python3}
+CC=${CC:-cc}
+PY_RUNS=${PZ_BENCH_PY_RUNS:-3}
+TIMEOUT=${PZ_BENCH_TIMEOUT:-300}
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pz-bench.XXXXXX") || exit 2
+cleanup() { rm -rf "$tmp"; }
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM HUP
+
+: > "$tmp/all.kv"
+failures=""
+
+# bench NAME COMMAND...: runs one benchmark under a timeout, shows its
+# output, and files its key=value lines as NAME.key=value.
+bench() {
+    name=$1
+    shift
+    printf '\n=== %s: %s\n' "$name" "$*"
+    t0=$(date +%s)
+    timeout -k 10 "$TIMEOUT" "$@" < /dev/null > "$tmp/$name.out" 2> "$tmp/$name.err"
+    rc=$?
+    cat "$tmp/$name.out"
+    if [ -s "$tmp/$name.err" ]; then
+        sed 's/^/stderr: /' "$tmp/$name.err"
+    fi
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        printf '%s: TIMED OUT after %ss (killed)\n' "$name" "$TIMEOUT"
+        failures="$failures $name(timeout)"
+        echo "$name.failed=timeout" >> "$tmp/all.kv"
+    elif [ "$rc" -ne 0 ]; then
+        printf '%s: FAILED with exit status %s\n' "$name" "$rc"
+        failures="$failures $name(exit-$rc)"
+        echo "$name.failed=exit $rc" >> "$tmp/all.kv"
+    fi
+    grep -E '^[A-Za-z0-9_]+=' "$tmp/$name.out" | sed "s/^/$name./" >> "$tmp/all.kv"
+    printf '    (%ss)\n' "$(($(date +%s) - t0))"
+}
+
+# value NAME KEY: a figure filed by bench, or nothing.
+value() {
+    sed -n "s/^$1\\.$2=//p" "$tmp/all.kv" | tail -n 1
+}
+
+if [ ! -x "$PZLUA" ]; then
+    echo "run.sh: $PZLUA is missing: build it first (make all)" >&2
+    exit 2
+fi
+
+started=$(date +%s)
+printf 'parallelize benchmarks: %s, %s CPUs, %s\n' "$(uname -srm)" \
+    "$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?')" "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+printf 'load average before: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+
+# Each figure is measured right beside its anchor, so that both see the
+# same load on the (shared) machine.
+
+# ---- throughput, and Python's Pool with the same n and workers -----------
+bench throughput "$PZLUA" bench/throughput.lua
+n=$(value throughput n)
+workers=$(value throughput workers)
+have_python=0
+if command -v "$PYTHON" > /dev/null 2>&1; then
+    have_python=1
+    bench py_throughput "$PYTHON" bench/py_anchor.py throughput "${n:-200000}" "${workers:-2}" "$PY_RUNS"
+else
+    printf '\n=== Python anchors: %s not found, skipped\n' "$PYTHON"
+fi
+
+# ---- latency, and pipe ping-pongs with the same number of round trips ----
+bench latency "$PZLUA" bench/latency.lua
+trips=$(value latency trips)
+have_pingpong=0
+if command -v "$CC" > /dev/null 2>&1 &&
+        "$CC" -std=c11 -O2 -Wall -Wextra -o "$tmp/pingpong" bench/pingpong.c 2> "$tmp/cc.err"; then
+    have_pingpong=1
+    bench c_pingpong "$tmp/pingpong" "${trips:-3000}" 3 2
+    bench c_pingpong_cross "$tmp/pingpong" "${trips:-3000}" 3 2 1
+    bench c_relay "$tmp/pingpong" "${trips:-3000}" 3 4
+else
+    printf '\n=== C ping-pong anchor: %s could not build bench/pingpong.c, skipped\n' "$CC"
+    [ -s "$tmp/cc.err" ] && cat "$tmp/cc.err"
+fi
+if [ "$have_python" -eq 1 ]; then
+    bench py_pingpong "$PYTHON" bench/py_anchor.py pingpong "${trips:-3000}" 3
+fi
+
+# A diagnostic: latency again with every process on one CPU. A wake-up on
+# the same CPU is a plain context switch, while one on the other, idle, CPU
+# of a virtual machine may cost tens of microseconds; this separates the two.
+if command -v taskset > /dev/null 2>&1; then
+    bench latency_cpu0 taskset -c 0 "$PZLUA" bench/latency.lua
+    if [ "$have_pingpong" -eq 1 ]; then
+        bench c_pingpong_cpu0 taskset -c 0 "$tmp/pingpong" "${trips:-3000}" 3 2
+    fi
+fi
+
+# ---- load balance, start-up, memory, codec -------------------------------
+bench balance "$PZLUA" bench/balance.lua
+bench startup "$PZLUA" bench/startup.lua
+bench memory "$PZLUA" bench/memory.lua
+codec_present=0
+if [ -f bench/codec_bench.lua ]; then
+    codec_present=1
+    bench codec "$PZLUA" bench/codec_bench.lua
+fi
+
+printf '\nload average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+
+# ---- the table -----------------------------------------------------------
+# Rows: figure, parallelize, anchor, ratio, target, verdict. The ratio is
+# figure / anchor where there is an anchor, else figure / the target's limit.
+printf '\n=== summary (%ss in all)\n\n' "$(($(date +%s) - started))"
+awk -F '=' -v codec_present="$codec_present" '
+    {
+        key = $1
+        val = substr($0, length($1) + 2)
+        v[key] = val
+    }
+    function has(k) { return (k in v) && v[k] != "" }
+    function rate(x) {
+        if (x >= 1e6) return sprintf("%.2f M/s", x / 1e6)
+        if (x >= 1e3) return sprintf("%.1f k/s", x / 1e3)
+        return sprintf("%.0f /s", x)
+    }
+    function us(x) { return sprintf("%.1f us", x) }
+    function ratio(a, b) { return (b > 0) ? sprintf("%.2fx", a / b) : "n/a" }
+    function row(f, p, a, r, t, s) {
+        nrows++
+        c[nrows, 1] = f; c[nrows, 2] = p; c[nrows, 3] = a
+        c[nrows, 4] = r; c[nrows, 5] = t; c[nrows, 6] = s
+    }
+    function failed(name) {
+        return has(name ".failed") ? "FAILED (" v[name ".failed"] ")" : "no figure"
+    }
+    function verdict(ok) { return ok ? "met" : "MISSED" }
+    END {
+        row("figure", "parallelize", "anchor", "ratio", "target", "verdict")
+
+        # Throughput.
+        if (has("throughput.calls_per_s")) {
+            ours = v["throughput.calls_per_s"] + 0
+            label = "tiny calls/s (" v["throughput.workers"] " workers, n=" v["throughput.n"] ")"
+            if (has("py_throughput.imap_unordered_cs1_calls_per_s")) {
+                py = v["py_throughput.imap_unordered_cs1_calls_per_s"] + 0
+                row(label, rate(ours), "py imap_unordered cs=1 " rate(py), ratio(ours, py),
+                    ">= 10x and >= 1 M/s", verdict(ours >= 1e6 && ours >= 10 * py))
+            } else {
+                row(label, rate(ours), "py imap_unordered: " failed("py_throughput"), "n/a",
+                    ">= 10x and >= 1 M/s", verdict(ours >= 1e6) " (1 M/s part)")
+            }
+            if (has("py_throughput.map_calls_per_s")) {
+                py = v["py_throughput.map_calls_per_s"] + 0
+                row("tiny calls/s vs Pool.map", rate(ours), "py Pool.map auto chunks " rate(py),
+                    ratio(ours, py), "(reported)", "-")
+            }
+        } else {
+            row("tiny calls/s", failed("throughput"), "", "", ">= 10x and >= 1 M/s", "FAILED")
+        }
+
+        # Latency.
+        if (has("latency.p50_us")) {
+            label = "latency round trip, idle pool,"
+            if (has("c_pingpong.p50_us")) {
+                row(label " p50", us(v["latency.p50_us"]), "C pipe ping-pong p50 " us(v["c_pingpong.p50_us"]),
+                    ratio(v["latency.p50_us"], v["c_pingpong.p50_us"]), "p50 < 100 us",
+                    verdict(v["latency.p50_us"] + 0 < 100))
+                row(label " p10", us(v["latency.p10_us"]), "C pipe ping-pong p10 " us(v["c_pingpong.p10_us"]),
+                    ratio(v["latency.p10_us"], v["c_pingpong.p10_us"]), "(reported)", "-")
+                row(label " p90", us(v["latency.p90_us"]), "C pipe ping-pong p90 " us(v["c_pingpong.p90_us"]),
+                    ratio(v["latency.p90_us"], v["c_pingpong.p90_us"]), "(reported)", "-")
+            } else {
+                row(label " p50", us(v["latency.p50_us"]), "C ping-pong: " failed("c_pingpong"),
+                    "n/a", "p50 < 100 us", verdict(v["latency.p50_us"] + 0 < 100))
+                row(label " p10", us(v["latency.p10_us"]), "", "", "(reported)", "-")
+                row(label " p90", us(v["latency.p90_us"]), "", "", "(reported)", "-")
+            }
+            if (has("c_pingpong_cross.p50_us"))
+                row(label " p50", us(v["latency.p50_us"]), "C ping-pong across 2 CPUs p50 " us(v["c_pingpong_cross.p50_us"]),
+                    ratio(v["latency.p50_us"], v["c_pingpong_cross.p50_us"]), "(reported)", "-")
+            if (has("c_relay.p50_us"))
+                row(label " p50", us(v["latency.p50_us"]), "C 4-hop pipe relay p50 " us(v["c_relay.p50_us"]),
+                    ratio(v["latency.p50_us"], v["c_relay.p50_us"]), "(reported)", "-")
+            if (has("py_pingpong.p50_us"))
+                row(label " p50", us(v["latency.p50_us"]), "py pipe ping-pong p50 " us(v["py_pingpong.p50_us"]),
+                    ratio(v["latency.p50_us"], v["py_pingpong.p50_us"]), "(reported)", "-")
+            if (has("latency_cpu0.p50_us")) {
+                if (has("c_pingpong_cpu0.p50_us"))
+                    row("latency round trip, all on CPU 0, p50", us(v["latency_cpu0.p50_us"]),
+                        "C ping-pong on CPU 0 p50 " us(v["c_pingpong_cpu0.p50_us"]),
+                        ratio(v["latency_cpu0.p50_us"], v["c_pingpong_cpu0.p50_us"]), "(diagnostic)", "-")
+                else
+                    row("latency round trip, all on CPU 0, p50", us(v["latency_cpu0.p50_us"]), "-", "-", "(diagnostic)", "-")
+            }
+        } else {
+            row("latency p50", failed("latency"), "", "", "p50 < 100 us", "FAILED")
+        }
+
+        # Load balance.
+        if (has("balance.ratio")) {
+            row("balance " v["balance.calls"] " sleeps 1-50 ms, " v["balance.workers"] " workers",
+                sprintf("%.3f s", v["balance.elapsed_s"]), sprintf("ideal (work/%d) %.3f s",
+                v["balance.workers"], v["balance.ideal_s"]), sprintf("%.3fx", v["balance.ratio"]),
+                "<= 1.10x ideal", verdict(v["balance.ratio"] + 0 <= 1.10))
+        } else {
+            row("balance", failed("balance"), "", "", "<= 1.10x ideal", "FAILED")
+        }
+
+        # Start-up and idle worker memory.
+        if (has("startup.ready_s")) {
+            w = v["startup.workers"]
+            row("start-up: " w " workers ready", sprintf("%.3f s", v["startup.ready_s"]), "-",
+                ratio(v["startup.ready_s"], 0.5), "< 0.5 s", verdict(v["startup.ready_s"] + 0 < 0.5))
+            row("idle worker private mem, mean", sprintf("%.0f KiB", v["startup.worker_private_kib_mean"]),
+                "-", ratio(v["startup.worker_private_kib_mean"], 1024), "< 1 MiB",
+                verdict(v["startup.worker_private_kib_mean"] + 0 < 1024))
+            row("idle worker private mem, max", sprintf("%.0f KiB", v["startup.worker_private_kib_max"]),
+                "-", ratio(v["startup.worker_private_kib_max"], 1024), "< 1 MiB",
+                verdict(v["startup.worker_private_kib_max"] + 0 < 1024))
+        } else {
+            row("start-up", failed("startup"), "", "", "< 0.5 s; < 1 MiB/worker", "FAILED")
+        }
+
+        # Pending calls.
+        if (has("memory.rss_bytes_per_call")) {
+            row("parent RSS per pending call", sprintf("%.1f B", v["memory.rss_bytes_per_call"]), "-",
+                ratio(v["memory.rss_bytes_per_call"], 100), "< 100 B/call",
+                verdict(v["memory.rss_bytes_per_call"] + 0 < 100))
+            row("parent Private_Dirty per pending call", sprintf("%.1f B", v["memory.private_dirty_bytes_per_call"]),
+                "-", ratio(v["memory.private_dirty_bytes_per_call"], 100), "< 100 B/call",
+                verdict(v["memory.private_dirty_bytes_per_call"] + 0 < 100))
+        } else {
+            row("memory per pending call", failed("memory"), "", "", "< 100 B/call", "FAILED")
+        }
+
+        # Codec.
+        if (codec_present == 1)
+            row("codec (bench/codec_bench.lua)", has("codec.failed") ? failed("codec") : "ran: output above",
+                "-", "-", "-", has("codec.failed") ? "FAILED" : "-")
+        else
+            row("codec (bench/codec_bench.lua)", "not present", "-", "-", "-", "-")
+
+        for (i = 1; i <= nrows; i++)
+            for (j = 1; j <= 6; j++)
+                if (length(c[i, j]) > wd[j]) wd[j] = length(c[i, j])
+        for (i = 1; i <= nrows; i++) {
+            line = ""
+            for (j = 1; j <= 6; j++) {
+                cell = c[i, j]
+                if (j < 6) while (length(cell) < wd[j]) cell = cell " "
+                line = line (j > 1 ? "   " : "") cell
+            }
+            print line
+        }
+        print ""
+        print "ratio: parallelize / anchor where there is an anchor (calls/s: higher is better;"
+        print "times: lower is better), else parallelize / the target limit (below 1 is within it)."
+    }
+' "$tmp/all.kv"
+
+if [ -n "$failures" ]; then
+    printf '\nbenchmarks that failed to run:%s\n' "$failures"
+    exit 1
+fi
+exit 0
