@@ -1,8 +1,8 @@
 --- The soak: the chaos run of spec/chaos.lua at scale, for a few minutes.
 -- `make soak` runs it; the environment can change the scale:
---   PZ_SOAK_CALLS (default 3,000,000), PZ_SOAK_WORKERS (256),
+--   PZ_SOAK_CALLS (default 5,000,000), PZ_SOAK_WORKERS (256),
 --   PZ_SOAK_INTERVAL (seconds between kills, 0.002), PZ_SOAK_WORK (loop
---   iterations per call, 3000), PZ_SOAK_ROUNDS (2), PZ_SOAK_TIMEOUT (900).
+--   iterations per call, 3000), PZ_SOAK_ROUNDS (3), PZ_SOAK_TIMEOUT (900).
 local chaos = require "spec.chaos"
 
 local function env(name, default)
@@ -10,7 +10,7 @@ local function env(name, default)
 end
 
 local opts = {
-  calls = env("PZ_SOAK_CALLS", 3000000),
+  calls = env("PZ_SOAK_CALLS", 5000000),
   workers = env("PZ_SOAK_WORKERS", 256),
   interval = env("PZ_SOAK_INTERVAL", 0.002),
   work = env("PZ_SOAK_WORK", 3000),
@@ -19,7 +19,7 @@ local opts = {
 }
 
 local total_calls, total_kills = 0, 0
-for round = 1, env("PZ_SOAK_ROUNDS", 2) do
+for round = 1, env("PZ_SOAK_ROUNDS", 3) do
   opts.seed = round
   print(("soak round %d: %d calls through %d workers, a worker SIGKILLed every %g ms"):format(
     round, opts.calls, opts.workers, opts.interval * 1000))
