@@ -5,7 +5,7 @@
 -- defaults and gives the pool its Lua shape. See docs/api.md.
 local core = require "parallelize.core"
 
-local error, type, select, pairs = error, type, select, pairs
+local error, type, select, pairs, ipairs = error, type, select, pairs, ipairs
 local getmetatable, setmetatable, tostring = getmetatable, setmetatable, tostring
 local format, floor = string.format, math.floor
 
@@ -181,24 +181,12 @@ end
 -- Properties: computed on each read.
 local properties = {}
 
-function properties.results(p)
-  pool_drain(p)
-  return pool_env(p).results
-end
-
-function properties.ids(p)
-  pool_drain(p)
-  return pool_env(p).ids
-end
-
-function properties.errors(p)
-  pool_drain(p)
-  return pool_env(p).errors
-end
-
-function properties.init_errors(p)
-  pool_drain(p)
-  return pool_env(p).init_errors
+-- The tables the I/O thread's records are drained into (see src/lpool.c).
+for _, name in ipairs({ "results", "ids", "errors", "init_errors" }) do
+  properties[name] = function(p)
+    pool_drain(p)
+    return pool_env(p)[name]
+  end
 end
 
 --- Waits for every worker to initialize (or be given up), then returns
