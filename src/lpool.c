@@ -160,6 +160,52 @@ static void on_init_error(lua_State *L, const pz_frame *f)
     append(L, D_INIT_ERRORS);
 }
 
+/* Pushes the value encoded in [p, p+n) when it is a scalar (what most
+ * results are) and returns 1; returns 0, pushing nothing, for anything
+ * else, which then goes through the full decoder. */
+static int push_scalar(lua_State *L, const char *p, size_t n)
+{
+    const uint8_t *s = (const uint8_t *)p, *end = s + n;
+    uint8_t tag;
+    uint64_t v;
+    if (n == 0)
+        return 0;
+    tag = *s++;
+    if (tag >= PZ_T_FIXINT) {
+        if (n != 1)
+            return 0;
+        lua_pushnumber(L, tag - PZ_T_FIXINT);
+        return 1;
+    }
+    if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) {
+        if (n != 1u + (tag - PZ_T_SHORTSTR))
+            return 0;
+        lua_pushlstring(L, (const char *)s, tag - PZ_T_SHORTSTR);
+        return 1;
+    }
+    switch (tag) {
+    case PZ_T_NULL:
+        if (n != 1)
+            return 0;
+        lua_pushlightuserdata(L, NULL);
+        return 1;
+    case PZ_T_FALSE:
+    case PZ_T_TRUE:
+        if (n != 1)
+            return 0;
+        lua_pushboolean(L, tag == PZ_T_TRUE);
+        return 1;
+    case PZ_T_POSINT:
+    case PZ_T_NEGINT:
+        if (pz_get_varint(&s, end, &v) != 0 || s != end || v > ((uint64_t)1 << 53))
+            return 0;
+        lua_pushnumber(L, tag == PZ_T_NEGINT ? -(lua_Number)v : (lua_Number)v);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 /* Reads the first record of the done queue into *f; returns 0 when the
  * queue is empty. */
 static int peek_record(pz_pool *p, pz_frame *f)
@@ -203,7 +249,8 @@ static int drain_records(lua_State *L)
     while (peek_record(u->pool, &f)) {
         switch (f.type) {
         case PZ_F_RESULT:
-            pz_decode_value(L, f.payload, f.len, PZ_DECODE_FUNCTIONS);
+            if (!push_scalar(L, f.payload, f.len))
+                pz_decode_value(L, f.payload, f.len, PZ_DECODE_FUNCTIONS);
             lua_rawseti(L, D_RESULTS, ++nres);
             lua_pushnumber(L, (lua_Number)f.id);
             lua_rawseti(L, D_IDS, nres);
@@ -449,6 +496,45 @@ static int l_pool_new(lua_State *L)
  * Calls
  * --------------------------------------------------------------------- */
 
+/* Most calls pass a few numbers or short strings: those are encoded here
+ * directly, without setting up the full encoder.  Returns 0 when some
+ * argument needs the full encoder (s is then left for it to reset). */
+static int encode_scalars(lua_State *L, int nargs, pz_buf *s)
+{
+    uint8_t *w;
+    if (nargs > 8 || !(w = (uint8_t *)pz_buf_reserve(s, 1 + 8 * (1 + PZ_NUMBER_MAX_BYTES + 32))))
+        return 0;
+    uint8_t *start = w;
+    *w++ = (uint8_t)nargs;
+    for (int i = 2; i < 2 + nargs; i++) {
+        size_t len;
+        const char *str;
+        switch (lua_type(L, i)) {
+        case LUA_TNUMBER:
+            w += pz_put_number(w, lua_tonumber(L, i));
+            break;
+        case LUA_TSTRING:
+            str = lua_tolstring(L, i, &len);
+            if (len > PZ_SHORTSTR_MAX)
+                return 0;
+            w += pz_put_string_header(w, len);
+            memcpy(w, str, len);
+            w += len;
+            break;
+        case LUA_TBOOLEAN:
+            *w++ = lua_toboolean(L, i) ? PZ_T_TRUE : PZ_T_FALSE;
+            break;
+        case LUA_TNIL:
+            *w++ = PZ_T_NIL;
+            break;
+        default:
+            return 0;
+        }
+    }
+    s->len = (size_t)(w - start);
+    return 1;
+}
+
 /* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
  * queued when an argument cannot be encoded (the error says which). */
 static int l_pool_call(lua_State *L)
@@ -458,7 +544,10 @@ static int l_pool_call(lua_State *L)
     int nargs = lua_gettop(L) - 1;
     pz_buf *s = &u->scratch;
     s->len = 0;
-    pz_encode_tuple(L, 2, nargs, s, "args", 0);
+    if (!encode_scalars(L, nargs, s)) {
+        s->len = 0;
+        pz_encode_tuple(L, 2, nargs, s, "args", 0);
+    }
     if (s->len > p->opt.max_message)
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
