@@ -9,10 +9,17 @@
  * numbers allocates nothing but its output.
  *
  * The module index (object -> the bytes of a PZ_T_MODULE or PZ_T_MEMBER
- * reference) is built from package.loaded and cached in the registry.  It is
- * rebuilt when a top-level encode meets its first function, and when it
- * meets its first table while package.loaded has changed size since the
- * last build, so that a module required a moment ago travels by reference.
+ * reference) is built from package.loaded and cached in the registry.  A
+ * top-level encode that meets a table or function compares, once,
+ * package.loaded with the copy of it the index was built from, and rebuilds
+ * the index when a module was loaded, dropped or replaced since, so that a
+ * module required a moment ago travels by reference.  Building visits every
+ * member of every module, so it is not done otherwise, except once for a C
+ * function the index does not know (which could not travel at all); and a
+ * hit is checked against package.loaded before it is used, so that a member
+ * reassigned since is not sent as a reference to its successor.  A Lua
+ * function added to a loaded module after the index was built travels by
+ * value.
  *
  * Decoding is one recursive descent that checks every count against the
  * bytes left before it allocates, so malformed input costs at most time and
@@ -25,6 +32,7 @@
  */
 #include <lauxlib.h>
 #include <lua.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -39,6 +47,8 @@
 static const char reg_index = 0;   /* the module index table */
 static const char reg_scanner = 0; /* the Lua helper that lists a function's globals */
 static const char reg_scratch = 0; /* metatable of scratch buffers */
+static const char reg_same = 0;    /* the Lua helper that compares package.loaded */
+static const char reg_items = 0;   /* the Lua helper that hands out a sequence's items */
 
 /* Bodies up to this size are moved to shrink padded counts to minimal
  * varints; beyond it the padding costs less than the move.  Bounding the
@@ -58,6 +68,7 @@ enum seg_kind {
     SEG_NONE,     /* nothing yet */
     SEG_KEY,      /* encoding a key of the table */
     SEG_VALUE,    /* encoding the value under the key at stack index idx */
+    SEG_ITEM,     /* encoding item idx of a sequence (see enc_items) */
     SEG_MT,       /* encoding the table's metatable */
     SEG_UPVALUE,  /* encoding upvalue idx, called name */
     SEG_GLOBAL    /* encoding the global whose name is at stack index idx */
@@ -86,14 +97,15 @@ typedef struct enc {
     int nrefs;         /* reference numbers given so far */
     int depth;         /* open tables and functions */
     int index_fresh;   /* the index was rebuilt during this encode */
-    int index_checked; /* package.loaded's size was compared this encode */
+    int index_checked; /* package.loaded was compared this encode */
     int tuple_index;   /* > 0: paths start with root[tuple_index] */
+    int items_held;    /* stack slots enc_items holds, all open tables together */
     const char *root;
     int *busy;         /* cleared before raising: see l_encode */
     seg segs[PZ_MAX_DEPTH + 1];
 } enc;
 
-static void enc_value(enc *e, int idx);
+static void enc_other(enc *e, int idx, int type);
 
 /* ------------------------------------------------------------------------
  * Encoder errors and paths
@@ -197,6 +209,10 @@ static void add_seg(luaL_Buffer *b, lua_State *L, const seg *s)
         return;
     case SEG_VALUE:
         add_key(b, L, s->idx);
+        return;
+    case SEG_ITEM:
+        snprintf(tmp, sizeof tmp, "[%d]", s->idx);
+        luaL_addstring(b, tmp);
         return;
     case SEG_MT:
         luaL_addstring(b, "<metatable>");
@@ -304,6 +320,25 @@ static inline void enc_string(enc *e, const char *s, size_t n)
     size_t h = pz_put_string_header(w, n);
     memcpy(w + h, s, n);
     e->out->len += h + n;
+}
+
+/* Encodes the value at absolute stack index idx, leaving the stack as it
+ * was.  It runs for every table entry, so it is inline and handles numbers
+ * and strings itself; the other types, tables and functions among them,
+ * go to enc_other, which keeps this small. */
+static inline __attribute__((always_inline)) void enc_value(enc *e, int idx)
+{
+    lua_State *L = e->L;
+    int type = lua_type(L, idx);
+    if (type == LUA_TNUMBER) {
+        enc_number(e, lua_tonumber(L, idx));
+    } else if (type == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        enc_string(e, s, n);
+    } else {
+        enc_other(e, idx, type);
+    }
 }
 
 static size_t varint_len(uint64_t v)
@@ -468,44 +503,107 @@ static void index_members(lua_State *L, int index, int mod, const char *name, si
     }
 }
 
-/* Counts the string keys of package.loaded (at stack index loaded): the
- * cheap sign that a module was loaded or dropped since the index was built. */
-static int count_loaded(lua_State *L, int loaded)
+/* Pushes the Lua helper whose source is src, compiling it on first use in
+ * this state and keeping it in the registry under key. */
+static void push_helper(lua_State *L, const void *key, const char *src, size_t len)
 {
-    int n = 0;
-    lua_pushnil(L);
-    while (lua_next(L, loaded)) {
-        n += lua_type(L, -2) == LUA_TSTRING;
+    lua_pushlightuserdata(L, (void *)key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    if (luaL_loadbuffer(L, src, len, "=parallelize.codec"))
+        lua_error(L);
+    lua_call(L, 0, 1);
+    lua_pushlightuserdata(L, (void *)key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Tells whether package.loaded still holds what it held when the index was
+ * built: called as same(loaded, snapshot, n), the snapshot being a copy of
+ * package.loaded taken then and n its size; any module loaded, dropped or
+ * replaced since makes it false.  Comparing sizes alone would miss one
+ * module dropped and another loaded.  A Lua loop, because every encode that
+ * meets a table runs it: each lua_next call hashes its key again to find
+ * where it stopped, where the interpreter's iterator keeps its place, which
+ * makes the loop several times cheaper. */
+static const char same_src[] =
+    "local next, rawget = next, rawget\n"
+    "return function(loaded, snapshot, n)\n"
+    "  for k, v in next, loaded do\n"
+    "    if rawget(snapshot, k) ~= v then return false end\n"
+    "    n = n - 1\n"
+    "  end\n"
+    "  return n == 0\n"
+    "end\n";
+
+/* True when package.loaded (at stack index loaded) is as the index (at
+ * stack index index) saw it: see same_src. */
+static int loaded_unchanged(lua_State *L, int loaded, int index)
+{
+    int same;
+    lua_rawgeti(L, index, 1);
+    if (!lua_istable(L, -1)) {
         lua_pop(L, 1);
+        return 0;
     }
-    return n;
+    push_helper(L, &reg_same, same_src, sizeof same_src - 1);
+    lua_insert(L, -2);
+    lua_pushvalue(L, loaded);
+    lua_insert(L, -2);
+    lua_rawgeti(L, index, 0);
+    lua_call(L, 3, 1);
+    same = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return same;
+}
+
+/* Pushes a new table with weak keys ("k") or values ("v"). */
+static void push_weak_table(lua_State *L, const char *mode, int nhash)
+{
+    lua_createtable(L, 0, nhash);
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, mode);
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
 }
 
 /* Builds a new index from package.loaded, stores it in the registry and
  * pushes it.  Module values come first, so an object that is both a module
- * and a member is referred to as the module.  index[0] keeps the size of
- * package.loaded at build time.  Weak keys: the index must not keep an
- * unloaded module alive. */
+ * and a member is referred to as the module.  index[1] keeps a copy of
+ * package.loaded and index[0] its size, for loaded_unchanged.  Weak keys
+ * (and values in the copy): the index must not keep an unloaded module
+ * alive. */
 static void index_build(lua_State *L)
 {
     int index, loaded;
     luaL_checkstack(L, 10, "cannot encode: stack overflow");
-    lua_createtable(L, 1, 64);
+    push_weak_table(L, "k", 64);
     index = lua_gettop(L);
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "k");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, index);
     lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
     loaded = lua_gettop(L);
     if (lua_istable(L, loaded)) {
+        int n = 0;
+        push_weak_table(L, "v", 32);
+        lua_pushnil(L);
+        while (lua_next(L, loaded)) {
+            lua_pushvalue(L, -2);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, -5);
+            lua_pop(L, 1);
+            n++;
+        }
+        lua_rawseti(L, index, 1);
+        lua_pushinteger(L, n);
+        lua_rawseti(L, index, 0);
         lua_pushnil(L);
         while (lua_next(L, loaded)) {
             int t = lua_type(L, -1);
             if (lua_type(L, -2) == LUA_TSTRING && (t == LUA_TTABLE || t == LUA_TFUNCTION)) {
-                size_t n;
-                const char *name = lua_tolstring(L, -2, &n);
-                push_ref_bytes(L, name, n, NULL, 0);
+                size_t len;
+                const char *name = lua_tolstring(L, -2, &len);
+                push_ref_bytes(L, name, len, NULL, 0);
                 lua_pushvalue(L, -2);
                 index_set_new(L, index);
             }
@@ -514,14 +612,12 @@ static void index_build(lua_State *L)
         lua_pushnil(L);
         while (lua_next(L, loaded)) {
             if (lua_type(L, -2) == LUA_TSTRING && lua_istable(L, -1)) {
-                size_t n;
-                const char *name = lua_tolstring(L, -2, &n);
-                index_members(L, index, lua_gettop(L), name, n);
+                size_t len;
+                const char *name = lua_tolstring(L, -2, &len);
+                index_members(L, index, lua_gettop(L), name, len);
             }
             lua_pop(L, 1);
         }
-        lua_pushinteger(L, count_loaded(L, loaded));
-        lua_rawseti(L, index, 0);
     }
     lua_pop(L, 1);
     lua_pushlightuserdata(L, (void *)&reg_index);
@@ -539,10 +635,11 @@ static void index_rebuild(enc *e)
 
 /* Makes sure the index slot holds an index that knows every module in
  * package.loaded: loads the cached one, and rebuilds it when there is none
- * or, once per top-level encode, when package.loaded changed size. */
+ * or, once per top-level encode, when package.loaded changed. */
 static void index_ready(enc *e)
 {
     lua_State *L = e->L;
+    int stale;
     if (!lua_isnil(L, enc_slot(e, ES_INDEX)) && e->index_checked)
         return;
     e->index_checked = 1;
@@ -557,27 +654,81 @@ static void index_ready(enc *e)
     if (e->index_fresh)
         return;
     lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-    lua_rawgeti(L, enc_slot(e, ES_INDEX), 0);
-    int stale = lua_istable(L, -2) && lua_tointeger(L, -1) != count_loaded(L, lua_gettop(L) - 1);
-    lua_pop(L, 2);
+    stale = lua_istable(L, -1) && !loaded_unchanged(L, lua_gettop(L), enc_slot(e, ES_INDEX));
+    lua_pop(L, 1);
     if (stale)
         index_rebuild(e);
 }
 
-/* If the object at idx is in the index, writes its reference, gives it a
- * reference number and returns 1; else returns 0. */
+/* Reads one name (varint length, bytes) of the reference bytes [*p, end). */
+static int ref_name(const uint8_t **p, const uint8_t *end, const char **name, size_t *n)
+{
+    uint64_t len;
+    if (pz_get_varint(p, end, &len) || len > (uint64_t)(end - *p))
+        return -1;
+    *name = (const char *)*p;
+    *n = (size_t)len;
+    *p += len;
+    return 0;
+}
+
+/* True when the reference bytes s[0..n) (see push_ref_bytes) still name the
+ * object at idx in package.loaded: the index may be older than a module
+ * replaced under the same name, or a member reassigned. */
+static int ref_still_names(lua_State *L, const char *s, size_t n, int idx)
+{
+    const uint8_t *p = (const uint8_t *)s + 1, *end = (const uint8_t *)s + n;
+    const char *name, *key = NULL;
+    size_t nlen, klen = 0;
+    int same;
+    if (ref_name(&p, end, &name, &nlen) ||
+        ((uint8_t)s[0] == PZ_T_MEMBER && ref_name(&p, end, &key, &klen)))
+        return 0;
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    lua_pushlstring(L, name, nlen);
+    lua_rawget(L, -2);
+    if (key) {
+        if (!lua_istable(L, -1)) {
+            lua_pop(L, 2);
+            return 0;
+        }
+        lua_pushlstring(L, key, klen);
+        lua_rawget(L, -2);
+        lua_remove(L, -2);
+    }
+    same = lua_rawequal(L, -1, idx);
+    lua_pop(L, 2);
+    return same;
+}
+
+/* Looks the object at idx up in the index; when it is there and still
+ * named so in package.loaded, writes its reference, gives it a reference
+ * number and returns 1; else returns 0.  A stale hit rebuilds the index
+ * (once per top-level encode) and looks again. */
 static int index_put(enc *e, int idx)
 {
     lua_State *L = e->L;
     size_t n;
     const char *s;
-    lua_pushvalue(L, idx);
-    lua_rawget(L, enc_slot(e, ES_INDEX));
-    if (!lua_isstring(L, -1)) {
+    for (;;) {
+        lua_pushvalue(L, idx);
+        lua_rawget(L, enc_slot(e, ES_INDEX));
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        s = lua_tolstring(L, -1, &n);
+        if (ref_still_names(L, s, n, idx))
+            break;
         lua_pop(L, 1);
-        return 0;
+        if (e->index_fresh)
+            return 0;
+        index_rebuild(e);
     }
-    s = lua_tolstring(L, -1, &n);
     put_bytes(e, s, n);
     lua_pop(L, 1);
     ref_add(e, idx);
@@ -599,7 +750,76 @@ static void enc_enter(enc *e)
     e->depth++;
 }
 
-/* Encodes the entries of the table at t: one lua_next pass; entries keyed
+/* Hands the items of a sequence to the encoder: called as items(t, n, i, j)
+ * with n the length of t, it returns t[i], ..., t[j], raw; when i is 1, it
+ * first checks that t is a sequence (its keys are 1 .. n and nothing else)
+ * and returns nothing when it is not.  lua_next costs the encoder a call
+ * and a look at the key for every entry; this loop over the keys and one
+ * unpack cost several times less. */
+static const char items_src[] =
+    "local next, rawget, unpack = next, rawget, unpack\n"
+    "return function(t, n, i, j)\n"
+    "  if i == 1 then\n"
+    "    local c = 0\n"
+    "    for _ in next, t do c = c + 1 end\n"
+    "    if c ~= n then return end\n"
+    "    for k = 1, n do\n"
+    "      if rawget(t, k) == nil then return end\n"
+    "    end\n"
+    "  end\n"
+    "  return unpack(t, i, j)\n"
+    "end\n";
+
+/* Below this length a table goes through lua_next: the call costs more. */
+#define ITEMS_MIN 8
+/* Items taken onto the stack by one call. */
+#define ITEMS_CHUNK 256
+/* Most stack slots enc_items may hold at once, all open tables together.
+ * LuaJIT gives a C function 8000 slots; a level of nesting takes about five
+ * otherwise, so with this much on top the encoder still reaches 1000
+ * levels.  A sequence that would need more goes through lua_next. */
+#define ITEMS_BUDGET 2048
+
+/* Writes the n items of the table at t when it is a sequence (see
+ * items_src) and returns 1; returns 0, having written nothing, when it is
+ * not. */
+static int enc_items(enc *e, int t, size_t n, seg *s)
+{
+    lua_State *L = e->L;
+    int held = (int)(n < ITEMS_CHUNK ? n : ITEMS_CHUNK) + 5;
+    if (e->items_held + held > ITEMS_BUDGET || !lua_checkstack(L, held + 8))
+        return 0;
+    e->items_held += held;
+    for (size_t i = 1; i <= n; i += ITEMS_CHUNK) {
+        size_t j = n - i < ITEMS_CHUNK ? n : i + ITEMS_CHUNK - 1;
+        int base = lua_gettop(L);
+        push_helper(L, &reg_items, items_src, sizeof items_src - 1);
+        lua_pushvalue(L, t);
+        lua_pushnumber(L, (lua_Number)n);
+        lua_pushnumber(L, (lua_Number)i);
+        lua_pushnumber(L, (lua_Number)j);
+        lua_call(L, 4, LUA_MULTRET);
+        if ((size_t)(lua_gettop(L) - base) != j - i + 1) {
+            lua_settop(L, base);
+            if (i == 1) {
+                e->items_held -= held;
+                return 0;
+            }
+            enc_raise(e, "cannot encode: a table changed while it was encoded");
+        }
+        s->kind = SEG_ITEM;
+        for (size_t k = i; k <= j; k++) {
+            s->idx = (int)k;
+            enc_value(e, base + 1 + (int)(k - i));
+        }
+        lua_settop(L, base);
+    }
+    e->items_held -= held;
+    return 1;
+}
+
+/* Encodes the entries of the table at t.  A sequence long enough goes
+ * through enc_items; anything else takes one lua_next pass: entries keyed
  * 1, 2, 3, ... from the start go to the array part, the rest (keys and
  * values) to the hash part.  The counts are patched in afterwards. */
 static void enc_table_body(enc *e, int t, seg *s)
@@ -607,7 +827,14 @@ static void enc_table_body(enc *e, int t, seg *s)
     lua_State *L = e->L;
     uint64_t counts[2] = {0, 0};
     size_t at = put_hole(e, 2);
-    int key = lua_gettop(L) + 1, in_array = 1;
+    size_t n = lua_objlen(L, t);
+    int key, in_array = 1;
+    if (n >= ITEMS_MIN && n <= INT_MAX && enc_items(e, t, n, s)) {
+        counts[0] = n;
+        patch_varints(e, at, counts, 2);
+        return;
+    }
+    key = lua_gettop(L) + 1;
     s->kind = SEG_VALUE;
     s->idx = key;
     lua_pushnil(L);
@@ -835,8 +1062,7 @@ static void enc_globals(enc *e, int f, seg *s)
 }
 
 /* Encodes the function at f: a reference if met before; a module reference
- * when it is in the index (rebuilt first, once per top-level encode, so
- * that a freshly loaded module is found); else a Lua function travels as
+ * when it is in the index (see index_ready); else a Lua function travels as
  * bytecode, upvalues and globals, and a C function cannot travel. */
 static void enc_function(enc *e, int f)
 {
@@ -847,13 +1073,17 @@ static void enc_function(enc *e, int f)
         put_varint(e, (uint64_t)r);
         return;
     }
-    if (!e->index_fresh) {
-        e->index_checked = 1;
-        index_rebuild(e);
-    }
+    index_ready(e);
     if (index_put(e, f))
         return;
     if (lua_iscfunction(e->L, f)) {
+        /* It can only travel by reference: before giving up, look in an
+         * index built now, in case a module gained it as a member since. */
+        if (!e->index_fresh) {
+            index_rebuild(e);
+            if (index_put(e, f))
+                return;
+        }
         if (e->flags & PZ_ENCODE_LOSSY) {
             enc_string(e, "<C function>", 12);
             return;
@@ -887,14 +1117,12 @@ static void enc_unsupported(enc *e, const char *type)
     enc_raise(e, msg);
 }
 
-/* Encodes the value at absolute stack index idx, leaving the stack as it
- * was. */
-static void enc_value(enc *e, int idx)
+/* Encodes the value of type `type` at absolute stack index idx that
+ * enc_value does not handle itself. */
+static __attribute__((noinline)) void enc_other(enc *e, int idx, int type)
 {
     lua_State *L = e->L;
-    size_t n;
-    const char *s;
-    switch (lua_type(L, idx)) {
+    switch (type) {
     case LUA_TNIL:
         put_byte(e, PZ_T_NIL);
         return;
@@ -902,11 +1130,8 @@ static void enc_value(enc *e, int idx)
         put_byte(e, lua_toboolean(L, idx) ? PZ_T_TRUE : PZ_T_FALSE);
         return;
     case LUA_TNUMBER:
-        enc_number(e, lua_tonumber(L, idx));
-        return;
     case LUA_TSTRING:
-        s = lua_tolstring(L, idx, &n);
-        enc_string(e, s, n);
+        enc_value(e, idx);
         return;
     case LUA_TTABLE:
         enc_table(e, idx);
@@ -941,6 +1166,7 @@ static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int f
     e->out = out;
     e->flags = flags;
     e->nrefs = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
+    e->items_held = 0;
     e->root = root;
     e->busy = NULL;
     luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");
@@ -1004,7 +1230,7 @@ typedef struct dec {
     int depth; /* open tables and functions */
 } dec;
 
-static void dec_value(dec *d);
+static void dec_any(dec *d);
 
 /* Raises "cannot decode: <what> at byte N", N being the 1-based position
  * of `at` from the start of the input. */
@@ -1027,6 +1253,40 @@ static void dec_fail(dec *d, const uint8_t *at, const char *fmt, ...)
 static inline size_t dec_left(const dec *d)
 {
     return (size_t)(d->end - d->p);
+}
+
+/* Decodes one value and pushes it.  It runs for every table entry, so it is
+ * inline and handles the common small values itself when they are whole:
+ * integers 0..127, short strings and doubles; the rest, and every error, go
+ * to dec_any. */
+static inline void dec_value(dec *d)
+{
+    const uint8_t *p = d->p;
+    if (p < d->end) {
+        uint8_t tag = *p;
+        if (tag >= PZ_T_FIXINT) {
+            d->p = p + 1;
+            lua_pushnumber(d->L, tag - PZ_T_FIXINT);
+            return;
+        }
+        if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX &&
+            (size_t)(tag - PZ_T_SHORTSTR) < (size_t)(d->end - p)) {
+            size_t n = (size_t)(tag - PZ_T_SHORTSTR);
+            d->p = p + 1 + n;
+            lua_pushlstring(d->L, (const char *)p + 1, n);
+            return;
+        }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        if (tag == PZ_T_DOUBLE && d->end - p > 8) {
+            double x;
+            memcpy(&x, p + 1, sizeof x); /* the wire order is the host's */
+            d->p = p + 9;
+            lua_pushnumber(d->L, x);
+            return;
+        }
+#endif
+    }
+    dec_any(d);
 }
 
 /* Reads a varint, raising with `what` when it is truncated or too long. */
@@ -1307,11 +1567,15 @@ static void dec_number(dec *d, const uint8_t *at, uint8_t tag)
     if (tag == PZ_T_DOUBLE) {
         if (dec_left(d) < 8)
             dec_fail(d, at, "truncated number");
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&x, d->p, sizeof x); /* the wire order is the host's */
+#else
         v = 0;
         for (int i = 7; i >= 0; i--)
             v = (v << 8) | d->p[i];
-        d->p += 8;
         memcpy(&x, &v, sizeof x);
+#endif
+        d->p += 8;
         lua_pushnumber(d->L, x);
         return;
     }
@@ -1322,8 +1586,8 @@ static void dec_number(dec *d, const uint8_t *at, uint8_t tag)
     lua_pushnumber(d->L, tag == PZ_T_NEGINT ? -x : x);
 }
 
-/* Decodes one value and pushes it. */
-static void dec_value(dec *d)
+/* Decodes one value of any kind and pushes it (see dec_value). */
+static __attribute__((noinline)) void dec_any(dec *d)
 {
     lua_State *L = d->L;
     const uint8_t *at = d->p;
@@ -1547,6 +1811,11 @@ static int l_decode(lua_State *L)
 
 void pz_codec_register(lua_State *L)
 {
+    /* The helpers take next, rawget and unpack from the globals when they
+     * are compiled: now, before a script can have replaced them. */
+    push_helper(L, &reg_same, same_src, sizeof same_src - 1);
+    push_helper(L, &reg_items, items_src, sizeof items_src - 1);
+    lua_pop(L, 2);
     scratch_new(L);
     lua_pushcclosure(L, l_encode, 1);
     lua_setfield(L, -2, "encode");

@@ -130,10 +130,14 @@ static inline size_t pz_put_number(uint8_t *dst, double d)
         return 1 + pz_put_varint(dst + 1, (uint64_t)(-d));
     }
     dst[0] = PZ_T_DOUBLE;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(dst + 1, &d, 8); /* the wire order is the host's: one store */
+#else
     uint64_t bits;
     memcpy(&bits, &d, sizeof bits);
     for (int i = 0; i < 8; i++)
         dst[1 + i] = (uint8_t)(bits >> (8 * i));
+#endif
     return 9;
 }
 

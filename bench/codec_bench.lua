@@ -1,0 +1,151 @@
+-- codec_bench.lua - parallelize.encode/decode against LuaJIT's string.buffer
+-- serializer on three small values. A benchmark, not a test: it prints
+-- nanoseconds per call and the ratio parallelize / string.buffer.
+--
+--   LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" luajit bench/codec_bench.lua
+--   build/pzlua bench/codec_bench.lua
+--
+-- A case takes about BENCH_SECONDS (default 1), split in ROUNDS rounds; a
+-- round times each of the four operations (encode and decode, each codec)
+-- in turn, over enough calls for a quarter of the round.  The fastest round
+-- of each operation counts.  Interleaving the operations and keeping the
+-- best keeps other load on the machine out of the figures, and out of the
+-- ratios above all, as far as it can be.
+
+local p = require "parallelize"
+local core = require "parallelize.core"
+local sbuf = require "string.buffer"
+
+local now = core.now
+local SECONDS = tonumber(os.getenv("BENCH_SECONDS")) or 1
+local ROUNDS = 20
+
+-- The values ------------------------------------------------------------------
+
+local flat = {}
+for i = 1, 100 do
+  -- small integers (one byte each in our format) and doubles, alternating
+  flat[i] = (i % 2 == 0) and (i * 7) % 100 or i * 1.37
+end
+
+local chars = {}
+for i = 1, 1024 do chars[i] = string.char(32 + (i * 31) % 95) end
+local kib_string = table.concat(chars)
+
+local record = {
+  id = 123456,
+  name = "Ada Lovelace",
+  email = "ada@example.org",
+  active = true,
+  score = 98.25,
+  tags = { "math", "engines", "poetry" },
+  address = { street = "12 St James's Square", city = "London", zip = "SW1Y 4JH" },
+  history = { { year = 1842, what = "notes" }, { year = 1843, what = "translation" } },
+}
+
+local cases = {
+  { name = "flat table of 100 numbers", value = flat },
+  { name = "1 KiB string", value = kib_string },
+  { name = "small nested record", value = record },
+}
+
+-- Timing ----------------------------------------------------------------------
+
+-- Keeps the last result alive so that no call is optimized away.
+local sink
+
+--- How many calls of fn(arg) take about `seconds` (after a warm-up).
+local function calls_for(fn, arg, seconds)
+  local n = 8
+  local elapsed
+  repeat
+    n = n * 2
+    local t0 = now()
+    for _ = 1, n do sink = fn(arg) end
+    elapsed = now() - t0
+  until elapsed >= seconds / 4
+  return math.max(1, math.floor(n * seconds / elapsed))
+end
+
+--- Nanoseconds per call of each ops[i].fn(ops[i].arg): the fastest of
+-- ROUNDS rounds, the operations taking turns within each round.
+local function time_per_call(ops, seconds)
+  local per_op = seconds / ROUNDS / #ops
+  for _, op in ipairs(ops) do
+    op.n, op.best = calls_for(op.fn, op.arg, per_op), math.huge
+  end
+  for _ = 1, ROUNDS do
+    for _, op in ipairs(ops) do
+      local fn, arg = op.fn, op.arg
+      collectgarbage()
+      local t0 = now()
+      for _ = 1, op.n do sink = fn(arg) end
+      local per = (now() - t0) / op.n
+      if per < op.best then op.best = per end
+    end
+  end
+  assert(sink ~= nil)
+  local ns = {}
+  for i, op in ipairs(ops) do ns[i] = op.best * 1e9 end
+  return ns
+end
+
+-- Checks that both codecs round-trip the value before timing them.
+local function check(v, decoded)
+  if type(v) == "table" then
+    for k, x in pairs(v) do
+      if type(x) ~= "table" and decoded[k] ~= x then error("round trip differs at key " .. tostring(k)) end
+    end
+  elseif decoded ~= v then
+    error("round trip differs")
+  end
+end
+
+local rows = {}
+for _, case in ipairs(cases) do
+  local v = case.value
+  local ours, theirs = p.encode(v), sbuf.encode(v)
+  check(v, p.decode(ours))
+  check(v, sbuf.decode(theirs))
+  local ns = time_per_call({
+    { fn = p.encode, arg = v },
+    { fn = sbuf.encode, arg = v },
+    { fn = p.decode, arg = ours },
+    { fn = sbuf.decode, arg = theirs },
+  }, SECONDS)
+  rows[#rows + 1] = { case.name, ns[1], ns[2], ns[3], ns[4], #ours, #theirs }
+end
+
+-- Report ----------------------------------------------------------------------
+
+local header = { "case", "pz enc ns", "sb enc ns", "enc ratio", "pz dec ns", "sb dec ns", "dec ratio",
+  "pz bytes", "sb bytes" }
+local lines = { header }
+for _, r in ipairs(rows) do
+  lines[#lines + 1] = {
+    r[1],
+    ("%.0f"):format(r[2]), ("%.0f"):format(r[3]), ("%.2f"):format(r[2] / r[3]),
+    ("%.0f"):format(r[4]), ("%.0f"):format(r[5]), ("%.2f"):format(r[4] / r[5]),
+    tostring(r[6]), tostring(r[7]),
+  }
+end
+local widths = {}
+for _, l in ipairs(lines) do
+  for i, cell in ipairs(l) do widths[i] = math.max(widths[i] or 0, #cell) end
+end
+print(("codec benchmark: %s, %s, best of %d rounds, about %gs per case")
+  :format(jit.version, p._VERSION, ROUNDS, SECONDS))
+print("ratio = parallelize / string.buffer (below 1: parallelize is faster)")
+for li, l in ipairs(lines) do
+  local cells = {}
+  for i, cell in ipairs(l) do
+    -- the case name left-aligned, the figures right-aligned
+    cells[i] = i == 1 and cell .. string.rep(" ", widths[i] - #cell) or string.rep(" ", widths[i] - #cell) .. cell
+  end
+  print(table.concat(cells, "  "))
+  if li == 1 then
+    local rule = {}
+    for i = 1, #widths do rule[i] = string.rep("-", widths[i]) end
+    print(table.concat(rule, "  "))
+  end
+end

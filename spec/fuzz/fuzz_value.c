@@ -1,0 +1,122 @@
+/*
+ * fuzz_value.c - libFuzzer harness for the value decoder (codec.c) in its
+ * default mode, the one that reads bytes nobody vouches for: no bytecode,
+ * no `require`.
+ *
+ * Every input goes three ways, each inside lua_pcall on one LuaJIT state
+ * made at start-up:
+ *   1. the Lua-facing decode (parallelize.decode), version byte and all;
+ *   2. pz_decode_value over the whole input;
+ *   3. pz_decode_tuple over the whole input.
+ * A decode may fail, with a Lua error; it must never crash, read out of
+ * bounds or allocate out of proportion to the input (the sanitizers and
+ * libFuzzer's -rss_limit_mb / -malloc_limit_mb watch those).  When 2. or 3.
+ * succeeds, what was decoded is encoded again and the encoding decoded: a
+ * value the decoder accepts must be one the encoder can write, and its
+ * encoding must decode.  A failure there aborts, so libFuzzer reports it.
+ *
+ *   make fuzz FUZZ_SECONDS=60        (builds build/fuzz/fuzz_value)
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "buf.h"
+#include "codec.h"
+
+static lua_State *L;
+static const char *in_data;
+static size_t in_size;
+static pz_buf out = PZ_BUF_INIT;
+
+/* How far the current step got: a Lua error after DECODED breaks the
+ * round-trip property. */
+enum { STARTED, DECODED };
+static int stage;
+
+/* decode(in) with the Lua-facing function, which checks the version byte. */
+static int lua_facing(lua_State *L1)
+{
+    lua_getfield(L1, LUA_REGISTRYINDEX, "pz_fuzz_decode");
+    lua_pushlstring(L1, in_data, in_size);
+    lua_call(L1, 1, 1);
+    return 1;
+}
+
+static int value_round_trip(lua_State *L1)
+{
+    pz_decode_value(L1, in_data, in_size, 0);
+    stage = DECODED;
+    out.len = 0;
+    pz_encode_value(L1, -1, &out, "value", 0);
+    pz_decode_value(L1, out.data, out.len, 0);
+    return 0;
+}
+
+static int tuple_round_trip(lua_State *L1)
+{
+    int n = pz_decode_tuple(L1, in_data, in_size, 0);
+    stage = DECODED;
+    out.len = 0;
+    pz_encode_tuple(L1, lua_gettop(L1) - n + 1, n, &out, "args", 0);
+    if (pz_decode_tuple(L1, out.data, out.len, 0) != n) {
+        fprintf(stderr, "tuple of %d values re-decoded to another count\n", n);
+        abort();
+    }
+    return 0;
+}
+
+/* Runs fn in protected mode; aborts when it failed after decoding. */
+static void run(lua_CFunction fn, const char *what)
+{
+    stage = STARTED;
+    lua_settop(L, 0);
+    if (lua_cpcall(L, fn, NULL) != 0 && stage == DECODED) {
+        fprintf(stderr, "%s: decoded, but the round trip failed: %s\n", what,
+                lua_isstring(L, -1) ? lua_tostring(L, -1) : "(not a string)");
+        abort();
+    }
+    lua_settop(L, 0);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    L = luaL_newstate();
+    if (!L)
+        abort();
+    luaL_openlibs(L);
+    lua_newtable(L);
+    pz_codec_register(L);
+    lua_getfield(L, -1, "decode");
+    lua_setfield(L, LUA_REGISTRYINDEX, "pz_fuzz_decode");
+    /* parallelize.null and a module table to be referred to by name */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "parallelize");
+    lua_settop(L, 0);
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static unsigned runs;
+    in_data = (const char *)data;
+    in_size = size;
+    run(lua_facing, "decode");
+    run(value_round_trip, "pz_decode_value");
+    run(tuple_round_trip, "pz_decode_tuple");
+    /* Keep the heap of the long-lived state from hiding growth. */
+    if (++runs % 4096 == 0)
+        lua_gc(L, LUA_GCCOLLECT, 0);
+    out.len = 0;
+    pz_buf_trim(&out, 1 << 16);
+    return 0;
+}
