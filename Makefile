@@ -43,7 +43,7 @@ else
 Q = @
 endif
 
-.PHONY: all build deps run test install uninstall clean lint bench soak fuzz asan spec
+.PHONY: all build deps deps-fuzz deps-bench run test install uninstall clean lint bench soak fuzz asan spec
 
 all build: build/parallelize/core.so build/pzlua
 
@@ -83,12 +83,16 @@ asan: build/asan/pzlua
 build build/obj build/asan/obj build/parallelize:
 	$(Q)mkdir -p $@
 
-# Debian packages the build and the tests need; apt-get runs only when one
-# is missing.
+# Debian packages: what the build and the tests need (deps), and what only
+# the fuzzers (deps-fuzz) or the benchmarks' Python anchor (deps-bench) add.
+# apt-get runs only when one is missing.
 DEB_PACKAGES = luajit libluajit-5.1-dev lua-cjson lua-busted lua-check luarocks \
-               gcc make pkg-config python3 clang libclang-rt-14-dev
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+               gcc make pkg-config
+DEB_PACKAGES_FUZZ = clang libclang-rt-14-dev
+DEB_PACKAGES_BENCH = python3
+
+define install_missing
+	@missing=""; for p in $(1); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -97,6 +101,14 @@ deps:
 	    $$SUDO apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(DEB_PACKAGES))
+deps-fuzz: deps
+	$(call install_missing,$(DEB_PACKAGES_FUZZ))
+deps-bench: deps
+	$(call install_missing,$(DEB_PACKAGES_BENCH))
 
 run: deps all
 	$(Q)PZ_SLEEP_SCALE=0.1 build/pzlua examples/sleeper.lua
@@ -122,7 +134,7 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/pzlua $(DESTDIR)$(LIBDIR)/parallelize/core.so $(DESTDIR)$(LUADIR)/parallelize.lua
 	rm -rf $(DESTDIR)$(LUADIR)/parallelize
 
-bench: deps all
+bench: deps-bench all
 	$(Q)sh bench/run.sh
 
 soak: deps all
@@ -142,7 +154,7 @@ build/fuzz/%: spec/fuzz/%.c $(HEADERS)
 	@mkdir -p build/fuzz
 	@echo "  FUZZ    $@"
 	$(Q)$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $(filter %.c,$^) $(LUAJIT_LIBS) -lm -ldl -pthread
-fuzz: deps build/fuzz/fuzz_value build/fuzz/fuzz_frame
+fuzz: deps-fuzz build/fuzz/fuzz_value build/fuzz/fuzz_frame
 	$(Q)for f in fuzz_value fuzz_frame; do \
 	    mkdir -p build/fuzz/corpus_$$f; \
 	    build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus_$$f spec/fuzz/seeds_$$f || exit 1; \
