@@ -70,6 +70,10 @@ typedef struct spawn_req {
 
 struct pz_io {
     pz_pool *p;
+    /* Held by the I/O thread except while it sleeps in epoll_wait, so that
+     * the main thread can hand a call to an idle worker itself (see
+     * pz_io_dispatch_now). */
+    pthread_mutex_t lock;
     int ep;
     worker *w;
     int rr;                      /* round-robin dispatch cursor */
@@ -953,6 +957,7 @@ void *pz_io_main(void *arg)
     struct epoll_event evs[64];
     for (int i = 0; i < p->nslots; i++)
         start_worker(io, &io->w[i]);
+    pthread_mutex_lock(&io->lock);
     while (!io->finished) {
         int64_t now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
@@ -979,7 +984,9 @@ void *pz_io_main(void *arg)
                 continue;
             }
         }
+        pthread_mutex_unlock(&io->lock);
         int n = epoll_wait(io->ep, evs, 64, timeout);
+        pthread_mutex_lock(&io->lock);
         if (room)
             atomic_store(&p->io_sleeping, 0);
         if (n < 0 && errno != EINTR) {
@@ -990,10 +997,33 @@ void *pz_io_main(void *arg)
             on_event(io, &evs[i]);
     }
     publish(io);
+    pthread_mutex_unlock(&io->lock);
     uint64_t one = 1;
     if (write(p->main_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
         fprintf(stderr, "parallelize: waking the main thread: %s\n", strerror(errno));
     return NULL;
+}
+
+int pz_io_dispatch_now(struct pz_io *io)
+{
+    size_t avail;
+    int done = 0;
+    if (pthread_mutex_trylock(&io->lock) != 0)
+        return 0;
+    /* Only for a pool with nothing in flight: a call then waits for no
+     * other, and the I/O thread, which sleeps, would only relay it.  Under
+     * a stream of calls the I/O thread batches them instead. */
+    if (atomic_load(&io->p->io_sleeping) && !io->stopping && io->rq_pos == io->rq.len) {
+        int idle = 1;
+        for (int i = 0; i < io->p->nslots && idle; i++)
+            idle = io->w[i].inflight == 0;
+        if (idle) {
+            dispatch(io);
+            done = !pz_spsc_peek(&io->p->submit, &avail);
+        }
+    }
+    pthread_mutex_unlock(&io->lock);
+    return done;
 }
 
 struct pz_io *pz_io_new(pz_pool *p)
@@ -1001,12 +1031,17 @@ struct pz_io *pz_io_new(pz_pool *p)
     struct pz_io *io = calloc(1, sizeof *io);
     if (!io)
         return NULL;
+    if (pthread_mutex_init(&io->lock, NULL) != 0) {
+        free(io);
+        return NULL;
+    }
     io->p = p;
     io->w = calloc((size_t)p->nslots, sizeof *io->w);
     io->ep = epoll_create1(EPOLL_CLOEXEC);
     if (!io->w || io->ep < 0) {
         if (io->ep >= 0)
             close(io->ep);
+        pthread_mutex_destroy(&io->lock);
         free(io->w);
         free(io);
         return NULL;
@@ -1061,6 +1096,7 @@ void pz_io_free(struct pz_io *io)
     free(io->spq);
     pz_buf_free(&io->rq);
     close(io->ep);
+    pthread_mutex_destroy(&io->lock);
     free(io->w);
     free(io);
 }

@@ -108,6 +108,10 @@ void pz_pool_kick(pz_pool *p)
     pz_spsc_publish(&p->submit);
     if (atomic_load(&p->io_sleeping) && !atomic_exchange(&p->io_woken, 1)) {
         uint64_t one = 1;
+        if (pz_io_dispatch_now(p->io)) {
+            atomic_store(&p->io_woken, 0);
+            return;
+        }
         /* EAGAIN only when the counter is saturated: it is awake anyway. */
         if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
             atomic_store(&p->io_woken, 0);

@@ -120,6 +120,11 @@ void pz_pool_free(pz_pool *p);
 void *pz_io_main(void *pool);
 struct pz_io *pz_io_new(pz_pool *p);
 void pz_io_free(struct pz_io *io);
+/* Main thread: when the I/O thread sleeps and no call is in flight, hands
+ * the queued calls to workers itself, sparing the wake-up of the I/O thread
+ * (one cross-CPU hop of a round trip).  Returns 1 when nothing is left for
+ * the I/O thread to do, else 0 (it must be woken as usual). */
+int pz_io_dispatch_now(struct pz_io *io);
 /* After the I/O thread ended: frames to abort (requeue then in-flight). */
 void pz_io_leftovers(struct pz_io *io, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 
