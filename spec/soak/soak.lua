@@ -21,11 +21,11 @@ local opts = {
 local total_calls, total_kills = 0, 0
 for round = 1, env("PZ_SOAK_ROUNDS", 3) do
   opts.seed = round
-  print(("soak round %d: %d calls through %d workers, a worker SIGKILLed every %g ms"):format(
+  print(("soak round %d: %d calls through %d workers, SIGKILLing a random worker with %g ms pauses"):format(
     round, opts.calls, opts.workers, opts.interval * 1000))
   local f = chaos.run(opts)
   total_calls, total_kills = total_calls + f.calls, total_kills + f.kills
-  print(("round %d: ok in %.1f s (%.0f calls/s), %d kills, %d poison-flagged, nothing lost, "
-    .. "nothing duplicated, no process left"):format(round, f.elapsed, f.rate, f.kills, f.poison))
+  print(("round %d: ok in %.1f s (%.0f calls/s), %d kills (%.0f a second), %d poison-flagged, nothing lost, "
+    .. "nothing duplicated, no process left"):format(round, f.elapsed, f.rate, f.kills, f.kills / f.elapsed, f.poison))
 end
 print(("soak: %d calls, %d kills, all accounted for"):format(total_calls, total_kills))
