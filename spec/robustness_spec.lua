@@ -201,6 +201,78 @@ describe("initialization that keeps failing", function()
   end)
 end)
 
+describe("found in review", function()
+  it("stop(0) ends workers still starting, whose pid the spawner has not told yet", function()
+    local p = Parallelize({ Deferred(function() while true do end end) }, { kill_grace = 0 })
+    local t0 = core.now()
+    p:stop(0)
+    assert.is_true(core.now() - t0 < 2)
+    assert.are.equal(0, #support.children())
+  end)
+
+  it("charges a call that kills its worker while its arguments are decoded", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    -- a module that a worker (where busted is not loaded) cannot load
+    -- without dying
+    support.write(dir .. "/pz_spec_crashmod.lua", [[
+      if not package.loaded.busted then os.exit(9) end
+      return { f = function() return 1 end }
+    ]])
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    local m = require "pz_spec_crashmod"
+    finally(function() package.path, package.loaded.pz_spec_crashmod = saved, nil end)
+    local p = Parallelize({ function(x) return type(x) end })
+    finally(function() p:stop() end)
+    p(m.f)
+    p(2)
+    assert.is_true(p:wait(30))
+    assert.are.same({ "number" }, p.results)
+    assert.matches("^call 1 killed 3 workers .* exited with status 9 while running call 1$", p.errors[1].message)
+  end)
+
+  it("sends finished results before a long call starts", function()
+    local p = Parallelize({ function(x)
+      if x == "slow" then parallelize.sleep(2) elseif x == "mid" then parallelize.sleep(0.1) end
+      return x
+    end })
+    finally(function() p:stop(0) end)
+    p("mid")
+    parallelize.sleep(0.01)
+    p("fast")
+    p("slow")
+    assert.is_true(support.eventually(function() return #p.results == 2 end, 1.5))
+    assert.are.same({ "mid", "fast" }, p.results)
+  end)
+
+  it("retries, then gives up, when no descriptor is left to start a worker", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    support.write(dir .. "/fds.lua", [[
+      local parallelize = require "parallelize"
+      local files = {}
+      while true do
+        local f = io.open("/dev/null")
+        if not f then break end
+        files[#files + 1] = f
+      end
+      for _ = 1, 5 do table.remove(files):close() end
+      local p = parallelize.Parallelize({ function(x) return x end }, { init_attempts = 3 })
+      p(1)
+      local ok, err = pcall(p.wait, p)
+      print(ok, err)
+      for _, f in ipairs(files) do f:close() end
+      print(#p:stop())
+    ]])
+    local out, status = support.run("ulimit -n 64; timeout 30 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/fds.lua"))
+    assert.are.equal(0, status, out)
+    assert.matches("false\t[^\n]*no worker is left and none can be started: worker 1 could not be started: "
+      .. "socketpair: Too many open files\n1\n$", out)
+  end)
+end)
+
 describe("stop with a finish_timeout", function()
   it("terminates a worker stuck in an endless loop, and reaps it", function()
     local p = Parallelize({ function(x)

@@ -60,6 +60,7 @@ typedef struct worker {
     int64_t respawn_at;  /* S_IDLE: when to spawn again */
     int64_t eof_at;      /* saw EOF while the process still ran */
     int kill_sent;
+    int pending_sig;     /* to send once the spawner has told us the pid */
     char why[200];       /* set when the parent killed it */
 } worker;
 
@@ -180,9 +181,15 @@ static void spawner_flush(struct pz_io *io)
     while (i < io->nspq && !io->spawner_gone) {
         spawn_req *r = &io->spq[i];
         if (pz_spawn_send(io->p->spawner_fd, &r->m, r->fd) != 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
+            /* Full, or short of kernel memory for a moment: try again when
+             * the socket is writable. */
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS || errno == ENOMEM)
                 break;
-            io->spawner_gone = 1; /* its EOF will follow */
+            /* Anything else: the spawner cannot be used.  Closing our side
+             * makes it kill its workers and leave; its end of file then
+             * takes the usual path (spawner_lost). */
+            io->spawner_gone = 1;
+            shutdown(io->p->spawner_fd, SHUT_WR);
             break;
         }
         if (r->fd >= 0)
@@ -209,32 +216,51 @@ static void spawner_send(struct pz_io *io, int kind, int slot, uint32_t gen, pid
     spawner_flush(io);
 }
 
+/* Has the spawner send sig to the worker.  Before the spawner has said
+ * which pid the worker got, the signal waits (the strongest one asked for)
+ * and goes out when it does. */
 static void kill_worker(struct pz_io *io, worker *w, int sig)
 {
-    if (w->alive && w->pid > 0 && !w->exited)
+    if (!w->alive || w->exited)
+        return;
+    if (w->pid > 0)
         spawner_send(io, PZ_S_KILL, w->slot, w->gen, w->pid, sig, -1);
+    else if (w->pending_sig != SIGKILL)
+        w->pending_sig = sig;
 }
 
 /* ---- worker lifecycle --------------------------------------------------- */
 
 static void flush_worker(struct pz_io *io, worker *w);
+static void give_up(struct pz_io *io, worker *w, const char *why, const char *tb, size_t tblen);
+static int64_t backoff(int crashes);
 
 /* Starts a worker process for slot w: a socket pair, the child end handed
  * to the spawner, the INIT frame queued on our end. */
 static void start_worker(struct pz_io *io, worker *w)
 {
-    int sv[2];
+    int sv[2] = {-1, -1};
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0 || pz_set_nonblock(sv[0]) != 0) {
+        /* Out of descriptors, most likely: try again later, as for a
+         * worker that died while starting, and give up after as many. */
         char msg[200];
         snprintf(msg, sizeof msg, "worker %d could not be started: socketpair: %s", w->slot + 1,
                  strerror(errno));
-        w->init_crashes++;
+        if (sv[0] >= 0) {
+            close(sv[0]);
+            close(sv[1]);
+        }
         w->state = S_IDLE;
-        w->respawn_at = pz_now_ns() + BACKOFF_NS;
+        if (++w->init_crashes >= io->p->opt.init_attempts) {
+            give_up(io, w, msg, NULL, 0);
+            return;
+        }
+        w->respawn_at = pz_now_ns() + backoff(w->init_crashes);
         remember_error(io, msg);
         return;
     }
     w->gen++;
+    w->pending_sig = 0;
     w->fd = sv[0];
     w->pid = 0;
     w->alive = 1;
@@ -830,8 +856,14 @@ static void read_spawner(struct pz_io *io)
         worker *w;
         switch (m.kind) {
         case PZ_S_SPAWNED:
-            if (m.slot >= 0 && m.slot < io->p->nslots && io->w[m.slot].gen == m.gen)
-                io->w[m.slot].pid = m.pid;
+            if (m.slot >= 0 && m.slot < io->p->nslots && io->w[m.slot].gen == m.gen) {
+                w = &io->w[m.slot];
+                w->pid = m.pid;
+                if (w->pending_sig) {
+                    kill_worker(io, w, w->pending_sig);
+                    w->pending_sig = 0;
+                }
+            }
             break;
         case PZ_S_FAILED:
             if (m.slot >= 0 && m.slot < io->p->nslots && io->w[m.slot].gen == m.gen) {
@@ -893,7 +925,7 @@ static int64_t run_timers(struct pz_io *io, int64_t now)
         if (w->state == S_IDLE && !io->stopping && !io->spawner_gone) {
             if (now >= w->respawn_at)
                 start_worker(io, w);
-            else
+            if (w->state == S_IDLE) /* not started, or failed to: later */
                 CONSIDER(w->respawn_at);
         }
         if (w->eof_at && w->alive && !w->exited) {

@@ -36,9 +36,10 @@
 
 #define POOL_MT "parallelize.pool"
 
-/* Largest max_message: the frame length field is 32 bits, and a little
- * room is kept for the frame's own fields. */
-#define MAX_MESSAGE_LIMIT (UINT32_MAX - 64)
+/* Largest max_message.  Frame lengths are 32 bits, and the largest record,
+ * an error carrying its call's arguments and a message from the worker,
+ * holds two messages and a few varints: 2 GiB less 1 KiB each fits. */
+#define MAX_MESSAGE_LIMIT (2147483648.0 - 1024)
 
 typedef struct lpool {
     pz_pool *pool;     /* NULL once released */
@@ -61,7 +62,7 @@ static lpool *to_lpool(lua_State *L, int idx)
 static lpool *check_running(lua_State *L, int idx)
 {
     lpool *u = to_lpool(L, idx);
-    if (!u->pool)
+    if (!u->pool || u->pool->stopped)
         luaL_error(L, "the pool is stopped");
     return u;
 }
@@ -313,10 +314,21 @@ static void salvage_record(lua_State *L, lpool *u, int env)
 }
 
 /* drain, with hooks off. */
-static void drain_unhooked(lua_State *L, lpool *u, int idx)
+static int drain_unhooked(lua_State *L, lpool *u, int idx)
 {
     lua_getfenv(L, idx);
     int env = lua_gettop(L);
+    /* A table replaced through the internal core.pool_env would make every
+     * attempt below fail: refuse it before touching any record. */
+    for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
+        lua_getfield(L, env, env_tables[i]);
+        int ok = lua_istable(L, -1);
+        lua_pop(L, 1);
+        if (!ok) {
+            lua_pushfstring(L, "p.%s is no longer a table", env_tables[i]);
+            return LUA_ERRRUN;
+        }
+    }
     for (;;) {
         lua_pushcfunction(L, drain_records);
         lua_pushlightuserdata(L, u);
@@ -325,11 +337,12 @@ static void drain_unhooked(lua_State *L, lpool *u, int idx)
         if (rc == 0)
             break;
         if (rc == LUA_ERRMEM)
-            lua_error(L);
+            return rc; /* the message is on top */
         salvage_record(L, u, env);
         lua_settop(L, env);
     }
     lua_settop(L, env - 1);
+    return 0;
 }
 
 /* Moves every published record into the environment table of the pool
@@ -347,9 +360,11 @@ static void drain(lua_State *L, lpool *u, int idx)
     int mask = lua_gethookmask(L), count = lua_gethookcount(L);
     if (hook)
         lua_sethook(L, NULL, 0, 0);
-    drain_unhooked(L, u, idx);
+    int rc = drain_unhooked(L, u, idx);
     if (hook && !lua_gethook(L))
         lua_sethook(L, hook, mask, count);
+    if (rc != 0)
+        lua_error(L);
 }
 
 /* ------------------------------------------------------------------------
@@ -631,15 +646,23 @@ typedef struct aborted_ctx {
     int list;
 } aborted_ctx;
 
-/* Appends the arguments of an aborted CALL frame, as {n =, id =, ...}. */
+/* Appends an aborted CALL frame, as a string, to the list. */
 static void add_aborted(const char *frame, size_t size, void *ud)
 {
     aborted_ctx *c = ud;
-    (void)size;
-    push_args(c->L, frame + PZ_FRAME_HEADER, pz_frame_payload_len(frame));
-    lua_pushnumber(c->L, (lua_Number)pz_frame_id(frame));
-    lua_setfield(c->L, -2, "id");
+    lua_pushlstring(c->L, frame, size);
     append(c->L, c->list);
+}
+
+/* Protected: turns the CALL frame in string 1 into {n =, id =, ...}. */
+static int decode_aborted(lua_State *L)
+{
+    size_t n;
+    const char *frame = lua_tolstring(L, 1, &n);
+    push_args(L, frame + PZ_FRAME_HEADER, n - PZ_FRAME_HEADER);
+    lua_pushnumber(L, (lua_Number)pz_frame_id(frame));
+    lua_setfield(L, -2, "id");
+    return 1;
 }
 
 /* core.pool_stop(pool [, finish_timeout]) -> aborted: stops dispatching,
@@ -656,17 +679,42 @@ static int l_pool_stop(lua_State *L)
         finish = pz_now_ns() + (int64_t)(fmin(t, 1e9) * 1e9);
     }
     lua_settop(L, 1);
-    lua_newtable(L);
+    lua_newtable(L); /* 2: the aborted calls */
     if (!u->pool)
         return 1;
     pz_pool_stop(u->pool, finish);
     drain(L, u, 1);
-    aborted_ctx c = {L, 2};
+    /* The frames are copied out and the pool freed before any argument is
+     * decoded: decoding may fail (an argument naming a module the parent
+     * no longer has), and the pool must end stopped whatever happens. */
+    lua_newtable(L); /* 3: their frames */
+    aborted_ctx c = {L, 3};
     pz_pool_aborted(u->pool, add_aborted, &c);
     u->calls = (double)(u->pool->next_id - 1);
     u->finished = (double)u->pool->drained;
     pz_pool_free(u->pool);
     u->pool = NULL;
+    int n = (int)lua_objlen(L, 3);
+    for (int i = 1; i <= n; i++) {
+        lua_pushcfunction(L, decode_aborted);
+        lua_rawgeti(L, 3, i);
+        if (lua_pcall(L, 1, 1, 0) != 0) {
+            const char *why = lua_tostring(L, -1);
+            lua_rawgeti(L, 3, i);
+            const char *frame = lua_tostring(L, -1);
+            lua_createtable(L, 0, 3);
+            lua_pushinteger(L, 0);
+            lua_setfield(L, -2, "n");
+            lua_pushnumber(L, (lua_Number)pz_frame_id(frame));
+            lua_setfield(L, -2, "id");
+            lua_pushfstring(L, "the arguments cannot be decoded: %s", why ? why : "unknown error");
+            lua_setfield(L, -2, "error");
+            lua_replace(L, -3);
+            lua_pop(L, 1);
+        }
+        lua_rawseti(L, 2, i);
+    }
+    lua_settop(L, 2);
     return 1;
 }
 

@@ -149,13 +149,21 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
     pz_worker_main(WORKER_FD, slot, &s->shared[slot]);
 }
 
+static _Noreturn void shut_down(spawner *s);
+
+/* Tells the parent something.  Blocking send: the parent's I/O thread
+ * always reads.  A report must not be lost (the parent would never learn
+ * that a worker died), so a failure other than a moment's lack of kernel
+ * memory ends the spawner, and with it every worker: the parent then sees
+ * the spawner's end of file and accounts for all of them at once. */
 static void report(spawner *s, int kind, int slot, uint32_t gen, pid_t pid, int arg)
 {
     pz_spawn_msg m = {kind, slot, gen, pid, arg};
-    /* Blocking send: the parent's I/O thread always reads.  If the parent
-     * is gone, the pdeath signal ends us anyway. */
-    if (pz_spawn_send(s->sock, &m, -1) != 0 && errno == EPIPE)
-        _exit(0);
+    while (pz_spawn_send(s->sock, &m, -1) != 0) {
+        if (errno != ENOBUFS && errno != ENOMEM)
+            shut_down(s);
+        pz_sleep_ns(1000000);
+    }
 }
 
 static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
@@ -202,7 +210,7 @@ static void reap(spawner *s, int report_them)
 }
 
 /* The parent closed its end: kill what is left, reap it all, leave. */
-static void shut_down(spawner *s)
+static _Noreturn void shut_down(spawner *s)
 {
     for (size_t i = 0; i < s->nkids; i++)
         kill(s->kids[i], SIGKILL);

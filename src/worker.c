@@ -42,6 +42,7 @@ static struct {
     int out_frames;      /* frames in `out` */
     int64_t out_since;   /* when the oldest of them was made */
     int64_t clock;       /* when the last call ended; 0 after a read */
+    double avg_ns;       /* moving average of the calls' run times */
     size_t max_message;
     int exec_ref;        /* registry ref of the executor */
     int handler_ref;     /* registry ref of on_error */
@@ -143,11 +144,10 @@ static int run_call(lua_State *L)
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
-    atomic_store_explicit(&W.shared->running, id, memory_order_relaxed);
     int rc = lua_pcall(L, nargs, 1, handler);
-    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
+    W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
     if (rc != 0) {
         if (lua_istable(L, -1)) {
             put_error_from_table(L, id, ns);
@@ -185,9 +185,16 @@ static int run_call(lua_State *L)
 
 static void handle_call(lua_State *L, const pz_frame *f)
 {
+    /* Calls here take long enough that results waiting in the buffer
+     * should not wait for this one too (and be lost if it kills us). */
+    if (W.out_frames > 0 && W.avg_ns > FLUSH_NS)
+        flush_out();
     size_t mark = W.out.len;
     int frames = W.out_frames;
     W.call = *f;
+    /* From decoding the arguments to encoding the result, whatever kills
+     * this process is this call's doing: see pz_slot_shared. */
+    atomic_store_explicit(&W.shared->running, f->id, memory_order_relaxed);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
     if (lua_pcall(L, 0, 0, 0) != 0) {
         /* The codec raised: drop any partial frame, report why. */
@@ -199,6 +206,7 @@ static void handle_call(lua_State *L, const pz_frame *f)
         uint64_t zero = 0;
         put_message_frame(PZ_F_ERROR, f->id, &zero, m, strlen(m), NULL, 0);
     }
+    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
     if (W.out.len >= FLUSH_BYTES || W.out_frames >= FLUSH_FRAMES ||
         (W.out_frames > 0 && W.clock - W.out_since >= FLUSH_NS))

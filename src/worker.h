@@ -10,7 +10,8 @@
 /* What a worker tells its parent without sending a message: one of these
  * per slot lives in memory the parent maps shared before forking the
  * spawner, so every worker inherits it.  `running` is the id of the call
- * the worker is executing (0 between calls), so that when the worker dies
+ * the worker is handling, from decoding its arguments to encoding its
+ * result (0 between calls), so that when the worker dies
  * the parent knows which call killed it, even though results of the calls
  * before it may still sit unsent in the worker's buffer.  Padded to a
  * cache line so that workers do not slow each other down. */
