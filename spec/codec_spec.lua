@@ -5,6 +5,7 @@
 
 local p = require "parallelize"
 local ffi = require "ffi"
+local support = require "spec.support"
 
 local encode, decode, null = p.encode, p.decode, p.null
 local FN = { functions = true }
@@ -605,9 +606,10 @@ describe("codec", function()
     end)
 
     it("never refer to a module replaced under the same name as to its successor", function()
+      local defer = support.defer(finally)
       local old, new = { v = "old" }, { v = "new" }
       package.loaded.pz_spec_replaced = old
-      finally(function() package.loaded.pz_spec_replaced = nil end)
+      defer(function() package.loaded.pz_spec_replaced = nil end)
       assert.are.equal(old, roundtrip(old))
       package.loaded.pz_spec_replaced = new -- package.loaded keeps its size
       local d = roundtrip(old)
@@ -620,7 +622,7 @@ describe("codec", function()
       local first = { "first" }
       new.member = first
       package.loaded.pz_spec_other = true -- package.loaded changes: the index is rebuilt
-      finally(function() package.loaded.pz_spec_other = nil end)
+      defer(function() package.loaded.pz_spec_other = nil end)
       assert.are.equal(first, roundtrip(first))
       new.member = { "second" }
       local dm = roundtrip(first)

@@ -103,12 +103,13 @@ describe("Parallelize", function()
   end)
 
   it("carries closures with their upvalues and the globals they read", function()
+    local defer = support.defer(finally)
     local offset, names = 100, { "a", "b" }
     -- luacheck: globals PZ_SPEC_FACTOR
     PZ_SPEC_FACTOR = 2
-    finally(function() PZ_SPEC_FACTOR = nil end)
+    defer(function() PZ_SPEC_FACTOR = nil end)
     local p = Parallelize({ function(i) return names[i] .. (offset + i * PZ_SPEC_FACTOR) end })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     p(1)
     p(2)
     p:wait()
@@ -130,8 +131,9 @@ describe("Parallelize", function()
   end)
 
   it("gets executors named 'module.name' by require, with the parent's package.path", function()
+    local defer = support.defer(finally)
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    defer(function() support.rmdir(dir) end)
     support.write(dir .. "/pz_spec_mod.lua", [[
       local M = { calls = 0 }
       function M.double(x) return 2 * x end
@@ -143,7 +145,7 @@ describe("Parallelize", function()
     local p1 = Parallelize({ "pz_spec_mod.double" })
     local p2 = Parallelize({ "pz_spec_mod.nested.triple" })
     package.path = saved
-    finally(function() p1:stop(); p2:stop() end)
+    defer(function() p1:stop(); p2:stop() end)
     p1(5)
     p2(5)
     p1:wait()

@@ -154,8 +154,9 @@ end)
 
 describe("initialization that keeps failing", function()
   it("backs off, gives the slot up after init_attempts, and wait raises", function()
+    local defer = support.defer(finally)
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    defer(function() support.rmdir(dir) end)
     local log = dir .. "/attempts"
     local function ctor()
       local f = io.open(log, "a")
@@ -165,7 +166,7 @@ describe("initialization that keeps failing", function()
     end
     local t0 = core.now()
     local p = Parallelize({ Deferred(ctor) }, { init_attempts = 4 })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     for i = 1, 5 do p(i) end
     local ok, err = pcall(p.wait, p)
     local elapsed = core.now() - t0
@@ -179,8 +180,9 @@ describe("initialization that keeps failing", function()
   end)
 
   it("runs a Deferred constructor again in a replacement worker", function()
+    local defer = support.defer(finally)
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    defer(function() support.rmdir(dir) end)
     local log = dir .. "/ctor"
     local function ctor()
       local f = io.open(log, "a")
@@ -192,7 +194,7 @@ describe("initialization that keeps failing", function()
       end
     end
     local p = Parallelize({ Deferred(ctor) }, { max_deaths = 1 })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     for i = 1, 5 do p(i) end
     assert.is_true(p:wait(30))
     assert.are.equal(4, #p.results)
@@ -211,8 +213,9 @@ describe("found in review", function()
   end)
 
   it("charges a call that kills its worker while its arguments are decoded", function()
+    local defer = support.defer(finally)
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    defer(function() support.rmdir(dir) end)
     -- a module that a worker (where busted is not loaded) cannot load
     -- without dying
     support.write(dir .. "/pz_spec_crashmod.lua", [[
@@ -222,9 +225,9 @@ describe("found in review", function()
     local saved = package.path
     package.path = dir .. "/?.lua;" .. package.path
     local m = require "pz_spec_crashmod"
-    finally(function() package.path, package.loaded.pz_spec_crashmod = saved, nil end)
+    defer(function() package.path, package.loaded.pz_spec_crashmod = saved, nil end)
     local p = Parallelize({ function(x) return type(x) end })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     p(m.f)
     p(2)
     assert.is_true(p:wait(30))
@@ -416,10 +419,11 @@ end)
 
 describe("respawning", function()
   it("does not deadlock while the main thread prints, requires and allocates", function()
+    local defer = support.defer(finally)
     local sink = assert(io.open("/dev/null", "w"))
-    finally(function() sink:close() end)
+    defer(function() sink:close() end)
     local p = Parallelize(rep(function(x) parallelize.sleep(0.001); return x end, 4))
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     local _ = p.executors
     local n = 2000
     for i = 1, n do p(i) end

@@ -90,6 +90,17 @@ function M.eventually(pred, seconds)
   return pred()
 end
 
+--- busted keeps one `finally` per test (a second replaces the first):
+-- defer(finally) registers it once and returns a function that adds
+-- clean-ups, run last first, each protected.
+function M.defer(finally)
+  local fns = {}
+  finally(function()
+    for i = #fns, 1, -1 do pcall(fns[i]) end
+  end)
+  return function(fn) fns[#fns + 1] = fn end
+end
+
 --- A fresh temporary directory; removed by M.rmdir.
 function M.tmpdir()
   local p = io.popen("mktemp -d /tmp/pz-spec.XXXXXX")
