@@ -276,6 +276,56 @@ describe("found in review", function()
   end)
 end)
 
+describe("values the parent cannot decode", function()
+  it("turn a result into that call's error, keeping an error's own message", function()
+    local dir = support.tmpdir()
+    local defer = support.defer(finally)
+    defer(function() support.rmdir(dir) end)
+    -- a module that loads in workers but not in the parent (where busted is)
+    support.write(dir .. "/pz_spec_workeronly.lua", [[
+      if package.loaded.busted then error("not in the parent") end
+      return { name = "worker only" }
+    ]])
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    defer(function() package.path = saved end)
+    local p = Parallelize({ function(x)
+      if x == "module" then return require("pz_spec_workeronly") end
+      if x == "raise" then error("it failed") end
+      return x
+    end })
+    defer(function() p:stop() end)
+    p("module")
+    p("fine")
+    assert.is_true(p:wait(10))
+    assert.are.same({ "fine" }, p.results)
+    assert.are.equal(1, p.errors[1].id)
+    assert.matches("^the result of call 1 cannot be used in the parent: .*not in the parent", p.errors[1].message)
+  end)
+
+  it("keep an error whose arguments name a module the parent dropped", function()
+    local dir = support.tmpdir()
+    local defer = support.defer(finally)
+    defer(function() support.rmdir(dir) end)
+    support.write(dir .. "/pz_spec_dropped.lua", "return { f = function() end }\n")
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    local m = require "pz_spec_dropped"
+    defer(function() package.path, package.loaded.pz_spec_dropped = saved, nil end)
+    local p = Parallelize({ function() parallelize.sleep(0.2); error("it failed") end })
+    defer(function() p:stop() end)
+    p(m.f)
+    -- the worker still finds the module; the parent no longer does
+    package.loaded.pz_spec_dropped, package.path = nil, saved
+    assert.is_true(p:wait(10))
+    local e = p.errors[1]
+    assert.are.equal(1, e.id)
+    assert.are.equal(0, e.args.n)
+    assert.matches("it failed %(its arguments cannot be decoded in the parent: .*pz_spec_dropped", e.message)
+    assert.matches("stack traceback", e.traceback, 1, true)
+  end)
+end)
+
 describe("stop with a finish_timeout", function()
   it("terminates a worker stuck in an endless loop, and reaps it", function()
     local p = Parallelize({ function(x)

@@ -859,20 +859,29 @@ static void enc_table_body(enc *e, int t, seg *s)
     patch_varints(e, at, counts, 2);
 }
 
+/* Writes the table or function at idx as a reference when it was met
+ * before in this encode, or as a module reference when the index knows
+ * it; returns 1 if it did, 0 when it must be written in full. */
+static int enc_known(enc *e, int idx)
+{
+    int r = ref_find(e, idx);
+    if (r >= 0) {
+        put_byte(e, PZ_T_REF);
+        put_varint(e, (uint64_t)r);
+        return 1;
+    }
+    index_ready(e);
+    return index_put(e, idx);
+}
+
 /* Encodes the table at t: a reference if met before, a module reference if
  * it is in the index, else its contents, then its metatable if any. */
 static void enc_table(enc *e, int t)
 {
     lua_State *L = e->L;
-    int r = ref_find(e, t), mt;
+    int mt;
     seg *s;
-    if (r >= 0) {
-        put_byte(e, PZ_T_REF);
-        put_varint(e, (uint64_t)r);
-        return;
-    }
-    index_ready(e);
-    if (index_put(e, t))
+    if (enc_known(e, t))
         return;
     enc_enter(e);
     s = &e->segs[e->depth - 1];
@@ -1066,15 +1075,9 @@ static void enc_globals(enc *e, int f, seg *s)
  * bytecode, upvalues and globals, and a C function cannot travel. */
 static void enc_function(enc *e, int f)
 {
-    int r = ref_find(e, f);
+    int r;
     seg *s;
-    if (r >= 0) {
-        put_byte(e, PZ_T_REF);
-        put_varint(e, (uint64_t)r);
-        return;
-    }
-    index_ready(e);
-    if (index_put(e, f))
+    if (enc_known(e, f))
         return;
     if (lua_iscfunction(e->L, f)) {
         /* It can only travel by reference: before giving up, look in an
@@ -1191,15 +1194,63 @@ static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, i
     enc_done(&e);
 }
 
+/* Appends the value at idx when it is a number, string, boolean or nil,
+ * and returns 1; returns 0 for anything else, or when out of memory (the
+ * full encoder then reports it), possibly having appended part of it. */
+static int enc_scalar(lua_State *L, int idx, pz_buf *out)
+{
+    size_t n;
+    const char *s;
+    uint8_t *w;
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+        if (!(w = (uint8_t *)pz_buf_reserve(out, PZ_NUMBER_MAX_BYTES)))
+            return 0;
+        out->len += pz_put_number(w, lua_tonumber(L, idx));
+        return 1;
+    case LUA_TSTRING:
+        s = lua_tolstring(L, idx, &n);
+        if (!(w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_VARINT_MAX_BYTES + n)))
+            return 0;
+        size_t h = pz_put_string_header(w, n);
+        memcpy(w + h, s, n);
+        out->len += h + n;
+        return 1;
+    case LUA_TBOOLEAN:
+    case LUA_TNIL: {
+        uint8_t tag = lua_isnil(L, idx) ? PZ_T_NIL : lua_toboolean(L, idx) ? PZ_T_TRUE : PZ_T_FALSE;
+        return pz_buf_append(out, &tag, 1) == 0;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* Scalars (most arguments and results) are written without setting up the
+ * encoder; anything else goes through it, from where the scalars began. */
 void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags)
 {
+    size_t start = out->len;
+    if (enc_scalar(L, idx, out))
+        return;
+    out->len = start;
     encode_value(L, idx, out, root, flags, NULL);
 }
 
 void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags)
 {
     enc e;
+    size_t start = out->len;
+    uint8_t v[PZ_VARINT_MAX_BYTES];
     first = abs_index(L, first);
+    if (count >= 0 && pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0) {
+        int i = 0;
+        while (i < count && enc_scalar(L, first + i, out))
+            i++;
+        if (i == count)
+            return;
+    }
+    out->len = start;
     enc_start(&e, L, out, root, flags);
     put_varint(&e, (uint64_t)(count < 0 ? 0 : count));
     for (int i = 0; i < count; i++) {
@@ -1255,38 +1306,58 @@ static inline size_t dec_left(const dec *d)
     return (size_t)(d->end - d->p);
 }
 
+/* Pushes the scalar that starts at *pp, whole before end, and moves *pp
+ * past it: integers, short strings, doubles, nil, booleans, null.  Returns
+ * 0, pushing nothing, for anything else, valid or not, which is left to
+ * dec_any (it also says what is wrong).  The common values take this path
+ * inside tables, and whole calls and results take it before any decoder
+ * is set up. */
+static inline int dec_scalar(lua_State *L, const uint8_t **pp, const uint8_t *end)
+{
+    const uint8_t *p = *pp;
+    uint64_t v;
+    if (p >= end)
+        return 0;
+    uint8_t tag = *p++;
+    if (tag >= PZ_T_FIXINT) {
+        lua_pushnumber(L, tag - PZ_T_FIXINT);
+    } else if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) {
+        size_t n = (size_t)(tag - PZ_T_SHORTSTR);
+        if (n > (size_t)(end - p))
+            return 0;
+        lua_pushlstring(L, (const char *)p, n);
+        p += n;
+    } else if (tag == PZ_T_NIL) {
+        lua_pushnil(L);
+    } else if (tag == PZ_T_FALSE || tag == PZ_T_TRUE) {
+        lua_pushboolean(L, tag == PZ_T_TRUE);
+    } else if (tag == PZ_T_NULL) {
+        lua_pushlightuserdata(L, NULL);
+    } else if (tag == PZ_T_POSINT || tag == PZ_T_NEGINT) {
+        if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)1 << 53)
+            return 0;
+        lua_pushnumber(L, tag == PZ_T_NEGINT ? -(double)v : (double)v);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    } else if (tag == PZ_T_DOUBLE && end - p >= 8) {
+        double x;
+        memcpy(&x, p, sizeof x); /* the wire order is the host's */
+        lua_pushnumber(L, x);
+        p += 8;
+#endif
+    } else {
+        return 0;
+    }
+    *pp = p;
+    return 1;
+}
+
 /* Decodes one value and pushes it.  It runs for every table entry, so it is
- * inline and handles the common small values itself when they are whole:
- * integers 0..127, short strings and doubles; the rest, and every error, go
- * to dec_any. */
+ * inline and takes scalars itself; the rest, and every error, go to
+ * dec_any. */
 static inline void dec_value(dec *d)
 {
-    const uint8_t *p = d->p;
-    if (p < d->end) {
-        uint8_t tag = *p;
-        if (tag >= PZ_T_FIXINT) {
-            d->p = p + 1;
-            lua_pushnumber(d->L, tag - PZ_T_FIXINT);
-            return;
-        }
-        if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX &&
-            (size_t)(tag - PZ_T_SHORTSTR) < (size_t)(d->end - p)) {
-            size_t n = (size_t)(tag - PZ_T_SHORTSTR);
-            d->p = p + 1 + n;
-            lua_pushlstring(d->L, (const char *)p + 1, n);
-            return;
-        }
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        if (tag == PZ_T_DOUBLE && d->end - p > 8) {
-            double x;
-            memcpy(&x, p + 1, sizeof x); /* the wire order is the host's */
-            d->p = p + 9;
-            lua_pushnumber(d->L, x);
-            return;
-        }
-#endif
-    }
-    dec_any(d);
+    if (!dec_scalar(d->L, &d->p, d->end))
+        dec_any(d);
 }
 
 /* Reads a varint, raising with `what` when it is truncated or too long. */
@@ -1686,11 +1757,43 @@ static void decode_value(lua_State *L, const char *base, const char *p, const ch
 
 void pz_decode_value(lua_State *L, const char *p, size_t n, int flags)
 {
+    const uint8_t *q = (const uint8_t *)p, *end = q + n;
+    luaL_checkstack(L, 1, "cannot decode: stack overflow");
+    if (dec_scalar(L, &q, end)) {
+        if (q == end)
+            return;
+        lua_pop(L, 1); /* trailing bytes: the full decoder says so */
+    }
     decode_value(L, p, p, p + n, flags);
+}
+
+/* Pushes the values of a tuple at [p, p+n) when all are scalars (most
+ * calls' arguments) and returns how many; returns -1, pushing nothing,
+ * otherwise. */
+static int decode_scalar_tuple(lua_State *L, const char *p, size_t n)
+{
+    const uint8_t *q = (const uint8_t *)p, *end = q + n;
+    uint64_t count;
+    if (pz_get_varint(&q, end, &count) != 0 || count > 64 || !lua_checkstack(L, (int)count + 1))
+        return -1;
+    for (int i = 0; i < (int)count; i++) {
+        if (!dec_scalar(L, &q, end)) {
+            lua_pop(L, i);
+            return -1;
+        }
+    }
+    if (q != end) {
+        lua_pop(L, (int)count);
+        return -1;
+    }
+    return (int)count;
 }
 
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags)
 {
+    int scalars = decode_scalar_tuple(L, p, n);
+    if (scalars >= 0)
+        return scalars;
     dec d;
     uint64_t count;
     const uint8_t *at;
@@ -1782,7 +1885,10 @@ static int l_encode(lua_State *L)
     if (pz_buf_append(&s->buf, "\x01", 1))
         return luaL_error(L, "cannot encode: out of memory");
     s->busy = 1;
-    encode_value(L, 1, &s->buf, "value", flags, &s->busy);
+    if (!enc_scalar(L, 1, &s->buf)) {
+        s->buf.len = 1;
+        encode_value(L, 1, &s->buf, "value", flags, &s->busy);
+    }
     lua_pushlstring(L, s->buf.data, s->buf.len);
     s->busy = 0;
     s->buf.len = 0;

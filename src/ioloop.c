@@ -315,9 +315,10 @@ static void give_up(struct pz_io *io, worker *w, const char *why, const char *tb
     check_fatal(io);
 }
 
-/* Moves the CALL frames from w->out[from..] to the front of the requeue
- * (a STOP frame queued behind them is dropped). */
-static void requeue_from(struct pz_io *io, worker *w, size_t from)
+/* Moves the CALL frames from w->out[from..] to the front of the requeue,
+ * but for call `drop` (0: none), which has become an error; a STOP frame
+ * queued behind them is dropped too. */
+static void requeue_from(struct pz_io *io, worker *w, size_t from, uint64_t drop)
 {
     size_t rest = io->rq.len - io->rq_pos;
     if (from >= w->out.len)
@@ -327,7 +328,7 @@ static void requeue_from(struct pz_io *io, worker *w, size_t from)
         oom();
     for (size_t pos = from; pos < w->out.len;) {
         size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(w->out.data + pos);
-        if (w->out.data[pos + 4] == PZ_F_CALL)
+        if (w->out.data[pos + 4] == PZ_F_CALL && pz_frame_id(w->out.data + pos) != drop)
             pz_buf_append(&nb, w->out.data + pos, size); /* room reserved above */
         pos += size;
     }
@@ -345,7 +346,7 @@ static void requeue_from(struct pz_io *io, worker *w, size_t from)
  * front of the queue. */
 static void requeue_inflight(struct pz_io *io, worker *w, const char *how)
 {
-    uint64_t running = atomic_load(&io->p->shared[w->slot].running);
+    uint64_t running = atomic_load(&io->p->shared[w->slot].running), drop = 0;
     /* Workers terminated by stop() or lost with the spawner did not die of
      * their call. */
     if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
@@ -368,14 +369,13 @@ static void requeue_inflight(struct pz_io *io, worker *w, const char *how)
                          running);
                 put_record(io, PZ_F_ERROR, running, fr + PZ_FRAME_HEADER, plen, 1, msg,
                            strlen(msg), 1, NULL, 0);
-                /* Drop the frame: the requeue below skips it. */
-                fr[4] = PZ_F_STOP;
+                drop = running;
             }
             break;
         }
     }
     atomic_store(&io->p->shared[w->slot].running, 0);
-    requeue_from(io, w, w->out_head);
+    requeue_from(io, w, w->out_head, drop);
     w->out.len = w->out_head = w->out_sent = 0;
     w->inflight = 0;
 }
@@ -739,7 +739,7 @@ static void unsend(struct pz_io *io, worker *w)
         pos += PZ_FRAME_HEADER + pz_frame_payload_len(w->out.data + pos);
     for (size_t q = pos; q < w->out.len; q += PZ_FRAME_HEADER + pz_frame_payload_len(w->out.data + q))
         w->inflight--;
-    requeue_from(io, w, pos);
+    requeue_from(io, w, pos, 0);
 }
 
 static void append_stop(worker *w)

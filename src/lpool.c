@@ -161,52 +161,6 @@ static void on_init_error(lua_State *L, const pz_frame *f)
     append(L, D_INIT_ERRORS);
 }
 
-/* Pushes the value encoded in [p, p+n) when it is a scalar (what most
- * results are) and returns 1; returns 0, pushing nothing, for anything
- * else, which then goes through the full decoder. */
-static int push_scalar(lua_State *L, const char *p, size_t n)
-{
-    const uint8_t *s = (const uint8_t *)p, *end = s + n;
-    uint8_t tag;
-    uint64_t v;
-    if (n == 0)
-        return 0;
-    tag = *s++;
-    if (tag >= PZ_T_FIXINT) {
-        if (n != 1)
-            return 0;
-        lua_pushnumber(L, tag - PZ_T_FIXINT);
-        return 1;
-    }
-    if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) {
-        if (n != 1u + (tag - PZ_T_SHORTSTR))
-            return 0;
-        lua_pushlstring(L, (const char *)s, tag - PZ_T_SHORTSTR);
-        return 1;
-    }
-    switch (tag) {
-    case PZ_T_NULL:
-        if (n != 1)
-            return 0;
-        lua_pushlightuserdata(L, NULL);
-        return 1;
-    case PZ_T_FALSE:
-    case PZ_T_TRUE:
-        if (n != 1)
-            return 0;
-        lua_pushboolean(L, tag == PZ_T_TRUE);
-        return 1;
-    case PZ_T_POSINT:
-    case PZ_T_NEGINT:
-        if (pz_get_varint(&s, end, &v) != 0 || s != end || v > ((uint64_t)1 << 53))
-            return 0;
-        lua_pushnumber(L, tag == PZ_T_NEGINT ? -(lua_Number)v : (lua_Number)v);
-        return 1;
-    default:
-        return 0;
-    }
-}
-
 /* Reads the first record of the done queue into *f; returns 0 when the
  * queue is empty. */
 static int peek_record(pz_pool *p, pz_frame *f)
@@ -233,25 +187,19 @@ static void consume_record(lpool *u, const pz_frame *f)
     atomic_fetch_sub_explicit(&p->backlog, f->size, memory_order_relaxed);
 }
 
-/* Protected: lpool light userdata at 1, environment at 2.  Turns records
+/* Protected: lpool light userdata at 1, environment at 2, its tables at
+ * D_RESULTS .. D_TOP (drain_unhooked checked them).  Turns records
  * into Lua values until the queue is empty, consuming each after it is
  * stored; an error leaves the record that raised it at the head. */
 static int drain_records(lua_State *L)
 {
     lpool *u = (lpool *)lua_touserdata(L, 1);
     pz_frame f;
-    lua_settop(L, 2);
-    for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++)
-        lua_getfield(L, D_ENV, env_tables[i]);
-    for (int i = D_RESULTS; i <= D_TOP; i++)
-        if (!lua_istable(L, i))
-            return luaL_error(L, "p.%s is no longer a table", env_tables[i - D_RESULTS]);
     int nres = (int)lua_objlen(L, D_RESULTS);
     while (peek_record(u->pool, &f)) {
         switch (f.type) {
         case PZ_F_RESULT:
-            if (!push_scalar(L, f.payload, f.len))
-                pz_decode_value(L, f.payload, f.len, PZ_DECODE_FUNCTIONS);
+            pz_decode_value(L, f.payload, f.len, PZ_DECODE_FUNCTIONS);
             lua_rawseti(L, D_RESULTS, ++nres);
             lua_pushnumber(L, (lua_Number)f.id);
             lua_rawseti(L, D_IDS, nres);
@@ -281,26 +229,43 @@ static int drain_records(lua_State *L)
 /* The record at the head could not be turned into Lua values (a result
  * naming a module the parent cannot load, say): a call's result becomes
  * that call's error, an executor copy becomes the message, so nothing is
- * lost.  Error message on top of the stack; env at index env. */
-static void salvage_record(lua_State *L, lpool *u, int env)
+ * lost.  Error message on top of the stack; env at index env.  Returns 0
+ * when there was no record to blame. */
+static int salvage_record(lua_State *L, lpool *u, int env)
 {
     pz_frame f;
     if (!peek_record(u->pool, &f))
-        return;
+        return 0;
     const char *why = lua_isstring(L, -1) ? lua_tostring(L, -1) : "unknown error";
     if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR) {
-        lua_getfield(L, env, "errors");
-        if (lua_istable(L, -1)) {
-            lua_createtable(L, 0, 4);
-            lua_pushnumber(L, (lua_Number)f.id);
-            lua_setfield(L, -2, "id");
+        const char *args, *rest, *msg = NULL, *tb = "";
+        size_t alen, rlen, mlen = 0, tblen = 0;
+        /* An error keeps its own message; its arguments are what failed. */
+        if (f.type == PZ_F_ERROR &&
+            (pz_split_prefixed(f.payload, f.len, &args, &alen, &rest, &rlen) != 0 ||
+             pz_split_prefixed(rest, rlen, &msg, &mlen, &tb, &tblen) != 0))
+            msg = NULL, tb = "", tblen = 0;
+        lua_createtable(L, 0, 4);
+        lua_pushnumber(L, (lua_Number)f.id);
+        lua_setfield(L, -2, "id");
+        lua_createtable(L, 0, 1);
+        lua_pushinteger(L, 0);
+        lua_setfield(L, -2, "n");
+        lua_setfield(L, -2, "args");
+        if (msg) {
+            lua_pushlstring(L, msg, mlen);
+            lua_pushfstring(L, "%s (its arguments cannot be decoded in the parent: %s)",
+                            lua_tostring(L, -1), why);
+            lua_remove(L, -2);
+        } else
             lua_pushfstring(L, "the result of call %d cannot be used in the parent: %s",
                             (int)f.id, why);
-            lua_setfield(L, -2, "message");
-            lua_pushliteral(L, "");
-            lua_setfield(L, -2, "traceback");
-            append(L, lua_gettop(L) - 1);
-        }
+        lua_setfield(L, -2, "message");
+        lua_pushlstring(L, tb, tblen);
+        lua_setfield(L, -2, "traceback");
+        lua_getfield(L, env, "errors");
+        lua_insert(L, -2);
+        append(L, lua_gettop(L) - 1);
         lua_pop(L, 1);
     } else if (f.type == PZ_F_INIT_OK) {
         lua_getfield(L, env, "executors");
@@ -311,6 +276,7 @@ static void salvage_record(lua_State *L, lpool *u, int env)
         lua_pop(L, 1);
     }
     consume_record(u, &f);
+    return 1;
 }
 
 /* drain, with hooks off. */
@@ -318,13 +284,12 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
 {
     lua_getfenv(L, idx);
     int env = lua_gettop(L);
-    /* A table replaced through the internal core.pool_env would make every
-     * attempt below fail: refuse it before touching any record. */
+    /* The tables drain_records fills, checked here once: a table replaced
+     * through the internal core.pool_env would make every attempt below
+     * fail, so it is refused before any record is touched. */
     for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
         lua_getfield(L, env, env_tables[i]);
-        int ok = lua_istable(L, -1);
-        lua_pop(L, 1);
-        if (!ok) {
+        if (!lua_istable(L, -1)) {
             lua_pushfstring(L, "p.%s is no longer a table", env_tables[i]);
             return LUA_ERRRUN;
         }
@@ -332,14 +297,16 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
     for (;;) {
         lua_pushcfunction(L, drain_records);
         lua_pushlightuserdata(L, u);
-        lua_pushvalue(L, env);
-        int rc = lua_pcall(L, 2, 0, 0);
+        for (int i = env; i < env + D_TOP - 1; i++) /* env and its tables */
+            lua_pushvalue(L, i);
+        int rc = lua_pcall(L, D_TOP, 0, 0);
         if (rc == 0)
             break;
-        if (rc == LUA_ERRMEM)
-            return rc; /* the message is on top */
-        salvage_record(L, u, env);
-        lua_settop(L, env);
+        /* Out of memory, or an error no record caused: the message is on
+         * top.  Else the record that raised becomes an error value. */
+        if (rc == LUA_ERRMEM || !salvage_record(L, u, env))
+            return rc;
+        lua_settop(L, env + D_TOP - 1);
     }
     lua_settop(L, env - 1);
     return 0;
@@ -511,45 +478,6 @@ static int l_pool_new(lua_State *L)
  * Calls
  * --------------------------------------------------------------------- */
 
-/* Most calls pass a few numbers or short strings: those are encoded here
- * directly, without setting up the full encoder.  Returns 0 when some
- * argument needs the full encoder (s is then left for it to reset). */
-static int encode_scalars(lua_State *L, int nargs, pz_buf *s)
-{
-    uint8_t *w;
-    if (nargs > 8 || !(w = (uint8_t *)pz_buf_reserve(s, 1 + 8 * (1 + PZ_NUMBER_MAX_BYTES + 32))))
-        return 0;
-    uint8_t *start = w;
-    *w++ = (uint8_t)nargs;
-    for (int i = 2; i < 2 + nargs; i++) {
-        size_t len;
-        const char *str;
-        switch (lua_type(L, i)) {
-        case LUA_TNUMBER:
-            w += pz_put_number(w, lua_tonumber(L, i));
-            break;
-        case LUA_TSTRING:
-            str = lua_tolstring(L, i, &len);
-            if (len > PZ_SHORTSTR_MAX)
-                return 0;
-            w += pz_put_string_header(w, len);
-            memcpy(w, str, len);
-            w += len;
-            break;
-        case LUA_TBOOLEAN:
-            *w++ = lua_toboolean(L, i) ? PZ_T_TRUE : PZ_T_FALSE;
-            break;
-        case LUA_TNIL:
-            *w++ = PZ_T_NIL;
-            break;
-        default:
-            return 0;
-        }
-    }
-    s->len = (size_t)(w - start);
-    return 1;
-}
-
 /* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
  * queued when an argument cannot be encoded (the error says which). */
 static int l_pool_call(lua_State *L)
@@ -559,10 +487,7 @@ static int l_pool_call(lua_State *L)
     int nargs = lua_gettop(L) - 1;
     pz_buf *s = &u->scratch;
     s->len = 0;
-    if (!encode_scalars(L, nargs, s)) {
-        s->len = 0;
-        pz_encode_tuple(L, 2, nargs, s, "args", 0);
-    }
+    pz_encode_tuple(L, 2, nargs, s, "args", 0);
     if (s->len > p->opt.max_message)
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",

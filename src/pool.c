@@ -221,33 +221,24 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
     }
 }
 
-void pz_pool_release(pz_pool *p)
+void pz_pool_free(pz_pool *p)
 {
     if (!p)
         return;
     pz_io_free(p->io);
-    p->io = NULL;
     if (p->spawner_fd >= 0)
         close(p->spawner_fd);
     if (p->io_wake_fd >= 0)
         close(p->io_wake_fd);
     if (p->main_wake_fd >= 0)
         close(p->main_wake_fd);
-    p->spawner_fd = p->io_wake_fd = p->main_wake_fd = -1;
     if (p->submit.rd)
         pz_spsc_destroy(&p->submit);
     if (p->done.rd)
         pz_spsc_destroy(&p->done);
     if (p->init)
         free_init(p->init, p->nslots);
-    p->init = NULL;
     if (p->shared)
         munmap(p->shared, shared_size(p->nslots));
-    p->shared = NULL;
-}
-
-void pz_pool_free(pz_pool *p)
-{
-    pz_pool_release(p);
     free(p);
 }

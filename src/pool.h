@@ -108,12 +108,8 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns);
  * finished (frame bytes), in order. */
 void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 
-/* Frees everything but the pz_pool itself, which keeps stopped = 1 so a
- * late call through a stale pointer is refused, not a use after free.  The
- * pool must be stopped.  Safe to call twice. */
-void pz_pool_release(pz_pool *p);
-
-/* pz_pool_release, then frees the pool itself. */
+/* Frees the pool, its descriptors, buffers and shared memory.  The pool
+ * must be stopped (pz_pool_stop). */
 void pz_pool_free(pz_pool *p);
 
 /* I/O thread entry (ioloop.c). */
