@@ -3,7 +3,12 @@
 -- warm-up. Each run uses a fresh 2-worker pool; the run with the median
 -- p50 is reported, with its p10 and p90.
 --
---   build/pzlua bench/latency.lua     (PZ_BENCH_TRIPS, PZ_BENCH_RUNS)
+--   build/pzlua bench/latency.lua
+--
+-- Environment: PZ_BENCH_TRIPS, PZ_BENCH_RUNS; PZ_BENCH_PAUSE (seconds,
+-- default 0) sleeps before each trip, so that each starts from sleeping
+-- processes; PZ_BENCH_SPIN sets the pool's `spin` option (default: the
+-- library's default).
 --
 -- Output: key=value lines, times in microseconds.
 local dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
@@ -15,11 +20,13 @@ local TRIPS = math.floor(B.env_number("PZ_BENCH_TRIPS", 3000))
 local WARMUP = 200
 local WORKERS = 2
 local RUNS = B.runs(3)
+local PAUSE = B.env_number("PZ_BENCH_PAUSE", 0)
+local SPIN = os.getenv("PZ_BENCH_SPIN") and B.env_number("PZ_BENCH_SPIN", 0)
 
 local function double(x) return x * 2 end
 
 local function one_run()
-  return B.with_pool(parallelize.rep(double, WORKERS), nil, nil, function(p)
+  return B.with_pool(parallelize.rep(double, WORKERS), { spin = SPIN }, nil, function(p)
     local ready = #p.executors
     if ready ~= WORKERS then error("only " .. ready .. " executors initialized", 0) end
     local now = B.now
@@ -29,6 +36,7 @@ local function one_run()
     end
     local times = {}
     for i = 1, TRIPS do
+      if PAUSE > 0 then parallelize.sleep(PAUSE) end
       local t0 = now()
       p(i)
       local done = p:wait(10)
@@ -62,6 +70,8 @@ local m = runs[B.median_index(runs, "p50")]
 B.emit("trips", TRIPS)
 B.emit("workers", WORKERS)
 B.emit("runs", RUNS)
+B.emit("pause_us", PAUSE * 1e6)
+B.emit("spin_us", (SPIN or parallelize.defaults.spin) * 1e6)
 B.emit("p10_us", m.p10)
 B.emit("p50_us", m.p50)
 B.emit("p90_us", m.p90)

@@ -4,7 +4,7 @@
  * timed with CLOCK_MONOTONIC. run.sh compiles it into a temporary
  * directory; nothing of the library is involved.
  *
- *     pingpong [TRIPS [RUNS [HOPS [SPREAD]]]]
+ *     pingpong [TRIPS [RUNS [HOPS [SPREAD [PAUSE_US]]]]]
  *
  * HOPS 2 (the default) is the plain ping-pong: parent -> echo -> parent.
  * HOPS 4 relays through a middle process, parent -> relay -> echo -> relay
@@ -13,6 +13,8 @@
  * SPREAD 1 pins the parent to the first CPU it may use and every process
  * it forks to the next one (round robin), so that each wake-up crosses
  * CPUs; SPREAD 0 (the default) leaves placement to the scheduler.
+ * PAUSE_US > 0 sleeps that long before each round trip, so that every trip
+ * starts from idle processes (and, on a quiet machine, idle CPUs).
  *
  * Prints key=value lines (microseconds) for the run with the median p50.
  */
@@ -29,6 +31,7 @@
 
 /* SPREAD: the CPUs this process may use, in order, and the next to hand out. */
 static int spread, ncpus, next_cpu, cpus[CPU_SETSIZE];
+static long pause_us;
 
 /* Pins the calling process to the next CPU of the list (SPREAD only). */
 static void pin_next(void)
@@ -131,6 +134,10 @@ static int one_run(int trips, int hops, double *times, run_stats *st)
     int rc = 0;
     char c = 'x';
     for (int i = 0; i < WARMUP + trips && rc == 0; i++) {
+        if (pause_us > 0) {
+            struct timespec ts = {pause_us / 1000000, pause_us % 1000000 * 1000};
+            nanosleep(&ts, NULL);
+        }
         double t0 = now_us();
         if (write(down[1], &c, 1) != 1 || read(up[0], &c, 1) != 1)
             rc = -1;
@@ -160,8 +167,9 @@ int main(int argc, char **argv)
     int runs = argc > 2 ? atoi(argv[2]) : 3;
     int hops = argc > 3 ? atoi(argv[3]) : 2;
     spread = argc > 4 ? atoi(argv[4]) : 0;
-    if (trips < 1 || runs < 1 || runs > 99 || (hops != 2 && hops != 4)) {
-        fprintf(stderr, "usage: pingpong [TRIPS [RUNS (1..99) [HOPS (2 or 4) [SPREAD (0 or 1)]]]]\n");
+    pause_us = argc > 5 ? atol(argv[5]) : 0;
+    if (trips < 1 || runs < 1 || runs > 99 || (hops != 2 && hops != 4) || pause_us < 0) {
+        fprintf(stderr, "usage: pingpong [TRIPS [RUNS (1..99) [HOPS (2 or 4) [SPREAD (0 or 1) [PAUSE_US]]]]]\n");
         return 2;
     }
     if (spread) {
@@ -191,7 +199,7 @@ int main(int argc, char **argv)
             order[j - 1] = t;
         }
     const run_stats *m = &st[order[(runs - 1) / 2]];
-    printf("spread=%d\nncpus=%d\n", spread, ncpus);
+    printf("spread=%d\nncpus=%d\npause_us=%ld\n", spread, ncpus, pause_us);
     printf("hops=%d\ntrips=%d\nruns=%d\np10_us=%.6g\np50_us=%.6g\np90_us=%.6g\np50_us_all=", hops, trips, runs,
            m->p10, m->p50, m->p90);
     for (int r = 0; r < runs; r++)

@@ -130,6 +130,14 @@ fi
 if [ "$have_python" -eq 1 ]; then
     bench py_pingpong "$PYTHON" bench/py_anchor.py pingpong "${trips:-3000}" 3
 fi
+# Reported beside it: the same round trip without polling (spin = 0), and
+# with a 2 ms pause before each trip, so that every process involved is
+# asleep when the call comes (the ping-pong pauses as long).
+bench latency_nospin env PZ_BENCH_SPIN=0 "$PZLUA" bench/latency.lua
+bench latency_paused env PZ_BENCH_PAUSE=0.002 PZ_BENCH_TRIPS=1000 "$PZLUA" bench/latency.lua
+if [ "$have_pingpong" -eq 1 ]; then
+    bench c_pingpong_paused "$tmp/pingpong" 1000 3 2 0 2000
+fi
 
 # A diagnostic: latency again with every process on one CPU. A wake-up on
 # the same CPU is a plain context switch, while one on the other, idle, CPU
@@ -230,6 +238,14 @@ awk -F '=' -v codec_present="$codec_present" '
             if (has("py_pingpong.p50_us"))
                 row(label " p50", us(v["latency.p50_us"]), "py pipe ping-pong p50 " us(v["py_pingpong.p50_us"]),
                     ratio(v["latency.p50_us"], v["py_pingpong.p50_us"]), "(reported)", "-")
+            if (has("latency_nospin.p50_us"))
+                row("latency round trip, spin = 0, p50", us(v["latency_nospin.p50_us"]),
+                    "C pipe ping-pong p50 " us(v["c_pingpong.p50_us"]),
+                    ratio(v["latency_nospin.p50_us"], v["c_pingpong.p50_us"]), "(reported)", "-")
+            if (has("latency_paused.p50_us"))
+                row("latency round trip, 2 ms pause before each, p50", us(v["latency_paused.p50_us"]),
+                    "C ping-pong, same pause, p50 " us(v["c_pingpong_paused.p50_us"]),
+                    ratio(v["latency_paused.p50_us"], v["c_pingpong_paused.p50_us"]), "(reported)", "-")
             if (has("latency_cpu0.p50_us")) {
                 if (has("c_pingpong_cpu0.p50_us"))
                     row("latency round trip, all on CPU 0, p50", us(v["latency_cpu0.p50_us"]),

@@ -74,6 +74,7 @@ local OPTIONS = {
   window = { 0.002, "number", 0, 3600 },
   init_attempts = { 5, "integer", 1, 1000 },
   kill_grace = { 1, "number", 0, 3600 },
+  spin = { 100e-6, "number", 0, 0.01 },
 }
 
 local function check_options(opts)

@@ -110,6 +110,35 @@ for _, interp in ipairs(interpreters) do
       assert.is_true(all_gone(pids, 1))
     end)
 
+    it("a Ctrl-C that lands while wait polls interrupts it", function()
+      -- wait polls for up to 10 ms before it sleeps; the call signals the
+      -- parent at once, so the signal comes while it polls. It must still
+      -- interrupt the sleep that follows, not wait for the 30 s call.
+      local out
+      pid, out = start(dir, interp, [[
+        local parallelize = require "parallelize"
+        local core = require "parallelize.core"
+        local support = require "spec.support"
+        local p = parallelize.Parallelize({ function(parent)
+          support.kill(parent, 2)
+          parallelize.sleep(30)
+        end }, { spin = 0.01 })
+        local _ = p.executors
+        local started = core.now()
+        p(parallelize.getpid())
+        local ok, err = pcall(p.wait, p)
+        print(("caught after %f %s %s"):format(core.now() - started, tostring(ok), tostring(err)))
+        p:stop(0)
+        print("stopped")
+      ]])
+      local after, ok, err = await(out, "caught after ([%d.]+) (%a+) ([^\n]*)\n")
+      assert.are.equal("false", ok)
+      assert.matches("interrupted!", err, 1, true)
+      assert.is_true(tonumber(after) < 5, "the interrupt took " .. after .. " s")
+      await(out, "stopped\n", 10)
+      assert.is_true(all_gone({ pid }, 10))
+    end)
+
     it("interrupts p.executors while constructors run", function()
       local out
       pid, out = start(dir, interp, [[

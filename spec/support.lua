@@ -6,6 +6,7 @@ local ffi = require "ffi"
 pcall(ffi.cdef, [[
 int kill(int pid, int sig);
 int getpid(void);
+long sysconf(int name);
 typedef struct pz_spec_dir pz_spec_dir;
 struct pz_spec_dirent {
   uint64_t d_ino;
@@ -48,6 +49,22 @@ function M.alive(pid)
   f:close()
   local state = stat:match("^%d+ %b() (%a)")
   return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+--- CPU time (user + system, seconds) a process has used, from
+-- /proc/PID/stat; nil when it is gone.
+function M.cpu_seconds(pid)
+  local f = io.open("/proc/" .. pid .. "/stat", "r")
+  if not f then return nil end
+  local stat = f:read("*a")
+  f:close()
+  -- Fields after the command (which may hold spaces): state is field 3,
+  -- utime and stime are fields 14 and 15.
+  local rest = stat:match("^%d+ %b() (.*)$")
+  local fields = {}
+  for v in rest:gmatch("%S+") do fields[#fields + 1] = v end
+  local ticks = tonumber(fields[12]) + tonumber(fields[13])
+  return ticks / tonumber(ffi.C.sysconf(2)) -- _SC_CLK_TCK
 end
 
 --- The pids of the live children of pid (default: this process).

@@ -16,7 +16,8 @@
  *
  * Payloads (varint = LEB128, see codec_format.h):
  *   INIT        varint n, n bytes: tuple (package.path, package.cpath, slot,
- *               max_message); then tuple (kind, spec, ctor args)
+ *               max_message, kind, spin budget in ns); varint n, n bytes:
+ *               the spec; then the tuple of constructor arguments
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
  *   CALL        the argument tuple

@@ -78,6 +78,7 @@ struct pz_io {
     int ep;
     worker *w;
     int rr;                      /* round-robin dispatch cursor */
+    int last_idle;               /* the worker that most recently ran dry */
     pz_buf rq;                   /* requeued CALL frames, dispatched first */
     size_t rq_pos;
     spawn_req *spq;              /* spawner messages not yet sent */
@@ -522,7 +523,8 @@ static void on_answer(struct pz_io *io, worker *w, const pz_frame *f)
     }
     update_depth(io, w, ns);
     w->out_head += PZ_FRAME_HEADER + plen;
-    w->inflight--;
+    if (--w->inflight == 0)
+        io->last_idle = w->slot;
     if (w->out_head == w->out.len) {
         w->out.len = w->out_head = w->out_sent = 0;
         pz_buf_trim(&w->out, 1 << 20);
@@ -1050,6 +1052,9 @@ int pz_io_dispatch_now(struct pz_io *io)
         for (int i = 0; i < io->p->nslots && idle; i++)
             idle = io->w[i].inflight == 0;
         if (idle) {
+            /* The worker that answered last is the one most likely still
+             * awake (it polls a while before sleeping) and warm. */
+            io->rr = io->last_idle;
             dispatch(io);
             done = !pz_spsc_peek(&io->p->submit, &avail);
         }

@@ -384,8 +384,9 @@ static void build_init(lua_State *L, lpool *u, int i, const pz_options *o)
     lua_pushinteger(L, i - 1);
     lua_pushnumber(L, (lua_Number)o->max_message);
     lua_getfield(L, spec, "kind");
+    lua_pushnumber(L, (lua_Number)o->spin_ns);
     u->scratch.len = 0;
-    pz_encode_tuple(L, spec + 1, 5, &u->scratch, "init", 0);
+    pz_encode_tuple(L, spec + 1, 6, &u->scratch, "init", 0);
     append_prefixed(L, b, &u->scratch);
     lua_settop(L, spec);
 
@@ -436,6 +437,7 @@ static int l_pool_new(lua_State *L)
     o.window_ns = (int64_t)(opt_number(L, "window", 0, 3600) * 1e9);
     o.init_attempts = (int)opt_number(L, "init_attempts", 1, 1000);
     o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace", 0, 3600) * 1e9);
+    o.spin_ns = (int64_t)(opt_number(L, "spin", 0, 0.01) * 1e9);
 
     lpool *u = (lpool *)lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);

@@ -4,10 +4,12 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -44,6 +46,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
     }
     p->nslots = nslots;
     p->opt = *opt;
+    p->spin.budget_ns = opt->spin_ns;
     p->init = init;
     p->io_wake_fd = p->main_wake_fd = p->spawner_fd = -1;
     p->next_id = 1;
@@ -133,10 +136,31 @@ static int condition(pz_pool *p, int kind)
     return 1;
 }
 
+/* Polls for what `kind` waits for until the spin deadline `until`, with
+ * every signal blocked so that one arriving meanwhile stays pending for the
+ * sleep that follows (which then sees it) instead of being lost.  Returns
+ * PZ_WAITED when the wait is over, or -1 to sleep, with the signal mask to
+ * sleep with in *old. */
+static int poll_briefly(pz_pool *p, int kind, int64_t until, sigset_t *old)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, old);
+    do {
+        if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE) {
+            pthread_sigmask(SIG_SETMASK, old, NULL);
+            return PZ_WAITED;
+        }
+        sched_yield();
+    } while (pz_now_ns() < until);
+    return -1;
+}
+
 /* Sleeps until the I/O thread says the condition holds, the deadline
  * (absolute, pz_now_ns; -1: none) passes, or, when `interruptible`, a signal
  * arrives.  Waits for calls or initialization also end when enough records
- * have piled up that the main thread should drain them. */
+ * have piled up that the main thread should drain them.  Waits for calls
+ * poll first while they are usually short (spin.h). */
 static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible)
 {
     atomic_store(&p->main_waiting, kind);
@@ -145,19 +169,42 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         atomic_store(&p->main_waiting, PZ_WAIT_NONE);
         return PZ_WAITED;
     }
-    int timeout = -1;
+    int64_t start = pz_now_ns(), spin_until = 0;
+    if (kind == PZ_WAIT_CALLS && interruptible) {
+        spin_until = pz_spin_until(&p->spin, start);
+        if (deadline >= 0 && spin_until > deadline)
+            spin_until = deadline;
+    }
+    sigset_t old;
+    if (spin_until > start && poll_briefly(p, kind, spin_until, &old) == PZ_WAITED) {
+        atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+        pz_spin_note(&p->spin, pz_now_ns() - start);
+        return PZ_WAITED;
+    }
+    struct timespec ts, *tsp = NULL;
     if (deadline >= 0) {
         int64_t left = deadline - pz_now_ns();
         if (left <= 0) {
+            if (spin_until > start)
+                pthread_sigmask(SIG_SETMASK, &old, NULL);
             atomic_store(&p->main_waiting, PZ_WAIT_NONE);
             return PZ_WAIT_TIMEOUT;
         }
-        timeout = left > INT32_MAX * 1000000LL ? INT32_MAX : (int)((left + 999999) / 1000000);
+        ts.tv_sec = (time_t)(left / 1000000000);
+        ts.tv_nsec = (long)(left % 1000000000);
+        tsp = &ts;
     }
     struct pollfd pf = {p->main_wake_fd, POLLIN, 0};
-    int r = poll(&pf, 1, timeout);
+    /* After polling, signals are blocked: ppoll unblocks them for the sleep,
+     * so one that came while polling interrupts it at once. */
+    int r = spin_until > start ? ppoll(&pf, 1, tsp, &old) : ppoll(&pf, 1, tsp, NULL);
+    int err = errno;
+    if (spin_until > start)
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-    if (r < 0 && errno == EINTR)
+    if (kind == PZ_WAIT_CALLS)
+        pz_spin_note(&p->spin, pz_now_ns() - start);
+    if (r < 0 && err == EINTR)
         return interruptible ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
     if (r < 0) {
         /* poll on one valid descriptor fails only for lack of memory: do

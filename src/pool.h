@@ -16,6 +16,7 @@
 #include <sys/types.h>
 
 #include "buf.h"
+#include "spin.h"
 #include "spsc.h"
 
 /* What the main thread waits for. */
@@ -37,6 +38,7 @@ typedef struct pz_options {
     int64_t window_ns;        /* in-flight depth covers this much work */
     int init_attempts;        /* init crashes before a slot is given up */
     int64_t kill_grace_ns;    /* SIGTERM -> SIGKILL */
+    int64_t spin_ns;          /* waits poll this long before sleeping (spin.h) */
 } pz_options;
 
 struct pz_io;
@@ -76,6 +78,7 @@ typedef struct pz_pool {
     uint64_t drained;         /* RESULT/ERROR records turned into Lua values */
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
+    pz_spin spin;             /* how waits for calls poll */
 
     /* io */
     struct pz_io *io;

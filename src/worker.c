@@ -9,9 +9,11 @@
  * about them now to keep the other workers fed.
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -23,6 +25,7 @@
 #include "codec_format.h"
 #include "core.h"
 #include "frame.h"
+#include "spin.h"
 #include "sys.h"
 #include "worker.h"
 
@@ -49,6 +52,7 @@ static struct {
     int run_ref;         /* registry ref of run_call */
     pz_frame call;       /* the call run_call works on */
     pz_slot_shared *shared; /* where the running call's id is published */
+    pz_spin spin;        /* how reads poll before they block */
 } W;
 
 static _Noreturn void die(const char *what)
@@ -235,6 +239,31 @@ static _Noreturn void shut_down(lua_State *L)
     _exit(0);
 }
 
+/* Reads what the parent sent, waiting for it: polling first while waits
+ * are usually short (spin.h), so that the next call of a quick series finds
+ * the worker awake. */
+static ssize_t read_input(void *p, size_t cap)
+{
+    int64_t start = pz_now_ns(), until = pz_spin_until(&W.spin, start);
+    ssize_t n;
+    for (;;) {
+        if (until == 0) {
+            n = pz_read(W.fd, p, cap);
+            break;
+        }
+        n = recv(W.fd, p, cap, MSG_DONTWAIT);
+        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            break;
+        if (pz_now_ns() >= until)
+            until = 0;
+        else
+            sched_yield();
+    }
+    W.clock = pz_now_ns(); /* the next call starts now */
+    pz_spin_note(&W.spin, W.clock - start);
+    return n;
+}
+
 /* Returns the next whole frame, reading (and first flushing results) when
  * none is buffered.  Ends the process on end of file. */
 static pz_frame next_frame(void)
@@ -257,8 +286,7 @@ static pz_frame next_frame(void)
         size_t want = need > W.in.len + READ_CHUNK ? need - W.in.len : READ_CHUNK;
         if (!pz_buf_reserve(&W.in, want))
             die("out of memory");
-        ssize_t n = pz_read(W.fd, W.in.data + W.in.len, W.in.cap - W.in.len);
-        W.clock = 0; /* the read may have waited: the next call reads the clock */
+        ssize_t n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
         if (n == 0)
             shut_down(W.L);
         if (n < 0)
@@ -325,8 +353,10 @@ static int build_executor(lua_State *L)
         pz_split_prefixed(spec, speclen, &spec, &speclen, &args, &argslen) != 0)
         return luaL_error(L, "malformed INIT frame");
     lua_settop(L, 0);
-    if (pz_decode_tuple(L, part, partlen, PZ_DECODE_FUNCTIONS) != 5)
+    if (pz_decode_tuple(L, part, partlen, PZ_DECODE_FUNCTIONS) != 6)
         return luaL_error(L, "malformed INIT frame");
+    W.spin.budget_ns = (int64_t)lua_tonumber(L, 6);
+    lua_pop(L, 1);
     lua_getglobal(L, "package");
     lua_pushvalue(L, 1);
     lua_setfield(L, -2, "path");
