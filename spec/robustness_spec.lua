@@ -152,6 +152,103 @@ describe("a worker that dies", function()
   end)
 end)
 
+-- A lone call on an idle pool is sent by the main thread, which reads its
+-- answer on the worker's socket itself (ioloop.c, "lending"); the I/O
+-- thread takes the worker back on the next call, or when it dies.
+describe("a lone call", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(function() support.rmdir(dir) end)
+
+  for _, how in ipairs({ "kill", "segv", "exit" }) do
+    it("whose worker dies (" .. how .. ") is run again", function()
+      local p = Parallelize(rep(crasher(how, dir, { [2] = true, [4] = true }), 2))
+      finally(function() p:stop() end)
+      local _ = p.executors
+      for i = 1, 6 do
+        p(i)
+        assert.is_true(p:wait(30))
+        assert.are.equal(i, #p.results)
+        assert.are.equal(i * 10, p.results[i])
+      end
+      assert_each_once(p, 6)
+    end)
+  end
+
+  it("whose worker dies while nobody waits is run again", function()
+    local p = Parallelize(rep(crasher("kill", dir, { [1] = true }), 2))
+    finally(function() p:stop() end)
+    local _ = p.executors
+    p(1)
+    core.sleep(0.3)
+    assert.is_true(p:wait(30))
+    assert.are.same({ 10 }, p.results)
+  end)
+
+  it("that always kills its worker becomes an error", function()
+    local p = Parallelize(rep(crasher("kill", dir, { [1] = true }, true), 2))
+    finally(function() p:stop() end)
+    local _ = p.executors
+    p(1)
+    assert.is_true(p:wait(30))
+    assert.are.equal(0, #p.results)
+    assert.matches("^call 1 killed 3 workers", p.errors[1].message)
+  end)
+
+  it("shows up in p.results without a wait", function()
+    local p = Parallelize(rep(function(x) return x + 1 end, 2))
+    finally(function() p:stop() end)
+    local _ = p.executors
+    p(41)
+    assert.is_true(support.eventually(function() return #p.results == 1 end, 10))
+    assert.are.same({ 42 }, p.results)
+    assert.are.equal(0, p.pending)
+  end)
+
+  it("does not keep its worker from the calls that follow", function()
+    local p = Parallelize(rep(function()
+      parallelize.sleep(0.02)
+      return parallelize.getpid()
+    end, 2))
+    finally(function() p:stop() end)
+    local _ = p.executors
+    p()
+    core.sleep(0.05) -- the lone call is answered; nobody has read it yet
+    for _ = 2, 20 do p() end
+    assert.is_true(p:wait(30))
+    local first, others = p.results[1], {}
+    for i = 2, 20 do others[p.results[i]] = true end
+    assert.is_true(others[first], "the first call's worker got none of the 19 calls after it")
+    assert.are.equal(2, #p.pids)
+  end)
+
+  it("running when stop is called is waited for, or aborted by stop(0)", function()
+    local p = Parallelize(rep(function(x)
+      parallelize.sleep(0.2)
+      return x
+    end, 2))
+    local _ = p.executors
+    p(1)
+    core.sleep(0.05) -- running, not merely queued: stop lets it finish
+    local aborted = p:stop()
+    assert.are.same({}, aborted)
+    assert.are.same({ 1 }, p.results)
+    p = Parallelize(rep(function(x)
+      parallelize.sleep(30)
+      return x
+    end, 2))
+    _ = p.executors
+    p(1)
+    core.sleep(0.05)
+    local t0 = core.now()
+    aborted = p:stop(0)
+    assert.is_true(core.now() - t0 < 5)
+    assert.are.equal(1, #aborted)
+    assert.are.equal(1, aborted[1].id)
+    assert.are.same({ n = 1, 1 }, { n = aborted[1].n, aborted[1][1] })
+  end)
+end)
+
 describe("initialization that keeps failing", function()
   it("backs off, gives the slot up after init_attempts, and wait raises", function()
     local defer = support.defer(finally)

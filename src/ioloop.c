@@ -61,6 +61,7 @@ typedef struct worker {
     int64_t eof_at;      /* saw EOF while the process still ran */
     int kill_sent;
     int pending_sig;     /* to send once the spawner has told us the pid */
+    int lent;            /* lent to the main thread: see "lending" below */
     char why[200];       /* set when the parent killed it */
 } worker;
 
@@ -79,6 +80,7 @@ struct pz_io {
     worker *w;
     int rr;                      /* round-robin dispatch cursor */
     int last_idle;               /* the worker that most recently ran dry */
+    worker *lent;                /* lent to the waiting main thread, or NULL */
     pz_buf rq;                   /* requeued CALL frames, dispatched first */
     size_t rq_pos;
     spawn_req *spq;              /* spawner messages not yet sent */
@@ -158,6 +160,8 @@ static uint64_t token(const worker *w)
 
 static void watch(struct pz_io *io, worker *w, int op)
 {
+    if (w->lent)
+        return; /* out of the set until given back (give_back) */
     struct epoll_event ev = {EPOLLIN | (w->want_out ? EPOLLOUT : 0), {.u64 = token(w)}};
     if (epoll_ctl(io->ep, op, w->fd, &ev) != 0) {
         fprintf(stderr, "parallelize: epoll_ctl: %s\n", strerror(errno));
@@ -385,7 +389,12 @@ static void close_worker_fd(struct pz_io *io, worker *w)
 {
     if (w->fd < 0)
         return;
-    epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL);
+    if (w->lent) {
+        w->lent = 0;
+        io->lent = NULL;
+    } else {
+        epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL);
+    }
     close(w->fd);
     w->fd = -1;
     w->want_out = 0;
@@ -670,12 +679,20 @@ static worker *pick_worker(struct pz_io *io)
     int n = io->p->nslots;
     for (int i = 0; i < n; i++) {
         worker *w = &io->w[(io->rr + i) % n];
-        if (w->state == S_READY && w->fd >= 0 && w->inflight < w->depth) {
+        if (w->state == S_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent) {
             io->rr = (w->slot + 1) % n;
             return w;
         }
     }
     return NULL;
+}
+
+/* Queues one CALL frame for worker w. */
+static void hand_call(worker *w, const char *frame, size_t size)
+{
+    if (pz_buf_append(&w->out, frame, size) != 0)
+        oom();
+    w->inflight++;
 }
 
 /* Hands queued calls to workers with room, requeued calls first. */
@@ -700,9 +717,7 @@ static void dispatch(struct pz_io *io)
         if (!w)
             break;
         size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(fr);
-        if (pz_buf_append(&w->out, fr, size) != 0)
-            oom();
-        w->inflight++;
+        hand_call(w, fr, size);
         if (from_rq) {
             io->rq_pos += size;
         } else {
@@ -725,7 +740,7 @@ static int has_room(struct pz_io *io)
 {
     for (int i = 0; i < io->p->nslots; i++) {
         worker *w = &io->w[i];
-        if (w->state == S_READY && w->fd >= 0 && w->inflight < w->depth)
+        if (w->state == S_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent)
             return 1;
     }
     return 0;
@@ -1038,16 +1053,48 @@ void *pz_io_main(void *arg)
     return NULL;
 }
 
-int pz_io_dispatch_now(struct pz_io *io)
+/* ---- lending a lone call's worker to the main thread ------------------- */
+
+/* A lone call on an idle pool would otherwise cost one wake-up more: the
+ * I/O thread's, to relay the answer.  On a virtual machine that thread
+ * often sleeps on the other, idle, CPU, where a wake-up costs tens of
+ * microseconds, paid by the worker in its write.  So the main thread sends
+ * a lone call itself and takes the worker's socket out of the epoll set
+ * before it does: the answer then wakes only the main thread, which reads
+ * it with the code below (read_worker), under the lock.  The I/O thread
+ * leaves a lent worker alone (pick_worker, has_room, watch) except to
+ * handle its death (close_worker_fd ends the lend). */
+
+static void give_back(struct pz_io *io)
+{
+    worker *w = io->lent;
+    io->lent = NULL;
+    w->lent = 0;
+    watch(io, w, EPOLL_CTL_ADD);
+}
+
+/* The submit queue holds exactly one frame (as far as its first chunk
+ * shows). */
+static const char *lone_call(struct pz_io *io, size_t *size)
 {
     size_t avail;
+    const char *fr = pz_spsc_peek(&io->p->submit, &avail);
+    if (!fr)
+        return NULL;
+    *size = PZ_FRAME_HEADER + pz_frame_payload_len(fr);
+    return *size == avail ? fr : NULL;
+}
+
+int pz_io_dispatch_now(struct pz_io *io, int *lent_fd)
+{
+    size_t avail, size;
     int done = 0;
     if (pthread_mutex_trylock(&io->lock) != 0)
         return 0;
     /* Only for a pool with nothing in flight: a call then waits for no
      * other, and the I/O thread, which sleeps, would only relay it.  Under
      * a stream of calls the I/O thread batches them instead. */
-    if (atomic_load(&io->p->io_sleeping) && !io->stopping && io->rq_pos == io->rq.len) {
+    if (atomic_load(&io->p->io_sleeping) && !io->stopping && io->rq_pos == io->rq.len && !io->lent) {
         int idle = 1;
         for (int i = 0; i < io->p->nslots && idle; i++)
             idle = io->w[i].inflight == 0;
@@ -1055,12 +1102,48 @@ int pz_io_dispatch_now(struct pz_io *io)
             /* The worker that answered last is the one most likely still
              * awake (it polls a while before sleeping) and warm. */
             io->rr = io->last_idle;
-            dispatch(io);
+            const char *fr = lone_call(io, &size);
+            worker *w = fr ? pick_worker(io) : NULL;
+            if (w && epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL) == 0) {
+                w->lent = 1;
+                io->lent = w;
+                hand_call(w, fr, size);
+                pz_spsc_consume(&io->p->submit, size);
+                flush_worker(io, w);
+                if (io->lent && w->out_sent < w->out.len)
+                    give_back(io); /* the rest goes out when it can */
+                else if (io->lent)
+                    *lent_fd = w->fd;
+            } else {
+                dispatch(io);
+            }
             done = !pz_spsc_peek(&io->p->submit, &avail);
         }
     }
     pthread_mutex_unlock(&io->lock);
     return done;
+}
+
+int pz_io_collect(struct pz_io *io, int keep)
+{
+    pthread_mutex_lock(&io->lock);
+    worker *w = io->lent;
+    if (w) {
+        read_worker(io, w);
+        if (io->lent && (!keep || w->inflight == 0))
+            give_back(io);
+        if (w->fd < 0) {
+            /* It died: its requeued calls and its timers are the I/O
+             * thread's business. */
+            uint64_t one = 1;
+            if (write(io->p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+                fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+        }
+    }
+    publish(io);
+    int fd = io->lent ? io->lent->fd : -1;
+    pthread_mutex_unlock(&io->lock);
+    return fd;
 }
 
 struct pz_io *pz_io_new(pz_pool *p)

@@ -323,6 +323,7 @@ static void drain(lua_State *L, lpool *u, int idx)
 {
     if (!u->pool)
         return;
+    pz_pool_collect(u->pool);
     lua_Hook hook = lua_gethook(L);
     int mask = lua_gethookmask(L), count = lua_gethookcount(L);
     if (hook)

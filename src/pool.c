@@ -9,11 +9,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "frame.h"
@@ -48,7 +48,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
     p->opt = *opt;
     p->spin.budget_ns = opt->spin_ns;
     p->init = init;
-    p->io_wake_fd = p->main_wake_fd = p->spawner_fd = -1;
+    p->io_wake_fd = p->main_wake_fd = p->spawner_fd = p->lent_fd = -1;
     p->next_id = 1;
     atomic_init(&p->finish_ns, -1);
     if (pz_spsc_init(&p->submit, CHUNK_SIZE) != 0 || pz_spsc_init(&p->done, CHUNK_SIZE) != 0) {
@@ -109,9 +109,13 @@ fail:
 void pz_pool_kick(pz_pool *p)
 {
     pz_spsc_publish(&p->submit);
+    /* A second call: the I/O thread takes the lent worker back, so that it
+     * can feed it too. */
+    if (p->lent_fd >= 0)
+        p->lent_fd = pz_io_collect(p->io, 0);
     if (atomic_load(&p->io_sleeping) && !atomic_exchange(&p->io_woken, 1)) {
         uint64_t one = 1;
-        if (pz_io_dispatch_now(p->io)) {
+        if (pz_io_dispatch_now(p->io, &p->lent_fd)) {
             atomic_store(&p->io_woken, 0);
             return;
         }
@@ -119,6 +123,19 @@ void pz_pool_kick(pz_pool *p)
         if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
             atomic_store(&p->io_woken, 0);
     }
+}
+
+void pz_pool_collect(pz_pool *p)
+{
+    if (p->lent_fd >= 0)
+        p->lent_fd = pz_io_collect(p->io, 1);
+}
+
+/* True when the lent socket has something to read (or has closed). */
+static int lent_ready(pz_pool *p)
+{
+    struct pollfd pf = {p->lent_fd, POLLIN, 0};
+    return p->lent_fd >= 0 && poll(&pf, 1, 0) != 0;
 }
 
 static int condition(pz_pool *p, int kind)
@@ -147,6 +164,13 @@ static int poll_briefly(pz_pool *p, int kind, int64_t until, sigset_t *old)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, old);
     do {
+        if (lent_ready(p)) {
+            /* Answers read here are published without waking this
+             * thread: it looks at the condition itself, next. */
+            atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+            pz_pool_collect(p);
+            atomic_store(&p->main_waiting, kind);
+        }
         if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE) {
             pthread_sigmask(SIG_SETMASK, old, NULL);
             return PZ_WAITED;
@@ -194,14 +218,19 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         ts.tv_nsec = (long)(left % 1000000000);
         tsp = &ts;
     }
-    struct pollfd pf = {p->main_wake_fd, POLLIN, 0};
+    /* A lone call's answer comes on the lent socket, if any (see
+     * pz_io_dispatch_now); whatever else happens comes on the eventfd. */
+    int lent = p->lent_fd;
+    struct pollfd pf[2] = {{p->main_wake_fd, POLLIN, 0}, {lent, POLLIN, 0}};
     /* After polling, signals are blocked: ppoll unblocks them for the sleep,
      * so one that came while polling interrupts it at once. */
-    int r = spin_until > start ? ppoll(&pf, 1, tsp, &old) : ppoll(&pf, 1, tsp, NULL);
+    int r = ppoll(pf, lent >= 0 ? 2 : 1, tsp, spin_until > start ? &old : NULL);
     int err = errno;
     if (spin_until > start)
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+    if (r > 0 && lent >= 0 && pf[1].revents)
+        pz_pool_collect(p);
     if (kind == PZ_WAIT_CALLS)
         pz_spin_note(&p->spin, pz_now_ns() - start);
     if (r < 0 && err == EINTR)
@@ -213,7 +242,7 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         return PZ_WAITED;
     }
     uint64_t v;
-    if (r > 0 && read(p->main_wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+    if (r > 0 && pf[0].revents && read(p->main_wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
         pz_sleep_ns(1000000); /* cannot happen with an eventfd; never spin */
     return PZ_WAITED;
 }
@@ -232,6 +261,8 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
     if (p->reaped)
         return;
     p->stopped = 1;
+    if (p->lent_fd >= 0)
+        p->lent_fd = pz_io_collect(p->io, 0);
     if (p->thread_started) {
         atomic_store(&p->finish_ns, finish_ns);
         atomic_store(&p->stop_requested, 1);

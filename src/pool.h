@@ -79,6 +79,7 @@ typedef struct pz_pool {
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
     pz_spin spin;             /* how waits for calls poll */
+    int lent_fd;              /* a worker's socket lent to this thread, or -1 */
 
     /* io */
     struct pz_io *io;
@@ -92,6 +93,10 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
 /* Main thread: makes the published CALL frame visible and wakes the I/O
  * thread if it sleeps with room for calls. */
 void pz_pool_kick(pz_pool *p);
+
+/* Main thread: reads the answers a lent socket holds (see
+ * pz_io_dispatch_now), before records are drained. */
+void pz_pool_collect(pz_pool *p);
 
 /* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*) may have
  * come true, records wait to be drained, the pool failed, the deadline
@@ -122,8 +127,14 @@ void pz_io_free(struct pz_io *io);
 /* Main thread: when the I/O thread sleeps and no call is in flight, hands
  * the queued calls to workers itself, sparing the wake-up of the I/O thread
  * (one cross-CPU hop of a round trip).  Returns 1 when nothing is left for
- * the I/O thread to do, else 0 (it must be woken as usual). */
-int pz_io_dispatch_now(struct pz_io *io);
+ * the I/O thread to do, else 0 (it must be woken as usual).  When a lone
+ * call went to a worker, lends that worker's socket to the main thread
+ * (ioloop.c, "lending") and stores it in *lent_fd. */
+int pz_io_dispatch_now(struct pz_io *io, int *lent_fd);
+/* Main thread: reads what the lent socket holds and publishes the records.
+ * Gives the socket back when its calls are answered, when it is closed, or
+ * when `keep` is 0.  Returns the socket when it is still lent, else -1. */
+int pz_io_collect(struct pz_io *io, int keep);
 /* After the I/O thread ended: frames to abort (requeue then in-flight). */
 void pz_io_leftovers(struct pz_io *io, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 

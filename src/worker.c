@@ -259,8 +259,10 @@ static ssize_t read_input(void *p, size_t cap)
         else
             sched_yield();
     }
+    int err = errno;
     W.clock = pz_now_ns(); /* the next call starts now */
     pz_spin_note(&W.spin, W.clock - start);
+    errno = err;
     return n;
 }
 
