@@ -222,6 +222,37 @@ describe("a lone call", function()
     assert.are.equal(2, #p.pids)
   end)
 
+  it("leaves its worker to the I/O thread afterwards, even when no other is left", function()
+    -- While the lone call runs, the other worker dies for good: the I/O
+    -- thread then has no worker it may feed. Once the answer is read, the
+    -- next call must still reach the first worker.
+    local p = Parallelize(rep(function(seconds)
+      local f = io.open(dir .. "/running", "w")
+      f:write(parallelize.getpid())
+      f:close()
+      parallelize.sleep(seconds)
+      return seconds
+    end, 2), { respawn = false })
+    finally(function() p:stop(0) end)
+    local _ = p.executors
+    local pids = p.pids
+    assert.are.equal(2, #pids)
+    p(0.5)
+    local running
+    assert.is_true(support.eventually(function()
+      running = tonumber(support.read(dir .. "/running") or "")
+      return running ~= nil
+    end, 10))
+    local other = running == pids[1] and pids[2] or pids[1]
+    assert.is_true(support.kill(other, SIGKILL))
+    assert.is_true(support.eventually(function() return not support.alive(other) end, 10))
+    core.sleep(0.05) -- the I/O thread has handled the death
+    assert.is_true(p:wait(10))
+    p(0)
+    assert.is_true(p:wait(5), "the call after the lone one was never sent")
+    assert.are.same({ 0.5, 0 }, p.results)
+  end)
+
   it("running when stop is called is waited for, or aborted by stop(0)", function()
     local p = Parallelize(rep(function(x)
       parallelize.sleep(0.2)

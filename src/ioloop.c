@@ -1063,7 +1063,9 @@ void *pz_io_main(void *arg)
  * before it does: the answer then wakes only the main thread, which reads
  * it with the code below (read_worker), under the lock.  The I/O thread
  * leaves a lent worker alone (pick_worker, has_room, watch) except to
- * handle its death (close_worker_fd ends the lend). */
+ * handle its death (close_worker_fd ends the lend) and, when it took an
+ * event for that socket from epoll_wait just before the lend, to read it:
+ * harmless, since both read under the lock. */
 
 static void give_back(struct pz_io *io)
 {
@@ -1071,6 +1073,14 @@ static void give_back(struct pz_io *io)
     io->lent = NULL;
     w->lent = 0;
     watch(io, w, EPOLL_CTL_ADD);
+    /* An I/O thread that went to sleep during the lend may have found no
+     * room for calls (has_room skips a lent worker), and then p(...) would
+     * not wake it: wake it now so that it looks again. */
+    if (!atomic_load(&io->p->io_sleeping)) {
+        uint64_t one = 1;
+        if (write(io->p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+    }
 }
 
 /* The submit queue holds exactly one frame (as far as its first chunk

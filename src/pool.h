@@ -79,7 +79,11 @@ typedef struct pz_pool {
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
     pz_spin spin;             /* how waits for calls poll */
-    int lent_fd;              /* a worker's socket lent to this thread, or -1 */
+    int lent_fd;              /* a worker's socket lent to this thread, or -1;
+                               * stale (closed, maybe reused) once the I/O
+                               * thread ended the lend: polling it then only
+                               * wakes this thread once, and pz_io_collect,
+                               * which looks under the lock, returns -1 */
 
     /* io */
     struct pz_io *io;
