@@ -1004,9 +1004,9 @@ void *pz_io_main(void *arg)
     pz_pool *p = arg;
     struct pz_io *io = p->io;
     struct epoll_event evs[64];
+    pthread_mutex_lock(&io->lock);
     for (int i = 0; i < p->nslots; i++)
         start_worker(io, &io->w[i]);
-    pthread_mutex_lock(&io->lock);
     while (!io->finished) {
         int64_t now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
@@ -1132,6 +1132,14 @@ int pz_io_dispatch_now(struct pz_io *io, int *lent_fd)
     }
     pthread_mutex_unlock(&io->lock);
     return done;
+}
+
+void pz_io_park(struct pz_io *io, int park)
+{
+    if (park)
+        pthread_mutex_lock(&io->lock);
+    else
+        pthread_mutex_unlock(&io->lock);
 }
 
 int pz_io_collect(struct pz_io *io, int keep)

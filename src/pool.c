@@ -24,6 +24,40 @@
 
 #define CHUNK_SIZE 65536
 
+/* Pools whose I/O thread runs.  A fork while some other thread is inside
+ * malloc hands the child a locked allocator: glibc's malloc guards against
+ * that, but other allocators (a sanitizer's, for one) do not, and workers
+ * forked from that child then hang at their first allocation.  So the
+ * spawner is forked with every running pool's I/O thread parked on its own
+ * lock, which it holds except while it sleeps in epoll_wait. */
+static pthread_mutex_t running_lock = PTHREAD_MUTEX_INITIALIZER;
+static pz_pool *running_pools;
+
+static void park_io_threads(void)
+{
+    pthread_mutex_lock(&running_lock);
+    for (pz_pool *q = running_pools; q; q = q->next_running)
+        pz_io_park(q->io, 1);
+}
+
+static void unpark_io_threads(void)
+{
+    for (pz_pool *q = running_pools; q; q = q->next_running)
+        pz_io_park(q->io, 0);
+    pthread_mutex_unlock(&running_lock);
+}
+
+static void forget_running(pz_pool *p)
+{
+    pthread_mutex_lock(&running_lock);
+    for (pz_pool **q = &running_pools; *q; q = &(*q)->next_running)
+        if (*q == p) {
+            *q = p->next_running;
+            break;
+        }
+    pthread_mutex_unlock(&running_lock);
+}
+
 static size_t shared_size(int nslots)
 {
     return (size_t)nslots * sizeof(pz_slot_shared);
@@ -69,7 +103,10 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
         *err = "cannot map memory shared with the workers";
         goto fail;
     }
-    if (pz_spawner_start(p->shared, &p->spawner_pid, &p->spawner_fd) != 0) {
+    park_io_threads();
+    int forked = pz_spawner_start(p->shared, &p->spawner_pid, &p->spawner_fd);
+    unpark_io_threads();
+    if (forked != 0) {
         *err = "cannot fork the spawner process";
         goto fail;
     }
@@ -94,6 +131,10 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
         goto fail;
     }
     p->thread_started = 1;
+    pthread_mutex_lock(&running_lock);
+    p->next_running = running_pools;
+    running_pools = p;
+    pthread_mutex_unlock(&running_lock);
     return p;
 fail:
     {
@@ -261,6 +302,8 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
     if (p->reaped)
         return;
     p->stopped = 1;
+    if (p->thread_started)
+        forget_running(p);
     if (p->lent_fd >= 0)
         p->lent_fd = pz_io_collect(p->io, 0);
     if (p->thread_started) {

@@ -85,6 +85,8 @@ typedef struct pz_pool {
                                * wakes this thread once, and pz_io_collect,
                                * which looks under the lock, returns -1 */
 
+    struct pz_pool *next_running; /* pool.c's list of running pools */
+
     /* io */
     struct pz_io *io;
 } pz_pool;
@@ -135,6 +137,9 @@ void pz_io_free(struct pz_io *io);
  * call went to a worker, lends that worker's socket to the main thread
  * (ioloop.c, "lending") and stores it in *lent_fd. */
 int pz_io_dispatch_now(struct pz_io *io, int *lent_fd);
+/* Main thread: takes (park = 1) or releases (0) the I/O thread's lock,
+ * which keeps the thread out of everything but epoll_wait meanwhile. */
+void pz_io_park(struct pz_io *io, int park);
 /* Main thread: reads what the lent socket holds and publishes the records.
  * Gives the socket back when its calls are answered, when it is closed, or
  * when `keep` is 0.  Returns the socket when it is still lent, else -1. */
