@@ -1067,6 +1067,15 @@ void *pz_io_main(void *arg)
  * event for that socket from epoll_wait just before the lend, to read it:
  * harmless, since both read under the lock. */
 
+/* Called by the main thread, under the lock: the I/O thread looks again
+ * at everything once it can take the lock. */
+static void wake_io_thread(struct pz_io *io)
+{
+    uint64_t one = 1;
+    if (write(io->p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+}
+
 static void give_back(struct pz_io *io)
 {
     worker *w = io->lent;
@@ -1076,11 +1085,8 @@ static void give_back(struct pz_io *io)
     /* An I/O thread that went to sleep during the lend may have found no
      * room for calls (has_room skips a lent worker), and then p(...) would
      * not wake it: wake it now so that it looks again. */
-    if (!atomic_load(&io->p->io_sleeping)) {
-        uint64_t one = 1;
-        if (write(io->p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-            fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
-    }
+    if (!atomic_load(&io->p->io_sleeping))
+        wake_io_thread(io);
 }
 
 /* The submit queue holds exactly one frame (as far as its first chunk
@@ -1153,9 +1159,7 @@ int pz_io_collect(struct pz_io *io, int keep)
         if (w->fd < 0) {
             /* It died: its requeued calls and its timers are the I/O
              * thread's business. */
-            uint64_t one = 1;
-            if (write(io->p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-                fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+            wake_io_thread(io);
         }
     }
     publish(io);
