@@ -26,17 +26,7 @@ local function error_of(f, ...)
   return e
 end
 
---- LEB128, as the format writes it (for hand-made inputs).
-local function varint(n)
-  local out = {}
-  repeat
-    local byte = n % 128
-    n = (n - byte) / 128
-    if n > 0 then byte = byte + 128 end
-    out[#out + 1] = string.char(byte)
-  until n == 0
-  return table.concat(out)
-end
+local varint = support.varint
 
 --- The 8 bytes of a double, little-endian as the format writes them.
 local function double_bytes(d)

@@ -5,45 +5,10 @@
 -- The interpreter under test is $PZLUA when set (the sanitizer pass, or an
 -- installed copy), else build/pzlua of this tree.
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", [['\'']]) .. "'"
-end
+local support = require "spec.support"
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("*a")
-  f:close()
-  return data
-end
-
-local function write_file(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  assert(f:close())
-end
-
--- Makes path absolute, taking a relative one from dir (or the current
--- directory), so tests may change directory and still find the binary.
-local function absolute(path, dir)
-  if path:sub(1, 1) == "/" then return path end
-  if not dir or dir:sub(1, 1) ~= "/" then
-    local p = assert(io.popen("pwd"))
-    local cwd = p:read("*l")
-    p:close()
-    dir = cwd .. "/" .. (dir or "")
-  end
-  return dir .. path
-end
-
--- $PZLUA is taken from the current directory; the default from the top of
--- the tree (this file is spec/pzlua_spec.lua).
-local PZLUA = os.getenv("PZLUA")
-if PZLUA and PZLUA ~= "" then
-  PZLUA = absolute(PZLUA)
-else
-  PZLUA = absolute("build/pzlua", debug.getinfo(1, "S").source:match("^@(.*)spec/[^/]*$") or "")
-end
+local shell_quote, read_file, write_file = support.quote, support.read, support.write
+local PZLUA = support.pzlua()
 
 local tmpfiles = {}
 local function tmpname()

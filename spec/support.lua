@@ -41,30 +41,32 @@ function M.getpid()
   return ffi.C.getpid()
 end
 
---- True when a process with this pid exists and is not a zombie.
-function M.alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat", "r")
-  if not f then return false end
-  local stat = f:read("*a")
-  f:close()
-  local state = stat:match("^%d+ %b() (%a)")
-  return state ~= nil and state ~= "Z" and state ~= "X"
-end
-
---- CPU time (user + system, seconds) a process has used, from
--- /proc/PID/stat; nil when it is gone.
-function M.cpu_seconds(pid)
+--- The fields of /proc/PID/stat after the command name (which may hold
+-- spaces): [1] is the state (field 3 of proc(5)), [2] the parent's pid,
+-- [12] and [13] utime and stime. nil when the process is gone.
+local function stat_fields(pid)
   local f = io.open("/proc/" .. pid .. "/stat", "r")
   if not f then return nil end
   local stat = f:read("*a")
   f:close()
-  -- Fields after the command (which may hold spaces): state is field 3,
-  -- utime and stime are fields 14 and 15.
-  local rest = stat:match("^%d+ %b() (.*)$")
   local fields = {}
-  for v in rest:gmatch("%S+") do fields[#fields + 1] = v end
-  local ticks = tonumber(fields[12]) + tonumber(fields[13])
-  return ticks / tonumber(ffi.C.sysconf(2)) -- _SC_CLK_TCK
+  for v in (stat:match("^%d+ %b() (.*)$") or ""):gmatch("%S+") do fields[#fields + 1] = v end
+  return fields
+end
+
+--- True when a process with this pid exists and is not a zombie.
+function M.alive(pid)
+  local fields = stat_fields(pid)
+  local state = fields and fields[1]
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+--- CPU time (user + system, seconds) a process has used; nil when it is
+-- gone.
+function M.cpu_seconds(pid)
+  local fields = stat_fields(pid)
+  if not fields then return nil end
+  return (tonumber(fields[12]) + tonumber(fields[13])) / tonumber(ffi.C.sysconf(2)) -- _SC_CLK_TCK
 end
 
 --- The pids of the live children of pid (default: this process).
@@ -72,14 +74,9 @@ function M.children(pid)
   pid = pid or M.getpid()
   local list = {}
   for _, name in ipairs(M.list("/proc")) do
-    if name:match("^%d+$") then
-      local f = io.open("/proc/" .. name .. "/stat", "r")
-      if f then
-        local stat = f:read("*a") or ""
-        f:close()
-        local state, ppid = stat:match("^%d+ %b() (%a) (%d+)")
-        if ppid and tonumber(ppid) == pid and state ~= "Z" then list[#list + 1] = tonumber(name) end
-      end
+    local fields = name:match("^%d+$") and stat_fields(name)
+    if fields and tonumber(fields[2]) == pid and fields[1] ~= "Z" then
+      list[#list + 1] = tonumber(name)
     end
   end
   return list
@@ -132,8 +129,8 @@ end
 
 function M.write(path, text)
   local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
+  assert(f:write(text))
+  assert(f:close())
 end
 
 function M.read(path)
@@ -144,14 +141,32 @@ function M.read(path)
   return s
 end
 
---- The pzlua under test: $PZLUA, else build/pzlua.
+--- The pzlua under test, as an absolute path: $PZLUA (relative to the
+-- current directory), else build/pzlua of the tree this file is in.
 function M.pzlua()
-  local p = os.getenv("PZLUA") or "build/pzlua"
-  if p:sub(1, 1) ~= "/" then
-    local pwd = io.popen("pwd"):read("*l")
-    p = pwd .. "/" .. p
+  local p, dir = os.getenv("PZLUA"), nil
+  if not p or p == "" then
+    p, dir = "build/pzlua", debug.getinfo(1, "S").source:match("^@(.*)spec/[^/]*$")
   end
-  return p
+  if p:sub(1, 1) == "/" then return p end
+  if not dir or dir:sub(1, 1) ~= "/" then
+    local pwd = io.popen("pwd")
+    dir = pwd:read("*l") .. "/" .. (dir or "")
+    pwd:close()
+  end
+  return dir .. p
+end
+
+--- LEB128, as the codec and frames write it (for hand-made inputs).
+function M.varint(n)
+  local out = {}
+  repeat
+    local byte = n % 128
+    n = (n - byte) / 128
+    if n > 0 then byte = byte + 128 end
+    out[#out + 1] = string.char(byte)
+  until n == 0
+  return table.concat(out)
 end
 
 --- Quotes s for the shell.

@@ -3,29 +3,17 @@
 --   spec/fuzz/seeds_fuzz_frame/   frame streams as a worker writes them
 -- From the top of the tree, after `make`:
 --   LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" luajit spec/fuzz/make_seeds.lua
--- The files are small and stable (no randomness), so the script can be run
--- again after a format change and the result committed.
+-- The files are small and hold no randomness, so the script can be run
+-- again after a format change and the result committed. Records may come
+-- out with their keys in another order from run to run (the order of
+-- LuaJIT's hash part), which makes them different seeds, no worse ones.
 
 local p = require "parallelize"
 
 local dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
 
-local function write(path, bytes)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(bytes))
-  assert(f:close())
-end
-
-local function varint(n)
-  local out = {}
-  repeat
-    local byte = n % 128
-    n = (n - byte) / 128
-    if n > 0 then byte = byte + 128 end
-    out[#out + 1] = string.char(byte)
-  until n == 0
-  return table.concat(out)
-end
+local support = require "spec.support"
+local write, varint = support.write, support.varint
 
 local function le(n, bytes)
   local out = {}
