@@ -254,6 +254,7 @@ describe("a lone call", function()
   end)
 
   it("running when stop is called is waited for, or aborted by stop(0)", function()
+    local fds = support.fd_count()
     local p = Parallelize(rep(function(x)
       parallelize.sleep(0.2)
       return x
@@ -277,6 +278,9 @@ describe("a lone call", function()
     assert.are.equal(1, #aborted)
     assert.are.equal(1, aborted[1].id)
     assert.are.same({ n = 1, 1 }, { n = aborted[1].n, aborted[1][1] })
+    -- the lent socket went with the rest
+    assert.are.equal(fds, support.fd_count())
+    assert.are.same({}, support.children())
   end)
 end)
 
