@@ -69,7 +69,7 @@ end
 local OPTIONS = {
   max_deaths = { 3, "integer", 1, 255 },
   respawn = { true, "boolean" },
-  max_message = { 1024 ^ 3, "integer", 1024, 2 ^ 31 - 1024 },
+  max_message = { 1024 ^ 3, "integer", 1024, core.max_message_limit },
   max_inflight = { 256, "integer", 1, 2 ^ 20 },
   window = { 0.002, "number", 0, 3600 },
   init_attempts = { 5, "integer", 1, 1000 },

@@ -273,6 +273,7 @@ describe("Parallelize", function()
     end
     local function make(name) return setmetatable({ name = name, path = dir .. "/b" }, Closer) end
     local p = Parallelize({ setmetatable({ name = "a", path = dir .. "/a" }, Closer), Deferred(make, "b") })
+    assert.are.equal(2, #p.executors) -- both built: a worker still initializing is ended, not closed
     p()
     p:wait()
     p:stop()

@@ -73,7 +73,7 @@ int luaopen_parallelize_core(lua_State *L)
 {
     lua_newtable(L);
     pz_codec_register(L);
-    pz_lpool_register(L);
+    pz_lpool_register(L, pz_preload);
     lua_pushcfunction(L, l_getpid);
     lua_setfield(L, -2, "getpid");
     lua_pushcfunction(L, l_sleep);

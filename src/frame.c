@@ -1,6 +1,6 @@
 /*
- * frame.c - finding frame boundaries in a byte stream and splitting
- * payloads, without ever trusting the bytes (a worker may write garbage).
+ * frame.c - frame boundaries, frame building, and the splitting of
+ * payloads, checked before any byte is trusted (a worker may write garbage).
  */
 #include "codec_format.h"
 #include "frame.h"
@@ -11,7 +11,7 @@ int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, siz
     if (n < PZ_FRAME_HEADER)
         return PZ_PARSE_MORE;
     uint32_t len = pz_frame_payload_len(p);
-    uint8_t type = (uint8_t)p[4];
+    uint8_t type = pz_frame_type(p);
     if (type < PZ_F_INIT || type > PZ_F_LAST) {
         *why = "unknown frame type";
         return PZ_PARSE_BAD;
@@ -25,13 +25,37 @@ int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, siz
         *need = size;
     if (n < size)
         return PZ_PARSE_MORE;
-    f->type = type;
-    f->aux = (uint8_t)p[5];
-    f->id = pz_frame_id(p);
-    f->payload = p + PZ_FRAME_HEADER;
-    f->len = len;
-    f->size = size;
+    pz_frame_read(p, f);
     return PZ_PARSE_OK;
+}
+
+size_t pz_frame_parts_len(const pz_part *parts, int nparts)
+{
+    uint8_t v[PZ_VARINT_MAX_BYTES];
+    size_t len = 0;
+    for (int i = 0; i < nparts; i++) {
+        size_t add = parts[i].len + (parts[i].prefixed ? pz_put_varint(v, parts[i].len) : 0);
+        if (add < parts[i].len || len + add < len)
+            return SIZE_MAX;
+        len += add;
+    }
+    return len > UINT32_MAX ? SIZE_MAX : len;
+}
+
+size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t id, const pz_part *parts,
+                    int nparts)
+{
+    char *q = dst + PZ_FRAME_HEADER;
+    for (int i = 0; i < nparts; i++) {
+        if (parts[i].prefixed)
+            q += pz_put_varint((uint8_t *)q, parts[i].len);
+        if (parts[i].len)
+            memcpy(q, parts[i].data, parts[i].len);
+        q += parts[i].len;
+    }
+    size_t len = (size_t)(q - dst) - PZ_FRAME_HEADER;
+    pz_frame_header(dst, type, aux, id, (uint32_t)len);
+    return PZ_FRAME_HEADER + len;
 }
 
 int pz_take_varint(const char **p, size_t *n, uint64_t *v)
@@ -55,4 +79,22 @@ int pz_split_prefixed(const char *p, size_t n, const char **s, size_t *slen, con
     *rest = p + len;
     *rlen = n - (size_t)len;
     return 0;
+}
+
+int pz_record_error(const pz_frame *f, pz_error_parts *e)
+{
+    const char *rest;
+    size_t rlen;
+    if (pz_split_prefixed(f->payload, f->len, &e->args, &e->args_len, &rest, &rlen) != 0)
+        return -1;
+    return pz_split_prefixed(rest, rlen, &e->message, &e->message_len, &e->traceback,
+                             &e->traceback_len);
+}
+
+int pz_record_init_error(const pz_frame *f, pz_error_parts *e)
+{
+    e->args = f->payload;
+    e->args_len = 0;
+    return pz_split_prefixed(f->payload, f->len, &e->message, &e->message_len, &e->traceback,
+                             &e->traceback_len);
 }

@@ -1,7 +1,9 @@
 /*
  * lpool.c - the pool as Lua sees it: a full userdata whose __call queues a
  * call, and the functions the Lua layer (lua/parallelize.lua) builds
- * Parallelize from.
+ * Parallelize from.  Each function checks its arguments, calls pool.c and
+ * pushes what it returns; the policy (defaults, option ranges, messages
+ * about misuse) is the Lua layer's.
  *
  * Each pool userdata has an environment table (lua_setfenv) holding the
  * Lua side of its state, which drain() fills from the records the I/O
@@ -13,9 +15,20 @@
  *   executors    executors[slot]: the copy the worker sent when it started
  *   pids         pids[slot]: the pid of the slot's current worker
  *   init_errors  {worker =, message =, traceback =}
- *   fatal        set when no worker is left and none can be started
+ *   fatal        why the pool cannot go on, once it cannot
  *
- * Everything malloc'ed is owned by the userdata, so an error raised while
+ * Re-entrancy.  Lua code can run inside these functions: a __gc finalizer
+ * (a collection can start at any allocation), or the top-level code of a
+ * module that a decoded value names.  If that code uses the same pool:
+ *   - p(...) works: a call made while another is encoding its arguments
+ *     encodes into a buffer of its own, and each is queued whole;
+ *   - reading the pool while it drains records sees the tables as they are
+ *     (a nested drain does nothing);
+ *   - waiting or stopping while records are drained, and stopping while
+ *     p(...) encodes, raise "the pool is busy: ..." instead of corrupting
+ *     the pool or waiting forever.
+ *
+ * Everything malloc'ed is owned by a userdata, so an error raised while
  * encoding (an argument that cannot travel) leaks nothing.
  */
 #include <errno.h>
@@ -35,22 +48,45 @@
 #include "sys.h"
 
 #define POOL_MT "parallelize.pool"
+#define BUFFER_MT "parallelize.buffer"
 
 /* Largest max_message.  Frame lengths are 32 bits, and the largest record,
  * an error carrying its call's arguments and a message from the worker,
- * holds two messages and a few varints: 2 GiB less 1 KiB each fits. */
+ * holds two messages and a few varints: 2 GiB less 1 KiB each fits.
+ * parallelize.lua reads it as core.max_message_limit. */
 #define MAX_MESSAGE_LIMIT (2147483648.0 - 1024)
+
+/* What pool workers run to prepare their Lua states (pz_lpool_register). */
+static pz_state_setup worker_setup;
 
 typedef struct lpool {
     pz_pool *pool;     /* NULL once released */
-    pz_buf scratch;    /* arguments being encoded */
+    pz_buf scratch;    /* arguments being encoded by p(...) */
+    uintptr_t encoding_at; /* frame of the p(...) encoding into scratch, or 0 */
+    int draining;      /* records are being turned into Lua values */
     pz_buf *init;      /* INIT payloads until the pool owns them */
     int ninit;
     int nslots;
-    int fatal_seen;    /* the FATAL record was drained */
     double calls;      /* after stop: calls queued in all */
     double finished;   /* after stop: calls with a result or an error */
 } lpool;
+
+/* The address of the caller's stack frame.  The C stack grows down, so a
+ * call that runs while another is still inside this module (from a
+ * finalizer, say) has its frame below that one's; a frame recorded by a
+ * call that raised since is at or below where later calls from the same
+ * place run. */
+static inline uintptr_t frame_here(void)
+{
+    return (uintptr_t)__builtin_frame_address(0);
+}
+
+/* True when a p(...) of this pool is encoding its arguments further up
+ * this thread's stack. */
+static int encoding_above(const lpool *u, uintptr_t here)
+{
+    return u->encoding_at != 0 && here < u->encoding_at;
+}
 
 /* Returns the pool userdata at idx, or raises. */
 static lpool *to_lpool(lua_State *L, int idx)
@@ -67,6 +103,16 @@ static lpool *check_running(lua_State *L, int idx)
     return u;
 }
 
+/* Raises when records are being drained: `what` cannot run from Lua code
+ * that runs meanwhile. */
+static void check_not_draining(lua_State *L, const lpool *u, const char *what)
+{
+    if (u->draining)
+        luaL_error(L, "the pool is busy: %s called while the pool turns results into Lua values "
+                      "(from a __gc finalizer or a module's top-level code); call it afterwards",
+                   what);
+}
+
 static void free_init(lpool *u)
 {
     if (!u->init)
@@ -76,6 +122,23 @@ static void free_init(lpool *u)
     free(u->init);
     u->init = NULL;
     u->ninit = 0;
+}
+
+/* A pz_buf owned by a userdata (pushed), for the rare encode that cannot use
+ * the pool's scratch buffer. */
+static int buffer_gc(lua_State *L)
+{
+    pz_buf_free((pz_buf *)lua_touserdata(L, 1));
+    return 0;
+}
+
+static pz_buf *push_buffer(lua_State *L)
+{
+    pz_buf *b = (pz_buf *)lua_newuserdata(L, sizeof *b);
+    *b = (pz_buf)PZ_BUF_INIT;
+    luaL_getmetatable(L, BUFFER_MT);
+    lua_setmetatable(L, -2);
+    return b;
 }
 
 /* ------------------------------------------------------------------------
@@ -116,18 +179,16 @@ static void append(lua_State *L, int idx)
 /* Appends {id =, args =, message =, traceback =} from an ERROR record. */
 static void on_error_record(lua_State *L, const pz_frame *f)
 {
-    const char *args, *rest, *msg, *tb;
-    size_t alen, rlen, mlen, tblen;
-    if (pz_split_prefixed(f->payload, f->len, &args, &alen, &rest, &rlen) != 0 ||
-        pz_split_prefixed(rest, rlen, &msg, &mlen, &tb, &tblen) != 0)
+    pz_error_parts e;
+    if (pz_record_error(f, &e) != 0)
         luaL_error(L, "internal error: malformed ERROR record");
     lua_createtable(L, 0, 4);
     lua_pushnumber(L, (lua_Number)f->id);
     lua_setfield(L, -2, "id");
-    push_args(L, args, alen);
+    push_args(L, e.args, e.args_len);
     lua_setfield(L, -2, "args");
-    set_string(L, "message", msg, mlen);
-    set_string(L, "traceback", tb, tblen);
+    set_string(L, "message", e.message, e.message_len);
+    set_string(L, "traceback", e.traceback, e.traceback_len);
     append(L, D_ERRORS);
 }
 
@@ -149,42 +210,15 @@ static void on_init_ok(lua_State *L, const pz_frame *f)
 /* Appends {worker =, message =, traceback =} from an INIT_ERROR record. */
 static void on_init_error(lua_State *L, const pz_frame *f)
 {
-    const char *msg, *tb;
-    size_t mlen, tblen;
-    if (pz_split_prefixed(f->payload, f->len, &msg, &mlen, &tb, &tblen) != 0)
+    pz_error_parts e;
+    if (pz_record_init_error(f, &e) != 0)
         luaL_error(L, "internal error: malformed INIT_ERROR record");
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, (lua_Integer)f->id + 1);
     lua_setfield(L, -2, "worker");
-    set_string(L, "message", msg, mlen);
-    set_string(L, "traceback", tb, tblen);
+    set_string(L, "message", e.message, e.message_len);
+    set_string(L, "traceback", e.traceback, e.traceback_len);
     append(L, D_INIT_ERRORS);
-}
-
-/* Reads the first record of the done queue into *f; returns 0 when the
- * queue is empty. */
-static int peek_record(pz_pool *p, pz_frame *f)
-{
-    size_t avail;
-    const char *d = pz_spsc_peek(&p->done, &avail);
-    if (!d)
-        return 0;
-    f->type = (uint8_t)d[4];
-    f->aux = (uint8_t)d[5];
-    f->id = pz_frame_id(d);
-    f->len = pz_frame_payload_len(d);
-    f->payload = d + PZ_FRAME_HEADER;
-    f->size = PZ_FRAME_HEADER + f->len;
-    return 1;
-}
-
-static void consume_record(lpool *u, const pz_frame *f)
-{
-    pz_pool *p = u->pool;
-    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
-        p->drained++;
-    pz_spsc_consume(&p->done, f->size);
-    atomic_fetch_sub_explicit(&p->backlog, f->size, memory_order_relaxed);
 }
 
 /* Protected: lpool light userdata at 1, environment at 2, its tables at
@@ -196,7 +230,7 @@ static int drain_records(lua_State *L)
     lpool *u = (lpool *)lua_touserdata(L, 1);
     pz_frame f;
     int nres = (int)lua_objlen(L, D_RESULTS);
-    while (peek_record(u->pool, &f)) {
+    while (pz_pool_peek_record(u->pool, &f)) {
         switch (f.type) {
         case PZ_F_RESULT:
             pz_decode_value(L, f.payload, f.len, PZ_DECODE_FUNCTIONS);
@@ -213,15 +247,10 @@ static int drain_records(lua_State *L)
         case PZ_F_INIT_ERROR:
             on_init_error(L, &f);
             break;
-        case PZ_F_FATAL:
-            lua_pushlstring(L, f.payload, f.len);
-            lua_setfield(L, D_ENV, "fatal");
-            u->fatal_seen = 1;
-            break;
         default:
             break;
         }
-        consume_record(u, &f);
+        pz_pool_consume(u->pool, &f);
     }
     return 0;
 }
@@ -234,17 +263,13 @@ static int drain_records(lua_State *L)
 static int salvage_record(lua_State *L, lpool *u, int env)
 {
     pz_frame f;
-    if (!peek_record(u->pool, &f))
+    if (!pz_pool_peek_record(u->pool, &f))
         return 0;
     const char *why = lua_isstring(L, -1) ? lua_tostring(L, -1) : "unknown error";
     if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR) {
-        const char *args, *rest, *msg = NULL, *tb = "";
-        size_t alen, rlen, mlen = 0, tblen = 0;
+        pz_error_parts e;
         /* An error keeps its own message; its arguments are what failed. */
-        if (f.type == PZ_F_ERROR &&
-            (pz_split_prefixed(f.payload, f.len, &args, &alen, &rest, &rlen) != 0 ||
-             pz_split_prefixed(rest, rlen, &msg, &mlen, &tb, &tblen) != 0))
-            msg = NULL, tb = "", tblen = 0;
+        int has_message = f.type == PZ_F_ERROR && pz_record_error(&f, &e) == 0;
         lua_createtable(L, 0, 4);
         lua_pushnumber(L, (lua_Number)f.id);
         lua_setfield(L, -2, "id");
@@ -252,16 +277,20 @@ static int salvage_record(lua_State *L, lpool *u, int env)
         lua_pushinteger(L, 0);
         lua_setfield(L, -2, "n");
         lua_setfield(L, -2, "args");
-        if (msg) {
-            lua_pushlstring(L, msg, mlen);
+        if (has_message) {
+            lua_pushlstring(L, e.message, e.message_len);
             lua_pushfstring(L, "%s (its arguments cannot be decoded in the parent: %s)",
                             lua_tostring(L, -1), why);
             lua_remove(L, -2);
-        } else
+        } else {
             lua_pushfstring(L, "the result of call %d cannot be used in the parent: %s",
                             (int)f.id, why);
+        }
         lua_setfield(L, -2, "message");
-        lua_pushlstring(L, tb, tblen);
+        if (has_message)
+            lua_pushlstring(L, e.traceback, e.traceback_len);
+        else
+            lua_pushliteral(L, "");
         lua_setfield(L, -2, "traceback");
         lua_getfield(L, env, "errors");
         lua_insert(L, -2);
@@ -275,11 +304,11 @@ static int salvage_record(lua_State *L, lpool *u, int env)
         }
         lua_pop(L, 1);
     }
-    consume_record(u, &f);
+    pz_pool_consume(u->pool, &f);
     return 1;
 }
 
-/* drain, with hooks off. */
+/* drain, with hooks off and u->draining set. */
 static int drain_unhooked(lua_State *L, lpool *u, int idx)
 {
     lua_getfenv(L, idx);
@@ -308,12 +337,18 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
             return rc;
         lua_settop(L, env + D_TOP - 1);
     }
+    const char *fatal = pz_pool_fatal(u->pool);
+    if (fatal) {
+        lua_pushstring(L, fatal);
+        lua_setfield(L, env, "fatal");
+    }
     lua_settop(L, env - 1);
     return 0;
 }
 
 /* Moves every published record into the environment table of the pool
- * userdata at idx.
+ * userdata at idx.  A drain started by Lua code that runs inside another
+ * drain does nothing: the outer one is on it.
  *
  * Hooks are off meanwhile: Ctrl-C sets a hook that raises "interrupted!"
  * at the next call, and that call could be drain's own lua_pcall, whose
@@ -321,14 +356,15 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
  * set while draining (by a signal handler) is kept for the caller. */
 static void drain(lua_State *L, lpool *u, int idx)
 {
-    if (!u->pool)
+    if (!u->pool || u->draining)
         return;
-    pz_pool_collect(u->pool);
     lua_Hook hook = lua_gethook(L);
     int mask = lua_gethookmask(L), count = lua_gethookcount(L);
     if (hook)
         lua_sethook(L, NULL, 0, 0);
+    u->draining = 1;
     int rc = drain_unhooked(L, u, idx);
+    u->draining = 0;
     if (hook && !lua_gethook(L))
         lua_sethook(L, hook, mask, count);
     if (rc != 0)
@@ -339,16 +375,15 @@ static void drain(lua_State *L, lpool *u, int idx)
  * Creating a pool
  * --------------------------------------------------------------------- */
 
-/* Reads numeric option `name` of the options table at 2, checking range. */
-static double opt_number(lua_State *L, const char *name, double lo, double hi)
+/* Reads numeric option `name` of the options table at 2.  The Lua layer
+ * has checked its range; a caller bypassing it gets a terse error. */
+static double opt_number(lua_State *L, const char *name)
 {
     lua_getfield(L, 2, name);
     if (lua_type(L, -1) != LUA_TNUMBER)
-        luaL_error(L, "option %s must be a number (got %s)", name, luaL_typename(L, -1));
+        luaL_error(L, "internal: option %s is not a number", name);
     double v = lua_tonumber(L, -1);
     lua_pop(L, 1);
-    if (!(v >= lo && v <= hi))
-        luaL_error(L, "option %s must be between %f and %f (got %f)", name, lo, hi, v);
     return v;
 }
 
@@ -360,13 +395,31 @@ static int opt_bool(lua_State *L, const char *name)
     return v;
 }
 
-/* Appends the contents of u->scratch to b behind a varint length. */
+/* Appends `part` to b behind a varint length. */
 static void append_prefixed(lua_State *L, pz_buf *b, const pz_buf *part)
 {
     uint8_t v[PZ_VARINT_MAX_BYTES];
     size_t n = pz_put_varint(v, part->len);
     if (pz_buf_append(b, v, n) != 0 || pz_buf_append(b, part->data, part->len) != 0)
         luaL_error(L, "cannot start the pool: out of memory");
+}
+
+/* Pushes the worker settings of the INIT frame (frame.h). */
+static void push_settings(lua_State *L, int spec, const pz_options *o)
+{
+    lua_createtable(L, 0, 5);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_setfield(L, -3, "path");
+    lua_getfield(L, -1, "cpath");
+    lua_setfield(L, -3, "cpath");
+    lua_pop(L, 1);
+    lua_getfield(L, spec, "kind");
+    lua_setfield(L, -2, "kind");
+    lua_pushnumber(L, (lua_Number)o->max_message);
+    lua_setfield(L, -2, "max_message");
+    lua_pushnumber(L, (lua_Number)o->spin_ns);
+    lua_setfield(L, -2, "spin_ns");
 }
 
 /* Builds the INIT payload of slot i (1-based) from the spec table on top
@@ -378,16 +431,9 @@ static void build_init(lua_State *L, lpool *u, int i, const pz_options *o)
     pz_buf *b = &u->init[i - 1];
     char root[64];
 
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "path");
-    lua_getfield(L, -2, "cpath");
-    lua_remove(L, -3);
-    lua_pushinteger(L, i - 1);
-    lua_pushnumber(L, (lua_Number)o->max_message);
-    lua_getfield(L, spec, "kind");
-    lua_pushnumber(L, (lua_Number)o->spin_ns);
+    push_settings(L, spec, o);
     u->scratch.len = 0;
-    pz_encode_tuple(L, spec + 1, 6, &u->scratch, "init", 0);
+    pz_encode_value(L, -1, &u->scratch, "settings", 0);
     append_prefixed(L, b, &u->scratch);
     lua_settop(L, spec);
 
@@ -421,8 +467,8 @@ static void build_init(lua_State *L, lpool *u, int i, const pz_options *o)
 }
 
 /* core.pool_new(specs, options) -> pool.  specs: an array of
- * {kind =, spec =, args =}, one per worker; options: every option set
- * (the Lua layer fills in defaults). */
+ * {kind =, spec =, args =}, one per worker; options: every option set,
+ * checked by the Lua layer. */
 static int l_pool_new(lua_State *L)
 {
     pz_options o;
@@ -431,14 +477,19 @@ static int l_pool_new(lua_State *L)
     int n = (int)lua_objlen(L, 1);
     if (n < 1)
         return luaL_error(L, "a pool needs at least one executor");
-    o.max_deaths = (int)opt_number(L, "max_deaths", 1, 255);
+    o.max_deaths = (int)opt_number(L, "max_deaths");
     o.respawn = opt_bool(L, "respawn");
-    o.max_message = (uint32_t)opt_number(L, "max_message", 1024, MAX_MESSAGE_LIMIT);
-    o.max_inflight = (uint32_t)opt_number(L, "max_inflight", 1, 1 << 20);
-    o.window_ns = (int64_t)(opt_number(L, "window", 0, 3600) * 1e9);
-    o.init_attempts = (int)opt_number(L, "init_attempts", 1, 1000);
-    o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace", 0, 3600) * 1e9);
-    o.spin_ns = (int64_t)(opt_number(L, "spin", 0, 0.01) * 1e9);
+    double max_message = opt_number(L, "max_message");
+    luaL_argcheck(L, max_message >= 1024 && max_message <= MAX_MESSAGE_LIMIT, 2,
+                  "max_message out of range");
+    o.max_message = (uint32_t)max_message;
+    double max_inflight = opt_number(L, "max_inflight");
+    luaL_argcheck(L, max_inflight >= 1 && max_inflight <= UINT32_MAX, 2, "max_inflight out of range");
+    o.max_inflight = (uint32_t)max_inflight;
+    o.window_ns = (int64_t)(opt_number(L, "window") * 1e9);
+    o.init_attempts = (int)opt_number(L, "init_attempts");
+    o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace") * 1e9);
+    o.spin_ns = (int64_t)(opt_number(L, "spin") * 1e9);
 
     lpool *u = (lpool *)lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);
@@ -471,7 +522,7 @@ static int l_pool_new(lua_State *L)
     u->init = NULL; /* pz_pool_new owns it from here, even on failure */
     u->ninit = 0;
     u->nslots = n;
-    u->pool = pz_pool_new(n, init, &o, &err);
+    u->pool = pz_pool_new(n, init, &o, worker_setup, &err);
     if (!u->pool)
         return luaL_error(L, "cannot start the pool: %s (%s)", err, strerror(errno));
     return 1;
@@ -481,30 +532,53 @@ static int l_pool_new(lua_State *L)
  * Calls
  * --------------------------------------------------------------------- */
 
+/* True when the values at first .. first+count-1 are all numbers, strings,
+ * booleans or nil: encoding them runs no Lua code. */
+static int all_scalars(lua_State *L, int first, int count)
+{
+    for (int i = first; i < first + count; i++) {
+        int t = lua_type(L, i);
+        if (t != LUA_TNUMBER && t != LUA_TSTRING && t != LUA_TBOOLEAN && t != LUA_TNIL)
+            return 0;
+    }
+    return 1;
+}
+
 /* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
- * queued when an argument cannot be encoded (the error says which). */
+ * queued when an argument cannot be encoded (the error says which).
+ *
+ * Arguments are encoded into the pool's scratch buffer.  Encoding tables
+ * or functions can run Lua code (a finalizer), which may call p(...)
+ * again: that inner call finds the scratch buffer taken (encoding_at marks
+ * the outer call's frame above it) and encodes into a buffer of its own. */
 static int l_pool_call(lua_State *L)
 {
     lpool *u = check_running(L, 1);
-    pz_pool *p = u->pool;
     int nargs = lua_gettop(L) - 1;
-    pz_buf *s = &u->scratch;
-    s->len = 0;
-    pz_encode_tuple(L, 2, nargs, s, "args", 0);
-    if (s->len > p->opt.max_message)
+    uintptr_t here = frame_here();
+    pz_buf *b = &u->scratch;
+    int claimed = 0;
+    if (encoding_above(u, here)) {
+        b = push_buffer(L);
+    } else if (!all_scalars(L, 2, nargs)) {
+        u->encoding_at = here; /* a raise leaves it stale: see frame_here */
+        claimed = 1;
+    }
+    b->len = 0;
+    pz_encode_tuple(L, 2, nargs, b, "args", 0);
+    if (claimed)
+        u->encoding_at = 0;
+    /* Lua code that ran while encoding may have stopped the pool. */
+    pz_pool *p = check_running(L, 1)->pool;
+    if (b->len > p->opt.max_message)
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
-                          (double)s->len, (double)p->opt.max_message);
-    char *d = pz_spsc_reserve(&p->submit, PZ_FRAME_HEADER + s->len);
-    if (!d)
+                          (double)b->len, (double)p->opt.max_message);
+    uint64_t id = pz_pool_submit(p, b->data, b->len);
+    if (b == &u->scratch && b->cap > (1u << 20))
+        pz_buf_trim(b, 0);
+    if (id == 0)
         return luaL_error(L, "cannot queue the call: out of memory");
-    uint64_t id = p->next_id++;
-    pz_frame_header(d, PZ_F_CALL, 0, id, (uint32_t)s->len);
-    memcpy(d + PZ_FRAME_HEADER, s->data, s->len);
-    pz_spsc_advance(&p->submit, PZ_FRAME_HEADER + s->len);
-    if (s->cap > (1u << 20))
-        pz_buf_trim(s, 0);
-    pz_pool_kick(p);
     lua_pushnumber(L, (lua_Number)id);
     return 1;
 }
@@ -521,14 +595,15 @@ static int l_pool_drain(lua_State *L)
 /* core.pool_wait(pool, what [, timeout]) -> status: what is "calls" (every
  * queued call finished) or "init" (every worker initialized or given up).
  * Returns "done", "timeout", "interrupted" (a signal arrived: the caller's
- * interrupt hook, if any, fires on return) or "fatal" (no worker is left;
- * env.fatal says why). */
+ * interrupt hook, if any, fires on return) or "fatal" (the pool cannot go
+ * on: env.fatal says why). */
 static int l_pool_wait(lua_State *L)
 {
     lpool *u = check_running(L, 1);
     pz_pool *p = u->pool;
     static const char *const kinds[] = {"calls", "init", NULL};
     int kind = luaL_checkoption(L, 2, NULL, kinds) == 0 ? PZ_WAIT_CALLS : PZ_WAIT_INIT;
+    check_not_draining(L, u, kind == PZ_WAIT_CALLS ? "p:wait()" : "p.executors");
     int64_t deadline = -1;
     if (!lua_isnoneornil(L, 3)) {
         double t = luaL_checknumber(L, 3);
@@ -536,17 +611,18 @@ static int l_pool_wait(lua_State *L)
         deadline = pz_now_ns() + (int64_t)(fmin(t, 1e9) * 1e9);
     }
     for (;;) {
-        int settled = atomic_load(&p->settled);
+        int settled = pz_pool_slots_settled(p);
         drain(L, u, 1);
-        if (kind == PZ_WAIT_CALLS ? p->drained + 1 >= p->next_id : settled >= u->nslots) {
+        if (kind == PZ_WAIT_CALLS ? pz_pool_finished(p) >= pz_pool_calls(p) : settled >= u->nslots) {
             lua_pushliteral(L, "done");
             return 1;
         }
-        if (u->fatal_seen) {
+        int r = pz_pool_sleep(p, kind, deadline);
+        if (r == PZ_WAIT_FATAL) {
+            drain(L, u, 1);
             lua_pushliteral(L, "fatal");
             return 1;
         }
-        int r = pz_pool_sleep(p, kind, deadline);
         if (r == PZ_WAIT_INTERRUPTED || r == PZ_WAIT_TIMEOUT) {
             drain(L, u, 1);
             lua_pushstring(L, r == PZ_WAIT_TIMEOUT ? "timeout" : "interrupted");
@@ -560,8 +636,8 @@ static int l_pool_wait(lua_State *L)
 static int l_pool_counts(lua_State *L)
 {
     lpool *u = to_lpool(L, 1);
-    lua_pushnumber(L, u->pool ? (lua_Number)(u->pool->next_id - 1) : u->calls);
-    lua_pushnumber(L, u->pool ? (lua_Number)u->pool->drained : u->finished);
+    lua_pushnumber(L, u->pool ? (lua_Number)pz_pool_calls(u->pool) : u->calls);
+    lua_pushnumber(L, u->pool ? (lua_Number)pz_pool_finished(u->pool) : u->finished);
     return 2;
 }
 
@@ -587,10 +663,37 @@ static int decode_aborted(lua_State *L)
 {
     size_t n;
     const char *frame = lua_tolstring(L, 1, &n);
-    push_args(L, frame + PZ_FRAME_HEADER, n - PZ_FRAME_HEADER);
+    push_args(L, pz_frame_payload(frame), n - PZ_FRAME_HEADER);
     lua_pushnumber(L, (lua_Number)pz_frame_id(frame));
     lua_setfield(L, -2, "id");
     return 1;
+}
+
+/* Pushes the list of aborted calls, {n =, id =, ...} each, from the list of
+ * their frames at index frames. */
+static void push_aborted(lua_State *L, int frames)
+{
+    int n = (int)lua_objlen(L, frames);
+    lua_createtable(L, n, 0);
+    for (int i = 1; i <= n; i++) {
+        lua_pushcfunction(L, decode_aborted);
+        lua_rawgeti(L, frames, i);
+        if (lua_pcall(L, 1, 1, 0) != 0) {
+            const char *why = lua_tostring(L, -1);
+            lua_rawgeti(L, frames, i);
+            const char *frame = lua_tostring(L, -1);
+            lua_createtable(L, 0, 3);
+            lua_pushinteger(L, 0);
+            lua_setfield(L, -2, "n");
+            lua_pushnumber(L, (lua_Number)pz_frame_id(frame));
+            lua_setfield(L, -2, "id");
+            lua_pushfstring(L, "the arguments cannot be decoded: %s", why ? why : "unknown error");
+            lua_setfield(L, -2, "error");
+            lua_replace(L, -3);
+            lua_pop(L, 1);
+        }
+        lua_rawseti(L, -2, i);
+    }
 }
 
 /* core.pool_stop(pool [, finish_timeout]) -> aborted: stops dispatching,
@@ -607,42 +710,27 @@ static int l_pool_stop(lua_State *L)
         finish = pz_now_ns() + (int64_t)(fmin(t, 1e9) * 1e9);
     }
     lua_settop(L, 1);
-    lua_newtable(L); /* 2: the aborted calls */
-    if (!u->pool)
+    if (!u->pool) {
+        lua_newtable(L);
         return 1;
+    }
+    check_not_draining(L, u, "p:stop()");
+    if (encoding_above(u, frame_here()))
+        return luaL_error(L, "the pool is busy: p:stop() called while p(...) encodes its "
+                             "arguments (from a __gc finalizer?); call it afterwards");
     pz_pool_stop(u->pool, finish);
     drain(L, u, 1);
     /* The frames are copied out and the pool freed before any argument is
      * decoded: decoding may fail (an argument naming a module the parent
      * no longer has), and the pool must end stopped whatever happens. */
-    lua_newtable(L); /* 3: their frames */
-    aborted_ctx c = {L, 3};
+    lua_newtable(L); /* 2: their frames */
+    aborted_ctx c = {L, 2};
     pz_pool_aborted(u->pool, add_aborted, &c);
-    u->calls = (double)(u->pool->next_id - 1);
-    u->finished = (double)u->pool->drained;
+    u->calls = (double)pz_pool_calls(u->pool);
+    u->finished = (double)pz_pool_finished(u->pool);
     pz_pool_free(u->pool);
     u->pool = NULL;
-    int n = (int)lua_objlen(L, 3);
-    for (int i = 1; i <= n; i++) {
-        lua_pushcfunction(L, decode_aborted);
-        lua_rawgeti(L, 3, i);
-        if (lua_pcall(L, 1, 1, 0) != 0) {
-            const char *why = lua_tostring(L, -1);
-            lua_rawgeti(L, 3, i);
-            const char *frame = lua_tostring(L, -1);
-            lua_createtable(L, 0, 3);
-            lua_pushinteger(L, 0);
-            lua_setfield(L, -2, "n");
-            lua_pushnumber(L, (lua_Number)pz_frame_id(frame));
-            lua_setfield(L, -2, "id");
-            lua_pushfstring(L, "the arguments cannot be decoded: %s", why ? why : "unknown error");
-            lua_setfield(L, -2, "error");
-            lua_replace(L, -3);
-            lua_pop(L, 1);
-        }
-        lua_rawseti(L, 2, i);
-    }
-    lua_settop(L, 2);
+    push_aborted(L, 2);
     return 1;
 }
 
@@ -692,7 +780,7 @@ static int l_pool_stopped(lua_State *L)
     return 1;
 }
 
-void pz_lpool_register(lua_State *L)
+void pz_lpool_register(lua_State *L, pz_state_setup setup)
 {
     static const luaL_Reg funcs[] = {
         {"pool_new", l_pool_new},       {"pool_drain", l_pool_drain},
@@ -700,6 +788,12 @@ void pz_lpool_register(lua_State *L)
         {"pool_counts", l_pool_counts}, {"pool_size", l_pool_size},
         {"pool_env", l_pool_env},       {"pool_stopped", l_pool_stopped},
         {NULL, NULL}};
+    worker_setup = setup;
+    if (luaL_newmetatable(L, BUFFER_MT)) {
+        lua_pushcfunction(L, buffer_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
     if (luaL_newmetatable(L, POOL_MT)) {
         lua_pushcfunction(L, l_pool_gc);
         lua_setfield(L, -2, "__gc");
@@ -715,4 +809,6 @@ void pz_lpool_register(lua_State *L)
         lua_pushcfunction(L, f->func);
         lua_setfield(L, -2, f->name);
     }
+    lua_pushnumber(L, MAX_MESSAGE_LIMIT);
+    lua_setfield(L, -2, "max_message_limit");
 }

@@ -1,6 +1,8 @@
 /*
  * pool.c - a pool's life from the main thread's side: creation (eventfds,
- * spawner, I/O thread), waking the I/O thread, waiting, stopping, freeing.
+ * shared memory, spawner, I/O thread), queuing calls and consuming records,
+ * waking the I/O thread, waiting, stopping, freeing.  Main thread only
+ * (the rules are in pool.h).
  */
 #include <errno.h>
 #include <poll.h>
@@ -16,7 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "frame.h"
+#include "ioloop.h"
+#include "lend.h"
 #include "pool.h"
 #include "spawner.h"
 #include "sys.h"
@@ -24,12 +27,16 @@
 
 #define CHUNK_SIZE 65536
 
-/* Pools whose I/O thread runs.  A fork while some other thread is inside
- * malloc hands the child a locked allocator: glibc's malloc guards against
- * that, but other allocators (a sanitizer's, for one) do not, and workers
- * forked from that child then hang at their first allocation.  So the
- * spawner is forked with every running pool's I/O thread parked on its own
- * lock, which it holds except while it sleeps in epoll_wait. */
+/* Pools of this process whose I/O thread runs.  A fork while some other
+ * thread is inside malloc hands the child a locked allocator: glibc's
+ * malloc guards against that, but other allocators (a sanitizer's, for one)
+ * do not, and workers forked from that child then hang at their first
+ * allocation.  So the spawner is forked with every running pool's I/O
+ * thread parked on its own lock, which it holds except while it sleeps in
+ * epoll_wait.  The list and its lock belong to the process that made the
+ * pools: a forked child (a spawner, then its workers) starts with neither
+ * (forget_parents_pools), so a pool made inside a worker finds a list of
+ * its own. */
 static pthread_mutex_t running_lock = PTHREAD_MUTEX_INITIALIZER;
 static pz_pool *running_pools;
 
@@ -44,6 +51,23 @@ static void unpark_io_threads(void)
 {
     for (pz_pool *q = running_pools; q; q = q->next_running)
         pz_io_park(q->io, 0);
+    pthread_mutex_unlock(&running_lock);
+}
+
+/* Runs in the spawner right after the fork, while the parent holds
+ * running_lock and every I/O lock: none of them, nor the pools, are the
+ * child's (their threads did not come along). */
+static void forget_parents_pools(void)
+{
+    running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
+    running_pools = NULL;
+}
+
+static void add_running(pz_pool *p)
+{
+    pthread_mutex_lock(&running_lock);
+    p->next_running = running_pools;
+    running_pools = p;
     pthread_mutex_unlock(&running_lock);
 }
 
@@ -70,7 +94,8 @@ static void free_init(pz_buf *init, int n)
     free(init);
 }
 
-pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char **err)
+pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_setup setup,
+                     const char **err)
 {
     pz_pool *p = calloc(1, sizeof *p);
     if (!p) {
@@ -104,7 +129,8 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
         goto fail;
     }
     park_io_threads();
-    int forked = pz_spawner_start(p->shared, &p->spawner_pid, &p->spawner_fd);
+    pz_spawner_config sc = {p->shared, setup, forget_parents_pools};
+    int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
     unpark_io_threads();
     if (forked != 0) {
         *err = "cannot fork the spawner process";
@@ -127,14 +153,12 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char
     int rc = pthread_create(&p->thread, NULL, pz_io_main, p);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
+        errno = rc;
         *err = "cannot start the I/O thread";
         goto fail;
     }
     p->thread_started = 1;
-    pthread_mutex_lock(&running_lock);
-    p->next_running = running_pools;
-    running_pools = p;
-    pthread_mutex_unlock(&running_lock);
+    add_running(p);
     return p;
 fail:
     {
@@ -147,30 +171,72 @@ fail:
     return NULL;
 }
 
-void pz_pool_kick(pz_pool *p)
+/* ---- calls in, records out ----------------------------------------------- */
+
+/* Makes the queued calls visible to the I/O thread, and wakes it if it
+ * sleeps with room for them, unless the lone-call shortcut (lend.c) could
+ * do without it. */
+static void kick(pz_pool *p)
 {
     pz_spsc_publish(&p->submit);
     /* A second call: the I/O thread takes the lent worker back, so that it
      * can feed it too. */
     if (p->lent_fd >= 0)
-        p->lent_fd = pz_io_collect(p->io, 0);
+        p->lent_fd = pz_lend_collect(p->io, 0);
     if (atomic_load(&p->io_sleeping) && !atomic_exchange(&p->io_woken, 1)) {
-        uint64_t one = 1;
-        if (pz_io_dispatch_now(p->io, &p->lent_fd)) {
+        if (pz_lend_dispatch(p->io, &p->lent_fd)) {
             atomic_store(&p->io_woken, 0);
             return;
         }
-        /* EAGAIN only when the counter is saturated: it is awake anyway. */
-        if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-            atomic_store(&p->io_woken, 0);
+        pz_wake(p->io_wake_fd, "the I/O thread");
     }
 }
 
-void pz_pool_collect(pz_pool *p)
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len)
 {
-    if (p->lent_fd >= 0)
-        p->lent_fd = pz_io_collect(p->io, 1);
+    char *d = pz_spsc_reserve(&p->submit, PZ_FRAME_HEADER + len);
+    if (!d)
+        return 0;
+    uint64_t id = p->next_id++;
+    pz_part part = {args, len, 0};
+    pz_spsc_advance(&p->submit, pz_frame_put(d, PZ_F_CALL, 0, id, &part, 1));
+    kick(p);
+    return id;
 }
+
+int pz_pool_peek_record(pz_pool *p, pz_frame *f)
+{
+    size_t avail;
+    const char *d = pz_spsc_peek(&p->done, &avail);
+    if (!d && p->lent_fd >= 0) {
+        p->lent_fd = pz_lend_collect(p->io, 1);
+        d = pz_spsc_peek(&p->done, &avail);
+    }
+    if (!d)
+        return 0;
+    pz_frame_read(d, f);
+    return 1;
+}
+
+void pz_pool_consume(pz_pool *p, const pz_frame *f)
+{
+    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
+        p->drained++;
+    pz_spsc_consume(&p->done, f->size);
+    atomic_fetch_sub_explicit(&p->backlog, f->size, memory_order_relaxed);
+}
+
+int pz_pool_slots_settled(pz_pool *p)
+{
+    return atomic_load(&p->slots_settled);
+}
+
+const char *pz_pool_fatal(pz_pool *p)
+{
+    return atomic_load(&p->fatal) ? p->fatal_reason : NULL;
+}
+
+/* ---- waiting ------------------------------------------------------------- */
 
 /* True when the lent socket has something to read (or has closed). */
 static int lent_ready(pz_pool *p)
@@ -187,9 +253,9 @@ static int condition(pz_pool *p, int kind)
     case PZ_WAIT_CALLS:
         return atomic_load(&p->calls_done) >= atomic_load(&p->main_target);
     case PZ_WAIT_INIT:
-        return atomic_load(&p->settled) >= p->nslots;
+        return atomic_load(&p->slots_settled) >= p->nslots;
     case PZ_WAIT_EXIT:
-        return atomic_load(&p->io_finished);
+        return atomic_load(&p->finished);
     }
     return 1;
 }
@@ -209,7 +275,7 @@ static int poll_briefly(pz_pool *p, int kind, int64_t until, sigset_t *old)
             /* Answers read here are published without waking this
              * thread: it looks at the condition itself, next. */
             atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-            pz_pool_collect(p);
+            p->lent_fd = pz_lend_collect(p->io, 1);
             atomic_store(&p->main_waiting, kind);
         }
         if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE) {
@@ -259,8 +325,8 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         ts.tv_nsec = (long)(left % 1000000000);
         tsp = &ts;
     }
-    /* A lone call's answer comes on the lent socket, if any (see
-     * pz_io_dispatch_now); whatever else happens comes on the eventfd. */
+    /* A lone call's answer comes on the lent socket, if any (lend.c);
+     * whatever else happens comes on the eventfd. */
     int lent = p->lent_fd;
     struct pollfd pf[2] = {{p->main_wake_fd, POLLIN, 0}, {lent, POLLIN, 0}};
     /* After polling, signals are blocked: ppoll unblocks them for the sleep,
@@ -271,20 +337,19 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_store(&p->main_waiting, PZ_WAIT_NONE);
     if (r > 0 && lent >= 0 && pf[1].revents)
-        pz_pool_collect(p);
+        p->lent_fd = pz_lend_collect(p->io, 1);
     if (kind == PZ_WAIT_CALLS)
         pz_spin_note(&p->spin, pz_now_ns() - start);
     if (r < 0 && err == EINTR)
         return interruptible ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
     if (r < 0) {
-        /* poll on one valid descriptor fails only for lack of memory: do
-         * not spin, try again shortly. */
+        /* poll on valid descriptors fails only for lack of memory: do not
+         * spin, try again shortly. */
         pz_sleep_ns(1000000);
         return PZ_WAITED;
     }
-    uint64_t v;
-    if (r > 0 && pf[0].revents && read(p->main_wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
-        pz_sleep_ns(1000000); /* cannot happen with an eventfd; never spin */
+    if (r > 0 && pf[0].revents)
+        pz_wake_clear(p->main_wake_fd);
     return PZ_WAITED;
 }
 
@@ -297,6 +362,8 @@ int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline)
     return sleep_until(p, kind, deadline, 1);
 }
 
+/* ---- the end ----------------------------------------------------------- */
+
 void pz_pool_stop(pz_pool *p, int64_t finish_ns)
 {
     if (p->reaped)
@@ -305,15 +372,13 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
     if (p->thread_started)
         forget_running(p);
     if (p->lent_fd >= 0)
-        p->lent_fd = pz_io_collect(p->io, 0);
+        p->lent_fd = pz_lend_collect(p->io, 0);
     if (p->thread_started) {
         atomic_store(&p->finish_ns, finish_ns);
         atomic_store(&p->stop_requested, 1);
-        uint64_t one = 1;
-        if (write(p->io_wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-            fprintf(stderr, "parallelize: waking the I/O thread: %s\n", strerror(errno));
+        pz_wake(p->io_wake_fd, "the I/O thread");
         /* Signals do not cut this short: stop must leave nothing behind. */
-        while (!atomic_load(&p->io_finished))
+        while (!atomic_load(&p->finished))
             sleep_until(p, PZ_WAIT_EXIT, -1, 0);
         pthread_join(p->thread, NULL);
         p->thread_started = 0;
@@ -336,7 +401,7 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
     size_t n;
     const char *d;
     while ((d = pz_spsc_peek(&p->submit, &n)) != NULL) {
-        size_t size = PZ_FRAME_HEADER + pz_frame_payload_len(d);
+        size_t size = pz_frame_size(d);
         fn(d, size, ud);
         pz_spsc_consume(&p->submit, size);
     }
@@ -361,5 +426,7 @@ void pz_pool_free(pz_pool *p)
         free_init(p->init, p->nslots);
     if (p->shared)
         munmap(p->shared, shared_size(p->nslots));
+    if (p->fatal_owned)
+        free((char *)p->fatal_reason);
     free(p);
 }

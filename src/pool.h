@@ -1,11 +1,23 @@
 /*
  * pool.h - one pool: the state its main thread and its I/O thread share,
- * and the operations the Lua binding (core.c) calls.
+ * and the operations the Lua binding (lpool.c) calls.
  *
- * Ownership: fields under "fixed" are written before the I/O thread starts
- * and only read afterwards; "main" fields belong to the thread that runs
- * Lua; "io" fields to the I/O thread (ioloop.c).  They meet only through the
- * two queues and the atomics below.
+ * Threads and ownership.  A pool has two threads in the parent: the main
+ * thread, which runs Lua and calls the functions below, and the I/O thread
+ * (ioloop.c and the files of io.h), which talks to the workers.
+ *   - Fields under "fixed" are written before the I/O thread starts and
+ *     only read afterwards.
+ *   - "main" fields are read and written by the main thread only.
+ *   - The two threads exchange calls and records through two queues
+ *     (spsc.h) and signal progress through the atomics below, each written
+ *     by one side only, as marked.
+ *   - Everything the I/O thread owns (struct pz_io, io.h) belongs to
+ *     whichever thread holds its lock: the I/O thread holds it except while
+ *     it sleeps in epoll_wait, and the main thread takes it only in lend.c,
+ *     to send a lone call and read its answer itself.  While it holds the
+ *     lock, the main thread is the consumer of `submit` and the producer of
+ *     `done` in the I/O thread's place; the lock hands those roles over, so
+ *     each queue still has one producer and one consumer at any moment.
  */
 #ifndef PZ_POOL_H
 #define PZ_POOL_H
@@ -15,7 +27,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include <lua.h>
+
 #include "buf.h"
+#include "frame.h"
 #include "spin.h"
 #include "spsc.h"
 
@@ -29,6 +44,10 @@ enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2, PZ_WAIT_TIMEOU
  * thread early, so that it drains them. */
 #define PZ_BACKLOG_WAKE (1u << 20)
 
+/* Prepares a fresh Lua state inside a worker (package.preload entries):
+ * given by the module's entry point, so that the pool code does not depend
+ * on it. */
+typedef void (*pz_state_setup)(lua_State *L);
 
 typedef struct pz_options {
     int max_deaths;           /* a call that killed this many workers is an error */
@@ -47,7 +66,7 @@ typedef struct pz_pool {
     /* fixed */
     int nslots;
     pz_options opt;
-    pz_buf *init;             /* per slot: INIT payload (shared buffers are copied) */
+    pz_buf *init;             /* per slot: the INIT payload */
     struct pz_slot_shared *shared; /* per slot, mapped shared with the workers */
     int io_wake_fd;           /* eventfd: main -> io */
     int main_wake_fd;         /* eventfd: io -> main */
@@ -55,54 +74,84 @@ typedef struct pz_pool {
     pid_t spawner_pid;
     pthread_t thread;
     int thread_started;
+    struct pz_io *io;
 
-    /* main -> io */
-    pz_spsc submit;           /* CALL frames, producer: main */
-    _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
-    _Atomic int io_woken;     /* a wake-up is already on its way */
+    /* written by the main thread */
+    pz_spsc submit;           /* CALL frames; producer: main */
     _Atomic int stop_requested;
     _Atomic int64_t finish_ns; /* stop: absolute deadline for running calls, or -1 */
-
-    /* io -> main */
-    pz_spsc done;             /* records, producer: io */
-    _Atomic uint64_t calls_done; /* RESULT/ERROR records published */
-    _Atomic int settled;      /* slots that initialized once or were given up */
-    _Atomic int fatal;        /* a FATAL record was published */
-    _Atomic int io_finished;  /* the I/O thread has ended everything */
-    _Atomic size_t backlog;   /* bytes published and not yet drained (approx.) */
-    _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met */
+    _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met (io clears it) */
     _Atomic uint64_t main_target; /* PZ_WAIT_CALLS: calls_done to reach */
+    _Atomic int io_woken;     /* a wake-up is on its way (main sets, io clears) */
+
+    /* written by the I/O thread (or the main thread lending, see above) */
+    pz_spsc done;             /* records; producer: io */
+    _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
+    _Atomic uint64_t calls_done;  /* RESULT/ERROR records published */
+    _Atomic int slots_settled;    /* slots that initialized once or were given up */
+    _Atomic int fatal;        /* the pool cannot go on: fatal_reason says why */
+    const char *fatal_reason; /* set before `fatal`; owned as fatal_owned says */
+    int fatal_owned;          /* fatal_reason was malloc'ed */
+    _Atomic int finished;     /* the I/O thread has ended everything */
+    _Atomic size_t backlog;   /* bytes published and not yet drained (approx.;
+                               * io adds, main subtracts) */
 
     /* main */
     uint64_t next_id;         /* ids handed out: 1 .. next_id - 1 */
-    uint64_t drained;         /* RESULT/ERROR records turned into Lua values */
+    uint64_t drained;         /* RESULT/ERROR records consumed */
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
     pz_spin spin;             /* how waits for calls poll */
-    int lent_fd;              /* a worker's socket lent to this thread, or -1;
-                               * stale (closed, maybe reused) once the I/O
-                               * thread ended the lend: polling it then only
-                               * wakes this thread once, and pz_io_collect,
-                               * which looks under the lock, returns -1 */
-
-    struct pz_pool *next_running; /* pool.c's list of running pools */
-
-    /* io */
-    struct pz_io *io;
+    int lent_fd;              /* a worker's socket lent to this thread, or -1
+                               * (lend.c); stale (closed, maybe reused) once
+                               * the I/O thread ended the lend: polling it
+                               * then only wakes this thread once, and
+                               * pz_lend_collect, which looks under the lock,
+                               * returns -1 */
+    struct pz_pool *next_running; /* pool.c's list of running pools (its lock) */
 } pz_pool;
 
 /* Creates a pool: forks the spawner, starts the I/O thread, which spawns
  * one worker per INIT payload.  Takes ownership of `init` (nslots buffers,
- * malloc'ed array).  Returns NULL with *err set to a static description. */
-pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, const char **err);
+ * malloc'ed array).  `setup` prepares each worker's Lua state.  Returns
+ * NULL with *err set to a static description and errno to the cause. */
+pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_setup setup,
+                     const char **err);
 
-/* Main thread: makes the published CALL frame visible and wakes the I/O
- * thread if it sleeps with room for calls. */
-void pz_pool_kick(pz_pool *p);
+/* Main thread: queues a call whose encoded argument tuple is args[0..len)
+ * (at most opt.max_message bytes) and wakes the I/O thread if it sleeps
+ * with room for it.  Returns the call's id, or 0 when out of memory
+ * (nothing is queued then). */
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len);
 
-/* Main thread: reads the answers a lent socket holds (see
- * pz_io_dispatch_now), before records are drained. */
-void pz_pool_collect(pz_pool *p);
+/* Main thread: the first record the I/O thread published and the main
+ * thread has not consumed (frame.h describes the records), read into *f;
+ * returns 0 when there is none.  A lone call's answer is read first (see
+ * lend.c).  The record stays until pz_pool_consume: nothing else may consume
+ * records meanwhile. */
+int pz_pool_peek_record(pz_pool *p, pz_frame *f);
+
+/* Main thread: drops the record that pz_pool_peek_record returned. */
+void pz_pool_consume(pz_pool *p, const pz_frame *f);
+
+/* Main thread: calls queued so far, and how many of them have had their
+ * RESULT or ERROR record consumed. */
+static inline uint64_t pz_pool_calls(const pz_pool *p)
+{
+    return p->next_id - 1;
+}
+static inline uint64_t pz_pool_finished(const pz_pool *p)
+{
+    return p->drained;
+}
+
+/* Main thread: slots that have initialized once or been given up (as
+ * published; records may still wait to be drained). */
+int pz_pool_slots_settled(pz_pool *p);
+
+/* Main thread: why the pool cannot go on (no worker is left and none can
+ * be started, or the I/O thread ran out of memory), or NULL. */
+const char *pz_pool_fatal(pz_pool *p);
 
 /* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*) may have
  * come true, records wait to be drained, the pool failed, the deadline
@@ -115,7 +164,8 @@ int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline);
 /* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
  * running calls, or -1 to wait for them), then joins it and reaps the
  * spawner.  Signals do not interrupt it.  Afterwards the submit queue and
- * the io's requeue hold the calls that never finished: see pz_pool_aborted. */
+ * the I/O thread's queues hold the calls that never finished: see
+ * pz_pool_aborted. */
 void pz_pool_stop(pz_pool *p, int64_t finish_ns);
 
 /* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
@@ -125,26 +175,5 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
 /* Frees the pool, its descriptors, buffers and shared memory.  The pool
  * must be stopped (pz_pool_stop). */
 void pz_pool_free(pz_pool *p);
-
-/* I/O thread entry (ioloop.c). */
-void *pz_io_main(void *pool);
-struct pz_io *pz_io_new(pz_pool *p);
-void pz_io_free(struct pz_io *io);
-/* Main thread: when the I/O thread sleeps and no call is in flight, hands
- * the queued calls to workers itself, sparing the wake-up of the I/O thread
- * (one cross-CPU hop of a round trip).  Returns 1 when nothing is left for
- * the I/O thread to do, else 0 (it must be woken as usual).  When a lone
- * call went to a worker, lends that worker's socket to the main thread
- * (ioloop.c, "lending") and stores it in *lent_fd. */
-int pz_io_dispatch_now(struct pz_io *io, int *lent_fd);
-/* Main thread: takes (park = 1) or releases (0) the I/O thread's lock,
- * which keeps the thread out of everything but epoll_wait meanwhile. */
-void pz_io_park(struct pz_io *io, int park);
-/* Main thread: reads what the lent socket holds and publishes the records.
- * Gives the socket back when its calls are answered, when it is closed, or
- * when `keep` is 0.  Returns the socket when it is still lent, else -1. */
-int pz_io_collect(struct pz_io *io, int keep);
-/* After the I/O thread ended: frames to abort (requeue then in-flight). */
-void pz_io_leftovers(struct pz_io *io, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 
 #endif

@@ -110,7 +110,7 @@ PZ_EXPORT int __lsan_is_turned_off(void)
 
 /* The spawner's own state: the socket to the parent and its live children. */
 typedef struct spawner {
-    pz_slot_shared *shared;
+    pz_spawner_config config;
     int sock;
     int sigfd;
     pid_t *kids;
@@ -153,7 +153,7 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
     bind_to_parent(spawner_pid);
-    pz_worker_main(WORKER_FD, slot, &s->shared[slot]);
+    pz_worker_main(WORKER_FD, slot, &s->config.shared[slot], s->config.setup);
 }
 
 static _Noreturn void shut_down(spawner *s);
@@ -256,9 +256,9 @@ static void handle_request(spawner *s)
         kill(m.pid, m.arg);
 }
 
-static void spawner_main(pz_slot_shared *shared, int sock, pid_t parent)
+static void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
 {
-    spawner s = {shared, sock, -1, NULL, 0, 0};
+    spawner s = {*config, sock, -1, NULL, 0, 0};
     bind_to_parent(parent);
     for (int sig = 1; sig < NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
@@ -292,7 +292,7 @@ static void spawner_main(pz_slot_shared *shared, int sock, pid_t parent)
     }
 }
 
-int pz_spawner_start(pz_slot_shared *shared, pid_t *pid, int *fd)
+int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
@@ -310,6 +310,8 @@ int pz_spawner_start(pz_slot_shared *shared, pid_t *pid, int *fd)
     }
     if (p == 0) {
         forked_child = 1;
+        if (config->in_child)
+            config->in_child();
         int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull < 0 || dup2(devnull, 0) < 0)
             _exit(1);
@@ -322,7 +324,7 @@ int pz_spawner_start(pz_slot_shared *shared, pid_t *pid, int *fd)
             sock = WORKER_FD + 1;
         }
         pz_close_fds_from(3, sock);
-        spawner_main(shared, sock, parent);
+        spawner_main(config, sock, parent);
     }
     close(sv[1]);
     *pid = p;

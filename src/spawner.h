@@ -34,12 +34,18 @@ typedef struct pz_spawn_msg {
 } pz_spawn_msg;
 
 struct pz_slot_shared;
+struct lua_State;
 
-/* Forks the spawner.  Call from the main thread only.  `shared` is the
- * pool's shared memory, one entry per slot, which workers write.  On
- * success returns 0 and sets *pid and *fd (the parent's end, close-on-exec,
- * blocking); on failure returns -1 with errno set. */
-int pz_spawner_start(struct pz_slot_shared *shared, pid_t *pid, int *fd);
+typedef struct pz_spawner_config {
+    struct pz_slot_shared *shared;      /* the pool's, one per slot: workers write it */
+    void (*setup)(struct lua_State *L); /* prepares each worker's Lua state */
+    void (*in_child)(void);             /* runs in the spawner right after the fork */
+} pz_spawner_config;
+
+/* Forks the spawner.  Call from the main thread only.  On success returns
+ * 0 and sets *pid and *fd (the parent's end, close-on-exec, blocking); on
+ * failure returns -1 with errno set. */
+int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd);
 
 /* Sends one message, with `pass_fd` attached when >= 0.  Returns 0, or -1
  * with errno set (EAGAIN on a full non-blocking socket). */

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <dirent.h>
@@ -108,4 +109,26 @@ void pz_describe_status(int status, char *buf, size_t len)
         snprintf(buf, len, "killed by signal %d", WTERMSIG(status));
     else
         snprintf(buf, len, "ended with wait status 0x%x", (unsigned)status);
+}
+
+void pz_wake(int fd, const char *whom)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do
+        r = write(fd, &one, sizeof one);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EAGAIN)
+        fprintf(stderr, "parallelize: waking %s: %s\n", whom, strerror(errno));
+}
+
+void pz_wake_clear(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do
+        r = read(fd, &v, sizeof v);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EAGAIN)
+        fprintf(stderr, "parallelize: reading a wake-up eventfd: %s\n", strerror(errno));
 }

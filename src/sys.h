@@ -28,6 +28,14 @@ int pz_set_nonblock(int fd);
  * forked process holds only the descriptors it was given. */
 void pz_close_fds_from(int lowest, int keep);
 
+/* Adds one to an eventfd, waking whoever polls it.  A saturated counter
+ * (EAGAIN) means a wake-up is pending anyway; any other failure, which a
+ * valid eventfd never gives, is reported on stderr naming `whom`. */
+void pz_wake(int fd, const char *whom);
+
+/* Resets an eventfd's counter after a wake-up was seen. */
+void pz_wake_clear(int fd);
+
 /* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
 void pz_describe_status(int status, char *buf, size_t len);
 

@@ -23,7 +23,6 @@
 #include "buf.h"
 #include "codec.h"
 #include "codec_format.h"
-#include "core.h"
 #include "frame.h"
 #include "spin.h"
 #include "sys.h"
@@ -82,27 +81,20 @@ static void count_frame(void)
         W.out_since = W.clock;
 }
 
-/* Appends a frame whose payload is a varint-prefixed string and a rest. */
+/* Appends a frame whose payload is the call's run time (when ns is not
+ * NULL), a varint-prefixed message and a rest (a traceback). */
 static void put_message_frame(uint8_t type, uint64_t id, const uint64_t *ns, const char *msg,
                               size_t msglen, const char *rest, size_t restlen)
 {
-    uint8_t pre[2 * PZ_VARINT_MAX_BYTES];
-    size_t npre = 0;
-    if (ns)
-        npre += pz_put_varint(pre, (uint64_t)*ns);
-    npre += pz_put_varint(pre + npre, msglen);
-    size_t len = npre + msglen + restlen;
-    if (len > UINT32_MAX)
+    uint8_t v[PZ_VARINT_MAX_BYTES];
+    pz_part parts[] = {{v, ns ? pz_put_varint(v, *ns) : 0, 0}, {msg, msglen, 1}, {rest, restlen, 0}};
+    size_t len = pz_frame_parts_len(parts, 3);
+    if (len == SIZE_MAX)
         die("error message too long");
     char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + len);
     if (!dst)
         die("out of memory");
-    pz_frame_header(dst, type, 0, id, (uint32_t)len);
-    memcpy(dst + PZ_FRAME_HEADER, pre, npre);
-    memcpy(dst + PZ_FRAME_HEADER + npre, msg, msglen);
-    if (restlen)
-        memcpy(dst + PZ_FRAME_HEADER + npre + msglen, rest, restlen);
-    W.out.len += PZ_FRAME_HEADER + len;
+    W.out.len += pz_frame_put(dst, type, 0, id, parts, 3);
     count_frame();
 }
 
@@ -274,7 +266,7 @@ static pz_frame next_frame(void)
         pz_frame f;
         size_t need = 0;
         const char *why = NULL;
-        int r = pz_frame_parse(W.in.data + W.in_pos, W.in.len - W.in_pos, W.max_message + 64, &f,
+        int r = pz_frame_parse(W.in.data + W.in_pos, W.in.len - W.in_pos, W.max_message + PZ_FRAME_SLACK, &f,
                                &need, &why);
         if (r == PZ_PARSE_OK) {
             W.in_pos += f.size;
@@ -355,23 +347,24 @@ static int build_executor(lua_State *L)
         pz_split_prefixed(spec, speclen, &spec, &speclen, &args, &argslen) != 0)
         return luaL_error(L, "malformed INIT frame");
     lua_settop(L, 0);
-    if (pz_decode_tuple(L, part, partlen, PZ_DECODE_FUNCTIONS) != 6)
+    pz_decode_value(L, part, partlen, PZ_DECODE_FUNCTIONS); /* 1: the settings (frame.h) */
+    if (!lua_istable(L, 1))
         return luaL_error(L, "malformed INIT frame");
-    W.spin.budget_ns = (int64_t)lua_tonumber(L, 6);
-    lua_pop(L, 1);
+    lua_getfield(L, 1, "spin_ns");
+    W.spin.budget_ns = (int64_t)lua_tonumber(L, -1);
+    lua_getfield(L, 1, "max_message");
+    W.max_message = (size_t)lua_tonumber(L, -1);
     lua_getglobal(L, "package");
-    lua_pushvalue(L, 1);
+    lua_getfield(L, 1, "path");
     lua_setfield(L, -2, "path");
-    lua_pushvalue(L, 2);
+    lua_getfield(L, 1, "cpath");
     lua_setfield(L, -2, "cpath");
-    lua_pop(L, 1);
-    W.max_message = (size_t)lua_tonumber(L, 4);
-    /* stack: on_error, kind, spec, args: the spec is decoded only now that
-     * package.path is set, since decoding it may require modules. */
+    lua_settop(L, 1);
+    lua_getfield(L, 1, "kind"); /* 2 */
     lua_pushcfunction(L, on_error);
     lua_replace(L, 1);
-    lua_replace(L, 2);
-    lua_settop(L, 2);
+    /* stack: on_error, kind; the spec is decoded only now that
+     * package.path is set, since decoding it may require modules. */
     pz_decode_value(L, spec, speclen, PZ_DECODE_FUNCTIONS);
     int nargs = pz_decode_tuple(L, args, argslen, PZ_DECODE_FUNCTIONS);
     int base = lua_gettop(L) - nargs; /* the spec's index */
@@ -471,7 +464,8 @@ static void initialize(lua_State *L)
     lua_pushlightuserdata(L, &copy);
     if (lua_pcall(L, 1, 0, 0) != 0) {
         copy.len = 0;
-        pz_buf_append(&copy, "\x03", 1); /* null: the copy is only informative */
+        /* null: the copy is only informative */
+        pz_buf_append(&copy, &(char){PZ_T_NULL}, 1);
     }
     lua_settop(L, 0);
     if (copy.len > UINT32_MAX)
@@ -479,20 +473,23 @@ static void initialize(lua_State *L)
     char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + copy.len);
     if (!dst)
         die("out of memory");
-    pz_frame_header(dst, PZ_F_INIT_OK, 0, (uint64_t)getpid(), (uint32_t)copy.len);
-    memcpy(dst + PZ_FRAME_HEADER, copy.data, copy.len);
-    W.out.len += PZ_FRAME_HEADER + copy.len;
+    pz_part part = {copy.data, copy.len, 0};
+    W.out.len += pz_frame_put(dst, PZ_F_INIT_OK, 0, (uint64_t)getpid(), &part, 1);
     pz_buf_free(&copy);
     flush_out();
 }
 
-_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared)
+_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared, void (*setup)(lua_State *L))
 {
+    /* A worker of a pool made inside a worker inherits that worker's state
+     * through two forks: start from nothing (the inherited buffers are
+     * copies nobody else uses). */
+    memset(&W, 0, sizeof W);
     W.fd = fd;
     W.slot = slot;
     W.shared = shared;
     W.exec_ref = LUA_NOREF;
-    W.max_message = UINT32_MAX - 64; /* until INIT says otherwise */
+    W.max_message = UINT32_MAX - PZ_FRAME_SLACK; /* until INIT says otherwise */
     /* Output of many workers interleaves line by line, as a user expects. */
     setvbuf(stdout, NULL, _IOLBF, 0);
     lua_State *L = luaL_newstate();
@@ -500,7 +497,7 @@ _Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared)
         die("cannot create a Lua state: out of memory");
     W.L = L;
     luaL_openlibs(L);
-    pz_preload(L);
+    setup(L);
     initialize(L);
     lua_pushcfunction(L, on_error);
     W.handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -20,9 +20,13 @@ typedef struct pz_slot_shared {
     char pad[56];
 } pz_slot_shared;
 
+struct lua_State;
+
 /* Runs in a freshly forked worker whose socket to the parent is `fd`: builds
- * a fresh LuaJIT state, reads the INIT frame, builds the executor, then
- * serves CALL frames until STOP or end of file.  Never returns. */
-_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared);
+ * a fresh LuaJIT state (prepared by `setup`: package.preload), reads the
+ * INIT frame, builds the executor, then serves CALL frames until STOP or end
+ * of file.  Never returns. */
+_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared,
+                              void (*setup)(struct lua_State *L));
 
 #endif

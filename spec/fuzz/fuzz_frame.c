@@ -98,7 +98,6 @@ static void on_frame(const pz_frame *f)
             touch(p, n);
         return;
     case PZ_F_INIT_ERROR:
-    case PZ_F_FATAL:
         if (split(p, n, &a, &alen, &b, &blen) == 0) {
             snprintf(msg, sizeof msg, "%.*s", (int)(alen < 250 ? alen : 250), a);
             touch(b, blen);

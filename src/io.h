@@ -1,0 +1,231 @@
+/*
+ * io.h - the I/O thread's state, shared by the files that make up the I/O
+ * side of a pool:
+ *
+ *   ioloop.c    the epoll loop, wake-ups, records to the main thread,
+ *               timers, the stop sequence
+ *   slot.c      one worker slot: its process, socket, calls in flight
+ *   dispatch.c  calls waiting for a worker: which slot gets which call
+ *   spawnq.c    requests to the spawner process and its reports
+ *   lend.c      the lone-call shortcut, run by the main thread
+ *
+ * Rule: everything reachable from a struct pz_io belongs to the thread that
+ * holds io->lock.  The I/O thread holds it at all times except while it
+ * sleeps in epoll_wait; the main thread takes it in lend.c (and pool.c
+ * parks the thread on it around a fork).  No field here is atomic and none
+ * needs to be.  What the main thread reads goes through the pool's queues
+ * and atomics (pool.h), written in publish() (ioloop.c).
+ */
+#ifndef PZ_IO_H
+#define PZ_IO_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+#include "pool.h"
+#include "spawner.h"
+
+/* What an epoll event's data says it is about: the wake-up eventfd, the
+ * spawner's socket, or slot (value - PZ_TOKEN_SLOT) in the low 32 bits with
+ * the slot's generation in the high 32. */
+enum { PZ_TOKEN_WAKE = 0, PZ_TOKEN_SPAWNER = 1, PZ_TOKEN_SLOT = 2 };
+
+/* Where a slot's worker is in its life. */
+enum pz_slot_state {
+    SLOT_IDLE,     /* no process; (re)started when respawn_at comes */
+    SLOT_STARTING, /* forked, INIT sent, no answer yet */
+    SLOT_READY,    /* initialized: takes calls */
+    SLOT_STOPPING, /* STOP sent: finishes what it holds, then exits */
+    SLOT_GONE      /* given up, or stopped: never started again */
+};
+
+/* The parent's view of one worker slot (the worker process itself runs
+ * worker.c).  A worker's calls are kept as the very bytes sent to it, in
+ * order, in `out`: [out_head, out_sent) sent and unanswered, [out_sent, len)
+ * not yet sent.  A worker answers in the order it received, so an answer
+ * always belongs to the frame at out_head; when the worker dies, everything
+ * from out_head on goes back to the queue.  The INIT frame sits before
+ * out_head until the worker has answered it. */
+typedef struct pz_slot {
+    int index;           /* 0-based; users see index + 1 */
+    enum pz_slot_state state;
+    int fd;              /* socket, -1 when closed */
+    pid_t pid;           /* 0 until the spawner reports it */
+    int alive;           /* a process exists (or is being forked) */
+    int exited;          /* the spawner reported its end */
+    uint32_t gen;        /* bumped at each start: tells stale events apart */
+    pz_buf out;
+    size_t out_head, out_sent;
+    uint32_t inflight;   /* calls in `out` from out_head on */
+    uint32_t depth;      /* how many it may hold (ioloop: window / avg) */
+    double avg_ns;       /* moving average of call durations, 0: unknown */
+    pz_buf in;           /* bytes read, not yet a whole frame */
+    int want_out;        /* EPOLLOUT registered */
+    int has_settled;     /* counted in io->slots_settled */
+    int init_crashes;
+    int64_t respawn_at;  /* SLOT_IDLE: when to start again */
+    int64_t eof_at;      /* saw end of file while the process still ran */
+    int kill_sent;       /* SIGKILL asked for (end of file, rejection) */
+    int pending_sig;     /* to send once the spawner has told us the pid */
+    int lent;            /* its socket is lent to the main thread (lend.c) */
+    char why[200];       /* set when the parent killed it: the reason */
+} pz_slot;
+
+/* A message for the spawner not yet sent (its socket was full). */
+typedef struct pz_spawn_req {
+    pz_spawn_msg m;
+    int fd;
+} pz_spawn_req;
+
+struct pz_io {
+    pz_pool *p;
+    pthread_mutex_t lock;    /* see the rule at the top */
+    int ep;                  /* epoll: wake-up eventfd, spawner, slots */
+    pz_slot *slots;          /* p->nslots of them */
+
+    /* dispatch.c */
+    int rr;                  /* round-robin cursor */
+    int last_idle;           /* the slot that most recently ran dry */
+    pz_buf rq;               /* requeued CALL frames, dispatched first */
+    size_t rq_pos;
+
+    /* lend.c */
+    pz_slot *lent;           /* lent to the main thread, or NULL */
+
+    /* spawnq.c */
+    pz_spawn_req *spq;       /* spawner messages not yet sent */
+    size_t nspq, capspq;
+    int spawner_out;         /* EPOLLOUT registered on the spawner socket */
+    int spawner_gone;        /* its socket failed or reached end of file */
+    int spawner_shut;        /* we shut our side: it kills what is left */
+
+    /* ioloop.c: stop */
+    int stopping;
+    int64_t term_at, kill_at; /* SIGTERM / SIGKILL deadlines, 0: none */
+    int finished;            /* everything ended: the loop returns */
+
+    /* ioloop.c: what publish() makes visible */
+    uint64_t calls_done;     /* RESULT/ERROR records written */
+    int slots_settled;
+    int fatal;               /* the pool failed: p->fatal_reason is set */
+    char *first_error;       /* the first reason a worker was lost (malloc'ed) */
+};
+
+/* ---- ioloop.c ---------------------------------------------------------- */
+
+/* Appends a record for the main thread (frame.h).  Returns 0, or -1 when
+ * out of memory, after failing the pool (pz_io_fail): the caller keeps
+ * what the record was about, so that it is aborted rather than lost. */
+int pz_io_record(struct pz_io *io, uint8_t type, uint64_t id, const pz_part *parts, int nparts);
+
+/* Makes the records written so far visible to the main thread, with the
+ * counters that go with them, and wakes it if what it waits for is now
+ * true. */
+void pz_io_publish(struct pz_io *io);
+
+/* Counts slot w as settled (initialized once or given up), once. */
+void pz_io_settle(struct pz_io *io, pz_slot *w);
+
+/* Keeps msg as the reason to give when no worker is left, if it is the
+ * first one. */
+void pz_io_remember_error(struct pz_io *io, const char *msg);
+
+/* Fails the pool when no slot can ever run a call again. */
+void pz_io_check_fatal(struct pz_io *io);
+
+/* Fails the pool: `why` (copied) becomes the error wait raises; every
+ * worker is ended and every unfinished call is aborted at stop.  Uses no
+ * memory it cannot do without (out of memory is one of its causes). */
+void pz_io_fail(struct pz_io *io, const char *why);
+
+/* ---- slot.c ------------------------------------------------------------ */
+
+/* Starts a worker process for slot w: a socket pair, the child's end
+ * handed to the spawner, the INIT frame queued on ours. */
+void pz_slot_start(struct pz_io *io, pz_slot *w);
+
+/* The worker's process is gone (status valid when known): reads what it
+ * left in its socket, then requeues its calls, respawns it or gives the
+ * slot up. */
+void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status);
+
+/* Reads what a worker sent and handles whole frames, for a bounded number
+ * of reads so that one busy worker cannot starve the others.  Returns 1
+ * when that bound stopped it (more may be waiting), else 0. */
+int pz_slot_read(struct pz_io *io, pz_slot *w);
+
+/* Writes what w->out holds unsent, as far as the socket takes it,
+ * registering for EPOLLOUT when it is full. */
+void pz_slot_flush(struct pz_io *io, pz_slot *w);
+
+/* Adds w's socket to the epoll set (op EPOLL_CTL_ADD) or updates it
+ * (EPOLL_CTL_MOD), unless it is lent.  Fails the pool when epoll does. */
+void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
+
+/* True when w can take one more call now. */
+static inline int pz_slot_has_room(const pz_slot *w)
+{
+    return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent;
+}
+
+/* Queues one CALL frame for w (sent by the next pz_slot_flush).  Returns
+ * 0, or -1 when out of memory (the pool has failed; the frame stays where
+ * it was). */
+int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t size);
+
+/* stop(): takes back w's unsent calls and sends it STOP; a starting worker
+ * holds no call and is ended at once. */
+void pz_slot_stop(struct pz_io *io, pz_slot *w);
+
+/* Respawns w when due, kills it when it closed its socket but lingers;
+ * lowers *next to w's next deadline. */
+void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next);
+
+/* ---- dispatch.c -------------------------------------------------------- */
+
+/* Hands waiting calls (requeued ones first) to slots with room. */
+void pz_dispatch(struct pz_io *io);
+
+/* A slot with room, round-robin from io->rr, or NULL. */
+pz_slot *pz_dispatch_pick(struct pz_io *io);
+
+/* True when some slot could take another call now. */
+int pz_dispatch_has_room(struct pz_io *io);
+
+/* True when calls wait for a worker (requeued or in the submit queue). */
+int pz_dispatch_waiting(struct pz_io *io);
+
+/* Moves w's CALL frames from w->out[from..] to the front of the requeue,
+ * but for call `drop` (0: none), which has become an error.  Returns 0, or
+ * -1 when out of memory (the pool has failed; the frames stay in w->out,
+ * where stop finds them). */
+int pz_dispatch_requeue(struct pz_io *io, pz_slot *w, size_t from, uint64_t drop);
+
+/* ---- spawnq.c ---------------------------------------------------------- */
+
+/* Asks the spawner to fork slot w's worker, passing it `fd`. */
+void pz_spawnq_spawn(struct pz_io *io, pz_slot *w, int fd);
+
+/* Has the spawner send sig to w's worker.  Before the spawner has said
+ * which pid the worker got, the signal waits (the strongest one asked for)
+ * and goes out when it does. */
+void pz_spawnq_kill(struct pz_io *io, pz_slot *w, int sig);
+
+/* Sends the queued requests that the spawner's socket takes. */
+void pz_spawnq_flush(struct pz_io *io);
+
+/* Handles the spawner's reports (forked, failed, exited), or its end. */
+void pz_spawnq_read(struct pz_io *io);
+
+/* Shuts our side of the spawner's socket: it kills what is left and exits. */
+void pz_spawnq_shut(struct pz_io *io);
+
+/* ---- lend.c ------------------------------------------------------------ */
+
+/* Gives the lent slot back to the I/O thread (called with the lock held by
+ * either thread). */
+void pz_lend_end(struct pz_io *io);
+
+#endif

@@ -1,0 +1,532 @@
+/*
+ * slot.c - one worker slot, as the parent's I/O thread sees it: starting
+ * its process, the frames that go to it and come from it, its death and
+ * what happens to the calls it held.  Runs with io->lock held (io.h).
+ *
+ * All worker sockets are non-blocking, so a worker that stops reading can
+ * never block the loop.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "codec_format.h"
+#include "frame.h"
+#include "io.h"
+#include "sys.h"
+#include "worker.h"
+
+#define READ_CHUNK 65536
+#define READS_PER_TURN 8          /* then other slots get their turn */
+#define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
+#define BACKOFF_NS 50000000LL     /* first restart after an init crash */
+#define MAX_BACKOFF_NS 2000000000LL
+
+/* epoll's data for a slot's socket: its index, and its generation so that
+ * an event for a socket closed and replaced in the same batch is ignored. */
+static uint64_t token(const pz_slot *w)
+{
+    return (uint64_t)w->gen << 32 | (uint32_t)(PZ_TOKEN_SLOT + w->index);
+}
+
+void pz_slot_watch(struct pz_io *io, pz_slot *w, int op)
+{
+    if (w->lent)
+        return; /* out of the set until given back (pz_lend_end) */
+    struct epoll_event ev = {EPOLLIN | (w->want_out ? EPOLLOUT : 0), {.u64 = token(w)}};
+    if (epoll_ctl(io->ep, op, w->fd, &ev) != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "epoll_ctl on worker %d's socket failed: %s", w->index + 1,
+                 strerror(errno));
+        pz_io_fail(io, msg);
+    }
+}
+
+static void close_fd(struct pz_io *io, pz_slot *w)
+{
+    if (w->fd < 0)
+        return;
+    if (w->lent) {
+        w->lent = 0;
+        io->lent = NULL;
+    } else {
+        /* Cannot fail for a descriptor in the set; close removes it anyway. */
+        epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL);
+    }
+    close(w->fd);
+    w->fd = -1;
+    w->want_out = 0;
+}
+
+static int64_t backoff(int crashes)
+{
+    int64_t ns = BACKOFF_NS;
+    for (int i = 1; i < crashes && ns < MAX_BACKOFF_NS; i++)
+        ns *= 2;
+    return ns < MAX_BACKOFF_NS ? ns : MAX_BACKOFF_NS;
+}
+
+/* Gives slot w up for good, keeping why (if any) as an init error. */
+static void give_up(struct pz_io *io, pz_slot *w, const char *why, const char *tb, size_t tblen)
+{
+    w->state = SLOT_GONE;
+    if (why) {
+        pz_part parts[] = {{why, strlen(why), 1}, {tb, tblen, 0}};
+        pz_io_record(io, PZ_F_INIT_ERROR, (uint64_t)w->index, parts, 2);
+        pz_io_remember_error(io, why);
+    }
+    pz_io_settle(io, w);
+    pz_io_check_fatal(io);
+}
+
+/* A start that failed before any process existed, or a worker that died
+ * while initializing: try again after a back-off, give up after
+ * init_attempts. */
+static void init_failed(struct pz_io *io, pz_slot *w, const char *final_msg)
+{
+    if (++w->init_crashes >= io->p->opt.init_attempts) {
+        give_up(io, w, final_msg, NULL, 0);
+        return;
+    }
+    w->state = SLOT_IDLE;
+    w->respawn_at = pz_now_ns() + backoff(w->init_crashes);
+}
+
+void pz_slot_start(struct pz_io *io, pz_slot *w)
+{
+    int sv[2] = {-1, -1};
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0 || pz_set_nonblock(sv[0]) != 0) {
+        /* Out of descriptors, most likely: try again later, as for a
+         * worker that died while starting. */
+        char msg[200];
+        snprintf(msg, sizeof msg, "worker %d could not be started: socketpair: %s", w->index + 1,
+                 strerror(errno));
+        if (sv[0] >= 0) {
+            close(sv[0]);
+            close(sv[1]);
+        }
+        pz_io_remember_error(io, msg);
+        init_failed(io, w, msg);
+        return;
+    }
+    const pz_buf *init = &io->p->init[w->index];
+    w->out.len = w->out_head = w->out_sent = 0;
+    char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER + init->len);
+    if (!d) {
+        close(sv[0]);
+        close(sv[1]);
+        pz_io_fail(io, "out of memory in the I/O thread (starting a worker)");
+        return;
+    }
+    pz_part part = {init->data, init->len, 0};
+    w->out.len = pz_frame_put(d, PZ_F_INIT, 0, 0, &part, 1);
+    w->out_head = w->out.len;
+    w->gen++;
+    w->pending_sig = 0;
+    w->fd = sv[0];
+    w->pid = 0;
+    w->alive = 1;
+    w->exited = 0;
+    w->kill_sent = 0;
+    w->eof_at = 0;
+    w->why[0] = 0;
+    w->state = SLOT_STARTING;
+    w->inflight = 0;
+    w->depth = 1;
+    w->in.len = 0;
+    w->want_out = 0;
+    pz_slot_watch(io, w, EPOLL_CTL_ADD);
+    pz_spawnq_spawn(io, w, sv[1]);
+    pz_slot_flush(io, w);
+}
+
+/* The parent kills a worker that broke the protocol; it is then handled
+ * like any other death. */
+static void reject(struct pz_io *io, pz_slot *w, const char *why)
+{
+    if (w->why[0])
+        return;
+    snprintf(w->why, sizeof w->why, "was killed after it sent a malformed frame (%s)", why);
+    close_fd(io, w);
+    if (!w->kill_sent) {
+        w->kill_sent = 1;
+        pz_spawnq_kill(io, w, SIGKILL);
+    }
+}
+
+/* A worker that held calls died.  The call it was running (its id is in
+ * the shared memory, see worker.h) is charged with a death and becomes an
+ * error once it has killed max_deaths workers; every other call it held,
+ * including calls whose results it had not sent yet, goes back to the
+ * front of the queue. */
+static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how)
+{
+    uint64_t running = atomic_load(&io->p->shared[w->index].running), drop = 0;
+    atomic_store(&io->p->shared[w->index].running, 0);
+    /* Workers terminated by stop() or lost with the spawner did not die of
+     * their call. */
+    if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
+        for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos)) {
+            char *fr = w->out.data + pos;
+            if (pz_frame_type(fr) != PZ_F_CALL || pz_frame_id(fr) != running)
+                continue;
+            uint8_t deaths = (uint8_t)(pz_frame_aux(fr) + 1);
+            pz_frame_set_aux(fr, deaths);
+            if (deaths >= io->p->opt.max_deaths) {
+                char msg[512];
+                snprintf(msg, sizeof msg,
+                         "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
+                         "%d (pid %d) %s while running call %" PRIu64,
+                         running, deaths, io->p->opt.max_deaths, w->index + 1, (int)w->pid, how,
+                         running);
+                pz_part parts[] = {{pz_frame_payload(fr), pz_frame_payload_len(fr), 1},
+                                   {msg, strlen(msg), 1}};
+                if (pz_io_record(io, PZ_F_ERROR, running, parts, 2) == 0)
+                    drop = running;
+            }
+            break;
+        }
+    }
+    if (pz_dispatch_requeue(io, w, w->out_head, drop) != 0)
+        return; /* the pool failed: the frames stay for stop to abort */
+    w->out.len = w->out_head = w->out_sent = 0;
+    w->inflight = 0;
+}
+
+void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
+{
+    /* Everything it wrote before it died is still in the socket. */
+    while (w->fd >= 0 && !io->fatal && pz_slot_read(io, w))
+        ;
+    close_fd(io, w);
+    pz_buf_trim(&w->in, 0);
+    w->in.len = 0;
+    w->alive = 0;
+    char how[240];
+    if (w->why[0])
+        snprintf(how, sizeof how, "%s", w->why);
+    else if (known)
+        pz_describe_status(status, how, sizeof how);
+    else
+        snprintf(how, sizeof how, "ended with the spawner");
+    char msg[512];
+    switch (w->state) {
+    case SLOT_STARTING:
+        if (io->stopping || io->spawner_gone) {
+            snprintf(msg, sizeof msg, "worker %d (pid %d) %s during initialization", w->index + 1,
+                     (int)w->pid, how);
+            give_up(io, w, io->stopping ? NULL : msg, NULL, 0);
+            return;
+        }
+        snprintf(msg, sizeof msg,
+                 "worker %d died during initialization %d times; the last time, pid %d %s",
+                 w->index + 1, w->init_crashes + 1, (int)w->pid, how);
+        init_failed(io, w, msg);
+        return;
+    case SLOT_READY:
+    case SLOT_STOPPING:
+        if (io->fatal) {
+            w->state = SLOT_GONE; /* its calls stay in w->out: stop aborts them */
+            return;
+        }
+        requeue_inflight(io, w, how);
+        if (w->state == SLOT_STOPPING || io->stopping) {
+            w->state = SLOT_GONE;
+            return;
+        }
+        if (io->p->opt.respawn && !io->spawner_gone) {
+            w->state = SLOT_IDLE;
+            w->respawn_at = pz_now_ns();
+            return;
+        }
+        snprintf(msg, sizeof msg, "worker %d (pid %d) %s%s", w->index + 1, (int)w->pid, how,
+                 io->spawner_gone ? " and no worker can be started without the spawner"
+                                  : "; not replaced (respawn = false)");
+        pz_io_remember_error(io, msg);
+        w->state = SLOT_GONE;
+        pz_io_check_fatal(io);
+        return;
+    case SLOT_IDLE:
+    case SLOT_GONE:
+        return; /* nothing held */
+    }
+}
+
+/* ---- frames from the worker -------------------------------------------- */
+
+/* The in-flight depth: enough calls to cover `window` of work. */
+static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
+{
+    const pz_options *o = &io->p->opt;
+    w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
+    double d = (double)o->window_ns / w->avg_ns;
+    w->depth = d < 1 ? 1 : d > o->max_inflight ? o->max_inflight : (uint32_t)d;
+}
+
+/* Drops the answered frames at the front of w->out now and then: a worker
+ * that always has calls in flight never empties its buffer. */
+static void drop_answered(pz_slot *w)
+{
+    if (w->out_head == w->out.len) {
+        w->out.len = w->out_head = w->out_sent = 0;
+        pz_buf_trim(&w->out, 1 << 20);
+    } else if (w->out_head >= READ_CHUNK && w->out_head >= w->out.len / 2) {
+        pz_buf_consume(&w->out, w->out_head);
+        w->out_sent -= w->out_head;
+        w->out_head = 0;
+    }
+}
+
+/* A RESULT or ERROR frame: it answers the call at out_head. */
+static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
+{
+    if ((w->state != SLOT_READY && w->state != SLOT_STOPPING) || w->inflight == 0) {
+        reject(io, w, "an answer to no call");
+        return;
+    }
+    const char *head = w->out.data + w->out_head;
+    if (pz_frame_id(head) != f->id) {
+        reject(io, w, "an answer to the wrong call");
+        return;
+    }
+    const char *p = f->payload;
+    size_t n = f->len;
+    uint64_t ns;
+    if (pz_take_varint(&p, &n, &ns) != 0) {
+        reject(io, w, "a truncated answer");
+        return;
+    }
+    if (f->type == PZ_F_RESULT) {
+        pz_part part = {p, n, 0};
+        if (pz_io_record(io, PZ_F_RESULT, f->id, &part, 1) != 0)
+            return;
+    } else {
+        const char *msg, *tb;
+        size_t mlen, tblen;
+        if (pz_split_prefixed(p, n, &msg, &mlen, &tb, &tblen) != 0) {
+            reject(io, w, "a truncated error");
+            return;
+        }
+        pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1},
+                           {msg, mlen, 1},
+                           {tb, tblen, 0}};
+        if (pz_io_record(io, PZ_F_ERROR, f->id, parts, 3) != 0)
+            return;
+    }
+    update_depth(io, w, ns);
+    w->out_head += pz_frame_size(head);
+    if (--w->inflight == 0)
+        io->last_idle = w->index;
+    drop_answered(w);
+}
+
+/* An INIT_OK or INIT_ERROR frame. */
+static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
+{
+    if (w->state != SLOT_STARTING && w->state != SLOT_STOPPING) {
+        reject(io, w, "an unexpected INIT answer");
+        return;
+    }
+    if (f->type == PZ_F_INIT_OK) {
+        uint8_t v[PZ_VARINT_MAX_BYTES];
+        pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
+        if (pz_io_record(io, PZ_F_INIT_OK, (uint64_t)w->index, parts, 2) != 0)
+            return;
+        w->init_crashes = 0;
+        if (w->state == SLOT_STARTING)
+            w->state = SLOT_READY;
+        if (w->out_sent == w->out.len && w->out_head == w->out.len)
+            w->out.len = w->out_head = w->out_sent = 0;
+        pz_io_settle(io, w);
+        return;
+    }
+    const char *msg, *tb;
+    size_t mlen, tblen;
+    if (pz_split_prefixed(f->payload, f->len, &msg, &mlen, &tb, &tblen) != 0) {
+        reject(io, w, "a truncated INIT error");
+        return;
+    }
+    pz_part parts[] = {{msg, mlen, 1}, {tb, tblen, 0}};
+    if (pz_io_record(io, PZ_F_INIT_ERROR, (uint64_t)w->index, parts, 2) != 0)
+        return;
+    char *why = strndup(msg, mlen);
+    pz_io_remember_error(io, why ? why : "initialization failed (its message did not fit in memory)");
+    free(why);
+    w->state = SLOT_GONE;
+    pz_io_settle(io, w);
+    pz_io_check_fatal(io);
+}
+
+/* Handles the whole frames at the front of w->in; returns how many bytes
+ * they took, or -1 when the worker was rejected or the pool failed. */
+static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
+{
+    size_t pos = 0;
+    for (;;) {
+        pz_frame f;
+        const char *why;
+        int rc = pz_frame_parse(w->in.data + pos, w->in.len - pos, max_payload, &f, NULL, &why);
+        if (rc == PZ_PARSE_MORE)
+            return (ssize_t)pos;
+        if (rc == PZ_PARSE_BAD) {
+            reject(io, w, why);
+            return -1;
+        }
+        if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
+            on_answer(io, w, &f);
+        else if (f.type == PZ_F_INIT_OK || f.type == PZ_F_INIT_ERROR)
+            on_init(io, w, &f);
+        else
+            reject(io, w, "a frame type workers do not send");
+        if (w->why[0] || io->fatal)
+            return -1;
+        pos += f.size;
+    }
+}
+
+int pz_slot_read(struct pz_io *io, pz_slot *w)
+{
+    size_t max_payload = (size_t)io->p->opt.max_message + PZ_FRAME_SLACK;
+    for (int rounds = 0; w->fd >= 0; rounds++) {
+        if (rounds == READS_PER_TURN)
+            return 1;
+        /* Room for the rest of a frame whose header is in, at once. */
+        size_t want = READ_CHUNK, need = 0;
+        pz_frame f;
+        const char *why;
+        if (pz_frame_parse(w->in.data, w->in.len, max_payload, &f, &need, &why) == PZ_PARSE_MORE &&
+            need > w->in.len + READ_CHUNK)
+            want = need - w->in.len;
+        if (!pz_buf_reserve(&w->in, want)) {
+            reject(io, w, "out of memory for its frame");
+            return 0;
+        }
+        size_t room = w->in.cap - w->in.len;
+        ssize_t r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (r <= 0) {
+            close_fd(io, w);
+            if (!w->exited && !w->eof_at)
+                w->eof_at = pz_now_ns();
+            break;
+        }
+        w->in.len += (size_t)r;
+        ssize_t used = handle_frames(io, w, max_payload);
+        if (used < 0)
+            return 0;
+        pz_buf_consume(&w->in, (size_t)used);
+        if ((size_t)r < room)
+            break; /* drained */
+    }
+    if (w->in.len == 0)
+        pz_buf_trim(&w->in, 1 << 20);
+    return 0;
+}
+
+/* ---- frames to the worker ---------------------------------------------- */
+
+void pz_slot_flush(struct pz_io *io, pz_slot *w)
+{
+    while (w->fd >= 0 && w->out_sent < w->out.len) {
+        ssize_t r = send(w->fd, w->out.data + w->out_sent, w->out.len - w->out_sent,
+                         MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            w->out_sent += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (!w->want_out) {
+                w->want_out = 1;
+                pz_slot_watch(io, w, EPOLL_CTL_MOD);
+            }
+            return;
+        }
+        /* EPIPE / ECONNRESET: the worker is dying; its end is handled
+         * when the spawner reports it. */
+        return;
+    }
+    if (w->want_out && w->fd >= 0) {
+        w->want_out = 0;
+        pz_slot_watch(io, w, EPOLL_CTL_MOD);
+    }
+}
+
+int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t size)
+{
+    if (pz_buf_append(&w->out, frame, size) != 0) {
+        pz_io_fail(io, "out of memory in the I/O thread (handing a call to a worker)");
+        return -1;
+    }
+    w->inflight++;
+    return 0;
+}
+
+void pz_slot_stop(struct pz_io *io, pz_slot *w)
+{
+    switch (w->state) {
+    case SLOT_READY: {
+        /* Take back the calls not yet written: whole frames past out_sent. */
+        size_t pos = w->out_head;
+        while (pos < w->out.len && pos < w->out_sent)
+            pos += pz_frame_size(w->out.data + pos);
+        for (size_t q = pos; q < w->out.len; q += pz_frame_size(w->out.data + q))
+            w->inflight--;
+        if (pz_dispatch_requeue(io, w, pos, 0) != 0)
+            return;
+        char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER);
+        if (!d) {
+            pz_io_fail(io, "out of memory in the I/O thread (stopping a worker)");
+            return;
+        }
+        w->out.len += pz_frame_put(d, PZ_F_STOP, 0, 0, NULL, 0);
+        w->state = SLOT_STOPPING;
+        pz_slot_flush(io, w);
+        return;
+    }
+    case SLOT_STARTING:
+        /* It holds no call: nothing to finish. */
+        w->state = SLOT_STOPPING;
+        pz_spawnq_kill(io, w, SIGKILL);
+        return;
+    case SLOT_IDLE:
+        w->state = SLOT_GONE;
+        return;
+    case SLOT_STOPPING:
+    case SLOT_GONE:
+        return;
+    }
+}
+
+void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
+{
+#define CONSIDER(t) \
+    if ((t) > 0 && (*next == 0 || (t) < *next)) *next = (t)
+    if (w->state == SLOT_IDLE && !io->stopping && !io->spawner_gone && !io->fatal) {
+        if (now >= w->respawn_at)
+            pz_slot_start(io, w);
+        if (w->state == SLOT_IDLE) /* not started, or failed to: later */
+            CONSIDER(w->respawn_at);
+    }
+    if (w->eof_at && w->alive && !w->exited) {
+        if (now - w->eof_at >= EOF_GRACE_NS) {
+            if (!w->kill_sent) {
+                w->kill_sent = 1;
+                pz_spawnq_kill(io, w, SIGKILL);
+            }
+        } else {
+            CONSIDER(w->eof_at + EOF_GRACE_NS);
+        }
+    }
+#undef CONSIDER
+}
