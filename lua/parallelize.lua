@@ -75,6 +75,7 @@ local OPTIONS = {
   init_attempts = { 5, "integer", 1, 1000 },
   kill_grace = { 1, "number", 0, 3600 },
   spin = { 100e-6, "number", 0, 0.01 },
+  kill_leftovers = { true, "boolean" },
 }
 
 local function check_options(opts)

@@ -18,7 +18,8 @@
  * Payloads between processes (varint = LEB128, see codec_format.h):
  *   INIT        varint n, n bytes: the worker's settings, an encoded table
  *               with fields path, cpath (package paths), kind ("value",
- *               "module" or "deferred"), max_message and spin_ns; varint n,
+ *               "module" or "deferred"), max_message, spin_ns and
+ *               kill_leftovers; varint n,
  *               n bytes: the executor spec; then the tuple of constructor
  *               arguments.  Built by lpool.c, read by worker.c.
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)

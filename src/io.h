@@ -62,6 +62,8 @@ typedef struct pz_slot {
     uint32_t depth;      /* how many it may hold (ioloop: window / avg) */
     double avg_ns;       /* moving average of call durations, 0: unknown */
     pz_buf in;           /* bytes read, not yet a whole frame */
+    size_t discard;      /* bytes still to skip of an answer the parent
+                          * could not allocate room for (slot.c) */
     int want_out;        /* EPOLLOUT registered */
     int has_settled;     /* counted in io->slots_settled */
     int init_crashes;

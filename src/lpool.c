@@ -308,20 +308,22 @@ static int salvage_record(lua_State *L, lpool *u, int env)
     return 1;
 }
 
-/* drain, with hooks off and u->draining set. */
-static int drain_unhooked(lua_State *L, lpool *u, int idx)
+/* Protected: lpool light userdata at 1, pool userdata at 2.  Drains every
+ * record (drain_records), turning a record that cannot be decoded into an
+ * error of its own (salvage_record), so that one bad record neither blocks
+ * the others nor is lost. */
+static int drain_all(lua_State *L)
 {
-    lua_getfenv(L, idx);
+    lpool *u = (lpool *)lua_touserdata(L, 1);
+    lua_getfenv(L, 2);
     int env = lua_gettop(L);
     /* The tables drain_records fills, checked here once: a table replaced
      * through the internal core.pool_env would make every attempt below
      * fail, so it is refused before any record is touched. */
     for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
         lua_getfield(L, env, env_tables[i]);
-        if (!lua_istable(L, -1)) {
-            lua_pushfstring(L, "p.%s is no longer a table", env_tables[i]);
-            return LUA_ERRRUN;
-        }
+        if (!lua_istable(L, -1))
+            return luaL_error(L, "p.%s is no longer a table", env_tables[i]);
     }
     for (;;) {
         lua_pushcfunction(L, drain_records);
@@ -331,10 +333,14 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
         int rc = lua_pcall(L, D_TOP, 0, 0);
         if (rc == 0)
             break;
-        /* Out of memory, or an error no record caused: the message is on
-         * top.  Else the record that raised becomes an error value. */
-        if (rc == LUA_ERRMEM || !salvage_record(L, u, env))
-            return rc;
+        /* The record at the head raised (even for lack of memory: a huge
+         * result): it becomes an error value.  An error no record caused
+         * is raised.  What a failed decode built is garbage now: collect it
+         * first, so that the error fits. */
+        if (rc == LUA_ERRMEM)
+            lua_gc(L, LUA_GCCOLLECT, 0);
+        if (!salvage_record(L, u, env))
+            return lua_error(L);
         lua_settop(L, env + D_TOP - 1);
     }
     const char *fatal = pz_pool_fatal(u->pool);
@@ -342,7 +348,6 @@ static int drain_unhooked(lua_State *L, lpool *u, int idx)
         lua_pushstring(L, fatal);
         lua_setfield(L, env, "fatal");
     }
-    lua_settop(L, env - 1);
     return 0;
 }
 
@@ -358,12 +363,16 @@ static void drain(lua_State *L, lpool *u, int idx)
 {
     if (!u->pool || u->draining)
         return;
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     lua_Hook hook = lua_gethook(L);
     int mask = lua_gethookmask(L), count = lua_gethookcount(L);
     if (hook)
         lua_sethook(L, NULL, 0, 0);
     u->draining = 1;
-    int rc = drain_unhooked(L, u, idx);
+    lua_pushcfunction(L, drain_all);
+    lua_pushlightuserdata(L, u);
+    lua_pushvalue(L, idx);
+    int rc = lua_pcall(L, 2, 0, 0);
     u->draining = 0;
     if (hook && !lua_gethook(L))
         lua_sethook(L, hook, mask, count);
@@ -420,6 +429,8 @@ static void push_settings(lua_State *L, int spec, const pz_options *o)
     lua_setfield(L, -2, "max_message");
     lua_pushnumber(L, (lua_Number)o->spin_ns);
     lua_setfield(L, -2, "spin_ns");
+    lua_pushboolean(L, o->kill_leftovers);
+    lua_setfield(L, -2, "kill_leftovers");
 }
 
 /* Builds the INIT payload of slot i (1-based) from the spec table on top
@@ -490,6 +501,7 @@ static int l_pool_new(lua_State *L)
     o.init_attempts = (int)opt_number(L, "init_attempts");
     o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace") * 1e9);
     o.spin_ns = (int64_t)(opt_number(L, "spin") * 1e9);
+    o.kill_leftovers = opt_bool(L, "kill_leftovers");
 
     lpool *u = (lpool *)lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);

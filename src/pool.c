@@ -129,7 +129,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_s
         goto fail;
     }
     park_io_threads();
-    pz_spawner_config sc = {p->shared, setup, forget_parents_pools};
+    pz_spawner_config sc = {p->shared, setup, forget_parents_pools, opt->kill_leftovers};
     int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
     unpark_io_threads();
     if (forked != 0) {

@@ -58,6 +58,7 @@ typedef struct pz_options {
     int init_attempts;        /* init crashes before a slot is given up */
     int64_t kill_grace_ns;    /* SIGTERM -> SIGKILL */
     int64_t spin_ns;          /* waits poll this long before sleeping (spin.h) */
+    int kill_leftovers;       /* kill what a worker leaves running (spawner.h) */
 } pz_options;
 
 struct pz_io;

@@ -140,6 +140,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->inflight = 0;
     w->depth = 1;
     w->in.len = 0;
+    w->discard = 0;
     w->want_out = 0;
     pz_slot_watch(io, w, EPOLL_CTL_ADD);
     pz_spawnq_spawn(io, w, sv[1]);
@@ -390,25 +391,73 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
     }
 }
 
+/* The parent has no room for the answer whose header starts w->in (need
+ * bytes in all): if it answers w's current call, that call becomes an
+ * error saying so, the rest of the frame is skipped as it comes, and the
+ * worker goes on.  Returns 0 then; -1 when the frame is not such an
+ * answer. */
+static int skip_answer(struct pz_io *io, pz_slot *w, size_t need)
+{
+    const char *head = w->out.data + w->out_head;
+    uint8_t type = pz_frame_type(w->in.data);
+    if ((type != PZ_F_RESULT && type != PZ_F_ERROR) || w->inflight == 0 ||
+        (w->state != SLOT_READY && w->state != SLOT_STOPPING) ||
+        pz_frame_id(head) != pz_frame_id(w->in.data))
+        return -1;
+    char msg[200];
+    snprintf(msg, sizeof msg, "call %" PRIu64 ": the parent could not allocate %zu bytes for its %s",
+             pz_frame_id(head), need, type == PZ_F_RESULT ? "result" : "error");
+    pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1}, {msg, strlen(msg), 1}};
+    if (pz_io_record(io, PZ_F_ERROR, pz_frame_id(head), parts, 2) != 0)
+        return 0; /* the pool failed; nothing more is read */
+    w->discard = need - w->in.len;
+    w->in.len = 0;
+    pz_buf_trim(&w->in, 0);
+    w->out_head += pz_frame_size(head);
+    if (--w->inflight == 0)
+        io->last_idle = w->index;
+    drop_answered(w);
+    return 0;
+}
+
+/* Reads and drops up to w->discard bytes; returns what recv returned. */
+static ssize_t read_discarded(pz_slot *w)
+{
+    char sink[READ_CHUNK];
+    ssize_t r = recv(w->fd, sink, w->discard < sizeof sink ? w->discard : sizeof sink, MSG_DONTWAIT);
+    if (r > 0)
+        w->discard -= (size_t)r;
+    return r;
+}
+
 int pz_slot_read(struct pz_io *io, pz_slot *w)
 {
     size_t max_payload = (size_t)io->p->opt.max_message + PZ_FRAME_SLACK;
-    for (int rounds = 0; w->fd >= 0; rounds++) {
+    for (int rounds = 0; w->fd >= 0 && !io->fatal; rounds++) {
         if (rounds == READS_PER_TURN)
             return 1;
-        /* Room for the rest of a frame whose header is in, at once. */
-        size_t want = READ_CHUNK, need = 0;
-        pz_frame f;
-        const char *why;
-        if (pz_frame_parse(w->in.data, w->in.len, max_payload, &f, &need, &why) == PZ_PARSE_MORE &&
-            need > w->in.len + READ_CHUNK)
-            want = need - w->in.len;
-        if (!pz_buf_reserve(&w->in, want)) {
-            reject(io, w, "out of memory for its frame");
-            return 0;
+        size_t room = 0;
+        ssize_t r;
+        if (w->discard > 0) {
+            r = read_discarded(w);
+        } else {
+            /* Room for the rest of a frame whose header is in, at once. */
+            size_t want = READ_CHUNK, need = 0;
+            pz_frame f;
+            const char *why;
+            if (pz_frame_parse(w->in.data, w->in.len, max_payload, &f, &need, &why) ==
+                    PZ_PARSE_MORE &&
+                need > w->in.len + READ_CHUNK)
+                want = need - w->in.len;
+            if (!pz_buf_reserve(&w->in, want)) {
+                if (want > READ_CHUNK && skip_answer(io, w, need) == 0)
+                    continue;
+                pz_io_fail(io, "out of memory in the I/O thread (reading from a worker)");
+                return 0;
+            }
+            room = w->in.cap - w->in.len;
+            r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
         }
-        size_t room = w->in.cap - w->in.len;
-        ssize_t r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -419,6 +468,8 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
                 w->eof_at = pz_now_ns();
             break;
         }
+        if (room == 0)
+            continue; /* discarded */
         w->in.len += (size_t)r;
         ssize_t used = handle_frames(io, w, max_payload);
         if (used < 0)

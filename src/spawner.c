@@ -125,24 +125,45 @@ static int kid_index(const spawner *s, pid_t pid)
     return -1;
 }
 
-/* Gives a process the hygiene every child of ours needs: die with its
- * parent, leave Ctrl-C to the parent, and stop if the parent is already gone
- * (it may have died before prctl took effect). */
-static void bind_to_parent(pid_t expected_parent)
+/* Gives a process the hygiene every child of ours needs: receive `sig`
+ * when its parent dies, and stop if the parent is already gone (it may have
+ * died before prctl took effect). */
+static void bind_to_parent(pid_t expected_parent, int sig)
 {
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != expected_parent)
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0 || getppid() != expected_parent)
         _exit(1);
 }
 
+/* The worker's SIGINT and SIGQUIT handler: Ctrl-C is the parent's to
+ * handle.  A handler rather than SIG_IGN, because an ignored signal stays
+ * ignored across exec: programs the executor starts (os.execute,
+ * io.popen) get the default actions, so that Ctrl-C can stop them when
+ * they run in a terminal of their own. */
+static void leave_to_parent(int sig)
+{
+    (void)sig;
+}
+
 /* Runs in the forked worker: keep only its socket and stdio, restore signal
- * defaults, then become the worker. */
+ * defaults, lead a process group of its own when asked (so that what it
+ * leaves running can be killed with it), then become the worker. */
 static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
 {
     sigset_t none;
     sigemptyset(&none);
-    signal(SIGCHLD, SIG_DFL);
-    signal(SIGPIPE, SIG_DFL);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = leave_to_parent;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGQUIT, &sa, NULL) != 0)
+        _exit(1);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    if (s->config.kill_leftovers && setpgid(0, 0) != 0)
+        _exit(1);
     if (fd != WORKER_FD) {
         if (dup2(fd, WORKER_FD) < 0)
             _exit(1);
@@ -152,7 +173,7 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
      * runs (os.execute, io.popen) do not inherit the worker's socket. */
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
-    bind_to_parent(spawner_pid);
+    bind_to_parent(spawner_pid, SIGKILL);
     pz_worker_main(WORKER_FD, slot, &s->config.shared[slot], s->config.setup);
 }
 
@@ -194,6 +215,11 @@ static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
     pid_t pid = fork();
     if (pid == 0)
         become_worker(s, fd, m->slot, me);
+    /* Both sides set the group, so that it exists before either one acts
+     * on it; the child's call wins any race, and EACCES here means it has
+     * already exec'd, which a worker never does first. */
+    if (pid > 0 && s->config.kill_leftovers)
+        setpgid(pid, pid);
     close(fd);
     if (pid < 0) {
         report(s, PZ_S_FAILED, m->slot, m->gen, 0, errno);
@@ -203,24 +229,41 @@ static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
     report(s, PZ_S_SPAWNED, m->slot, m->gen, pid, 0);
 }
 
-static void reap(spawner *s, int report_them)
+/* Kills what a worker that ended left running in its process group. */
+static void kill_leftovers(const spawner *s, pid_t pid)
+{
+    /* The group's id stays reserved while any member lives, so it names
+     * this group even after the worker was reaped (ESRCH: nothing left). */
+    if (s->config.kill_leftovers)
+        kill(-pid, SIGKILL);
+}
+
+static void forget_kid(spawner *s, pid_t pid)
+{
+    int i = kid_index(s, pid);
+    if (i >= 0)
+        s->kids[i] = s->kids[--s->nkids];
+    kill_leftovers(s, pid);
+}
+
+static void reap(spawner *s)
 {
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        int i = kid_index(s, pid);
-        if (i >= 0)
-            s->kids[i] = s->kids[--s->nkids];
-        if (report_them)
-            report(s, PZ_S_EXITED, -1, 0, pid, status);
+        forget_kid(s, pid);
+        report(s, PZ_S_EXITED, -1, 0, pid, status);
     }
 }
 
-/* The parent closed its end: kill what is left, reap it all, leave. */
+/* The parent closed its end, or died: kill what is left (with what each
+ * worker left running), reap it all, leave. */
 static _Noreturn void shut_down(spawner *s)
 {
-    for (size_t i = 0; i < s->nkids; i++)
+    for (size_t i = 0; i < s->nkids; i++) {
         kill(s->kids[i], SIGKILL);
+        kill_leftovers(s, s->kids[i]);
+    }
     while (s->nkids > 0) {
         int status;
         pid_t pid = waitpid(-1, &status, 0);
@@ -229,9 +272,7 @@ static _Noreturn void shut_down(spawner *s)
                 continue;
             break;
         }
-        int i = kid_index(s, pid);
-        if (i >= 0)
-            s->kids[i] = s->kids[--s->nkids];
+        forget_kid(s, pid);
     }
     _exit(0);
 }
@@ -259,19 +300,23 @@ static void handle_request(spawner *s)
 static void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
 {
     spawner s = {*config, sock, -1, NULL, 0, 0};
-    bind_to_parent(parent);
     for (int sig = 1; sig < NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
             signal(sig, SIG_DFL);
     signal(SIGINT, SIG_IGN);  /* Ctrl-C is the parent's to handle */
     signal(SIGPIPE, SIG_IGN); /* a closed parent socket shows as EPIPE */
     signal(SIGQUIT, SIG_IGN);
-    sigset_t chld;
-    sigemptyset(&chld);
-    sigaddset(&chld, SIGCHLD);
-    if (sigprocmask(SIG_SETMASK, &chld, NULL) != 0)
+    /* SIGCHLD (a worker ended) and SIGTERM (the parent died, or someone
+     * asks us to end) are read from a signalfd: when the parent dies, the
+     * spawner kills what its workers left running before it goes. */
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    if (sigprocmask(SIG_SETMASK, &mask, NULL) != 0)
         _exit(1);
-    s.sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    bind_to_parent(parent, SIGTERM);
+    s.sigfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (s.sigfd < 0)
         _exit(1);
     for (;;) {
@@ -283,9 +328,12 @@ static void spawner_main(const pz_spawner_config *config, int sock, pid_t parent
         }
         if (p[1].revents) {
             struct signalfd_siginfo si;
+            int term = 0;
             while (read(s.sigfd, &si, sizeof si) == (ssize_t)sizeof si)
-                ;
-            reap(&s, 1);
+                term |= si.ssi_signo == SIGTERM;
+            if (term)
+                shut_down(&s);
+            reap(&s);
         }
         if (p[0].revents)
             handle_request(&s);

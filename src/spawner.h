@@ -9,7 +9,9 @@
  * a SOCK_SEQPACKET socket, passing each worker's socket with SCM_RIGHTS.
  * The spawner is the workers' parent: it reaps them and reports how they
  * ended, and it is the only one that signals them, so a pid is never
- * signalled after it was reaped and reused.
+ * signalled after it was reaped and reused.  When the parent dies it gets
+ * SIGTERM (its parent-death signal), kills every worker with what the
+ * workers left running, and exits.
  */
 #ifndef PZ_SPAWNER_H
 #define PZ_SPAWNER_H
@@ -40,6 +42,8 @@ typedef struct pz_spawner_config {
     struct pz_slot_shared *shared;      /* the pool's, one per slot: workers write it */
     void (*setup)(struct lua_State *L); /* prepares each worker's Lua state */
     void (*in_child)(void);             /* runs in the spawner right after the fork */
+    int kill_leftovers;                 /* each worker leads a process group, killed
+                                         * (SIGKILL) when the worker has ended */
 } pz_spawner_config;
 
 /* Forks the spawner.  Call from the main thread only.  On success returns

@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +53,7 @@ static struct {
     pz_frame call;       /* the call run_call works on */
     pz_slot_shared *shared; /* where the running call's id is published */
     pz_spin spin;        /* how reads poll before they block */
+    int kill_leftovers;  /* kill the own process group before leaving */
 } W;
 
 static _Noreturn void die(const char *what)
@@ -209,7 +211,21 @@ static void handle_call(lua_State *L, const pz_frame *f)
         flush_out();
 }
 
-/* Calls executor:close() if the executor has such a method, then leaves. */
+/* Kills what the executor left running in this worker's process group
+ * (the spawner made the worker its leader): a process group cannot be
+ * signalled but for one member, so the worker first moves to its parent's
+ * group.  Done before lua_close, whose finalizers would otherwise wait on
+ * them (an unclosed io.popen waits for its program to end). */
+static void kill_leftovers(void)
+{
+    pid_t me = getpid();
+    if (getpgrp() != me || setpgid(0, getpgid(getppid())) != 0)
+        return; /* not a leader, or the spawner is gone: it kills the group */
+    kill(-me, SIGKILL);
+}
+
+/* Calls executor:close() if the executor has such a method, kills what it
+ * left running (when asked to), then leaves. */
 static _Noreturn void shut_down(lua_State *L)
 {
     flush_out();
@@ -225,6 +241,8 @@ static _Noreturn void shut_down(lua_State *L)
             }
         }
     }
+    if (W.kill_leftovers)
+        kill_leftovers();
     if (L)
         lua_close(L);
     fflush(NULL);
@@ -354,6 +372,8 @@ static int build_executor(lua_State *L)
     W.spin.budget_ns = (int64_t)lua_tonumber(L, -1);
     lua_getfield(L, 1, "max_message");
     W.max_message = (size_t)lua_tonumber(L, -1);
+    lua_getfield(L, 1, "kill_leftovers");
+    W.kill_leftovers = lua_toboolean(L, -1);
     lua_getglobal(L, "package");
     lua_getfield(L, 1, "path");
     lua_setfield(L, -2, "path");

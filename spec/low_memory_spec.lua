@@ -1,0 +1,88 @@
+-- The parent short of memory: a result it cannot hold becomes that call's
+-- error and the pool goes on; an allocation the I/O thread cannot do
+-- without fails the pool (wait raises, stop accounts for every call);
+-- nothing aborts the process and nothing is run forever.
+--
+-- Each case runs a pzlua script that limits its own address space
+-- (RLIMIT_AS) once its pool has started, so that the workers, forked
+-- before, can still build large results. Tagged nosan: AddressSanitizer
+-- reserves terabytes of address space and cannot run under such a limit.
+local support = require "spec.support"
+
+local SCRIPT = [[
+local pz = require "parallelize"
+local ffi = require "ffi"
+ffi.cdef [=[
+struct pz_spec_rlimit { unsigned long cur, max; };
+int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
+]=]
+local function vmsize()
+  for line in io.lines("/proc/self/status") do
+    local kb = line:match("^VmSize:%s*(%d+)")
+    if kb then return tonumber(kb) * 1024 end
+  end
+end
+local size, headroom = tonumber(arg[1]), tonumber(arg[2])
+local p = pz.Parallelize({ function(n)
+  if n < 0 then -- -n empty tables: 3 bytes each encoded, dozens decoded
+    local t = {}
+    for i = 1, -n do t[i] = {} end
+    return t
+  end
+  if n > 100 then return string.rep("x", n) end
+  return n
+end })
+assert(#p.executors == 1)
+local RLIMIT_AS = 9
+assert(ffi.C.setrlimit(RLIMIT_AS, ffi.new("struct pz_spec_rlimit", vmsize() + headroom, -1ULL)) == 0)
+p(size)
+p(10)
+local ok, err = pcall(p.wait, p, 60)
+print("wait", ok, err)
+print("results", #p.results)
+for i, v in ipairs(p.results) do print("result", p.ids[i], type(v) == "string" and #v or v) end
+for _, e in ipairs(p.errors) do print("error", e.id, e.message) end
+print("aborted", #p:stop())
+]]
+
+describe("a parent short of memory #nosan", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    support.write(dir .. "/low.lua", SCRIPT)
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  local function run(size, headroom)
+    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/low.lua") .. " " .. size .. " " .. headroom)
+    assert.are.equal(0, status, out)
+    return out
+  end
+
+  it("turns a result it cannot allocate into that call's error and goes on", function()
+    -- A 300 MB result, 100 MB of address space to spare.
+    local out = run(300000000, 100000000)
+    assert.matches("wait\ttrue\ttrue", out)
+    assert.matches("error\t1\tcall 1: the parent could not allocate 3000000%d%d bytes for its result", out)
+    assert.matches("result\t2\t10", out) -- the call queued behind it
+    assert.matches("aborted\t0", out)
+  end)
+
+  it("turns a result it cannot decode into that call's error and goes on", function()
+    -- 1,000,000 empty tables: 3 MB encoded, about 70 MB decoded.
+    local out = run(-1000000, 40000000)
+    assert.matches("wait\ttrue\ttrue", out)
+    assert.matches("error\t1\tthe result of call 1 cannot be used in the parent: not enough memory", out)
+    assert.matches("result\t2\t10", out)
+    assert.matches("aborted\t0", out)
+  end)
+
+  it("fails the pool, never the process, when the I/O thread runs out elsewhere", function()
+    -- 120 MB: its read buffer (128 MiB) fits, the record for the main thread does not.
+    local out = run(120000000, 190000000)
+    assert.matches("wait\tfalse\tout of memory in the I/O thread %(a record for the main thread%)", out)
+    assert.matches("results\t0", out)
+    assert.matches("aborted\t2", out) -- 0 results + 0 errors + 2 aborted = 2 calls
+  end)
+end)
