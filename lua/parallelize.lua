@@ -116,7 +116,7 @@ local function check_options(opts)
   for k in pairs(opts) do
     if not OPTIONS[k] then
       error(format("Parallelize: unknown option %s (the options are %s)",
-        type(k) == "string" and "'" .. k .. "'" or describe(k), OPTION_NAMES), 3)
+        type(k) == "string" and "'" .. k .. "'" or "[" .. tostring(k) .. "]", OPTION_NAMES), 3)
     end
   end
   local out = {}
@@ -192,15 +192,30 @@ local function wait_loop(p, what, deadline)
   end
 end
 
+-- This file's chunk name, to tell its functions from the user's.
+local THIS_SOURCE = debug.getinfo(1, "S").source
+
+--- The stack level, as its caller counts, of the first function that is not
+-- in this file: the user's code that called into the API (or a C function
+-- such as pcall, which has no position).
+local function user_level()
+  local level = 3 -- 1 is user_level, 2 its caller
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info or info.source ~= THIS_SOURCE then return level - 1 end
+    level = level + 1
+  end
+end
+
 --- wait_loop, with Ctrl-C's "interrupted!" raised at the user's line: the
--- interrupt hook raises it with the position of the Lua code running, ours;
--- it is caught here and raised again `level` levels above the caller of
--- wait_for (2: the caller's caller). Other errors go through unchanged.
-local function wait_for(p, what, deadline, level)
+-- interrupt hook raises it with the position of the Lua code running,
+-- ours; it is caught here and raised again from the user's level. Other
+-- errors go through unchanged.
+local function wait_for(p, what, deadline)
   local ok, status = pcall(wait_loop, p, what, deadline)
   if ok then return status end
   if type(status) == "string" and status:sub(-12) == "interrupted!" then
-    error("interrupted!", level + 1)
+    error("interrupted!", user_level())
   end
   error(status, 0)
 end
@@ -220,7 +235,7 @@ function methods.wait(p, timeout)
     error("wait: timeout must be a non-negative number (got "
       .. (type(timeout) == "number" and tostring(timeout) or describe(timeout)) .. ")", 2)
   end
-  local status = wait_for(p, "calls", timeout and now() + timeout, 2)
+  local status = wait_for(p, "calls", timeout and now() + timeout)
   if status == "fatal" then error(pool_env(p).fatal, 2) end
   return status == "done"
 end
@@ -257,8 +272,7 @@ end
 --- Waits for every worker to initialize (or be given up), then returns
 -- the copies of the initialized executors in worker order.
 function properties.executors(p)
-  -- 3: the user's line, above this function and __index.
-  if not pool_stopped(p) then wait_for(p, "init", nil, 3) end
+  if not pool_stopped(p) then wait_for(p, "init") end
   local env, list = pool_env(p), {}
   local execs = env.executors
   for i = 1, pool_size(p) do
