@@ -180,7 +180,8 @@ stop_namespaces() {
 # Waits for the namespaces started by in_namespaces; returns their status.
 wait_namespaces() {
     local rc
-    wait "$NS_TIMEOUT_PID"
+    # (stderr: not bash's notice that timeout killed itself with SIGKILL)
+    { wait "$NS_TIMEOUT_PID"; } 2> /dev/null
     rc=$?
     NS_TIMEOUT_PID=""
     return "$rc"
