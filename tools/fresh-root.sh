@@ -49,7 +49,7 @@ VARIANT=minbase
 # What a new machine has besides the minimal base.
 BASE_PACKAGES="gcc libc6-dev make git ca-certificates"
 # Bump when the way the root is made changes: a new key makes a new root.
-FORMAT=1
+FORMAT=2
 
 DIR=${PZ_FRESH_DIR:-/var/tmp/parallelize-fresh-root}
 TIMEOUT=${PZ_FRESH_TIMEOUT:-3600}
@@ -77,16 +77,17 @@ inside_build() {
     fi
     cp -L /etc/resolv.conf "$tmp/etc/resolv.conf" || exit 4
     mount -t proc proc "$tmp/proc" || exit 4
-    # The machine's own apt sources (security and updates too, as an
-    # installed machine has); if they do not work in the root, the mirror
-    # debootstrap used, alone.
-    local src
+    # The machine's own apt sources instead of debootstrap's (security and
+    # updates too, as an installed machine has); if they do not work in the
+    # root, the mirror debootstrap used, alone.
+    local src copied=0
     mkdir -p "$tmp/etc/apt/sources.list.d"
-    cp "$tmp/etc/apt/sources.list" "$tmp/etc/apt/sources.list.debootstrap" || exit 4
-    [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$tmp/etc/apt/sources.list"
-    for src in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [ -f "$src" ] && cp "$src" "$tmp/etc/apt/sources.list.d/"
+    mv "$tmp/etc/apt/sources.list" "$tmp/etc/apt/sources.list.debootstrap" || exit 4
+    for src in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$src" ] || continue
+        cp "$src" "$tmp$src" && copied=1
     done
+    [ "$copied" = 1 ] || cp "$tmp/etc/apt/sources.list.debootstrap" "$tmp/etc/apt/sources.list"
     in_root() { chroot "$tmp" /usr/bin/env -i PATH="$ROOT_PATH" HOME=/root DEBIAN_FRONTEND=noninteractive "$@"; }
     if ! in_root apt-get update -qq >> "$log" 2>&1; then
         say "this machine's apt sources do not work in the new root; using $mirror alone"
