@@ -36,7 +36,7 @@
 # Environment:
 #   PZ_FRESH_DIR       where the root and the runs live
 #                      (default /var/tmp/parallelize-fresh-root)
-#   PZ_FRESH_TIMEOUT   seconds the commands may take (default 3600)
+#   PZ_FRESH_TIMEOUT   seconds the commands may take (default 2700)
 #   PZ_FRESH_MIRROR    Debian mirror for debootstrap (default: the first
 #                      one this machine's apt sources give for bookworm)
 #   PZ_FRESH_MAX_AGE   days after which the root is made again (default 30)
@@ -52,9 +52,11 @@ BASE_PACKAGES="gcc libc6-dev make git ca-certificates"
 FORMAT=2
 
 DIR=${PZ_FRESH_DIR:-/var/tmp/parallelize-fresh-root}
-TIMEOUT=${PZ_FRESH_TIMEOUT:-3600}
+# Making the root takes 1-3 minutes and the CI commands about 4: the limits
+# (20 and 45 minutes) end a hung run well inside a 90-minute CI budget.
+TIMEOUT=${PZ_FRESH_TIMEOUT:-2700}
+BUILD_TIMEOUT=1200
 MAX_AGE=${PZ_FRESH_MAX_AGE:-30}
-BUILD_TIMEOUT=1800
 ROOT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 say() { printf 'fresh-root: %s\n' "$*" >&2; }
