@@ -28,7 +28,8 @@ LDFLAGS   ?=
 LIBFLAG   ?= -shared
 LUAJIT    ?= luajit
 BUSTED    ?= busted --lua=$(LUAJIT)
-SUBMAKE    = $(MAKE) --no-print-directory
+# The second make (see above); quiet about targets already up to date.
+SUBMAKE    = $(MAKE) --no-print-directory $(if $(filter 1,$(V)),,-s)
 
 # -Werror is for development and CI (make, make test). Builds that install
 # (make install, LuaRocks) leave it out: they run the user's compiler, whose
