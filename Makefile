@@ -7,6 +7,14 @@
 #
 # Variables are `?=` so the command line, the environment or LuaRocks can
 # override them; user CFLAGS are added to the required flags, never replace them.
+#
+# Two rules keep the first run on a new machine working:
+# - Targets that install Debian packages (run, test, bench, soak, fuzz) do
+#   the rest of their work in a second make, started after the install, so
+#   that nothing is built before what it needs is there, even under -j.
+# - Nothing is computed from installed packages while make reads this file:
+#   such values (LuaJIT's include directory and libraries) are computed the
+#   first time a recipe uses them (see `lazy` below).
 
 PREFIX    ?= /usr/local
 BINDIR    ?= $(PREFIX)/bin
@@ -20,15 +28,29 @@ LDFLAGS   ?=
 LIBFLAG   ?= -shared
 LUAJIT    ?= luajit
 BUSTED    ?= busted --lua=$(LUAJIT)
+# The second make (see above); quiet about targets already up to date.
+SUBMAKE    = $(MAKE) --no-print-directory $(if $(filter 1,$(V)),,-s)
+
+# -Werror is for development and CI (make, make test). Builds that install
+# (make install, LuaRocks) leave it out: they run the user's compiler, whose
+# newer warnings must not break an install. WERROR= turns it off anywhere.
+WERROR    ?= -Werror
 
 # LuaRocks passes LUA_INCDIR; the code needs LuaJIT's headers, so when the
-# directory given is not LuaJIT's, fall back to what pkg-config knows.
+# directory given is not LuaJIT's, fall back to what pkg-config knows. Both
+# values are computed at their first use and kept (`X = $(eval X := ...)$(X)`),
+# never while make reads this file, before `deps` could install LuaJIT.
 LUA_INCDIR ?= /usr/include/luajit-2.1
-PZ_INC := $(if $(wildcard $(LUA_INCDIR)/luajit.h),$(LUA_INCDIR),$(shell pkg-config --cflags-only-I luajit 2>/dev/null | sed 's/^-I//'))
-LUAJIT_LIBS ?= $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
+PZ_INC = $(eval PZ_INC := $(strip $(if $(wildcard $(LUA_INCDIR)/luajit.h),$(LUA_INCDIR),$\
+    $(shell pkg-config --cflags-only-I luajit 2>/dev/null | sed 's/^-I//'))))$(PZ_INC)
+LUAJIT_LIBS ?= $(eval LUAJIT_LIBS := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1))$(LUAJIT_LIBS)
 
-PZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
-            -fPIC -fvisibility=hidden -pthread -I$(PZ_INC) -Isrc -Ibuild
+# -I for LuaJIT's headers, or a stop that says what to do.
+LUAJIT_INC_FLAG = -I$(or $(PZ_INC),$(error LuaJIT's headers (luajit.h) are neither in $(LUA_INCDIR) \
+    nor known to pkg-config: `make deps` installs them (Debian: libluajit-5.1-dev)))
+
+PZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra $(WERROR) -Wshadow -Wstrict-prototypes \
+            -fPIC -fvisibility=hidden -pthread $(LUAJIT_INC_FLAG) -Isrc -Ibuild
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 
 CORE_SRC  = $(filter-out src/pzlua.c,$(sort $(wildcard src/*.c)))
@@ -43,7 +65,7 @@ else
 Q = @
 endif
 
-.PHONY: all build deps deps-fuzz deps-bench run test install uninstall clean lint bench soak fuzz asan spec
+.PHONY: all build deps deps-build deps-test deps-fuzz deps-bench run test install uninstall clean lint bench soak fuzz asan spec
 
 all build: build/parallelize/core.so build/pzlua
 
@@ -83,12 +105,12 @@ asan: build/asan/pzlua
 build build/obj build/asan/obj build/parallelize:
 	$(Q)mkdir -p $@
 
-# Debian packages: what the build and the tests need (deps), and what only
-# the fuzzers (deps-fuzz) or the benchmarks' Python anchor (deps-bench) add.
-# apt-get runs only when one is missing.
-DEB_PACKAGES = luajit libluajit-5.1-dev lua-cjson lua-busted lua-check luarocks \
-               gcc make pkg-config
-DEB_PACKAGES_FUZZ = clang libclang-rt-14-dev
+# Debian packages, one list per purpose. Each `deps-*` target installs its
+# lists with apt-get (through sudo when not root), only when one of their
+# packages is missing: a second run installs nothing.
+DEB_PACKAGES_BUILD = gcc libc6-dev make pkg-config luajit libluajit-5.1-dev
+DEB_PACKAGES_TEST  = lua-busted lua-check luarocks lua-cjson lua5.1
+DEB_PACKAGES_FUZZ  = clang libclang-rt-14-dev
 DEB_PACKAGES_BENCH = python3
 
 define install_missing
@@ -97,23 +119,31 @@ define install_missing
 	done; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
-	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    SUDO=""; \
+	    if [ "$$(id -u)" != 0 ]; then \
+	        command -v sudo >/dev/null || { echo "make $@: installing needs root: run it as root, or install sudo"; exit 1; }; \
+	        SUDO=sudo; \
+	    fi; \
 	    $$SUDO apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 endef
 
-deps:
-	$(call install_missing,$(DEB_PACKAGES))
-deps-fuzz: deps
-	$(call install_missing,$(DEB_PACKAGES_FUZZ))
-deps-bench: deps
-	$(call install_missing,$(DEB_PACKAGES_BENCH))
+deps-build:
+	$(call install_missing,$(DEB_PACKAGES_BUILD))
+deps deps-test:
+	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST))
+deps-fuzz:
+	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_FUZZ))
+deps-bench:
+	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_BENCH))
 
-run: deps all
+run: deps-build
+	$(Q)$(SUBMAKE) all
 	$(Q)PZ_SLEEP_SCALE=0.1 build/pzlua examples/sleeper.lua
 
-test: deps all asan
+test: deps-test
+	$(Q)$(SUBMAKE) all asan
 	$(Q)LUAJIT="$(LUAJIT)" sh tools/run-tests.sh
 
 # One spec file (or all) against the normal build, for development.
@@ -123,6 +153,7 @@ spec: all
 lint:
 	$(Q)luacheck -q lua spec examples bench tools
 
+install: WERROR =
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/parallelize $(DESTDIR)$(LUADIR)/parallelize
 	install -m 755 build/pzlua $(DESTDIR)$(BINDIR)/pzlua
@@ -134,10 +165,12 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/pzlua $(DESTDIR)$(LIBDIR)/parallelize/core.so $(DESTDIR)$(LUADIR)/parallelize.lua
 	rm -rf $(DESTDIR)$(LUADIR)/parallelize
 
-bench: deps-bench all
+bench: deps-bench
+	$(Q)$(SUBMAKE) all
 	$(Q)sh bench/run.sh
 
-soak: deps all
+soak: deps-test
+	$(Q)$(SUBMAKE) all
 	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/soak.lua
 
 # libFuzzer harnesses for the value decoder and the frame decoder.  Each
@@ -147,14 +180,15 @@ FUZZ_SECONDS ?= 60
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-             -I$(PZ_INC) -Isrc
+             $(LUAJIT_INC_FLAG) -Isrc
 build/fuzz/fuzz_value: src/codec.c
 build/fuzz/fuzz_frame: src/frame.c
 build/fuzz/%: spec/fuzz/%.c $(HEADERS)
 	@mkdir -p build/fuzz
 	@echo "  FUZZ    $@"
 	$(Q)$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $(filter %.c,$^) $(LUAJIT_LIBS) -lm -ldl -pthread
-fuzz: deps-fuzz build/fuzz/fuzz_value build/fuzz/fuzz_frame
+fuzz: deps-fuzz
+	$(Q)$(SUBMAKE) build/fuzz/fuzz_value build/fuzz/fuzz_frame
 	$(Q)for f in fuzz_value fuzz_frame; do \
 	    mkdir -p build/fuzz/corpus_$$f; \
 	    build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus_$$f spec/fuzz/seeds_$$f || exit 1; \

@@ -3,11 +3,21 @@
 -- The public API. The mechanism (codec, processes, the I/O thread) lives in
 -- the C module parallelize.core; this file checks arguments, fills in
 -- defaults and gives the pool its Lua shape. See docs/api.md.
+
+-- The C module is built against LuaJIT 2.1 and uses its API and bytecode:
+-- anywhere else (PUC Lua, LuaJIT 2.0) say so, before loading it fails with
+-- an undefined symbol.
+if type(jit) ~= "table" or (jit.version_num or 0) < 20100 then
+  error("parallelize needs LuaJIT 2.1 (this is " .. (type(jit) == "table" and tostring(jit.version) or _VERSION)
+    .. ")", 0)
+end
+
 local core = require "parallelize.core"
 
 local error, type, select, pairs, ipairs = error, type, select, pairs, ipairs
-local getmetatable, setmetatable, tostring = getmetatable, setmetatable, tostring
-local format, floor = string.format, math.floor
+local getmetatable, setmetatable, tostring, pcall = getmetatable, setmetatable, tostring, pcall
+local format, floor, sort, concat = string.format, math.floor, table.sort, table.concat
+local rawgetmetatable = debug.getmetatable -- the pool's metatable hides itself
 
 local pool_new, pool_wait, pool_drain = core.pool_new, core.pool_wait, core.pool_drain
 local pool_stop, pool_env, pool_counts = core.pool_stop, core.pool_env, core.pool_counts
@@ -26,6 +36,20 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
+--- How a message shows a value the caller gave: its type, and the value
+-- itself when short ("a string \"3\"", "a boolean true", "a table").
+local function describe(v)
+  local t = type(v)
+  if t == "string" then
+    return format("a string %q", #v > 40 and v:sub(1, 40) .. "..." or v)
+  elseif t == "boolean" or t == "number" then
+    return format("a %s %s", t, tostring(v))
+  elseif t == "nil" then
+    return "nil"
+  end
+  return "a " .. t
+end
+
 --- True when v can be called: a function, or a value whose metatable has
 -- __call.
 local function is_callable(v)
@@ -42,6 +66,7 @@ local Deferred_mt = {
 
 --- Deferred(ctor, ...): an executor built inside its worker by ctor(...).
 function M.Deferred(ctor, ...)
+  if ctor == M then error("use parallelize.Deferred(...), not parallelize:Deferred(...)", 2) end
   if not is_callable(ctor) then
     error(format("Deferred: the constructor is not callable (a %s)", type(ctor)), 2)
   end
@@ -78,13 +103,22 @@ local OPTIONS = {
   kill_leftovers = { true, "boolean" },
 }
 
+-- The valid option names, sorted, for the message about an unknown one.
+local OPTION_NAMES = {}
+for name in pairs(OPTIONS) do OPTION_NAMES[#OPTION_NAMES + 1] = name end
+sort(OPTION_NAMES)
+OPTION_NAMES = concat(OPTION_NAMES, ", ")
+
 local function check_options(opts)
   if opts ~= nil and type(opts) ~= "table" then
-    error("Parallelize: options must be a table (got a " .. type(opts) .. ")", 3)
+    error("Parallelize: options must be a table (got " .. describe(opts) .. ")", 3)
   end
   opts = opts or {}
   for k in pairs(opts) do
-    if not OPTIONS[k] then error("Parallelize: unknown option '" .. tostring(k) .. "'", 3) end
+    if not OPTIONS[k] then
+      error(format("Parallelize: unknown option %s (the options are %s)",
+        type(k) == "string" and "'" .. k .. "'" or "[" .. tostring(k) .. "]", OPTION_NAMES), 3)
+    end
   end
   local out = {}
   for name, o in pairs(OPTIONS) do
@@ -93,14 +127,15 @@ local function check_options(opts)
       v = o[1]
     elseif o[2] == "boolean" then
       if type(v) ~= "boolean" then
-        error(format("Parallelize: option %s must be a boolean (got a %s)", name, type(v)), 3)
+        error(format("Parallelize: option %s must be a boolean (got %s)", name, describe(v)), 3)
       end
     else
       if type(v) ~= "number" or v ~= v or v < o[3] or v > o[4]
           or (o[2] == "integer" and v ~= floor(v)) then
+        -- A number is shown bare ("got 0"), anything else with its type.
         error(format("Parallelize: option %s must be %s from %s to %s (got %s)", name,
           o[2] == "integer" and "an integer" or "a number", tostring(o[3]), tostring(o[4]),
-          tostring(v)), 3)
+          type(v) == "number" and tostring(v) or describe(v)), 3)
       end
     end
     out[name] = v
@@ -133,11 +168,20 @@ end
 local pool_mt = core.pool_metatable
 local methods = {}
 
+--- Every method starts with this: a method called with a dot (`p.wait()`)
+-- gets no pool as its first argument, and the user is told so rather than
+-- about a bad argument to some function of the core.
+local function check_self(p, method)
+  if rawgetmetatable(p) ~= pool_mt then
+    error(format("use p:%s(), not p.%s()", method, method), 3)
+  end
+end
+
 --- Waits on the pool for `what` ("calls" or "init") until the deadline
 -- (monotonic seconds, or nil). A signal returns from the C wait so that an
 -- interrupt hook (Ctrl-C's "interrupted!") fires here; otherwise the wait
 -- goes on. Returns the final status.
-local function wait_for(p, what, deadline)
+local function wait_loop(p, what, deadline)
   while true do
     local left
     if deadline then
@@ -148,16 +192,49 @@ local function wait_for(p, what, deadline)
     if status ~= "interrupted" then return status end
   end
 end
+
+-- This file's chunk name, to tell its functions from the user's.
+local THIS_SOURCE = debug.getinfo(1, "S").source
+
+--- The stack level, as its caller counts, of the first function that is not
+-- in this file: the user's code that called into the API (or a C function
+-- such as pcall, which has no position).
+local function user_level()
+  local level = 3 -- 1 is user_level, 2 its caller
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info or info.source ~= THIS_SOURCE then return level - 1 end
+    level = level + 1
+  end
+end
+
+--- wait_loop, with Ctrl-C's "interrupted!" raised at the user's line: the
+-- interrupt hook raises it with the position of the Lua code running,
+-- ours; it is caught here and raised again from the user's level. Other
+-- errors go through unchanged.
+local function wait_for(p, what, deadline)
+  local ok, status = pcall(wait_loop, p, what, deadline)
+  if ok then return status end
+  if type(status) == "string" and status:sub(-12) == "interrupted!" then
+    error("interrupted!", user_level())
+  end
+  error(status, 0)
+end
 -- Interrupt hooks fire only in the interpreter: compiled (or stitched)
 -- code would loop back into the C wait without noticing Ctrl-C.
-if jit then jit.off(wait_for) end
+if jit then
+  jit.off(wait_loop)
+  jit.off(wait_for)
+end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
 -- when timeout seconds passed first. Raises when no worker is left.
 function methods.wait(p, timeout)
+  check_self(p, "wait")
   if pool_stopped(p) then error("wait: the pool is stopped", 2) end
   if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout) then
-    error("wait: timeout must be a non-negative number (got " .. tostring(timeout) .. ")", 2)
+    error("wait: timeout must be a non-negative number (got "
+      .. (type(timeout) == "number" and tostring(timeout) or describe(timeout)) .. ")", 2)
   end
   local status = wait_for(p, "calls", timeout and now() + timeout)
   if status == "fatal" then error(pool_env(p).fatal, 2) end
@@ -167,9 +244,11 @@ end
 --- p:stop([finish_timeout]) -> the arguments of every call that never
 -- finished, each {n =, id =, ...}.
 function methods.stop(p, finish_timeout)
+  check_self(p, "stop")
   if finish_timeout ~= nil and (type(finish_timeout) ~= "number" or finish_timeout < 0
       or finish_timeout ~= finish_timeout) then
-    error("stop: finish_timeout must be a non-negative number (got " .. tostring(finish_timeout) .. ")", 2)
+    error("stop: finish_timeout must be a non-negative number (got "
+      .. (type(finish_timeout) == "number" and tostring(finish_timeout) or describe(finish_timeout)) .. ")", 2)
   end
   return pool_stop(p, finish_timeout)
 end
@@ -242,6 +321,7 @@ end
 --- Parallelize(executors [, options]) -> p: one worker process per
 -- executor. See docs/api.md for executors and options.
 function M.Parallelize(executors, options)
+  if executors == M then error("use parallelize.Parallelize(...), not parallelize:Parallelize(...)", 2) end
   if type(executors) ~= "table" then
     error("Parallelize: executors must be an array (got a " .. type(executors) .. ")", 2)
   end

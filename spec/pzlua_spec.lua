@@ -1,6 +1,8 @@
 -- pzlua's command line, run as a subprocess: options, the arg table, exit
 -- status and error reports, the built-in parallelize, the REPL, LUA_INIT and
--- Ctrl-C.
+-- Ctrl-C. Where pzlua promises to behave as Debian's luajit (2.1), the
+-- "as luajit" tests run both with the same arguments and compare what they
+-- print, each named by its own argv[0].
 --
 -- The interpreter under test is $PZLUA when set (the sanitizer pass, or an
 -- installed copy), else build/pzlua of this tree.
@@ -9,6 +11,14 @@ local support = require "spec.support"
 
 local shell_quote, read_file, write_file = support.quote, support.read, support.write
 local PZLUA = support.pzlua()
+
+--- s as a Lua pattern that matches s itself.
+local function literal(s)
+  return (s:gsub("%p", "%%%0"))
+end
+
+-- Messages start with argv[0], which is how the specs run pzlua: its path.
+local NAME = literal(PZLUA)
 
 local tmpfiles = {}
 local function tmpname()
@@ -19,7 +29,8 @@ end
 
 --- Runs pzlua with args (a list, each quoted) and returns stdout, stderr and
 -- the exit status. opts.stdin: text for stdin (else /dev/null);
--- opts.env: a shell prefix such as "LUA_INIT=x"; opts.cwd: a directory.
+-- opts.env: a shell prefix such as "LUA_INIT=x"; opts.cwd: a directory;
+-- opts.interp: another interpreter to run (luajit).
 -- LUA_INIT is unset unless opts.env sets it, so the caller's does not leak in.
 local function run(args, opts)
   opts = opts or {}
@@ -33,7 +44,7 @@ local function run(args, opts)
   end
   local cmd = string.format("%senv -u LUA_INIT %s %s %s <%s 2>%s; echo \"EXIT:$?\"",
     opts.cwd and ("cd " .. shell_quote(opts.cwd) .. " && ") or "",
-    opts.env or "", shell_quote(PZLUA), table.concat(quoted, " "),
+    opts.env or "", shell_quote(opts.interp or PZLUA), table.concat(quoted, " "),
     shell_quote(input), shell_quote(errfile))
   local p = assert(io.popen(cmd))
   local out = p:read("*a")
@@ -47,6 +58,35 @@ local function script_file(source)
   local name = tmpname()
   write_file(name, source)
   return name
+end
+
+-- Debian's luajit, which pzlua's command line follows.
+local LUAJIT = (function()
+  local p = io.popen("command -v luajit")
+  local path = p:read("*l")
+  p:close()
+  return path
+end)()
+
+--- What an interpreter prints, made comparable with the other's: its own
+-- name (argv[0]) becomes PROG, addresses 0xADDR.
+local function normalized(text, interp)
+  return (text:gsub(literal(interp), "PROG"):gsub("0x%x+", "0xADDR"))
+end
+
+--- Runs luajit and pzlua with the same args and options; asserts that they
+-- print the same (normalized) stdout and stderr and exit with the same
+-- status. pzlua's one addition, its version line after LuaJIT's banner, is
+-- left out of the comparison. Returns pzlua's stdout, stderr and status.
+local function same_as_luajit(args, opts)
+  assert(LUAJIT, "luajit is not installed (make deps installs it)")
+  opts = opts or {}
+  local jout, jerr, jstatus = run(args, { stdin = opts.stdin, env = opts.env, cwd = opts.cwd, interp = LUAJIT })
+  local out, err, status = run(args, opts)
+  local out_without_version = out:gsub("^(LuaJIT [^\n]*\n)pzlua [^\n]*\n", "%1")
+  assert.same({ normalized(jout, LUAJIT), normalized(jerr, LUAJIT), jstatus },
+    { normalized(out_without_version, PZLUA), normalized(err, PZLUA), status })
+  return out, err, status
 end
 
 local function sleep(seconds)
@@ -80,47 +120,131 @@ describe("pzlua", function()
     it("without its argument is a usage error", function()
       local out, err, status = run({ "-e" })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: '%-e' needs an argument\nusage: pzlua ", err)
+      assert.matches("^" .. NAME .. ": '%-e' needs an argument\nusage: " .. NAME .. " ", err)
     end)
   end)
 
   describe("-l", function()
-    it("requires a module into the global of that name", function()
-      assert.same({ "table\ttrue\n", "", 0 },
-        { run({ "-l", "parallelize", "-e", "print(type(parallelize), parallelize == require 'parallelize')" }) })
+    it("only requires, as luajit: a module's own global is there, no other is set", function()
+      -- cfg.lua sets the global cfg and returns nothing; parallelize sets
+      -- no global and returns its table, which -l does not keep either.
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      write_file(dir .. "/cfg.lua", "cfg = { a = 42 }\n")
+      local out = same_as_luajit({ "-l", "cfg", "-e", "print(cfg.a)" }, { cwd = dir })
+      assert.equal("42\n", out)
+      assert.same({ "nil\ttrue\n", "", 0 },
+        { run({ "-l", "parallelize", "-e", "print(parallelize, package.loaded.parallelize ~= nil)" }) })
     end)
 
     it("takes an attached name and runs in order with -e", function()
-      assert.same({ "true\n", "", 0 },
-        { run({ "-e", "string = nil", "-lstring", "-e", "print(string == require 'string')" }) })
+      assert.same({ "nil\ntrue\n", "", 0 },
+        { run({ "-e", "print(package.loaded.parallelize)", "-lparallelize",
+                "-e", "print(package.loaded.parallelize ~= nil)" }) })
     end)
 
     it("fails with status 1 for a missing module", function()
       local out, err, status = run({ "-l", "no.such.module" })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: module 'no.such.module' not found", err)
+      assert.matches("^" .. NAME .. ": module 'no.such.module' not found", err)
     end)
   end)
 
-  it("-v prints one version line naming pzlua, parallelize and LuaJIT", function()
-    local out, err, status = run({ "-v" })
-    assert.same({ "", 0 }, { err, status })
-    assert.matches("^pzlua [^\n]* %-%- parallelize [^\n]* %-%- LuaJIT 2%.[^\n]*\n$", out)
+  describe("-j and -O", function()
+    it("fail with luajit's short messages, no module search, no traceback", function()
+      local _, err, status = same_as_luajit({ "-jbogus" })
+      assert.same({ PZLUA .. ": unknown luaJIT command or jit.* modules not installed\n", 1 }, { err, status })
+      _, err, status = same_as_luajit({ "-Obogus" })
+      assert.same({ PZLUA .. ": unknown or malformed optimization flag 'bogus'\n", 1 }, { err, status })
+      -- An error of the command itself: its message alone.
+      _, err, status = same_as_luajit({ "-jon=1" })
+      assert.same({ PZLUA .. ": bad argument #1 to '?' (function expected, got string)\n", 1 }, { err, status })
+    end)
+
+    it("run jit.* functions and jit.* modules with their arguments split as luajit splits them", function()
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      os.execute("mkdir " .. shell_quote(dir .. "/jit"))
+      write_file(dir .. "/jit/echo.lua", [[
+        return { start = function(...)
+          local t = { select("#", ...) }
+          for i = 1, select("#", ...) do t[#t + 1] = tostring((select(i, ...))) end
+          print(table.concat(t, " "))
+        end }
+      ]])
+      local out = same_as_luajit({ "-jecho=a,,b,", "-jecho", "-jecho=", "-jecho=,", "-e", "print(1)" }, { cwd = dir })
+      assert.equal("4 a nil b nil\n0\n0\n2 nil nil\n1\n", out)
+      out = same_as_luajit({ "-joff", "-O3,-fold", "-e", "print(jit.status())" })
+      assert.matches("^false\t", out)
+      assert.falsy(out:find("\tfold\t", 1, true))
+    end)
+  end)
+
+  describe("-v", function()
+    it("prints luajit's own banner first, then pzlua's and parallelize's versions", function()
+      local jout = run({ "-v" }, { interp = LUAJIT })
+      assert.matches("^LuaJIT 2%.1[^\n]*\n$", jout)
+      local out, err, status = run({ "-v" })
+      assert.same({ "", 0 }, { err, status })
+      assert.equal(jout .. "pzlua scm -- parallelize 0.1.0\n", out)
+    end)
+
+    it("-i prints the banner, then luajit's JIT line before the prompt", function()
+      local jout = run({ "-i" }, { interp = LUAJIT })
+      local banner, jit_line = jout:match("^(LuaJIT [^\n]*\n)(JIT: O[NF][^\n]*\n)> \n$")
+      assert.truthy(banner, jout)
+      local out, err, status = run({ "-i" })
+      assert.same({ "", 0 }, { err, status })
+      assert.equal(banner .. "pzlua scm -- parallelize 0.1.0\n" .. jit_line .. "> \n", out)
+    end)
   end)
 
   it("--help explains the options and that parallelize is built in", function()
     local out, err, status = run({ "--help" })
     assert.same({ "", 0 }, { err, status })
-    assert.matches("^usage: pzlua %[options%]", out)
+    assert.matches("^usage: " .. NAME .. " %[options%]", out)
     for _, needle in ipairs({ "-e chunk", "-l name", "-i ", "-v ", "-E ", "--  ", "-   ", "parallelize" }) do
       assert.truthy(out:find(needle, 1, true), needle)
     end
   end)
 
-  it("an unknown option prints the usage and exits 1", function()
-    local out, err, status = run({ "-x" })
-    assert.same({ "", 1 }, { out, status })
-    assert.matches("^pzlua: unrecognized option '%-x'\nusage: pzlua ", err)
+  describe("bad usage, as luajit: the usage on stderr, nothing on stdout, status 1", function()
+    -- pzlua says why on a line of its own before the usage.
+    for _, case in ipairs({
+      { args = { "-x" }, why = "unrecognized option '%-x'" },
+      { args = { "-e" }, why = "'%-e' needs an argument" },
+      { args = { "-l" }, why = "'%-l' needs an argument" },
+      { args = { "-j" }, why = "'%-j' needs an argument" },
+      { args = { "-vx" }, why = "unrecognized option '%-vx'" },
+      { args = { "-ix" }, why = "unrecognized option '%-ix'" },
+      { args = { "--x" }, why = "unrecognized option '%-%-x'" },
+      { args = { "-h" }, why = "unrecognized option '%-h'" },
+      { args = { "-e", "x = 1", "-b" }, why = "'%-b' must come before the other options" },
+    }) do
+      it(table.concat(case.args, " "), function()
+        local jout, jerr, jstatus = run(case.args, { interp = LUAJIT })
+        assert.same({ "", 1 }, { jout, jstatus })
+        assert.matches("^usage: ", jerr)
+        local out, err, status = run(case.args)
+        assert.same({ "", 1 }, { out, status })
+        assert.matches("^" .. NAME .. ": " .. case.why .. "\nusage: " .. NAME
+          .. " %[options%]%.%.%. %[script %[args%]%.%.%.%]\n", err)
+        for _, option in ipairs({ "-e chunk", "-l name", "-b ...", "-j cmd", "-O[opt]",
+                                  "-i ", "-v ", "-E ", "-- ", "- " }) do
+          assert.truthy(err:find("\n  " .. option, 1, true), option)
+        end
+      end)
+    end
+
+    it("what luajit accepts is accepted: -E with a tail, -O before -b, -- alone", function()
+      same_as_luajit({ "-Ex", "-e", "print(1)" })
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      write_file(dir .. "/m.lua", "return 1\n")
+      local out = same_as_luajit({ "-O3", "-bl", "m.lua" }, { cwd = dir })
+      assert.matches("BYTECODE", out)
+      same_as_luajit({ "--" }, { stdin = "print('stdin ran')" })
+    end)
   end)
 
   describe("scripts", function()
@@ -163,28 +287,52 @@ describe("pzlua", function()
   describe("errors", function()
     it("exit 1 with the message and a traceback on stderr", function()
       local script = script_file("local function f() error('boom') end\nf()\n")
-      local out, err, status = run({ script })
+      local out, err, status = same_as_luajit({ script })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: [^\n]*:1: boom\nstack traceback:\n", err)
+      assert.matches("^" .. NAME .. ": [^\n]*:1: boom\nstack traceback:\n", err)
       assert.truthy(err:find("in function 'f'", 1, true), err)
     end)
 
-    it("describe error objects that are not strings", function()
-      local _, err, status = run({ "-e", "error({})" })
+    it("start with argv[0], as luajit's do", function()
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      local link = dir .. "/my-lua"
+      os.execute("ln -s " .. shell_quote(PZLUA) .. " " .. shell_quote(link))
+      local _, err, status = run({ "-e", "error('boom', 0)" }, { interp = link })
+      assert.same({ link .. ": boom\nstack traceback:\n", 1 }, { err:sub(1, #link + 24), status })
+      _, err, status = run({ "-x" }, { interp = link })
+      assert.matches("^" .. literal(link) .. ": unrecognized option '%-x'\nusage: " .. literal(link) .. " ", err)
       assert.equal(1, status)
-      assert.matches("^pzlua: %(error object is a table value%)\nstack traceback:\n", err)
-      _, err, status = run({ "-e", "error(setmetatable({}, {__tostring = function() return 'custom' end}))" })
-      assert.equal(1, status)
-      assert.matches("^pzlua: custom\nstack traceback:\n", err)
+    end)
+
+    it("describe error objects that are not strings as luajit does", function()
+      local _, err = same_as_luajit({ "-e", "error({})" })
+      assert.equal(PZLUA .. ": (error object is not a string)\n", err)
+      _, err = same_as_luajit({ "-e", "error(nil)" })
+      assert.equal("", err) -- luajit prints nothing; the status says it failed
+      same_as_luajit({ "-e", "error()" })
+      same_as_luajit({ "-e", "error(42)" })
+      _, err = same_as_luajit({ "-e", "error(setmetatable({}, {__tostring = function() return 'custom' end}))" })
+      assert.matches("^" .. NAME .. ": custom\nstack traceback:\n", err)
+      same_as_luajit({ "-e", "error(setmetatable({}, {__tostring = function() return {} end}))" })
+      for _, chunk in ipairs({ "error({})", "error(nil)" }) do
+        assert.equal(1, select(3, run({ "-e", chunk })))
+      end
     end)
 
     it("report syntax errors and missing scripts", function()
-      local out, err, status = run({ "-e", "x = = 1" })
+      local out, err, status = same_as_luajit({ "-e", "x = = 1" })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: %(command line%):1: unexpected symbol near '='\n$", err)
-      out, err, status = run({ "no/such/script.lua" })
+      assert.matches("^" .. NAME .. ": %(command line%):1: unexpected symbol near '='\n$", err)
+      out, err, status = same_as_luajit({ "no/such/script.lua" })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: cannot open no/such/script.lua", err)
+      assert.matches("^" .. NAME .. ": cannot open no/such/script.lua", err)
+    end)
+
+    it("of stdin's chunk exit 1 (luajit exits 0 there)", function()
+      local out, err, status = run({}, { stdin = "error('from stdin')" })
+      assert.same({ "", 1 }, { out, status })
+      assert.matches("^" .. NAME .. ": stdin:1: from stdin\nstack traceback:\n", err)
     end)
 
     it("stop the actions that follow", function()
@@ -235,10 +383,45 @@ describe("pzlua", function()
       }, "\n") .. "\n"
       local out, err, status = run({ "-i" }, { stdin = input })
       assert.equal(0, status)
-      local version, rest = out:match("^([^\n]*)\n(.*)$")
-      assert.matches("^pzlua ", version)
+      local rest = out:match("^LuaJIT [^\n]*\npzlua [^\n]*\nJIT: [^\n]*\n(.*)$")
       assert.equal("> > 21\n> 40\n> >> >> > multi\tnil\n> > >> 3\n> \n", rest)
       assert.matches("^oops\nstack traceback:\n", err)
+    end)
+
+    it("keeps an error's position and the functions of its traceback, as luajit", function()
+      -- Each line as luajit runs it: `f()` is a call, not `return f()` (a
+      -- tail call would drop the line's frame, its position and f's name).
+      local input = table.concat({
+        "error('oops')",
+        "function f() error('inner') end",
+        "f()",
+        "local function g() error('deep') end g()",
+      }, "\n") .. "\n"
+      local _, err = same_as_luajit({ "-i" }, { stdin = input })
+      local want = {
+        "^stdin:1: oops\nstack traceback:\n\t%[C%]: in function 'error'\n\tstdin:1: in main chunk\n",
+        "\nstdin:1: inner\nstack traceback:\n\t%[C%]: in function 'error'\n\tstdin:1: in function 'f'\n"
+          .. "\tstdin:1: in main chunk\n",
+        "\nstdin:1: deep\nstack traceback:\n\t%[C%]: in function 'error'\n\tstdin:1: in function 'g'\n"
+          .. "\tstdin:1: in main chunk\n",
+      }
+      for _, pattern in ipairs(want) do assert.matches(pattern, err) end
+    end)
+
+    it("prints a bare expression's values, its calls keeping their frame", function()
+      local input = table.concat({
+        "function two() return 1, nil end",
+        "two()",
+        "function where() return debug.getinfo(2, 'l').currentline, debug.traceback('tb', 1) end",
+        "where() -- a comment",
+        "1 + 1, 'x'",
+      }, "\n") .. "\n"
+      local out, err, status = run({ "-i" }, { stdin = input })
+      assert.same({ "", 0 }, { err, status })
+      local rest = out:match("^LuaJIT [^\n]*\npzlua [^\n]*\nJIT: [^\n]*\n(.*)$")
+      -- where() sees the line that called it, which is still on the stack.
+      assert.matches("^> > 1\tnil\n> > 1\ttb\nstack traceback:\n\tstdin:1: in function 'where'\n"
+        .. "\tstdin:1: in main chunk\n.*\n> 2\tx\n> \n$", rest)
     end)
 
     it("runs after the script, which sees arg", function()
@@ -267,7 +450,7 @@ describe("pzlua", function()
     it("stops the run when it fails", function()
       local out, err, status = run({ "-e", "print(1)" }, { env = "LUA_INIT='error(\"bad init\", 0)'" })
       assert.same({ "", 1 }, { out, status })
-      assert.matches("^pzlua: bad init\n", err)
+      assert.matches("^" .. NAME .. ": bad init\n", err)
     end)
   end)
 
@@ -275,10 +458,15 @@ describe("pzlua", function()
     -- Starts pzlua -e chunk as a background job of a non-interactive shell
     -- (so it starts with SIGINT ignored, as such jobs do), and returns its
     -- PID and the files that get its output and its exit status.
-    local function start(chunk)
+    -- opts.interp: another interpreter; opts.script (run in opts.cwd)
+    -- instead of the chunk.
+    local function start(chunk, opts)
+      opts = opts or {}
       local out, pidfile, statusfile = tmpname(), tmpname(), tmpname()
-      local cmd = string.format("(%s -e %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) </dev/null >/dev/null 2>&1 &",
-        shell_quote(PZLUA), shell_quote(chunk), shell_quote(out), shell_quote(pidfile), shell_quote(statusfile))
+      local what = opts.script and shell_quote(opts.script) or "-e " .. shell_quote(chunk)
+      local cmd = string.format("(%s%s %s >%s 2>&1 & echo $! >%s; wait $!; echo $? >%s) </dev/null >/dev/null 2>&1 &",
+        opts.cwd and ("cd " .. shell_quote(opts.cwd) .. " && ") or "",
+        shell_quote(opts.interp or PZLUA), what, shell_quote(out), shell_quote(pidfile), shell_quote(statusfile))
       os.execute(cmd)
       local pid = wait_for(10, function() return (read_file(pidfile) or ""):match("^(%d+)\n") end)
       assert(pid, "pzlua did not start")
@@ -289,8 +477,8 @@ describe("pzlua", function()
       return wait_for(20, function() return (read_file(statusfile) or ""):match("^(%d+)\n") end)
     end
 
-    local function run_interrupted(chunk, signals)
-      local pid, out, statusfile = start(chunk)
+    local function run_interrupted(chunk, signals, opts)
+      local pid, out, statusfile = start(chunk, opts)
       finally(function() os.execute("kill -KILL " .. pid .. " 2>/dev/null") end)
       assert.truthy(wait_for(20, function() return (read_file(out) or ""):find("ready\n", 1, true) end),
         "pzlua did not get ready")
@@ -320,8 +508,20 @@ describe("pzlua", function()
         print("ready") io.stdout:flush()
         while true do os.clock() end
       ]], 1)
-      assert.matches("^ready\npzlua: [^\n]*interrupted!\nstack traceback:\n", out)
+      assert.matches("^ready\n" .. NAME .. ": [^\n]*interrupted!\nstack traceback:\n", out)
       assert.equal("1", status)
+    end)
+
+    it("names the line that was running, as luajit: loop.lua:2: interrupted!", function()
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      write_file(dir .. "/loop.lua", 'jit.off() print("ready") io.stdout:flush()\nwhile true do end\n')
+      for _, interp in ipairs({ LUAJIT, PZLUA }) do
+        local out, status = run_interrupted(nil, 1, { interp = interp, cwd = dir, script = "loop.lua" })
+        assert.equal("1", status)
+        assert.equal("ready\n" .. interp .. ": loop.lua:2: interrupted!\nstack traceback:\n"
+          .. "\tloop.lua:2: in main chunk\n", out:gsub("\t%[C%]: at 0x%x+\n$", ""))
+      end
     end)
 
     it("a second Ctrl-C kills when the first cannot stop compiled code", function()

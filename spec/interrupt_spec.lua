@@ -1,0 +1,106 @@
+-- Where Ctrl-C's "interrupted!" points when it lands in a blocking method:
+-- at the user's line that called it, not at a line inside parallelize.lua,
+-- in pzlua and in a plain luajit alike (both raise it from an interrupt
+-- hook, with the position of the Lua code running).
+--
+-- Each case runs a real interpreter on a script named user.lua as a
+-- background job, sends it SIGINT while it is blocked, and reads what it
+-- printed and its exit status.
+local support = require "spec.support"
+
+local quote = support.quote
+local SIGINT, SIGKILL = 2, 9
+
+local ROOT = io.popen("pwd"):read("*l")
+
+local interpreters = {
+  { name = "pzlua", cmd = quote(support.pzlua()) },
+  { name = "plain luajit", cmd = ("env LUA_PATH=%s LUA_CPATH=%s luajit"):format(
+      quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/?.lua;;"), quote(ROOT .. "/build/?.so;;")) },
+}
+
+--- Runs `interp user.lua` in dir as a background job (stdin /dev/null,
+-- stdout to dir/out, stderr to dir/err, its exit status to dir/status);
+-- returns its pid.
+local function start(dir, interp, source)
+  support.write(dir .. "/user.lua", source)
+  os.execute(("cd %s && (%s user.lua >out 2>err & echo $! >pid; wait $!; echo $? >status) </dev/null >/dev/null 2>&1 &")
+    :format(quote(dir), interp.cmd))
+  local pid = support.eventually(function() return tonumber((support.read(dir .. "/pid") or ""):match("^%d+")) end, 10)
+  assert(pid, "the interpreter did not start")
+  return pid
+end
+
+--- Waits for "ready" on its stdout, lets it block, sends SIGINT; returns
+-- its stderr and exit status once it has exited.
+local function interrupt(dir, pid)
+  assert.truthy(support.eventually(function()
+    return (support.read(dir .. "/out") or ""):find("ready\n", 1, true)
+  end, 20), "the script did not get ready: " .. (support.read(dir .. "/err") or ""))
+  require("parallelize.core").sleep(0.3)
+  assert.is_true(support.kill(pid, SIGINT))
+  local status = support.eventually(function()
+    return tonumber((support.read(dir .. "/status") or ""):match("^%d+"))
+  end, 20)
+  return support.read(dir .. "/err") or "", status
+end
+
+for _, interp in ipairs(interpreters) do
+  describe("Ctrl-C in a blocking method (" .. interp.name .. ")", function()
+    local dir, pid
+    before_each(function() dir = support.tmpdir() end)
+    after_each(function()
+      if pid and support.alive(pid) then support.kill(pid, SIGKILL) end
+      support.rmdir(dir)
+    end)
+
+    it("p:wait() raises 'interrupted!' at the line that called it", function()
+      pid = start(dir, interp, [[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+local p = parallelize.Parallelize({ function() parallelize.sleep(30) end })
+p()
+print("ready")
+p:wait()
+]])
+      local err, status = interrupt(dir, pid)
+      assert.equal(1, status)
+      assert.matches("^[^\n]*: user%.lua:6: interrupted!\nstack traceback:\n", err)
+    end)
+
+    it("p.executors raises 'interrupted!' at the line that read it", function()
+      pid = start(dir, interp, [[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+local p = parallelize.Parallelize({ parallelize.Deferred(function()
+  parallelize.sleep(30)
+  return print
+end) })
+print("ready")
+local executors = p.executors
+print(#executors)
+]])
+      local err, status = interrupt(dir, pid)
+      assert.equal(1, status)
+      assert.matches("^[^\n]*: user%.lua:8: interrupted!\nstack traceback:\n", err)
+    end)
+
+    it("pcall catches it with that position, and the pool stops cleanly", function()
+      pid = start(dir, interp, [[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+local p = parallelize.Parallelize({ function() parallelize.sleep(30) end })
+p()
+print("ready")
+local ok, err = pcall(function()
+  p:wait(60)
+end)
+io.stderr:write(tostring(ok), " ", err, "\n")
+io.stderr:write("aborted ", #p:stop(0), "\n")
+]])
+      local err, status = interrupt(dir, pid)
+      assert.equal(0, status)
+      assert.equal("false user.lua:7: interrupted!\naborted 1\n", err)
+    end)
+  end)
+end
