@@ -183,8 +183,9 @@ end
 --- A snapshot of the scheduler's counts for this process and a pool's
 -- other processes (`pids`, an array): main (this thread), io (every other
 -- thread of this process: a pool's I/O thread), workers (the pids given,
--- summed) and others (the rest of this process's children: a pool's
--- spawner, summed). Each is {cpu_s =, vol =, invol =}.
+-- summed; each[i] for pids[i] alone) and others (the rest of this
+-- process's children: a pool's spawner, summed). Each is {cpu_s =, vol =,
+-- invol =}.
 function B.tree_stats(pids)
   local self = B.getpid()
   local snap = {}
@@ -198,10 +199,12 @@ function B.tree_stats(pids)
   end
   local is_worker = {}
   snap.workers = { cpu_s = 0, vol = 0, invol = 0 }
-  for _, pid in ipairs(pids) do
+  snap.each = {}
+  for i, pid in ipairs(pids) do
     is_worker[pid] = true
     local t = B.process_stats(pid)
     if t then for k, v in pairs(t) do snap.workers[k] = snap.workers[k] + v end end
+    snap.each[i] = t or { cpu_s = 0, vol = 0, invol = 0 }
   end
   snap.others = { cpu_s = 0, vol = 0, invol = 0 }
   for _, pid in ipairs(B.children(self)) do
@@ -215,11 +218,14 @@ end
 
 --- after - before, part by part, for two tree_stats snapshots.
 function B.tree_delta(before, after)
-  local d = {}
-  for part, a in pairs(after) do
-    local b = before[part]
-    d[part] = { cpu_s = a.cpu_s - b.cpu_s, vol = a.vol - b.vol, invol = a.invol - b.invol }
+  local function minus(a, b)
+    return { cpu_s = a.cpu_s - b.cpu_s, vol = a.vol - b.vol, invol = a.invol - b.invol }
   end
+  local d = { each = {} }
+  for part, a in pairs(after) do
+    if part ~= "each" then d[part] = minus(a, before[part]) end
+  end
+  for i, a in ipairs(after.each) do d.each[i] = minus(a, before.each[i]) end
   return d
 end
 

@@ -29,9 +29,11 @@
 -- before the first call and just after the results are read): CPU seconds
 -- and voluntary and involuntary context switches of the main thread
 -- (main_*), of the I/O thread (io_*: every other thread of this process),
--- of the workers (workers_*, summed) and of the spawner (others_*), and
+-- of the workers (workers_*, summed; worker_cpu_s_each lists each one's
+-- CPU seconds) and of the spawner (others_*), and
 -- per call: switches_per_call (all of them) and io_wakeups_per_call (the
--- I/O thread's voluntary switches: each is one sleep, ended by a wake-up).
+-- I/O thread's voluntary switches: each is one sleep, ended by a wake-up);
+-- and the ids of each: tid_main, tids_io, pids_workers, pids_others.
 --
 -- Output: key=value lines. An error (wrong results, a timeout) exits
 -- with status 1.
@@ -63,6 +65,25 @@ local function pid_list(p)
   return list
 end
 
+--- Which thread or process is which, for tools that see only ids (such as
+-- bench/profile.py reading perf's output): tid_main, tids_io, pids_workers
+-- and pids_others, each a comma-separated list.
+local function roles_of(pids)
+  local self = B.getpid()
+  local io, others, is_worker = {}, {}, {}
+  for _, tid in ipairs(B.listdir("/proc/" .. self .. "/task")) do
+    if tonumber(tid) ~= self then io[#io + 1] = tid end
+  end
+  for _, pid in ipairs(pids) do is_worker[pid] = true end
+  for _, pid in ipairs(B.children(self)) do
+    if not is_worker[pid] then others[#others + 1] = pid end
+  end
+  return {
+    tid_main = tostring(self), tids_io = table.concat(io, ","),
+    pids_workers = table.concat(pids, ","), pids_others = table.concat(others, ","),
+  }
+end
+
 --- Runs body(p) between two snapshots of the scheduler's counts, on a
 -- pool of WORKERS copies of executor, once they are all ready. body returns
 -- a table of figures, to which the counts are added.
@@ -71,6 +92,7 @@ local function measure(executor, body)
     local ready = #p.executors
     if ready ~= WORKERS then fail("only %d of %d executors initialized", ready, WORKERS) end
     local pids = pid_list(p)
+    local roles = roles_of(pids)
     B.full_gc()
     local before = B.tree_stats(pids)
     local r = body(p)
@@ -84,6 +106,10 @@ local function measure(executor, body)
     end
     r.switches_per_call = switches / N
     r.io_wakeups_per_call = d.io.vol / N
+    local each = {}
+    for i, e in ipairs(d.each) do each[i] = string.format("%.4f", e.cpu_s) end
+    r.worker_cpu_s_each = table.concat(each, ",")
+    for k, v in pairs(roles) do r[k] = v end
     return r
   end)
 end
