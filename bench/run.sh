@@ -39,6 +39,9 @@
 #                          socketpairs with 2 worker processes, and a pump
 #                          of 1 MiB messages in and out
 #
+# Not run here: bench/profile.py runs one of these workloads under perf and
+# prints where its time goes, per thread and per call.
+#
 # All of them run in this one invocation on this machine, then one aligned
 # table sums up: each figure, its anchor, the ratio and the target. Timings
 # are printed, never asserted; the exit status is 1 only when a benchmark
