@@ -1,6 +1,7 @@
---- Helpers shared by the benchmark scripts of bench/: a monotonic clock,
--- order statistics, /proc readers, key=value output and a pool wrapper
--- that always stops the pool.
+--- Helpers shared by the benchmark scripts of bench/: a monotonic clock and
+-- a thread's CPU clock, order statistics, /proc readers (memory; CPU time
+-- and context switches per thread and per process), key=value output and
+-- a pool wrapper that always stops the pool.
 --
 -- A script finds this file beside itself:
 --
@@ -13,15 +14,31 @@ pcall(ffi.cdef, [[
 typedef struct pz_bench_timespec { long tv_sec; long tv_nsec; } pz_bench_timespec;
 int clock_gettime(int clk, pz_bench_timespec *ts);
 ]])
+-- glibc's struct dirent on 64-bit Linux (the same as struct dirent64).
+pcall(ffi.cdef, [[
+typedef struct pz_bench_dirent {
+  uint64_t d_ino; int64_t d_off; unsigned short d_reclen; unsigned char d_type; char d_name[256];
+} pz_bench_dirent;
+void *opendir(const char *name);
+pz_bench_dirent *readdir(void *dir);
+int closedir(void *dir);
+int getpid(void);
+]])
 
 local B = {}
 
-local CLOCK_MONOTONIC = 1
+local CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID = 1, 3
 local ts = ffi.new("pz_bench_timespec")
 
 --- Monotonic seconds (arbitrary origin).
 function B.now()
   ffi.C.clock_gettime(CLOCK_MONOTONIC, ts)
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+--- CPU seconds the calling thread has used.
+function B.thread_cpu()
+  ffi.C.clock_gettime(CLOCK_THREAD_CPUTIME_ID, ts)
   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 
@@ -85,16 +102,146 @@ function B.note(fmt, ...)
   io.flush()
 end
 
---- The fields of /proc/<pid>/smaps_rollup ("self" by default), in bytes,
--- or nil when the file cannot be read.
-function B.smaps(pid)
-  local f = io.open("/proc/" .. tostring(pid or "self") .. "/smaps_rollup", "r")
+--- The whole text of a file, or nil when it cannot be read.
+local function slurp(path)
+  local f = io.open(path, "r")
   if not f then return nil end
   local text = f:read("*a")
   f:close()
+  return text
+end
+
+--- The fields of /proc/<pid>/smaps_rollup ("self" by default), in bytes,
+-- or nil when the file cannot be read.
+function B.smaps(pid)
+  local text = slurp("/proc/" .. tostring(pid or "self") .. "/smaps_rollup")
+  if not text then return nil end
   local t = {}
   for k, v in text:gmatch("\n?([%w_]+):%s+(%d+) kB") do t[k] = tonumber(v) * 1024 end
   return t
+end
+
+--- The names in a directory (without "." and ".."), or {} when it cannot
+-- be read.
+function B.listdir(path)
+  local names = {}
+  local dir = ffi.C.opendir(path)
+  if dir == nil then return names end
+  while true do
+    local e = ffi.C.readdir(dir)
+    if e == nil then break end
+    local name = ffi.string(e.d_name)
+    if name ~= "." and name ~= ".." then names[#names + 1] = name end
+  end
+  ffi.C.closedir(dir)
+  return names
+end
+
+--- This process's pid.
+function B.getpid()
+  return ffi.C.getpid()
+end
+
+--- What the scheduler counted for one thread (pid/task/tid; tid defaults
+-- to pid): cpu_s (seconds on a CPU, from schedstat), vol and invol
+-- (voluntary and involuntary context switches). nil when it is gone.
+function B.thread_stats(pid, tid)
+  local dir = "/proc/" .. pid .. "/task/" .. (tid or pid)
+  local status = slurp(dir .. "/status")
+  if not status then return nil end
+  local sched = slurp(dir .. "/schedstat") or ""
+  return {
+    cpu_s = (tonumber(sched:match("^(%d+)")) or 0) * 1e-9,
+    vol = tonumber(status:match("\nvoluntary_ctxt_switches:%s*(%d+)")) or 0,
+    invol = tonumber(status:match("\nnonvoluntary_ctxt_switches:%s*(%d+)")) or 0,
+  }
+end
+
+--- The sums of thread_stats over every thread of process pid, or nil.
+function B.process_stats(pid)
+  local sum, any = { cpu_s = 0, vol = 0, invol = 0 }, false
+  for _, tid in ipairs(B.listdir("/proc/" .. pid .. "/task")) do
+    local t = B.thread_stats(pid, tid)
+    if t then
+      any = true
+      for k, v in pairs(t) do sum[k] = sum[k] + v end
+    end
+  end
+  return any and sum or nil
+end
+
+--- The pids of the direct children of process pid (every thread's).
+function B.children(pid)
+  local kids = {}
+  for _, tid in ipairs(B.listdir("/proc/" .. pid .. "/task")) do
+    local text = slurp("/proc/" .. pid .. "/task/" .. tid .. "/children") or ""
+    for k in text:gmatch("%d+") do kids[#kids + 1] = tonumber(k) end
+  end
+  return kids
+end
+
+--- A snapshot of the scheduler's counts for this process and a pool's
+-- other processes (`pids`, an array): main (this thread), io (every other
+-- thread of this process: a pool's I/O thread), workers (the pids given,
+-- summed; each[i] for pids[i] alone) and others (the rest of this
+-- process's children: a pool's spawner, summed). Each is {cpu_s =, vol =,
+-- invol =}.
+function B.tree_stats(pids)
+  local self = B.getpid()
+  local snap = {}
+  snap.main = B.thread_stats(self) or { cpu_s = 0, vol = 0, invol = 0 }
+  snap.io = { cpu_s = 0, vol = 0, invol = 0 }
+  for _, tid in ipairs(B.listdir("/proc/" .. self .. "/task")) do
+    if tonumber(tid) ~= self then
+      local t = B.thread_stats(self, tid)
+      if t then for k, v in pairs(t) do snap.io[k] = snap.io[k] + v end end
+    end
+  end
+  local is_worker = {}
+  snap.workers = { cpu_s = 0, vol = 0, invol = 0 }
+  snap.each = {}
+  for i, pid in ipairs(pids) do
+    is_worker[pid] = true
+    local t = B.process_stats(pid)
+    if t then for k, v in pairs(t) do snap.workers[k] = snap.workers[k] + v end end
+    snap.each[i] = t or { cpu_s = 0, vol = 0, invol = 0 }
+  end
+  snap.others = { cpu_s = 0, vol = 0, invol = 0 }
+  for _, pid in ipairs(B.children(self)) do
+    if not is_worker[pid] then
+      local t = B.process_stats(pid)
+      if t then for k, v in pairs(t) do snap.others[k] = snap.others[k] + v end end
+    end
+  end
+  return snap
+end
+
+--- after - before, part by part, for two tree_stats snapshots.
+function B.tree_delta(before, after)
+  local function minus(a, b)
+    return { cpu_s = a.cpu_s - b.cpu_s, vol = a.vol - b.vol, invol = a.invol - b.invol }
+  end
+  local d = { each = {} }
+  for part, a in pairs(after) do
+    if part ~= "each" then d[part] = minus(a, before[part]) end
+  end
+  for i, a in ipairs(after.each) do d.each[i] = minus(a, before.each[i]) end
+  return d
+end
+
+--- A field of /proc/self/status in bytes (VmHWM, VmRSS, ...), or nil.
+function B.status_bytes(field)
+  local kb = (slurp("/proc/self/status") or ""):match("\n" .. field .. ":%s*(%d+) kB")
+  return kb and tonumber(kb) * 1024
+end
+
+--- Resets this process's peak RSS (VmHWM) to its current RSS. False when
+-- the kernel does not allow it.
+function B.reset_peak_rss()
+  local f = io.open("/proc/self/clear_refs", "w")
+  if not f then return false end
+  local ok = f:write("5")
+  return (f:close() and ok) and true or false
 end
 
 --- Collects garbage until the heap stops shrinking.

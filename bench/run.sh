@@ -1,5 +1,5 @@
 #!/bin/sh
-# run.sh - the benchmarks of issue 5, and their anchors, in one run.
+# run.sh - the benchmarks of issues 5 and 14, and their anchors, in one run.
 # `make bench` runs it from the top of the tree after building:
 #
 #     sh bench/run.sh
@@ -23,6 +23,25 @@
 #   taskset -c 0           latency.lua and the C ping-pong again with every
 #                          process on one CPU (a diagnostic)
 #
+# The workloads of issue 14 run in rounds (bench/rounds.lua): each round
+# runs the pool and its anchors once each, one after the other, and each
+# ratio is taken within a round; the table shows the median [min-max] over
+# the rounds. Each measurement is a process of its own, on a fresh pool:
+#
+#   bench/workload.lua     the pool: tiny calls (a p(i) loop, and p:map when
+#                          the pool has it), calls of 100 us of CPU, calls
+#                          with 1 MiB in and out; CPU and context switches
+#                          per thread and per process, from /proc
+#   bench/py_anchor.py     Python's Pool.map on the same work (map, busy,
+#                          bytes)
+#   bench/socketpair.c     the C limits, compiled here with cc: tiny
+#                          messages batched 256 per write through
+#                          socketpairs with 2 worker processes, and a pump
+#                          of 1 MiB messages in and out
+#
+# Not run here: bench/profile.py runs one of these workloads under perf and
+# prints where its time goes, per thread and per call.
+#
 # All of them run in this one invocation on this machine, then one aligned
 # table sums up: each figure, its anchor, the ratio and the target. Timings
 # are printed, never asserted; the exit status is 1 only when a benchmark
@@ -30,23 +49,36 @@
 #
 # Environment:
 #   PZLUA             interpreter with the module built in (build/pzlua)
-#   PYTHON            python3
-#   CC                C compiler for the ping-pong anchor (cc)
+#   PYTHON            Debian's python3 (/usr/bin/python3 when it is there,
+#                     else python3 from PATH; make deps-bench installs it)
+#   CC                C compiler for the C anchors (cc)
 #   PZ_BENCH_RUNS     runs per noisy figure (each script has its default)
+#   PZ_BENCH_ROUNDS   rounds of the issue 14 workloads (default 5)
+#   PZ_BENCH_TINY_N   tiny calls per measurement (200000)
+#   PZ_BENCH_BUSY_N   calls of 100 us per measurement (20000)
+#   PZ_BENCH_BYTES_N  calls with 1 MiB in and out per measurement (2000)
 #   PZ_BENCH_PY_RUNS  runs of Pool.imap_unordered chunksize=1 (default 3;
 #                     each takes ~10 s at 200,000 calls)
-#   PZ_BENCH_TIMEOUT  seconds one benchmark may take before it is killed
-#                     (default 300)
+#   PZ_BENCH_TIMEOUT  seconds one benchmark (one measurement, in the
+#                     rounds) may take before it is killed (default 300)
 
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
 
 PZLUA=${PZLUA:-build/pzlua}
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then
+    # Debian's interpreter, not whatever a version manager puts first.
+    if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
 CC=${CC:-cc}
 PY_RUNS=${PZ_BENCH_PY_RUNS:-3}
 TIMEOUT=${PZ_BENCH_TIMEOUT:-300}
+ROUNDS=${PZ_BENCH_ROUNDS:-5}
+TINY_N=${PZ_BENCH_TINY_N:-200000}
+BUSY_N=${PZ_BENCH_BUSY_N:-20000}
+BYTES_N=${PZ_BENCH_BYTES_N:-2000}
+MIB=1048576
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pz-bench.XXXXXX") || exit 2
 cleanup() { rm -rf "$tmp"; }
@@ -59,19 +91,24 @@ failures=""
 
 # bench NAME COMMAND...: runs one benchmark under a timeout, shows its
 # output, and files its key=value lines as NAME.key=value.
+# bench_for SECONDS NAME COMMAND...: the same with another timeout.
 bench() {
-    name=$1
-    shift
+    bench_for "$TIMEOUT" "$@"
+}
+bench_for() {
+    limit=$1
+    name=$2
+    shift 2
     printf '\n=== %s: %s\n' "$name" "$*"
     t0=$(date +%s)
-    timeout -k 10 "$TIMEOUT" "$@" < /dev/null > "$tmp/$name.out" 2> "$tmp/$name.err"
+    timeout -k 10 "$limit" "$@" < /dev/null > "$tmp/$name.out" 2> "$tmp/$name.err"
     rc=$?
     cat "$tmp/$name.out"
     if [ -s "$tmp/$name.err" ]; then
         sed 's/^/stderr: /' "$tmp/$name.err"
     fi
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        printf '%s: TIMED OUT after %ss (killed)\n' "$name" "$TIMEOUT"
+        printf '%s: TIMED OUT after %ss (killed)\n' "$name" "$limit"
         failures="$failures $name(timeout)"
         echo "$name.failed=timeout" >> "$tmp/all.kv"
     elif [ "$rc" -ne 0 ]; then
@@ -79,7 +116,7 @@ bench() {
         failures="$failures $name(exit-$rc)"
         echo "$name.failed=exit $rc" >> "$tmp/all.kv"
     fi
-    grep -E '^[A-Za-z0-9_]+=' "$tmp/$name.out" | sed "s/^/$name./" >> "$tmp/all.kv"
+    grep -E '^[A-Za-z0-9_.]+=' "$tmp/$name.out" | sed "s/^/$name./" >> "$tmp/all.kv"
     printf '    (%ss)\n' "$(($(date +%s) - t0))"
 }
 
@@ -159,6 +196,62 @@ if [ -f bench/codec_bench.lua ]; then
     bench codec "$PZLUA" bench/codec_bench.lua
 fi
 
+# ---- issue 14: the workloads, in rounds beside their anchors -------------
+# q WORD: WORD quoted for sh -c (bench/rounds.lua runs each command so).
+q() {
+    printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
+}
+have_socketpair=0
+if command -v "$CC" > /dev/null 2>&1 &&
+        "$CC" -std=c11 -O2 -Wall -Wextra -o "$tmp/socketpair" bench/socketpair.c 2> "$tmp/cc_sp.err"; then
+    have_socketpair=1
+else
+    printf '\n=== C socketpair limits: %s could not build bench/socketpair.c, skipped\n' "$CC"
+    [ -s "$tmp/cc_sp.err" ] && cat "$tmp/cc_sp.err"
+fi
+pz="$(q "$PZLUA") bench/workload.lua"
+py="$(q "$PYTHON") bench/py_anchor.py"
+sp=$(q "$tmp/socketpair")
+# rounds GROUP ARGS...: bench/rounds.lua over ARGS (systems and ratios),
+# each command under the timeout of one benchmark, the whole group under a
+# few times that.
+rounds() {
+    group=$1
+    shift
+    bench_for $((TIMEOUT * 3)) "$group" env PZ_BENCH_CMD_TIMEOUT="$TIMEOUT" \
+        "$PZLUA" bench/rounds.lua "$ROUNDS" "$@"
+}
+
+# Tiny calls, 2 workers: the pool's two ways against Pool.map with
+# automatic chunks and the C limit (which runs ten times as many calls, so
+# that its clock is not dominated by its first milliseconds).
+set -- "pz_loop=$pz tiny $TINY_N 2" "pz_map=$pz map $TINY_N 2"
+[ "$have_python" -eq 1 ] && set -- "$@" "py_map=$py map $TINY_N 2"
+[ "$have_socketpair" -eq 1 ] && set -- "$@" "c_batch=$sp tiny $((TINY_N * 10)) 2 256"
+rounds tiny2 "$@" \
+    loop_vs_py=pz_loop.calls_per_s/py_map.calls_per_s loop_vs_c=pz_loop.calls_per_s/c_batch.calls_per_s \
+    map_vs_py=pz_map.calls_per_s/py_map.calls_per_s map_vs_c=pz_map.calls_per_s/c_batch.calls_per_s
+
+# The same with 256 workers, against Pool.map with 256 processes.
+set -- "pz_loop=$pz tiny $TINY_N 256" "pz_map=$pz map $TINY_N 256"
+[ "$have_python" -eq 1 ] && set -- "$@" "py_map=$py map $TINY_N 256"
+rounds tiny256 "$@" \
+    loop_vs_py=pz_loop.calls_per_s/py_map.calls_per_s map_vs_py=pz_map.calls_per_s/py_map.calls_per_s
+
+# Calls of 100 us of CPU, 2 workers: each system against its own ideal,
+# then against each other.
+set -- "pz=$pz busy $BUSY_N 2 100"
+[ "$have_python" -eq 1 ] && set -- "$@" "py=$py busy $BUSY_N 2 100"
+rounds busy "$@" \
+    pz_vs_py=pz.vs_ideal/py.vs_ideal seconds_vs_py=pz.seconds/py.seconds \
+    switches_vs_py=pz.switches_per_call/py.switches_per_call
+
+# 1 MiB strings in and out, 2 workers.
+set -- "pz=$pz bytes $BYTES_N 2 $MIB"
+[ "$have_python" -eq 1 ] && set -- "$@" "py=$py bytes $BYTES_N 2 $MIB"
+[ "$have_socketpair" -eq 1 ] && set -- "$@" "c_pump=$sp pump $BYTES_N $MIB 2"
+rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb_per_s
+
 printf '\nload average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 
 # ---- the table -----------------------------------------------------------
@@ -188,6 +281,42 @@ awk -F '=' -v codec_present="$codec_present" '
         return has(name ".failed") ? "FAILED (" v[name ".failed"] ")" : "no figure"
     }
     function verdict(ok) { return ok ? "met" : "MISSED" }
+
+    # The rounds of issue 14 file each figure as "MEDIAN MIN MAX (ALL)".
+    function med(k) { return v[k] + 0 }
+    # "MEDIAN UNIT [MIN-MAX]" of figure k, divided by scale, in format f.
+    function spread(k, scale, f, unit,    a, n) {
+        n = split(v[k], a, " ")
+        if (n < 3) return sprintf(f "%s", a[1] / scale, unit)
+        return sprintf(f "%s [" f "-" f "]", a[1] / scale, unit, a[2] / scale, a[3] / scale)
+    }
+    # The state of system S of group G when it has no figure K.
+    function missing(g, s) {
+        if (has(g "." s ".failed")) return "FAILED (" v[g "." s ".failed"] ")"
+        if (has(g "." s ".skipped")) return "n/a (" v[g "." s ".skipped"] ")"
+        if (has(g ".failed")) return "FAILED (" v[g ".failed"] ")"
+        return "not run"
+    }
+    # A row of group G: ours = system S figure K (scale, printf format F,
+    # UNIT), anchor = label AL and system AS figure AK (same scale, format
+    # and unit; AS empty for none), ratio = ratio key R of the group, its
+    # target text T, and the verdict: median ratio (or, without R, our
+    # median) compared with THR by OP (">=", "<=", "<", ">"; "": none).
+    function rrow(label, g, s, k, scale, f, unit, al, as, ak, r, t, op, thr,    ours, anc, rat, x, ok) {
+        ours = has(g "." s "." k) ? spread(g "." s "." k, scale, f, unit) : missing(g, s)
+        if (as == "") anc = al
+        else anc = al " " (has(g "." as "." ak) ? spread(g "." as "." ak, scale, f, unit) : missing(g, as))
+        rat = (r != "" && has(g "." r) && v[g "." r] != "n/a") ? spread(g "." r, 1, "%.2f", "x") : (r == "" ? "-" : "n/a")
+        x = ""
+        if (r != "" && rat != "n/a") x = med(g "." r)
+        else if (r == "" && has(g "." s "." k)) x = med(g "." s "." k) / scale
+        if (op == "" || x == "") ok = (op == "" ? "-" : (ours ~ /^FAILED/ ? "FAILED" : "-"))
+        else if (op == ">=") ok = verdict(x >= thr)
+        else if (op == "<=") ok = verdict(x <= thr)
+        else if (op == "<") ok = verdict(x < thr)
+        else ok = verdict(x > thr)
+        row(label, ours, anc, rat, t, ok)
+    }
     END {
         row("figure", "parallelize", "anchor", "ratio", "target", "verdict")
 
@@ -203,14 +332,44 @@ awk -F '=' -v codec_present="$codec_present" '
                 row(label, rate(ours), "py imap_unordered: " failed("py_throughput"), "n/a",
                     ">= 10x and >= 1 M/s", verdict(ours >= 1e6) " (1 M/s part)")
             }
-            if (has("py_throughput.map_calls_per_s")) {
-                py = v["py_throughput.map_calls_per_s"] + 0
-                row("tiny calls/s vs Pool.map", rate(ours), "py Pool.map auto chunks " rate(py),
-                    ratio(ours, py), "(reported)", "-")
-            }
         } else {
             row("tiny calls/s", failed("throughput"), "", "", ">= 10x and >= 1 M/s", "FAILED")
         }
+
+        # Issue 14: tiny calls, 2 and 256 workers.
+        n = has("tiny2.pz_loop.n") ? med("tiny2.pz_loop.n") : ""
+        rrow("tiny calls x*2 (n=" n ", 2 workers), p(i) loop", "tiny2", "pz_loop", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.map auto chunks", "py_map", "calls_per_s", "loop_vs_py", ">= 2x", ">=", 2)
+        rrow("  same", "tiny2", "pz_loop", "calls_per_s", 1e6, "%.2f", " M/s",
+            "C socketpair 256/write", "c_batch", "calls_per_s", "loop_vs_c", ">= 0.5x", ">=", 0.5)
+        rrow("tiny calls x*2 (2 workers), p:map(list)", "tiny2", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.map auto chunks", "py_map", "calls_per_s", "map_vs_py", ">= 2x", ">=", 2)
+        rrow("  same", "tiny2", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
+            "C socketpair 256/write", "c_batch", "calls_per_s", "map_vs_c", ">= 0.5x", ">=", 0.5)
+        rrow("tiny calls x*2 (256 workers), p(i) loop", "tiny256", "pz_loop", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.map 256 procs", "py_map", "calls_per_s", "loop_vs_py", "> 1x", ">", 1)
+        rrow("tiny calls x*2 (256 workers), p:map(list)", "tiny256", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.map 256 procs", "py_map", "calls_per_s", "map_vs_py", "> 1x", ">", 1)
+
+        # Issue 14: calls of 100 us of CPU.
+        n = has("busy.pz.n") ? med("busy.pz.n") : ""
+        rrow("calls of 100 us CPU (n=" n ", 2 workers), wall", "busy", "pz", "seconds", 1, "%.3f", " s",
+            "ideal (CPU of the calls / 2)", "pz", "ideal_s", "pz.vs_ideal", "<= 1.05x ideal", "<=", 1.05)
+        rrow("  same, x of its ideal", "busy", "pz", "vs_ideal", 1, "%.3f", "x",
+            "Pool.map, x of its ideal", "py", "vs_ideal", "pz_vs_py", "<= 1x Pool.map", "<=", 1)
+        rrow("  same, context switches per call", "busy", "pz", "switches_per_call", 1, "%.3f", "",
+            "Pool.map", "py", "switches_per_call", "switches_vs_py", "(reported)", "", 0)
+        rrow("  same, I/O thread wake-ups per call", "busy", "pz", "io_wakeups_per_call", 1, "%.3f", "",
+            "-", "", "", "", "< 0.1 (not per result)", "<", 0.1)
+
+        # Issue 14: 1 MiB strings in and out.
+        n = has("bytes.pz.n") ? med("bytes.pz.n") : ""
+        rrow("1 MiB in and out (n=" n ", 2 workers)", "bytes", "pz", "gb_per_s", 1, "%.2f", " GB/s",
+            "C socketpair pump", "c_pump", "gb_per_s", "pz_vs_c", ">= 0.8x", ">=", 0.8)
+        rrow("  same", "bytes", "pz", "gb_per_s", 1, "%.2f", " GB/s",
+            "Pool.map chunksize=1", "py", "gb_per_s", "pz_vs_py", "(reported)", "", 0)
+        rrow("  same, parent peak RSS above start", "bytes", "pz", "peak_above_start_mib", 1, "%.0f", " MiB",
+            "Pool.map, above its results", "py", "peak_above_held_mib", "", "< 300 MiB", "<", 300)
 
         # Latency.
         if (has("latency.p50_us")) {

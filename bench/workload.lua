@@ -1,0 +1,266 @@
+--- The workloads of issue 14, one measurement per run, on a fresh pool:
+-- bench/run.sh runs them in rounds, interleaved with their anchors
+-- (bench/py_anchor.py, bench/socketpair.c), and compares them round by
+-- round.
+--
+--   build/pzlua bench/workload.lua tiny N WORKERS
+--       `p(i)` for i = 1..N, `p:wait()`, the results read and summed;
+--       the executor is x * 2. Prints calls_per_s.
+--   build/pzlua bench/workload.lua map N WORKERS
+--       the same through `p:map(list)` (the list built before the clock
+--       starts), when the pool has a map method; prints skipped=... when
+--       it has none. Checks that the results come in input order.
+--   build/pzlua bench/workload.lua busy N WORKERS US
+--       N calls of a busy loop calibrated, in this run and before the pool
+--       starts, to take US microseconds of CPU. Each call measures the CPU
+--       it took in its worker (the thread's CPU clock around the loop) and
+--       returns it: ideal_s = the sum / WORKERS. Prints seconds, ideal_s
+--       and vs_ideal = seconds / ideal_s.
+--   build/pzlua bench/workload.lua bytes N WORKERS SIZE
+--       N calls `p(s)` with one string of SIZE bytes, the executor
+--       returning it, so SIZE bytes go each way. Prints gb_per_s, bytes in
+--       plus bytes out per second (1 GB = 1e9 bytes), and the parent's
+--       peak resident memory (VmHWM, reset just before the first call)
+--       above its resident memory at that moment, which already holds the
+--       string. The results are equal to s, and LuaJIT interns strings, so
+--       they add no memory of their own: what the peak shows is the pool's.
+--
+-- Every workload also prints, from /proc (schedstat and status, read just
+-- before the first call and just after the results are read): CPU seconds
+-- and voluntary and involuntary context switches of the main thread
+-- (main_*), of the I/O thread (io_*: every other thread of this process),
+-- of the workers (workers_*, summed; worker_cpu_s_each lists each one's
+-- CPU seconds) and of the spawner (others_*), and
+-- per call: switches_per_call (all of them) and io_wakeups_per_call (the
+-- I/O thread's voluntary switches: each is one sleep, ended by a wake-up);
+-- and the ids of each: tid_main, tids_io, pids_workers, pids_others.
+--
+-- Output: key=value lines. An error (wrong results, a timeout) exits
+-- with status 1.
+local dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+package.path = dir .. "/?.lua;" .. package.path
+local B = require "benchlib"
+local parallelize = require "parallelize"
+
+local WAIT_S = 600 -- no run comes near it; a hang ends as an error
+
+local function usage()
+  io.stderr:write("usage: workload.lua tiny|map N WORKERS | busy N WORKERS US | bytes N WORKERS SIZE\n")
+  os.exit(2)
+end
+
+local kind = arg[1]
+local N, WORKERS, PARAM = tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4])
+if not (N and WORKERS and N >= 1 and WORKERS >= 1) then usage() end
+if (kind == "busy" or kind == "bytes") and not (PARAM and PARAM > 0) then usage() end
+if kind ~= "tiny" and kind ~= "map" and kind ~= "busy" and kind ~= "bytes" then usage() end
+
+local function fail(fmt, ...)
+  error(string.format(fmt, ...), 0)
+end
+
+local function pid_list(p)
+  local list = {}
+  for _, pid in pairs(p.pids) do list[#list + 1] = pid end
+  return list
+end
+
+--- Which thread or process is which, for tools that see only ids (such as
+-- bench/profile.py reading perf's output): tid_main, tids_io, pids_workers
+-- and pids_others, each a comma-separated list.
+local function roles_of(pids)
+  local self = B.getpid()
+  local io, others, is_worker = {}, {}, {}
+  for _, tid in ipairs(B.listdir("/proc/" .. self .. "/task")) do
+    if tonumber(tid) ~= self then io[#io + 1] = tid end
+  end
+  for _, pid in ipairs(pids) do is_worker[pid] = true end
+  for _, pid in ipairs(B.children(self)) do
+    if not is_worker[pid] then others[#others + 1] = pid end
+  end
+  return {
+    tid_main = tostring(self), tids_io = table.concat(io, ","),
+    pids_workers = table.concat(pids, ","), pids_others = table.concat(others, ","),
+  }
+end
+
+--- Runs body(p) between two snapshots of the scheduler's counts, on a
+-- pool of WORKERS copies of executor, once they are all ready. body returns
+-- a table of figures, to which the counts are added.
+local function measure(executor, body)
+  return B.with_pool(parallelize.rep(executor, WORKERS), nil, nil, function(p)
+    local ready = #p.executors
+    if ready ~= WORKERS then fail("only %d of %d executors initialized", ready, WORKERS) end
+    local pids = pid_list(p)
+    local roles = roles_of(pids)
+    B.full_gc()
+    local before = B.tree_stats(pids)
+    local r = body(p)
+    local d = B.tree_delta(before, B.tree_stats(pids))
+    local switches = 0
+    for _, part in ipairs({ "main", "io", "workers", "others" }) do
+      r[part .. "_cpu_s"] = d[part].cpu_s
+      r[part .. "_vol"] = d[part].vol
+      r[part .. "_invol"] = d[part].invol
+      switches = switches + d[part].vol + d[part].invol
+    end
+    r.switches_per_call = switches / N
+    r.io_wakeups_per_call = d.io.vol / N
+    local each = {}
+    for i, e in ipairs(d.each) do each[i] = string.format("%.4f", e.cpu_s) end
+    r.worker_cpu_s_each = table.concat(each, ",")
+    for k, v in pairs(roles) do r[k] = v end
+    return r
+  end)
+end
+
+local function double(x) return x * 2 end
+
+local function tiny(p)
+  local t0 = B.now()
+  for i = 1, N do p(i) end
+  B.wait(p, WAIT_S, "tiny")
+  local results = p.results
+  local sum = 0
+  for i = 1, #results do sum = sum + results[i] end
+  local t = B.now() - t0
+  if #results ~= N or sum ~= N * (N + 1) or #p.errors ~= 0 then
+    fail("wrong results: %d results (want %d), sum %.17g (want %.17g), %d errors",
+      #results, N, sum, N * (N + 1), #p.errors)
+  end
+  return { seconds = t, calls_per_s = N / t }
+end
+
+local function map(p)
+  local list = {}
+  for i = 1, N do list[i] = i end
+  local t0 = B.now()
+  local results = p:map(list)
+  local sum = 0
+  for i = 1, #results do sum = sum + results[i] end
+  local t = B.now() - t0
+  for i = 1, N do
+    if results[i] ~= 2 * i then fail("map: result %d is %s (want %d)", i, tostring(results[i]), 2 * i) end
+  end
+  if #results ~= N or sum ~= N * (N + 1) then fail("map: %d results (want %d)", #results, N) end
+  return { seconds = t, calls_per_s = N / t }
+end
+
+-- A loop whose CPU time grows with k and that the compiler cannot drop
+-- (its result is returned and checked).
+local function spin(k)
+  local x = 0
+  for i = 1, k do x = x + i % 7 end
+  return x
+end
+
+--- The k for which spin(k) takes `us` microseconds of this thread's CPU,
+-- and the CPU one spin(k) then takes: the median of 101 calls.
+local function calibrate(us)
+  for _ = 1, 50 do spin(10000) end -- compiled before it is timed
+  local k, took = 10000
+  repeat
+    local c0 = B.thread_cpu()
+    spin(k)
+    took = B.thread_cpu() - c0
+    if took < 2e-3 then k = k * 2 end
+  until took >= 2e-3
+  k = math.max(1, math.floor(k * us * 1e-6 / took + 0.5))
+  local times = {}
+  for i = 1, 101 do
+    local c0 = B.thread_cpu()
+    spin(k)
+    times[i] = B.thread_cpu() - c0
+  end
+  return k, B.median(times)
+end
+
+-- The busy executor, built in each worker: spin(k), checked, returning the
+-- CPU seconds the call took in that worker's thread.
+local function timed_spin_ctor(want)
+  local bench = require "benchlib"
+  local thread_cpu = bench.thread_cpu
+  return function(k)
+    local c0 = thread_cpu()
+    local x = spin(k)
+    local took = thread_cpu() - c0
+    if x ~= want then error("spin(" .. k .. ") gave " .. x .. " (want " .. want .. ")") end
+    return took
+  end
+end
+
+local function busy(k, calibrated)
+  return function(p)
+    local t0 = B.now()
+    for _ = 1, N do p(k) end
+    B.wait(p, WAIT_S, "busy")
+    local results = p.results
+    local t = B.now() - t0
+    if #results ~= N or #p.errors ~= 0 then
+      fail("wrong results: %d (want %d), %d errors%s", #results, N, #p.errors,
+        #p.errors > 0 and ": " .. p.errors[1].message or "")
+    end
+    local cpu = 0
+    for i = 1, N do cpu = cpu + results[i] end
+    local ideal = cpu / WORKERS
+    return {
+      seconds = t, ideal_s = ideal, vs_ideal = t / ideal, iterations = k,
+      call_cpu_us = cpu / N * 1e6, calibrated_call_cpu_us = calibrated * 1e6,
+    }
+  end
+end
+
+local function bytes(size)
+  local pattern = {}
+  for i = 0, 255 do pattern[#pattern + 1] = string.char((i * 37 + 11) % 256) end
+  pattern = table.concat(pattern)
+  local s = string.rep(pattern, math.ceil(size / #pattern)):sub(1, size)
+  return function(p)
+    B.full_gc()
+    local rss0 = B.status_bytes("VmRSS")
+    local reset = B.reset_peak_rss()
+    local t0 = B.now()
+    for _ = 1, N do p(s) end
+    B.wait(p, WAIT_S, "bytes")
+    local results = p.results
+    local t = B.now() - t0
+    local peak = B.status_bytes("VmHWM")
+    if #results ~= N or #p.errors ~= 0 then fail("wrong results: %d (want %d), %d errors", #results, N, #p.errors) end
+    for i = 1, N do
+      if results[i] ~= s then fail("result %d differs from the string sent", i) end
+    end
+    local r = { seconds = t, size = size, gb_per_s = 2 * N * size / t / 1e9 }
+    if rss0 and peak and reset then
+      r.peak_above_start_mib = (peak - rss0) / 1048576
+    else
+      r.peak_above_start_mib = "n/a"
+    end
+    return r
+  end
+end
+
+local r
+if kind == "tiny" then
+  r = measure(double, tiny)
+elseif kind == "map" then
+  local has_map = B.with_pool({ double }, nil, nil, function(p) return p.map ~= nil end)
+  if not has_map then
+    B.emit("workload", kind)
+    B.emit("skipped", "the pool has no map method")
+    return
+  end
+  r = measure(double, map)
+elseif kind == "busy" then
+  local k, calibrated = calibrate(PARAM)
+  r = measure(parallelize.Deferred(timed_spin_ctor, spin(k)), busy(k, calibrated))
+else
+  r = measure(function(x) return x end, bytes(PARAM))
+end
+
+B.emit("workload", kind)
+B.emit("n", N)
+B.emit("workers", WORKERS)
+local keys = {}
+for k in pairs(r) do keys[#keys + 1] = k end
+table.sort(keys)
+for _, k in ipairs(keys) do B.emit(k, r[k]) end
