@@ -90,6 +90,9 @@ DEB_PACKAGES = luajit libluajit-5.1-dev lua-cjson lua-busted lua-check luarocks 
                gcc make pkg-config
 DEB_PACKAGES_FUZZ = clang libclang-rt-14-dev
 DEB_PACKAGES_BENCH = python3
+# The servers the specs start themselves (spec/servers.lua), installed by a
+# script that keeps their install scripts from starting any service.
+DEB_PACKAGES_SERVERS = openssh-server openssh-client munge slurmctld slurmd slurm-client iproute2 iptables
 
 define install_missing
 	@missing=""; for p in $(1); do \
@@ -105,6 +108,7 @@ endef
 
 deps:
 	$(call install_missing,$(DEB_PACKAGES))
+	$(Q)sh tools/install-servers.sh $(DEB_PACKAGES_SERVERS)
 deps-fuzz: deps
 	$(call install_missing,$(DEB_PACKAGES_FUZZ))
 deps-bench: deps
