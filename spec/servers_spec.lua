@@ -305,7 +305,7 @@ describe("server fixtures #nosan", function()
   end)
 
   describe("a second host in a network namespace", function()
-    it("a cut link ends an ssh with keepalives (exit 255) within seconds; the restored link works again",
+    it("a cut link ends an ssh with keepalives (exit 255) within seconds, and the restored link works again",
         function()
       local defer = support.defer(finally)
       local n = fixture("netns", defer)
@@ -331,7 +331,7 @@ describe("server fixtures #nosan", function()
       stop_clean(n, c.seen)
     end)
 
-    it("delay(20) adds 20 ms to every round trip; delay(0) takes it away", function()
+    it("delay(20) adds 20 ms to every round trip, delay(0) takes it away", function()
       local defer = support.defer(finally)
       local n = fixture("netns", defer)
       local c = clients(defer)

@@ -53,6 +53,29 @@ restore_policy() {
 # A stand-in of ours from a run killed before it could clean up.
 restore_policy
 
+# apt-get runs in the background and is waited for, so that a signal to
+# this script reaches it (as SIGTERM) and it has ended before the stand-in
+# goes: an install going on without it could start a service.
+child=""
+on_signal() {
+    if [ -n "$child" ]; then
+        kill -TERM "$child" 2>/dev/null
+        wait "$child"
+    fi
+    exit "$1"
+}
+run() {
+    "$@" &
+    child=$!
+    wait "$child"
+    status=$?
+    child=""
+    return "$status"
+}
+
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM HUP
+
 standin=0
 if [ -x "$POLICY" ]; then
     "$POLICY" ssh start > /dev/null 2>&1
@@ -63,8 +86,6 @@ fi
 if [ "$denies" -ne 101 ]; then
     standin=1
     trap 'restore_policy' EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM HUP
     if [ -e "$POLICY" ]; then
         cp -p "$POLICY" "$SAVED" || exit 1
     fi
@@ -74,8 +95,9 @@ fi
 
 echo "installing:$missing"
 # Other installs on the machine may hold dpkg's lock for a while: wait for it.
-apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+# shellcheck disable=SC2086 # $missing is a list of words
+run apt-get update -qq &&
+    run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         -o DPkg::Lock::Timeout=300 $missing
 status=$?
 [ "$standin" -eq 1 ] && restore_policy
