@@ -760,7 +760,7 @@ local function start_sshd(self, address, port, netns)
     "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR",
   }
-  self.ssh = { "ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10" }
+  self.ssh = { "ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20" }
   for _, o in ipairs(KEEPALIVE) do self.ssh[#self.ssh + 1] = o end
   for _, o in ipairs(self.options) do self.ssh[#self.ssh + 1] = o end
 end
