@@ -94,6 +94,12 @@ for _, decl in ipairs {
   "int pz_srv_poll(struct pz_srv_pollfd *fds, unsigned long n, int timeout) __asm__(\"poll\");",
   "struct pz_srv_timeval { long tv_sec; long tv_usec; };",
   "long pz_srv_readlink(const char *path, char *buf, unsigned long size) __asm__(\"readlink\");",
+  "int pz_srv_sigemptyset(pz_srv_sigset *set) __asm__(\"sigemptyset\");",
+  "int pz_srv_sigaddset(pz_srv_sigset *set, int sig) __asm__(\"sigaddset\");",
+  "int pz_srv_pthread_sigmask(int how, const pz_srv_sigset *set, pz_srv_sigset *old) __asm__(\"pthread_sigmask\");",
+  "struct pz_srv_timespec { long tv_sec; long tv_nsec; };",
+  "int pz_srv_sigtimedwait(const pz_srv_sigset *set, void *info, const struct pz_srv_timespec *timeout)"
+    .. " __asm__(\"sigtimedwait\");",
 } do
   pcall(ffi.cdef, decl)
 end
@@ -102,8 +108,8 @@ local C = ffi.C
 local O_RDONLY, O_WRONLY, O_CREAT, O_APPEND, O_NONBLOCK, O_CLOEXEC = 0, 1, 0x40, 0x400, 0x800, 0x80000
 local F_SETFD, F_GETFL, F_SETFL, FD_CLOEXEC = 2, 3, 4, 1
 local SIGTERM, SIGKILL = 15, 9
-local WNOHANG, EINTR, EAGAIN = 1, 4, 11
-local PR_SET_PDEATHSIG, SIG_SETMASK, CLOSE_RANGE_CLOEXEC = 1, 2, 4
+local WNOHANG, EINTR, EAGAIN, EPIPE = 1, 4, 11, 32
+local PR_SET_PDEATHSIG, SIG_BLOCK, SIG_SETMASK, CLOSE_RANGE_CLOEXEC, SIGPIPE = 1, 0, 2, 4, 13
 local X_OK, F_OK = 1, 0
 local AF_INET, SOCK_STREAM, SOCK_CLOEXEC = 2, 1, 0x80000
 local SOL_SOCKET, SO_SNDTIMEO = 1, 21
@@ -328,11 +334,31 @@ end
 
 -- ------------------------------------------------------------- descriptors
 
---- Writes all of s to fd (blocking), or returns nil and why.
+-- write(2) without SIGPIPE: a write to a pipe whose reader is gone raises
+-- SIGPIPE, whose default action would end the test process (which does
+-- not ignore it). It is blocked around the write, which then fails with
+-- EPIPE, and the SIGPIPE that write left pending is taken away.
+local pipe_set = ffi.new("pz_srv_sigset")
+C.pz_srv_sigemptyset(pipe_set)
+C.pz_srv_sigaddset(pipe_set, SIGPIPE)
+local saved_mask = ffi.new("pz_srv_sigset")
+local no_wait = ffi.new("struct pz_srv_timespec")
+local function write_quiet(fd, ptr, n)
+  C.pz_srv_pthread_sigmask(SIG_BLOCK, pipe_set, saved_mask)
+  local r = C.pz_srv_write(fd, ptr, n)
+  local err = ffi.errno()
+  if r < 0 and err == EPIPE then C.pz_srv_sigtimedwait(pipe_set, nil, no_wait) end
+  C.pz_srv_pthread_sigmask(SIG_SETMASK, saved_mask, nil)
+  ffi.errno(err)
+  return r
+end
+
+--- Writes all of s to fd (blocking), or returns nil and why (a reader gone
+-- is "write: Broken pipe", never a SIGPIPE).
 function M.write_all(fd, s)
   local off = 0
   while off < #s do
-    local n = C.pz_srv_write(fd, ffi.cast("const char *", s) + off, #s - off)
+    local n = write_quiet(fd, ffi.cast("const char *", s) + off, #s - off)
     if n < 0 then
       if ffi.errno() ~= EINTR then return nil, failed("write") end
     else
@@ -399,7 +425,7 @@ function M.exchange(fd_in, fd_out, data, seconds)
     local r = C.pz_srv_poll(fds, fd_in >= 0 and 2 or 1, math.ceil(left * 1000))
     if r < 0 and ffi.errno() ~= EINTR then why = failed("poll") break end
     if fd_in >= 0 and fds[1].revents ~= 0 then
-      local n = C.pz_srv_write(fd_in, ffi.cast("const char *", data) + off, math.min(65536, #data - off))
+      local n = write_quiet(fd_in, ffi.cast("const char *", data) + off, math.min(65536, #data - off))
       if n > 0 then off = off + tonumber(n)
       elseif ffi.errno() ~= EAGAIN and ffi.errno() ~= EINTR then why = failed("write") break end
       if off == #data then
