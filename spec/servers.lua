@@ -12,20 +12,23 @@
 --
 -- Rules this file owns:
 -- - Every daemon is a child of the test process, forked and executed here
---   (not through a shell's `&`, which would leave it to PID 1, which never
---   reaps it here), with stdin /dev/null, its output in a log in the
+--   (not through a shell's `&`, which would leave it to PID 1, which here
+--   leaves its dead children as zombies for a while), with stdin
+--   /dev/null, its output in a log in the
 --   fixture's temporary directory, no descriptor of the test process but
 --   0-2, default signal dispositions and an empty signal mask, and
 --   PR_SET_PDEATHSIG SIGKILL: if the test process dies outright, its
 --   daemons die with it.
 -- - Every process a fixture starts carries an environment variable with a
 --   value unique to the fixture (PZ_SERVERS_TAG), inherited by what it
---   forks or executes with its environment: sshd's per-connection
---   processes, and slurmstepd, which slurmd double-forks so that it belongs
---   to PID 1. A fixture's processes are those carrying its tag and every
---   descendant of those (the commands sshd runs, the tasks of a step), and
---   nothing else is ever signalled. A pid is signalled only while its start
---   time is the one recorded with it, so that a reused pid is never hit.
+--   forks or executes with its environment (sshd's per-connection
+--   processes). slurmstepd, which slurmd starts with an empty environment
+--   and double-forks so that it belongs to PID 1, is known instead by the
+--   slurmd log of its fixture, which it holds open. A fixture's processes
+--   are those and every descendant of those (the commands sshd runs, the
+--   tasks of a step), and nothing else is ever signalled. A pid is
+--   signalled only while its start time is the one recorded with it, so
+--   that a reused pid is never hit.
 -- - stop() ends them (SIGTERM to the daemons, 3 s of grace, SIGKILL to
 --   whatever is left, up to 3 s more), then removes what the fixture
 --   created: namespace, veth pair, firewall rule, temporary directory. It
