@@ -112,6 +112,9 @@ DEB_PACKAGES_BUILD = gcc libc6-dev make pkg-config luajit libluajit-5.1-dev
 DEB_PACKAGES_TEST  = lua-busted lua-check luarocks lua-cjson lua5.1
 DEB_PACKAGES_FUZZ  = clang libclang-rt-14-dev
 DEB_PACKAGES_BENCH = python3
+# The servers the specs start themselves (spec/servers.lua), installed by a
+# script that keeps their install scripts from starting any service.
+DEB_PACKAGES_SERVERS = openssh-server openssh-client munge slurmctld slurmd slurm-client iproute2 iptables
 
 define install_missing
 	@missing=""; for p in $(1); do \
@@ -133,6 +136,7 @@ deps-build:
 	$(call install_missing,$(DEB_PACKAGES_BUILD))
 deps deps-test:
 	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST))
+	$(Q)sh tools/install-servers.sh $(DEB_PACKAGES_SERVERS)
 deps-fuzz:
 	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_FUZZ))
 deps-bench:

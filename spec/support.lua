@@ -82,6 +82,27 @@ function M.children(pid)
   return list
 end
 
+--- The start time of a process (field 22 of proc(5): clock ticks since
+-- boot); with the pid, it names a process even after the pid is reused.
+-- nil when the process is gone.
+function M.start_time(pid)
+  local fields = stat_fields(pid)
+  return fields and tonumber(fields[20])
+end
+
+--- Every process of the machine, zombies included: pid -> { ppid = ,
+-- state = (a letter of proc(5)), start = (as start_time) }.
+function M.processes()
+  local all = {}
+  for _, name in ipairs(M.list("/proc")) do
+    local fields = name:match("^%d+$") and stat_fields(name)
+    if fields then
+      all[tonumber(name)] = { ppid = tonumber(fields[2]), state = fields[1], start = tonumber(fields[20]) }
+    end
+  end
+  return all
+end
+
 --- How many descriptors this process has open.
 function M.fd_count()
   return #M.list("/proc/self/fd") - 1 -- the directory being read

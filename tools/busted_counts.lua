@@ -9,6 +9,10 @@
 --
 --     successes failures errors pendings
 --
+-- then one line per pending (skipped) test: its full name, and after a
+-- tab the reason it gave, if any, without busted's "file:line: " prefix
+-- (newlines and tabs in either become spaces).
+--
 -- The counts go to a file of their own rather than to stdout, so that
 -- whatever the specs or the processes they start print cannot garble them.
 -- No file means busted never reached the end of the suite (a crash, a hang
@@ -31,6 +35,11 @@ return function(options)
     end
     f:write(string.format("%d %d %d %d\n", handler.successesCount, handler.failuresCount,
                           handler.errorsCount, handler.pendingsCount))
+    for _, p in ipairs(handler.pendings) do
+      -- busted prefixes the reason with where pending() was called
+      local reason = type(p.message) == "string" and p.message:gsub("^[^\n:]*:%d+: ", "") or ""
+      f:write((tostring(p.name):gsub("[\t\n]", " ")), "\t", (reason:gsub("[\t\n]", " ")), "\n")
+    end
     f:close()
     return nil, true
   end

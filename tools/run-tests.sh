@@ -18,7 +18,8 @@
 #      and a plain luajit requiring the installed module
 #   f. examples/*.lua run with build/pzlua               1 per example
 # and ends with one line of its own, `tests: N passed, N failed`, exiting 1
-# when anything failed.
+# when anything failed; when busted skipped tests (pending, e.g. the server
+# specs without root), the line goes on with `, N skipped: NAME; NAME`.
 #
 # Environment:
 #   LUAJIT            interpreter for the normal build (default luajit)
@@ -43,6 +44,7 @@ cd "$(dirname "$0")/.." || exit 2
 passed=0
 failed=0
 failed_names=""
+skipped=0
 started=$(date +%s)
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pz-tests.XXXXXX") || exit 2
@@ -125,6 +127,9 @@ run_busted_count() {
     esac
     passed=$((passed + s))
     failed=$((failed + f + e))
+    # After the counts, one line per skipped (pending) test: "name<TAB>reason".
+    skipped=$((skipped + p))
+    tail -n +2 "$counts" >> "$tmp/skipped"
     [ $((f + e)) -gt 0 ] && failed_names="$failed_names
   $name: $f failed, $e errors (see busted's report above)"
     printf '%s: %d passed, %d failed, %d errors, %d pending\n' "$name" "$s" "$f" "$e" "$p"
@@ -351,5 +356,12 @@ printf '\n=== done in %ss\n' "$(($(date +%s) - started))"
 if [ "$failed" -gt 0 ]; then
     printf 'failed:%s\n' "$failed_names"
 fi
-printf 'tests: %d passed, %d failed\n' "$passed" "$failed"
+if [ "$skipped" -gt 0 ]; then
+    printf 'skipped:\n'
+    sort -u "$tmp/skipped" | awk -F '\t' '{ print "  " $1 ($2 == "" ? "" : " (" $2 ")") }'
+    printf 'tests: %d passed, %d failed, %d skipped: %s\n' "$passed" "$failed" "$skipped" \
+        "$(cut -f1 "$tmp/skipped" | sort -u | awk '{ printf "%s%s", (NR > 1 ? "; " : ""), $0 }')"
+else
+    printf 'tests: %d passed, %d failed\n' "$passed" "$failed"
+fi
 [ "$failed" -eq 0 ]
