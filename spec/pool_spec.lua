@@ -177,8 +177,8 @@ describe("Parallelize", function()
     assert.has_error(function() Parallelize({ "not a name" }) end,
       'executor 1: "not a name" is not a module name such as "mod.func"')
     assert.has_error(function() Parallelize({ function() end }, { bogus = 1 }) end,
-      "Parallelize: unknown option 'bogus' (the options are init_attempts, kill_grace, max_deaths, max_inflight, "
-        .. "max_message, respawn, spin, window)")
+      "Parallelize: unknown option 'bogus' (the options are init_attempts, kill_grace, kill_leftovers, "
+        .. "max_deaths, max_inflight, max_message, respawn, spin, window)")
     assert.has_error(function() Parallelize({ function() end }, { max_deaths = 0 }) end,
       "Parallelize: option max_deaths must be an integer from 1 to 255 (got 0)")
     assert.has_error(function() Deferred(5) end, "Deferred: the constructor is not callable (a number)")

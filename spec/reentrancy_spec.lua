@@ -55,7 +55,6 @@ describe("Lua code that runs inside the pool", function()
   end)
 
   it("can read p.pending and p.results from a finalizer while results drain", function()
-    local n = UNDER_ASAN and 20000 or 100000
     local p = Parallelize(rep(function(x) return "r" .. x end, 2))
     finally(function() p:stop() end)
     local inside, problems = 0, {}
@@ -73,8 +72,14 @@ describe("Lua code that runs inside the pool", function()
       end
     end
     for _ = 1, 4 do arm() end
-    for i = 1, n do p(i) end
-    assert.is_true(p:wait(120))
+    -- Batches until finalizers have run inside a drain (collections come
+    -- when they come), at least 100,000 calls (10,000 under ASan).
+    local n, batch = 0, UNDER_ASAN and 5000 or 25000
+    repeat
+      for i = n + 1, n + batch do p(i) end
+      n = n + batch
+      assert.is_true(p:wait(120))
+    until (inside > 0 and n >= 4 * batch / (UNDER_ASAN and 2 or 1)) or n >= 400000
     collectgarbage("setpause", saved_pause)
     assert.are.same({}, problems)
     assert.is_true(inside > 0, "no finalizer ran while the pool drained")
@@ -111,7 +116,6 @@ describe("Lua code that runs inside the pool", function()
   end)
 
   it("queues every call whole when finalizers call p(...) during p(...)", function()
-    local n = UNDER_ASAN and 2000 or 10000
     local p = Parallelize(rep(function(tag, k, t)
       return tag .. ":" .. k .. ":" .. #t .. ":" .. t[#t] .. (t.fn and ":" .. t.fn() or "")
     end, 2))
@@ -129,16 +133,23 @@ describe("Lua code that runs inside the pool", function()
       end
     end
     for _ = 1, 4 do arm() end
-    for i = 1, n do
-      local t = {}
-      for j = 1, 1 + i % 20 do t[j] = { j, "x" .. j } end
-      t[#t + 1] = "end" .. i
-      -- A function travels as bytecode: encoding it allocates, so that
-      -- collections (and the finalizers) run inside p(...).
-      t.fn = function() return i end
-      local id = p("main", i, t)
-      expect[id] = "main:" .. i .. ":" .. #t .. ":end" .. i .. ":" .. i
-    end
+    -- Batches until finalizers have run inside p(...), at least 10,000
+    -- calls (2,000 under ASan).
+    local i, batch = 0, UNDER_ASAN and 1000 or 5000
+    repeat
+      for _ = 1, batch do
+        i = i + 1
+        local t = {}
+        for j = 1, 1 + i % 20 do t[j] = { j, "x" .. j } end
+        t[#t + 1] = "end" .. i
+        -- A function travels as bytecode: encoding it allocates, so that
+        -- collections (and the finalizers) run inside p(...).
+        local v = i
+        t.fn = function() return v end
+        local id = p("main", i, t)
+        expect[id] = "main:" .. i .. ":" .. #t .. ":end" .. i .. ":" .. i
+      end
+    until (inside > 0 and i >= 2 * batch) or i >= 100000
     assert.is_true(p:wait(120))
     done = true
     collectgarbage("setpause", saved_pause)
