@@ -1,9 +1,9 @@
---- The seed's second example: callable "class instances" as executors,
+--- turnkey-pylib's second Parallelize example: callable "class instances" as executors,
 -- built serially in the parent, then copied into fifty workers.
 local parallelize = require "parallelize"
 local Parallelize, getpid = parallelize.Parallelize, parallelize.getpid
 
---- Renders a value for printing (the seed printed Python reprs).
+--- Renders a value for printing (the Python original printed reprs).
 local function repr(v)
   if type(v) ~= "table" then return type(v) == "string" and ("%q"):format(v) or tostring(v) end
   local parts = {}

@@ -1,4 +1,4 @@
---- The seed's third example: Deferred runs each executor's constructor
+--- turnkey-pylib's third Parallelize example: Deferred runs each executor's constructor
 -- inside its own worker, so slow (I/O-bound) set-up runs in parallel.
 local parallelize = require "parallelize"
 local Parallelize, Deferred, getpid = parallelize.Parallelize, parallelize.Deferred, parallelize.getpid
@@ -27,7 +27,7 @@ function ExampleExecutor:__call(...)
   return args
 end
 
---- Called in the worker when the pool stops gracefully (the seed's __del__).
+--- Called in the worker when the pool stops gracefully (the Python original's __del__).
 function ExampleExecutor:close()
   print(("%s.close: self.pid=%d, getpid=%d"):format(self.name, self.pid, getpid()))
 end

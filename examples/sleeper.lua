@@ -1,4 +1,4 @@
---- The seed's first example: one function, fifty workers, 250 sleeps.
+--- turnkey-pylib's first Parallelize example: one function, fifty workers, 250 sleeps.
 --
 -- Run: pzlua examples/sleeper.lua   (Ctrl-C to abort: the aborted calls
 -- are counted). PZ_SLEEP_SCALE multiplies the sleeps (make run uses 0.1).
@@ -16,7 +16,7 @@ end
 local pool = Parallelize(parallelize.rep(sleeper, 50))
 print("Allocated workers")
 
--- try ... finally, as in the seed: pcall, then stop in any case.
+-- try ... finally, as turnkey-pylib's example does: pcall, then stop in any case.
 local ok, err = pcall(function()
   for _ = 1, 250 do
     pool(1 * scale)

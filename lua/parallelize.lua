@@ -78,7 +78,7 @@ function M.is_deferred(v)
   return getmetatable(v) == Deferred_mt
 end
 
---- rep(v, n) -> {v, v, ... n times}: the seed's `[f] * 50`.
+--- rep(v, n) -> {v, v, ... n times}: turnkey-pylib's `[f] * 50` in Lua.
 function M.rep(v, n)
   if type(n) ~= "number" or n < 0 or n ~= floor(n) then
     error("rep: n must be a non-negative integer (got " .. tostring(n) .. ")", 2)

@@ -103,6 +103,17 @@ static lpool *check_running(lua_State *L, int idx)
     return u;
 }
 
+/* The deadline (pz_now_ns) that the optional number of seconds at idx
+ * sets, or -1 for none.  The Lua layer has checked it; what it did not
+ * check (a negative number, NaN) counts as no time at all. */
+static int64_t deadline_from(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return -1;
+    double t = luaL_checknumber(L, idx);
+    return pz_now_ns() + (int64_t)((t > 0 ? fmin(t, 1e9) : 0) * 1e9);
+}
+
 /* Raises when records are being drained: `what` cannot run from Lua code
  * that runs meanwhile. */
 static void check_not_draining(lua_State *L, const lpool *u, const char *what)
@@ -616,12 +627,7 @@ static int l_pool_wait(lua_State *L)
     static const char *const kinds[] = {"calls", "init", NULL};
     int kind = luaL_checkoption(L, 2, NULL, kinds) == 0 ? PZ_WAIT_CALLS : PZ_WAIT_INIT;
     check_not_draining(L, u, kind == PZ_WAIT_CALLS ? "p:wait()" : "p.executors");
-    int64_t deadline = -1;
-    if (!lua_isnoneornil(L, 3)) {
-        double t = luaL_checknumber(L, 3);
-        luaL_argcheck(L, t >= 0, 3, "timeout must not be negative");
-        deadline = pz_now_ns() + (int64_t)(fmin(t, 1e9) * 1e9);
-    }
+    int64_t deadline = deadline_from(L, 3);
     for (;;) {
         int settled = pz_pool_slots_settled(p);
         drain(L, u, 1);
@@ -715,12 +721,7 @@ static void push_aborted(lua_State *L, int frames)
 static int l_pool_stop(lua_State *L)
 {
     lpool *u = to_lpool(L, 1);
-    int64_t finish = -1;
-    if (!lua_isnoneornil(L, 2)) {
-        double t = luaL_checknumber(L, 2);
-        luaL_argcheck(L, t >= 0, 2, "finish_timeout must not be negative");
-        finish = pz_now_ns() + (int64_t)(fmin(t, 1e9) * 1e9);
-    }
+    int64_t finish = deadline_from(L, 2);
     lua_settop(L, 1);
     if (!u->pool) {
         lua_newtable(L);

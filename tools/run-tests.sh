@@ -108,7 +108,7 @@ print("round trip ok")
 spec_files=$(find spec -name '*_spec.lua' 2>/dev/null | sort)
 BUSTED=${BUSTED:-$(command -v busted)}
 
-# run_busted NAME COUNTS RC: counts a finished busted pass. COUNTS is the
+# run_busted_count NAME COUNTS RC [EXTRA_OK]: counts a finished busted pass. COUNTS is the
 # file tools/busted_counts.lua wrote at the end of the suite; RC busted's
 # exit status. Prints nothing to parse: counts come from the file only.
 run_busted_count() {
@@ -158,19 +158,38 @@ if want a; then
     footer
 fi
 
+# suite_can_run NAME: true when there are specs and busted to run them;
+# otherwise says why (a missing busted is a failure).
+suite_can_run() {
+    if [ -z "$spec_files" ]; then
+        echo "no spec/*_spec.lua yet: nothing to run"
+        return 1
+    fi
+    if [ -z "$BUSTED" ]; then
+        fail "$1: not installed"
+        return 1
+    fi
+    return 0
+}
+
+# run_suite COUNTS INTERPRETER [BUSTED OPTION...]: busted over spec/ under
+# INTERPRETER, within the time limit, stdin closed, its counts written to
+# COUNTS; returns busted's status. --ignore-lua: never let busted re-exec
+# itself under another interpreter (its --lua option, also settable in
+# .busted). The caller sets LUA_PATH, LUA_CPATH and PZLUA.
+run_suite() {
+    counts=$1 interpreter=$2
+    shift 2
+    timeout -k 10 "$TEST_TIMEOUT" "$interpreter" "$BUSTED" --ignore-lua "$@" \
+        -o tools/busted_counts.lua -Xoutput "$counts" spec < /dev/null
+}
+
 # ---------------------------------------------------------------- b.
 if want b; then
     header "b. busted, normal build ($LUAJIT)"
-    if [ -z "$spec_files" ]; then
-        echo "no spec/*_spec.lua yet: nothing to run"
-    elif [ -z "$BUSTED" ]; then
-        fail "busted: not installed"
-    else
-        # --ignore-lua: never let busted re-exec itself under another
-        # interpreter (its --lua option, also settable in .busted).
+    if suite_can_run busted; then
         LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/?.so;;" PZLUA="$(pwd)/build/pzlua" \
-            timeout -k 10 "$TEST_TIMEOUT" "$LUAJIT" "$BUSTED" --ignore-lua \
-            -o tools/busted_counts.lua -Xoutput "$tmp/counts-b" spec < /dev/null
+            run_suite "$tmp/counts-b" "$LUAJIT"
         run_busted_count "busted" "$tmp/counts-b" $?
     fi
     footer
@@ -204,10 +223,8 @@ fi
 # build/parallelize/core.so can never stand in for the instrumented code.
 if want c; then
     header "c. busted under AddressSanitizer + UBSan (build/asan/pzlua)"
-    if [ -z "$spec_files" ]; then
-        echo "no spec/*_spec.lua yet: nothing to run"
-    elif [ -z "$BUSTED" ]; then
-        fail "busted (asan): not installed"
+    if ! suite_can_run "busted (asan)"; then
+        :
     elif [ ! -x build/asan/pzlua ]; then
         fail "busted (asan): build/asan/pzlua is missing (make asan)"
     else
@@ -216,10 +233,8 @@ if want c; then
         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86:log_path=$san/san" \
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$san/san" \
         LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH=";;" PZLUA="$(pwd)/build/asan/pzlua" \
-            timeout -k 10 "$TEST_TIMEOUT" build/asan/pzlua "$BUSTED" --ignore-lua \
-            --cpath="./build/asan/?.so" --exclude-tags=nosan \
-            -o tools/busted_counts.lua -Xoutput "$tmp/counts-c" spec \
-            < /dev/null 2> "$tmp/asan.stderr"
+            run_suite "$tmp/counts-c" build/asan/pzlua \
+            --cpath="./build/asan/?.so" --exclude-tags=nosan 2> "$tmp/asan.stderr"
         rc=$?
         cat "$tmp/asan.stderr" >&2
         # A report is any file the sanitizers wrote, or one of their
