@@ -29,35 +29,6 @@ int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, siz
     return PZ_PARSE_OK;
 }
 
-size_t pz_frame_parts_len(const pz_part *parts, int nparts)
-{
-    uint8_t v[PZ_VARINT_MAX_BYTES];
-    size_t len = 0;
-    for (int i = 0; i < nparts; i++) {
-        size_t add = parts[i].len + (parts[i].prefixed ? pz_put_varint(v, parts[i].len) : 0);
-        if (add < parts[i].len || len + add < len)
-            return SIZE_MAX;
-        len += add;
-    }
-    return len > UINT32_MAX ? SIZE_MAX : len;
-}
-
-size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t id, const pz_part *parts,
-                    int nparts)
-{
-    char *q = dst + PZ_FRAME_HEADER;
-    for (int i = 0; i < nparts; i++) {
-        if (parts[i].prefixed)
-            q += pz_put_varint((uint8_t *)q, parts[i].len);
-        if (parts[i].len)
-            memcpy(q, parts[i].data, parts[i].len);
-        q += parts[i].len;
-    }
-    size_t len = (size_t)(q - dst) - PZ_FRAME_HEADER;
-    pz_frame_header(dst, type, aux, id, (uint32_t)len);
-    return PZ_FRAME_HEADER + len;
-}
-
 int pz_take_varint(const char **p, size_t *n, uint64_t *v)
 {
     const uint8_t *q = (const uint8_t *)*p, *end = q + *n;

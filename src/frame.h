@@ -157,15 +157,56 @@ enum { PZ_PARSE_MORE = 0, PZ_PARSE_OK = 1, PZ_PARSE_BAD = -1 };
 int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
                    const char **why);
 
+/* Bytes of the varint that carries n (see codec_format.h). */
+static inline size_t pz_frame_varint_len(uint64_t n)
+{
+    size_t len = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        len++;
+    }
+    return len;
+}
+
 /* The payload size of a frame made of these parts (pz_frame_put), or
- * SIZE_MAX when it does not fit a frame's 32-bit length. */
-size_t pz_frame_parts_len(const pz_part *parts, int nparts);
+ * SIZE_MAX when it does not fit a frame's 32-bit length.  Inline, like
+ * pz_frame_put: callers on the paths of every call pass constant parts. */
+static inline size_t pz_frame_parts_len(const pz_part *parts, int nparts)
+{
+    size_t len = 0;
+    for (int i = 0; i < nparts; i++) {
+        size_t add = parts[i].len + (parts[i].prefixed ? pz_frame_varint_len(parts[i].len) : 0);
+        if (add < parts[i].len || len + add < len)
+            return SIZE_MAX;
+        len += add;
+    }
+    return len > UINT32_MAX ? SIZE_MAX : len;
+}
 
 /* Writes a whole frame at dst, whose room is PZ_FRAME_HEADER +
  * pz_frame_parts_len(parts): the header, then each part.  Returns the
  * frame's size. */
-size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t id, const pz_part *parts,
-                    int nparts);
+static inline size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t id,
+                                  const pz_part *parts, int nparts)
+{
+    unsigned char *q = (unsigned char *)dst + PZ_FRAME_HEADER;
+    for (int i = 0; i < nparts; i++) {
+        if (parts[i].prefixed) {
+            uint64_t v = parts[i].len;
+            while (v >= 0x80) {
+                *q++ = (unsigned char)(v | 0x80);
+                v >>= 7;
+            }
+            *q++ = (unsigned char)v;
+        }
+        if (parts[i].len)
+            memcpy(q, parts[i].data, parts[i].len);
+        q += parts[i].len;
+    }
+    size_t len = (size_t)(q - (unsigned char *)dst) - PZ_FRAME_HEADER;
+    pz_frame_header(dst, type, aux, id, (uint32_t)len);
+    return PZ_FRAME_HEADER + len;
+}
 
 /* Splits a payload that starts with a varint-prefixed byte string: sets
  * *s and *slen to that string and *rest and *rlen to what follows.  Returns 0, or -1

@@ -592,7 +592,9 @@ static int l_pool_call(lua_State *L)
     if (claimed)
         u->encoding_at = 0;
     /* Lua code that ran while encoding may have stopped the pool. */
-    pz_pool *p = check_running(L, 1)->pool;
+    pz_pool *p = u->pool;
+    if (!p || p->stopped)
+        return luaL_error(L, "the pool is stopped");
     if (b->len > p->opt.max_message)
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
