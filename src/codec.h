@@ -47,6 +47,22 @@ void pz_decode_value(lua_State *L, const char *p, size_t n, int flags);
  * how many were pushed (checking the stack has room for them). */
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
 
+/* For the Lua binding (lcodec.c) -------------------------------------- */
+
+/* As pz_encode_value; when busy is not NULL, *busy is cleared before any
+ * error the encoder raises, so that a caller can mark a buffer it reuses as
+ * in use while it is (see l_encode). */
+void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
+                            int *busy);
+
+/* As pz_decode_value over the n bytes at p, with the byte positions in
+ * error messages counted from base (<= p) instead of p. */
+void pz_decode_value_at(lua_State *L, const char *base, const char *p, size_t n, int flags);
+
+/* Compiles the codec's Lua helpers in L now, while the globals they take
+ * (next, rawget, ...) are still the standard ones. */
+void pz_codec_prepare(lua_State *L);
+
 /* Adds encode, decode and null to the table on top of the stack:
  *   encode(v) -> string          (a format version byte, then the value)
  *   decode(s [, {functions = bool}]) -> v

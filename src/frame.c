@@ -2,8 +2,8 @@
  * frame.c - finding frame boundaries in a byte stream and splitting
  * payloads, without ever trusting the bytes (a worker may write garbage).
  */
-#include "codec_format.h"
 #include "frame.h"
+#include "varint.h"
 
 int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
                    const char **why)

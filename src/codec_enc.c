@@ -1,0 +1,503 @@
+/*
+ * codec_enc.c - the encoder: Lua values to bytes (codec_format.h).
+ *
+ * Encoding is one recursive walk over the value with the raw Lua C API.  The
+ * walk keeps a few Lua objects in stack slots it reserves at the start (see
+ * codec_enc.h): the reference table (object -> reference number), the
+ * upvalue table (upvalue id -> function and index) and the module index.
+ * Those are created only when needed, so encoding a string or a flat table
+ * of numbers allocates nothing but its output.  Functions are written by
+ * codec_func.c, module references by codec_index.c, error paths by
+ * codec_path.c.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "codec_enc.h"
+
+/* Registry key of the Lua helper that hands out a sequence's items. */
+static const char reg_items = 0;
+
+/* Bodies up to this size are moved to shrink padded counts to minimal
+ * varints; beyond it the padding costs less than the move.  Bounding the
+ * move keeps encoding linear however deep the nesting is. */
+#define COMPACT_MAX 1024
+
+static void enc_other(enc *e, int idx, int type);
+
+/* ------------------------------------------------------------------------
+ * Output
+ * --------------------------------------------------------------------- */
+
+static inline void enc_number(enc *e, double d)
+{
+    e->out->len += pz_put_number(enc_room(e, PZ_NUMBER_MAX_BYTES), d);
+}
+
+/* Encodes the value at absolute stack index idx, leaving the stack as it
+ * was.  It runs for every table entry, so it is inline and handles numbers
+ * and strings itself; the other types, tables and functions among them,
+ * go to enc_other, which keeps this small. */
+static inline __attribute__((always_inline)) void enc_value(enc *e, int idx)
+{
+    lua_State *L = e->L;
+    int type = lua_type(L, idx);
+    if (type == LUA_TNUMBER) {
+        enc_number(e, lua_tonumber(L, idx));
+    } else if (type == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        enc_string(e, s, n);
+    } else {
+        enc_other(e, idx, type);
+    }
+}
+
+/* Writes v as a varint of exactly `width` bytes (continuation bits on the
+ * padding): the decoder reads it like any other varint. */
+static void put_padded_varint(uint8_t *dst, uint64_t v, int width)
+{
+    for (int i = 0; i < width - 1; i++) {
+        dst[i] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    dst[width - 1] = (uint8_t)v;
+}
+
+/* Fills the hole of n * PZ_ENC_PAD_WIDTH bytes left at offset `at` with the
+ * varints v[0..n).  When the bytes written after the hole are few, they are
+ * moved back so the varints take their minimal size. */
+void pz_enc_patch(enc *e, size_t at, const uint64_t *v, int n)
+{
+    uint8_t *data = (uint8_t *)e->out->data;
+    size_t hole = (size_t)n * PZ_ENC_PAD_WIDTH, need = 0;
+    size_t body = e->out->len - (at + hole);
+    for (int i = 0; i < n; i++)
+        need += pz_varint_len(v[i]);
+    if (need < hole && body <= COMPACT_MAX) {
+        memmove(data + at + need, data + at + hole, body);
+        for (int i = 0; i < n; i++)
+            at += pz_put_varint(data + at, v[i]);
+        e->out->len -= hole - need;
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        if (v[i] >> (7 * PZ_ENC_PAD_WIDTH))
+            pz_enc_raise(e, "cannot encode: table or function too large");
+        put_padded_varint(data + at + (size_t)i * PZ_ENC_PAD_WIDTH, v[i], PZ_ENC_PAD_WIDTH);
+    }
+}
+
+/* Reserves a hole of n padded varints; returns its offset. */
+size_t pz_enc_hole(enc *e, int n)
+{
+    size_t at = e->out->len;
+    enc_room(e, (size_t)n * PZ_ENC_PAD_WIDTH);
+    e->out->len += (size_t)n * PZ_ENC_PAD_WIDTH;
+    return at;
+}
+
+/* ------------------------------------------------------------------------
+ * References: every table or function met gets the next number
+ * --------------------------------------------------------------------- */
+
+/* Returns the reference number of the object at idx, or -1 if it was not
+ * met yet.  The first object is compared directly, so that a value holding
+ * one table needs no reference table at all. */
+static int ref_find(enc *e, int idx)
+{
+    lua_State *L = e->L;
+    int r;
+    if (e->nrefs == 0)
+        return -1;
+    if (e->nrefs == 1)
+        return lua_rawequal(L, idx, enc_slot(e, ES_FIRST)) ? 0 : -1;
+    lua_pushvalue(L, idx);
+    lua_rawget(L, enc_slot(e, ES_REFS));
+    r = lua_isnil(L, -1) ? -1 : (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    return r;
+}
+
+/* Gives the object at idx the next reference number and returns it. */
+int pz_ref_add(enc *e, int idx)
+{
+    lua_State *L = e->L;
+    if (e->nrefs == 0) {
+        lua_pushvalue(L, idx);
+        lua_replace(L, enc_slot(e, ES_FIRST));
+        return e->nrefs++;
+    }
+    if (e->nrefs == 1) {
+        lua_createtable(L, 0, 8);
+        lua_pushvalue(L, enc_slot(e, ES_FIRST));
+        lua_pushinteger(L, 0);
+        lua_rawset(L, -3);
+        lua_replace(L, enc_slot(e, ES_REFS));
+    }
+    lua_pushvalue(L, idx);
+    lua_pushinteger(L, e->nrefs);
+    lua_rawset(L, enc_slot(e, ES_REFS));
+    return e->nrefs++;
+}
+
+/* ------------------------------------------------------------------------
+ * Lua helpers
+ * --------------------------------------------------------------------- */
+
+/* Pushes the Lua helper whose source is src, compiling it on first use in
+ * this state and keeping it in the registry under key. */
+void pz_codec_push_helper(lua_State *L, const void *key, const char *src, size_t len)
+{
+    lua_pushlightuserdata(L, (void *)key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    if (luaL_loadbuffer(L, src, len, "=parallelize.codec"))
+        lua_error(L);
+    lua_call(L, 0, 1);
+    lua_pushlightuserdata(L, (void *)key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* ------------------------------------------------------------------------
+ * Tables
+ * --------------------------------------------------------------------- */
+
+/* Raises unless one more table or function may be opened. */
+void pz_enc_enter(enc *e)
+{
+    if (e->depth >= PZ_MAX_DEPTH)
+        pz_enc_raise(e, "cannot encode: nesting deeper than 1000 levels");
+    if (!lua_checkstack(e->L, 8))
+        pz_enc_raise(e, "cannot encode: stack overflow");
+    e->segs[e->depth].kind = SEG_NONE;
+    e->depth++;
+}
+
+/* Hands the items of a sequence to the encoder: called as items(t, n, i, j)
+ * with n the length of t, it returns t[i], ..., t[j], raw; when i is 1, it
+ * first checks that t is a sequence (its keys are 1 .. n and nothing else)
+ * and returns nothing when it is not.  lua_next costs the encoder a call
+ * and a look at the key for every entry; this loop over the keys and one
+ * unpack cost several times less. */
+static const char items_src[] =
+    "local next, rawget, unpack = next, rawget, unpack\n"
+    "return function(t, n, i, j)\n"
+    "  if i == 1 then\n"
+    "    local c = 0\n"
+    "    for _ in next, t do c = c + 1 end\n"
+    "    if c ~= n then return end\n"
+    "    for k = 1, n do\n"
+    "      if rawget(t, k) == nil then return end\n"
+    "    end\n"
+    "  end\n"
+    "  return unpack(t, i, j)\n"
+    "end\n";
+
+/* Below this length a table goes through lua_next: the call costs more. */
+#define ITEMS_MIN 8
+/* Items taken onto the stack by one call. */
+#define ITEMS_CHUNK 256
+/* Most stack slots enc_items may hold at once, all open tables together.
+ * LuaJIT gives a C function 8000 slots; a level of nesting takes about five
+ * otherwise, so with this much on top the encoder still reaches 1000
+ * levels.  A sequence that would need more goes through lua_next. */
+#define ITEMS_BUDGET 2048
+
+/* Writes the n items of the table at t when it is a sequence (see
+ * items_src) and returns 1; returns 0, having written nothing, when it is
+ * not. */
+static int enc_items(enc *e, int t, size_t n, seg *s)
+{
+    lua_State *L = e->L;
+    int held = (int)(n < ITEMS_CHUNK ? n : ITEMS_CHUNK) + 5;
+    if (e->items_held + held > ITEMS_BUDGET || !lua_checkstack(L, held + 8))
+        return 0;
+    e->items_held += held;
+    for (size_t i = 1; i <= n; i += ITEMS_CHUNK) {
+        size_t j = n - i < ITEMS_CHUNK ? n : i + ITEMS_CHUNK - 1;
+        int base = lua_gettop(L);
+        pz_codec_push_helper(L, &reg_items, items_src, sizeof items_src - 1);
+        lua_pushvalue(L, t);
+        lua_pushnumber(L, (lua_Number)n);
+        lua_pushnumber(L, (lua_Number)i);
+        lua_pushnumber(L, (lua_Number)j);
+        lua_call(L, 4, LUA_MULTRET);
+        if ((size_t)(lua_gettop(L) - base) != j - i + 1) {
+            lua_settop(L, base);
+            if (i == 1) {
+                e->items_held -= held;
+                return 0;
+            }
+            pz_enc_raise(e, "cannot encode: a table changed while it was encoded");
+        }
+        s->kind = SEG_ITEM;
+        for (size_t k = i; k <= j; k++) {
+            s->idx = (int)k;
+            enc_value(e, base + 1 + (int)(k - i));
+        }
+        lua_settop(L, base);
+    }
+    e->items_held -= held;
+    return 1;
+}
+
+/* Encodes the entries of the table at t.  A sequence long enough goes
+ * through enc_items; anything else takes one lua_next pass: entries keyed
+ * 1, 2, 3, ... from the start go to the array part, the rest (keys and
+ * values) to the hash part.  The counts are patched in afterwards. */
+static void enc_table_body(enc *e, int t, seg *s)
+{
+    lua_State *L = e->L;
+    uint64_t counts[2] = {0, 0};
+    size_t at = pz_enc_hole(e, 2);
+    size_t n = lua_objlen(L, t);
+    int key, in_array = 1;
+    if (n >= ITEMS_MIN && n <= INT_MAX && enc_items(e, t, n, s)) {
+        counts[0] = n;
+        pz_enc_patch(e, at, counts, 2);
+        return;
+    }
+    key = lua_gettop(L) + 1;
+    s->kind = SEG_VALUE;
+    s->idx = key;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        if (in_array) {
+            if (lua_type(L, key) == LUA_TNUMBER &&
+                lua_tonumber(L, key) == (double)(counts[0] + 1)) {
+                counts[0]++;
+                enc_value(e, key + 1);
+                lua_pop(L, 1);
+                continue;
+            }
+            in_array = 0;
+        }
+        s->kind = SEG_KEY;
+        enc_value(e, key);
+        s->kind = SEG_VALUE;
+        enc_value(e, key + 1);
+        counts[1]++;
+        lua_pop(L, 1);
+    }
+    pz_enc_patch(e, at, counts, 2);
+}
+
+/* Writes the table or function at idx as a reference when it was met
+ * before in this encode, or as a module reference when the index knows
+ * it; returns 1 if it did, 0 when it must be written in full. */
+int pz_enc_known(enc *e, int idx)
+{
+    int r = ref_find(e, idx);
+    if (r >= 0) {
+        put_byte(e, PZ_T_REF);
+        put_varint(e, (uint64_t)r);
+        return 1;
+    }
+    pz_index_ready(e);
+    return pz_index_put(e, idx);
+}
+
+/* Encodes the table at t: a reference if met before, a module reference if
+ * it is in the index, else its contents, then its metatable if any. */
+static void enc_table(enc *e, int t)
+{
+    lua_State *L = e->L;
+    int mt;
+    seg *s;
+    if (pz_enc_known(e, t))
+        return;
+    pz_enc_enter(e);
+    s = &e->segs[e->depth - 1];
+    pz_ref_add(e, t);
+    mt = lua_getmetatable(L, t) ? lua_gettop(L) : 0;
+    put_byte(e, mt ? PZ_T_TABLE_MT : PZ_T_TABLE);
+    enc_table_body(e, t, s);
+    if (mt) {
+        s->kind = SEG_MT;
+        enc_value(e, mt);
+        lua_pop(L, 1);
+    }
+    e->depth--;
+}
+
+/* ------------------------------------------------------------------------
+ * Values
+ * --------------------------------------------------------------------- */
+
+/* Raises "cannot encode a <type>", or in lossy mode writes "<type>". */
+static void enc_unsupported(enc *e, const char *type)
+{
+    char msg[64];
+    if (e->flags & PZ_ENCODE_LOSSY) {
+        int n = snprintf(msg, sizeof msg, "<%s>", type);
+        enc_string(e, msg, (size_t)n);
+        return;
+    }
+    snprintf(msg, sizeof msg, "cannot encode a %s", type);
+    pz_enc_raise(e, msg);
+}
+
+/* Encodes the value of type `type` at absolute stack index idx that
+ * enc_value does not handle itself. */
+static __attribute__((noinline)) void enc_other(enc *e, int idx, int type)
+{
+    lua_State *L = e->L;
+    switch (type) {
+    case LUA_TNIL:
+        put_byte(e, PZ_T_NIL);
+        return;
+    case LUA_TBOOLEAN:
+        put_byte(e, lua_toboolean(L, idx) ? PZ_T_TRUE : PZ_T_FALSE);
+        return;
+    case LUA_TNUMBER:
+    case LUA_TSTRING:
+        enc_value(e, idx);
+        return;
+    case LUA_TTABLE:
+        enc_table(e, idx);
+        return;
+    case LUA_TFUNCTION:
+        pz_enc_function(e, idx);
+        return;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL) {
+            put_byte(e, PZ_T_NULL);
+            return;
+        }
+        enc_unsupported(e, "light userdata");
+        return;
+    default:
+        enc_unsupported(e, luaL_typename(L, idx));
+        return;
+    }
+}
+
+void pz_enc_value(enc *e, int idx)
+{
+    enc_value(e, idx);
+}
+
+/* Turns a relative stack index into an absolute one. */
+static int abs_index(lua_State *L, int idx)
+{
+    return (idx < 0 && idx > LUA_REGISTRYINDEX) ? lua_gettop(L) + idx + 1 : idx;
+}
+
+/* Sets up an encoder on L (reserving its stack slots); enc_done releases
+ * them. */
+static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int flags)
+{
+    e->L = L;
+    e->out = out;
+    e->flags = flags;
+    e->nrefs = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
+    e->items_held = 0;
+    e->root = root;
+    e->busy = NULL;
+    luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");
+    e->slots = lua_gettop(L) + 1;
+    lua_settop(L, e->slots + ES_COUNT - 1);
+}
+
+static void enc_done(enc *e)
+{
+    lua_settop(e->L, e->slots - 1);
+}
+
+/* Encodes one value with an error path rooted at root; busy (may be NULL)
+ * is cleared before any error this code raises. */
+static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags, int *busy)
+{
+    enc e;
+    idx = abs_index(L, idx);
+    enc_start(&e, L, out, root, flags);
+    e.busy = busy;
+    enc_value(&e, idx);
+    enc_done(&e);
+}
+
+/* Appends the value at idx when it is a number, string, boolean or nil,
+ * and returns 1; returns 0 for anything else, or when out of memory (the
+ * full encoder then reports it), possibly having appended part of it. */
+static int enc_scalar(lua_State *L, int idx, pz_buf *out)
+{
+    size_t n;
+    const char *s;
+    uint8_t *w;
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+        if (!(w = (uint8_t *)pz_buf_reserve(out, PZ_NUMBER_MAX_BYTES)))
+            return 0;
+        out->len += pz_put_number(w, lua_tonumber(L, idx));
+        return 1;
+    case LUA_TSTRING:
+        s = lua_tolstring(L, idx, &n);
+        if (!(w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_VARINT_MAX_BYTES + n)))
+            return 0;
+        size_t h = pz_put_string_header(w, n);
+        memcpy(w + h, s, n);
+        out->len += h + n;
+        return 1;
+    case LUA_TBOOLEAN:
+    case LUA_TNIL: {
+        uint8_t tag = lua_isnil(L, idx) ? PZ_T_NIL : lua_toboolean(L, idx) ? PZ_T_TRUE : PZ_T_FALSE;
+        return pz_buf_append(out, &tag, 1) == 0;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* Scalars (most arguments and results) are written without setting up the
+ * encoder; anything else goes through it, from where the scalars began. */
+void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
+                            int *busy)
+{
+    size_t start = out->len;
+    if (enc_scalar(L, idx, out))
+        return;
+    out->len = start;
+    encode_value(L, idx, out, root, flags, busy);
+}
+
+void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags)
+{
+    pz_encode_value_marked(L, idx, out, root, flags, NULL);
+}
+
+void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags)
+{
+    enc e;
+    size_t start = out->len;
+    uint8_t v[PZ_VARINT_MAX_BYTES];
+    first = abs_index(L, first);
+    if (count >= 0 && pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0) {
+        int i = 0;
+        while (i < count && enc_scalar(L, first + i, out))
+            i++;
+        if (i == count)
+            return;
+    }
+    out->len = start;
+    enc_start(&e, L, out, root, flags);
+    put_varint(&e, (uint64_t)(count < 0 ? 0 : count));
+    for (int i = 0; i < count; i++) {
+        e.tuple_index = i + 1;
+        enc_value(&e, first + i);
+    }
+    enc_done(&e);
+}
+
+void pz_codec_prepare(lua_State *L)
+{
+    pz_index_prepare(L);
+    pz_codec_push_helper(L, &reg_items, items_src, sizeof items_src - 1);
+    lua_pop(L, 1);
+}
