@@ -55,6 +55,10 @@ int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
 void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
                             int *busy);
 
+/* A decoding flag: the bytes are format version 1, which had no packed
+ * arrays (PZ_T_DOUBLES is then an unknown tag, as it was). */
+#define PZ_DECODE_FORMAT_1 2
+
 /* As pz_decode_value over the n bytes at p, with the byte positions in
  * error messages counted from base (<= p) instead of p. */
 void pz_decode_value_at(lua_State *L, const char *base, const char *p, size_t n, int flags);

@@ -18,13 +18,18 @@
 #include <string.h>
 
 #include "codec.h"
+#include "codec_array.h"
 #include "codec_format.h"
+
+/* Objects kept in stack slots before the reference table is needed: most
+ * values hold a few tables at most. */
+#define DS_REF_SLOTS 8
 
 /* Stack slots reserved by every top-level decode, relative to dec.slots. */
 enum {
-    DS_FIRST, /* object with reference 0 */
-    DS_REFS,  /* reference number -> object, for numbers 1 and up */
-    DS_COUNT
+    DS_REFS,  /* reference number -> object, from DS_REF_SLOTS on */
+    DS_REF0,  /* objects with reference numbers 0 .. DS_REF_SLOTS - 1 */
+    DS_COUNT = DS_REF0 + DS_REF_SLOTS
 };
 
 typedef struct dec {
@@ -63,7 +68,7 @@ static inline size_t dec_left(const dec *d)
 }
 
 /* Pushes the scalar that starts at *pp, whole before end, and moves *pp
- * past it: integers, short strings, doubles, nil, booleans, null.  Returns
+ * past it: integers, strings, doubles, nil, booleans, null.  Returns
  * 0, pushing nothing, for anything else, valid or not, which is left to
  * dec_any (it also says what is wrong).  The common values take this path
  * inside tables, and whole calls and results take it before any decoder
@@ -93,6 +98,11 @@ static inline int dec_scalar(lua_State *L, const uint8_t **pp, const uint8_t *en
         if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)1 << 53)
             return 0;
         lua_pushnumber(L, tag == PZ_T_NEGINT ? -(double)v : (double)v);
+    } else if (tag == PZ_T_STRING) {
+        if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)(end - p))
+            return 0;
+        lua_pushlstring(L, (const char *)p, (size_t)v);
+        p += v;
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     } else if (tag == PZ_T_DOUBLE && end - p >= 8) {
         double x;
@@ -145,25 +155,25 @@ static const char *dec_bytes(dec *d, size_t *len, const char *what)
 static void dec_ref_add(dec *d)
 {
     lua_State *L = d->L;
-    if (d->nrefs == 0) {
-        lua_pushvalue(L, -1);
-        lua_replace(L, d->slots + DS_FIRST);
+    int r = d->nrefs;
+    lua_pushvalue(L, -1);
+    if (r < DS_REF_SLOTS) {
+        lua_replace(L, d->slots + DS_REF0 + r);
     } else {
-        if (d->nrefs == 1) {
-            lua_createtable(L, 8, 0);
+        if (r == DS_REF_SLOTS) {
+            lua_createtable(L, 64, 0);
             lua_replace(L, d->slots + DS_REFS);
         }
-        lua_pushvalue(L, -1);
-        lua_rawseti(L, d->slots + DS_REFS, d->nrefs);
+        lua_rawseti(L, d->slots + DS_REFS, r);
     }
-    d->nrefs++;
+    d->nrefs = r + 1;
 }
 
 /* Pushes the object with reference number r (already checked < nrefs). */
 static void dec_ref_push(dec *d, int r)
 {
-    if (r == 0)
-        lua_pushvalue(d->L, d->slots + DS_FIRST);
+    if (r < DS_REF_SLOTS)
+        lua_pushvalue(d->L, d->slots + DS_REF0 + r);
     else
         lua_rawgeti(d->L, d->slots + DS_REFS, r);
 }
@@ -213,11 +223,16 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
     }
     for (uint64_t i = 0; i < nhash; i++) {
         const uint8_t *kat = d->p;
+        int string_key = kat < d->end && ((*kat >= PZ_T_SHORTSTR &&
+                                           *kat <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) ||
+                                          *kat == PZ_T_STRING);
         dec_value(d);
-        if (lua_isnil(L, -1))
-            dec_fail(d, kat, "nil table key");
-        if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))
-            dec_fail(d, kat, "NaN table key");
+        if (!string_key) { /* the common keys need no look */
+            if (lua_isnil(L, -1))
+                dec_fail(d, kat, "nil table key");
+            if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))
+                dec_fail(d, kat, "NaN table key");
+        }
         dec_value(d);
         lua_rawset(L, t);
     }
@@ -229,6 +244,21 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
         lua_setmetatable(L, t);
     }
     d->depth--;
+}
+
+/* Decodes a packed array of doubles after its tag: a table like any other
+ * (it gets a reference number), with no nesting inside. */
+static void dec_doubles(dec *d, const uint8_t *at)
+{
+    uint64_t n = dec_varint(d, "array size");
+    if (n > dec_left(d) / 8)
+        dec_fail(d, at, "array of %llu doubles does not fit in the %zu bytes left",
+                 (unsigned long long)n, dec_left(d));
+    if (!lua_checkstack(d->L, 4))
+        dec_fail(d, at, "stack overflow");
+    pz_unpack_doubles(d->L, d->p, (size_t)n);
+    d->p += 8 * n;
+    dec_ref_add(d);
 }
 
 /* Raises the refusal to load functions from data not trusted. */
@@ -470,6 +500,11 @@ static __attribute__((noinline)) void dec_any(dec *d)
     case PZ_T_FUNCTION:
         dec_function(d, at);
         return;
+    case PZ_T_DOUBLES:
+        if (d->flags & PZ_DECODE_FORMAT_1)
+            dec_fail(d, at, "unknown tag 0x%02x", tag);
+        dec_doubles(d, at);
+        return;
     case PZ_T_UPJOIN:
         dec_fail(d, at, "upvalue join outside a function's upvalues");
     default:
@@ -567,7 +602,11 @@ int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags)
     for (uint64_t i = 0; i < count; i++)
         dec_value(&d);
     dec_check_end(&d);
-    lua_remove(L, d.slots);
-    lua_remove(L, d.slots);
+    /* the values go down over the reserved slots */
+    for (int i = 0; i < (int)count; i++) {
+        lua_pushvalue(L, d.slots + DS_COUNT + i);
+        lua_replace(L, d.slots + i);
+    }
+    lua_settop(L, d.slots + (int)count - 1);
     return (int)count;
 }

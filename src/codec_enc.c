@@ -16,10 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "codec_array.h"
 #include "codec_enc.h"
-
-/* Registry key of the Lua helper that hands out a sequence's items. */
-static const char reg_items = 0;
 
 /* Bodies up to this size are moved to shrink padded counts to minimal
  * varints; beyond it the padding costs less than the move.  Bounding the
@@ -104,44 +102,97 @@ size_t pz_enc_hole(enc *e, int n)
  * References: every table or function met gets the next number
  * --------------------------------------------------------------------- */
 
-/* Returns the reference number of the object at idx, or -1 if it was not
- * met yet.  The first object is compared directly, so that a value holding
- * one table needs no reference table at all. */
-static int ref_find(enc *e, int idx)
+/* The slot of obj in the hash table: where it is, or the free slot where
+ * it would go.  Addresses are aligned and clustered, so they are mixed
+ * (Fibonacci hashing) before the low bits are taken. */
+static inline ref_slot *ref_slot_of(const enc *e, const void *obj)
 {
-    lua_State *L = e->L;
-    int r;
-    if (e->nrefs == 0)
-        return -1;
-    if (e->nrefs == 1)
-        return lua_rawequal(L, idx, enc_slot(e, ES_FIRST)) ? 0 : -1;
-    lua_pushvalue(L, idx);
-    lua_rawget(L, enc_slot(e, ES_REFS));
-    r = lua_isnil(L, -1) ? -1 : (int)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    return r;
+    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
+    size_t i = (size_t)(h >> 32) & e->refs_mask;
+    while (e->refs[i].obj && e->refs[i].obj != obj)
+        i = (i + 1) & e->refs_mask;
+    return &e->refs[i];
 }
 
-/* Gives the object at idx the next reference number and returns it. */
-int pz_ref_add(enc *e, int idx)
+/* Returns the reference number of obj, or -1 if it was not met yet. */
+static int ref_find(const enc *e, const void *obj)
+{
+    if (e->nrefs <= REFS_LINEAR) {
+        for (int i = 0; i < e->nrefs; i++)
+            if (e->refs_list[i] == obj)
+                return i;
+        return -1;
+    }
+    const ref_slot *s = ref_slot_of(e, obj);
+    return s->obj ? s->num : -1;
+}
+
+/* Moves the reference numbers into a hash table of `slots` slots (a power
+ * of two, at least twice the numbers given): the inline one, or a userdata
+ * kept in ES_REFMEM, so that an error raised later frees it. */
+static void ref_rehash(enc *e, size_t slots)
+{
+    ref_slot *old = e->refs, *fresh;
+    size_t old_slots = old ? e->refs_mask + 1 : 0;
+    if (slots <= REFS_INLINE) {
+        fresh = e->refs_inline;
+    } else {
+        if (slots > SIZE_MAX / sizeof *fresh)
+            pz_enc_raise(e, "cannot encode: out of memory");
+        fresh = (ref_slot *)lua_newuserdata(e->L, slots * sizeof *fresh);
+        lua_replace(e->L, enc_slot(e, ES_REFMEM)); /* the old one may go */
+    }
+    memset(fresh, 0, slots * sizeof *fresh);
+    e->refs = fresh;
+    e->refs_mask = slots - 1;
+    if (!old) {
+        for (int i = 0; i < REFS_LINEAR; i++)
+            *ref_slot_of(e, e->refs_list[i]) = (ref_slot){e->refs_list[i], i};
+        return;
+    }
+    /* The old table is still readable: a userdata replaced above is only
+     * collected at a later allocation, and the inline one is never freed. */
+    for (size_t i = 0; i < old_slots; i++)
+        if (old[i].obj)
+            *ref_slot_of(e, old[i].obj) = old[i];
+}
+
+/* Keeps the object at idx, numbered r, alive until the encode ends. */
+static void ref_anchor(enc *e, int idx, int r)
 {
     lua_State *L = e->L;
-    if (e->nrefs == 0) {
+    if (r < ES_ANCHOR_SLOTS) {
         lua_pushvalue(L, idx);
-        lua_replace(L, enc_slot(e, ES_FIRST));
-        return e->nrefs++;
+        lua_replace(L, enc_slot(e, ES_ANCHOR0 + r));
+        return;
     }
-    if (e->nrefs == 1) {
-        lua_createtable(L, 0, 8);
-        lua_pushvalue(L, enc_slot(e, ES_FIRST));
-        lua_pushinteger(L, 0);
-        lua_rawset(L, -3);
-        lua_replace(L, enc_slot(e, ES_REFS));
+    if (r == ES_ANCHOR_SLOTS) {
+        lua_createtable(L, 64, 0);
+        lua_replace(L, enc_slot(e, ES_ANCHORS));
     }
     lua_pushvalue(L, idx);
-    lua_pushinteger(L, e->nrefs);
-    lua_rawset(L, enc_slot(e, ES_REFS));
-    return e->nrefs++;
+    lua_rawseti(L, enc_slot(e, ES_ANCHORS), r);
+}
+
+/* Gives the object at idx, whose address is obj, the next reference
+ * number and returns it. */
+int pz_ref_add(enc *e, int idx, const void *obj)
+{
+    int r = e->nrefs;
+    if (r == INT_MAX)
+        pz_enc_raise(e, "cannot encode: too many tables and functions");
+    ref_anchor(e, idx, r);
+    if (r < REFS_LINEAR) {
+        e->refs_list[r] = obj;
+    } else {
+        if (r == REFS_LINEAR)
+            ref_rehash(e, REFS_INLINE);
+        else if ((size_t)r >= (e->refs_mask + 1) / 2)
+            ref_rehash(e, 2 * (e->refs_mask + 1));
+        *ref_slot_of(e, obj) = (ref_slot){obj, r};
+    }
+    e->nrefs = r + 1;
+    return r;
 }
 
 /* ------------------------------------------------------------------------
@@ -180,28 +231,10 @@ void pz_enc_enter(enc *e)
     e->depth++;
 }
 
-/* Hands the items of a sequence to the encoder: called as items(t, n, i, j)
- * with n the length of t, it returns t[i], ..., t[j], raw; when i is 1, it
- * first checks that t is a sequence (its keys are 1 .. n and nothing else)
- * and returns nothing when it is not.  lua_next costs the encoder a call
- * and a look at the key for every entry; this loop over the keys and one
- * unpack cost several times less. */
-static const char items_src[] =
-    "local next, rawget, unpack = next, rawget, unpack\n"
-    "return function(t, n, i, j)\n"
-    "  if i == 1 then\n"
-    "    local c = 0\n"
-    "    for _ in next, t do c = c + 1 end\n"
-    "    if c ~= n then return end\n"
-    "    for k = 1, n do\n"
-    "      if rawget(t, k) == nil then return end\n"
-    "    end\n"
-    "  end\n"
-    "  return unpack(t, i, j)\n"
-    "end\n";
-
-/* Below this length a table goes through lua_next: the call costs more. */
+/* Below this length a table goes through lua_next: surveying it costs more. */
 #define ITEMS_MIN 8
+/* Below this length an array of numbers is not packed: the call costs more. */
+#define PACK_MIN 16
 /* Items taken onto the stack by one call. */
 #define ITEMS_CHUNK 256
 /* Most stack slots enc_items may hold at once, all open tables together.
@@ -210,9 +243,39 @@ static const char items_src[] =
  * levels.  A sequence that would need more goes through lua_next. */
 #define ITEMS_BUDGET 2048
 
-/* Writes the n items of the table at t when it is a sequence (see
- * items_src) and returns 1; returns 0, having written nothing, when it is
- * not. */
+/* Surveys the table at t, of length n (codec_array.h), and writes it as
+ * packed doubles when it is a sequence of numbers that is worth it: no
+ * metatable, long enough, and integral values at most half of them, since
+ * the integer tags write a small integer in one to three bytes.  Returns
+ * what the survey found, PZ_SURVEY_PACKED when the table was written. */
+static int enc_survey(enc *e, int t, size_t n, int has_mt)
+{
+    lua_State *L = e->L;
+    uint8_t *w = NULL;
+    size_t head = 0, integral = 0;
+    int verdict;
+    if (!has_mt && n >= PACK_MIN && n <= (SIZE_MAX - 1 - PZ_VARINT_MAX_BYTES) / 8) {
+        lua_rawgeti(L, t, 1);
+        if (lua_type(L, -1) == LUA_TNUMBER) {
+            w = enc_room(e, 1 + PZ_VARINT_MAX_BYTES + 8 * n);
+            head = 1 + pz_varint_len(n);
+        }
+        lua_pop(L, 1);
+    }
+    verdict = pz_survey(L, t, n, w ? w + head : NULL, &integral);
+    if (verdict != PZ_SURVEY_PACKED)
+        return verdict;
+    if (2 * integral > n)
+        return PZ_SURVEY_SEQUENCE;
+    w[0] = PZ_T_DOUBLES;
+    pz_put_varint(w + 1, n);
+    e->out->len += head + 8 * n;
+    return PZ_SURVEY_PACKED;
+}
+
+/* Writes the counts and the n items of the sequence at t and returns 1;
+ * returns 0, having written nothing, when holding its items on the stack
+ * would take too much of it. */
 static int enc_items(enc *e, int t, size_t n, seg *s)
 {
     lua_State *L = e->L;
@@ -220,24 +283,13 @@ static int enc_items(enc *e, int t, size_t n, seg *s)
     if (e->items_held + held > ITEMS_BUDGET || !lua_checkstack(L, held + 8))
         return 0;
     e->items_held += held;
+    put_varint(e, n);
+    put_byte(e, 0);
+    s->kind = SEG_ITEM;
     for (size_t i = 1; i <= n; i += ITEMS_CHUNK) {
         size_t j = n - i < ITEMS_CHUNK ? n : i + ITEMS_CHUNK - 1;
         int base = lua_gettop(L);
-        pz_codec_push_helper(L, &reg_items, items_src, sizeof items_src - 1);
-        lua_pushvalue(L, t);
-        lua_pushnumber(L, (lua_Number)n);
-        lua_pushnumber(L, (lua_Number)i);
-        lua_pushnumber(L, (lua_Number)j);
-        lua_call(L, 4, LUA_MULTRET);
-        if ((size_t)(lua_gettop(L) - base) != j - i + 1) {
-            lua_settop(L, base);
-            if (i == 1) {
-                e->items_held -= held;
-                return 0;
-            }
-            pz_enc_raise(e, "cannot encode: a table changed while it was encoded");
-        }
-        s->kind = SEG_ITEM;
+        pz_push_items(L, t, i, j);
         for (size_t k = i; k <= j; k++) {
             s->idx = (int)k;
             enc_value(e, base + 1 + (int)(k - i));
@@ -248,23 +300,16 @@ static int enc_items(enc *e, int t, size_t n, seg *s)
     return 1;
 }
 
-/* Encodes the entries of the table at t.  A sequence long enough goes
- * through enc_items; anything else takes one lua_next pass: entries keyed
- * 1, 2, 3, ... from the start go to the array part, the rest (keys and
- * values) to the hash part.  The counts are patched in afterwards. */
-static void enc_table_body(enc *e, int t, seg *s)
+/* Writes the counts and the entries of the table at t in one lua_next
+ * pass: entries keyed 1, 2, 3, ... from the start go to the array part,
+ * the rest (keys and values) to the hash part.  The counts are patched in
+ * afterwards. */
+static void enc_pairs(enc *e, int t, seg *s)
 {
     lua_State *L = e->L;
     uint64_t counts[2] = {0, 0};
     size_t at = pz_enc_hole(e, 2);
-    size_t n = lua_objlen(L, t);
-    int key, in_array = 1;
-    if (n >= ITEMS_MIN && n <= INT_MAX && enc_items(e, t, n, s)) {
-        counts[0] = n;
-        pz_enc_patch(e, at, counts, 2);
-        return;
-    }
-    key = lua_gettop(L) + 1;
+    int key = lua_gettop(L) + 1, in_array = 1;
     s->kind = SEG_VALUE;
     s->idx = key;
     lua_pushnil(L);
@@ -292,33 +337,43 @@ static void enc_table_body(enc *e, int t, seg *s)
 /* Writes the table or function at idx as a reference when it was met
  * before in this encode, or as a module reference when the index knows
  * it; returns 1 if it did, 0 when it must be written in full. */
-int pz_enc_known(enc *e, int idx)
+int pz_enc_known(enc *e, int idx, const void *obj)
 {
-    int r = ref_find(e, idx);
+    int r = ref_find(e, obj);
     if (r >= 0) {
         put_byte(e, PZ_T_REF);
         put_varint(e, (uint64_t)r);
         return 1;
     }
     pz_index_ready(e);
-    return pz_index_put(e, idx);
+    return pz_index_put(e, idx, obj);
 }
 
 /* Encodes the table at t: a reference if met before, a module reference if
- * it is in the index, else its contents, then its metatable if any. */
+ * it is in the index, packed doubles if it is an array of numbers, else its
+ * contents (a sequence long enough through enc_items, anything else through
+ * enc_pairs), then its metatable if any. */
 static void enc_table(enc *e, int t)
 {
     lua_State *L = e->L;
-    int mt;
+    int mt, survey = PZ_SURVEY_OTHER;
+    size_t n;
     seg *s;
-    if (pz_enc_known(e, t))
+    const void *obj = lua_topointer(L, t);
+    if (pz_enc_known(e, t, obj))
         return;
     pz_enc_enter(e);
     s = &e->segs[e->depth - 1];
-    pz_ref_add(e, t);
+    pz_ref_add(e, t, obj);
     mt = lua_getmetatable(L, t) ? lua_gettop(L) : 0;
-    put_byte(e, mt ? PZ_T_TABLE_MT : PZ_T_TABLE);
-    enc_table_body(e, t, s);
+    n = lua_objlen(L, t);
+    if (n >= ITEMS_MIN && n <= INT_MAX)
+        survey = enc_survey(e, t, n, mt);
+    if (survey != PZ_SURVEY_PACKED) {
+        put_byte(e, mt ? PZ_T_TABLE_MT : PZ_T_TABLE);
+        if (survey != PZ_SURVEY_SEQUENCE || !enc_items(e, t, n, s))
+            enc_pairs(e, t, s);
+    }
     if (mt) {
         s->kind = SEG_MT;
         enc_value(e, mt);
@@ -399,6 +454,9 @@ static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int f
     e->flags = flags;
     e->nrefs = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
     e->items_held = 0;
+    e->refs = NULL;
+    e->refs_mask = 0;
+    e->index_set = NULL;
     e->root = root;
     e->busy = NULL;
     luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");
@@ -498,6 +556,5 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
 void pz_codec_prepare(lua_State *L)
 {
     pz_index_prepare(L);
-    pz_codec_push_helper(L, &reg_items, items_src, sizeof items_src - 1);
-    lua_pop(L, 1);
+    pz_array_prepare(L);
 }

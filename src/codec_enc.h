@@ -9,7 +9,13 @@
  *   as it found it, above those slots.
  * - Every table or function met gets the next reference number, in
  *   encoding order, whatever it is written as (codec_format.h); the one that
- *   writes it in full, or as a module reference, calls pz_ref_add.
+ *   writes it in full, or as a module reference, calls pz_ref_add.  The
+ *   encoder finds numbers by object address (lua_topointer), which names an
+ *   object only while it lives, so pz_ref_add also anchors the object until
+ *   the encode ends: a finalizer run by a collection step during the encode
+ *   (steps run where the encoder allocates: functions, the module index)
+ *   could otherwise drop the last reference to one, and a new object at the
+ *   same address would be written as a reference to the old.
  * - Output goes through the inline writers below, which raise on running
  *   out of memory; the buffer then holds a partial encoding.
  * - Errors go through pz_enc_raise, which names the value's path and clears
@@ -45,14 +51,31 @@ typedef struct seg {
     const char *name;
 } seg;
 
+/* Objects anchored in stack slots (ES_ANCHOR0 ...) before the anchor table
+ * is needed; reference numbers kept in a list searched in order before the
+ * hash table is needed.  Most values hold a few tables at most. */
+#define ES_ANCHOR_SLOTS 8
+#define REFS_LINEAR 8
+/* Slots of the hash table of reference numbers inside the enc struct;
+ * beyond half of them it moves to a userdata (ES_REFMEM). */
+#define REFS_INLINE 64
+
 /* Stack slots reserved by every top-level encode, relative to enc.slots. */
 enum {
-    ES_FIRST, /* the first table or function met (reference 0) */
-    ES_REFS,  /* object -> reference number, once a second object is met */
-    ES_UPVALS,/* upvalue id -> function reference * 256 + upvalue index */
-    ES_INDEX, /* the module index, loaded on first use */
-    ES_COUNT
+    ES_ANCHORS, /* reference number -> object, from ES_ANCHOR_SLOTS on */
+    ES_REFMEM,  /* the userdata holding the reference hash table, once grown */
+    ES_UPVALS,  /* upvalue id -> function reference * 256 + upvalue index */
+    ES_INDEX,   /* the module index, loaded on first use */
+    ES_INDEX_SET, /* the set of its objects' addresses (codec_index.c) */
+    ES_ANCHOR0, /* objects with reference numbers 0 .. ES_ANCHOR_SLOTS - 1 */
+    ES_COUNT = ES_ANCHOR0 + ES_ANCHOR_SLOTS
 };
+
+/* One entry of the reference hash table: an object's address and number. */
+typedef struct ref_slot {
+    const void *obj; /* NULL: free */
+    int num;
+} ref_slot;
 
 typedef struct enc {
     lua_State *L;
@@ -65,8 +88,15 @@ typedef struct enc {
     int index_checked; /* package.loaded was compared this encode */
     int tuple_index;   /* > 0: paths start with root[tuple_index] */
     int items_held;    /* stack slots enc_items holds, all open tables together */
+    const void *index_set; /* the userdata in ES_INDEX_SET, or NULL */
     const char *root;
     int *busy;         /* cleared before raising: see lcodec.c */
+    /* reference numbers: the first REFS_LINEAR objects in refs_list (object
+     * i has number i), then in the hash table refs (refs_mask + 1 slots) */
+    const void *refs_list[REFS_LINEAR];
+    ref_slot *refs;
+    size_t refs_mask;
+    ref_slot refs_inline[REFS_INLINE];
     seg segs[PZ_MAX_DEPTH + 1];
 } enc;
 
@@ -119,9 +149,9 @@ static inline void enc_string(enc *e, const char *s, size_t n)
 
 /* codec_enc.c */
 void pz_enc_value(enc *e, int idx);          /* any value, at absolute index idx */
-int pz_enc_known(enc *e, int idx);           /* writes a reference if idx was met or is a module */
+int pz_enc_known(enc *e, int idx, const void *obj); /* writes a reference if idx was met or is a module */
 void pz_enc_enter(enc *e);                   /* opens a table or function, or raises */
-int pz_ref_add(enc *e, int idx);             /* the next reference number, for idx */
+int pz_ref_add(enc *e, int idx, const void *obj); /* the next reference number, for idx */
 size_t pz_enc_hole(enc *e, int n);           /* room for n counts patched later */
 void pz_enc_patch(enc *e, size_t at, const uint64_t *v, int n); /* fills the hole */
 void pz_codec_push_helper(lua_State *L, const void *key, const char *src, size_t len);
@@ -132,7 +162,7 @@ void pz_enc_function(enc *e, int idx);
 /* codec_index.c: the module index (see there). */
 void pz_index_ready(enc *e);                 /* the index slot holds a current index */
 void pz_index_rebuild(enc *e);               /* builds it again, now */
-int pz_index_put(enc *e, int idx);           /* writes a module reference if it is one */
-void pz_index_prepare(lua_State *L);         /* compiles its Lua helper */
+int pz_index_put(enc *e, int idx, const void *obj); /* writes a module reference if it is one */
+void pz_index_prepare(lua_State *L);         /* compiles its Lua keeper */
 
 #endif

@@ -26,6 +26,8 @@
  *                   name being varint length, bytes
  *   0x0e upjoin     varint reference number of a function, a byte n: this
  *                   upvalue is that function's upvalue n (1-based), shared
+ *   0x0f doubles    varint n, then n doubles (8 bytes each, as 0x04): a
+ *                   table whose keys are 1 .. n, without metatable
  *   0x40..0x5f      string of length tag - 0x40 (0..31), bytes follow
  *   0x80..0xff      integer tag - 0x80 (0..127)
  *
@@ -44,8 +46,10 @@
 #include "varint.h"
 
 /* The byte that starts the output of the Lua-facing encode (not the C API's,
- * whose callers frame values themselves). */
-#define PZ_FORMAT_VERSION 1
+ * whose callers frame values themselves).  Version 2 added PZ_T_DOUBLES and
+ * changed nothing else, so the Lua-facing decode reads versions 1 and 2. */
+#define PZ_FORMAT_VERSION 2
+#define PZ_FORMAT_OLDEST 1
 
 enum {
     PZ_T_NIL = 0x00,
@@ -63,6 +67,7 @@ enum {
     PZ_T_MEMBER = 0x0c,
     PZ_T_FUNCTION = 0x0d,
     PZ_T_UPJOIN = 0x0e,
+    PZ_T_DOUBLES = 0x0f,
     PZ_T_SHORTSTR = 0x40, /* + length, 0..31 */
     PZ_T_FIXINT = 0x80    /* + value, 0..127 */
 };

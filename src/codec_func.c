@@ -194,14 +194,15 @@ void pz_enc_function(enc *e, int f)
 {
     int r;
     seg *s;
-    if (pz_enc_known(e, f))
+    const void *obj = lua_topointer(e->L, f);
+    if (pz_enc_known(e, f, obj))
         return;
     if (lua_iscfunction(e->L, f)) {
         /* It can only travel by reference: before giving up, look in an
          * index built now, in case a module gained it as a member since. */
         if (!e->index_fresh) {
             pz_index_rebuild(e);
-            if (pz_index_put(e, f))
+            if (pz_index_put(e, f, obj))
                 return;
         }
         if (e->flags & PZ_ENCODE_LOSSY) {
@@ -212,7 +213,7 @@ void pz_enc_function(enc *e, int f)
     }
     pz_enc_enter(e);
     s = &e->segs[e->depth - 1];
-    r = pz_ref_add(e, f);
+    r = pz_ref_add(e, f, obj);
     put_byte(e, PZ_T_FUNCTION);
     enc_bytecode(e, f);
     enc_upvalues(e, f, r, s);

@@ -20,13 +20,12 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "codec_enc.h"
 
-/* Registry key of the index table (its address is what counts). */
-static const char reg_index = 0;
-/* Registry key of the Lua helper that compares package.loaded. */
-static const char reg_same = 0;
+/* Registry key of the index's keeper (its address is what counts). */
+static const char reg_keeper = 0;
 
 /* Pushes the bytes of a reference: PZ_T_MODULE name, or PZ_T_MEMBER name key
  * when key is not NULL. */
@@ -83,85 +82,78 @@ static void index_members(lua_State *L, int index, int mod, const char *name, si
     }
 }
 
-/* Tells whether package.loaded still holds what it held when the index was
- * built: called as same(loaded, snapshot, n), the snapshot being a copy of
- * package.loaded taken then and n its size; any module loaded, dropped or
- * replaced since makes it false.  Comparing sizes alone would miss one
- * module dropped and another loaded.  A Lua loop, because every encode that
- * meets a table runs it: each lua_next call hashes its key again to find
- * where it stopped, where the interpreter's iterator keeps its place, which
- * makes the loop several times cheaper. */
-static const char same_src[] =
-    "local next, rawget = next, rawget\n"
-    "return function(loaded, snapshot, n)\n"
-    "  for k, v in next, loaded do\n"
-    "    if rawget(snapshot, k) ~= v then return false end\n"
-    "    n = n - 1\n"
-    "  end\n"
-    "  return n == 0\n"
-    "end\n";
+/* The addresses of the objects in an index, in an open-addressing set: a
+ * miss (the common case: the value's own tables) is decided without
+ * touching the Lua index.  The index's keys are weak, so an address may
+ * outlive its object and come back as another one's: a hit is only a
+ * reason to look in the index itself. */
+typedef struct addr_set {
+    size_t mask;
+    const void *slot[];
+} addr_set;
 
-/* True when package.loaded (at stack index loaded) is as the index (at
- * stack index index) saw it: see same_src. */
-static int loaded_unchanged(lua_State *L, int loaded, int index)
+static size_t addr_slot(const addr_set *f, const void *obj)
 {
-    int same;
-    lua_rawgeti(L, index, 1);
-    if (!lua_istable(L, -1)) {
-        lua_pop(L, 1);
-        return 0;
-    }
-    pz_codec_push_helper(L, &reg_same, same_src, sizeof same_src - 1);
-    lua_insert(L, -2);
-    lua_pushvalue(L, loaded);
-    lua_insert(L, -2);
-    lua_rawgeti(L, index, 0);
-    lua_call(L, 3, 1);
-    same = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return same;
+    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
+    size_t i = (size_t)(h >> 32) & f->mask;
+    while (f->slot[i] && f->slot[i] != obj)
+        i = (i + 1) & f->mask;
+    return i;
 }
 
-/* Pushes a new table with weak keys ("k") or values ("v"). */
-static void push_weak_table(lua_State *L, const char *mode, int nhash)
+static int addr_has(const addr_set *f, const void *obj)
+{
+    return f->slot[addr_slot(f, obj)] != NULL;
+}
+
+/* Pushes a set holding the addresses of the keys of the table at index. */
+static void push_addr_set(lua_State *L, int index)
+{
+    size_t n = 0, slots = 16;
+    addr_set *f;
+    lua_pushnil(L);
+    while (lua_next(L, index)) {
+        lua_pop(L, 1);
+        n++;
+    }
+    while (slots < 2 * n)
+        slots *= 2;
+    f = (addr_set *)lua_newuserdata(L, sizeof *f + slots * sizeof f->slot[0]);
+    f->mask = slots - 1;
+    memset(f->slot, 0, slots * sizeof f->slot[0]);
+    lua_pushnil(L);
+    while (lua_next(L, index)) {
+        const void *obj = lua_topointer(L, -2);
+        f->slot[addr_slot(f, obj)] = obj;
+        lua_pop(L, 1);
+    }
+}
+
+/* Pushes a new table with weak keys. */
+static void push_weak_keys(lua_State *L, int nhash)
 {
     lua_createtable(L, 0, nhash);
     lua_createtable(L, 0, 1);
-    lua_pushstring(L, mode);
+    lua_pushliteral(L, "k");
     lua_setfield(L, -2, "__mode");
     lua_setmetatable(L, -2);
 }
 
-/* Builds a new index from package.loaded, stores it in the registry and
- * pushes it.  Module values come first, so an object that is both a module
- * and a member is referred to as the module.  index[1] keeps a copy of
- * package.loaded and index[0] its size, for loaded_unchanged.  Weak keys
- * (and values in the copy): the index must not keep an unloaded module
- * alive. */
-static void index_build(lua_State *L)
+/* build(loaded) -> index, set: a new index of the package.loaded given (an
+ * empty one when it is not a table) and the set of its addresses.  Module
+ * values come first, so an object that is both a module and a member is
+ * referred to as the module.  Weak keys: the index must not keep an
+ * unloaded module alive. */
+static int index_build(lua_State *L)
 {
-    int index, loaded;
+    int index;
     luaL_checkstack(L, 10, "cannot encode: stack overflow");
-    push_weak_table(L, "k", 64);
+    lua_settop(L, 1);
+    push_weak_keys(L, 64);
     index = lua_gettop(L);
-    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-    loaded = lua_gettop(L);
-    if (lua_istable(L, loaded)) {
-        int n = 0;
-        push_weak_table(L, "v", 32);
+    if (lua_istable(L, 1)) {
         lua_pushnil(L);
-        while (lua_next(L, loaded)) {
-            lua_pushvalue(L, -2);
-            lua_pushvalue(L, -2);
-            lua_rawset(L, -5);
-            lua_pop(L, 1);
-            n++;
-        }
-        lua_rawseti(L, index, 1);
-        lua_pushinteger(L, n);
-        lua_rawseti(L, index, 0);
-        lua_pushnil(L);
-        while (lua_next(L, loaded)) {
+        while (lua_next(L, 1)) {
             int t = lua_type(L, -1);
             if (lua_type(L, -2) == LUA_TSTRING && (t == LUA_TTABLE || t == LUA_TFUNCTION)) {
                 size_t len;
@@ -173,7 +165,7 @@ static void index_build(lua_State *L)
             lua_pop(L, 1);
         }
         lua_pushnil(L);
-        while (lua_next(L, loaded)) {
+        while (lua_next(L, 1)) {
             if (lua_type(L, -2) == LUA_TSTRING && lua_istable(L, -1)) {
                 size_t len;
                 const char *name = lua_tolstring(L, -2, &len);
@@ -182,45 +174,103 @@ static void index_build(lua_State *L)
             lua_pop(L, 1);
         }
     }
+    push_addr_set(L, index);
+    return 2;
+}
+
+/* The index's keeper, compiled once per state with the registry and
+ * index_build: current(force) -> index, set, rebuilt.  It keeps the index,
+ * its address set, and package.loaded as the index saw it (keys and
+ * values in traversal order, held weakly: a copy must not keep an unloaded
+ * module alive); it builds them again when forced, or when package.loaded
+ * changed: a module loaded, dropped or replaced.  Every top-level encode
+ * that meets a table or function runs it, so it is Lua: the interpreter's
+ * iterator keeps its place where each lua_next call hashes its key again
+ * to find it, and the loop is compiled.  An unchanged table keeps its
+ * traversal order, so an equal sequence of keys and values means an
+ * unchanged package.loaded; a changed one may keep its order, which the
+ * values or the count then tell. */
+static const char current_src[] =
+    "local registry, build = ...\n"
+    "local next, setmetatable, type = next, setmetatable, type\n"
+    "local index, set\n"
+    "local keys = setmetatable({}, {__mode = 'v'})\n"
+    "local values = setmetatable({}, {__mode = 'v'})\n"
+    "local count = -1\n"
+    "return function(force)\n"
+    "  local loaded = registry._LOADED\n"
+    "  if type(loaded) ~= 'table' then loaded = nil end\n"
+    "  if index and not force then\n"
+    "    local i = 0\n"
+    "    if loaded then\n"
+    "      for k, v in next, loaded do\n"
+    "        i = i + 1\n"
+    "        if keys[i] ~= k or values[i] ~= v then i = -2; break end\n"
+    "      end\n"
+    "    end\n"
+    "    if i == count then return index, set, false end\n"
+    "  end\n"
+    "  index, set = build(loaded)\n"
+    "  local n = 0\n"
+    "  if loaded then\n"
+    "    for k, v in next, loaded do\n"
+    "      n = n + 1\n"
+    "      keys[n], values[n] = k, v\n"
+    "    end\n"
+    "  end\n"
+    "  for i = n + 1, count do keys[i], values[i] = nil, nil end\n"
+    "  count = n\n"
+    "  return index, set, true\n"
+    "end\n";
+
+/* Pushes the keeper (see current_src), making it on first use. */
+static void push_keeper(lua_State *L)
+{
+    lua_pushlightuserdata(L, (void *)&reg_keeper);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
     lua_pop(L, 1);
-    lua_pushlightuserdata(L, (void *)&reg_index);
-    lua_pushvalue(L, index);
+    if (luaL_loadbuffer(L, current_src, sizeof current_src - 1, "=parallelize.codec"))
+        lua_error(L);
+    lua_pushvalue(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, index_build);
+    lua_call(L, 2, 1);
+    lua_pushlightuserdata(L, (void *)&reg_keeper);
+    lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-/* Rebuilds the index into its slot. */
-void pz_index_rebuild(enc *e)
-{
-    index_build(e->L);
-    lua_replace(e->L, enc_slot(e, ES_INDEX));
-    e->index_fresh = 1;
-}
-
-/* Makes sure the index slot holds an index that knows every module in
- * package.loaded: loads the cached one, and rebuilds it when there is none
- * or, once per top-level encode, when package.loaded changed. */
-void pz_index_ready(enc *e)
+/* Puts a current index and its address set in their slots: rebuilt when
+ * forced, else as the keeper finds it. */
+static void index_current(enc *e, int force)
 {
     lua_State *L = e->L;
-    int stale;
-    if (!lua_isnil(L, enc_slot(e, ES_INDEX)) && e->index_checked)
+    push_keeper(L);
+    lua_pushboolean(L, force);
+    lua_call(L, 1, 3);
+    if (lua_toboolean(L, -1))
+        e->index_fresh = 1;
+    lua_pop(L, 1);
+    e->index_set = lua_touserdata(L, -1);
+    lua_replace(L, enc_slot(e, ES_INDEX_SET));
+    lua_replace(L, enc_slot(e, ES_INDEX));
+}
+
+/* Rebuilds the index into its slots. */
+void pz_index_rebuild(enc *e)
+{
+    index_current(e, 1);
+}
+
+/* Makes sure the index slots hold an index that knows every module in
+ * package.loaded, once per top-level encode. */
+void pz_index_ready(enc *e)
+{
+    if (e->index_checked)
         return;
     e->index_checked = 1;
-    lua_pushlightuserdata(L, (void *)&reg_index);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        pz_index_rebuild(e);
-        return;
-    }
-    lua_replace(L, enc_slot(e, ES_INDEX));
-    if (e->index_fresh)
-        return;
-    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-    stale = lua_istable(L, -1) && !loaded_unchanged(L, lua_gettop(L), enc_slot(e, ES_INDEX));
-    lua_pop(L, 1);
-    if (stale)
-        pz_index_rebuild(e);
+    index_current(e, 0);
 }
 
 /* Reads one name (varint length, bytes) of the reference bytes [*p, end). */
@@ -272,12 +322,14 @@ static int ref_still_names(lua_State *L, const char *s, size_t n, int idx)
  * named so in package.loaded, writes its reference, gives it a reference
  * number and returns 1; else returns 0.  A stale hit rebuilds the index
  * (once per top-level encode) and looks again. */
-int pz_index_put(enc *e, int idx)
+int pz_index_put(enc *e, int idx, const void *obj)
 {
     lua_State *L = e->L;
     size_t n;
     const char *s;
     for (;;) {
+        if (!e->index_set || !addr_has(e->index_set, obj))
+            return 0;
         lua_pushvalue(L, idx);
         lua_rawget(L, enc_slot(e, ES_INDEX));
         if (lua_type(L, -1) != LUA_TSTRING) {
@@ -294,13 +346,14 @@ int pz_index_put(enc *e, int idx)
     }
     put_bytes(e, s, n);
     lua_pop(L, 1);
-    pz_ref_add(e, idx);
+    pz_ref_add(e, idx, obj);
     return 1;
 }
 
-/* Compiles the Lua helper now, while next and rawget are the standard ones. */
+/* Compiles the keeper now, while next, setmetatable and type are the
+ * standard ones. */
 void pz_index_prepare(lua_State *L)
 {
-    pz_codec_push_helper(L, &reg_same, same_src, sizeof same_src - 1);
+    push_keeper(L);
     lua_pop(L, 1);
 }

@@ -97,7 +97,8 @@ static int l_encode(lua_State *L)
     return 1;
 }
 
-/* decode(s [, {functions = true}]) -> v.  Checks the format version byte. */
+/* decode(s [, {functions = true}]) -> v.  Checks the format version byte:
+ * versions PZ_FORMAT_OLDEST .. PZ_FORMAT_VERSION are read. */
 static int l_decode(lua_State *L)
 {
     size_t n;
@@ -109,9 +110,11 @@ static int l_decode(lua_State *L)
     s = lua_tolstring(L, 1, &n);
     if (n == 0)
         return luaL_error(L, "cannot decode: empty input (no format version byte)");
-    if ((uint8_t)s[0] != PZ_FORMAT_VERSION)
+    if ((uint8_t)s[0] < PZ_FORMAT_OLDEST || (uint8_t)s[0] > PZ_FORMAT_VERSION)
         return luaL_error(L, "cannot decode: unknown format version %d at byte 1 (expected %d)",
                           (int)(uint8_t)s[0], PZ_FORMAT_VERSION);
+    if ((uint8_t)s[0] == 1)
+        flags |= PZ_DECODE_FORMAT_1;
     pz_decode_value_at(L, s, s + 1, n - 1, flags);
     return 1;
 }

@@ -1,0 +1,207 @@
+/*
+ * codec_array.c - sequences: telling them from other tables, handing their
+ * items to the encoder, and packed arrays of numbers (PZ_T_DOUBLES) both
+ * ways.
+ *
+ * These are the codec's hot loops over many values, and the Lua C API costs
+ * a call or more for each value of a table walked from C (several
+ * nanoseconds each, several calls per value).  So they are Lua helpers:
+ * compiled by LuaJIT's JIT, a loop over a table reads each slot in about a
+ * nanosecond, and with the FFI it reads or writes a double in memory as
+ * fast.  The helpers are compiled once per state, from the sources below,
+ * with the standard next, rawget and unpack captured at that moment.
+ *
+ * Rules this file owns:
+ * - A table is a sequence of n values when its keys are exactly 1 .. n.
+ *   Only visiting every key proves it (an extra key may sit anywhere in the
+ *   hash part), so the survey walks them all with the compiled iterator:
+ *   n keys, each an integer in 1 .. n, are 1 .. n.  It writes the values
+ *   as it meets them, each at its key's place, in whatever order the keys
+ *   come.
+ * - Packed doubles are read and written with the FFI only where the JIT
+ *   runs: interpreted, the FFI is slower than the C API, so with the JIT
+ *   off the encoder does not pack and the decoder unpacks in C.  The
+ *   helpers look at jit.status() every 64th call only (it costs about as
+ *   much as packing 50 numbers), so a change takes up to 64 calls to be
+ *   seen; either way the bytes decode to the same values.
+ *   They are read and written in the host's byte order, which must be the
+ *   wire's (little-endian), at addresses of any alignment, so the FFI is
+ *   used only on hosts that allow both (PZ_ARRAY_FFI).
+ * - A double read from the wire reaches the Lua state only through
+ *   lua_pushnumber, or through the FFI after pz_unpack_doubles found no NaN
+ *   among them: LuaJIT tags its other values inside NaNs, and the FFI does
+ *   not canonicalize a NaN it loads, so a crafted NaN would become a forged
+ *   object.  lua_pushnumber canonicalizes.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "codec_array.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
+    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
+#define PZ_ARRAY_FFI 1
+#else
+#define PZ_ARRAY_FFI 0
+#endif
+
+/* Registry key of the helpers' table: [1] survey, [2] unpack_doubles,
+ * [3] unpack (its address is what counts). */
+static const char reg_helpers = 0;
+
+enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
+
+/* The helpers.  survey(t, n, dst) tells whether t is a sequence of n values
+ * (false if not); when dst is a pointer and all n values are numbers, it
+ * also writes them at dst as doubles and returns how many are integral;
+ * else it returns true.  It reads t raw (next never calls metamethods).  unpack_doubles(src, n) returns a new table of the
+ * n doubles at src, or nil when the JIT is off.  unpack is the standard
+ * one. */
+static const char helpers_src[] =
+    "local ffi_on = ...\n"
+    "local next, rawget, type, unpack = next, rawget, type, unpack\n"
+    "local ok, ffi = false, nil\n"
+    "if ffi_on then ok, ffi = pcall(require, 'ffi') end\n"
+    "local has_new, new = pcall(require, 'table.new')\n"
+    "if not has_new then new = function() return {} end end\n"
+    "local status = jit and jit.status or function() return false end\n"
+    "local countdown, running = 0, false\n"
+    "local function jit_running()\n"
+    "  countdown = countdown - 1\n"
+    "  if countdown < 0 then countdown, running = 63, status() end\n"
+    "  return running\n"
+    "end\n"
+    "local cast = ok and ffi.cast\n"
+    "local doubles = ok and ffi.typeof('double *')\n"
+    "local const_doubles = ok and ffi.typeof('const double *')\n"
+    "local function survey(t, n, dst)\n"
+    "  local p = ok and dst and jit_running() and cast(doubles, dst)\n"
+    "  local count, integral = 0, 0\n"
+    "  for k, v in next, t do\n"
+    "    if type(k) ~= 'number' or k < 1 or k > n or k % 1 ~= 0 then return false end\n"
+    "    count = count + 1\n"
+    "    if p then\n"
+    "      if type(v) == 'number' then\n"
+    "        p[k - 1] = v\n"
+    "        if v % 1 == 0 then integral = integral + 1 end\n"
+    "      else\n"
+    "        p = false\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "  if count ~= n then return false end\n"
+    "  if p then return integral end\n"
+    "  return true\n"
+    "end\n"
+    "local function unpack_doubles(src, n)\n"
+    "  if not (ok and jit_running()) then return nil end\n"
+    "  local p = cast(const_doubles, src)\n"
+    "  local t = new(n, 0)\n"
+    "  for i = 1, n do t[i] = p[i - 1] end\n"
+    "  return t\n"
+    "end\n"
+    "return {survey, unpack_doubles, unpack}\n";
+
+/* Pushes helper h (H_*), compiling the helpers on first use in this state. */
+static void push_helper(lua_State *L, int h)
+{
+    lua_pushlightuserdata(L, (void *)&reg_helpers);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        if (luaL_loadbuffer(L, helpers_src, sizeof helpers_src - 1, "=parallelize.codec"))
+            lua_error(L);
+        lua_pushboolean(L, PZ_ARRAY_FFI);
+        lua_call(L, 1, 1);
+        lua_pushlightuserdata(L, (void *)&reg_helpers);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, LUA_REGISTRYINDEX);
+    }
+    lua_rawgeti(L, -1, h);
+    lua_remove(L, -2);
+}
+
+void pz_array_prepare(lua_State *L)
+{
+    push_helper(L, H_SURVEY);
+    lua_pop(L, 1);
+}
+
+int pz_survey(lua_State *L, int t, size_t n, void *dst, size_t *integral)
+{
+    int verdict;
+    push_helper(L, H_SURVEY);
+    lua_pushvalue(L, t);
+    lua_pushnumber(L, (lua_Number)n);
+    if (dst)
+        lua_pushlightuserdata(L, dst);
+    else
+        lua_pushnil(L);
+    lua_call(L, 3, 1);
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+        *integral = (size_t)lua_tonumber(L, -1);
+        verdict = PZ_SURVEY_PACKED;
+    } else {
+        verdict = lua_toboolean(L, -1) ? PZ_SURVEY_SEQUENCE : PZ_SURVEY_OTHER;
+    }
+    lua_pop(L, 1);
+    return verdict;
+}
+
+void pz_push_items(lua_State *L, int t, size_t i, size_t j)
+{
+    push_helper(L, H_UNPACK);
+    lua_pushvalue(L, t);
+    lua_pushnumber(L, (lua_Number)i);
+    lua_pushnumber(L, (lua_Number)j);
+    lua_call(L, 3, LUA_MULTRET);
+}
+
+/* Reads the double at p, stored little-endian. */
+static double get_double(const uint8_t *p)
+{
+    double x;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&x, p, sizeof x); /* the wire order is the host's */
+#else
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    memcpy(&x, &v, sizeof x);
+#endif
+    return x;
+}
+
+/* True when one of the n doubles at p is a NaN (exponent all ones and a
+ * mantissa that is not zero), whatever its sign and payload. */
+static int any_nan(const uint8_t *p, size_t n)
+{
+    uint64_t nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t bits;
+        memcpy(&bits, p + 8 * i, sizeof bits);
+        /* shifted left, a NaN is above the shifted infinity */
+        nan |= (uint64_t)((bits << 1) > UINT64_C(0xffe0000000000000));
+    }
+    return nan != 0;
+}
+
+void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
+{
+    if (PZ_ARRAY_FFI && !any_nan(p, n)) {
+        push_helper(L, H_UNPACK_DOUBLES);
+        lua_pushlightuserdata(L, (void *)p);
+        lua_pushnumber(L, (lua_Number)n);
+        lua_call(L, 2, 1);
+        if (lua_istable(L, -1))
+            return;
+        lua_pop(L, 1);
+    }
+    lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushnumber(L, get_double(p + 8 * i));
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+}
