@@ -440,17 +440,17 @@ describe("codec", function()
     it("keeps sharing among many tables", function()
       -- past the first few objects the encoder numbers them in a hash
       -- table, which grows; every object is met twice
-      for _, count in ipairs({ 7, 8, 9, 31, 33, 64, 65, 500 }) do
+      for _, many in ipairs({ 7, 8, 9, 31, 33, 64, 65, 500 }) do
         local objs, v = {}, {}
-        for i = 1, count do objs[i] = { i } end
-        for i = 1, count do
+        for i = 1, many do objs[i] = { i } end
+        for i = 1, many do
           v[2 * i - 1] = objs[i]
-          v[2 * i] = objs[(i * 7) % count + 1]
+          v[2 * i] = objs[(i * 7) % many + 1]
         end
         local d = roundtrip(v)
-        for i = 1, count do
+        for i = 1, many do
           assert.are.equal(i, d[2 * i - 1][1])
-          assert.is_true(rawequal(d[2 * i], d[2 * ((i * 7) % count) + 1]), "count " .. count .. ", i " .. i)
+          assert.is_true(rawequal(d[2 * i], d[2 * ((i * 7) % many) + 1]), "many " .. many .. ", i " .. i)
         end
         assert.is_true(deep_equal(v, d))
       end
