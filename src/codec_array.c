@@ -55,8 +55,13 @@ enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
 
 /* The helpers.  survey(t, n, dst) tells whether t is a sequence of n values
  * (false if not); when dst is a pointer and all n values are numbers, it
- * also writes them at dst as doubles and returns how many are integral;
- * else it returns true.  It reads t raw (next never calls metamethods).  unpack_doubles(src, n) returns a new table of the
+ * also writes them at dst as doubles and returns how many are not integral
+ * (NaN when one is infinite or NaN); else it returns true.  It reads t raw
+ * (next never calls metamethods).  The keys of a table built in order come
+ * in order, which one comparison checks; survey_any takes any order.  The
+ * count of fractions adds ceil(v - floor(v)), 1 or 0, without a branch:
+ * on values that alternate, a branch would leave the compiled loop for a
+ * side trace at every other value.  unpack_doubles(src, n) returns a new table of the
  * n doubles at src, or nil when the JIT is off.  unpack is the standard
  * one. */
 static const char helpers_src[] =
@@ -76,23 +81,34 @@ static const char helpers_src[] =
     "local cast = ok and ffi.cast\n"
     "local doubles = ok and ffi.typeof('double *')\n"
     "local const_doubles = ok and ffi.typeof('const double *')\n"
-    "local function survey(t, n, dst)\n"
-    "  local p = ok and dst and jit_running() and cast(doubles, dst)\n"
-    "  local count, integral = 0, 0\n"
+    "local floor, ceil = math.floor, math.ceil\n"
+    "local function survey_any(t, n, p)\n"
+    "  local count, fractional = 0, 0\n"
     "  for k, v in next, t do\n"
     "    if type(k) ~= 'number' or k < 1 or k > n or k % 1 ~= 0 then return false end\n"
     "    count = count + 1\n"
     "    if p then\n"
-    "      if type(v) == 'number' then\n"
-    "        p[k - 1] = v\n"
-    "        if v % 1 == 0 then integral = integral + 1 end\n"
-    "      else\n"
-    "        p = false\n"
-    "      end\n"
+    "      if type(v) ~= 'number' then p = false\n"
+    "      else p[k - 1] = v; fractional = fractional + ceil(v - floor(v)) end\n"
     "    end\n"
     "  end\n"
     "  if count ~= n then return false end\n"
-    "  if p then return integral end\n"
+    "  if p then return fractional end\n"
+    "  return true\n"
+    "end\n"
+    "local function survey(t, n, dst)\n"
+    "  local p = ok and dst and jit_running() and cast(doubles, dst)\n"
+    "  local count, fractional = 0, 0\n"
+    "  for k, v in next, t do\n"
+    "    count = count + 1\n"
+    "    if k ~= count then return survey_any(t, n, p) end\n"
+    "    if p then\n"
+    "      if type(v) ~= 'number' then p = false\n"
+    "      else p[count - 1] = v; fractional = fractional + ceil(v - floor(v)) end\n"
+    "    end\n"
+    "  end\n"
+    "  if count ~= n then return false end\n"
+    "  if p then return fractional end\n"
     "  return true\n"
     "end\n"
     "local function unpack_doubles(src, n)\n"
@@ -111,7 +127,7 @@ static void push_helper(lua_State *L, int h)
     lua_rawget(L, LUA_REGISTRYINDEX);
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
-        if (luaL_loadbuffer(L, helpers_src, sizeof helpers_src - 1, "=parallelize.codec"))
+        if (luaL_loadbuffer(L, helpers_src, sizeof helpers_src - 1, "=parallelize.codec.array"))
             lua_error(L);
         lua_pushboolean(L, PZ_ARRAY_FFI);
         lua_call(L, 1, 1);
@@ -123,25 +139,33 @@ static void push_helper(lua_State *L, int h)
     lua_remove(L, -2);
 }
 
+/* True when addresses up to a are exact as Lua numbers: the helpers take
+ * their pointers as numbers, because the JIT does not compile the
+ * conversion of a light userdata to a pointer, and does a number's. */
+static int address_fits(uintptr_t a)
+{
+    return (uint64_t)a < (UINT64_C(1) << 53);
+}
+
 void pz_array_prepare(lua_State *L)
 {
     push_helper(L, H_SURVEY);
     lua_pop(L, 1);
 }
 
-int pz_survey(lua_State *L, int t, size_t n, void *dst, size_t *integral)
+int pz_survey(lua_State *L, int t, size_t n, void *dst, double *fractional)
 {
     int verdict;
     push_helper(L, H_SURVEY);
     lua_pushvalue(L, t);
     lua_pushnumber(L, (lua_Number)n);
-    if (dst)
-        lua_pushlightuserdata(L, dst);
+    if (dst && address_fits((uintptr_t)dst + 8 * n))
+        lua_pushnumber(L, (lua_Number)(uintptr_t)dst);
     else
         lua_pushnil(L);
     lua_call(L, 3, 1);
     if (lua_type(L, -1) == LUA_TNUMBER) {
-        *integral = (size_t)lua_tonumber(L, -1);
+        *fractional = lua_tonumber(L, -1);
         verdict = PZ_SURVEY_PACKED;
     } else {
         verdict = lua_toboolean(L, -1) ? PZ_SURVEY_SEQUENCE : PZ_SURVEY_OTHER;
@@ -190,9 +214,9 @@ static int any_nan(const uint8_t *p, size_t n)
 
 void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
 {
-    if (PZ_ARRAY_FFI && !any_nan(p, n)) {
+    if (PZ_ARRAY_FFI && address_fits((uintptr_t)p + 8 * n) && !any_nan(p, n)) {
         push_helper(L, H_UNPACK_DOUBLES);
-        lua_pushlightuserdata(L, (void *)p);
+        lua_pushnumber(L, (lua_Number)(uintptr_t)p);
         lua_pushnumber(L, (lua_Number)n);
         lua_call(L, 2, 1);
         if (lua_istable(L, -1))

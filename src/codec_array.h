@@ -19,9 +19,10 @@ enum {
 /* Surveys the table at stack index t, whose length is n (lua_objlen).  When
  * dst is not NULL (room for 8 * n bytes) and the values are all numbers,
  * and the JIT runs, writes them there as little-endian doubles, stores how
- * many are integral in *integral and returns PZ_SURVEY_PACKED.  Needs 4
- * free stack slots; leaves the stack as it was. */
-int pz_survey(lua_State *L, int t, size_t n, void *dst, size_t *integral);
+ * many are not integral in *fractional (NaN when one is not finite) and
+ * returns PZ_SURVEY_PACKED.  Needs 4 free stack slots; leaves the stack as
+ * it was. */
+int pz_survey(lua_State *L, int t, size_t n, void *dst, double *fractional);
 
 /* Pushes t[i], ..., t[j] of the table at stack index t, raw (the caller
  * checked room for j - i + 4 slots). */

@@ -73,7 +73,8 @@ static inline size_t dec_left(const dec *d)
  * dec_any (it also says what is wrong).  The common values take this path
  * inside tables, and whole calls and results take it before any decoder
  * is set up. */
-static inline int dec_scalar(lua_State *L, const uint8_t **pp, const uint8_t *end)
+static inline __attribute__((always_inline)) int dec_scalar(lua_State *L, const uint8_t **pp,
+                                                           const uint8_t *end)
 {
     const uint8_t *p = *pp;
     uint64_t v;

@@ -1,12 +1,15 @@
 /*
  * codec_enc.c - the encoder: Lua values to bytes (codec_format.h).
  *
- * Encoding is one recursive walk over the value with the raw Lua C API.  The
- * walk keeps a few Lua objects in stack slots it reserves at the start (see
- * codec_enc.h): the reference table (object -> reference number), the
- * upvalue table (upvalue id -> function and index) and the module index.
- * Those are created only when needed, so encoding a string or a flat table
- * of numbers allocates nothing but its output.  Functions are written by
+ * Encoding is one recursive walk over the value with the raw Lua C API.
+ * Reference numbers are kept in C, by object address: a short list, then
+ * an open-addressing hash table; the objects numbered stay anchored in
+ * stack slots the walk reserves at the start (codec_enc.h), past the first
+ * few in a Lua table.  The other slots hold the upvalue table (upvalue id ->
+ * function and index) and the module index.  All of these are made only
+ * when needed, so encoding a string or a small table allocates nothing but
+ * its output.  Tables of eight or more items are surveyed by codec_array.c,
+ * which may write them as packed doubles; functions are written by
  * codec_func.c, module references by codec_index.c, error paths by
  * codec_path.c.
  */
@@ -196,27 +199,6 @@ int pz_ref_add(enc *e, int idx, const void *obj)
 }
 
 /* ------------------------------------------------------------------------
- * Lua helpers
- * --------------------------------------------------------------------- */
-
-/* Pushes the Lua helper whose source is src, compiling it on first use in
- * this state and keeping it in the registry under key. */
-void pz_codec_push_helper(lua_State *L, const void *key, const char *src, size_t len)
-{
-    lua_pushlightuserdata(L, (void *)key);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    if (!lua_isnil(L, -1))
-        return;
-    lua_pop(L, 1);
-    if (luaL_loadbuffer(L, src, len, "=parallelize.codec"))
-        lua_error(L);
-    lua_call(L, 0, 1);
-    lua_pushlightuserdata(L, (void *)key);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-}
-
-/* ------------------------------------------------------------------------
  * Tables
  * --------------------------------------------------------------------- */
 
@@ -252,7 +234,8 @@ static int enc_survey(enc *e, int t, size_t n, int has_mt)
 {
     lua_State *L = e->L;
     uint8_t *w = NULL;
-    size_t head = 0, integral = 0;
+    size_t head = 0;
+    double fractional = 0;
     int verdict;
     if (!has_mt && n >= PACK_MIN && n <= (SIZE_MAX - 1 - PZ_VARINT_MAX_BYTES) / 8) {
         lua_rawgeti(L, t, 1);
@@ -262,10 +245,10 @@ static int enc_survey(enc *e, int t, size_t n, int has_mt)
         }
         lua_pop(L, 1);
     }
-    verdict = pz_survey(L, t, n, w ? w + head : NULL, &integral);
+    verdict = pz_survey(L, t, n, w ? w + head : NULL, &fractional);
     if (verdict != PZ_SURVEY_PACKED)
         return verdict;
-    if (2 * integral > n)
+    if (2 * fractional < (double)n) /* false for NaN: not finite, packed */
         return PZ_SURVEY_SEQUENCE;
     w[0] = PZ_T_DOUBLES;
     pz_put_varint(w + 1, n);

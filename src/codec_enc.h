@@ -1,7 +1,8 @@
 /*
  * codec_enc.h - the encoder's state, shared by the files that write values:
  * codec_enc.c (values and tables), codec_func.c (Lua functions),
- * codec_index.c (module references) and codec_path.c (error paths).
+ * codec_index.c (module references) and codec_path.c (error paths); the
+ * encoder also uses codec_array.h (sequences, packed arrays).
  *
  * Rules this header owns:
  * - One encode is one `enc` on the C stack and ES_COUNT Lua stack slots
@@ -13,9 +14,10 @@
  *   encoder finds numbers by object address (lua_topointer), which names an
  *   object only while it lives, so pz_ref_add also anchors the object until
  *   the encode ends: a finalizer run by a collection step during the encode
- *   (steps run where the encoder allocates: functions, the module index)
- *   could otherwise drop the last reference to one, and a new object at the
- *   same address would be written as a reference to the old.
+ *   (a step may run wherever the encoder allocates or calls Lua: functions,
+ *   the module index, anchors past the first few) could otherwise drop the
+ *   last reference to one, and a new object at the same address would be
+ *   written as a reference to the old.
  * - Output goes through the inline writers below, which raise on running
  *   out of memory; the buffer then holds a partial encoding.
  * - Errors go through pz_enc_raise, which names the value's path and clears
@@ -154,7 +156,6 @@ void pz_enc_enter(enc *e);                   /* opens a table or function, or ra
 int pz_ref_add(enc *e, int idx, const void *obj); /* the next reference number, for idx */
 size_t pz_enc_hole(enc *e, int n);           /* room for n counts patched later */
 void pz_enc_patch(enc *e, size_t at, const uint64_t *v, int n); /* fills the hole */
-void pz_codec_push_helper(lua_State *L, const void *key, const char *src, size_t len);
 
 /* codec_func.c: writes the function at idx (a reference, or in full). */
 void pz_enc_function(enc *e, int idx);

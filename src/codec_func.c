@@ -82,7 +82,7 @@ static void push_scanner(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    if (luaL_loadbuffer(L, scanner_src, sizeof scanner_src - 1, "=parallelize.codec"))
+    if (luaL_loadbuffer(L, scanner_src, sizeof scanner_src - 1, "=parallelize.codec.func"))
         lua_error(L);
     lua_createtable(L, 0, 64);
     for (size_t i = 0; i < sizeof std_globals / sizeof *std_globals; i++) {

@@ -231,7 +231,7 @@ static void push_keeper(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    if (luaL_loadbuffer(L, current_src, sizeof current_src - 1, "=parallelize.codec"))
+    if (luaL_loadbuffer(L, current_src, sizeof current_src - 1, "=parallelize.codec.index"))
         lua_error(L);
     lua_pushvalue(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, index_build);
