@@ -9,7 +9,9 @@
  * compiled by LuaJIT's JIT, a loop over a table reads each slot in about a
  * nanosecond, and with the FFI it reads or writes a double in memory as
  * fast.  The helpers are compiled once per state, from the sources below,
- * with the standard next, rawget and unpack captured at that moment.
+ * with the standard next, require, type and unpack captured at that moment;
+ * the FFI is loaded on first use, so a state that packs nothing (a worker
+ * that is passed numbers) does not pay for it.
  *
  * Rules this file owns:
  * - A table is a sequence of n values when its keys are exactly 1 .. n.
@@ -47,8 +49,9 @@
 #define PZ_ARRAY_FFI 0
 #endif
 
-/* Registry key of the helpers' table: [1] survey, [2] unpack_doubles,
- * [3] unpack (its address is what counts). */
+/* Registry key of the helpers' table (its address is what counts): the
+ * standard functions they use, by name, taken when the module is loaded,
+ * and once compiled, [1] survey, [2] unpack_doubles, [3] unpack. */
 static const char reg_helpers = 0;
 
 enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
@@ -65,22 +68,29 @@ enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
  * n doubles at src, or nil when the JIT is off.  unpack is the standard
  * one. */
 static const char helpers_src[] =
-    "local ffi_on = ...\n"
-    "local next, rawget, type, unpack = next, rawget, type, unpack\n"
-    "local ok, ffi = false, nil\n"
-    "if ffi_on then ok, ffi = pcall(require, 'ffi') end\n"
-    "local has_new, new = pcall(require, 'table.new')\n"
-    "if not has_new then new = function() return {} end end\n"
-    "local status = jit and jit.status or function() return false end\n"
-    "local countdown, running = 0, false\n"
+    "local std, ffi_on = ...\n"
+    "local next, pcall, require, type, unpack = std.next, std.pcall, std.require, std.type, std.unpack\n"
+    "local status = std.jit_status or function() return false end\n"
+    "local ok, cast, doubles, const_doubles, new = false\n"
+    "local countdown, running, loaded = 0, false, false\n"
+    "local function load_ffi()\n"
+    "  loaded = true\n"
+    "  local has_ffi, ffi = pcall(require, 'ffi')\n"
+    "  if not (ffi_on and has_ffi) then return end\n"
+    "  local has_new, table_new = pcall(require, 'table.new')\n"
+    "  cast, doubles = ffi.cast, ffi.typeof('double *')\n"
+    "  const_doubles = ffi.typeof('const double *')\n"
+    "  new = has_new and table_new or function() return {} end\n"
+    "  ok = true\n"
+    "end\n"
     "local function jit_running()\n"
     "  countdown = countdown - 1\n"
-    "  if countdown < 0 then countdown, running = 63, status() end\n"
-    "  return running\n"
+    "  if countdown < 0 then\n"
+    "    countdown, running = 63, status()\n"
+    "    if running and not loaded then load_ffi() end\n"
+    "  end\n"
+    "  return running and ok\n"
     "end\n"
-    "local cast = ok and ffi.cast\n"
-    "local doubles = ok and ffi.typeof('double *')\n"
-    "local const_doubles = ok and ffi.typeof('const double *')\n"
     "local floor, ceil = math.floor, math.ceil\n"
     "local function survey_any(t, n, p)\n"
     "  local count, fractional = 0, 0\n"
@@ -97,7 +107,7 @@ static const char helpers_src[] =
     "  return true\n"
     "end\n"
     "local function survey(t, n, dst)\n"
-    "  local p = ok and dst and jit_running() and cast(doubles, dst)\n"
+    "  local p = dst and jit_running() and cast(doubles, dst)\n"
     "  local count, fractional = 0, 0\n"
     "  for k, v in next, t do\n"
     "    count = count + 1\n"
@@ -112,30 +122,58 @@ static const char helpers_src[] =
     "  return true\n"
     "end\n"
     "local function unpack_doubles(src, n)\n"
-    "  if not (ok and jit_running()) then return nil end\n"
+    "  if not jit_running() then return nil end\n"
     "  local p = cast(const_doubles, src)\n"
     "  local t = new(n, 0)\n"
     "  for i = 1, n do t[i] = p[i - 1] end\n"
     "  return t\n"
     "end\n"
-    "return {survey, unpack_doubles, unpack}\n";
+    "return survey, unpack_doubles, unpack\n";
 
-/* Pushes helper h (H_*), compiling the helpers on first use in this state. */
-static void push_helper(lua_State *L, int h)
+/* Pushes the table the helpers live in (see reg_helpers), making it with
+ * the standard functions they use when there is none. */
+static void push_helpers(lua_State *L)
 {
+    static const char *const std[] = {"next", "pcall", "require", "type", "unpack"};
     lua_pushlightuserdata(L, (void *)&reg_helpers);
     lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    lua_createtable(L, 3, 8);
+    for (size_t i = 0; i < sizeof std / sizeof *std; i++) {
+        lua_getglobal(L, std[i]);
+        lua_setfield(L, -2, std[i]);
+    }
+    lua_getglobal(L, "jit");
+    if (lua_istable(L, -1))
+        lua_getfield(L, -1, "status");
+    else
+        lua_pushnil(L);
+    lua_setfield(L, -3, "jit_status");
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, (void *)&reg_helpers);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Pushes helper h (H_*), compiling the helpers on first use in this state:
+ * a state that never meets a sequence never pays for them. */
+static void push_helper(lua_State *L, int h)
+{
+    push_helpers(L);
+    lua_rawgeti(L, -1, h);
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
         if (luaL_loadbuffer(L, helpers_src, sizeof helpers_src - 1, "=parallelize.codec.array"))
             lua_error(L);
-        lua_pushboolean(L, PZ_ARRAY_FFI);
-        lua_call(L, 1, 1);
-        lua_pushlightuserdata(L, (void *)&reg_helpers);
         lua_pushvalue(L, -2);
-        lua_rawset(L, LUA_REGISTRYINDEX);
+        lua_pushboolean(L, PZ_ARRAY_FFI);
+        lua_call(L, 2, 3);
+        for (int i = 3; i >= 1; i--)
+            lua_rawseti(L, -1 - i, i); /* pops each, last first */
+        lua_rawgeti(L, -1, h);
     }
-    lua_rawgeti(L, -1, h);
     lua_remove(L, -2);
 }
 
@@ -149,7 +187,7 @@ static int address_fits(uintptr_t a)
 
 void pz_array_prepare(lua_State *L)
 {
-    push_helper(L, H_SURVEY);
+    push_helpers(L);
     lua_pop(L, 1);
 }
 

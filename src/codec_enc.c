@@ -439,7 +439,7 @@ static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int f
     e->items_held = 0;
     e->refs = NULL;
     e->refs_mask = 0;
-    e->index_set = NULL;
+    e->index_filter = NULL;
     e->root = root;
     e->busy = NULL;
     luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");

@@ -68,7 +68,7 @@ enum {
     ES_REFMEM,  /* the userdata holding the reference hash table, once grown */
     ES_UPVALS,  /* upvalue id -> function reference * 256 + upvalue index */
     ES_INDEX,   /* the module index, loaded on first use */
-    ES_INDEX_SET, /* the set of its objects' addresses (codec_index.c) */
+    ES_INDEX_FILTER, /* the filter of its objects' addresses (codec_index.c) */
     ES_ANCHOR0, /* objects with reference numbers 0 .. ES_ANCHOR_SLOTS - 1 */
     ES_COUNT = ES_ANCHOR0 + ES_ANCHOR_SLOTS
 };
@@ -90,7 +90,7 @@ typedef struct enc {
     int index_checked; /* package.loaded was compared this encode */
     int tuple_index;   /* > 0: paths start with root[tuple_index] */
     int items_held;    /* stack slots enc_items holds, all open tables together */
-    const void *index_set; /* the userdata in ES_INDEX_SET, or NULL */
+    const void *index_filter; /* the userdata in ES_INDEX_FILTER, or NULL */
     const char *root;
     int *busy;         /* cleared before raising: see lcodec.c */
     /* reference numbers: the first REFS_LINEAR objects in refs_list (object

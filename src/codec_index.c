@@ -82,49 +82,54 @@ static void index_members(lua_State *L, int index, int mod, const char *name, si
     }
 }
 
-/* The addresses of the objects in an index, in an open-addressing set: a
- * miss (the common case: the value's own tables) is decided without
- * touching the Lua index.  The index's keys are weak, so an address may
- * outlive its object and come back as another one's: a hit is only a
- * reason to look in the index itself. */
-typedef struct addr_set {
-    size_t mask;
-    const void *slot[];
-} addr_set;
+/* A filter over the addresses of the objects in an index (a Bloom filter:
+ * two bits an address, 16 bits an object, so that fewer than 1% of the
+ * other addresses pass): the common case, the value's own tables, is told
+ * apart without touching the Lua index, in little memory (every worker
+ * keeps one).  An address that passes may still not be in the index, and
+ * the index's keys are weak, so an address may outlive its object and come
+ * back as another one's: passing is only a reason to look in the index. */
+typedef struct addr_filter {
+    uint64_t mask; /* bits - 1, bits a power of two */
+    uint64_t word[];
+} addr_filter;
 
-static size_t addr_slot(const addr_set *f, const void *obj)
+/* The two bits of obj: halves of one product (Fibonacci hashing mixes the
+ * aligned, clustered addresses). */
+static void addr_bits(const addr_filter *f, const void *obj, uint64_t *a, uint64_t *b)
 {
     uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
-    size_t i = (size_t)(h >> 32) & f->mask;
-    while (f->slot[i] && f->slot[i] != obj)
-        i = (i + 1) & f->mask;
-    return i;
+    *a = (h >> 40) & f->mask;
+    *b = (h >> 16) & f->mask;
 }
 
-static int addr_has(const addr_set *f, const void *obj)
+static int addr_may_hold(const addr_filter *f, const void *obj)
 {
-    return f->slot[addr_slot(f, obj)] != NULL;
+    uint64_t a, b;
+    addr_bits(f, obj, &a, &b);
+    return (f->word[a >> 6] >> (a & 63) & 1) && (f->word[b >> 6] >> (b & 63) & 1);
 }
 
-/* Pushes a set holding the addresses of the keys of the table at index. */
-static void push_addr_set(lua_State *L, int index)
+/* Pushes a filter passing the addresses of the keys of the table at index. */
+static void push_addr_filter(lua_State *L, int index)
 {
-    size_t n = 0, slots = 16;
-    addr_set *f;
+    uint64_t n = 0, bits = 512, a, b;
+    addr_filter *f;
     lua_pushnil(L);
     while (lua_next(L, index)) {
         lua_pop(L, 1);
         n++;
     }
-    while (slots < 2 * n)
-        slots *= 2;
-    f = (addr_set *)lua_newuserdata(L, sizeof *f + slots * sizeof f->slot[0]);
-    f->mask = slots - 1;
-    memset(f->slot, 0, slots * sizeof f->slot[0]);
+    while (bits < 16 * n && bits < (UINT64_C(1) << 24))
+        bits *= 2;
+    f = (addr_filter *)lua_newuserdata(L, sizeof *f + (size_t)(bits / 64) * sizeof f->word[0]);
+    f->mask = bits - 1;
+    memset(f->word, 0, (size_t)(bits / 64) * sizeof f->word[0]);
     lua_pushnil(L);
     while (lua_next(L, index)) {
-        const void *obj = lua_topointer(L, -2);
-        f->slot[addr_slot(f, obj)] = obj;
+        addr_bits(f, lua_topointer(L, -2), &a, &b);
+        f->word[a >> 6] |= UINT64_C(1) << (a & 63);
+        f->word[b >> 6] |= UINT64_C(1) << (b & 63);
         lua_pop(L, 1);
     }
 }
@@ -139,8 +144,8 @@ static void push_weak_keys(lua_State *L, int nhash)
     lua_setmetatable(L, -2);
 }
 
-/* build(loaded) -> index, set: a new index of the package.loaded given (an
- * empty one when it is not a table) and the set of its addresses.  Module
+/* build(loaded) -> index, filter: a new index of the package.loaded given
+ * (an empty one when it is not a table) and the filter of its addresses.  Module
  * values come first, so an object that is both a module and a member is
  * referred to as the module.  Weak keys: the index must not keep an
  * unloaded module alive. */
@@ -174,13 +179,13 @@ static int index_build(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    push_addr_set(L, index);
+    push_addr_filter(L, index);
     return 2;
 }
 
 /* The index's keeper, compiled once per state with the registry and
- * index_build: current(force) -> index, set, rebuilt.  It keeps the index,
- * its address set, and package.loaded as the index saw it (keys and
+ * index_build: current(force) -> index, filter, rebuilt.  It keeps the index,
+ * its address filter, and package.loaded as the index saw it (keys and
  * values in traversal order, held weakly: a copy must not keep an unloaded
  * module alive); it builds them again when forced, or when package.loaded
  * changed: a module loaded, dropped or replaced.  Every top-level encode
@@ -193,7 +198,7 @@ static int index_build(lua_State *L)
 static const char current_src[] =
     "local registry, build = ...\n"
     "local next, setmetatable, type = next, setmetatable, type\n"
-    "local index, set\n"
+    "local index, filter\n"
     "local keys = setmetatable({}, {__mode = 'v'})\n"
     "local values = setmetatable({}, {__mode = 'v'})\n"
     "local count = -1\n"
@@ -208,9 +213,9 @@ static const char current_src[] =
     "        if keys[i] ~= k or values[i] ~= v then i = -2; break end\n"
     "      end\n"
     "    end\n"
-    "    if i == count then return index, set, false end\n"
+    "    if i == count then return index, filter, false end\n"
     "  end\n"
-    "  index, set = build(loaded)\n"
+    "  index, filter = build(loaded)\n"
     "  local n = 0\n"
     "  if loaded then\n"
     "    for k, v in next, loaded do\n"
@@ -220,7 +225,7 @@ static const char current_src[] =
     "  end\n"
     "  for i = n + 1, count do keys[i], values[i] = nil, nil end\n"
     "  count = n\n"
-    "  return index, set, true\n"
+    "  return index, filter, true\n"
     "end\n";
 
 /* Pushes the keeper (see current_src), making it on first use. */
@@ -241,7 +246,7 @@ static void push_keeper(lua_State *L)
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-/* Puts a current index and its address set in their slots: rebuilt when
+/* Puts a current index and its address filter in their slots: rebuilt when
  * forced, else as the keeper finds it. */
 static void index_current(enc *e, int force)
 {
@@ -252,8 +257,8 @@ static void index_current(enc *e, int force)
     if (lua_toboolean(L, -1))
         e->index_fresh = 1;
     lua_pop(L, 1);
-    e->index_set = lua_touserdata(L, -1);
-    lua_replace(L, enc_slot(e, ES_INDEX_SET));
+    e->index_filter = lua_touserdata(L, -1);
+    lua_replace(L, enc_slot(e, ES_INDEX_FILTER));
     lua_replace(L, enc_slot(e, ES_INDEX));
 }
 
@@ -328,7 +333,7 @@ int pz_index_put(enc *e, int idx, const void *obj)
     size_t n;
     const char *s;
     for (;;) {
-        if (!e->index_set || !addr_has(e->index_set, obj))
+        if (!e->index_filter || !addr_may_hold(e->index_filter, obj))
             return 0;
         lua_pushvalue(L, idx);
         lua_rawget(L, enc_slot(e, ES_INDEX));
