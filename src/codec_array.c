@@ -8,10 +8,10 @@
  * nanoseconds each, several calls per value).  So they are Lua helpers:
  * compiled by LuaJIT's JIT, a loop over a table reads each slot in about a
  * nanosecond, and with the FFI it reads or writes a double in memory as
- * fast.  The helpers are compiled once per state, from the sources below,
- * with the standard next, require, type and unpack captured at that moment;
- * the FFI is loaded on first use, so a state that packs nothing (a worker
- * that is passed numbers) does not pay for it.
+ * fast.  The standard functions the helpers use are taken when the module
+ * is loaded, before a script can replace them; the helpers are compiled on
+ * first use, and the FFI loaded when first needed, so a state that meets no
+ * sequence (a worker that is passed numbers) does not pay for them.
  *
  * Rules this file owns:
  * - A table is a sequence of n values when its keys are exactly 1 .. n.
@@ -56,20 +56,24 @@ static const char reg_helpers = 0;
 
 enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
 
-/* The helpers.  survey(t, n, dst) tells whether t is a sequence of n values
- * (false if not); when dst is a pointer and all n values are numbers, it
- * also writes them at dst as doubles and returns how many are not integral
+/* The helpers.
+ *
+ * survey(t, n, dst) tells whether t is a sequence of n values (false if
+ * not); when dst is the address of room for n doubles and all n values are
+ * numbers, it also writes them there and returns how many are not integral
  * (NaN when one is infinite or NaN); else it returns true.  It reads t raw
  * (next never calls metamethods).  The keys of a table built in order come
  * in order, which one comparison checks; survey_any takes any order.  The
- * count of fractions adds ceil(v - floor(v)), 1 or 0, without a branch:
- * on values that alternate, a branch would leave the compiled loop for a
- * side trace at every other value.  unpack_doubles(src, n) returns a new table of the
- * n doubles at src, or nil when the JIT is off.  unpack is the standard
- * one. */
+ * count of fractions adds ceil(v - floor(v)), 1 or 0, without a branch: on
+ * values that alternate, a branch would leave the compiled loop for a side
+ * trace at every other value.
+ *
+ * unpack_doubles(src, n) returns a new table of the n doubles at address
+ * src, or nil when the JIT is off.  unpack is the standard one. */
 static const char helpers_src[] =
     "local std, ffi_on = ...\n"
     "local next, pcall, require, type, unpack = std.next, std.pcall, std.require, std.type, std.unpack\n"
+    "local floor, ceil = std.floor, std.ceil\n"
     "local status = std.jit_status or function() return false end\n"
     "local ok, cast, doubles, const_doubles, new = false\n"
     "local countdown, running, loaded = 0, false, false\n"
@@ -91,7 +95,6 @@ static const char helpers_src[] =
     "  end\n"
     "  return running and ok\n"
     "end\n"
-    "local floor, ceil = math.floor, math.ceil\n"
     "local function survey_any(t, n, p)\n"
     "  local count, fractional = 0, 0\n"
     "  for k, v in next, t do\n"
@@ -130,6 +133,19 @@ static const char helpers_src[] =
     "end\n"
     "return survey, unpack_doubles, unpack\n";
 
+/* Sets field `as` of the table on top of the stack to the global lib's
+ * field name (nil when lib is not a table). */
+static void take_field(lua_State *L, const char *lib, const char *name, const char *as)
+{
+    lua_getglobal(L, lib);
+    if (lua_istable(L, -1))
+        lua_getfield(L, -1, name);
+    else
+        lua_pushnil(L);
+    lua_setfield(L, -3, as);
+    lua_pop(L, 1);
+}
+
 /* Pushes the table the helpers live in (see reg_helpers), making it with
  * the standard functions they use when there is none. */
 static void push_helpers(lua_State *L)
@@ -145,13 +161,9 @@ static void push_helpers(lua_State *L)
         lua_getglobal(L, std[i]);
         lua_setfield(L, -2, std[i]);
     }
-    lua_getglobal(L, "jit");
-    if (lua_istable(L, -1))
-        lua_getfield(L, -1, "status");
-    else
-        lua_pushnil(L);
-    lua_setfield(L, -3, "jit_status");
-    lua_pop(L, 1);
+    take_field(L, "jit", "status", "jit_status");
+    take_field(L, "math", "floor", "floor");
+    take_field(L, "math", "ceil", "ceil");
     lua_pushlightuserdata(L, (void *)&reg_helpers);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
