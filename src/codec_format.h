@@ -27,7 +27,10 @@
  *   0x0e upjoin     varint reference number of a function, a byte n: this
  *                   upvalue is that function's upvalue n (1-based), shared
  *   0x0f doubles    varint n, then n doubles (8 bytes each, as 0x04): a
- *                   table whose keys are 1 .. n, without metatable
+ *                   table whose keys are 1 .. n, without metatable (since
+ *                   version 2; the encoder writes it for a sequence of 16
+ *                   or more numbers, at most half of them integers, where
+ *                   the JIT runs: codec_array.c)
  *   0x40..0x5f      string of length tag - 0x40 (0..31), bytes follow
  *   0x80..0xff      integer tag - 0x80 (0..127)
  *

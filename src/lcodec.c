@@ -4,8 +4,10 @@
  *
  * The Lua-facing encode starts its output with a format version byte, which
  * decode checks: the bytes may be stored, and a later version of the module
- * must reject them rather than misread them.  The C API used between the
- * pool's processes writes no version byte: both ends run the same build.
+ * must read them as they were meant or reject them, never misread them.
+ * decode reads every version from PZ_FORMAT_OLDEST on (codec_format.h says
+ * what changed).  The C API used between the pool's processes writes no
+ * version byte: both ends run the same build.
  */
 #include <lauxlib.h>
 #include <lua.h>
