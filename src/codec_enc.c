@@ -464,10 +464,8 @@ static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, i
     enc_done(&e);
 }
 
-/* Appends the value at idx when it is a number, string, boolean or nil,
- * and returns 1; returns 0 for anything else, or when out of memory (the
- * full encoder then reports it), possibly having appended part of it. */
-static int enc_scalar(lua_State *L, int idx, pz_buf *out)
+/* See codec.h: without the encoder's set-up, nothing to raise. */
+int pz_encode_scalar(lua_State *L, int idx, pz_buf *out)
 {
     size_t n;
     const char *s;
@@ -501,16 +499,16 @@ static int enc_scalar(lua_State *L, int idx, pz_buf *out)
 void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
                             int *busy)
 {
-    size_t start = out->len;
-    if (enc_scalar(L, idx, out))
-        return;
-    out->len = start;
     encode_value(L, idx, out, root, flags, busy);
 }
 
 void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags)
 {
-    pz_encode_value_marked(L, idx, out, root, flags, NULL);
+    size_t start = out->len;
+    if (pz_encode_scalar(L, idx, out))
+        return;
+    out->len = start;
+    encode_value(L, idx, out, root, flags, NULL);
 }
 
 void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags)
@@ -521,7 +519,7 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
     first = abs_index(L, first);
     if (count >= 0 && pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0) {
         int i = 0;
-        while (i < count && enc_scalar(L, first + i, out))
+        while (i < count && pz_encode_scalar(L, first + i, out))
             i++;
         if (i == count)
             return;

@@ -91,7 +91,10 @@ static int l_encode(lua_State *L)
     if (pz_buf_append(&s->buf, &version, 1))
         return luaL_error(L, "cannot encode: out of memory");
     s->busy = 1;
-    pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy);
+    if (!pz_encode_scalar(L, 1, &s->buf)) {
+        s->buf.len = 1;
+        pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy);
+    }
     lua_pushlstring(L, s->buf.data, s->buf.len);
     s->busy = 0;
     s->buf.len = 0;
