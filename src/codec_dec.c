@@ -6,7 +6,10 @@
  * memory in proportion to its length and ends in a Lua error naming the
  * problem and its byte position (1-based, as string.sub counts).  Functions
  * (bytecode, which LuaJIT does not verify) are loaded only when the caller
- * says the bytes are trusted (PZ_DECODE_FUNCTIONS).
+ * says the bytes are trusted (PZ_DECODE_FUNCTIONS).  Packed arrays of
+ * doubles are unpacked by codec_array.c, which owns the rule on NaNs.
+ * Objects get their reference numbers in stack slots reserved at the start,
+ * past the first few in a Lua table.
  */
 #include <lauxlib.h>
 #include <lua.h>
