@@ -2,8 +2,8 @@
  * frame.c - frame boundaries, frame building, and the splitting of
  * payloads, checked before any byte is trusted (a worker may write garbage).
  */
-#include "codec_format.h"
 #include "frame.h"
+#include "varint.h"
 
 int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
                    const char **why)

@@ -66,6 +66,18 @@ local values = {
   { "nested", { { { { { "deep" } } } } } },
 }
 
+-- sequences and packed arrays of doubles (format 2)
+local floats, halves, strings = {}, {}, {}
+for i = 1, 20 do
+  floats[i] = i + 0.5
+  halves[i] = i % 2 == 0 and i or i * 0.25
+  strings[i] = "s" .. i
+end
+values[#values + 1] = { "packed", floats }
+values[#values + 1] = { "packed_half_integral", halves }
+values[#values + 1] = { "sequence_of_strings", strings }
+values[#values + 1] = { "packed_shared", { floats, floats, [floats] = true } }
+
 local vdir = dir .. "/seeds_fuzz_value"
 os.execute("mkdir -p '" .. vdir .. "'")
 for _, case in ipairs(values) do
@@ -81,6 +93,10 @@ write(vdir .. "/tuple_empty", varint(0))
 -- a few malformed ones near valid ones
 write(vdir .. "/bad_ref", "\8\1\0\10\5")
 write(vdir .. "/bad_count", "\8\255\255\255\255\15\0")
+-- packed doubles that are NaNs with payloads (LuaJIT's tags live there)
+write(vdir .. "/packed_nans", "\15\4" .. le(0, 8) .. "\255\255\255\255\251\255\255\255"
+  .. "\1\0\0\0\0\0\240\127" .. "\0\0\0\0\0\0\248\255")
+write(vdir .. "/packed_too_long", "\15" .. varint(2 ^ 40) .. le(0, 8))
 
 -- frames --------------------------------------------------------------------
 
