@@ -10,7 +10,7 @@
 #include <lua.h>
 
 #include "codec.h"
-#include "codec_format.h"
+#include "varint.h"
 #include "lpool.h"
 
 /* Appends `part` to b behind a varint length. */

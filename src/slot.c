@@ -16,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "codec_format.h"
+#include "varint.h"
 #include "frame.h"
 #include "io.h"
 #include "sys.h"
