@@ -42,7 +42,10 @@ local function interrupt(dir, pid)
   local status = support.eventually(function()
     return tonumber((support.read(dir .. "/status") or ""):match("^%d+"))
   end, 20)
-  return support.read(dir .. "/err") or "", status
+  -- A pool left with a call running is reported when it is collected: not
+  -- what these tests look at.
+  local err = (support.read(dir .. "/err") or ""):gsub("parallelize: a pool was dropped[^\n]*\n", "")
+  return err, status
 end
 
 for _, interp in ipairs(interpreters) do

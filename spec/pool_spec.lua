@@ -15,6 +15,14 @@ local function sorted(t)
   return c
 end
 
+--- The option names, sorted and joined as the unknown-option message has them.
+local function option_names()
+  local names = {}
+  for name in pairs(require("parallelize.options").OPTIONS) do names[#names + 1] = name end
+  table.sort(names)
+  return table.concat(names, ", ")
+end
+
 describe("Parallelize", function()
   it("runs 10,000 calls over 8 workers, each input's result exactly once", function()
     local p = Parallelize(rep(function(x) return x * 3 end, 8))
@@ -178,8 +186,7 @@ describe("Parallelize", function()
     assert.has_error(function() Parallelize({ "not a name" }) end,
       'executor 1: "not a name" is not a module name such as "mod.func"')
     assert.has_error(function() Parallelize({ function() end }, { bogus = 1 }) end,
-      "Parallelize: unknown option 'bogus' (the options are init_attempts, keep_results, kill_grace, "
-        .. "kill_leftovers, max_deaths, max_inflight, max_message, max_pending, respawn, spin, window, workers)")
+      "Parallelize: unknown option 'bogus' (the options are " .. option_names() .. ")")
     assert.has_error(function() Parallelize({ function() end }, { max_deaths = 0 }) end,
       "Parallelize: option max_deaths must be an integer from 1 to 255 (got 0)")
     assert.has_error(function() Deferred(5) end, "Deferred: the constructor is not callable (a number)")

@@ -77,6 +77,13 @@ static int l_cpu_count(lua_State *L)
     return 1;
 }
 
+/* isatty(fd) -> whether descriptor fd is a terminal (progress bars). */
+static int l_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+    return 1;
+}
+
 /* now() -> seconds on the monotonic clock, for deadlines. */
 static int l_now(lua_State *L)
 {
@@ -97,5 +104,7 @@ int luaopen_parallelize_core(lua_State *L)
     lua_setfield(L, -2, "now");
     lua_pushcfunction(L, l_cpu_count);
     lua_setfield(L, -2, "cpu_count");
+    lua_pushcfunction(L, l_isatty);
+    lua_setfield(L, -2, "isatty");
     return 1;
 }

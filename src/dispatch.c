@@ -1,18 +1,25 @@
 /*
- * dispatch.c - the calls that wait for a worker, and which slot gets which.
- * Runs with io->lock held (io.h).
+ * dispatch.c - the calls that wait for a worker, and which worker gets
+ * which; cancelling a call wherever it waits.  Runs with io->lock held
+ * (io.h).
  *
  * Calls wait in two places: the pool's submit queue (new calls, in the
  * order p(...) queued them) and io->rq (calls taken back from a worker that
- * died or was stopped), which goes first, so that a requeued call does not
- * wait behind everything queued after it.
+ * died or was stopped, and calls that run again after raising), which goes
+ * first, so that a requeued call does not wait behind everything queued
+ * after it.  A cancelled call keeps its place with a flag (PZ_CALL_CANCELLED)
+ * and is dropped when its turn comes.
  */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
 #include "frame.h"
 #include "io.h"
 
 pz_slot *pz_dispatch_pick(struct pz_io *io)
 {
-    int n = io->p->nslots;
+    int n = io->nrecords;
     for (int i = 0; i < n; i++) {
         pz_slot *w = &io->slots[(io->rr + i) % n];
         if (pz_slot_has_room(w)) {
@@ -25,7 +32,7 @@ pz_slot *pz_dispatch_pick(struct pz_io *io)
 
 int pz_dispatch_has_room(struct pz_io *io)
 {
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         if (pz_slot_has_room(&io->slots[i]))
             return 1;
     return 0;
@@ -39,7 +46,7 @@ int pz_dispatch_waiting(struct pz_io *io)
 
 void pz_dispatch(struct pz_io *io)
 {
-    if (io->stopping || io->fatal)
+    if (io->stopping || io->fatal || io->halted)
         return;
     pz_spsc *q = &io->p->submit;
     const char *sp = NULL;
@@ -54,12 +61,14 @@ void pz_dispatch(struct pz_io *io)
                 break;
             fr = sp;
         }
-        pz_slot *w = pz_dispatch_pick(io);
-        if (!w)
-            break;
         size_t size = pz_frame_size(fr);
-        if (pz_slot_hand_call(io, w, fr, size) != 0)
-            return;
+        if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
+            pz_slot *w = pz_dispatch_pick(io);
+            if (!w)
+                break;
+            if (pz_slot_hand_call(io, w, fr, size) != 0)
+                return;
+        }
         if (from_rq) {
             io->rq_pos += size;
         } else {
@@ -73,23 +82,22 @@ void pz_dispatch(struct pz_io *io)
         io->rq.len = io->rq_pos = 0;
         pz_buf_trim(&io->rq, 1 << 20);
     }
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         if (io->slots[i].out_sent < io->slots[i].out.len)
             pz_slot_flush(io, &io->slots[i]);
 }
 
-int pz_dispatch_requeue(struct pz_io *io, pz_slot *w, size_t from, uint64_t drop)
+/* Puts `count` bytes of frames from `from` in front of the requeue. */
+static int requeue_bytes(struct pz_io *io, const char *from, size_t count, uint64_t drop)
 {
     size_t rest = io->rq.len - io->rq_pos;
-    if (from >= w->out.len)
-        return 0;
     pz_buf nb = PZ_BUF_INIT;
-    if (!pz_buf_reserve(&nb, w->out.len - from + rest)) {
-        pz_io_fail(io, "out of memory in the I/O thread (requeuing a dead worker's calls)");
+    if (!pz_buf_reserve(&nb, count + rest)) {
+        pz_io_fail(io, "out of memory in the I/O thread (requeuing calls)");
         return -1;
     }
-    for (size_t pos = from; pos < w->out.len;) {
-        const char *fr = w->out.data + pos;
+    for (size_t pos = 0; pos < count;) {
+        const char *fr = from + pos;
         size_t size = pz_frame_size(fr);
         /* Room was reserved above: these appends cannot fail. */
         if (pz_frame_type(fr) == PZ_F_CALL && pz_frame_id(fr) != drop)
@@ -100,6 +108,75 @@ int pz_dispatch_requeue(struct pz_io *io, pz_slot *w, size_t from, uint64_t drop
     pz_buf_free(&io->rq);
     io->rq = nb;
     io->rq_pos = 0;
+    return 0;
+}
+
+int pz_dispatch_requeue(struct pz_io *io, pz_slot *w, size_t from, uint64_t drop)
+{
+    if (from >= w->out.len)
+        return 0;
+    if (requeue_bytes(io, w->out.data + from, w->out.len - from, drop) != 0)
+        return -1;
     w->out.len = from;
     return 0;
+}
+
+int pz_dispatch_requeue_frame(struct pz_io *io, const char *frame, size_t size)
+{
+    return requeue_bytes(io, frame, size, 0);
+}
+
+/* Writes the cancellation record of the waiting CALL frame fr and flags
+ * it, so that it is dropped when its turn comes. */
+static void cancel_waiting(struct pz_io *io, char *fr)
+{
+    char msg[80];
+    uint8_t no_attempts = 0;
+    snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", pz_frame_id(fr));
+    pz_part parts[] = {{pz_frame_payload(fr), pz_frame_payload_len(fr), 1},
+                       {msg, strlen(msg), 1},
+                       {NULL, 0, 1},
+                       {NULL, 0, 1},
+                       {&no_attempts, 1, 0}};
+    if (pz_io_record_error(io, PZ_ERR_CANCELLED, pz_frame_tag(fr), pz_frame_id(fr), parts, 5) == 0)
+        pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+}
+
+typedef struct cancel_search {
+    struct pz_io *io;
+    uint64_t id;
+} cancel_search;
+
+/* pz_spsc_walk's visitor over the submit queue's frames. */
+static int cancel_in_chunk(char *data, size_t n, void *ud)
+{
+    cancel_search *c = ud;
+    for (size_t pos = 0; pos < n; pos += pz_frame_size(data + pos)) {
+        char *fr = data + pos;
+        if (pz_frame_id(fr) == c->id) {
+            if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
+                cancel_waiting(c->io, fr);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int pz_dispatch_cancel(struct pz_io *io, uint64_t id)
+{
+    for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos)) {
+        char *fr = io->rq.data + pos;
+        if (pz_frame_id(fr) == id) {
+            if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
+                cancel_waiting(io, fr);
+            return 1;
+        }
+    }
+    for (int i = 0; i < io->nrecords; i++)
+        if (pz_slot_cancel(io, &io->slots[i], id))
+            return 1;
+    /* The submit queue: its consumer (us) may read, and flag, what the
+     * producer has published. */
+    cancel_search c = {io, id};
+    return pz_spsc_walk(&io->p->submit, cancel_in_chunk, &c);
 }

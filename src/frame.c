@@ -57,16 +57,17 @@ int pz_record_error(const pz_frame *f, pz_error_parts *e)
     const char *rest;
     size_t rlen;
     if (pz_split_prefixed(f->payload, f->len, &e->args, &e->args_len, &rest, &rlen) != 0 ||
-        pz_split_prefixed(rest, rlen, &e->message, &e->message_len, &rest, &rlen) != 0)
+        pz_split_prefixed(rest, rlen, &e->message, &e->message_len, &rest, &rlen) != 0 ||
+        pz_split_prefixed(rest, rlen, &e->traceback, &e->traceback_len, &rest, &rlen) != 0)
         return -1;
-    return pz_split_prefixed(rest, rlen, &e->traceback, &e->traceback_len, &e->value,
-                             &e->value_len);
+    return pz_split_prefixed(rest, rlen, &e->value, &e->value_len, &e->attempts,
+                             &e->attempts_len);
 }
 
 int pz_record_init_error(const pz_frame *f, pz_error_parts *e)
 {
-    e->args = e->value = f->payload;
-    e->args_len = e->value_len = 0;
+    e->args = e->value = e->attempts = f->payload;
+    e->args_len = e->value_len = e->attempts_len = 0;
     return pz_split_prefixed(f->payload, f->len, &e->message, &e->message_len, &e->traceback,
                              &e->traceback_len);
 }

@@ -3,20 +3,23 @@
  * the parent's I/O thread and its main thread.  This file owns their byte
  * layout: no other file reads or writes a header byte by its offset.
  *
- * A frame is a 20-byte header and a payload, integers little-endian:
+ * A frame is a 24-byte header and a payload, integers little-endian:
  *
  *   u32 payload length
  *   u8  type            (enum pz_frame_type)
  *   u8  deaths          CALL: workers the call has killed
  *   u8  tag             CALL, RESULT, ERROR: who takes the result: 0 for
  *                       the pool's own lists, else a map or stream (lpool.c)
- *   u8  tries           CALL: times its executor has raised (retries)
+ *   u8  tries           CALL: times its executor raised and it ran again
+ *   u8  flags           CALL: PZ_CALL_*; ERROR record: its kind, PZ_ERR_*
+ *   u8  reserved[3]     zero
  *   u32 timeout_ms      CALL: 0 for the pool's timeout, PZ_NO_TIMEOUT for none
  *   u64 id              CALL/RESULT/ERROR: the call id; INIT_OK: the pid;
  *                       records: the worker slot
  *
- * deaths, tag, tries and timeout_ms are the parent's bookkeeping, carried
- * with the call wherever it goes; workers ignore them and answer with 0.
+ * deaths, tag, tries, flags and timeout_ms are the parent's bookkeeping,
+ * carried with the call wherever it goes; workers ignore them and answer
+ * with 0.
  *
  * Many frames go in one write and come out of one read; pz_frame_parse finds
  * the boundaries and rejects anything malformed.
@@ -37,15 +40,22 @@
  *               m bytes of traceback, then the value error() was given,
  *               encoded lossily (empty when even that failed)
  *   STOP        empty: finish, call the executor's close, exit
+ *   CLOSED      what the executor's close returned, encoded lossily (sent
+ *               before a worker leaves after STOP, when it has a close)
  *
  * Records (I/O thread -> main thread, through the pool's done queue) reuse
  * the header; they never cross a process boundary:
  *   RESULT      id = call id, tag; payload = the tuple of values
- *   ERROR       id = call id, tag; payload = varint n, n bytes of argument
- *               tuple, then as from the worker: message, traceback, value
+ *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*); payload =
+ *               four varint-prefixed byte strings: the argument tuple, the
+ *               message, the traceback, the encoded error value (may be
+ *               empty); then the earlier attempts (retries): varint count,
+ *               and for each varint slot (1-based), varint pid, varint n
+ *               and n bytes of message
  *   INIT_OK     id = slot; payload = varint pid, then the executor copy
  *   INIT_ERROR  id = slot; payload = varint n, message, then the traceback;
  *               the slot is given up
+ *   CLOSED      id = slot; payload = the value its executor's close returned
  */
 #ifndef PZ_FRAME_H
 #define PZ_FRAME_H
@@ -54,7 +64,19 @@
 #include <stdint.h>
 #include <string.h>
 
-#define PZ_FRAME_HEADER 20
+#define PZ_FRAME_HEADER 24
+
+/* flags of a CALL frame. */
+#define PZ_CALL_CANCELLED 1 /* given up on: its answer, if any comes, is dropped */
+
+/* flags of an ERROR record: why the call failed. */
+enum pz_error_kind {
+    PZ_ERR_RAISED = 0,    /* the executor raised (or its result could not travel) */
+    PZ_ERR_TIMEOUT = 1,   /* it ran longer than its timeout */
+    PZ_ERR_CANCELLED = 2, /* p:cancel */
+    PZ_ERR_KILLER = 3,    /* it killed max_deaths workers */
+    PZ_ERR_PARENT = 4     /* the parent could not take its result */
+};
 
 /* timeout_ms of a call that has none, whatever the pool's. */
 #define PZ_NO_TIMEOUT UINT32_MAX
@@ -72,12 +94,13 @@ enum pz_frame_type {
     PZ_F_RESULT = 5,
     PZ_F_ERROR = 6,
     PZ_F_STOP = 7,
-    PZ_F_LAST = 7
+    PZ_F_CLOSED = 8,
+    PZ_F_LAST = 8
 };
 
 typedef struct pz_frame {
     uint8_t type;
-    uint8_t deaths, tag, tries;
+    uint8_t deaths, tag, tries, flags;
     uint32_t timeout_ms;
     uint64_t id;
     const char *payload;
@@ -100,8 +123,9 @@ enum {
     PZ_FO_DEATHS = 5,
     PZ_FO_TAG = 6,
     PZ_FO_TRIES = 7,
-    PZ_FO_TIMEOUT = 8,
-    PZ_FO_ID = 12
+    PZ_FO_FLAGS = 8,
+    PZ_FO_TIMEOUT = 12,
+    PZ_FO_ID = 16
 };
 
 static inline void pz_frame_put_u32(char *dst, uint32_t v)
@@ -124,6 +148,7 @@ static inline void pz_frame_header(char *dst, uint8_t type, uint64_t id, uint32_
     pz_frame_put_u32(dst + PZ_FO_LEN, len);
     d[PZ_FO_TYPE] = type;
     d[PZ_FO_DEATHS] = d[PZ_FO_TAG] = d[PZ_FO_TRIES] = 0;
+    d[PZ_FO_FLAGS] = d[PZ_FO_FLAGS + 1] = d[PZ_FO_FLAGS + 2] = d[PZ_FO_FLAGS + 3] = 0;
     pz_frame_put_u32(dst + PZ_FO_TIMEOUT, 0);
     for (int i = 0; i < 8; i++)
         d[PZ_FO_ID + i] = (unsigned char)(id >> (8 * i));
@@ -176,6 +201,16 @@ static inline void pz_frame_set_tries(char *p, uint8_t tries)
     p[PZ_FO_TRIES] = (char)tries;
 }
 
+static inline uint8_t pz_frame_flags(const char *p)
+{
+    return (uint8_t)p[PZ_FO_FLAGS];
+}
+
+static inline void pz_frame_set_flags(char *p, uint8_t flags)
+{
+    p[PZ_FO_FLAGS] = (char)flags;
+}
+
 static inline uint32_t pz_frame_timeout_ms(const char *p)
 {
     return pz_frame_get_u32(p + PZ_FO_TIMEOUT);
@@ -209,6 +244,7 @@ static inline void pz_frame_read(const char *p, pz_frame *f)
     f->deaths = pz_frame_deaths(p);
     f->tag = pz_frame_tag(p);
     f->tries = pz_frame_tries(p);
+    f->flags = pz_frame_flags(p);
     f->timeout_ms = pz_frame_timeout_ms(p);
     f->id = pz_frame_id(p);
     f->len = pz_frame_payload_len(p);
@@ -287,11 +323,11 @@ int pz_split_prefixed(const char *p, size_t n, const char **s, size_t *slen, con
 int pz_take_varint(const char **p, size_t *n, uint64_t *v);
 
 /* The parts of an ERROR record, or the message and traceback of an
- * INIT_ERROR record (args and value empty).  Returns 0, or -1 when
- * malformed. */
+ * INIT_ERROR record (the rest empty).  `attempts` is left unparsed (see
+ * the layout above).  Returns 0, or -1 when malformed. */
 typedef struct pz_error_parts {
-    const char *args, *message, *traceback, *value;
-    size_t args_len, message_len, traceback_len, value_len;
+    const char *args, *message, *traceback, *value, *attempts;
+    size_t args_len, message_len, traceback_len, value_len, attempts_len;
 } pz_error_parts;
 int pz_record_error(const pz_frame *f, pz_error_parts *e);
 int pz_record_init_error(const pz_frame *f, pz_error_parts *e);

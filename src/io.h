@@ -32,24 +32,33 @@
  * the slot's generation in the high 32. */
 enum { PZ_TOKEN_WAKE = 0, PZ_TOKEN_SPAWNER = 1, PZ_TOKEN_SLOT = 2 };
 
-/* Where a slot's worker is in its life. */
+/* Where a worker record is in its life. */
 enum pz_slot_state {
+    SLOT_SPARE,    /* the unused record of a slot's pair (recycling, below) */
     SLOT_IDLE,     /* no process; (re)started when respawn_at comes */
     SLOT_STARTING, /* forked, INIT sent, no answer yet */
     SLOT_READY,    /* initialized: takes calls */
-    SLOT_STOPPING, /* STOP sent: finishes what it holds, then exits */
+    SLOT_RETIRING, /* given its last call (max_calls) and STOP: finishes them */
+    SLOT_STOPPING, /* STOP sent by stop(): finishes what it holds, then exits */
     SLOT_GONE      /* given up, or stopped: never started again */
 };
 
-/* The parent's view of one worker slot (the worker process itself runs
- * worker.c).  A worker's calls are kept as the very bytes sent to it, in
- * order, in `out`: [out_head, out_sent) sent and unanswered, [out_sent, len)
- * not yet sent.  A worker answers in the order it received, so an answer
- * always belongs to the frame at out_head; when the worker dies, everything
- * from out_head on goes back to the queue.  The INIT frame sits before
- * out_head until the worker has answered it. */
+/* The parent's view of one worker process, in its record (the worker itself
+ * runs worker.c).  Each of the pool's slots has two records: one runs the
+ * slot's worker; the other stays SPARE until that worker has been given
+ * max_calls calls, then starts the replacement while the old worker
+ * finishes its last calls (RETIRING), so that the slot is never without a
+ * worker ready for long.  Record r and r + nslots belong to slot r.
+ *
+ * A worker's calls are kept as the very bytes sent to it, in order, in
+ * `out`: [out_head, out_sent) sent and unanswered, [out_sent, len) not yet
+ * sent.  A worker answers in the order it received, so an answer always
+ * belongs to the frame at out_head; when the worker dies, everything from
+ * out_head on goes back to the queue.  The INIT frame sits before out_head
+ * until the worker has answered it. */
 typedef struct pz_slot {
-    int index;           /* 0-based; users see index + 1 */
+    int index;           /* the record's: epoll tokens, shared memory */
+    int slot;            /* the pool's slot, 0-based; users see slot + 1 */
     enum pz_slot_state state;
     int fd;              /* socket, -1 when closed */
     pid_t pid;           /* 0 until the spawner reports it */
@@ -59,13 +68,17 @@ typedef struct pz_slot {
     pz_buf out;
     size_t out_head, out_sent;
     uint32_t inflight;   /* calls in `out` from out_head on */
-    uint32_t depth;      /* how many it may hold (ioloop: window / avg) */
+    uint32_t depth;      /* how many it may hold (window / avg) */
+    uint64_t given;      /* calls handed to this process (max_calls) */
     double avg_ns;       /* moving average of call durations, 0: unknown */
+    int64_t head_since;  /* when the call at out_head became the oldest: it
+                          * cannot have started earlier (timeouts) */
+    uint64_t doomed;     /* the call it is being killed for, or 0 */
+    uint8_t doomed_kind; /* PZ_ERR_TIMEOUT or PZ_ERR_CANCELLED */
     pz_buf in;           /* bytes read, not yet a whole frame */
     size_t discard;      /* bytes still to skip of an answer the parent
                           * could not allocate room for (slot.c) */
     int want_out;        /* EPOLLOUT registered */
-    int has_settled;     /* counted in io->slots_settled */
     int init_crashes;
     int64_t respawn_at;  /* SLOT_IDLE: when to start again */
     int64_t eof_at;      /* saw end of file while the process still ran */
@@ -85,7 +98,10 @@ struct pz_io {
     pz_pool *p;
     pthread_mutex_t lock;    /* see the rule at the top */
     int ep;                  /* epoll: wake-up eventfd, spawner, slots */
-    pz_slot *slots;          /* p->nslots of them */
+    pz_slot *slots;          /* nrecords of them: two per slot (see pz_slot) */
+    int nrecords;
+    int *settled;            /* per slot: initialized once, or given up */
+    pz_slot_stats *slot_stats; /* per slot */
 
     /* dispatch.c */
     int rr;                  /* round-robin cursor */
@@ -108,7 +124,21 @@ struct pz_io {
     int64_t term_at, kill_at; /* SIGTERM / SIGKILL deadlines, 0: none */
     int finished;            /* everything ended: the loop returns */
 
+    /* control.c: requests from the main thread (cancel), under ctl_lock */
+    pthread_mutex_t ctl_lock;
+    uint64_t *cancels;       /* ids to cancel */
+    size_t ncancels, capcancels;
+    struct pz_retries *retries; /* retry.c: attempts of calls that raised */
+
+    /* ioloop.c: counts for stats */
+    uint64_t failed, deaths, respawns, recycles, timeouts, cancelled, retried;
+    int64_t started_ns, last_sample_ns;
+    int nsamples;
+    int64_t sample_ns[8];
+    uint64_t sample_done[8];
+
     /* ioloop.c: what publish() makes visible */
+    int halted;              /* fail_fast: the first failure stopped dispatch */
     uint64_t calls_done;     /* RESULT/ERROR records written */
     uint64_t calls_taken;    /* CALL frames taken from the submit queue */
     int slots_settled;
@@ -129,6 +159,11 @@ int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const
  * counters that go with them, and wakes it if what it waits for is now
  * true. */
 void pz_io_publish(struct pz_io *io);
+
+/* pz_io_record for an ERROR record of this kind (PZ_ERR_*): counted in
+ * the stats, and, with fail_fast, the first one stops dispatching. */
+int pz_io_record_error(struct pz_io *io, uint8_t kind, uint8_t tag, uint64_t id,
+                       const pz_part *parts, int nparts);
 
 /* Counts slot w as settled (initialized once or given up), once. */
 void pz_io_settle(struct pz_io *io, pz_slot *w);
@@ -184,9 +219,31 @@ int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t si
  * holds no call and is ended at once. */
 void pz_slot_stop(struct pz_io *io, pz_slot *w);
 
-/* Respawns w when due, kills it when it closed its socket but lingers;
- * lowers *next to w's next deadline. */
+/* Respawns w when due, kills it when it closed its socket but lingers,
+ * ends the call it runs when that has run out of time; lowers *next to
+ * w's next deadline. */
 void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next);
+
+/* Cancels call id if w holds it: dropped if w has not started it (an
+ * error record now), else w's worker is killed for it.  Returns whether w
+ * held it. */
+int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id);
+
+/* ---- retry.c ----------------------------------------------------------- */
+
+/* Call `call` (a CALL frame w held) raised with message msg: when it may
+ * run again (option retries), notes the attempt, requeues it and returns
+ * 0; returns -1 when it may not (its error goes to the main thread). */
+int pz_retry_again(struct pz_io *io, pz_slot *w, char *call, const char *msg, size_t mlen);
+
+/* Writes into `out` the attempts part of the ERROR record of call id,
+ * which failed for good on w with message msg (frame.h): every attempt,
+ * that one last, and forgets them.  Returns 0, or -1 when out of memory. */
+int pz_retry_take(struct pz_io *io, pz_slot *w, uint64_t id, const char *msg, size_t mlen,
+                  pz_buf *out);
+
+/* Frees what retry.c keeps. */
+void pz_retry_free(struct pz_io *io);
 
 /* ---- dispatch.c -------------------------------------------------------- */
 
@@ -207,6 +264,14 @@ int pz_dispatch_waiting(struct pz_io *io);
  * -1 when out of memory (the pool has failed; the frames stay in w->out,
  * where stop finds them). */
 int pz_dispatch_requeue(struct pz_io *io, pz_slot *w, size_t from, uint64_t drop);
+
+/* Puts a copy of one CALL frame at the front of the requeue.  Returns 0,
+ * or -1 when out of memory (the pool has failed). */
+int pz_dispatch_requeue_frame(struct pz_io *io, const char *frame, size_t size);
+
+/* Cancels call id wherever the I/O side holds it (requeued, in a worker,
+ * or still in the submit queue); returns whether it was found. */
+int pz_dispatch_cancel(struct pz_io *io, uint64_t id);
 
 /* ---- spawnq.c ---------------------------------------------------------- */
 

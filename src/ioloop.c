@@ -42,13 +42,36 @@ int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const
     atomic_fetch_add_explicit(&io->p->backlog, size, memory_order_relaxed);
     if (type == PZ_F_RESULT || type == PZ_F_ERROR)
         io->calls_done++;
+    if (type == PZ_F_INIT_ERROR && io->p->opt.fail_fast)
+        io->halted = 1;
+    return 0;
+}
+
+int pz_io_record_error(struct pz_io *io, uint8_t kind, uint8_t tag, uint64_t id,
+                       const pz_part *parts, int nparts)
+{
+    if (pz_io_record(io, PZ_F_ERROR, tag, id, parts, nparts) != 0)
+        return -1;
+    /* The record ends where the done queue's writing does (in a new chunk,
+     * if it opened one): its header is that far back. */
+    pz_spsc *q = &io->p->done;
+    size_t size = PZ_FRAME_HEADER + pz_frame_parts_len(parts, nparts);
+    char *d = q->wr->data + q->wpos - size;
+    pz_frame_set_flags(d, kind);
+    io->failed++;
+    if (kind == PZ_ERR_TIMEOUT)
+        io->timeouts++;
+    if (kind == PZ_ERR_CANCELLED)
+        io->cancelled++;
+    else if (io->p->opt.fail_fast)
+        io->halted = 1; /* the first failure stops dispatching */
     return 0;
 }
 
 void pz_io_settle(struct pz_io *io, pz_slot *w)
 {
-    if (!w->has_settled) {
-        w->has_settled = 1;
+    if (!io->settled[w->slot]) {
+        io->settled[w->slot] = 1;
         io->slots_settled++;
     }
 }
@@ -90,8 +113,8 @@ void pz_io_check_fatal(struct pz_io *io)
 {
     if (io->stopping || io->fatal)
         return;
-    for (int i = 0; i < io->p->nslots; i++)
-        if (io->slots[i].state != SLOT_GONE)
+    for (int i = 0; i < io->nrecords; i++)
+        if (io->slots[i].state != SLOT_GONE && io->slots[i].state != SLOT_SPARE)
             return;
     fail2(io, "no worker is left and none can be started: ",
           io->first_error ? io->first_error : "every worker was lost");
@@ -102,7 +125,7 @@ void pz_io_check_fatal(struct pz_io *io)
 static int main_condition(struct pz_io *io, int waiting)
 {
     pz_pool *p = io->p;
-    if (io->fatal || io->finished)
+    if (io->fatal || io->finished || io->halted)
         return 1;
     if (waiting != PZ_WAIT_EXIT &&
         atomic_load_explicit(&p->backlog, memory_order_relaxed) >= PZ_BACKLOG_WAKE)
@@ -124,6 +147,8 @@ void pz_io_publish(struct pz_io *io)
     atomic_store(&p->slots_settled, io->slots_settled);
     if (io->fatal)
         atomic_store(&p->fatal, 1);
+    if (io->halted)
+        atomic_store(&p->halted, 1);
     if (io->finished)
         atomic_store(&p->finished, 1);
     int waiting = atomic_load(&p->main_waiting);
@@ -138,7 +163,7 @@ void pz_io_publish(struct pz_io *io)
 static int64_t run_timers(struct pz_io *io, int64_t now)
 {
     int64_t next = 0;
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         pz_slot_timers(io, &io->slots[i], now, &next);
     if (io->stopping) {
         if (io->term_at && (next == 0 || io->term_at < next))
@@ -155,19 +180,19 @@ static void begin_stop(struct pz_io *io)
     int64_t finish = atomic_load(&io->p->finish_ns);
     if (finish >= 0)
         io->term_at = finish > 0 ? finish : 1;
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         pz_slot_stop(io, &io->slots[i]);
 }
 
 static void signal_all(struct pz_io *io, int sig)
 {
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         pz_spawnq_kill(io, &io->slots[i], sig);
 }
 
 static int any_alive(struct pz_io *io)
 {
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         if (io->slots[i].alive)
             return 1;
     return 0;
@@ -192,6 +217,92 @@ static void progress_stop(struct pz_io *io, int64_t now)
         io->finished = 1;
 }
 
+/* ---- requests from the main thread, and stats ---------------------------- */
+
+/* Carries out the cancels the main thread asked for (pz_io_cancel). */
+static void take_requests(struct pz_io *io)
+{
+    pthread_mutex_lock(&io->ctl_lock);
+    size_t n = io->ncancels;
+    uint64_t ids[64];
+    if (n > 64)
+        n = 64;
+    memcpy(ids, io->cancels, n * sizeof *ids);
+    memmove(io->cancels, io->cancels + n, (io->ncancels - n) * sizeof *ids);
+    io->ncancels -= n;
+    int more = io->ncancels > 0;
+    pthread_mutex_unlock(&io->ctl_lock);
+    for (size_t i = 0; i < n; i++)
+        pz_dispatch_cancel(io, ids[i]);
+    if (more) /* the rest on the next turn, which comes at once */
+        pz_wake(io->p->io_wake_fd, "the I/O thread");
+}
+
+int pz_io_cancel(struct pz_io *io, uint64_t id)
+{
+    pthread_mutex_lock(&io->ctl_lock);
+    int rc = 0;
+    if (io->ncancels == io->capcancels) {
+        size_t cap = io->capcancels ? io->capcancels * 2 : 16;
+        uint64_t *c = realloc(io->cancels, cap * sizeof *c);
+        if (!c)
+            rc = -1;
+        else {
+            io->cancels = c;
+            io->capcancels = cap;
+        }
+    }
+    if (rc == 0)
+        io->cancels[io->ncancels++] = id;
+    pthread_mutex_unlock(&io->ctl_lock);
+    if (rc == 0)
+        pz_wake(io->p->io_wake_fd, "the I/O thread");
+    return rc;
+}
+
+#define SAMPLE_NS 500000000LL
+
+/* Keeps calls_done now and then (every half second at most, while the loop
+ * turns) for the rates of p:stats(). */
+static void sample(struct pz_io *io, int64_t now)
+{
+    if (now - io->last_sample_ns < SAMPLE_NS)
+        return;
+    io->last_sample_ns = now;
+    if (io->nsamples == 8) {
+        memmove(io->sample_ns, io->sample_ns + 1, 7 * sizeof *io->sample_ns);
+        memmove(io->sample_done, io->sample_done + 1, 7 * sizeof *io->sample_done);
+        io->nsamples = 7;
+    }
+    io->sample_ns[io->nsamples] = now;
+    io->sample_done[io->nsamples++] = io->calls_done;
+}
+
+void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
+{
+    pthread_mutex_lock(&io->lock);
+    st->done = io->calls_done;
+    st->failed = io->failed;
+    st->deaths = io->deaths;
+    st->respawns = io->respawns;
+    st->recycles = io->recycles;
+    st->timeouts = io->timeouts;
+    st->cancelled = io->cancelled;
+    st->retries = io->retried;
+    st->running = 0;
+    for (int i = 0; i < io->nrecords; i++)
+        st->running += io->slots[i].inflight;
+    st->queued = 0;
+    for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos))
+        st->queued++;
+    st->started_ns = io->started_ns;
+    st->nsamples = io->nsamples;
+    memcpy(st->sample_ns, io->sample_ns, sizeof st->sample_ns);
+    memcpy(st->sample_done, io->sample_done, sizeof st->sample_done);
+    memcpy(st->slots, io->slot_stats, (size_t)io->p->nslots * sizeof *st->slots);
+    pthread_mutex_unlock(&io->lock);
+}
+
 /* ---- the loop ----------------------------------------------------------- */
 
 static void on_event(struct pz_io *io, const struct epoll_event *ev)
@@ -210,7 +321,7 @@ static void on_event(struct pz_io *io, const struct epoll_event *ev)
         return;
     }
     int index = (int)(uint32_t)t - PZ_TOKEN_SLOT;
-    if (index < 0 || index >= io->p->nslots)
+    if (index < 0 || index >= io->nrecords)
         return;
     pz_slot *w = &io->slots[index];
     if (w->gen != (uint32_t)(t >> 32) || w->fd < 0)
@@ -237,10 +348,13 @@ void *pz_io_main(void *arg)
     pthread_mutex_lock(&io->lock);
     for (int i = 0; i < p->nslots; i++)
         pz_slot_start(io, &io->slots[i]);
+    io->started_ns = pz_now_ns();
     while (!io->finished) {
         int64_t now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
             begin_stop(io);
+        take_requests(io);
+        sample(io, now);
         int64_t deadline = run_timers(io, now);
         if (io->stopping)
             progress_stop(io, now);
@@ -251,7 +365,7 @@ void *pz_io_main(void *arg)
         /* Tell the main thread we sleep with room for calls, then look once
          * more: a call published before the flag was set would otherwise
          * wait for the next event. */
-        int room = !io->stopping && !io->fatal && pz_dispatch_has_room(io);
+        int room = !io->stopping && !io->fatal && !io->halted && pz_dispatch_has_room(io);
         if (room) {
             atomic_store(&p->io_sleeping, 1);
             if (pz_dispatch_waiting(io)) {
@@ -291,25 +405,36 @@ struct pz_io *pz_io_new(pz_pool *p)
     struct pz_io *io = calloc(1, sizeof *io);
     if (!io)
         return NULL;
-    if (pthread_mutex_init(&io->lock, NULL) != 0) {
-        free(io);
-        return NULL;
-    }
     io->p = p;
-    io->slots = calloc((size_t)p->nslots, sizeof *io->slots);
-    io->ep = epoll_create1(EPOLL_CLOEXEC);
-    if (!io->slots || io->ep < 0) {
+    io->ep = -1;
+    io->nrecords = 2 * p->nslots;
+    io->slots = calloc((size_t)io->nrecords, sizeof *io->slots);
+    io->settled = calloc((size_t)p->nslots, sizeof *io->settled);
+    io->slot_stats = calloc((size_t)p->nslots, sizeof *io->slot_stats);
+    int locks = pthread_mutex_init(&io->lock, NULL) == 0;
+    locks += locks && pthread_mutex_init(&io->ctl_lock, NULL) == 0;
+    if (locks == 2)
+        io->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (locks < 2 || !io->slots || !io->settled || !io->slot_stats || io->ep < 0) {
+        if (locks >= 1)
+            pthread_mutex_destroy(&io->lock);
+        if (locks == 2)
+            pthread_mutex_destroy(&io->ctl_lock);
         if (io->ep >= 0)
             close(io->ep);
-        pthread_mutex_destroy(&io->lock);
         free(io->slots);
+        free(io->settled);
+        free(io->slot_stats);
         free(io);
         return NULL;
     }
-    for (int i = 0; i < p->nslots; i++) {
+    /* Records r and r + nslots belong to slot r; the second waits, SPARE,
+     * for its first worker's replacement (io.h). */
+    for (int i = 0; i < io->nrecords; i++) {
         io->slots[i].index = i;
+        io->slots[i].slot = i % p->nslots;
         io->slots[i].fd = -1;
-        io->slots[i].state = SLOT_IDLE;
+        io->slots[i].state = i < p->nslots ? SLOT_IDLE : SLOT_SPARE;
     }
     struct epoll_event ev = {EPOLLIN, {.u64 = PZ_TOKEN_WAKE}};
     struct epoll_event sv = {EPOLLIN, {.u64 = PZ_TOKEN_SPAWNER}};
@@ -332,12 +457,15 @@ void pz_io_park(struct pz_io *io, int park)
 void pz_io_leftovers(struct pz_io *io, void (*fn)(const char *, size_t, void *), void *ud)
 {
     for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos))
-        fn(io->rq.data + pos, pz_frame_size(io->rq.data + pos), ud);
-    for (int i = 0; i < io->p->nslots; i++) {
+        if (!(pz_frame_flags(io->rq.data + pos) & PZ_CALL_CANCELLED))
+            fn(io->rq.data + pos, pz_frame_size(io->rq.data + pos), ud);
+    for (int i = 0; i < io->nrecords; i++) {
         pz_slot *w = &io->slots[i];
-        for (size_t pos = w->out_head; pos < w->out.len; pos += pz_frame_size(w->out.data + pos))
-            if (pz_frame_type(w->out.data + pos) == PZ_F_CALL)
-                fn(w->out.data + pos, pz_frame_size(w->out.data + pos), ud);
+        for (size_t pos = w->out_head; pos < w->out.len; pos += pz_frame_size(w->out.data + pos)) {
+            const char *fr = w->out.data + pos;
+            if (pz_frame_type(fr) == PZ_F_CALL && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
+                fn(fr, pz_frame_size(fr), ud);
+        }
     }
 }
 
@@ -345,7 +473,7 @@ void pz_io_free(struct pz_io *io)
 {
     if (!io)
         return;
-    for (int i = 0; i < io->p->nslots; i++) {
+    for (int i = 0; i < io->nrecords; i++) {
         pz_slot *w = &io->slots[i];
         if (w->fd >= 0)
             close(w->fd);
@@ -357,9 +485,14 @@ void pz_io_free(struct pz_io *io)
             close(io->spq[i].fd);
     free(io->spq);
     free(io->first_error);
+    free(io->cancels);
+    pz_retry_free(io);
     pz_buf_free(&io->rq);
     close(io->ep);
     pthread_mutex_destroy(&io->lock);
+    pthread_mutex_destroy(&io->ctl_lock);
     free(io->slots);
+    free(io->settled);
+    free(io->slot_stats);
     free(io);
 }

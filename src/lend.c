@@ -57,7 +57,7 @@ static const char *lone_call(struct pz_io *io, size_t *size)
 
 static int nothing_in_flight(struct pz_io *io)
 {
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         if (io->slots[i].inflight != 0)
             return 0;
     return 1;

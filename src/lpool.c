@@ -23,6 +23,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -154,7 +155,7 @@ static int opt_bool(lua_State *L, const char *name)
 
 /* The tables of a pool's environment (lrecords.c says what each holds). */
 static const char *const env_tables[] = {"results", "ids", "errors", "extras", "unclaimed",
-                                         "executors", "pids", "init_errors", "claims"};
+                                         "executors", "pids", "init_errors", "claims", "closed"};
 
 /* core.pool_new(specs, options) -> pool.  specs: an array of
  * {kind =, spec =, args =}, one per worker; options: every option set,
@@ -181,6 +182,11 @@ static int l_pool_new(lua_State *L)
     o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace") * 1e9);
     o.spin_ns = (int64_t)(opt_number(L, "spin") * 1e9);
     o.kill_leftovers = opt_bool(L, "kill_leftovers");
+    double timeout = opt_number(L, "timeout") * 1e3;
+    o.timeout_ms = timeout <= 0 ? 0 : timeout >= PZ_NO_TIMEOUT ? PZ_NO_TIMEOUT - 1 : timeout < 1 ? 1 : (uint32_t)timeout;
+    o.retries = (int)opt_number(L, "retries");
+    o.max_calls = (uint64_t)opt_number(L, "max_calls");
+    o.fail_fast = opt_bool(L, "fail_fast");
     double max_pending = opt_number(L, "max_pending");
 
     lpool *u = (lpool *)lua_newuserdata(L, sizeof *u);
@@ -188,6 +194,7 @@ static int l_pool_new(lua_State *L)
     u->scratch = (pz_buf)PZ_BUF_INIT;
     u->finished.low = 1;
     u->keep_results = opt_bool(L, "keep_results");
+    u->quiet = opt_bool(L, "quiet");
     u->max_pending = max_pending >= 1 ? (uint64_t)max_pending : 0;
     luaL_getmetatable(L, PZ_POOL_MT);
     lua_setmetatable(L, -2);
@@ -335,7 +342,8 @@ static int l_pool_drain(lua_State *L)
  * have finished in all, or fewer than `pending_below` wait for a worker;
  * either may be nil).  Drains first.  Returns "done", "timeout",
  * "interrupted" (a signal arrived: the caller's interrupt hook, if any,
- * fires on return) or "fatal" (the pool cannot go on: env.fatal says why). */
+ * fires on return), "fatal" (the pool cannot go on: env.fatal says why) or
+ * "halted" (fail_fast: a failure, env.first_failure, stopped dispatch). */
 static int l_pool_wait(lua_State *L)
 {
     lpool *u = check_running(L, 1);
@@ -371,9 +379,9 @@ static int l_pool_wait(lua_State *L)
             uint64_t taken = below == 0 ? PZ_NEVER : queued + 1 > below ? queued + 1 - below : 0;
             r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, finished, taken, deadline);
         }
-        if (r == PZ_WAIT_FATAL) {
+        if (r == PZ_WAIT_FATAL || r == PZ_WAIT_HALTED) {
             pz_lrecords_drain(L, u, 1);
-            lua_pushliteral(L, "fatal");
+            lua_pushstring(L, r == PZ_WAIT_FATAL ? "fatal" : "halted");
             return 1;
         }
         if (r == PZ_WAIT_INTERRUPTED || r == PZ_WAIT_TIMEOUT) {
@@ -409,6 +417,92 @@ static int l_pool_finished(lua_State *L)
     lpool *u = to_lpool(L, 1);
     double id = luaL_checknumber(L, 2);
     lua_pushboolean(L, id >= 1 && pz_idset_has(&u->finished, (uint64_t)id));
+    return 1;
+}
+
+/* core.pool_cancel(pool, id) -> boolean: asks the I/O thread to cancel
+ * call id (io.h), unless it has finished; returns whether it had not. */
+static int l_pool_cancel(lua_State *L)
+{
+    lpool *u = check_running(L, 1);
+    double id = luaL_checknumber(L, 2);
+    pz_lrecords_drain(L, u, 1);
+    if (id < 1 || id > (double)pz_pool_calls(u->pool) || pz_idset_has(&u->finished, (uint64_t)id)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (pz_pool_cancel(u->pool, (uint64_t)id) != 0)
+        return luaL_error(L, "cannot cancel call %f: out of memory", id);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static void set_count(lua_State *L, const char *name, uint64_t v)
+{
+    lua_pushnumber(L, (lua_Number)v);
+    lua_setfield(L, -2, name);
+}
+
+/* Pushes the I/O thread's counts: {done, failed, deaths, respawns,
+ * recycles, timeouts, cancelled, retries, running, requeued, elapsed
+ * (seconds), samples = {{t, done}, ...}, workers = {{pid =, calls =,
+ * busy =}, ...}}; `done` counts results and errors.  The pool must not be
+ * freed yet. */
+static void push_stats(lua_State *L, lpool *u)
+{
+    pz_pool_stats st;
+    memset(&st, 0, sizeof st);
+    st.slots = (pz_slot_stats *)lua_newuserdata(L, (size_t)u->nslots * sizeof *st.slots);
+    pz_pool_get_stats(u->pool, &st);
+    int64_t now = pz_now_ns();
+    lua_createtable(L, 0, 14);
+    set_count(L, "done", st.done);
+    set_count(L, "failed", st.failed);
+    set_count(L, "deaths", st.deaths);
+    set_count(L, "respawns", st.respawns);
+    set_count(L, "recycles", st.recycles);
+    set_count(L, "timeouts", st.timeouts);
+    set_count(L, "cancelled", st.cancelled);
+    set_count(L, "retries", st.retries);
+    set_count(L, "running", st.running);
+    set_count(L, "requeued", st.queued);
+    lua_pushnumber(L, st.started_ns ? (lua_Number)(now - st.started_ns) / 1e9 : 0);
+    lua_setfield(L, -2, "elapsed");
+    lua_createtable(L, st.nsamples + 1, 0);
+    for (int i = 0; i <= st.nsamples; i++) {
+        lua_createtable(L, 2, 0);
+        lua_pushnumber(L, (lua_Number)((i < st.nsamples ? st.sample_ns[i] : now)) / 1e9);
+        lua_rawseti(L, -2, 1);
+        lua_pushnumber(L, (lua_Number)(i < st.nsamples ? st.sample_done[i] : st.done));
+        lua_rawseti(L, -2, 2);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "samples");
+    lua_createtable(L, u->nslots, 0);
+    for (int i = 0; i < u->nslots; i++) {
+        lua_createtable(L, 0, 3);
+        set_count(L, "pid", (uint64_t)st.slots[i].pid);
+        set_count(L, "calls", st.slots[i].calls);
+        lua_pushnumber(L, (lua_Number)st.slots[i].busy_ns / 1e9);
+        lua_setfield(L, -2, "busy");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "workers");
+    lua_remove(L, -2); /* the slots' buffer */
+}
+
+/* core.pool_stats(pool) -> the I/O thread's counts (push_stats); after
+ * stop, the last ones it had.  The Lua layer adds what the main thread
+ * knows. */
+static int l_pool_stats(lua_State *L)
+{
+    lpool *u = to_lpool(L, 1);
+    if (u->pool) {
+        push_stats(L, u);
+    } else {
+        lua_getfenv(L, 1);
+        lua_getfield(L, -1, "final_stats");
+    }
     return 1;
 }
 
@@ -539,6 +633,10 @@ static int l_pool_stop(lua_State *L)
                              "arguments (from a __gc finalizer?); call it afterwards");
     pz_pool_stop(u->pool, finish);
     pz_lrecords_drain(L, u, 1);
+    lua_getfenv(L, 1);
+    push_stats(L, u);
+    lua_setfield(L, -2, "final_stats");
+    lua_pop(L, 1);
     /* The frames are copied out and the pool freed before any argument is
      * decoded: decoding may fail (an argument naming a module the parent
      * no longer has), and the pool must end stopped whatever happens. */
@@ -558,6 +656,15 @@ static int l_pool_stop(lua_State *L)
 static int l_pool_gc(lua_State *L)
 {
     lpool *u = (lpool *)lua_touserdata(L, 1);
+    if (u->pool && !u->quiet) {
+        uint64_t calls = pz_pool_calls(u->pool), done = pz_pool_published(u->pool);
+        if (done < calls)
+            fprintf(stderr,
+                    "parallelize: a pool was dropped (collected, or still open when the program "
+                    "ended) with %llu of its %llu calls unfinished; to keep them, call p:wait() "
+                    "before the program ends (or pass quiet = true to say nothing)\n",
+                    (unsigned long long)(calls - done), (unsigned long long)calls);
+    }
     if (u->pool) {
         pz_pool_stop(u->pool, pz_now_ns());
         pz_pool_free(u->pool);
@@ -608,6 +715,7 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         {"pool_stop", l_pool_stop},       {"pool_counts", l_pool_counts},
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},
         {"pool_release", l_pool_release}, {"pool_size", l_pool_size},
+        {"pool_cancel", l_pool_cancel},   {"pool_stats", l_pool_stats},
         {"pool_env", l_pool_env},         {"pool_stopped", l_pool_stopped},
         {NULL, NULL}};
     worker_setup = setup;

@@ -27,6 +27,7 @@ typedef struct lpool {
     uintptr_t encoding_at; /* frame of the p(...) encoding into scratch, or 0 */
     int draining;      /* records are being turned into Lua values */
     int keep_results;  /* the pool's store keeps results (option keep_results) */
+    int quiet;         /* no warning when collected with calls unfinished */
     uint64_t max_pending; /* p(...) waits while this many are pending; 0: never */
     pz_idset finished; /* ids whose RESULT or ERROR record was drained */
     uint8_t tag_state[PZ_TAGS];

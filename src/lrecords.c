@@ -13,11 +13,13 @@
  *   tag of a map/stream    claims[tag]: lists as the pool's, which the map
  *                          or stream consumes (lua/parallelize/pool.lua)
  *
- * An error record is {id =, args =, message =, traceback =, value =},
- * with a metatable (PZ_ERROR_MT) whose __tostring gives the message.  The
- * other tables: executors[slot] (the copy a worker sent), pids[slot],
- * init_errors ({worker =, message =, traceback =}), fatal (why the pool
- * cannot go on).
+ * An error record is {id =, args =, message =, traceback =, value =,
+ * kind =, attempts =} (and timeout = true or cancelled = true for those
+ * kinds), with a metatable (PZ_ERROR_MT) whose __tostring gives the
+ * message.  The other tables: executors[slot] (the copy a worker sent),
+ * pids[slot], init_errors ({worker =, message =, traceback =}), closed[slot]
+ * (what the executor's close returned), first_failure (the first error or
+ * init error record, for fail_fast), fatal (why the pool cannot go on).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -34,12 +36,12 @@
  * other tables, then the lists of the claim last seen (CLAIM_*). */
 enum {
     D_U = 1, D_ENV, D_RESULTS, D_IDS, D_ERRORS, D_EXTRAS, D_UNCLAIMED, D_EXECUTORS, D_PIDS,
-    D_INIT_ERRORS, D_CLAIMS, D_CLAIM_RESULTS, D_CLAIM_IDS, D_CLAIM_ERRORS, D_CLAIM_EXTRAS,
-    D_TOP = D_CLAIM_EXTRAS
+    D_INIT_ERRORS, D_CLAIMS, D_CLOSED, D_CLAIM_RESULTS, D_CLAIM_IDS, D_CLAIM_ERRORS,
+    D_CLAIM_EXTRAS, D_TOP = D_CLAIM_EXTRAS
 };
 
 static const char *const env_tables[] = {"results", "ids", "errors", "extras", "unclaimed",
-                                         "executors", "pids", "init_errors", "claims"};
+                                         "executors", "pids", "init_errors", "claims", "closed"};
 
 /* The lists a record goes to: base slot (D_RESULTS or D_CLAIM_RESULTS) and
  * their lengths, kept here rather than asked of Lua at every record. */
@@ -116,6 +118,19 @@ static lists *route(lua_State *L, drain_state *d, uint8_t tag)
     return u->keep_results ? &d->pool : NULL;
 }
 
+/* Keeps the record on top (without popping it) as env.first_failure when
+ * it is the first failure (fail_fast raises it). */
+static void note_failure(lua_State *L)
+{
+    lua_getfield(L, D_ENV, "first_failure");
+    int first = lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (first) {
+        lua_pushvalue(L, -1);
+        lua_setfield(L, D_ENV, "first_failure");
+    }
+}
+
 /* Stores the error record on top (popping it) for call id, tag. */
 static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
 {
@@ -175,11 +190,48 @@ static int decode_error_value(lua_State *L)
     return 1;
 }
 
-/* Pushes an error record from the parts of an ERROR record, or from a
- * message alone (args empty, value NULL). */
-static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e)
+/* Sets field `attempts` of the error record on top from the attempts part
+ * of an ERROR record: {{worker =, pid =, message =}, ...}. */
+static void set_attempts(lua_State *L, const char *p, size_t n)
 {
-    lua_createtable(L, 0, 5);
+    uint64_t count = 0;
+    if (pz_take_varint(&p, &n, &count) != 0 || count > n)
+        count = 0;
+    lua_createtable(L, (int)count, 0);
+    for (uint64_t i = 1; i <= count; i++) {
+        uint64_t slot, pid;
+        const char *msg;
+        size_t mlen;
+        if (pz_take_varint(&p, &n, &slot) != 0 || pz_take_varint(&p, &n, &pid) != 0 ||
+            pz_split_prefixed(p, n, &msg, &mlen, &p, &n) != 0)
+            luaL_error(L, "internal error: malformed attempts in an ERROR record");
+        lua_createtable(L, 0, 3);
+        lua_pushnumber(L, (lua_Number)slot);
+        lua_setfield(L, -2, "worker");
+        lua_pushnumber(L, (lua_Number)pid);
+        lua_setfield(L, -2, "pid");
+        set_string(L, "message", msg, mlen);
+        lua_rawseti(L, -2, (int)i);
+    }
+    lua_setfield(L, -2, "attempts");
+}
+
+static const char *const kinds[] = {"raised", "timeout", "cancelled", "killer", "parent"};
+
+/* Pushes an error record of this kind (PZ_ERR_*) from the parts of an
+ * ERROR record, or from a message alone (args, value, attempts empty). */
+static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e, uint8_t kind)
+{
+    lua_createtable(L, 0, 8);
+    if (kind < sizeof kinds / sizeof *kinds) {
+        lua_pushstring(L, kinds[kind]);
+        lua_setfield(L, -2, "kind");
+    }
+    if (kind == PZ_ERR_TIMEOUT || kind == PZ_ERR_CANCELLED) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, kind == PZ_ERR_TIMEOUT ? "timeout" : "cancelled");
+    }
+    set_attempts(L, e->attempts, e->attempts_len);
     lua_pushnumber(L, (lua_Number)id);
     lua_setfield(L, -2, "id");
     if (e->args_len)
@@ -211,8 +263,17 @@ static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
     pz_error_parts e;
     if (pz_record_error(f, &e) != 0)
         luaL_error(L, "internal error: malformed ERROR record");
-    push_error_record(L, f->id, &e);
+    push_error_record(L, f->id, &e, f->flags);
+    if (f->flags != PZ_ERR_CANCELLED)
+        note_failure(L);
     store_error(L, d, f->tag, f->id);
+}
+
+/* closed[slot] from a CLOSED record. */
+static void on_closed(lua_State *L, const pz_frame *f)
+{
+    pz_decode_value(L, f->payload, f->len, PZ_DECODE_FUNCTIONS);
+    lua_rawseti(L, D_CLOSED, (int)f->id + 1);
 }
 
 /* executors[slot] and pids[slot] from an INIT_OK record. */
@@ -241,6 +302,7 @@ static void on_init_error(lua_State *L, const pz_frame *f)
     lua_setfield(L, -2, "worker");
     set_string(L, "message", e.message, e.message_len);
     set_string(L, "traceback", e.traceback, e.traceback_len);
+    note_failure(L);
     lua_rawseti(L, D_INIT_ERRORS, (int)lua_objlen(L, D_INIT_ERRORS) + 1);
 }
 
@@ -280,6 +342,9 @@ static int drain_records(lua_State *L)
             break;
         case PZ_F_INIT_ERROR:
             on_init_error(L, &f);
+            break;
+        case PZ_F_CLOSED:
+            on_closed(L, &f);
             break;
         default:
             break;
@@ -324,9 +389,10 @@ static int salvage_record(lua_State *L)
             snprintf(buf, sizeof buf, "%llu", (unsigned long long)f.id);
             lua_pushfstring(L, "the result of call %s cannot be used in the parent: %s", buf, why);
         }
-        e.args_len = e.value_len = 0;
+        e.args_len = e.value_len = e.attempts_len = 0;
         e.message = lua_tolstring(L, -1, &e.message_len);
-        push_error_record(L, f.id, &e);
+        push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT);
+        note_failure(L);
         store_error(L, &d, f.tag, f.id);
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);

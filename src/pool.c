@@ -82,9 +82,10 @@ static void forget_running(pz_pool *p)
     pthread_mutex_unlock(&running_lock);
 }
 
+/* One entry per worker record: two per slot (io.h). */
 static size_t shared_size(int nslots)
 {
-    return (size_t)nslots * sizeof(pz_slot_shared);
+    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
 }
 
 static void free_init(pz_buf *init, int n)
@@ -250,7 +251,7 @@ static int lent_ready(pz_pool *p)
 
 static int condition(pz_pool *p, int kind)
 {
-    if (atomic_load(&p->fatal))
+    if (atomic_load(&p->fatal) || (kind != PZ_WAIT_EXIT && atomic_load(&p->halted)))
         return 1;
     switch (kind) {
     case PZ_WAIT_PROGRESS:
@@ -362,6 +363,8 @@ int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_tar
 {
     if (atomic_load(&p->fatal))
         return PZ_WAIT_FATAL;
+    if (atomic_load(&p->halted))
+        return PZ_WAIT_HALTED;
     if (kind == PZ_WAIT_PROGRESS) {
         atomic_store(&p->main_done_target, done_target);
         atomic_store(&p->main_taken_target, taken_target);
@@ -412,6 +415,16 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
         fn(d, size, ud);
         pz_spsc_consume(&p->submit, size);
     }
+}
+
+int pz_pool_cancel(pz_pool *p, uint64_t id)
+{
+    return pz_io_cancel(p->io, id);
+}
+
+void pz_pool_get_stats(pz_pool *p, pz_pool_stats *st)
+{
+    pz_io_get_stats(p->io, st);
 }
 
 void pz_pool_free(pz_pool *p)

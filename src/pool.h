@@ -43,7 +43,13 @@ enum { PZ_WAIT_NONE = 0, PZ_WAIT_PROGRESS = 1, PZ_WAIT_INIT = 2, PZ_WAIT_EXIT = 
 #define PZ_NEVER UINT64_MAX
 
 /* Wait outcomes. */
-enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2, PZ_WAIT_TIMEOUT = 3 };
+enum {
+    PZ_WAITED = 0,
+    PZ_WAIT_INTERRUPTED = 1,
+    PZ_WAIT_FATAL = 2,
+    PZ_WAIT_TIMEOUT = 3,
+    PZ_WAIT_HALTED = 4 /* fail_fast: a failure stopped dispatching */
+};
 
 /* Published records (bytes) that make the I/O thread wake a waiting main
  * thread early, so that it drains them. */
@@ -64,7 +70,31 @@ typedef struct pz_options {
     int64_t kill_grace_ns;    /* SIGTERM -> SIGKILL */
     int64_t spin_ns;          /* waits poll this long before sleeping (spin.h) */
     int kill_leftovers;       /* kill what a worker leaves running (spawner.h) */
+    uint32_t timeout_ms;      /* a call running longer is ended; 0: none */
+    int retries;              /* a call whose executor raised runs again, this often */
+    uint64_t max_calls;       /* a worker is replaced after this many calls; 0: never */
+    int fail_fast;            /* the first failure stops dispatching */
 } pz_options;
+
+/* What the pool counts for p:stats() (pz_pool_stats): the I/O thread's
+ * share, copied under its lock. */
+typedef struct pz_slot_stats {
+    pid_t pid;           /* the slot's current worker, 0 when none */
+    uint64_t calls;      /* answers from the slot's workers */
+    uint64_t busy_ns;    /* the time those calls ran, as the workers measured */
+} pz_slot_stats;
+
+typedef struct pz_pool_stats {
+    uint64_t done, failed, deaths, respawns, recycles, timeouts, cancelled, retries;
+    uint64_t running;    /* calls in workers */
+    uint64_t queued;     /* calls requeued, waiting for a worker */
+    int64_t started_ns;  /* when the pool started */
+    /* calls_done sampled now and then, oldest first (rates): */
+    int nsamples;
+    int64_t sample_ns[8];
+    uint64_t sample_done[8];
+    pz_slot_stats *slots; /* nslots of them, filled by pz_pool_stats */
+} pz_pool_stats;
 
 struct pz_io;
 
@@ -73,7 +103,8 @@ typedef struct pz_pool {
     int nslots;
     pz_options opt;
     pz_buf *init;             /* per slot: the INIT payload */
-    struct pz_slot_shared *shared; /* per slot, mapped shared with the workers */
+    struct pz_slot_shared *shared; /* per worker record (io.h), mapped shared
+                                    * with the workers */
     int io_wake_fd;           /* eventfd: main -> io */
     int main_wake_fd;         /* eventfd: io -> main */
     int spawner_fd;
@@ -98,6 +129,7 @@ typedef struct pz_pool {
     _Atomic uint64_t calls_taken; /* calls taken from the submit queue */
     _Atomic int slots_settled;    /* slots that initialized once or were given up */
     _Atomic int fatal;        /* the pool cannot go on: fatal_reason says why */
+    _Atomic int halted;       /* fail_fast: a failure stopped dispatching */
     const char *fatal_reason; /* set before `fatal`; owned as fatal_owned says */
     int fatal_owned;          /* fatal_reason was malloc'ed */
     _Atomic int finished;     /* the I/O thread has ended everything */
@@ -178,9 +210,9 @@ const char *pz_pool_fatal(pz_pool *p);
  * PROGRESS, the two targets, PZ_NEVER for none) may have come true,
  * records wait to be drained, the pool failed, the deadline (absolute,
  * pz_now_ns; -1 for none) passed or a signal interrupted the sleep.
- * Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_TIMEOUT or
- * PZ_WAIT_INTERRUPTED.  The caller drains records and checks its own
- * condition before each call. */
+ * Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_HALTED,
+ * PZ_WAIT_TIMEOUT or PZ_WAIT_INTERRUPTED.  The caller drains records and
+ * checks its own condition before each call. */
 int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_target,
                   int64_t deadline);
 
@@ -194,6 +226,13 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns);
 /* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
  * finished (frame bytes), in order. */
 void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
+
+/* Main thread: asks the I/O thread to cancel call id (dispatch.c says how).
+ * Returns 0, or -1 when out of memory. */
+int pz_pool_cancel(pz_pool *p, uint64_t id);
+
+/* Main thread: the I/O thread's counts; st->slots has room for nslots. */
+void pz_pool_get_stats(pz_pool *p, pz_pool_stats *st);
 
 /* Frees the pool, its descriptors, buffers and shared memory.  The pool
  * must be stopped (pz_pool_stop). */

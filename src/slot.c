@@ -1,7 +1,9 @@
 /*
- * slot.c - one worker slot, as the parent's I/O thread sees it: starting
- * its process, the frames that go to it and come from it, its death and
- * what happens to the calls it held.  Runs with io->lock held (io.h).
+ * slot.c - one worker record, as the parent's I/O thread sees it: starting
+ * its process, the frames that go to it and come from it, its replacement
+ * after max_calls, the calls it is killed for (timeouts, cancels), its
+ * death and what happens to the calls it held.  Runs with io->lock held
+ * (io.h).
  *
  * All worker sockets are non-blocking, so a worker that stops reading can
  * never block the loop.
@@ -14,12 +16,13 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
-#include "varint.h"
 #include "frame.h"
 #include "io.h"
 #include "sys.h"
+#include "varint.h"
 #include "worker.h"
 
 #define READ_CHUNK 65536
@@ -27,12 +30,20 @@
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
 #define BACKOFF_NS 50000000LL     /* first restart after an init crash */
 #define MAX_BACKOFF_NS 2000000000LL
+#define TIMEOUT_RECHECK_NS 1000000 /* a timeout seen due between two calls */
 
-/* epoll's data for a slot's socket: its index, and its generation so that
+/* epoll's data for a record's socket: its index, and its generation so that
  * an event for a socket closed and replaced in the same batch is ignored. */
 static uint64_t token(const pz_slot *w)
 {
     return (uint64_t)w->gen << 32 | (uint32_t)(PZ_TOKEN_SLOT + w->index);
+}
+
+/* The other record of w's slot. */
+static pz_slot *partner(struct pz_io *io, pz_slot *w)
+{
+    int n = io->p->nslots;
+    return &io->slots[w->index < n ? w->index + n : w->index - n];
 }
 
 void pz_slot_watch(struct pz_io *io, pz_slot *w, int op)
@@ -42,7 +53,7 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op)
     struct epoll_event ev = {EPOLLIN | (w->want_out ? EPOLLOUT : 0), {.u64 = token(w)}};
     if (epoll_ctl(io->ep, op, w->fd, &ev) != 0) {
         char msg[160];
-        snprintf(msg, sizeof msg, "epoll_ctl on worker %d's socket failed: %s", w->index + 1,
+        snprintf(msg, sizeof msg, "epoll_ctl on worker %d's socket failed: %s", w->slot + 1,
                  strerror(errno));
         pz_io_fail(io, msg);
     }
@@ -72,13 +83,13 @@ static int64_t backoff(int crashes)
     return ns < MAX_BACKOFF_NS ? ns : MAX_BACKOFF_NS;
 }
 
-/* Gives slot w up for good, keeping why (if any) as an init error. */
+/* Gives record w up for good, keeping why (if any) as an init error. */
 static void give_up(struct pz_io *io, pz_slot *w, const char *why, const char *tb, size_t tblen)
 {
     w->state = SLOT_GONE;
     if (why) {
         pz_part parts[] = {{why, strlen(why), 1}, {tb, tblen, 0}};
-        pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->index, parts, 2);
+        pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->slot, parts, 2);
         pz_io_remember_error(io, why);
     }
     pz_io_settle(io, w);
@@ -105,7 +116,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
         /* Out of descriptors, most likely: try again later, as for a
          * worker that died while starting. */
         char msg[200];
-        snprintf(msg, sizeof msg, "worker %d could not be started: socketpair: %s", w->index + 1,
+        snprintf(msg, sizeof msg, "worker %d could not be started: socketpair: %s", w->slot + 1,
                  strerror(errno));
         if (sv[0] >= 0) {
             close(sv[0]);
@@ -115,7 +126,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
         init_failed(io, w, msg);
         return;
     }
-    const pz_buf *init = &io->p->init[w->index];
+    const pz_buf *init = &io->p->init[w->slot];
     w->out.len = w->out_head = w->out_sent = 0;
     char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER + init->len);
     if (!d) {
@@ -139,9 +150,12 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->state = SLOT_STARTING;
     w->inflight = 0;
     w->depth = 1;
+    w->given = 0;
+    w->doomed = 0;
     w->in.len = 0;
     w->discard = 0;
     w->want_out = 0;
+    atomic_store(&io->p->shared[w->index].running, 0);
     pz_slot_watch(io, w, EPOLL_CTL_ADD);
     pz_spawnq_spawn(io, w, sv[1]);
     pz_slot_flush(io, w);
@@ -161,33 +175,169 @@ static void reject(struct pz_io *io, pz_slot *w, const char *why)
     }
 }
 
-/* Writes an ERROR record for the CALL frame `call` that the parent itself
- * gives up on: its arguments, the message, no traceback, no value.
- * Returns what pz_io_record does. */
-static int record_error(struct pz_io *io, const char *call, const char *msg)
+/* Writes an ERROR record of this kind for the CALL frame `call` that the
+ * parent itself gives up on: its arguments, the message, no traceback, no
+ * value, no attempts.  Returns what pz_io_record does. */
+static int record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind)
 {
+    uint8_t no_attempts = 0;
     pz_part parts[] = {{pz_frame_payload(call), pz_frame_payload_len(call), 1},
                        {msg, strlen(msg), 1},
-                       {NULL, 0, 1}};
-    return pz_io_record(io, PZ_F_ERROR, pz_frame_tag(call), pz_frame_id(call), parts, 3);
+                       {NULL, 0, 1},
+                       {NULL, 0, 1},
+                       {&no_attempts, 1, 0}};
+    return pz_io_record_error(io, kind, pz_frame_tag(call), pz_frame_id(call), parts, 5);
 }
 
-/* A worker that held calls died.  The call it was running (its id is in
- * the shared memory, see worker.h) is charged with a death and becomes an
- * error once it has killed max_deaths workers; every other call it held,
- * including calls whose results it had not sent yet, goes back to the
- * front of the queue. */
+/* ---- calls killed on purpose (timeouts, cancels) ------------------------ */
+
+/* The time call `frame` may run, or 0 for no limit. */
+static int64_t timeout_ns(struct pz_io *io, const char *frame)
+{
+    uint32_t ms = pz_frame_timeout_ms(frame);
+    if (ms == 0)
+        ms = io->p->opt.timeout_ms;
+    return ms == 0 || ms == PZ_NO_TIMEOUT ? 0 : (int64_t)ms * 1000000;
+}
+
+/* Kills w's worker for call id (a timeout or a cancel): when its death is
+ * handled, that call becomes an error of that kind, and the others it
+ * held go back to the queue without being charged. */
+static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
+{
+    if (w->doomed)
+        return;
+    w->doomed = id;
+    w->doomed_kind = kind;
+    if (!w->kill_sent) {
+        w->kill_sent = 1;
+        pz_spawnq_kill(io, w, SIGKILL);
+    }
+}
+
+/* The frame of call id among those w has sent and not had answered, or NULL. */
+static char *sent_frame(pz_slot *w, uint64_t id)
+{
+    for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos))
+        if (pz_frame_type(w->out.data + pos) == PZ_F_CALL && pz_frame_id(w->out.data + pos) == id)
+            return w->out.data + pos;
+    return NULL;
+}
+
+/* The call w's worker runs now and when it began, read from the shared
+ * memory (worker.h); 0 when it runs none. */
+static uint64_t running_call(struct pz_io *io, pz_slot *w, int64_t *started)
+{
+    pz_slot_shared *sh = &io->p->shared[w->index];
+    for (;;) {
+        uint64_t id = atomic_load_explicit(&sh->running, memory_order_acquire);
+        *started = atomic_load_explicit(&sh->started, memory_order_acquire);
+        if (atomic_load_explicit(&sh->running, memory_order_acquire) == id)
+            return id;
+    }
+}
+
+/* Ends the call w's worker runs if it has run out of time; lowers *next to
+ * when to look again. */
+static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
+{
+    if (w->inflight == 0 || w->doomed || w->out_head >= w->out_sent)
+        return;
+    const char *head = w->out.data + w->out_head;
+    int64_t started;
+    uint64_t id = running_call(io, w, &started);
+    const char *fr = id ? sent_frame(w, id) : NULL;
+    int64_t limit, due;
+    if (fr) {
+        limit = timeout_ns(io, fr);
+        if (!limit)
+            return;
+        due = started + limit;
+        if (now >= due) {
+            doom(io, w, id, PZ_ERR_TIMEOUT);
+            return;
+        }
+    } else {
+        /* Between two calls: the oldest unanswered one cannot have started
+         * before head_since; when that is due, look again shortly, as the
+         * worker will then be running it or have answered it. */
+        limit = timeout_ns(io, head);
+        if (!limit)
+            return;
+        due = w->head_since + limit;
+        if (due <= now)
+            due = now + TIMEOUT_RECHECK_NS;
+    }
+    if (*next == 0 || due < *next)
+        *next = due;
+}
+
+int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
+{
+    for (size_t pos = w->out_head; pos < w->out.len;) {
+        char *fr = w->out.data + pos;
+        size_t size = pz_frame_size(fr);
+        if (pz_frame_type(fr) != PZ_F_CALL || pz_frame_id(fr) != id) {
+            pos += size;
+            continue;
+        }
+        if (pz_frame_flags(fr) & PZ_CALL_CANCELLED)
+            return 1;
+        char msg[80];
+        snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", id);
+        if (pos >= w->out_sent) {
+            /* Not sent yet: it never will be. */
+            if (record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
+                return 1;
+            memmove(fr, fr + size, w->out.len - pos - size);
+            w->out.len -= size;
+            w->inflight--;
+            return 1;
+        }
+        int64_t started;
+        if (running_call(io, w, &started) == id) {
+            doom(io, w, id, PZ_ERR_CANCELLED); /* the error comes with its death */
+            return 1;
+        }
+        /* Sent, not started: dropped now; its answer, if one comes, is not. */
+        if (record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
+            pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- deaths ---------------------------------------------------------------- */
+
+/* A worker that held calls died.  The call it was killed for (timeout,
+ * cancel) becomes an error of that kind; else the call it was running
+ * (its id is in the shared memory, see worker.h) is charged with a death
+ * and becomes an error once it has killed max_deaths workers.  Every other
+ * call it held, including calls whose results it had not sent yet, goes
+ * back to the front of the queue. */
 static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how)
 {
     uint64_t running = atomic_load(&io->p->shared[w->index].running), drop = 0;
     atomic_store(&io->p->shared[w->index].running, 0);
-    /* Workers terminated by stop() or lost with the spawner did not die of
-     * their call. */
-    if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
-        for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos)) {
-            char *fr = w->out.data + pos;
-            if (pz_frame_type(fr) != PZ_F_CALL || pz_frame_id(fr) != running)
-                continue;
+    if (w->doomed) {
+        char *fr = sent_frame(w, w->doomed);
+        if (fr) {
+            char msg[160];
+            int64_t limit = timeout_ns(io, fr);
+            if (w->doomed_kind == PZ_ERR_TIMEOUT)
+                snprintf(msg, sizeof msg, "call %" PRIu64 " timed out after %g s", w->doomed,
+                         (double)limit / 1e9);
+            else
+                snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", w->doomed);
+            if (record_error(io, fr, msg, w->doomed_kind) == 0)
+                drop = w->doomed;
+        }
+        w->doomed = 0;
+    } else if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
+        /* Workers terminated by stop() or lost with the spawner did not
+         * die of their call. */
+        char *fr = sent_frame(w, running);
+        if (fr) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
             if (deaths >= io->p->opt.max_deaths) {
@@ -195,12 +345,11 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how)
                 snprintf(msg, sizeof msg,
                          "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
                          "%d (pid %d) %s while running call %" PRIu64,
-                         running, deaths, io->p->opt.max_deaths, w->index + 1, (int)w->pid, how,
+                         running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
                          running);
-                if (record_error(io, fr, msg) == 0)
+                if (record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
                     drop = running;
             }
-            break;
         }
     }
     if (pz_dispatch_requeue(io, w, w->out_head, drop) != 0)
@@ -229,39 +378,54 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
     switch (w->state) {
     case SLOT_STARTING:
         if (io->stopping || io->spawner_gone) {
-            snprintf(msg, sizeof msg, "worker %d (pid %d) %s during initialization", w->index + 1,
+            snprintf(msg, sizeof msg, "worker %d (pid %d) %s during initialization", w->slot + 1,
                      (int)w->pid, how);
             give_up(io, w, io->stopping ? NULL : msg, NULL, 0);
             return;
         }
         snprintf(msg, sizeof msg,
                  "worker %d died during initialization %d times; the last time, pid %d %s",
-                 w->index + 1, w->init_crashes + 1, (int)w->pid, how);
+                 w->slot + 1, w->init_crashes + 1, (int)w->pid, how);
         init_failed(io, w, msg);
         return;
     case SLOT_READY:
+    case SLOT_RETIRING:
     case SLOT_STOPPING:
         if (io->fatal) {
             w->state = SLOT_GONE; /* its calls stay in w->out: stop aborts them */
             return;
         }
+        if (w->state == SLOT_READY || w->inflight > 0 || !known || !WIFEXITED(status) ||
+            WEXITSTATUS(status) != 0)
+            io->deaths++; /* not an exit it was asked for */
         requeue_inflight(io, w, how);
         if (w->state == SLOT_STOPPING || io->stopping) {
             w->state = SLOT_GONE;
             return;
         }
+        if (w->state == SLOT_RETIRING) {
+            /* Its partner took over; or it is retiring in its turn (it
+             * reached max_calls before this one was gone), and this record
+             * starts the next worker of the slot. */
+            w->state = SLOT_SPARE;
+            if (partner(io, w)->state == SLOT_RETIRING && !io->spawner_gone)
+                pz_slot_start(io, w);
+            return;
+        }
         if (io->p->opt.respawn && !io->spawner_gone) {
+            io->respawns++;
             w->state = SLOT_IDLE;
             w->respawn_at = pz_now_ns();
             return;
         }
-        snprintf(msg, sizeof msg, "worker %d (pid %d) %s%s", w->index + 1, (int)w->pid, how,
+        snprintf(msg, sizeof msg, "worker %d (pid %d) %s%s", w->slot + 1, (int)w->pid, how,
                  io->spawner_gone ? " and no worker can be started without the spawner"
                                   : "; not replaced (respawn = false)");
         pz_io_remember_error(io, msg);
         w->state = SLOT_GONE;
         pz_io_check_fatal(io);
         return;
+    case SLOT_SPARE:
     case SLOT_IDLE:
     case SLOT_GONE:
         return; /* nothing held */
@@ -279,10 +443,15 @@ static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
     w->depth = d < 1 ? 1 : d > o->max_inflight ? o->max_inflight : (uint32_t)d;
 }
 
-/* Drops the answered frames at the front of w->out now and then: a worker
- * that always has calls in flight never empties its buffer. */
-static void drop_answered(pz_slot *w)
+/* The call at out_head has been answered: drops it from w. */
+static void answered(struct pz_io *io, pz_slot *w, int64_t now)
 {
+    w->out_head += pz_frame_size(w->out.data + w->out_head);
+    w->head_since = now;
+    if (--w->inflight == 0)
+        io->last_idle = w->index;
+    /* Drop the answered frames at the front now and then: a worker that
+     * always has calls in flight never empties its buffer. */
     if (w->out_head == w->out.len) {
         w->out.len = w->out_head = w->out_sent = 0;
         pz_buf_trim(&w->out, 1 << 20);
@@ -293,14 +462,42 @@ static void drop_answered(pz_slot *w)
     }
 }
 
+/* An ERROR answer from the worker (payload after the run time: message,
+ * traceback, value): the call runs again when retries allow, else becomes
+ * an error record with every attempt it made.  Returns -1 when the pool
+ * failed. */
+static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char *p, size_t n)
+{
+    const char *msg, *tb, *value, *rest;
+    size_t mlen, tblen, vlen, rlen;
+    pz_split_prefixed(p, n, &msg, &mlen, &rest, &rlen); /* checked by the caller */
+    pz_split_prefixed(rest, rlen, &tb, &tblen, &value, &vlen);
+    if (pz_retry_again(io, w, head, msg, mlen) == 0)
+        return 0;
+    pz_buf attempts = PZ_BUF_INIT;
+    if (pz_retry_take(io, w, pz_frame_id(head), msg, mlen, &attempts) != 0) {
+        pz_io_fail(io, "out of memory in the I/O thread (the attempts of a call)");
+        return -1;
+    }
+    pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1},
+                       {msg, mlen, 1},
+                       {tb, tblen, 1},
+                       {value, vlen, 1},
+                       {attempts.data, attempts.len, 0}};
+    int rc = pz_io_record_error(io, PZ_ERR_RAISED, pz_frame_tag(head), pz_frame_id(head), parts, 5);
+    pz_buf_free(&attempts);
+    return rc;
+}
+
 /* A RESULT or ERROR frame: it answers the call at out_head. */
 static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
 {
-    if ((w->state != SLOT_READY && w->state != SLOT_STOPPING) || w->inflight == 0) {
+    if ((w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
+        w->inflight == 0) {
         reject(io, w, "an answer to no call");
         return;
     }
-    const char *head = w->out.data + w->out_head;
+    char *head = w->out.data + w->out_head;
     if (pz_frame_id(head) != f->id) {
         reject(io, w, "an answer to the wrong call");
         return;
@@ -312,29 +509,33 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
         reject(io, w, "a truncated answer");
         return;
     }
-    if (f->type == PZ_F_RESULT) {
-        pz_part part = {p, n, 0};
-        if (pz_io_record(io, PZ_F_RESULT, pz_frame_tag(head), f->id, &part, 1) != 0)
-            return;
-    } else {
+    if (f->type == PZ_F_ERROR) {
         /* Message, traceback, value: checked here, since the main thread
-         * trusts records; then passed on as they are. */
-        const char *msg, *rest;
-        size_t mlen, rlen;
-        if (pz_split_prefixed(p, n, &msg, &mlen, &rest, &rlen) != 0 ||
-            pz_split_prefixed(rest, rlen, &msg, &mlen, &rest, &rlen) != 0) {
+         * trusts records. */
+        const char *s, *rest;
+        size_t slen, rlen;
+        if (pz_split_prefixed(p, n, &s, &slen, &rest, &rlen) != 0 ||
+            pz_split_prefixed(rest, rlen, &s, &slen, &rest, &rlen) != 0) {
             reject(io, w, "a truncated error");
             return;
         }
-        pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1}, {p, n, 0}};
-        if (pz_io_record(io, PZ_F_ERROR, pz_frame_tag(head), f->id, parts, 2) != 0)
+    }
+    if (w->doomed == f->id)
+        w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
+    int64_t now = pz_now_ns();
+    io->slot_stats[w->slot].calls++;
+    io->slot_stats[w->slot].busy_ns += ns;
+    if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
+        /* Its cancellation is its record already. */
+    } else if (f->type == PZ_F_RESULT) {
+        pz_part part = {p, n, 0};
+        if (pz_io_record(io, PZ_F_RESULT, pz_frame_tag(head), f->id, &part, 1) != 0)
             return;
+    } else if (on_error_answer(io, w, head, p, n) != 0) {
+        return;
     }
     update_depth(io, w, ns);
-    w->out_head += pz_frame_size(head);
-    if (--w->inflight == 0)
-        io->last_idle = w->index;
-    drop_answered(w);
+    answered(io, w, now);
 }
 
 /* An INIT_OK or INIT_ERROR frame. */
@@ -347,11 +548,12 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
     if (f->type == PZ_F_INIT_OK) {
         uint8_t v[PZ_VARINT_MAX_BYTES];
         pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
-        if (pz_io_record(io, PZ_F_INIT_OK, 0, (uint64_t)w->index, parts, 2) != 0)
+        if (pz_io_record(io, PZ_F_INIT_OK, 0, (uint64_t)w->slot, parts, 2) != 0)
             return;
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
             w->state = SLOT_READY;
+        io->slot_stats[w->slot].pid = w->pid;
         if (w->out_sent == w->out.len && w->out_head == w->out.len)
             w->out.len = w->out_head = w->out_sent = 0;
         pz_io_settle(io, w);
@@ -364,7 +566,7 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         return;
     }
     pz_part parts[] = {{msg, mlen, 1}, {tb, tblen, 0}};
-    if (pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->index, parts, 2) != 0)
+    if (pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->slot, parts, 2) != 0)
         return;
     char *why = strndup(msg, mlen);
     pz_io_remember_error(io, why ? why : "initialization failed (its message did not fit in memory)");
@@ -372,6 +574,13 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
     w->state = SLOT_GONE;
     pz_io_settle(io, w);
     pz_io_check_fatal(io);
+}
+
+/* A CLOSED frame: what the executor's close returned, for p.closed. */
+static void on_closed(struct pz_io *io, pz_slot *w, const pz_frame *f)
+{
+    pz_part part = {f->payload, f->len, 0};
+    pz_io_record(io, PZ_F_CLOSED, 0, (uint64_t)w->slot, &part, 1);
 }
 
 /* Handles the whole frames at the front of w->in; returns how many bytes
@@ -393,6 +602,8 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
             on_answer(io, w, &f);
         else if (f.type == PZ_F_INIT_OK || f.type == PZ_F_INIT_ERROR)
             on_init(io, w, &f);
+        else if (f.type == PZ_F_CLOSED)
+            on_closed(io, w, &f);
         else
             reject(io, w, "a frame type workers do not send");
         if (w->why[0] || io->fatal)
@@ -411,21 +622,19 @@ static int skip_answer(struct pz_io *io, pz_slot *w, size_t need)
     const char *head = w->out.data + w->out_head;
     uint8_t type = pz_frame_type(w->in.data);
     if ((type != PZ_F_RESULT && type != PZ_F_ERROR) || w->inflight == 0 ||
-        (w->state != SLOT_READY && w->state != SLOT_STOPPING) ||
+        (w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
         pz_frame_id(head) != pz_frame_id(w->in.data))
         return -1;
     char msg[200];
     snprintf(msg, sizeof msg, "call %" PRIu64 ": the parent could not allocate %zu bytes for its %s",
              pz_frame_id(head), need, type == PZ_F_RESULT ? "result" : "error");
-    if (record_error(io, head, msg) != 0)
+    if (!(pz_frame_flags(head) & PZ_CALL_CANCELLED) &&
+        record_error(io, head, msg, PZ_ERR_PARENT) != 0)
         return 0; /* the pool failed; nothing more is read */
     w->discard = need - w->in.len;
     w->in.len = 0;
     pz_buf_trim(&w->in, 0);
-    w->out_head += pz_frame_size(head);
-    if (--w->inflight == 0)
-        io->last_idle = w->index;
-    drop_answered(w);
+    answered(io, w, pz_now_ns());
     return 0;
 }
 
@@ -522,13 +731,43 @@ void pz_slot_flush(struct pz_io *io, pz_slot *w)
     }
 }
 
+/* Appends a STOP frame to w's output. */
+static int append_stop(struct pz_io *io, pz_slot *w)
+{
+    char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER);
+    if (!d) {
+        pz_io_fail(io, "out of memory in the I/O thread (stopping a worker)");
+        return -1;
+    }
+    w->out.len += pz_frame_put(d, PZ_F_STOP, 0, NULL, 0);
+    return 0;
+}
+
+/* w has been given its last call (max_calls): it gets STOP behind it, and
+ * the slot's other record starts the replacement now, while it finishes
+ * (or, if that record's own worker is still retiring, once it has gone:
+ * pz_slot_ended). */
+static void retire(struct pz_io *io, pz_slot *w)
+{
+    if (append_stop(io, w) != 0)
+        return;
+    w->state = SLOT_RETIRING;
+    io->recycles++;
+    pz_slot *next = partner(io, w);
+    if (next->state == SLOT_SPARE && !io->stopping && !io->spawner_gone)
+        pz_slot_start(io, next);
+}
+
 int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t size)
 {
     if (pz_buf_append(&w->out, frame, size) != 0) {
         pz_io_fail(io, "out of memory in the I/O thread (handing a call to a worker)");
         return -1;
     }
-    w->inflight++;
+    if (w->inflight++ == 0)
+        w->head_since = pz_now_ns();
+    if (++w->given == io->p->opt.max_calls)
+        retire(io, w);
     return 0;
 }
 
@@ -542,24 +781,23 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
             pos += pz_frame_size(w->out.data + pos);
         for (size_t q = pos; q < w->out.len; q += pz_frame_size(w->out.data + q))
             w->inflight--;
-        if (pz_dispatch_requeue(io, w, pos, 0) != 0)
+        if (pz_dispatch_requeue(io, w, pos, 0) != 0 || append_stop(io, w) != 0)
             return;
-        char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER);
-        if (!d) {
-            pz_io_fail(io, "out of memory in the I/O thread (stopping a worker)");
-            return;
-        }
-        w->out.len += pz_frame_put(d, PZ_F_STOP, 0, NULL, 0);
         w->state = SLOT_STOPPING;
         pz_slot_flush(io, w);
         return;
     }
+    case SLOT_RETIRING:
+        /* STOP is queued already, behind its last calls. */
+        w->state = SLOT_STOPPING;
+        return;
     case SLOT_STARTING:
         /* It holds no call: nothing to finish. */
         w->state = SLOT_STOPPING;
         pz_spawnq_kill(io, w, SIGKILL);
         return;
     case SLOT_IDLE:
+    case SLOT_SPARE:
         w->state = SLOT_GONE;
         return;
     case SLOT_STOPPING:
@@ -588,5 +826,7 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
             CONSIDER(w->eof_at + EOF_GRACE_NS);
         }
     }
+    if (w->alive && !io->fatal)
+        check_timeout(io, w, now, next);
 #undef CONSIDER
 }

@@ -147,7 +147,7 @@ static void leave_to_parent(int sig)
 /* Runs in the forked worker: keep only its socket and stdio, restore signal
  * defaults, lead a process group of its own when asked (so that what it
  * leaves running can be killed with it), then become the worker. */
-static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
+static void become_worker(spawner *s, int fd, int record, int slot, pid_t spawner_pid)
 {
     sigset_t none;
     sigemptyset(&none);
@@ -174,7 +174,7 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
     bind_to_parent(spawner_pid, SIGKILL);
-    pz_worker_main(WORKER_FD, slot, &s->config.shared[slot], s->config.setup);
+    pz_worker_main(WORKER_FD, slot, &s->config.shared[record], s->config.setup);
 }
 
 static _Noreturn void shut_down(spawner *s);
@@ -214,7 +214,7 @@ static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
     pid_t me = getpid();
     pid_t pid = fork();
     if (pid == 0)
-        become_worker(s, fd, m->slot, me);
+        become_worker(s, fd, m->slot, m->arg, me);
     /* Both sides set the group, so that it exists before either one acts
      * on it; the child's call wins any race, and EACCES here means it has
      * already exec'd, which a worker never does first. */

@@ -20,7 +20,8 @@
 #include <sys/types.h>
 
 enum pz_spawn_kind {
-    PZ_S_SPAWN = 1,   /* parent -> spawner: fork a worker for (slot, gen); carries its fd */
+    PZ_S_SPAWN = 1,   /* parent -> spawner: fork a worker for record `slot` of the
+                       * pool's slot `arg`, generation gen; carries its fd */
     PZ_S_KILL = 2,    /* parent -> spawner: send signal `arg` to child `pid` */
     PZ_S_SPAWNED = 3, /* spawner -> parent: (slot, gen) runs as `pid` */
     PZ_S_FAILED = 4,  /* spawner -> parent: fork for (slot, gen) failed, errno `arg` */

@@ -85,7 +85,8 @@ static void request(struct pz_io *io, int kind, const pz_slot *w, pid_t pid, int
 
 void pz_spawnq_spawn(struct pz_io *io, pz_slot *w, int fd)
 {
-    request(io, PZ_S_SPAWN, w, 0, 0, fd);
+    /* `slot` says which record (its shared memory), `arg` which slot. */
+    request(io, PZ_S_SPAWN, w, 0, w->slot, fd);
 }
 
 void pz_spawnq_kill(struct pz_io *io, pz_slot *w, int sig)
@@ -100,7 +101,7 @@ void pz_spawnq_kill(struct pz_io *io, pz_slot *w, int sig)
 
 static pz_slot *slot_by_pid(struct pz_io *io, pid_t pid)
 {
-    for (int i = 0; i < io->p->nslots; i++)
+    for (int i = 0; i < io->nrecords; i++)
         if (io->slots[i].alive && io->slots[i].pid == pid)
             return &io->slots[i];
     return NULL;
@@ -109,7 +110,7 @@ static pz_slot *slot_by_pid(struct pz_io *io, pid_t pid)
 /* The slot a report about (slot, gen) concerns, if it is still current. */
 static pz_slot *slot_of(struct pz_io *io, const pz_spawn_msg *m)
 {
-    if (m->slot < 0 || m->slot >= io->p->nslots || io->slots[m->slot].gen != m->gen)
+    if (m->slot < 0 || m->slot >= io->nrecords || io->slots[m->slot].gen != m->gen)
         return NULL;
     return &io->slots[m->slot];
 }
@@ -126,7 +127,7 @@ static void spawner_lost(struct pz_io *io)
     io->nspq = 0;
     if (!io->stopping && !io->fatal)
         pz_io_remember_error(io, "the spawner process died");
-    for (int i = 0; i < io->p->nslots; i++) {
+    for (int i = 0; i < io->nrecords; i++) {
         pz_slot *w = &io->slots[i];
         if (w->alive)
             pz_slot_ended(io, w, 0, 0);

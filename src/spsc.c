@@ -74,3 +74,16 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
         free(r);
     }
 }
+
+int pz_spsc_walk(pz_spsc *q, int (*fn)(char *data, size_t n, void *ud), void *ud)
+{
+    for (pz_chunk *c = q->rd; c; c = atomic_load(&c->next)) {
+        size_t tail = atomic_load(&c->tail);
+        if (c->head < tail) {
+            int r = fn(c->data + c->head, tail - c->head, ud);
+            if (r)
+                return r;
+        }
+    }
+    return 0;
+}

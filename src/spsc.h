@@ -6,6 +6,10 @@
  * appends into a chain of chunks and publishes how far it has written with
  * one atomic store; the consumer reads up to that point.  A record never
  * spans two chunks, so the consumer always sees whole records.
+ *
+ * One producer and one consumer at any moment: a role may pass from one
+ * thread to another only through a lock that both take (the pool's I/O
+ * lock does, pool.h), which orders everything each did before.
  */
 #ifndef PZ_SPSC_H
 #define PZ_SPSC_H
@@ -55,6 +59,12 @@ static inline void pz_spsc_publish(pz_spsc *q)
 /* Consumer: returns the published, unconsumed bytes of the current chunk
  * (whole records) and sets *n, or returns NULL with *n = 0 when empty. */
 const char *pz_spsc_peek(pz_spsc *q, size_t *n);
+
+/* Consumer: calls fn with the published, unconsumed bytes of each chunk in
+ * turn (whole records), until fn returns nonzero; returns that value, or
+ * 0.  The consumer may change bytes in place: the producer never touches
+ * what it has published. */
+int pz_spsc_walk(pz_spsc *q, int (*fn)(char *data, size_t n, void *ud), void *ud);
 
 /* Consumer: drops n bytes returned by the last peek. */
 static inline void pz_spsc_consume(pz_spsc *q, size_t n)

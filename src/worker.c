@@ -42,6 +42,7 @@ static struct {
     int slot;
     pz_buf in;
     size_t in_pos;       /* parsed bytes at the front of `in` */
+    int64_t started;     /* when the call being run began */
     size_t mark;         /* output length when the result began (locked) */
     int mark_frames;
     int64_t clock;       /* when the last call ended; 0 after a read */
@@ -117,7 +118,8 @@ static int on_error(lua_State *L)
 }
 
 /* Protected: encodes the value at 2 lossily into the buffer at 1 (a
- * userdata that can travel nowhere raises nothing: it becomes a string). */
+ * userdata that can travel nowhere raises nothing: it becomes a string).
+ * For error values and what close returns. */
 static int encode_error_value(lua_State *L)
 {
     pz_buf *b = lua_touserdata(L, 1);
@@ -156,10 +158,7 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
 static int run_call(lua_State *L)
 {
     uint64_t id = W.call.id;
-    /* Calls that run back to back share a clock reading: the end of one is
-     * the start of the next (reading the clock is a visible share of a
-     * tiny call's cost). */
-    int64_t t0 = W.clock ? W.clock : pz_now_ns();
+    int64_t t0 = W.started;
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
@@ -212,7 +211,12 @@ static void handle_call(lua_State *L, const pz_frame *f)
     W.call = *f;
     /* From decoding the arguments to encoding the result, whatever kills
      * this process is this call's doing: see pz_slot_shared. */
-    atomic_store_explicit(&W.shared->running, f->id, memory_order_relaxed);
+    /* Calls that run back to back share a clock reading: the end of one is
+     * the start of the next (reading the clock is a visible share of a
+     * tiny call's cost).  The start first, then the id: see pz_slot_shared. */
+    W.started = W.clock ? W.clock : pz_now_ns();
+    atomic_store_explicit(&W.shared->started, W.started, memory_order_relaxed);
+    atomic_store_explicit(&W.shared->running, f->id, memory_order_release);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
     if (lua_pcall(L, 0, 0, 0) != 0) {
         /* The codec raised: drop any partial frame, report why. */
@@ -246,8 +250,28 @@ static void kill_leftovers(void)
     kill(-me, SIGKILL);
 }
 
-/* Calls executor:close() if the executor has such a method, kills what it
- * left running (when asked to), then leaves. */
+/* Sends what close returned (on top of the stack) in a CLOSED frame, for
+ * p.closed: lossily encoded, nothing when even that fails. */
+static void send_closed(lua_State *L)
+{
+    int top = lua_gettop(L);
+    W.scratch.len = 0;
+    lua_pushcfunction(L, encode_error_value); /* a lossy encode of any value */
+    lua_pushlightuserdata(L, &W.scratch);
+    lua_pushvalue(L, top);
+    if (lua_pcall(L, 2, 0, 0) == 0) {
+        pz_part part = {W.scratch.data, W.scratch.len, 0};
+        pz_wout_lock();
+        put_frame(PZ_F_CLOSED, 0, &part, 1);
+        pz_wout_unlock();
+        pz_wout_flush();
+    }
+    lua_settop(L, top);
+}
+
+/* Calls executor:close() if the executor has such a method (its return
+ * value goes to the parent), kills what it left running (when asked to),
+ * then leaves. */
 static _Noreturn void shut_down(lua_State *L)
 {
     pz_wout_flush();
@@ -257,9 +281,12 @@ static _Noreturn void shut_down(lua_State *L)
             lua_getfield(L, -1, "close");
             if (lua_isfunction(L, -1)) {
                 lua_insert(L, -2);
-                if (lua_pcall(L, 1, 0, 0) != 0)
+                if (lua_pcall(L, 1, 1, 0) != 0) {
                     fprintf(stderr, "parallelize: worker %d: close failed: %s\n", W.slot + 1,
                             lua_tostring(L, -1));
+                } else {
+                    send_closed(L);
+                }
             }
         }
     }

@@ -8,16 +8,21 @@
 #include <stdint.h>
 
 /* What a worker tells its parent without sending a message: one of these
- * per slot lives in memory the parent maps shared before forking the
- * spawner, so every worker inherits it.  `running` is the id of the call
- * the worker is handling, from decoding its arguments to encoding its
- * result (0 between calls), so that when the worker dies
- * the parent knows which call killed it, even though results of the calls
- * before it may still sit unsent in the worker's buffer.  Padded to a
- * cache line so that workers do not slow each other down. */
+ * per worker record (io.h) lives in memory the parent maps shared before
+ * forking the spawner, so every worker inherits it.  `running` is the id
+ * of the call the worker is handling, from decoding its arguments to
+ * encoding its result (0 between calls), so that when the worker dies the
+ * parent knows which call killed it, even though results of the calls
+ * before it may still sit unsent in the worker's buffer.  `started` is
+ * when that call began (pz_now_ns: the clock is the same in every
+ * process), for its timeout; the worker stores it before `running`, so a
+ * reader that sees a call's id sees that call's start or a later one,
+ * never an earlier one.  Padded to a cache line so that workers do not
+ * slow each other down. */
 typedef struct pz_slot_shared {
     _Atomic uint64_t running;
-    char pad[56];
+    _Atomic int64_t started;
+    char pad[48];
 } pz_slot_shared;
 
 struct lua_State;

@@ -37,6 +37,12 @@ local OPTIONS = {
   max_pending = { nil, "integer", 1, 2 ^ 40 },
   keep_results = { true, "boolean" },
   workers = { nil, "integer", 1, 100000 },
+  timeout = { nil, "number", 0.001, 4e6 },
+  retries = { 0, "integer", 0, 255 },
+  max_calls = { nil, "integer", 1, 2 ^ 53 },
+  fail_fast = { false, "boolean" },
+  progress = { false, "progress" },
+  quiet = { false, "boolean" },
 }
 M.OPTIONS = OPTIONS
 
@@ -50,7 +56,11 @@ local OPTION_NAMES = concat(names, ", ")
 -- with `who` ("Parallelize") naming the caller.
 function M.check_value(who, name, v, level)
   local o = OPTIONS[name]
-  if o[2] == "boolean" then
+  if o[2] == "progress" then
+    if type(v) ~= "boolean" and v ~= "always" then
+      error(format('%s: option %s must be a boolean or "always" (got %s)', who, name, describe(v)), level + 1)
+    end
+  elseif o[2] == "boolean" then
     if type(v) ~= "boolean" then
       error(format("%s: option %s must be a boolean (got %s)", who, name, describe(v)), level + 1)
     end

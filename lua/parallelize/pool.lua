@@ -12,6 +12,7 @@
 local core = require "parallelize.core"
 local options = require "parallelize.options"
 local caller = require "parallelize.caller"
+local progress = require "parallelize.progress"
 caller.mark()
 
 local error, type, select, pairs, ipairs, tostring, pcall, unpack =
@@ -67,14 +68,42 @@ local function wait_loop(p, what, deadline, finished, below)
   end
 end
 
---- wait_loop, with Ctrl-C's "interrupted!" raised at the user's line: the
--- interrupt hook raises it with the position of the Lua code running,
+--- Draws the pool's progress bar, if it has one and it is due.
+local function draw(p, force)
+  local bar = pool_env(p).bar
+  if not bar or pool_stopped(p) then return end
+  local calls, finished = pool_counts(p)
+  progress.draw(bar, finished, calls, core.pool_stats(p).failed, force)
+end
+
+--- Erases the pool's progress bar: a blocking method returns.
+local function done_waiting(p)
+  local bar = pool_env(p).bar
+  if bar then progress.erase(bar) end
+end
+M.done_waiting = done_waiting
+
+--- wait_loop, in slices when the pool draws a progress bar (redrawn
+-- between them), with Ctrl-C's "interrupted!" raised at the user's line:
+-- the interrupt hook raises it with the position of the Lua code running,
 -- ours; it is caught here and raised again from the user's level. Other
 -- errors go through unchanged.
 local function wait_for(p, what, deadline, finished, below)
-  local ok, status = pcall(wait_loop, p, what, deadline, finished, below)
-  if ok then return status end
-  caller.reraise(status)
+  local bar = pool_env(p).bar
+  while true do
+    local until_ = deadline
+    if bar then
+      local slice = now() + bar.every
+      if not until_ or slice < until_ then until_ = slice end
+    end
+    local ok, status = pcall(wait_loop, p, what, until_, finished, below)
+    if not ok then
+      done_waiting(p)
+      caller.reraise(status)
+    end
+    if bar then draw(p) end
+    if status ~= "timeout" or until_ == deadline then return status end
+  end
 end
 -- Interrupt hooks fire only in the interpreter: compiled (or stitched)
 -- code would loop back into the C wait without noticing Ctrl-C.
@@ -82,15 +111,29 @@ jit.off(wait_loop)
 jit.off(wait_for)
 M.wait_for = wait_for
 
---- Raises the reason the pool cannot go on, at the user's line.
-local function raise_fatal(p)
-  error(pool_env(p).fatal, caller.level())
+--- Raises, at the user's line, what ended a wait other than its goal: the
+-- reason the pool cannot go on ("fatal"), or, with fail_fast, the first
+-- failure ("halted").  Returns for any other status.
+local function check_status(p, status)
+  if status ~= "fatal" and status ~= "halted" then return end
+  done_waiting(p)
+  local env = pool_env(p)
+  if status == "fatal" then error(env.fatal, caller.level()) end
+  local f, msg = env.first_failure, nil
+  if f == nil then
+    msg = "fail_fast: the pool stopped dispatching after a failure"
+  elseif f.worker then
+    msg = format("fail_fast: worker %d was given up: %s", f.worker, tostring(f.message))
+  else
+    msg = format("fail_fast: call %d failed: %s", f.id, tostring(f.message))
+  end
+  error(msg, caller.level())
 end
 
 --- Waits until fewer than max_pending calls wait for a worker: p(...) calls
 -- it (through env.wait_room) before queuing when the pool has max_pending.
 function M.wait_room(p, max_pending)
-  if wait_for(p, "progress", nil, nil, max_pending) == "fatal" then raise_fatal(p) end
+  check_status(p, wait_for(p, "progress", nil, nil, max_pending))
 end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
@@ -100,7 +143,8 @@ function methods.wait(p, timeout)
   if pool_stopped(p) then error("wait: the pool is stopped", 2) end
   check_timeout("wait", "timeout", timeout)
   local status = wait_for(p, "calls", timeout and now() + timeout)
-  if status == "fatal" then raise_fatal(p) end
+  check_status(p, status)
+  done_waiting(p)
   return status == "done"
 end
 
@@ -165,6 +209,8 @@ function methods.stop(p, finish_timeout)
   check_timeout("stop", "finish_timeout", finish_timeout)
   local aborted = pool_stop(p, finish_timeout)
   for _, claim in pairs(running[p] or {}) do release(p, claim) end
+  local env = pool_env(p)
+  env.aborted_count = (env.aborted_count or 0) + #aborted
   return aborted
 end
 
@@ -295,15 +341,21 @@ function methods.result(p, id, timeout)
   while true do
     pool_drain(p)
     local found = packed(outcome(env, id))
-    if found.n > 0 then return unpack(found, 1, found.n) end
+    if found.n > 0 then
+      done_waiting(p)
+      return unpack(found, 1, found.n)
+    end
     if pool_finished(p, id) then
       error(format("result: call %d was taken already (by p:take(), or by an earlier "
         .. "p:result() with keep_results = false)", id), 2)
     end
     local _, finished = pool_counts(p)
     local status = wait_for(p, "progress", deadline, finished + 1)
-    if status == "timeout" then return nil, "timeout" end
-    if status == "fatal" then raise_fatal(p) end
+    if status == "timeout" then
+      done_waiting(p)
+      return nil, "timeout"
+    end
+    check_status(p, status)
   end
 end
 
@@ -342,9 +394,10 @@ function M.map(p, list, who)
     while #lists.ids + #lists.errors < n and #lists.errors == 0 do
       local _, finished = pool_counts(p)
       local status = wait_for(p, "progress", nil, finished + n - #lists.ids - #lists.errors)
-      if status == "fatal" then raise_fatal(p) end
+      if #lists.errors == 0 then check_status(p, status) end
     end
   end)
+  done_waiting(p)
   if not ok then
     release(p, claim)
     caller.reraise(err)
@@ -540,12 +593,12 @@ function methods.stream(p, src, opts)
       refill()
       if outstanding == 0 and exhausted then
         release(p, claim)
+        done_waiting(p)
         return nil
       end
       local _, finished, pending = pool_counts(p)
       local room = not exhausted and nheld < window and pending >= window
-      local status = wait_for(p, "progress", nil, finished + 1, room and window or nil)
-      if status == "fatal" then raise_fatal(p) end
+      check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
     end
   end
 
@@ -592,6 +645,86 @@ function properties.stopped(p)
   return pool_stopped(p)
 end
 
+--- What each executor's close returned, by slot, after a graceful stop.
+function properties.closed(p)
+  pool_drain(p)
+  local c = {}
+  for k, v in pairs(pool_env(p).closed) do c[k] = v end
+  return c
+end
+
+-- Control ---------------------------------------------------------------------
+
+--- p:submit(options, ...) -> id: p(...) with options of its own for this
+-- call: timeout (seconds; false for none, whatever the pool's).
+function methods.submit(p, opts, ...)
+  check_self(p, "submit")
+  if type(opts) ~= "table" then
+    error("submit: options must be a table (got " .. describe(opts) .. ")", 2)
+  end
+  for k in pairs(opts) do
+    if k ~= "timeout" then error(format("submit: unknown option %s (the options are timeout)", tostring(k)), 2) end
+  end
+  local t = opts.timeout
+  if t == false then
+    t = math.huge
+  elseif t ~= nil then
+    options.check_value("submit", "timeout", t, 2)
+  end
+  if pool_stopped(p) then error("the pool is stopped", 2) end
+  return pool_submit(p, 0, t, ...)
+end
+
+--- p:cancel(id) -> whether the call was still unfinished: one not started
+-- is dropped at once, a running one is ended with its worker; either
+-- becomes an error record `call 17 cancelled` (err.cancelled = true).
+function methods.cancel(p, id)
+  check_self(p, "cancel")
+  if type(id) ~= "number" then error("cancel: id must be a call id (got " .. describe(id) .. ")", 2) end
+  if pool_stopped(p) then return false end
+  return core.pool_cancel(p, id)
+end
+
+--- The calls per second finished over the last few seconds, from the I/O
+-- thread's samples {{t, done}, ...} (the last one is now).
+local function recent_rate(samples)
+  local last = samples[#samples]
+  local first = samples[1]
+  for i = #samples, 1, -1 do
+    if samples[i][1] >= last[1] - 5 then first = samples[i] end
+  end
+  local dt = last[1] - first[1]
+  return dt > 0 and (last[2] - first[2]) / dt or 0
+end
+
+--- p:stats() -> a table of counts, rates, elapsed time and workers (see
+-- docs/api.md).
+function methods.stats(p)
+  check_self(p, "stats")
+  pool_drain(p)
+  local s = core.pool_stats(p)
+  local calls, _, pending = pool_counts(p)
+  local env = pool_env(p)
+  return {
+    calls = calls,
+    done = s.done - s.failed,
+    failed = s.failed,
+    pending = pending + s.requeued,
+    running = s.running,
+    aborted = env.aborted_count or 0,
+    cancelled = s.cancelled,
+    timeouts = s.timeouts,
+    retries = s.retries,
+    deaths = s.deaths,
+    respawns = s.respawns,
+    recycles = s.recycles,
+    elapsed = s.elapsed,
+    rate = s.elapsed > 0 and s.done / s.elapsed or 0,
+    recent_rate = recent_rate(s.samples),
+    workers = s.workers,
+  }
+end
+
 pool_mt.__index = function(p, k)
   local m = methods[k]
   if m then return m end
@@ -610,6 +743,7 @@ function M.init(p, opts)
   local env = pool_env(p)
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
+  env.bar = progress.new(opts.progress)
   local max_pending = opts.max_pending
   env.wait_room = function(pool) M.wait_room(pool, max_pending) end
   return p

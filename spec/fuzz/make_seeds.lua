@@ -102,10 +102,11 @@ write(vdir .. "/packed_too_long", "\15" .. varint(2 ^ 40) .. le(0, 8))
 
 local TYPES = { INIT = 1, INIT_OK = 2, INIT_ERROR = 3, CALL = 4, RESULT = 5, ERROR = 6, STOP = 7 }
 
--- The 20-byte header of frame.h: length, type, deaths, tag, tries,
--- timeout_ms, id.
+-- The 24-byte header of frame.h: length, type, deaths, tag, tries, flags
+-- and 3 reserved bytes, timeout_ms, id.
 local function frame(type_name, id, payload, tag)
-  return le(#payload, 4) .. string.char(TYPES[type_name], 0, tag or 0, 0) .. le(0, 4) .. le(id, 8) .. payload
+  return le(#payload, 4) .. string.char(TYPES[type_name], 0, tag or 0, 0) .. le(0, 4) .. le(0, 4) .. le(id, 8)
+    .. payload
 end
 
 local function prefixed(s)
@@ -134,6 +135,6 @@ write(fdir .. "/answers_small_reads", stream(3, 20, result, err, result))
 write(fdir .. "/init_error", stream(64, 16, init_err))
 write(fdir .. "/init_and_stop", stream(256, 20, init, stop))
 write(fdir .. "/too_long", stream(256, 4, result))
-write(fdir .. "/bad_type", stream(256, 20, le(0, 4) .. "\99\0\0\0" .. le(0, 4) .. le(0, 8)))
-write(fdir .. "/partial", stream(5, 20, result:sub(1, 26)))
+write(fdir .. "/bad_type", stream(256, 20, le(0, 4) .. "\99\0\0\0" .. le(0, 4) .. le(0, 4) .. le(0, 8)))
+write(fdir .. "/partial", stream(5, 20, result:sub(1, 30)))
 print("seeds written to " .. vdir .. " and " .. fdir)
