@@ -306,6 +306,7 @@ struct pz_io *pz_io_new(pz_pool *p)
         io->slots[i].index = i;
         io->slots[i].fd = -1;
         io->slots[i].state = SLOT_IDLE;
+        io->slots[i].remote = p->launch && p->launch[i];
     }
     struct epoll_event ev = {EPOLLIN, {.u64 = PZ_TOKEN_WAKE}};
     struct epoll_event sv = {EPOLLIN, {.u64 = PZ_TOKEN_SPAWNER}};

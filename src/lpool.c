@@ -43,6 +43,7 @@
 #include "codec.h"
 #include "codec_format.h"
 #include "frame.h"
+#include "handshake.h"
 #include "lpool.h"
 #include "pool.h"
 #include "sys.h"
@@ -66,6 +67,7 @@ typedef struct lpool {
     int draining;      /* records are being turned into Lua values */
     pz_buf *init;      /* INIT payloads until the pool owns them */
     int ninit;
+    char ***launch;    /* launchers' argv (pool.h) until the pool owns them */
     int nslots;
     double calls;      /* after stop: calls queued in all */
     double finished;   /* after stop: calls with a result or an error */
@@ -126,6 +128,8 @@ static void check_not_draining(lua_State *L, const lpool *u, const char *what)
 
 static void free_init(lpool *u)
 {
+    pz_pool_free_launch(u->launch, u->ninit);
+    u->launch = NULL;
     if (!u->init)
         return;
     for (int i = 0; i < u->ninit; i++)
@@ -446,13 +450,16 @@ static void push_settings(lua_State *L, int spec, const pz_options *o)
 
 /* Builds the INIT payload of slot i (1-based) from the spec table on top
  * of the stack: {kind = "value" | "module" | "deferred", spec = v,
- * args = {n = ...}}.  See frame.h for the layout. */
-static void build_init(lua_State *L, lpool *u, int i, const pz_options *o)
+ * args = {n = ...}}.  See frame.h for the layout; it starts with the
+ * versions of the handshake (handshake.h). */
+static void build_init(lua_State *L, lpool *u, int i, const pz_options *o, const pz_versions *v)
 {
     int spec = lua_gettop(L), top;
     pz_buf *b = &u->init[i - 1];
     char root[64];
 
+    if (pz_handshake_put(b, v) != 0)
+        luaL_error(L, "cannot start the pool: out of memory");
     push_settings(L, spec, o);
     u->scratch.len = 0;
     pz_encode_value(L, -1, &u->scratch, "settings", 0);
@@ -488,9 +495,42 @@ static void build_init(lua_State *L, lpool *u, int i, const pz_options *o)
     lua_settop(L, spec);
 }
 
+/* Reads the launcher of slot i (1-based) from field `launcher` of the
+ * spec table on top of the stack, when it has one: an array of strings,
+ * the argv of the command that starts the slot's worker elsewhere (the Lua
+ * layer has checked it). */
+static void read_launcher(lua_State *L, lpool *u, int i)
+{
+    lua_getfield(L, -1, "launcher");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int argc = (int)lua_objlen(L, -1);
+    luaL_argcheck(L, argc >= 1, 1, "a launcher needs a command");
+    if (!u->launch && !(u->launch = calloc((size_t)u->ninit, sizeof *u->launch)))
+        luaL_error(L, "cannot start the pool: out of memory");
+    char **argv = calloc((size_t)argc + 1, sizeof *argv);
+    if (!argv)
+        luaL_error(L, "cannot start the pool: out of memory");
+    u->launch[i - 1] = argv; /* owned from here: freed with u->launch */
+    for (int k = 1; k <= argc; k++) {
+        lua_rawgeti(L, -1, k);
+        size_t len;
+        const char *a = lua_tolstring(L, -1, &len);
+        if (lua_type(L, -1) != LUA_TSTRING || strlen(a) != len)
+            luaL_error(L, "internal: launcher word %d of executor %d is not a string", k, i);
+        if (!(argv[k - 1] = strdup(a)))
+            luaL_error(L, "cannot start the pool: out of memory");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 /* core.pool_new(specs, options) -> pool.  specs: an array of
- * {kind =, spec =, args =}, one per worker; options: every option set,
- * checked by the Lua layer. */
+ * {kind =, spec =, args =, launcher =}, one per worker; options: every
+ * option set, checked by the Lua layer. */
 static int l_pool_new(lua_State *L)
 {
     pz_options o;
@@ -532,20 +572,25 @@ static int l_pool_new(lua_State *L)
     if (!u->init)
         return luaL_error(L, "cannot start the pool: out of memory");
     u->ninit = n;
+    pz_versions versions;
+    pz_versions_of(L, &versions);
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, 1, i);
         luaL_checktype(L, -1, LUA_TTABLE);
-        build_init(L, u, i, &o);
+        build_init(L, u, i, &o, &versions);
+        read_launcher(L, u, i);
         lua_pop(L, 1);
     }
     pz_buf_trim(&u->scratch, 0);
 
     const char *err = NULL;
     pz_buf *init = u->init;
-    u->init = NULL; /* pz_pool_new owns it from here, even on failure */
+    char ***launch = u->launch;
+    u->init = NULL; /* pz_pool_new owns them from here, even on failure */
+    u->launch = NULL;
     u->ninit = 0;
     u->nslots = n;
-    u->pool = pz_pool_new(n, init, &o, worker_setup, &err);
+    u->pool = pz_pool_new(n, init, launch, &o, worker_setup, &err);
     if (!u->pool)
         return luaL_error(L, "cannot start the pool: %s (%s)", err, strerror(errno));
     return 1;
