@@ -17,20 +17,36 @@ local function ppid(pid)
   return stat and tonumber(stat:match("^%d+ %b() %a (%d+)"))
 end
 
+M.ppid = ppid
+
+--- A random worker of the pool, as a local pool's workers are: a child of
+-- the spawner (only ever a process that is still a worker of this pool).
+local function local_victim(p, spawner, workers)
+  local pid = p.pids[math.random(1, workers)]
+  if pid and ppid(pid) == spawner then return pid end
+end
+
 --- Runs the chaos. opts: calls, workers, interval (seconds between kills),
--- work (loop iterations per call), seed, timeout (seconds), progress (a
--- function called with a status line every second, optional).
+-- work (loop iterations per call), sleep (seconds each call sleeps, after
+-- its work; default 0), seed, timeout (seconds), progress (a
+-- function called with a status line every second, optional), options
+-- (more options for Parallelize: a launcher...), victim (optional:
+-- function(p, spawner, workers) -> a pid to SIGKILL or nil; by default a
+-- random worker, a child of the spawner).
 -- Returns a table of figures; raises with a description on any breach.
 function M.run(opts)
   local work = opts.work or 0
+  local victim = opts.victim or local_victim
   math.randomseed(opts.seed or 1)
   local before = {}
   for _, pid in ipairs(support.children()) do before[pid] = true end
+  local pause = opts.sleep or 0
   local p = parallelize.Parallelize(parallelize.rep(function(x)
     local s = 0
     for i = 1, work do s = s + i % 7 end
+    if pause > 0 then parallelize.sleep(pause) end
     return x * 2 + s * 0
-  end, opts.workers))
+  end, opts.workers), opts.options)
   local ok, err = pcall(function()
     local _ = p.executors
     local spawner
@@ -45,11 +61,9 @@ function M.run(opts)
     local deadline = t0 + (opts.timeout or 60)
     while p.pending > 0 do
       assert(core.now() < deadline, ("chaos: %d calls still pending after %d s"):format(p.pending, opts.timeout or 60))
-      local pids = p.pids
-      for _, pid in pairs(pids) do seen_pids[pid] = true end
-      local pid = pids[math.random(1, opts.workers)]
-      -- only ever signal a process that is still a worker of this pool
-      if pid and ppid(pid) == spawner and support.kill(pid, SIGKILL) then kills = kills + 1 end
+      for _, pid in pairs(p.pids) do seen_pids[pid] = true end
+      local pid = victim(p, spawner, opts.workers)
+      if pid and support.kill(pid, SIGKILL) then kills = kills + 1 end
       core.sleep(opts.interval)
       if opts.progress and core.now() >= next_report then
         next_report = next_report + 1
@@ -85,7 +99,7 @@ function M.run(opts)
     end
     M.last = {
       calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors,
-      elapsed = elapsed, rate = opts.calls / elapsed,
+      elapsed = elapsed, rate = opts.calls / elapsed, spawner = spawner,
     }
   end)
   p:stop(0)
