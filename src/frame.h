@@ -16,7 +16,9 @@
  * the boundaries and rejects anything malformed.
  *
  * Payloads between processes (varint = LEB128, see codec_format.h):
- *   INIT        varint n, n bytes: the worker's settings, an encoded table
+ *   INIT        the version handshake (handshake.h: plain bytes, checked
+ *               before anything else is decoded); varint n, n bytes: the
+ *               worker's settings, an encoded table
  *               with fields path, cpath (package paths), kind ("value",
  *               "module" or "deferred"), max_message, spin_ns and
  *               kill_leftovers; varint n,

@@ -177,7 +177,8 @@ static uint64_t remote_running_call(const pz_slot *w, int known, int status)
 {
     if (!known || w->why[0] || !WIFEXITED(status) || WEXITSTATUS(status) == 255)
         return 0;
-    if (w->inflight == 0 || w->out_head >= w->out_sent)
+    /* Only a call it received whole can have been running. */
+    if (w->inflight == 0 || w->out_head + pz_frame_size(w->out.data + w->out_head) > w->out_sent)
         return 0;
     return pz_frame_id(w->out.data + w->out_head);
 }
