@@ -248,7 +248,8 @@ describe("remote workers: launchers", function()
       function()
     -- cat stands for the link: the worker reads what cat passes on, and
     -- killing cat ends its input, as a dropped connection does.
-    local launcher = { "sh", "-c", "cat | exec " .. PZLUA .. " --worker" }
+    -- (The shell's own stderr goes nowhere: it would report cat's death.)
+    local launcher = { "sh", "-c", "exec 3>&2 2>/dev/null; cat | exec " .. PZLUA .. " --worker 2>&3" }
     local p = Parallelize({ function(x)
       if x == "spin" then while true do end end
       return x
