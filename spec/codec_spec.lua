@@ -28,6 +28,10 @@ end
 
 local varint = support.varint
 
+-- The format version byte encode writes (decode also reads version 1, which
+-- the hand-made inputs below use).
+local V = "\2"
+
 --- The 8 bytes of a double, little-endian as the format writes them.
 local function double_bytes(d)
   local b = ffi.string(ffi.new("double[1]", d), 8)
@@ -193,27 +197,27 @@ describe("codec", function()
     end)
 
     it("uses the wire format of codec_format.h", function()
-      assert.are.equal("\1\0", encode(nil))
-      assert.are.equal("\1\1", encode(false))
-      assert.are.equal("\1\2", encode(true))
-      assert.are.equal("\1\3", encode(null))
-      assert.are.equal("\1\x80", encode(0))
-      assert.are.equal("\1\xff", encode(127))
-      assert.are.equal("\1\5\x80\1", encode(128))
-      assert.are.equal("\1\6\1", encode(-1))
-      assert.are.equal("\1\6\x7f", encode(-127))
-      assert.are.equal("\1\6\x80\1", encode(-128))
-      assert.are.equal("\1\5" .. varint(2 ^ 53), encode(2 ^ 53))
-      assert.are.equal("\1\6" .. varint(2 ^ 53), encode(-(2 ^ 53)))
-      assert.are.equal("\1\4" .. double_bytes(2 ^ 53 + 2), encode(2 ^ 53 + 2))
-      assert.are.equal("\1\4" .. double_bytes(-0.0), encode(-0.0))
-      assert.are.equal("\1\4" .. double_bytes(0.1), encode(0.1))
-      assert.are.equal("\1\x40", encode(""))
-      assert.are.equal("\1\x41\0", encode("\0"))
-      assert.are.equal("\1\x5f" .. string.rep("s", 31), encode(string.rep("s", 31)))
-      assert.are.equal("\1\7\32" .. string.rep("s", 32), encode(string.rep("s", 32)))
-      assert.are.equal("\1\8\0\0", encode({}))
-      assert.are.equal("\1\8\2\0\x81\x82", encode({ 1, 2 }))
+      assert.are.equal(V .. "\0", encode(nil))
+      assert.are.equal(V .. "\1", encode(false))
+      assert.are.equal(V .. "\2", encode(true))
+      assert.are.equal(V .. "\3", encode(null))
+      assert.are.equal(V .. "\x80", encode(0))
+      assert.are.equal(V .. "\xff", encode(127))
+      assert.are.equal(V .. "\5\x80\1", encode(128))
+      assert.are.equal(V .. "\6\1", encode(-1))
+      assert.are.equal(V .. "\6\x7f", encode(-127))
+      assert.are.equal(V .. "\6\x80\1", encode(-128))
+      assert.are.equal(V .. "\5" .. varint(2 ^ 53), encode(2 ^ 53))
+      assert.are.equal(V .. "\6" .. varint(2 ^ 53), encode(-(2 ^ 53)))
+      assert.are.equal(V .. "\4" .. double_bytes(2 ^ 53 + 2), encode(2 ^ 53 + 2))
+      assert.are.equal(V .. "\4" .. double_bytes(-0.0), encode(-0.0))
+      assert.are.equal(V .. "\4" .. double_bytes(0.1), encode(0.1))
+      assert.are.equal(V .. "\x40", encode(""))
+      assert.are.equal(V .. "\x41\0", encode("\0"))
+      assert.are.equal(V .. "\x5f" .. string.rep("s", 31), encode(string.rep("s", 31)))
+      assert.are.equal(V .. "\7\32" .. string.rep("s", 32), encode(string.rep("s", 32)))
+      assert.are.equal(V .. "\8\0\0", encode({}))
+      assert.are.equal(V .. "\8\2\0\x81\x82", encode({ 1, 2 }))
     end)
 
     it("round-trips a string of every byte, and every one-byte string", function()
@@ -326,8 +330,8 @@ describe("codec", function()
         assert.are.equal(count(v), count(d), "case " .. i)
       end
       -- a sequence is written as an array part alone
-      assert.are.equal("\1\8\20\0", encode(seq(20)):sub(1, 4))
-      assert.are.equal("\1\8" .. varint(100) .. "\0", encode(seq(100)):sub(1, 4))
+      assert.are.equal(V .. "\8\20\0", encode(seq(20)):sub(1, 4))
+      assert.are.equal(V .. "\8" .. varint(100) .. "\0", encode(seq(100)):sub(1, 4))
       local d = roundtrip(cases[7])
       assert.is_true(rawequal(d[3], d[600]))
       local dm = roundtrip(meta, FN)
@@ -433,6 +437,51 @@ describe("codec", function()
       assert.are.equal(2, dg.y)
     end)
 
+    it("keeps sharing among many tables", function()
+      -- past the first few objects the encoder numbers them in a hash
+      -- table, which grows; every object is met twice
+      for _, many in ipairs({ 7, 8, 9, 31, 33, 64, 65, 500 }) do
+        local objs, v = {}, {}
+        for i = 1, many do objs[i] = { i } end
+        for i = 1, many do
+          v[2 * i - 1] = objs[i]
+          v[2 * i] = objs[(i * 7) % many + 1]
+        end
+        local d = roundtrip(v)
+        for i = 1, many do
+          assert.are.equal(i, d[2 * i - 1][1])
+          assert.is_true(rawequal(d[2 * i], d[2 * ((i * 7) % many) + 1]), "many " .. many .. ", i " .. i)
+        end
+        assert.is_true(deep_equal(v, d))
+      end
+    end)
+
+    it("never takes a new table for an old one freed while encoding", function()
+      -- A function's environment with __index runs during the encode (the
+      -- encoder reads the globals the function uses through it). Here it
+      -- drops the tables written so far, collects them, and makes new ones
+      -- where the encoder has not been yet: the encoder knows tables by
+      -- address, so the old ones must stay alive until it is done, or a new
+      -- table at an old one's address would be written as a reference to it.
+      local first, later = {}, {}
+      for i = 1, 200 do first[i] = { "old", i } end
+      local env = setmetatable({}, { __index = function(_, name)
+        if name == "pz_spec_trigger" then
+          for i = 1, 200 do first[i] = nil end
+          collectgarbage()
+          collectgarbage()
+          for i = 1, 200 do later[i] = { "new", i } end
+        end
+        return nil
+      end })
+      local f = setfenv(function() return pz_spec_trigger end, env) -- luacheck: ignore
+      local d = roundtrip({ first, f, later }, FN)
+      assert.are.equal(200, #d[3])
+      for i = 1, 200 do
+        assert.are.same({ "new", i }, d[3][i])
+      end
+    end)
+
     it("round-trips parallelize.null as itself", function()
       assert.is_true(rawequal(null, roundtrip(null)))
       local d = roundtrip({ null, k = null, [null] = null })
@@ -444,6 +493,139 @@ describe("codec", function()
       if ok then
         assert.are.equal(cjson.null, null)
         assert.are.equal(cjson.null, roundtrip(cjson.null))
+      end
+    end)
+  end)
+
+  describe("packed arrays of numbers", function()
+    local function floats(n, f)
+      local t = {}
+      for i = 1, n do t[i] = f and f(i) or i + 0.5 end
+      return t
+    end
+    local function packed_bytes(t)
+      local parts = { V, "\15", varint(#t) }
+      for i = 1, #t do parts[#parts + 1] = double_bytes(t[i]) end
+      return table.concat(parts)
+    end
+
+    it("write a sequence of numbers, most not integers, as doubles", function()
+      for _, n in ipairs({ 16, 17, 100, 1000 }) do
+        local t = floats(n)
+        assert.are.equal(packed_bytes(t), encode(t))
+        assert.is_true(deep_equal(t, roundtrip(t)))
+      end
+      -- exactly half integral still packs
+      local half = floats(16, function(i) return i % 2 == 0 and i or i + 0.25 end)
+      assert.are.equal(packed_bytes(half), encode(half))
+    end)
+
+    it("round-trip every double, NaN, infinities and -0.0 among them", function()
+      local t = { -0.0, 0.5, math.huge, -math.huge, 0 / 0, 5e-324, -5e-324, 1.7976931348623157e308,
+        2 ^ 53 + 2, -(2 ^ 60), 0.1, 1 / 3, -2.5, 1e-300, 12345.678, -0.0 }
+      local d = roundtrip(t)
+      assert.are.equal(#t, #d)
+      for i = 1, #t do assert.is_true(same_number(t[i], d[i]), "item " .. i) end
+      assert.are.equal(packed_bytes(t), encode(t))
+    end)
+
+    it("are not used for other tables", function()
+      local short = floats(15)
+      local with_mt = setmetatable(floats(16), { tag = "mt" })
+      local extra = floats(16)
+      extra.n = 16
+      local zero = floats(16)
+      zero[0] = 0.5
+      local mixed = floats(16)
+      mixed[9] = "nine"
+      local integral = floats(16, function(i) return i % 4 == 0 and i + 0.5 or i end)
+      local holed = floats(20)
+      holed[10] = nil
+      for name, t in pairs({ short = short, with_mt = with_mt, extra = extra, zero = zero, mixed = mixed,
+        integral = integral, holed = holed }) do
+        local s = encode(t)
+        assert.is_true(s:byte(2) == 8 or s:byte(2) == 9, name)
+        assert.is_true(deep_equal(t, roundtrip(t)), name)
+      end
+    end)
+
+    it("find a sequence whatever order its keys come in", function()
+      -- keys set from the top down land in the hash part, in any order
+      local t = {}
+      for i = 40, 1, -1 do t[i] = i * 0.25 + 0.125 end
+      assert.are.equal(packed_bytes(t), encode(t))
+      assert.is_true(deep_equal(t, roundtrip(t)))
+      t[17.5] = 1
+      assert.are.equal(8, encode(t):byte(2))
+      assert.is_true(deep_equal(t, roundtrip(t)))
+    end)
+
+    it("are tables like any other: shared, keys, in cycles, plain once decoded", function()
+      local a = floats(20)
+      local v = { a, a, [a] = a, list = { a } }
+      v.self = v
+      local d = roundtrip(v)
+      assert.is_true(rawequal(d[1], d[2]))
+      assert.is_true(rawequal(d[1], d[d[1]]))
+      assert.is_true(rawequal(d[1], d.list[1]))
+      assert.is_true(rawequal(d, d.self))
+      local p1 = d[1]
+      assert.are.equal(20, #p1)
+      assert.is_nil(p1[0])
+      assert.is_nil(p1[21])
+      assert.is_nil(next(p1, 20))
+      p1[21] = 21.5
+      assert.are.equal(21, #p1)
+      assert.are.equal(20.5, p1[20])
+    end)
+
+    it("decode a NaN of any payload as NaN", function()
+      -- LuaJIT tags its other values inside NaNs: a NaN read as it is
+      -- would forge one
+      local nans = { "\255\255\255\255\251\255\255\255", "\52\18\0\0\251\255\255\255",
+        "\1\0\0\0\0\0\240\127", "\0\0\0\0\0\0\248\255", "\255\255\255\255\255\255\255\127" }
+      local parts = { V, "\15", varint(20) }
+      for i = 1, 20 do
+        parts[#parts + 1] = i % 4 == 0 and nans[i / 4 % #nans + 1] or double_bytes(i + 0.5)
+      end
+      local d = decode(table.concat(parts))
+      for i = 1, 20 do
+        assert.are.equal("number", type(d[i]))
+        if i % 4 == 0 then assert.is_true(d[i] ~= d[i]) else assert.are.equal(i + 0.5, d[i]) end
+      end
+    end)
+
+    it("are neither written nor read through the FFI with the JIT off", function()
+      local t = floats(100)
+      local s = encode(t)
+      assert.are.equal(15, s:byte(2))
+      jit.off()
+      finally(function() jit.on() end)
+      -- the helpers look at the JIT's state every 64th call
+      local last
+      for _ = 1, 70 do last = encode(t) end
+      assert.are.equal(8, last:byte(2))
+      assert.is_true(deep_equal(t, decode(last)))
+      local d
+      for _ = 1, 70 do d = decode(s) end
+      assert.is_true(deep_equal(t, d))
+      jit.on()
+      for _ = 1, 70 do last = encode(t) end
+      assert.are.equal(s, last)
+    end)
+
+    it("reject counts the bytes cannot hold, and tag 0x0f in version 1", function()
+      assert.are.equal("cannot decode: array of 1099511627776 doubles does not fit in the 3 bytes left at byte 2",
+        error_of(decode, V .. "\15" .. varint(2 ^ 40) .. "abc"))
+      assert.are.equal("cannot decode: array of 2 doubles does not fit in the 15 bytes left at byte 2",
+        error_of(decode, V .. "\15\2" .. string.rep("\0", 15)))
+      assert.are.equal("cannot decode: bad or truncated array size at byte 3", error_of(decode, V .. "\15"))
+      assert.are.equal("cannot decode: unknown tag 0x0f at byte 2", error_of(decode, "\1\15\0"))
+      assert.are.same({}, decode(V .. "\15\0"))
+      local s = encode(floats(16))
+      for i = 1, #s - 1 do
+        local e = error_of(decode, s:sub(1, i))
+        assert.are.equal("cannot decode: ", e:sub(1, 15), e)
       end
     end)
   end)
@@ -779,10 +961,14 @@ describe("codec", function()
   describe("malformed input", function()
     it("empty, or with a wrong version byte", function()
       assert.are.equal("cannot decode: empty input (no format version byte)", error_of(decode, ""))
-      assert.are.equal("cannot decode: unknown format version 2 at byte 1 (expected 1)", error_of(decode, "\2\0"))
-      assert.are.equal("cannot decode: unknown format version 0 at byte 1 (expected 1)", error_of(decode, "\0"))
-      assert.are.equal("cannot decode: unknown format version 255 at byte 1 (expected 1)", error_of(decode, "\255"))
+      assert.are.equal("cannot decode: unknown format version 3 at byte 1 (expected 2)", error_of(decode, "\3\0"))
+      assert.are.equal("cannot decode: unknown format version 0 at byte 1 (expected 2)", error_of(decode, "\0"))
+      assert.are.equal("cannot decode: unknown format version 255 at byte 1 (expected 2)", error_of(decode, "\255"))
       assert.are.equal("cannot decode: truncated input at byte 2", error_of(decode, "\1"))
+      assert.are.equal("cannot decode: truncated input at byte 2", error_of(decode, "\2"))
+      -- version 1 is read too: it is version 2 without packed arrays
+      assert.are.equal(5, decode("\1\x85"))
+      assert.are.same({ 1, 2 }, decode("\1\8\2\0\x81\x82"))
     end)
 
     it("truncated at every byte", function()

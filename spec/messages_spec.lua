@@ -51,7 +51,7 @@ describe("messages", function()
 
   it("an unknown option lists the valid ones", function()
     local names = {}
-    for name in pairs(parallelize.defaults) do names[#names + 1] = name end
+    for name in pairs(require("parallelize.options").OPTIONS) do names[#names + 1] = name end
     table.sort(names)
     assert.is_true(#names >= 8)
     local l = line() + 1

@@ -171,14 +171,16 @@ describe("Parallelize", function()
     assert.has_error(function() Parallelize({ print, function() end, 42 }) end,
       "executor 3 is not callable (a number)")
     assert.has_error(function() Parallelize({}) end, "Parallelize: executors must be a non-empty array")
-    assert.has_error(function() Parallelize("f") end, "Parallelize: executors must be an array (got a string)")
+    assert.has_error(function() Parallelize(42) end,
+      "Parallelize: executors must be an array or one executor (got a number 42)")
     assert.has_error(function() Parallelize({ {} }) end, "executor 1 is not callable (a table)")
     assert.has_error(function() Parallelize({ io.stdout }) end, "executor 1 is not callable (a userdata)")
     assert.has_error(function() Parallelize({ "not a name" }) end,
       'executor 1: "not a name" is not a module name such as "mod.func"')
     assert.has_error(function() Parallelize({ function() end }, { bogus = 1 }) end,
-      "Parallelize: unknown option 'bogus' (the options are init_attempts, kill_grace, kill_leftovers, "
-        .. "launcher, max_deaths, max_inflight, max_message, respawn, spin, window)")
+      "Parallelize: unknown option 'bogus' (the options are init_attempts, keep_results, kill_grace, "
+        .. "kill_leftovers, launcher, max_deaths, max_inflight, max_message, max_pending, respawn, spin, window, "
+        .. "workers)")
     assert.has_error(function() Parallelize({ function() end }, { max_deaths = 0 }) end,
       "Parallelize: option max_deaths must be an integer from 1 to 255 (got 0)")
     assert.has_error(function() Deferred(5) end, "Deferred: the constructor is not callable (a number)")

@@ -556,8 +556,8 @@ describe("messages", function()
     assert.are.equal(2, #p.errors)
     local byid = {}
     for _, e in ipairs(p.errors) do byid[e.id] = e.message end
-    assert.are.equal("call 1: cannot encode a thread at result.co", byid[1])
-    assert.are.equal("call 2: cannot encode a userdata at result", byid[2])
+    assert.are.equal("call 1: cannot encode a thread at result[1].co", byid[1])
+    assert.are.equal("call 2: cannot encode a userdata at result[1]", byid[2])
     assert.are.equal(p.pids[1], p.results[1])
   end)
 

@@ -47,6 +47,33 @@ void pz_decode_value(lua_State *L, const char *p, size_t n, int flags);
  * how many were pushed (checking the stack has room for them). */
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
 
+/* Appends the value at idx and returns 1 when it is a number, a string, a
+ * boolean or nil (most arguments and results); returns 0 for anything else,
+ * or when out of memory, possibly having appended part of it (the caller
+ * truncates out and takes the full encoder).  It raises nothing and sets
+ * nothing up: pz_encode_value and pz_encode_tuple try it first. */
+int pz_encode_scalar(lua_State *L, int idx, pz_buf *out);
+
+/* For the Lua binding (lcodec.c) -------------------------------------- */
+
+/* As pz_encode_value, without trying pz_encode_scalar first; when busy is
+ * not NULL, *busy is cleared before any error the encoder raises, so that a
+ * caller can mark a buffer it reuses as in use while it is (l_encode). */
+void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
+                            int *busy);
+
+/* A decoding flag: the bytes are format version 1, which had no packed
+ * arrays (PZ_T_DOUBLES is then an unknown tag, as it was). */
+#define PZ_DECODE_FORMAT_1 2
+
+/* As pz_decode_value over the n bytes at p, with the byte positions in
+ * error messages counted from base (<= p) instead of p. */
+void pz_decode_value_at(lua_State *L, const char *base, const char *p, size_t n, int flags);
+
+/* Compiles the codec's Lua helpers in L now, while the globals they take
+ * (next, rawget, ...) are still the standard ones. */
+void pz_codec_prepare(lua_State *L);
+
 /* Adds encode, decode and null to the table on top of the stack:
  *   encode(v) -> string          (a format version byte, then the value)
  *   decode(s [, {functions = bool}]) -> v

@@ -26,13 +26,17 @@
  *                   name being varint length, bytes
  *   0x0e upjoin     varint reference number of a function, a byte n: this
  *                   upvalue is that function's upvalue n (1-based), shared
+ *   0x0f doubles    varint n, then n doubles (8 bytes each, as 0x04): a
+ *                   table whose keys are 1 .. n, without metatable (since
+ *                   version 2; the encoder writes it for a sequence of 16
+ *                   or more numbers, at most half of them integers, where
+ *                   the JIT runs: codec_array.c)
  *   0x40..0x5f      string of length tag - 0x40 (0..31), bytes follow
  *   0x80..0xff      integer tag - 0x80 (0..127)
  *
  * A tuple (the arguments of one call) is a varint count followed by that
  * many values; all values of a tuple share one reference numbering.
- * Varints are LEB128: 7 bits a byte, least significant group first, the high
- * bit set on every byte but the last; at most 10 bytes.
+ * Varints are LEB128 (varint.h).
  */
 #ifndef PZ_CODEC_FORMAT_H
 #define PZ_CODEC_FORMAT_H
@@ -42,9 +46,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "varint.h"
+
 /* The byte that starts the output of the Lua-facing encode (not the C API's,
- * whose callers frame values themselves). */
-#define PZ_FORMAT_VERSION 1
+ * whose callers frame values themselves).  Version 2 added PZ_T_DOUBLES and
+ * changed nothing else, so the Lua-facing decode reads versions 1 and 2. */
+#define PZ_FORMAT_VERSION 2
+#define PZ_FORMAT_OLDEST 1
 
 enum {
     PZ_T_NIL = 0x00,
@@ -62,6 +70,7 @@ enum {
     PZ_T_MEMBER = 0x0c,
     PZ_T_FUNCTION = 0x0d,
     PZ_T_UPJOIN = 0x0e,
+    PZ_T_DOUBLES = 0x0f,
     PZ_T_SHORTSTR = 0x40, /* + length, 0..31 */
     PZ_T_FIXINT = 0x80    /* + value, 0..127 */
 };
@@ -72,43 +81,6 @@ enum {
 
 /* Room one number can take: a tag and an 8-byte double. */
 #define PZ_NUMBER_MAX_BYTES 11
-#define PZ_VARINT_MAX_BYTES 10
-
-/* Writes v as a LEB128 varint at dst; returns the byte count. */
-static inline size_t pz_put_varint(uint8_t *dst, uint64_t v)
-{
-    size_t n = 0;
-    while (v >= 0x80) {
-        dst[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    dst[n++] = (uint8_t)v;
-    return n;
-}
-
-/* Reads a varint from [*p, end); returns 0 and advances *p, or -1 when the
- * input is truncated, longer than 10 bytes, or holds more than 64 bits.  The
- * tenth byte has room for bit 63 only: anything else in it would be dropped,
- * and a value must never be read as another one. */
-static inline int pz_get_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
-{
-    uint64_t v = 0;
-    const uint8_t *q = *p;
-    for (unsigned shift = 0; shift < 70; shift += 7) {
-        if (q >= end)
-            return -1;
-        uint8_t byte = *q++;
-        if (shift == 63 && byte > 1)
-            return -1;
-        v |= (uint64_t)(byte & 0x7f) << shift;
-        if (!(byte & 0x80)) {
-            *p = q;
-            *out = v;
-            return 0;
-        }
-    }
-    return -1;
-}
 
 /* Writes the encoding of number d at dst (room: PZ_NUMBER_MAX_BYTES);
  * returns the byte count.  Integral values within +-2^53 (but not -0.0)

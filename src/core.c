@@ -3,6 +3,7 @@
  * (lua/parallelize.lua) builds the public API from.
  */
 #include <errno.h>
+#include <sched.h>
 #include <math.h>
 #include <string.h>
 #include <time.h>
@@ -62,6 +63,20 @@ static int l_sleep(lua_State *L)
     return 0;
 }
 
+/* cpu_count() -> the CPUs this process may run on (its affinity mask),
+ * at least 1. */
+static int l_cpu_count(lua_State *L)
+{
+    cpu_set_t set;
+    long n = 0;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        n = CPU_COUNT(&set);
+    if (n < 1)
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+    lua_pushinteger(L, n < 1 ? 1 : (lua_Integer)n);
+    return 1;
+}
+
 /* now() -> seconds on the monotonic clock, for deadlines. */
 static int l_now(lua_State *L)
 {
@@ -80,5 +95,7 @@ int luaopen_parallelize_core(lua_State *L)
     lua_setfield(L, -2, "sleep");
     lua_pushcfunction(L, l_now);
     lua_setfield(L, -2, "now");
+    lua_pushcfunction(L, l_cpu_count);
+    lua_setfield(L, -2, "cpu_count");
     return 1;
 }

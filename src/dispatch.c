@@ -66,6 +66,7 @@ void pz_dispatch(struct pz_io *io)
             sp += size;
             savail -= size;
             pz_spsc_consume(q, size);
+            io->calls_taken++;
         }
     }
     if (io->rq_pos == io->rq.len) {

@@ -2,8 +2,8 @@
  * frame.c - frame boundaries, frame building, and the splitting of
  * payloads, checked before any byte is trusted (a worker may write garbage).
  */
-#include "codec_format.h"
 #include "frame.h"
+#include "varint.h"
 
 int pz_frame_parse(const char *p, size_t n, size_t max_payload, pz_frame *f, size_t *need,
                    const char **why)
@@ -56,16 +56,17 @@ int pz_record_error(const pz_frame *f, pz_error_parts *e)
 {
     const char *rest;
     size_t rlen;
-    if (pz_split_prefixed(f->payload, f->len, &e->args, &e->args_len, &rest, &rlen) != 0)
+    if (pz_split_prefixed(f->payload, f->len, &e->args, &e->args_len, &rest, &rlen) != 0 ||
+        pz_split_prefixed(rest, rlen, &e->message, &e->message_len, &rest, &rlen) != 0)
         return -1;
-    return pz_split_prefixed(rest, rlen, &e->message, &e->message_len, &e->traceback,
-                             &e->traceback_len);
+    return pz_split_prefixed(rest, rlen, &e->traceback, &e->traceback_len, &e->value,
+                             &e->value_len);
 }
 
 int pz_record_init_error(const pz_frame *f, pz_error_parts *e)
 {
-    e->args = f->payload;
-    e->args_len = 0;
+    e->args = e->value = f->payload;
+    e->args_len = e->value_len = 0;
     return pz_split_prefixed(f->payload, f->len, &e->message, &e->message_len, &e->traceback,
                              &e->traceback_len);
 }

@@ -3,14 +3,20 @@
  * the parent's I/O thread and its main thread.  This file owns their byte
  * layout: no other file reads or writes a header byte by its offset.
  *
- * A frame is a 14-byte header and a payload:
+ * A frame is a 20-byte header and a payload, integers little-endian:
  *
- *   u32 payload length (little-endian)
+ *   u32 payload length
  *   u8  type            (enum pz_frame_type)
- *   u8  aux             CALL: how many workers the call has killed (the
- *                       parent's bookkeeping; workers ignore it)
+ *   u8  deaths          CALL: workers the call has killed
+ *   u8  tag             CALL, RESULT, ERROR: who takes the result: 0 for
+ *                       the pool's own lists, else a map or stream (lpool.c)
+ *   u8  tries           CALL: times its executor has raised (retries)
+ *   u32 timeout_ms      CALL: 0 for the pool's timeout, PZ_NO_TIMEOUT for none
  *   u64 id              CALL/RESULT/ERROR: the call id; INIT_OK: the pid;
  *                       records: the worker slot
+ *
+ * deaths, tag, tries and timeout_ms are the parent's bookkeeping, carried
+ * with the call wherever it goes; workers ignore them and answer with 0.
  *
  * Many frames go in one write and come out of one read; pz_frame_parse finds
  * the boundaries and rejects anything malformed.
@@ -27,15 +33,18 @@
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
  *   CALL        the argument tuple
- *   RESULT      varint nanoseconds the call ran, then the encoded value
- *   ERROR       varint nanoseconds, varint n, n bytes of message, traceback
+ *   RESULT      varint nanoseconds the call ran, then the tuple of values
+ *               the executor returned
+ *   ERROR       varint nanoseconds, varint n, n bytes of message, varint m,
+ *               m bytes of traceback, then the value error() was given,
+ *               encoded lossily (empty when even that failed)
  *   STOP        empty: finish, call the executor's close, exit
  *
  * Records (I/O thread -> main thread, through the pool's done queue) reuse
  * the header; they never cross a process boundary:
- *   RESULT      id = call id; payload = the encoded value
- *   ERROR       id = call id; payload = varint n, n bytes of argument tuple,
- *               varint m, m bytes of message, then the traceback
+ *   RESULT      id = call id, tag; payload = the tuple of values
+ *   ERROR       id = call id, tag; payload = varint n, n bytes of argument
+ *               tuple, then as from the worker: message, traceback, value
  *   INIT_OK     id = slot; payload = varint pid, then the executor copy
  *   INIT_ERROR  id = slot; payload = varint n, message, then the traceback;
  *               the slot is given up
@@ -47,7 +56,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define PZ_FRAME_HEADER 14
+#define PZ_FRAME_HEADER 20
+
+/* timeout_ms of a call that has none, whatever the pool's. */
+#define PZ_NO_TIMEOUT UINT32_MAX
 
 /* Bytes a frame may carry beyond the encoded value that max_message limits:
  * the varints and the message of a RESULT or ERROR frame.  The parser of
@@ -67,7 +79,8 @@ enum pz_frame_type {
 
 typedef struct pz_frame {
     uint8_t type;
-    uint8_t aux;
+    uint8_t deaths, tag, tries;
+    uint32_t timeout_ms;
     uint64_t id;
     const char *payload;
     size_t len;  /* payload bytes */
@@ -82,23 +95,46 @@ typedef struct pz_part {
     int prefixed;
 } pz_part;
 
-/* Writes a header at dst. */
-static inline void pz_frame_header(char *dst, uint8_t type, uint8_t aux, uint64_t id, uint32_t len)
+/* Byte offsets in the header. */
+enum {
+    PZ_FO_LEN = 0,
+    PZ_FO_TYPE = 4,
+    PZ_FO_DEATHS = 5,
+    PZ_FO_TAG = 6,
+    PZ_FO_TRIES = 7,
+    PZ_FO_TIMEOUT = 8,
+    PZ_FO_ID = 12
+};
+
+static inline void pz_frame_put_u32(char *dst, uint32_t v)
 {
     unsigned char *d = (unsigned char *)dst;
     for (int i = 0; i < 4; i++)
-        d[i] = (unsigned char)(len >> (8 * i));
-    d[4] = type;
-    d[5] = aux;
-    for (int i = 0; i < 8; i++)
-        d[6 + i] = (unsigned char)(id >> (8 * i));
+        d[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* Reads the payload length of the frame starting at p (14 bytes there). */
-static inline uint32_t pz_frame_payload_len(const char *p)
+static inline uint32_t pz_frame_get_u32(const char *p)
 {
     const unsigned char *s = (const unsigned char *)p;
     return (uint32_t)s[0] | (uint32_t)s[1] << 8 | (uint32_t)s[2] << 16 | (uint32_t)s[3] << 24;
+}
+
+/* Writes a header at dst, the bookkeeping bytes zero. */
+static inline void pz_frame_header(char *dst, uint8_t type, uint64_t id, uint32_t len)
+{
+    unsigned char *d = (unsigned char *)dst;
+    pz_frame_put_u32(dst + PZ_FO_LEN, len);
+    d[PZ_FO_TYPE] = type;
+    d[PZ_FO_DEATHS] = d[PZ_FO_TAG] = d[PZ_FO_TRIES] = 0;
+    pz_frame_put_u32(dst + PZ_FO_TIMEOUT, 0);
+    for (int i = 0; i < 8; i++)
+        d[PZ_FO_ID + i] = (unsigned char)(id >> (8 * i));
+}
+
+/* Reads the payload length of the frame starting at p (a header there). */
+static inline uint32_t pz_frame_payload_len(const char *p)
+{
+    return pz_frame_get_u32(p + PZ_FO_LEN);
 }
 
 /* Header plus payload of the frame starting at p. */
@@ -109,23 +145,53 @@ static inline size_t pz_frame_size(const char *p)
 
 static inline uint8_t pz_frame_type(const char *p)
 {
-    return (uint8_t)p[4];
+    return (uint8_t)p[PZ_FO_TYPE];
 }
 
-static inline uint8_t pz_frame_aux(const char *p)
+static inline uint8_t pz_frame_deaths(const char *p)
 {
-    return (uint8_t)p[5];
+    return (uint8_t)p[PZ_FO_DEATHS];
 }
 
-static inline void pz_frame_set_aux(char *p, uint8_t aux)
+static inline void pz_frame_set_deaths(char *p, uint8_t deaths)
 {
-    p[5] = (char)aux;
+    p[PZ_FO_DEATHS] = (char)deaths;
+}
+
+static inline uint8_t pz_frame_tag(const char *p)
+{
+    return (uint8_t)p[PZ_FO_TAG];
+}
+
+static inline void pz_frame_set_tag(char *p, uint8_t tag)
+{
+    p[PZ_FO_TAG] = (char)tag;
+}
+
+static inline uint8_t pz_frame_tries(const char *p)
+{
+    return (uint8_t)p[PZ_FO_TRIES];
+}
+
+static inline void pz_frame_set_tries(char *p, uint8_t tries)
+{
+    p[PZ_FO_TRIES] = (char)tries;
+}
+
+static inline uint32_t pz_frame_timeout_ms(const char *p)
+{
+    return pz_frame_get_u32(p + PZ_FO_TIMEOUT);
+}
+
+static inline void pz_frame_set_timeout_ms(char *p, uint32_t ms)
+{
+    pz_frame_put_u32(p + PZ_FO_TIMEOUT, ms);
 }
 
 /* Reads the id of the frame starting at p. */
 static inline uint64_t pz_frame_id(const char *p)
 {
-    const unsigned char *s = (const unsigned char *)p + 6;
+    const unsigned char *s = (const unsigned char *)p + PZ_FO_ID;
     uint64_t id = 0;
     for (int i = 7; i >= 0; i--)
         id = id << 8 | s[i];
@@ -142,7 +208,10 @@ static inline const char *pz_frame_payload(const char *p)
 static inline void pz_frame_read(const char *p, pz_frame *f)
 {
     f->type = pz_frame_type(p);
-    f->aux = pz_frame_aux(p);
+    f->deaths = pz_frame_deaths(p);
+    f->tag = pz_frame_tag(p);
+    f->tries = pz_frame_tries(p);
+    f->timeout_ms = pz_frame_timeout_ms(p);
     f->id = pz_frame_id(p);
     f->len = pz_frame_payload_len(p);
     f->payload = p + PZ_FRAME_HEADER;
@@ -186,10 +255,10 @@ static inline size_t pz_frame_parts_len(const pz_part *parts, int nparts)
 }
 
 /* Writes a whole frame at dst, whose room is PZ_FRAME_HEADER +
- * pz_frame_parts_len(parts): the header, then each part.  Returns the
- * frame's size. */
-static inline size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t id,
-                                  const pz_part *parts, int nparts)
+ * pz_frame_parts_len(parts): the header (bookkeeping bytes zero), then
+ * each part.  Returns the frame's size. */
+static inline size_t pz_frame_put(char *dst, uint8_t type, uint64_t id, const pz_part *parts,
+                                  int nparts)
 {
     unsigned char *q = (unsigned char *)dst + PZ_FRAME_HEADER;
     for (int i = 0; i < nparts; i++) {
@@ -206,7 +275,7 @@ static inline size_t pz_frame_put(char *dst, uint8_t type, uint8_t aux, uint64_t
         q += parts[i].len;
     }
     size_t len = (size_t)(q - (unsigned char *)dst) - PZ_FRAME_HEADER;
-    pz_frame_header(dst, type, aux, id, (uint32_t)len);
+    pz_frame_header(dst, type, id, (uint32_t)len);
     return PZ_FRAME_HEADER + len;
 }
 
@@ -219,11 +288,12 @@ int pz_split_prefixed(const char *p, size_t n, const char **s, size_t *slen, con
 /* Reads a leading varint from a payload: returns 0 and advances *p and *n, or -1. */
 int pz_take_varint(const char **p, size_t *n, uint64_t *v);
 
-/* The three parts of an ERROR record, or the message and traceback of an
- * INIT_ERROR record (args empty).  Returns 0, or -1 when malformed. */
+/* The parts of an ERROR record, or the message and traceback of an
+ * INIT_ERROR record (args and value empty).  Returns 0, or -1 when
+ * malformed. */
 typedef struct pz_error_parts {
-    const char *args, *message, *traceback;
-    size_t args_len, message_len, traceback_len;
+    const char *args, *message, *traceback, *value;
+    size_t args_len, message_len, traceback_len, value_len;
 } pz_error_parts;
 int pz_record_error(const pz_frame *f, pz_error_parts *e);
 int pz_record_init_error(const pz_frame *f, pz_error_parts *e);

@@ -117,6 +117,7 @@ struct pz_io {
 
     /* ioloop.c: what publish() makes visible */
     uint64_t calls_done;     /* RESULT/ERROR records written */
+    uint64_t calls_taken;    /* CALL frames taken from the submit queue */
     int slots_settled;
     int fatal;               /* the pool failed: p->fatal_reason is set */
     char *first_error;       /* the first reason a worker was lost (malloc'ed) */
@@ -124,10 +125,12 @@ struct pz_io {
 
 /* ---- ioloop.c ---------------------------------------------------------- */
 
-/* Appends a record for the main thread (frame.h).  Returns 0, or -1 when
- * out of memory, after failing the pool (pz_io_fail): the caller keeps
- * what the record was about, so that it is aborted rather than lost. */
-int pz_io_record(struct pz_io *io, uint8_t type, uint64_t id, const pz_part *parts, int nparts);
+/* Appends a record for the main thread (frame.h); `tag` says who takes a
+ * call's result (the CALL frame's tag).  Returns 0, or -1 when out of
+ * memory, after failing the pool (pz_io_fail): the caller keeps what the
+ * record was about, so that it is aborted rather than lost. */
+int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const pz_part *parts,
+                 int nparts);
 
 /* Makes the records written so far visible to the main thread, with the
  * counters that go with them, and wakes it if what it waits for is now

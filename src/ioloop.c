@@ -27,7 +27,8 @@
 
 /* ---- records and failures ------------------------------------------------ */
 
-int pz_io_record(struct pz_io *io, uint8_t type, uint64_t id, const pz_part *parts, int nparts)
+int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const pz_part *parts,
+                 int nparts)
 {
     size_t len = pz_frame_parts_len(parts, nparts);
     char *d = len == SIZE_MAX ? NULL : pz_spsc_reserve(&io->p->done, PZ_FRAME_HEADER + len);
@@ -35,7 +36,8 @@ int pz_io_record(struct pz_io *io, uint8_t type, uint64_t id, const pz_part *par
         pz_io_fail(io, "out of memory in the I/O thread (a record for the main thread)");
         return -1;
     }
-    size_t size = pz_frame_put(d, type, 0, id, parts, nparts);
+    size_t size = pz_frame_put(d, type, id, parts, nparts);
+    pz_frame_set_tag(d, tag);
     pz_spsc_advance(&io->p->done, size);
     atomic_fetch_add_explicit(&io->p->backlog, size, memory_order_relaxed);
     if (type == PZ_F_RESULT || type == PZ_F_ERROR)
@@ -105,8 +107,9 @@ static int main_condition(struct pz_io *io, int waiting)
     if (waiting != PZ_WAIT_EXIT &&
         atomic_load_explicit(&p->backlog, memory_order_relaxed) >= PZ_BACKLOG_WAKE)
         return 1;
-    if (waiting == PZ_WAIT_CALLS)
-        return io->calls_done >= atomic_load(&p->main_target);
+    if (waiting == PZ_WAIT_PROGRESS)
+        return io->calls_done >= atomic_load(&p->main_done_target) ||
+               io->calls_taken >= atomic_load(&p->main_taken_target);
     if (waiting == PZ_WAIT_INIT)
         return io->slots_settled >= p->nslots;
     return 0;
@@ -117,6 +120,7 @@ void pz_io_publish(struct pz_io *io)
     pz_pool *p = io->p;
     pz_spsc_publish(&p->done);
     atomic_store(&p->calls_done, io->calls_done);
+    atomic_store(&p->calls_taken, io->calls_taken);
     atomic_store(&p->slots_settled, io->slots_settled);
     if (io->fatal)
         atomic_store(&p->fatal, 1);

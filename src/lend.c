@@ -84,6 +84,7 @@ int pz_lend_dispatch(struct pz_io *io, int *lent_fd)
             io->lent = w;
             if (pz_slot_hand_call(io, w, fr, size) == 0) {
                 pz_spsc_consume(&io->p->submit, size);
+                io->calls_taken++;
                 pz_slot_flush(io, w);
             }
             if (io->lent && w->out_sent < w->out.len)

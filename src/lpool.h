@@ -1,17 +1,65 @@
 /*
- * lpool.h - the Lua binding of the pool (lpool.c).
+ * lpool.h - the Lua binding of the pool: the userdata (lpool.c) and the
+ * turning of records into Lua values (lrecords.c).  Main thread only.
  */
 #ifndef PZ_LPOOL_H
 #define PZ_LPOOL_H
 
+#include <stdint.h>
+
 #include <lua.h>
 
+#include "buf.h"
+#include "handshake.h"
+#include "idset.h"
 #include "pool.h"
 
-/* Adds pool_new, pool_wait, pool_drain, pool_stop, pool_counts, pool_size,
- * pool_env, pool_stopped, pool_metatable and max_message_limit to the table
- * on top.  Workers of the pools made from here prepare their Lua states
- * with `setup`. */
+#define PZ_POOL_MT "parallelize.pool"
+#define PZ_ERROR_MT "parallelize.error"
+
+/* A tag (frame.h) says who takes a call's result: 0, the pool's own store;
+ * 1..PZ_TAGS-1, a map or a stream (a "claim", env.claims[tag]). */
+#define PZ_TAGS 256
+enum { PZ_TAG_FREE = 0, PZ_TAG_ACTIVE = 1, PZ_TAG_RELEASED = 2 };
+
+typedef struct lpool {
+    pz_pool *pool;     /* NULL once released */
+    pz_buf scratch;    /* arguments being encoded by p(...) */
+    uintptr_t encoding_at; /* frame of the p(...) encoding into scratch, or 0 */
+    int draining;      /* records are being turned into Lua values */
+    int keep_results;  /* the pool's store keeps results (option keep_results) */
+    uint64_t max_pending; /* p(...) waits while this many are pending; 0: never */
+    pz_idset finished; /* ids whose RESULT or ERROR record was drained */
+    uint8_t tag_state[PZ_TAGS];
+    uint64_t tag_outstanding[PZ_TAGS]; /* calls queued with the tag, not drained */
+    pz_buf *init;      /* INIT payloads until the pool owns them */
+    int ninit;
+    char ***launch;    /* launchers' argv (pool.h) until the pool owns them */
+    int nslots;
+    double calls;      /* after stop: calls queued in all */
+    double drained;    /* after stop: calls with a result or an error */
+} lpool;
+
+/* Moves every published record into the pool's store or its claims (see
+ * lrecords.c).  The pool userdata is at idx.  A drain started by Lua code
+ * that runs inside another drain does nothing. */
+void pz_lrecords_drain(lua_State *L, lpool *u, int idx);
+
+/* Builds u->init[i - 1], the INIT payload of slot i (1-based), from the
+ * spec table on top of the stack: {kind = "value" | "module" | "deferred",
+ * spec = v, args = {n = ...}} (linit.c), after the handshake carrying
+ * `versions` (handshake.h).  Raises when it cannot be encoded or is above
+ * max_message. */
+void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz_versions *versions);
+
+/* Adds the error record metatable (PZ_ERROR_MT) and core.error_metatable
+ * to the table on top. */
+void pz_lrecords_register(lua_State *L);
+
+/* Adds pool_new, pool_wait, pool_drain, pool_stop and the other pool
+ * functions, pool_metatable and max_message_limit to the table on top.
+ * Workers of the pools made from here prepare their Lua states with
+ * `setup`. */
 void pz_lpool_register(lua_State *L, pz_state_setup setup);
 
 #endif

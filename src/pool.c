@@ -207,14 +207,17 @@ static void kick(pz_pool *p)
     }
 }
 
-uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len)
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms)
 {
     char *d = pz_spsc_reserve(&p->submit, PZ_FRAME_HEADER + len);
     if (!d)
         return 0;
     uint64_t id = p->next_id++;
     pz_part part = {args, len, 0};
-    pz_spsc_advance(&p->submit, pz_frame_put(d, PZ_F_CALL, 0, id, &part, 1));
+    size_t size = pz_frame_put(d, PZ_F_CALL, id, &part, 1);
+    pz_frame_set_tag(d, tag);
+    pz_frame_set_timeout_ms(d, timeout_ms);
+    pz_spsc_advance(&p->submit, size);
     kick(p);
     return id;
 }
@@ -265,8 +268,9 @@ static int condition(pz_pool *p, int kind)
     if (atomic_load(&p->fatal))
         return 1;
     switch (kind) {
-    case PZ_WAIT_CALLS:
-        return atomic_load(&p->calls_done) >= atomic_load(&p->main_target);
+    case PZ_WAIT_PROGRESS:
+        return atomic_load(&p->calls_done) >= atomic_load(&p->main_done_target) ||
+               atomic_load(&p->calls_taken) >= atomic_load(&p->main_taken_target);
     case PZ_WAIT_INIT:
         return atomic_load(&p->slots_settled) >= p->nslots;
     case PZ_WAIT_EXIT:
@@ -316,7 +320,7 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
         return PZ_WAITED;
     }
     int64_t start = pz_now_ns(), spin_until = 0;
-    if (kind == PZ_WAIT_CALLS && interruptible) {
+    if (kind == PZ_WAIT_PROGRESS && interruptible) {
         spin_until = pz_spin_until(&p->spin, start);
         if (deadline >= 0 && spin_until > deadline)
             spin_until = deadline;
@@ -353,7 +357,7 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
     atomic_store(&p->main_waiting, PZ_WAIT_NONE);
     if (r > 0 && lent >= 0 && pf[1].revents)
         p->lent_fd = pz_lend_collect(p->io, 1);
-    if (kind == PZ_WAIT_CALLS)
+    if (kind == PZ_WAIT_PROGRESS)
         pz_spin_note(&p->spin, pz_now_ns() - start);
     if (r < 0 && err == EINTR)
         return interruptible ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
@@ -368,12 +372,15 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
     return PZ_WAITED;
 }
 
-int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline)
+int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_target,
+                  int64_t deadline)
 {
     if (atomic_load(&p->fatal))
         return PZ_WAIT_FATAL;
-    if (kind == PZ_WAIT_CALLS)
-        atomic_store(&p->main_target, p->next_id - 1);
+    if (kind == PZ_WAIT_PROGRESS) {
+        atomic_store(&p->main_done_target, done_target);
+        atomic_store(&p->main_taken_target, taken_target);
+    }
     return sleep_until(p, kind, deadline, 1);
 }
 

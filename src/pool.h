@@ -34,8 +34,13 @@
 #include "spin.h"
 #include "spsc.h"
 
-/* What the main thread waits for. */
-enum { PZ_WAIT_NONE = 0, PZ_WAIT_CALLS = 1, PZ_WAIT_INIT = 2, PZ_WAIT_EXIT = 3 };
+/* What the main thread waits for: PROGRESS, that calls_done or calls_taken
+ * reach their targets (main_done_target, main_taken_target); INIT, that
+ * every slot has settled; EXIT, that the I/O thread has finished. */
+enum { PZ_WAIT_NONE = 0, PZ_WAIT_PROGRESS = 1, PZ_WAIT_INIT = 2, PZ_WAIT_EXIT = 3 };
+
+/* A target that is never reached. */
+#define PZ_NEVER UINT64_MAX
 
 /* Wait outcomes. */
 enum { PZ_WAITED = 0, PZ_WAIT_INTERRUPTED = 1, PZ_WAIT_FATAL = 2, PZ_WAIT_TIMEOUT = 3 };
@@ -85,13 +90,15 @@ typedef struct pz_pool {
     _Atomic int stop_requested;
     _Atomic int64_t finish_ns; /* stop: absolute deadline for running calls, or -1 */
     _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met (io clears it) */
-    _Atomic uint64_t main_target; /* PZ_WAIT_CALLS: calls_done to reach */
+    _Atomic uint64_t main_done_target;  /* PZ_WAIT_PROGRESS: calls_done to reach */
+    _Atomic uint64_t main_taken_target; /* PZ_WAIT_PROGRESS: or calls_taken to reach */
     _Atomic int io_woken;     /* a wake-up is on its way (main sets, io clears) */
 
     /* written by the I/O thread (or the main thread lending, see above) */
     pz_spsc done;             /* records; producer: io */
     _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
     _Atomic uint64_t calls_done;  /* RESULT/ERROR records published */
+    _Atomic uint64_t calls_taken; /* calls taken from the submit queue */
     _Atomic int slots_settled;    /* slots that initialized once or were given up */
     _Atomic int fatal;        /* the pool cannot go on: fatal_reason says why */
     const char *fatal_reason; /* set before `fatal`; owned as fatal_owned says */
@@ -127,10 +134,11 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
 void pz_pool_free_launch(char ***launch, int nslots);
 
 /* Main thread: queues a call whose encoded argument tuple is args[0..len)
- * (at most opt.max_message bytes) and wakes the I/O thread if it sleeps
- * with room for it.  Returns the call's id, or 0 when out of memory
- * (nothing is queued then). */
-uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len);
+ * (at most opt.max_message bytes), for the taker `tag` (frame.h) and with
+ * a timeout of its own (timeout_ms, 0 for the pool's), and wakes the I/O
+ * thread if it sleeps with room for it.  Returns the call's id, or 0 when
+ * out of memory (nothing is queued then). */
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms);
 
 /* Main thread: the first record the I/O thread published and the main
  * thread has not consumed (frame.h describes the records), read into *f;
@@ -153,6 +161,18 @@ static inline uint64_t pz_pool_finished(const pz_pool *p)
     return p->drained;
 }
 
+/* Main thread: calls queued that no worker has taken yet (as published). */
+static inline uint64_t pz_pool_pending(pz_pool *p)
+{
+    return p->next_id - 1 - atomic_load(&p->calls_taken);
+}
+
+/* Main thread: RESULT/ERROR records published so far (drained or not). */
+static inline uint64_t pz_pool_published(pz_pool *p)
+{
+    return atomic_load(&p->calls_done);
+}
+
 /* Main thread: slots that have initialized once or been given up (as
  * published; records may still wait to be drained). */
 int pz_pool_slots_settled(pz_pool *p);
@@ -161,13 +181,15 @@ int pz_pool_slots_settled(pz_pool *p);
  * be started, or the I/O thread ran out of memory), or NULL. */
 const char *pz_pool_fatal(pz_pool *p);
 
-/* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*) may have
- * come true, records wait to be drained, the pool failed, the deadline
- * (absolute, pz_now_ns; -1 for none) passed or a signal interrupted the
- * sleep.  Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_TIMEOUT
- * or PZ_WAIT_INTERRUPTED.  The caller drains records and checks its own
+/* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*; for
+ * PROGRESS, the two targets, PZ_NEVER for none) may have come true,
+ * records wait to be drained, the pool failed, the deadline (absolute,
+ * pz_now_ns; -1 for none) passed or a signal interrupted the sleep.
+ * Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_TIMEOUT or
+ * PZ_WAIT_INTERRUPTED.  The caller drains records and checks its own
  * condition before each call. */
-int pz_pool_sleep(pz_pool *p, int kind, int64_t deadline);
+int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_target,
+                  int64_t deadline);
 
 /* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
  * running calls, or -1 to wait for them), then joins it and reaps the

@@ -17,7 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "codec_format.h"
+#include "varint.h"
 #include "frame.h"
 #include "io.h"
 #include "sys.h"
@@ -79,7 +79,7 @@ static void give_up(struct pz_io *io, pz_slot *w, const char *why, const char *t
     w->state = SLOT_GONE;
     if (why) {
         pz_part parts[] = {{why, strlen(why), 1}, {tb, tblen, 0}};
-        pz_io_record(io, PZ_F_INIT_ERROR, (uint64_t)w->index, parts, 2);
+        pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->index, parts, 2);
         pz_io_remember_error(io, why);
     }
     pz_io_settle(io, w);
@@ -126,7 +126,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
         return;
     }
     pz_part part = {init->data, init->len, 0};
-    w->out.len = pz_frame_put(d, PZ_F_INIT, 0, 0, &part, 1);
+    w->out.len = pz_frame_put(d, PZ_F_INIT, 0, &part, 1);
     w->out_head = w->out.len;
     w->gen++;
     w->pending_sig = 0;
@@ -200,6 +200,17 @@ static void reject_output(struct pz_io *io, pz_slot *w, const char *why)
     reject(io, w, msg);
 }
 
+/* Writes an ERROR record for the CALL frame `call` that the parent itself
+ * gives up on: its arguments, the message, no traceback, no value.
+ * Returns what pz_io_record does. */
+static int record_error(struct pz_io *io, const char *call, const char *msg)
+{
+    pz_part parts[] = {{pz_frame_payload(call), pz_frame_payload_len(call), 1},
+                       {msg, strlen(msg), 1},
+                       {NULL, 0, 1}};
+    return pz_io_record(io, PZ_F_ERROR, pz_frame_tag(call), pz_frame_id(call), parts, 3);
+}
+
 /* A worker that held calls died.  The call it was running (its id is in
  * the shared memory, see worker.h; a remote worker's: remote_running_call)
  * is charged with a death and becomes an error once it has killed
@@ -218,8 +229,8 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
             char *fr = w->out.data + pos;
             if (pz_frame_type(fr) != PZ_F_CALL || pz_frame_id(fr) != running)
                 continue;
-            uint8_t deaths = (uint8_t)(pz_frame_aux(fr) + 1);
-            pz_frame_set_aux(fr, deaths);
+            uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
+            pz_frame_set_deaths(fr, deaths);
             if (deaths >= io->p->opt.max_deaths) {
                 char msg[512];
                 snprintf(msg, sizeof msg,
@@ -227,9 +238,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                          "%d (pid %d) %s while running call %" PRIu64,
                          running, deaths, io->p->opt.max_deaths, w->index + 1, (int)w->pid, how,
                          running);
-                pz_part parts[] = {{pz_frame_payload(fr), pz_frame_payload_len(fr), 1},
-                                   {msg, strlen(msg), 1}};
-                if (pz_io_record(io, PZ_F_ERROR, running, parts, 2) == 0)
+                if (record_error(io, fr, msg) == 0)
                     drop = running;
             }
             break;
@@ -393,19 +402,20 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     }
     if (f->type == PZ_F_RESULT) {
         pz_part part = {p, n, 0};
-        if (pz_io_record(io, PZ_F_RESULT, f->id, &part, 1) != 0)
+        if (pz_io_record(io, PZ_F_RESULT, pz_frame_tag(head), f->id, &part, 1) != 0)
             return;
     } else {
-        const char *msg, *tb;
-        size_t mlen, tblen;
-        if (pz_split_prefixed(p, n, &msg, &mlen, &tb, &tblen) != 0) {
+        /* Message, traceback, value: checked here, since the main thread
+         * trusts records; then passed on as they are. */
+        const char *msg, *rest;
+        size_t mlen, rlen;
+        if (pz_split_prefixed(p, n, &msg, &mlen, &rest, &rlen) != 0 ||
+            pz_split_prefixed(rest, rlen, &msg, &mlen, &rest, &rlen) != 0) {
             reject(io, w, "a truncated error");
             return;
         }
-        pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1},
-                           {msg, mlen, 1},
-                           {tb, tblen, 0}};
-        if (pz_io_record(io, PZ_F_ERROR, f->id, parts, 3) != 0)
+        pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1}, {p, n, 0}};
+        if (pz_io_record(io, PZ_F_ERROR, pz_frame_tag(head), f->id, parts, 2) != 0)
             return;
     }
     if (w->remote)
@@ -427,7 +437,7 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
     if (f->type == PZ_F_INIT_OK) {
         uint8_t v[PZ_VARINT_MAX_BYTES];
         pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
-        if (pz_io_record(io, PZ_F_INIT_OK, (uint64_t)w->index, parts, 2) != 0)
+        if (pz_io_record(io, PZ_F_INIT_OK, 0, (uint64_t)w->index, parts, 2) != 0)
             return;
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
@@ -444,7 +454,7 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         return;
     }
     pz_part parts[] = {{msg, mlen, 1}, {tb, tblen, 0}};
-    if (pz_io_record(io, PZ_F_INIT_ERROR, (uint64_t)w->index, parts, 2) != 0)
+    if (pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->index, parts, 2) != 0)
         return;
     char *why = strndup(msg, mlen);
     pz_io_remember_error(io, why ? why : "initialization failed (its message did not fit in memory)");
@@ -500,8 +510,7 @@ static int skip_answer(struct pz_io *io, pz_slot *w, size_t need)
     char msg[200];
     snprintf(msg, sizeof msg, "call %" PRIu64 ": the parent could not allocate %zu bytes for its %s",
              pz_frame_id(head), need, type == PZ_F_RESULT ? "result" : "error");
-    pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1}, {msg, strlen(msg), 1}};
-    if (pz_io_record(io, PZ_F_ERROR, pz_frame_id(head), parts, 2) != 0)
+    if (record_error(io, head, msg) != 0)
         return 0; /* the pool failed; nothing more is read */
     w->discard = need - w->in.len;
     w->in.len = 0;
@@ -637,7 +646,7 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
             pz_io_fail(io, "out of memory in the I/O thread (stopping a worker)");
             return;
         }
-        w->out.len += pz_frame_put(d, PZ_F_STOP, 0, 0, NULL, 0);
+        w->out.len += pz_frame_put(d, PZ_F_STOP, 0, NULL, 0);
         w->state = SLOT_STOPPING;
         pz_slot_flush(io, w);
         return;

@@ -64,6 +64,7 @@ static struct {
     pz_frame call;       /* the call run_call works on */
     pz_slot_shared *shared; /* where the running call's id is published */
     pz_spin spin;        /* how reads poll before they block */
+    pz_buf scratch;      /* an error value being encoded */
     int kill_leftovers;  /* kill the own process group before leaving */
 } W;
 
@@ -97,25 +98,41 @@ static void count_frame(void)
         W.out_since = W.clock;
 }
 
-/* Appends a frame whose payload is the call's run time (when ns is not
- * NULL), a varint-prefixed message and a rest (a traceback). */
-static void put_message_frame(uint8_t type, uint64_t id, const uint64_t *ns, const char *msg,
-                              size_t msglen, const char *rest, size_t restlen)
+/* Appends a frame made of these parts. */
+static void put_frame(uint8_t type, uint64_t id, const pz_part *parts, int nparts)
 {
-    uint8_t v[PZ_VARINT_MAX_BYTES];
-    pz_part parts[] = {{v, ns ? pz_put_varint(v, *ns) : 0, 0}, {msg, msglen, 1}, {rest, restlen, 0}};
-    size_t len = pz_frame_parts_len(parts, 3);
+    size_t len = pz_frame_parts_len(parts, nparts);
     if (len == SIZE_MAX)
-        die("error message too long");
+        die("message too long for a frame");
     char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + len);
     if (!dst)
         die("out of memory");
-    W.out.len += pz_frame_put(dst, type, 0, id, parts, 3);
+    W.out.len += pz_frame_put(dst, type, id, parts, nparts);
     count_frame();
 }
 
+/* Appends an ERROR frame for call id (frame.h); `value` holds the error
+ * value encoded, or nothing. */
+static void put_error(uint64_t id, uint64_t ns, const char *msg, size_t mlen, const char *tb,
+                      size_t tblen, const pz_buf *value)
+{
+    uint8_t v[PZ_VARINT_MAX_BYTES];
+    pz_part parts[] = {{v, pz_put_varint(v, ns), 0},
+                       {msg, mlen, 1},
+                       {tb, tblen, 1},
+                       {value ? value->data : NULL, value ? value->len : 0, 0}};
+    put_frame(PZ_F_ERROR, id, parts, 4);
+}
+
+/* An ERROR frame with a message only (the codec failed, the result was too
+ * large, the error handler itself failed). */
+static void put_error_message(uint64_t id, uint64_t ns, const char *msg)
+{
+    put_error(id, ns, msg, strlen(msg), NULL, 0, NULL);
+}
+
 /* Message handler for executor calls: turns any error value into a table
- * {message, traceback}. */
+ * {message, traceback, value}. */
 static int on_error(lua_State *L)
 {
     if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
@@ -123,23 +140,45 @@ static int on_error(lua_State *L)
     else if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
         lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     luaL_traceback(L, L, NULL, 1);
-    lua_createtable(L, 2, 0);
+    lua_createtable(L, 3, 0);
     lua_insert(L, -3);
     lua_rawseti(L, -3, 2);
     lua_rawseti(L, -2, 1);
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, 3);
     return 1;
 }
 
-/* Appends an ERROR frame from the {message, traceback} table on top. */
+/* Protected: encodes the value at 2 lossily into the buffer at 1 (a
+ * userdata that can travel nowhere raises nothing: it becomes a string). */
+static int encode_error_value(lua_State *L)
+{
+    pz_buf *b = lua_touserdata(L, 1);
+    pz_encode_value(L, 2, b, "error", PZ_ENCODE_LOSSY);
+    return 0;
+}
+
+/* Appends an ERROR frame from the {message, traceback, value} table on top.
+ * The value travels when it can be encoded; the message always does. */
 static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
 {
     size_t mlen = 0, tlen = 0;
-    lua_rawgeti(L, -1, 1);
-    lua_rawgeti(L, -2, 2);
+    int t = lua_gettop(L);
+    lua_rawgeti(L, t, 1);
+    lua_rawgeti(L, t, 2);
     const char *msg = lua_tolstring(L, -2, &mlen);
     const char *tb = lua_tolstring(L, -1, &tlen);
-    put_message_frame(PZ_F_ERROR, id, &ns, msg ? msg : "?", msg ? mlen : 1, tb, tb ? tlen : 0);
-    lua_pop(L, 2);
+    W.scratch.len = 0;
+    lua_pushcfunction(L, encode_error_value);
+    lua_pushlightuserdata(L, &W.scratch);
+    lua_rawgeti(L, t, 3);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+        W.scratch.len = 0;
+        lua_pop(L, 1);
+    }
+    put_error(id, ns, msg ? msg : "?", msg ? mlen : 1, tb, tb ? tlen : 0, &W.scratch);
+    pz_buf_trim(&W.scratch, 1 << 16);
+    lua_settop(L, t);
 }
 
 /* Protected: runs the call in W.call.  Decoding the arguments or encoding
@@ -156,7 +195,7 @@ static int run_call(lua_State *L)
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
-    int rc = lua_pcall(L, nargs, 1, handler);
+    int rc = lua_pcall(L, nargs, LUA_MULTRET, handler);
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
@@ -165,32 +204,28 @@ static int run_call(lua_State *L)
             put_error_from_table(L, id, ns);
         } else { /* out of memory or an error in the handler itself */
             const char *m = lua_tostring(L, -1);
-            m = m ? m : "error in the error handler";
-            put_message_frame(PZ_F_ERROR, id, &ns, m, strlen(m), NULL, 0);
+            put_error_message(id, ns, m ? m : "error in the error handler");
         }
         return 0;
     }
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        lua_pushlightuserdata(L, NULL); /* parallelize.null */
-    }
+    /* Every value the executor returned travels, as a tuple. */
+    int nres = lua_gettop(L) - handler;
     size_t start = W.out.len;
     char *hdr = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
     if (!hdr)
         return luaL_error(L, "out of memory");
     W.out.len += PZ_FRAME_HEADER;
     W.out.len += pz_put_varint((uint8_t *)W.out.data + W.out.len, ns);
-    pz_encode_value(L, -1, &W.out, "result", 0);
+    pz_encode_tuple(L, handler + 1, nres, &W.out, "result", 0);
     size_t len = W.out.len - start - PZ_FRAME_HEADER;
     if (len > W.max_message) {
         W.out.len = start;
         lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
                         (double)len, (double)W.max_message);
-        const char *m = lua_tostring(L, -1);
-        put_message_frame(PZ_F_ERROR, id, &ns, m, strlen(m), NULL, 0);
+        put_error_message(id, ns, lua_tostring(L, -1));
         return 0;
     }
-    pz_frame_header(W.out.data + start, PZ_F_RESULT, 0, id, (uint32_t)len);
+    pz_frame_header(W.out.data + start, PZ_F_RESULT, id, (uint32_t)len);
     count_frame();
     return 0;
 }
@@ -217,9 +252,7 @@ static void handle_call(lua_State *L, const pz_frame *f)
         W.out_frames = frames;
         const char *m = lua_tostring(L, -1);
         lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
-        m = lua_tostring(L, -1);
-        uint64_t zero = 0;
-        put_message_frame(PZ_F_ERROR, f->id, &zero, m, strlen(m), NULL, 0);
+        put_error_message(f->id, 0, lua_tostring(L, -1));
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
@@ -527,7 +560,8 @@ static _Noreturn void refuse_init(lua_State *L, const char *msg, size_t mlen, co
         lua_concat(L, 2);
         msg = lua_tolstring(L, -1, &mlen);
     }
-    put_message_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), NULL, msg, mlen, tb, tb ? tlen : 0);
+    pz_part parts[] = {{msg, mlen, 1}, {tb, tb ? tlen : 0, 0}};
+    put_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), parts, 2);
     W.exec_ref = LUA_NOREF;
     flush_out();
     lua_close(L);
@@ -584,7 +618,7 @@ static void initialize(lua_State *L)
     if (!dst)
         die("out of memory");
     pz_part part = {copy.data, copy.len, 0};
-    W.out.len += pz_frame_put(dst, PZ_F_INIT_OK, 0, (uint64_t)getpid(), &part, 1);
+    W.out.len += pz_frame_put(dst, PZ_F_INIT_OK, (uint64_t)getpid(), &part, 1);
     pz_buf_free(&copy);
     flush_out();
 }

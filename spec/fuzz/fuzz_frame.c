@@ -75,22 +75,30 @@ static void on_frame(const pz_frame *f)
     size_t n = f->len, alen, blen, clen;
     uint64_t v;
     char msg[300];
+    pz_error_parts e;
     touch(p, n);
     take_all(p, n);
     switch (f->type) {
     case PZ_F_RESULT:
     case PZ_F_ERROR:
-        /* I/O thread: nanoseconds, then the value or message and traceback */
+        /* I/O thread: nanoseconds, then the values, or the message,
+         * traceback and value (the checks slot.c makes) */
         if (pz_take_varint(&p, &n, &v) != 0)
             return;
         check(p + n == f->payload + f->len);
-        if (f->type == PZ_F_ERROR && split(p, n, &a, &alen, &b, &blen) == 0) {
+        if (f->type == PZ_F_ERROR && split(p, n, &a, &alen, &b, &blen) == 0 &&
+            split(b, blen, &c, &clen, &b, &blen) == 0) {
             snprintf(msg, sizeof msg, "%.*s", (int)(alen < 250 ? alen : 250), a);
+            touch(c, clen);
             touch(b, blen);
         }
-        /* pool binding, ERROR record: arguments, then message, traceback */
-        if (split(f->payload, f->len, &a, &alen, &b, &blen) == 0)
-            split(b, blen, &c, &clen, &b, &blen);
+        /* pool binding, ERROR record: arguments, message, traceback, value */
+        if (pz_record_error(f, &e) == 0) {
+            check(e.args >= f->payload && e.value + e.value_len == f->payload + f->len);
+            touch(e.args, e.args_len);
+            touch(e.message, e.message_len);
+            touch(e.traceback, e.traceback_len);
+        }
         return;
     case PZ_F_INIT_OK:
         /* record: the pid, then the executor copy */
@@ -98,13 +106,14 @@ static void on_frame(const pz_frame *f)
             touch(p, n);
         return;
     case PZ_F_INIT_ERROR:
-        if (split(p, n, &a, &alen, &b, &blen) == 0) {
-            snprintf(msg, sizeof msg, "%.*s", (int)(alen < 250 ? alen : 250), a);
-            touch(b, blen);
+        if (pz_record_init_error(f, &e) == 0) {
+            snprintf(msg, sizeof msg, "%.*s", (int)(e.message_len < 250 ? e.message_len : 250),
+                     e.message);
+            touch(e.traceback, e.traceback_len);
         }
         return;
     case PZ_F_INIT:
-        /* worker: the settings tuple, then the executor spec and its arguments */
+        /* worker: the settings, then the executor spec and its arguments */
         if (split(p, n, &a, &alen, &b, &blen) == 0)
             split(b, blen, &c, &clen, &b, &blen);
         return;

@@ -66,6 +66,18 @@ local values = {
   { "nested", { { { { { "deep" } } } } } },
 }
 
+-- sequences and packed arrays of doubles (format 2)
+local floats, halves, strings = {}, {}, {}
+for i = 1, 20 do
+  floats[i] = i + 0.5
+  halves[i] = i % 2 == 0 and i or i * 0.25
+  strings[i] = "s" .. i
+end
+values[#values + 1] = { "packed", floats }
+values[#values + 1] = { "packed_half_integral", halves }
+values[#values + 1] = { "sequence_of_strings", strings }
+values[#values + 1] = { "packed_shared", { floats, floats, [floats] = true } }
+
 local vdir = dir .. "/seeds_fuzz_value"
 os.execute("mkdir -p '" .. vdir .. "'")
 for _, case in ipairs(values) do
@@ -81,13 +93,19 @@ write(vdir .. "/tuple_empty", varint(0))
 -- a few malformed ones near valid ones
 write(vdir .. "/bad_ref", "\8\1\0\10\5")
 write(vdir .. "/bad_count", "\8\255\255\255\255\15\0")
+-- packed doubles that are NaNs with payloads (LuaJIT's tags live there)
+write(vdir .. "/packed_nans", "\15\4" .. le(0, 8) .. "\255\255\255\255\251\255\255\255"
+  .. "\1\0\0\0\0\0\240\127" .. "\0\0\0\0\0\0\248\255")
+write(vdir .. "/packed_too_long", "\15" .. varint(2 ^ 40) .. le(0, 8))
 
 -- frames --------------------------------------------------------------------
 
 local TYPES = { INIT = 1, INIT_OK = 2, INIT_ERROR = 3, CALL = 4, RESULT = 5, ERROR = 6, STOP = 7 }
 
-local function frame(type_name, id, payload, aux)
-  return le(#payload, 4) .. string.char(TYPES[type_name], aux or 0) .. le(id, 8) .. payload
+-- The 20-byte header of frame.h: length, type, deaths, tag, tries,
+-- timeout_ms, id.
+local function frame(type_name, id, payload, tag)
+  return le(#payload, 4) .. string.char(TYPES[type_name], 0, tag or 0, 0) .. le(0, 4) .. le(id, 8) .. payload
 end
 
 local function prefixed(s)
@@ -99,12 +117,14 @@ local function stream(read_size, max_log2, ...)
   return string.char(read_size - 1, max_log2) .. table.concat({ ... })
 end
 
-local result = frame("RESULT", 1, varint(123456) .. raw({ ok = true, n = 42 }))
-local err = frame("ERROR", 2, varint(999) .. prefixed("boom: it failed") .. "stack traceback:\n\t[C]: ?")
+local result = frame("RESULT", 1, varint(123456) .. varint(1) .. raw({ ok = true, n = 42 }))
+local err = frame("ERROR", 2, varint(999) .. prefixed("boom: it failed") .. prefixed("stack traceback:\n\t[C]: ?")
+  .. raw({ code = 42 }), 3)
 local init_ok = frame("INIT_OK", 4242, raw("<executor>"))
 local init_err = frame("INIT_ERROR", 0, prefixed("cannot load module 'x'") .. "traceback")
-local init = frame("INIT", 0, prefixed(varint(4) .. raw("./?.lua") .. raw("./?.so") .. raw(1) .. raw(2 ^ 20))
-  .. prefixed(varint(1) .. raw("module")) .. varint(1) .. raw("args"))
+local init = frame("INIT", 0, prefixed(raw({ path = "./?.lua", cpath = "./?.so", kind = "module",
+  max_message = 2 ^ 20, spin_ns = 100000, kill_leftovers = true }))
+  .. prefixed(raw("module")) .. varint(1) .. raw("args"))
 local stop = frame("STOP", 0, "")
 
 local fdir = dir .. "/seeds_fuzz_frame"
@@ -114,6 +134,6 @@ write(fdir .. "/answers_small_reads", stream(3, 20, result, err, result))
 write(fdir .. "/init_error", stream(64, 16, init_err))
 write(fdir .. "/init_and_stop", stream(256, 20, init, stop))
 write(fdir .. "/too_long", stream(256, 4, result))
-write(fdir .. "/bad_type", stream(256, 20, le(0, 4) .. "\99\0" .. le(0, 8)))
-write(fdir .. "/partial", stream(5, 20, result:sub(1, 20)))
+write(fdir .. "/bad_type", stream(256, 20, le(0, 4) .. "\99\0\0\0" .. le(0, 4) .. le(0, 8)))
+write(fdir .. "/partial", stream(5, 20, result:sub(1, 26)))
 print("seeds written to " .. vdir .. " and " .. fdir)

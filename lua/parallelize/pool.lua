@@ -1,0 +1,618 @@
+--- parallelize.pool: the methods and properties of a pool, the userdata that
+-- core.pool_new makes. The C core (src/lpool.c, src/lrecords.c) fills the
+-- tables of the pool's environment; this file reads them:
+--
+--   results, ids, errors, extras   the pool's store, when keep_results
+--   unclaimed                      the pool's store otherwise: id -> entry
+--   claims[tag]                    the lists a map or a stream consumes
+--
+-- A result entry is {n = count, ...} (every value), an error entry an
+-- error record; in the lists, results[i] is the first value (null for
+-- nil), extras[id] every value when there are not exactly one non-nil.
+local core = require "parallelize.core"
+local options = require "parallelize.options"
+local caller = require "parallelize.caller"
+caller.mark()
+
+local error, type, select, pairs, ipairs, tostring, pcall, unpack =
+  error, type, select, pairs, ipairs, tostring, pcall, unpack
+local getmetatable, setmetatable = getmetatable, setmetatable
+local format, floor, sort = string.format, math.floor, table.sort
+local rawgetmetatable = debug.getmetatable -- the pool's metatable hides itself
+
+local pool_wait, pool_drain, pool_stop = core.pool_wait, core.pool_drain, core.pool_stop
+local pool_env, pool_counts, pool_size = core.pool_env, core.pool_counts, core.pool_size
+local pool_stopped, pool_submit, pool_finished = core.pool_stopped, core.pool_submit, core.pool_finished
+local pool_claim, pool_release, now = core.pool_claim, core.pool_release, core.now
+local null, ERROR_MT = core.null, core.error_metatable
+local describe = options.describe
+
+local pool_mt = core.pool_metatable
+local methods, properties = {}, {}
+caller.mark_c(pool_mt.__call)
+
+local M = { methods = methods, properties = properties }
+
+--- Every method starts with this: a method called with a dot (`p.wait()`)
+-- gets no pool as its first argument, and the user is told so rather than
+-- about a bad argument to some function of the core.
+local function check_self(p, method)
+  if rawgetmetatable(p) ~= pool_mt then
+    error(format("use p:%s(), not p.%s()", method, method), 3)
+  end
+end
+
+local function check_timeout(who, name, t)
+  if t ~= nil and (type(t) ~= "number" or t < 0 or t ~= t) then
+    error(format("%s: %s must be a non-negative number (got %s)", who, name,
+      type(t) == "number" and tostring(t) or describe(t)), 3)
+  end
+end
+
+-- Waiting -------------------------------------------------------------------
+
+--- Waits on the pool (core.pool_wait's `what`, `finished`, `below`) until
+-- the deadline (monotonic seconds, or nil). A signal returns from the C
+-- wait so that an interrupt hook (Ctrl-C's "interrupted!") fires here;
+-- otherwise the wait goes on. Returns the final status.
+local function wait_loop(p, what, deadline, finished, below)
+  while true do
+    local left
+    if deadline then
+      left = deadline - now()
+      if left < 0 then left = 0 end
+    end
+    local status = pool_wait(p, what, left, finished, below)
+    if status ~= "interrupted" then return status end
+  end
+end
+
+--- wait_loop, with Ctrl-C's "interrupted!" raised at the user's line: the
+-- interrupt hook raises it with the position of the Lua code running,
+-- ours; it is caught here and raised again from the user's level. Other
+-- errors go through unchanged.
+local function wait_for(p, what, deadline, finished, below)
+  local ok, status = pcall(wait_loop, p, what, deadline, finished, below)
+  if ok then return status end
+  caller.reraise(status)
+end
+-- Interrupt hooks fire only in the interpreter: compiled (or stitched)
+-- code would loop back into the C wait without noticing Ctrl-C.
+jit.off(wait_loop)
+jit.off(wait_for)
+M.wait_for = wait_for
+
+--- Raises the reason the pool cannot go on, at the user's line.
+local function raise_fatal(p)
+  error(pool_env(p).fatal, caller.level())
+end
+
+--- Waits until fewer than max_pending calls wait for a worker: p(...) calls
+-- it (through env.wait_room) before queuing when the pool has max_pending.
+function M.wait_room(p, max_pending)
+  if wait_for(p, "progress", nil, nil, max_pending) == "fatal" then raise_fatal(p) end
+end
+
+--- p:wait([timeout]) -> true when every queued call has finished, false
+-- when timeout seconds passed first. Raises when no worker is left.
+function methods.wait(p, timeout)
+  check_self(p, "wait")
+  if pool_stopped(p) then error("wait: the pool is stopped", 2) end
+  check_timeout("wait", "timeout", timeout)
+  local status = wait_for(p, "calls", timeout and now() + timeout)
+  if status == "fatal" then raise_fatal(p) end
+  return status == "done"
+end
+
+-- Claims: a map's or a stream's results, kept apart -----------------------
+
+-- pool -> {tag -> claim}: the maps and streams running on each pool.
+local running = setmetatable({}, { __mode = "k" })
+
+--- Moves what a claim holds and nobody consumed (from read positions kr
+-- and ke on) into the pool's store, and hands its tag back: its calls'
+-- later results go to the store too. Nothing is lost when a map or stream
+-- is abandoned (an error, Ctrl-C, stop).
+local function release(p, claim)
+  local tag, lists = claim.tag, claim.lists
+  running[p][tag] = nil
+  pool_release(p, tag)
+  local env = pool_env(p)
+  local keep = claim.keep
+  for k = claim.kr, #lists.ids do
+    local id, first = lists.ids[k], lists.results[k]
+    local ex = lists.extras[id]
+    if keep then
+      env.results[#env.results + 1] = first
+      env.ids[#env.ids + 1] = id
+      if ex then env.extras[id] = ex end
+    else
+      env.unclaimed[id] = ex or { n = 1, first }
+    end
+  end
+  for k = claim.ke, #lists.errors do
+    local e = lists.errors[k]
+    if keep then env.errors[#env.errors + 1] = e else env.unclaimed[e.id] = e end
+  end
+end
+
+--- A new claim on p: its results go to lists of its own.
+local function new_claim(p)
+  local tag = pool_claim(p)
+  local env = pool_env(p)
+  local claim = { tag = tag, lists = env.claims[tag], kr = 1, ke = 1, keep = env.keep_results,
+    first = nil, last = nil }
+  running[p] = running[p] or {}
+  running[p][tag] = claim
+  return claim
+end
+
+--- True when call id belongs to a map or stream running on p.
+local function claimed(p, id)
+  for _, claim in pairs(running[p] or {}) do
+    if claim.first and id >= claim.first and id <= claim.last and claim.owns(id) then return true end
+  end
+  return false
+end
+
+-- Stop ----------------------------------------------------------------------
+
+--- p:stop([finish_timeout]) -> the arguments of every call that never
+-- finished, each {n =, id =, ...}. What maps and streams had not consumed
+-- goes to the pool's store, so that results + errors + aborted = calls.
+function methods.stop(p, finish_timeout)
+  check_self(p, "stop")
+  check_timeout("stop", "finish_timeout", finish_timeout)
+  local aborted = pool_stop(p, finish_timeout)
+  for _, claim in pairs(running[p] or {}) do release(p, claim) end
+  return aborted
+end
+
+-- Results -------------------------------------------------------------------
+
+local function copy_array(t)
+  local c = {}
+  for i = 1, #t do c[i] = t[i] end
+  return c
+end
+
+--- Raises unless the pool keeps results (option keep_results).
+local function check_kept(p, what)
+  if not pool_env(p).keep_results then
+    error(format("%s is not kept (keep_results = false): take results with p:take(), "
+      .. "p:result(id), p:map() or p:stream()", what), 3)
+  end
+end
+
+-- Copies, made when read: sorting or clearing what the caller holds never
+-- touches the pool.
+properties.results = function(p)
+  pool_drain(p)
+  check_kept(p, "p.results")
+  return copy_array(pool_env(p).results)
+end
+properties.ids = function(p)
+  pool_drain(p)
+  check_kept(p, "p.ids")
+  return copy_array(pool_env(p).ids)
+end
+properties.errors = function(p)
+  pool_drain(p)
+  check_kept(p, "p.errors")
+  return copy_array(pool_env(p).errors)
+end
+properties.init_errors = function(p)
+  pool_drain(p)
+  return copy_array(pool_env(p).init_errors)
+end
+
+--- p:take() -> results, ids, errors: everything finished in the pool's
+-- store, which keeps none of it afterwards (ids[i] is the call of
+-- results[i]; extra return values are dropped: use p:result for them).
+function methods.take(p)
+  check_self(p, "take")
+  pool_drain(p)
+  local env = pool_env(p)
+  if env.keep_results then
+    local results, ids, errors = env.results, env.ids, env.errors
+    env.results, env.ids, env.errors, env.extras = {}, {}, {}, {}
+    env.index, env.indexed_results, env.indexed_errors = nil, 0, 0
+    return results, ids, errors
+  end
+  local list = {}
+  for id in pairs(env.unclaimed) do list[#list + 1] = id end
+  sort(list)
+  local results, ids, errors = {}, {}, {}
+  for _, id in ipairs(list) do
+    local e = env.unclaimed[id]
+    if getmetatable(e) == ERROR_MT then
+      errors[#errors + 1] = e
+    else
+      local first = e[1]
+      if first == nil then first = null end
+      results[#results + 1] = first
+      ids[#ids + 1] = id
+    end
+  end
+  env.unclaimed = {}
+  return results, ids, errors
+end
+
+--- Where call id is in the pool's lists: k > 0 in results, -k in errors,
+-- or nil. The index is built as far as the lists go, once per entry.
+local function find(env, id)
+  local index = env.index
+  if not index then
+    index = {}
+    env.index, env.indexed_results, env.indexed_errors = index, 0, 0
+  end
+  local ids, errors = env.ids, env.errors
+  for k = env.indexed_results + 1, #ids do index[ids[k]] = k end
+  env.indexed_results = #ids
+  for k = env.indexed_errors + 1, #errors do index[errors[k].id] = -k end
+  env.indexed_errors = #errors
+  return index[id]
+end
+
+--- The outcome of call id if it is in the pool's store: true and every
+-- value, or false and the error record; nothing otherwise. Without
+-- keep_results the store keeps it no more.
+local function outcome(env, id)
+  if env.keep_results then
+    local k = find(env, id)
+    if not k then return end
+    if k < 0 then return false, env.errors[-k] end
+    local ex = env.extras[id]
+    if ex then return true, unpack(ex, 1, ex.n) end
+    return true, env.results[k]
+  end
+  local e = env.unclaimed[id]
+  if e == nil then return end
+  env.unclaimed[id] = nil
+  if getmetatable(e) == ERROR_MT then return false, e end
+  return true, unpack(e, 1, e.n)
+end
+
+--- {n =, ...} of what outcome() returned.
+local function packed(...)
+  return { n = select("#", ...), ... }
+end
+
+--- p:result(id [, timeout]) -> true, v1, v2, ... (every value the call
+-- returned) or false, err (its error record); nil, "timeout" when timeout
+-- seconds passed first.
+function methods.result(p, id, timeout)
+  check_self(p, "result")
+  if pool_stopped(p) then error("result: the pool is stopped", 2) end
+  local calls = pool_counts(p)
+  if type(id) ~= "number" or id < 1 or id > calls or id ~= floor(id) then
+    error(format("result: no call has id %s (ids go from 1 to %d)", tostring(id), calls), 2)
+  end
+  check_timeout("result", "timeout", timeout)
+  if claimed(p, id) then error(format("result: call %d belongs to a map or a stream", id), 2) end
+  local deadline = timeout and now() + timeout
+  local env = pool_env(p)
+  while true do
+    pool_drain(p)
+    local found = packed(outcome(env, id))
+    if found.n > 0 then return unpack(found, 1, found.n) end
+    if pool_finished(p, id) then
+      error(format("result: call %d was taken already (by p:take(), or by an earlier "
+        .. "p:result() with keep_results = false)", id), 2)
+    end
+    local _, finished = pool_counts(p)
+    local status = wait_for(p, "progress", deadline, finished + 1)
+    if status == "timeout" then return nil, "timeout" end
+    if status == "fatal" then raise_fatal(p) end
+  end
+end
+
+-- map -----------------------------------------------------------------------
+
+--- The message a map raises for its item i that failed with error record e.
+local function item_failed(who, i, e)
+  return format("%s: item %d failed: %s\n%s", who, i, tostring(e.message), tostring(e.traceback))
+end
+
+--- Runs p(list[i]) for every i; returns the first results in input order
+-- (null for nil). `who` names the caller in errors.
+function M.map(p, list, who)
+  local n = #list
+  local claim = new_claim(p)
+  local lists = claim.lists
+  local first, last, pos
+  claim.owns = function(id) return pos == nil or pos[id] ~= nil end
+  local tag = claim.tag
+  local ok, err = pcall(function()
+    for i = 1, n do
+      local id = pool_submit(p, tag, nil, list[i])
+      if i == 1 then
+        first = id
+        claim.first = id
+      elseif id ~= last + 1 and not pos then
+        -- Another call took an id in between (Lua code that ran inside
+        -- p(...)): from here on, ids are looked up.
+        pos = {}
+        for j = 1, i - 1 do pos[first + j - 1] = j end
+      end
+      if pos then pos[id] = i end
+      last = id
+      claim.last = id
+    end
+    while #lists.ids + #lists.errors < n and #lists.errors == 0 do
+      local _, finished = pool_counts(p)
+      local status = wait_for(p, "progress", nil, finished + n - #lists.ids - #lists.errors)
+      if status == "fatal" then raise_fatal(p) end
+    end
+  end)
+  if not ok then
+    release(p, claim)
+    caller.reraise(err)
+  end
+  if #lists.errors > 0 then
+    local e = lists.errors[1]
+    claim.ke = 2 -- reported: the rest go to the store
+    release(p, claim)
+    error(item_failed(who, pos and pos[e.id] or e.id - first + 1, e), caller.level())
+  end
+  local out = {}
+  local results, ids = lists.results, lists.ids
+  if pos then
+    for k = 1, n do out[pos[ids[k]]] = results[k] end
+  else
+    for k = 1, n do out[ids[k] - first + 1] = results[k] end
+  end
+  claim.kr = n + 1
+  release(p, claim)
+  return out
+end
+
+--- p:map(list) -> the first result of p(list[i]) for every i, in input
+-- order (null for nil). Raises on the first error, with the item's index,
+-- the message and the traceback.
+function methods.map(p, list)
+  check_self(p, "map")
+  if pool_stopped(p) then error("map: the pool is stopped", 2) end
+  if type(list) ~= "table" then error("map: list must be an array (got " .. describe(list) .. ")", 2) end
+  return M.map(p, list, "map")
+end
+
+-- stream --------------------------------------------------------------------
+
+--- p:stream(src [, {ordered =, max_pending =}]) -> an iterator for a generic
+-- for: i, true, v1, v2, ... or i, false, err for each input i (its
+-- position in src: an array, or a function returning the next input and
+-- nil at the end), in completion order or, with ordered, in input order.
+-- At most max_pending inputs wait for a worker at a time (default: 4 per
+-- worker, at least 16); with ordered, at most that many results are held
+-- back too.
+function methods.stream(p, src, opts)
+  check_self(p, "stream")
+  if pool_stopped(p) then error("stream: the pool is stopped", 2) end
+  local t = type(src)
+  if t ~= "table" and t ~= "function" then
+    error("stream: src must be an array or an iterator function (got " .. describe(src) .. ")", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("stream: options must be a table (got " .. describe(opts) .. ")", 2)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "ordered" and k ~= "max_pending" then
+      error(format("stream: unknown option %s (the options are max_pending, ordered)", tostring(k)), 2)
+    end
+  end
+  local window = opts.max_pending or pool_env(p).max_pending
+  if window ~= nil then options.check_value("stream", "max_pending", window, 2) end
+  window = window or math.max(16, 4 * pool_size(p))
+  local ordered = opts.ordered and true or false
+
+  local claim = new_claim(p)
+  local lists, tag = claim.lists, claim.tag
+  local array_n = t == "table" and #src or nil
+  local next_i, exhausted = 1, false
+  local outstanding = 0        -- inputs submitted and not yielded
+  -- id -> input position, as runs of consecutive ids: {id0, i0, count, left}
+  local segs, seg_head = {}, 1
+  local held, want, nheld = {}, 1, 0
+  claim.owns = function(id)
+    for s = seg_head, #segs do
+      local seg = segs[s]
+      if id >= seg[1] and id < seg[1] + seg[3] then return true end
+    end
+    return false
+  end
+
+  local function position(id)
+    for s = seg_head, #segs do
+      local seg = segs[s]
+      if id >= seg[1] and id < seg[1] + seg[3] then
+        seg[4] = seg[4] - 1
+        if seg[4] == 0 and s == seg_head and s < #segs then
+          segs[s] = nil
+          seg_head = s + 1
+        end
+        return seg[2] + (id - seg[1])
+      end
+    end
+    error("stream: internal error: call " .. id .. " is not the stream's")
+  end
+
+  --- Queues inputs while fewer than `window` wait for a worker (and, when
+  -- ordered, fewer than `window` results are held back).
+  local function refill()
+    local _, _, pending = pool_counts(p)
+    while not exhausted and pending < window and nheld < window do
+      local item
+      if array_n then
+        if next_i > array_n then exhausted = true break end
+        item = src[next_i]
+      else
+        item = src()
+        if item == nil then exhausted = true break end
+      end
+      local id = pool_submit(p, tag, nil, item)
+      local seg = segs[#segs]
+      if seg and seg_head <= #segs and id == seg[1] + seg[3] and next_i == seg[2] + seg[3] then
+        seg[3], seg[4] = seg[3] + 1, seg[4] + 1
+      else
+        segs[#segs + 1] = { id, next_i, 1, 1 }
+      end
+      if not claim.first then claim.first = id end
+      claim.last = id
+      next_i = next_i + 1
+      outstanding = outstanding + 1
+      pending = pending + 1
+    end
+  end
+
+  --- The next finished call in the claim's lists, as an entry
+  -- {i, ok, n, ...}-shaped values returned directly: i, ok, values...
+  local function take_result()
+    local k = claim.kr
+    local id = lists.ids[k]
+    if id == nil then return nil end
+    claim.kr = k + 1
+    local i = position(id)
+    local ex = lists.extras[id]
+    if ex then
+      lists.extras[id] = nil
+      return i, true, unpack(ex, 1, ex.n)
+    end
+    return i, true, lists.results[k]
+  end
+
+  local function take_error()
+    local k = claim.ke
+    local e = lists.errors[k]
+    if e == nil then return nil end
+    claim.ke = k + 1
+    return position(e.id), false, e
+  end
+
+  --- Drops the consumed part of the claim's lists now and then, so that a
+  -- long stream runs in constant memory.
+  local function compact()
+    if claim.kr > 1024 and claim.kr > #lists.ids then
+      lists.results, lists.ids, claim.kr = {}, {}, 1
+    end
+    if claim.ke > 1024 and claim.ke > #lists.errors then
+      lists.errors, claim.ke = {}, 1
+    end
+  end
+
+  local function hold(i, ...)
+    held[i] = { n = select("#", ...), ... }
+    nheld = nheld + 1
+  end
+
+  local function yielded(i, ...)
+    outstanding = outstanding - 1
+    return i, ...
+  end
+
+  local function step()
+    while true do
+      if ordered then
+        -- everything finished moves to `held`, which yields in order
+        while true do
+          local k = claim.kr
+          if lists.ids[k] == nil then break end
+          hold(take_result())
+        end
+        while lists.errors[claim.ke] ~= nil do hold(take_error()) end
+        compact()
+        local e = held[want]
+        if e ~= nil then
+          held[want] = nil
+          nheld = nheld - 1
+          want = want + 1
+          return yielded(want - 1, unpack(e, 1, e.n))
+        end
+      else
+        if lists.ids[claim.kr] ~= nil then
+          compact()
+          return yielded(take_result())
+        end
+        if lists.errors[claim.ke] ~= nil then return yielded(take_error()) end
+        compact()
+      end
+      refill()
+      if outstanding == 0 and exhausted then
+        release(p, claim)
+        return nil
+      end
+      local _, finished, pending = pool_counts(p)
+      local room = not exhausted and nheld < window and pending >= window
+      local status = wait_for(p, "progress", nil, finished + 1, room and window or nil)
+      if status == "fatal" then raise_fatal(p) end
+    end
+  end
+
+  return step
+end
+
+-- Properties ----------------------------------------------------------------
+
+--- Waits for every worker to initialize (or be given up), then returns
+-- the copies of the initialized executors in worker order.
+function properties.executors(p)
+  if not pool_stopped(p) then wait_for(p, "init") end
+  local env, list = pool_env(p), {}
+  local execs = env.executors
+  for i = 1, pool_size(p) do
+    if execs[i] ~= nil then list[#list + 1] = execs[i] end
+  end
+  return list
+end
+
+function properties.pids(p)
+  pool_drain(p)
+  local c = {}
+  for k, v in pairs(pool_env(p).pids) do c[k] = v end
+  return c
+end
+
+function properties.size(p)
+  return pool_size(p)
+end
+
+function properties.calls(p)
+  return (pool_counts(p))
+end
+
+function properties.pending(p)
+  pool_drain(p)
+  local calls, finished = pool_counts(p)
+  if pool_stopped(p) then return 0 end
+  return calls - finished
+end
+
+function properties.stopped(p)
+  return pool_stopped(p)
+end
+
+pool_mt.__index = function(p, k)
+  local m = methods[k]
+  if m then return m end
+  local prop = properties[k]
+  if prop then return prop(p) end
+  return nil
+end
+
+pool_mt.__newindex = function(_, k)
+  error("cannot set field '" .. tostring(k) .. "' of a pool", 2)
+end
+
+--- Gives a new pool what the C core asks of the Lua layer: how it keeps
+-- results, and how p(...) waits for room (max_pending).
+function M.init(p, opts)
+  local env = pool_env(p)
+  env.keep_results = opts.keep_results
+  env.max_pending = opts.max_pending
+  local max_pending = opts.max_pending
+  env.wait_room = function(pool) M.wait_room(pool, max_pending) end
+  return p
+end
+
+return M

@@ -1,0 +1,281 @@
+/*
+ * codec_array.c - sequences: telling them from other tables, handing their
+ * items to the encoder, and packed arrays of numbers (PZ_T_DOUBLES) both
+ * ways.
+ *
+ * These are the codec's hot loops over many values, and the Lua C API costs
+ * a call or more for each value of a table walked from C (several
+ * nanoseconds each, several calls per value).  So they are Lua helpers:
+ * compiled by LuaJIT's JIT, a loop over a table reads each slot in about a
+ * nanosecond, and with the FFI it reads or writes a double in memory as
+ * fast.  The standard functions the helpers use are taken when the module
+ * is loaded, before a script can replace them; the helpers are compiled on
+ * first use, and the FFI loaded when first needed, so a state that meets no
+ * sequence (a worker that is passed numbers) does not pay for them.
+ *
+ * Rules this file owns:
+ * - A table is a sequence of n values when its keys are exactly 1 .. n.
+ *   Only visiting every key proves it (an extra key may sit anywhere in the
+ *   hash part), so the survey walks them all with the compiled iterator:
+ *   n keys, each an integer in 1 .. n, are 1 .. n.  It writes the values
+ *   as it meets them, each at its key's place, in whatever order the keys
+ *   come.
+ * - Packed doubles are read and written with the FFI only where the JIT
+ *   runs: interpreted, the FFI is slower than the C API, so with the JIT
+ *   off the encoder does not pack and the decoder unpacks in C.  The
+ *   helpers look at jit.status() every 64th call only (it costs about as
+ *   much as packing 50 numbers), so a change takes up to 64 calls to be
+ *   seen; either way the bytes decode to the same values.
+ *   They are read and written in the host's byte order, which must be the
+ *   wire's (little-endian), at addresses of any alignment, so the FFI is
+ *   used only on hosts that allow both (PZ_ARRAY_FFI).
+ * - A double read from the wire reaches the Lua state only through
+ *   lua_pushnumber, or through the FFI after pz_unpack_doubles found no NaN
+ *   among them: LuaJIT tags its other values inside NaNs, and the FFI does
+ *   not canonicalize a NaN it loads, so a crafted NaN would become a forged
+ *   object.  lua_pushnumber canonicalizes.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "codec_array.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
+    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
+#define PZ_ARRAY_FFI 1
+#else
+#define PZ_ARRAY_FFI 0
+#endif
+
+/* Registry key of the helpers' table (its address is what counts): the
+ * standard functions they use, by name, taken when the module is loaded,
+ * and once compiled, [1] survey, [2] unpack_doubles, [3] unpack. */
+static const char reg_helpers = 0;
+
+enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
+
+/* The helpers.
+ *
+ * survey(t, n, dst) tells whether t is a sequence of n values (false if
+ * not); when dst is the address of room for n doubles and all n values are
+ * numbers, it also writes them there and returns how many are not integral
+ * (NaN when one is infinite or NaN); else it returns true.  It reads t raw
+ * (next never calls metamethods).  The keys of a table built in order come
+ * in order, which one comparison checks; survey_any takes any order.  The
+ * count of fractions adds ceil(v - floor(v)), 1 or 0, without a branch: on
+ * values that alternate, a branch would leave the compiled loop for a side
+ * trace at every other value.
+ *
+ * unpack_doubles(src, n) returns a new table of the n doubles at address
+ * src, or nil when the JIT is off.  unpack is the standard one. */
+static const char helpers_src[] =
+    "local std, ffi_on = ...\n"
+    "local next, pcall, require, type, unpack = std.next, std.pcall, std.require, std.type, std.unpack\n"
+    "local floor, ceil = std.floor, std.ceil\n"
+    "local status = std.jit_status or function() return false end\n"
+    "local ok, cast, doubles, const_doubles, new = false\n"
+    "local countdown, running, loaded = 0, false, false\n"
+    "local function load_ffi()\n"
+    "  loaded = true\n"
+    "  local has_ffi, ffi = pcall(require, 'ffi')\n"
+    "  if not (ffi_on and has_ffi) then return end\n"
+    "  local has_new, table_new = pcall(require, 'table.new')\n"
+    "  cast, doubles = ffi.cast, ffi.typeof('double *')\n"
+    "  const_doubles = ffi.typeof('const double *')\n"
+    "  new = has_new and table_new or function() return {} end\n"
+    "  ok = true\n"
+    "end\n"
+    "local function jit_running()\n"
+    "  countdown = countdown - 1\n"
+    "  if countdown < 0 then\n"
+    "    countdown, running = 63, status()\n"
+    "    if running and not loaded then load_ffi() end\n"
+    "  end\n"
+    "  return running and ok\n"
+    "end\n"
+    "local function survey_any(t, n, p)\n"
+    "  local count, fractional = 0, 0\n"
+    "  for k, v in next, t do\n"
+    "    if type(k) ~= 'number' or k < 1 or k > n or k % 1 ~= 0 then return false end\n"
+    "    count = count + 1\n"
+    "    if p then\n"
+    "      if type(v) ~= 'number' then p = false\n"
+    "      else p[k - 1] = v; fractional = fractional + ceil(v - floor(v)) end\n"
+    "    end\n"
+    "  end\n"
+    "  if count ~= n then return false end\n"
+    "  if p then return fractional end\n"
+    "  return true\n"
+    "end\n"
+    "local function survey(t, n, dst)\n"
+    "  local p = dst and jit_running() and cast(doubles, dst)\n"
+    "  local count, fractional = 0, 0\n"
+    "  for k, v in next, t do\n"
+    "    count = count + 1\n"
+    "    if k ~= count then return survey_any(t, n, p) end\n"
+    "    if p then\n"
+    "      if type(v) ~= 'number' then p = false\n"
+    "      else p[count - 1] = v; fractional = fractional + ceil(v - floor(v)) end\n"
+    "    end\n"
+    "  end\n"
+    "  if count ~= n then return false end\n"
+    "  if p then return fractional end\n"
+    "  return true\n"
+    "end\n"
+    "local function unpack_doubles(src, n)\n"
+    "  if not jit_running() then return nil end\n"
+    "  local p = cast(const_doubles, src)\n"
+    "  local t = new(n, 0)\n"
+    "  for i = 1, n do t[i] = p[i - 1] end\n"
+    "  return t\n"
+    "end\n"
+    "return survey, unpack_doubles, unpack\n";
+
+/* Sets field `as` of the table on top of the stack to the global lib's
+ * field name (nil when lib is not a table). */
+static void take_field(lua_State *L, const char *lib, const char *name, const char *as)
+{
+    lua_getglobal(L, lib);
+    if (lua_istable(L, -1))
+        lua_getfield(L, -1, name);
+    else
+        lua_pushnil(L);
+    lua_setfield(L, -3, as);
+    lua_pop(L, 1);
+}
+
+/* Pushes the table the helpers live in (see reg_helpers), making it with
+ * the standard functions they use when there is none. */
+static void push_helpers(lua_State *L)
+{
+    static const char *const std[] = {"next", "pcall", "require", "type", "unpack"};
+    lua_pushlightuserdata(L, (void *)&reg_helpers);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    lua_createtable(L, 3, 8);
+    for (size_t i = 0; i < sizeof std / sizeof *std; i++) {
+        lua_getglobal(L, std[i]);
+        lua_setfield(L, -2, std[i]);
+    }
+    take_field(L, "jit", "status", "jit_status");
+    take_field(L, "math", "floor", "floor");
+    take_field(L, "math", "ceil", "ceil");
+    lua_pushlightuserdata(L, (void *)&reg_helpers);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Pushes helper h (H_*), compiling the helpers on first use in this state:
+ * a state that never meets a sequence never pays for them. */
+static void push_helper(lua_State *L, int h)
+{
+    push_helpers(L);
+    lua_rawgeti(L, -1, h);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        if (luaL_loadbuffer(L, helpers_src, sizeof helpers_src - 1, "=parallelize.codec.array"))
+            lua_error(L);
+        lua_pushvalue(L, -2);
+        lua_pushboolean(L, PZ_ARRAY_FFI);
+        lua_call(L, 2, 3);
+        for (int i = 3; i >= 1; i--)
+            lua_rawseti(L, -1 - i, i); /* pops each, last first */
+        lua_rawgeti(L, -1, h);
+    }
+    lua_remove(L, -2);
+}
+
+/* True when addresses up to a are exact as Lua numbers: the helpers take
+ * their pointers as numbers, because the JIT does not compile the
+ * conversion of a light userdata to a pointer, and does a number's. */
+static int address_fits(uintptr_t a)
+{
+    return (uint64_t)a < (UINT64_C(1) << 53);
+}
+
+void pz_array_prepare(lua_State *L)
+{
+    push_helpers(L);
+    lua_pop(L, 1);
+}
+
+int pz_survey(lua_State *L, int t, size_t n, void *dst, double *fractional)
+{
+    int verdict;
+    push_helper(L, H_SURVEY);
+    lua_pushvalue(L, t);
+    lua_pushnumber(L, (lua_Number)n);
+    if (dst && address_fits((uintptr_t)dst + 8 * n))
+        lua_pushnumber(L, (lua_Number)(uintptr_t)dst);
+    else
+        lua_pushnil(L);
+    lua_call(L, 3, 1);
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+        *fractional = lua_tonumber(L, -1);
+        verdict = PZ_SURVEY_PACKED;
+    } else {
+        verdict = lua_toboolean(L, -1) ? PZ_SURVEY_SEQUENCE : PZ_SURVEY_OTHER;
+    }
+    lua_pop(L, 1);
+    return verdict;
+}
+
+void pz_push_items(lua_State *L, int t, size_t i, size_t j)
+{
+    push_helper(L, H_UNPACK);
+    lua_pushvalue(L, t);
+    lua_pushnumber(L, (lua_Number)i);
+    lua_pushnumber(L, (lua_Number)j);
+    lua_call(L, 3, LUA_MULTRET);
+}
+
+/* Reads the double at p, stored little-endian. */
+static double get_double(const uint8_t *p)
+{
+    double x;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&x, p, sizeof x); /* the wire order is the host's */
+#else
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    memcpy(&x, &v, sizeof x);
+#endif
+    return x;
+}
+
+/* True when one of the n doubles at p is a NaN (exponent all ones and a
+ * mantissa that is not zero), whatever its sign and payload. */
+static int any_nan(const uint8_t *p, size_t n)
+{
+    uint64_t nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t bits;
+        memcpy(&bits, p + 8 * i, sizeof bits);
+        /* shifted left, a NaN is above the shifted infinity */
+        nan |= (uint64_t)((bits << 1) > UINT64_C(0xffe0000000000000));
+    }
+    return nan != 0;
+}
+
+void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
+{
+    if (PZ_ARRAY_FFI && address_fits((uintptr_t)p + 8 * n) && !any_nan(p, n)) {
+        push_helper(L, H_UNPACK_DOUBLES);
+        lua_pushnumber(L, (lua_Number)(uintptr_t)p);
+        lua_pushnumber(L, (lua_Number)n);
+        lua_call(L, 2, 1);
+        if (lua_istable(L, -1))
+            return;
+        lua_pop(L, 1);
+    }
+    lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushnumber(L, get_double(p + 8 * i));
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+}

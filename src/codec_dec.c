@@ -1,0 +1,616 @@
+/*
+ * codec_dec.c - the decoder: bytes (codec_format.h) back to Lua values.
+ *
+ * Decoding is one recursive descent that checks every count against the
+ * bytes left before it allocates, so malformed input costs at most time and
+ * memory in proportion to its length and ends in a Lua error naming the
+ * problem and its byte position (1-based, as string.sub counts).  Functions
+ * (bytecode, which LuaJIT does not verify) are loaded only when the caller
+ * says the bytes are trusted (PZ_DECODE_FUNCTIONS).  Packed arrays of
+ * doubles are unpacked by codec_array.c, which owns the rule on NaNs.
+ * Objects get their reference numbers in stack slots reserved at the start,
+ * past the first few in a Lua table.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec.h"
+#include "codec_array.h"
+#include "codec_format.h"
+
+/* Objects kept in stack slots before the reference table is needed: most
+ * values hold a few tables at most. */
+#define DS_REF_SLOTS 8
+
+/* Stack slots reserved by every top-level decode, relative to dec.slots. */
+enum {
+    DS_REFS,  /* reference number -> object, from DS_REF_SLOTS on */
+    DS_REF0,  /* objects with reference numbers 0 .. DS_REF_SLOTS - 1 */
+    DS_COUNT = DS_REF0 + DS_REF_SLOTS
+};
+
+typedef struct dec {
+    lua_State *L;
+    const uint8_t *p, *end;
+    const uint8_t *base; /* byte positions in errors count from here */
+    int flags;
+    int slots;
+    int nrefs; /* objects started so far */
+    int depth; /* open tables and functions */
+} dec;
+
+static void dec_any(dec *d);
+
+/* Raises "cannot decode: <what> at byte N", N being the 1-based position
+ * of `at` from the start of the input. */
+__attribute__((format(printf, 3, 4), noreturn))
+static void dec_fail(dec *d, const uint8_t *at, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    lua_pushfstring(d->L, "cannot decode: %s at byte ", msg);
+    snprintf(msg, sizeof msg, "%zu", (size_t)(at - d->base) + 1);
+    lua_pushstring(d->L, msg);
+    lua_concat(d->L, 2);
+    lua_error(d->L);
+    abort(); /* not reached: lua_error does not return */
+}
+
+static inline size_t dec_left(const dec *d)
+{
+    return (size_t)(d->end - d->p);
+}
+
+/* Pushes the scalar that starts at *pp, whole before end, and moves *pp
+ * past it: integers, strings, doubles, nil, booleans, null.  Returns
+ * 0, pushing nothing, for anything else, valid or not, which is left to
+ * dec_any (it also says what is wrong).  The common values take this path
+ * inside tables, and whole calls and results take it before any decoder
+ * is set up. */
+static inline __attribute__((always_inline)) int dec_scalar(lua_State *L, const uint8_t **pp,
+                                                           const uint8_t *end)
+{
+    const uint8_t *p = *pp;
+    uint64_t v;
+    if (p >= end)
+        return 0;
+    uint8_t tag = *p++;
+    if (tag >= PZ_T_FIXINT) {
+        lua_pushnumber(L, tag - PZ_T_FIXINT);
+    } else if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) {
+        size_t n = (size_t)(tag - PZ_T_SHORTSTR);
+        if (n > (size_t)(end - p))
+            return 0;
+        lua_pushlstring(L, (const char *)p, n);
+        p += n;
+    } else if (tag == PZ_T_NIL) {
+        lua_pushnil(L);
+    } else if (tag == PZ_T_FALSE || tag == PZ_T_TRUE) {
+        lua_pushboolean(L, tag == PZ_T_TRUE);
+    } else if (tag == PZ_T_NULL) {
+        lua_pushlightuserdata(L, NULL);
+    } else if (tag == PZ_T_POSINT || tag == PZ_T_NEGINT) {
+        if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)1 << 53)
+            return 0;
+        lua_pushnumber(L, tag == PZ_T_NEGINT ? -(double)v : (double)v);
+    } else if (tag == PZ_T_STRING) {
+        if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)(end - p))
+            return 0;
+        lua_pushlstring(L, (const char *)p, (size_t)v);
+        p += v;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    } else if (tag == PZ_T_DOUBLE && end - p >= 8) {
+        double x;
+        memcpy(&x, p, sizeof x); /* the wire order is the host's */
+        lua_pushnumber(L, x);
+        p += 8;
+#endif
+    } else {
+        return 0;
+    }
+    *pp = p;
+    return 1;
+}
+
+/* Decodes one value and pushes it.  It runs for every table entry, so it is
+ * inline and takes scalars itself; the rest, and every error, go to
+ * dec_any. */
+static inline void dec_value(dec *d)
+{
+    if (!dec_scalar(d->L, &d->p, d->end))
+        dec_any(d);
+}
+
+/* Reads a varint, raising with `what` when it is truncated or too long. */
+static uint64_t dec_varint(dec *d, const char *what)
+{
+    uint64_t v;
+    const uint8_t *at = d->p;
+    if (pz_get_varint(&d->p, d->end, &v))
+        dec_fail(d, at, "bad or truncated %s", what);
+    return v;
+}
+
+/* Reads a varint length and checks that many bytes follow; returns the
+ * bytes and stores the length. */
+static const char *dec_bytes(dec *d, size_t *len, const char *what)
+{
+    const uint8_t *at = d->p;
+    uint64_t n = dec_varint(d, what);
+    const char *s = (const char *)d->p;
+    if (n > dec_left(d))
+        dec_fail(d, at, "%s of %llu bytes exceeds the %zu bytes left", what,
+                 (unsigned long long)n, dec_left(d));
+    d->p += n;
+    *len = (size_t)n;
+    return s;
+}
+
+/* Gives the object on top of the stack the next reference number. */
+static void dec_ref_add(dec *d)
+{
+    lua_State *L = d->L;
+    int r = d->nrefs;
+    lua_pushvalue(L, -1);
+    if (r < DS_REF_SLOTS) {
+        lua_replace(L, d->slots + DS_REF0 + r);
+    } else {
+        if (r == DS_REF_SLOTS) {
+            lua_createtable(L, 64, 0);
+            lua_replace(L, d->slots + DS_REFS);
+        }
+        lua_rawseti(L, d->slots + DS_REFS, r);
+    }
+    d->nrefs = r + 1;
+}
+
+/* Pushes the object with reference number r (already checked < nrefs). */
+static void dec_ref_push(dec *d, int r)
+{
+    if (r < DS_REF_SLOTS)
+        lua_pushvalue(d->L, d->slots + DS_REF0 + r);
+    else
+        lua_rawgeti(d->L, d->slots + DS_REFS, r);
+}
+
+/* Reads a reference number and checks it names an object already started. */
+static int dec_ref_number(dec *d)
+{
+    const uint8_t *at = d->p;
+    uint64_t r = dec_varint(d, "reference");
+    if (r >= (uint64_t)d->nrefs)
+        dec_fail(d, at, "reference %llu to an object not yet decoded (%d so far)",
+                 (unsigned long long)r, d->nrefs);
+    return (int)r;
+}
+
+/* Raises unless one more table or function may be opened. */
+static void dec_enter(dec *d, const uint8_t *at)
+{
+    if (d->depth >= PZ_MAX_DEPTH)
+        dec_fail(d, at, "nesting deeper than %d levels", PZ_MAX_DEPTH);
+    if (!lua_checkstack(d->L, 8))
+        dec_fail(d, at, "stack overflow");
+    d->depth++;
+}
+
+/* Decodes a table after its tag: counts (checked against the bytes left,
+ * each value taking at least one byte), the array part, the hash part (no
+ * nil or NaN keys), then the metatable if with_mt. */
+static void dec_table(dec *d, const uint8_t *at, int with_mt)
+{
+    lua_State *L = d->L;
+    uint64_t narr, nhash;
+    int t;
+    dec_enter(d, at);
+    narr = dec_varint(d, "table size");
+    nhash = dec_varint(d, "table size");
+    if (narr > dec_left(d) || nhash > dec_left(d) / 2 || narr + 2 * nhash > dec_left(d))
+        dec_fail(d, at, "table of %llu + %llu entries does not fit in the %zu bytes left",
+                 (unsigned long long)narr, (unsigned long long)nhash, dec_left(d));
+    lua_createtable(L, narr > (1 << 24) ? 1 << 24 : (int)narr,
+                    nhash > (1 << 24) ? 1 << 24 : (int)nhash);
+    t = lua_gettop(L);
+    dec_ref_add(d);
+    for (uint64_t i = 1; i <= narr; i++) {
+        dec_value(d);
+        lua_rawseti(L, t, (int)i);
+    }
+    for (uint64_t i = 0; i < nhash; i++) {
+        const uint8_t *kat = d->p;
+        int string_key = kat < d->end && ((*kat >= PZ_T_SHORTSTR &&
+                                           *kat <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) ||
+                                          *kat == PZ_T_STRING);
+        dec_value(d);
+        if (!string_key) { /* the common keys need no look */
+            if (lua_isnil(L, -1))
+                dec_fail(d, kat, "nil table key");
+            if (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))
+                dec_fail(d, kat, "NaN table key");
+        }
+        dec_value(d);
+        lua_rawset(L, t);
+    }
+    if (with_mt) {
+        const uint8_t *mat = d->p;
+        dec_value(d);
+        if (!lua_istable(L, -1))
+            dec_fail(d, mat, "metatable is a %s, not a table", luaL_typename(L, -1));
+        lua_setmetatable(L, t);
+    }
+    d->depth--;
+}
+
+/* Decodes a packed array of doubles after its tag: a table like any other
+ * (it gets a reference number), with no nesting inside. */
+static void dec_doubles(dec *d, const uint8_t *at)
+{
+    uint64_t n = dec_varint(d, "array size");
+    if (n > dec_left(d) / 8)
+        dec_fail(d, at, "array of %llu doubles does not fit in the %zu bytes left",
+                 (unsigned long long)n, dec_left(d));
+    if (!lua_checkstack(d->L, 4))
+        dec_fail(d, at, "stack overflow");
+    pz_unpack_doubles(d->L, d->p, (size_t)n);
+    d->p += 8 * n;
+    dec_ref_add(d);
+}
+
+/* Raises the refusal to load functions from data not trusted. */
+__attribute__((noreturn))
+static void dec_refuse(dec *d, const char *what)
+{
+    lua_pushfstring(d->L, "refusing to load %s: decode with {functions = true}, "
+                          "and only data you trust", what);
+    lua_error(d->L);
+    abort(); /* not reached */
+}
+
+/* Pushes package.loaded[name], `require`-ing it in protected mode first when
+ * functions are allowed; raises when the module cannot be had. */
+static void dec_load_module(dec *d, const uint8_t *at, const char *name, size_t n)
+{
+    lua_State *L = d->L;
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    if (!lua_istable(L, -1))
+        dec_fail(d, at, "package.loaded is missing");
+    lua_pushlstring(L, name, n);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    if (!(d->flags & PZ_DECODE_FUNCTIONS))
+        dec_fail(d, at, "module '%.*s' is not loaded", (int)(n > 64 ? 64 : n), name);
+    lua_getglobal(L, "require");
+    lua_pushlstring(L, name, n);
+    if (lua_pcall(L, 1, 1, 0))
+        dec_fail(d, at, "cannot require module '%.*s': %.120s", (int)(n > 64 ? 64 : n), name,
+                 lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)");
+}
+
+/* Decodes a PZ_T_MODULE or PZ_T_MEMBER reference after its tag and pushes
+ * the object it names, which must be a table, or a function when functions
+ * are allowed. */
+static void dec_module(dec *d, const uint8_t *at, int member)
+{
+    lua_State *L = d->L;
+    size_t n, kn = 0;
+    const char *name = dec_bytes(d, &n, "module name"), *key = NULL;
+    int t;
+    if (member)
+        key = dec_bytes(d, &kn, "member name");
+    dec_load_module(d, at, name, n);
+    if (member) {
+        if (!lua_istable(L, -1))
+            dec_fail(d, at, "module '%.*s' is not a table", (int)(n > 64 ? 64 : n), name);
+        lua_pushlstring(L, key, kn);
+        lua_rawget(L, -2);
+        lua_remove(L, -2);
+    }
+    t = lua_type(L, -1);
+    if (t != LUA_TTABLE && t != LUA_TFUNCTION)
+        dec_fail(d, at, "'%.*s%s%.*s' is a %s, not a table or function",
+                 (int)(n > 64 ? 64 : n), name, member ? "." : "",
+                 (int)(kn > 64 ? 64 : kn), member ? key : "", luaL_typename(L, -1));
+    if (t == LUA_TFUNCTION && !(d->flags & PZ_DECODE_FUNCTIONS))
+        dec_refuse(d, "a function reference");
+    dec_ref_add(d);
+}
+
+/* Joins upvalue i of the function at f to the upvalue that a PZ_T_UPJOIN
+ * (tag already read) names, after checking it exists. */
+static void dec_upjoin(dec *d, const uint8_t *at, int f, int i)
+{
+    lua_State *L = d->L;
+    int r = dec_ref_number(d), n;
+    if (d->p >= d->end)
+        dec_fail(d, at, "truncated upvalue join");
+    n = *d->p++;
+    dec_ref_push(d, r);
+    if (!lua_isfunction(L, -1) || lua_iscfunction(L, -1))
+        dec_fail(d, at, "upvalue join names a %s, not a Lua function", luaL_typename(L, -1));
+    if (n < 1 || !lua_getupvalue(L, -1, n))
+        dec_fail(d, at, "upvalue join names upvalue %d, which does not exist", n);
+    lua_pop(L, 1);
+    lua_upvaluejoin(L, f, i, lua_gettop(L), n);
+    lua_pop(L, 1);
+}
+
+/* Decodes the upvalues of the freshly loaded function at f. */
+static void dec_upvalues(dec *d, int f)
+{
+    lua_State *L = d->L;
+    const uint8_t *at = d->p;
+    int n, have = 0;
+    if (d->p >= d->end)
+        dec_fail(d, at, "truncated function");
+    n = *d->p++;
+    while (lua_getupvalue(L, f, have + 1)) {
+        lua_pop(L, 1);
+        have++;
+    }
+    if (n != have)
+        dec_fail(d, at, "function has %d upvalues, the encoding %d", have, n);
+    for (int i = 1; i <= n; i++) {
+        const uint8_t *uat = d->p;
+        if (d->p < d->end && *d->p == PZ_T_UPJOIN) {
+            d->p++;
+            dec_upjoin(d, uat, f, i);
+            continue;
+        }
+        dec_value(d);
+        lua_setupvalue(L, f, i);
+    }
+}
+
+/* Decodes a function's globals: each is set in the decoding state's
+ * globals only when absent there, so a parent never loses its own. */
+static void dec_globals(dec *d)
+{
+    lua_State *L = d->L;
+    const uint8_t *at = d->p;
+    uint64_t n = dec_varint(d, "global count");
+    if (n > dec_left(d) / 2)
+        dec_fail(d, at, "%llu globals do not fit in the %zu bytes left",
+                 (unsigned long long)n, dec_left(d));
+    for (uint64_t i = 0; i < n; i++) {
+        size_t len;
+        const char *name = dec_bytes(d, &len, "global name");
+        lua_pushlstring(L, name, len);
+        dec_value(d);
+        lua_pushvalue(L, -2);
+        lua_rawget(L, LUA_GLOBALSINDEX);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_rawset(L, LUA_GLOBALSINDEX);
+        } else {
+            lua_pop(L, 3);
+        }
+    }
+}
+
+/* Decodes a function after its tag: only with PZ_DECODE_FUNCTIONS, since
+ * LuaJIT does not verify bytecode. */
+static void dec_function(dec *d, const uint8_t *at)
+{
+    lua_State *L = d->L;
+    size_t len;
+    const char *code;
+    int f;
+    if (!(d->flags & PZ_DECODE_FUNCTIONS))
+        dec_refuse(d, "an encoded function");
+    dec_enter(d, at);
+    code = dec_bytes(d, &len, "bytecode");
+    if (luaL_loadbufferx(L, code, len, "=(decoded function)", "b"))
+        dec_fail(d, at, "bad bytecode (%.120s)", lua_tostring(L, -1));
+    f = lua_gettop(L);
+    dec_ref_add(d);
+    dec_upvalues(d, f);
+    dec_globals(d);
+    d->depth--;
+}
+
+/* Decodes a number after its tag. */
+static void dec_number(dec *d, const uint8_t *at, uint8_t tag)
+{
+    uint64_t v;
+    double x;
+    if (tag == PZ_T_DOUBLE) {
+        if (dec_left(d) < 8)
+            dec_fail(d, at, "truncated number");
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&x, d->p, sizeof x); /* the wire order is the host's */
+#else
+        v = 0;
+        for (int i = 7; i >= 0; i--)
+            v = (v << 8) | d->p[i];
+        memcpy(&x, &v, sizeof x);
+#endif
+        d->p += 8;
+        lua_pushnumber(d->L, x);
+        return;
+    }
+    v = dec_varint(d, "integer");
+    if (v > (uint64_t)1 << 53)
+        dec_fail(d, at, "integer out of range");
+    x = (double)v;
+    lua_pushnumber(d->L, tag == PZ_T_NEGINT ? -x : x);
+}
+
+/* Decodes one value of any kind and pushes it (see dec_value). */
+static __attribute__((noinline)) void dec_any(dec *d)
+{
+    lua_State *L = d->L;
+    const uint8_t *at = d->p;
+    uint8_t tag;
+    size_t n;
+    const char *s;
+    if (at >= d->end)
+        dec_fail(d, at, "truncated input");
+    tag = *d->p++;
+    if (tag >= PZ_T_FIXINT) {
+        lua_pushnumber(L, tag - PZ_T_FIXINT);
+        return;
+    }
+    if (tag >= PZ_T_SHORTSTR && tag <= PZ_T_SHORTSTR + PZ_SHORTSTR_MAX) {
+        n = (size_t)(tag - PZ_T_SHORTSTR);
+        if (n > dec_left(d))
+            dec_fail(d, at, "truncated string");
+        lua_pushlstring(L, (const char *)d->p, n);
+        d->p += n;
+        return;
+    }
+    switch (tag) {
+    case PZ_T_NIL:
+        lua_pushnil(L);
+        return;
+    case PZ_T_FALSE:
+    case PZ_T_TRUE:
+        lua_pushboolean(L, tag == PZ_T_TRUE);
+        return;
+    case PZ_T_NULL:
+        lua_pushlightuserdata(L, NULL);
+        return;
+    case PZ_T_DOUBLE:
+    case PZ_T_POSINT:
+    case PZ_T_NEGINT:
+        dec_number(d, at, tag);
+        return;
+    case PZ_T_STRING:
+        s = dec_bytes(d, &n, "string");
+        lua_pushlstring(L, s, n);
+        return;
+    case PZ_T_TABLE:
+    case PZ_T_TABLE_MT:
+        dec_table(d, at, tag == PZ_T_TABLE_MT);
+        return;
+    case PZ_T_REF:
+        dec_ref_push(d, dec_ref_number(d));
+        return;
+    case PZ_T_MODULE:
+    case PZ_T_MEMBER:
+        dec_module(d, at, tag == PZ_T_MEMBER);
+        return;
+    case PZ_T_FUNCTION:
+        dec_function(d, at);
+        return;
+    case PZ_T_DOUBLES:
+        if (d->flags & PZ_DECODE_FORMAT_1)
+            dec_fail(d, at, "unknown tag 0x%02x", tag);
+        dec_doubles(d, at);
+        return;
+    case PZ_T_UPJOIN:
+        dec_fail(d, at, "upvalue join outside a function's upvalues");
+    default:
+        dec_fail(d, at, "unknown tag 0x%02x", tag);
+    }
+}
+
+/* Sets up a decoder over [p, end), positions counted from base; reserves
+ * its stack slots. */
+static void dec_start(dec *d, lua_State *L, const char *base, const char *p, const char *end, int flags)
+{
+    d->L = L;
+    d->base = (const uint8_t *)base;
+    d->p = (const uint8_t *)p;
+    d->end = (const uint8_t *)end;
+    d->flags = flags;
+    d->nrefs = d->depth = 0;
+    luaL_checkstack(L, DS_COUNT + 8, "cannot decode: stack overflow");
+    d->slots = lua_gettop(L) + 1;
+    lua_settop(L, d->slots + DS_COUNT - 1);
+}
+
+/* Raises when bytes are left over after the value. */
+static void dec_check_end(dec *d)
+{
+    if (d->p != d->end)
+        dec_fail(d, d->p, "%zu trailing byte%s after the value", dec_left(d),
+                 dec_left(d) == 1 ? "" : "s");
+}
+
+/* Decodes exactly one value in [p, end) and pushes it. */
+static void decode_value(lua_State *L, const char *base, const char *p, const char *end, int flags)
+{
+    dec d;
+    dec_start(&d, L, base, p, end, flags);
+    dec_value(&d);
+    dec_check_end(&d);
+    lua_replace(L, d.slots);
+    lua_settop(L, d.slots);
+}
+
+void pz_decode_value_at(lua_State *L, const char *base, const char *p, size_t n, int flags)
+{
+    const uint8_t *q = (const uint8_t *)p, *end = q + n;
+    luaL_checkstack(L, 1, "cannot decode: stack overflow");
+    if (dec_scalar(L, &q, end)) {
+        if (q == end)
+            return;
+        lua_pop(L, 1); /* trailing bytes: the full decoder says so */
+    }
+    decode_value(L, base, p, p + n, flags);
+}
+
+void pz_decode_value(lua_State *L, const char *p, size_t n, int flags)
+{
+    pz_decode_value_at(L, p, p, n, flags);
+}
+
+/* Pushes the values of a tuple at [p, p+n) when all are scalars (most
+ * calls' arguments) and returns how many; returns -1, pushing nothing,
+ * otherwise. */
+static int decode_scalar_tuple(lua_State *L, const char *p, size_t n)
+{
+    const uint8_t *q = (const uint8_t *)p, *end = q + n;
+    uint64_t count;
+    if (pz_get_varint(&q, end, &count) != 0 || count > 64 || !lua_checkstack(L, (int)count + 1))
+        return -1;
+    for (int i = 0; i < (int)count; i++) {
+        if (!dec_scalar(L, &q, end)) {
+            lua_pop(L, i);
+            return -1;
+        }
+    }
+    if (q != end) {
+        lua_pop(L, (int)count);
+        return -1;
+    }
+    return (int)count;
+}
+
+int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags)
+{
+    int scalars = decode_scalar_tuple(L, p, n);
+    if (scalars >= 0)
+        return scalars;
+    dec d;
+    uint64_t count;
+    const uint8_t *at;
+    dec_start(&d, L, p, p, p + n, flags);
+    at = d.p;
+    count = dec_varint(&d, "value count");
+    if (count > dec_left(&d) || count > 1000000 || !lua_checkstack(L, (int)count + 8))
+        dec_fail(&d, at, "tuple of %llu values is too large for the %zu bytes left or the stack",
+                 (unsigned long long)count, dec_left(&d));
+    for (uint64_t i = 0; i < count; i++)
+        dec_value(&d);
+    dec_check_end(&d);
+    /* the values go down over the reserved slots */
+    for (int i = 0; i < (int)count; i++) {
+        lua_pushvalue(L, d.slots + DS_COUNT + i);
+        lua_replace(L, d.slots + i);
+    }
+    lua_settop(L, d.slots + (int)count - 1);
+    return (int)count;
+}

@@ -1,0 +1,169 @@
+/*
+ * codec_enc.h - the encoder's state, shared by the files that write values:
+ * codec_enc.c (values and tables), codec_func.c (Lua functions),
+ * codec_index.c (module references) and codec_path.c (error paths); the
+ * encoder also uses codec_array.h (sequences, packed arrays).
+ *
+ * Rules this header owns:
+ * - One encode is one `enc` on the C stack and ES_COUNT Lua stack slots
+ *   reserved above the caller's (enc_slot); every function leaves the stack
+ *   as it found it, above those slots.
+ * - Every table or function met gets the next reference number, in
+ *   encoding order, whatever it is written as (codec_format.h); the one that
+ *   writes it in full, or as a module reference, calls pz_ref_add.  The
+ *   encoder finds numbers by object address (lua_topointer), which names an
+ *   object only while it lives, so pz_ref_add also anchors the object until
+ *   the encode ends: a finalizer run by a collection step during the encode
+ *   (a step may run wherever the encoder allocates or calls Lua: functions,
+ *   the module index, anchors past the first few) could otherwise drop the
+ *   last reference to one, and a new object at the same address would be
+ *   written as a reference to the old.
+ * - Output goes through the inline writers below, which raise on running
+ *   out of memory; the buffer then holds a partial encoding.
+ * - Errors go through pz_enc_raise, which names the value's path and clears
+ *   the caller's busy flag (see lcodec.c) before raising.
+ */
+#ifndef PZ_CODEC_ENC_H
+#define PZ_CODEC_ENC_H
+
+#include <lua.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "buf.h"
+#include "codec.h"
+#include "codec_format.h"
+
+/* What the encoder is doing inside one open table or function: one segment
+ * of the path an error names. */
+enum seg_kind {
+    SEG_NONE,     /* nothing yet */
+    SEG_KEY,      /* encoding a key of the table */
+    SEG_VALUE,    /* encoding the value under the key at stack index idx */
+    SEG_ITEM,     /* encoding item idx of a sequence */
+    SEG_MT,       /* encoding the table's metatable */
+    SEG_UPVALUE,  /* encoding upvalue idx, called name */
+    SEG_GLOBAL    /* encoding the global whose name is at stack index idx */
+};
+
+typedef struct seg {
+    enum seg_kind kind;
+    int idx;
+    const char *name;
+} seg;
+
+/* Objects anchored in stack slots (ES_ANCHOR0 ...) before the anchor table
+ * is needed; reference numbers kept in a list searched in order before the
+ * hash table is needed.  Most values hold a few tables at most. */
+#define ES_ANCHOR_SLOTS 8
+#define REFS_LINEAR 8
+/* Slots of the hash table of reference numbers inside the enc struct;
+ * beyond half of them it moves to a userdata (ES_REFMEM). */
+#define REFS_INLINE 64
+
+/* Stack slots reserved by every top-level encode, relative to enc.slots. */
+enum {
+    ES_ANCHORS, /* reference number -> object, from ES_ANCHOR_SLOTS on */
+    ES_REFMEM,  /* the userdata holding the reference hash table, once grown */
+    ES_UPVALS,  /* upvalue id -> function reference * 256 + upvalue index */
+    ES_INDEX,   /* the module index, loaded on first use */
+    ES_INDEX_FILTER, /* the filter of its objects' addresses (codec_index.c) */
+    ES_ANCHOR0, /* objects with reference numbers 0 .. ES_ANCHOR_SLOTS - 1 */
+    ES_COUNT = ES_ANCHOR0 + ES_ANCHOR_SLOTS
+};
+
+/* One entry of the reference hash table: an object's address and number. */
+typedef struct ref_slot {
+    const void *obj; /* NULL: free */
+    int num;
+} ref_slot;
+
+typedef struct enc {
+    lua_State *L;
+    pz_buf *out;
+    int flags;
+    int slots;         /* stack index of the first reserved slot */
+    int nrefs;         /* reference numbers given so far */
+    int depth;         /* open tables and functions */
+    int index_fresh;   /* the index was rebuilt during this encode */
+    int index_checked; /* package.loaded was compared this encode */
+    int tuple_index;   /* > 0: paths start with root[tuple_index] */
+    int items_held;    /* stack slots enc_items holds, all open tables together */
+    const void *index_filter; /* the userdata in ES_INDEX_FILTER, or NULL */
+    const char *root;
+    int *busy;         /* cleared before raising: see lcodec.c */
+    /* reference numbers: the first REFS_LINEAR objects in refs_list (object
+     * i has number i), then in the hash table refs (refs_mask + 1 slots) */
+    const void *refs_list[REFS_LINEAR];
+    ref_slot *refs;
+    size_t refs_mask;
+    ref_slot refs_inline[REFS_INLINE];
+    seg segs[PZ_MAX_DEPTH + 1];
+} enc;
+
+static inline int enc_slot(const enc *e, int which)
+{
+    return e->slots + which;
+}
+
+/* codec_path.c: raises "<what> at <path>" (clearing *e->busy first). */
+__attribute__((noreturn)) void pz_enc_raise(enc *e, const char *what);
+
+/* Returns room for n more bytes at the end of the output, or raises. */
+static inline uint8_t *enc_room(enc *e, size_t n)
+{
+    char *p = pz_buf_reserve(e->out, n);
+    if (!p)
+        pz_enc_raise(e, "cannot encode: out of memory");
+    return (uint8_t *)p;
+}
+
+static inline void put_byte(enc *e, uint8_t byte)
+{
+    *enc_room(e, 1) = byte;
+    e->out->len++;
+}
+
+static inline void put_varint(enc *e, uint64_t v)
+{
+    e->out->len += pz_put_varint(enc_room(e, PZ_VARINT_MAX_BYTES), v);
+}
+
+static inline void put_bytes(enc *e, const void *p, size_t n)
+{
+    if (n)
+        memcpy(enc_room(e, n), p, n);
+    e->out->len += n;
+}
+
+static inline void enc_string(enc *e, const char *s, size_t n)
+{
+    uint8_t *w = enc_room(e, 1 + PZ_VARINT_MAX_BYTES + n);
+    size_t h = pz_put_string_header(w, n);
+    memcpy(w + h, s, n);
+    e->out->len += h + n;
+}
+
+/* Width of the padded varints written before their value is known: 5 bytes
+ * hold 35 bits, more than any table or bytecode size LuaJIT allows. */
+#define PZ_ENC_PAD_WIDTH 5
+
+/* codec_enc.c */
+void pz_enc_value(enc *e, int idx);          /* any value, at absolute index idx */
+int pz_enc_known(enc *e, int idx, const void *obj); /* writes a reference if idx was met or is a module */
+void pz_enc_enter(enc *e);                   /* opens a table or function, or raises */
+int pz_ref_add(enc *e, int idx, const void *obj); /* the next reference number, for idx */
+size_t pz_enc_hole(enc *e, int n);           /* room for n counts patched later */
+void pz_enc_patch(enc *e, size_t at, const uint64_t *v, int n); /* fills the hole */
+
+/* codec_func.c: writes the function at idx (a reference, or in full). */
+void pz_enc_function(enc *e, int idx);
+
+/* codec_index.c: the module index (see there). */
+void pz_index_ready(enc *e);                 /* the index slot holds a current index */
+void pz_index_rebuild(enc *e);               /* builds it again, now */
+int pz_index_put(enc *e, int idx, const void *obj); /* writes a module reference if it is one */
+void pz_index_prepare(lua_State *L);         /* compiles its Lua keeper */
+
+#endif

@@ -1,0 +1,420 @@
+/*
+ * lrecords.c - the records the I/O thread publishes, turned into Lua
+ * values in the tables of the pool userdata's environment (main thread
+ * only).  Where a call's result goes depends on its tag (frame.h):
+ *
+ *   tag 0, keep_results    the pool's lists: results (first values,
+ *                          parallelize.null for nil), ids (ids[i] is the
+ *                          call of results[i]), errors (error records),
+ *                          extras[id] (every value, {n = count, ...}, when
+ *                          there are not exactly one, or the one is nil)
+ *   tag 0, not kept        unclaimed[id]: {n = count, ...} or the error
+ *                          record, until p:result(id) or p:take() takes it
+ *   tag of a map/stream    claims[tag]: lists as the pool's, which the map
+ *                          or stream consumes (lua/parallelize/pool.lua)
+ *
+ * An error record is {id =, args =, message =, traceback =, value =},
+ * with a metatable (PZ_ERROR_MT) whose __tostring gives the message.  The
+ * other tables: executors[slot] (the copy a worker sent), pids[slot],
+ * init_errors ({worker =, message =, traceback =}), fatal (why the pool
+ * cannot go on).
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "codec.h"
+#include "frame.h"
+#include "lpool.h"
+
+/* Stack slots of drain_records: the environment, the pool's store, the
+ * other tables, then the lists of the claim last seen (CLAIM_*). */
+enum {
+    D_U = 1, D_ENV, D_RESULTS, D_IDS, D_ERRORS, D_EXTRAS, D_UNCLAIMED, D_EXECUTORS, D_PIDS,
+    D_INIT_ERRORS, D_CLAIMS, D_CLAIM_RESULTS, D_CLAIM_IDS, D_CLAIM_ERRORS, D_CLAIM_EXTRAS,
+    D_TOP = D_CLAIM_EXTRAS
+};
+
+static const char *const env_tables[] = {"results", "ids", "errors", "extras", "unclaimed",
+                                         "executors", "pids", "init_errors", "claims"};
+
+/* The lists a record goes to: base slot (D_RESULTS or D_CLAIM_RESULTS) and
+ * their lengths, kept here rather than asked of Lua at every record. */
+typedef struct lists {
+    int base;
+    int nresults, nerrors;
+} lists;
+
+typedef struct drain_state {
+    lpool *u;
+    lists pool;   /* the pool's own lists (keep_results) */
+    lists claim;  /* the lists of claim `claim_tag` */
+    int claim_tag;
+} drain_state;
+
+/* Pushes a new table {n = count, ...} of the count values on top, popping them. */
+static void pack(lua_State *L, int count)
+{
+    int first = lua_gettop(L) - count + 1;
+    lua_createtable(L, count, 1);
+    lua_insert(L, first);
+    for (int i = count; i >= 1; i--)
+        lua_rawseti(L, first, i);
+    lua_pushinteger(L, count);
+    lua_setfield(L, first, "n");
+}
+
+/* Pushes a new table {n = count, ...} of the argument tuple at p. */
+static void push_args(lua_State *L, const char *p, size_t n)
+{
+    pack(L, pz_decode_tuple(L, p, n, PZ_DECODE_FUNCTIONS));
+}
+
+static void set_string(lua_State *L, const char *name, const char *s, size_t n)
+{
+    lua_pushlstring(L, s, n);
+    lua_setfield(L, -2, name);
+}
+
+static void len_of(lua_State *L, lists *l)
+{
+    l->nresults = (int)lua_objlen(L, l->base);
+    l->nerrors = (int)lua_objlen(L, l->base + 2);
+}
+
+/* The lists a record with this tag goes to, or NULL for `unclaimed`.
+ * Counts the record against its tag. */
+static lists *route(lua_State *L, drain_state *d, uint8_t tag)
+{
+    lpool *u = d->u;
+    if (tag != 0) {
+        if (u->tag_outstanding[tag] > 0)
+            u->tag_outstanding[tag]--;
+        if (u->tag_state[tag] == PZ_TAG_ACTIVE) {
+            if (d->claim_tag != tag) {
+                lua_rawgeti(L, D_CLAIMS, tag);
+                if (!lua_istable(L, -1))
+                    luaL_error(L, "internal error: claim %d has no table", tag);
+                static const char *const fields[] = {"results", "ids", "errors", "extras"};
+                for (int i = 0; i < 4; i++) {
+                    lua_getfield(L, -1 - i, fields[i]);
+                    if (!lua_istable(L, -1))
+                        luaL_error(L, "internal error: claim %d has no %s list", tag, fields[i]);
+                }
+                for (int i = 3; i >= 0; i--)
+                    lua_replace(L, D_CLAIM_RESULTS + i);
+                lua_pop(L, 1);
+                d->claim_tag = tag;
+                len_of(L, &d->claim);
+            }
+            return &d->claim;
+        }
+    }
+    return u->keep_results ? &d->pool : NULL;
+}
+
+/* Stores the error record on top (popping it) for call id, tag. */
+static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
+{
+    lists *l = route(L, d, tag);
+    if (l) {
+        lua_rawseti(L, l->base + 2, ++l->nerrors);
+    } else {
+        lua_pushnumber(L, (lua_Number)id);
+        lua_insert(L, -2);
+        lua_rawset(L, D_UNCLAIMED);
+    }
+    pz_idset_add(&d->u->finished, id); /* out of memory: not marked, nothing else */
+}
+
+/* A RESULT record: the first value to the results list, every value to
+ * extras when they are not exactly one non-nil value. */
+static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
+{
+    int top = lua_gettop(L);
+    int count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS);
+    lists *l = route(L, d, f->tag);
+    if (!l) {
+        pack(L, count);
+        lua_pushnumber(L, (lua_Number)f->id);
+        lua_insert(L, -2);
+        lua_rawset(L, D_UNCLAIMED);
+    } else {
+        int single = count == 1 && !lua_isnil(L, top + 1);
+        if (count == 0)
+            lua_pushnil(L);
+        lua_pushvalue(L, top + 1);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlightuserdata(L, NULL); /* parallelize.null */
+        }
+        lua_rawseti(L, l->base, ++l->nresults);
+        lua_pushnumber(L, (lua_Number)f->id);
+        lua_rawseti(L, l->base + 1, l->nresults);
+        if (!single) {
+            lua_settop(L, top + count);
+            pack(L, count);
+            lua_pushnumber(L, (lua_Number)f->id);
+            lua_insert(L, -2);
+            lua_rawset(L, l->base + 3);
+        }
+    }
+    lua_settop(L, top);
+    pz_idset_add(&d->u->finished, f->id);
+}
+
+/* Protected: decodes the error value at 1 (length 2). */
+static int decode_error_value(lua_State *L)
+{
+    size_t n;
+    const char *p = lua_tolstring(L, 1, &n);
+    pz_decode_value(L, p, n, PZ_DECODE_FUNCTIONS);
+    return 1;
+}
+
+/* Pushes an error record from the parts of an ERROR record, or from a
+ * message alone (args empty, value NULL). */
+static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e)
+{
+    lua_createtable(L, 0, 5);
+    lua_pushnumber(L, (lua_Number)id);
+    lua_setfield(L, -2, "id");
+    if (e->args_len)
+        push_args(L, e->args, e->args_len);
+    else
+        pack(L, 0);
+    lua_setfield(L, -2, "args");
+    set_string(L, "message", e->message, e->message_len);
+    set_string(L, "traceback", e->traceback, e->traceback_len);
+    /* The value error() was given; the message when it did not travel or
+     * cannot be decoded here. */
+    int decoded = 0;
+    if (e->value_len) {
+        lua_pushcfunction(L, decode_error_value);
+        lua_pushlstring(L, e->value, e->value_len);
+        decoded = lua_pcall(L, 1, 1, 0) == 0;
+        if (!decoded)
+            lua_pop(L, 1);
+    }
+    if (!decoded)
+        lua_pushlstring(L, e->message, e->message_len);
+    lua_setfield(L, -2, "value");
+    luaL_getmetatable(L, PZ_ERROR_MT);
+    lua_setmetatable(L, -2);
+}
+
+static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
+{
+    pz_error_parts e;
+    if (pz_record_error(f, &e) != 0)
+        luaL_error(L, "internal error: malformed ERROR record");
+    push_error_record(L, f->id, &e);
+    store_error(L, d, f->tag, f->id);
+}
+
+/* executors[slot] and pids[slot] from an INIT_OK record. */
+static void on_init_ok(lua_State *L, const pz_frame *f)
+{
+    const char *p = f->payload;
+    size_t n = f->len;
+    uint64_t pid;
+    int slot = (int)f->id + 1;
+    if (pz_take_varint(&p, &n, &pid) != 0)
+        luaL_error(L, "internal error: malformed INIT_OK record");
+    lua_pushnumber(L, (lua_Number)pid);
+    lua_rawseti(L, D_PIDS, slot);
+    pz_decode_value(L, p, n, PZ_DECODE_FUNCTIONS);
+    lua_rawseti(L, D_EXECUTORS, slot);
+}
+
+/* Appends {worker =, message =, traceback =} from an INIT_ERROR record. */
+static void on_init_error(lua_State *L, const pz_frame *f)
+{
+    pz_error_parts e;
+    if (pz_record_init_error(f, &e) != 0)
+        luaL_error(L, "internal error: malformed INIT_ERROR record");
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, (lua_Integer)f->id + 1);
+    lua_setfield(L, -2, "worker");
+    set_string(L, "message", e.message, e.message_len);
+    set_string(L, "traceback", e.traceback, e.traceback_len);
+    lua_rawseti(L, D_INIT_ERRORS, (int)lua_objlen(L, D_INIT_ERRORS) + 1);
+}
+
+/* Puts the environment's tables into slots D_RESULTS .. D_CLAIMS (the
+ * stack reaches D_TOP at least). */
+static void load_tables(lua_State *L)
+{
+    for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
+        lua_getfield(L, D_ENV, env_tables[i]);
+        if (!lua_istable(L, -1))
+            luaL_error(L, "p.%s is no longer a table", env_tables[i]);
+        lua_replace(L, D_RESULTS + (int)i);
+    }
+}
+
+/* Protected: lpool light userdata at 1, environment at 2.  Turns records
+ * into Lua values until the queue is empty, consuming each after it is
+ * stored; an error leaves the record that raised it at the head. */
+static int drain_records(lua_State *L)
+{
+    lpool *u = (lpool *)lua_touserdata(L, D_U);
+    lua_settop(L, D_TOP);
+    load_tables(L);
+    drain_state d = {u, {D_RESULTS, 0, 0}, {D_CLAIM_RESULTS, 0, 0}, 0};
+    len_of(L, &d.pool);
+    pz_frame f;
+    while (pz_pool_peek_record(u->pool, &f)) {
+        switch (f.type) {
+        case PZ_F_RESULT:
+            on_result(L, &d, &f);
+            break;
+        case PZ_F_ERROR:
+            on_error(L, &d, &f);
+            break;
+        case PZ_F_INIT_OK:
+            on_init_ok(L, &f);
+            break;
+        case PZ_F_INIT_ERROR:
+            on_init_error(L, &f);
+            break;
+        default:
+            break;
+        }
+        pz_pool_consume(u->pool, &f);
+    }
+    return 0;
+}
+
+/* Protected, as drain_records: the record at the head could not be turned
+ * into Lua values (a result naming a module the parent cannot load, or too
+ * large for the memory left): a call's record becomes that call's error,
+ * an executor copy becomes the message, so that nothing is lost.  The
+ * reason is at 3.  Returns true when there was a record to blame. */
+static int salvage_record(lua_State *L)
+{
+    lpool *u = (lpool *)lua_touserdata(L, D_U);
+    lua_settop(L, D_TOP + 1);
+    lua_pushvalue(L, 3); /* the reason, kept below what is pushed later */
+    lua_replace(L, D_TOP + 1);
+    const char *why = lua_isstring(L, D_TOP + 1) ? lua_tostring(L, D_TOP + 1) : "unknown error";
+    load_tables(L);
+    drain_state d = {u, {D_RESULTS, 0, 0}, {D_CLAIM_RESULTS, 0, 0}, 0};
+    len_of(L, &d.pool);
+    pz_frame f;
+    if (!pz_pool_peek_record(u->pool, &f)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR) {
+        pz_error_parts e;
+        memset(&e, 0, sizeof e);
+        char buf[120];
+        /* An error keeps its own message; its arguments are what failed. */
+        if (f.type == PZ_F_ERROR && pz_record_error(&f, &e) == 0) {
+            lua_pushlstring(L, e.message, e.message_len);
+            lua_pushfstring(L, "%s (its arguments cannot be decoded in the parent: %s)",
+                            lua_tostring(L, -1), why);
+        } else {
+            memset(&e, 0, sizeof e);
+            e.traceback = "";
+            snprintf(buf, sizeof buf, "%llu", (unsigned long long)f.id);
+            lua_pushfstring(L, "the result of call %s cannot be used in the parent: %s", buf, why);
+        }
+        e.args_len = e.value_len = 0;
+        e.message = lua_tolstring(L, -1, &e.message_len);
+        push_error_record(L, f.id, &e);
+        store_error(L, &d, f.tag, f.id);
+    } else if (f.type == PZ_F_INIT_OK) {
+        lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
+        lua_rawseti(L, D_EXECUTORS, (int)f.id + 1);
+    }
+    pz_pool_consume(u->pool, &f);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Protected: lpool light userdata at 1, pool userdata at 2.  Drains every
+ * record, turning one that cannot be decoded into an error of its own, so
+ * that one bad record neither blocks the others nor is lost. */
+static int drain_all(lua_State *L)
+{
+    lpool *u = (lpool *)lua_touserdata(L, 1);
+    lua_getfenv(L, 2);
+    int env = lua_gettop(L);
+    for (;;) {
+        lua_pushcfunction(L, drain_records);
+        lua_pushlightuserdata(L, u);
+        lua_pushvalue(L, env);
+        int rc = lua_pcall(L, 2, 0, 0);
+        if (rc == 0)
+            break;
+        /* What a failed decode built is garbage now: collect it first, so
+         * that the error fits. */
+        if (rc == LUA_ERRMEM)
+            lua_gc(L, LUA_GCCOLLECT, 0);
+        int why = lua_gettop(L);
+        lua_pushcfunction(L, salvage_record);
+        lua_pushlightuserdata(L, u);
+        lua_pushvalue(L, env);
+        lua_pushvalue(L, why);
+        lua_call(L, 3, 1);
+        if (!lua_toboolean(L, -1)) {
+            lua_pushvalue(L, why); /* an error no record caused */
+            return lua_error(L);
+        }
+        lua_settop(L, env);
+    }
+    const char *fatal = pz_pool_fatal(u->pool);
+    if (fatal) {
+        lua_pushstring(L, fatal);
+        lua_setfield(L, env, "fatal");
+    }
+    return 0;
+}
+
+/* Hooks are off meanwhile: Ctrl-C sets a hook that raises "interrupted!"
+ * at the next call, and that call could be drain's own lua_pcall, whose
+ * error would then be taken for a record that cannot be decoded.  A hook
+ * set while draining (by a signal handler) is kept for the caller. */
+void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
+{
+    if (!u->pool || u->draining)
+        return;
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    lua_Hook hook = lua_gethook(L);
+    int mask = lua_gethookmask(L), count = lua_gethookcount(L);
+    if (hook)
+        lua_sethook(L, NULL, 0, 0);
+    u->draining = 1;
+    lua_pushcfunction(L, drain_all);
+    lua_pushlightuserdata(L, u);
+    lua_pushvalue(L, idx);
+    int rc = lua_pcall(L, 2, 0, 0);
+    u->draining = 0;
+    if (hook && !lua_gethook(L))
+        lua_sethook(L, hook, mask, count);
+    if (rc != 0)
+        lua_error(L);
+}
+
+/* __tostring of an error record: its message. */
+static int error_tostring(lua_State *L)
+{
+    lua_getfield(L, 1, "message");
+    if (!lua_isstring(L, -1))
+        lua_pushliteral(L, "(an error record without a message)");
+    return 1;
+}
+
+void pz_lrecords_register(lua_State *L)
+{
+    if (luaL_newmetatable(L, PZ_ERROR_MT)) {
+        lua_pushcfunction(L, error_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_setfield(L, -2, "error_metatable");
+}
