@@ -525,6 +525,34 @@ describe("remote workers on real servers #nosan", function()
       assert.are.same({}, nothing_left(s, s0, 10))
     end)
 
+    it("leaves the parent's stderr blocking, though ssh makes its own stderr non-blocking", function()
+      local defer = support.defer(finally)
+      local s = fixture("sshd", defer)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      local argv = {}
+      for _, a in ipairs(parallelize.ssh { s.destination, options = ssh_options(s), command = PZLUA }(1)) do
+        argv[#argv + 1] = ("%q"):format(a)
+      end
+      -- stderr is a pipe (to cat), the case where the flag would be shared
+      support.write(dir .. "/script.lua", [[
+        local parallelize = require "parallelize"
+        local function flags()
+          return tonumber(io.open("/proc/self/fdinfo/2"):read("*a"):match("flags:%s*(%d+)"), 8)
+        end
+        local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 2),
+          { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+        local _ = p.executors
+        print("init errors " .. #p.init_errors)
+        print("nonblocking " .. tostring(require("bit").band(flags(), 2048) ~= 0))
+        p:stop()
+      ]])
+      local out, status = support.run(("%s %s 2>&1 | cat"):format(support.quote(PZLUA),
+        support.quote(dir .. "/script.lua")))
+      assert.are.equal(0, status, out)
+      assert.are.equal("init errors 0\nnonblocking false\n", out)
+    end)
+
     -- A parent in a session of its own, as a terminal runs it, with two
     -- remote workers each in a call that sleeps: Ctrl-C, or the parent
     -- killed outright, ends them all.

@@ -12,6 +12,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -167,6 +168,28 @@ static void become_worker(spawner *s, int fd, int slot, pid_t spawner_pid)
     pz_worker_main(WORKER_FD, WORKER_FD, slot, &s->config.shared[slot], s->config.setup, 0);
 }
 
+/* ssh makes its stdin, stdout and stderr non-blocking when they are not
+ * terminals.  That flag belongs to the open file description, which a
+ * launcher shares with the parent for stderr: on a pipe, the parent's own
+ * writes to stderr would then fail with EAGAIN whenever the pipe is full.
+ * A pipe reopened through /proc is a description of its own on the same
+ * pipe (O_NONBLOCK only for the open, which would otherwise wait for a
+ * reader).  Anything else is left shared: O_NONBLOCK means nothing to a
+ * regular file, and ssh leaves a terminal alone. */
+static void own_stderr(void)
+{
+    struct stat st;
+    if (fstat(2, &st) != 0 || !S_ISFIFO(st.st_mode))
+        return;
+    int fd = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0)
+        dup2(fd, 2);
+    close(fd);
+}
+
 /* Runs in the forked launcher: the worker's socket on stdin and stdout,
  * stderr the parent's, nothing else open but the status pipe (close-on-
  * exec), default signal dispositions, a process group of its own (out of
@@ -185,6 +208,7 @@ static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawne
         dup2(fd, 1) < 0) {
         err = errno;
     } else {
+        own_stderr();
         pz_close_fds_from(3, status);
         bind_to_parent(spawner_pid, SIGKILL);
         execvp(argv[0], argv);
