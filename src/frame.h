@@ -29,7 +29,7 @@
  *               "module" or "deferred"), max_message, spin_ns and
  *               kill_leftovers; varint n,
  *               n bytes: the executor spec; then the tuple of constructor
- *               arguments.  Built by lpool.c, read by worker.c.
+ *               arguments.  Built by linit.c, read by worker.c.
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
  *   CALL        the argument tuple
