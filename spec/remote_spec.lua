@@ -343,11 +343,14 @@ describe("remote workers: launchers", function()
     end)
 
     it("srun{...}: one task per worker, unbuffered, after the user's options", function()
+      -- inside an allocation (a test run from a batch job) it adds --exact
+      local exact = os.getenv("SLURM_JOB_ID") and { "--exact" } or {}
       local l = parallelize.srun { "-O", "--partition=batch" }
-      assert.are.same({ "srun", "-O", "--partition=batch", "--ntasks=1", "--unbuffered", "pzlua", "--worker" }, l(7))
+      assert.are.same(concat({ "srun", "-O", "--partition=batch", "--ntasks=1", "--unbuffered" }, exact,
+        { "pzlua", "--worker" }), l(7))
       l = parallelize.srun { command = "/opt/bin/pzlua", program = { "env", "SLURM_CONF=/x", "srun" } }
-      assert.are.same({ "env", "SLURM_CONF=/x", "srun", "--ntasks=1", "--unbuffered", "/opt/bin/pzlua", "--worker" },
-        l(1))
+      assert.are.same(concat({ "env", "SLURM_CONF=/x", "srun", "--ntasks=1", "--unbuffered" }, exact,
+        { "/opt/bin/pzlua", "--worker" }), l(1))
     end)
 
     it("ssh{...} and srun{...} say what is wrong with their table", function()
@@ -653,6 +656,42 @@ describe("remote workers on real servers #nosan", function()
       assert.are.same({}, gone(list, 10))
       assert.are.same({}, nothing_left(q, q0, 20))
       assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 20), "jobs are left")
+    end)
+
+    it("inside an allocation, the workers are job steps that share it", function()
+      local defer = support.defer(finally)
+      local q = fixture("slurm", defer)
+      local q0 = baseline(q)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      support.write(dir .. "/script.lua", ([[
+        local parallelize = require "parallelize"
+        local p = parallelize.Parallelize(parallelize.rep(function()
+          parallelize.sleep(0.2)
+          return os.getenv("SLURM_JOB_ID") .. "." .. os.getenv("SLURM_STEP_ID")
+        end, 2), { launcher = parallelize.srun { "--quiet", command = %q } })
+        print("executors " .. #p.executors .. " init errors " .. #p.init_errors)
+        for _ = 1, 30 do p() end
+        p:wait()
+        local steps, n = {}, 0
+        for _, v in ipairs(p.results) do
+          if not steps[v] then n = n + 1 end
+          steps[v] = true
+        end
+        print("steps " .. n .. " job " .. os.getenv("SLURM_JOB_ID"))
+        for v in pairs(steps) do print(v) end
+        p:stop()
+      ]]):format(PZLUA))
+      -- (without --exact the first step would take the whole allocation,
+      -- and the other workers would wait for it for ever)
+      local out, status = servers.run { "timeout", "60", "env", "SLURM_CONF=" .. q.conf, "salloc", "-n2", "--quiet",
+                                        PZLUA, dir .. "/script.lua" }
+      assert.are.equal(0, status, out)
+      local job = out:match("steps 2 job (%d+)\n")
+      assert(job, out)
+      assert.matches("executors 2 init errors 0\n", out)
+      for step in out:gmatch("\n(%d+)%.%d+\n") do assert.are.equal(job, step) end
+      assert.are.same({}, nothing_left(q, q0, 20))
     end)
   end)
 

@@ -154,7 +154,8 @@ local SRUN_FIELDS = { command = true, program = true }
 
 --- srun{option, ... [, command =] [, program =]}: a launcher that starts
 -- each worker as a one-task job step (or job) with Slurm's srun; the array
--- holds srun's options.
+-- holds srun's options. Made inside an allocation (SLURM_JOB_ID is set), it
+-- adds --exact.
 function M.srun(spec)
   if spec ~= nil and spec == package.loaded.parallelize then
     error("use parallelize.srun{...}, not parallelize:srun{...}", 2)
@@ -169,8 +170,12 @@ function M.srun(spec)
   end
   -- After the user's options, so that they win: one task (one worker per
   -- srun), and output unbuffered (srun otherwise holds a partial line
-  -- back, and a frame rarely ends with a newline).
+  -- back, and a frame rarely ends with a newline). Inside an allocation
+  -- each worker is a job step, and a step takes the whole allocation
+  -- unless it asks for only what it needs (--exact): the others would
+  -- wait for it to end, which a worker never does by itself.
   append(argv, { "--ntasks=1", "--unbuffered" })
+  if os.getenv("SLURM_JOB_ID") then argv[#argv + 1] = "--exact" end
   append(argv, words_of("srun", "command", spec.command, "pzlua"))
   argv[#argv + 1] = "--worker"
   return setmetatable({
