@@ -26,13 +26,67 @@ local function local_victim(p, spawner, workers)
   if pid and ppid(pid) == spawner then return pid end
 end
 
+--- Starts spec/chaos_killer.lua on the workers of `spawner`; returns a
+-- function that stops it and returns how many workers it killed.
+local function start_killer(spawner, opts)
+  local dir = support.tmpdir()
+  local root = debug.getinfo(1, "S").source:match("^@(.*)spec/[^/]*$") or "./"
+  os.execute(("cd %s && LUA_PATH=%s %s spec/chaos_killer.lua %d %s %d %s </dev/null >/dev/null 2>&1 &")
+    :format(support.quote(root), support.quote("./?.lua;lua/?.lua;;"), support.quote(support.pzlua()),
+      spawner, tostring(opts.interval), opts.seed or 1, support.quote(dir .. "/stop")))
+  return function()
+    support.write(dir .. "/stop", "stop")
+    local count = support.eventually(function() return support.read(dir .. "/stop.count") end, 10)
+    support.rmdir(dir)
+    return assert(tonumber(count), "the killer did not report")
+  end
+end
+
+--- Drives the calls 1..n through one of the consuming methods while the
+-- killer runs; returns id -> result and the error records.
+local drive = {}
+
+function drive.map(p, n)
+  local list = {}
+  for i = 1, n do list[i] = i end
+  local out = p:map(list)
+  local got = {}
+  for i = 1, n do got[i] = out[i] end
+  return got, {}
+end
+
+function drive.result(p, n)
+  for i = 1, n do p(i) end
+  local got, errors = {}, {}
+  for id = 1, n do
+    local ok, v = p:result(id)
+    if ok then got[id] = v else errors[#errors + 1] = v end
+  end
+  return got, errors
+end
+
+local function stream(p, n, ordered)
+  local got, errors, last = {}, {}, 0
+  for i, ok, v in p:stream(function() if last < n then last = last + 1 return last end end,
+      { ordered = ordered }) do
+    assert(got[i] == nil, "input " .. i .. " yielded twice")
+    if ok then got[i] = v else got[i] = false; errors[#errors + 1] = v end
+  end
+  return got, errors
+end
+function drive.stream(p, n) return stream(p, n, false) end
+function drive.ordered(p, n) return stream(p, n, true) end
+
 --- Runs the chaos. opts: calls, workers, interval (seconds between kills),
--- work (loop iterations per call), sleep (seconds each call sleeps, after
--- its work; default 0), seed, timeout (seconds), progress (a
--- function called with a status line every second, optional), options
--- (more options for Parallelize: a launcher...), victim (optional:
--- function(p, spawner, workers) -> a pid to SIGKILL or nil; by default a
--- random worker, a child of the spawner).
+-- work (loop iterations per call), seed, timeout (seconds), progress (a
+-- function called with a status line every second, optional), mode: "loop"
+-- (p(i) in a loop, killed from this process while it waits), or "map",
+-- "result", "stream", "ordered" (the method drives the calls while a
+-- killer process kills). In the loop mode, also: sleep (seconds each call
+-- sleeps, after its work; default 0), options (more options for
+-- Parallelize: a launcher...), victim (function(p, spawner, workers) -> a
+-- pid to SIGKILL or nil; by default a random worker, a child of the
+-- spawner).
 -- Returns a table of figures; raises with a description on any breach.
 function M.run(opts)
   local work = opts.work or 0
@@ -41,12 +95,14 @@ function M.run(opts)
   local before = {}
   for _, pid in ipairs(support.children()) do before[pid] = true end
   local pause = opts.sleep or 0
+  local pool_options = { max_deaths = opts.max_deaths }
+  for k, v in pairs(opts.options or {}) do pool_options[k] = v end
   local p = parallelize.Parallelize(parallelize.rep(function(x)
     local s = 0
     for i = 1, work do s = s + i % 7 end
     if pause > 0 then parallelize.sleep(pause) end
     return x * 2 + s * 0
-  end, opts.workers), opts.options)
+  end, opts.workers), pool_options)
   local ok, err = pcall(function()
     local _ = p.executors
     local spawner
@@ -54,6 +110,27 @@ function M.run(opts)
       if not before[pid] then spawner = pid end
     end
     assert(spawner, "cannot find the pool's spawner process")
+
+    if opts.mode and opts.mode ~= "loop" then
+      local t0 = core.now()
+      local stop_killer = start_killer(spawner, opts)
+      local ok2, got, errors = pcall(drive[opts.mode], p, opts.calls)
+      local kills = stop_killer()
+      if not ok2 then error(got, 0) end
+      local elapsed = core.now() - t0
+      for i = 1, opts.calls do
+        assert(got[i] ~= nil, "call " .. i .. " was lost")
+        assert(got[i] == false or got[i] == i * 2, "call " .. i .. " has a wrong result: " .. tostring(got[i]))
+      end
+      for _, e in ipairs(errors) do
+        assert(e.message:match("^call %d+ killed %d+ workers"), "unexpected error: " .. e.message)
+      end
+      assert(#p:stop() == 0, "calls aborted")
+      assert(support.eventually(function() return not support.alive(spawner) end, 5), "the spawner lives on")
+      M.last = { calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors,
+        elapsed = elapsed, rate = opts.calls / elapsed }
+      return
+    end
 
     local t0 = core.now()
     for i = 1, opts.calls do p(i) end

@@ -10,6 +10,15 @@ describe("chaos", function()
     assert.is_true(f.kills > 100, "only " .. f.kills .. " kills")
   end)
 
+  for _, mode in ipairs({ "map", "result", "stream", "ordered" }) do
+    it("10,000 calls through p:" .. (mode == "ordered" and "stream(ordered)" or mode)
+        .. ", 8 workers, a worker SIGKILLed every few ms", function()
+      local f = chaos.run({ calls = 10000, workers = 8, interval = 0.003, work = 20000, seed = 9,
+        timeout = 50, mode = mode, max_deaths = 50 })
+      assert.is_true(f.kills > 10, "only " .. f.kills .. " kills")
+    end)
+  end
+
   it("20,000 calls through 16 workers, a random worker SIGKILLed every few ms", function()
     local f = chaos.run({ calls = 20000, workers = 16, interval = 0.003, work = 50000, seed = 8, timeout = 50 })
     assert.is_true(f.kills > 20, "only " .. f.kills .. " kills")

@@ -102,5 +102,61 @@ io.stderr:write("aborted ", #p:stop(0), "\n")
       assert.equal(0, status)
       assert.equal("false user.lua:7: interrupted!\naborted 1\n", err)
     end)
+
+    -- The other blocking methods: each raises at the user's line, and after
+    -- pcall and stop the calls add up: consumed + results + errors +
+    -- aborted = calls.
+    local blocking = {
+      { what = "a p(...) waiting for room (max_pending)", line = 8, opts = "{ workers = 1, max_pending = 1 }",
+        code = [[
+p(30); p(30)
+print("ready")
+local ok, err = pcall(function()
+  p(30)
+end)]] },
+      { what = "p:result(id)", line = 8, code = [[
+local id = p(30)
+print("ready")
+local ok, err = pcall(function()
+  p:result(id)
+end)]] },
+      { what = "p:map(list)", line = 8, code = [[
+p(0)
+print("ready")
+local ok, err = pcall(function()
+  p:map({ 0, 30, 30 })
+end)]] },
+      { what = "a p:stream loop", line = 6, code = [[
+local ok, err = pcall(function()
+  for _ in p:stream({ 0, 0, 30, 30 }, { ordered = true }) do
+    consumed = consumed + 1
+    if consumed == 2 then print("ready") end
+  end
+end)]] },
+    }
+    for _, case in ipairs(blocking) do
+      it(case.what .. " raises at the user's line, and stop accounts for every call", function()
+        pid = start(dir, interp, ([[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+local p = parallelize.Parallelize(function(s) parallelize.sleep(s) return s end, %s)
+consumed = 0
+%s
+local aborted = p:stop(0)
+local results, errors = #p.results, #p.errors
+io.stderr:write(tostring(ok), " ", err, "\n")
+io.stderr:write(("calls %%d = %%d consumed + %%d results + %%d errors + %%d aborted\n")
+  :format(p.calls, consumed, results, errors, #aborted))
+]]):format(case.opts or "{ workers = 2 }", case.code))
+        local err, status = interrupt(dir, pid)
+        assert.equal(0, status, err)
+        assert.matches("^false user%.lua:" .. case.line .. ": interrupted!\n", err)
+        local calls, consumed, results, errors, aborted =
+          err:match("calls (%d+) = (%d+) consumed %+ (%d+) results %+ (%d+) errors %+ (%d+) aborted")
+        assert.is_truthy(calls, err)
+        assert.are.equal(tonumber(calls), consumed + results + errors + aborted)
+        assert.is_true(tonumber(aborted) >= 1)
+      end)
+    end
   end)
 end

@@ -37,6 +37,7 @@
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
+#include "wout.h"
 
 #define READ_CHUNK 65536
 #define FLUSH_BYTES 65536
@@ -46,15 +47,14 @@
 /* One worker process has exactly one of these. */
 static struct {
     lua_State *L;
-    int in_fd, out_fd;   /* the same socket, or a remote worker's two pipes */
+    int in_fd;           /* frames from the parent (output: wout.c) */
     int remote;          /* started by pzlua --worker (see the top) */
     char host[64];       /* remote: this host's name, for messages */
     int slot;
     pz_buf in;
     size_t in_pos;       /* parsed bytes at the front of `in` */
-    pz_buf out;          /* frames not yet written */
-    int out_frames;      /* frames in `out` */
-    int64_t out_since;   /* when the oldest of them was made */
+    size_t mark;         /* output length when the result began (locked) */
+    int mark_frames;
     int64_t clock;       /* when the last call ended; 0 after a read */
     double avg_ns;       /* moving average of the calls' run times */
     size_t max_message;
@@ -78,37 +78,18 @@ static _Noreturn void die(const char *what)
     _exit(3);
 }
 
-static void flush_out(void)
-{
-    if (W.out.len == 0)
-        return;
-    if (pz_write_all(W.out_fd, W.out.data, W.out.len) != 0) {
-        if (errno == EPIPE)
-            _exit(0); /* the parent is gone */
-        die(strerror(errno));
-    }
-    W.out.len = 0;
-    W.out_frames = 0;
-    pz_buf_trim(&W.out, 4 * FLUSH_BYTES);
-}
-
-static void count_frame(void)
-{
-    if (W.out_frames++ == 0)
-        W.out_since = W.clock;
-}
-
-/* Appends a frame made of these parts. */
+/* Appends a frame made of these parts to the output (wout.h: locked). */
 static void put_frame(uint8_t type, uint64_t id, const pz_part *parts, int nparts)
 {
+    pz_buf *out = pz_wout_buf();
     size_t len = pz_frame_parts_len(parts, nparts);
     if (len == SIZE_MAX)
         die("message too long for a frame");
-    char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + len);
+    char *dst = pz_buf_reserve(out, PZ_FRAME_HEADER + len);
     if (!dst)
         die("out of memory");
-    W.out.len += pz_frame_put(dst, type, id, parts, nparts);
-    count_frame();
+    out->len += pz_frame_put(dst, type, id, parts, nparts);
+    pz_wout_frame_done(W.clock);
 }
 
 /* Appends an ERROR frame for call id (frame.h); `value` holds the error
@@ -183,7 +164,9 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
 
 /* Protected: runs the call in W.call.  Decoding the arguments or encoding
  * the result may raise; the executor's own errors are caught inside with
- * on_error and become ERROR frames. */
+ * on_error and become ERROR frames.  Takes the output's lock once the
+ * executor has returned, and leaves it held (handle_call releases it):
+ * W.mark says where this call's frame began. */
 static int run_call(lua_State *L)
 {
     uint64_t id = W.call.id;
@@ -199,6 +182,10 @@ static int run_call(lua_State *L)
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
+    pz_wout_lock();
+    pz_buf *out = pz_wout_buf();
+    W.mark = out->len;
+    W.mark_frames = pz_wout_frames();
     if (rc != 0) {
         if (lua_istable(L, -1)) {
             put_error_from_table(L, id, ns);
@@ -210,23 +197,23 @@ static int run_call(lua_State *L)
     }
     /* Every value the executor returned travels, as a tuple. */
     int nres = lua_gettop(L) - handler;
-    size_t start = W.out.len;
-    char *hdr = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
+    size_t start = out->len;
+    char *hdr = pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
     if (!hdr)
         return luaL_error(L, "out of memory");
-    W.out.len += PZ_FRAME_HEADER;
-    W.out.len += pz_put_varint((uint8_t *)W.out.data + W.out.len, ns);
-    pz_encode_tuple(L, handler + 1, nres, &W.out, "result", 0);
-    size_t len = W.out.len - start - PZ_FRAME_HEADER;
+    out->len += PZ_FRAME_HEADER;
+    out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
+    pz_encode_tuple(L, handler + 1, nres, out, "result", 0);
+    size_t len = out->len - start - PZ_FRAME_HEADER;
     if (len > W.max_message) {
-        W.out.len = start;
+        out->len = start;
         lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
                         (double)len, (double)W.max_message);
         put_error_message(id, ns, lua_tostring(L, -1));
         return 0;
     }
-    pz_frame_header(W.out.data + start, PZ_F_RESULT, id, (uint32_t)len);
-    count_frame();
+    pz_frame_header(out->data + start, PZ_F_RESULT, id, (uint32_t)len);
+    pz_wout_frame_done(W.clock);
     return 0;
 }
 
@@ -237,10 +224,8 @@ static void handle_call(lua_State *L, const pz_frame *f)
      * remote worker always writes them first: the parent, which cannot see
      * what it runs, charges a death to the oldest call it has no answer
      * for. */
-    if (W.out_frames > 0 && (W.remote || W.avg_ns > FLUSH_NS))
-        flush_out();
-    size_t mark = W.out.len;
-    int frames = W.out_frames;
+    if (W.remote || W.avg_ns > FLUSH_NS)
+        pz_wout_flush();
     W.call = *f;
     /* From decoding the arguments to encoding the result, whatever kills
      * this process is this call's doing: see pz_slot_shared. */
@@ -248,17 +233,21 @@ static void handle_call(lua_State *L, const pz_frame *f)
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
     if (lua_pcall(L, 0, 0, 0) != 0) {
         /* The codec raised: drop any partial frame, report why. */
-        W.out.len = mark;
-        W.out_frames = frames;
+        if (pz_wout_locked()) {
+            pz_wout_truncate(W.mark, W.mark_frames);
+        } else {
+            pz_wout_lock();
+        }
         const char *m = lua_tostring(L, -1);
         lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
         put_error_message(f->id, 0, lua_tostring(L, -1));
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
-    if (W.out.len >= FLUSH_BYTES || W.out_frames >= FLUSH_FRAMES ||
-        (W.out_frames > 0 && W.clock - W.out_since >= FLUSH_NS))
-        flush_out();
+    if (pz_wout_buf()->len >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
+        W.clock - pz_wout_oldest() >= FLUSH_NS)
+        pz_wout_flush();
+    pz_wout_unlock();
 }
 
 /* SIGINT and SIGQUIT in a worker: see pz_worker_signals. */
@@ -301,7 +290,7 @@ static void kill_leftovers(void)
  * left running (when asked to), then leaves. */
 static _Noreturn void shut_down(lua_State *L)
 {
-    flush_out();
+    pz_wout_flush();
     if (L && W.exec_ref != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
         if (lua_type(L, -1) == LUA_TTABLE || lua_type(L, -1) == LUA_TUSERDATA) {
@@ -367,7 +356,7 @@ static pz_frame next_frame(void)
             die(why);
         pz_buf_consume(&W.in, W.in_pos);
         W.in_pos = 0;
-        flush_out();
+        pz_wout_flush();
         size_t want = need > W.in.len + READ_CHUNK ? need - W.in.len : READ_CHUNK;
         if (!pz_buf_reserve(&W.in, want))
             die("out of memory");
@@ -563,7 +552,7 @@ static _Noreturn void refuse_init(lua_State *L, const char *msg, size_t mlen, co
     pz_part parts[] = {{msg, mlen, 1}, {tb, tb ? tlen : 0, 0}};
     put_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), parts, 2);
     W.exec_ref = LUA_NOREF;
-    flush_out();
+    pz_wout_flush();
     lua_close(L);
     fflush(NULL);
     _exit(0);
@@ -614,13 +603,10 @@ static void initialize(lua_State *L)
     lua_settop(L, 0);
     if (copy.len > UINT32_MAX)
         copy.len = 0;
-    char *dst = pz_buf_reserve(&W.out, PZ_FRAME_HEADER + copy.len);
-    if (!dst)
-        die("out of memory");
     pz_part part = {copy.data, copy.len, 0};
-    W.out.len += pz_frame_put(dst, PZ_F_INIT_OK, (uint64_t)getpid(), &part, 1);
+    put_frame(PZ_F_INIT_OK, (uint64_t)getpid(), &part, 1);
     pz_buf_free(&copy);
-    flush_out();
+    pz_wout_flush();
 }
 
 _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
@@ -631,14 +617,14 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
      * copies nobody else uses). */
     memset(&W, 0, sizeof W);
     W.in_fd = in_fd;
-    W.out_fd = out_fd;
     W.remote = remote;
+    if (remote && gethostname(W.host, sizeof W.host - 1) != 0)
+        snprintf(W.host, sizeof W.host, "(unknown host: %s)", strerror(errno));
+    pz_wout_init(out_fd);
     W.slot = slot;
     W.shared = shared;
     W.exec_ref = LUA_NOREF;
     W.max_message = UINT32_MAX - PZ_FRAME_SLACK; /* until INIT says otherwise */
-    if (remote && gethostname(W.host, sizeof W.host - 1) != 0)
-        snprintf(W.host, sizeof W.host, "(unknown host: %s)", strerror(errno));
     /* Output of many workers interleaves line by line, as a user expects. */
     setvbuf(stdout, NULL, _IOLBF, 0);
     lua_State *L = luaL_newstate();
@@ -648,6 +634,7 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     luaL_openlibs(L);
     setup(L);
     initialize(L);
+    pz_wout_start_flusher();
     lua_pushcfunction(L, on_error);
     W.handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, run_call);

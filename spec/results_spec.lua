@@ -1,0 +1,314 @@
+-- The results API: cpu_count, one executor with `workers`, map (one-shot
+-- and on a pool), result(id), stream, take, keep_results, max_pending, and
+-- what results and errors carry.
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local Parallelize, null = parallelize.Parallelize, parallelize.null
+
+describe("cpu_count", function()
+  it("is the number of CPUs this process may run on", function()
+    local out = support.run("nproc")
+    assert.are.equal(tonumber(out:match("%d+")), parallelize.cpu_count())
+    out = support.run("taskset -c 0 " .. support.quote(support.pzlua())
+      .. " -e 'print(require(\"parallelize\").cpu_count())'")
+    assert.are.equal("1", out:match("%d+"))
+  end)
+end)
+
+describe("one executor", function()
+  it("gets cpu_count() workers, or options.workers", function()
+    local p = Parallelize(function() return parallelize.getpid() end)
+    finally(function() p:stop() end)
+    assert.are.equal(parallelize.cpu_count(), p.size)
+    local q = Parallelize(function() end, { workers = 3 })
+    assert.are.equal(3, q.size)
+    assert.are.equal(3, #q.executors)
+    q:stop()
+    local r = Parallelize(parallelize.Deferred(function() return print end), { workers = 2 })
+    assert.are.equal(2, #r.executors)
+    r:stop()
+  end)
+
+  it("refuses workers with an array", function()
+    assert.has_error(function() Parallelize({ print }, { workers = 2 }) end,
+      "Parallelize: option workers is for a single executor; an array has one worker per element")
+  end)
+end)
+
+describe("map", function()
+  it("returns the first results in input order, null for nil", function()
+    local list = {}
+    for i = 1, 300 do list[i] = i end
+    local out = parallelize.map(function(x)
+      require("parallelize").sleep((x * 7919 % 13) / 10000)
+      if x % 50 == 0 then return nil end
+      return x * 2, "ignored"
+    end, list, { workers = 4 })
+    assert.are.equal(300, #out)
+    for i = 1, 300 do
+      if i % 50 == 0 then assert.are.equal(null, out[i]) else assert.are.equal(i * 2, out[i]) end
+    end
+    assert.are.same({}, support.children())
+  end)
+
+  it("raises on the first error with the item's index, the message and the traceback", function()
+    local ok, err = pcall(parallelize.map, function(x)
+      if x == "bad" then error("cannot parse " .. x) end
+      return x
+    end, { "a", "b", "bad", "c" }, { workers = 2 })
+    assert.is_false(ok)
+    assert.matches("^map: item 3 failed: .*cannot parse bad\nstack traceback:", err)
+    assert.are.same({}, support.children())
+  end)
+
+  it("works on a pool that stays up, many times", function()
+    local p = Parallelize(function(x) return x + 1 end, { workers = 2 })
+    finally(function() p:stop() end)
+    for round = 1, 20 do
+      local list = {}
+      for i = 1, 100 + round do list[i] = i * round end
+      local out = p:map(list)
+      assert.are.equal(#list, #out)
+      for i = 1, #list do assert.are.equal(i * round + 1, out[i]) end
+    end
+    assert.are.same({}, p.results) -- a map's results are its own
+    assert.are.same({}, p:map({}))
+  end)
+
+  it("keeps the pool's other calls apart", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local before = p("before")
+    local out = p:map({ 1, 2, 3 })
+    local after = p("after")
+    assert.is_true(p:wait(10))
+    assert.are.same({ 1, 2, 3 }, out)
+    local results, ids = p.results, p.ids
+    local byid = {}
+    for i, id in ipairs(ids) do byid[id] = results[i] end
+    assert.are.same({ [before] = "before", [after] = "after" }, byid)
+  end)
+end)
+
+describe("result", function()
+  it("gives every value a call returned, nils included, or its error", function()
+    local p = Parallelize(function(kind)
+      if kind == "two" then return nil, "not found" end
+      if kind == "none" then return end
+      if kind == "nil" then return nil end
+      if kind == "null" then return require("parallelize").null end
+      if kind == "table" then error({ code = 42 }) end
+      return kind, 1, nil, 3
+    end, { workers = 2 })
+    finally(function() p:stop() end)
+    local ids = {}
+    for _, kind in ipairs({ "two", "none", "nil", "null", "table", "many" }) do ids[kind] = p(kind) end
+    assert.are.same({ n = 3, true, nil, "not found" }, table.pack and table.pack(p:result(ids.two))
+      or { n = select("#", p:result(ids.two)), p:result(ids.two) })
+    assert.are.equal(1, select("#", p:result(ids.none)))
+    assert.are.equal(2, select("#", p:result(ids["nil"])))
+    assert.is_nil(select(2, p:result(ids["nil"])))
+    assert.are.equal(null, select(2, p:result(ids.null)))
+    local ok, err = p:result(ids.table)
+    assert.is_false(ok)
+    assert.are.same({ code = 42 }, err.value)
+    assert.are.equal("string", type(err.message))
+    assert.are.equal(err.message, tostring(err))
+    assert.are.equal(ids.table, err.id)
+    assert.are.same({ n = 1, "table" }, err.args)
+    assert.are.equal(5, select("#", p:result(ids.many)))
+    assert.are.equal(3, select(5, p:result(ids.many)))
+    -- p.results keeps the first value, null for nil
+    local results, pids = p.results, p.ids
+    local first = {}
+    for i, id in ipairs(pids) do first[id] = results[i] end
+    assert.are.equal(null, first[ids.two])
+    assert.are.equal(null, first[ids.none])
+    assert.are.equal(null, first[ids.null])
+    assert.are.equal("many", first[ids.many])
+  end)
+
+  it("waits for the call, and gives up after timeout", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop(0) end)
+    local slow = p(0.5)
+    local t0 = core.now()
+    assert.are.same({ nil, "timeout" }, { p:result(slow, 0.1) })
+    assert.is_true(core.now() - t0 < 0.4)
+    assert.are.same({ true, 0.5 }, { p:result(slow) })
+  end)
+
+  it("refuses ids that no call has, and a call with a dot", function()
+    local p = Parallelize(function(x) return x end, { workers = 1 })
+    finally(function() p:stop() end)
+    p(1)
+    assert.has_error(function() p:result(2) end, "result: no call has id 2 (ids go from 1 to 1)")
+    assert.has_error(function() p:result(1.5) end, "result: no call has id 1.5 (ids go from 1 to 1)")
+    assert.has_error(function() p.result(1) end, "use p:result(), not p.result()")
+  end)
+
+  it("takes a result out of the pool when keep_results is false", function()
+    local p = Parallelize(function(x) return x * 3 end, { workers = 2, keep_results = false })
+    finally(function() p:stop() end)
+    local id = p(5)
+    assert.are.same({ true, 15 }, { p:result(id) })
+    assert.has_error(function() p:result(id) end,
+      "result: call 1 was taken already (by p:take(), or by an earlier p:result() with keep_results = false)")
+    assert.has_error(function() return p.results end,
+      "p.results is not kept (keep_results = false): take results with p:take(), p:result(id), p:map() or p:stream()")
+    assert.has_error(function() return p.errors end)
+    assert.has_error(function() return p.ids end)
+  end)
+end)
+
+describe("the pool's lists", function()
+  it("are copies: sorting or clearing one never touches the pool", function()
+    local p = Parallelize(function(x) return 100 - x end, { workers = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 50 do p(i) end
+    assert.is_true(p:wait(10))
+    local results = p.results
+    table.sort(results)
+    for k in pairs(p.ids) do results[k] = nil end
+    local again, ids = p.results, p.ids
+    assert.are.equal(50, #again)
+    for i, id in ipairs(ids) do assert.are.equal(100 - id, again[i]) end
+  end)
+
+  it("are taken whole by p:take(), ids paired with results", function()
+    local p = Parallelize(function(x) if x == 7 then error("seven") end return -x end, { workers = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 10 do p(i) end
+    assert.is_true(p:wait(10))
+    local results, ids, errors = p:take()
+    assert.are.equal(9, #results)
+    for i, id in ipairs(ids) do assert.are.equal(-id, results[i]) end
+    assert.are.equal(1, #errors)
+    assert.are.equal(7, errors[1].id)
+    assert.are.same({}, p.results)
+    assert.are.same({}, p.errors)
+    p(11)
+    assert.is_true(p:wait(10))
+    assert.are.same({ -11 }, p.results)
+    assert.are.same({ 11 }, p.ids)
+  end)
+
+  it("take() works without keep_results, sorted by id", function()
+    local p = Parallelize(function(x) return x end, { workers = 2, keep_results = false })
+    finally(function() p:stop() end)
+    for i = 1, 20 do p(i) end
+    assert.is_true(p:wait(10))
+    local results, ids = p:take()
+    for i = 1, 20 do
+      assert.are.equal(i, ids[i])
+      assert.are.equal(i, results[i])
+    end
+    assert.are.same({}, (p:take()))
+  end)
+end)
+
+describe("stream", function()
+  it("yields i, ok, values for each input of an array, each once", function()
+    local p = Parallelize(function(x)
+      require("parallelize").sleep((x * 31 % 7) / 2000)
+      if x % 10 == 0 then error("ten " .. x) end
+      return x * x, x
+    end, { workers = 3 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 200 do list[i] = i end
+    local seen = {}
+    for i, ok, a, b in p:stream(list) do
+      assert.is_nil(seen[i])
+      seen[i] = true
+      if i % 10 == 0 then
+        assert.is_false(ok)
+        assert.matches("ten " .. i, a.message)
+      else
+        assert.is_true(ok)
+        assert.are.equal(i * i, a)
+        assert.are.equal(i, b)
+      end
+    end
+    for i = 1, 200 do assert.is_true(seen[i]) end
+    assert.are.same({}, p.results) -- never accumulate in the pool
+    assert.are.same({}, p.errors)
+  end)
+
+  it("yields in input order with ordered = true", function()
+    local p = Parallelize(function(x)
+      require("parallelize").sleep((x * 7 % 5) / 1000)
+      return x
+    end, { workers = 4 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 100 do list[i] = i end
+    local want = 1
+    for i, ok, v in p:stream(list, { ordered = true, max_pending = 5 }) do
+      assert.are.equal(want, i)
+      assert.is_true(ok)
+      assert.are.equal(i, v)
+      want = want + 1
+    end
+    assert.are.equal(101, want)
+  end)
+
+  it("pulls an iterator lazily, keeping at most max_pending waiting", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local lines = {}
+    for i = 1, 500 do lines[i] = "line " .. i end
+    support.write(dir .. "/in.txt", table.concat(lines, "\n") .. "\n")
+    local p = Parallelize(function(s) return #s end, { workers = 2 })
+    finally(function() p:stop() end)
+    local most, count = 0, 0
+    for i, ok, n in p:stream(io.lines(dir .. "/in.txt"), { max_pending = 8 }) do
+      local _, _, pending = core.pool_counts(p)
+      if pending > most then most = pending end
+      assert.is_true(ok)
+      assert.are.equal(#lines[i], n)
+      count = count + 1
+    end
+    assert.are.equal(500, count)
+    assert.is_true(most <= 8, "pending reached " .. most)
+  end)
+
+  it("keeps nothing in the pool with keep_results = false", function()
+    local p = Parallelize(function(x) return x end, { workers = 2, keep_results = false })
+    finally(function() p:stop() end)
+    local sum = 0
+    for _, ok, v in p:stream(function()
+      sum = sum + 0
+      return nil
+    end) do assert(ok and v) end
+    local n = 0
+    local i = 0
+    for _, ok, v in p:stream(function() i = i + 1; if i <= 20000 then return i end end) do
+      assert(ok)
+      n = n + v
+    end
+    assert.are.equal(20000 * 20001 / 2, n)
+    local env = core.pool_env(p)
+    assert.is_nil(next(env.unclaimed))
+    assert.is_nil(next(env.claims))
+  end)
+end)
+
+describe("max_pending", function()
+  it("makes p(...) wait while that many calls wait for a worker", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) end, { workers = 1, max_pending = 2 })
+    finally(function() p:stop() end)
+    local most = 0
+    local t0 = core.now()
+    for _ = 1, 8 do
+      p(0.05)
+      local _, _, pending = core.pool_counts(p)
+      if pending > most then most = pending end
+    end
+    assert.is_true(most <= 2, "pending reached " .. most)
+    assert.is_true(core.now() - t0 >= 0.2, "p(...) did not wait")
+    assert.is_true(p:wait(10))
+  end)
+end)

@@ -1,0 +1,58 @@
+/*
+ * wout.h - a worker's output: the frames it has built and not yet
+ * written, written in batches.
+ *
+ * Batching makes tiny calls cheap (one write carries many results), but a
+ * result kept for the batch must not wait behind a long call that comes
+ * next: the worker cannot know a call is long before it runs it, and a
+ * long call may well be C code that no hook interrupts.  So a second
+ * thread, the flusher, writes results that have waited longer than
+ * PZ_WOUT_LATE_NS, whatever the worker's main thread is doing.
+ *
+ * Rules: the main thread appends to the buffer only between
+ * pz_wout_lock() and pz_wout_unlock(), and keeps it holding only whole
+ * frames whenever it unlocks; the flusher writes only under the same lock.
+ * Nothing else touches the buffer.  The flusher takes no signal.
+ */
+#ifndef PZ_WOUT_H
+#define PZ_WOUT_H
+
+#include <stdint.h>
+
+#include "buf.h"
+
+/* How long a finished result may wait for a batch before the flusher
+ * writes it. */
+#define PZ_WOUT_LATE_NS 1000000
+
+/* Sets the output up on descriptor fd (nothing is written yet). */
+void pz_wout_init(int fd);
+
+/* Starts the flusher thread.  Before this, the main thread may use the
+ * buffer without the lock. */
+void pz_wout_start_flusher(void);
+
+/* Main thread: takes and releases the lock; pz_wout_buf is valid while it
+ * is held.  pz_wout_locked() says whether the main thread holds it. */
+void pz_wout_lock(void);
+void pz_wout_unlock(void);
+int pz_wout_locked(void);
+pz_buf *pz_wout_buf(void);
+
+/* Main thread, locked: counts one whole frame just appended, made at
+ * `now` (pz_now_ns: the worker's last clock reading). */
+void pz_wout_frame_done(int64_t now);
+
+/* Main thread, locked: drops whatever follows byte `len` (a frame being
+ * built that cannot be finished), and sets the frame count to `frames`. */
+void pz_wout_truncate(size_t len, int frames);
+
+/* Frames in the buffer, and when the oldest of them was made (locked). */
+int pz_wout_frames(void);
+int64_t pz_wout_oldest(void);
+
+/* Main thread: writes everything now (takes the lock if it does not hold
+ * it).  Ends the process when the parent is gone. */
+void pz_wout_flush(void);
+
+#endif
