@@ -186,7 +186,7 @@ FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
              $(LUAJIT_INC_FLAG) -Isrc
 build/fuzz/fuzz_value: $(wildcard src/codec_*.c) src/lcodec.c
-build/fuzz/fuzz_frame: src/frame.c
+build/fuzz/fuzz_frame: src/frame.c src/handshake.c
 build/fuzz/%: spec/fuzz/%.c $(HEADERS)
 	@mkdir -p build/fuzz
 	@echo "  FUZZ    $@"

@@ -16,6 +16,7 @@ local core = require "parallelize.core"
 local options = require "parallelize.options"
 local pool = require "parallelize.pool"
 local caller = require "parallelize.caller"
+local launchers = require "parallelize.launchers"
 caller.mark()
 
 local error, type, select, pairs, pcall = error, type, select, pairs, pcall
@@ -31,6 +32,8 @@ local M = {
   getpid = core.getpid,
   sleep = core.sleep,
   cpu_count = core.cpu_count,
+  ssh = launchers.ssh,
+  srun = launchers.srun,
 }
 
 local function pack(...)
@@ -119,6 +122,13 @@ function M.Parallelize(executors, opts)
   if n == 0 then error("Parallelize: executors must be a non-empty array", 2) end
   local specs = {}
   for i = 1, n do specs[i] = executor_spec(list[i], i) end
+  if o.launcher then
+    for i = 1, n do
+      local ok, argv = pcall(launchers.argv, o.launcher, i)
+      if not ok then error(argv, 2) end
+      specs[i].launcher = argv
+    end
+  end
   local c_opts = {}
   for k, v in pairs(o) do c_opts[k] = v end
   c_opts.max_pending = o.max_pending or 0

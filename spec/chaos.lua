@@ -17,6 +17,15 @@ local function ppid(pid)
   return stat and tonumber(stat:match("^%d+ %b() %a (%d+)"))
 end
 
+M.ppid = ppid
+
+--- A random worker of the pool, as a local pool's workers are: a child of
+-- the spawner (only ever a process that is still a worker of this pool).
+local function local_victim(p, spawner, workers)
+  local pid = p.pids[math.random(1, workers)]
+  if pid and ppid(pid) == spawner then return pid end
+end
+
 --- Starts spec/chaos_killer.lua on the workers of `spawner`; returns a
 -- function that stops it and returns how many workers it killed.
 local function start_killer(spawner, opts)
@@ -73,18 +82,27 @@ function drive.ordered(p, n) return stream(p, n, true) end
 -- function called with a status line every second, optional), mode: "loop"
 -- (p(i) in a loop, killed from this process while it waits), or "map",
 -- "result", "stream", "ordered" (the method drives the calls while a
--- killer process kills).
+-- killer process kills). In the loop mode, also: sleep (seconds each call
+-- sleeps, after its work; default 0), options (more options for
+-- Parallelize: a launcher...), victim (function(p, spawner, workers) -> a
+-- pid to SIGKILL or nil; by default a random worker, a child of the
+-- spawner).
 -- Returns a table of figures; raises with a description on any breach.
 function M.run(opts)
   local work = opts.work or 0
+  local victim = opts.victim or local_victim
   math.randomseed(opts.seed or 1)
   local before = {}
   for _, pid in ipairs(support.children()) do before[pid] = true end
+  local pause = opts.sleep or 0
+  local pool_options = { max_deaths = opts.max_deaths }
+  for k, v in pairs(opts.options or {}) do pool_options[k] = v end
   local p = parallelize.Parallelize(parallelize.rep(function(x)
     local s = 0
     for i = 1, work do s = s + i % 7 end
+    if pause > 0 then parallelize.sleep(pause) end
     return x * 2 + s * 0
-  end, opts.workers), { max_deaths = opts.max_deaths })
+  end, opts.workers), pool_options)
   local ok, err = pcall(function()
     local _ = p.executors
     local spawner
@@ -120,11 +138,9 @@ function M.run(opts)
     local deadline = t0 + (opts.timeout or 60)
     while p.pending > 0 do
       assert(core.now() < deadline, ("chaos: %d calls still pending after %d s"):format(p.pending, opts.timeout or 60))
-      local pids = p.pids
-      for _, pid in pairs(pids) do seen_pids[pid] = true end
-      local pid = pids[math.random(1, opts.workers)]
-      -- only ever signal a process that is still a worker of this pool
-      if pid and ppid(pid) == spawner and support.kill(pid, SIGKILL) then kills = kills + 1 end
+      for _, pid in pairs(p.pids) do seen_pids[pid] = true end
+      local pid = victim(p, spawner, opts.workers)
+      if pid and support.kill(pid, SIGKILL) then kills = kills + 1 end
       core.sleep(opts.interval)
       if opts.progress and core.now() >= next_report then
         next_report = next_report + 1
@@ -160,7 +176,7 @@ function M.run(opts)
     end
     M.last = {
       calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors,
-      elapsed = elapsed, rate = opts.calls / elapsed,
+      elapsed = elapsed, rate = opts.calls / elapsed, spawner = spawner,
     }
   end)
   p:stop(0)

@@ -47,7 +47,8 @@ end
 local function stat_fields(pid)
   local f = io.open("/proc/" .. pid .. "/stat", "r")
   if not f then return nil end
-  local stat = f:read("*a")
+  -- (nil when the process was reaped between the open and the read)
+  local stat = f:read("*a") or ""
   f:close()
   local fields = {}
   for v in (stat:match("^%d+ %b() (.*)$") or ""):gmatch("%S+") do fields[#fields + 1] = v end

@@ -25,12 +25,14 @@
  * the boundaries and rejects anything malformed.
  *
  * Payloads between processes (varint = LEB128, see codec_format.h):
- *   INIT        varint n, n bytes: the worker's settings, an encoded table
+ *   INIT        the version handshake (handshake.h: plain bytes, checked
+ *               before anything else is decoded); varint n, n bytes: the
+ *               worker's settings, an encoded table
  *               with fields path, cpath (package paths), kind ("value",
  *               "module" or "deferred"), max_message, spin_ns and
  *               kill_leftovers; varint n,
  *               n bytes: the executor spec; then the tuple of constructor
- *               arguments.  Built by lpool.c, read by worker.c.
+ *               arguments.  Built by linit.c, read by worker.c.
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
  *   CALL        the argument tuple

@@ -86,6 +86,13 @@ typedef struct pz_slot {
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
     char why[200];       /* set when the parent killed it: the reason */
+    /* A remote slot (its process is a launcher: spawner.h) differs only
+     * where these are read (slot.c): which call its death is charged to,
+     * and a depth that covers the round trip. */
+    int remote;
+    double rtt_ns;       /* moving average of the round trip, 0: unknown */
+    uint64_t probe_id;   /* a call sent to it while it held none, 0: none */
+    int64_t probe_at;    /* when that call was handed to it */
 } pz_slot;
 
 /* A message for the spawner not yet sent (its socket was full). */

@@ -435,6 +435,7 @@ struct pz_io *pz_io_new(pz_pool *p)
         io->slots[i].slot = i % p->nslots;
         io->slots[i].fd = -1;
         io->slots[i].state = i < p->nslots ? SLOT_IDLE : SLOT_SPARE;
+        io->slots[i].remote = p->launch && p->launch[i % p->nslots];
     }
     struct epoll_event ev = {EPOLLIN, {.u64 = PZ_TOKEN_WAKE}};
     struct epoll_event sv = {EPOLLIN, {.u64 = PZ_TOKEN_SPAWNER}};

@@ -1,6 +1,7 @@
 /*
- * linit.c - the INIT payload of each worker (frame.h): the worker's
- * settings, the executor and its constructor's arguments, encoded once
+ * linit.c - the INIT payload of each worker (frame.h): the versions of the
+ * handshake (handshake.h), the worker's settings, the executor and its
+ * constructor's arguments, encoded once
  * when the pool is made and sent again to every worker the slot starts.
  * Main thread only.
  */
@@ -10,6 +11,7 @@
 #include <lua.h>
 
 #include "codec.h"
+#include "handshake.h"
 #include "varint.h"
 #include "lpool.h"
 
@@ -42,12 +44,14 @@ static void push_settings(lua_State *L, int spec, const pz_options *o)
     lua_setfield(L, -2, "kill_leftovers");
 }
 
-void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o)
+void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz_versions *versions)
 {
     int spec = lua_gettop(L), top;
     pz_buf *b = &u->init[i - 1];
     char root[64];
 
+    if (pz_handshake_put(b, versions) != 0)
+        luaL_error(L, "cannot start the pool: out of memory");
     push_settings(L, spec, o);
     u->scratch.len = 0;
     pz_encode_value(L, -1, &u->scratch, "settings", 0);

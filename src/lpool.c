@@ -33,6 +33,7 @@
 
 #include "codec.h"
 #include "frame.h"
+#include "handshake.h"
 #include "lpool.h"
 #include "pool.h"
 #include "sys.h"
@@ -103,6 +104,8 @@ static void check_not_draining(lua_State *L, const lpool *u, const char *what)
 
 static void free_init(lpool *u)
 {
+    pz_pool_free_launch(u->launch, u->ninit);
+    u->launch = NULL;
     if (!u->init)
         return;
     for (int i = 0; i < u->ninit; i++)
@@ -157,9 +160,42 @@ static int opt_bool(lua_State *L, const char *name)
 static const char *const env_tables[] = {"results", "ids", "errors", "extras", "unclaimed",
                                          "executors", "pids", "init_errors", "claims", "closed"};
 
+/* Reads the launcher of slot i (1-based) from field `launcher` of the
+ * spec table on top of the stack, when it has one: an array of strings,
+ * the argv of the command that starts the slot's worker elsewhere (the Lua
+ * layer has checked it). */
+static void read_launcher(lua_State *L, lpool *u, int i)
+{
+    lua_getfield(L, -1, "launcher");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int argc = (int)lua_objlen(L, -1);
+    luaL_argcheck(L, argc >= 1, 1, "a launcher needs a command");
+    if (!u->launch && !(u->launch = calloc((size_t)u->ninit, sizeof *u->launch)))
+        luaL_error(L, "cannot start the pool: out of memory");
+    char **argv = calloc((size_t)argc + 1, sizeof *argv);
+    if (!argv)
+        luaL_error(L, "cannot start the pool: out of memory");
+    u->launch[i - 1] = argv; /* owned from here: freed with u->launch */
+    for (int k = 1; k <= argc; k++) {
+        lua_rawgeti(L, -1, k);
+        size_t len;
+        const char *a = lua_tolstring(L, -1, &len);
+        if (lua_type(L, -1) != LUA_TSTRING || strlen(a) != len)
+            luaL_error(L, "internal: launcher word %d of executor %d is not a string", k, i);
+        if (!(argv[k - 1] = strdup(a)))
+            luaL_error(L, "cannot start the pool: out of memory");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 /* core.pool_new(specs, options) -> pool.  specs: an array of
- * {kind =, spec =, args =}, one per worker; options: every option set,
- * checked by the Lua layer (max_pending: 0 for none). */
+ * {kind =, spec =, args =, launcher =}, one per worker; options: every
+ * option set, checked by the Lua layer (max_pending: 0 for none). */
 static int l_pool_new(lua_State *L)
 {
     pz_options o;
@@ -211,20 +247,25 @@ static int l_pool_new(lua_State *L)
     if (!u->init)
         return luaL_error(L, "cannot start the pool: out of memory");
     u->ninit = n;
+    pz_versions versions;
+    pz_versions_of(L, &versions);
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, 1, i);
         luaL_checktype(L, -1, LUA_TTABLE);
-        pz_linit_build(L, u, i, &o);
+        pz_linit_build(L, u, i, &o, &versions);
+        read_launcher(L, u, i);
         lua_pop(L, 1);
     }
     pz_buf_trim(&u->scratch, 0);
 
     const char *err = NULL;
     pz_buf *init = u->init;
-    u->init = NULL; /* pz_pool_new owns it from here, even on failure */
+    char ***launch = u->launch;
+    u->init = NULL; /* pz_pool_new owns them from here, even on failure */
+    u->launch = NULL;
     u->ninit = 0;
     u->nslots = n;
-    u->pool = pz_pool_new(n, init, &o, worker_setup, &err);
+    u->pool = pz_pool_new(n, init, launch, &o, worker_setup, &err);
     if (!u->pool)
         return luaL_error(L, "cannot start the pool: %s (%s)", err, strerror(errno));
     return 1;

@@ -10,6 +10,7 @@
 #include <lua.h>
 
 #include "buf.h"
+#include "handshake.h"
 #include "idset.h"
 #include "pool.h"
 
@@ -34,6 +35,7 @@ typedef struct lpool {
     uint64_t tag_outstanding[PZ_TAGS]; /* calls queued with the tag, not drained */
     pz_buf *init;      /* INIT payloads until the pool owns them */
     int ninit;
+    char ***launch;    /* launchers' argv (pool.h) until the pool owns them */
     int nslots;
     double calls;      /* after stop: calls queued in all */
     double drained;    /* after stop: calls with a result or an error */
@@ -46,9 +48,10 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx);
 
 /* Builds u->init[i - 1], the INIT payload of slot i (1-based), from the
  * spec table on top of the stack: {kind = "value" | "module" | "deferred",
- * spec = v, args = {n = ...}} (linit.c).  Raises when it cannot be encoded
- * or is above max_message. */
-void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o);
+ * spec = v, args = {n = ...}} (linit.c), after the handshake carrying
+ * `versions` (handshake.h).  Raises when it cannot be encoded or is above
+ * max_message. */
+void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz_versions *versions);
 
 /* Adds the error record metatable (PZ_ERROR_MT) and core.error_metatable
  * to the table on top. */

@@ -95,12 +95,25 @@ static void free_init(pz_buf *init, int n)
     free(init);
 }
 
-pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_setup setup,
-                     const char **err)
+void pz_pool_free_launch(char ***launch, int nslots)
+{
+    if (!launch)
+        return;
+    for (int i = 0; i < nslots; i++) {
+        for (char **a = launch[i]; a && *a; a++)
+            free(*a);
+        free(launch[i]);
+    }
+    free(launch);
+}
+
+pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options *opt,
+                     pz_state_setup setup, const char **err)
 {
     pz_pool *p = calloc(1, sizeof *p);
     if (!p) {
         free_init(init, nslots);
+        pz_pool_free_launch(launch, nslots);
         *err = "out of memory";
         return NULL;
     }
@@ -108,6 +121,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_s
     p->opt = *opt;
     p->spin.budget_ns = opt->spin_ns;
     p->init = init;
+    p->launch = launch;
     p->io_wake_fd = p->main_wake_fd = p->spawner_fd = p->lent_fd = -1;
     p->next_id = 1;
     atomic_init(&p->finish_ns, -1);
@@ -130,7 +144,8 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_s
         goto fail;
     }
     park_io_threads();
-    pz_spawner_config sc = {p->shared, setup, forget_parents_pools, opt->kill_leftovers};
+    pz_spawner_config sc = {p->shared, setup, forget_parents_pools, opt->kill_leftovers,
+                            (char *const *const *)p->launch};
     int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
     unpark_io_threads();
     if (forked != 0) {
@@ -444,6 +459,7 @@ void pz_pool_free(pz_pool *p)
         pz_spsc_destroy(&p->done);
     if (p->init)
         free_init(p->init, p->nslots);
+    pz_pool_free_launch(p->launch, p->nslots);
     if (p->shared)
         munmap(p->shared, shared_size(p->nslots));
     if (p->fatal_owned)

@@ -103,6 +103,9 @@ typedef struct pz_pool {
     int nslots;
     pz_options opt;
     pz_buf *init;             /* per slot: the INIT payload */
+    char ***launch;           /* per slot: the launcher's argv (NULL-ended,
+                               * malloc'ed with its strings) or NULL for a
+                               * forked worker; NULL when no slot has one */
     struct pz_slot_shared *shared; /* per worker record (io.h), mapped shared
                                     * with the workers */
     int io_wake_fd;           /* eventfd: main -> io */
@@ -153,10 +156,14 @@ typedef struct pz_pool {
 
 /* Creates a pool: forks the spawner, starts the I/O thread, which spawns
  * one worker per INIT payload.  Takes ownership of `init` (nslots buffers,
- * malloc'ed array).  `setup` prepares each worker's Lua state.  Returns
- * NULL with *err set to a static description and errno to the cause. */
-pz_pool *pz_pool_new(int nslots, pz_buf *init, const pz_options *opt, pz_state_setup setup,
-                     const char **err);
+ * malloc'ed array) and of `launch` (see the field; may be NULL), even on
+ * failure.  `setup` prepares each worker's Lua state.  Returns NULL with
+ * *err set to a static description and errno to the cause. */
+pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options *opt,
+                     pz_state_setup setup, const char **err);
+
+/* Frees a per-slot launcher array as pz_pool_new takes it. */
+void pz_pool_free_launch(char ***launch, int nslots);
 
 /* Main thread: queues a call whose encoded argument tuple is args[0..len)
  * (at most opt.max_message bytes), for the taker `tag` (frame.h) and with

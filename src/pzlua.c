@@ -36,6 +36,7 @@
 #include <lualib.h>
 
 #include "core.h"
+#include "remote.h"
 
 #define PZLUA_VERSION "scm"
 
@@ -83,6 +84,8 @@ static const char usage_text[] =
     "  --        Stop handling options.\n"
     "  -         Execute stdin and stop handling options.\n"
     "  --help    Show this help.\n"
+    "  --worker  Serve one parallelize pool worker on stdin and stdout: what\n"
+    "            a launcher (ssh, srun) runs on another host. Alone.\n"
     "The script sees its arguments as ... and in the global table 'arg'\n"
     "(arg[0] is the script, negative indexes the interpreter and its options).\n"
     "LUA_INIT, when set, runs first: a chunk, or '@file' to run a file.\n"
@@ -701,6 +704,8 @@ static int parse_args(struct options *o, int argc, char **argv)
         }
         switch (a[1]) {
         case '-':
+            if (strcmp(a, "--worker") == 0)
+                return usage_error("'%s' takes no other argument", a);
             if (a[2] != '\0')
                 return usage_error("unrecognized option '%s'", a);
             o->script = i + 1; /* argc when nothing follows: no script */
@@ -749,6 +754,12 @@ int main(int argc, char **argv)
     }
     if (argv[0][0] != '\0')
         program = progname = argv[0];
+    /* A worker for a pool on another host (remote.c): no interpreter of
+     * our own, the worker makes its Lua state. */
+    if (argc == 2 && strcmp(argv[1], "--worker") == 0) {
+        pz_set_extra_preloader(pz_embedded_preload);
+        pz_remote_worker_main();
+    }
     int rc = parse_args(&o, argc, argv);
     if (rc >= 0)
         return rc;

@@ -175,6 +175,44 @@ static void reject(struct pz_io *io, pz_slot *w, const char *why)
     }
 }
 
+/* The call a remote worker was running when its launcher ended with wait
+ * status `status` (known: the spawner reported it), or 0 when its end is
+ * not a call's doing.  A remote worker shares no memory with the parent,
+ * but it writes its results before each call (worker.c), so once
+ * everything it sent is read, the oldest call without an answer is the
+ * one it was running.  Not charged: a launcher killed by a signal (here:
+ * by stop, by a user, by the kernel), and one that exited with status 255,
+ * which is ssh's status for a lost connection, and what pzlua --worker
+ * exits with when its input ended (remote.c).  A task killed on its host
+ * (a signal, scancel) exits 128 + the signal through ssh and srun, and is
+ * charged like a local worker's death. */
+static uint64_t remote_running_call(const pz_slot *w, int known, int status)
+{
+    if (!known || w->why[0] || !WIFEXITED(status) || WEXITSTATUS(status) == 255)
+        return 0;
+    /* Only a call it received whole can have been running. */
+    if (w->inflight == 0 || w->out_head + pz_frame_size(w->out.data + w->out_head) > w->out_sent)
+        return 0;
+    return pz_frame_id(w->out.data + w->out_head);
+}
+
+/* A remote slot's launcher wrote something that is not a frame before
+ * its worker answered INIT: most often a shell start-up file on the other
+ * host printing on stdout, or a launcher that is not running pzlua
+ * --worker.  The message shows what came. */
+static void reject_output(struct pz_io *io, pz_slot *w, const char *why)
+{
+    char seen[64];
+    size_t n = 0;
+    for (size_t i = 0; i < w->in.len && i < 24 && n + 5 < sizeof seen; i++) {
+        unsigned char c = (unsigned char)w->in.data[i];
+        n += (size_t)snprintf(seen + n, sizeof seen - n, c >= 32 && c < 127 && c != '"' ? "%c" : "\\x%02x", c);
+    }
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: \"%s\"...; does the remote shell print on stdout?", why, seen);
+    reject(io, w, msg);
+}
+
 /* Writes an ERROR record of this kind for the CALL frame `call` that the
  * parent itself gives up on: its arguments, the message, no traceback, no
  * value, no attempts.  Returns what pz_io_record does. */
@@ -225,9 +263,18 @@ static char *sent_frame(pz_slot *w, uint64_t id)
 }
 
 /* The call w's worker runs now and when it began, read from the shared
- * memory (worker.h); 0 when it runs none. */
+ * memory (worker.h); 0 when it runs none.  A remote worker shares no
+ * memory, but writes its results before each call: the oldest call it has
+ * received whole and not answered is the one it runs, since about when it
+ * became the oldest. */
 static uint64_t running_call(struct pz_io *io, pz_slot *w, int64_t *started)
 {
+    if (w->remote) {
+        if (w->inflight == 0 || w->out_head + pz_frame_size(w->out.data + w->out_head) > w->out_sent)
+            return 0;
+        *started = w->head_since;
+        return pz_frame_id(w->out.data + w->out_head);
+    }
     pz_slot_shared *sh = &io->p->shared[w->index];
     for (;;) {
         uint64_t id = atomic_load_explicit(&sh->running, memory_order_acquire);
@@ -311,14 +358,17 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
 
 /* A worker that held calls died.  The call it was killed for (timeout,
  * cancel) becomes an error of that kind; else the call it was running
- * (its id is in the shared memory, see worker.h) is charged with a death
+ * (its id is in the shared memory, see worker.h; a remote worker's:
+ * remote_running_call) is charged with a death
  * and becomes an error once it has killed max_deaths workers.  Every other
  * call it held, including calls whose results it had not sent yet, goes
  * back to the front of the queue. */
-static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how)
+static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int known, int status)
 {
     uint64_t running = atomic_load(&io->p->shared[w->index].running), drop = 0;
     atomic_store(&io->p->shared[w->index].running, 0);
+    if (w->remote)
+        running = remote_running_call(w, known, status);
     if (w->doomed) {
         char *fr = sent_frame(w, w->doomed);
         if (fr) {
@@ -358,6 +408,27 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how)
     w->inflight = 0;
 }
 
+/* How a remote slot's launcher ended, for messages: "ended: its launcher
+ * ssh exited with status 137 (...)". */
+static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status, char *buf,
+                                  size_t len)
+{
+    char end[80];
+    pz_describe_status(status, end, sizeof end);
+    const char *name = io->p->launch[w->index][0];
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    const char *note = "";
+    char sig[80];
+    if (code == 255)
+        note = " (its connection was lost, or it could not start the worker: see its messages on "
+               "stderr)";
+    else if (code > 128 && code < 128 + 65) {
+        snprintf(sig, sizeof sig, " (the worker was killed by signal %d on its host)", code - 128);
+        note = sig;
+    }
+    snprintf(buf, len, "ended: its launcher %.60s %s%s", name, end, note);
+}
+
 void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
 {
     /* Everything it wrote before it died is still in the socket. */
@@ -367,9 +438,11 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
     pz_buf_trim(&w->in, 0);
     w->in.len = 0;
     w->alive = 0;
-    char how[240];
+    char how[320];
     if (w->why[0])
         snprintf(how, sizeof how, "%s", w->why);
+    else if (known && w->remote)
+        describe_launcher_end(io, w, status, how, sizeof how);
     else if (known)
         pz_describe_status(status, how, sizeof how);
     else
@@ -383,9 +456,13 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             give_up(io, w, io->stopping ? NULL : msg, NULL, 0);
             return;
         }
-        snprintf(msg, sizeof msg,
-                 "worker %d died during initialization %d times; the last time, pid %d %s",
-                 w->slot + 1, w->init_crashes + 1, (int)w->pid, how);
+        if (w->pid == 0) /* no process was ever there */
+            snprintf(msg, sizeof msg, "worker %d could not be started (%d attempts); the last time, it %s",
+                     w->slot + 1, w->init_crashes + 1, how);
+        else
+            snprintf(msg, sizeof msg,
+                     "worker %d died during initialization %d times; the last time, pid %d %s",
+                     w->slot + 1, w->init_crashes + 1, (int)w->pid, how);
         init_failed(io, w, msg);
         return;
     case SLOT_READY:
@@ -398,7 +475,7 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
         if (w->state == SLOT_READY || w->inflight > 0 || !known || !WIFEXITED(status) ||
             WEXITSTATUS(status) != 0)
             io->deaths++; /* not an exit it was asked for */
-        requeue_inflight(io, w, how);
+        requeue_inflight(io, w, how, known, status);
         if (w->state == SLOT_STOPPING || io->stopping) {
             w->state = SLOT_GONE;
             return;
@@ -434,13 +511,33 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
 
 /* ---- frames from the worker -------------------------------------------- */
 
-/* The in-flight depth: enough calls to cover `window` of work. */
+/* The in-flight depth: enough calls to cover `window` of work.  A remote
+ * worker's also covers its round trip, plus the call it runs: an answer
+ * takes half a round trip to come back and the call it makes room for
+ * half a round trip to get there, and the worker should not run dry
+ * meanwhile. */
 static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
 {
     const pz_options *o = &io->p->opt;
     w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
     double d = (double)o->window_ns / w->avg_ns;
+    if (w->remote)
+        d += w->rtt_ns / w->avg_ns + 1;
     w->depth = d < 1 ? 1 : d > o->max_inflight ? o->max_inflight : (uint32_t)d;
+}
+
+/* A remote slot's round trip, measured on a call sent while it held no
+ * other (so that it waited behind none): the time to its answer less the
+ * time it ran. */
+static void note_round_trip(pz_slot *w, uint64_t id, uint64_t ns)
+{
+    if (id != w->probe_id)
+        return;
+    w->probe_id = 0;
+    double rtt = (double)(pz_now_ns() - w->probe_at) - (double)ns;
+    if (rtt <= 0)
+        return;
+    w->rtt_ns = w->rtt_ns > 0 ? w->rtt_ns * 0.75 + rtt * 0.25 : rtt;
 }
 
 /* The call at out_head has been answered: drops it from w. */
@@ -534,6 +631,8 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     } else if (on_error_answer(io, w, head, p, n) != 0) {
         return;
     }
+    if (w->remote)
+        note_round_trip(w, f->id, ns);
     update_depth(io, w, ns);
     answered(io, w, now);
 }
@@ -595,7 +694,10 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
         if (rc == PZ_PARSE_MORE)
             return (ssize_t)pos;
         if (rc == PZ_PARSE_BAD) {
-            reject(io, w, why);
+            if (w->remote && w->state == SLOT_STARTING && pos == 0)
+                reject_output(io, w, why);
+            else
+                reject(io, w, why);
             return -1;
         }
         if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
@@ -763,6 +865,10 @@ int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t si
     if (pz_buf_append(&w->out, frame, size) != 0) {
         pz_io_fail(io, "out of memory in the I/O thread (handing a call to a worker)");
         return -1;
+    }
+    if (w->remote && w->inflight == 0) {
+        w->probe_id = pz_frame_id(frame);
+        w->probe_at = pz_now_ns();
     }
     if (w->inflight++ == 0)
         w->head_since = pz_now_ns();

@@ -12,6 +12,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -108,19 +109,30 @@ PZ_EXPORT int __lsan_is_turned_off(void)
     return forked_child;
 }
 
+void pz_mark_forked_child(void)
+{
+    forked_child = 1;
+}
+
+/* One live child: a worker, or a launcher (whose group is left alone). */
+typedef struct kid {
+    pid_t pid;
+    int launcher;
+} kid;
+
 /* The spawner's own state: the socket to the parent and its live children. */
 typedef struct spawner {
     pz_spawner_config config;
     int sock;
     int sigfd;
-    pid_t *kids;
+    kid *kids;
     size_t nkids, capkids;
 } spawner;
 
 static int kid_index(const spawner *s, pid_t pid)
 {
     for (size_t i = 0; i < s->nkids; i++)
-        if (s->kids[i] == pid)
+        if (s->kids[i].pid == pid)
             return (int)i;
     return -1;
 }
@@ -134,34 +146,13 @@ static void bind_to_parent(pid_t expected_parent, int sig)
         _exit(1);
 }
 
-/* The worker's SIGINT and SIGQUIT handler: Ctrl-C is the parent's to
- * handle.  A handler rather than SIG_IGN, because an ignored signal stays
- * ignored across exec: programs the executor starts (os.execute,
- * io.popen) get the default actions, so that Ctrl-C can stop them when
- * they run in a terminal of their own. */
-static void leave_to_parent(int sig)
-{
-    (void)sig;
-}
-
 /* Runs in the forked worker: keep only its socket and stdio, restore signal
  * defaults, lead a process group of its own when asked (so that what it
  * leaves running can be killed with it), then become the worker. */
 static void become_worker(spawner *s, int fd, int record, int slot, pid_t spawner_pid)
 {
-    sigset_t none;
-    sigemptyset(&none);
-    for (int sig = 1; sig < NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            signal(sig, SIG_DFL);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = leave_to_parent;
-    sa.sa_flags = SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGQUIT, &sa, NULL) != 0)
+    if (pz_worker_signals() != 0)
         _exit(1);
-    sigprocmask(SIG_SETMASK, &none, NULL);
     if (s->config.kill_leftovers && setpgid(0, 0) != 0)
         _exit(1);
     if (fd != WORKER_FD) {
@@ -174,10 +165,63 @@ static void become_worker(spawner *s, int fd, int record, int slot, pid_t spawne
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
     bind_to_parent(spawner_pid, SIGKILL);
-    pz_worker_main(WORKER_FD, slot, &s->config.shared[record], s->config.setup);
+    pz_worker_main(WORKER_FD, WORKER_FD, slot, &s->config.shared[record], s->config.setup, 0);
 }
 
-static _Noreturn void shut_down(spawner *s);
+/* ssh makes its stdin, stdout and stderr non-blocking when they are not
+ * terminals.  That flag belongs to the open file description, which a
+ * launcher shares with the parent for stderr: on a pipe, the parent's own
+ * writes to stderr would then fail with EAGAIN whenever the pipe is full.
+ * A pipe reopened through /proc is a description of its own on the same
+ * pipe (O_NONBLOCK only for the open, which would otherwise wait for a
+ * reader).  Anything else is left shared: O_NONBLOCK means nothing to a
+ * regular file, and ssh leaves a terminal alone. */
+static void own_stderr(void)
+{
+    struct stat st;
+    if (fstat(2, &st) != 0 || !S_ISFIFO(st.st_mode))
+        return;
+    int fd = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0)
+        dup2(fd, 2);
+    close(fd);
+}
+
+/* Runs in the forked launcher: the worker's socket on stdin and stdout,
+ * stderr the parent's, nothing else open but the status pipe (close-on-
+ * exec), default signal dispositions, a process group of its own (out of
+ * the terminal's reach: see spawner.h); then exec.  When exec fails, its
+ * errno goes into the status pipe. */
+static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawner_pid, int status)
+{
+    char *const *argv = s->config.launch[slot];
+    sigset_t none;
+    sigemptyset(&none);
+    int err = 0;
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0 || setpgid(0, 0) != 0 || dup2(fd, 0) < 0 ||
+        dup2(fd, 1) < 0) {
+        err = errno;
+    } else {
+        own_stderr();
+        pz_close_fds_from(3, status);
+        bind_to_parent(spawner_pid, SIGKILL);
+        execvp(argv[0], argv);
+        err = errno;
+    }
+    ssize_t r;
+    do
+        r = write(status, &err, sizeof err);
+    while (r < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static _Noreturn void shut_down(spawner *s);static _Noreturn void shut_down(spawner *s);
 
 /* Tells the parent something.  Blocking send: the parent's I/O thread
  * always reads.  A report must not be lost (the parent would never learn
@@ -194,6 +238,46 @@ static void report(spawner *s, int kind, int slot, uint32_t gen, pid_t pid, int 
     }
 }
 
+/* Forks slot's launcher and waits until it has executed its program:
+ * returns its pid, 0 after reporting why it could not (the child reaped),
+ * or -1 with errno set when the fork itself failed. */
+static pid_t start_launcher(spawner *s, const pz_spawn_msg *m, int fd, pid_t me)
+{
+    int status[2];
+    if (pipe2(status, O_CLOEXEC) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(status[0]);
+        become_launcher(s, fd, m->arg, me, status[1]);
+    }
+    int fork_errno = errno;
+    close(status[1]);
+    if (pid < 0) {
+        close(status[0]);
+        errno = fork_errno;
+        return -1;
+    }
+    /* See spawn for why both sides set the group; EACCES after an exec. */
+    setpgid(pid, pid);
+    /* End of file: the exec succeeded (the pipe closed with it).  Four
+     * bytes: it failed with that errno, and the child has exited. */
+    int err = 0;
+    ssize_t r;
+    do
+        r = read(status[0], &err, sizeof err);
+    while (r < 0 && errno == EINTR);
+    close(status[0]);
+    if (r == 0)
+        return pid;
+    if (r != (ssize_t)sizeof err)
+        err = r < 0 ? errno : EPROTO;
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    report(s, PZ_S_EXEC_FAILED, m->slot, m->gen, 0, err);
+    return 0;
+}
+
 static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
 {
     if (fd < 0) {
@@ -202,7 +286,7 @@ static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
     }
     if (s->nkids == s->capkids) {
         size_t cap = s->capkids ? s->capkids * 2 : 64;
-        pid_t *k = realloc(s->kids, cap * sizeof *k);
+        kid *k = realloc(s->kids, cap * sizeof *k);
         if (!k) {
             close(fd);
             report(s, PZ_S_FAILED, m->slot, m->gen, 0, ENOMEM);
@@ -212,38 +296,50 @@ static void spawn(spawner *s, const pz_spawn_msg *m, int fd)
         s->capkids = cap;
     }
     pid_t me = getpid();
-    pid_t pid = fork();
-    if (pid == 0)
-        become_worker(s, fd, m->slot, m->arg, me);
-    /* Both sides set the group, so that it exists before either one acts
-     * on it; the child's call wins any race, and EACCES here means it has
-     * already exec'd, which a worker never does first. */
-    if (pid > 0 && s->config.kill_leftovers)
-        setpgid(pid, pid);
+    int launcher = s->config.launch && s->config.launch[m->arg];
+    pid_t pid;
+    if (launcher) {
+        pid = start_launcher(s, m, fd, me);
+    } else {
+        pid = fork();
+        if (pid == 0)
+            become_worker(s, fd, m->slot, m->arg, me);
+        /* Both sides set the group, so that it exists before either one
+         * acts on it; the child's call wins any race, and EACCES here means
+         * it has already exec'd, which a worker never does first. */
+        if (pid > 0 && s->config.kill_leftovers)
+            setpgid(pid, pid);
+    }
+    int fork_errno = errno;
     close(fd);
     if (pid < 0) {
-        report(s, PZ_S_FAILED, m->slot, m->gen, 0, errno);
+        report(s, PZ_S_FAILED, m->slot, m->gen, 0, fork_errno);
         return;
     }
-    s->kids[s->nkids++] = pid;
+    if (pid == 0)
+        return; /* a launcher that could not be executed: reported */
+    s->kids[s->nkids++] = (kid){pid, launcher};
     report(s, PZ_S_SPAWNED, m->slot, m->gen, pid, 0);
 }
 
-/* Kills what a worker that ended left running in its process group. */
-static void kill_leftovers(const spawner *s, pid_t pid)
+/* Kills what a worker that ended left running in its process group
+ * (never a launcher's: see spawner.h). */
+static void kill_leftovers(const spawner *s, const kid *k)
 {
     /* The group's id stays reserved while any member lives, so it names
      * this group even after the worker was reaped (ESRCH: nothing left). */
-    if (s->config.kill_leftovers)
-        kill(-pid, SIGKILL);
+    if (s->config.kill_leftovers && !k->launcher)
+        kill(-k->pid, SIGKILL);
 }
 
 static void forget_kid(spawner *s, pid_t pid)
 {
     int i = kid_index(s, pid);
-    if (i >= 0)
-        s->kids[i] = s->kids[--s->nkids];
-    kill_leftovers(s, pid);
+    if (i < 0)
+        return;
+    kid k = s->kids[i];
+    s->kids[i] = s->kids[--s->nkids];
+    kill_leftovers(s, &k);
 }
 
 static void reap(spawner *s)
@@ -261,8 +357,8 @@ static void reap(spawner *s)
 static _Noreturn void shut_down(spawner *s)
 {
     for (size_t i = 0; i < s->nkids; i++) {
-        kill(s->kids[i], SIGKILL);
-        kill_leftovers(s, s->kids[i]);
+        kill(s->kids[i].pid, SIGKILL);
+        kill_leftovers(s, &s->kids[i]);
     }
     while (s->nkids > 0) {
         int status;

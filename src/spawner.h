@@ -12,6 +12,16 @@
  * signalled after it was reaped and reused.  When the parent dies it gets
  * SIGTERM (its parent-death signal), kills every worker with what the
  * workers left running, and exits.
+ *
+ * A slot with a launcher (a pool made with the `launcher` option) gets no
+ * forked worker: the spawner forks a child that puts the worker's socket
+ * on its stdin and stdout and executes the launcher's argv (ssh, srun...),
+ * which runs `pzlua --worker` somewhere.  To the rest of the pool that
+ * process is the worker: its socket, its pid, its end.  It leads a process
+ * group of its own, so that Ctrl-C at a terminal does not reach it, but
+ * that group is never killed: a launcher's helpers must outlive it (srun's
+ * shepherd cancels the job step after srun is killed).  An exec that fails
+ * is reported (PZ_S_EXEC_FAILED), read from a close-on-exec pipe.
  */
 #ifndef PZ_SPAWNER_H
 #define PZ_SPAWNER_H
@@ -25,7 +35,9 @@ enum pz_spawn_kind {
     PZ_S_KILL = 2,    /* parent -> spawner: send signal `arg` to child `pid` */
     PZ_S_SPAWNED = 3, /* spawner -> parent: (slot, gen) runs as `pid` */
     PZ_S_FAILED = 4,  /* spawner -> parent: fork for (slot, gen) failed, errno `arg` */
-    PZ_S_EXITED = 5   /* spawner -> parent: child `pid` ended with wait status `arg` */
+    PZ_S_EXITED = 5,  /* spawner -> parent: child `pid` ended with wait status `arg` */
+    PZ_S_EXEC_FAILED = 6 /* spawner -> parent: the launcher of (slot, gen) could not be
+                          * executed, errno `arg` */
 };
 
 typedef struct pz_spawn_msg {
@@ -45,7 +57,14 @@ typedef struct pz_spawner_config {
     void (*in_child)(void);             /* runs in the spawner right after the fork */
     int kill_leftovers;                 /* each worker leads a process group, killed
                                          * (SIGKILL) when the worker has ended */
+    char *const *const *launch;         /* per slot: the launcher's argv (NULL-ended),
+                                         * or NULL for a forked worker; NULL: none */
 } pz_spawner_config;
+
+/* Marks this process as a forked child that holds a copy of its parent's
+ * heap: LeakSanitizer, in the sanitizer build, does not check it at exit
+ * (see spawner.c).  The spawner and its workers are marked already. */
+void pz_mark_forked_child(void);
 
 /* Forks the spawner.  Call from the main thread only.  On success returns
  * 0 and sets *pid and *fd (the parent's end, close-on-exec, blocking); on

@@ -7,6 +7,14 @@
  * batched: they go out when the worker has nothing more to read, or when
  * enough of them (or enough time) has piled up that the parent should hear
  * about them now to keep the other workers fed.
+ *
+ * A remote worker (pzlua --worker, remote.c) differs in four ways: its
+ * input and output are two descriptors (pipes from sshd or srun, not a
+ * socket); it shares no memory with the parent, so it writes its results
+ * before every call, which makes the oldest call the parent has no answer
+ * for the one that was running when it died; it never polls for input (the
+ * round trip is a network's); and its initialization errors start with its
+ * host name.
  */
 #include <errno.h>
 #include <sched.h>
@@ -25,6 +33,7 @@
 #include "codec.h"
 #include "codec_format.h"
 #include "frame.h"
+#include "handshake.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
@@ -38,7 +47,9 @@
 /* One worker process has exactly one of these. */
 static struct {
     lua_State *L;
-    int fd;
+    int in_fd;           /* frames from the parent (output: wout.c) */
+    int remote;          /* started by pzlua --worker (see the top) */
+    char host[64];       /* remote: this host's name, for messages */
     int slot;
     pz_buf in;
     size_t in_pos;       /* parsed bytes at the front of `in` */
@@ -60,7 +71,10 @@ static struct {
 
 static _Noreturn void die(const char *what)
 {
-    fprintf(stderr, "parallelize: worker %d (pid %d): %s\n", W.slot + 1, (int)getpid(), what);
+    if (W.remote)
+        fprintf(stderr, "parallelize: worker on %s (pid %d): %s\n", W.host, (int)getpid(), what);
+    else
+        fprintf(stderr, "parallelize: worker %d (pid %d): %s\n", W.slot + 1, (int)getpid(), what);
     fflush(stderr);
     _exit(3);
 }
@@ -205,8 +219,11 @@ static int run_call(lua_State *L)
 static void handle_call(lua_State *L, const pz_frame *f)
 {
     /* Calls here take long enough that results waiting in the buffer
-     * should not wait for this one too (and be lost if it kills us). */
-    if (W.avg_ns > FLUSH_NS)
+     * should not wait for this one too (and be lost if it kills us).  A
+     * remote worker always writes them first: the parent, which cannot see
+     * what it runs, charges a death to the oldest call it has no answer
+     * for. */
+    if (W.remote || W.avg_ns > FLUSH_NS)
         pz_wout_flush();
     W.call = *f;
     /* From decoding the arguments to encoding the result, whatever kills
@@ -235,6 +252,29 @@ static void handle_call(lua_State *L, const pz_frame *f)
         W.clock - pz_wout_oldest() >= FLUSH_NS)
         pz_wout_flush();
     pz_wout_unlock();
+}
+
+/* SIGINT and SIGQUIT in a worker: see pz_worker_signals. */
+static void leave_to_parent(int sig)
+{
+    (void)sig;
+}
+
+int pz_worker_signals(void)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            signal(sig, SIG_DFL);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = leave_to_parent;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGQUIT, &sa, NULL) != 0)
+        return -1;
+    return sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 /* Kills what the executor left running in this worker's process group
@@ -307,10 +347,10 @@ static ssize_t read_input(void *p, size_t cap)
     ssize_t n;
     for (;;) {
         if (until == 0) {
-            n = pz_read(W.fd, p, cap);
+            n = pz_read(W.in_fd, p, cap);
             break;
         }
-        n = recv(W.fd, p, cap, MSG_DONTWAIT);
+        n = recv(W.in_fd, p, cap, MSG_DONTWAIT);
         if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
             break;
         if (pz_now_ns() >= until)
@@ -402,6 +442,33 @@ static int is_callable(lua_State *L, int idx)
     return 1;
 }
 
+/* A remote worker leads a process group (remote.c), so that what its
+ * executor leaves running can be killed with it; with kill_leftovers off
+ * it joins its supervisor's group instead, where nothing kills it. */
+static void leave_own_group(void)
+{
+    if (getpgrp() == getpid() && setpgid(0, getpgid(getppid())) != 0)
+        die("cannot leave its own process group (kill_leftovers = false)");
+}
+
+/* package[name] = the parent's package[name] (settings table at 1,
+ * package on top).  A remote worker keeps its own after the parent's: the
+ * parent's directories may not exist on its host, and its own installation
+ * (LUA_PATH, pzlua's built-in modules) should still be found. */
+static void set_search_path(lua_State *L, const char *name)
+{
+    lua_getfield(L, 1, name);
+    if (W.remote && lua_type(L, -1) == LUA_TSTRING) {
+        lua_pushliteral(L, ";");
+        lua_getfield(L, -3, name);
+        if (lua_type(L, -1) == LUA_TSTRING)
+            lua_concat(L, 3);
+        else
+            lua_pop(L, 2);
+    }
+    lua_setfield(L, -2, name);
+}
+
 /* Protected: reads the INIT frame's payload, sets package paths, builds the
  * executor, stores it in the registry.  Raises {message, traceback}-style
  * errors through on_error when user code fails. */
@@ -418,16 +485,17 @@ static int build_executor(lua_State *L)
     if (!lua_istable(L, 1))
         return luaL_error(L, "malformed INIT frame");
     lua_getfield(L, 1, "spin_ns");
-    W.spin.budget_ns = (int64_t)lua_tonumber(L, -1);
+    /* Polling for input that comes over a network would only burn CPU. */
+    W.spin.budget_ns = W.remote ? 0 : (int64_t)lua_tonumber(L, -1);
     lua_getfield(L, 1, "max_message");
     W.max_message = (size_t)lua_tonumber(L, -1);
     lua_getfield(L, 1, "kill_leftovers");
     W.kill_leftovers = lua_toboolean(L, -1);
+    if (W.remote && !W.kill_leftovers)
+        leave_own_group();
     lua_getglobal(L, "package");
-    lua_getfield(L, 1, "path");
-    lua_setfield(L, -2, "path");
-    lua_getfield(L, 1, "cpath");
-    lua_setfield(L, -2, "cpath");
+    set_search_path(L, "path");
+    set_search_path(L, "cpath");
     lua_settop(L, 1);
     lua_getfield(L, 1, "kind"); /* 2 */
     lua_pushcfunction(L, on_error);
@@ -496,6 +564,27 @@ static int encode_copy(lua_State *L)
     return 0;
 }
 
+/* Answers INIT_ERROR with msg and the traceback tb (a remote worker's
+ * message starting with its host name, so that the user knows which host
+ * lacks a module or runs another version), then leaves. */
+static _Noreturn void refuse_init(lua_State *L, const char *msg, size_t mlen, const char *tb,
+                                  size_t tlen)
+{
+    if (W.remote) {
+        lua_pushfstring(L, "host %s: ", W.host);
+        lua_pushlstring(L, msg, mlen);
+        lua_concat(L, 2);
+        msg = lua_tolstring(L, -1, &mlen);
+    }
+    pz_part parts[] = {{msg, mlen, 1}, {tb, tb ? tlen : 0, 0}};
+    put_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), parts, 2);
+    W.exec_ref = LUA_NOREF;
+    pz_wout_flush();
+    lua_close(L);
+    fflush(NULL);
+    _exit(0);
+}
+
 static void initialize(lua_State *L)
 {
     pz_frame f = next_frame();
@@ -503,6 +592,13 @@ static void initialize(lua_State *L)
         shut_down(L);
     if (f.type != PZ_F_INIT)
         die("the first frame was not INIT");
+    /* Nothing codec-encoded is read before the versions are known to
+     * match (handshake.h). */
+    pz_versions mine;
+    char why[512];
+    pz_versions_of(L, &mine);
+    if (pz_handshake_check(&f.payload, &f.len, &mine, why, sizeof why) != 0)
+        refuse_init(L, why, strlen(why), NULL, 0);
     lua_pushcfunction(L, build_executor);
     lua_pushlightuserdata(L, &f);
     if (lua_pcall(L, 1, 0, 0) != 0) {
@@ -520,13 +616,7 @@ static void initialize(lua_State *L)
             msg = "initialization failed";
             mlen = strlen(msg);
         }
-        pz_part parts[] = {{msg, mlen, 1}, {tb, tb ? tlen : 0, 0}};
-        put_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), parts, 2);
-        W.exec_ref = LUA_NOREF;
-        pz_wout_flush();
-        lua_close(L);
-        fflush(NULL);
-        _exit(0);
+        refuse_init(L, msg, mlen, tb, tlen);
     }
     lua_settop(L, 0);
     pz_buf copy = PZ_BUF_INIT;
@@ -546,14 +636,18 @@ static void initialize(lua_State *L)
     pz_wout_flush();
 }
 
-_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared, void (*setup)(lua_State *L))
+_Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
+                              void (*setup)(lua_State *L), int remote)
 {
     /* A worker of a pool made inside a worker inherits that worker's state
      * through two forks: start from nothing (the inherited buffers are
      * copies nobody else uses). */
     memset(&W, 0, sizeof W);
-    W.fd = fd;
-    pz_wout_init(fd);
+    W.in_fd = in_fd;
+    W.remote = remote;
+    if (remote && gethostname(W.host, sizeof W.host - 1) != 0)
+        snprintf(W.host, sizeof W.host, "(unknown host: %s)", strerror(errno));
+    pz_wout_init(out_fd);
     W.slot = slot;
     W.shared = shared;
     W.exec_ref = LUA_NOREF;

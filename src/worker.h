@@ -27,11 +27,21 @@ typedef struct pz_slot_shared {
 
 struct lua_State;
 
-/* Runs in a freshly forked worker whose socket to the parent is `fd`: builds
- * a fresh LuaJIT state (prepared by `setup`: package.preload), reads the
- * INIT frame, builds the executor, then serves CALL frames until STOP or end
- * of file.  Never returns. */
-_Noreturn void pz_worker_main(int fd, int slot, pz_slot_shared *shared,
-                              void (*setup)(struct lua_State *L));
+/* Gives a new worker process its signal dispositions: every signal's
+ * default, an empty mask, and SIGINT and SIGQUIT caught by a handler that
+ * does nothing (Ctrl-C is the parent's to handle; a handler rather than
+ * SIG_IGN because an ignored signal stays ignored across exec, and programs
+ * the executor starts should get the defaults).  Returns 0, or -1 when
+ * sigaction fails. */
+int pz_worker_signals(void);
+
+/* Runs in a fresh worker process: builds a fresh LuaJIT state (prepared by
+ * `setup`: package.preload), reads the INIT frame from in_fd, builds the
+ * executor, then serves CALL frames until STOP or end of file, answering
+ * on out_fd.  A local worker has one socket for both (in_fd == out_fd)
+ * and publishes its running call in `shared`; a remote one (`remote`, see
+ * worker.c) has two pipes and a `shared` nobody reads.  Never returns. */
+_Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
+                              void (*setup)(struct lua_State *L), int remote);
 
 #endif

@@ -3,7 +3,7 @@
 -- trusts what this module has checked.
 local core = require "parallelize.core"
 
-local error, type, pairs, tostring = error, type, pairs, tostring
+local error, type, pairs, tostring, getmetatable = error, type, pairs, tostring, getmetatable
 local format, floor, sort, concat = string.format, math.floor, table.sort, table.concat
 
 local M = {}
@@ -43,6 +43,7 @@ local OPTIONS = {
   fail_fast = { false, "boolean" },
   progress = { false, "progress" },
   quiet = { false, "boolean" },
+  launcher = { nil, "launcher" },
 }
 M.OPTIONS = OPTIONS
 
@@ -59,6 +60,12 @@ function M.check_value(who, name, v, level)
   if o[2] == "progress" then
     if type(v) ~= "boolean" and v ~= "always" then
       error(format('%s: option %s must be a boolean or "always" (got %s)', who, name, describe(v)), level + 1)
+    end
+  elseif o[2] == "launcher" then
+    local mt = getmetatable(v)
+    if type(v) ~= "function" and not (type(mt) == "table" and mt.__call ~= nil) then
+      error(format("%s: option launcher must be a function(slot) returning a command, or what "
+        .. "parallelize.ssh{...} or parallelize.srun{...} return (got %s)", who, describe(v)), level + 1)
     end
   elseif o[2] == "boolean" then
     if type(v) ~= "boolean" then

@@ -1,7 +1,8 @@
 /*
  * fuzz_frame.c - libFuzzer harness for the frame layer (frame.c): the bytes
  * a worker writes, walked as the parent's I/O thread walks them, and the
- * payload splits the I/O thread, the pool binding and the worker make.
+ * payload splits the I/O thread, the pool binding and the worker make
+ * (the worker's version handshake first, handshake.c).
  *
  * Input: byte 0 says how the stream is cut into reads (1 to 256 bytes a
  * read, as recv might return it), byte 1 the largest payload accepted (2^0
@@ -23,6 +24,7 @@
 
 #include "buf.h"
 #include "frame.h"
+#include "handshake.h"
 
 static volatile unsigned sink;
 
@@ -112,11 +114,21 @@ static void on_frame(const pz_frame *f)
             touch(e.traceback, e.traceback_len);
         }
         return;
-    case PZ_F_INIT:
-        /* worker: the settings, then the executor spec and its arguments */
-        if (split(p, n, &a, &alen, &b, &blen) == 0)
+    case PZ_F_INIT: {
+        /* worker: the version handshake, then the settings, the executor
+         * spec and its arguments */
+        static const pz_versions mine = {PZ_PROTOCOL_VERSION, "LuaJIT 2.1.0-beta3", "LJ2 le fr2"};
+        const char *q = p;
+        size_t left = n;
+        if (pz_handshake_check(&q, &left, &mine, msg, sizeof msg) != 0) {
+            check(q == p && left == n && msg[0] != '\0');
+            return;
+        }
+        check(q > p && q + left == p + n);
+        if (split(q, left, &a, &alen, &b, &blen) == 0)
             split(b, blen, &c, &clen, &b, &blen);
         return;
+    }
     default:
         return;
     }

@@ -123,7 +123,11 @@ local err = frame("ERROR", 2, varint(999) .. prefixed("boom: it failed") .. pref
   .. raw({ code = 42 }), 3)
 local init_ok = frame("INIT_OK", 4242, raw("<executor>"))
 local init_err = frame("INIT_ERROR", 0, prefixed("cannot load module 'x'") .. "traceback")
-local init = frame("INIT", 0, prefixed(raw({ path = "./?.lua", cpath = "./?.so", kind = "module",
+-- The version handshake (src/handshake.h) as the fuzz harness's worker
+-- expects it, then the settings.
+local handshake = "PZ\1" .. string.char(#"LuaJIT 2.1.0-beta3") .. "LuaJIT 2.1.0-beta3"
+  .. string.char(#"LJ2 le fr2") .. "LJ2 le fr2"
+local init = frame("INIT", 0, handshake .. prefixed(raw({ path = "./?.lua", cpath = "./?.so", kind = "module",
   max_message = 2 ^ 20, spin_ns = 100000, kill_leftovers = true }))
   .. prefixed(raw("module")) .. varint(1) .. raw("args"))
 local stop = frame("STOP", 0, "")
