@@ -79,8 +79,8 @@ local function frame(ftype, id, payload)
     end
     return table.concat(t)
   end
-  -- length, type, deaths, tag, tries, timeout_ms, id
-  return le(#payload, 4) .. string.char(ftype, 0, 0, 0) .. le(0, 4) .. le(id, 8) .. payload
+  -- length, type, deaths, tag, tries, flags and 3 reserved bytes, timeout_ms, id
+  return le(#payload, 4) .. string.char(ftype, 0, 0, 0) .. le(0, 4) .. le(0, 4) .. le(id, 8) .. payload
 end
 
 local function short(s)
@@ -97,7 +97,7 @@ local function init_error_of(argv, payload)
   local pid, to, from = servers.spawn(argv, { pipes = true, log = dir .. "/stderr" })
   assert(pid, to)
   assert(servers.write_all(to, frame(1, 0, payload)))
-  local head, err = servers.read_exact(from, 20, 30)
+  local head, err = servers.read_exact(from, 24, 30)
   local body
   if head then body, err = servers.read_exact(from, head:byte(1) + 256 * head:byte(2), 10) end
   local done, status = servers.reap(pid, 10)
@@ -185,7 +185,7 @@ describe("remote workers: launchers", function()
     local bytes = assert(support.read(capture))
     assert.are.equal(1, bytes:byte(5)) -- INIT
     local prefix = "PZ\1" .. short(jit.version) .. short(bytecode_tag())
-    assert.are.equal(prefix, bytes:sub(21, 20 + #prefix)) -- after the 20-byte header
+    assert.are.equal(prefix, bytes:sub(25, 24 + #prefix)) -- after the 24-byte header
   end)
 
   it("says when a launcher cannot be run, after the back-off", function()

@@ -227,9 +227,11 @@ static void take_requests(struct pz_io *io)
     uint64_t ids[64];
     if (n > 64)
         n = 64;
-    memcpy(ids, io->cancels, n * sizeof *ids);
-    memmove(io->cancels, io->cancels + n, (io->ncancels - n) * sizeof *ids);
-    io->ncancels -= n;
+    if (n > 0) {
+        memcpy(ids, io->cancels, n * sizeof *ids);
+        memmove(io->cancels, io->cancels + n, (io->ncancels - n) * sizeof *ids);
+        io->ncancels -= n;
+    }
     int more = io->ncancels > 0;
     pthread_mutex_unlock(&io->ctl_lock);
     for (size_t i = 0; i < n; i++)

@@ -119,7 +119,7 @@ local function check_status(p, status)
   done_waiting(p)
   local env = pool_env(p)
   if status == "fatal" then error(env.fatal, caller.level()) end
-  local f, msg = env.first_failure, nil
+  local f, msg = env.first_failure
   if f == nil then
     msg = "fail_fast: the pool stopped dispatching after a failure"
   elseif f.worker then
