@@ -231,6 +231,10 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w);
  * w's next deadline. */
 void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next);
 
+/* The time the CALL frame `frame` may run (its own timeout, else the
+ * pool's), or 0 for no limit. */
+int64_t pz_slot_timeout_ns(struct pz_io *io, const char *frame);
+
 /* Cancels call id if w holds it: dropped if w has not started it (an
  * error record now), else w's worker is killed for it.  Returns whether w
  * held it. */

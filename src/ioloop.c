@@ -357,10 +357,11 @@ void *pz_io_main(void *arg)
             begin_stop(io);
         take_requests(io);
         sample(io, now);
+        pz_dispatch(io);
+        /* After dispatch: the calls it handed out may have timeouts. */
         int64_t deadline = run_timers(io, now);
         if (io->stopping)
             progress_stop(io, now);
-        pz_dispatch(io);
         pz_io_publish(io);
         if (io->finished)
             break;

@@ -78,6 +78,12 @@ int pz_lend_dispatch(struct pz_io *io, int *lent_fd)
          * (it polls a while before sleeping) and warm. */
         io->rr = io->last_idle;
         const char *fr = lone_call(io, &size);
+        /* A call with a timeout needs the I/O thread's timer: it goes the
+         * usual way, and the I/O thread is woken for it. */
+        if (fr && pz_slot_timeout_ns(io, fr) != 0) {
+            pthread_mutex_unlock(&io->lock);
+            return 0;
+        }
         pz_slot *w = fr ? pz_dispatch_pick(io) : NULL;
         if (w && epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL) == 0) {
             w->lent = 1;

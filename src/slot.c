@@ -229,8 +229,7 @@ static int record_error(struct pz_io *io, const char *call, const char *msg, uin
 
 /* ---- calls killed on purpose (timeouts, cancels) ------------------------ */
 
-/* The time call `frame` may run, or 0 for no limit. */
-static int64_t timeout_ns(struct pz_io *io, const char *frame)
+int64_t pz_slot_timeout_ns(struct pz_io *io, const char *frame)
 {
     uint32_t ms = pz_frame_timeout_ms(frame);
     if (ms == 0)
@@ -296,7 +295,7 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
     const char *fr = id ? sent_frame(w, id) : NULL;
     int64_t limit, due;
     if (fr) {
-        limit = timeout_ns(io, fr);
+        limit = pz_slot_timeout_ns(io, fr);
         if (!limit)
             return;
         due = started + limit;
@@ -308,7 +307,7 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
         /* Between two calls: the oldest unanswered one cannot have started
          * before head_since; when that is due, look again shortly, as the
          * worker will then be running it or have answered it. */
-        limit = timeout_ns(io, head);
+        limit = pz_slot_timeout_ns(io, head);
         if (!limit)
             return;
         due = w->head_since + limit;
@@ -373,7 +372,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         char *fr = sent_frame(w, w->doomed);
         if (fr) {
             char msg[160];
-            int64_t limit = timeout_ns(io, fr);
+            int64_t limit = pz_slot_timeout_ns(io, fr);
             if (w->doomed_kind == PZ_ERR_TIMEOUT)
                 snprintf(msg, sizeof msg, "call %" PRIu64 " timed out after %g s", w->doomed,
                          (double)limit / 1e9);

@@ -76,10 +76,12 @@ local function draw(p, force)
   progress.draw(bar, finished, calls, core.pool_stats(p).failed, force)
 end
 
---- Erases the pool's progress bar: a blocking method returns.
+--- Ends the pool's progress bar: a blocking method returns.
 local function done_waiting(p)
   local bar = pool_env(p).bar
-  if bar then progress.erase(bar) end
+  if not bar or not bar.shown or pool_stopped(p) then return end
+  local calls, finished = pool_counts(p)
+  progress.finish(bar, finished, calls, core.pool_stats(p).failed)
 end
 M.done_waiting = done_waiting
 
@@ -90,6 +92,7 @@ M.done_waiting = done_waiting
 -- errors go through unchanged.
 local function wait_for(p, what, deadline, finished, below)
   local bar = pool_env(p).bar
+  if bar then draw(p) end
   while true do
     local until_ = deadline
     if bar then

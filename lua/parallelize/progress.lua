@@ -66,11 +66,15 @@ function M.draw(bar, finished, total, errors, force)
   bar.shown = true
 end
 
---- Erases a bar drawn on a terminal (the waiting has ended).
-function M.erase(bar)
-  if bar.tty and bar.shown then
+--- The waiting has ended: a bar on a terminal is erased; written as lines,
+-- it gets a last line with the final counts.
+function M.finish(bar, finished, total, errors)
+  if not bar.shown then return end
+  if bar.tty then
     stderr:write("\r\27[K")
     stderr:flush()
+  else
+    M.draw(bar, finished, total, errors, true)
   end
   bar.shown = false
 end

@@ -1,0 +1,387 @@
+-- Control over long runs: timeouts, cancel, retries, recycling (max_calls),
+-- fail_fast, stats, progress, what close returns, and the warning for a
+-- pool dropped with calls unfinished.
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local Parallelize, Deferred = parallelize.Parallelize, parallelize.Deferred
+local SIGKILL = 9
+
+--- id -> result, and id -> error record, from the pool's lists (read once).
+local function outcomes(p)
+  local results, ids, errors = p.results, p.ids, p.errors
+  local got, failed = {}, {}
+  for i, id in ipairs(ids) do
+    assert(got[id] == nil and failed[id] == nil, "call " .. id .. " answered twice")
+    got[id] = results[i]
+  end
+  for _, e in ipairs(errors) do
+    assert(got[e.id] == nil and failed[e.id] == nil, "call " .. e.id .. " answered twice")
+    failed[e.id] = e
+  end
+  return got, failed
+end
+
+describe("timeout", function()
+  it("ends a call that runs too long with its worker, and the pool finishes the rest", function()
+    local p = Parallelize(function(x)
+      if x == "loop" then while true do end end
+      return x
+    end, { workers = 2, timeout = 0.3, retries = 3, max_deaths = 1 })
+    finally(function() p:stop() end)
+    local t0 = core.now()
+    local looping = p("loop")
+    for i = 1, 20 do p(i) end
+    local ok, err = p:result(looping)
+    local took = core.now() - t0
+    assert.is_false(ok)
+    assert.are.equal("call 1 timed out after 0.3 s", err.message)
+    assert.is_true(err.timeout)
+    assert.are.equal("timeout", err.kind)
+    assert.are.equal(0, #err.attempts) -- not retried
+    assert.is_true(took >= 0.3 and took < 1.5, "timed out after " .. took .. " s")
+    assert.is_true(p:wait(10))
+    local got, failed = outcomes(p)
+    for i = 1, 20 do assert.are.equal(i, got[i + 1]) end -- not charged: max_deaths = 1 harmed no one
+    assert.are.same({ 1 }, (function() local t = {} for id in pairs(failed) do t[#t + 1] = id end return t end)())
+    local s = p:stats()
+    assert.are.equal(1, s.timeouts)
+    assert.are.equal(1, s.deaths)
+  end)
+
+  it("can be set per call with p:submit, or lifted with timeout = false", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 2, timeout = 0.2 })
+    finally(function() p:stop() end)
+    local short = p:submit({ timeout = 0.05 }, 0.5)
+    local lifted = p:submit({ timeout = false }, 0.4)
+    local default = p(0.5)
+    local ok, err = p:result(short)
+    assert.is_false(ok)
+    assert.are.equal("call 1 timed out after 0.05 s", err.message)
+    assert.are.same({ true, 0.4 }, { p:result(lifted) })
+    assert.are.equal("call 3 timed out after 0.2 s", select(2, p:result(default)).message)
+    assert.has_error(function() p:submit({ timeout = -1 }, 1) end,
+      "submit: option timeout must be a number from 0.001 to 4000000 (got -1)")
+    assert.has_error(function() p:submit({ retries = 1 }, 1) end,
+      "submit: unknown option retries (the options are timeout)")
+  end)
+
+  it("restarts a Deferred worker it ended (the constructor runs again)", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local p = Parallelize(Deferred(function(log)
+      local f = io.open(log, "a")
+      f:write("built\n")
+      f:close()
+      require("parallelize").sleep(0.2)
+      return function(x) if x == 0 then while true do end end return x * 2 end
+    end, dir .. "/log"), { workers = 1, timeout = 0.5 })
+    finally(function() p:stop() end)
+    p(0)
+    for i = 1, 5 do p(i) end
+    assert.is_true(p:wait(15))
+    local got, failed = outcomes(p)
+    assert.is_true(failed[1].timeout)
+    for i = 1, 5 do assert.are.equal(i * 2, got[i + 1]) end
+    local _, built = support.read(dir .. "/log"):gsub("built\n", "")
+    assert.are.equal(2, built)
+  end)
+end)
+
+describe("cancel", function()
+  it("drops a call not started at once, ends a running one, and leaves a finished one", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop() end)
+    local done = p(0)
+    assert.are.same({ true, 0 }, { p:result(done) })
+    local running = p(30)
+    local queued = p(0.01)
+    core.sleep(0.2)
+    local t0 = core.now()
+    assert.is_true(p:cancel(queued))
+    local ok, err = p:result(queued)
+    assert.is_false(ok)
+    assert.are.equal("call 3 cancelled", err.message)
+    assert.is_true(err.cancelled)
+    assert.is_true(core.now() - t0 < 1, "a queued call waited to be cancelled")
+    assert.is_true(p:cancel(running))
+    ok, err = p:result(running)
+    assert.is_false(ok)
+    assert.is_true(err.cancelled)
+    assert.is_true(core.now() - t0 < 5, "a running call was not ended")
+    assert.is_false(p:cancel(done))
+    assert.is_false(p:cancel(99))
+    -- the pool goes on, and everything adds up
+    local after = p(0.01)
+    assert.are.same({ true, 0.01 }, { p:result(after) })
+    local s = p:stats()
+    assert.are.equal(2, s.cancelled)
+    local aborted = p:stop()
+    assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
+  end)
+
+  it("reaches a call still in the submit queue", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop() end)
+    p(0.5)
+    local ids = {}
+    for i = 1, 50 do ids[i] = p(0) end
+    for i = 1, 50, 2 do assert.is_true(p:cancel(ids[i])) end
+    assert.is_true(p:wait(20))
+    local got, failed = outcomes(p)
+    for i = 1, 50 do
+      if i % 2 == 1 then assert.is_true(failed[ids[i]].cancelled) else assert.are.equal(0, got[ids[i]]) end
+    end
+  end)
+end)
+
+describe("retries", function()
+  it("runs a call that raised again, on whichever worker is free", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local p = Parallelize(function(x)
+      local marker = dir .. "/" .. x
+      local f = io.open(marker, "r")
+      if not f then
+        f = io.open(marker, "w")
+        f:close()
+        error("not yet " .. x)
+      end
+      f:close()
+      return x * 10
+    end, { workers = 2, retries = 1 })
+    finally(function() p:stop() end)
+    for i = 1, 20 do p(i) end
+    assert.is_true(p:wait(10))
+    local got, failed = outcomes(p)
+    assert.are.same({}, failed)
+    for i = 1, 20 do assert.are.equal(i * 10, got[i]) end
+    assert.are.equal(20, p:stats().retries)
+  end)
+
+  it("lists every attempt in the final error", function()
+    local p = Parallelize(function(x) error("attempt failed for " .. x, 0) end, { workers = 2, retries = 2 })
+    finally(function() p:stop() end)
+    local ok, err = p:result(p("x"))
+    assert.is_false(ok)
+    assert.are.equal("attempt failed for x", err.message)
+    assert.are.equal(3, #err.attempts)
+    for _, a in ipairs(err.attempts) do
+      assert.are.equal("attempt failed for x", a.message)
+      assert.is_true(a.worker == 1 or a.worker == 2)
+      assert.is_true(a.pid > 0)
+    end
+  end)
+end)
+
+describe("max_calls", function()
+  it("replaces a worker after n calls, losing and doubling nothing under SIGKILLs", function()
+    local n = 3000
+    -- (max_deaths high: a call killed 3 times by chance is no loss, but
+    -- it would be an error, and every call here must return)
+    local p = Parallelize(function(x) return { x, require("parallelize").getpid() } end,
+      { workers = 4, max_calls = 1, max_deaths = 255 })
+    finally(function() p:stop() end)
+    for i = 1, n do p(i) end
+    local kills = 0
+    while p.pending > 0 do
+      for _, pid in pairs(p.pids) do
+        if math.random() < 0.3 and support.kill(pid, SIGKILL) then kills = kills + 1 end
+      end
+      core.sleep(0.005)
+    end
+    assert.is_true(p:wait(60))
+    local got, failed = outcomes(p)
+    assert.are.same({}, failed)
+    local pids = {}
+    for i = 1, n do
+      assert.are.equal(i, got[i][1])
+      assert.is_nil(pids[got[i][2]], "pid " .. got[i][2] .. " ran two calls")
+      pids[got[i][2]] = true
+    end
+    assert.is_true(p:stats().recycles >= n - 4 * 2)
+    assert.is_true(kills > 0)
+  end)
+
+  it("lets the executor's close run, and keeps every slot's worker ready", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local Counter = {}
+    Counter.__index = Counter
+    function Counter:__call(x) self.n = self.n + 1 return x end
+    function Counter:close()
+      local f = io.open(self.dir .. "/" .. require("parallelize").getpid(), "w")
+      f:write(self.n)
+      f:close()
+      return self.n
+    end
+    local p = Parallelize(Deferred(function(d) return setmetatable({ n = 0, dir = d }, Counter) end, dir),
+      { workers = 2, max_calls = 5 })
+    for i = 1, 40 do p(i) end
+    assert.is_true(p:wait(20))
+    assert.are.same({}, p:stop())
+    local total, files = 0, 0
+    for _, name in ipairs(support.list(dir)) do
+      files = files + 1
+      total = total + tonumber(support.read(dir .. "/" .. name))
+    end
+    assert.are.equal(40, total) -- each call ran once, each retired worker closed
+    assert.is_true(files >= 8)
+    assert.is_true(p:stats().recycles >= 8)
+    -- p.closed: what the last worker of each slot returned from close
+    local closed = p.closed
+    assert.are.equal("number", type(closed[1]))
+    assert.are.equal("number", type(closed[2]))
+    assert.is_true(closed[1] <= 5 and closed[2] <= 5)
+  end)
+end)
+
+describe("fail_fast", function()
+  local function failing_pool()
+    return Parallelize(function(x)
+      if x == "bad" then error("bad input") end
+      require("parallelize").sleep(x)
+      return x
+    end, { workers = 1, fail_fast = true })
+  end
+
+  for _, how in ipairs({ "wait", "map", "result", "stream" }) do
+    it("makes " .. how .. " raise the first failure at once, and stop return the rest", function()
+      local p = failing_pool()
+      local t0 = core.now()
+      local ok, err = pcall(function()
+        if how == "wait" then
+          p(0.01); p("bad")
+          for _ = 1, 20 do p(0.2) end
+          p:wait()
+        elseif how == "map" then
+          p:map({ 0.01, "bad", 0.2, 0.2, 0.2, 0.2 })
+        elseif how == "result" then
+          p("bad")
+          local last
+          for _ = 1, 10 do last = p(0.2) end
+          p:result(last)
+        else
+          for _ in p:stream({ 0.01, "bad", 0.2, 0.2, 0.2, 0.2 }) do end
+        end
+      end)
+      assert.is_false(ok)
+      assert.matches("bad input", err)
+      assert.is_true(core.now() - t0 < 2, how .. " did not raise at once")
+      local aborted = p:stop()
+      assert.is_true(#aborted >= 3, "only " .. #aborted .. " aborted")
+    end)
+  end
+
+  it("counts a worker slot given up while initializing", function()
+    local p = Parallelize({ Deferred(function() error("no database") end),
+      function(s) require("parallelize").sleep(s) return s end }, { fail_fast = true })
+    for _ = 1, 10 do p(0.2) end
+    local ok, err = pcall(p.wait, p)
+    assert.is_false(ok)
+    assert.matches("fail_fast: worker 1 was given up: .*no database", err)
+    p:stop()
+  end)
+end)
+
+describe("stats", function()
+  it("counts calls, failures, workers and rates", function()
+    local p = Parallelize(function(x)
+      if x % 5 == 0 then error("five") end
+      require("parallelize").sleep(0.002)
+      return x
+    end, { workers = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 100 do p(i) end
+    assert.is_true(p:wait(20))
+    local s = p:stats()
+    assert.are.equal(100, s.calls)
+    assert.are.equal(80, s.done)
+    assert.are.equal(20, s.failed)
+    assert.are.equal(0, s.pending)
+    assert.are.equal(0, s.running)
+    assert.are.equal(2, #s.workers)
+    local calls, busy = 0, 0
+    for _, w in ipairs(s.workers) do
+      assert.is_true(w.pid > 0)
+      calls, busy = calls + w.calls, busy + w.busy
+    end
+    assert.are.equal(100, calls)
+    assert.is_true(busy >= 80 * 0.002, "busy " .. busy)
+    assert.is_true(s.elapsed > 0 and s.rate > 0)
+    assert.is_true(s.recent_rate >= 0)
+    for _, k in ipairs({ "aborted", "cancelled", "timeouts", "retries", "deaths", "respawns", "recycles" }) do
+      assert.are.equal(0, s[k], k)
+    end
+    p:stop()
+    assert.are.equal(100, p:stats().calls)
+  end)
+end)
+
+describe("progress", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    support.write(dir .. "/bar.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(x) pz.sleep(0.03) return x end, { workers = 2, progress = arg[1] == "always" and "always" or true })
+for i = 1, 60 do p(i) end
+p:wait()
+p:stop()
+io.stdout:write("done\n")
+]])
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  it("draws a bar on a terminal, redrawn in place, erased at the end", function()
+    local out = support.run("cd " .. support.quote(dir) .. " && script -qec "
+      .. support.quote(support.quote(support.pzlua()) .. " bar.lua") .. " /dev/null")
+    assert.matches("%d+/60 calls %(%d+%%%), %d+/s, ETA", out)
+    assert.matches("\r", out)
+    assert.matches("\r\27%[K", out) -- erased
+    assert.matches("done", out)
+  end)
+
+  it("draws nothing when stderr is a file, and plain lines with progress = always", function()
+    local out, status = support.run("cd " .. support.quote(dir) .. " && (" .. support.quote(support.pzlua())
+      .. " bar.lua 2> err.txt)")
+    assert.are.equal(0, status)
+    assert.are.equal("done\n", out)
+    assert.are.equal("", support.read(dir .. "/err.txt"))
+    support.run("cd " .. support.quote(dir) .. " && (" .. support.quote(support.pzlua())
+      .. " bar.lua always 2> err.txt)")
+    local err = support.read(dir .. "/err.txt")
+    assert.matches("^%d+/60 calls", err)
+    assert.matches("\n60/60 calls %(100%%%), %d+/s, ETA 0s, 0 errors\n$", err) -- the last line
+    assert.is_nil(err:find("\r", 1, true))
+  end)
+end)
+
+describe("a pool dropped with calls unfinished", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(function() support.rmdir(dir) end)
+
+  local interpreters = {
+    pzlua = support.quote(support.pzlua()),
+    luajit = "env LUA_PATH='lua/?.lua;;' LUA_CPATH='build/?.so;;' luajit",
+  }
+  for name, cmd in pairs(interpreters) do
+    it("says so on stderr, once (" .. name .. ")", function()
+      support.write(dir .. "/drop.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(s) pz.sleep(s) end, { workers = 1, quiet = arg[1] == "quiet" })
+p(5); p(5)
+]])
+      local out, status = support.run(cmd .. " " .. support.quote(dir .. "/drop.lua"))
+      assert.are.equal(0, status, out)
+      assert.matches("^parallelize: a pool was dropped %(collected, or still open when the program ended%) "
+        .. "with 2 of its 2 calls unfinished; to keep them, call p:wait%(%) before the program ends", out)
+      local _, lines = out:gsub("\n", "")
+      assert.are.equal(1, lines)
+      out = support.run(cmd .. " " .. support.quote(dir .. "/drop.lua") .. " quiet")
+      assert.are.equal("", out)
+    end)
+  end
+end)
