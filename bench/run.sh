@@ -392,13 +392,13 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
 
         # Issue 12: p:map and p:stream against the p(i) loop, same rounds.
         n = has("tiny2.pz_loop.n") ? med("tiny2.pz_loop.n") : ""
-        rrow("tiny calls x*2 (n=" n ", 2 workers), p:map(list)", "tiny2", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
+        rrow("p:map(list), tiny calls x*2 (n=" n ", 2 workers)", "tiny2", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
             "p(i) loop + wait", "pz_loop", "calls_per_s", "map_vs_loop", ">= 1x", ">=", 1)
-        rrow("  same, p:stream(array)", "tiny2", "pz_stream", "calls_per_s", 1e6, "%.3f", " M/s",
+        rrow("p:stream(array), same", "tiny2", "pz_stream", "calls_per_s", 1e6, "%.3f", " M/s",
             "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_vs_loop", ">= 0.67x (within 1.5x)", ">=", 1 / 1.5)
-        rrow("  same, p:stream(iterator)", "tiny2", "pz_stream_fn", "calls_per_s", 1e6, "%.3f", " M/s",
+        rrow("p:stream(iterator), same", "tiny2", "pz_stream_fn", "calls_per_s", 1e6, "%.3f", " M/s",
             "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_fn_vs_loop", ">= 0.67x (within 1.5x)", ">=", 1 / 1.5)
-        rrow("  same, p:stream(array), max_pending=" stream_wide, "tiny2", "pz_stream_wide", "calls_per_s", 1e6, "%.3f", " M/s",
+        rrow("p:stream(array), max_pending=" stream_wide ", same", "tiny2", "pz_stream_wide", "calls_per_s", 1e6, "%.3f", " M/s",
             "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_wide_vs_loop", "(diagnostic)", "", 0)
 
         # Issue 12: parallelize.map in one shot against the pools of Python.
