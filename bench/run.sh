@@ -15,7 +15,9 @@
 #   bench/codec_bench.lua  the codec (when present; its output is shown)
 #   bench/stream_rss.lua   issue 12: 10,000,000 lines through p:stream with
 #                          keep_results = false, the parent's RSS sampled
-#                          every 1,000,000 lines; lines per second
+#                          every 1,000,000 lines; lines per second; with
+#                          the stream's default window, then (a
+#                          diagnostic) with max_pending = PZ_BENCH_STREAM_WIDE
 #   bench/py_anchor.py     Python anchors: Pool.imap_unordered (chunksize=1)
 #                          and Pool.map with the same n and workers; a pipe
 #                          ping-pong with os.pipe + os.fork
@@ -287,7 +289,10 @@ set -- "pz=$pz bytes $BYTES_N 2 $MIB"
 rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb_per_s
 
 # ---- issue 12: a long stream in constant memory --------------------------
+# The default window, then (a diagnostic) the wide one of the tiny rows:
+# what a larger default would cost in memory and gain in speed.
 bench_for $((TIMEOUT * 3)) stream10m "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000
+bench_for $((TIMEOUT * 3)) stream10m_wide "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000 "$STREAM_WIDE"
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
 printf '\nload average after: %s\n' "$load_after"
@@ -428,6 +433,19 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
                 row("  same, lines/s", rate(ls), "-", "-", "(reported)", "-")
         } else {
             row("10 M-line p:stream, parent RSS growth", failed("stream10m"), "", "", "< 4 MiB (flat)", "FAILED")
+        }
+        if (has("stream10m_wide.rss_growth_mib")) {
+            w = "max_pending=" v["stream10m_wide.max_pending"]
+            row("  same, " w ", parent RSS growth", sprintf("%+.2f MiB (%.2f -> %.2f)", v["stream10m_wide.rss_growth_mib"],
+                v["stream10m_wide.rss_first_mib"], v["stream10m_wide.rss_last_mib"]), "-", "-", "(diagnostic)", "-")
+            ls = v["stream10m_wide.lines_per_s"] + 0
+            if (has("stream10m.lines_per_s"))
+                row("  same, " w ", lines/s", rate(ls), "default window " rate(v["stream10m.lines_per_s"] + 0),
+                    ratio(ls, v["stream10m.lines_per_s"]), "(diagnostic)", "-")
+            else
+                row("  same, " w ", lines/s", rate(ls), "-", "-", "(diagnostic)", "-")
+        } else {
+            row("  same, wide window", failed("stream10m_wide"), "", "", "(diagnostic)", "-")
         }
 
         # Issue 14: calls of 100 us of CPU.

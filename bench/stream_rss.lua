@@ -23,7 +23,8 @@
 -- checks the count, the sum of the positions and the sum of the lengths,
 -- and exits with status 1 otherwise.
 --
--- Output: key=value lines: lines, sample_every, rss_mib_at (one figure
+-- Output: key=value lines: source (iterator or file), file (its path,
+-- removed by then), lines, sample_every, rss_mib_at (one figure
 -- per sample, in order, comma-separated), lua_heap_mib_at (the Lua heap
 -- at the same moments, collectgarbage "count"), rss_first_mib,
 -- rss_last_mib, rss_max_mib, rss_growth_mib (last - first),
@@ -152,6 +153,7 @@ for _, v in ipairs(r.rss) do
   if v > max then max = v end
 end
 B.emit("source", from_file and "file" or "iterator")
+if path then B.emit("file", path) end
 B.emit("lines", LINES)
 B.emit("workers", WORKERS)
 B.emit("max_pending", WINDOW or "default")
