@@ -36,7 +36,21 @@ measures the same work the same way):
         peak_above_held_mib once the N results the script holds (distinct
         objects) are taken off.
 
-    These also print, from /proc, CPU seconds and voluntary and involuntary
+The one-shot anchors of issue 12, beside bench/workload.lua pzmap
+(parallelize.map(f, list, {workers = WORKERS})): the clock runs from
+before the pool starts to after it has stopped, as idiomatic code would
+write it, `with Pool(WORKERS) as pool: pool.map(f, data)`; data is a list
+of 0..N-1 built before the clock starts; f(x) = x * 2.
+
+    python3 bench/py_anchor.py oneshot map N WORKERS
+        pool.map(f, data), automatic chunks; every result checked against
+        its input's position after the clock stops. Prints calls_per_s.
+
+    python3 bench/py_anchor.py oneshot imap_unordered N WORKERS
+        sum(pool.imap_unordered(f, data)), the default chunksize=1; the sum
+        checked. Prints calls_per_s.
+
+    These (but not the one-shot ones) also print, from /proc, CPU seconds and voluntary and involuntary
     context switches of the main thread (main_*), the pool's other threads
     (io_*), its workers (workers_*), and switches_per_call.
 """
@@ -183,6 +197,25 @@ def map_once(n, workers):
             return {"seconds": t, "calls_per_s": n / t}
         figures = measured(pool, n, run)
     emit_all((("workload", "map"), ("n", n), ("workers", workers)), figures)
+
+
+def oneshot(how, n, workers):
+    data = list(range(n))
+    want = n * (n - 1)
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(workers) as pool:
+        if how == "map":
+            results = pool.map(double, data)
+        else:
+            total = sum(pool.imap_unordered(double, data))
+    t = time.perf_counter() - t0
+    if how == "map":
+        if len(results) != n or any(r != 2 * x for r, x in zip(results, data)):
+            raise SystemExit("oneshot map: wrong results")
+    elif total != want:
+        raise SystemExit("oneshot imap_unordered: wrong sum %d (want %d)" % (total, want))
+    emit_all((("workload", "oneshot_" + how), ("n", n), ("workers", workers)),
+             {"seconds": t, "calls_per_s": n / t})
 
 
 def spin(k):
@@ -342,6 +375,8 @@ def main(argv):
         throughput(int(argv[2]), int(argv[3]), runs)
     elif len(argv) == 4 and argv[1] == "map":
         map_once(int(argv[2]), int(argv[3]))
+    elif len(argv) == 5 and argv[1] == "oneshot" and argv[2] in ("map", "imap_unordered"):
+        oneshot(argv[2], int(argv[3]), int(argv[4]))
     elif len(argv) == 5 and argv[1] == "busy":
         busy_once(int(argv[2]), int(argv[3]), float(argv[4]))
     elif len(argv) == 5 and argv[1] == "bytes":

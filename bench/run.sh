@@ -1,5 +1,5 @@
 #!/bin/sh
-# run.sh - the benchmarks of issues 5 and 14, and their anchors, in one run.
+# run.sh - the benchmarks of issues 5, 12 and 14, and their anchors, in one run.
 # `make bench` runs it from the top of the tree after building:
 #
 #     sh bench/run.sh
@@ -13,6 +13,11 @@
 #   bench/startup.lua      250 workers ready; private memory per idle worker
 #   bench/memory.lua       parent bytes per pending call (1,000,000 queued)
 #   bench/codec_bench.lua  the codec (when present; its output is shown)
+#   bench/stream_rss.lua   issue 12: 10,000,000 lines through p:stream with
+#                          keep_results = false, the parent's RSS sampled
+#                          every 1,000,000 lines; lines per second; with
+#                          the stream's default window, then (a
+#                          diagnostic) with max_pending = PZ_BENCH_STREAM_WIDE
 #   bench/py_anchor.py     Python anchors: Pool.imap_unordered (chunksize=1)
 #                          and Pool.map with the same n and workers; a pipe
 #                          ping-pong with os.pipe + os.fork
@@ -28,12 +33,16 @@
 # ratio is taken within a round; the table shows the median [min-max] over
 # the rounds. Each measurement is a process of its own, on a fresh pool:
 #
-#   bench/workload.lua     the pool: tiny calls (a p(i) loop, and p:map when
-#                          the pool has it), calls of 100 us of CPU, calls
-#                          with 1 MiB in and out; CPU and context switches
-#                          per thread and per process, from /proc
+#   bench/workload.lua     the pool: tiny calls (a p(i) loop, p:map,
+#                          p:stream from an array and from an iterator,
+#                          and parallelize.map in one shot), calls of
+#                          100 us of CPU, calls with 1 MiB in and out; CPU
+#                          and context switches per thread and per
+#                          process, from /proc
 #   bench/py_anchor.py     Python's Pool.map on the same work (map, busy,
-#                          bytes)
+#                          bytes), and in one shot beside parallelize.map:
+#                          Pool.map and Pool.imap_unordered (chunksize=1)
+#                          with the pool's start and stop on the clock
 #   bench/socketpair.c     the C limits, compiled here with cc: tiny
 #                          messages batched 256 per write through
 #                          socketpairs with 2 worker processes, and a pump
@@ -59,8 +68,14 @@
 #   PZ_BENCH_BYTES_N  calls with 1 MiB in and out per measurement (2000)
 #   PZ_BENCH_PY_RUNS  runs of Pool.imap_unordered chunksize=1 (default 3;
 #                     each takes ~10 s at 200,000 calls)
+#   PZ_BENCH_STREAM_WIDE   the wider window of the diagnostic p:stream
+#                     row (max_pending; default 512, the pool's default
+#                     max_inflight of 256 per worker times 2 workers)
+#   PZ_BENCH_STREAM_LINES  lines of the long stream (10000000; a multiple
+#                     of 1000000, the sampling interval)
 #   PZ_BENCH_TIMEOUT  seconds one benchmark (one measurement, in the
-#                     rounds) may take before it is killed (default 300)
+#                     rounds) may take before it is killed (default 300;
+#                     the long stream gets three times that)
 
 set -u
 
@@ -78,6 +93,8 @@ ROUNDS=${PZ_BENCH_ROUNDS:-5}
 TINY_N=${PZ_BENCH_TINY_N:-200000}
 BUSY_N=${PZ_BENCH_BUSY_N:-20000}
 BYTES_N=${PZ_BENCH_BYTES_N:-2000}
+STREAM_WIDE=${PZ_BENCH_STREAM_WIDE:-512}
+STREAM_LINES=${PZ_BENCH_STREAM_LINES:-10000000}
 MIB=1048576
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pz-bench.XXXXXX") || exit 2
@@ -133,7 +150,8 @@ fi
 started=$(date +%s)
 printf 'parallelize benchmarks: %s, %s CPUs, %s\n' "$(uname -srm)" \
     "$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?')" "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-printf 'load average before: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+printf 'load average before: %s\n' "$load_before"
 
 # Each figure is measured right beside its anchor, so that both see the
 # same load on the (shared) machine.
@@ -222,15 +240,33 @@ rounds() {
         "$PZLUA" bench/rounds.lua "$ROUNDS" "$@"
 }
 
-# Tiny calls, 2 workers: the pool's two ways against Pool.map with
-# automatic chunks and the C limit (which runs ten times as many calls, so
-# that its clock is not dominated by its first milliseconds).
-set -- "pz_loop=$pz tiny $TINY_N 2" "pz_map=$pz map $TINY_N 2"
+# Tiny calls, 2 workers: the pool's ways against Pool.map with automatic
+# chunks and the C limit (which runs ten times as many calls, so that its
+# clock is not dominated by its first milliseconds); and (issue 12) p:map
+# and p:stream against the p(i) loop, the stream from an array and from an
+# iterator with its default window, and from an array with a wide one (a
+# diagnostic: what the stream costs apart from its window).
+set -- "pz_loop=$pz tiny $TINY_N 2" "pz_map=$pz map $TINY_N 2" \
+    "pz_stream=$pz stream $TINY_N 2" "pz_stream_fn=$pz stream_fn $TINY_N 2" \
+    "pz_stream_wide=$pz stream $TINY_N 2 $STREAM_WIDE"
 [ "$have_python" -eq 1 ] && set -- "$@" "py_map=$py map $TINY_N 2"
 [ "$have_socketpair" -eq 1 ] && set -- "$@" "c_batch=$sp tiny $((TINY_N * 10)) 2 256"
 rounds tiny2 "$@" \
     loop_vs_py=pz_loop.calls_per_s/py_map.calls_per_s loop_vs_c=pz_loop.calls_per_s/c_batch.calls_per_s \
-    map_vs_py=pz_map.calls_per_s/py_map.calls_per_s map_vs_c=pz_map.calls_per_s/c_batch.calls_per_s
+    map_vs_py=pz_map.calls_per_s/py_map.calls_per_s map_vs_c=pz_map.calls_per_s/c_batch.calls_per_s \
+    map_vs_loop=pz_map.calls_per_s/pz_loop.calls_per_s \
+    stream_vs_loop=pz_stream.calls_per_s/pz_loop.calls_per_s \
+    stream_fn_vs_loop=pz_stream_fn.calls_per_s/pz_loop.calls_per_s \
+    stream_wide_vs_loop=pz_stream_wide.calls_per_s/pz_loop.calls_per_s
+
+# parallelize.map in one shot (issue 12), its pool's start and stop on the
+# clock, against Python's Pool.map (automatic chunks) and
+# Pool.imap_unordered (chunksize=1) written the same way.
+set -- "pz=$pz pzmap $TINY_N 2"
+[ "$have_python" -eq 1 ] && set -- "$@" "py_map=$py oneshot map $TINY_N 2" \
+    "py_imap=$py oneshot imap_unordered $TINY_N 2"
+rounds oneshot "$@" \
+    pz_vs_py_map=pz.calls_per_s/py_map.calls_per_s pz_vs_py_imap=pz.calls_per_s/py_imap.calls_per_s
 
 # The same with 256 workers, against Pool.map with 256 processes.
 set -- "pz_loop=$pz tiny $TINY_N 256" "pz_map=$pz map $TINY_N 256"
@@ -252,13 +288,21 @@ set -- "pz=$pz bytes $BYTES_N 2 $MIB"
 [ "$have_socketpair" -eq 1 ] && set -- "$@" "c_pump=$sp pump $BYTES_N $MIB 2"
 rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb_per_s
 
-printf '\nload average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+# ---- issue 12: a long stream in constant memory --------------------------
+# The default window, then (a diagnostic) the wide one of the tiny rows:
+# what a larger default would cost in memory and gain in speed.
+bench_for $((TIMEOUT * 3)) stream10m "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000
+bench_for $((TIMEOUT * 3)) stream10m_wide "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000 "$STREAM_WIDE"
+
+load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+printf '\nload average after: %s\n' "$load_after"
 
 # ---- the table -----------------------------------------------------------
 # Rows: figure, parallelize, anchor, ratio, target, verdict. The ratio is
 # figure / anchor where there is an anchor, else figure / the target's limit.
-printf '\n=== summary (%ss in all)\n\n' "$(($(date +%s) - started))"
-awk -F '=' -v codec_present="$codec_present" '
+printf '\n=== summary (%ss in all; load average before: %s; after: %s)\n\n' \
+    "$(($(date +%s) - started))" "$load_before" "$load_after"
+awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
     {
         key = $1
         val = substr($0, length($1) + 2)
@@ -350,6 +394,59 @@ awk -F '=' -v codec_present="$codec_present" '
             "Pool.map 256 procs", "py_map", "calls_per_s", "loop_vs_py", "> 1x", ">", 1)
         rrow("tiny calls x*2 (256 workers), p:map(list)", "tiny256", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
             "Pool.map 256 procs", "py_map", "calls_per_s", "map_vs_py", "> 1x", ">", 1)
+
+        # Issue 12: p:map and p:stream against the p(i) loop, same rounds.
+        n = has("tiny2.pz_loop.n") ? med("tiny2.pz_loop.n") : ""
+        rrow("p:map(list), tiny calls x*2 (n=" n ", 2 workers)", "tiny2", "pz_map", "calls_per_s", 1e6, "%.2f", " M/s",
+            "p(i) loop + wait", "pz_loop", "calls_per_s", "map_vs_loop", ">= 1x", ">=", 1)
+        rrow("p:stream(array), same", "tiny2", "pz_stream", "calls_per_s", 1e6, "%.3f", " M/s",
+            "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_vs_loop", ">= 0.67x (within 1.5x)", ">=", 1 / 1.5)
+        rrow("p:stream(iterator), same", "tiny2", "pz_stream_fn", "calls_per_s", 1e6, "%.3f", " M/s",
+            "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_fn_vs_loop", ">= 0.67x (within 1.5x)", ">=", 1 / 1.5)
+        rrow("p:stream(array), max_pending=" stream_wide ", same", "tiny2", "pz_stream_wide", "calls_per_s", 1e6, "%.3f", " M/s",
+            "p(i) loop + wait", "pz_loop", "calls_per_s", "stream_wide_vs_loop", "(diagnostic)", "", 0)
+
+        # Issue 12: parallelize.map in one shot against the pools of Python.
+        n = has("oneshot.pz.n") ? med("oneshot.pz.n") : ""
+        rrow("parallelize.map one shot (n=" n ", 2 workers)", "oneshot", "pz", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.map auto chunks, one shot", "py_map", "calls_per_s", "pz_vs_py_map", "(reported)", "", 0)
+        rrow("  same", "oneshot", "pz", "calls_per_s", 1e6, "%.2f", " M/s",
+            "Pool.imap_unordered cs=1, one shot", "py_imap", "calls_per_s", "pz_vs_py_imap", "(reported)", "", 0)
+
+        # Issue 12: the long stream.
+        if (has("stream10m.rss_growth_mib")) {
+            label = sprintf("%.0f M-line p:stream (" v["stream10m.source"] ", keep_results=false)", v["stream10m.lines"] / 1e6)
+            first = v["stream10m.rss_first_mib"] + 0
+            last = v["stream10m.rss_last_mib"] + 0
+            growth = v["stream10m.rss_growth_mib"] + 0
+            row(label ", parent RSS growth", sprintf("%+.2f MiB (%.2f -> %.2f)", growth, first, last),
+                sprintf("RSS at %.0f M lines %.2f MiB", v["stream10m.sample_every"] / 1e6, first),
+                ratio(last, first), "< 4 MiB (flat)", verdict(growth < 4))
+            row("  same, max growth over the samples", sprintf("%+.2f MiB", v["stream10m.rss_max_growth_mib"]),
+                "-", "-", "< 4 MiB", verdict(v["stream10m.rss_max_growth_mib"] + 0 < 4))
+            row("  same, RSS at each 1 M lines (MiB)", v["stream10m.rss_mib_at"], "-", "-", "(reported)", "-")
+            ls = v["stream10m.lines_per_s"] + 0
+            if (has("tiny2.pz_stream.calls_per_s"))
+                row("  same, lines/s", rate(ls), "p:stream(array) tiny calls " rate(med("tiny2.pz_stream.calls_per_s")),
+                    ratio(ls, med("tiny2.pz_stream.calls_per_s")), "(reported)", "-")
+            else
+                row("  same, lines/s", rate(ls), "-", "-", "(reported)", "-")
+        } else {
+            row("10 M-line p:stream, parent RSS growth", failed("stream10m"), "", "", "< 4 MiB (flat)", "FAILED")
+        }
+        if (has("stream10m_wide.rss_growth_mib")) {
+            w = "max_pending=" v["stream10m_wide.max_pending"]
+            row("  same, " w ", parent RSS growth", sprintf("%+.2f MiB (%.2f -> %.2f)", v["stream10m_wide.rss_growth_mib"],
+                v["stream10m_wide.rss_first_mib"], v["stream10m_wide.rss_last_mib"]), "-", "-", "(diagnostic)", "-")
+            ls = v["stream10m_wide.lines_per_s"] + 0
+            if (has("stream10m.lines_per_s"))
+                row("  same, " w ", lines/s", rate(ls), "default window " rate(v["stream10m.lines_per_s"] + 0),
+                    ratio(ls, v["stream10m.lines_per_s"]), "(diagnostic)", "-")
+            else
+                row("  same, " w ", lines/s", rate(ls), "-", "-", "(diagnostic)", "-")
+        } else {
+            row("  same, wide window", failed("stream10m_wide"), "", "", "(diagnostic)", "-")
+        }
 
         # Issue 14: calls of 100 us of CPU.
         n = has("busy.pz.n") ? med("busy.pz.n") : ""

@@ -8,8 +8,21 @@
 --       the executor is x * 2. Prints calls_per_s.
 --   build/pzlua bench/workload.lua map N WORKERS
 --       the same through `p:map(list)` (the list built before the clock
---       starts), when the pool has a map method; prints skipped=... when
---       it has none. Checks that the results come in input order.
+--       starts). Checks that every result is at its input's position.
+--   build/pzlua bench/workload.lua stream N WORKERS [MAX_PENDING]
+--       the same through `for i, ok, v in p:stream(list)` (the list built
+--       before the clock starts), each v checked against its i as it
+--       comes and summed; with MAX_PENDING, the stream's window is that
+--       instead of its default.
+--   build/pzlua bench/workload.lua stream_fn N WORKERS [MAX_PENDING]
+--       the same with an iterator function as the source, returning
+--       1, 2, ... N and then nil: inputs made as the stream pulls them.
+--   build/pzlua bench/workload.lua pzmap N WORKERS
+--       `parallelize.map(f, list, {workers = WORKERS})`, one shot: the
+--       clock runs from before the pool starts to after it has stopped,
+--       as Python's `with Pool(n) as pool: pool.map(...)` does in
+--       bench/py_anchor.py's oneshot_map. Prints seconds and calls_per_s
+--       only (the processes are gone before anything could read /proc).
 --   build/pzlua bench/workload.lua busy N WORKERS US
 --       N calls of a busy loop calibrated, in this run and before the pool
 --       starts, to take US microseconds of CPU. Each call measures the CPU
@@ -45,15 +58,18 @@ local parallelize = require "parallelize"
 local WAIT_S = 600 -- no run comes near it; a hang ends as an error
 
 local function usage()
-  io.stderr:write("usage: workload.lua tiny|map N WORKERS | busy N WORKERS US | bytes N WORKERS SIZE\n")
+  io.stderr:write("usage: workload.lua tiny|map|pzmap N WORKERS | stream|stream_fn N WORKERS [MAX_PENDING]"
+    .. " | busy N WORKERS US | bytes N WORKERS SIZE\n")
   os.exit(2)
 end
 
+local KINDS = { tiny = true, map = true, pzmap = true, stream = true, stream_fn = true, busy = true, bytes = true }
 local kind = arg[1]
 local N, WORKERS, PARAM = tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4])
 if not (N and WORKERS and N >= 1 and WORKERS >= 1) then usage() end
 if (kind == "busy" or kind == "bytes") and not (PARAM and PARAM > 0) then usage() end
-if kind ~= "tiny" and kind ~= "map" and kind ~= "busy" and kind ~= "bytes" then usage() end
+if (kind == "stream" or kind == "stream_fn") and arg[4] and not (PARAM and PARAM >= 1) then usage() end
+if not KINDS[kind] then usage() end
 
 local function fail(fmt, ...)
   error(string.format(fmt, ...), 0)
@@ -143,6 +159,60 @@ local function map(p)
     if results[i] ~= 2 * i then fail("map: result %d is %s (want %d)", i, tostring(results[i]), 2 * i) end
   end
   if #results ~= N or sum ~= N * (N + 1) then fail("map: %d results (want %d)", #results, N) end
+  return { seconds = t, calls_per_s = N / t }
+end
+
+--- p:stream over 1..N, from an array (built before the clock starts) or,
+-- with from_fn, from an iterator function; window: the stream's
+-- max_pending, or nil for its default. Each result is checked as it comes
+-- (the cost of a comparison), every input must come back exactly once.
+local function stream(from_fn, window)
+  return function(p)
+    local list
+    if not from_fn then
+      list = {}
+      for i = 1, N do list[i] = i end
+    end
+    local opts = window and { max_pending = window } or nil
+    local t0 = B.now()
+    local src = list
+    if from_fn then
+      local k = 0
+      src = function()
+        if k < N then
+          k = k + 1
+          return k
+        end
+      end
+    end
+    local sum, count = 0, 0
+    for i, ok, v in p:stream(src, opts) do
+      if not ok then fail("stream: input %d failed: %s", i, tostring(v)) end
+      if v ~= 2 * i then fail("stream: input %d gave %s (want %d)", i, tostring(v), 2 * i) end
+      sum, count = sum + v, count + 1
+    end
+    local t = B.now() - t0
+    if count ~= N or sum ~= N * (N + 1) then
+      fail("stream: %d results (want %d), sum %.17g (want %.17g)", count, N, sum, N * (N + 1))
+    end
+    local r = { seconds = t, calls_per_s = N / t }
+    r.max_pending = window or "default"
+    return r
+  end
+end
+
+--- parallelize.map, one shot: the pool's start and stop are on the clock.
+local function pzmap()
+  local list = {}
+  for i = 1, N do list[i] = i end
+  B.full_gc()
+  local t0 = B.now()
+  local results = parallelize.map(double, list, { workers = WORKERS })
+  local t = B.now() - t0
+  for i = 1, N do
+    if results[i] ~= 2 * i then fail("pzmap: result %d is %s (want %d)", i, tostring(results[i]), 2 * i) end
+  end
+  if #results ~= N then fail("pzmap: %d results (want %d)", #results, N) end
   return { seconds = t, calls_per_s = N / t }
 end
 
@@ -243,13 +313,11 @@ local r
 if kind == "tiny" then
   r = measure(double, tiny)
 elseif kind == "map" then
-  local has_map = B.with_pool({ double }, nil, nil, function(p) return p.map ~= nil end)
-  if not has_map then
-    B.emit("workload", kind)
-    B.emit("skipped", "the pool has no map method")
-    return
-  end
   r = measure(double, map)
+elseif kind == "stream" or kind == "stream_fn" then
+  r = measure(double, stream(kind == "stream_fn", PARAM))
+elseif kind == "pzmap" then
+  r = pzmap()
 elseif kind == "busy" then
   local k, calibrated = calibrate(PARAM)
   r = measure(parallelize.Deferred(timed_spin_ctor, spin(k)), busy(k, calibrated))

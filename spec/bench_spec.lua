@@ -114,14 +114,37 @@ describe("bench/workload.lua", function()
     assert.are.equal(2, select(2, kv.worker_cpu_s_each:gsub("[%d.]+", "")))
   end)
 
-  it("measures p:map, or says the pool has none", function()
+  it("measures p:map", function()
     local kv, out, status = pzlua("workload.lua", "map 2000 2")
     assert.are.equal(0, status, out)
-    if kv.skipped then
-      assert.are.equal("the pool has no map method", kv.skipped)
-    else
-      assert.is_true(number(kv, "calls_per_s") > 0)
+    assert.is_nil(kv.skipped, out)
+    assert.are.equal("2000", kv.n)
+    local rate = number(kv, "calls_per_s")
+    assert.is_true(math.abs(rate - 2000 / number(kv, "seconds")) < 1e-3 * rate, out)
+    assert.is_true(number(kv, "workers_cpu_s") > 0, out)
+  end)
+
+  it("measures p:stream from an array and from an iterator, with its window", function()
+    local cases = { { "stream 3000 2", "default" }, { "stream_fn 3000 2", "default" },
+      { "stream 3000 2 64", "64" }, { "stream_fn 3000 2 1", "1" } }
+    for _, case in ipairs(cases) do
+      local args, window = case[1], case[2]
+      local kv, out, status = pzlua("workload.lua", args)
+      assert.are.equal(0, status, args .. ": " .. out)
+      assert.are.equal("3000", kv.n, out)
+      local rate = number(kv, "calls_per_s")
+      assert.is_true(math.abs(rate - 3000 / number(kv, "seconds")) < 1e-3 * rate, out)
+      assert.are.equal(window, kv.max_pending, out)
+      assert.is_true(number(kv, "workers_cpu_s") > 0, out)
     end
+  end)
+
+  it("measures parallelize.map in one shot", function()
+    local kv, out, status = pzlua("workload.lua", "pzmap 2000 2")
+    assert.are.equal(0, status, out)
+    assert.are.equal("pzmap", kv.workload)
+    local rate = number(kv, "calls_per_s")
+    assert.is_true(math.abs(rate - 2000 / number(kv, "seconds")) < 1e-3 * rate, out)
   end)
 
   it("measures busy calls against the CPU they took", function()
@@ -147,8 +170,54 @@ describe("bench/workload.lua", function()
   end)
 
   it("refuses arguments it cannot read", function()
-    for _, args in ipairs({ "", "tiny", "tiny 0 2", "busy 10 2", "bytes 10 2 0", "other 1 1" }) do
+    for _, args in ipairs({ "", "tiny", "tiny 0 2", "busy 10 2", "bytes 10 2 0", "other 1 1",
+        "stream 10 2 0", "stream_fn 10 2 x" }) do
       local _, out, status = pzlua("workload.lua", args)
+      assert.are.equal(2, status, args .. ": " .. out)
+    end
+  end)
+end)
+
+describe("bench/stream_rss.lua", function()
+  local function check(kv, out, lines, every)
+    assert.are.equal(tostring(lines), kv.lines, out)
+    assert.are.equal(tostring(every), kv.sample_every, out)
+    local samples = {}
+    for x in (kv.rss_mib_at or ""):gmatch("[^,]+") do samples[#samples + 1] = tonumber(x) end
+    assert.are.equal(lines / every, #samples, out)
+    local _, heaps = (kv.lua_heap_mib_at or ""):gsub("[^,]+", "")
+    assert.are.equal(lines / every, heaps, out)
+    local first, last = number(kv, "rss_first_mib"), number(kv, "rss_last_mib")
+    assert.is_true(first > 0 and math.abs(first - samples[1]) < 0.01, out)
+    assert.is_true(math.abs(last - samples[#samples]) < 0.01, out)
+    assert.is_true(math.abs(number(kv, "rss_growth_mib") - (last - first)) < 1e-3, out)
+    assert.is_true(number(kv, "rss_max_mib") >= last, out)
+    assert.is_true(number(kv, "rss_max_growth_mib") >= number(kv, "rss_growth_mib"), out)
+    local rate = number(kv, "lines_per_s")
+    assert.is_true(math.abs(rate - lines / number(kv, "seconds")) < 1e-3 * rate, out)
+  end
+
+  it("streams generated lines, sampling the parent's memory", function()
+    local kv, out, status = pzlua("stream_rss.lua", "30000 10000")
+    assert.are.equal(0, status, out)
+    assert.are.equal("iterator", kv.source)
+    assert.are.equal("default", kv.max_pending)
+    check(kv, out, 30000, 10000)
+  end)
+
+  it("streams the lines of a file it writes and removes, with a given window", function()
+    local kv, out, status = pzlua("stream_rss.lua", "--file 20000 5000 64")
+    assert.are.equal(0, status, out)
+    assert.are.equal("file", kv.source)
+    assert.are.equal("64", kv.max_pending)
+    check(kv, out, 20000, 5000)
+    assert.is_string(kv.file, out)
+    assert.is_nil(io.open(kv.file, "r"), "the script left " .. kv.file .. " behind")
+  end)
+
+  it("refuses arguments it cannot read", function()
+    for _, args in ipairs({ "0", "1000 300", "x", "1000 100 0", "--file 10 20" }) do
+      local _, out, status = pzlua("stream_rss.lua", args)
       assert.are.equal(2, status, args .. ": " .. out)
     end
   end)
@@ -207,6 +276,16 @@ describe("bench/py_anchor.py", function()
     assert.are.equal("2000", kv.n)
     assert.is_true(number(kv, "calls_per_s") > 0)
     assert.is_true(number(kv, "switches_per_call") >= 0)
+  end)
+
+  it("measures Pool.map and Pool.imap_unordered in one shot", function()
+    for _, how in ipairs({ "map", "imap_unordered" }) do
+      local kv, out = run("oneshot " .. how .. " 2000 2")
+      assert.are.equal("oneshot_" .. how, kv.workload, out)
+      assert.are.equal("2000", kv.n, out)
+      local rate = number(kv, "calls_per_s")
+      assert.is_true(math.abs(rate - 2000 / number(kv, "seconds")) < 1e-3 * rate, out)
+    end
   end)
 
   it("measures busy calls against the CPU they took", function()
