@@ -369,6 +369,51 @@ static int l_pool_submit(lua_State *L)
     return submit(L, u, 4, (uint8_t)tag, timeout_ms);
 }
 
+/* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
+ * interleaved: queues list[k] as the one argument of a call, for every k
+ * from i to j, for `tag` (as pool_submit).  The ids are first .. last, one
+ * after the other, unless Lua code that ran while an argument was encoded
+ * queued a call in between (interleaved is then true, and ids[k - i + 1]
+ * holds each one's id).  One C call for a whole map: p(list[k]) from Lua,
+ * once a call, costs the main thread more than the call itself. */
+static int l_pool_submit_each(lua_State *L)
+{
+    lpool *u = check_running(L, 1);
+    int tag = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
+                  2, "not an active tag");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
+    luaL_checktype(L, 6, LUA_TTABLE);
+    lua_settop(L, 6);
+    double first = 0, last = 0;
+    int interleaved = 0;
+    for (int k = i; k <= j; k++) {
+        lua_rawgeti(L, 3, k);
+        submit(L, u, 7, (uint8_t)tag, 0);
+        double id = lua_tonumber(L, -1);
+        lua_pop(L, 2);
+        if (k == i) {
+            first = id;
+        } else if (!interleaved && id != last + 1) {
+            interleaved = 1;
+            for (int m = i; m < k; m++) {
+                lua_pushnumber(L, first + (m - i));
+                lua_rawseti(L, 6, m - i + 1);
+            }
+        }
+        if (interleaved) {
+            lua_pushnumber(L, id);
+            lua_rawseti(L, 6, k - i + 1);
+        }
+        last = id;
+    }
+    lua_pushnumber(L, first);
+    lua_pushnumber(L, last);
+    lua_pushboolean(L, interleaved);
+    return 3;
+}
+
 /* core.pool_drain(pool): moves the records received so far into the
  * environment tables. */
 static int l_pool_drain(lua_State *L)
@@ -752,6 +797,7 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
 {
     static const luaL_Reg funcs[] = {
         {"pool_new", l_pool_new},         {"pool_submit", l_pool_submit},
+        {"pool_submit_each", l_pool_submit_each},
         {"pool_drain", l_pool_drain},     {"pool_wait", l_pool_wait},
         {"pool_stop", l_pool_stop},       {"pool_counts", l_pool_counts},
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},

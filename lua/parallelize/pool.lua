@@ -24,6 +24,7 @@ local rawgetmetatable = debug.getmetatable -- the pool's metatable hides itself
 local pool_wait, pool_drain, pool_stop = core.pool_wait, core.pool_drain, core.pool_stop
 local pool_env, pool_counts, pool_size = core.pool_env, core.pool_counts, core.pool_size
 local pool_stopped, pool_submit, pool_finished = core.pool_stopped, core.pool_submit, core.pool_finished
+local pool_submit_each = core.pool_submit_each
 local pool_claim, pool_release, now = core.pool_claim, core.pool_release, core.now
 local null, ERROR_MT = core.null, core.error_metatable
 local describe = options.describe
@@ -379,20 +380,16 @@ function M.map(p, list, who)
   claim.owns = function(id) return pos == nil or pos[id] ~= nil end
   local tag = claim.tag
   local ok, err = pcall(function()
-    for i = 1, n do
-      local id = pool_submit(p, tag, nil, list[i])
-      if i == 1 then
-        first = id
-        claim.first = id
-      elseif id ~= last + 1 and not pos then
-        -- Another call took an id in between (Lua code that ran inside
-        -- p(...)): from here on, ids are looked up.
-        pos = {}
-        for j = 1, i - 1 do pos[first + j - 1] = j end
-      end
-      if pos then pos[id] = i end
-      last = id
-      claim.last = id
+    if n == 0 then return end
+    local ids = {}
+    local interleaved
+    first, last, interleaved = pool_submit_each(p, tag, list, 1, n, ids)
+    claim.first, claim.last = first, last
+    if interleaved then
+      -- Another call took an id in between (Lua code that ran inside
+      -- p(...)): ids are looked up.
+      pos = {}
+      for k = 1, n do pos[ids[k]] = k end
     end
     while #lists.ids + #lists.errors < n and #lists.errors == 0 do
       local _, finished = pool_counts(p)
@@ -439,9 +436,9 @@ end
 -- for: i, true, v1, v2, ... or i, false, err for each input i (its
 -- position in src: an array, or a function returning the next input and
 -- nil at the end), in completion order or, with ordered, in input order.
--- At most max_pending inputs wait for a worker at a time (default: 4 per
--- worker, at least 16); with ordered, at most that many results are held
--- back too.
+-- At most max_pending inputs wait for a worker at a time (default: as many
+-- as the workers may hold, max_inflight each, at least 64); with ordered,
+-- at most that many results are held back too.
 function methods.stream(p, src, opts)
   check_self(p, "stream")
   if pool_stopped(p) then error("stream: the pool is stopped", 2) end
@@ -460,7 +457,7 @@ function methods.stream(p, src, opts)
   end
   local window = opts.max_pending or pool_env(p).max_pending
   if window ~= nil then options.check_value("stream", "max_pending", window, 2) end
-  window = window or math.max(16, 4 * pool_size(p))
+  window = window or math.max(64, pool_env(p).max_inflight * pool_size(p))
   local ordered = opts.ordered and true or false
 
   local claim = new_claim(p)
@@ -494,31 +491,49 @@ function methods.stream(p, src, opts)
     error("stream: internal error: call " .. id .. " is not the stream's")
   end
 
+  --- Notes that input next_i became call id.
+  local function submitted(id)
+    local seg = segs[#segs]
+    if seg and seg_head <= #segs and id == seg[1] + seg[3] and next_i == seg[2] + seg[3] then
+      seg[3], seg[4] = seg[3] + 1, seg[4] + 1
+    else
+      segs[#segs + 1] = { id, next_i, 1, 1 }
+    end
+    if not claim.first then claim.first = id end
+    claim.last = id
+    next_i = next_i + 1
+    outstanding = outstanding + 1
+  end
+
+  local ids = {}
+
   --- Queues inputs while fewer than `window` wait for a worker (and, when
-  -- ordered, fewer than `window` results are held back).
+  -- ordered, fewer than `window` results are held back): an array's in
+  -- one C call.
   local function refill()
     local _, _, pending = pool_counts(p)
-    while not exhausted and pending < window and nheld < window do
-      local item
-      if array_n then
-        if next_i > array_n then exhausted = true break end
-        item = src[next_i]
-      else
-        item = src()
-        if item == nil then exhausted = true break end
+    local room = math.min(window - pending, window - nheld)
+    if exhausted or room <= 0 then return end
+    if array_n then
+      local last_i = math.min(next_i + room - 1, array_n)
+      if last_i >= next_i then
+        local first, last, interleaved = pool_submit_each(p, tag, src, next_i, last_i, ids)
+        if interleaved then
+          for k = 1, last_i - next_i + 1 do submitted(ids[k]) end
+        else
+          for id = first, last do submitted(id) end
+        end
       end
-      local id = pool_submit(p, tag, nil, item)
-      local seg = segs[#segs]
-      if seg and seg_head <= #segs and id == seg[1] + seg[3] and next_i == seg[2] + seg[3] then
-        seg[3], seg[4] = seg[3] + 1, seg[4] + 1
-      else
-        segs[#segs + 1] = { id, next_i, 1, 1 }
+      exhausted = next_i > array_n
+      return
+    end
+    for _ = 1, room do
+      local item = src()
+      if item == nil then
+        exhausted = true
+        return
       end
-      if not claim.first then claim.first = id end
-      claim.last = id
-      next_i = next_i + 1
-      outstanding = outstanding + 1
-      pending = pending + 1
+      submitted(pool_submit(p, tag, nil, item))
     end
   end
 
@@ -569,6 +584,11 @@ function methods.stream(p, src, opts)
 
   local function step()
     while true do
+      -- Keep the workers fed before handing out results.
+      if not exhausted then
+        local _, _, pending = pool_counts(p)
+        if pending < window / 2 then refill() end
+      end
       if ordered then
         -- everything finished moves to `held`, which yields in order
         while true do
@@ -746,6 +766,7 @@ function M.init(p, opts)
   local env = pool_env(p)
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
+  env.max_inflight = opts.max_inflight
   env.bar = progress.new(opts.progress)
   local max_pending = opts.max_pending
   env.wait_room = function(pool) M.wait_room(pool, max_pending) end
