@@ -78,7 +78,9 @@ function drive.stream(p, n) return stream(p, n, false) end
 function drive.ordered(p, n) return stream(p, n, true) end
 
 --- Runs the chaos. opts: calls, workers, interval (seconds between kills),
--- work (loop iterations per call), seed, timeout (seconds), progress (a
+-- work (loop iterations per call), seed, timeout (seconds), hang_every (every
+-- so many calls loop forever), call_timeout and max_calls (the pool's
+-- timeout and max_calls), progress (a
 -- function called with a status line every second, optional), mode: "loop"
 -- (p(i) in a loop, killed from this process while it waits), or "map",
 -- "result", "stream", "ordered" (the method drives the calls while a
@@ -95,9 +97,13 @@ function M.run(opts)
   local before = {}
   for _, pid in ipairs(support.children()) do before[pid] = true end
   local pause = opts.sleep or 0
-  local pool_options = { max_deaths = opts.max_deaths }
+  local pool_options = { max_deaths = opts.max_deaths, max_calls = opts.max_calls, timeout = opts.call_timeout }
   for k, v in pairs(opts.options or {}) do pool_options[k] = v end
+  local hang_every = opts.hang_every or 0
   local p = parallelize.Parallelize(parallelize.rep(function(x)
+    -- A hanging call sleeps (a spinning one would starve the others of CPU
+    -- and make them time out too, which a wall-clock timeout rightly does).
+    if hang_every > 0 and x % hang_every == 0 then parallelize.sleep(3600) end
     local s = 0
     for i = 1, work do s = s + i % 7 end
     if pause > 0 then parallelize.sleep(pause) end
@@ -158,11 +164,18 @@ function M.run(opts)
       local id = ids[i]
       assert(not seen[id], "call " .. id .. " has two results")
       assert(results[i] == id * 2, "call " .. id .. " has a wrong result: " .. tostring(results[i]))
+      assert(hang_every == 0 or id % hang_every ~= 0, "call " .. id .. " should have hung")
       seen[id] = true
     end
+    local timeouts = 0
     for _, e in ipairs(errors) do
       assert(not seen[e.id], "call " .. e.id .. " has a result and an error")
-      assert(e.message:match("^call %d+ killed %d+ workers"), "unexpected error: " .. e.message)
+      if e.timeout then
+        assert(hang_every > 0 and e.id % hang_every == 0, "call " .. e.id .. " timed out: " .. e.message)
+        timeouts = timeouts + 1
+      else
+        assert(e.message:match("^call %d+ killed %d+ workers"), "unexpected error: " .. e.message)
+      end
       seen[e.id] = true
     end
     for i = 1, opts.calls do assert(seen[i], "call " .. i .. " was lost") end
@@ -175,8 +188,9 @@ function M.run(opts)
       assert(support.eventually(function() return not support.alive(pid) end, 5), "worker " .. pid .. " lives on")
     end
     M.last = {
-      calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors,
-      elapsed = elapsed, rate = opts.calls / elapsed, spawner = spawner,
+      calls = opts.calls, workers = opts.workers, kills = kills, poison = #errors - timeouts,
+      timeouts = timeouts, recycles = p:stats().recycles, elapsed = elapsed, rate = opts.calls / elapsed,
+      spawner = spawner,
     }
   end)
   p:stop(0)

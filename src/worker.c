@@ -181,7 +181,8 @@ static int run_call(lua_State *L)
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
-    pz_wout_lock();
+    if (pz_wout_lock())
+        W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
     pz_buf *out = pz_wout_buf();
     W.mark = out->len;
     W.mark_frames = pz_wout_frames();
@@ -223,8 +224,10 @@ static void handle_call(lua_State *L, const pz_frame *f)
      * remote worker always writes them first: the parent, which cannot see
      * what it runs, charges a death to the oldest call it has no answer
      * for. */
-    if (W.remote || W.avg_ns > FLUSH_NS)
-        pz_wout_flush();
+    /* The clock is read again after a write: it may have waited, and the
+     * time is nobody's call's (timeouts count from W.started). */
+    if ((W.remote || W.avg_ns > FLUSH_NS) && pz_wout_flush())
+        W.clock = pz_now_ns();
     W.call = *f;
     /* From decoding the arguments to encoding the result, whatever kills
      * this process is this call's doing: see pz_slot_shared. */
@@ -248,9 +251,10 @@ static void handle_call(lua_State *L, const pz_frame *f)
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
-    if (pz_wout_buf()->len >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
-        W.clock - pz_wout_oldest() >= FLUSH_NS)
-        pz_wout_flush();
+    if ((pz_wout_buf()->len >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
+         W.clock - pz_wout_oldest() >= FLUSH_NS) &&
+        pz_wout_flush())
+        W.clock = pz_now_ns();
     pz_wout_unlock();
 }
 

@@ -102,11 +102,15 @@ void pz_wout_start_flusher(void)
     O.flusher_running = rc == 0;
 }
 
-void pz_wout_lock(void)
+int pz_wout_lock(void)
 {
-    if (O.flusher_running)
+    int waited = 0;
+    if (O.flusher_running && pthread_mutex_trylock(&O.lock) != 0) {
         pthread_mutex_lock(&O.lock);
+        waited = 1;
+    }
     O.locked = 1;
+    return waited;
 }
 
 void pz_wout_unlock(void)
@@ -151,12 +155,14 @@ int64_t pz_wout_oldest(void)
     return O.oldest;
 }
 
-void pz_wout_flush(void)
+int pz_wout_flush(void)
 {
     int had = O.locked;
     if (!had)
         pz_wout_lock();
+    int wrote = O.buf.len > 0;
     write_locked();
     if (!had)
         pz_wout_unlock();
+    return wrote;
 }

@@ -33,8 +33,9 @@ void pz_wout_init(int fd);
 void pz_wout_start_flusher(void);
 
 /* Main thread: takes and releases the lock; pz_wout_buf is valid while it
- * is held.  pz_wout_locked() says whether the main thread holds it. */
-void pz_wout_lock(void);
+ * is held.  pz_wout_locked() says whether the main thread holds it.
+ * pz_wout_lock returns 1 when it had to wait (the flusher was writing). */
+int pz_wout_lock(void);
 void pz_wout_unlock(void);
 int pz_wout_locked(void);
 pz_buf *pz_wout_buf(void);
@@ -52,7 +53,9 @@ int pz_wout_frames(void);
 int64_t pz_wout_oldest(void);
 
 /* Main thread: writes everything now (takes the lock if it does not hold
- * it).  Ends the process when the parent is gone. */
-void pz_wout_flush(void);
+ * it).  Returns 1 when it wrote something (the time that took, a write
+ * may block, is nobody's call's), else 0.  Ends the process when the
+ * parent is gone. */
+int pz_wout_flush(void);
 
 #endif

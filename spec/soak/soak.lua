@@ -3,6 +3,11 @@
 --   PZ_SOAK_CALLS (default 5,000,000), PZ_SOAK_WORKERS (256),
 --   PZ_SOAK_INTERVAL (seconds between kills, 0.002), PZ_SOAK_WORK (loop
 --   iterations per call, 3000), PZ_SOAK_ROUNDS (3), PZ_SOAK_TIMEOUT (900).
+-- After those rounds, one more with timeouts and recycling under the same
+-- chaos: every PZ_SOAK_HANG_EVERY-th call (1000) hangs and is ended by its
+-- timeout (0.25 s), and each worker is replaced after
+-- PZ_SOAK_MAX_CALLS calls (500); its calls default to a tenth of the others
+-- (PZ_SOAK_CONTROL_CALLS).
 local chaos = require "spec.chaos"
 
 local function env(name, default)
@@ -28,4 +33,18 @@ for round = 1, env("PZ_SOAK_ROUNDS", 3) do
   print(("round %d: ok in %.1f s (%.0f calls/s), %d kills (%.0f a second), %d poison-flagged, nothing lost, "
     .. "nothing duplicated, no process left"):format(round, f.elapsed, f.rate, f.kills, f.kills / f.elapsed, f.poison))
 end
+local control = {}
+for k, v in pairs(opts) do control[k] = v end
+control.calls = env("PZ_SOAK_CONTROL_CALLS", math.floor(opts.calls / 10))
+control.hang_every = env("PZ_SOAK_HANG_EVERY", 1000)
+control.call_timeout = 0.25
+control.max_calls = env("PZ_SOAK_MAX_CALLS", 500)
+control.max_deaths = 255
+control.seed = 99
+print(("soak round with timeouts and recycling: %d calls, every %dth hangs (timeout %g s), workers replaced "
+  .. "after %d calls"):format(control.calls, control.hang_every, control.call_timeout, control.max_calls))
+local f = chaos.run(control)
+total_calls, total_kills = total_calls + f.calls, total_kills + f.kills
+print(("round ok in %.1f s: %d kills, %d timeouts, %d recycles, %d poison-flagged, nothing lost, nothing "
+  .. "duplicated, no process left"):format(f.elapsed, f.kills, f.timeouts, f.recycles, f.poison))
 print(("soak: %d calls, %d kills, all accounted for"):format(total_calls, total_kills))
