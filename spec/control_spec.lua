@@ -227,8 +227,9 @@ describe("max_calls", function()
       total = total + tonumber(support.read(dir .. "/" .. name))
     end
     assert.are.equal(40, total) -- each call ran once, each retired worker closed
-    assert.is_true(files >= 8)
-    assert.is_true(p:stats().recycles >= 8)
+    local recycles = p:stats().recycles
+    assert.is_true(recycles >= 6, recycles .. " recycles") -- 5 calls each; the last ones may have fewer
+    assert.are.equal(recycles + 2, files) -- and the last two closed at stop
     -- p.closed: what the last worker of each slot returned from close
     local closed = p.closed
     assert.are.equal("number", type(closed[1]))
@@ -325,7 +326,8 @@ describe("progress", function()
     dir = support.tmpdir()
     support.write(dir .. "/bar.lua", [[
 local pz = require "parallelize"
-local p = pz.Parallelize(function(x) pz.sleep(0.03) return x end, { workers = 2, progress = arg[1] == "always" and "always" or true })
+local p = pz.Parallelize(function(x) pz.sleep(0.03) return x end,
+  { workers = 2, progress = arg[1] == "always" and "always" or true })
 for i = 1, 60 do p(i) end
 p:wait()
 p:stop()
