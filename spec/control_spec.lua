@@ -229,7 +229,9 @@ describe("max_calls", function()
     assert.are.equal(40, total) -- each call ran once, each retired worker closed
     local recycles = p:stats().recycles
     assert.is_true(recycles >= 6, recycles .. " recycles") -- 5 calls each; the last ones may have fewer
-    assert.are.equal(recycles + 2, files) -- and the last two closed at stop
+    -- every retired worker closed; the last two did too, unless stop found
+    -- them still starting (ended at once: they had run nothing)
+    assert.is_true(files >= recycles and files <= recycles + 2, files .. " closed, " .. recycles .. " recycles")
     -- p.closed: what the last worker of each slot returned from close
     local closed = p.closed
     assert.are.equal("number", type(closed[1]))
