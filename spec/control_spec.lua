@@ -307,7 +307,8 @@ describe("stats", function()
     assert.are.equal(2, #s.workers)
     local calls, busy = 0, 0
     for _, w in ipairs(s.workers) do
-      assert.is_true(w.pid > 0)
+      -- (a worker still starting when the calls were done has no pid yet)
+      assert.is_true(w.pid > 0 or w.calls == 0)
       calls, busy = calls + w.calls, busy + w.busy
     end
     assert.are.equal(100, calls)
