@@ -108,7 +108,7 @@ struct pz_io {
     pz_slot *slots;          /* nrecords of them: two per slot (see pz_slot) */
     int nrecords;
     int *settled;            /* per slot: initialized once, or given up */
-    pz_slot_stats *slot_stats; /* per slot */
+    pz_slot_stats *slot_stats; /* per slot: calls and busy time (pids: pz_io_get_stats) */
 
     /* dispatch.c */
     int rr;                  /* round-robin cursor */

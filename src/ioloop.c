@@ -302,6 +302,16 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
     memcpy(st->sample_ns, io->sample_ns, sizeof st->sample_ns);
     memcpy(st->sample_done, io->sample_done, sizeof st->sample_done);
     memcpy(st->slots, io->slot_stats, (size_t)io->p->nslots * sizeof *st->slots);
+    /* The pid of each slot's worker: the one taking calls, else the one
+     * retiring or starting (the spawner may report a pid after the worker
+     * has answered INIT, so it is looked up now). */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < io->nrecords; i++) {
+            const pz_slot *w = &io->slots[i];
+            int ready = w->state == SLOT_READY;
+            if (w->alive && w->pid > 0 && (pass == 0 ? !ready : ready))
+                st->slots[w->slot].pid = w->pid;
+        }
     pthread_mutex_unlock(&io->lock);
 }
 

@@ -651,7 +651,6 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
             w->state = SLOT_READY;
-        io->slot_stats[w->slot].pid = w->pid;
         if (w->out_sent == w->out.len && w->out_head == w->out.len)
             w->out.len = w->out_head = w->out_sent = 0;
         pz_io_settle(io, w);
