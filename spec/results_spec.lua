@@ -311,3 +311,33 @@ describe("max_pending", function()
     assert.is_true(p:wait(10))
   end)
 end)
+
+describe("max_pending_bytes", function()
+  local MiB = 1024 * 1024
+  it("makes p(...) wait while the calls waiting for a worker hold that many bytes", function()
+    local p = Parallelize(function(s)
+      require("parallelize").sleep(0.02)
+      return #s
+    end, { workers = 1, max_pending_bytes = 2.5 * MiB })
+    finally(function() p:stop() end)
+    local most, n = 0, 24
+    for i = 1, n do
+      p(string.rep(string.char(64 + i), MiB))
+      local _, _, pending = core.pool_counts(p)
+      if pending > most then most = pending end
+    end
+    -- Two frames of a little over 1 MiB are under the limit, a third is not.
+    assert.is_true(most <= 3, "pending reached " .. most)
+    assert.is_true(p:wait(30))
+    assert.are.equal(n, #p.results)
+    for i = 1, n do assert.are.equal(MiB, p.results[i]) end
+  end)
+
+  it("queues a call bigger than the limit when no other waits", function()
+    local p = Parallelize(function(s) return #s end, { workers = 1, max_pending_bytes = 1000 })
+    finally(function() p:stop() end)
+    for _ = 1, 3 do p(string.rep("x", 100000)) end
+    assert.is_true(p:wait(10))
+    assert.are.same({ 100000, 100000, 100000 }, p.results)
+  end)
+end)

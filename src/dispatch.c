@@ -76,6 +76,7 @@ void pz_dispatch(struct pz_io *io)
             savail -= size;
             pz_spsc_consume(q, size);
             io->calls_taken++;
+            io->bytes_taken += size;
         }
     }
     if (io->rq_pos == io->rq.len) {

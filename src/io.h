@@ -148,6 +148,8 @@ struct pz_io {
     int halted;              /* fail_fast: the first failure stopped dispatch */
     uint64_t calls_done;     /* RESULT/ERROR records written */
     uint64_t calls_taken;    /* CALL frames taken from the submit queue */
+    uint64_t bytes_taken;    /* and their bytes */
+    size_t backlog_added;    /* bytes of records written since the last publish */
     int slots_settled;
     int fatal;               /* the pool failed: p->fatal_reason is set */
     char *first_error;       /* the first reason a worker was lost (malloc'ed) */
@@ -211,10 +213,17 @@ void pz_slot_flush(struct pz_io *io, pz_slot *w);
  * (EPOLL_CTL_MOD), unless it is lent.  Fails the pool when epoll does. */
 void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
 
+/* The bytes of calls one worker may hold unanswered (it may always hold
+ * one, however big): enough to keep it busy on big arguments, while the
+ * rest wait in the submit queue, where p(...) can see them pile up
+ * (max_pending_bytes). */
+#define PZ_SLOT_BYTES (4u << 20)
+
 /* True when w can take one more call now. */
 static inline int pz_slot_has_room(const pz_slot *w)
 {
-    return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent;
+    return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent &&
+           (w->inflight == 0 || w->out.len - w->out_head < PZ_SLOT_BYTES);
 }
 
 /* Queues one CALL frame for w (sent by the next pz_slot_flush).  Returns

@@ -39,7 +39,7 @@ int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const
     size_t size = pz_frame_put(d, type, id, parts, nparts);
     pz_frame_set_tag(d, tag);
     pz_spsc_advance(&io->p->done, size);
-    atomic_fetch_add_explicit(&io->p->backlog, size, memory_order_relaxed);
+    io->backlog_added += size; /* added to p->backlog by pz_io_publish, once */
     if (type == PZ_F_RESULT || type == PZ_F_ERROR)
         io->calls_done++;
     if (type == PZ_F_INIT_ERROR && io->p->opt.fail_fast)
@@ -142,7 +142,12 @@ void pz_io_publish(struct pz_io *io)
 {
     pz_pool *p = io->p;
     pz_spsc_publish(&p->done);
+    if (io->backlog_added) {
+        atomic_fetch_add_explicit(&p->backlog, io->backlog_added, memory_order_relaxed);
+        io->backlog_added = 0;
+    }
     atomic_store(&p->calls_done, io->calls_done);
+    atomic_store(&p->bytes_taken, io->bytes_taken);
     atomic_store(&p->calls_taken, io->calls_taken);
     atomic_store(&p->slots_settled, io->slots_settled);
     if (io->fatal)

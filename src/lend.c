@@ -91,6 +91,7 @@ int pz_lend_dispatch(struct pz_io *io, int *lent_fd)
             if (pz_slot_hand_call(io, w, fr, size) == 0) {
                 pz_spsc_consume(&io->p->submit, size);
                 io->calls_taken++;
+                io->bytes_taken += size;
                 pz_slot_flush(io, w);
             }
             if (io->lent && w->out_sent < w->out.len)

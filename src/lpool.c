@@ -32,6 +32,7 @@
 #include <lua.h>
 
 #include "codec.h"
+#include "codec_format.h"
 #include "frame.h"
 #include "handshake.h"
 #include "lpool.h"
@@ -224,6 +225,7 @@ static int l_pool_new(lua_State *L)
     o.max_calls = (uint64_t)opt_number(L, "max_calls");
     o.fail_fast = opt_bool(L, "fail_fast");
     double max_pending = opt_number(L, "max_pending");
+    double max_pending_bytes = opt_number(L, "max_pending_bytes");
 
     lpool *u = (lpool *)lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);
@@ -232,6 +234,7 @@ static int l_pool_new(lua_State *L)
     u->keep_results = opt_bool(L, "keep_results");
     u->quiet = opt_bool(L, "quiet");
     u->max_pending = max_pending >= 1 ? (uint64_t)max_pending : 0;
+    u->max_pending_bytes = max_pending_bytes >= 1 ? (uint64_t)max_pending_bytes : UINT64_MAX;
     luaL_getmetatable(L, PZ_POOL_MT);
     lua_setmetatable(L, -2);
     int ud = lua_gettop(L);
@@ -277,29 +280,79 @@ static int l_pool_new(lua_State *L)
 
 /* True when the values at first .. first+count-1 are all numbers, strings,
  * booleans or nil: encoding them runs no Lua code. */
-static int all_scalars(lua_State *L, int first, int count)
+/* The most bytes the arguments at first .. first + count - 1 take encoded
+ * when every one is a scalar (no more than pz_encode_scalar reserves for
+ * each), or 0 when one is not. */
+static size_t scalars_bound(lua_State *L, int first, int count)
 {
+    size_t bound = PZ_VARINT_MAX_BYTES;
     for (int i = first; i < first + count; i++) {
-        int t = lua_type(L, i);
-        if (t != LUA_TNUMBER && t != LUA_TSTRING && t != LUA_TBOOLEAN && t != LUA_TNIL)
+        switch (lua_type(L, i)) {
+        case LUA_TNUMBER:
+            bound += PZ_NUMBER_MAX_BYTES;
+            break;
+        case LUA_TSTRING:
+            bound += 1 + PZ_VARINT_MAX_BYTES + lua_objlen(L, i);
+            break;
+        case LUA_TBOOLEAN:
+        case LUA_TNIL:
+            bound += 1;
+            break;
+        default:
             return 0;
+        }
     }
-    return 1;
+    return bound;
 }
 
-/* While max_pending calls wait for a worker, p(...) waits too: through the
- * Lua layer's env.wait_room(p), so that Ctrl-C's hook can fire in its loop
- * (a C function cannot let it). */
+/* Whether p(...) may queue one more call now: fewer than max_pending calls
+ * wait for a worker, and their frames hold fewer than max_pending_bytes
+ * (one call, however big, may always wait alone). */
+static int has_room(lpool *u)
+{
+    uint64_t pending = pz_pool_pending(u->pool);
+    return (u->max_pending == 0 || pending < u->max_pending) &&
+           (pending == 0 || pz_pool_pending_bytes(u->pool) < u->max_pending_bytes);
+}
+
+/* While the pool has no room (has_room), p(...) waits: through the Lua
+ * layer's env.wait_room(p), so that Ctrl-C's hook can fire in its loop (a
+ * C function cannot let it). */
 static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
 {
-    if (u->max_pending == 0 || pz_pool_pending(u->pool) < u->max_pending)
+    if (has_room(u))
         return;
-    check_not_draining(L, u, "a p(...) that must wait for room (max_pending)");
+    check_not_draining(L, u, "a p(...) that must wait for room (max_pending, max_pending_bytes)");
     lua_getfenv(L, pool_idx);
     lua_getfield(L, -1, "wait_room");
     lua_pushvalue(L, pool_idx);
     lua_call(L, 1, 0);
     lua_pop(L, 1);
+}
+
+/* submit's path for arguments that are all scalars, `bound` bytes at most
+ * encoded (scalars_bound): encoded where the call waits.  A p(...) that is
+ * encoding tables further up the stack cannot be in the way: it queues
+ * its call only once it has encoded it whole. */
+static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t bound, uint8_t tag,
+                          uint32_t timeout_ms)
+{
+    pz_pool *p = u->pool;
+    char *d = pz_pool_reserve_call(p, bound);
+    if (!d)
+        return luaL_error(L, "cannot queue the call: out of memory");
+    /* The room is enough for every pz_encode_scalar: none reallocates it. */
+    pz_buf view = {d, 0, bound};
+    pz_encode_tuple(L, first, nargs, &view, "args", 0);
+    if (view.len > p->opt.max_message)
+        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
+                             "above max_message (%f)",
+                          (double)view.len, (double)p->opt.max_message);
+    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms);
+    if (tag)
+        u->tag_outstanding[tag]++;
+    lua_pushnumber(L, (lua_Number)id);
+    return 1;
 }
 
 /* Encodes the arguments at first .. top and queues them for `tag` with
@@ -313,12 +366,17 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
 {
     wait_for_room(L, u, 1);
     int nargs = lua_gettop(L) - first + 1;
+    /* Scalars, which run no Lua code and whose size is known, are encoded
+     * straight into the submit queue. */
+    size_t bound = scalars_bound(L, first, nargs);
+    if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
+        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
     uintptr_t here = frame_here();
     pz_buf *b = &u->scratch;
     int claimed = 0;
     if (encoding_above(u, here)) {
         b = push_buffer(L);
-    } else if (!all_scalars(L, first, nargs)) {
+    } else {
         u->encoding_at = here; /* a raise leaves it stale: see frame_here */
         claimed = 1;
     }
@@ -426,7 +484,8 @@ static int l_pool_drain(lua_State *L)
  * -> status.  what: "calls" (every queued call finished), "init" (every
  * worker initialized or given up) or "progress" (at least `finished` calls
  * have finished in all, or fewer than `pending_below` wait for a worker;
- * either may be nil).  Drains first.  Returns "done", "timeout",
+ * either may be nil) or "room" (p(...) may queue a call: max_pending and
+ * max_pending_bytes allow it).  Drains first.  Returns "done", "timeout",
  * "interrupted" (a signal arrived: the caller's interrupt hook, if any,
  * fires on return), "fatal" (the pool cannot go on: env.fatal says why) or
  * "halted" (fail_fast: a failure, env.first_failure, stopped dispatch). */
@@ -434,7 +493,7 @@ static int l_pool_wait(lua_State *L)
 {
     lpool *u = check_running(L, 1);
     pz_pool *p = u->pool;
-    static const char *const kinds[] = {"calls", "init", "progress", NULL};
+    static const char *const kinds[] = {"calls", "init", "progress", "room", NULL};
     int what = luaL_checkoption(L, 2, NULL, kinds);
     check_not_draining(L, u, what == 1 ? "p.executors" : "p:wait()");
     int64_t deadline = deadline_from(L, 3);
@@ -450,8 +509,9 @@ static int l_pool_wait(lua_State *L)
         pz_lrecords_drain(L, u, 1);
         if (what == 0)
             finished = pz_pool_calls(p);
-        int done = what == 1 ? settled >= u->nslots
-                             : pz_pool_finished(p) >= finished || pz_pool_pending(p) < below;
+        int done = what == 1   ? settled >= u->nslots
+                   : what == 3 ? has_room(u)
+                               : pz_pool_finished(p) >= finished || pz_pool_pending(p) < below;
         if (done) {
             lua_pushliteral(L, "done");
             return 1;
@@ -459,6 +519,10 @@ static int l_pool_wait(lua_State *L)
         int r;
         if (what == 1) {
             r = pz_pool_sleep(p, PZ_WAIT_INIT, PZ_NEVER, PZ_NEVER, deadline);
+        } else if (what == 3) {
+            /* Room comes as calls are taken: one more is the least. */
+            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, PZ_NEVER, atomic_load(&p->calls_taken) + 1,
+                              deadline);
         } else {
             /* Fewer than `below` pending once next_id - below calls are taken. */
             uint64_t queued = pz_pool_calls(p);

@@ -30,6 +30,7 @@ typedef struct lpool {
     int keep_results;  /* the pool's store keeps results (option keep_results) */
     int quiet;         /* no warning when collected with calls unfinished */
     uint64_t max_pending; /* p(...) waits while this many are pending; 0: never */
+    uint64_t max_pending_bytes; /* and while their frames hold this many bytes */
     pz_idset finished; /* ids whose RESULT or ERROR record was drained */
     uint8_t tag_state[PZ_TAGS];
     uint64_t tag_outstanding[PZ_TAGS]; /* calls queued with the tag, not drained */

@@ -208,19 +208,43 @@ static void kick(pz_pool *p)
     }
 }
 
-uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms)
+char *pz_pool_reserve_call(pz_pool *p, size_t max_len)
 {
-    char *d = pz_spsc_reserve(&p->submit, PZ_FRAME_HEADER + len);
-    if (!d)
-        return 0;
+    char *d = pz_spsc_reserve(&p->submit, PZ_FRAME_HEADER + max_len);
+    return d ? d + PZ_FRAME_HEADER : NULL;
+}
+
+uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms)
+{
+    char *d = p->submit.wr->data + p->submit.wpos;
     uint64_t id = p->next_id++;
-    pz_part part = {args, len, 0};
-    size_t size = pz_frame_put(d, PZ_F_CALL, id, &part, 1);
+    pz_frame_header(d, PZ_F_CALL, id, (uint32_t)len);
     pz_frame_set_tag(d, tag);
     pz_frame_set_timeout_ms(d, timeout_ms);
-    pz_spsc_advance(&p->submit, size);
+    pz_spsc_advance(&p->submit, PZ_FRAME_HEADER + len);
+    p->bytes_submitted += PZ_FRAME_HEADER + len;
     kick(p);
     return id;
+}
+
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms)
+{
+    char *d = pz_pool_reserve_call(p, len);
+    if (!d)
+        return 0;
+    if (len)
+        memcpy(d, args, len);
+    return pz_pool_commit_call(p, len, tag, timeout_ms);
+}
+
+/* Takes what the main thread consumed off p->backlog: once per batch
+ * rather than once per record (an atomic add costs a tiny call's time). */
+static void settle_backlog(pz_pool *p)
+{
+    if (p->consumed) {
+        atomic_fetch_sub_explicit(&p->backlog, p->consumed, memory_order_relaxed);
+        p->consumed = 0;
+    }
 }
 
 int pz_pool_peek_record(pz_pool *p, pz_frame *f)
@@ -231,8 +255,10 @@ int pz_pool_peek_record(pz_pool *p, pz_frame *f)
         p->lent_fd = pz_lend_collect(p->io, 1);
         d = pz_spsc_peek(&p->done, &avail);
     }
-    if (!d)
+    if (!d) {
+        settle_backlog(p);
         return 0;
+    }
     pz_frame_read(d, f);
     return 1;
 }
@@ -242,7 +268,9 @@ void pz_pool_consume(pz_pool *p, const pz_frame *f)
     if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
         p->drained++;
     pz_spsc_consume(&p->done, f->size);
-    atomic_fetch_sub_explicit(&p->backlog, f->size, memory_order_relaxed);
+    p->consumed += f->size;
+    if (p->consumed >= PZ_BACKLOG_WAKE / 4)
+        settle_backlog(p);
 }
 
 int pz_pool_slots_settled(pz_pool *p)

@@ -130,6 +130,7 @@ typedef struct pz_pool {
     _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
     _Atomic uint64_t calls_done;  /* RESULT/ERROR records published */
     _Atomic uint64_t calls_taken; /* calls taken from the submit queue */
+    _Atomic uint64_t bytes_taken; /* their bytes (bytes_submitted's side) */
     _Atomic int slots_settled;    /* slots that initialized once or were given up */
     _Atomic int fatal;        /* the pool cannot go on: fatal_reason says why */
     _Atomic int halted;       /* fail_fast: a failure stopped dispatching */
@@ -142,6 +143,8 @@ typedef struct pz_pool {
     /* main */
     uint64_t next_id;         /* ids handed out: 1 .. next_id - 1 */
     uint64_t drained;         /* RESULT/ERROR records consumed */
+    uint64_t bytes_submitted; /* bytes of CALL frames queued so far */
+    size_t consumed;          /* bytes drained, not yet taken off backlog */
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
     pz_spin spin;             /* how waits for calls poll */
@@ -172,6 +175,14 @@ void pz_pool_free_launch(char ***launch, int nslots);
  * out of memory (nothing is queued then). */
 uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms);
 
+/* Main thread: pz_pool_submit in two steps, for a caller that encodes
+ * straight into the queue (one copy less): pz_pool_reserve_call returns
+ * room for up to max_len bytes of arguments (NULL when out of memory),
+ * then pz_pool_commit_call queues the first len of them, as
+ * pz_pool_submit would.  Nothing else may use the queue in between. */
+char *pz_pool_reserve_call(pz_pool *p, size_t max_len);
+uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms);
+
 /* Main thread: the first record the I/O thread published and the main
  * thread has not consumed (frame.h describes the records), read into *f;
  * returns 0 when there is none.  A lone call's answer is read first (see
@@ -197,6 +208,12 @@ static inline uint64_t pz_pool_finished(const pz_pool *p)
 static inline uint64_t pz_pool_pending(pz_pool *p)
 {
     return p->next_id - 1 - atomic_load(&p->calls_taken);
+}
+
+/* Main thread: the bytes of the calls pz_pool_pending counts. */
+static inline uint64_t pz_pool_pending_bytes(pz_pool *p)
+{
+    return p->bytes_submitted - atomic_load(&p->bytes_taken);
 }
 
 /* Main thread: RESULT/ERROR records published so far (drained or not). */

@@ -26,6 +26,9 @@
 #include "worker.h"
 
 #define READ_CHUNK 65536
+/* A buffer of a worker's kept when it empties, up to this size: freeing and
+ * growing it again for every big call would cost a page fault per page. */
+#define KEEP_BYTES (2 * PZ_SLOT_BYTES)
 #define READS_PER_TURN 8          /* then other slots get their turn */
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
 #define BACKOFF_NS 50000000LL     /* first restart after an init crash */
@@ -547,11 +550,13 @@ static void answered(struct pz_io *io, pz_slot *w, int64_t now)
     if (--w->inflight == 0)
         io->last_idle = w->index;
     /* Drop the answered frames at the front now and then: a worker that
-     * always has calls in flight never empties its buffer. */
+     * always has calls in flight never empties its buffer.  Only once they
+     * are four times what is left, so that moving the rest to the front
+     * costs a quarter of a copy per byte at most. */
     if (w->out_head == w->out.len) {
         w->out.len = w->out_head = w->out_sent = 0;
-        pz_buf_trim(&w->out, 1 << 20);
-    } else if (w->out_head >= READ_CHUNK && w->out_head >= w->out.len / 2) {
+        pz_buf_trim(&w->out, KEEP_BYTES);
+    } else if (w->out_head >= READ_CHUNK && w->out_head / 4 >= w->out.len - w->out_head) {
         pz_buf_consume(&w->out, w->out_head);
         w->out_sent -= w->out_head;
         w->out_head = 0;
@@ -759,7 +764,9 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
         if (w->discard > 0) {
             r = read_discarded(w);
         } else {
-            /* Room for the rest of a frame whose header is in, at once. */
+            /* Room for the rest of a frame whose header is in, at once;
+             * and no more than its rest, so that nothing behind it has to
+             * be moved to the front once it is handled. */
             size_t want = READ_CHUNK, need = 0;
             pz_frame f;
             const char *why;
@@ -773,7 +780,7 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
                 pz_io_fail(io, "out of memory in the I/O thread (reading from a worker)");
                 return 0;
             }
-            room = w->in.cap - w->in.len;
+            room = want > READ_CHUNK ? want : w->in.cap - w->in.len;
             r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
         }
         if (r < 0 && errno == EINTR)
@@ -797,7 +804,7 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
             break; /* drained */
     }
     if (w->in.len == 0)
-        pz_buf_trim(&w->in, 1 << 20);
+        pz_buf_trim(&w->in, KEEP_BYTES);
     return 0;
 }
 

@@ -20,6 +20,7 @@ static pz_chunk *chunk_new(size_t cap)
 int pz_spsc_init(pz_spsc *q, size_t chunk_size)
 {
     q->chunk_size = chunk_size;
+    atomic_init(&q->spare, NULL);
     q->wr = q->rd = chunk_new(chunk_size);
     q->wpos = 0;
     return q->wr ? 0 : -1;
@@ -34,6 +35,7 @@ void pz_spsc_destroy(pz_spsc *q)
         c = next;
     }
     q->wr = q->rd = NULL;
+    free(atomic_exchange(&q->spare, NULL));
 }
 
 char *pz_spsc_reserve(pz_spsc *q, size_t n)
@@ -43,9 +45,17 @@ char *pz_spsc_reserve(pz_spsc *q, size_t n)
         return w->data + q->wpos;
     /* Publish what this chunk holds before leaving it: the consumer moves to
      * the next chunk only when it has read this one's final tail. */
-    pz_chunk *c = chunk_new(n > q->chunk_size ? n : q->chunk_size);
-    if (!c)
-        return NULL;
+    size_t cap = n > q->chunk_size ? n : q->chunk_size;
+    pz_chunk *c = atomic_exchange(&q->spare, NULL);
+    if (c && c->cap >= cap) {
+        atomic_store_explicit(&c->next, NULL, memory_order_relaxed);
+        atomic_store_explicit(&c->tail, 0, memory_order_relaxed);
+        c->head = 0;
+    } else {
+        free(c);
+        if (!(c = chunk_new(cap)))
+            return NULL;
+    }
     atomic_store(&w->tail, q->wpos);
     atomic_store(&w->next, c);
     q->wr = c;
@@ -71,7 +81,7 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
         if (r->head < atomic_load(&r->tail))
             continue;
         q->rd = next;
-        free(r);
+        free(atomic_exchange(&q->spare, r));
     }
 }
 

@@ -30,6 +30,11 @@ typedef struct pz_spsc {
     size_t wpos;   /* producer's write position in wr (>= published tail) */
     pz_chunk *rd;  /* consumer's chunk */
     size_t chunk_size;
+    /* A chunk the consumer has left, for the producer's next one: fresh
+     * memory costs a page fault per page the first time it is written,
+     * which for big records costs more than the copy into it.  Passed
+     * with an atomic exchange on either side. */
+    pz_chunk *_Atomic spare;
 } pz_spsc;
 
 /* Returns 0, or -1 when out of memory. */

@@ -42,7 +42,12 @@
 #define READ_CHUNK 65536
 #define FLUSH_BYTES 65536
 #define FLUSH_FRAMES 128
-#define FLUSH_NS 50000 /* results older than this go out before the next call */
+/* Results that have waited this long go out after the call that follows
+ * them (the flusher writes them anyway if that call runs long).  Long
+ * enough that a worker busy with calls of a few hundred microseconds
+ * writes its results in batches, which wakes the parent's I/O thread once
+ * per batch rather than once per result. */
+#define FLUSH_NS PZ_WOUT_LATE_NS
 
 /* One worker process has exactly one of these. */
 static struct {
@@ -219,14 +224,15 @@ static int run_call(lua_State *L)
 
 static void handle_call(lua_State *L, const pz_frame *f)
 {
-    /* Calls here take long enough that results waiting in the buffer
-     * should not wait for this one too (and be lost if it kills us).  A
-     * remote worker always writes them first: the parent, which cannot see
-     * what it runs, charges a death to the oldest call it has no answer
-     * for. */
+    /* A remote worker writes what it has before each call: the parent,
+     * which cannot see what it runs, charges a death to the oldest call it
+     * has no answer for.  A local one leaves results to the batch (the
+     * flusher bounds their wait); the parent charges a death to the call
+     * the shared slot names, and runs again the calls whose results died
+     * unwritten. */
     /* The clock is read again after a write: it may have waited, and the
      * time is nobody's call's (timeouts count from W.started). */
-    if ((W.remote || W.avg_ns > FLUSH_NS) && pz_wout_flush())
+    if (W.remote && pz_wout_flush())
         W.clock = pz_now_ns();
     W.call = *f;
     /* From decoding the arguments to encoding the result, whatever kills

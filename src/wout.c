@@ -13,7 +13,9 @@
 #include "sys.h"
 #include "wout.h"
 
-#define KEEP_BYTES (256 * 1024) /* buffer kept allocated after a write */
+/* The buffer is kept allocated after a write up to this size: freed and
+ * grown again for every big result, it would cost a page fault per page. */
+#define KEEP_BYTES (4u << 20)
 #define FLUSHER_STACK (64 * 1024)
 
 static struct {

@@ -35,6 +35,7 @@ local OPTIONS = {
   spin = { 100e-6, "number", 0, 0.01 },
   kill_leftovers = { true, "boolean" },
   max_pending = { nil, "integer", 1, 2 ^ 40 },
+  max_pending_bytes = { 64 * 1024 ^ 2, "integer", 1, 2 ^ 50 },
   keep_results = { true, "boolean" },
   workers = { nil, "integer", 1, 100000 },
   timeout = { nil, "number", 0.001, 4e6 },

@@ -134,10 +134,11 @@ local function check_status(p, status)
   error(msg, caller.level())
 end
 
---- Waits until fewer than max_pending calls wait for a worker: p(...) calls
--- it (through env.wait_room) before queuing when the pool has max_pending.
-function M.wait_room(p, max_pending)
-  check_status(p, wait_for(p, "progress", nil, nil, max_pending))
+--- Waits until p(...) may queue a call (fewer than max_pending calls, and
+-- fewer than max_pending_bytes of their arguments, wait for a worker):
+-- p(...) calls it through env.wait_room when it finds no room.
+function M.wait_room(p)
+  check_status(p, wait_for(p, "room"))
 end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
@@ -768,8 +769,7 @@ function M.init(p, opts)
   env.max_pending = opts.max_pending
   env.max_inflight = opts.max_inflight
   env.bar = progress.new(opts.progress)
-  local max_pending = opts.max_pending
-  env.wait_room = function(pool) M.wait_room(pool, max_pending) end
+  env.wait_room = M.wait_room
   return p
 end
 
