@@ -19,11 +19,12 @@
 
 pz_slot *pz_dispatch_pick(struct pz_io *io)
 {
-    int n = io->nrecords;
-    for (int i = 0; i < n; i++) {
-        pz_slot *w = &io->slots[(io->rr + i) % n];
+    /* Round robin from io->rr, without a division per call. */
+    int n = io->nrecords, k = io->rr < n ? io->rr : 0;
+    for (int i = 0; i < n; i++, k = k + 1 == n ? 0 : k + 1) {
+        pz_slot *w = &io->slots[k];
         if (pz_slot_has_room(w)) {
-            io->rr = (w->index + 1) % n;
+            io->rr = k + 1 == n ? 0 : k + 1;
             return w;
         }
     }

@@ -1,9 +1,12 @@
 /*
  * idset.h - which call ids have finished, in memory that stays small
- * however many calls run: every id below `low` has finished, and the few
- * that finished ahead of it are kept in an open-addressed hash set.  Calls
- * finish roughly in the order they were queued, so the set holds about as
- * many ids as there are calls in flight.  Main thread only (lpool.c).
+ * however many calls run: every id below `low` has finished, and those that
+ * finished ahead of it are bits in a ring that covers the ids from `low`
+ * on.  Calls finish roughly in the order they were queued, so the ring
+ * spans about as many ids as there are calls in flight: one bit each (a
+ * call that runs for long while millions finish after it costs a bit per
+ * call finished meanwhile, and the ring grows to that).  Main thread only
+ * (lpool.c, lrecords.c).
  */
 #ifndef PZ_IDSET_H
 #define PZ_IDSET_H
@@ -12,74 +15,45 @@
 #include <stdlib.h>
 
 typedef struct pz_idset {
-    uint64_t low;    /* every id in [1, low) has finished */
-    uint64_t *slots; /* ids above low (0: empty) */
-    size_t cap, n;   /* cap: a power of two, or 0 */
+    uint64_t low;   /* every id in [1, low) has finished */
+    uint64_t *bits; /* id's bit: word (id / 64) % cap, bit id % 64, for
+                     * ids in [low, low + 64 * cap); bits below low are 0 */
+    size_t cap;     /* words: a power of two, or 0 */
 } pz_idset;
 
-static inline size_t pz_idset_hash(uint64_t id, size_t cap)
+static inline int pz_idset_bit(const pz_idset *s, uint64_t id)
 {
-    return (size_t)((id * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
+    return (int)(s->bits[(id >> 6) & (s->cap - 1)] >> (id & 63)) & 1;
 }
 
 static inline int pz_idset_has(const pz_idset *s, uint64_t id)
 {
     if (id < s->low)
         return 1;
-    if (s->n == 0)
+    if (id - s->low >= 64 * (uint64_t)s->cap)
         return 0;
-    for (size_t i = pz_idset_hash(id, s->cap);; i = (i + 1) & (s->cap - 1)) {
-        if (s->slots[i] == id)
-            return 1;
-        if (s->slots[i] == 0)
-            return 0;
-    }
+    return pz_idset_bit(s, id);
 }
 
-/* Removes id from the hash part (it is there); keeps probe chains whole. */
-static inline void pz_idset_remove(pz_idset *s, uint64_t id)
+/* Makes the ring cover id (above low); returns 0, or -1 when out of
+ * memory (the set is unchanged). */
+static inline int pz_idset_grow(pz_idset *s, uint64_t id)
 {
-    size_t mask = s->cap - 1, i = pz_idset_hash(id, s->cap);
-    while (s->slots[i] != id)
-        i = (i + 1) & mask;
-    s->slots[i] = 0;
-    s->n--;
-    for (size_t j = (i + 1) & mask; s->slots[j] != 0; j = (j + 1) & mask) {
-        uint64_t v = s->slots[j];
-        s->slots[j] = 0;
-        size_t k = pz_idset_hash(v, s->cap);
-        while (s->slots[k] != 0)
-            k = (k + 1) & mask;
-        s->slots[k] = v;
-    }
-}
-
-static inline int pz_idset_insert_raw(pz_idset *s, uint64_t id)
-{
-    if ((s->n + 1) * 2 > s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 64;
-        uint64_t *slots = calloc(cap, sizeof *slots);
-        if (!slots)
+    size_t cap = s->cap ? s->cap : 16;
+    while (id - s->low >= 64 * (uint64_t)cap) {
+        if (cap > SIZE_MAX / 2 / sizeof *s->bits)
             return -1;
-        for (size_t i = 0; i < s->cap; i++) {
-            if (s->slots[i] == 0)
-                continue;
-            size_t k = pz_idset_hash(s->slots[i], cap);
-            while (slots[k] != 0)
-                k = (k + 1) & (cap - 1);
-            slots[k] = s->slots[i];
-        }
-        free(s->slots);
-        s->slots = slots;
-        s->cap = cap;
+        cap *= 2;
     }
-    size_t k = pz_idset_hash(id, s->cap);
-    while (s->slots[k] != 0 && s->slots[k] != id)
-        k = (k + 1) & (s->cap - 1);
-    if (s->slots[k] == 0) {
-        s->slots[k] = id;
-        s->n++;
-    }
+    uint64_t *bits = calloc(cap, sizeof *bits);
+    if (!bits)
+        return -1;
+    for (uint64_t i = s->low; s->cap && i < s->low + 64 * (uint64_t)s->cap; i++)
+        if (pz_idset_bit(s, i))
+            bits[(i >> 6) & (cap - 1)] |= 1ull << (i & 63);
+    free(s->bits);
+    s->bits = bits;
+    s->cap = cap;
     return 0;
 }
 
@@ -89,11 +63,13 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
 {
     if (id < s->low)
         return 0;
-    if (id != s->low)
-        return pz_idset_insert_raw(s, id);
-    s->low++;
-    while (s->n > 0 && pz_idset_has(s, s->low)) {
-        pz_idset_remove(s, s->low);
+    if (id - s->low >= 64 * (uint64_t)s->cap && pz_idset_grow(s, id) != 0)
+        return -1;
+    s->bits[(id >> 6) & (s->cap - 1)] |= 1ull << (id & 63);
+    /* The ids from low on that have finished go below low, their bits
+     * cleared for the ids the ring will cover next. */
+    while (pz_idset_bit(s, s->low)) {
+        s->bits[(s->low >> 6) & (s->cap - 1)] &= ~(1ull << (s->low & 63));
         s->low++;
     }
     return 0;
@@ -101,9 +77,9 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
 
 static inline void pz_idset_free(pz_idset *s)
 {
-    free(s->slots);
-    s->slots = NULL;
-    s->cap = s->n = 0;
+    free(s->bits);
+    s->bits = NULL;
+    s->cap = 0;
 }
 
 #endif

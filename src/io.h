@@ -147,6 +147,8 @@ struct pz_io {
     /* ioloop.c: what publish() makes visible */
     int halted;              /* fail_fast: the first failure stopped dispatch */
     uint64_t calls_done;     /* RESULT/ERROR records written */
+    int64_t now;             /* pz_now_ns as last read: at each turn of the
+                              * loop, and after each read from a worker */
     uint64_t calls_taken;    /* CALL frames taken from the submit queue */
     uint64_t bytes_taken;    /* and their bytes */
     size_t backlog_added;    /* bytes of records written since the last publish */

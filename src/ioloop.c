@@ -367,7 +367,7 @@ void *pz_io_main(void *arg)
         pz_slot_start(io, &io->slots[i]);
     io->started_ns = pz_now_ns();
     while (!io->finished) {
-        int64_t now = pz_now_ns();
+        int64_t now = io->now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
             begin_stop(io);
         take_requests(io);

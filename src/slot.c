@@ -623,7 +623,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     }
     if (w->doomed == f->id)
         w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
-    int64_t now = pz_now_ns();
+    int64_t now = io->now; /* read once per read: the answers came at once */
     io->slot_stats[w->slot].calls++;
     io->slot_stats[w->slot].busy_ns += ns;
     if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
@@ -796,6 +796,7 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
         if (room == 0)
             continue; /* discarded */
         w->in.len += (size_t)r;
+        io->now = pz_now_ns();
         ssize_t used = handle_frames(io, w, max_payload);
         if (used < 0)
             return 0;
