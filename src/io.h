@@ -202,9 +202,19 @@ void pz_slot_start(struct pz_io *io, pz_slot *w);
  * slot up. */
 void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status);
 
-/* Reads what a worker sent and handles whole frames, for a bounded number
- * of reads so that one busy worker cannot starve the others.  Returns 1
- * when that bound stopped it (more may be waiting), else 0. */
+/* slot.c's own helpers, for answer.c: a worker that broke the protocol is
+ * killed (its death is handled like any other); an ERROR record of `kind`
+ * for the CALL frame `call` that the parent itself gives up on (returns
+ * what pz_io_record does); the record's socket closed and out of the
+ * epoll set. */
+void pz_slot_reject(struct pz_io *io, pz_slot *w, const char *why);
+int pz_slot_record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind);
+void pz_slot_close_fd(struct pz_io *io, pz_slot *w);
+
+/* answer.c: reads what a worker sent and handles whole frames, for a
+ * bounded number of reads so that one busy worker cannot starve the
+ * others.  Returns 1 when that bound stopped it (more may be waiting),
+ * else 0. */
 int pz_slot_read(struct pz_io *io, pz_slot *w);
 
 /* Writes what w->out holds unsent, as far as the socket takes it,

@@ -1,9 +1,9 @@
 /*
  * slot.c - one worker record, as the parent's I/O thread sees it: starting
- * its process, the frames that go to it and come from it, its replacement
- * after max_calls, the calls it is killed for (timeouts, cancels), its
- * death and what happens to the calls it held.  Runs with io->lock held
- * (io.h).
+ * its process, the frames that go to it (what comes back: answer.c), its
+ * replacement after max_calls, the calls it is killed for (timeouts,
+ * cancels), its death and what happens to the calls it held.  Runs with
+ * io->lock held (io.h).
  *
  * All worker sockets are non-blocking, so a worker that stops reading can
  * never block the loop.
@@ -25,11 +25,6 @@
 #include "varint.h"
 #include "worker.h"
 
-#define READ_CHUNK 65536
-/* A buffer of a worker's kept when it empties, up to this size: freeing and
- * growing it again for every big call would cost a page fault per page. */
-#define KEEP_BYTES (2 * PZ_SLOT_BYTES)
-#define READS_PER_TURN 8          /* then other slots get their turn */
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
 #define BACKOFF_NS 50000000LL     /* first restart after an init crash */
 #define MAX_BACKOFF_NS 2000000000LL
@@ -62,7 +57,7 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op)
     }
 }
 
-static void close_fd(struct pz_io *io, pz_slot *w)
+void pz_slot_close_fd(struct pz_io *io, pz_slot *w)
 {
     if (w->fd < 0)
         return;
@@ -166,12 +161,12 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
 
 /* The parent kills a worker that broke the protocol; it is then handled
  * like any other death. */
-static void reject(struct pz_io *io, pz_slot *w, const char *why)
+void pz_slot_reject(struct pz_io *io, pz_slot *w, const char *why)
 {
     if (w->why[0])
         return;
     snprintf(w->why, sizeof w->why, "was killed after it sent a malformed frame (%s)", why);
-    close_fd(io, w);
+    pz_slot_close_fd(io, w);
     if (!w->kill_sent) {
         w->kill_sent = 1;
         pz_spawnq_kill(io, w, SIGKILL);
@@ -199,27 +194,10 @@ static uint64_t remote_running_call(const pz_slot *w, int known, int status)
     return pz_frame_id(w->out.data + w->out_head);
 }
 
-/* A remote slot's launcher wrote something that is not a frame before
- * its worker answered INIT: most often a shell start-up file on the other
- * host printing on stdout, or a launcher that is not running pzlua
- * --worker.  The message shows what came. */
-static void reject_output(struct pz_io *io, pz_slot *w, const char *why)
-{
-    char seen[64];
-    size_t n = 0;
-    for (size_t i = 0; i < w->in.len && i < 24 && n + 5 < sizeof seen; i++) {
-        unsigned char c = (unsigned char)w->in.data[i];
-        n += (size_t)snprintf(seen + n, sizeof seen - n, c >= 32 && c < 127 && c != '"' ? "%c" : "\\x%02x", c);
-    }
-    char msg[160];
-    snprintf(msg, sizeof msg, "%s: \"%s\"...; does the remote shell print on stdout?", why, seen);
-    reject(io, w, msg);
-}
-
 /* Writes an ERROR record of this kind for the CALL frame `call` that the
  * parent itself gives up on: its arguments, the message, no traceback, no
  * value, no attempts.  Returns what pz_io_record does. */
-static int record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind)
+int pz_slot_record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind)
 {
     uint8_t no_attempts = 0;
     pz_part parts[] = {{pz_frame_payload(call), pz_frame_payload_len(call), 1},
@@ -336,7 +314,7 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
         snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", id);
         if (pos >= w->out_sent) {
             /* Not sent yet: it never will be. */
-            if (record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
+            if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
                 return 1;
             memmove(fr, fr + size, w->out.len - pos - size);
             w->out.len -= size;
@@ -349,7 +327,7 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
             return 1;
         }
         /* Sent, not started: dropped now; its answer, if one comes, is not. */
-        if (record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
+        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
             pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
         return 1;
     }
@@ -381,7 +359,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                          (double)limit / 1e9);
             else
                 snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", w->doomed);
-            if (record_error(io, fr, msg, w->doomed_kind) == 0)
+            if (pz_slot_record_error(io, fr, msg, w->doomed_kind) == 0)
                 drop = w->doomed;
         }
         w->doomed = 0;
@@ -399,7 +377,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                          "%d (pid %d) %s while running call %" PRIu64,
                          running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
                          running);
-                if (record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
+                if (pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
                     drop = running;
             }
         }
@@ -436,7 +414,7 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
     /* Everything it wrote before it died is still in the socket. */
     while (w->fd >= 0 && !io->fatal && pz_slot_read(io, w))
         ;
-    close_fd(io, w);
+    pz_slot_close_fd(io, w);
     pz_buf_trim(&w->in, 0);
     w->in.len = 0;
     w->alive = 0;
@@ -509,304 +487,6 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
     case SLOT_GONE:
         return; /* nothing held */
     }
-}
-
-/* ---- frames from the worker -------------------------------------------- */
-
-/* The in-flight depth: enough calls to cover `window` of work.  A remote
- * worker's also covers its round trip, plus the call it runs: an answer
- * takes half a round trip to come back and the call it makes room for
- * half a round trip to get there, and the worker should not run dry
- * meanwhile. */
-static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
-{
-    const pz_options *o = &io->p->opt;
-    w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
-    double d = (double)o->window_ns / w->avg_ns;
-    if (w->remote)
-        d += w->rtt_ns / w->avg_ns + 1;
-    w->depth = d < 1 ? 1 : d > o->max_inflight ? o->max_inflight : (uint32_t)d;
-}
-
-/* A remote slot's round trip, measured on a call sent while it held no
- * other (so that it waited behind none): the time to its answer less the
- * time it ran. */
-static void note_round_trip(pz_slot *w, uint64_t id, uint64_t ns)
-{
-    if (id != w->probe_id)
-        return;
-    w->probe_id = 0;
-    double rtt = (double)(pz_now_ns() - w->probe_at) - (double)ns;
-    if (rtt <= 0)
-        return;
-    w->rtt_ns = w->rtt_ns > 0 ? w->rtt_ns * 0.75 + rtt * 0.25 : rtt;
-}
-
-/* The call at out_head has been answered: drops it from w. */
-static void answered(struct pz_io *io, pz_slot *w, int64_t now)
-{
-    w->out_head += pz_frame_size(w->out.data + w->out_head);
-    w->head_since = now;
-    if (--w->inflight == 0)
-        io->last_idle = w->index;
-    /* Drop the answered frames at the front now and then: a worker that
-     * always has calls in flight never empties its buffer.  Only once they
-     * are four times what is left, so that moving the rest to the front
-     * costs a quarter of a copy per byte at most. */
-    if (w->out_head == w->out.len) {
-        w->out.len = w->out_head = w->out_sent = 0;
-        pz_buf_trim(&w->out, KEEP_BYTES);
-    } else if (w->out_head >= READ_CHUNK && w->out_head / 4 >= w->out.len - w->out_head) {
-        pz_buf_consume(&w->out, w->out_head);
-        w->out_sent -= w->out_head;
-        w->out_head = 0;
-    }
-}
-
-/* An ERROR answer from the worker (payload after the run time: message,
- * traceback, value): the call runs again when retries allow, else becomes
- * an error record with every attempt it made.  Returns -1 when the pool
- * failed. */
-static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char *p, size_t n)
-{
-    const char *msg, *tb, *value, *rest;
-    size_t mlen, tblen, vlen, rlen;
-    pz_split_prefixed(p, n, &msg, &mlen, &rest, &rlen); /* checked by the caller */
-    pz_split_prefixed(rest, rlen, &tb, &tblen, &value, &vlen);
-    if (pz_retry_again(io, w, head, msg, mlen) == 0)
-        return 0;
-    pz_buf attempts = PZ_BUF_INIT;
-    if (pz_retry_take(io, w, pz_frame_id(head), msg, mlen, &attempts) != 0) {
-        pz_io_fail(io, "out of memory in the I/O thread (the attempts of a call)");
-        return -1;
-    }
-    pz_part parts[] = {{pz_frame_payload(head), pz_frame_payload_len(head), 1},
-                       {msg, mlen, 1},
-                       {tb, tblen, 1},
-                       {value, vlen, 1},
-                       {attempts.data, attempts.len, 0}};
-    int rc = pz_io_record_error(io, PZ_ERR_RAISED, pz_frame_tag(head), pz_frame_id(head), parts, 5);
-    pz_buf_free(&attempts);
-    return rc;
-}
-
-/* A RESULT or ERROR frame: it answers the call at out_head. */
-static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
-{
-    if ((w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
-        w->inflight == 0) {
-        reject(io, w, "an answer to no call");
-        return;
-    }
-    char *head = w->out.data + w->out_head;
-    if (pz_frame_id(head) != f->id) {
-        reject(io, w, "an answer to the wrong call");
-        return;
-    }
-    const char *p = f->payload;
-    size_t n = f->len;
-    uint64_t ns;
-    if (pz_take_varint(&p, &n, &ns) != 0) {
-        reject(io, w, "a truncated answer");
-        return;
-    }
-    if (f->type == PZ_F_ERROR) {
-        /* Message, traceback, value: checked here, since the main thread
-         * trusts records. */
-        const char *s, *rest;
-        size_t slen, rlen;
-        if (pz_split_prefixed(p, n, &s, &slen, &rest, &rlen) != 0 ||
-            pz_split_prefixed(rest, rlen, &s, &slen, &rest, &rlen) != 0) {
-            reject(io, w, "a truncated error");
-            return;
-        }
-    }
-    if (w->doomed == f->id)
-        w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
-    int64_t now = io->now; /* read once per read: the answers came at once */
-    io->slot_stats[w->slot].calls++;
-    io->slot_stats[w->slot].busy_ns += ns;
-    if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
-        /* Its cancellation is its record already. */
-    } else if (f->type == PZ_F_RESULT) {
-        pz_part part = {p, n, 0};
-        if (pz_io_record(io, PZ_F_RESULT, pz_frame_tag(head), f->id, &part, 1) != 0)
-            return;
-    } else if (on_error_answer(io, w, head, p, n) != 0) {
-        return;
-    }
-    if (w->remote)
-        note_round_trip(w, f->id, ns);
-    update_depth(io, w, ns);
-    answered(io, w, now);
-}
-
-/* An INIT_OK or INIT_ERROR frame. */
-static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
-{
-    if (w->state != SLOT_STARTING && w->state != SLOT_STOPPING) {
-        reject(io, w, "an unexpected INIT answer");
-        return;
-    }
-    if (f->type == PZ_F_INIT_OK) {
-        uint8_t v[PZ_VARINT_MAX_BYTES];
-        pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
-        if (pz_io_record(io, PZ_F_INIT_OK, 0, (uint64_t)w->slot, parts, 2) != 0)
-            return;
-        w->init_crashes = 0;
-        if (w->state == SLOT_STARTING)
-            w->state = SLOT_READY;
-        if (w->out_sent == w->out.len && w->out_head == w->out.len)
-            w->out.len = w->out_head = w->out_sent = 0;
-        pz_io_settle(io, w);
-        return;
-    }
-    const char *msg, *tb;
-    size_t mlen, tblen;
-    if (pz_split_prefixed(f->payload, f->len, &msg, &mlen, &tb, &tblen) != 0) {
-        reject(io, w, "a truncated INIT error");
-        return;
-    }
-    pz_part parts[] = {{msg, mlen, 1}, {tb, tblen, 0}};
-    if (pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->slot, parts, 2) != 0)
-        return;
-    char *why = strndup(msg, mlen);
-    pz_io_remember_error(io, why ? why : "initialization failed (its message did not fit in memory)");
-    free(why);
-    w->state = SLOT_GONE;
-    pz_io_settle(io, w);
-    pz_io_check_fatal(io);
-}
-
-/* A CLOSED frame: what the executor's close returned, for p.closed. */
-static void on_closed(struct pz_io *io, pz_slot *w, const pz_frame *f)
-{
-    pz_part part = {f->payload, f->len, 0};
-    pz_io_record(io, PZ_F_CLOSED, 0, (uint64_t)w->slot, &part, 1);
-}
-
-/* Handles the whole frames at the front of w->in; returns how many bytes
- * they took, or -1 when the worker was rejected or the pool failed. */
-static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
-{
-    size_t pos = 0;
-    for (;;) {
-        pz_frame f;
-        const char *why;
-        int rc = pz_frame_parse(w->in.data + pos, w->in.len - pos, max_payload, &f, NULL, &why);
-        if (rc == PZ_PARSE_MORE)
-            return (ssize_t)pos;
-        if (rc == PZ_PARSE_BAD) {
-            if (w->remote && w->state == SLOT_STARTING && pos == 0)
-                reject_output(io, w, why);
-            else
-                reject(io, w, why);
-            return -1;
-        }
-        if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
-            on_answer(io, w, &f);
-        else if (f.type == PZ_F_INIT_OK || f.type == PZ_F_INIT_ERROR)
-            on_init(io, w, &f);
-        else if (f.type == PZ_F_CLOSED)
-            on_closed(io, w, &f);
-        else
-            reject(io, w, "a frame type workers do not send");
-        if (w->why[0] || io->fatal)
-            return -1;
-        pos += f.size;
-    }
-}
-
-/* The parent has no room for the answer whose header starts w->in (need
- * bytes in all): if it answers w's current call, that call becomes an
- * error saying so, the rest of the frame is skipped as it comes, and the
- * worker goes on.  Returns 0 then; -1 when the frame is not such an
- * answer. */
-static int skip_answer(struct pz_io *io, pz_slot *w, size_t need)
-{
-    const char *head = w->out.data + w->out_head;
-    uint8_t type = pz_frame_type(w->in.data);
-    if ((type != PZ_F_RESULT && type != PZ_F_ERROR) || w->inflight == 0 ||
-        (w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
-        pz_frame_id(head) != pz_frame_id(w->in.data))
-        return -1;
-    char msg[200];
-    snprintf(msg, sizeof msg, "call %" PRIu64 ": the parent could not allocate %zu bytes for its %s",
-             pz_frame_id(head), need, type == PZ_F_RESULT ? "result" : "error");
-    if (!(pz_frame_flags(head) & PZ_CALL_CANCELLED) &&
-        record_error(io, head, msg, PZ_ERR_PARENT) != 0)
-        return 0; /* the pool failed; nothing more is read */
-    w->discard = need - w->in.len;
-    w->in.len = 0;
-    pz_buf_trim(&w->in, 0);
-    answered(io, w, pz_now_ns());
-    return 0;
-}
-
-/* Reads and drops up to w->discard bytes; returns what recv returned. */
-static ssize_t read_discarded(pz_slot *w)
-{
-    char sink[READ_CHUNK];
-    ssize_t r = recv(w->fd, sink, w->discard < sizeof sink ? w->discard : sizeof sink, MSG_DONTWAIT);
-    if (r > 0)
-        w->discard -= (size_t)r;
-    return r;
-}
-
-int pz_slot_read(struct pz_io *io, pz_slot *w)
-{
-    size_t max_payload = (size_t)io->p->opt.max_message + PZ_FRAME_SLACK;
-    for (int rounds = 0; w->fd >= 0 && !io->fatal; rounds++) {
-        if (rounds == READS_PER_TURN)
-            return 1;
-        size_t room = 0;
-        ssize_t r;
-        if (w->discard > 0) {
-            r = read_discarded(w);
-        } else {
-            /* Room for the rest of a frame whose header is in, at once;
-             * and no more than its rest, so that nothing behind it has to
-             * be moved to the front once it is handled. */
-            size_t want = READ_CHUNK, need = 0;
-            pz_frame f;
-            const char *why;
-            if (pz_frame_parse(w->in.data, w->in.len, max_payload, &f, &need, &why) ==
-                    PZ_PARSE_MORE &&
-                need > w->in.len + READ_CHUNK)
-                want = need - w->in.len;
-            if (!pz_buf_reserve(&w->in, want)) {
-                if (want > READ_CHUNK && skip_answer(io, w, need) == 0)
-                    continue;
-                pz_io_fail(io, "out of memory in the I/O thread (reading from a worker)");
-                return 0;
-            }
-            room = want > READ_CHUNK ? want : w->in.cap - w->in.len;
-            r = recv(w->fd, w->in.data + w->in.len, room, MSG_DONTWAIT);
-        }
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            break;
-        if (r <= 0) {
-            close_fd(io, w);
-            if (!w->exited && !w->eof_at)
-                w->eof_at = pz_now_ns();
-            break;
-        }
-        if (room == 0)
-            continue; /* discarded */
-        w->in.len += (size_t)r;
-        io->now = pz_now_ns();
-        ssize_t used = handle_frames(io, w, max_payload);
-        if (used < 0)
-            return 0;
-        pz_buf_consume(&w->in, (size_t)used);
-        if ((size_t)r < room)
-            break; /* drained */
-    }
-    if (w->in.len == 0)
-        pz_buf_trim(&w->in, KEEP_BYTES);
-    return 0;
 }
 
 /* ---- frames to the worker ---------------------------------------------- */
