@@ -1,10 +1,11 @@
 /*
  * lpool.c - the pool as Lua sees it: a full userdata whose __call queues a
- * call, and the functions the Lua layer (lua/parallelize/pool.lua) builds
- * the pool's methods from.  Each function checks its arguments, calls
- * pool.c and pushes what it returns; the policy (defaults, option ranges,
- * messages about misuse) is the Lua layer's.  What records become is in
- * lrecords.c, the INIT payloads in linit.c.  Main thread only.
+ * call (lsubmit.c), and the functions the Lua layer
+ * (lua/parallelize/pool.lua) builds the pool's methods from.  Each function
+ * checks its arguments, calls pool.c and pushes what it returns; the
+ * policy (defaults, option ranges, messages about misuse) is the Lua
+ * layer's.  What records become is in lrecords.c, the INIT payloads in
+ * linit.c.  Main thread only.
  *
  * Re-entrancy.  Lua code can run inside these functions: a __gc finalizer
  * (a collection can start at any allocation), a function environment's
@@ -32,14 +33,11 @@
 #include <lua.h>
 
 #include "codec.h"
-#include "codec_format.h"
 #include "frame.h"
 #include "handshake.h"
 #include "lpool.h"
 #include "pool.h"
 #include "sys.h"
-
-#define BUFFER_MT "parallelize.buffer"
 
 /* Largest max_message.  Frame lengths are 32 bits, and the largest record,
  * an error carrying its call's arguments and a message from the worker,
@@ -50,31 +48,13 @@
 /* What pool workers run to prepare their Lua states (pz_lpool_register). */
 static pz_state_setup worker_setup;
 
-/* The address of the caller's stack frame.  The C stack grows down, so a
- * call that runs while another is still inside this module (from a
- * finalizer, say) has its frame below that one's; a frame recorded by a
- * call that raised since is at or below where later calls from the same
- * place run. */
-static inline uintptr_t frame_here(void)
-{
-    return (uintptr_t)__builtin_frame_address(0);
-}
-
-/* True when a p(...) of this pool is encoding its arguments further up
- * this thread's stack. */
-static int encoding_above(const lpool *u, uintptr_t here)
-{
-    return u->encoding_at != 0 && here < u->encoding_at;
-}
-
 /* Returns the pool userdata at idx, or raises. */
 static lpool *to_lpool(lua_State *L, int idx)
 {
     return (lpool *)luaL_checkudata(L, idx, PZ_POOL_MT);
 }
 
-/* Returns the pool at idx when it still runs; raises otherwise. */
-static lpool *check_running(lua_State *L, int idx)
+lpool *pz_lpool_check_running(lua_State *L, int idx)
 {
     lpool *u = to_lpool(L, idx);
     if (!u->pool || u->pool->stopped)
@@ -93,9 +73,7 @@ static int64_t deadline_from(lua_State *L, int idx)
     return pz_now_ns() + (int64_t)((t > 0 ? fmin(t, 1e9) : 0) * 1e9);
 }
 
-/* Raises when records are being drained: `what` cannot run from Lua code
- * that runs meanwhile. */
-static void check_not_draining(lua_State *L, const lpool *u, const char *what)
+void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what)
 {
     if (u->draining)
         luaL_error(L, "the pool is busy: %s called while the pool turns results into Lua values "
@@ -114,23 +92,6 @@ static void free_init(lpool *u)
     free(u->init);
     u->init = NULL;
     u->ninit = 0;
-}
-
-/* A pz_buf owned by a userdata (pushed), for the rare encode that cannot use
- * the pool's scratch buffer. */
-static int buffer_gc(lua_State *L)
-{
-    pz_buf_free((pz_buf *)lua_touserdata(L, 1));
-    return 0;
-}
-
-static pz_buf *push_buffer(lua_State *L)
-{
-    pz_buf *b = (pz_buf *)lua_newuserdata(L, sizeof *b);
-    *b = (pz_buf)PZ_BUF_INIT;
-    luaL_getmetatable(L, BUFFER_MT);
-    lua_setmetatable(L, -2);
-    return b;
 }
 
 /* ------------------------------------------------------------------------
@@ -274,204 +235,6 @@ static int l_pool_new(lua_State *L)
     return 1;
 }
 
-/* ------------------------------------------------------------------------
- * Calls
- * --------------------------------------------------------------------- */
-
-/* True when the values at first .. first+count-1 are all numbers, strings,
- * booleans or nil: encoding them runs no Lua code. */
-/* The most bytes the arguments at first .. first + count - 1 take encoded
- * when every one is a scalar (no more than pz_encode_scalar reserves for
- * each), or 0 when one is not. */
-static size_t scalars_bound(lua_State *L, int first, int count)
-{
-    size_t bound = PZ_VARINT_MAX_BYTES;
-    for (int i = first; i < first + count; i++) {
-        switch (lua_type(L, i)) {
-        case LUA_TNUMBER:
-            bound += PZ_NUMBER_MAX_BYTES;
-            break;
-        case LUA_TSTRING:
-            bound += 1 + PZ_VARINT_MAX_BYTES + lua_objlen(L, i);
-            break;
-        case LUA_TBOOLEAN:
-        case LUA_TNIL:
-            bound += 1;
-            break;
-        default:
-            return 0;
-        }
-    }
-    return bound;
-}
-
-/* Whether p(...) may queue one more call now: fewer than max_pending calls
- * wait for a worker, and their frames hold fewer than max_pending_bytes
- * (one call, however big, may always wait alone). */
-static int has_room(lpool *u)
-{
-    uint64_t pending = pz_pool_pending(u->pool);
-    return (u->max_pending == 0 || pending < u->max_pending) &&
-           (pending == 0 || pz_pool_pending_bytes(u->pool) < u->max_pending_bytes);
-}
-
-/* While the pool has no room (has_room), p(...) waits: through the Lua
- * layer's env.wait_room(p), so that Ctrl-C's hook can fire in its loop (a
- * C function cannot let it). */
-static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
-{
-    if (has_room(u))
-        return;
-    check_not_draining(L, u, "a p(...) that must wait for room (max_pending, max_pending_bytes)");
-    lua_getfenv(L, pool_idx);
-    lua_getfield(L, -1, "wait_room");
-    lua_pushvalue(L, pool_idx);
-    lua_call(L, 1, 0);
-    lua_pop(L, 1);
-}
-
-/* submit's path for arguments that are all scalars, `bound` bytes at most
- * encoded (scalars_bound): encoded where the call waits.  A p(...) that is
- * encoding tables further up the stack cannot be in the way: it queues
- * its call only once it has encoded it whole. */
-static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t bound, uint8_t tag,
-                          uint32_t timeout_ms)
-{
-    pz_pool *p = u->pool;
-    char *d = pz_pool_reserve_call(p, bound);
-    if (!d)
-        return luaL_error(L, "cannot queue the call: out of memory");
-    /* The room is enough for every pz_encode_scalar: none reallocates it. */
-    pz_buf view = {d, 0, bound};
-    pz_encode_tuple(L, first, nargs, &view, "args", 0);
-    if (view.len > p->opt.max_message)
-        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
-                             "above max_message (%f)",
-                          (double)view.len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms);
-    if (tag)
-        u->tag_outstanding[tag]++;
-    lua_pushnumber(L, (lua_Number)id);
-    return 1;
-}
-
-/* Encodes the arguments at first .. top and queues them for `tag` with
- * timeout_ms (pool.h); pushes the call's id.
- *
- * Arguments are encoded into the pool's scratch buffer.  Encoding tables
- * or functions can run Lua code (a finalizer), which may call p(...)
- * again: that inner call finds the scratch buffer taken (encoding_at marks
- * the outer call's frame above it) and encodes into a buffer of its own. */
-static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
-{
-    wait_for_room(L, u, 1);
-    int nargs = lua_gettop(L) - first + 1;
-    /* Scalars, which run no Lua code and whose size is known, are encoded
-     * straight into the submit queue. */
-    size_t bound = scalars_bound(L, first, nargs);
-    if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
-        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
-    uintptr_t here = frame_here();
-    pz_buf *b = &u->scratch;
-    int claimed = 0;
-    if (encoding_above(u, here)) {
-        b = push_buffer(L);
-    } else {
-        u->encoding_at = here; /* a raise leaves it stale: see frame_here */
-        claimed = 1;
-    }
-    b->len = 0;
-    pz_encode_tuple(L, first, nargs, b, "args", 0);
-    if (claimed)
-        u->encoding_at = 0;
-    /* Lua code that ran while encoding may have stopped the pool. */
-    pz_pool *p = u->pool;
-    if (!p || p->stopped)
-        return luaL_error(L, "the pool is stopped");
-    if (b->len > p->opt.max_message)
-        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
-                             "above max_message (%f)",
-                          (double)b->len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms);
-    if (b == &u->scratch && b->cap > (1u << 20))
-        pz_buf_trim(b, 0);
-    if (id == 0)
-        return luaL_error(L, "cannot queue the call: out of memory");
-    if (tag)
-        u->tag_outstanding[tag]++;
-    lua_pushnumber(L, (lua_Number)id);
-    return 1;
-}
-
-/* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
- * queued when an argument cannot be encoded (the error says which). */
-static int l_pool_call(lua_State *L)
-{
-    return submit(L, check_running(L, 1), 2, 0, 0);
-}
-
-/* core.pool_submit(pool, tag, timeout, ...) -> id: a call for a map or
- * stream (tag, from pool_claim; 0 for the pool's own store) with a timeout
- * of its own (seconds; nil for the pool's, math.huge for none). */
-static int l_pool_submit(lua_State *L)
-{
-    lpool *u = check_running(L, 1);
-    int tag = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
-                  2, "not an active tag");
-    uint32_t timeout_ms = 0;
-    if (!lua_isnil(L, 3)) {
-        double t = luaL_checknumber(L, 3) * 1e3;
-        timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
-    }
-    return submit(L, u, 4, (uint8_t)tag, timeout_ms);
-}
-
-/* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
- * interleaved: queues list[k] as the one argument of a call, for every k
- * from i to j, for `tag` (as pool_submit).  The ids are first .. last, one
- * after the other, unless Lua code that ran while an argument was encoded
- * queued a call in between (interleaved is then true, and ids[k - i + 1]
- * holds each one's id).  One C call for a whole map: p(list[k]) from Lua,
- * once a call, costs the main thread more than the call itself. */
-static int l_pool_submit_each(lua_State *L)
-{
-    lpool *u = check_running(L, 1);
-    int tag = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
-                  2, "not an active tag");
-    luaL_checktype(L, 3, LUA_TTABLE);
-    int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
-    luaL_checktype(L, 6, LUA_TTABLE);
-    lua_settop(L, 6);
-    double first = 0, last = 0;
-    int interleaved = 0;
-    for (int k = i; k <= j; k++) {
-        lua_rawgeti(L, 3, k);
-        submit(L, u, 7, (uint8_t)tag, 0);
-        double id = lua_tonumber(L, -1);
-        lua_pop(L, 2);
-        if (k == i) {
-            first = id;
-        } else if (!interleaved && id != last + 1) {
-            interleaved = 1;
-            for (int m = i; m < k; m++) {
-                lua_pushnumber(L, first + (m - i));
-                lua_rawseti(L, 6, m - i + 1);
-            }
-        }
-        if (interleaved) {
-            lua_pushnumber(L, id);
-            lua_rawseti(L, 6, k - i + 1);
-        }
-        last = id;
-    }
-    lua_pushnumber(L, first);
-    lua_pushnumber(L, last);
-    lua_pushboolean(L, interleaved);
-    return 3;
-}
-
 /* core.pool_drain(pool): moves the records received so far into the
  * environment tables. */
 static int l_pool_drain(lua_State *L)
@@ -491,11 +254,11 @@ static int l_pool_drain(lua_State *L)
  * "halted" (fail_fast: a failure, env.first_failure, stopped dispatch). */
 static int l_pool_wait(lua_State *L)
 {
-    lpool *u = check_running(L, 1);
+    lpool *u = pz_lpool_check_running(L, 1);
     pz_pool *p = u->pool;
     static const char *const kinds[] = {"calls", "init", "progress", "room", NULL};
     int what = luaL_checkoption(L, 2, NULL, kinds);
-    check_not_draining(L, u, what == 1 ? "p.executors" : "p:wait()");
+    pz_lpool_check_not_draining(L, u, what == 1 ? "p.executors" : "p:wait()");
     int64_t deadline = deadline_from(L, 3);
     uint64_t finished = PZ_NEVER, below = 0;
     if (what == 2 && !lua_isnoneornil(L, 4))
@@ -510,7 +273,7 @@ static int l_pool_wait(lua_State *L)
         if (what == 0)
             finished = pz_pool_calls(p);
         int done = what == 1   ? settled >= u->nslots
-                   : what == 3 ? has_room(u)
+                   : what == 3 ? pz_lpool_has_room(u)
                                : pz_pool_finished(p) >= finished || pz_pool_pending(p) < below;
         if (done) {
             lua_pushliteral(L, "done");
@@ -574,7 +337,7 @@ static int l_pool_finished(lua_State *L)
  * call id (io.h), unless it has finished; returns whether it had not. */
 static int l_pool_cancel(lua_State *L)
 {
-    lpool *u = check_running(L, 1);
+    lpool *u = pz_lpool_check_running(L, 1);
     double id = luaL_checknumber(L, 2);
     pz_lrecords_drain(L, u, 1);
     if (id < 1 || id > (double)pz_pool_calls(u->pool) || pz_idset_has(&u->finished, (uint64_t)id)) {
@@ -664,7 +427,7 @@ static int l_pool_stats(lua_State *L)
  * env.claims[tag] = {results = {}, ids = {}, errors = {}, extras = {}}. */
 static int l_pool_claim(lua_State *L)
 {
-    lpool *u = check_running(L, 1);
+    lpool *u = pz_lpool_check_running(L, 1);
     int tag = 1;
     while (tag < PZ_TAGS && !(u->tag_state[tag] == PZ_TAG_FREE ||
                               (u->tag_state[tag] == PZ_TAG_RELEASED && u->tag_outstanding[tag] == 0)))
@@ -777,8 +540,8 @@ static int l_pool_stop(lua_State *L)
         lua_newtable(L);
         return 1;
     }
-    check_not_draining(L, u, "p:stop()");
-    if (encoding_above(u, frame_here()))
+    pz_lpool_check_not_draining(L, u, "p:stop()");
+    if (pz_lpool_encoding_above(u, pz_lpool_frame_here()))
         return luaL_error(L, "the pool is busy: p:stop() called while p(...) encodes its "
                              "arguments (from a __gc finalizer?); call it afterwards");
     pz_pool_stop(u->pool, finish);
@@ -860,8 +623,8 @@ static int l_pool_stopped(lua_State *L)
 void pz_lpool_register(lua_State *L, pz_state_setup setup)
 {
     static const luaL_Reg funcs[] = {
-        {"pool_new", l_pool_new},         {"pool_submit", l_pool_submit},
-        {"pool_submit_each", l_pool_submit_each},
+        {"pool_new", l_pool_new},         {"pool_submit", pz_lpool_submit},
+        {"pool_submit_each", pz_lpool_submit_each},
         {"pool_drain", l_pool_drain},     {"pool_wait", l_pool_wait},
         {"pool_stop", l_pool_stop},       {"pool_counts", l_pool_counts},
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},
@@ -870,15 +633,11 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         {"pool_env", l_pool_env},         {"pool_stopped", l_pool_stopped},
         {NULL, NULL}};
     worker_setup = setup;
-    if (luaL_newmetatable(L, BUFFER_MT)) {
-        lua_pushcfunction(L, buffer_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    pz_lsubmit_prepare(L);
     if (luaL_newmetatable(L, PZ_POOL_MT)) {
         lua_pushcfunction(L, l_pool_gc);
         lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_pool_call);
+        lua_pushcfunction(L, pz_lpool_call);
         lua_setfield(L, -2, "__call");
         lua_pushcfunction(L, l_pool_tostring);
         lua_setfield(L, -2, "__tostring");

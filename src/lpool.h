@@ -58,6 +58,45 @@ void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz
  * to the table on top. */
 void pz_lrecords_register(lua_State *L);
 
+/* lpool.c's helpers, shared with lsubmit.c.  pz_lpool_check_running
+ * returns the pool at idx when it still runs, and raises otherwise;
+ * pz_lpool_check_not_draining raises when records are being drained:
+ * `what` cannot run from Lua code that runs meanwhile. */
+lpool *pz_lpool_check_running(lua_State *L, int idx);
+void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what);
+
+/* The address of the caller's stack frame.  The C stack grows down, so a
+ * call that runs while another is still inside this module (from a
+ * finalizer, say) has its frame below that one's; a frame recorded by a
+ * call that raised since is at or below where later calls from the same
+ * place run. */
+static inline uintptr_t pz_lpool_frame_here(void)
+{
+    return (uintptr_t)__builtin_frame_address(0);
+}
+
+/* True when a p(...) of this pool is encoding its arguments further up
+ * this thread's stack. */
+static inline int pz_lpool_encoding_above(const lpool *u, uintptr_t here)
+{
+    return u->encoding_at != 0 && here < u->encoding_at;
+}
+
+/* lsubmit.c.  pz_lpool_call is the pool's __call: p(...) -> id, the
+ * arguments encoded and queued (nothing is queued when one cannot be
+ * encoded; the error says which).  pz_lpool_submit and
+ * pz_lpool_submit_each are core.pool_submit and core.pool_submit_each
+ * (their comments).  pz_lpool_has_room says whether p(...) may queue one
+ * more call now: fewer than max_pending calls wait for a worker, and their
+ * frames hold fewer than max_pending_bytes (one call, however big, may
+ * always wait alone).  pz_lsubmit_prepare registers the metatable of the
+ * buffers submit may need. */
+int pz_lpool_call(lua_State *L);
+int pz_lpool_submit(lua_State *L);
+int pz_lpool_submit_each(lua_State *L);
+int pz_lpool_has_room(lpool *u);
+void pz_lsubmit_prepare(lua_State *L);
+
 /* Adds pool_new, pool_wait, pool_drain, pool_stop and the other pool
  * functions, pool_metatable and max_message_limit to the table on top.
  * Workers of the pools made from here prepare their Lua states with

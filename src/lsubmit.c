@@ -1,0 +1,234 @@
+/*
+ * lsubmit.c - queuing calls from Lua: p(...), core.pool_submit and
+ * core.pool_submit_each encode their arguments and queue them (pool.h),
+ * waiting first while the pool has no room (max_pending,
+ * max_pending_bytes).  Main thread only; the rules about Lua code that
+ * runs while arguments are encoded are lpool.c's (its header comment).
+ */
+#include <stdint.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "codec.h"
+#include "codec_format.h"
+#include "frame.h"
+#include "lpool.h"
+#include "pool.h"
+
+#define BUFFER_MT "parallelize.buffer"
+
+/* A pz_buf owned by a userdata (pushed), for the rare encode that cannot use
+ * the pool's scratch buffer. */
+static int buffer_gc(lua_State *L)
+{
+    pz_buf_free((pz_buf *)lua_touserdata(L, 1));
+    return 0;
+}
+
+static pz_buf *push_buffer(lua_State *L)
+{
+    pz_buf *b = (pz_buf *)lua_newuserdata(L, sizeof *b);
+    *b = (pz_buf)PZ_BUF_INIT;
+    luaL_getmetatable(L, BUFFER_MT);
+    lua_setmetatable(L, -2);
+    return b;
+}
+
+void pz_lsubmit_prepare(lua_State *L)
+{
+    if (luaL_newmetatable(L, BUFFER_MT)) {
+        lua_pushcfunction(L, buffer_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
+
+/* The most bytes the arguments at first .. first + count - 1 take encoded
+ * when every one is a scalar (no more than pz_encode_scalar reserves for
+ * each), or 0 when one is not. */
+static size_t scalars_bound(lua_State *L, int first, int count)
+{
+    size_t bound = PZ_VARINT_MAX_BYTES;
+    for (int i = first; i < first + count; i++) {
+        switch (lua_type(L, i)) {
+        case LUA_TNUMBER:
+            bound += PZ_NUMBER_MAX_BYTES;
+            break;
+        case LUA_TSTRING:
+            bound += 1 + PZ_VARINT_MAX_BYTES + lua_objlen(L, i);
+            break;
+        case LUA_TBOOLEAN:
+        case LUA_TNIL:
+            bound += 1;
+            break;
+        default:
+            return 0;
+        }
+    }
+    return bound;
+}
+
+int pz_lpool_has_room(lpool *u)
+{
+    uint64_t pending = pz_pool_pending(u->pool);
+    return (u->max_pending == 0 || pending < u->max_pending) &&
+           (pending == 0 || pz_pool_pending_bytes(u->pool) < u->max_pending_bytes);
+}
+
+/* While the pool has no room (pz_lpool_has_room), p(...) waits: through the Lua
+ * layer's env.wait_room(p), so that Ctrl-C's hook can fire in its loop (a
+ * C function cannot let it). */
+static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
+{
+    if (pz_lpool_has_room(u))
+        return;
+    pz_lpool_check_not_draining(L, u, "a p(...) that must wait for room (max_pending, max_pending_bytes)");
+    lua_getfenv(L, pool_idx);
+    lua_getfield(L, -1, "wait_room");
+    lua_pushvalue(L, pool_idx);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+}
+
+/* submit's path for arguments that are all scalars, `bound` bytes at most
+ * encoded (scalars_bound): encoded where the call waits.  A p(...) that is
+ * encoding tables further up the stack cannot be in the way: it queues
+ * its call only once it has encoded it whole. */
+static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t bound, uint8_t tag,
+                          uint32_t timeout_ms)
+{
+    pz_pool *p = u->pool;
+    char *d = pz_pool_reserve_call(p, bound);
+    if (!d)
+        return luaL_error(L, "cannot queue the call: out of memory");
+    /* The room is enough for every pz_encode_scalar: none reallocates it. */
+    pz_buf view = {d, 0, bound};
+    pz_encode_tuple(L, first, nargs, &view, "args", 0);
+    if (view.len > p->opt.max_message)
+        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
+                             "above max_message (%f)",
+                          (double)view.len, (double)p->opt.max_message);
+    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms);
+    if (tag)
+        u->tag_outstanding[tag]++;
+    lua_pushnumber(L, (lua_Number)id);
+    return 1;
+}
+
+/* Encodes the arguments at first .. top and queues them for `tag` with
+ * timeout_ms (pool.h); pushes the call's id.
+ *
+ * Arguments are encoded into the pool's scratch buffer.  Encoding tables
+ * or functions can run Lua code (a finalizer), which may call p(...)
+ * again: that inner call finds the scratch buffer taken (encoding_at marks
+ * the outer call's frame above it) and encodes into a buffer of its own. */
+static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
+{
+    wait_for_room(L, u, 1);
+    int nargs = lua_gettop(L) - first + 1;
+    /* Scalars, which run no Lua code and whose size is known, are encoded
+     * straight into the submit queue. */
+    size_t bound = scalars_bound(L, first, nargs);
+    if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
+        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
+    uintptr_t here = pz_lpool_frame_here();
+    pz_buf *b = &u->scratch;
+    int claimed = 0;
+    if (pz_lpool_encoding_above(u, here)) {
+        b = push_buffer(L);
+    } else {
+        u->encoding_at = here; /* a raise leaves it stale: see frame_here */
+        claimed = 1;
+    }
+    b->len = 0;
+    pz_encode_tuple(L, first, nargs, b, "args", 0);
+    if (claimed)
+        u->encoding_at = 0;
+    /* Lua code that ran while encoding may have stopped the pool. */
+    pz_pool *p = u->pool;
+    if (!p || p->stopped)
+        return luaL_error(L, "the pool is stopped");
+    if (b->len > p->opt.max_message)
+        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
+                             "above max_message (%f)",
+                          (double)b->len, (double)p->opt.max_message);
+    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms);
+    if (b == &u->scratch && b->cap > (1u << 20))
+        pz_buf_trim(b, 0);
+    if (id == 0)
+        return luaL_error(L, "cannot queue the call: out of memory");
+    if (tag)
+        u->tag_outstanding[tag]++;
+    lua_pushnumber(L, (lua_Number)id);
+    return 1;
+}
+
+/* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
+ * queued when an argument cannot be encoded (the error says which). */
+int pz_lpool_call(lua_State *L)
+{
+    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0);
+}
+
+/* core.pool_submit(pool, tag, timeout, ...) -> id: a call for a map or
+ * stream (tag, from pool_claim; 0 for the pool's own store) with a timeout
+ * of its own (seconds; nil for the pool's, math.huge for none). */
+int pz_lpool_submit(lua_State *L)
+{
+    lpool *u = pz_lpool_check_running(L, 1);
+    int tag = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
+                  2, "not an active tag");
+    uint32_t timeout_ms = 0;
+    if (!lua_isnil(L, 3)) {
+        double t = luaL_checknumber(L, 3) * 1e3;
+        timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
+    }
+    return submit(L, u, 4, (uint8_t)tag, timeout_ms);
+}
+
+/* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
+ * interleaved: queues list[k] as the one argument of a call, for every k
+ * from i to j, for `tag` (as pool_submit).  The ids are first .. last, one
+ * after the other, unless Lua code that ran while an argument was encoded
+ * queued a call in between (interleaved is then true, and ids[k - i + 1]
+ * holds each one's id).  One C call for a whole map: p(list[k]) from Lua,
+ * once a call, costs the main thread more than the call itself. */
+int pz_lpool_submit_each(lua_State *L)
+{
+    lpool *u = pz_lpool_check_running(L, 1);
+    int tag = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
+                  2, "not an active tag");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
+    luaL_checktype(L, 6, LUA_TTABLE);
+    lua_settop(L, 6);
+    double first = 0, last = 0;
+    int interleaved = 0;
+    for (int k = i; k <= j; k++) {
+        lua_rawgeti(L, 3, k);
+        submit(L, u, 7, (uint8_t)tag, 0);
+        double id = lua_tonumber(L, -1);
+        lua_pop(L, 2);
+        if (k == i) {
+            first = id;
+        } else if (!interleaved && id != last + 1) {
+            interleaved = 1;
+            for (int m = i; m < k; m++) {
+                lua_pushnumber(L, first + (m - i));
+                lua_rawseti(L, 6, m - i + 1);
+            }
+        }
+        if (interleaved) {
+            lua_pushnumber(L, id);
+            lua_rawseti(L, 6, k - i + 1);
+        }
+        last = id;
+    }
+    lua_pushnumber(L, first);
+    lua_pushnumber(L, last);
+    lua_pushboolean(L, interleaved);
+    return 3;
+}
