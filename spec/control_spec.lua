@@ -160,6 +160,32 @@ describe("retries", function()
     assert.are.equal(20, p:stats().retries)
   end)
 
+  it("runs again a lone call that raised on an idle pool", function()
+    -- A lone call on an idle pool is sent by the main thread itself (lend.c);
+    -- its next attempt must still reach the I/O thread, asleep meanwhile.
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local p = Parallelize(function(x)
+      local marker = dir .. "/" .. x
+      local f = io.open(marker, "r")
+      if not f then
+        f = io.open(marker, "w")
+        f:close()
+        error("not yet " .. x)
+      end
+      f:close()
+      return x * 10
+    end, { workers = 1, retries = 1 })
+    finally(function() p:stop() end)
+    local _ = p.executors
+    for i = 1, 3 do
+      local ok, v = p:result(p(i), 10)
+      assert.is_true(ok, tostring(v))
+      assert.are.equal(i * 10, v)
+    end
+    assert.are.equal(3, p:stats().retries)
+  end)
+
   it("lists every attempt in the final error", function()
     local p = Parallelize(function(x) error("attempt failed for " .. x, 0) end, { workers = 2, retries = 2 })
     finally(function() p:stop() end)

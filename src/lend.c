@@ -115,9 +115,11 @@ int pz_lend_collect(struct pz_io *io, int keep)
         pz_slot_read(io, w);
         if (io->lent && (!keep || w->inflight == 0))
             pz_lend_end(io);
-        /* It died: its requeued calls and its timers are the I/O thread's
-         * business. */
-        if (w->fd < 0)
+        /* It died, or a call it answered raised and runs again (retries):
+         * requeued calls and timers are the I/O thread's business, and it
+         * may sleep with no reason to look at them (p(...) wakes it for
+         * new calls only). */
+        if (w->fd < 0 || io->rq_pos < io->rq.len)
             pz_wake(io->p->io_wake_fd, "the I/O thread");
     }
     pz_io_publish(io);

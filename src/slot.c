@@ -25,6 +25,7 @@
 #include "varint.h"
 #include "worker.h"
 
+#define SOCKET_BUFFER (1 << 20)
 #define EOF_GRACE_NS 2000000000LL /* closed its socket but did not exit */
 #define BACKOFF_NS 50000000LL     /* first restart after an init crash */
 #define MAX_BACKOFF_NS 2000000000LL
@@ -124,6 +125,11 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
         init_failed(io, w, msg);
         return;
     }
+    /* Big calls and results go through in fewer writes and wake-ups with
+     * room for a whole one in the socket.  Only a tuning: the kernel caps
+     * it (net.core.wmem_max), and a refusal changes nothing else. */
+    for (int i = 0; i < 2; i++)
+        (void)setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &(int){SOCKET_BUFFER}, sizeof(int));
     const pz_buf *init = &io->p->init[w->slot];
     w->out.len = w->out_head = w->out_sent = 0;
     char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER + init->len);
