@@ -312,6 +312,32 @@ describe("max_pending", function()
   end)
 end)
 
+describe("big results", function()
+  local KiB = 1024
+  it("come back whole, each to its call, many in flight", function()
+    local p = Parallelize(function(i, size) return string.rep(string.char(64 + i % 60), size), i end,
+      { workers = 2 })
+    finally(function() p:stop() end)
+    local ids = {}
+    for i = 1, 40 do ids[i] = p(i, 256 * KiB + i * 1000) end
+    for i = 1, 40 do
+      local ok, s, j = p:result(ids[i], 30)
+      assert.is_true(ok)
+      assert.are.equal(i, j)
+      assert.are.equal(256 * KiB + i * 1000, #s)
+      assert.are.equal(string.rep(string.char(64 + i % 60), #s), s)
+    end
+  end)
+
+  it("left unread when the pool stops are freed with it", function()
+    local p = Parallelize(function(size) return string.rep("r", size) end, { workers = 2 })
+    for _ = 1, 8 do p(512 * KiB) end
+    local t0 = core.now()
+    while p:stats().done < 8 and core.now() - t0 < 30 do require("parallelize").sleep(0.01) end
+    p:stop()
+  end)
+end)
+
 describe("max_pending_bytes", function()
   local MiB = 1024 * 1024
   it("makes p(...) wait while the calls waiting for a worker hold that many bytes", function()

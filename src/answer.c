@@ -117,6 +117,27 @@ static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char 
     return rc;
 }
 
+/* The RESULT record of frame f, whose result is p[0..n): a big one that
+ * fills w->in travels in that buffer (bigbuf.h), and w->in starts anew.
+ * Returns what pz_io_record does. */
+static int record_result(struct pz_io *io, pz_slot *w, const pz_frame *f, uint8_t tag,
+                         const char *p, size_t n)
+{
+    if (n < PZ_BOX_MIN || f->payload - PZ_FRAME_HEADER != w->in.data || f->size != w->in.len) {
+        pz_part part = {p, n, 0};
+        return pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1);
+    }
+    pz_box box = {w->in.data, w->in.cap, p, n};
+    pz_part part = {&box, sizeof box, 0};
+    if (pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1) != 0)
+        return -1;
+    pz_spsc *q = &io->p->done;
+    char *rec = q->wr->data + q->wpos - (PZ_FRAME_HEADER + sizeof box);
+    pz_frame_set_flags(rec, PZ_REC_BOXED);
+    w->in = (pz_buf)PZ_BUF_INIT;
+    return 0;
+}
+
 /* A RESULT or ERROR frame: it answers the call at out_head. */
 static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
 {
@@ -156,8 +177,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
         /* Its cancellation is its record already. */
     } else if (f->type == PZ_F_RESULT) {
-        pz_part part = {p, n, 0};
-        if (pz_io_record(io, PZ_F_RESULT, pz_frame_tag(head), f->id, &part, 1) != 0)
+        if (record_result(io, w, f, pz_frame_tag(head), p, n) != 0)
             return;
     } else if (on_error_answer(io, w, head, p, n) != 0) {
         return;
@@ -238,6 +258,8 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
             on_closed(io, w, &f);
         else
             pz_slot_reject(io, w, "a frame type workers do not send");
+        if (!w->in.data)
+            return 0; /* a boxed result took the buffer, and the frame filled it */
         if (w->why[0] || io->fatal)
             return -1;
         pos += f.size;
@@ -299,8 +321,13 @@ int pz_slot_read(struct pz_io *io, pz_slot *w)
             const char *why;
             if (pz_frame_parse(w->in.data, w->in.len, max_payload, &f, &need, &why) ==
                     PZ_PARSE_MORE &&
-                need > w->in.len + READ_CHUNK)
+                need > w->in.len + READ_CHUNK) {
                 want = need - w->in.len;
+                /* A buffer a boxed result came back in, rather than fresh
+                 * memory (bigbuf.h). */
+                if (w->in.cap < need)
+                    pz_bigbufs_take(&io->p->spares, &w->in, need);
+            }
             if (!pz_buf_reserve(&w->in, want)) {
                 if (want > READ_CHUNK && skip_answer(io, w, need) == 0)
                     continue;

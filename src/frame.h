@@ -47,7 +47,8 @@
  *
  * Records (I/O thread -> main thread, through the pool's done queue) reuse
  * the header; they never cross a process boundary:
- *   RESULT      id = call id, tag; payload = the tuple of values
+ *   RESULT      id = call id, tag; payload = the tuple of values, or with
+ *               flags PZ_REC_BOXED a pz_box (bigbuf.h) holding it
  *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*); payload =
  *               four varint-prefixed byte strings: the argument tuple, the
  *               message, the traceback, the encoded error value (may be
@@ -70,6 +71,9 @@
 
 /* flags of a CALL frame. */
 #define PZ_CALL_CANCELLED 1 /* given up on: its answer, if any comes, is dropped */
+
+/* flags of a RESULT record. */
+#define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */
 
 /* flags of an ERROR record: why the call failed. */
 enum pz_error_kind {

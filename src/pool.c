@@ -125,6 +125,11 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     p->io_wake_fd = p->main_wake_fd = p->spawner_fd = p->lent_fd = -1;
     p->next_id = 1;
     atomic_init(&p->finish_ns, -1);
+    if (pz_bigbufs_init(&p->spares) != 0) {
+        *err = "pthread_mutex_init failed";
+        goto fail;
+    }
+    p->spares_ready = 1;
     if (pz_spsc_init(&p->submit, CHUNK_SIZE) != 0 || pz_spsc_init(&p->done, CHUNK_SIZE) != 0) {
         *err = "out of memory";
         goto fail;
@@ -260,11 +265,29 @@ int pz_pool_peek_record(pz_pool *p, pz_frame *f)
         return 0;
     }
     pz_frame_read(d, f);
+    if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED)) {
+        pz_box box;
+        memcpy(&box, f->payload, sizeof box);
+        f->payload = box.payload;
+        f->len = box.len; /* f->size stays the record's */
+    }
     return 1;
+}
+
+/* The buffer of the boxed record at d, handed back as a spare. */
+static void unbox(pz_pool *p, const char *d)
+{
+    pz_box box;
+    memcpy(&box, d + PZ_FRAME_HEADER, sizeof box);
+    pz_bigbufs_give(&p->spares, box.base, box.cap);
 }
 
 void pz_pool_consume(pz_pool *p, const pz_frame *f)
 {
+    if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED)) {
+        size_t avail;
+        unbox(p, pz_spsc_peek(&p->done, &avail)); /* f's record: the first */
+    }
     if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
         p->drained++;
     pz_spsc_consume(&p->done, f->size);
@@ -470,6 +493,16 @@ void pz_pool_get_stats(pz_pool *p, pz_pool_stats *st)
     pz_io_get_stats(p->io, st);
 }
 
+/* pz_spsc_walk's visitor: the buffers of boxed records nobody consumed
+ * go back to the spares (freed with them). */
+static int free_boxes(char *data, size_t n, void *ud)
+{
+    for (size_t pos = 0; pos < n; pos += pz_frame_size(data + pos))
+        if (pz_frame_type(data + pos) == PZ_F_RESULT && (pz_frame_flags(data + pos) & PZ_REC_BOXED))
+            unbox(ud, data + pos);
+    return 0;
+}
+
 void pz_pool_free(pz_pool *p)
 {
     if (!p)
@@ -483,8 +516,12 @@ void pz_pool_free(pz_pool *p)
         close(p->main_wake_fd);
     if (p->submit.rd)
         pz_spsc_destroy(&p->submit);
-    if (p->done.rd)
+    if (p->done.rd) {
+        pz_spsc_walk(&p->done, free_boxes, p);
         pz_spsc_destroy(&p->done);
+    }
+    if (p->spares_ready)
+        pz_bigbufs_destroy(&p->spares);
     if (p->init)
         free_init(p->init, p->nslots);
     pz_pool_free_launch(p->launch, p->nslots);

@@ -29,6 +29,7 @@
 
 #include <lua.h>
 
+#include "bigbuf.h"
 #include "buf.h"
 #include "frame.h"
 #include "spin.h"
@@ -127,6 +128,8 @@ typedef struct pz_pool {
 
     /* written by the I/O thread (or the main thread lending, see above) */
     pz_spsc done;             /* records; producer: io */
+    pz_bigbufs spares;        /* buffers of boxed results (bigbuf.h): both */
+    int spares_ready;         /* its lock was made (pz_pool_free) */
     _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
     _Atomic uint64_t calls_done;  /* RESULT/ERROR records published */
     _Atomic uint64_t calls_taken; /* calls taken from the submit queue */
