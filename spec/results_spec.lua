@@ -274,6 +274,33 @@ describe("stream", function()
     assert.is_true(most <= 8, "pending reached " .. most)
   end)
 
+  for _, ordered in ipairs({ false, true }) do
+    it("reads src no further ahead of a slow loop than twice max_pending (ordered = " .. tostring(ordered) .. ")",
+        function()
+      local p = Parallelize(function(x) return x end, { workers = 2 })
+      finally(function() p:stop() end)
+      local read, most = 0, 0
+      local function src()
+        if read == 300 then return nil end
+        read = read + 1
+        return read
+      end
+      local count = 0
+      for i, ok, v in p:stream(src, { max_pending = 10, ordered = ordered }) do
+        assert.is_true(ok)
+        assert.are.equal(i, v)
+        count = count + 1
+        -- the workers are far faster than this loop: all the calls the
+        -- stream may have out finish while it sleeps
+        if count <= 20 then core.sleep(0.01) end
+        if read - count > most then most = read - count end
+      end
+      assert.are.equal(300, count)
+      assert.is_true(most <= 20, "src was read " .. most .. " inputs ahead of the loop")
+      assert.is_true(most >= 10, "src was read only " .. most .. " ahead: the window did not fill")
+    end)
+  end
+
   it("keeps nothing in the pool with keep_results = false", function()
     local p = Parallelize(function(x) return x end, { workers = 2, keep_results = false })
     finally(function() p:stop() end)

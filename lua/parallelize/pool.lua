@@ -439,7 +439,10 @@ end
 -- nil at the end), in completion order or, with ordered, in input order.
 -- At most max_pending inputs wait for a worker at a time (default: as many
 -- as the workers may hold, max_inflight each, at least 64); with ordered,
--- at most that many results are held back too.
+-- at most that many results are held back too. And at most twice that many
+-- inputs are between src and the loop's body (queued, running, or finished
+-- and not yet handed out): a loop slower than the workers pulls src no
+-- faster than it consumes, so results never pile up in memory.
 function methods.stream(p, src, opts)
   check_self(p, "stream")
   if pool_stopped(p) then error("stream: the pool is stopped", 2) end
@@ -508,12 +511,12 @@ function methods.stream(p, src, opts)
 
   local ids = {}
 
-  --- Queues inputs while fewer than `window` wait for a worker (and, when
-  -- ordered, fewer than `window` results are held back): an array's in
-  -- one C call.
+  --- Queues inputs while fewer than `window` wait for a worker, fewer
+  -- than `window` results are held back (when ordered) and fewer than
+  -- `2 * window` are outstanding: an array's in one C call.
   local function refill()
     local _, _, pending = pool_counts(p)
-    local room = math.min(window - pending, window - nheld)
+    local room = math.min(window - pending, window - nheld, 2 * window - outstanding)
     if exhausted or room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
