@@ -28,15 +28,17 @@ local core = require "parallelize.core"
 local cli_args = require "parallelize.cli_map_args"
 local joblog = require "parallelize.cli_map_joblog"
 
-local format, tostring, type, ipairs, pcall = string.format, tostring, type, ipairs, pcall
+local format, tostring, type, ipairs, pcall, select = string.format, tostring, type, ipairs, pcall, select
 local concat, min = table.concat, math.min
-local now = core.now
+local now, pool_counts = core.now, core.pool_counts
 
 local M = {}
 
 local STATUS_INTERRUPTED, STATUS_BROKEN, MAX_FAILURES = 130, 255, 101
 -- A batch is written when it holds this many lines, or is this old.
 local BATCH_LINES, BATCH_SECONDS = 1024, 0.2
+-- The pool's largest timeout (option timeout), in seconds.
+local LONGEST_TIMEOUT = 4e6
 
 --- The constructor every worker runs (a Deferred): it travels to the
 -- worker as bytecode, and the worker side is a module there.
@@ -117,7 +119,7 @@ function Run:error(e)
   local v = e.value
   local status, message, pid, start, seconds = "error", tostring(e.message)
   if e.kind == "timeout" then
-    status, message, seconds = "timeout", format("timed out after %g s", self.opts.timeout), self.opts.timeout
+    status, message, seconds = "timeout", format("timed out after %g s", self.timeout), self.timeout
   elseif e.kind == "killer" then
     status = "crashed"
   elseif type(v) == "table" and v.message ~= nil then
@@ -138,14 +140,21 @@ end
 --- The stream's source: the next input line to run as {number, text}.
 function Run:source()
   local stdin, EINTR = io.stdin, 4
-  return function()
+  local interrupted = 0
+  local function next_line()
     while true do
       local text, err, code = stdin:read("*l")
       if text == nil then
-        -- Ctrl-C interrupts the read; the hook raises at the next call.
-        if err == nil then return nil end
-        if code ~= EINTR then error("cannot read the input: " .. tostring(err), 0) end
+        if err == nil then
+          self.eof = true
+          return nil
+        end
+        -- Ctrl-C interrupts the read, and its hook raises "interrupted!"
+        -- at the next call: the read is tried again until then.
+        interrupted = interrupted + 1
+        if code ~= EINTR or interrupted > 100 then error("cannot read the input: " .. tostring(err), 0) end
       else
+        interrupted = 0
         local n = self.lines_read + 1
         self.lines_read = n
         if not self:skipped(n, text) then
@@ -155,18 +164,29 @@ function Run:source()
       end
     end
   end
+  -- Interpreted, so that Ctrl-C's hook always fires in it.
+  jit.off(next_line)
+  return next_line
 end
 
---- How many lines of the input, not skipped, remain unread: counted
--- when stdin is a regular file, nil otherwise (a pipe's rest is not
--- read: its writer may never end).
+--- How many lines of the input, not skipped, remain unread: none after
+-- its end, counted when stdin is a regular file, nil otherwise (a pipe's
+-- rest is not read: its writer may never end). The file is read through
+-- a descriptor of its own, from where stdin's reading stopped: stdin's
+-- stream may keep the error flag of a read that Ctrl-C interrupted.
 function Run:count_unread()
-  if not io.stdin:seek("cur") then return nil end
+  if self.eof then return 0 end
+  local at = io.stdin:seek("cur")
+  local f = at and io.open("/proc/self/fd/0", "rb")
+  if not f then return nil end
   local n = 0
-  for text in io.stdin:lines() do
-    self.lines_read = self.lines_read + 1
-    if not self:skipped(self.lines_read, text) then n = n + 1 end
+  if f:seek("set", at) then
+    for text in f:lines() do
+      self.lines_read = self.lines_read + 1
+      if not self:skipped(self.lines_read, text) then n = n + 1 end
+    end
   end
+  f:close()
   return n
 end
 
@@ -196,18 +216,28 @@ end
 function Run:start_pool()
   local opts = self.opts
   local spec = opts.spec
+  -- A lone call that the pool sends from the main thread while its I/O
+  -- thread sleeps (the lend of lend.c) is not retried when it raises: the
+  -- next attempt waits until something wakes the I/O thread, for ever at
+  -- the end of the input. Calls with a timeout are never lent, so with
+  -- --retries every call gets one, the longest the pool takes, when none
+  -- is given.
+  local timeout = opts.timeout
+  if not timeout and (opts.retries or 0) > 0 then timeout = LONGEST_TIMEOUT end
+  self.timeout = timeout
   local p = parallelize.Parallelize(parallelize.Deferred(build_executor, {
     shape = spec.shape, name = spec.name, path = spec.path, code = spec.code,
     lines = opts.lines or false, spread = opts.spread or false, timing = opts.joblog ~= nil,
   }), {
-    workers = opts.jobs, keep_results = false, timeout = opts.timeout, retries = opts.retries,
+    workers = opts.jobs, keep_results = false, timeout = timeout, retries = opts.retries,
     max_calls = opts.max_calls, progress = opts.progress and "always" or false,
   })
   local _ = p.executors -- every worker has loaded the function, or was given up
   local failed = p.init_errors[1]
   if failed then
     p:stop(0)
-    return nil, format("cannot load %s: %s", opts.executor, tostring(failed.message))
+    local what = spec.shape == "inline" and "the inline function" or opts.executor
+    return nil, format("cannot load %s: %s", what, tostring(failed.message))
   end
   return p
 end
@@ -219,9 +249,11 @@ function Run:stream(p)
     self.consumed = self.consumed + 1
     if ok then self:result(r) else self:error(r) end
     if self.halted then break end
-    -- Written when large, old, or when nothing else has finished.
+    -- Written when large, old, or when the stream holds no other result
+    -- (it is about to wait). The counts are read without draining the
+    -- pool (p.pending would drain it): the stream drains when it waits.
     if self.nout >= 2 * BATCH_LINES or self.nlog >= BATCH_LINES or now() - self.flushed_at >= BATCH_SECONDS
-        or p.calls - p.pending <= self.consumed then
+        or select(2, pool_counts(p)) <= self.consumed then
       self:flush()
     end
   end

@@ -94,7 +94,7 @@ end
 -- name); without a name, what the file returns.
 local function file_function(path, name)
   local chunk, err = loadfile(path)
-  if not chunk then error(format("cannot load %s", tostring(err)), 0) end
+  if not chunk then error(tostring(err), 0) end
   local ok, returned = pcall(chunk)
   if not ok then error(format("%s failed when run: %s", path, tostring(returned)), 0) end
   if not name then
@@ -113,9 +113,9 @@ end
 --- The inline function: code that is a function expression.
 local function inline_function(code)
   local chunk, err = loadstring("return " .. code, "=(command line)")
-  if not chunk then error(format("the inline function does not compile: %s", tostring(err)), 0) end
+  if not chunk then error(tostring(err), 0) end
   local ok, f = pcall(chunk)
-  if not ok then error(format("the inline function failed: %s", tostring(f)), 0) end
+  if not ok then error(tostring(f), 0) end
   return f, "the inline function"
 end
 
