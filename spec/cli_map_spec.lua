@@ -243,7 +243,7 @@ describe("pzlua --map", function()
     end)
 
     it("sends what the function prints to stderr, not among the results", function()
-      local out, err, status = map({ "-k", "function(x) print('debug ' .. x) io.write('more\\n') return x end" },
+      local out, err, status = map({ "-j", "1", "function(x) print('debug ' .. x) io.write('more\\n') return x end" },
         "1\n2\n")
       assert.are.same({ "1\n2\n", 0 }, { out, status })
       assert.are.same({ "debug 1", "debug 2", "more", "more" }, sorted(lines_of(err)))
@@ -340,6 +340,246 @@ describe("pzlua --map", function()
         .. "read and not done, and the rest of the input not read\n"))
       assert.is_truthy(read_not_done, err)
       assert.is_true(read_not_done > 10 and read_not_done < 2000 - 4, err)
+    end)
+  end)
+
+  describe("the joblog", function()
+    it("has one JSON line per finished line: line, pid, start, seconds, status, error", function()
+      local log = dir .. "/jobs.log"
+      local before = os.time()
+      local out, _, status = map({ "-j", "2", "--timeout", "0.5", "--joblog", log, "function(x) "
+        .. "local pz = require('parallelize') pz.sleep(x == 3 and 10 or 0.05) "
+        .. "if x == 2 then error('two', 0) end return { x, pz.getpid() } end" }, "1\n2\n3\nnope\n5\n")
+      local after = os.time()
+      assert.are.equal(3, status)
+      local pid_of = {}
+      for _, r in ipairs(decoded(out)) do pid_of[r[1]] = r[2] end
+      local entries = joblog(log)
+      assert.are.equal(5, #entries)
+      local by_line = {}
+      for _, e in ipairs(entries) do
+        assert.is_nil(by_line[e.line], "line " .. e.line .. " logged twice")
+        by_line[e.line] = e
+      end
+      for _, n in ipairs({ 1, 5 }) do
+        local e = by_line[n]
+        assert.are.same({ "ok", cjson.null, pid_of[n] }, { e.status, e.error, e.pid })
+        assert.is_true(e.start >= before - 1 and e.start <= after + 1, "start " .. e.start)
+        assert.is_true(e.seconds >= 0.05 and e.seconds < 5, "seconds " .. e.seconds)
+      end
+      local e = by_line[2]
+      assert.are.same({ "error", "two" }, { e.status, e.error })
+      assert.is_true(e.pid > 0 and e.start >= before - 1 and e.seconds >= 0.05)
+      e = by_line[3]
+      assert.are.same({ "timeout", "timed out after 0.5 s", cjson.null, cjson.null, 0.5 },
+        { e.status, e.error, e.pid, e.start, e.seconds })
+      e = by_line[4]
+      assert.are.same({ "bad input", "not JSON: Expected value but found invalid token at character 1" },
+        { e.status, e.error })
+    end)
+
+    it("is started afresh without --resume", function()
+      local log = dir .. "/jobs.log"
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":1,"status":"ok","error":null}\n')
+      local out, _, status = map({ "--joblog", log, "function(x) return x end" }, "7\n")
+      assert.are.same({ "7\n", 0 }, { out, status })
+      local entries = joblog(log)
+      assert.are.equal(1, #entries)
+      assert.are.equal("ok", entries[1].status)
+      assert.are.equal(1, entries[1].line)
+      assert.are_not.equal(1, entries[1].pid)
+    end)
+
+    it("--resume skips the lines done, ignoring a torn last line and ending it", function()
+      local log = dir .. "/jobs.log"
+      local torn = '{"line":4,"pid":12'
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n'
+        .. '{"line":2,"pid":1,"start":1,"seconds":0,"status":"error","error":"x"}\n'
+        .. '{"line":3,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n' .. torn)
+      local out, _, status = map({ "-k", "--joblog", log, "--resume", "function(x) return x * 10 end" },
+        numbers(6))
+      assert.are.same({ "40\n50\n60\n", 0 }, { out, status })
+      local text = read(log)
+      assert.are.equal(1, select(2, text:gsub("\n" .. torn:gsub("%p", "%%%0") .. "\n", "")), text)
+      local lines = {}
+      for _, e in ipairs(joblog(log)) do lines[#lines + 1] = e.line end
+      assert.are.same({ 1, 2, 3, 4, 5, 6 }, sorted(lines))
+    end)
+
+    it("--resume-failed runs again the lines that failed", function()
+      local log = dir .. "/jobs.log"
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n'
+        .. '{"line":2,"pid":1,"start":1,"seconds":0,"status":"error","error":"x"}\n'
+        .. '{"line":3,"pid":null,"start":null,"seconds":1,"status":"timeout","error":"t"}\n')
+      local out, _, status = map({ "-k", "--joblog", log, "--resume-failed", "function(x) return x end" },
+        numbers(4))
+      assert.are.same({ "2\n3\n4\n", 0 }, { out, status })
+    end)
+  end)
+
+  describe("a run cut short", function()
+    --- Starts `pzlua --map args` in a session of its own (its own process
+    -- group, as a terminal's job), stdin the file `input`; returns the
+    -- job's pid, its group and the paths of its output, stderr and exit
+    -- status (written when it ends).
+    local function start(args, input)
+      local quoted = {}
+      for i, a in ipairs(args) do quoted[i] = quote(a) end
+      local job = { out = dir .. "/out", err = dir .. "/err", status = dir .. "/status" }
+      write(dir .. "/stdin", input)
+      local script = string.format("trap '' INT; echo $$ > pgid; %s --map %s < stdin > out 2> err & "
+        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", quote(PZLUA), table.concat(quoted, " "))
+      os.execute(string.format("cd %s && setsid sh -c %s > /dev/null 2>&1 < /dev/null &", quote(dir), quote(script)))
+      assert.is_truthy(support.eventually(function()
+        job.pid, job.pgid = tonumber(read(dir .. "/pid") or ""), tonumber(read(dir .. "/pgid") or "")
+        return job.pid and job.pgid
+      end, 10), "the job did not start")
+      return job
+    end
+
+    local function wait_status(job)
+      local status = support.eventually(function() return tonumber(read(job.status) or "") end, 30)
+      assert.is_truthy(status, "the job did not end")
+      return status
+    end
+
+    --- Waits until the job's output has at least n lines.
+    local function wait_output(job, n)
+      assert.is_truthy(support.eventually(function()
+        return #lines_of(read(job.out) or "") >= n
+      end, 30), "no output")
+    end
+
+    --- The set of line numbers in a list of entries or numbers.
+    local function set_of(list)
+      local t = {}
+      for _, v in ipairs(list) do t[tonumber(type(v) == "table" and v.line or v)] = true end
+      return t
+    end
+
+    local function pids_of(entries)
+      local t = {}
+      for _, e in ipairs(entries) do if type(e.pid) == "number" then t[e.pid] = true end end
+      return t
+    end
+
+    local function all_gone(pids)
+      return support.eventually(function()
+        for pid in pairs(pids) do
+          if support.alive(pid) then return false end
+        end
+        return true
+      end, 5)
+    end
+
+    it("killed with SIGKILL, a rerun with --resume runs exactly the lines its joblog lacks", function()
+      local n = 2000
+      local fn = "function(x) require('parallelize').sleep(0.001) return x end"
+      local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
+      wait_output(job, 100)
+      assert.is_true(support.kill(job.pid, SIGKILL))
+      assert.are.equal(128 + SIGKILL, wait_status(job))
+      -- Whole entries, then at most one torn line.
+      local text = read(dir .. "/jobs.log")
+      local entries = joblog(dir .. "/jobs.log")
+      assert.are.equal(#entries, select(2, text:gsub("\n", "")))
+      assert.is_true(#entries >= 100 and #entries < n, #entries .. " entries")
+      assert.is_true(all_gone(pids_of(entries)), "workers outlived their parent")
+      -- Every line logged had its output written first.
+      local first_out = set_of(lines_of(read(job.out)))
+      local logged = set_of(entries)
+      for line in pairs(logged) do assert.is_true(first_out[line], "line " .. line .. " logged, not written") end
+      -- The rerun: exactly the others, each once.
+      local out, err, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+      assert.are.same({ "", 0 }, { err, status })
+      local rerun = lines_of(out)
+      local seen = {}
+      for _, v in ipairs(rerun) do
+        local line = tonumber(v)
+        assert.is_nil(seen[line], "line " .. line .. " ran twice in the rerun")
+        assert.is_nil(logged[line], "line " .. line .. " was done already")
+        seen[line] = true
+      end
+      assert.are.equal(n - #entries, #rerun)
+      local all = set_of(joblog(dir .. "/jobs.log"))
+      for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end)
+
+    it("Ctrl-C stops at once, says how many lines were not done, and --resume finishes them", function()
+      local n = 300
+      local fn = "function(x) require('parallelize').sleep(0.01) return x end"
+      local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
+      wait_output(job, 20)
+      local sent = core.now()
+      assert.is_true(support.kill(-job.pgid, SIGINT))
+      assert.are.equal(130, wait_status(job))
+      assert.is_true(core.now() - sent < 5, "took " .. (core.now() - sent) .. " s")
+      local err = read(job.err)
+      local done, not_done = err:match("interrupted: (%d+) lines done, (%d+) lines not done; "
+        .. "rerun with %-%-resume %-%-joblog jobs%.log to finish them\n")
+      assert.is_truthy(done, err)
+      done, not_done = tonumber(done), tonumber(not_done)
+      assert.are.equal(n, done + not_done)
+      assert.is_true(not_done > 0)
+      local entries = joblog(dir .. "/jobs.log")
+      assert.are.equal(done, #lines_of(read(job.out)))
+      assert.are.equal(done, #entries)
+      assert.is_true(all_gone(pids_of(entries)), "workers outlived the command")
+      local out, _, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+      assert.are.equal(0, status)
+      assert.are.equal(not_done, #lines_of(out))
+      local all = set_of(joblog(dir .. "/jobs.log"))
+      for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end)
+  end)
+
+  describe("the command line", function()
+    it("rejects what it does not understand, naming it, with status 255", function()
+      local cases = {
+        { {}, "no executor given" },
+        { { "--bogus", "f.lua" }, "unknown option '%-%-bogus'" },
+        { { "-j", "0", "f.lua" }, "%-j needs an integer from 1 to 100000 %(got '0'%)" },
+        { { "-jx", "f.lua" }, "%-j needs an integer from 1 to 100000 %(got 'x'%)" },
+        { { "f.lua", "--timeout" }, "%-%-timeout needs a value" },
+        { { "--timeout=soon", "f.lua" }, "%-%-timeout needs a number of seconds from 0.001 to 4000000 %(got 'soon'%)" },
+        { { "--halt", "later,fail=1", "f.lua" }, "%-%-halt needs now,fail=N or soon,fail=N with N at least 1 "
+          .. "%(got 'later,fail=1'%)" },
+        { { "--resume", "f.lua" }, "%-%-resume needs %-%-joblog FILE" },
+        { { "-k=1", "f.lua" }, "unknown option '%-k=1'" },
+        { { "--keep-order=1", "f.lua" }, "%-%-keep%-order takes no value" },
+        { { "f.lua", "g.lua" }, "one executor only: 'f.lua' and 'g.lua'" },
+        { { "1abc" }, "'1abc' is not an executor" },
+      }
+      for _, c in ipairs(cases) do
+        local out, err, status = map(c[1], "1\n")
+        assert.are.same({ "", 255 }, { out, status }, c[2])
+        assert.matches("^" .. PREFIX .. c[2] .. ".*\nusage: .* %-%-map EXECUTOR %[options%] < inputs > outputs", err)
+      end
+    end)
+
+    it("prints its help with --help", function()
+      local out, err, status = map({ "--help" }, "")
+      assert.are.same({ "", 0 }, { err, status })
+      assert.matches("^usage: pzlua %-%-map EXECUTOR %[options%] < inputs > outputs\n", out)
+      assert.matches("\n  %-%-halt now,fail=N ", out)
+    end)
+
+    it("must come first on pzlua's command line", function()
+      local out = support.run(quote(PZLUA) .. " -e 1 --map f.lua")
+      assert.matches(": '%-%-map' must come first\nusage: ", out)
+    end)
+
+    it("says in one line that lua-cjson is missing", function()
+      local out, err, status = map({ "function(x) return x end" }, "1\n", { env = "LUA_CPATH=/nonexistent/?.so " })
+      assert.are.same({ "", PZLUA .. " --map: lua-cjson is not installed (module 'cjson' not found; "
+        .. "Debian: apt-get install lua-cjson)\n", 255 }, { out, err, status })
+    end)
+
+    it("draws the pool's progress on stderr with --progress", function()
+      local out, err, status = map({ "--progress", "function(x) return x end" }, numbers(5))
+      assert.are.equal(0, status)
+      assert.are.equal(5, #lines_of(out))
+      assert.matches("\n?5/5 calls %(100%%%), [%d.]+/s, ETA 0s, 0 errors\n$", err)
     end)
   end)
 end)
