@@ -110,7 +110,8 @@ describe("pzlua --map", function()
     it("skips blank lines, which still count in the line numbers", function()
       local out, err, status = map({ "-k", "function(x) return x * 2 end" }, '1\n\n  \n2\n{oops\n')
       assert.are.same({ "2", "4" }, lines_of(out))
-      assert.matches(PREFIX .. "line 5: not JSON: Expected object key string but found invalid token at character 2\n", err)
+      assert.matches(PREFIX .. "line 5: not JSON: Expected object key string but found invalid token at "
+        .. "character 2\n", err)
       assert.are.equal(1, status)
     end)
 
@@ -289,7 +290,8 @@ describe("pzlua --map", function()
       local out, err, status = map({ "--retries", "1", flaky }, numbers(6))
       assert.are.same({ "", 0 }, { err, status })
       assert.are.same(lines_of(numbers(6)), sorted(lines_of(out)))
-      _, err, status = map({ "--retries", "2", "function(x) error('always', 0) end" }, "1\n")
+      out, err, status = map({ "--retries", "2", "function(x) error('always', 0) end" }, "1\n")
+      assert.are.equal("", out)
       assert.matches(PREFIX .. "line 1: always %(3 attempts%)\n", err)
       assert.are.equal(1, status)
     end)
@@ -340,6 +342,34 @@ describe("pzlua --map", function()
         .. "read and not done, and the rest of the input not read\n"))
       assert.is_truthy(read_not_done, err)
       assert.is_true(read_not_done > 10 and read_not_done < 2000 - 4, err)
+    end)
+  end)
+
+  describe("memory", function()
+    it("reads no further ahead than it can hold while its reader does not keep up", function()
+      -- 150,000 lines (7 bytes each, out as in); for its first 2 s,
+      -- stdout is read 4 KiB every 20 ms, far slower than the workers
+      -- answer.
+      local n = 150000
+      write(dir .. "/stdin", numbers(100000 + n, 100001))
+      local reader = "local core = require 'parallelize.core' local t0 = core.now() while true do "
+        .. "local s = io.stdin:read(4096) if not s then break end io.stdout:write(s) io.stdout:flush() "
+        .. "if core.now() - t0 < 2 then core.sleep(0.02) end end"
+      os.execute(string.format("cd %s && ({ %s --map --lines 'function(l) return l end' < stdin & "
+        .. "echo $! > pid; wait; } | %s -e %s > out; echo done > done) > /dev/null 2>&1 &",
+        quote(dir), quote(PZLUA), quote(PZLUA), quote(reader)))
+      local pid = support.eventually(function() return tonumber(read(dir .. "/pid") or "") end, 10)
+      assert.is_truthy(pid, "the command did not start")
+      core.sleep(1.5)
+      local pos = tonumber((read("/proc/" .. pid .. "/fdinfo/0") or ""):match("pos:%s*(%d+)"))
+      local out = #(read(dir .. "/out") or "")
+      assert.is_truthy(pos, "cannot read the command's input position")
+      -- Ahead of what the reader took: at most the pipe (64 KiB), a
+      -- batch of output, stdio's buffer and the lines of one p:stream
+      -- (4096 here): about 20,000 lines, 140 KB.
+      assert.is_true(pos - out < 180000, "read " .. pos - out .. " bytes ahead of the reader")
+      assert.is_truthy(support.eventually(function() return read(dir .. "/done") end, 60), "did not end")
+      assert.are.equal(n, #lines_of(read(dir .. "/out")))
     end)
   end)
 
@@ -428,7 +458,8 @@ describe("pzlua --map", function()
       local job = { out = dir .. "/out", err = dir .. "/err", status = dir .. "/status" }
       write(dir .. "/stdin", input)
       local script = string.format("trap '' INT; echo $$ > pgid; %s --map %s < stdin > out 2> err & "
-        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", quote(PZLUA), table.concat(quoted, " "))
+        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", quote(PZLUA),
+        table.concat(quoted, " "))
       os.execute(string.format("cd %s && setsid sh -c %s > /dev/null 2>&1 < /dev/null &", quote(dir), quote(script)))
       assert.is_truthy(support.eventually(function()
         job.pid, job.pgid = tonumber(read(dir .. "/pid") or ""), tonumber(read(dir .. "/pgid") or "")
