@@ -111,7 +111,7 @@ build build/obj build/asan/obj build/parallelize:
 DEB_PACKAGES_BUILD = gcc libc6-dev make pkg-config luajit libluajit-5.1-dev
 DEB_PACKAGES_TEST  = lua-busted lua-check luarocks lua-cjson lua5.1
 DEB_PACKAGES_FUZZ  = clang libclang-rt-14-dev
-DEB_PACKAGES_BENCH = python3
+DEB_PACKAGES_BENCH = python3 parallel
 # The servers the specs start themselves (spec/servers.lua), installed by a
 # script that keeps their install scripts from starting any service.
 DEB_PACKAGES_SERVERS = openssh-server openssh-client munge slurmctld slurmd slurm-client iproute2 iptables

@@ -1,5 +1,5 @@
 #!/bin/sh
-# run.sh - the benchmarks of issues 5, 12 and 14, and their anchors, in one run.
+# run.sh - the benchmarks of issues 5, 12, 14 and 15, and their anchors, in one run.
 # `make bench` runs it from the top of the tree after building:
 #
 #     sh bench/run.sh
@@ -48,6 +48,21 @@
 #                          socketpairs with 2 worker processes, and a pump
 #                          of 1 MiB messages in and out
 #
+# Issue 15, `pzlua --map` against a process per line or per block, in
+# rounds too (PZ_BENCH_MAP_ROUNDS), then alone over a long input:
+#
+#   bench/mapcli.lua       one system on the same JSON records through
+#                          bench/map_job.lua: pzlua --map (and with -k),
+#                          GNU parallel --pipe (a luajit per 1 MB block),
+#                          GNU parallel and xargs -P (a luajit per line;
+#                          these two on the first PZ_BENCH_MAP_JOB_LINES
+#                          and PZ_BENCH_MAP_XARGS_LINES records: at a few
+#                          hundred processes a second, all of them would
+#                          take many minutes); ratios of lines per second
+#   bench/map_rss.lua      10,000,000 lines piped through pzlua --map
+#                          --lines, the command's RSS sampled from
+#                          /proc/PID/status every 1,000,000 lines out
+#
 # Not run here: bench/profile.py runs one of these workloads under perf and
 # prints where its time goes, per thread and per call.
 #
@@ -73,6 +88,15 @@
 #                     max_inflight of 256 per worker times 2 workers)
 #   PZ_BENCH_STREAM_LINES  lines of the long stream (10000000; a multiple
 #                     of 1000000, the sampling interval)
+#   PZ_BENCH_MAP_LINES      records through pzlua --map and GNU parallel
+#                     --pipe (100000)
+#   PZ_BENCH_MAP_JOB_LINES  records through GNU parallel, a process per line
+#                     (1000)
+#   PZ_BENCH_MAP_XARGS_LINES  records through xargs -P, a process per line
+#                     (5000)
+#   PZ_BENCH_MAP_ROUNDS     rounds of the pzlua --map comparison (3)
+#   PZ_BENCH_MAP_RSS_LINES  lines of the long pzlua --map run (10000000; a
+#                     multiple of 1000000)
 #   PZ_BENCH_TIMEOUT  seconds one benchmark (one measurement, in the
 #                     rounds) may take before it is killed (default 300;
 #                     the long stream gets three times that)
@@ -95,6 +119,11 @@ BUSY_N=${PZ_BENCH_BUSY_N:-20000}
 BYTES_N=${PZ_BENCH_BYTES_N:-2000}
 STREAM_WIDE=${PZ_BENCH_STREAM_WIDE:-512}
 STREAM_LINES=${PZ_BENCH_STREAM_LINES:-10000000}
+MAP_LINES=${PZ_BENCH_MAP_LINES:-100000}
+MAP_JOB_LINES=${PZ_BENCH_MAP_JOB_LINES:-1000}
+MAP_XARGS_LINES=${PZ_BENCH_MAP_XARGS_LINES:-5000}
+MAP_ROUNDS=${PZ_BENCH_MAP_ROUNDS:-3}
+MAP_RSS_LINES=${PZ_BENCH_MAP_RSS_LINES:-10000000}
 MIB=1048576
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pz-bench.XXXXXX") || exit 2
@@ -294,6 +323,17 @@ rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb
 bench_for $((TIMEOUT * 3)) stream10m "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000
 bench_for $((TIMEOUT * 3)) stream10m_wide "$PZLUA" bench/stream_rss.lua "$STREAM_LINES" 1000000 "$STREAM_WIDE"
 
+# ---- issue 15: pzlua --map against GNU parallel and xargs -----------------
+# The same records through bench/map_job.lua by each system, 2 processes at
+# a time, in rounds; then a long run's memory.
+mc="$(q "$PZLUA") bench/mapcli.lua"
+bench_for $((TIMEOUT * 3)) mapcli env PZ_BENCH_CMD_TIMEOUT="$TIMEOUT" "$PZLUA" bench/rounds.lua "$MAP_ROUNDS" \
+    "pz=$mc pzmap $MAP_LINES 2" "pz_k=$mc pzmap_k $MAP_LINES 2" "gnu_pipe=$mc gnu_pipe $MAP_LINES 2" \
+    "gnu_job=$mc gnu_job $MAP_JOB_LINES 2" "xargs=$mc xargs $MAP_XARGS_LINES 2" \
+    pz_vs_gnu_pipe=pz.lines_per_s/gnu_pipe.lines_per_s pz_vs_gnu_job=pz.lines_per_s/gnu_job.lines_per_s \
+    pz_vs_xargs=pz.lines_per_s/xargs.lines_per_s k_vs_pz=pz_k.lines_per_s/pz.lines_per_s
+bench_for $((TIMEOUT * 3)) map10m "$PZLUA" bench/map_rss.lua "$MAP_RSS_LINES" 1000000
+
 load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
 printf '\nload average after: %s\n' "$load_after"
 
@@ -446,6 +486,39 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
                 row("  same, " w ", lines/s", rate(ls), "-", "-", "(diagnostic)", "-")
         } else {
             row("  same, wide window", failed("stream10m_wide"), "", "", "(diagnostic)", "-")
+        }
+
+        # Issue 15: pzlua --map against a process per block and per line.
+        n = has("mapcli.pz.lines") ? med("mapcli.pz.lines") : ""
+        jl = has("mapcli.gnu_job.lines") ? med("mapcli.gnu_job.lines") : "?"
+        xl = has("mapcli.xargs.lines") ? med("mapcli.xargs.lines") : "?"
+        rrow("pzlua --map, " n " JSON lines (2 workers)", "mapcli", "pz", "lines_per_s", 1, "%.0f", " lines/s",
+            "GNU parallel --pipe, a luajit per 1 MB block", "gnu_pipe", "lines_per_s", "pz_vs_gnu_pipe", "(reported)", "", 0)
+        rrow("  same", "mapcli", "pz", "lines_per_s", 1, "%.0f", " lines/s",
+            "GNU parallel, a luajit per line (" jl " lines)", "gnu_job", "lines_per_s", "pz_vs_gnu_job", ">= 100x", ">=", 100)
+        rrow("  same", "mapcli", "pz", "lines_per_s", 1, "%.0f", " lines/s",
+            "xargs -P 2, a luajit per line (" xl " lines)", "xargs", "lines_per_s", "pz_vs_xargs", "(reported)", "", 0)
+        rrow("  same with -k (input order)", "mapcli", "pz_k", "lines_per_s", 1, "%.0f", " lines/s",
+            "without -k", "pz", "lines_per_s", "k_vs_pz", "(reported)", "", 0)
+        if (has("map10m.rss_growth_mib")) {
+            label = sprintf("%.0f M lines through pzlua --map --lines, its RSS growth", v["map10m.lines"] / 1e6)
+            first = v["map10m.rss_first_mib"] + 0
+            last = v["map10m.rss_last_mib"] + 0
+            growth = v["map10m.rss_growth_mib"] + 0
+            row(label, sprintf("%+.2f MiB (%.2f -> %.2f)", growth, first, last),
+                sprintf("RSS at %.0f M lines %.2f MiB", v["map10m.sample_every"] / 1e6, first),
+                ratio(last, first), "< 4 MiB (flat)", verdict(growth < 4))
+            row("  same, max growth over the samples", sprintf("%+.2f MiB", v["map10m.rss_max_growth_mib"]),
+                "-", "-", "< 4 MiB", verdict(v["map10m.rss_max_growth_mib"] + 0 < 4))
+            row("  same, RSS at each 1 M lines (MiB)", v["map10m.rss_mib_at"], "-", "-", "(reported)", "-")
+            ls = v["map10m.lines_per_s"] + 0
+            if (has("stream10m.lines_per_s"))
+                row("  same, lines/s", rate(ls), "10 M-line p:stream " rate(v["stream10m.lines_per_s"] + 0),
+                    ratio(ls, v["stream10m.lines_per_s"]), "(reported)", "-")
+            else
+                row("  same, lines/s", rate(ls), "-", "-", "(reported)", "-")
+        } else {
+            row("10 M lines through pzlua --map, its RSS growth", failed("map10m"), "", "", "< 4 MiB (flat)", "FAILED")
         }
 
         # Issue 14: calls of 100 us of CPU.

@@ -15,6 +15,10 @@
  * the usage on stderr and exits 1. pzlua adds: --help, a second -v line
  * naming parallelize, a reason above the usage, exit status 1 when stdin's
  * chunk fails, and a REPL that prints the values of a bare expression.
+ * `pzlua --map ...` is a command of its own, the shell's parallel map: this
+ * file only recognizes it (first, as --worker) and hands the words after
+ * it to the embedded module parallelize.cli_map, whose main returns the
+ * exit status.
  *
  * Shape: main parses the command line (plain C, no Lua state yet), creates
  * the state and runs pmain protected; pmain opens the libraries and runs the
@@ -86,6 +90,8 @@ static const char usage_text[] =
     "  --help    Show this help.\n"
     "  --worker  Serve one parallelize pool worker on stdin and stdout: what\n"
     "            a launcher (ssh, srun) runs on another host. Alone.\n"
+    "  --map EXECUTOR [options]  Call a function on every line of stdin in\n"
+    "            parallel workers (first; --map --help: its options).\n"
     "The script sees its arguments as ... and in the global table 'arg'\n"
     "(arg[0] is the script, negative indexes the interpreter and its options).\n"
     "LUA_INIT, when set, runs first: a chunk, or '@file' to run a file.\n"
@@ -667,6 +673,35 @@ static int pmain(lua_State *L)
     return 0;
 }
 
+/* ---- pzlua --map ------------------------------------------------------ */
+
+/* Protected: runs parallelize.cli_map's main with argv[0] and the words
+ * after --map, Ctrl-C caught as in any chunk, and sets o->status to what
+ * it returns (255 when it raised, after reporting the error). */
+static int pmain_map(lua_State *L)
+{
+    struct options *o = lua_touserdata(L, 1);
+    lua_settop(L, 0);
+    o->status = 255;
+    luaL_openlibs(L);
+    pz_preload(L);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "parallelize.cli_map");
+    if (report(L, docall(L, 1, 1)) != 0)
+        return 0;
+    lua_getfield(L, -1, "main");
+    lua_remove(L, -2);
+    lua_pushstring(L, o->argv[0]);
+    luaL_checkstack(L, o->argc, "too many arguments");
+    for (int i = 2; i < o->argc; i++)
+        lua_pushstring(L, o->argv[i]);
+    if (report(L, docall(L, o->argc - 1, 1)) != 0)
+        return 0;
+    if (lua_isnumber(L, -1))
+        o->status = (int)lua_tointeger(L, -1);
+    return 0;
+}
+
 /* ---- command line ---------------------------------------------------- */
 
 /* Prints why the command line is wrong, then the usage, on stderr. Returns
@@ -706,6 +741,8 @@ static int parse_args(struct options *o, int argc, char **argv)
         case '-':
             if (strcmp(a, "--worker") == 0)
                 return usage_error("'%s' takes no other argument", a);
+            if (strcmp(a, "--map") == 0)
+                return usage_error("'%s' must come first", a);
             if (a[2] != '\0')
                 return usage_error("unrecognized option '%s'", a);
             o->script = i + 1; /* argc when nothing follows: no script */
@@ -760,19 +797,26 @@ int main(int argc, char **argv)
         pz_set_extra_preloader(pz_embedded_preload);
         pz_remote_worker_main();
     }
-    int rc = parse_args(&o, argc, argv);
-    if (rc >= 0)
-        return rc;
+    /* The parallel map command: a Lua program of its own. */
+    bool map = argc >= 2 && strcmp(argv[1], "--map") == 0;
+    if (map) {
+        o.argc = argc;
+        o.argv = argv;
+    } else {
+        int rc = parse_args(&o, argc, argv);
+        if (rc >= 0)
+            return rc;
+    }
     pz_set_extra_preloader(pz_embedded_preload);
     lua_State *L = luaL_newstate();
     if (L == NULL) {
         message(progname, "cannot create the Lua state: not enough memory");
-        return 1;
+        return map ? 255 : 1;
     }
-    int status = lua_cpcall(L, pmain, &o);
+    int status = lua_cpcall(L, map ? pmain_map : pmain, &o);
     if (status != 0) {
         report(L, status);
-        o.status = 1;
+        o.status = map ? 255 : 1;
     }
     lua_close(L);
     return o.status;

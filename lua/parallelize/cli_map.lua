@@ -1,0 +1,357 @@
+--- parallelize.cli_map: `pzlua --map EXECUTOR [options] < inputs > outputs`,
+-- the shell's parallel map (the help text is in parallelize.cli_map_args).
+--
+-- One pool of workers, each running the user's function wrapped by
+-- parallelize.cli_map_worker; stdin streams through p:stream (read lazily,
+-- a bounded window, keep_results = false), so that any number of lines
+-- goes through in constant memory; results are written as they come, or
+-- in input order with -k (the stream's ordered option).
+--
+-- Rules this file owns:
+-- - Output and joblog are written in batches, the output first: a joblog
+--   entry is written only once its line's output is out, so that a run
+--   killed at any moment leaves a joblog whose lines are all done, and
+--   `--resume` runs exactly the others. A batch is written when it is
+--   large, when it is 0.2 s old, and whenever no other result is waiting
+--   (so a slow stream shows each result at once).
+-- - Failures are counted here, not by the pool's fail_fast: a line that is
+--   not JSON is a failure the pool never sees (the worker returns it), and
+--   --halt needs a count. `now` ends the running calls (p:stop(0)),
+--   `soon` lets the calls the workers hold finish (p:stop()); what
+--   finished either way is written and logged.
+-- - The executor is loaded by every worker before any input is read; one
+--   that cannot be loaded is one message and exit status 255.
+-- - Exit status: the failed lines, at most 101; 130 after Ctrl-C; 255 for
+--   anything that stopped the command itself.
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local cli_args = require "parallelize.cli_map_args"
+local joblog = require "parallelize.cli_map_joblog"
+
+local format, tostring, type, ipairs, pcall, select = string.format, tostring, type, ipairs, pcall, select
+local concat, min = table.concat, math.min
+local now, pool_counts = core.now, core.pool_counts
+
+local M = {}
+
+local STATUS_INTERRUPTED, STATUS_BROKEN, MAX_FAILURES = 130, 255, 101
+-- A batch is written when it holds this many lines, or is this old.
+local BATCH_LINES, BATCH_SECONDS = 1024, 0.2
+-- The pool's largest timeout (option timeout), in seconds.
+local LONGEST_TIMEOUT = 4e6
+
+--- The constructor every worker runs (a Deferred): it travels to the
+-- worker as bytecode, and the worker side is a module there.
+local function build_executor(spec)
+  return require("parallelize.cli_map_worker").executor(spec)
+end
+
+-- A run ---------------------------------------------------------------------
+
+local Run = {}
+Run.__index = Run
+
+--- A message on stderr, "<prog> --map: ...". Over a progress bar drawn
+-- in place, the bar's line is cleared first (it is drawn again later).
+function Run:say(fmt, ...)
+  io.stdout:flush()
+  io.stderr:write(self.clear_bar, self.prefix, format(fmt, ...), "\n")
+end
+
+--- Writes the batch: the output first, then the joblog entries of the
+-- same lines. Raises when a write fails.
+function Run:flush()
+  if self.nout > 0 then
+    local ok, err = io.stdout:write(concat(self.outbuf, "", 1, self.nout))
+    if not ok then error("cannot write the output: " .. tostring(err), 0) end
+    self.outbuf, self.nout = {}, 0
+  end
+  if self.nlog > 0 then
+    local ok, err = self.log:write(concat(self.logbuf, "", 1, self.nlog))
+    if not ok then error(format("cannot write the joblog %s: %s", self.opts.joblog, tostring(err)), 0) end
+    self.logbuf, self.nlog = {}, 0
+  end
+  self.flushed_at = now()
+end
+
+function Run:log_entry(line, pid, start, seconds, status, message)
+  if not self.log then return end
+  local n = self.nlog + 1
+  self.logbuf[n] = joblog.entry(self.cjson, line, pid, start, seconds, status, message)
+  self.nlog = n
+end
+
+--- A line done: its output, and its joblog entry.
+function Run:succeeded(line, text, pid, start, seconds)
+  local n = self.nout
+  self.outbuf[n + 1] = text
+  self.outbuf[n + 2] = "\n"
+  self.nout = n + 2
+  self.done = self.done + 1
+  self:log_entry(line, pid, start, seconds, "ok")
+end
+
+--- A line failed: its message on stderr, its joblog entry, and --halt.
+function Run:failed(line, status, message, pid, start, seconds)
+  self.failures = self.failures + 1
+  self.done = self.done + 1
+  self:say("line %d: %s", line, message)
+  self:log_entry(line, pid, start, seconds, status, message)
+  local halt = self.opts.halt
+  if halt and self.failures >= halt.fail then self.halted = true end
+end
+
+--- A call's result: {line, status, text [, pid, start, seconds]} (see
+-- parallelize.cli_map_worker).
+function Run:result(r)
+  if r[2] == "ok" then
+    self:succeeded(r[1], r[3], r[4], r[5], r[6])
+  else
+    self:failed(r[1], r[2], r[3], r[4], r[5], r[6])
+  end
+end
+
+--- A call's error record: the function raised (after its retries), the
+-- call timed out, or it killed its workers.
+function Run:error(e)
+  local job = e.args and e.args[1]
+  local line = type(job) == "table" and job[1] or 0
+  local v = e.value
+  local status, message, pid, start, seconds = "error", tostring(e.message)
+  if e.kind == "timeout" then
+    status, message, seconds = "timeout", format("timed out after %g s", self.timeout), self.timeout
+  elseif e.kind == "killer" then
+    status = "crashed"
+  elseif type(v) == "table" and v.message ~= nil then
+    message, pid, start, seconds = tostring(v.message), v.pid, v.start, v.seconds
+  end
+  local attempts = type(e.attempts) == "table" and #e.attempts or 0
+  if attempts > 1 then message = format("%s (%d attempts)", message, attempts) end
+  self:failed(line, status, message, pid, start, seconds)
+end
+
+--- Whether line `text` (number n) is to be skipped: done by an earlier
+-- run (--resume), or blank (JSON lines may be separated by blank lines).
+function Run:skipped(n, text)
+  if self.done_before and self.done_before:has(n) then return true end
+  return not self.opts.lines and not text:find("%S")
+end
+
+--- The stream's source: the next input line to run as {number, text}.
+function Run:source()
+  local stdin, EINTR = io.stdin, 4
+  local interrupted = 0
+  local function next_line()
+    while true do
+      local text, err, code = stdin:read("*l")
+      if text == nil then
+        if err == nil then
+          self.eof = true
+          return nil
+        end
+        -- Ctrl-C interrupts the read, and its hook raises "interrupted!"
+        -- at the next call: the read is tried again until then.
+        interrupted = interrupted + 1
+        if code ~= EINTR or interrupted > 100 then error("cannot read the input: " .. tostring(err), 0) end
+      else
+        interrupted = 0
+        local n = self.lines_read + 1
+        self.lines_read = n
+        if not self:skipped(n, text) then
+          self.submitted = self.submitted + 1
+          return { n, text }
+        end
+      end
+    end
+  end
+  -- Interpreted, so that Ctrl-C's hook always fires in it.
+  jit.off(next_line)
+  return next_line
+end
+
+--- How many lines of the input, not skipped, remain unread: none after
+-- its end, counted when stdin is a regular file, nil otherwise (a pipe's
+-- rest is not read: its writer may never end). The file is read through
+-- a descriptor of its own, from where stdin's reading stopped: stdin's
+-- stream may keep the error flag of a read that Ctrl-C interrupted.
+function Run:count_unread()
+  if self.eof then return 0 end
+  local at = io.stdin:seek("cur")
+  local f = at and io.open("/proc/self/fd/0", "rb")
+  if not f then return nil end
+  local n = 0
+  if f:seek("set", at) then
+    for text in f:lines() do
+      self.lines_read = self.lines_read + 1
+      if not self:skipped(self.lines_read, text) then n = n + 1 end
+    end
+  end
+  f:close()
+  return n
+end
+
+--- The end of a run cut short (Ctrl-C, --halt, an error): the pool is
+-- stopped (`finish` as p:stop's), what finished is written, and the lines
+-- not done are counted. Returns that count and whether it covers the
+-- whole input.
+function Run:cut_short(p, finish)
+  p:stop(finish)
+  local results, _, errors = p:take()
+  for _, r in ipairs(results) do self:result(r) end
+  for _, e in ipairs(errors) do self:error(e) end
+  self:flush()
+  local not_done = self.submitted - self.done
+  local unread = self:count_unread()
+  return not_done + (unread or 0), unread ~= nil
+end
+
+function Run:not_done_message(count, whole)
+  local rerun = self.log and format("; rerun with --resume --joblog %s to finish them", self.opts.joblog) or ""
+  if whole then return format("%d lines not done%s", count, rerun) end
+  return format("%d lines read and not done, and the rest of the input not read%s", count, rerun)
+end
+
+--- The pool, its workers ready; nil and why when the executor cannot be
+-- loaded.
+function Run:start_pool()
+  local opts = self.opts
+  local spec = opts.spec
+  -- A lone call that the pool sends from the main thread while its I/O
+  -- thread sleeps (the lend of lend.c) is not retried when it raises: the
+  -- next attempt waits until something wakes the I/O thread, for ever at
+  -- the end of the input. Calls with a timeout are never lent, so with
+  -- --retries every call gets one, the longest the pool takes, when none
+  -- is given.
+  local timeout = opts.timeout
+  if not timeout and (opts.retries or 0) > 0 then timeout = LONGEST_TIMEOUT end
+  self.timeout = timeout
+  local p = parallelize.Parallelize(parallelize.Deferred(build_executor, {
+    shape = spec.shape, name = spec.name, path = spec.path, code = spec.code,
+    lines = opts.lines or false, spread = opts.spread or false, timing = opts.joblog ~= nil,
+  }), {
+    workers = opts.jobs, keep_results = false, timeout = timeout, retries = opts.retries,
+    max_calls = opts.max_calls, progress = opts.progress and "always" or false,
+  })
+  local _ = p.executors -- every worker has loaded the function, or was given up
+  local failed = p.init_errors[1]
+  if failed then
+    p:stop(0)
+    local what = spec.shape == "inline" and "the inline function" or opts.executor
+    return nil, format("cannot load %s: %s", what, tostring(failed.message))
+  end
+  return p
+end
+
+--- Streams stdin through the pool; returns the exit status.
+function Run:stream(p)
+  local ordered = self.opts.keep_order or false
+  for _, ok, r in p:stream(self:source(), { ordered = ordered }) do
+    self.consumed = self.consumed + 1
+    if ok then self:result(r) else self:error(r) end
+    if self.halted then break end
+    -- Written when large, old, or when the stream holds no other result
+    -- (it is about to wait). The counts are read without draining the
+    -- pool (p.pending would drain it): the stream drains when it waits.
+    if self.nout >= 2 * BATCH_LINES or self.nlog >= BATCH_LINES or now() - self.flushed_at >= BATCH_SECONDS
+        or select(2, pool_counts(p)) <= self.consumed then
+      self:flush()
+    end
+  end
+  if self.halted then
+    local halt = self.opts.halt
+    local count, whole = self:cut_short(p, halt.when == "now" and 0 or nil)
+    self:say("halted after %d failures (--halt %s,fail=%d): %s", self.failures, halt.when, halt.fail,
+      self:not_done_message(count, whole))
+  else
+    self:flush()
+    p:stop()
+  end
+  return min(self.failures, MAX_FAILURES)
+end
+
+--- Reads the joblog for --resume, then opens it; nil and why on failure.
+function Run:open_joblog()
+  local opts = self.opts
+  if opts.resume then
+    local done, err = joblog.read_done(opts.joblog, self.cjson, opts.resume_failed)
+    if not done then return nil, format("cannot read the joblog: %s", tostring(err)) end
+    self.done_before = done
+  end
+  local f, err = joblog.open(opts.joblog, opts.resume)
+  if not f then return nil, format("cannot open the joblog: %s", tostring(err)) end
+  self.log = f
+  return true
+end
+
+--- Runs the command with the words after --map; `prog` names the program
+-- in messages. Returns the exit status.
+function M.main(prog, ...)
+  local run = setmetatable({
+    prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
+    outbuf = {}, nout = 0, logbuf = {}, nlog = 0, flushed_at = now(),
+    lines_read = 0, submitted = 0, consumed = 0, done = 0, failures = 0,
+  }, Run)
+  local opts, why = cli_args.parse({ ... })
+  if not opts then
+    run:say("%s", why)
+    io.stderr:write("usage: ", tostring(prog or "pzlua"), " --map EXECUTOR [options] < inputs > outputs",
+      " (--map --help: the options)\n")
+    return STATUS_BROKEN
+  end
+  if opts.help then
+    io.stdout:write(cli_args.usage)
+    return 0
+  end
+  run.opts = opts
+  local has_cjson, cjson = pcall(require, "cjson")
+  if not has_cjson then
+    run:say("lua-cjson is not installed (%s; Debian: apt-get install lua-cjson)",
+      tostring(cjson):match("^[^\n]*"):gsub(":$", ""))
+    return STATUS_BROKEN
+  end
+  run.cjson = cjson
+  if opts.progress and core.isatty(2) then run.clear_bar = "\r\27[K" end
+  if opts.joblog then
+    local ok, err = run:open_joblog()
+    if not ok then
+      run:say("%s", err)
+      return STATUS_BROKEN
+    end
+  end
+  io.stdout:setvbuf("no") -- each batch is one write, made when this file says
+
+  local p
+  local ok, status = pcall(function()
+    local err
+    p, err = run:start_pool()
+    if not p then
+      run:say("%s", err)
+      return STATUS_BROKEN
+    end
+    return run:stream(p)
+  end)
+  if not ok then
+    local interrupted = type(status) == "string" and status:find("interrupted!$") ~= nil
+    if p and not p.stopped then
+      local count, whole = run:cut_short(p, 0)
+      if interrupted then
+        run:say("interrupted: %d lines done, %s", run.done, run:not_done_message(count, whole))
+      else
+        run:say("%s", tostring(status))
+        run:say("stopped: %s", run:not_done_message(count, whole))
+      end
+    elseif interrupted then
+      run:say("interrupted before any input was read")
+    else
+      run:say("%s", tostring(status))
+    end
+    status = interrupted and STATUS_INTERRUPTED or STATUS_BROKEN
+  end
+  if run.log then run.log:close() end
+  if status ~= STATUS_INTERRUPTED and status ~= STATUS_BROKEN and run.failures > 0 then
+    run:say("%d of %d lines failed", run.failures, run.done)
+  end
+  return status
+end
+
+return M

@@ -1,0 +1,616 @@
+-- `pzlua --map`, the shell's parallel map, run as a subprocess on real
+-- pipelines: JSON in and out, raw lines, --spread, ordering, each shape of
+-- executor and one that cannot be loaded, bad lines, exit statuses,
+-- timeouts, retries, --halt, the joblog and --resume after a run killed
+-- with SIGKILL, and Ctrl-C sent to the process group.
+--
+-- The interpreter under test is $PZLUA when set (the sanitizer pass), else
+-- build/pzlua of this tree.
+local core = require "parallelize.core"
+local support = require "spec.support"
+
+local quote, read, write = support.quote, support.read, support.write
+local PZLUA = support.pzlua()
+local SIGINT, SIGKILL = 2, 9
+
+local cjson_ok, cjson = pcall(require, "cjson")
+assert(cjson_ok, "these specs need lua-cjson (make deps installs it)")
+
+local function lines_of(text)
+  local t = {}
+  for l in text:gmatch("([^\n]*)\n") do t[#t + 1] = l end
+  return t
+end
+
+local function sorted(t)
+  local c = {}
+  for i, v in ipairs(t) do c[i] = v end
+  table.sort(c, function(a, b)
+    if type(a) == type(b) then return a < b end
+    return type(a) < type(b)
+  end)
+  return c
+end
+
+--- "1\n2\n...n\n"
+local function numbers(n, first)
+  local t = {}
+  for i = first or 1, n do t[#t + 1] = tostring(i) end
+  return table.concat(t, "\n") .. "\n"
+end
+
+local dir
+before_each(function() dir = support.tmpdir() end)
+after_each(function() support.rmdir(dir) end)
+
+--- Runs `pzlua --map args...` with `input` (text) as stdin, a regular file
+-- (through a pipe with opts.pipe); opts.env: a shell prefix
+-- ("LUA_PATH=..."). Returns stdout, stderr, the exit status and the
+-- seconds it took.
+local function map(args, input, opts)
+  opts = opts or {}
+  local quoted = {}
+  for i, a in ipairs(args) do quoted[i] = quote(a) end
+  local infile, errfile = dir .. "/stdin", dir .. "/stderr"
+  write(infile, input or "")
+  local stdin = opts.pipe and ("cat " .. quote(infile) .. " | ") or ""
+  local redirect = opts.pipe and "" or (" < " .. quote(infile))
+  local cmd = string.format("cd %s && %s%s %s --map %s%s 2> %s; echo \"EXIT:$?\"", quote(dir), stdin,
+    opts.env or "", quote(PZLUA), table.concat(quoted, " "), redirect, quote(errfile))
+  local t0 = core.now()
+  local p = assert(io.popen(cmd))
+  local out = p:read("*a")
+  p:close()
+  local took = core.now() - t0
+  local body, status = out:match("^(.*)EXIT:(%d+)\n$")
+  assert(body, "no exit status in: " .. out)
+  return body, read(errfile) or "", tonumber(status), took
+end
+
+--- The JSON values of the output lines.
+local function decoded(out)
+  local t = {}
+  for _, l in ipairs(lines_of(out)) do t[#t + 1] = cjson.decode(l) end
+  return t
+end
+
+--- The entries of a joblog, whole lines only.
+local function joblog(path)
+  local t = {}
+  for l in (read(path) or ""):gmatch("([^\n]*)\n") do
+    local ok, e = pcall(cjson.decode, l)
+    if ok and type(e) == "table" then t[#t + 1] = e end
+  end
+  return t
+end
+
+-- The messages start with the program's name, its path here.
+local PREFIX = PZLUA:gsub("%p", "%%%0") .. " %-%-map: "
+
+describe("pzlua --map", function()
+  describe("JSON lines", function()
+    it("calls the function on every record and writes each result as JSON", function()
+      local input = '{"name":"ada","price":2.5,"qty":4}\n{"name":"bob","price":1,"qty":0}\n'
+        .. '{"name":"cy","price":10,"qty":3}\n'
+      local out, err, status = map({ "-j", "2",
+        "function(r) return { name = r.name:upper(), total = r.price * r.qty } end" }, input)
+      assert.are.same({ "", 0 }, { err, status })
+      local got = decoded(out)
+      table.sort(got, function(a, b) return a.name < b.name end)
+      assert.are.same({ { name = "ADA", total = 10 }, { name = "BOB", total = 0 }, { name = "CY", total = 30 } }, got)
+    end)
+
+    it("writes nil as null, only the first result, and passes JSON null as parallelize.null", function()
+      local out, err, status = map({ "-k", "function(x) if x == require('parallelize').null then return 'was null' end "
+        .. "if x == 1 then return nil, 'second' end return x, 'second' end" }, '1\nnull\n"s"\n[1,2]\n')
+      assert.are.same({ "", 0 }, { err, status })
+      assert.are.same({ "null", '"was null"', '"s"', "[1,2]" }, lines_of(out))
+    end)
+
+    it("skips blank lines, which still count in the line numbers", function()
+      local out, err, status = map({ "-k", "function(x) return x * 2 end" }, '1\n\n  \n2\n{oops\n')
+      assert.are.same({ "2", "4" }, lines_of(out))
+      assert.matches(PREFIX .. "line 5: not JSON: Expected object key string but found invalid token at "
+        .. "character 2\n", err)
+      assert.are.equal(1, status)
+    end)
+
+    it("fails a line that is not JSON with its number and cjson's message, and goes on", function()
+      local out, err, status = map({ "function(x) return x + 1 end" }, '1\nnope\n2\n{"a":\n3\n')
+      assert.are.same({ "2", "3", "4" }, sorted(lines_of(out)))
+      assert.matches(PREFIX .. "line 2: not JSON: Expected value but found invalid token at character 1\n", err)
+      assert.matches(PREFIX .. "line 4: not JSON: Expected value but found T_END at character 6\n", err)
+      assert.matches(PREFIX .. "2 of 5 lines failed\n$", err)
+      assert.are.equal(2, status)
+    end)
+
+    it("fails a line whose result JSON cannot hold", function()
+      local out, err, status = map({ "-k", "function(x) if x == 2 then return print end return x end" }, "1\n2\n3\n")
+      assert.are.same({ "1", "3" }, lines_of(out))
+      assert.matches(PREFIX .. "line 2: cannot write the result as JSON: Cannot serialise function: "
+        .. "type not supported\n", err)
+      assert.are.equal(1, status)
+    end)
+
+    it("spreads a JSON array into the arguments with --spread, and fails other lines", function()
+      local out, err, status = map({ "-k", "--spread", "function(a, b, c) return { a, b, c == nil } end" },
+        '[1,2]\n["x","y",3]\n{"a":1}\n[]\n')
+      assert.are.same({ "[1,2,true]", '["x","y",false]', "[null,null,true]" }, lines_of(out))
+      assert.matches(PREFIX .. "line 3: %-%-spread needs a JSON array\n", err)
+      assert.are.equal(1, status)
+    end)
+  end)
+
+  describe("--lines", function()
+    it("passes raw lines, writes strings raw and other values as JSON", function()
+      local out, err, status = map({ "-k", "--lines",
+        "function(l) if l == '' then return nil end if l:match('^%d+$') then return tonumber(l) * 2 end "
+        .. "if l == 'table' then return { l } end return '<' .. l .. '>' end" },
+        '{"not":"parsed"}\n21\n\ntable\n  spaced  \n')
+      assert.are.same({ "", 0 }, { err, status })
+      assert.are.same({ '<{"not":"parsed"}>', "42", "null", '["table"]', "<  spaced  >" }, lines_of(out))
+    end)
+
+    it("does not go with --spread", function()
+      local out, err, status = map({ "--lines", "--spread", "function(x) return x end" }, "1\n")
+      assert.are.same({ "", 255 }, { out, status })
+      assert.matches("^" .. PREFIX .. "%-%-lines and %-%-spread do not go together\nusage: ", err)
+    end)
+  end)
+
+  describe("ordering", function()
+    -- Line 1 sleeps while the other worker runs every other line.
+    local slow_first = "function(x) if x == 1 then require('parallelize').sleep(0.5) end return x end"
+
+    it("writes results as calls finish by default", function()
+      local out, _, status = map({ "-j", "2", slow_first }, numbers(20))
+      local got = lines_of(out)
+      assert.are.equal(0, status)
+      local as_numbers = {}
+      for i, v in ipairs(got) do as_numbers[i] = tonumber(v) end
+      table.sort(as_numbers)
+      assert.are.equal(table.concat(lines_of(numbers(20)), ","), table.concat(as_numbers, ","))
+      assert.are.equal("1", got[#got])
+    end)
+
+    it("writes them in input order with -k", function()
+      for _, flag in ipairs({ "-k", "--keep-order" }) do
+        local out, _, status = map({ "-j", "2", flag, slow_first }, numbers(20))
+        assert.are.equal(0, status)
+        assert.are.same(lines_of(numbers(20)), lines_of(out))
+      end
+    end)
+  end)
+
+  describe("executors", function()
+    local function write_files()
+      os.execute("mkdir -p " .. quote(dir .. "/lib/text"))
+      write(dir .. "/lib/text/clean.lua", "local M = {}\nfunction M.upper(s) return s:upper() end\n"
+        .. "M.nested = { trim = function(s) return (s:gsub('^%s+', '')) end }\nreturn M\n")
+      write(dir .. "/lib/shout.lua", "return function(s) return s .. '!' end\n")
+      write(dir .. "/table.lua", "return { double = function(x) return 2 * x end }\n")
+      write(dir .. "/global.lua", "function triple(x) return 3 * x end\n")
+      write(dir .. "/returns.lua", "local k = 4\nreturn function(x) return k * x end\n")
+    end
+
+    it("can be a module function, a file's function, a file, or an inline function", function()
+      write_files()
+      local env = "LUA_PATH=" .. quote(dir .. "/lib/?.lua;;") .. " "
+      local cases = {
+        { { "text.clean.upper", "--lines" }, "ab\n", "AB", env },
+        { { "text.clean.nested.trim", "--lines" }, "  ab\n", "ab", env },
+        { { "shout", "--lines" }, "hi\n", "hi!", env },
+        { { "string.upper", "--lines" }, "hi\n", "HI" },
+        { { "table.lua:double" }, "21\n", "42" },
+        { { "global.lua:triple" }, "5\n", "15" },
+        { { "returns.lua" }, "5\n", "20" },
+        { { "./returns.lua" }, "6\n", "24" },
+        { { "function (x) return x - 1 end" }, "5\n", "4" },
+        { { "  function(x) return -x end" }, "5\n", "-5" },
+      }
+      for _, c in ipairs(cases) do
+        local out, err, status = map(c[1], c[2], { env = c[4] })
+        assert.are.same({ c[3] .. "\n", "", 0 }, { out, err, status }, c[1][1])
+      end
+    end)
+
+    it("that cannot be loaded is one error, before any input is read", function()
+      write_files()
+      write(dir .. "/broken.lua", "return function(x) return x +\n")
+      write(dir .. "/raises.lua", "error('no database here')\n")
+      local cases = {
+        { "nosuchmod.fn", "cannot load nosuchmod.fn: module 'nosuchmod' not found:" },
+        { "table.lua:nope", "cannot load table.lua:nope: table.lua defines no function nope %(neither in the "
+          .. "table it returns nor as a global%)" },
+        { "table.lua", "cannot load table.lua: table.lua is not a function %(it is a table%)" },
+        { "missing.lua", "cannot load missing.lua: cannot open missing.lua: No such file or directory" },
+        { "broken.lua", "cannot load broken.lua: broken.lua:2: unexpected symbol near '<eof>'" },
+        { "raises.lua:f", "cannot load raises.lua:f: raises.lua failed when run: raises.lua:1: no database here" },
+        { "function(x) return x +", "cannot load the inline function: %(command line%):1: unexpected symbol "
+          .. "near '<eof>'" },
+        { "string.nope", "cannot load string.nope: module 'string' has no function nope" },
+      }
+      -- stdin is a FIFO opened for reading and writing: a read would wait for ever.
+      local fifo = dir .. "/fifo"
+      assert(os.execute("mkfifo " .. quote(fifo)) == 0)
+      for _, c in ipairs(cases) do
+        local t0 = core.now()
+        local out = support.run(string.format("cd %s && timeout 20 %s --map %s <> %s 2>&1; echo \"EXIT:$?\"",
+          quote(dir), quote(PZLUA), quote(c[1]), quote(fifo)))
+        assert.matches("^" .. PREFIX .. c[2], out)
+        assert.matches("\nEXIT:255\n$", out)
+        assert.is_true(core.now() - t0 < 10, c[1] .. " waited for input")
+      end
+    end)
+
+    it("sends what the function prints to stderr, not among the results", function()
+      local out, err, status = map({ "-j", "1", "function(x) print('debug ' .. x) io.write('more\\n') return x end" },
+        "1\n2\n")
+      assert.are.same({ "1\n2\n", 0 }, { out, status })
+      assert.are.same({ "debug 1", "debug 2", "more", "more" }, sorted(lines_of(err)))
+    end)
+  end)
+
+  describe("failures and exit statuses", function()
+    it("reports an error with its line number and exits with the number of failures", function()
+      local out, err, status = map({ "-k", "function(x) if x % 3 == 0 then error('no multiples of 3', 0) end "
+        .. "return x end" }, numbers(10))
+      assert.are.same({ "1", "2", "4", "5", "7", "8", "10" }, lines_of(out))
+      for _, n in ipairs({ 3, 6, 9 }) do
+        assert.matches(PREFIX .. "line " .. n .. ": no multiples of 3\n", err)
+      end
+      assert.are.equal(3, status)
+    end)
+
+    it("shows an error object as JSON", function()
+      local _, err, status = map({ "function(x) error({ code = x }) end" }, "7\n")
+      assert.matches(PREFIX .. 'line 1: error object {"code":7}\n', err)
+      assert.are.equal(1, status)
+    end)
+
+    it("caps the exit status at 101", function()
+      local out, _, status = map({ "function(x) error('no') end" }, numbers(150))
+      assert.are.same({ "", 101 }, { out, status })
+    end)
+
+    it("ends a call past --timeout with its worker, and goes on", function()
+      local out, err, status, took = map({ "-k", "-j", "2", "--timeout", "0.3",
+        "function(s) require('parallelize').sleep(s) return s end" }, "0.01\n30\n0.02\n0.01\n")
+      assert.are.same({ "0.01", "0.02", "0.01" }, lines_of(out))
+      assert.matches(PREFIX .. "line 2: timed out after 0.3 s\n", err)
+      assert.are.equal(1, status)
+      assert.is_true(took < 10, "took " .. took .. " s")
+    end)
+
+    it("runs a call that raised again with --retries, and counts the attempts", function()
+      -- Fails the first time each line is seen (a file per line marks it).
+      local flaky = string.format("function(x) local mark = %q .. '/seen' .. x "
+        .. "local f = io.open(mark) if f then f:close() return x end "
+        .. "io.open(mark, 'w'):close() error('first attempt', 0) end", dir)
+      local out, err, status = map({ "--retries", "1", flaky }, numbers(6))
+      assert.are.same({ "", 0 }, { err, status })
+      assert.are.same(lines_of(numbers(6)), sorted(lines_of(out)))
+      out, err, status = map({ "--retries", "2", "function(x) error('always', 0) end" }, "1\n")
+      assert.are.equal("", out)
+      assert.matches(PREFIX .. "line 1: always %(3 attempts%)\n", err)
+      assert.are.equal(1, status)
+    end)
+
+    it("replaces each worker after --max-calls calls", function()
+      local out, _, status = map({ "-j", "2", "--max-calls", "1",
+        "function() return require('parallelize').getpid() end" }, numbers(6))
+      assert.are.equal(0, status)
+      local pids = {}
+      for _, pid in ipairs(lines_of(out)) do
+        assert.is_nil(pids[pid], "pid " .. pid .. " ran two calls")
+        pids[pid] = true
+      end
+    end)
+  end)
+
+  describe("--halt", function()
+    it("now: after N failures ends the running calls and stops, counting the lines not done", function()
+      -- Every line sleeps 50 ms; 5 and 10 fail; line 11 would run for 30 s.
+      local fn = "function(x) local pz = require('parallelize') if x == 11 then pz.sleep(30) end pz.sleep(0.05) "
+        .. "if x % 5 == 0 then error('bad ' .. x, 0) end return x end"
+      local out, err, status, took = map({ "-k", "-j", "2", "--halt", "now,fail=2", fn }, numbers(40))
+      assert.are.equal(2, status)
+      assert.is_true(took < 10, "took " .. took .. " s")
+      local got = lines_of(out)
+      for _, want in ipairs({ "1", "2", "3", "4", "6", "7", "8", "9" }) do
+        assert.are.equal(want, table.remove(got, 1))
+      end
+      -- After those, at most line 12 (the other worker's) finished in time.
+      assert.is_true(#got == 0 or (#got == 1 and got[1] == "12"), out)
+      local done = #lines_of(out) + 2
+      assert.matches(PREFIX .. "line 5: bad 5\n" .. PREFIX .. "line 10: bad 10\n" .. PREFIX
+        .. "halted after 2 failures %(%-%-halt now,fail=2%): " .. (40 - done) .. " lines not done\n", err)
+    end)
+
+    it("soon: after N failures starts no other line and lets the running ones finish", function()
+      -- Lines 2 and 3 fail; line 4, on the other worker, runs 0.6 s.
+      local fn = "function(x) local pz = require('parallelize') pz.sleep(x == 4 and 0.6 or 0.05) "
+        .. "if x == 2 or x == 3 then error('bad ' .. x, 0) end return x end"
+      local out, err, status = map({ "-j", "2", "--halt", "soon,fail=2", fn }, numbers(2000), { pipe = true })
+      assert.are.equal(2, status)
+      local got = sorted(lines_of(out))
+      -- 1 ran, 4 was running when the halt came and finished; 5 may have
+      -- been handed to the first worker as 3 ended.
+      assert.is_true(table.concat(got, " ") == "1 4" or table.concat(got, " ") == "1 4 5", out)
+      -- The input comes through a pipe, and was not read to its end.
+      local read_not_done = tonumber(err:match("halted after 2 failures %(%-%-halt soon,fail=2%): (%d+) lines "
+        .. "read and not done, and the rest of the input not read\n"))
+      assert.is_truthy(read_not_done, err)
+      assert.is_true(read_not_done > 10 and read_not_done < 2000 - 4, err)
+    end)
+  end)
+
+  describe("memory", function()
+    it("reads no further ahead than it can hold while its reader does not keep up", function()
+      -- 150,000 lines (7 bytes each, out as in); for its first 2 s,
+      -- stdout is read 4 KiB every 20 ms, far slower than the workers
+      -- answer.
+      local n = 150000
+      write(dir .. "/stdin", numbers(100000 + n, 100001))
+      local reader = "local core = require 'parallelize.core' local t0 = core.now() while true do "
+        .. "local s = io.stdin:read(4096) if not s then break end io.stdout:write(s) io.stdout:flush() "
+        .. "if core.now() - t0 < 2 then core.sleep(0.02) end end"
+      os.execute(string.format("cd %s && ({ %s --map --lines 'function(l) return l end' < stdin & "
+        .. "echo $! > pid; wait; } | %s -e %s > out; echo done > done) > /dev/null 2>&1 &",
+        quote(dir), quote(PZLUA), quote(PZLUA), quote(reader)))
+      local pid = support.eventually(function() return tonumber(read(dir .. "/pid") or "") end, 10)
+      assert.is_truthy(pid, "the command did not start")
+      core.sleep(1.5)
+      local pos = tonumber((read("/proc/" .. pid .. "/fdinfo/0") or ""):match("pos:%s*(%d+)"))
+      local out = #(read(dir .. "/out") or "")
+      assert.is_truthy(pos, "cannot read the command's input position")
+      -- Ahead of what the reader took: at most the pipe (64 KiB), a
+      -- batch of output, stdio's buffer and the lines of one p:stream
+      -- (4096 here): about 20,000 lines, 140 KB.
+      assert.is_true(pos - out < 180000, "read " .. pos - out .. " bytes ahead of the reader")
+      assert.is_truthy(support.eventually(function() return read(dir .. "/done") end, 60), "did not end")
+      assert.are.equal(n, #lines_of(read(dir .. "/out")))
+    end)
+  end)
+
+  describe("the joblog", function()
+    it("has one JSON line per finished line: line, pid, start, seconds, status, error", function()
+      local log = dir .. "/jobs.log"
+      local before = os.time()
+      local out, _, status = map({ "-j", "2", "--timeout", "0.5", "--joblog", log, "function(x) "
+        .. "local pz = require('parallelize') pz.sleep(x == 3 and 10 or 0.05) "
+        .. "if x == 2 then error('two', 0) end return { x, pz.getpid() } end" }, "1\n2\n3\nnope\n5\n")
+      local after = os.time()
+      assert.are.equal(3, status)
+      local pid_of = {}
+      for _, r in ipairs(decoded(out)) do pid_of[r[1]] = r[2] end
+      local entries = joblog(log)
+      assert.are.equal(5, #entries)
+      local by_line = {}
+      for _, e in ipairs(entries) do
+        assert.is_nil(by_line[e.line], "line " .. e.line .. " logged twice")
+        by_line[e.line] = e
+      end
+      for _, n in ipairs({ 1, 5 }) do
+        local e = by_line[n]
+        assert.are.same({ "ok", cjson.null, pid_of[n] }, { e.status, e.error, e.pid })
+        assert.is_true(e.start >= before - 1 and e.start <= after + 1, "start " .. e.start)
+        assert.is_true(e.seconds >= 0.05 and e.seconds < 5, "seconds " .. e.seconds)
+      end
+      local e = by_line[2]
+      assert.are.same({ "error", "two" }, { e.status, e.error })
+      assert.is_true(e.pid > 0 and e.start >= before - 1 and e.seconds >= 0.05)
+      e = by_line[3]
+      assert.are.same({ "timeout", "timed out after 0.5 s", cjson.null, cjson.null, 0.5 },
+        { e.status, e.error, e.pid, e.start, e.seconds })
+      e = by_line[4]
+      assert.are.same({ "bad input", "not JSON: Expected value but found invalid token at character 1" },
+        { e.status, e.error })
+    end)
+
+    it("is started afresh without --resume", function()
+      local log = dir .. "/jobs.log"
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":1,"status":"ok","error":null}\n')
+      local out, _, status = map({ "--joblog", log, "function(x) return x end" }, "7\n")
+      assert.are.same({ "7\n", 0 }, { out, status })
+      local entries = joblog(log)
+      assert.are.equal(1, #entries)
+      assert.are.equal("ok", entries[1].status)
+      assert.are.equal(1, entries[1].line)
+      assert.are_not.equal(1, entries[1].pid)
+    end)
+
+    it("--resume skips the lines done, ignoring a torn last line and ending it", function()
+      local log = dir .. "/jobs.log"
+      local torn = '{"line":4,"pid":12'
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n'
+        .. '{"line":2,"pid":1,"start":1,"seconds":0,"status":"error","error":"x"}\n'
+        .. '{"line":3,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n' .. torn)
+      local out, _, status = map({ "-k", "--joblog", log, "--resume", "function(x) return x * 10 end" },
+        numbers(6))
+      assert.are.same({ "40\n50\n60\n", 0 }, { out, status })
+      local text = read(log)
+      assert.are.equal(1, select(2, text:gsub("\n" .. torn:gsub("%p", "%%%0") .. "\n", "")), text)
+      local lines = {}
+      for _, e in ipairs(joblog(log)) do lines[#lines + 1] = e.line end
+      assert.are.same({ 1, 2, 3, 4, 5, 6 }, sorted(lines))
+    end)
+
+    it("--resume-failed runs again the lines that failed", function()
+      local log = dir .. "/jobs.log"
+      write(log, '{"line":1,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n'
+        .. '{"line":2,"pid":1,"start":1,"seconds":0,"status":"error","error":"x"}\n'
+        .. '{"line":3,"pid":null,"start":null,"seconds":1,"status":"timeout","error":"t"}\n')
+      local out, _, status = map({ "-k", "--joblog", log, "--resume-failed", "function(x) return x end" },
+        numbers(4))
+      assert.are.same({ "2\n3\n4\n", 0 }, { out, status })
+    end)
+  end)
+
+  describe("a run cut short", function()
+    --- Starts `pzlua --map args` in a session of its own (its own process
+    -- group, as a terminal's job), stdin the file `input`; returns the
+    -- job's pid, its group and the paths of its output, stderr and exit
+    -- status (written when it ends).
+    local function start(args, input)
+      local quoted = {}
+      for i, a in ipairs(args) do quoted[i] = quote(a) end
+      local job = { out = dir .. "/out", err = dir .. "/err", status = dir .. "/status" }
+      write(dir .. "/stdin", input)
+      local script = string.format("trap '' INT; echo $$ > pgid; %s --map %s < stdin > out 2> err & "
+        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", quote(PZLUA),
+        table.concat(quoted, " "))
+      os.execute(string.format("cd %s && setsid sh -c %s > /dev/null 2>&1 < /dev/null &", quote(dir), quote(script)))
+      assert.is_truthy(support.eventually(function()
+        job.pid, job.pgid = tonumber(read(dir .. "/pid") or ""), tonumber(read(dir .. "/pgid") or "")
+        return job.pid and job.pgid
+      end, 10), "the job did not start")
+      return job
+    end
+
+    local function wait_status(job)
+      local status = support.eventually(function() return tonumber(read(job.status) or "") end, 30)
+      assert.is_truthy(status, "the job did not end")
+      return status
+    end
+
+    --- Waits until the job's output has at least n lines.
+    local function wait_output(job, n)
+      assert.is_truthy(support.eventually(function()
+        return #lines_of(read(job.out) or "") >= n
+      end, 30), "no output")
+    end
+
+    --- The set of line numbers in a list of entries or numbers.
+    local function set_of(list)
+      local t = {}
+      for _, v in ipairs(list) do t[tonumber(type(v) == "table" and v.line or v)] = true end
+      return t
+    end
+
+    local function pids_of(entries)
+      local t = {}
+      for _, e in ipairs(entries) do if type(e.pid) == "number" then t[e.pid] = true end end
+      return t
+    end
+
+    local function all_gone(pids)
+      return support.eventually(function()
+        for pid in pairs(pids) do
+          if support.alive(pid) then return false end
+        end
+        return true
+      end, 5)
+    end
+
+    it("killed with SIGKILL, a rerun with --resume runs exactly the lines its joblog lacks", function()
+      local n = 2000
+      local fn = "function(x) require('parallelize').sleep(0.001) return x end"
+      local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
+      wait_output(job, 100)
+      assert.is_true(support.kill(job.pid, SIGKILL))
+      assert.are.equal(128 + SIGKILL, wait_status(job))
+      -- Whole entries, then at most one torn line.
+      local text = read(dir .. "/jobs.log")
+      local entries = joblog(dir .. "/jobs.log")
+      assert.are.equal(#entries, select(2, text:gsub("\n", "")))
+      assert.is_true(#entries >= 100 and #entries < n, #entries .. " entries")
+      assert.is_true(all_gone(pids_of(entries)), "workers outlived their parent")
+      -- Every line logged had its output written first.
+      local first_out = set_of(lines_of(read(job.out)))
+      local logged = set_of(entries)
+      for line in pairs(logged) do assert.is_true(first_out[line], "line " .. line .. " logged, not written") end
+      -- The rerun: exactly the others, each once.
+      local out, err, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+      assert.are.same({ "", 0 }, { err, status })
+      local rerun = lines_of(out)
+      local seen = {}
+      for _, v in ipairs(rerun) do
+        local line = tonumber(v)
+        assert.is_nil(seen[line], "line " .. line .. " ran twice in the rerun")
+        assert.is_nil(logged[line], "line " .. line .. " was done already")
+        seen[line] = true
+      end
+      assert.are.equal(n - #entries, #rerun)
+      local all = set_of(joblog(dir .. "/jobs.log"))
+      for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end)
+
+    it("Ctrl-C stops at once, says how many lines were not done, and --resume finishes them", function()
+      local n = 300
+      local fn = "function(x) require('parallelize').sleep(0.01) return x end"
+      local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
+      wait_output(job, 20)
+      local sent = core.now()
+      assert.is_true(support.kill(-job.pgid, SIGINT))
+      assert.are.equal(130, wait_status(job))
+      assert.is_true(core.now() - sent < 5, "took " .. (core.now() - sent) .. " s")
+      local err = read(job.err)
+      local done, not_done = err:match("interrupted: (%d+) lines done, (%d+) lines not done; "
+        .. "rerun with %-%-resume %-%-joblog jobs%.log to finish them\n")
+      assert.is_truthy(done, err)
+      done, not_done = tonumber(done), tonumber(not_done)
+      assert.are.equal(n, done + not_done)
+      assert.is_true(not_done > 0)
+      local entries = joblog(dir .. "/jobs.log")
+      assert.are.equal(done, #lines_of(read(job.out)))
+      assert.are.equal(done, #entries)
+      assert.is_true(all_gone(pids_of(entries)), "workers outlived the command")
+      local out, _, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+      assert.are.equal(0, status)
+      assert.are.equal(not_done, #lines_of(out))
+      local all = set_of(joblog(dir .. "/jobs.log"))
+      for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end)
+  end)
+
+  describe("the command line", function()
+    it("rejects what it does not understand, naming it, with status 255", function()
+      local cases = {
+        { {}, "no executor given" },
+        { { "--bogus", "f.lua" }, "unknown option '%-%-bogus'" },
+        { { "-j", "0", "f.lua" }, "%-j needs an integer from 1 to 100000 %(got '0'%)" },
+        { { "-jx", "f.lua" }, "%-j needs an integer from 1 to 100000 %(got 'x'%)" },
+        { { "f.lua", "--timeout" }, "%-%-timeout needs a value" },
+        { { "--timeout=soon", "f.lua" }, "%-%-timeout needs a number of seconds from 0.001 to 4000000 %(got 'soon'%)" },
+        { { "--halt", "later,fail=1", "f.lua" }, "%-%-halt needs now,fail=N or soon,fail=N with N at least 1 "
+          .. "%(got 'later,fail=1'%)" },
+        { { "--resume", "f.lua" }, "%-%-resume needs %-%-joblog FILE" },
+        { { "-k=1", "f.lua" }, "unknown option '%-k=1'" },
+        { { "--keep-order=1", "f.lua" }, "%-%-keep%-order takes no value" },
+        { { "f.lua", "g.lua" }, "one executor only: 'f.lua' and 'g.lua'" },
+        { { "1abc" }, "'1abc' is not an executor" },
+      }
+      for _, c in ipairs(cases) do
+        local out, err, status = map(c[1], "1\n")
+        assert.are.same({ "", 255 }, { out, status }, c[2])
+        assert.matches("^" .. PREFIX .. c[2] .. ".*\nusage: .* %-%-map EXECUTOR %[options%] < inputs > outputs", err)
+      end
+    end)
+
+    it("prints its help with --help", function()
+      local out, err, status = map({ "--help" }, "")
+      assert.are.same({ "", 0 }, { err, status })
+      assert.matches("^usage: pzlua %-%-map EXECUTOR %[options%] < inputs > outputs\n", out)
+      assert.matches("\n  %-%-halt now,fail=N ", out)
+    end)
+
+    it("must come first on pzlua's command line", function()
+      local out = support.run(quote(PZLUA) .. " -e 1 --map f.lua")
+      assert.matches(": '%-%-map' must come first\nusage: ", out)
+    end)
+
+    it("says in one line that lua-cjson is missing", function()
+      local out, err, status = map({ "function(x) return x end" }, "1\n", { env = "LUA_CPATH=/nonexistent/?.so " })
+      assert.are.same({ "", PZLUA .. " --map: lua-cjson is not installed (module 'cjson' not found; "
+        .. "Debian: apt-get install lua-cjson)\n", 255 }, { out, err, status })
+    end)
+
+    it("draws the pool's progress on stderr with --progress", function()
+      local out, err, status = map({ "--progress", "function(x) return x end" }, numbers(5))
+      assert.are.equal(0, status)
+      assert.are.equal(5, #lines_of(out))
+      assert.matches("\n?5/5 calls %(100%%%), [%d.]+/s, ETA 0s, 0 errors\n$", err)
+    end)
+  end)
+end)
