@@ -37,8 +37,6 @@ local M = {}
 local STATUS_INTERRUPTED, STATUS_BROKEN, MAX_FAILURES = 130, 255, 101
 -- A batch is written when it holds this many lines, or is this old.
 local BATCH_LINES, BATCH_SECONDS = 1024, 0.2
--- The pool's largest timeout (option timeout), in seconds.
-local LONGEST_TIMEOUT = 4e6
 
 --- The constructor every worker runs (a Deferred): it travels to the
 -- worker as bytecode, and the worker side is a module there.
@@ -216,14 +214,7 @@ end
 function Run:start_pool()
   local opts = self.opts
   local spec = opts.spec
-  -- A lone call that the pool sends from the main thread while its I/O
-  -- thread sleeps (the lend of lend.c) is not retried when it raises: the
-  -- next attempt waits until something wakes the I/O thread, for ever at
-  -- the end of the input. Calls with a timeout are never lent, so with
-  -- --retries every call gets one, the longest the pool takes, when none
-  -- is given.
   local timeout = opts.timeout
-  if not timeout and (opts.retries or 0) > 0 then timeout = LONGEST_TIMEOUT end
   self.timeout = timeout
   local p = parallelize.Parallelize(parallelize.Deferred(build_executor, {
     shape = spec.shape, name = spec.name, path = spec.path, code = spec.code,
