@@ -22,8 +22,9 @@ local function vmsize()
     if kb then return tonumber(kb) * 1024 end
   end
 end
-local size, headroom = tonumber(arg[1]), tonumber(arg[2])
-local p = pz.Parallelize({ function(n)
+local size, headroom, raise = tonumber(arg[1]), tonumber(arg[2]), arg[3] == "raise"
+local p = pz.Parallelize({ function(n, raise)
+  if raise then error(string.rep("x", n), 0) end -- a message of n bytes
   if n < 0 then -- -n empty tables: 3 bytes each encoded, dozens decoded
     local t = {}
     for i = 1, -n do t[i] = {} end
@@ -35,7 +36,7 @@ end })
 assert(#p.executors == 1)
 local RLIMIT_AS = 9
 assert(ffi.C.setrlimit(RLIMIT_AS, ffi.new("struct pz_spec_rlimit", vmsize() + headroom, -1ULL)) == 0)
-p(size)
+p(size, raise)
 p(10)
 local ok, err = pcall(p.wait, p, 60)
 print("wait", ok, err)
@@ -53,9 +54,9 @@ describe("a parent short of memory #nosan", function()
   end)
   after_each(function() support.rmdir(dir) end)
 
-  local function run(size, headroom)
+  local function run(size, headroom, raise)
     local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
-      .. support.quote(dir .. "/low.lua") .. " " .. size .. " " .. headroom)
+      .. support.quote(dir .. "/low.lua") .. " " .. size .. " " .. headroom .. (raise and " raise" or ""))
     assert.are.equal(0, status, out)
     return out
   end
@@ -79,9 +80,14 @@ describe("a parent short of memory #nosan", function()
   end)
 
   it("fails the pool, never the process, when the I/O thread runs out elsewhere", function()
-    -- 120 MB: its read buffer (128 MiB) fits, the record for the main thread does not.
-    local out = run(120000000, 190000000)
-    assert.matches("wait\tfalse\tout of memory in the I/O thread %(a record for the main thread%)", out)
+    -- An error of 60 MB (120 MB as a frame: its message and its value):
+    -- its read buffer (128 MiB) fits, and what the I/O thread allocates
+    -- next for it (the record for the main thread, or the list of the
+    -- call's attempts before it) does not. A result that big would not
+    -- fail there: it travels in its read buffer (bigbuf.h) and fails as
+    -- the main thread decodes it, as above.
+    local out = run(60000000, 190000000, true)
+    assert.matches("wait\tfalse\tout of memory in the I/O thread %([%w ]+%)\n", out)
     assert.matches("results\t0", out)
     assert.matches("aborted\t2", out) -- 0 results + 0 errors + 2 aborted = 2 calls
   end)

@@ -969,6 +969,11 @@ function M.slurm()
       "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:16",
       "",
     }, "\n"))
+    -- slurmd would detect the cgroup version from /sys/fs/cgroup, and give
+    -- up where nothing is mounted there (a container, a chroot); with
+    -- proctrack/linuxproc and task/none nothing uses cgroups, so the v1
+    -- plugin, which needs no mount to start, is named outright.
+    write_file(dir .. "/cgroup.conf", "CgroupPlugin=cgroup/v1\n")
     local env = { SLURM_CONF = self.conf }
     self:spawn({ "slurmctld", "-D", "-i", "-f", self.conf }, "slurmctld.out", env)
     local slurmd, slurmd_log = self:spawn({ "slurmd", "-D", "-N", node, "-f", self.conf }, "slurmd.out", env)
