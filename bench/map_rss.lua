@@ -49,14 +49,14 @@ if arg[1] == "--generate" then
   local f = assert(io.open(sumfile, "w"))
   f:write(format("%.17g\n", bytes))
   f:close()
-  os.exit(0)
+  os.exit(0, true)
 end
 
 local LINES = tonumber(arg[1] or "10000000")
 local SAMPLE = tonumber(arg[2] or "1000000")
 if not (LINES and SAMPLE and LINES >= 1 and SAMPLE >= 1 and LINES % SAMPLE == 0) then
   io.stderr:write("usage: map_rss.lua [LINES [SAMPLE]] (LINES a multiple of SAMPLE)\n")
-  os.exit(2)
+  os.exit(2, true)
 end
 
 local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
@@ -116,7 +116,7 @@ for _, f in ipairs({ tmp, pidfile, sumfile, outfile, donefile }) do os.remove(f)
 if status ~= 0 or count ~= LINES or lengths ~= want or #samples == 0 then
   io.stderr:write(format("map_rss.lua: %d lines came back (want %d), lengths sum to %.17g (want %s), "
     .. "%d samples, exit status %d\n", count, LINES, lengths, tostring(want), #samples, status))
-  os.exit(1)
+  os.exit(1, true)
 end
 
 local list, first, last, max = {}, samples[1], samples[#samples], 0

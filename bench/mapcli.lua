@@ -39,24 +39,24 @@ local COMMANDS = {
 }
 if not COMMANDS[SYSTEM] or not LINES or LINES < 1 or not WORKERS or WORKERS < 1 then
   io.stderr:write("usage: mapcli.lua pzmap|pzmap_k|gnu_pipe|gnu_job|xargs LINES WORKERS\n")
-  os.exit(2)
+  os.exit(2, true)
 end
 
 local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
 local function fail(fmt, ...)
   io.stderr:write("mapcli.lua: ", string.format(fmt, ...), "\n")
-  os.exit(1)
+  os.exit(1, true)
 end
 
 local program = SYSTEM:match("^gnu") and "parallel" or SYSTEM == "xargs" and "xargs" or nil
 if program and os.execute("command -v " .. program .. " > /dev/null 2>&1") ~= 0 then
   B.emit("skipped", program .. " is not installed (Debian: parallel, findutils)")
-  os.exit(0)
+  os.exit(0, true)
 end
 if program and os.execute("command -v luajit > /dev/null 2>&1") ~= 0 then
   B.emit("skipped", "luajit is not installed")
-  os.exit(0)
+  os.exit(0, true)
 end
 
 -- The records, and what their transforms sum to.

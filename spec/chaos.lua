@@ -80,7 +80,8 @@ function drive.ordered(p, n) return stream(p, n, true) end
 --- Runs the chaos. opts: calls, workers, interval (seconds between kills),
 -- work (loop iterations per call), seed, timeout (seconds), hang_every (every
 -- so many calls loop forever), call_timeout and max_calls (the pool's
--- timeout and max_calls), progress (a
+-- timeout and max_calls), max_deaths and init_attempts (the pool's),
+-- progress (a
 -- function called with a status line every second, optional), mode: "loop"
 -- (p(i) in a loop, killed from this process while it waits), or "map",
 -- "result", "stream", "ordered" (the method drives the calls while a
@@ -97,7 +98,8 @@ function M.run(opts)
   local before = {}
   for _, pid in ipairs(support.children()) do before[pid] = true end
   local pause = opts.sleep or 0
-  local pool_options = { max_deaths = opts.max_deaths, max_calls = opts.max_calls, timeout = opts.call_timeout }
+  local pool_options = { max_deaths = opts.max_deaths, init_attempts = opts.init_attempts, max_calls = opts.max_calls,
+    timeout = opts.call_timeout }
   for k, v in pairs(opts.options or {}) do pool_options[k] = v end
   local hang_every = opts.hang_every or 0
   local p = parallelize.Parallelize(parallelize.rep(function(x)
