@@ -22,6 +22,8 @@ describe("chaos", function()
         .. ", 8 workers, a worker SIGKILLed every few ms", function()
       local f = chaos.run({ calls = 10000, workers = 8, interval = 0.003, work = 20000, seed = 9,
         timeout = 50, mode = mode, max_deaths = 50, init_attempts = 1000 })
+      print(("\nchaos through %s: %d calls, %d workers, %d kills, %.1f s"):format(mode, f.calls, f.workers, f.kills,
+        f.elapsed))
       assert.is_true(f.kills > 10, "only " .. f.kills .. " kills")
     end)
   end
