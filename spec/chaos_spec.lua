@@ -10,13 +10,10 @@ describe("chaos", function()
     assert.is_true(f.kills > 100, "only " .. f.kills .. " kills")
   end)
 
-  -- Here a process of its own kills a random child of the spawner every
-  -- 3 ms, whether it is serving calls or still starting: where few
-  -- processes run (a new pid namespace), it goes round fast enough to kill
-  -- the same slot while it starts five times running, which is what
-  -- init_attempts (default 5) gives up on: a constructor that always
-  -- crashes. That limit has specs of its own (robustness_spec); here it is
-  -- raised, and every call must still come back exactly once.
+  -- Here a process of its own kills a random worker every 3 ms (one that
+  -- has had time to start: spec/chaos_killer.lua says why); init_attempts
+  -- is raised all the same, as a worker slow to start may still die
+  -- starting five times running on a loaded machine.
   for _, mode in ipairs({ "map", "result", "stream", "ordered" }) do
     it("10,000 calls through p:" .. (mode == "ordered" and "stream(ordered)" or mode)
         .. ", 8 workers, a worker SIGKILLed every few ms", function()
