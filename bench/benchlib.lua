@@ -110,6 +110,7 @@ local function slurp(path)
   f:close()
   return text
 end
+B.slurp = slurp
 
 --- The fields of /proc/<pid>/smaps_rollup ("self" by default), in bytes,
 -- or nil when the file cannot be read.

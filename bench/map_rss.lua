@@ -61,13 +61,7 @@ end
 
 local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
-local function read_file(path)
-  local f = io.open(path, "r")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = B.slurp
 
 --- VmRSS of process pid in bytes, or nil when it is gone.
 local function rss(pid)

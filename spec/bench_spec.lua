@@ -7,21 +7,7 @@ local support = require "spec.support"
 
 local quote = support.quote
 
-local function parse(out)
-  local kv = {}
-  for line in out:gmatch("[^\n]+") do
-    local k, v = line:match("^([%w_.]+)=(.*)$")
-    if k then kv[k] = v end
-  end
-  return kv
-end
-
---- Runs `pzlua bench/<script> args...`; returns its key=value lines, the
--- whole output and the exit status.
-local function pzlua(script, args)
-  local out, status = support.run(quote(support.pzlua()) .. " bench/" .. script .. " " .. args)
-  return parse(out), out, status
-end
+local parse, pzlua = support.parse_kv, support.run_bench
 
 local function number(kv, key)
   local v = tonumber(kv[key])

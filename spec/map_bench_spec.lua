@@ -4,21 +4,7 @@
 -- only the shape and the sanity of the figures are checked here.
 local support = require "spec.support"
 
-local quote = support.quote
-
-local function parse(out)
-  local kv = {}
-  for line in out:gmatch("[^\n]+") do
-    local k, v = line:match("^([%w_.]+)=(.*)$")
-    if k then kv[k] = v end
-  end
-  return kv
-end
-
-local function pzlua(script, args)
-  local out, status = support.run(quote(support.pzlua()) .. " bench/" .. script .. " " .. args)
-  return parse(out), out, status
-end
+local pzlua = support.run_bench
 
 describe("bench/mapcli.lua", function()
   for _, case in ipairs({ { "pzmap", 500 }, { "pzmap_k", 500 }, { "gnu_pipe", 500 }, { "gnu_job", 10 },

@@ -205,4 +205,21 @@ function M.run(cmd)
   return out:gsub("#status=%d+%s*$", ""), status
 end
 
+--- The key=value lines of a benchmark's output, as a table.
+function M.parse_kv(out)
+  local kv = {}
+  for line in out:gmatch("[^\n]+") do
+    local k, v = line:match("^([%w_.]+)=(.*)$")
+    if k then kv[k] = v end
+  end
+  return kv
+end
+
+--- Runs `pzlua bench/<script> args...` from the top of the tree; returns
+-- its key=value lines, the whole output and the exit status.
+function M.run_bench(script, args)
+  local out, status = M.run(M.quote(M.pzlua()) .. " bench/" .. script .. " " .. args)
+  return M.parse_kv(out), out, status
+end
+
 return M
