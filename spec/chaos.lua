@@ -36,7 +36,7 @@ local function start_killer(spawner, opts)
       spawner, tostring(opts.interval), opts.seed or 1, support.quote(dir .. "/stop")))
   return function()
     support.write(dir .. "/stop", "stop")
-    local count = support.eventually(function() return support.read(dir .. "/stop.count") end, 10)
+    local count = support.eventually(function() return tonumber(support.read(dir .. "/stop.count") or "") end, 10)
     support.rmdir(dir)
     return assert(tonumber(count), "the killer did not report")
   end

@@ -36,6 +36,9 @@ while not support.read(stop) and support.alive(spawner) do
   if #old > 0 and support.kill(old[math.random(1, #old)], 9) then kills = kills + 1 end
   ffi.C.usleep(math.floor(interval * 1e6))
 end
-local f = io.open(stop .. ".count", "w")
-f:write(kills)
-f:close()
+-- Written whole, then renamed: the test polls for the file and must never
+-- read it empty.
+local f = assert(io.open(stop .. ".count.tmp", "w"))
+assert(f:write(kills))
+assert(f:close())
+assert(os.rename(stop .. ".count.tmp", stop .. ".count"))
