@@ -53,7 +53,8 @@ PZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra $(WERROR) -Wshadow -Wstrict-pro
             -fPIC -fvisibility=hidden -pthread $(LUAJIT_INC_FLAG) -Isrc -Ibuild
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 
-CORE_SRC  = $(filter-out src/pzlua.c,$(sort $(wildcard src/*.c)))
+PZLUA_SRC = src/pzlua.c src/pzlua_repl.c
+CORE_SRC  = $(filter-out $(PZLUA_SRC),$(sort $(wildcard src/*.c)))
 HEADERS   = $(wildcard src/*.h)
 LUA_SRC   = lua/parallelize.lua $(sort $(wildcard lua/parallelize/*.lua))
 CORE_OBJ  = $(CORE_SRC:src/%.c=build/obj/%.o)
@@ -90,15 +91,15 @@ build/embedded_lua.c: $(LUA_SRC) tools/embed.lua | build/obj
 build/obj/embedded_lua.o: build/embedded_lua.c | build/obj
 	$(Q)$(CC) $(PZ_CFLAGS) $(CFLAGS) -Wno-overlength-strings -c -o $@ $<
 
-build/pzlua: build/obj/pzlua.o build/obj/embedded_lua.o $(CORE_OBJ)
+build/pzlua: $(PZLUA_SRC:src/%.c=build/obj/%.o) build/obj/embedded_lua.o $(CORE_OBJ)
 	@echo "  LD      $@"
 	$(Q)$(CC) $(LDFLAGS) -pthread -o $@ $^ $(LUAJIT_LIBS) -lm -ldl
 
 # pzlua with AddressSanitizer and UBSan: the spec suite runs under it.
-build/asan/pzlua: src/pzlua.c build/embedded_lua.c $(ASAN_OBJ) | build/asan/obj
+build/asan/pzlua: $(PZLUA_SRC) src/pzlua.h build/embedded_lua.c $(ASAN_OBJ) | build/asan/obj
 	@echo "  LD/SAN  $@"
 	$(Q)$(CC) $(PZ_CFLAGS) $(SAN_FLAGS) -O1 -g -Wno-overlength-strings -o $@ \
-	    src/pzlua.c build/embedded_lua.c $(ASAN_OBJ) $(LUAJIT_LIBS) -lm -ldl
+	    $(PZLUA_SRC) build/embedded_lua.c $(ASAN_OBJ) $(LUAJIT_LIBS) -lm -ldl
 
 asan: build/asan/pzlua
 
