@@ -365,6 +365,20 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
         return has(name ".failed") ? "FAILED (" v[name ".failed"] ")" : "no figure"
     }
     function verdict(ok) { return ok ? "met" : "MISSED" }
+    # The rows of a long run sampled for memory (bench/stream_rss.lua,
+    # bench/map_rss.lua), its keys under k: the growth, the largest growth,
+    # every sample.
+    function rss_rows(k, label,    first, last, growth) {
+        first = v[k ".rss_first_mib"] + 0
+        last = v[k ".rss_last_mib"] + 0
+        growth = v[k ".rss_growth_mib"] + 0
+        row(label, sprintf("%+.2f MiB (%.2f -> %.2f)", growth, first, last),
+            sprintf("RSS at %.0f M lines %.2f MiB", v[k ".sample_every"] / 1e6, first),
+            ratio(last, first), "< 4 MiB (flat)", verdict(growth < 4))
+        row("  same, max growth over the samples", sprintf("%+.2f MiB", v[k ".rss_max_growth_mib"]),
+            "-", "-", "< 4 MiB", verdict(v[k ".rss_max_growth_mib"] + 0 < 4))
+        row("  same, RSS at each 1 M lines (MiB)", v[k ".rss_mib_at"], "-", "-", "(reported)", "-")
+    }
 
     # The rounds of issue 14 file each figure as "MEDIAN MIN MAX (ALL)".
     function med(k) { return v[k] + 0 }
@@ -456,15 +470,7 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
         # Issue 12: the long stream.
         if (has("stream10m.rss_growth_mib")) {
             label = sprintf("%.0f M-line p:stream (" v["stream10m.source"] ", keep_results=false)", v["stream10m.lines"] / 1e6)
-            first = v["stream10m.rss_first_mib"] + 0
-            last = v["stream10m.rss_last_mib"] + 0
-            growth = v["stream10m.rss_growth_mib"] + 0
-            row(label ", parent RSS growth", sprintf("%+.2f MiB (%.2f -> %.2f)", growth, first, last),
-                sprintf("RSS at %.0f M lines %.2f MiB", v["stream10m.sample_every"] / 1e6, first),
-                ratio(last, first), "< 4 MiB (flat)", verdict(growth < 4))
-            row("  same, max growth over the samples", sprintf("%+.2f MiB", v["stream10m.rss_max_growth_mib"]),
-                "-", "-", "< 4 MiB", verdict(v["stream10m.rss_max_growth_mib"] + 0 < 4))
-            row("  same, RSS at each 1 M lines (MiB)", v["stream10m.rss_mib_at"], "-", "-", "(reported)", "-")
+            rss_rows("stream10m", label ", parent RSS growth")
             ls = v["stream10m.lines_per_s"] + 0
             if (has("tiny2.pz_stream.calls_per_s"))
                 row("  same, lines/s", rate(ls), "p:stream(array) tiny calls " rate(med("tiny2.pz_stream.calls_per_s")),
@@ -502,15 +508,7 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
             "without -k", "pz", "lines_per_s", "k_vs_pz", "(reported)", "", 0)
         if (has("map10m.rss_growth_mib")) {
             label = sprintf("%.0f M lines through pzlua --map --lines, its RSS growth", v["map10m.lines"] / 1e6)
-            first = v["map10m.rss_first_mib"] + 0
-            last = v["map10m.rss_last_mib"] + 0
-            growth = v["map10m.rss_growth_mib"] + 0
-            row(label, sprintf("%+.2f MiB (%.2f -> %.2f)", growth, first, last),
-                sprintf("RSS at %.0f M lines %.2f MiB", v["map10m.sample_every"] / 1e6, first),
-                ratio(last, first), "< 4 MiB (flat)", verdict(growth < 4))
-            row("  same, max growth over the samples", sprintf("%+.2f MiB", v["map10m.rss_max_growth_mib"]),
-                "-", "-", "< 4 MiB", verdict(v["map10m.rss_max_growth_mib"] + 0 < 4))
-            row("  same, RSS at each 1 M lines (MiB)", v["map10m.rss_mib_at"], "-", "-", "(reported)", "-")
+            rss_rows("map10m", label)
             ls = v["map10m.lines_per_s"] + 0
             if (has("stream10m.lines_per_s"))
                 row("  same, lines/s", rate(ls), "10 M-line p:stream " rate(v["stream10m.lines_per_s"] + 0),
