@@ -94,12 +94,16 @@ static void on_frame(const pz_frame *f)
             touch(c, clen);
             touch(b, blen);
         }
-        /* pool binding, ERROR record: arguments, message, traceback, value */
+        /* pool binding, ERROR record: arguments, message, traceback, value,
+         * then the attempts (what is left) */
         if (pz_record_error(f, &e) == 0) {
-            check(e.args >= f->payload && e.value + e.value_len == f->payload + f->len);
+            check(e.args >= f->payload && e.value + e.value_len == e.attempts &&
+                  e.attempts + e.attempts_len == f->payload + f->len);
             touch(e.args, e.args_len);
             touch(e.message, e.message_len);
             touch(e.traceback, e.traceback_len);
+            touch(e.value, e.value_len);
+            touch(e.attempts, e.attempts_len);
         }
         return;
     case PZ_F_INIT_OK:
