@@ -40,13 +40,7 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
---- True when v can be called: a function, or a value whose metatable has
--- __call.
-local function is_callable(v)
-  if type(v) == "function" then return true end
-  local mt = getmetatable(v)
-  return type(mt) == "table" and mt.__call ~= nil
-end
+local is_callable = options.is_callable
 
 -- Deferred -----------------------------------------------------------------
 

@@ -137,10 +137,10 @@ describe("cancel", function()
 end)
 
 describe("retries", function()
-  it("runs a call that raised again, on whichever worker is free", function()
-    local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
-    local p = Parallelize(function(x)
+  --- An executor whose first call with each x raises, and whose second
+  -- returns x * 10: a marker file in dir remembers the first.
+  local function fails_once(dir)
+    return function(x)
       local marker = dir .. "/" .. x
       local f = io.open(marker, "r")
       if not f then
@@ -150,7 +150,13 @@ describe("retries", function()
       end
       f:close()
       return x * 10
-    end, { workers = 2, retries = 1 })
+    end
+  end
+
+  it("runs a call that raised again, on whichever worker is free", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local p = Parallelize(fails_once(dir), { workers = 2, retries = 1 })
     finally(function() p:stop() end)
     for i = 1, 20 do p(i) end
     assert.is_true(p:wait(10))
@@ -165,17 +171,7 @@ describe("retries", function()
     -- its next attempt must still reach the I/O thread, asleep meanwhile.
     local dir = support.tmpdir()
     finally(function() support.rmdir(dir) end)
-    local p = Parallelize(function(x)
-      local marker = dir .. "/" .. x
-      local f = io.open(marker, "r")
-      if not f then
-        f = io.open(marker, "w")
-        f:close()
-        error("not yet " .. x)
-      end
-      f:close()
-      return x * 10
-    end, { workers = 1, retries = 1 })
+    local p = Parallelize(fails_once(dir), { workers = 1, retries = 1 })
     finally(function() p:stop() end)
     local _ = p.executors
     for i = 1, 3 do

@@ -19,6 +19,7 @@
 -- - A function that cannot be loaded raises one message that says what
 --   was tried and why it failed: the pool gives the worker up with it.
 local core = require "parallelize.core"
+local is_callable = require("parallelize.options").is_callable
 
 local type, pcall, tostring, unpack = type, pcall, tostring, unpack
 local getmetatable, setmetatable = getmetatable, setmetatable
@@ -46,11 +47,6 @@ local function wall_clock()
   return tonumber(timespec.tv_sec) + tonumber(timespec.tv_nsec) * 1e-9
 end
 
-local function is_callable(v)
-  if type(v) == "function" then return true end
-  local mt = getmetatable(v)
-  return type(mt) == "table" and mt.__call ~= nil
-end
 
 --- t[a][b]... for the dotted path "a.b...", or nil where a step is missing.
 local function index_path(t, path)

@@ -23,6 +23,14 @@ function M.describe(v)
 end
 local describe = M.describe
 
+--- True when v can be called: a function, or a value whose metatable has
+-- __call (an executor, a Deferred constructor, `pzlua --map`'s function).
+function M.is_callable(v)
+  if type(v) == "function" then return true end
+  local mt = getmetatable(v)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+
 -- name -> {default, kind, lowest, highest}; a nil default means "none".
 local OPTIONS = {
   max_deaths = { 3, "integer", 1, 255 },
@@ -63,8 +71,7 @@ function M.check_value(who, name, v, level)
       error(format('%s: option %s must be a boolean or "always" (got %s)', who, name, describe(v)), level + 1)
     end
   elseif o[2] == "launcher" then
-    local mt = getmetatable(v)
-    if type(v) ~= "function" and not (type(mt) == "table" and mt.__call ~= nil) then
+    if not M.is_callable(v) then
       error(format("%s: option launcher must be a function(slot) returning a command, or what "
         .. "parallelize.ssh{...} or parallelize.srun{...} return (got %s)", who, describe(v)), level + 1)
     end

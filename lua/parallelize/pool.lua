@@ -237,20 +237,13 @@ end
 
 -- Copies, made when read: sorting or clearing what the caller holds never
 -- touches the pool.
-properties.results = function(p)
-  pool_drain(p)
-  check_kept(p, "p.results")
-  return copy_array(pool_env(p).results)
-end
-properties.ids = function(p)
-  pool_drain(p)
-  check_kept(p, "p.ids")
-  return copy_array(pool_env(p).ids)
-end
-properties.errors = function(p)
-  pool_drain(p)
-  check_kept(p, "p.errors")
-  return copy_array(pool_env(p).errors)
+for _, name in ipairs({ "results", "ids", "errors" }) do
+  local what = "p." .. name
+  properties[name] = function(p)
+    pool_drain(p)
+    check_kept(p, what)
+    return copy_array(pool_env(p)[name])
+  end
 end
 properties.init_errors = function(p)
   pool_drain(p)
