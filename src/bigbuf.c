@@ -22,6 +22,10 @@ void pz_bigbufs_destroy(pz_bigbufs *s)
 
 void pz_bigbufs_give(pz_bigbufs *s, char *data, size_t cap)
 {
+    if (cap > PZ_SPARE_MAX) {
+        free(data);
+        return;
+    }
     pthread_mutex_lock(&s->lock);
     if (s->n < PZ_SPARES) {
         s->data[s->n] = data;

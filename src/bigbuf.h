@@ -26,6 +26,9 @@
 /* Results at least this big travel boxed. */
 #define PZ_BOX_MIN (256u << 10)
 #define PZ_SPARES 4
+/* Buffers bigger than this are freed, not kept: a few huge results must not
+ * hold hundreds of MiB for the pool's whole life. */
+#define PZ_SPARE_MAX (16u << 20)
 
 /* The payload of a boxed RESULT record. */
 typedef struct pz_box {
@@ -48,8 +51,8 @@ int pz_bigbufs_init(pz_bigbufs *s);
 /* Frees the spares; only once neither thread uses them. */
 void pz_bigbufs_destroy(pz_bigbufs *s);
 
-/* Keeps the buffer as a spare, or frees it when the list is full (the
- * smallest goes). */
+/* Keeps the buffer as a spare, or frees it when it is above PZ_SPARE_MAX or
+ * the list is full (the smallest goes). */
 void pz_bigbufs_give(pz_bigbufs *s, char *data, size_t cap);
 
 /* Makes b a buffer of at least `need` bytes from a spare, keeping what b
