@@ -36,7 +36,8 @@
 #   bench/workload.lua     the pool: tiny calls (a p(i) loop, p:map,
 #                          p:stream from an array and from an iterator,
 #                          and parallelize.map in one shot), calls of
-#                          100 us of CPU, calls with 1 MiB in and out; CPU
+#                          100 us of CPU and calls with 1 MiB in and out
+#                          (each by a p(i) loop and by p:map); CPU
 #                          and context switches per thread and per
 #                          process, from /proc
 #   bench/py_anchor.py     Python's Pool.map on the same work (map, busy,
@@ -305,17 +306,19 @@ rounds tiny256 "$@" \
 
 # Calls of 100 us of CPU, 2 workers: each system against its own ideal,
 # then against each other.
-set -- "pz=$pz busy $BUSY_N 2 100"
+set -- "pz=$pz busy $BUSY_N 2 100" "pz_map=$pz busy_map $BUSY_N 2 100"
 [ "$have_python" -eq 1 ] && set -- "$@" "py=$py busy $BUSY_N 2 100"
 rounds busy "$@" \
     pz_vs_py=pz.vs_ideal/py.vs_ideal seconds_vs_py=pz.seconds/py.seconds \
-    switches_vs_py=pz.switches_per_call/py.switches_per_call
+    switches_vs_py=pz.switches_per_call/py.switches_per_call \
+    map_vs_py=pz_map.vs_ideal/py.vs_ideal map_switches_vs_py=pz_map.switches_per_call/py.switches_per_call
 
 # 1 MiB strings in and out, 2 workers.
-set -- "pz=$pz bytes $BYTES_N 2 $MIB"
+set -- "pz=$pz bytes $BYTES_N 2 $MIB" "pz_map=$pz bytes_map $BYTES_N 2 $MIB"
 [ "$have_python" -eq 1 ] && set -- "$@" "py=$py bytes $BYTES_N 2 $MIB"
 [ "$have_socketpair" -eq 1 ] && set -- "$@" "c_pump=$sp pump $BYTES_N $MIB 2"
-rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb_per_s
+rounds bytes "$@" pz_vs_c=pz.gb_per_s/c_pump.gb_per_s pz_vs_py=pz.gb_per_s/py.gb_per_s \
+    map_vs_c=pz_map.gb_per_s/c_pump.gb_per_s
 
 # ---- issue 12: a long stream in constant memory --------------------------
 # The default window, then (a diagnostic) the wide one of the tiny rows:
@@ -529,6 +532,12 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
             "Pool.map", "py", "switches_per_call", "switches_vs_py", "(reported)", "", 0)
         rrow("  same, I/O thread wake-ups per call", "busy", "pz", "io_wakeups_per_call", 1, "%.3f", "",
             "-", "", "", "", "< 0.1 (not per result)", "<", 0.1)
+        rrow("  same through p:map(list), x of its ideal", "busy", "pz_map", "vs_ideal", 1, "%.3f", "x",
+            "Pool.map, x of its ideal", "py", "vs_ideal", "map_vs_py", "<= 1.05x ideal, <= 1x Pool.map", "<=", 1)
+        rrow("  same through p:map, context switches per call", "busy", "pz_map", "switches_per_call", 1, "%.3f", "",
+            "Pool.map", "py", "switches_per_call", "map_switches_vs_py", "(reported)", "", 0)
+        rrow("  same through p:map, I/O thread wake-ups per call", "busy", "pz_map", "io_wakeups_per_call", 1, "%.3f", "",
+            "-", "", "", "", "< 0.1 (not per result)", "<", 0.1)
 
         # Issue 14: 1 MiB strings in and out.
         n = has("bytes.pz.n") ? med("bytes.pz.n") : ""
@@ -538,6 +547,10 @@ awk -F '=' -v codec_present="$codec_present" -v stream_wide="$STREAM_WIDE" '
             "Pool.map chunksize=1", "py", "gb_per_s", "pz_vs_py", "(reported)", "", 0)
         rrow("  same, parent peak RSS above start", "bytes", "pz", "peak_above_start_mib", 1, "%.0f", " MiB",
             "Pool.map, above its results", "py", "peak_above_held_mib", "", "< 300 MiB", "<", 300)
+        rrow("  same through p:map(list)", "bytes", "pz_map", "gb_per_s", 1, "%.2f", " GB/s",
+            "C socketpair pump", "c_pump", "gb_per_s", "map_vs_c", ">= 0.8x", ">=", 0.8)
+        rrow("  same through p:map, parent peak RSS above start", "bytes", "pz_map", "peak_above_start_mib", 1, "%.0f", " MiB",
+            "-", "", "", "", "< 300 MiB", "<", 300)
 
         # Latency.
         if (has("latency.p50_us")) {

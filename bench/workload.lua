@@ -29,6 +29,9 @@
 --       it took in its worker (the thread's CPU clock around the loop) and
 --       returns it: ideal_s = the sum / WORKERS. Prints seconds, ideal_s
 --       and vs_ideal = seconds / ideal_s.
+--   build/pzlua bench/workload.lua busy_map N WORKERS US
+--       the same through `p:map(list)`: chunks of items (src/chunk.h), as
+--       Python's Pool.map sends them.
 --   build/pzlua bench/workload.lua bytes N WORKERS SIZE
 --       N calls `p(s)` with one string of SIZE bytes, the executor
 --       returning it, so SIZE bytes go each way. Prints gb_per_s, bytes in
@@ -37,6 +40,8 @@
 --       above its resident memory at that moment, which already holds the
 --       string. The results are equal to s, and LuaJIT interns strings, so
 --       they add no memory of their own: what the peak shows is the pool's.
+--   build/pzlua bench/workload.lua bytes_map N WORKERS SIZE
+--       the same through `p:map(list)`.
 --
 -- Every workload also prints, from /proc (schedstat and status, read just
 -- before the first call and just after the results are read): CPU seconds
@@ -59,15 +64,17 @@ local WAIT_S = 600 -- no run comes near it; a hang ends as an error
 
 local function usage()
   io.stderr:write("usage: workload.lua tiny|map|pzmap N WORKERS | stream|stream_fn N WORKERS [MAX_PENDING]"
-    .. " | busy N WORKERS US | bytes N WORKERS SIZE\n")
+    .. " | busy[_map] N WORKERS US | bytes[_map] N WORKERS SIZE\n")
   os.exit(2)
 end
 
-local KINDS = { tiny = true, map = true, pzmap = true, stream = true, stream_fn = true, busy = true, bytes = true }
+local KINDS = { tiny = true, map = true, pzmap = true, stream = true, stream_fn = true, busy = true, busy_map = true,
+  bytes = true, bytes_map = true }
 local kind = arg[1]
 local N, WORKERS, PARAM = tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4])
 if not (N and WORKERS and N >= 1 and WORKERS >= 1) then usage() end
-if (kind == "busy" or kind == "bytes") and not (PARAM and PARAM > 0) then usage() end
+local NEEDS_PARAM = { busy = true, busy_map = true, bytes = true, bytes_map = true }
+if NEEDS_PARAM[kind] and not (PARAM and PARAM > 0) then usage() end
 if (kind == "stream" or kind == "stream_fn") and arg[4] and not (PARAM and PARAM >= 1) then usage() end
 if not KINDS[kind] then usage() end
 
@@ -259,16 +266,27 @@ local function timed_spin_ctor(want)
   end
 end
 
-local function busy(k, calibrated)
+--- N calls with the same argument, in a p(x) loop or through p:map: the
+-- results and the errors (none for a map, which raises).
+local function run_all(p, x, via_map, what)
+  if via_map then
+    local list = {}
+    for i = 1, N do list[i] = x end
+    return p:map(list), {}
+  end
+  for _ = 1, N do p(x) end
+  B.wait(p, WAIT_S, what)
+  return p.results, p.errors
+end
+
+local function busy(k, calibrated, via_map)
   return function(p)
     local t0 = B.now()
-    for _ = 1, N do p(k) end
-    B.wait(p, WAIT_S, "busy")
-    local results = p.results
+    local results, errors = run_all(p, k, via_map, "busy")
     local t = B.now() - t0
-    if #results ~= N or #p.errors ~= 0 then
-      fail("wrong results: %d (want %d), %d errors%s", #results, N, #p.errors,
-        #p.errors > 0 and ": " .. p.errors[1].message or "")
+    if #results ~= N or #errors ~= 0 then
+      fail("wrong results: %d (want %d), %d errors%s", #results, N, #errors,
+        #errors > 0 and ": " .. errors[1].message or "")
     end
     local cpu = 0
     for i = 1, N do cpu = cpu + results[i] end
@@ -280,7 +298,7 @@ local function busy(k, calibrated)
   end
 end
 
-local function bytes(size)
+local function bytes(size, via_map)
   local pattern = {}
   for i = 0, 255 do pattern[#pattern + 1] = string.char((i * 37 + 11) % 256) end
   pattern = table.concat(pattern)
@@ -290,12 +308,10 @@ local function bytes(size)
     local rss0 = B.status_bytes("VmRSS")
     local reset = B.reset_peak_rss()
     local t0 = B.now()
-    for _ = 1, N do p(s) end
-    B.wait(p, WAIT_S, "bytes")
-    local results = p.results
+    local results, errors = run_all(p, s, via_map, "bytes")
     local t = B.now() - t0
     local peak = B.status_bytes("VmHWM")
-    if #results ~= N or #p.errors ~= 0 then fail("wrong results: %d (want %d), %d errors", #results, N, #p.errors) end
+    if #results ~= N or #errors ~= 0 then fail("wrong results: %d (want %d), %d errors", #results, N, #errors) end
     for i = 1, N do
       if results[i] ~= s then fail("result %d differs from the string sent", i) end
     end
@@ -318,11 +334,11 @@ elseif kind == "stream" or kind == "stream_fn" then
   r = measure(double, stream(kind == "stream_fn", PARAM))
 elseif kind == "pzmap" then
   r = pzmap()
-elseif kind == "busy" then
+elseif kind == "busy" or kind == "busy_map" then
   local k, calibrated = calibrate(PARAM)
-  r = measure(parallelize.Deferred(timed_spin_ctor, spin(k)), busy(k, calibrated))
+  r = measure(parallelize.Deferred(timed_spin_ctor, spin(k)), busy(k, calibrated, kind == "busy_map"))
 else
-  r = measure(function(x) return x end, bytes(PARAM))
+  r = measure(function(x) return x end, bytes(PARAM, kind == "bytes_map"))
 end
 
 B.emit("workload", kind)

@@ -151,15 +151,15 @@ describe("remote workers: launchers", function()
     it("refuses a parent of another protocol or LuaJIT, naming both versions and its host", function()
       local mine = jit.version .. " (bytecode " .. bytecode_tag() .. ")"
       local msg, code = init_error_of({ PZLUA, "--worker" },
-        "PZ\1" .. short("LuaJIT 2.1.9-other") .. short("LJ9 be") .. "rest not read")
+        "PZ\2" .. short("LuaJIT 2.1.9-other") .. short("LJ9 be") .. "rest not read")
       assert.are.equal(0, code)
       assert.are.equal("host " .. HOST .. ": version mismatch: the parent runs LuaJIT 2.1.9-other (bytecode "
-        .. "LJ9 be), this worker " .. mine .. "; both speak parallelize protocol 1, but functions travel "
+        .. "LJ9 be), this worker " .. mine .. "; both speak parallelize protocol 2, but functions travel "
         .. "as LuaJIT bytecode, which needs the same LuaJIT on both sides", msg)
 
-      msg = init_error_of({ PZLUA, "--worker" }, "PZ\2" .. short(jit.version) .. short(bytecode_tag()))
-      assert.are.equal("host " .. HOST .. ": version mismatch: the parent speaks parallelize protocol 2, "
-        .. "this worker protocol 1 (" .. jit.version .. ", bytecode " .. bytecode_tag() .. ")", msg)
+      msg = init_error_of({ PZLUA, "--worker" }, "PZ\9" .. short(jit.version) .. short(bytecode_tag()))
+      assert.are.equal("host " .. HOST .. ": version mismatch: the parent speaks parallelize protocol 9, "
+        .. "this worker protocol 2 (" .. jit.version .. ", bytecode " .. bytecode_tag() .. ")", msg)
 
       msg = init_error_of({ PZLUA, "--worker" }, "\20\0\0\0 an old INIT payload")
       assert.matches("^host " .. HOST:gsub("%p", "%%%0") .. ": the parent sent no version handshake", msg)
@@ -184,7 +184,7 @@ describe("remote workers: launchers", function()
     p:stop()
     local bytes = assert(support.read(capture))
     assert.are.equal(1, bytes:byte(5)) -- INIT
-    local prefix = "PZ\1" .. short(jit.version) .. short(bytecode_tag())
+    local prefix = "PZ\2" .. short(jit.version) .. short(bytecode_tag())
     assert.are.equal(prefix, bytes:sub(25, 24 + #prefix)) -- after the 24-byte header
   end)
 
@@ -519,11 +519,11 @@ describe("remote workers on real servers #nosan", function()
       assert.matches("no worker is left and none can be started: host .*: module 'support' not found", err)
       assert.are.equal(1, #p:stop())
 
-      msg = init_error_of(s:command(PZLUA .. " --worker"), "PZ\1" .. short("LuaJIT 2.1.9-other")
+      msg = init_error_of(s:command(PZLUA .. " --worker"), "PZ\2" .. short("LuaJIT 2.1.9-other")
         .. short(bytecode_tag()))
       assert.are.equal("host " .. HOST .. ": version mismatch: the parent runs LuaJIT 2.1.9-other (bytecode "
         .. bytecode_tag() .. "), this worker " .. jit.version .. " (bytecode " .. bytecode_tag() .. "); both speak "
-        .. "parallelize protocol 1, but functions travel as LuaJIT bytecode, which needs the same LuaJIT on "
+        .. "parallelize protocol 2, but functions travel as LuaJIT bytecode, which needs the same LuaJIT on "
         .. "both sides", msg)
       assert.are.same({}, nothing_left(s, s0, 10))
     end)

@@ -18,8 +18,8 @@
  *                       records: the worker slot
  *
  * deaths, tag, tries, flags and timeout_ms are the parent's bookkeeping,
- * carried with the call wherever it goes; workers ignore them and answer
- * with 0.
+ * carried with the call wherever it goes; workers read only the flag
+ * PZ_CALL_CHUNK and answer with 0 in all of them.
  *
  * Many frames go in one write and come out of one read; pz_frame_parse finds
  * the boundaries and rejects anything malformed.
@@ -35,7 +35,9 @@
  *               arguments.  Built by linit.c, read by worker.c.
  *   INIT_OK     the executor, encoded lossily (a copy for p.executors)
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
- *   CALL        the argument tuple
+ *   CALL        the argument tuple; with flag PZ_CALL_CHUNK, the tuple
+ *               (items, n): the executor runs once on each of items[1..n]
+ *               (chunk.h), and the result is that chunk's answer
  *   RESULT      varint nanoseconds the call ran, then the tuple of values
  *               the executor returned
  *   ERROR       varint nanoseconds, varint n, n bytes of message, varint m,
@@ -71,6 +73,7 @@
 
 /* flags of a CALL frame. */
 #define PZ_CALL_CANCELLED 1 /* given up on: its answer, if any comes, is dropped */
+#define PZ_CALL_CHUNK 2     /* a map's chunk of items, one executor call each (chunk.h) */
 
 /* flags of a RESULT record. */
 #define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */

@@ -29,7 +29,7 @@
 
 #include "buf.h"
 
-#define PZ_PROTOCOL_VERSION 1
+#define PZ_PROTOCOL_VERSION 2 /* 2: chunks (PZ_CALL_CHUNK) */
 
 typedef struct pz_versions {
     int protocol;

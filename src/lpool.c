@@ -624,7 +624,7 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
 {
     static const luaL_Reg funcs[] = {
         {"pool_new", l_pool_new},         {"pool_submit", pz_lpool_submit},
-        {"pool_submit_each", pz_lpool_submit_each},
+        {"pool_submit_each", pz_lpool_submit_each}, {"pool_submit_chunk", pz_lpool_submit_chunk},
         {"pool_drain", l_pool_drain},     {"pool_wait", l_pool_wait},
         {"pool_stop", l_pool_stop},       {"pool_counts", l_pool_counts},
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},

@@ -26,6 +26,7 @@ typedef struct lpool {
     pz_pool *pool;     /* NULL once released */
     pz_buf scratch;    /* arguments being encoded by p(...) */
     uintptr_t encoding_at; /* frame of the p(...) encoding into scratch, or 0 */
+    size_t args_len;   /* bytes of the arguments the last call queued carried */
     int draining;      /* records are being turned into Lua values */
     int keep_results;  /* the pool's store keeps results (option keep_results) */
     int quiet;         /* no warning when collected with calls unfinished */
@@ -84,9 +85,9 @@ static inline int pz_lpool_encoding_above(const lpool *u, uintptr_t here)
 
 /* lsubmit.c.  pz_lpool_call is the pool's __call: p(...) -> id, the
  * arguments encoded and queued (nothing is queued when one cannot be
- * encoded; the error says which).  pz_lpool_submit and
- * pz_lpool_submit_each are core.pool_submit and core.pool_submit_each
- * (their comments).  pz_lpool_has_room says whether p(...) may queue one
+ * encoded; the error says which).  pz_lpool_submit, pz_lpool_submit_each
+ * and pz_lpool_submit_chunk are core.pool_submit, core.pool_submit_each
+ * and core.pool_submit_chunk (their comments).  pz_lpool_has_room says whether p(...) may queue one
  * more call now: fewer than max_pending calls wait for a worker, and their
  * frames hold fewer than max_pending_bytes (one call, however big, may
  * always wait alone).  pz_lsubmit_prepare registers the metatable of the
@@ -94,6 +95,7 @@ static inline int pz_lpool_encoding_above(const lpool *u, uintptr_t here)
 int pz_lpool_call(lua_State *L);
 int pz_lpool_submit(lua_State *L);
 int pz_lpool_submit_each(lua_State *L);
+int pz_lpool_submit_chunk(lua_State *L);
 int pz_lpool_has_room(lpool *u);
 void pz_lsubmit_prepare(lua_State *L);
 

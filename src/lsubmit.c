@@ -96,7 +96,7 @@ static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
  * encoding tables further up the stack cannot be in the way: it queues
  * its call only once it has encoded it whole. */
 static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t bound, uint8_t tag,
-                          uint32_t timeout_ms)
+                          uint32_t timeout_ms, uint8_t flags)
 {
     pz_pool *p = u->pool;
     char *d = pz_pool_reserve_call(p, bound);
@@ -109,7 +109,8 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
                           (double)view.len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms);
+    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms, flags);
+    u->args_len = view.len;
     if (tag)
         u->tag_outstanding[tag]++;
     lua_pushnumber(L, (lua_Number)id);
@@ -117,13 +118,13 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
 }
 
 /* Encodes the arguments at first .. top and queues them for `tag` with
- * timeout_ms (pool.h); pushes the call's id.
+ * timeout_ms and flags (pool.h); pushes the call's id.
  *
  * Arguments are encoded into the pool's scratch buffer.  Encoding tables
  * or functions can run Lua code (a finalizer), which may call p(...)
  * again: that inner call finds the scratch buffer taken (encoding_at marks
  * the outer call's frame above it) and encodes into a buffer of its own. */
-static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
+static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms, uint8_t flags)
 {
     wait_for_room(L, u, 1);
     int nargs = lua_gettop(L) - first + 1;
@@ -131,7 +132,7 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
      * straight into the submit queue. */
     size_t bound = scalars_bound(L, first, nargs);
     if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
-        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
+        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms, flags);
     uintptr_t here = pz_lpool_frame_here();
     pz_buf *b = &u->scratch;
     int claimed = 0;
@@ -153,7 +154,8 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
                           (double)b->len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms);
+    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms, flags);
+    u->args_len = b->len;
     if (b == &u->scratch && b->cap > (1u << 20))
         pz_buf_trim(b, 0);
     if (id == 0)
@@ -164,11 +166,18 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
     return 1;
 }
 
+/* Raises unless the argument at 2, tag, is 0 or an active claim's. */
+static void check_tag(lua_State *L, const lpool *u, int tag)
+{
+    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
+                  2, "not an active tag");
+}
+
 /* pool(...) -> id: encodes the arguments and queues the call.  Nothing is
  * queued when an argument cannot be encoded (the error says which). */
 int pz_lpool_call(lua_State *L)
 {
-    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0);
+    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0, 0);
 }
 
 /* core.pool_submit(pool, tag, timeout, ...) -> id: a call for a map or
@@ -178,14 +187,13 @@ int pz_lpool_submit(lua_State *L)
 {
     lpool *u = pz_lpool_check_running(L, 1);
     int tag = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
-                  2, "not an active tag");
+    check_tag(L, u, tag);
     uint32_t timeout_ms = 0;
     if (!lua_isnil(L, 3)) {
         double t = luaL_checknumber(L, 3) * 1e3;
         timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
     }
-    return submit(L, u, 4, (uint8_t)tag, timeout_ms);
+    return submit(L, u, 4, (uint8_t)tag, timeout_ms, 0);
 }
 
 /* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
@@ -199,8 +207,7 @@ int pz_lpool_submit_each(lua_State *L)
 {
     lpool *u = pz_lpool_check_running(L, 1);
     int tag = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, tag >= 0 && tag < PZ_TAGS && (tag == 0 || u->tag_state[tag] == PZ_TAG_ACTIVE),
-                  2, "not an active tag");
+    check_tag(L, u, tag);
     luaL_checktype(L, 3, LUA_TTABLE);
     int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
     luaL_checktype(L, 6, LUA_TTABLE);
@@ -209,7 +216,7 @@ int pz_lpool_submit_each(lua_State *L)
     int interleaved = 0;
     for (int k = i; k <= j; k++) {
         lua_rawgeti(L, 3, k);
-        submit(L, u, 7, (uint8_t)tag, 0);
+        submit(L, u, 7, (uint8_t)tag, 0, 0);
         double id = lua_tonumber(L, -1);
         lua_pop(L, 2);
         if (k == i) {
@@ -231,4 +238,29 @@ int pz_lpool_submit_each(lua_State *L)
     lua_pushnumber(L, last);
     lua_pushboolean(L, interleaved);
     return 3;
+}
+
+/* core.pool_submit_chunk(pool, tag, list, i, j) -> id, bytes: queues
+ * list[i..j] as one chunk (chunk.h) for `tag`: a call whose arguments are
+ * the array of those items and their count, which the worker runs as
+ * j - i + 1 calls of its executor; bytes is their size encoded.  The items
+ * are encoded together, so tables they share travel once. */
+int pz_lpool_submit_chunk(lua_State *L)
+{
+    lpool *u = pz_lpool_check_running(L, 1);
+    int tag = (int)luaL_checkinteger(L, 2);
+    check_tag(L, u, tag);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
+    luaL_argcheck(L, i >= 1 && j >= i, 5, "not a range of items");
+    lua_settop(L, 5);
+    lua_createtable(L, j - i + 1, 0);
+    for (int k = i; k <= j; k++) {
+        lua_rawgeti(L, 3, k);
+        lua_rawseti(L, 6, k - i + 1);
+    }
+    lua_pushinteger(L, j - i + 1);
+    submit(L, u, 6, (uint8_t)tag, 0, PZ_CALL_CHUNK);
+    lua_pushnumber(L, (lua_Number)u->args_len);
+    return 2;
 }

@@ -219,27 +219,29 @@ char *pz_pool_reserve_call(pz_pool *p, size_t max_len)
     return d ? d + PZ_FRAME_HEADER : NULL;
 }
 
-uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms)
+uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms, uint8_t flags)
 {
     char *d = p->submit.wr->data + p->submit.wpos;
     uint64_t id = p->next_id++;
     pz_frame_header(d, PZ_F_CALL, id, (uint32_t)len);
     pz_frame_set_tag(d, tag);
     pz_frame_set_timeout_ms(d, timeout_ms);
+    pz_frame_set_flags(d, flags);
     pz_spsc_advance(&p->submit, PZ_FRAME_HEADER + len);
     p->bytes_submitted += PZ_FRAME_HEADER + len;
     kick(p);
     return id;
 }
 
-uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms)
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms,
+                        uint8_t flags)
 {
     char *d = pz_pool_reserve_call(p, len);
     if (!d)
         return 0;
     if (len)
         memcpy(d, args, len);
-    return pz_pool_commit_call(p, len, tag, timeout_ms);
+    return pz_pool_commit_call(p, len, tag, timeout_ms, flags);
 }
 
 /* Takes what the main thread consumed off p->backlog: once per batch

@@ -173,10 +173,12 @@ void pz_pool_free_launch(char ***launch, int nslots);
 
 /* Main thread: queues a call whose encoded argument tuple is args[0..len)
  * (at most opt.max_message bytes), for the taker `tag` (frame.h) and with
- * a timeout of its own (timeout_ms, 0 for the pool's), and wakes the I/O
- * thread if it sleeps with room for it.  Returns the call's id, or 0 when
+ * a timeout of its own (timeout_ms, 0 for the pool's) and the CALL flags
+ * `flags` (PZ_CALL_CHUNK or 0), and wakes the I/O thread if it sleeps with
+ * room for it.  Returns the call's id, or 0 when
  * out of memory (nothing is queued then). */
-uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms);
+uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, uint32_t timeout_ms,
+                        uint8_t flags);
 
 /* Main thread: pz_pool_submit in two steps, for a caller that encodes
  * straight into the queue (one copy less): pz_pool_reserve_call returns
@@ -184,7 +186,7 @@ uint64_t pz_pool_submit(pz_pool *p, const char *args, size_t len, uint8_t tag, u
  * then pz_pool_commit_call queues the first len of them, as
  * pz_pool_submit would.  Nothing else may use the queue in between. */
 char *pz_pool_reserve_call(pz_pool *p, size_t max_len);
-uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms);
+uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeout_ms, uint8_t flags);
 
 /* Main thread: the first record the I/O thread published and the main
  * thread has not consumed (frame.h describes the records), read into *f;

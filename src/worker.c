@@ -30,6 +30,7 @@
 #include <lualib.h>
 
 #include "buf.h"
+#include "chunk.h"
 #include "codec.h"
 #include "codec_format.h"
 #include "frame.h"
@@ -182,7 +183,11 @@ static int run_call(lua_State *L)
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
-    int rc = lua_pcall(L, nargs, LUA_MULTRET, handler);
+    int rc = 0;
+    if (W.call.flags & PZ_CALL_CHUNK)
+        pz_chunk_run(L, handler, nargs); /* its items' errors are in its answer */
+    else
+        rc = lua_pcall(L, nargs, LUA_MULTRET, handler);
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;

@@ -1,0 +1,142 @@
+-- p:map in chunks (src/chunk.h): many items travel as one call that the
+-- worker runs as their calls, one after the other. What must hold is what
+-- a map of one call per item promises: every item once, results in order,
+-- the first error named by its item, nothing lost when a worker dies.
+local parallelize = require "parallelize"
+local support = require "spec.support"
+
+local Parallelize, null = parallelize.Parallelize, parallelize.null
+
+local function range(n)
+  local list = {}
+  for i = 1, n do list[i] = i end
+  return list
+end
+
+describe("a map in chunks", function()
+  local p
+  after_each(function()
+    if p then p:stop() end
+    p = nil
+  end)
+
+  it("returns every item's first result in input order, null for nil, in far fewer calls", function()
+    p = Parallelize(function(x)
+      if x % 7 == 0 then return nil end
+      return x * 3, "dropped"
+    end, { workers = 3 })
+    local n = 50000
+    local out = p:map(range(n))
+    assert.are.equal(n, #out)
+    for i = 1, n do
+      if i % 7 == 0 then
+        assert.are.equal(null, out[i])
+      else
+        assert.are.equal(i * 3, out[i])
+      end
+    end
+    -- Chunks are sized to about 2 ms of work each: 50,000 tiny items take
+    -- some dozens of calls, never one each.
+    assert.is_true(p.calls < n / 100, "calls: " .. p.calls)
+    assert.are.same({}, p.results)
+    assert.are.same({}, p.errors)
+    -- The pool goes on as before: calls of its own, another map.
+    local id = p(5)
+    assert.are.same({ true, 15, "dropped" }, { p:result(id) })
+    assert.are.same({ 3, 6, null }, p:map({ 1, 2, 7 }))
+  end)
+
+  it("runs every item exactly once, each in some worker", function()
+    p = Parallelize(parallelize.Deferred(function()
+      local seen = {}
+      return function(x)
+        seen[#seen + 1] = x
+        return parallelize.getpid()
+      end, seen
+    end), { workers = 2 })
+    local n = 20000
+    local out = p:map(range(n))
+    local pids = {}
+    for _, pid in ipairs(p.pids) do pids[pid] = true end
+    for i = 1, n do assert.is_true(pids[out[i]], "item " .. i .. " ran in " .. tostring(out[i])) end
+  end)
+
+  it("raises for the item that raised, at the user's line", function()
+    p = Parallelize(function(x)
+      if x == 3777 then error("bad item " .. x) end
+      return x
+    end, { workers = 2 })
+    local ok, err = pcall(function()
+      local out = p:map(range(10000)) -- the line the error names
+      return out
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/map_chunks_spec%.lua:%d+: map: item 3777 failed: .*bad item 3777\nstack traceback:", err)
+    -- Every call the map made has its outcome in the store: nothing lost.
+    p:wait()
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    assert.are.same({ 1, 2 }, p:map({ 1, 2 }))
+  end)
+
+  it("names the item whose result cannot travel (the chunk runs again as one call per item)", function()
+    p = Parallelize(function(x)
+      if x == 1234 then return coroutine.create(print) end
+      return x
+    end, { workers = 2 })
+    local ok, err = pcall(p.map, p, range(3000))
+    assert.is_false(ok)
+    assert.matches("map: item 1234 failed: call %d+: cannot encode a thread at result%[1%]", err)
+  end)
+
+  it("names the item that kills its worker, after max_deaths deaths as one call", function()
+    p = Parallelize(function(x)
+      if x == 321 then os.exit(7) end
+      return x
+    end, { workers = 2, max_deaths = 2 })
+    local ok, err = pcall(p.map, p, range(1000))
+    assert.is_false(ok)
+    assert.matches("map: item 321 failed: .*killed 2 workers", err)
+  end)
+
+  it("splits chunks whose arguments are above max_message; one item above it raises as p(item) would", function()
+    p = Parallelize(function(s) return #s end, { workers = 2, max_message = 4096 })
+    local list = {}
+    for i = 1, 400 do list[i] = string.rep("x", 100 + i % 10) end
+    local out = p:map(list)
+    for i = 1, 400 do assert.are.equal(100 + i % 10, out[i]) end
+    list[200] = string.rep("y", 5000)
+    local ok, err = pcall(p.map, p, list)
+    assert.is_false(ok)
+    assert.matches("above max_message %(4096%)", err)
+  end)
+
+  it("splits chunks whose answer is above max_message", function()
+    p = Parallelize(function(i) return string.rep("r", 200 + i % 3) end, { workers = 2, max_message = 4096 })
+    local out = p:map(range(500))
+    for i = 1, 500 do assert.are.equal(200 + i % 3, #out[i]) end
+  end)
+
+  it("goes one call per item where a chunk would not act as its items' calls", function()
+    for _, opts in ipairs({ { retries = 1 }, { timeout = 60 }, { max_calls = 100000 }, { fail_fast = true },
+      { progress = true } }) do
+      local q = Parallelize(function(x) return x + 1 end, opts)
+      local out = q:map(range(300))
+      assert.are.equal(300, #out)
+      assert.are.equal(301, out[300])
+      local what = next(opts)
+      assert.are.equal(300, q.calls, what)
+      q:stop()
+    end
+  end)
+  -- Worker deaths in the middle of chunks: spec/chaos_spec.lua drives p:map
+  -- while a worker is SIGKILLed every few milliseconds.
+end)
+
+describe("parallelize.map", function()
+  it("chunks too, and leaves no process behind", function()
+    local out = parallelize.map(function(x) return -x end, range(30000), { workers = 2 })
+    assert.are.equal(30000, #out)
+    assert.are.equal(-30000, out[30000])
+    assert.are.same({}, support.children())
+  end)
+end)
