@@ -78,6 +78,27 @@ describe("a map in chunks", function()
     assert.are.same({ 1, 2 }, p:map({ 1, 2 }))
   end)
 
+  it("leaves every chunk accounted for after it raised: results, errors, or aborted with its items", function()
+    p = Parallelize(function(x)
+      parallelize.sleep(0.005)
+      if x == 20 then error("item twenty") end
+      return x
+    end, { workers = 1 })
+    local ok, err = pcall(p.map, p, range(200))
+    assert.is_false(ok)
+    assert.matches("map: item 20 failed: .*item twenty", err)
+    local calls = p.calls
+    local aborted = p:stop(0)
+    -- The first chunk (items 1-16) answered; the second raised at item 20
+    -- (its answer, items 17-19 and the error, is a result too); the one
+    -- queued after them never ran.
+    assert.are.equal(calls, #p.results + #p.errors + #aborted)
+    assert.is_true(#aborted >= 1)
+    local items, count = aborted[1][1], aborted[1][2]
+    assert.are.equal(count, #items)
+    assert.are.equal(33, items[1])
+  end)
+
   it("names the item whose result cannot travel (the chunk runs again as one call per item)", function()
     p = Parallelize(function(x)
       if x == 1234 then return coroutine.create(print) end
