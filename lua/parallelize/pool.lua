@@ -20,6 +20,7 @@ local error, type, select, pairs, ipairs, tostring, pcall, unpack =
 local getmetatable, setmetatable = getmetatable, setmetatable
 local format, floor, ceil, sort, remove = string.format, math.floor, math.ceil, table.sort, table.remove
 local min, max = math.min, math.max
+local new_table = require "table.new"
 local rawgetmetatable = debug.getmetatable -- the pool's metatable hides itself
 
 local pool_wait, pool_drain, pool_stop = core.pool_wait, core.pool_drain, core.pool_stop
@@ -444,7 +445,9 @@ local function chunked_map(p, list, n, who)
   -- above it raises as p(item) would).
   local function submit(i, j)
     if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
-    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, list, i, j)
+    local items = new_table(j - i + 1, 0)
+    for k = i, j do items[k - i + 1] = list[k] end
+    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, items, j - i + 1)
     if ok then
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
