@@ -7,7 +7,7 @@
  * Why: a tiny call costs the parent and the worker far more in framing,
  * ids and records than the call itself; a map of a million tiny items
  * sent as a few hundred chunks pays that once per chunk.  The parent's
- * side (lua/parallelize/pool.lua, map) sizes the chunks and uses them only
+ * side (lua/parallelize/chunks.lua) sizes the chunks and uses them only
  * where a chunk behaves as its items would one by one (no timeout,
  * retries, max_calls, fail_fast or progress).
  *

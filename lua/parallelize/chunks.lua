@@ -1,0 +1,199 @@
+--- parallelize.chunks: p:map with many items per call. A chunk is one
+-- call whose worker runs the executor on each of its items in turn and
+-- answers for all of them (src/chunk.h); this file decides how many items
+-- each chunk carries and turns the answers back into the map's results.
+-- Main thread only. The claims, waits and messages are pool.lua's, bound
+-- once (M.bind).
+local core = require "parallelize.core"
+local caller = require "parallelize.caller"
+caller.mark()
+
+local type, tostring, pcall, error = type, tostring, pcall, error
+local floor, ceil, min, max, remove = math.floor, math.ceil, math.min, math.max, table.remove
+local new_table = require "table.new"
+local pool_size, pool_counts, pool_submit, pool_submit_chunk =
+  core.pool_size, core.pool_counts, core.pool_submit, core.pool_submit_chunk
+local null = core.null
+
+local M = {}
+
+-- pool.lua's helpers (M.bind).
+local new_claim, release, wait_for, check_status, done_waiting, item_failed
+
+-- How long a chunk should run. At least CHUNK_MIN_SECONDS: its frame, id
+-- and record then cost little beside it. At most CHUNK_MAX_SECONDS: the
+-- first results come soon, and one slow chunk cannot hold the end back for
+-- long. In between, the guided rule (Polychronopoulos and Kuck): the items
+-- left, shared by twice the workers, so chunks are big while much is left
+-- and small near the end, where the workers must finish together.
+local CHUNK_MIN_SECONDS, CHUNK_MAX_SECONDS = 0.002, 0.1
+-- Items in each worker's first chunk, before any chunk's time is known.
+local FIRST_CHUNK = 16
+-- Bytes a chunk's items may carry encoded (see chunk_end).
+local CHUNK_BYTES = 262144
+
+--- The size of the next chunk: `left` items to go among `workers`, each
+-- item taking `per_item` seconds as the last chunk ran (nil while no chunk
+-- has answered), at most `byte_cap` items (CHUNK_BYTES).
+local function chunk_size(left, workers, per_item, byte_cap)
+  local want
+  if not per_item then
+    want = FIRST_CHUNK
+  else
+    want = ceil(left / (2 * workers))
+    if per_item > 0 then
+      want = min(max(want, CHUNK_MIN_SECONDS / per_item), CHUNK_MAX_SECONDS / per_item)
+    end
+  end
+  return max(1, floor(min(want, byte_cap, left)))
+end
+
+--- The last item of a chunk from list[i] to at most list[j]: it ends
+-- before its strings pass CHUNK_BYTES. Big items gain nothing from
+-- sharing a call, and a chunk of them would be copied whole once more.
+local function chunk_end(list, i, j)
+  local bytes = 0
+  for k = i, j do
+    local v = list[k]
+    bytes = bytes + (type(v) == "string" and #v or 8)
+    if bytes > CHUNK_BYTES then return k > i and k - 1 or i end
+  end
+  return j
+end
+
+--- The error p:map raises for item i: message and traceback.
+local function item_error(who, i, message, traceback)
+  return item_failed(who, i, { message = message, traceback = traceback })
+end
+
+--- Runs p(list[i]) for every i of list[1..n] in chunks: each chunk is one
+-- call that the worker runs as its items' calls, one after the other.
+-- Chunks are submitted a few per worker at a time, sized by the time the
+-- last one took. A chunk that failed as a whole (its worker died
+-- max_deaths times, or its answer could not travel) runs again as one call
+-- per item, so that the error names its item. Returns the first results in
+-- input order (null for nil).
+function M.map(p, list, n, who)
+  local claim = new_claim(p)
+  local lists, tag = claim.lists, claim.tag
+  local workers = pool_size(p)
+  local per_item          -- seconds an item ran in the last chunk
+  local byte_cap = n      -- items per CHUNK_BYTES, as the last chunk had them
+  local window = max(2, 2 * workers)
+  local starts, counts = {}, {} -- call id -> its first item, its item count
+  claim.owns = function(id) return starts[id] ~= nil end
+  local out = {}
+  local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
+
+  local function track(id, i, count)
+    starts[id], counts[id] = i, count
+    outstanding = outstanding + 1
+    if not claim.first then claim.first = id end
+    claim.last = id
+  end
+
+  -- Queues items i..j: one item as its own call, more as a chunk, halved
+  -- until it fits when its items together are above max_message (one item
+  -- above it raises as p(item) would).
+  local function submit(i, j)
+    if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
+    local items = new_table(j - i + 1, 0)
+    for k = i, j do items[k - i + 1] = list[k] end
+    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, items, j - i + 1)
+    if ok then
+      -- The next chunks carry about CHUNK_BYTES at most, whatever their
+      -- items look like (tables).
+      byte_cap = max(1, floor((j - i + 1) * CHUNK_BYTES / max(bytes, 1)))
+      return track(id, i, j - i + 1)
+    end
+    if not tostring(id):find("above max_message", 1, true) then error(id, 0) end
+    local mid = floor((i + j) / 2)
+    submit(i, mid)
+    submit(mid + 1, j)
+  end
+
+  -- One answer: a chunk's (results, seconds[, k, message, traceback]), or
+  -- the first result of a call made for a single item. Returns the error
+  -- the map raises, if the answer is one.
+  local function take_result(id, first)
+    local i, count = starts[id], counts[id]
+    starts[id], counts[id] = nil, nil
+    outstanding = outstanding - 1
+    local ex = lists.extras[id]
+    if count == 0 then -- one item's own call
+      out[i] = first
+      done = done + 1
+      return
+    end
+    local results, seconds = ex[1], ex[2]
+    local ran = ex.n > 2 and ex[3] - 1 or count
+    for k = 1, ran do
+      local v = results[k]
+      if v == nil then v = null end
+      out[i + k - 1] = v
+    end
+    done = done + ran
+    if ex.n > 2 then return item_error(who, i + ex[3] - 1, ex[4], ex[5]) end
+    per_item = seconds / count
+  end
+
+  local function take_error(e)
+    local i, count = starts[e.id], counts[e.id]
+    starts[e.id], counts[e.id] = nil, nil
+    outstanding = outstanding - 1
+    if count <= 1 then
+      remove(lists.errors, ke - 1) -- reported: it is the map's error
+      return item_failed(who, i, e)
+    end
+    -- The chunk failed whole: its items run again, one call each.
+    for k = i, i + count - 1 do submit(k, k) end
+  end
+
+  local failure
+  local ok, err = pcall(function()
+    while done < n do
+      while outstanding < window and next_i <= n do
+        local size = chunk_size(n - next_i + 1, workers, per_item, byte_cap)
+        local j = chunk_end(list, next_i, next_i + size - 1)
+        submit(next_i, j)
+        next_i = j + 1
+      end
+      if #lists.ids < kr and #lists.errors < ke then
+        local _, finished = pool_counts(p)
+        check_status(p, wait_for(p, "progress", nil, finished + 1))
+      end
+      -- (Taking an answer may queue calls, and queuing may drain more
+      -- answers into the lists: they are read to their current end.)
+      while kr <= #lists.ids do
+        kr = kr + 1
+        failure = take_result(lists.ids[kr - 1], lists.results[kr - 1])
+        if failure then return end
+      end
+      while ke <= #lists.errors do
+        ke = ke + 1
+        failure = take_error(lists.errors[ke - 1])
+        if failure then return end
+      end
+    end
+  end)
+  done_waiting(p)
+  -- A map that raised hands every answer of its chunks, taken or not, to
+  -- the pool's store, as an unchunked map's would be (the store is where
+  -- nothing is lost: see release); the chunks still running go there too.
+  -- One that ended well has consumed them all.
+  if ok and not failure then claim.kr, claim.ke = kr, ke end
+  release(p, claim)
+  if not ok then caller.reraise(err) end
+  if failure then error(failure, caller.level()) end
+  return out
+end
+
+--- Gives this file pool.lua's helpers: new_claim, release, wait_for,
+-- check_status, done_waiting and item_failed. Returns the module.
+function M.bind(h)
+  new_claim, release, wait_for, check_status = h.new_claim, h.release, h.wait_for, h.check_status
+  done_waiting, item_failed = h.done_waiting, h.item_failed
+  return M
+end
+
+return M
