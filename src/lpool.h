@@ -87,11 +87,12 @@ static inline int pz_lpool_encoding_above(const lpool *u, uintptr_t here)
  * arguments encoded and queued (nothing is queued when one cannot be
  * encoded; the error says which).  pz_lpool_submit, pz_lpool_submit_each
  * and pz_lpool_submit_chunk are core.pool_submit, core.pool_submit_each
- * and core.pool_submit_chunk (their comments).  pz_lpool_has_room says whether p(...) may queue one
- * more call now: fewer than max_pending calls wait for a worker, and their
- * frames hold fewer than max_pending_bytes (one call, however big, may
- * always wait alone).  pz_lsubmit_prepare registers the metatable of the
- * buffers submit may need. */
+ * and core.pool_submit_chunk (their comments).  pz_lpool_has_room says
+ * whether p(...) may queue one more call now: fewer than max_pending
+ * calls wait for a worker, and their frames hold fewer than
+ * max_pending_bytes (one call, however big, may always wait alone).
+ * pz_lsubmit_prepare registers the metatable of the buffers submit may
+ * need. */
 int pz_lpool_call(lua_State *L);
 int pz_lpool_submit(lua_State *L);
 int pz_lpool_submit_each(lua_State *L);
