@@ -7,7 +7,10 @@
 -- chaos: every PZ_SOAK_HANG_EVERY-th call (1000) hangs and is ended by its
 -- timeout (0.25 s), and each worker is replaced after
 -- PZ_SOAK_MAX_CALLS calls (500); its calls default to a tenth of the others
--- (PZ_SOAK_CONTROL_CALLS).
+-- (PZ_SOAK_CONTROL_CALLS). Last, a round through p:map, whose items travel
+-- in chunks (src/chunk.h), while a process of its own SIGKILLs a worker
+-- every PZ_SOAK_INTERVAL: PZ_SOAK_MAP_CALLS items (1,000,000) through
+-- PZ_SOAK_MAP_WORKERS workers (64).
 local chaos = require "spec.chaos"
 
 local function env(name, default)
@@ -47,4 +50,13 @@ local f = chaos.run(control)
 total_calls, total_kills = total_calls + f.calls, total_kills + f.kills
 print(("round ok in %.1f s: %d kills, %d timeouts, %d recycles, %d poison-flagged, nothing lost, nothing "
   .. "duplicated, no process left"):format(f.elapsed, f.kills, f.timeouts, f.recycles, f.poison))
+local through_map = { mode = "map", calls = env("PZ_SOAK_MAP_CALLS", 1000000), workers = env("PZ_SOAK_MAP_WORKERS", 64),
+  interval = opts.interval, work = opts.work, timeout = opts.timeout, seed = 7, max_deaths = 255, init_attempts = 1000 }
+print(("soak round through p:map (chunks): %d items through %d workers, a worker SIGKILLed every %g ms"):format(
+  through_map.calls, through_map.workers, through_map.interval * 1000))
+chaos.run(through_map)
+f = chaos.last
+total_calls, total_kills = total_calls + f.calls, total_kills + f.kills
+print(("round ok in %.1f s (%.0f items/s): %d kills, %d poison-flagged, nothing lost, nothing duplicated, no "
+  .. "process left"):format(f.elapsed, f.rate, f.kills, f.poison))
 print(("soak: %d calls, %d kills, all accounted for"):format(total_calls, total_kills))
