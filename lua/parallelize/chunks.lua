@@ -82,7 +82,7 @@ function M.map(p, list, n, who)
   local window = max(2, 2 * workers)
   local starts, counts = {}, {} -- call id -> its first item, its item count
   claim.owns = function(id) return starts[id] ~= nil end
-  local out = {}
+  local out = new_table(n, 0)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
 
   local function track(id, i, count)
