@@ -185,11 +185,13 @@ describe("a map in chunks", function()
   end)
 
   it("gives each item's result its own tables, as p(item)'s result would", function()
-    p = Parallelize(function(x)
-      CACHE = CACHE or { hits = 0 } -- luacheck: globals CACHE
-      CACHE.hits = CACHE.hits + 1
-      return CACHE, x
-    end, { workers = 1 })
+    p = Parallelize(parallelize.Deferred(function()
+      local cache = { hits = 0 }
+      return function(x)
+        cache.hits = cache.hits + 1
+        return cache, x
+      end
+    end), { workers = 1 })
     local out = p:map(range(10))
     out[1].mine = true
     for i = 2, 10 do assert.is_nil(out[i].mine, "result " .. i .. " is result 1") end
