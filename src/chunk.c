@@ -33,8 +33,12 @@ static const char RUNNER[] = "local exec, items, n, results, at = ...\n"
                              "  results[k] = exec(items[k])\n"
                              "end\n";
 
-/* Registry reference of the compiled RUNNER (made at the first chunk). */
-static int runner_ref = LUA_NOREF;
+/* The compiled RUNNER sits in the registry under this address, made at the
+ * first chunk.  A key, not a process-wide luaL_ref number: a worker's
+ * executor may start a pool of its own, whose workers are forked from this
+ * process with a fresh Lua state, where a number kept from this one would
+ * name some other value. */
+static const char runner_key = 0;
 
 int pz_chunk_run(lua_State *L, int handler, int nargs)
 {
@@ -45,16 +49,22 @@ int pz_chunk_run(lua_State *L, int handler, int nargs)
     if (!(nn >= 0 && nn <= (lua_Number)(1 << 30)))
         return luaL_error(L, "a chunk's n is out of range");
     int n = (int)nn;
-    if (runner_ref == LUA_NOREF) {
+    lua_pushlightuserdata(L, (void *)&runner_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    int compiled = lua_isfunction(L, -1);
+    lua_pop(L, 1);
+    if (!compiled) {
+        lua_pushlightuserdata(L, (void *)&runner_key);
         if (luaL_loadbuffer(L, RUNNER, sizeof RUNNER - 1, "=parallelize map chunk") != 0)
             return lua_error(L);
-        runner_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_rawset(L, LUA_REGISTRYINDEX);
     }
     lua_createtable(L, n, 0);
     int results = lua_gettop(L);
     lua_createtable(L, 1, 0);
     int at = lua_gettop(L);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, runner_ref);
+    lua_pushlightuserdata(L, (void *)&runner_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, exec);
     lua_pushvalue(L, items);
     lua_pushinteger(L, n);

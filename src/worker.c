@@ -104,11 +104,25 @@ static void put_frame(uint8_t type, uint64_t id, const pz_part *parts, int npart
 static void put_error(uint64_t id, uint64_t ns, const char *msg, size_t mlen, const char *tb,
                       size_t tblen, const pz_buf *value)
 {
+    /* Like a result, the frame must fit max_message: the parent takes a
+     * bigger one for a malformed frame and kills the worker, and the call
+     * would run again, and fail again, for ever.  What does not fit is left
+     * out: the value first (the parent then gives the message as the
+     * value), then the traceback's end, then the message's end.  Three
+     * varints of room: the time and the two lengths. */
+    size_t room = W.max_message - 3 * PZ_VARINT_MAX_BYTES;
+    size_t vlen = value ? value->len : 0;
+    if (mlen + tblen + vlen > room)
+        vlen = 0;
+    if (mlen + tblen > room)
+        tblen = mlen < room ? room - mlen : 0;
+    if (mlen > room)
+        mlen = room;
     uint8_t v[PZ_VARINT_MAX_BYTES];
     pz_part parts[] = {{v, pz_put_varint(v, ns), 0},
                        {msg, mlen, 1},
                        {tb, tblen, 1},
-                       {value ? value->data : NULL, value ? value->len : 0, 0}};
+                       {vlen ? value->data : NULL, vlen, 0}};
     put_frame(PZ_F_ERROR, id, parts, 4);
 }
 

@@ -27,7 +27,10 @@ local new_claim, release, wait_for, check_status, done_waiting, item_failed
 -- left, shared by twice the workers, so chunks are big while much is left
 -- and small near the end, where the workers must finish together.
 local CHUNK_MIN_SECONDS, CHUNK_MAX_SECONDS = 0.002, 0.1
--- Items in each worker's first chunk, before any chunk's time is known.
+-- Items in each worker's first chunk, before any chunk's time is known, at
+-- most: and no more than the guided share either, since an item's cost is
+-- not known yet (16 items of 0.1 s in one chunk would hold one worker for
+-- 1.6 s while the others had nothing).
 local FIRST_CHUNK = 16
 -- Bytes a chunk's items may carry encoded (see chunk_end).
 local CHUNK_BYTES = 262144
@@ -36,14 +39,11 @@ local CHUNK_BYTES = 262144
 -- item taking `per_item` seconds as the last chunk ran (nil while no chunk
 -- has answered), at most `byte_cap` items (CHUNK_BYTES).
 local function chunk_size(left, workers, per_item, byte_cap)
-  local want
+  local want = ceil(left / (2 * workers))
   if not per_item then
-    want = FIRST_CHUNK
-  else
-    want = ceil(left / (2 * workers))
-    if per_item > 0 then
-      want = min(max(want, CHUNK_MIN_SECONDS / per_item), CHUNK_MAX_SECONDS / per_item)
-    end
+    want = min(want, FIRST_CHUNK)
+  elseif per_item > 0 then
+    want = min(max(want, CHUNK_MIN_SECONDS / per_item), CHUNK_MAX_SECONDS / per_item)
   end
   return max(1, floor(min(want, byte_cap, left)))
 end
