@@ -99,6 +99,17 @@ describe("a map in chunks", function()
     assert.are.equal(33, items[1])
   end)
 
+  it("says of an item that cannot travel what p(item) would say", function()
+    p = Parallelize(function(x) return x end, { workers = 2 })
+    local list = range(300)
+    list[77] = coroutine.create(print)
+    local ok, err = pcall(p.map, p, list)
+    assert.is_false(ok)
+    local _, err1 = pcall(p, list[77])
+    assert.matches("cannot encode a thread at args%[1%]$", err1)
+    assert.are.equal(err1, err)
+  end)
+
   it("names the item whose result cannot travel (the chunk runs again as one call per item)", function()
     p = Parallelize(function(x)
       if x == 1234 then return coroutine.create(print) end
@@ -171,10 +182,10 @@ describe("a map in chunks", function()
     assert.is_true(p.calls - 4 >= 8, "calls: " .. p.calls - 4)
   end)
 
-  -- Pending: a chunk's items are encoded as one value, and its results too,
-  -- with one reference numbering (codec_format.h), so tables items share
-  -- arrive shared. Turn these two back into it(...) with the fix.
-  pending("gives each item its own copy of the tables it shares with other items, as p(item) would", function()
+  -- A chunk's items travel as one value, and its results too, but each is
+  -- encoded apart (PZ_ENCODE_APART, codec.h): what two items share arrives
+  -- as two copies, as in two calls.
+  it("gives each item its own copy of the tables it shares with other items, as p(item) would", function()
     p = Parallelize(function(x)
       x.shared.count = x.shared.count + 1
       return x.shared.count
@@ -187,7 +198,7 @@ describe("a map in chunks", function()
     assert.are.equal(0, shared.count)
   end)
 
-  pending("gives each item's result its own tables, as p(item)'s result would", function()
+  it("gives each item's result its own tables, as p(item)'s result would", function()
     p = Parallelize(parallelize.Deferred(function()
       local cache = { hits = 0 }
       return function(x)
@@ -198,6 +209,31 @@ describe("a map in chunks", function()
     local out = p:map(range(10))
     out[1].mine = true
     for i = 2, 10 do assert.is_nil(out[i].mine, "result " .. i .. " is result 1") end
+    -- Within one item, sharing and cycles travel as they are.
+    local q = Parallelize(function(x)
+      local t = { x = x }
+      t.self = t
+      return { a = t, b = t }
+    end, { workers = 1 })
+    local got = q:map(range(40))
+    q:stop()
+    for i = 1, 40 do
+      assert.are.equal(got[i].a, got[i].b)
+      assert.are.equal(got[i].a, got[i].a.self)
+      assert.are.equal(i, got[i].a.x)
+      if i > 1 then assert.are_not.equal(got[i - 1].a, got[i].a) end
+    end
+  end)
+
+  it("gives functions that share an upvalue in two items their own copies of it", function()
+    p = Parallelize(function(f) return f() end, { workers = 1 })
+    local n = 0
+    local function bump() n = n + 1 return n end
+    local list = {}
+    for i = 1, 30 do list[i] = bump end
+    local out = p:map(list)
+    for i = 1, 30 do assert.are.equal(1, out[i], "item " .. i) end
+    assert.are.equal(0, n)
   end)
   -- Worker deaths in the middle of chunks: spec/chaos_spec.lua drives p:map
   -- while a worker is SIGKILLed every few milliseconds.

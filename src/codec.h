@@ -23,6 +23,12 @@
 /* Encoding flags. */
 #define PZ_ENCODE_LOSSY 1 /* values that cannot travel become strings such as
                              "<userdata>" instead of raising */
+#define PZ_ENCODE_APART 2 /* a tuple whose first value is a table of items (a
+                             map's chunk, or its results: chunk.h): each item
+                             is written as if encoded alone, so a table or
+                             function two items share arrives as two copies,
+                             as it would in two calls.  Reference numbers go
+                             on counting: the decoder needs nothing new. */
 
 /* Decoding flags. */
 #define PZ_DECODE_FUNCTIONS 1 /* load bytecode and resolve function references;

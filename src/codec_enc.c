@@ -117,17 +117,33 @@ static inline ref_slot *ref_slot_of(const enc *e, const void *obj)
     return &e->refs[i];
 }
 
-/* Returns the reference number of obj, or -1 if it was not met yet. */
+/* Returns the reference number of obj, or -1 if it was not met yet (since
+ * ref_base).  An object met again after ref_base moved gets a new number,
+ * which replaces the old one in the hash table; in the list, the search
+ * starts at ref_base. */
 static int ref_find(const enc *e, const void *obj)
 {
     if (e->nrefs <= REFS_LINEAR) {
-        for (int i = 0; i < e->nrefs; i++)
+        for (int i = e->ref_base; i < e->nrefs; i++)
             if (e->refs_list[i] == obj)
                 return i;
         return -1;
     }
     const ref_slot *s = ref_slot_of(e, obj);
-    return s->obj ? s->num : -1;
+    return s->obj && s->num >= e->ref_base ? s->num : -1;
+}
+
+int pz_ref_forgotten(const enc *e, int num)
+{
+    return num < e->ref_base;
+}
+
+/* With PZ_ENCODE_APART, called before each item of the tuple's first
+ * value: what earlier items met is forgotten. */
+static inline void apart(enc *e)
+{
+    if ((e->flags & PZ_ENCODE_APART) && e->depth == 1 && e->tuple_index == 1)
+        e->ref_base = e->nrefs;
 }
 
 /* Moves the reference numbers into a hash table of `slots` slots (a power
@@ -275,6 +291,7 @@ static int enc_items(enc *e, int t, size_t n, seg *s)
         pz_push_items(L, t, i, j);
         for (size_t k = i; k <= j; k++) {
             s->idx = (int)k;
+            apart(e);
             enc_value(e, base + 1 + (int)(k - i));
         }
         lua_settop(L, base);
@@ -301,6 +318,7 @@ static void enc_pairs(enc *e, int t, seg *s)
             if (lua_type(L, key) == LUA_TNUMBER &&
                 lua_tonumber(L, key) == (double)(counts[0] + 1)) {
                 counts[0]++;
+                apart(e);
                 enc_value(e, key + 1);
                 lua_pop(L, 1);
                 continue;
@@ -308,6 +326,7 @@ static void enc_pairs(enc *e, int t, seg *s)
             in_array = 0;
         }
         s->kind = SEG_KEY;
+        apart(e);
         enc_value(e, key);
         s->kind = SEG_VALUE;
         enc_value(e, key + 1);
@@ -435,7 +454,7 @@ static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int f
     e->L = L;
     e->out = out;
     e->flags = flags;
-    e->nrefs = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
+    e->nrefs = e->ref_base = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
     e->items_held = 0;
     e->refs = NULL;
     e->refs_mask = 0;

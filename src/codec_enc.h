@@ -85,6 +85,8 @@ typedef struct enc {
     int flags;
     int slots;         /* stack index of the first reserved slot */
     int nrefs;         /* reference numbers given so far */
+    int ref_base;      /* numbers below it are forgotten (PZ_ENCODE_APART):
+                        * their objects are written in full again */
     int depth;         /* open tables and functions */
     int index_fresh;   /* the index was rebuilt during this encode */
     int index_checked; /* package.loaded was compared this encode */
@@ -148,6 +150,10 @@ static inline void enc_string(enc *e, const char *s, size_t n)
 /* Width of the padded varints written before their value is known: 5 bytes
  * hold 35 bits, more than any table or bytecode size LuaJIT allows. */
 #define PZ_ENC_PAD_WIDTH 5
+
+/* True when reference number num was given before ref_base: its object
+ * must not be joined to (PZ_ENCODE_APART). */
+int pz_ref_forgotten(const enc *e, int num);
 
 /* codec_enc.c */
 void pz_enc_value(enc *e, int idx);          /* any value, at absolute index idx */

@@ -139,7 +139,7 @@ static void enc_upvalues(enc *e, int f, int fref, seg *s)
         lua_pushlightuserdata(L, lua_upvalueid(L, f, i));
         lua_pushvalue(L, -1);
         lua_rawget(L, upvals);
-        if (!lua_isnil(L, -1)) {
+        if (!lua_isnil(L, -1) && !pz_ref_forgotten(e, (int)(lua_tointeger(L, -1) / 256))) {
             lua_Integer where = lua_tointeger(L, -1);
             lua_pop(L, 2);
             put_byte(e, PZ_T_UPJOIN);

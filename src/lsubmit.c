@@ -143,7 +143,8 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
         claimed = 1;
     }
     b->len = 0;
-    pz_encode_tuple(L, first, nargs, b, "args", 0);
+    /* A chunk's items are encoded apart, as their own calls' would be. */
+    pz_encode_tuple(L, first, nargs, b, "args", flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0);
     if (claimed)
         u->encoding_at = 0;
     /* Lua code that ran while encoding may have stopped the pool. */

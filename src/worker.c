@@ -227,7 +227,9 @@ static int run_call(lua_State *L)
         return luaL_error(L, "out of memory");
     out->len += PZ_FRAME_HEADER;
     out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
-    pz_encode_tuple(L, handler + 1, nres, out, "result", 0);
+    /* A chunk's results are encoded apart, as their own calls' would be. */
+    pz_encode_tuple(L, handler + 1, nres, out, "result",
+                    W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0);
     size_t len = out->len - start - PZ_FRAME_HEADER;
     if (len > W.max_message) {
         out->len = start;

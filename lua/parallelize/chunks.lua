@@ -93,8 +93,8 @@ function M.map(p, list, n, who)
   end
 
   -- Queues items i..j: one item as its own call, more as a chunk, halved
-  -- until it fits when its items together are above max_message (one item
-  -- above it raises as p(item) would).
+  -- until it fits when its items together are above max_message or one of
+  -- them cannot be encoded (one item raises as p(item) would).
   local function submit(i, j)
     if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
     local items = new_table(j - i + 1, 0)
@@ -106,7 +106,10 @@ function M.map(p, list, n, who)
       byte_cap = max(1, floor((j - i + 1) * CHUNK_BYTES / max(bytes, 1)))
       return track(id, i, j - i + 1)
     end
-    if not tostring(id):find("above max_message", 1, true) then error(id, 0) end
+    -- Too big together, or one item cannot travel: halves, down to the
+    -- item's own call, whose error then names it as p(item) would.
+    local why = tostring(id)
+    if not (why:find("above max_message", 1, true) or why:find("cannot encode", 1, true)) then error(id, 0) end
     local mid = floor((i + j) / 2)
     submit(i, mid)
     submit(mid + 1, j)
