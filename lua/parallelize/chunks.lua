@@ -83,6 +83,7 @@ function M.map(p, list, n, who)
   local starts, counts = {}, {} -- call id -> its first item, its item count
   claim.owns = function(id) return starts[id] ~= nil end
   local out = new_table(n, 0)
+  local items, items_n = {}, 0 -- the chunks' items (see submit)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
 
   local function track(id, i, count)
@@ -97,9 +98,14 @@ function M.map(p, list, n, who)
   -- them cannot be encoded (one item raises as p(item) would).
   local function submit(i, j)
     if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
-    local items = new_table(j - i + 1, 0)
-    for k = i, j do items[k - i + 1] = list[k] end
-    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, items, j - i + 1)
+    -- One table carries every chunk's items: it is encoded before
+    -- pool_submit_chunk returns, and a fresh one per chunk cost page
+    -- faults. What a longer chunk left beyond this one's end is cleared.
+    local count = j - i + 1
+    for k = 1, count do items[k] = list[i + k - 1] end
+    for k = count + 1, items_n do items[k] = nil end
+    items_n = count
+    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, items, count)
     if ok then
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
