@@ -10,14 +10,18 @@
  *   as it found it, above those slots.
  * - Every table or function met gets the next reference number, in
  *   encoding order, whatever it is written as (codec_format.h); the one that
- *   writes it in full, or as a module reference, calls pz_ref_add.  The
- *   encoder finds numbers by object address (lua_topointer), which names an
- *   object only while it lives, so pz_ref_add also anchors the object until
- *   the encode ends: a finalizer run by a collection step during the encode
- *   (a step may run wherever the encoder allocates or calls Lua: functions,
- *   the module index, anchors past the first few) could otherwise drop the
- *   last reference to one, and a new object at the same address would be
- *   written as a reference to the old.
+ *   writes it in full, or as a module reference, calls pz_ref_add.  With
+ *   PZ_ENCODE_APART, before each item of the tuple's first table the
+ *   numbers given so far are forgotten (ref_base): an object met again is
+ *   written in full again, with a new number, and no upvalue is joined to
+ *   a forgotten function.  The encoder finds numbers by object address
+ *   (lua_topointer), which names an object only while it lives, so
+ *   pz_ref_add also anchors the object until the encode ends: a finalizer
+ *   run by a collection step during the encode (a step may run wherever
+ *   the encoder allocates or calls Lua: functions, the module index,
+ *   anchors past the first few) could otherwise drop the last reference to
+ *   one, and a new object at the same address would be written as a
+ *   reference to the old.
  * - Output goes through the inline writers below, which raise on running
  *   out of memory; the buffer then holds a partial encoding.
  * - Errors go through pz_enc_raise, which names the value's path and clears

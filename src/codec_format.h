@@ -6,7 +6,10 @@
  * Every table or function gets the next reference number (0, 1, 2, ...) when
  * it is first met, in encoding order, whatever tag it is written with; a
  * later occurrence of the same object is written as PZ_T_REF.  This is what
- * keeps shared references and cycles intact.
+ * keeps shared references and cycles intact.  (An encoder may also write a
+ * later occurrence in full again, as a new object with a new number: the
+ * encoder does so for the items of a map's chunk, PZ_ENCODE_APART in
+ * codec.h, so that each item arrives as if sent alone.)
  *
  *   0x00 nil        0x01 false      0x02 true      0x03 parallelize.null
  *   0x04 double     8 bytes, IEEE 754, little-endian
