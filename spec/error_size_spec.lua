@@ -26,6 +26,18 @@ describe("an error above max_message", function()
     assert.are.same({ true, pid }, { p:result(p(0), 10) })
   end)
 
+  it("from a Deferred constructor, is the slot's init error, cut to fit", function()
+    p = parallelize.Parallelize(parallelize.Deferred(function()
+      error(string.rep("z", 5000))
+    end), { workers = 1, max_message = 1024 })
+    local _ = p.executors
+    local e = p.init_errors[1]
+    assert.is_truthy(e, "no init error")
+    -- Not "died during initialization 5 times ... a malformed frame".
+    assert.matches("^spec/error_size_spec%.lua:%d+: zzzz", e.message)
+    assert.is_true(#e.message <= 1024)
+  end)
+
   it("in a map's chunk, names its item", function()
     local list = {}
     for i = 1, 60 do list[i] = i end

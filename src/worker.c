@@ -99,25 +99,33 @@ static void put_frame(uint8_t type, uint64_t id, const pz_part *parts, int npart
     pz_wout_frame_done(W.clock);
 }
 
+/* Cuts an error's parts to fit a frame whose payload has room for `room`
+ * bytes besides `varints` varints.  Like a result, an ERROR or INIT_ERROR
+ * frame must fit max_message: the parent takes a bigger one for a
+ * malformed frame and kills the worker, and the call would run again, and
+ * fail again, for ever (or the slot would be given up for the wrong
+ * reason).  What does not fit is left out: the value first (vlen may be
+ * NULL; the parent then gives the message as the value), then the
+ * traceback's end, then the message's end. */
+static void fit_error(int varints, size_t *mlen, size_t *tlen, size_t *vlen)
+{
+    size_t room = W.max_message - (size_t)varints * PZ_VARINT_MAX_BYTES;
+    size_t v = vlen ? *vlen : 0;
+    if (*mlen + *tlen + v > room && vlen)
+        *vlen = 0;
+    if (*mlen + *tlen > room)
+        *tlen = *mlen < room ? room - *mlen : 0;
+    if (*mlen > room)
+        *mlen = room;
+}
+
 /* Appends an ERROR frame for call id (frame.h); `value` holds the error
  * value encoded, or nothing. */
 static void put_error(uint64_t id, uint64_t ns, const char *msg, size_t mlen, const char *tb,
                       size_t tblen, const pz_buf *value)
 {
-    /* Like a result, the frame must fit max_message: the parent takes a
-     * bigger one for a malformed frame and kills the worker, and the call
-     * would run again, and fail again, for ever.  What does not fit is left
-     * out: the value first (the parent then gives the message as the
-     * value), then the traceback's end, then the message's end.  Three
-     * varints of room: the time and the two lengths. */
-    size_t room = W.max_message - 3 * PZ_VARINT_MAX_BYTES;
     size_t vlen = value ? value->len : 0;
-    if (mlen + tblen + vlen > room)
-        vlen = 0;
-    if (mlen + tblen > room)
-        tblen = mlen < room ? room - mlen : 0;
-    if (mlen > room)
-        mlen = room;
+    fit_error(3, &mlen, &tblen, &vlen); /* the time and the two lengths */
     uint8_t v[PZ_VARINT_MAX_BYTES];
     pz_part parts[] = {{v, pz_put_varint(v, ns), 0},
                        {msg, mlen, 1},
@@ -607,7 +615,10 @@ static _Noreturn void refuse_init(lua_State *L, const char *msg, size_t mlen, co
         lua_concat(L, 2);
         msg = lua_tolstring(L, -1, &mlen);
     }
-    pz_part parts[] = {{msg, mlen, 1}, {tb, tb ? tlen : 0, 0}};
+    if (!tb)
+        tlen = 0;
+    fit_error(1, &mlen, &tlen, NULL); /* the message's length */
+    pz_part parts[] = {{msg, mlen, 1}, {tb, tlen, 0}};
     put_frame(PZ_F_INIT_ERROR, (uint64_t)getpid(), parts, 2);
     W.exec_ref = LUA_NOREF;
     pz_wout_flush();
