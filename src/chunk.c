@@ -49,22 +49,20 @@ int pz_chunk_run(lua_State *L, int handler, int nargs)
     if (!(nn >= 0 && nn <= (lua_Number)(1 << 30)))
         return luaL_error(L, "a chunk's n is out of range");
     int n = (int)nn;
-    lua_pushlightuserdata(L, (void *)&runner_key);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    int compiled = lua_isfunction(L, -1);
-    lua_pop(L, 1);
-    if (!compiled) {
-        lua_pushlightuserdata(L, (void *)&runner_key);
-        if (luaL_loadbuffer(L, RUNNER, sizeof RUNNER - 1, "=parallelize map chunk") != 0)
-            return lua_error(L);
-        lua_rawset(L, LUA_REGISTRYINDEX);
-    }
     lua_createtable(L, n, 0);
     int results = lua_gettop(L);
     lua_createtable(L, 1, 0);
     int at = lua_gettop(L);
     lua_pushlightuserdata(L, (void *)&runner_key);
     lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        if (luaL_loadbuffer(L, RUNNER, sizeof RUNNER - 1, "=parallelize map chunk") != 0)
+            return lua_error(L);
+        lua_pushlightuserdata(L, (void *)&runner_key);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, LUA_REGISTRYINDEX);
+    }
     lua_pushvalue(L, exec);
     lua_pushvalue(L, items);
     lua_pushinteger(L, n);

@@ -81,6 +81,18 @@ void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what)
                    what);
 }
 
+int pz_lpool_pcall_unhooked(lua_State *L, int nargs)
+{
+    lua_Hook hook = lua_gethook(L);
+    int mask = lua_gethookmask(L), count = lua_gethookcount(L);
+    if (hook)
+        lua_sethook(L, NULL, 0, 0);
+    int rc = lua_pcall(L, nargs, 0, 0);
+    if (hook && !lua_gethook(L))
+        lua_sethook(L, hook, mask, count);
+    return rc;
+}
+
 static void free_init(lpool *u)
 {
     pz_pool_free_launch(u->launch, u->ninit);

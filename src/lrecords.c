@@ -442,27 +442,20 @@ static int drain_all(lua_State *L)
     return 0;
 }
 
-/* Hooks are off meanwhile: Ctrl-C sets a hook that raises "interrupted!"
- * at the next call, and that call could be drain's own lua_pcall, whose
- * error would then be taken for a record that cannot be decoded.  A hook
- * set while draining (by a signal handler) is kept for the caller. */
+/* Hooks are off meanwhile (pz_lpool_pcall_unhooked): a Ctrl-C hook firing
+ * at drain's own calls would make its error taken for a record that cannot
+ * be decoded. */
 void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
 {
     if (!u->pool || u->draining)
         return;
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-    lua_Hook hook = lua_gethook(L);
-    int mask = lua_gethookmask(L), count = lua_gethookcount(L);
-    if (hook)
-        lua_sethook(L, NULL, 0, 0);
     u->draining = 1;
     lua_pushcfunction(L, drain_all);
     lua_pushlightuserdata(L, u);
     lua_pushvalue(L, idx);
-    int rc = lua_pcall(L, 2, 0, 0);
+    int rc = pz_lpool_pcall_unhooked(L, 2);
     u->draining = 0;
-    if (hook && !lua_gethook(L))
-        lua_sethook(L, hook, mask, count);
     if (rc != 0)
         lua_error(L);
 }

@@ -96,7 +96,7 @@ static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
  * encoding tables further up the stack cannot be in the way: it queues
  * its call only once it has encoded it whole. */
 static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t bound, uint8_t tag,
-                          uint32_t timeout_ms, uint8_t flags)
+                          uint32_t timeout_ms)
 {
     pz_pool *p = u->pool;
     char *d = pz_pool_reserve_call(p, bound);
@@ -109,8 +109,32 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
                           (double)view.len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms, flags);
-    u->args_len = view.len;
+    uint64_t id = pz_pool_commit_call(p, view.len, tag, timeout_ms, 0);
+    if (tag)
+        u->tag_outstanding[tag]++;
+    lua_pushnumber(L, (lua_Number)id);
+    return 1;
+}
+
+/* Queues the argument tuple encoded in b for `tag` with timeout_ms and
+ * flags (pool.h), and pushes the call's id.  Raises when it cannot: the
+ * pool was stopped (by Lua code that ran while the arguments were
+ * encoded), the arguments are above max_message, or out of memory. */
+static int queue_encoded(lua_State *L, lpool *u, pz_buf *b, uint8_t tag, uint32_t timeout_ms,
+                         uint8_t flags)
+{
+    pz_pool *p = u->pool;
+    if (!p || p->stopped)
+        return luaL_error(L, "the pool is stopped");
+    if (b->len > p->opt.max_message)
+        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
+                             "above max_message (%f)",
+                          (double)b->len, (double)p->opt.max_message);
+    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms, flags);
+    if (b == &u->scratch && b->cap > (1u << 20))
+        pz_buf_trim(b, 0);
+    if (id == 0)
+        return luaL_error(L, "cannot queue the call: out of memory");
     if (tag)
         u->tag_outstanding[tag]++;
     lua_pushnumber(L, (lua_Number)id);
@@ -118,13 +142,13 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
 }
 
 /* Encodes the arguments at first .. top and queues them for `tag` with
- * timeout_ms and flags (pool.h); pushes the call's id.
+ * timeout_ms (pool.h); pushes the call's id.
  *
  * Arguments are encoded into the pool's scratch buffer.  Encoding tables
  * or functions can run Lua code (a finalizer), which may call p(...)
  * again: that inner call finds the scratch buffer taken (encoding_at marks
  * the outer call's frame above it) and encodes into a buffer of its own. */
-static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms, uint8_t flags)
+static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
 {
     wait_for_room(L, u, 1);
     int nargs = lua_gettop(L) - first + 1;
@@ -132,7 +156,7 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
      * straight into the submit queue. */
     size_t bound = scalars_bound(L, first, nargs);
     if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
-        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms, flags);
+        return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
     uintptr_t here = pz_lpool_frame_here();
     pz_buf *b = &u->scratch;
     int claimed = 0;
@@ -143,28 +167,10 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
         claimed = 1;
     }
     b->len = 0;
-    /* A chunk's items are encoded apart, as their own calls' would be. */
-    pz_encode_tuple(L, first, nargs, b, "args", flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0);
+    pz_encode_tuple(L, first, nargs, b, "args", 0);
     if (claimed)
         u->encoding_at = 0;
-    /* Lua code that ran while encoding may have stopped the pool. */
-    pz_pool *p = u->pool;
-    if (!p || p->stopped)
-        return luaL_error(L, "the pool is stopped");
-    if (b->len > p->opt.max_message)
-        return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
-                             "above max_message (%f)",
-                          (double)b->len, (double)p->opt.max_message);
-    uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms, flags);
-    u->args_len = b->len;
-    if (b == &u->scratch && b->cap > (1u << 20))
-        pz_buf_trim(b, 0);
-    if (id == 0)
-        return luaL_error(L, "cannot queue the call: out of memory");
-    if (tag)
-        u->tag_outstanding[tag]++;
-    lua_pushnumber(L, (lua_Number)id);
-    return 1;
+    return queue_encoded(L, u, b, tag, timeout_ms, 0);
 }
 
 /* Raises unless the argument at 2, tag, is 0 or an active claim's. */
@@ -178,7 +184,7 @@ static void check_tag(lua_State *L, const lpool *u, int tag)
  * queued when an argument cannot be encoded (the error says which). */
 int pz_lpool_call(lua_State *L)
 {
-    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0, 0);
+    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0);
 }
 
 /* core.pool_submit(pool, tag, timeout, ...) -> id: a call for a map or
@@ -194,7 +200,7 @@ int pz_lpool_submit(lua_State *L)
         double t = luaL_checknumber(L, 3) * 1e3;
         timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
     }
-    return submit(L, u, 4, (uint8_t)tag, timeout_ms, 0);
+    return submit(L, u, 4, (uint8_t)tag, timeout_ms);
 }
 
 /* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
@@ -217,7 +223,7 @@ int pz_lpool_submit_each(lua_State *L)
     int interleaved = 0;
     for (int k = i; k <= j; k++) {
         lua_rawgeti(L, 3, k);
-        submit(L, u, 7, (uint8_t)tag, 0, 0);
+        submit(L, u, 7, (uint8_t)tag, 0);
         double id = lua_tonumber(L, -1);
         lua_pop(L, 2);
         if (k == i) {
@@ -241,12 +247,26 @@ int pz_lpool_submit_each(lua_State *L)
     return 3;
 }
 
-/* core.pool_submit_chunk(pool, tag, items, n) -> id, bytes: queues
- * items[1..n] as one chunk (chunk.h) for `tag`: a call whose arguments are
- * (items, n), which the worker runs as n calls of its executor; bytes is
- * their size encoded.  The items are encoded together, so tables they
- * share travel once.  (The caller builds `items` in Lua, where a compiled
- * loop copies a slice of a list faster than the C API can.) */
+/* Protected: encodes the chunk (items at 2, n at 3) into the pz_buf at 1,
+ * each item apart (PZ_ENCODE_APART: as its own call would be). */
+static int encode_chunk(lua_State *L)
+{
+    pz_encode_tuple(L, 2, 2, (pz_buf *)lua_touserdata(L, 1), "args", PZ_ENCODE_APART);
+    return 0;
+}
+
+/* core.pool_submit_chunk(pool, tag, items, n) -> id, bytes | nil, why:
+ * queues items[1..n] as one chunk (chunk.h) for `tag`: a call whose
+ * arguments are (items, n), which the worker runs as n calls of its
+ * executor; bytes is their size encoded.  When the items cannot travel as
+ * one call (one cannot be encoded, or together they are above
+ * max_message), nothing is queued and why says so: the caller splits the
+ * chunk, down to an item's own call, which raises as p(item) would.
+ * Anything else raises (Ctrl-C while waiting for room, a stopped pool).
+ * (The caller builds `items` in Lua, where a compiled loop copies a slice
+ * of a list faster than the C API can.)  The chunk is encoded into a
+ * buffer of its own, not the scratch buffer: a chunk is milliseconds of
+ * work, and its encode may fail without leaving anything claimed. */
 int pz_lpool_submit_chunk(lua_State *L)
 {
     lpool *u = pz_lpool_check_running(L, 1);
@@ -255,7 +275,25 @@ int pz_lpool_submit_chunk(lua_State *L)
     luaL_checktype(L, 3, LUA_TTABLE);
     luaL_checkinteger(L, 4);
     lua_settop(L, 4);
-    submit(L, u, 3, (uint8_t)tag, 0, PZ_CALL_CHUNK);
-    lua_pushnumber(L, (lua_Number)u->args_len);
+    wait_for_room(L, u, 1);
+    pz_buf *b = push_buffer(L);
+    lua_pushcfunction(L, encode_chunk);
+    lua_pushlightuserdata(L, b);
+    lua_pushvalue(L, 3);
+    lua_pushvalue(L, 4);
+    if (pz_lpool_pcall_unhooked(L, 3) != 0) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    pz_pool *p = u->pool;
+    if (p && !p->stopped && b->len > p->opt.max_message) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "its items are %f bytes encoded, above max_message (%f)", (double)b->len,
+                        (double)p->opt.max_message);
+        return 2;
+    }
+    queue_encoded(L, u, b, (uint8_t)tag, 0, PZ_CALL_CHUNK);
+    lua_pushnumber(L, (lua_Number)b->len);
     return 2;
 }

@@ -8,7 +8,7 @@ local core = require "parallelize.core"
 local caller = require "parallelize.caller"
 caller.mark()
 
-local type, tostring, pcall, error = type, tostring, pcall, error
+local type, pcall, error = type, pcall, error
 local floor, ceil, min, max, remove = math.floor, math.ceil, math.min, math.max, table.remove
 local new_table = require "table.new"
 local pool_size, pool_counts, pool_submit, pool_submit_chunk =
@@ -94,8 +94,9 @@ function M.map(p, list, n, who)
   end
 
   -- Queues items i..j: one item as its own call, more as a chunk, halved
-  -- until it fits when its items together are above max_message or one of
-  -- them cannot be encoded (one item raises as p(item) would).
+  -- while its items cannot travel as one call (one cannot be encoded, or
+  -- together they are above max_message): down to an item's own call,
+  -- which raises as p(item) would.
   local function submit(i, j)
     if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
     -- One table carries every chunk's items: it is encoded before
@@ -105,17 +106,13 @@ function M.map(p, list, n, who)
     for k = 1, count do items[k] = list[i + k - 1] end
     for k = count + 1, items_n do items[k] = nil end
     items_n = count
-    local ok, id, bytes = pcall(pool_submit_chunk, p, tag, items, count)
-    if ok then
+    local id, bytes = pool_submit_chunk(p, tag, items, count)
+    if id then
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
-      byte_cap = max(1, floor((j - i + 1) * CHUNK_BYTES / max(bytes, 1)))
-      return track(id, i, j - i + 1)
+      byte_cap = max(1, floor(count * CHUNK_BYTES / max(bytes, 1)))
+      return track(id, i, count)
     end
-    -- Too big together, or one item cannot travel: halves, down to the
-    -- item's own call, whose error then names it as p(item) would.
-    local why = tostring(id)
-    if not (why:find("above max_message", 1, true) or why:find("cannot encode", 1, true)) then error(id, 0) end
     local mid = floor((i + j) / 2)
     submit(i, mid)
     submit(mid + 1, j)
