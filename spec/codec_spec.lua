@@ -630,6 +630,116 @@ describe("codec", function()
     end)
   end)
 
+  -- Sequences of numbers that are mostly integers keep the table format, one
+  -- tag per number, but are written from the doubles the survey gathers and
+  -- read in blocks of 256 (codec_enc.c's enc_survey, codec_dec.c's
+  -- dec_numbers): the same bytes as one number at a time.
+  describe("sequences of integers", function()
+    --- The bytes of t as the table format writes it, one number at a time.
+    local function table_bytes(t)
+      local parts = { V, "\8", varint(#t), "\0" }
+      for i = 1, #t do parts[#parts + 1] = encode(t[i]):sub(2) end
+      return table.concat(parts)
+    end
+    local function ints(n, f)
+      local t = {}
+      for i = 1, n do t[i] = f and f(i) or i end
+      return t
+    end
+
+    it("are written as the table format, whatever the integers' sizes", function()
+      local cases = {
+        ints(8), ints(15), ints(16), ints(1000, function(i) return i * 37 end),
+        ints(300, function(i) return -i * 1000003 end),
+        ints(40, function(i) return 2 ^ 53 - i end),
+        -- fractions, fewer than half of them
+        ints(64, function(i) return i % 3 == 0 and i + 0.5 or i end),
+        -- -0.0 and 2^53 + 2 travel as doubles (an infinity would pack the table)
+        ints(20, function(i) return ({ -0.0, 2 ^ 53 + 2, -(2 ^ 53 + 2), 1, 0 })[i % 5 + 1] end),
+      }
+      for n, t in ipairs(cases) do
+        assert.are.equal(table_bytes(t), encode(t), "case " .. n)
+        local d = roundtrip(t)
+        assert.are.equal(#t, #d, "case " .. n)
+        for i = 1, #t do assert.is_true(same_number(t[i], d[i]), "case " .. n .. " item " .. i) end
+      end
+    end)
+
+    it("keep a NaN among them a NaN", function()
+      local t = ints(30, function(i) return i == 7 and 0 / 0 or i end)
+      local d = roundtrip(t)
+      assert.are.equal(30, #d)
+      assert.is_true(d[7] ~= d[7])
+      for i = 1, 30 do if i ~= 7 then assert.are.equal(i, d[i]) end end
+    end)
+
+    it("decode a NaN of any payload among integers as NaN", function()
+      local nans = { "\255\255\255\255\251\255\255\255", "\52\18\0\0\251\255\255\255",
+        "\0\0\0\0\0\0\248\255" }
+      local parts = { V, "\8", varint(300), "\0" }
+      for i = 1, 300 do
+        parts[#parts + 1] = i % 100 == 0 and "\4" .. nans[i / 100] or encode(i):sub(2)
+      end
+      local d = decode(table.concat(parts))
+      for i = 1, 300 do
+        assert.are.equal("number", type(d[i]))
+        if i % 100 == 0 then assert.is_true(d[i] ~= d[i]) else assert.are.equal(i, d[i]) end
+      end
+    end)
+
+    it("decode when other values follow the numbers, at and around a block's end", function()
+      for _, at in ipairs({ 1, 2, 255, 256, 257, 512, 600 }) do
+        local t = ints(600, function(i) return i * 7 end)
+        t[at] = at % 2 == 0 and { at } or "s" .. at
+        local d = roundtrip(t)
+        assert.is_true(deep_equal(t, d), "other value at " .. at)
+        assert.are.equal(table_bytes(t), encode(t), "other value at " .. at)
+      end
+      local t = ints(300, function(i) return i > 260 and "x" .. i or i end)
+      assert.is_true(deep_equal(t, roundtrip(t)))
+    end)
+
+    it("read integers of every varint width, and non-minimal varints", function()
+      local t = {}
+      for w = 0, 53 do t[#t + 1] = 2 ^ w; t[#t + 1] = -(2 ^ w) end
+      assert.is_true(deep_equal(t, roundtrip(t)))
+      -- 5 as a positive integer of one, two and three varint bytes
+      local parts = { V, "\8", varint(20), "\0" }
+      for i = 1, 20 do parts[#parts + 1] = ({ "\5\5", "\5\133\0", "\5\133\128\0", "\6\5" })[i % 4 + 1] end
+      local d = decode(table.concat(parts))
+      for i = 1, 20 do assert.are.equal(({ 5, 5, 5, -5 })[i % 4 + 1], d[i]) end
+    end)
+
+    it("refuse a bad number inside the run where one at a time would", function()
+      local good = table_bytes(ints(300, function(i) return i * 100 end))
+      -- integer out of range (2^53 + 2) at item 270
+      local parts = { V, "\8", varint(300), "\0" }
+      for i = 1, 300 do
+        parts[#parts + 1] = i == 270 and "\5" .. varint(2 ^ 53 + 2) or encode(i * 100):sub(2)
+      end
+      local bad = table.concat(parts)
+      local at = #table.concat(parts, "", 1, 4 + 269) + 1
+      assert.are.equal("cannot decode: integer out of range at byte " .. at, error_of(decode, bad))
+      for i = 1, #good - 1 do
+        local e = error_of(decode, good:sub(1, i))
+        assert.are.equal("cannot decode: ", e:sub(1, 15), e)
+      end
+    end)
+
+    it("are written and read the same with the JIT off", function()
+      local t = ints(500, function(i) return i * 3 end)
+      local s = encode(t)
+      jit.off()
+      finally(function() jit.on() end)
+      local last, d
+      for _ = 1, 70 do last = encode(t) end
+      for _ = 1, 70 do d = decode(s) end
+      jit.on()
+      assert.are.equal(s, last)
+      assert.is_true(deep_equal(t, d))
+    end)
+  end)
+
   describe("functions", function()
     it("travel with their upvalues, by value", function()
       local n, list = 10, { 1, 2, 3 }

@@ -1,7 +1,8 @@
 /*
  * codec_array.c - sequences: telling them from other tables, handing their
- * items to the encoder, and packed arrays of numbers (PZ_T_DOUBLES) both
- * ways.
+ * items to the encoder, gathering their numbers for it, packed arrays of
+ * numbers (PZ_T_DOUBLES) both ways, and numbers stored into a table in
+ * bulk for the decoder.
  *
  * These are the codec's hot loops over many values, and the Lua C API costs
  * a call or more for each value of a table walked from C (several
@@ -31,9 +32,10 @@
  *   used only on hosts that allow both (PZ_ARRAY_FFI).
  * - A double read from the wire reaches the Lua state only through
  *   lua_pushnumber, or through the FFI after pz_unpack_doubles found no NaN
- *   among them: LuaJIT tags its other values inside NaNs, and the FFI does
- *   not canonicalize a NaN it loads, so a crafted NaN would become a forged
- *   object.  lua_pushnumber canonicalizes.
+ *   among them, or through pz_fill_doubles, whose caller (the decoder's
+ *   scan_numbers) passes no NaN: LuaJIT tags its other values inside NaNs,
+ *   and the FFI does not canonicalize a NaN it loads, so a crafted NaN
+ *   would become a forged object.  lua_pushnumber canonicalizes.
  */
 #include <lauxlib.h>
 #include <lua.h>
@@ -51,10 +53,10 @@
 
 /* Registry key of the helpers' table (its address is what counts): the
  * standard functions they use, by name, taken when the module is loaded,
- * and once compiled, [1] survey, [2] unpack_doubles, [3] unpack. */
+ * and once compiled, [1] survey, [2] unpack_doubles, [3] unpack, [4] fill. */
 static const char reg_helpers = 0;
 
-enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
+enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK, H_FILL, H_COUNT = H_FILL };
 
 /* The helpers.
  *
@@ -69,7 +71,9 @@ enum { H_SURVEY = 1, H_UNPACK_DOUBLES, H_UNPACK };
  * trace at every other value.
  *
  * unpack_doubles(src, n) returns a new table of the n doubles at address
- * src, or nil when the JIT is off.  unpack is the standard one. */
+ * src, or nil when the JIT is off.  fill(t, i, src, k) sets t[i + 1] ..
+ * t[i + k] to the k doubles at address src and returns true, or returns
+ * false when the JIT is off.  unpack is the standard one. */
 static const char helpers_src[] =
     "local std, ffi_on = ...\n"
     "local next, pcall, require, type, unpack = std.next, std.pcall, std.require, std.type, std.unpack\n"
@@ -131,7 +135,13 @@ static const char helpers_src[] =
     "  for i = 1, n do t[i] = p[i - 1] end\n"
     "  return t\n"
     "end\n"
-    "return survey, unpack_doubles, unpack\n";
+    "local function fill(t, i, src, k)\n"
+    "  if not jit_running() then return false end\n"
+    "  local p = cast(const_doubles, src)\n"
+    "  for j = 1, k do t[i + j] = p[j - 1] end\n"
+    "  return true\n"
+    "end\n"
+    "return survey, unpack_doubles, unpack, fill\n";
 
 /* Sets field `as` of the table on top of the stack to the global lib's
  * field name (nil when lib is not a table). */
@@ -156,7 +166,7 @@ static void push_helpers(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    lua_createtable(L, 3, 8);
+    lua_createtable(L, H_COUNT, 8);
     for (size_t i = 0; i < sizeof std / sizeof *std; i++) {
         lua_getglobal(L, std[i]);
         lua_setfield(L, -2, std[i]);
@@ -181,13 +191,17 @@ static void push_helper(lua_State *L, int h)
             lua_error(L);
         lua_pushvalue(L, -2);
         lua_pushboolean(L, PZ_ARRAY_FFI);
-        lua_call(L, 2, 3);
-        for (int i = 3; i >= 1; i--)
+        lua_call(L, 2, H_COUNT);
+        for (int i = H_COUNT; i >= 1; i--)
             lua_rawseti(L, -1 - i, i); /* pops each, last first */
         lua_rawgeti(L, -1, h);
     }
     lua_remove(L, -2);
 }
+
+/* Below this many doubles pz_fill_doubles stores them through the C API:
+ * calling the helper costs more. */
+#define FILL_MIN 16
 
 /* True when addresses up to a are exact as Lua numbers: the helpers take
  * their pointers as numbers, because the JIT does not compile the
@@ -277,5 +291,25 @@ void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
     for (size_t i = 0; i < n; i++) {
         lua_pushnumber(L, get_double(p + 8 * i));
         lua_rawseti(L, -2, (int)(i + 1));
+    }
+}
+
+void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k)
+{
+    if (PZ_ARRAY_FFI && k >= FILL_MIN && address_fits((uintptr_t)(src + k))) {
+        push_helper(L, H_FILL);
+        lua_pushvalue(L, t);
+        lua_pushnumber(L, (lua_Number)i);
+        lua_pushnumber(L, (lua_Number)(uintptr_t)src);
+        lua_pushnumber(L, (lua_Number)k);
+        lua_call(L, 4, 1);
+        int done = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (done)
+            return;
+    }
+    for (size_t j = 0; j < k; j++) {
+        lua_pushnumber(L, src[j]);
+        lua_rawseti(L, t, (int)(i + j + 1));
     }
 }

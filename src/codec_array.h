@@ -32,6 +32,12 @@ void pz_push_items(lua_State *L, int t, size_t i, size_t j);
  * checked by the caller).  Needs 3 free stack slots. */
 void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n);
 
+/* Sets t[i + 1] .. t[i + k] of the table at stack index t (an absolute
+ * index; its array part holds them already, for speed) to the k doubles
+ * at src, none of them a NaN (the caller's promise: see codec_array.c's
+ * rule on NaNs).  Needs 6 free stack slots. */
+void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k);
+
 /* Compiles the helpers in L now, while next, rawget and unpack are the
  * standard ones. */
 void pz_array_prepare(lua_State *L);

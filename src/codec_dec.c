@@ -203,6 +203,78 @@ static void dec_enter(dec *d, const uint8_t *at)
     d->depth++;
 }
 
+/* Numbers are read into blocks of this many doubles on the C stack. */
+#define NUMBERS_BLOCK 256
+
+/* Reads numbers from *pp (before end) into dst, at most want of them, and
+ * moves *pp past them; returns how many it read.  It stops at anything
+ * else, a NaN included (codec_array.c: a NaN reaches Lua through
+ * lua_pushnumber only), and leaves that to dec_value.  Integers of one and
+ * two varint bytes (below 16384) are read without the varint loop. */
+static size_t scan_numbers(const uint8_t **pp, const uint8_t *end, double *dst, size_t want)
+{
+    const uint8_t *p = *pp;
+    size_t k = 0;
+    for (; k < want && p < end; k++) {
+        uint8_t tag = p[0];
+        uint64_t v;
+        if (tag >= PZ_T_FIXINT) {
+            dst[k] = tag - PZ_T_FIXINT;
+            p++;
+            continue;
+        }
+        if (tag == PZ_T_POSINT || tag == PZ_T_NEGINT) {
+            const uint8_t *q = p + 1;
+            if (end - q >= 2 && (q[0] & 0x80) && !(q[1] & 0x80)) {
+                v = (uint64_t)(q[0] & 0x7f) | (uint64_t)q[1] << 7;
+                q += 2;
+            } else if (pz_get_varint(&q, end, &v) != 0 || v > (uint64_t)1 << 53) {
+                break;
+            }
+            dst[k] = tag == PZ_T_NEGINT ? -(double)v : (double)v;
+            p = q;
+            continue;
+        }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        if (tag == PZ_T_DOUBLE && end - p >= 9) {
+            double x;
+            memcpy(&x, p + 1, sizeof x); /* the wire order is the host's */
+            if (isnan(x))
+                break;
+            dst[k] = x;
+            p += 9;
+            continue;
+        }
+#endif
+        break;
+    }
+    *pp = p;
+    return k;
+}
+
+/* Decodes the numbers that start the array part of the table at t (narr
+ * items): a block of them at a time is read in C and stored by
+ * pz_fill_doubles, which costs a nanosecond or two a number where
+ * lua_pushnumber and lua_rawseti cost several.  Returns the index of the
+ * first item not decoded (narr + 1 when all were numbers); dec_table
+ * decodes the rest one by one, and says what is wrong if anything is. */
+static uint64_t dec_numbers(dec *d, int t, uint64_t narr)
+{
+    double block[NUMBERS_BLOCK];
+    uint64_t i = 1;
+    if (narr < 2 || !lua_checkstack(d->L, 8))
+        return 1;
+    while (i <= narr) {
+        size_t want = narr - i + 1 < NUMBERS_BLOCK ? (size_t)(narr - i + 1) : NUMBERS_BLOCK;
+        size_t k = scan_numbers(&d->p, d->end, block, want);
+        pz_fill_doubles(d->L, t, (size_t)(i - 1), block, k);
+        i += k;
+        if (k < want)
+            break;
+    }
+    return i;
+}
+
 /* Decodes a table after its tag: counts (checked against the bytes left,
  * each value taking at least one byte), the array part, the hash part (no
  * nil or NaN keys), then the metatable if with_mt. */
@@ -221,7 +293,7 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
                     nhash > (1 << 24) ? 1 << 24 : (int)nhash);
     t = lua_gettop(L);
     dec_ref_add(d);
-    for (uint64_t i = 1; i <= narr; i++) {
+    for (uint64_t i = dec_numbers(d, t, narr); i <= narr; i++) {
         dec_value(d);
         lua_rawseti(L, t, (int)i);
     }

@@ -9,7 +9,9 @@
  * function and index) and the module index.  All of these are made only
  * when needed, so encoding a string or a small table allocates nothing but
  * its output.  Tables of eight or more items are surveyed by codec_array.c,
- * which may write them as packed doubles; functions are written by
+ * which gathers the numbers of a sequence of numbers as doubles: the table
+ * is then written from them, as packed doubles or one number at a time
+ * (enc_survey); functions are written by
  * codec_func.c, module references by codec_index.c, error paths by
  * codec_path.c.
  */
@@ -241,34 +243,57 @@ void pz_enc_enter(enc *e)
  * levels.  A sequence that would need more goes through lua_next. */
 #define ITEMS_BUDGET 2048
 
-/* Surveys the table at t, of length n (codec_array.h), and writes it as
- * packed doubles when it is a sequence of numbers that is worth it: no
- * metatable, long enough, and integral values at most half of them, since
- * the integer tags write a small integer in one to three bytes.  Returns
- * what the survey found, PZ_SURVEY_PACKED when the table was written. */
+/* Surveys the table at t, of length n (codec_array.h), and writes it when
+ * it is a sequence of numbers without metatable: as packed doubles when
+ * that is worth it (long enough, and integral values at most half of them,
+ * since the integer tags write a small integer in one to three bytes),
+ * else as a table of numbers, each read back from the double the survey
+ * wrote, which costs a few nanoseconds against the C API's several calls
+ * per value.  Returns what the survey found, PZ_SURVEY_PACKED when the
+ * table was written (in either form).
+ *
+ * The survey writes its doubles `gap` bytes into the room: far enough that
+ * the table written from the room's start never overtakes them.  Item k
+ * (from 0) ends at most head + 1 + 9 (k + 1) (a number takes at most 9
+ * bytes, pz_put_number), and the doubles still to read start at
+ * gap + 8 (k + 1); with gap = head + 1 + n the first is never past the
+ * second. */
 static int enc_survey(enc *e, int t, size_t n, int has_mt)
 {
     lua_State *L = e->L;
     uint8_t *w = NULL;
-    size_t head = 0;
+    size_t head = 0, gap = 0;
     double fractional = 0;
     int verdict;
-    if (!has_mt && n >= PACK_MIN && n <= (SIZE_MAX - 1 - PZ_VARINT_MAX_BYTES) / 8) {
+    if (!has_mt && n <= (SIZE_MAX - 2 - 2 * PZ_VARINT_MAX_BYTES) / 9) {
         lua_rawgeti(L, t, 1);
         if (lua_type(L, -1) == LUA_TNUMBER) {
-            w = enc_room(e, 1 + PZ_VARINT_MAX_BYTES + 8 * n);
             head = 1 + pz_varint_len(n);
+            gap = head + 1 + n;
+            w = enc_room(e, gap + 8 * n);
         }
         lua_pop(L, 1);
     }
-    verdict = pz_survey(L, t, n, w ? w + head : NULL, &fractional);
+    verdict = pz_survey(L, t, n, w ? w + gap : NULL, &fractional);
     if (verdict != PZ_SURVEY_PACKED)
         return verdict;
-    if (2 * fractional < (double)n) /* false for NaN: not finite, packed */
-        return PZ_SURVEY_SEQUENCE;
-    w[0] = PZ_T_DOUBLES;
+    if (n >= PACK_MIN && !(2 * fractional < (double)n)) { /* NaN: not finite, packed */
+        w[0] = PZ_T_DOUBLES;
+        pz_put_varint(w + 1, n);
+        memmove(w + head, w + gap, 8 * n);
+        e->out->len += head + 8 * n;
+        return PZ_SURVEY_PACKED;
+    }
+    w[0] = PZ_T_TABLE;
     pz_put_varint(w + 1, n);
-    e->out->len += head + 8 * n;
+    w[head] = 0; /* no hash part */
+    size_t pos = head + 1;
+    for (size_t k = 0; k < n; k++) {
+        double x;
+        memcpy(&x, w + gap + 8 * k, sizeof x); /* the host's order, as the survey wrote */
+        pos += pz_put_number(w + pos, x);
+    }
+    e->out->len += pos;
     return PZ_SURVEY_PACKED;
 }
 
