@@ -652,8 +652,9 @@ describe("codec", function()
         ints(8), ints(15), ints(16), ints(1000, function(i) return i * 37 end),
         ints(300, function(i) return -i * 1000003 end),
         ints(40, function(i) return 2 ^ 53 - i end),
-        -- fractions, fewer than half of them
+        -- fractions, fewer than half of them, the first value one or not
         ints(64, function(i) return i % 3 == 0 and i + 0.5 or i end),
+        ints(40, function(i) return i % 3 == 1 and i + 0.25 or i end),
         -- -0.0 and 2^53 + 2 travel as doubles (an infinity would pack the table)
         ints(20, function(i) return ({ -0.0, 2 ^ 53 + 2, -(2 ^ 53 + 2), 1, 0 })[i % 5 + 1] end),
       }

@@ -252,25 +252,30 @@ void pz_enc_enter(enc *e)
  * per value.  Returns what the survey found, PZ_SURVEY_PACKED when the
  * table was written (in either form).
  *
- * The survey writes its doubles `gap` bytes into the room: far enough that
- * the table written from the room's start never overtakes them.  Item k
- * (from 0) ends at most head + 1 + 9 (k + 1) (a number takes at most 9
- * bytes, pz_put_number), and the doubles still to read start at
- * gap + 8 (k + 1); with gap = head + 1 + n the first is never past the
- * second. */
+ * The survey writes its doubles `gap` bytes into the room.  For the table
+ * form they must be far enough that the table written from the room's
+ * start never overtakes them: item k (from 0) ends at most
+ * head + 1 + 9 (k + 1) (a number takes at most 9 bytes, pz_put_number),
+ * and the doubles still to read start at gap + 8 (k + 1); with
+ * gap = far = head + 1 + n the first is never past the second.  For
+ * packed doubles they belong right after the header (gap = head).  The
+ * survey is told the place its first value suggests, and the doubles are
+ * moved when that was wrong. */
 static int enc_survey(enc *e, int t, size_t n, int has_mt)
 {
     lua_State *L = e->L;
     uint8_t *w = NULL;
-    size_t head = 0, gap = 0;
+    size_t head = 0, gap = 0, far = 0;
     double fractional = 0;
     int verdict;
     if (!has_mt && n <= (SIZE_MAX - 2 - 2 * PZ_VARINT_MAX_BYTES) / 9) {
         lua_rawgeti(L, t, 1);
         if (lua_type(L, -1) == LUA_TNUMBER) {
+            double first = lua_tonumber(L, -1);
             head = 1 + pz_varint_len(n);
-            gap = head + 1 + n;
-            w = enc_room(e, gap + 8 * n);
+            far = head + 1 + n;
+            gap = n >= PACK_MIN && first != floor(first) ? head : far;
+            w = enc_room(e, far + 8 * n);
         }
         lua_pop(L, 1);
     }
@@ -280,9 +285,14 @@ static int enc_survey(enc *e, int t, size_t n, int has_mt)
     if (n >= PACK_MIN && !(2 * fractional < (double)n)) { /* NaN: not finite, packed */
         w[0] = PZ_T_DOUBLES;
         pz_put_varint(w + 1, n);
-        memmove(w + head, w + gap, 8 * n);
+        if (gap != head)
+            memmove(w + head, w + gap, 8 * n);
         e->out->len += head + 8 * n;
         return PZ_SURVEY_PACKED;
+    }
+    if (gap != far) {
+        memmove(w + far, w + gap, 8 * n);
+        gap = far;
     }
     w[0] = PZ_T_TABLE;
     pz_put_varint(w + 1, n);
