@@ -97,6 +97,34 @@ describe("a map in chunks", function()
     local items, count = aborted[1][1], aborted[1][2]
     assert.are.equal(count, #items)
     assert.are.equal(33, items[1])
+    -- The answers' results (which the map decodes straight into its output)
+    -- are in the store as each chunk's table of results.
+    local stored = {}
+    for _, r in ipairs(p.results) do stored[#stored + 1] = table.concat(r, ",") end
+    table.sort(stored)
+    assert.are.same({ table.concat(range(16), ","), "17,18,19" }, stored)
+  end)
+
+  it("names the item whose result the parent cannot decode, and goes on", function()
+    -- The result of item 7 is a module only the workers have: the parent
+    -- cannot load it. The chunk's answer fails while it is decoded into the
+    -- map's output; its items run again one call each.
+    p = Parallelize(parallelize.Deferred(function()
+      package.loaded.only_in_workers = { here = true }
+      return function(x)
+        if x == 7 then return package.loaded.only_in_workers end
+        return x * 2
+      end
+    end), { workers = 2 })
+    local ok, err = pcall(p.map, p, range(100))
+    assert.is_false(ok)
+    assert.matches("map: item 7 failed: .*cannot be used in the parent", err)
+    -- The pool goes on, and a map's output holds only its own results.
+    local list = range(2000)
+    list[7] = -7
+    local out = p:map(list)
+    assert.are.equal(2000, #out)
+    for i = 1, 2000 do assert.are.equal(list[i] * 2, out[i]) end
   end)
 
   it("says of an item that cannot travel what p(item) would say", function()

@@ -53,6 +53,13 @@ void pz_decode_value(lua_State *L, const char *p, size_t n, int flags);
  * how many were pushed (checking the stack has room for them). */
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
 
+/* As pz_decode_tuple, for a chunk's answer (chunk.h): its first value, a
+ * table of items' results (a table without metatable, or packed doubles,
+ * whose keys are item numbers), is not made: each entry is stored in the
+ * table at stack index into under its key plus offset, and true is pushed
+ * in its place.  A decoding error may leave some entries stored. */
+int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset);
+
 /* Appends the value at idx and returns 1 when it is a number, a string, a
  * boolean or nil (most arguments and results); returns 0 for anything else,
  * or when out of memory, possibly having appended part of it (the caller

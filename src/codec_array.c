@@ -294,9 +294,13 @@ void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
     }
 }
 
-void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k)
+/* Sets t[i + 1] .. t[i + k] to the k doubles at src: in the host's order
+ * (native), or little-endian at any alignment (the wire's).  Through the
+ * helper only when nan_free (codec_array.c's rule on NaNs). */
+static void fill(lua_State *L, int t, size_t i, const uint8_t *src, size_t k, int native,
+                 int nan_free)
 {
-    if (PZ_ARRAY_FFI && k >= FILL_MIN && address_fits((uintptr_t)(src + k))) {
+    if (PZ_ARRAY_FFI && nan_free && k >= FILL_MIN && address_fits((uintptr_t)src + 8 * k)) {
         push_helper(L, H_FILL);
         lua_pushvalue(L, t);
         lua_pushnumber(L, (lua_Number)i);
@@ -309,7 +313,22 @@ void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k)
             return;
     }
     for (size_t j = 0; j < k; j++) {
-        lua_pushnumber(L, src[j]);
+        double x;
+        if (native)
+            memcpy(&x, src + 8 * j, sizeof x);
+        else
+            x = get_double(src + 8 * j);
+        lua_pushnumber(L, x);
         lua_rawseti(L, t, (int)(i + j + 1));
     }
+}
+
+void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k)
+{
+    fill(L, t, i, (const uint8_t *)src, k, 1, 1);
+}
+
+void pz_fill_wire_doubles(lua_State *L, int t, size_t i, const uint8_t *src, size_t k)
+{
+    fill(L, t, i, src, k, 0, !any_nan(src, k));
 }

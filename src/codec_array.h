@@ -38,6 +38,10 @@ void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n);
  * rule on NaNs).  Needs 6 free stack slots. */
 void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k);
 
+/* As pz_fill_doubles, from k little-endian doubles at src (8 * k bytes,
+ * checked by the caller, any alignment), which may hold NaNs. */
+void pz_fill_wire_doubles(lua_State *L, int t, size_t i, const uint8_t *src, size_t k);
+
 /* Compiles the helpers in L now, while next, rawget and unpack are the
  * standard ones. */
 void pz_array_prepare(lua_State *L);

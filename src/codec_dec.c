@@ -13,6 +13,7 @@
  */
 #include <lauxlib.h>
 #include <lua.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -252,13 +253,14 @@ static size_t scan_numbers(const uint8_t **pp, const uint8_t *end, double *dst, 
     return k;
 }
 
-/* Decodes the numbers that start the array part of the table at t (narr
- * items): a block of them at a time is read in C and stored by
- * pz_fill_doubles, which costs a nanosecond or two a number where
- * lua_pushnumber and lua_rawseti cost several.  Returns the index of the
- * first item not decoded (narr + 1 when all were numbers); dec_table
- * decodes the rest one by one, and says what is wrong if anything is. */
-static uint64_t dec_numbers(dec *d, int t, uint64_t narr)
+/* Decodes the numbers that start the array part of a table (narr items)
+ * into the table at t, item i under key offset + i: a block of them at a
+ * time is read in C and stored by pz_fill_doubles, which costs a
+ * nanosecond or two a number where lua_pushnumber and lua_rawseti cost
+ * several.  Returns the index of the first item not decoded (narr + 1 when
+ * all were numbers); the caller decodes the rest one by one, and says
+ * what is wrong if anything is. */
+static uint64_t dec_numbers(dec *d, int t, uint64_t narr, size_t offset)
 {
     double block[NUMBERS_BLOCK];
     uint64_t i = 1;
@@ -267,7 +269,7 @@ static uint64_t dec_numbers(dec *d, int t, uint64_t narr)
     while (i <= narr) {
         size_t want = narr - i + 1 < NUMBERS_BLOCK ? (size_t)(narr - i + 1) : NUMBERS_BLOCK;
         size_t k = scan_numbers(&d->p, d->end, block, want);
-        pz_fill_doubles(d->L, t, (size_t)(i - 1), block, k);
+        pz_fill_doubles(d->L, t, offset + (size_t)(i - 1), block, k);
         i += k;
         if (k < want)
             break;
@@ -278,22 +280,29 @@ static uint64_t dec_numbers(dec *d, int t, uint64_t narr)
 /* Decodes a table after its tag: counts (checked against the bytes left,
  * each value taking at least one byte), the array part, the hash part (no
  * nil or NaN keys), then the metatable if with_mt. */
+/* Reads a table's counts (after its tag at `at`), checked against the
+ * bytes left: each value takes at least one byte. */
+static void dec_table_counts(dec *d, const uint8_t *at, uint64_t *narr, uint64_t *nhash)
+{
+    *narr = dec_varint(d, "table size");
+    *nhash = dec_varint(d, "table size");
+    if (*narr > dec_left(d) || *nhash > dec_left(d) / 2 || *narr + 2 * *nhash > dec_left(d))
+        dec_fail(d, at, "table of %llu + %llu entries does not fit in the %zu bytes left",
+                 (unsigned long long)*narr, (unsigned long long)*nhash, dec_left(d));
+}
+
 static void dec_table(dec *d, const uint8_t *at, int with_mt)
 {
     lua_State *L = d->L;
     uint64_t narr, nhash;
     int t;
     dec_enter(d, at);
-    narr = dec_varint(d, "table size");
-    nhash = dec_varint(d, "table size");
-    if (narr > dec_left(d) || nhash > dec_left(d) / 2 || narr + 2 * nhash > dec_left(d))
-        dec_fail(d, at, "table of %llu + %llu entries does not fit in the %zu bytes left",
-                 (unsigned long long)narr, (unsigned long long)nhash, dec_left(d));
+    dec_table_counts(d, at, &narr, &nhash);
     lua_createtable(L, narr > (1 << 24) ? 1 << 24 : (int)narr,
                     nhash > (1 << 24) ? 1 << 24 : (int)nhash);
     t = lua_gettop(L);
     dec_ref_add(d);
-    for (uint64_t i = dec_numbers(d, t, narr); i <= narr; i++) {
+    for (uint64_t i = dec_numbers(d, t, narr, 0); i <= narr; i++) {
         dec_value(d);
         lua_rawseti(L, t, (int)i);
     }
@@ -324,17 +333,72 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
 
 /* Decodes a packed array of doubles after its tag: a table like any other
  * (it gets a reference number), with no nesting inside. */
-static void dec_doubles(dec *d, const uint8_t *at)
+/* Reads the count of a packed array of doubles (after its tag at `at`),
+ * checked against the bytes left, and room on the stack for storing them. */
+static size_t dec_doubles_count(dec *d, const uint8_t *at)
 {
     uint64_t n = dec_varint(d, "array size");
     if (n > dec_left(d) / 8)
         dec_fail(d, at, "array of %llu doubles does not fit in the %zu bytes left",
                  (unsigned long long)n, dec_left(d));
-    if (!lua_checkstack(d->L, 4))
+    if (!lua_checkstack(d->L, 8))
         dec_fail(d, at, "stack overflow");
-    pz_unpack_doubles(d->L, d->p, (size_t)n);
+    return (size_t)n;
+}
+
+static void dec_doubles(dec *d, const uint8_t *at)
+{
+    size_t n = dec_doubles_count(d, at);
+    pz_unpack_doubles(d->L, d->p, n);
     d->p += 8 * n;
     dec_ref_add(d);
+}
+
+/* Decodes the table whose tag is at `at` (read already) into the table at
+ * stack index into: each entry under its key plus offset, keys being item
+ * numbers (integers from 1).  It must be a table without metatable or
+ * packed doubles.  It gets its reference number as any table would, with
+ * `into` standing for it. */
+static void dec_table_into(dec *d, const uint8_t *at, uint8_t tag, int into, size_t offset)
+{
+    lua_State *L = d->L;
+    uint64_t narr, nhash;
+    if (tag == PZ_T_DOUBLES && !(d->flags & PZ_DECODE_FORMAT_1)) {
+        size_t n = dec_doubles_count(d, at);
+        if (n > (size_t)INT_MAX - offset)
+            dec_fail(d, at, "%zu items' results past the last a table can hold", n);
+        pz_fill_wire_doubles(L, into, offset, d->p, n);
+        d->p += 8 * n;
+        lua_pushvalue(L, into);
+        dec_ref_add(d);
+        lua_pop(L, 1);
+        return;
+    }
+    if (tag != PZ_T_TABLE)
+        dec_fail(d, at, "expected a table of items' results, found tag 0x%02x", tag);
+    dec_enter(d, at);
+    dec_table_counts(d, at, &narr, &nhash);
+    if (narr > (uint64_t)INT_MAX - offset)
+        dec_fail(d, at, "%llu items' results past the last a table can hold",
+                 (unsigned long long)narr);
+    lua_pushvalue(L, into);
+    dec_ref_add(d);
+    lua_pop(L, 1);
+    for (uint64_t i = dec_numbers(d, into, narr, offset); i <= narr; i++) {
+        dec_value(d);
+        lua_rawseti(L, into, (int)(offset + i));
+    }
+    for (uint64_t i = 0; i < nhash; i++) {
+        const uint8_t *kat = d->p;
+        dec_value(d);
+        double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+        if (!(k >= 1 && k <= (double)(INT_MAX - offset) && k == floor(k)))
+            dec_fail(d, kat, "a key that is no item number in a table of items' results");
+        lua_pop(L, 1);
+        dec_value(d);
+        lua_rawseti(L, into, (int)(offset + (size_t)k));
+    }
+    d->depth--;
 }
 
 /* Raises the refusal to load functions from data not trusted. */
@@ -661,28 +725,62 @@ static int decode_scalar_tuple(lua_State *L, const char *p, size_t n)
     return (int)count;
 }
 
+/* Reads a tuple's value count, checked against the bytes left and the
+ * stack. */
+static int dec_tuple_count(dec *d)
+{
+    const uint8_t *at = d->p;
+    uint64_t count = dec_varint(d, "value count");
+    if (count > dec_left(d) || count > 1000000 || !lua_checkstack(d->L, (int)count + 8))
+        dec_fail(d, at, "tuple of %llu values is too large for the %zu bytes left or the stack",
+                 (unsigned long long)count, dec_left(d));
+    return (int)count;
+}
+
+/* Moves the tuple's count values, pushed above the reserved slots, down
+ * over them; returns count. */
+static int dec_tuple_end(dec *d, int count)
+{
+    lua_State *L = d->L;
+    dec_check_end(d);
+    for (int i = 0; i < count; i++) {
+        lua_pushvalue(L, d->slots + DS_COUNT + i);
+        lua_replace(L, d->slots + i);
+    }
+    lua_settop(L, d->slots + count - 1);
+    return count;
+}
+
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags)
 {
     int scalars = decode_scalar_tuple(L, p, n);
     if (scalars >= 0)
         return scalars;
     dec d;
-    uint64_t count;
-    const uint8_t *at;
     dec_start(&d, L, p, p, p + n, flags);
-    at = d.p;
-    count = dec_varint(&d, "value count");
-    if (count > dec_left(&d) || count > 1000000 || !lua_checkstack(L, (int)count + 8))
-        dec_fail(&d, at, "tuple of %llu values is too large for the %zu bytes left or the stack",
-                 (unsigned long long)count, dec_left(&d));
-    for (uint64_t i = 0; i < count; i++)
+    int count = dec_tuple_count(&d);
+    for (int i = 0; i < count; i++)
         dec_value(&d);
-    dec_check_end(&d);
-    /* the values go down over the reserved slots */
-    for (int i = 0; i < (int)count; i++) {
-        lua_pushvalue(L, d.slots + DS_COUNT + i);
-        lua_replace(L, d.slots + i);
-    }
-    lua_settop(L, d.slots + (int)count - 1);
-    return (int)count;
+    return dec_tuple_end(&d, count);
 }
+
+int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset)
+{
+    dec d;
+    if (into < 0)
+        into = lua_gettop(L) + into + 1;
+    dec_start(&d, L, p, p, p + n, flags);
+    const uint8_t *at = d.p;
+    if (offset >= INT_MAX)
+        dec_fail(&d, at, "items' results past the last a table can hold");
+    int count = dec_tuple_count(&d);
+    if (count < 1 || d.p >= d.end)
+        dec_fail(&d, at, "expected a table of items' results, found no value");
+    at = d.p++;
+    dec_table_into(&d, at, *at, into, offset);
+    lua_pushboolean(L, 1);
+    for (int i = 1; i < count; i++)
+        dec_value(&d);
+    return dec_tuple_end(&d, count);
+}
+

@@ -13,6 +13,11 @@
  *   tag of a map/stream    claims[tag]: lists as the pool's, which the map
  *                          or stream consumes (lua/parallelize/pool.lua)
  *
+ * A map's chunk (chunks.lua) is a call whose claim names, in into_at[id],
+ * where its items' results go in the table `into` (the map's output): its
+ * answer's table of results is decoded straight into it
+ * (pz_decode_tuple_into), true standing in its place among the values.
+ *
  * An error record is {id =, args =, message =, traceback =, value =,
  * kind =, attempts =} (and timeout = true or cancelled = true for those
  * kinds), with a metatable (PZ_ERROR_MT) whose __tostring gives the
@@ -37,7 +42,7 @@
 enum {
     D_U = 1, D_ENV, D_RESULTS, D_IDS, D_ERRORS, D_EXTRAS, D_UNCLAIMED, D_EXECUTORS, D_PIDS,
     D_INIT_ERRORS, D_CLAIMS, D_CLOSED, D_CLAIM_RESULTS, D_CLAIM_IDS, D_CLAIM_ERRORS,
-    D_CLAIM_EXTRAS, D_TOP = D_CLAIM_EXTRAS
+    D_CLAIM_EXTRAS, D_CLAIM_INTO, D_CLAIM_INTO_AT, D_TOP = D_CLAIM_INTO_AT
 };
 
 static const char *const env_tables[] = {"results", "ids", "errors", "extras", "unclaimed",
@@ -87,35 +92,63 @@ static void len_of(lua_State *L, lists *l)
     l->nerrors = (int)lua_objlen(L, l->base + 2);
 }
 
-/* The lists a record with this tag goes to, or NULL for `unclaimed`.
- * Counts the record against its tag. */
-static lists *route(lua_State *L, drain_state *d, uint8_t tag)
+/* The lists a record with this tag goes to, or NULL for `unclaimed`; a
+ * claim's lists (and its into and into_at, nil when it has none) are
+ * loaded into the D_CLAIM_* slots. */
+static lists *lists_for(lua_State *L, drain_state *d, uint8_t tag)
 {
     lpool *u = d->u;
-    if (tag != 0) {
-        if (u->tag_outstanding[tag] > 0)
-            u->tag_outstanding[tag]--;
-        if (u->tag_state[tag] == PZ_TAG_ACTIVE) {
-            if (d->claim_tag != tag) {
-                lua_rawgeti(L, D_CLAIMS, tag);
+    if (tag != 0 && u->tag_state[tag] == PZ_TAG_ACTIVE) {
+        if (d->claim_tag != tag) {
+            lua_rawgeti(L, D_CLAIMS, tag);
+            if (!lua_istable(L, -1))
+                luaL_error(L, "internal error: claim %d has no table", tag);
+            static const char *const fields[] = {"results", "ids", "errors", "extras"};
+            for (int i = 0; i < 4; i++) {
+                lua_getfield(L, -1 - i, fields[i]);
                 if (!lua_istable(L, -1))
-                    luaL_error(L, "internal error: claim %d has no table", tag);
-                static const char *const fields[] = {"results", "ids", "errors", "extras"};
-                for (int i = 0; i < 4; i++) {
-                    lua_getfield(L, -1 - i, fields[i]);
-                    if (!lua_istable(L, -1))
-                        luaL_error(L, "internal error: claim %d has no %s list", tag, fields[i]);
-                }
-                for (int i = 3; i >= 0; i--)
-                    lua_replace(L, D_CLAIM_RESULTS + i);
-                lua_pop(L, 1);
-                d->claim_tag = tag;
-                len_of(L, &d->claim);
+                    luaL_error(L, "internal error: claim %d has no %s list", tag, fields[i]);
             }
-            return &d->claim;
+            lua_getfield(L, -5, "into");
+            lua_getfield(L, -6, "into_at");
+            for (int i = 5; i >= 0; i--)
+                lua_replace(L, D_CLAIM_RESULTS + i);
+            lua_pop(L, 1);
+            d->claim_tag = tag;
+            len_of(L, &d->claim);
         }
+        return &d->claim;
     }
     return u->keep_results ? &d->pool : NULL;
+}
+
+/* Counts a record against its tag. */
+static void count_record(drain_state *d, uint8_t tag)
+{
+    if (tag != 0 && d->u->tag_outstanding[tag] > 0)
+        d->u->tag_outstanding[tag]--;
+}
+
+/* The lists a record with this tag goes to (lists_for), counting it. */
+static lists *route(lua_State *L, drain_state *d, uint8_t tag)
+{
+    count_record(d, tag);
+    return lists_for(L, d, tag);
+}
+
+/* True, with *offset set, when call id is a chunk whose answer goes into
+ * the claim's `into` (the claim last loaded is id's). */
+static int chunk_offset(lua_State *L, uint64_t id, size_t *offset)
+{
+    if (!lua_istable(L, D_CLAIM_INTO) || !lua_istable(L, D_CLAIM_INTO_AT))
+        return 0;
+    lua_pushnumber(L, (lua_Number)id);
+    lua_rawget(L, D_CLAIM_INTO_AT);
+    int found = lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) >= 0;
+    if (found)
+        *offset = (size_t)lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return found;
 }
 
 /* Keeps the record on top (without popping it) as env.first_failure when
@@ -149,9 +182,15 @@ static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
  * extras when they are not exactly one non-nil value. */
 static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
 {
-    int top = lua_gettop(L);
-    int count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS);
-    lists *l = route(L, d, f->tag);
+    int top = lua_gettop(L), count;
+    size_t offset;
+    lists *l = lists_for(L, d, f->tag);
+    if (l == &d->claim && chunk_offset(L, f->id, &offset))
+        count = pz_decode_tuple_into(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, D_CLAIM_INTO,
+                                     offset);
+    else
+        count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS);
+    count_record(d, f->tag);
     if (!l) {
         pack(L, count);
         lua_pushnumber(L, (lua_Number)f->id);

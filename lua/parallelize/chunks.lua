@@ -91,6 +91,12 @@ function M.map(p, list, n, who)
   local starts, counts = {}, {} -- call id -> its first item, its item count
   claim.owns = function(id) return starts[id] ~= nil end
   local out = new_table(n, 0)
+  -- A chunk's answer is decoded straight into out (src/lrecords.c): its
+  -- results table is never made. into_at[id] is where its items start, less
+  -- one; sizes[id] its item count. Both stay after its answer was taken,
+  -- for claim.restore.
+  local into_at, sizes = {}, {}
+  lists.into, lists.into_at = out, into_at
   local items, items_n = {}, 0 -- the chunks' items (see submit)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
 
@@ -116,6 +122,7 @@ function M.map(p, list, n, who)
     items_n = count
     local id, bytes = pool_submit_chunk(p, tag, items, count)
     if id then
+      into_at[id], sizes[id] = i - 1, count
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
       byte_cap = max(1, floor(count * CHUNK_BYTES / max(bytes, 1)))
@@ -126,9 +133,9 @@ function M.map(p, list, n, who)
     submit(mid + 1, j)
   end
 
-  -- One answer: a chunk's (results, seconds[, k, message, traceback]), or
-  -- the first result of a call made for a single item. Returns the error
-  -- the map raises, if the answer is one.
+  -- One answer: a chunk's (true, seconds[, k, message, traceback]), its
+  -- results already in out, or the first result of a call made for a
+  -- single item. Returns the error the map raises, if the answer is one.
   local function take_result(id, first)
     local i, count = starts[id], counts[id]
     starts[id], counts[id] = nil, nil
@@ -139,13 +146,8 @@ function M.map(p, list, n, who)
       done = done + 1
       return
     end
-    local results, seconds = ex[1], ex[2]
+    local seconds = ex[2]
     local ran = ex.n > 2 and ex[3] - 1 or count
-    for k = 1, ran do
-      local v = results[k]
-      if v == nil then v = null end
-      out[i + k - 1] = v
-    end
     done = done + ran
     if ex.n > 2 then return item_error(who, i + ex[3] - 1, ex[4], ex[5]) end
     per_item = seconds / count
@@ -161,6 +163,17 @@ function M.map(p, list, n, who)
     end
     -- The chunk failed whole: its items run again, one call each.
     for k = i, i + count - 1 do submit(k, k) end
+  end
+
+  -- The store's copy of a chunk's answer whose results went into out
+  -- (release, after the map raised): its results table made after all.
+  claim.restore = function(id, ex)
+    local i, count = into_at[id] + 1, sizes[id]
+    local ran = ex.n > 2 and ex[3] - 1 or count
+    local results = {}
+    for k = 1, ran do results[k] = out[i + k - 1] end
+    ex[1] = results
+    return results
   end
 
   local failure
@@ -199,6 +212,9 @@ function M.map(p, list, n, who)
   release(p, claim)
   if not ok then caller.reraise(err) end
   if failure then error(failure, caller.level()) end
+  for k = 1, n do
+    if out[k] == nil then out[k] = null end
+  end
   return out
 end
 

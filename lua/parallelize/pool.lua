@@ -171,6 +171,8 @@ local function release(p, claim)
   for k = claim.kr, #lists.ids do
     local id, first = lists.ids[k], lists.results[k]
     local ex = lists.extras[id]
+    -- a map's chunk whose results went into the map's output (chunks.lua)
+    if first == true and lists.into_at and lists.into_at[id] then first = claim.restore(id, ex) end
     if keep then
       env.results[#env.results + 1] = first
       env.ids[#env.ids + 1] = id

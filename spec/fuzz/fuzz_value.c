@@ -3,11 +3,16 @@
  * default mode, the one that reads bytes nobody vouches for: no bytecode,
  * no `require`.
  *
- * Every input goes three ways, each inside lua_pcall on one LuaJIT state
+ * Every input goes four ways, each inside lua_pcall on one LuaJIT state
  * made at start-up:
  *   1. the Lua-facing decode (parallelize.decode), version byte and all;
  *   2. pz_decode_value over the whole input;
- *   3. pz_decode_tuple over the whole input.
+ *   3. pz_decode_tuple over the whole input;
+ *   4. pz_decode_tuple_into (a map's chunk's answer) over the whole input,
+ *      into a new table, at an offset taken from the input's size: when it
+ *      succeeds, pz_decode_tuple must succeed too and agree (the same
+ *      count; each entry of its first value, a table, at its key plus the
+ *      offset, with the same type and, for scalars, the same value).
  * A decode may fail, with a Lua error; it must never crash, read out of
  * bounds or allocate out of proportion to the input (the sanitizers and
  * libFuzzer's -rss_limit_mb / -malloc_limit_mb watch those).  When 2. or 3.
@@ -82,6 +87,51 @@ static int tuple_round_trip(lua_State *L1)
     return 0;
 }
 
+/* Aborts with a message about way 4. */
+static void into_disagrees(const char *what)
+{
+    fprintf(stderr, "pz_decode_tuple_into and pz_decode_tuple disagree: %s\n", what);
+    abort();
+}
+
+static int into_round_trip(lua_State *L1)
+{
+    size_t offset = in_size % 7;
+    lua_newtable(L1);
+    int into = lua_gettop(L1);
+    int n = pz_decode_tuple_into(L1, in_data, in_size, 0, into, offset);
+    stage = DECODED;
+    int m = pz_decode_tuple(L1, in_data, in_size, 0);
+    if (m != n)
+        into_disagrees("value count");
+    int t = lua_gettop(L1) - m + 1;
+    if (!lua_istable(L1, t))
+        into_disagrees("the first value is not a table");
+    int entries = 0, stored = 0;
+    lua_pushnil(L1);
+    while (lua_next(L1, t)) {
+        entries++;
+        if (lua_type(L1, -2) != LUA_TNUMBER)
+            into_disagrees("a key that is not a number");
+        lua_rawgeti(L1, into, (int)(offset + (size_t)lua_tonumber(L1, -2)));
+        int type = lua_type(L1, -1);
+        if (type != lua_type(L1, -2))
+            into_disagrees("an entry's type");
+        if ((type == LUA_TNUMBER || type == LUA_TSTRING || type == LUA_TBOOLEAN) &&
+            !lua_rawequal(L1, -1, -2) && !(type == LUA_TNUMBER && lua_tonumber(L1, -1) != lua_tonumber(L1, -1)))
+            into_disagrees("an entry's value");
+        lua_pop(L1, 2);
+    }
+    lua_pushnil(L1);
+    while (lua_next(L1, into)) {
+        stored++;
+        lua_pop(L1, 1);
+    }
+    if (entries != stored)
+        into_disagrees("the number of entries");
+    return 0;
+}
+
 /* Runs fn in protected mode; aborts when it failed after decoding. */
 static void run(lua_CFunction fn, const char *what)
 {
@@ -126,6 +176,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     run(lua_facing, "decode");
     run(value_round_trip, "pz_decode_value");
     run(tuple_round_trip, "pz_decode_tuple");
+    run(into_round_trip, "pz_decode_tuple_into");
     /* Keep the heap of the long-lived state from hiding growth. */
     if (++runs % 4096 == 0)
         lua_gc(L, LUA_GCCOLLECT, 0);
