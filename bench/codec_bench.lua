@@ -1,5 +1,5 @@
 -- codec_bench.lua - parallelize.encode/decode against LuaJIT's string.buffer
--- serializer on four values. A benchmark, not a test: it prints
+-- serializer on five values. A benchmark, not a test: it prints
 -- nanoseconds per call and the ratio parallelize / string.buffer, and the
 -- same figures as key=value lines for bench/run.sh.
 --
@@ -35,6 +35,12 @@ for i = 1, 100 do
   flat[i] = (i % 2 == 0) and (i * 7) % 100 or i * 1.37
 end
 
+local ints = {}
+for i = 1, 1000 do
+  -- integers of one to three bytes in our format, all different
+  ints[i] = i * 37
+end
+
 local chars = {}
 for i = 1, 1024 do chars[i] = string.char(32 + (i * 31) % 95) end
 local kib_string = table.concat(chars)
@@ -55,6 +61,7 @@ local cases = {
   { name = "small nested record", key = "record", value = record },
   { name = "1 KiB string", key = "kib_string", value = kib_string },
   { name = "flat table of 100 numbers", key = "flat", value = flat },
+  { name = "array of 1,000 integers", key = "ints", value = ints },
 }
 
 -- Timing ----------------------------------------------------------------------
