@@ -2,7 +2,7 @@
 -- 10,000,000) piped into `pzlua --map -j 2 --lines 'function(l) return #l
 -- end'`, whose resident memory (VmRSS of /proc/PID/status, the command's
 -- own process) is sampled as it is, once in each SAMPLE lines (default
--- 1,000,000) that come out, at the middle of each (0.5 M, 1.5 M, ...: at
+-- 1,000,000) that come out, a quarter into each (0.25 M, 1.25 M, ...: at
 -- the very end the command is exiting). The target: flat within a few MiB
 -- from the first sample to the last.
 --
@@ -90,12 +90,15 @@ assert(os.execute(command) == 0, "cannot start the command")
 local pid
 local samples = {}
 local status
+-- Each sample is taken a quarter into its SAMPLE lines, polling every
+-- 5 ms: the last one then has three quarters of them to be taken in before
+-- the command ends (a sample of a process already gone is not taken).
 repeat
-  core.sleep(0.02)
+  core.sleep(0.005)
   pid = pid or tonumber(read_file(pidfile) or "")
   local out_lines = math.floor(file_size(outfile) / LINE_BYTES)
-  if pid and out_lines >= (#samples + 0.5) * SAMPLE and #samples < LINES / SAMPLE then
-    samples[#samples + 1] = rss(pid) or 0
+  if pid and out_lines >= (#samples + 0.25) * SAMPLE and #samples < LINES / SAMPLE then
+    samples[#samples + 1] = rss(pid)
   end
   status = tonumber(read_file(donefile) or "")
 until status

@@ -82,6 +82,7 @@ describe("a map in chunks", function()
     p = Parallelize(function(x)
       parallelize.sleep(0.005)
       if x == 20 then error("item twenty") end
+      if x == 5 then return nil end
       return x
     end, { workers = 1 })
     local ok, err = pcall(p.map, p, range(200))
@@ -98,11 +99,16 @@ describe("a map in chunks", function()
     assert.are.equal(count, #items)
     assert.are.equal(33, items[1])
     -- The answers' results (which the map decodes straight into its output)
-    -- are in the store as each chunk's table of results.
+    -- are in the store as each chunk's table of results, null for nil.
     local stored = {}
-    for _, r in ipairs(p.results) do stored[#stored + 1] = table.concat(r, ",") end
+    for _, r in ipairs(p.results) do
+      assert.are.equal(r[1] == 1 and 16 or 3, #r)
+      local s = {}
+      for k = 1, #r do s[k] = r[k] == null and "null" or tostring(r[k]) end
+      stored[#stored + 1] = table.concat(s, ",")
+    end
     table.sort(stored)
-    assert.are.same({ table.concat(range(16), ","), "17,18,19" }, stored)
+    assert.are.same({ "1,2,3,4,null,6,7,8,9,10,11,12,13,14,15,16", "17,18,19" }, stored)
   end)
 
   it("names the item whose result the parent cannot decode, and goes on", function()

@@ -148,6 +148,9 @@ function M.map(p, list, n, who)
     end
     local seconds = ex[2]
     local ran = ex.n > 2 and ex[3] - 1 or count
+    for k = i, i + ran - 1 do
+      if out[k] == nil then out[k] = null end
+    end
     done = done + ran
     if ex.n > 2 then return item_error(who, i + ex[3] - 1, ex[4], ex[5]) end
     per_item = seconds / count
@@ -166,12 +169,17 @@ function M.map(p, list, n, who)
   end
 
   -- The store's copy of a chunk's answer whose results went into out
-  -- (release, after the map raised): its results table made after all.
+  -- (release, after the map raised): its results table made after all,
+  -- null for nil as in the map's results (those taken are so already).
   claim.restore = function(id, ex)
     local i, count = into_at[id] + 1, sizes[id]
     local ran = ex.n > 2 and ex[3] - 1 or count
     local results = {}
-    for k = 1, ran do results[k] = out[i + k - 1] end
+    for k = 1, ran do
+      local v = out[i + k - 1]
+      if v == nil then v = null end
+      results[k] = v
+    end
     ex[1] = results
     return results
   end
@@ -212,9 +220,6 @@ function M.map(p, list, n, who)
   release(p, claim)
   if not ok then caller.reraise(err) end
   if failure then error(failure, caller.level()) end
-  for k = 1, n do
-    if out[k] == nil then out[k] = null end
-  end
   return out
 end
 
