@@ -244,6 +244,28 @@ describe("Parallelize", function()
     assert.is_true(seen)
   end)
 
+  it("sends results while their worker runs a long call queued after them", function()
+    -- The worker holds the short calls' results for a batch while it runs
+    -- the long call it already has: its flusher thread writes them once
+    -- the oldest has waited 1 ms.
+    local p = Parallelize(function(x)
+      parallelize.sleep(x)
+      return x
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    -- Instant calls first: the worker is then sent many calls at a time.
+    for _ = 1, 300 do p(0) end
+    p:wait()
+    for _ = 1, 20 do p(0) end
+    local t0 = core.now()
+    p(2)
+    local came = support.eventually(function() return #p.results == 320 end, 1)
+    assert.is_true(came, "the short calls' results did not come while the long call ran")
+    local waited = core.now() - t0
+    assert.is_true(waited < 1, "the short calls' results came after " .. waited .. " s")
+    assert.are.equal(1, p.pending) -- the long call has not finished
+  end)
+
   it("stops in the middle, returning what never ran", function()
     local p = Parallelize(rep(function(x) parallelize.sleep(0.01); return x end, 4))
     for i = 1, 400 do p(i, "arg") end

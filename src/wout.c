@@ -1,12 +1,21 @@
 /*
  * wout.c - a worker's output, batched, with a flusher thread for results
  * that would otherwise wait behind a long call (see wout.h).
+ *
+ * The flusher sleeps in read(2) on a timerfd, which the main thread sets
+ * when a batch gets its first frame (to the moment that frame is late) and
+ * clears when the batch is written.  A worker busy with short calls writes
+ * each batch itself before it is late, so the flusher is never woken: the
+ * batch costs the two timerfd_settime calls, where a condition variable
+ * signalled for each batch cost a wake-up of the flusher, and its timed
+ * sleep a second one, each taking a CPU from a worker.
  */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -24,10 +33,10 @@ static struct {
     int frames;          /* whole frames in buf */
     int64_t oldest;      /* when the oldest of them was made */
     int locked;          /* the main thread holds the lock */
-    int flusher_idle;    /* the flusher waits for a first frame */
     int flusher_running;
+    int alarm_fd;        /* the flusher's timerfd, -1 before it starts */
+    int alarm_set;       /* alarm_fd is set for the oldest frame */
     pthread_mutex_t lock;
-    pthread_cond_t wake;
 } O;
 
 void pz_wout_init(int fd)
@@ -37,12 +46,22 @@ void pz_wout_init(int fd)
      * else uses, and its flusher thread did not come along). */
     memset(&O, 0, sizeof O);
     O.fd = fd;
+    O.alarm_fd = -1;
     pthread_mutex_init(&O.lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* pz_now_ns's clock */
-    pthread_cond_init(&O.wake, &ca);
-    pthread_condattr_destroy(&ca);
+}
+
+/* Sets the flusher's alarm to `due` (pz_now_ns's clock, CLOCK_MONOTONIC),
+ * or clears it when due is 0; the lock is held.  Should the call fail
+ * (it cannot with these arguments), the main thread's own flushes remain. */
+static void set_alarm(int64_t due)
+{
+    if (O.alarm_fd < 0 || (due == 0 && !O.alarm_set))
+        return;
+    struct itimerspec it;
+    memset(&it, 0, sizeof it);
+    it.it_value.tv_sec = (time_t)(due / 1000000000);
+    it.it_value.tv_nsec = (long)(due % 1000000000);
+    O.alarm_set = timerfd_settime(O.alarm_fd, TFD_TIMER_ABSTIME, &it, NULL) == 0 && due != 0;
 }
 
 /* Writes the buffer; the lock is held.  A parent that is gone ends us. */
@@ -59,37 +78,43 @@ static void write_locked(void)
     }
     O.buf.len = 0;
     O.frames = 0;
+    set_alarm(0);
     pz_buf_trim(&O.buf, KEEP_BYTES);
 }
 
-/* The flusher: idle until the buffer holds a frame, then asleep until
- * that frame is late, then writes what is there if it is still late. */
+/* The flusher: asleep until its alarm goes off, then writes what is there
+ * if its oldest frame is late (the main thread may have written it, and
+ * begun another batch, meanwhile: then the alarm is set again for that). */
 static void *flusher(void *arg)
 {
     (void)arg;
-    pthread_mutex_lock(&O.lock);
     for (;;) {
-        if (O.frames == 0) {
-            O.flusher_idle = 1;
-            pthread_cond_wait(&O.wake, &O.lock);
-            O.flusher_idle = 0;
-            continue;
+        uint64_t expirations;
+        if (read(O.alarm_fd, &expirations, sizeof expirations) < 0 && errno != EINTR) {
+            /* Cannot happen on a timerfd in use; should it, the main
+             * thread's own flushes remain. */
+            return NULL;
         }
-        int64_t due = O.oldest + PZ_WOUT_LATE_NS, now = pz_now_ns();
-        if (now >= due) {
-            write_locked();
-            continue;
+        pthread_mutex_lock(&O.lock);
+        O.alarm_set = 0;
+        if (O.frames > 0) {
+            int64_t due = O.oldest + PZ_WOUT_LATE_NS;
+            if (pz_now_ns() >= due)
+                write_locked();
+            else
+                set_alarm(due);
         }
-        struct timespec ts = {(time_t)(due / 1000000000), (long)(due % 1000000000)};
-        pthread_cond_timedwait(&O.wake, &O.lock, &ts);
+        pthread_mutex_unlock(&O.lock);
     }
-    return NULL;
 }
 
 void pz_wout_start_flusher(void)
 {
     pthread_attr_t attr;
     sigset_t all, old;
+    O.alarm_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    if (O.alarm_fd < 0)
+        return; /* no flusher: see below */
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, FLUSHER_STACK);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -102,6 +127,10 @@ void pz_wout_start_flusher(void)
     /* Without a flusher the worker still works: its results wait for the
      * main thread's own flushes, as they would behind a long call. */
     O.flusher_running = rc == 0;
+    if (rc != 0) {
+        close(O.alarm_fd);
+        O.alarm_fd = -1;
+    }
 }
 
 int pz_wout_lock(void)
@@ -136,8 +165,7 @@ void pz_wout_frame_done(int64_t now)
 {
     if (O.frames++ == 0) {
         O.oldest = now;
-        if (O.flusher_idle)
-            pthread_cond_signal(&O.wake);
+        set_alarm(now + PZ_WOUT_LATE_NS);
     }
 }
 

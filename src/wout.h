@@ -12,7 +12,9 @@
  * Rules: the main thread appends to the buffer only between
  * pz_wout_lock() and pz_wout_unlock(), and keeps it holding only whole
  * frames whenever it unlocks; the flusher writes only under the same lock.
- * Nothing else touches the buffer.  The flusher takes no signal.
+ * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
+ * on an alarm (a timerfd) that is set, under the lock, only while the
+ * buffer holds frames.
  */
 #ifndef PZ_WOUT_H
 #define PZ_WOUT_H
