@@ -24,8 +24,8 @@
 #include "buf.h"
 
 /* How long a finished result may wait for a batch before the flusher
- * writes it. */
-#define PZ_WOUT_LATE_NS 1000000
+ * writes it (worker.c's FLUSH_NS says why this long). */
+#define PZ_WOUT_LATE_NS 2000000
 
 /* Sets the output up on descriptor fd (nothing is written yet). */
 void pz_wout_init(int fd);
