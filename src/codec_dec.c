@@ -277,9 +277,6 @@ static uint64_t dec_numbers(dec *d, int t, uint64_t narr, size_t offset)
     return i;
 }
 
-/* Decodes a table after its tag: counts (checked against the bytes left,
- * each value taking at least one byte), the array part, the hash part (no
- * nil or NaN keys), then the metatable if with_mt. */
 /* Reads a table's counts (after its tag at `at`), checked against the
  * bytes left: each value takes at least one byte. */
 static void dec_table_counts(dec *d, const uint8_t *at, uint64_t *narr, uint64_t *nhash)
@@ -291,6 +288,8 @@ static void dec_table_counts(dec *d, const uint8_t *at, uint64_t *narr, uint64_t
                  (unsigned long long)*narr, (unsigned long long)*nhash, dec_left(d));
 }
 
+/* Decodes a table after its tag: counts, the array part, the hash part (no
+ * nil or NaN keys), then the metatable if with_mt. */
 static void dec_table(dec *d, const uint8_t *at, int with_mt)
 {
     lua_State *L = d->L;
@@ -331,8 +330,6 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
     d->depth--;
 }
 
-/* Decodes a packed array of doubles after its tag: a table like any other
- * (it gets a reference number), with no nesting inside. */
 /* Reads the count of a packed array of doubles (after its tag at `at`),
  * checked against the bytes left, and room on the stack for storing them. */
 static size_t dec_doubles_count(dec *d, const uint8_t *at)
@@ -346,6 +343,8 @@ static size_t dec_doubles_count(dec *d, const uint8_t *at)
     return (size_t)n;
 }
 
+/* Decodes a packed array of doubles after its tag: a table like any other
+ * (it gets a reference number), with no nesting inside. */
 static void dec_doubles(dec *d, const uint8_t *at)
 {
     size_t n = dec_doubles_count(d, at);
