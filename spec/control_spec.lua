@@ -199,7 +199,7 @@ end)
 
 describe("max_calls", function()
   it("replaces a worker after n calls, losing and doubling nothing under SIGKILLs", function()
-    local n = 3000
+    local n = 1000 -- (make soak recycles many more, under kills too)
     -- (max_deaths high: a call killed 3 times by chance is no loss, but
     -- it would be an error, and every call here must return)
     local p = Parallelize(function(x) return { x, require("parallelize").getpid() } end,
