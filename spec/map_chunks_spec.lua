@@ -164,6 +164,20 @@ describe("a map in chunks", function()
     assert.matches("map: item 321 failed: .*killed 2 workers", err)
   end)
 
+  it("runs a chunk's items as calls of their own once its worker died running it", function()
+    -- Item 20 kills its worker every time. Its chunk is not run again whole
+    -- max_deaths times (each time killing a worker and running the items
+    -- before 20 again): one death for the chunk, max_deaths for the item.
+    p = Parallelize(function(x)
+      if x == 20 then os.exit(7) end
+      return x
+    end, { workers = 1, max_deaths = 3 })
+    local ok, err = pcall(p.map, p, range(100))
+    assert.is_false(ok)
+    assert.matches("map: item 20 failed: .*killed 3 workers", err)
+    assert.are.equal(1 + 3, p:stats().deaths)
+  end)
+
   it("splits chunks whose arguments are above max_message; one item above it raises as p(item) would", function()
     p = Parallelize(function(s) return #s end, { workers = 2, max_message = 4096 })
     local list = {}

@@ -346,9 +346,12 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
  * cancel) becomes an error of that kind; else the call it was running
  * (its id is in the shared memory, see worker.h; a remote worker's:
  * remote_running_call) is charged with a death
- * and becomes an error once it has killed max_deaths workers.  Every other
- * call it held, including calls whose results it had not sent yet, goes
- * back to the front of the queue. */
+ * and becomes an error once it has killed max_deaths workers; a map's
+ * chunk (PZ_CALL_CHUNK) at its first: run again whole, its items would all
+ * run again, as many times as it is killed, and the map runs them as calls
+ * of their own anyway once it fails (chunks.lua), each with max_deaths to
+ * spend.  Every other call it held, including calls whose results it had
+ * not sent yet, goes back to the front of the queue. */
 static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int known, int status)
 {
     uint64_t running = atomic_load(&io->p->shared[w->index].running), drop = 0;
@@ -376,16 +379,23 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         if (fr) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
-            if (deaths >= io->p->opt.max_deaths) {
-                char msg[512];
+            char msg[512];
+            if (pz_frame_flags(fr) & PZ_CALL_CHUNK)
+                snprintf(msg, sizeof msg,
+                         "call %" PRIu64 " (a chunk of a map's items) ended with its worker: "
+                         "worker %d (pid %d) %s while running it; a map still running runs its "
+                         "items again as calls of their own",
+                         running, w->slot + 1, (int)w->pid, how);
+            else if (deaths >= io->p->opt.max_deaths)
                 snprintf(msg, sizeof msg,
                          "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
                          "%d (pid %d) %s while running call %" PRIu64,
                          running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
                          running);
-                if (pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
-                    drop = running;
-            }
+            else
+                msg[0] = 0;
+            if (msg[0] && pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
+                drop = running;
         }
     }
     if (pz_dispatch_requeue(io, w, w->out_head, drop) != 0)

@@ -77,8 +77,8 @@ end
 --- Runs p(list[i]) for every i of list[1..n] in chunks: each chunk is one
 -- call that the worker runs as its items' calls, one after the other.
 -- Chunks are submitted a few per worker at a time, sized by the time the
--- last one took. A chunk that failed as a whole (its worker died
--- max_deaths times, or its answer could not travel) runs again as one call
+-- last one took. A chunk that failed as a whole (its worker died running
+-- it, or its answer could not travel) runs again as one call
 -- per item, so that the error names its item. Returns the first results in
 -- input order (null for nil).
 function M.map(p, list, n, who)
@@ -93,9 +93,9 @@ function M.map(p, list, n, who)
   local out = new_table(n, 0)
   -- A chunk's answer is decoded straight into out (src/lrecords.c): its
   -- results table is never made. into_at[id] is where its items start, less
-  -- one; sizes[id] its item count. Both stay after its answer was taken,
-  -- for claim.restore.
-  local into_at, sizes = {}, {}
+  -- one; it stays after its answer was taken, as counts[id] does, for
+  -- claim.restore.
+  local into_at = {}
   lists.into, lists.into_at = out, into_at
   local items, items_n = {}, 0 -- the chunks' items (see submit)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
@@ -122,7 +122,7 @@ function M.map(p, list, n, who)
     items_n = count
     local id, bytes = pool_submit_chunk(p, tag, items, count)
     if id then
-      into_at[id], sizes[id] = i - 1, count
+      into_at[id] = i - 1
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
       byte_cap = max(1, floor(count * CHUNK_BYTES / max(bytes, 1)))
@@ -138,7 +138,7 @@ function M.map(p, list, n, who)
   -- single item. Returns the error the map raises, if the answer is one.
   local function take_result(id, first)
     local i, count = starts[id], counts[id]
-    starts[id], counts[id] = nil, nil
+    starts[id] = nil
     outstanding = outstanding - 1
     local ex = lists.extras[id]
     if count == 0 then -- one item's own call
@@ -172,7 +172,7 @@ function M.map(p, list, n, who)
   -- (release, after the map raised): its results table made after all,
   -- null for nil as in the map's results (those taken are so already).
   claim.restore = function(id, ex)
-    local i, count = into_at[id] + 1, sizes[id]
+    local i, count = into_at[id] + 1, counts[id]
     local ran = ex.n > 2 and ex[3] - 1 or count
     local results = {}
     for k = 1, ran do
