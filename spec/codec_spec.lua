@@ -1167,10 +1167,13 @@ describe("codec", function()
     end)
 
     it("with unknown tags, and each tag byte alone", function()
-      for _, tag in ipairs({ 0x0f, 0x10, 0x20, 0x3f, 0x60, 0x7f }) do
+      for _, tag in ipairs({ 0x0f, 0x11, 0x20, 0x3f, 0x60, 0x7f }) do
         assert.are.equal(("cannot decode: unknown tag 0x%02x at byte 2"):format(tag),
           error_of(decode, "\1" .. string.char(tag) .. "\0\0"))
       end
+      -- 0x10 names a string in a pool's shared memory: only a pool reads it
+      assert.are.equal("cannot decode: a string in a pool's shared memory, outside a pool at byte 2",
+        error_of(decode, "\1\16\0\0"))
       assert.are.equal("cannot decode: upvalue join outside a function's upvalues at byte 2",
         error_of(decode, "\1\14\0\1"))
       for tag = 0, 255 do

@@ -16,6 +16,7 @@
 #define PZ_CODEC_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <lua.h>
 
 #include "buf.h"
@@ -34,6 +35,30 @@
 #define PZ_DECODE_FUNCTIONS 1 /* load bytecode and resolve function references;
                                  also lets module references `require` */
 
+/* Big strings through shared memory (arena.h).  An encoder given a writer
+ * asks it for room for each string of PZ_SHARED_MIN bytes or more, copies
+ * the string there and writes only where it is (PZ_T_SHARED); without
+ * room, or without a writer, the string is written inline.  `placed`
+ * counts the bytes placed, so that limits on a call's size (max_message)
+ * count them too. */
+typedef struct pz_arena_writer {
+    /* Room for n bytes, or NULL; *offset is where, from the region's start. */
+    char *(*place)(struct pz_arena_writer *w, size_t n, uint64_t *offset);
+    size_t placed;
+} pz_arena_writer;
+
+/* A decoder given a reader takes PZ_T_SHARED strings from the region
+ * [base, base + size), checking each lies inside it; without one, the tag
+ * is an error.  last_end is set to the end offset of the last such string
+ * read (0: none yet), for the region's bookkeeping (arena.h); `bytes`
+ * counts the bytes read. */
+typedef struct pz_arena_reader {
+    const char *base;
+    size_t size;
+    uint64_t last_end;
+    uint64_t bytes;
+} pz_arena_reader;
+
 /* Deepest nesting of tables and functions either side accepts. */
 #define PZ_MAX_DEPTH 1000
 
@@ -42,30 +67,34 @@
 void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags);
 
 /* Appends a tuple: a varint count, then the `count` values at stack indexes
- * first .. first+count-1; error paths read root[1], root[2], ... */
-void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags);
+ * first .. first+count-1; error paths read root[1], root[2], ...  Big
+ * strings go to `arena` when it is not NULL (see pz_arena_writer). */
+void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags,
+                     pz_arena_writer *arena);
 
 /* Decodes one value from exactly n bytes at p and pushes it.  Trailing bytes
  * are an error. */
 void pz_decode_value(lua_State *L, const char *p, size_t n, int flags);
 
 /* Decodes a tuple from exactly n bytes at p, pushes its values and returns
- * how many were pushed (checking the stack has room for them). */
-int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags);
+ * how many were pushed (checking the stack has room for them).  Shared
+ * strings are read from `arena` (NULL: none may appear). */
+int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags, pz_arena_reader *arena);
 
 /* As pz_decode_tuple, for a chunk's answer (chunk.h): its first value, a
  * table of items' results (a table without metatable, or packed doubles,
  * whose keys are item numbers), is not made: each entry is stored in the
  * table at stack index into under its key plus offset, and true is pushed
  * in its place.  A decoding error may leave some entries stored. */
-int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset);
+int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset,
+                         pz_arena_reader *arena);
 
 /* Appends the value at idx and returns 1 when it is a number, a string, a
  * boolean or nil (most arguments and results); returns 0 for anything else,
  * or when out of memory, possibly having appended part of it (the caller
  * truncates out and takes the full encoder).  It raises nothing and sets
  * nothing up: pz_encode_value and pz_encode_tuple try it first. */
-int pz_encode_scalar(lua_State *L, int idx, pz_buf *out);
+int pz_encode_scalar(lua_State *L, int idx, pz_buf *out, pz_arena_writer *arena);
 
 /* For the Lua binding (lcodec.c) -------------------------------------- */
 

@@ -44,9 +44,11 @@ typedef struct dec {
     int slots;
     int nrefs; /* objects started so far */
     int depth; /* open tables and functions */
+    pz_arena_reader *arena; /* where PZ_T_SHARED strings are, or NULL */
 } dec;
 
 static void dec_any(dec *d);
+static void dec_shared(dec *d, const uint8_t *at);
 
 /* Raises "cannot decode: <what> at byte N", N being the 1-based position
  * of `at` from the start of the input. */
@@ -625,6 +627,9 @@ static __attribute__((noinline)) void dec_any(dec *d)
         s = dec_bytes(d, &n, "string");
         lua_pushlstring(L, s, n);
         return;
+    case PZ_T_SHARED:
+        dec_shared(d, at);
+        return;
     case PZ_T_TABLE:
     case PZ_T_TABLE_MT:
         dec_table(d, at, tag == PZ_T_TABLE_MT);
@@ -651,6 +656,23 @@ static __attribute__((noinline)) void dec_any(dec *d)
     }
 }
 
+/* A string in shared memory (PZ_T_SHARED): its place is checked against
+ * the region, whose bytes a worker may have changed since, but never
+ * outside it. */
+static void dec_shared(dec *d, const uint8_t *at)
+{
+    uint64_t offset = dec_varint(d, "shared string offset");
+    uint64_t n = dec_varint(d, "shared string length");
+    if (!d->arena)
+        dec_fail(d, at, "a string in a pool's shared memory, outside a pool");
+    if (offset > d->arena->size || n > d->arena->size - offset)
+        dec_fail(d, at, "shared string of %llu bytes at %llu, outside the %zu bytes shared",
+                 (unsigned long long)n, (unsigned long long)offset, d->arena->size);
+    lua_pushlstring(d->L, d->arena->base + offset, (size_t)n);
+    d->arena->last_end = offset + n;
+    d->arena->bytes += n;
+}
+
 /* Sets up a decoder over [p, end), positions counted from base; reserves
  * its stack slots. */
 static void dec_start(dec *d, lua_State *L, const char *base, const char *p, const char *end, int flags)
@@ -661,6 +683,7 @@ static void dec_start(dec *d, lua_State *L, const char *base, const char *p, con
     d->end = (const uint8_t *)end;
     d->flags = flags;
     d->nrefs = d->depth = 0;
+    d->arena = NULL;
     luaL_checkstack(L, DS_COUNT + 8, "cannot decode: stack overflow");
     d->slots = lua_gettop(L) + 1;
     lua_settop(L, d->slots + DS_COUNT - 1);
@@ -750,25 +773,28 @@ static int dec_tuple_end(dec *d, int count)
     return count;
 }
 
-int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags)
+int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags, pz_arena_reader *arena)
 {
     int scalars = decode_scalar_tuple(L, p, n);
     if (scalars >= 0)
         return scalars;
     dec d;
     dec_start(&d, L, p, p, p + n, flags);
+    d.arena = arena;
     int count = dec_tuple_count(&d);
     for (int i = 0; i < count; i++)
         dec_value(&d);
     return dec_tuple_end(&d, count);
 }
 
-int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset)
+int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset,
+                         pz_arena_reader *arena)
 {
     dec d;
     if (into < 0)
         into = lua_gettop(L) + into + 1;
     dec_start(&d, L, p, p, p + n, flags);
+    d.arena = arena;
     const uint8_t *at = d.p;
     if (offset >= INT_MAX)
         dec_fail(&d, at, "items' results past the last a table can hold");

@@ -496,6 +496,7 @@ static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int f
     e->index_filter = NULL;
     e->root = root;
     e->busy = NULL;
+    e->arena = NULL;
     luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");
     e->slots = lua_gettop(L) + 1;
     lua_settop(L, e->slots + ES_COUNT - 1);
@@ -518,8 +519,25 @@ static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, i
     enc_done(&e);
 }
 
+int pz_encode_shared(pz_arena_writer *arena, pz_buf *out, const char *s, size_t n)
+{
+    uint8_t *w = (uint8_t *)pz_buf_reserve(out, 1 + 2 * PZ_VARINT_MAX_BYTES);
+    if (!w)
+        return -1;
+    uint64_t offset;
+    char *dst = arena->place(arena, n, &offset);
+    if (!dst)
+        return 0;
+    memcpy(dst, s, n);
+    arena->placed += n;
+    w[0] = PZ_T_SHARED;
+    size_t h = 1 + pz_put_varint(w + 1, offset);
+    out->len += h + pz_put_varint(w + h, n);
+    return 1;
+}
+
 /* See codec.h: without the encoder's set-up, nothing to raise. */
-int pz_encode_scalar(lua_State *L, int idx, pz_buf *out)
+int pz_encode_scalar(lua_State *L, int idx, pz_buf *out, pz_arena_writer *arena)
 {
     size_t n;
     const char *s;
@@ -532,6 +550,11 @@ int pz_encode_scalar(lua_State *L, int idx, pz_buf *out)
         return 1;
     case LUA_TSTRING:
         s = lua_tolstring(L, idx, &n);
+        if (n >= PZ_SHARED_MIN && arena) {
+            int placed = pz_encode_shared(arena, out, s, n);
+            if (placed != 0)
+                return placed > 0;
+        }
         if (!(w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_VARINT_MAX_BYTES + n)))
             return 0;
         size_t h = pz_put_string_header(w, n);
@@ -559,27 +582,34 @@ void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root
 void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags)
 {
     size_t start = out->len;
-    if (pz_encode_scalar(L, idx, out))
+    if (pz_encode_scalar(L, idx, out, NULL))
         return;
     out->len = start;
     encode_value(L, idx, out, root, flags, NULL);
 }
 
-void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags)
+void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags,
+                     pz_arena_writer *arena)
 {
     enc e;
     size_t start = out->len;
     uint8_t v[PZ_VARINT_MAX_BYTES];
+    size_t placed = arena ? arena->placed : 0;
     first = abs_index(L, first);
     if (count >= 0 && pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0) {
         int i = 0;
-        while (i < count && pz_encode_scalar(L, first + i, out))
+        while (i < count && pz_encode_scalar(L, first + i, out, arena))
             i++;
         if (i == count)
             return;
     }
+    /* What the scalars placed stays placed until the writer's owner frees
+     * the encode's blocks together; the full encoder places them again. */
+    if (arena)
+        arena->placed = placed;
     out->len = start;
     enc_start(&e, L, out, root, flags);
+    e.arena = arena;
     put_varint(&e, (uint64_t)(count < 0 ? 0 : count));
     for (int i = 0; i < count; i++) {
         e.tuple_index = i + 1;

@@ -99,6 +99,7 @@ typedef struct enc {
     const void *index_filter; /* the userdata in ES_INDEX_FILTER, or NULL */
     const char *root;
     int *busy;         /* cleared before raising: see lcodec.c */
+    pz_arena_writer *arena; /* big strings go there when it has room (codec.h) */
     /* reference numbers: the first REFS_LINEAR objects in refs_list (object
      * i has number i), then in the hash table refs (refs_mask + 1 slots) */
     const void *refs_list[REFS_LINEAR];
@@ -143,8 +144,20 @@ static inline void put_bytes(enc *e, const void *p, size_t n)
     e->out->len += n;
 }
 
+/* codec_enc.c: writes a string of PZ_SHARED_MIN bytes or more to the
+ * arena writer and its place to out (PZ_T_SHARED).  Returns 1, 0 when the
+ * writer has no room (nothing written), -1 when out is out of memory. */
+int pz_encode_shared(pz_arena_writer *arena, pz_buf *out, const char *s, size_t n);
+
 static inline void enc_string(enc *e, const char *s, size_t n)
 {
+    if (n >= PZ_SHARED_MIN && e->arena) {
+        int placed = pz_encode_shared(e->arena, e->out, s, n);
+        if (placed < 0)
+            pz_enc_raise(e, "cannot encode: out of memory");
+        if (placed)
+            return;
+    }
     uint8_t *w = enc_room(e, 1 + PZ_VARINT_MAX_BYTES + n);
     size_t h = pz_put_string_header(w, n);
     memcpy(w + h, s, n);

@@ -34,6 +34,11 @@
  *                   version 2; the encoder writes it for a sequence of 16
  *                   or more numbers, at most half of them integers, where
  *                   the JIT runs: codec_array.c)
+ *   0x10 shared     varint offset, varint length: a string whose bytes are
+ *                   in the memory a pool shares with its forked workers
+ *                   (arena.h), never in the output of encode(); only a
+ *                   pool and its workers write and read it, so it needs no
+ *                   format version
  *   0x40..0x5f      string of length tag - 0x40 (0..31), bytes follow
  *   0x80..0xff      integer tag - 0x80 (0..127)
  *
@@ -74,11 +79,16 @@ enum {
     PZ_T_FUNCTION = 0x0d,
     PZ_T_UPJOIN = 0x0e,
     PZ_T_DOUBLES = 0x0f,
+    PZ_T_SHARED = 0x10,
     PZ_T_SHORTSTR = 0x40, /* + length, 0..31 */
     PZ_T_FIXINT = 0x80    /* + value, 0..127 */
 };
 
 #define PZ_SHORTSTR_MAX 31
+/* Strings this long or longer go through shared memory when the encoder
+ * has it (codec.h, pz_arena_writer): below it, the copy through the socket
+ * costs less than the bookkeeping. */
+#define PZ_SHARED_MIN (64u << 10)
 #define PZ_FIXINT_MAX 127
 #define PZ_MAX_SAFE_INT 9007199254740992.0 /* 2^53 */
 

@@ -91,7 +91,7 @@ static int l_encode(lua_State *L)
     if (pz_buf_append(&s->buf, &version, 1))
         return luaL_error(L, "cannot encode: out of memory");
     s->busy = 1;
-    if (!pz_encode_scalar(L, 1, &s->buf)) {
+    if (!pz_encode_scalar(L, 1, &s->buf, NULL)) {
         s->buf.len = 1;
         pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy);
     }

@@ -78,7 +78,7 @@ void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz
     }
     snprintf(root, sizeof root, "executors[%d].args", i);
     u->scratch.len = 0;
-    pz_encode_tuple(L, top + 1, n, &u->scratch, root, 0);
+    pz_encode_tuple(L, top + 1, n, &u->scratch, root, 0, NULL);
     if (pz_buf_append(b, u->scratch.data, u->scratch.len) != 0)
         luaL_error(L, "cannot start the pool: out of memory");
     if (b->len > o->max_message)

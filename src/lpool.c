@@ -32,6 +32,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "arena.h"
 #include "codec.h"
 #include "frame.h"
 #include "handshake.h"
@@ -44,6 +45,7 @@
  * holds two messages and a few varints: 2 GiB less 1 KiB each fits.
  * parallelize.lua reads it as core.max_message_limit. */
 #define MAX_MESSAGE_LIMIT (2147483648.0 - 1024)
+#define ARENA_KEEPER_MT "parallelize.arena_keeper"
 
 /* What pool workers run to prepare their Lua states (pz_lpool_register). */
 static pz_state_setup worker_setup;
@@ -244,6 +246,7 @@ static int l_pool_new(lua_State *L)
     u->pool = pz_pool_new(n, init, launch, &o, worker_setup, &err);
     if (!u->pool)
         return luaL_error(L, "cannot start the pool: %s (%s)", err, strerror(errno));
+    pz_calls_writer_init(&u->open_writer, u->pool->arena);
     return 1;
 }
 
@@ -295,8 +298,10 @@ static int l_pool_wait(lua_State *L)
         if (what == 1) {
             r = pz_pool_sleep(p, PZ_WAIT_INIT, PZ_NEVER, PZ_NEVER, deadline);
         } else if (what == 3) {
-            /* Room comes as calls are taken: one more is the least. */
-            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, PZ_NEVER, atomic_load(&p->calls_taken) + 1,
+            /* Room comes as calls are taken: one more is the least; room in
+             * the arena, as the records of calls holding it come. */
+            uint64_t drained_to = pz_lpool_arena_full(u) ? pz_pool_published(p) + 1 : PZ_NEVER;
+            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, drained_to, atomic_load(&p->calls_taken) + 1,
                               deadline);
         } else {
             /* Fewer than `below` pending once next_id - below calls are taken. */
@@ -371,7 +376,8 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
 /* Pushes the I/O thread's counts: {done, failed, deaths, respawns,
  * recycles, timeouts, cancelled, retries, running, requeued, elapsed
  * (seconds), samples = {{t, done}, ...}, workers = {{pid =, calls =,
- * busy =}, ...}}; `done` counts results and errors.  The pool must not be
+ * busy =}, ...}, shared = {sent =, received =}}; `done` counts results
+ * and errors.  The pool must not be
  * freed yet. */
 static void push_stats(lua_State *L, lpool *u)
 {
@@ -413,6 +419,10 @@ static void push_stats(lua_State *L, lpool *u)
         lua_rawseti(L, -2, i + 1);
     }
     lua_setfield(L, -2, "workers");
+    lua_createtable(L, 0, 2);
+    set_count(L, "sent", u->pool->arena ? u->pool->arena->sent : 0);
+    set_count(L, "received", u->pool->arena ? u->pool->arena->reader.bytes : 0);
+    lua_setfield(L, -2, "shared");
     lua_remove(L, -2); /* the slots' buffer */
 }
 
@@ -495,12 +505,17 @@ static void add_aborted(const char *frame, size_t size, void *ud)
     lua_rawseti(c->L, c->list, (int)lua_objlen(c->L, c->list) + 1);
 }
 
-/* Protected: turns the CALL frame in string 1 into {n =, id =, ...}. */
+/* Protected: turns the CALL frame in string 1 into {n =, id =, ...}; its
+ * big strings are read from the arena's reader, light userdata 2 (NULL
+ * without one). */
 static int decode_aborted(lua_State *L)
 {
     size_t n;
     const char *frame = lua_tolstring(L, 1, &n);
-    int count = pz_decode_tuple(L, pz_frame_payload(frame), n - PZ_FRAME_HEADER, PZ_DECODE_FUNCTIONS);
+    pz_arena_reader *reader = (pz_arena_reader *)lua_touserdata(L, 2);
+    lua_settop(L, 1);
+    int count = pz_decode_tuple(L, pz_frame_payload(frame), n - PZ_FRAME_HEADER, PZ_DECODE_FUNCTIONS,
+                                reader);
     lua_createtable(L, count, 2);
     lua_insert(L, 2);
     for (int i = count; i >= 1; i--)
@@ -513,15 +528,17 @@ static int decode_aborted(lua_State *L)
 }
 
 /* Pushes the list of aborted calls, {n =, id =, ...} each, from the list of
- * their frames at index frames. */
-static void push_aborted(lua_State *L, int frames)
+ * their frames at index frames, whose big strings are in `reader`'s
+ * region (NULL: none). */
+static void push_aborted(lua_State *L, int frames, pz_arena_reader *reader)
 {
     int n = (int)lua_objlen(L, frames);
     lua_createtable(L, n, 0);
     for (int i = 1; i <= n; i++) {
         lua_pushcfunction(L, decode_aborted);
         lua_rawgeti(L, frames, i);
-        if (lua_pcall(L, 1, 1, 0) != 0) {
+        lua_pushlightuserdata(L, reader);
+        if (lua_pcall(L, 2, 1, 0) != 0) {
             const char *why = lua_tostring(L, -1);
             lua_rawgeti(L, frames, i);
             const char *frame = lua_tostring(L, -1);
@@ -570,10 +587,30 @@ static int l_pool_stop(lua_State *L)
     pz_pool_aborted(u->pool, add_aborted, &c);
     u->calls = (double)pz_pool_calls(u->pool);
     u->drained = (double)pz_pool_finished(u->pool);
+    /* Their big strings are in the arena, which outlives the pool until
+     * they are decoded: a userdata frees it, whatever is raised. */
+    pz_arena **keeper = (pz_arena **)lua_newuserdata(L, sizeof *keeper); /* 3 */
+    *keeper = NULL;
+    luaL_getmetatable(L, ARENA_KEEPER_MT);
+    lua_setmetatable(L, -2);
+    *keeper = u->pool->arena;
+    u->pool->arena = NULL;
     pz_pool_free(u->pool);
     u->pool = NULL;
-    push_aborted(L, 2);
+    push_aborted(L, 2, *keeper ? &(*keeper)->reader : NULL);
+    pz_arena_free(*keeper);
+    *keeper = NULL;
     return 1;
+}
+
+/* __gc of the userdata that keeps a stopped pool's arena until its aborted
+ * calls are decoded. */
+static int arena_keeper_gc(lua_State *L)
+{
+    pz_arena **keeper = (pz_arena **)lua_touserdata(L, 1);
+    pz_arena_free(*keeper);
+    *keeper = NULL;
+    return 0;
 }
 
 /* __gc: a pool collected (or closed with its state) without stop is
@@ -657,6 +694,11 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         lua_setfield(L, -2, "__metatable");
     }
     lua_setfield(L, -2, "pool_metatable");
+    if (luaL_newmetatable(L, ARENA_KEEPER_MT)) {
+        lua_pushcfunction(L, arena_keeper_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
     for (const luaL_Reg *f = funcs; f->name; f++) {
         lua_pushcfunction(L, f->func);
         lua_setfield(L, -2, f->name);

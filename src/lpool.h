@@ -9,6 +9,7 @@
 
 #include <lua.h>
 
+#include "arena.h"
 #include "buf.h"
 #include "handshake.h"
 #include "idset.h"
@@ -40,6 +41,11 @@ typedef struct lpool {
     int nslots;
     double calls;      /* after stop: calls queued in all */
     double drained;    /* after stop: calls with a result or an error */
+    size_t arena_need; /* p(...) waits for this many bytes of the arena's
+                        * calls area (arena.h), 0: it does not */
+    pz_calls_writer open_writer; /* the arena blocks of the p(...) of scalars
+                        * being encoded: one a raise left open is given back
+                        * by the next (lsubmit.c) */
 } lpool;
 
 /* Moves every published record into the pool's store or its claims (see
@@ -105,6 +111,9 @@ int pz_lpool_submit(lua_State *L);
 int pz_lpool_submit_each(lua_State *L);
 int pz_lpool_submit_chunk(lua_State *L);
 int pz_lpool_has_room(lpool *u);
+
+/* Whether p(...) waits for room in the arena's calls area (arena_need). */
+int pz_lpool_arena_full(lpool *u);
 void pz_lsubmit_prepare(lua_State *L);
 
 /* Adds pool_new, pool_wait, pool_drain, pool_stop and the other pool

@@ -74,10 +74,16 @@ static void pack(lua_State *L, int count)
     lua_setfield(L, first, "n");
 }
 
-/* Pushes a new table {n = count, ...} of the argument tuple at p. */
-static void push_args(lua_State *L, const char *p, size_t n)
+/* The reader of the pool's shared strings (arena.h), or NULL. */
+static pz_arena_reader *reader_of(lpool *u)
 {
-    pack(L, pz_decode_tuple(L, p, n, PZ_DECODE_FUNCTIONS));
+    return u->pool && u->pool->arena ? &u->pool->arena->reader : NULL;
+}
+
+/* Pushes a new table {n = count, ...} of the argument tuple at p. */
+static void push_args(lua_State *L, const char *p, size_t n, pz_arena_reader *reader)
+{
+    pack(L, pz_decode_tuple(L, p, n, PZ_DECODE_FUNCTIONS, reader));
 }
 
 static void set_string(lua_State *L, const char *name, const char *s, size_t n)
@@ -187,9 +193,9 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
     lists *l = lists_for(L, d, f->tag);
     if (l == &d->claim && chunk_offset(L, f->id, &offset))
         count = pz_decode_tuple_into(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, D_CLAIM_INTO,
-                                     offset);
+                                     offset, reader_of(d->u));
     else
-        count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS);
+        count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, reader_of(d->u));
     count_record(d, f->tag);
     if (!l) {
         pack(L, count);
@@ -259,7 +265,8 @@ static const char *const kinds[] = {"raised", "timeout", "cancelled", "killer", 
 
 /* Pushes an error record of this kind (PZ_ERR_*) from the parts of an
  * ERROR record, or from a message alone (args, value, attempts empty). */
-static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e, uint8_t kind)
+static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e, uint8_t kind,
+                              pz_arena_reader *reader)
 {
     lua_createtable(L, 0, 8);
     if (kind < sizeof kinds / sizeof *kinds) {
@@ -274,7 +281,7 @@ static void push_error_record(lua_State *L, uint64_t id, const pz_error_parts *e
     lua_pushnumber(L, (lua_Number)id);
     lua_setfield(L, -2, "id");
     if (e->args_len)
-        push_args(L, e->args, e->args_len);
+        push_args(L, e->args, e->args_len, reader);
     else
         pack(L, 0);
     lua_setfield(L, -2, "args");
@@ -302,7 +309,7 @@ static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
     pz_error_parts e;
     if (pz_record_error(f, &e) != 0)
         luaL_error(L, "internal error: malformed ERROR record");
-    push_error_record(L, f->id, &e, f->flags);
+    push_error_record(L, f->id, &e, f->flags, reader_of(d->u));
     if (f->flags != PZ_ERR_CANCELLED)
         note_failure(L);
     store_error(L, d, f->tag, f->id);
@@ -430,7 +437,7 @@ static int salvage_record(lua_State *L)
         }
         e.args_len = e.value_len = e.attempts_len = 0;
         e.message = lua_tolstring(L, -1, &e.message_len);
-        push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT);
+        push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, f.id);
     } else if (f.type == PZ_F_INIT_OK) {

@@ -46,17 +46,22 @@ void pz_lsubmit_prepare(lua_State *L)
 
 /* The most bytes the arguments at first .. first + count - 1 take encoded
  * when every one is a scalar (no more than pz_encode_scalar reserves for
- * each), or 0 when one is not. */
-static size_t scalars_bound(lua_State *L, int first, int count)
+ * each), or 0 when one is not.  *big: the bytes of the strings among them
+ * long enough for the arena (PZ_SHARED_MIN). */
+static size_t scalars_bound(lua_State *L, int first, int count, size_t *big)
 {
-    size_t bound = PZ_VARINT_MAX_BYTES;
+    size_t bound = PZ_VARINT_MAX_BYTES, n;
+    *big = 0;
     for (int i = first; i < first + count; i++) {
         switch (lua_type(L, i)) {
         case LUA_TNUMBER:
             bound += PZ_NUMBER_MAX_BYTES;
             break;
         case LUA_TSTRING:
-            bound += 1 + PZ_VARINT_MAX_BYTES + lua_objlen(L, i);
+            n = lua_objlen(L, i);
+            bound += 1 + PZ_VARINT_MAX_BYTES + n;
+            if (n >= PZ_SHARED_MIN)
+                *big += n;
             break;
         case LUA_TBOOLEAN:
         case LUA_TNIL:
@@ -71,9 +76,18 @@ static size_t scalars_bound(lua_State *L, int first, int count)
 
 int pz_lpool_has_room(lpool *u)
 {
-    uint64_t pending = pz_pool_pending(u->pool);
+    pz_pool *p = u->pool;
+    uint64_t taken = atomic_load(&p->calls_taken);
+    uint64_t pending = p->next_id - 1 - taken; /* pz_pool_pending, as of `taken` */
     return (u->max_pending == 0 || pending < u->max_pending) &&
-           (pending == 0 || pz_pool_pending_bytes(u->pool) < u->max_pending_bytes);
+           (pending == 0 || pz_pool_pending_bytes(p) + pz_arena_pending_bytes(p->arena, taken) <
+                                u->max_pending_bytes) &&
+           !pz_lpool_arena_full(u);
+}
+
+int pz_lpool_arena_full(lpool *u)
+{
+    return u->arena_need && pz_arena_calls_full(u->pool->arena, u->arena_need);
 }
 
 /* While the pool has no room (pz_lpool_has_room), p(...) waits: through the Lua
@@ -104,7 +118,7 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
         return luaL_error(L, "cannot queue the call: out of memory");
     /* The room is enough for every pz_encode_scalar: none reallocates it. */
     pz_buf view = {d, 0, bound};
-    pz_encode_tuple(L, first, nargs, &view, "args", 0);
+    pz_encode_tuple(L, first, nargs, &view, "args", 0, NULL);
     if (view.len > p->opt.max_message)
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
@@ -117,28 +131,59 @@ static int submit_scalars(lua_State *L, lpool *u, int first, int nargs, size_t b
 }
 
 /* Queues the argument tuple encoded in b for `tag` with timeout_ms and
- * flags (pool.h), and pushes the call's id.  Raises when it cannot: the
- * pool was stopped (by Lua code that ran while the arguments were
- * encoded), the arguments are above max_message, or out of memory. */
-static int queue_encoded(lua_State *L, lpool *u, pz_buf *b, uint8_t tag, uint32_t timeout_ms,
-                         uint8_t flags)
+ * flags (pool.h), its big strings in cw's blocks (cw may be NULL), and
+ * pushes the call's id.  Raises when it cannot: the pool was stopped (by
+ * Lua code that ran while the arguments were encoded), the arguments are
+ * above max_message (the big strings counted), or out of memory; cw's
+ * blocks are given back first. */
+static int queue_encoded(lua_State *L, lpool *u, pz_buf *b, pz_calls_writer *cw, uint8_t tag,
+                         uint32_t timeout_ms, uint8_t flags)
 {
     pz_pool *p = u->pool;
-    if (!p || p->stopped)
+    size_t size = b->len + (cw ? cw->w.placed : 0);
+    if (!p || p->stopped) {
+        if (cw)
+            pz_calls_writer_abandon(cw);
         return luaL_error(L, "the pool is stopped");
-    if (b->len > p->opt.max_message)
+    }
+    if (size > p->opt.max_message) {
+        if (cw)
+            pz_calls_writer_abandon(cw);
         return luaL_error(L, "cannot queue the call: its arguments are %f bytes encoded, "
                              "above max_message (%f)",
-                          (double)b->len, (double)p->opt.max_message);
+                          (double)size, (double)p->opt.max_message);
+    }
     uint64_t id = pz_pool_submit(p, b->data, b->len, tag, timeout_ms, flags);
     if (b == &u->scratch && b->cap > (1u << 20))
         pz_buf_trim(b, 0);
-    if (id == 0)
+    if (id != 0 && cw)
+        pz_calls_writer_commit(cw, id);
+    if (id == 0) {
+        if (cw)
+            pz_calls_writer_abandon(cw);
         return luaL_error(L, "cannot queue the call: out of memory");
+    }
     if (tag)
         u->tag_outstanding[tag]++;
     lua_pushnumber(L, (lua_Number)id);
     return 1;
+}
+
+/* submit's path for arguments that are all scalars, some of them strings
+ * of PZ_SHARED_MIN bytes or more: those go to the arena (what has no room
+ * there goes inline), the rest into the scratch buffer, queued from there.
+ * No Lua code runs while the arguments are encoded, so no other p(...)
+ * can come in between; a raise (out of memory) leaves u->open_writer's
+ * blocks taken, and the next call gives them back. */
+static int submit_shared(lua_State *L, lpool *u, int first, int nargs, uint8_t tag,
+                         uint32_t timeout_ms)
+{
+    pz_calls_writer *cw = &u->open_writer;
+    pz_calls_writer_abandon(cw);
+    pz_buf *b = pz_lpool_encoding_above(u, pz_lpool_frame_here()) ? push_buffer(L) : &u->scratch;
+    b->len = 0;
+    pz_encode_tuple(L, first, nargs, b, "args", 0, pz_calls_writer_init(cw, u->pool->arena));
+    return queue_encoded(L, u, b, cw, tag, timeout_ms, 0);
 }
 
 /* Encodes the arguments at first .. top and queues them for `tag` with
@@ -150,11 +195,21 @@ static int queue_encoded(lua_State *L, lpool *u, pz_buf *b, uint8_t tag, uint32_
  * the outer call's frame above it) and encodes into a buffer of its own. */
 static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
 {
-    wait_for_room(L, u, 1);
     int nargs = lua_gettop(L) - first + 1;
+    size_t big;
+    size_t bound = scalars_bound(L, first, nargs, &big);
+    pz_arena *arena = u->pool->arena;
+    if (big && arena && bound > 0) {
+        /* Big strings among scalars go to the arena, which has room once
+         * the records of calls holding it are drained. */
+        u->arena_need = big;
+        wait_for_room(L, u, 1);
+        u->arena_need = 0;
+        return submit_shared(L, u, first, nargs, tag, timeout_ms);
+    }
+    wait_for_room(L, u, 1);
     /* Scalars, which run no Lua code and whose size is known, are encoded
      * straight into the submit queue. */
-    size_t bound = scalars_bound(L, first, nargs);
     if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
         return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
     uintptr_t here = pz_lpool_frame_here();
@@ -167,10 +222,10 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
         claimed = 1;
     }
     b->len = 0;
-    pz_encode_tuple(L, first, nargs, b, "args", 0);
+    pz_encode_tuple(L, first, nargs, b, "args", 0, NULL);
     if (claimed)
         u->encoding_at = 0;
-    return queue_encoded(L, u, b, tag, timeout_ms, 0);
+    return queue_encoded(L, u, b, NULL, tag, timeout_ms, 0);
 }
 
 /* Raises unless the argument at 2, tag, is 0 or an active claim's. */
@@ -248,10 +303,12 @@ int pz_lpool_submit_each(lua_State *L)
 }
 
 /* Protected: encodes the chunk (items at 2, n at 3) into the pz_buf at 1,
- * each item apart (PZ_ENCODE_APART: as its own call would be). */
+ * each item apart (PZ_ENCODE_APART: as its own call would be), its big
+ * strings through the arena writer at 4 (NULL: none). */
 static int encode_chunk(lua_State *L)
 {
-    pz_encode_tuple(L, 2, 2, (pz_buf *)lua_touserdata(L, 1), "args", PZ_ENCODE_APART);
+    pz_encode_tuple(L, 2, 2, (pz_buf *)lua_touserdata(L, 1), "args", PZ_ENCODE_APART,
+                    (pz_arena_writer *)lua_touserdata(L, 4));
     return 0;
 }
 
@@ -277,23 +334,31 @@ int pz_lpool_submit_chunk(lua_State *L)
     lua_settop(L, 4);
     wait_for_room(L, u, 1);
     pz_buf *b = push_buffer(L);
+    /* The encode runs Lua code (finalizers) which may queue calls of its
+     * own, each with its own writer; this one's blocks are its own. */
+    pz_calls_writer cw;
+    pz_arena_writer *w = pz_calls_writer_init(&cw, u->pool->arena);
     lua_pushcfunction(L, encode_chunk);
     lua_pushlightuserdata(L, b);
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
-    if (pz_lpool_pcall_unhooked(L, 3) != 0) {
+    lua_pushlightuserdata(L, w);
+    if (pz_lpool_pcall_unhooked(L, 4) != 0) {
+        pz_calls_writer_abandon(&cw);
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
     }
     pz_pool *p = u->pool;
-    if (p && !p->stopped && b->len > p->opt.max_message) {
+    size_t size = b->len + cw.w.placed;
+    if (p && !p->stopped && size > p->opt.max_message) {
+        pz_calls_writer_abandon(&cw);
         lua_pushnil(L);
-        lua_pushfstring(L, "its items are %f bytes encoded, above max_message (%f)", (double)b->len,
+        lua_pushfstring(L, "its items are %f bytes encoded, above max_message (%f)", (double)size,
                         (double)p->opt.max_message);
         return 2;
     }
-    queue_encoded(L, u, b, (uint8_t)tag, 0, PZ_CALL_CHUNK);
-    lua_pushnumber(L, (lua_Number)b->len);
+    queue_encoded(L, u, b, &cw, (uint8_t)tag, 0, PZ_CALL_CHUNK);
+    lua_pushnumber(L, (lua_Number)size);
     return 2;
 }

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arena.h"
 #include "ioloop.h"
 #include "lend.h"
 #include "pool.h"
@@ -59,6 +60,10 @@ static void unpark_io_threads(void)
  * child's (their threads did not come along). */
 static void forget_parents_pools(void)
 {
+    /* Their regions' pages must go when those pools go, not when this
+     * spawner does. */
+    for (pz_pool *q = running_pools; q; q = q->next_running)
+        pz_arena_unmap(q->arena);
     running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
     running_pools = NULL;
 }
@@ -148,8 +153,11 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
         *err = "cannot map memory shared with the workers";
         goto fail;
     }
+    /* Without it every string goes inline: a pool works without. */
+    if (!launch)
+        p->arena = pz_arena_new(2 * nslots);
     park_io_threads();
-    pz_spawner_config sc = {p->shared, setup, forget_parents_pools, opt->kill_leftovers,
+    pz_spawner_config sc = {p->shared, p->arena, setup, forget_parents_pools, opt->kill_leftovers,
                             (char *const *const *)p->launch};
     int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
     unpark_io_threads();
@@ -290,8 +298,16 @@ void pz_pool_consume(pz_pool *p, const pz_frame *f)
         size_t avail;
         unbox(p, pz_spsc_peek(&p->done, &avail)); /* f's record: the first */
     }
-    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
+    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR) {
         p->drained++;
+        if (p->arena) {
+            pz_arena_release_call(p->arena, f->id);
+            if (p->arena->reader.last_end)
+                pz_arena_release_ring(p->arena, p->shared, p->arena->reader.last_end);
+        }
+    }
+    if (p->arena)
+        p->arena->reader.last_end = 0;
     pz_spsc_consume(&p->done, f->size);
     p->consumed += f->size;
     if (p->consumed >= PZ_BACKLOG_WAKE / 4)
@@ -529,6 +545,7 @@ void pz_pool_free(pz_pool *p)
     pz_pool_free_launch(p->launch, p->nslots);
     if (p->shared)
         munmap(p->shared, shared_size(p->nslots));
+    pz_arena_free(p->arena);
     if (p->fatal_owned)
         free((char *)p->fatal_reason);
     free(p);

@@ -109,6 +109,10 @@ typedef struct pz_pool {
                                * forked worker; NULL when no slot has one */
     struct pz_slot_shared *shared; /* per worker record (io.h), mapped shared
                                     * with the workers */
+    struct pz_arena *arena;   /* big strings shared with the workers (arena.h),
+                               * or NULL (remote slots, or the region could
+                               * not be mapped); its calls area and reader
+                               * are the main thread's */
     int io_wake_fd;           /* eventfd: main -> io */
     int main_wake_fd;         /* eventfd: io -> main */
     int spawner_fd;
@@ -195,7 +199,9 @@ uint64_t pz_pool_commit_call(pz_pool *p, size_t len, uint8_t tag, uint32_t timeo
  * records meanwhile. */
 int pz_pool_peek_record(pz_pool *p, pz_frame *f);
 
-/* Main thread: drops the record that pz_pool_peek_record returned. */
+/* Main thread: drops the record that pz_pool_peek_record returned.  A
+ * call's RESULT or ERROR record frees the call's big strings in the arena,
+ * and the ring block its decode read last (arena.h): decode it first. */
 void pz_pool_consume(pz_pool *p, const pz_frame *f);
 
 /* Main thread: calls queued so far, and how many of them have had their

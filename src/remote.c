@@ -71,7 +71,7 @@ static _Noreturn void become_worker(int in, int out, int sigfd, pid_t supervisor
         fail("cannot prepare the worker process");
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != supervisor)
         _exit(1);
-    pz_worker_main(in, out, 0, &unread, pz_preload, 1);
+    pz_worker_main(in, out, 0, &unread, NULL, 0, pz_preload, 1);
 }
 
 /* The exit status that reports how the worker ended (see the top). */

@@ -165,7 +165,8 @@ static void become_worker(spawner *s, int fd, int record, int slot, pid_t spawne
     if (fcntl(WORKER_FD, F_SETFD, FD_CLOEXEC) != 0)
         _exit(1);
     bind_to_parent(spawner_pid, SIGKILL);
-    pz_worker_main(WORKER_FD, WORKER_FD, slot, &s->config.shared[record], s->config.setup, 0);
+    pz_worker_main(WORKER_FD, WORKER_FD, slot, &s->config.shared[record], s->config.arena, record,
+                   s->config.setup, 0);
 }
 
 /* ssh makes its stdin, stdout and stderr non-blocking when they are not

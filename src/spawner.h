@@ -49,10 +49,12 @@ typedef struct pz_spawn_msg {
 } pz_spawn_msg;
 
 struct pz_slot_shared;
+struct pz_arena;
 struct lua_State;
 
 typedef struct pz_spawner_config {
     struct pz_slot_shared *shared;      /* the pool's, one per slot: workers write it */
+    const struct pz_arena *arena;       /* the pool's shared strings (arena.h), or NULL */
     void (*setup)(struct lua_State *L); /* prepares each worker's Lua state */
     void (*in_child)(void);             /* runs in the spawner right after the fork */
     int kill_leftovers;                 /* each worker leads a process group, killed

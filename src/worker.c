@@ -29,6 +29,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "arena.h"
 #include "buf.h"
 #include "chunk.h"
 #include "codec.h"
@@ -77,6 +78,10 @@ static struct {
     pz_slot_shared *shared; /* where the running call's id is published */
     pz_spin spin;        /* how reads poll before they block */
     pz_buf scratch;      /* an error value being encoded */
+    pz_arena_reader arena_in;   /* the pool's shared strings (arena.h) */
+    pz_arena_reader *reader;    /* &arena_in, or NULL without them */
+    pz_ring_writer ring;        /* this worker's results' big strings */
+    pz_arena_writer *writer;    /* &ring.w, or NULL */
     int kill_leftovers;  /* kill the own process group before leaving */
 } W;
 
@@ -209,7 +214,7 @@ static int run_call(lua_State *L)
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
     int handler = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
-    int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS);
+    int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS, W.reader);
     int rc = 0;
     if (W.call.flags & PZ_CALL_CHUNK)
         pz_chunk_run(L, handler, nargs); /* its items' errors are in its answer */
@@ -240,14 +245,20 @@ static int run_call(lua_State *L)
         return luaL_error(L, "out of memory");
     out->len += PZ_FRAME_HEADER;
     out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
-    /* A chunk's results are encoded apart, as their own calls' would be. */
+    /* A chunk's results are encoded apart, as their own calls' would be.
+     * Big strings placed in the ring count toward max_message as if they
+     * were inline; a result refused leaves its blocks for the parent's
+     * tail to pass. */
+    if (W.writer)
+        W.writer->placed = 0;
     pz_encode_tuple(L, handler + 1, nres, out, "result",
-                    W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0);
+                    W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0, W.writer);
     size_t len = out->len - start - PZ_FRAME_HEADER;
-    if (len > W.max_message) {
+    size_t size = len + (W.writer ? W.writer->placed : 0);
+    if (size > W.max_message) {
         out->len = start;
         lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
-                        (double)len, (double)W.max_message);
+                        (double)size, (double)W.max_message);
         put_error_message(id, ns, lua_tostring(L, -1));
         return 0;
     }
@@ -547,7 +558,7 @@ static int build_executor(lua_State *L)
     /* stack: on_error, kind; the spec is decoded only now that
      * package.path is set, since decoding it may require modules. */
     pz_decode_value(L, spec, speclen, PZ_DECODE_FUNCTIONS);
-    int nargs = pz_decode_tuple(L, args, argslen, PZ_DECODE_FUNCTIONS);
+    int nargs = pz_decode_tuple(L, args, argslen, PZ_DECODE_FUNCTIONS, NULL);
     int base = lua_gettop(L) - nargs; /* the spec's index */
     lua_createtable(L, nargs, 1);
     for (int i = 1; i <= nargs; i++) {
@@ -684,7 +695,8 @@ static void initialize(lua_State *L)
 }
 
 _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
-                              void (*setup)(lua_State *L), int remote)
+                              const pz_arena *arena, int record, void (*setup)(lua_State *L),
+                              int remote)
 {
     /* A worker of a pool made inside a worker inherits that worker's state
      * through two forks: start from nothing (the inherited buffers are
@@ -697,6 +709,11 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     pz_wout_init(out_fd);
     W.slot = slot;
     W.shared = shared;
+    if (arena) {
+        W.arena_in = (pz_arena_reader){arena->base, arena->size, 0, 0};
+        W.reader = &W.arena_in;
+        W.writer = pz_ring_writer_init(&W.ring, arena, record, shared);
+    }
     W.exec_ref = LUA_NOREF;
     W.max_message = UINT32_MAX - PZ_FRAME_SLACK; /* until INIT says otherwise */
     /* Output of many workers interleaves line by line, as a user expects. */

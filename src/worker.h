@@ -18,14 +18,19 @@
  * process), for its timeout; the worker stores it before `running`, so a
  * reader that sees a call's id sees that call's start or a later one,
  * never an earlier one.  Padded to a cache line so that workers do not
- * slow each other down. */
+ * slow each other down.  ring_head and ring_tail belong to arena.h. */
 typedef struct pz_slot_shared {
     _Atomic uint64_t running;
     _Atomic int64_t started;
-    char pad[48];
+    /* The record's ring of big results (arena.h): bytes written round it by
+     * its workers, and bytes the parent has read. */
+    _Atomic uint64_t ring_head; /* written by the record's worker */
+    _Atomic uint64_t ring_tail; /* written by the parent's main thread */
+    char pad[32];
 } pz_slot_shared;
 
 struct lua_State;
+struct pz_arena;
 
 /* Gives a new worker process its signal dispositions: every signal's
  * default, an empty mask, and SIGINT and SIGQUIT caught by a handler that
@@ -40,8 +45,11 @@ int pz_worker_signals(void);
  * executor, then serves CALL frames until STOP or end of file, answering
  * on out_fd.  A local worker has one socket for both (in_fd == out_fd)
  * and publishes its running call in `shared`; a remote one (`remote`, see
- * worker.c) has two pipes and a `shared` nobody reads.  Never returns. */
+ * worker.c) has two pipes and a `shared` nobody reads.  `arena` (NULL for
+ * none) holds the pool's shared strings; the worker writes its results' big
+ * strings into ring `record` (arena.h).  Never returns. */
 _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
+                              const struct pz_arena *arena, int record,
                               void (*setup)(struct lua_State *L), int remote);
 
 #endif

@@ -753,6 +753,7 @@ function methods.stats(p)
     rate = s.elapsed > 0 and s.done / s.elapsed or 0,
     recent_rate = recent_rate(s.samples),
     workers = s.workers,
+    shared = s.shared,
   }
 end
 

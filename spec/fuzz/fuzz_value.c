@@ -62,14 +62,24 @@ static int value_round_trip(lua_State *L1)
     return 0;
 }
 
+/* A stand-in for a pool's shared memory (arena.h): shared strings in the
+ * input must lie inside it, or fail to decode, never read past it. */
+static char region[4096];
+
 static int tuple_round_trip(lua_State *L1)
 {
-    int n = pz_decode_tuple(L1, in_data, in_size, 0);
+    pz_arena_reader reader = {region, sizeof region, 0};
+    int n = pz_decode_tuple(L1, in_data, in_size, 0, &reader);
+    if (reader.last_end > sizeof region) {
+        fprintf(stderr, "a shared string ends at %llu, past the region\n",
+                (unsigned long long)reader.last_end);
+        abort();
+    }
     stage = DECODED;
     out.len = 0;
     int first = lua_gettop(L1) - n + 1;
-    pz_encode_tuple(L1, first, n, &out, "args", 0);
-    if (pz_decode_tuple(L1, out.data, out.len, 0) != n) {
+    pz_encode_tuple(L1, first, n, &out, "args", 0, NULL);
+    if (pz_decode_tuple(L1, out.data, out.len, 0, NULL) != n) {
         fprintf(stderr, "tuple of %d values re-decoded to another count\n", n);
         abort();
     }
@@ -79,8 +89,8 @@ static int tuple_round_trip(lua_State *L1)
      * the ones the decoder gives. */
     lua_settop(L1, first + n - 1);
     out.len = 0;
-    pz_encode_tuple(L1, first, n, &out, "args", PZ_ENCODE_APART);
-    if (pz_decode_tuple(L1, out.data, out.len, 0) != n) {
+    pz_encode_tuple(L1, first, n, &out, "args", PZ_ENCODE_APART, NULL);
+    if (pz_decode_tuple(L1, out.data, out.len, 0, NULL) != n) {
         fprintf(stderr, "tuple of %d values, encoded apart, re-decoded to another count\n", n);
         abort();
     }
@@ -99,9 +109,9 @@ static int into_round_trip(lua_State *L1)
     size_t offset = in_size % 7;
     lua_newtable(L1);
     int into = lua_gettop(L1);
-    int n = pz_decode_tuple_into(L1, in_data, in_size, 0, into, offset);
+    int n = pz_decode_tuple_into(L1, in_data, in_size, 0, into, offset, NULL);
     stage = DECODED;
-    int m = pz_decode_tuple(L1, in_data, in_size, 0);
+    int m = pz_decode_tuple(L1, in_data, in_size, 0, NULL);
     if (m != n)
         into_disagrees("value count");
     int t = lua_gettop(L1) - m + 1;

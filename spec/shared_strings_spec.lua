@@ -1,0 +1,189 @@
+-- Big strings (64 KiB and more) between the parent and forked workers
+-- through the memory the pool shares with them (src/arena.h): the bytes
+-- arrive exactly, whatever happens to the call, and p:stats().shared shows
+-- which way they went.
+local parallelize = require "parallelize"
+local support = require "spec.support"
+
+local Parallelize = parallelize.Parallelize
+
+local KIB = 1024
+
+-- A string of n bytes that differs from every other (i) in many places.
+local function text(i, n)
+  local head = ("<%d>"):format(i)
+  local unit = string.char(65 + i % 26, 97 + i % 23, 48 + i % 10)
+  return head .. string.rep(unit, math.floor((n - 2 * #head) / 3)) .. head
+end
+
+describe("big strings through shared memory", function()
+  it("carry each call's arguments and results exactly, many times the region's size over",
+    function()
+      local p = Parallelize(function(s, i)
+        return s:reverse(), { s = s, n = #s, i = i }, s:sub(1, 8)
+      end, { workers = 2 })
+      finally(function() p:stop() end)
+      -- 360 calls of 300 KiB: 105 MiB each way, past the 64 MiB of the
+      -- calls' area, so its blocks are freed and used again.
+      local n, size, want = 360, 300 * KIB, {}
+      for i = 1, n do
+        want[i] = text(i, size)
+        p(want[i], i)
+      end
+      for i = 1, n do
+        local ok, reversed, t, head = p:result(i)
+        assert.is_true(ok)
+        assert.are.equal(want[i]:reverse(), reversed)
+        assert.are.equal(want[i], t.s)
+        assert.are.same({ #want[i], i }, { t.n, t.i })
+        assert.are.equal(want[i]:sub(1, 8), head)
+      end
+      local shared = p:stats().shared
+      local bytes = 0
+      for i = 1, n do bytes = bytes + #want[i] end
+      -- Every argument went through shared memory (p(s) waits for room
+      -- there); results too while their worker's ring had room (this loop
+      -- drains only when it waits), the rest inline.
+      assert.are.equal(bytes, shared.sent)
+      assert.is_true(shared.received > 16 * 1024 * KIB and shared.received <= 2 * bytes,
+        "received " .. shared.received)
+    end)
+
+  it("leave smaller strings, and tables' strings going out, inline", function()
+    local p = Parallelize(function(x) return x end, { workers = 1 })
+    finally(function() p:stop() end)
+    local small = string.rep("a", 64 * KIB - 1)
+    p(small)
+    p({ string.rep("b", 100 * KIB) })
+    p:wait()
+    assert.are.equal(small, select(2, p:result(1)))
+    assert.are.equal(100 * KIB, #select(2, p:result(2))[1])
+    -- The table's string came back through the worker's ring, not out.
+    assert.are.same({ sent = 0, received = 100 * KIB }, p:stats().shared)
+  end)
+
+  it("carry a map's items and results, round the workers' rings many times", function()
+    -- 400 items of 200 KiB: 80 MiB each way, five times what the rings of
+    -- two workers hold; the map drains as results come, so none waits.
+    local list, bytes = {}, 0
+    for i = 1, 400 do
+      list[i] = text(i, 200 * KIB + i)
+      bytes = bytes + #list[i]
+    end
+    local p = Parallelize(function(s) return s:upper() end, { workers = 2 })
+    finally(function() p:stop() end)
+    local out = p:map(list)
+    for i = 1, 400 do assert.are.equal(list[i]:upper(), out[i]) end
+    assert.are.same({ sent = bytes, received = bytes }, p:stats().shared)
+  end)
+
+  it("keep a call's arguments for the call that runs again after its worker died", function()
+    local marks = support.tmpdir()
+    finally(function() support.rmdir(marks) end)
+    local p = Parallelize(function(s, i, dir)
+      local mark = dir .. "/" .. i
+      local f = io.open(mark, "r")
+      if not f then
+        -- the first attempt of every third call kills its worker
+        if i % 3 == 0 then
+          assert(io.open(mark, "w")):close()
+          local ffi = require "ffi"
+          pcall(ffi.cdef, "int kill(int, int); int getpid(void);")
+          ffi.C.kill(ffi.C.getpid(), 9)
+        end
+      else
+        f:close()
+      end
+      return #s, s:sub(-12)
+    end, { workers = 2, max_deaths = 2 })
+    finally(function() p:stop() end)
+    local want = {}
+    for i = 1, 30 do
+      want[i] = text(i, 200 * KIB)
+      p(want[i], i, marks)
+    end
+    for i = 1, 30 do
+      local ok, n, tail = p:result(i)
+      assert.is_true(ok, tostring(n))
+      assert.are.same({ #want[i], want[i]:sub(-12) }, { n, tail })
+    end
+    assert.are.equal(10, p:stats().deaths)
+  end)
+
+  it("come back in errors' arguments and in what stop aborts", function()
+    local p = Parallelize(function(s) error("no thanks: " .. #s) end, { workers = 2 })
+    finally(function() p:stop() end)
+    local big = text(1, 150 * KIB)
+    p(big)
+    p:wait()
+    local err = p.errors[1]
+    assert.are.equal(big, err.args[1])
+    assert.matches("no thanks: " .. #big, err.message, 1, true)
+
+    local q = Parallelize(function(s, dt)
+      require("parallelize").sleep(dt)
+      return #s
+    end, { workers = 1 })
+    local want = {}
+    for i = 1, 6 do
+      want[i] = text(i, 120 * KIB)
+      q(want[i], 0.3)
+    end
+    local aborted = q:stop(0)
+    assert.is_true(#aborted >= 4)
+    for _, call in ipairs(aborted) do assert.are.equal(want[call.id], call[1]) end
+  end)
+
+  it("count toward max_message", function()
+    local p = Parallelize(function(n) return string.rep("r", n) end,
+      { workers = 1, max_message = 100 * KIB })
+    finally(function() p:stop() end)
+    -- (a few bytes above the string: the count, the tag, where it is)
+    local ok, err = pcall(p, string.rep("x", 200 * KIB))
+    assert.is_false(ok)
+    assert.matches("cannot queue the call: its arguments are 2048%d%d bytes encoded, "
+      .. "above max_message %(102400%)", err)
+    local id = p(200 * KIB)
+    p:wait()
+    assert.matches("the result of call " .. id .. " is 2048%d%d bytes, above max_message %(102400%)",
+      select(2, p:result(id)).message)
+    assert.are.same({ sent = 0, received = 0 }, p:stats().shared)
+  end)
+
+  it("make p(s) wait for room rather than go inline", function()
+    local p = Parallelize(function(s) return #s end, { workers = 2 })
+    finally(function() p:stop() end)
+    -- 200 MiB of arguments through a 64 MiB area, none held by the script.
+    local s = string.rep("w", 1024 * KIB)
+    for _ = 1, 200 do p(s) end
+    p:wait()
+    assert.are.equal(200, #p.results)
+    assert.are.equal(200 * 1024 * KIB, p:stats().shared.sent)
+  end)
+
+  it("work in a pool made inside a worker", function()
+    local out = parallelize.map(function(i)
+      local P = require "parallelize"
+      local inner = P.Parallelize(function(s) return s .. s end, { workers = 1 })
+      local s = string.rep(string.char(64 + i), 80 * 1024)
+      inner(s)
+      inner:wait()
+      local r = inner.results[1]
+      local sent = inner:stats().shared.sent
+      inner:stop()
+      return #r .. ":" .. r:sub(1, 1) .. ":" .. sent
+    end, { 1, 2, 3 }, { workers = 2 })
+    assert.are.same({ "163840:A:81920", "163840:B:81920", "163840:C:81920" }, out)
+  end)
+
+  it("are not used by workers behind a launcher", function()
+    local p = Parallelize(function(s) return s:upper() end,
+      { workers = 1, launcher = function() return { support.pzlua(), "--worker" } end })
+    finally(function() p:stop() end)
+    local s = text(7, 300 * KIB)
+    p(s)
+    p:wait()
+    assert.are.equal(s:upper(), p.results[1])
+    assert.are.same({ sent = 0, received = 0 }, p:stats().shared)
+  end)
+end)
