@@ -40,6 +40,8 @@ typedef struct lpool {
     int nslots;
     double calls;      /* after stop: calls queued in all */
     double drained;    /* after stop: calls with a result or an error */
+    lua_Hook hook_seen; /* the debug hook when a wait last returned: another
+                         * one later means a signal's handler set it (lpool.c) */
 } lpool;
 
 /* Moves every published record into the pool's store or its claims (see
