@@ -195,6 +195,37 @@ describe("retries", function()
       assert.is_true(a.pid > 0)
     end
   end)
+
+  it("names each attempt's worker pid, even when the worker answers before its fork is reported", function()
+    -- A worker can initialize and answer before the I/O thread has read the
+    -- spawner's report of its fork (the spawner is slow to return from
+    -- fork on a busy machine). Many short pools make that happen: about one
+    -- pool in fifty on two CPUs. Both the attempts and p:stats() must name
+    -- the pid the worker itself reported (p.pids) all the same.
+    local failing = function(x) error("attempt failed for " .. x, 0) end
+    local t0, pools = core.now(), 0
+    while core.now() - t0 < 2 and pools < 1000 do
+      pools = pools + 1
+      local p = Parallelize(failing, { workers = 4, retries = 2 })
+      local ok, err = pcall(function()
+        local id = p("x") -- queued before any worker is ready: answered at once
+        local _ = p.executors -- every worker has initialized
+        local pids = p.pids
+        for i, w in ipairs(p:stats().workers) do
+          assert(w.pid == pids[i], ("pool %d: stats names pid %d for worker %d, pid %s"):format(
+            pools, w.pid, i, tostring(pids[i])))
+        end
+        local _, e = p:result(id)
+        assert(#e.attempts == 3, "pool " .. pools .. ": " .. #e.attempts .. " attempts")
+        for n, a in ipairs(e.attempts) do
+          assert(a.pid == pids[a.worker], ("pool %d: attempt %d names pid %d for worker %d, pid %s"):format(
+            pools, n, a.pid, a.worker, tostring(pids[a.worker])))
+        end
+      end)
+      p:stop()
+      assert(ok, err)
+    end
+  end)
 end)
 
 describe("max_calls", function()

@@ -144,6 +144,57 @@ for _, interp in ipairs(interpreters) do
       assert.is_true(all_gone({ pid }, 10))
     end)
 
+    it("a Ctrl-C handled while wait drains records interrupts it", function()
+      -- A result names a module the parent has not loaded: wait's drain
+      -- requires it there, and the module's last act is to raise SIGINT.
+      -- The handler sets its hook, which cannot fire before wait returns;
+      -- wait must see it and return, not sleep until the 10 s call ends.
+      support.write(dir .. "/raises_sigint.lua", [[
+        local M = {}
+        package.loaded[...] = M
+        if rawget(_G, "RAISE_SIGINT_ON_LOAD") then
+          local ffi = require "ffi"
+          ffi.cdef "void raise(int sig);"
+          -- A tail call to a void C function: no Lua instruction runs
+          -- after the signal (the hook would fire there, inside the drain),
+          -- and require keeps M.
+          return ffi.C.raise(2)
+        end
+      ]])
+      local out
+      pid, out = start(dir, interp, ([[
+        package.path = %q .. "/?.lua;" .. package.path
+        local parallelize = require "parallelize"
+        local core = require "parallelize.core"
+        local p = parallelize.Parallelize(function(what)
+          if what == "long" then parallelize.sleep(10) return end
+          return require("raises_sigint")
+        end, { workers = 2 })
+        local _ = p.executors
+        RAISE_SIGINT_ON_LOAD = true
+        local started = core.now()
+        local ok, err = pcall(function()
+          p("long")
+          p("module")
+          -- Its result published, not drained (core.pool_stats does not
+          -- drain): p:wait drains it first thing.
+          while core.pool_stats(p).done < 1 do core.sleep(0.01) end
+          return p:wait()
+        end)
+        print(("caught after %%f %%s %%s %%s"):format(core.now() - started, tostring(ok), tostring(err),
+          type(package.loaded.raises_sigint)))
+        p:stop(0)
+        print("stopped")
+      ]]):format(dir))
+      local after, ok, err, loaded = await(out, "caught after ([%d.]+) (%a+) (.-) (%a+)\n")
+      assert.are.equal("false", ok)
+      assert.matches("interrupted!", err, 1, true)
+      assert.are.equal("table", loaded) -- the drain loaded the module
+      assert.is_true(tonumber(after) < 5, "the interrupt took " .. after .. " s")
+      await(out, "stopped\n", 10)
+      assert.is_true(all_gone({ pid }, 10))
+    end)
+
     it("interrupts p.executors while constructors run", function()
       local out
       pid, out = start(dir, interp, [[

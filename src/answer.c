@@ -200,6 +200,14 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
         if (pz_io_record(io, PZ_F_INIT_OK, 0, (uint64_t)w->slot, parts, 2) != 0)
             return;
+        /* A local worker's INIT_OK carries its getpid() (worker.c), and can
+         * be read before the spawner's report of the fork: a worker that
+         * answers calls at once would be named pid 0 in attempts, stats and
+         * messages until then.  Only for naming it: signals and the match
+         * with its end wait for the report (spawnq.c).  A remote slot's pid
+         * is its launcher's, which only the spawner knows. */
+        if (!w->remote && !w->pid_reported && f->id > 0 && f->id <= INT32_MAX)
+            w->pid = (pid_t)f->id;
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
             w->state = SLOT_READY;

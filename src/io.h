@@ -61,7 +61,11 @@ typedef struct pz_slot {
     int slot;            /* the pool's slot, 0-based; users see slot + 1 */
     enum pz_slot_state state;
     int fd;              /* socket, -1 when closed */
-    pid_t pid;           /* 0 until the spawner reports it */
+    pid_t pid;           /* 0 until known: from the spawner's report, or
+                          * from a local worker's INIT_OK (its getpid), which
+                          * may come first (answer.c) */
+    int pid_reported;    /* the spawner reported pid: only then is it
+                          * signalled or matched with an end (spawnq.c) */
     int alive;           /* a process exists (or is being forked) */
     int exited;          /* the spawner reported its end */
     uint32_t gen;        /* bumped at each start: tells stale events apart */

@@ -308,8 +308,9 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
     memcpy(st->sample_done, io->sample_done, sizeof st->sample_done);
     memcpy(st->slots, io->slot_stats, (size_t)io->p->nslots * sizeof *st->slots);
     /* The pid of each slot's worker: the one taking calls, else the one
-     * retiring or starting (the spawner may report a pid after the worker
-     * has answered INIT, so it is looked up now). */
+     * retiring or starting, looked up now since it may be learnt late (a
+     * local worker's from its INIT_OK or the spawner's report, whichever
+     * comes first; a remote slot's launcher's from the report only). */
     for (int pass = 0; pass < 2; pass++)
         for (int i = 0; i < io->nrecords; i++) {
             const pz_slot *w = &io->slots[i];

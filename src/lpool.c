@@ -258,6 +258,38 @@ static int l_pool_drain(lua_State *L)
     return 0;
 }
 
+/* A wait must not sleep through a signal whose handler ran while it
+ * drained records, or in the instant before its sleep blocked signals:
+ * Ctrl-C's handler (pzlua's, luajit's) sets a debug hook that fires only
+ * once the wait returns.  So a wait ends, with "interrupted", when the hook
+ * is not the one the last wait on the pool returned with.  That one, not
+ * the hook as this wait begins: a signal can come between the interpreter's
+ * last look at the hook and this function's first line.  A hook the user
+ * set between two waits costs one return to the Lua loop, which waits
+ * again. */
+typedef struct hook_watch {
+    lua_State *L;
+    lua_Hook seen;
+} hook_watch;
+
+/* pz_signalled's check: the hook has changed. */
+static int hook_changed(void *ud)
+{
+    const hook_watch *h = ud;
+    return lua_gethook(h->L) != h->seen;
+}
+
+/* Ends a wait with status: drains what came meanwhile, and notes the hook
+ * it returns with (hook_watch). */
+static int wait_returns(lua_State *L, lpool *u, const char *status, int drain)
+{
+    if (drain)
+        pz_lrecords_drain(L, u, 1);
+    u->hook_seen = lua_gethook(L);
+    lua_pushstring(L, status);
+    return 1;
+}
+
 /* core.pool_wait(pool, what [, timeout [, finished [, pending_below]]])
  * -> status.  what: "calls" (every queued call finished), "init" (every
  * worker initialized or given up) or "progress" (at least `finished` calls
@@ -280,6 +312,8 @@ static int l_pool_wait(lua_State *L)
         finished = (uint64_t)luaL_checknumber(L, 4);
     if (what == 2 && !lua_isnoneornil(L, 5))
         below = (uint64_t)luaL_checknumber(L, 5);
+    hook_watch watch = {L, u->hook_seen};
+    const pz_signalled signalled = {hook_changed, &watch};
     for (;;) {
         if (what == 0) /* Lua that ran while draining may have queued more */
             finished = pz_pool_calls(p);
@@ -290,35 +324,28 @@ static int l_pool_wait(lua_State *L)
         int done = what == 1   ? settled >= u->nslots
                    : what == 3 ? pz_lpool_has_room(u)
                                : pz_pool_finished(p) >= finished || pz_pool_pending(p) < below;
-        if (done) {
-            lua_pushliteral(L, "done");
-            return 1;
-        }
+        if (done)
+            return wait_returns(L, u, "done", 0);
         int r;
         if (what == 1) {
-            r = pz_pool_sleep(p, PZ_WAIT_INIT, PZ_NEVER, PZ_NEVER, deadline);
+            r = pz_pool_sleep(p, PZ_WAIT_INIT, PZ_NEVER, PZ_NEVER, deadline, &signalled);
         } else if (what == 3) {
             /* Room comes as calls are taken: one more is the least; room in
-             * the arena, as the records of calls holding it come. */
-            uint64_t drained_to = pz_lpool_arena_full(u) ? pz_pool_published(p) + 1 : PZ_NEVER;
+             * the arena, as the records of calls holding it come: one more
+             * than were drained (published meanwhile, it is there now). */
+            uint64_t drained_to = pz_lpool_arena_full(u) ? pz_pool_finished(p) + 1 : PZ_NEVER;
             r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, drained_to, atomic_load(&p->calls_taken) + 1,
-                              deadline);
+                              deadline, &signalled);
         } else {
             /* Fewer than `below` pending once next_id - below calls are taken. */
             uint64_t queued = pz_pool_calls(p);
             uint64_t taken = below == 0 ? PZ_NEVER : queued + 1 > below ? queued + 1 - below : 0;
-            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, finished, taken, deadline);
+            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, finished, taken, deadline, &signalled);
         }
-        if (r == PZ_WAIT_FATAL || r == PZ_WAIT_HALTED) {
-            pz_lrecords_drain(L, u, 1);
-            lua_pushstring(L, r == PZ_WAIT_FATAL ? "fatal" : "halted");
-            return 1;
-        }
-        if (r == PZ_WAIT_INTERRUPTED || r == PZ_WAIT_TIMEOUT) {
-            pz_lrecords_drain(L, u, 1);
-            lua_pushstring(L, r == PZ_WAIT_TIMEOUT ? "timeout" : "interrupted");
-            return 1;
-        }
+        if (r == PZ_WAIT_FATAL || r == PZ_WAIT_HALTED)
+            return wait_returns(L, u, r == PZ_WAIT_FATAL ? "fatal" : "halted", 1);
+        if (r == PZ_WAIT_INTERRUPTED || r == PZ_WAIT_TIMEOUT)
+            return wait_returns(L, u, r == PZ_WAIT_TIMEOUT ? "timeout" : "interrupted", 1);
     }
 }
 

@@ -46,6 +46,8 @@ typedef struct lpool {
     pz_calls_writer open_writer; /* the arena blocks of the p(...) of scalars
                         * being encoded: one a raise left open is given back
                         * by the next (lsubmit.c) */
+    lua_Hook hook_seen; /* the debug hook when a wait last returned: another
+                         * one later means a signal's handler set it (lpool.c) */
 } lpool;
 
 /* Moves every published record into the pool's store or its claims (see

@@ -350,15 +350,10 @@ static int condition(pz_pool *p, int kind)
 }
 
 /* Polls for what `kind` waits for until the spin deadline `until`, with
- * every signal blocked so that one arriving meanwhile stays pending for the
- * sleep that follows (which then sees it) instead of being lost.  Returns
- * PZ_WAITED when the wait is over, or -1 to sleep, with the signal mask to
- * sleep with in *old. */
-static int poll_briefly(pz_pool *p, int kind, int64_t until, sigset_t *old)
+ * every signal blocked by the caller (sleep_until).  Returns PZ_WAITED
+ * when the wait is over, or -1 to sleep. */
+static int poll_briefly(pz_pool *p, int kind, int64_t until)
 {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, old);
     do {
         if (lent_ready(p)) {
             /* Answers read here are published without waking this
@@ -367,70 +362,90 @@ static int poll_briefly(pz_pool *p, int kind, int64_t until, sigset_t *old)
             p->lent_fd = pz_lend_collect(p->io, 1);
             atomic_store(&p->main_waiting, kind);
         }
-        if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE) {
-            pthread_sigmask(SIG_SETMASK, old, NULL);
+        if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE)
             return PZ_WAITED;
-        }
         sched_yield();
     } while (pz_now_ns() < until);
     return -1;
 }
 
+/* A wait is over: the signal mask it changed (old, when not NULL) is put
+ * back, and the I/O thread no longer wakes this thread. */
+static void end_wait(pz_pool *p, const sigset_t *old)
+{
+    /* pthread_sigmask fails only for an invalid `how`. */
+    if (old)
+        pthread_sigmask(SIG_SETMASK, old, NULL);
+    atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+}
+
 /* Sleeps until the I/O thread says the condition holds, the deadline
- * (absolute, pz_now_ns; -1: none) passes, or, when `interruptible`, a signal
- * arrives.  Waits for calls or initialization also end when enough records
- * have piled up that the main thread should drain them.  Waits for calls
- * poll first while they are usually short (spin.h). */
-static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible)
+ * (absolute, pz_now_ns; -1: none) passes, or, when `signalled` is given, a
+ * signal arrives.  Waits for calls or initialization also end when enough
+ * records have piled up that the main thread should drain them.  Waits for
+ * calls poll first while they are usually short (spin.h).
+ *
+ * A signal must not be lost between the caller's last look and the sleep:
+ * its handler would have run (Ctrl-C's sets a Lua hook, which fires only
+ * once the wait returns), and the sleep would last until its condition came
+ * true, hours perhaps.  So every signal is blocked before the last look,
+ * and ppoll unblocks them for the sleep itself: one arriving after the
+ * block interrupts the sleep at once.  One that arrived before it (while
+ * the caller drained records, say) has left its mark, which `signalled`
+ * sees: the sleep is not begun. */
+static int sleep_until(pz_pool *p, int kind, int64_t deadline, const pz_signalled *signalled)
 {
     atomic_store(&p->main_waiting, kind);
     if (condition(p, kind) ||
         (kind != PZ_WAIT_EXIT && atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE)) {
-        atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+        end_wait(p, NULL);
         return PZ_WAITED;
     }
+    sigset_t all, old, *mask = NULL;
+    if (signalled) {
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        mask = &old;
+        if (signalled->check(signalled->ud)) {
+            end_wait(p, mask);
+            return PZ_WAIT_INTERRUPTED;
+        }
+    }
     int64_t start = pz_now_ns(), spin_until = 0;
-    if (kind == PZ_WAIT_PROGRESS && interruptible) {
+    if (kind == PZ_WAIT_PROGRESS && signalled) {
         spin_until = pz_spin_until(&p->spin, start);
         if (deadline >= 0 && spin_until > deadline)
             spin_until = deadline;
     }
-    sigset_t old;
-    if (spin_until > start && poll_briefly(p, kind, spin_until, &old) == PZ_WAITED) {
-        atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-        pz_spin_note(&p->spin, pz_now_ns() - start);
-        return PZ_WAITED;
-    }
-    struct timespec ts, *tsp = NULL;
-    if (deadline >= 0) {
-        int64_t left = deadline - pz_now_ns();
-        if (left <= 0) {
-            if (spin_until > start)
-                pthread_sigmask(SIG_SETMASK, &old, NULL);
-            atomic_store(&p->main_waiting, PZ_WAIT_NONE);
-            return PZ_WAIT_TIMEOUT;
+    int r = 0, err = 0, lent = -1;
+    struct pollfd pf[2];
+    if (spin_until <= start || poll_briefly(p, kind, spin_until) != PZ_WAITED) {
+        struct timespec ts, *tsp = NULL;
+        if (deadline >= 0) {
+            int64_t left = deadline - pz_now_ns();
+            if (left <= 0) {
+                end_wait(p, mask);
+                return PZ_WAIT_TIMEOUT;
+            }
+            ts.tv_sec = (time_t)(left / 1000000000);
+            ts.tv_nsec = (long)(left % 1000000000);
+            tsp = &ts;
         }
-        ts.tv_sec = (time_t)(left / 1000000000);
-        ts.tv_nsec = (long)(left % 1000000000);
-        tsp = &ts;
+        /* A lone call's answer comes on the lent socket, if any (lend.c);
+         * whatever else happens comes on the eventfd. */
+        lent = p->lent_fd;
+        pf[0] = (struct pollfd){p->main_wake_fd, POLLIN, 0};
+        pf[1] = (struct pollfd){lent, POLLIN, 0};
+        r = ppoll(pf, lent >= 0 ? 2 : 1, tsp, mask);
+        err = errno;
     }
-    /* A lone call's answer comes on the lent socket, if any (lend.c);
-     * whatever else happens comes on the eventfd. */
-    int lent = p->lent_fd;
-    struct pollfd pf[2] = {{p->main_wake_fd, POLLIN, 0}, {lent, POLLIN, 0}};
-    /* After polling, signals are blocked: ppoll unblocks them for the sleep,
-     * so one that came while polling interrupts it at once. */
-    int r = ppoll(pf, lent >= 0 ? 2 : 1, tsp, spin_until > start ? &old : NULL);
-    int err = errno;
-    if (spin_until > start)
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-    atomic_store(&p->main_waiting, PZ_WAIT_NONE);
+    end_wait(p, mask);
     if (r > 0 && lent >= 0 && pf[1].revents)
         p->lent_fd = pz_lend_collect(p->io, 1);
     if (kind == PZ_WAIT_PROGRESS)
         pz_spin_note(&p->spin, pz_now_ns() - start);
     if (r < 0 && err == EINTR)
-        return interruptible ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
+        return signalled ? PZ_WAIT_INTERRUPTED : PZ_WAITED;
     if (r < 0) {
         /* poll on valid descriptors fails only for lack of memory: do not
          * spin, try again shortly. */
@@ -443,7 +458,7 @@ static int sleep_until(pz_pool *p, int kind, int64_t deadline, int interruptible
 }
 
 int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_target,
-                  int64_t deadline)
+                  int64_t deadline, const pz_signalled *signalled)
 {
     if (atomic_load(&p->fatal))
         return PZ_WAIT_FATAL;
@@ -453,7 +468,7 @@ int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_tar
         atomic_store(&p->main_done_target, done_target);
         atomic_store(&p->main_taken_target, taken_target);
     }
-    return sleep_until(p, kind, deadline, 1);
+    return sleep_until(p, kind, deadline, signalled);
 }
 
 /* ---- the end ----------------------------------------------------------- */
@@ -473,7 +488,7 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
         pz_wake(p->io_wake_fd, "the I/O thread");
         /* Signals do not cut this short: stop must leave nothing behind. */
         while (!atomic_load(&p->finished))
-            sleep_until(p, PZ_WAIT_EXIT, -1, 0);
+            sleep_until(p, PZ_WAIT_EXIT, -1, NULL);
         pthread_join(p->thread, NULL);
         p->thread_started = 0;
     } else if (p->spawner_fd >= 0) {

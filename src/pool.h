@@ -241,15 +241,27 @@ int pz_pool_slots_settled(pz_pool *p);
  * be started, or the I/O thread ran out of memory), or NULL. */
 const char *pz_pool_fatal(pz_pool *p);
 
+/* How a sleep learns that a signal was handled before it could block
+ * signals: check(ud), called with every signal blocked, returns nonzero
+ * when a handler has run since the caller's wait began (Ctrl-C's sets a
+ * Lua hook: lpool.c compares it with the hook the pool's last wait
+ * returned with). */
+typedef struct pz_signalled {
+    int (*check)(void *ud);
+    void *ud;
+} pz_signalled;
+
 /* Main thread: sleeps until what `kind` waits for (see PZ_WAIT_*; for
  * PROGRESS, the two targets, PZ_NEVER for none) may have come true,
  * records wait to be drained, the pool failed, the deadline (absolute,
- * pz_now_ns; -1 for none) passed or a signal interrupted the sleep.
- * Returns PZ_WAITED (check again), PZ_WAIT_FATAL, PZ_WAIT_HALTED,
- * PZ_WAIT_TIMEOUT or PZ_WAIT_INTERRUPTED.  The caller drains records and
- * checks its own condition before each call. */
+ * pz_now_ns; -1 for none) passed or a signal interrupted the sleep: one
+ * that arrives during the sleep, or one `signalled` says was handled
+ * before it (it is not begun then).  Returns PZ_WAITED (check again),
+ * PZ_WAIT_FATAL, PZ_WAIT_HALTED, PZ_WAIT_TIMEOUT or PZ_WAIT_INTERRUPTED.
+ * The caller drains records and checks its own condition before each
+ * call. */
 int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_target,
-                  int64_t deadline);
+                  int64_t deadline, const pz_signalled *signalled);
 
 /* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
  * running calls, or -1 to wait for them), then joins it and reaps the

@@ -146,6 +146,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->pending_sig = 0;
     w->fd = sv[0];
     w->pid = 0;
+    w->pid_reported = 0;
     w->alive = 1;
     w->exited = 0;
     w->kill_sent = 0;

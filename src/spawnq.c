@@ -93,16 +93,22 @@ void pz_spawnq_kill(struct pz_io *io, pz_slot *w, int sig)
 {
     if (!w->alive || w->exited)
         return;
-    if (w->pid > 0)
+    /* Only a pid the spawner reported: one learnt from the worker itself
+     * waits for the report like an unknown one. */
+    if (w->pid_reported)
         request(io, PZ_S_KILL, w, w->pid, sig, -1);
     else if (w->pending_sig != SIGKILL)
         w->pending_sig = sig;
 }
 
+/* The live record whose reported pid is pid.  A pid learnt from a worker's
+ * INIT_OK is not matched: the spawner's reports come in order, so the end
+ * of an earlier worker that had the same pid (reused) may still be unread,
+ * and would be taken for this one's. */
 static pz_slot *slot_by_pid(struct pz_io *io, pid_t pid)
 {
     for (int i = 0; i < io->nrecords; i++)
-        if (io->slots[i].alive && io->slots[i].pid == pid)
+        if (io->slots[i].alive && io->slots[i].pid_reported && io->slots[i].pid == pid)
             return &io->slots[i];
     return NULL;
 }
@@ -156,6 +162,7 @@ void pz_spawnq_read(struct pz_io *io)
         case PZ_S_SPAWNED:
             if ((w = slot_of(io, &m)) != NULL) {
                 w->pid = m.pid;
+                w->pid_reported = 1;
                 if (w->pending_sig) {
                     pz_spawnq_kill(io, w, w->pending_sig);
                     w->pending_sig = 0;
