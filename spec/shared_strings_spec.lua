@@ -161,6 +161,30 @@ describe("big strings through shared memory", function()
     assert.are.equal(200 * 1024 * KIB, p:stats().shared.sent)
   end)
 
+  it("never leave p(s) waiting on a record it already has (2 GiB, bounded in time)", function()
+    -- A wait for room in shared memory once slept for the record after
+    -- one that came in while it drained: a map of 1 MiB strings hung now
+    -- and then.  Here each p(s) and map waits for room many times over.
+    local script = [[
+      local P = require "parallelize"
+      local p = P.Parallelize(function(s) return s end, { workers = 3 })
+      local s = string.rep("m", 1024 * 1024)
+      local list = {}
+      for i = 1, 1000 do list[i] = s end
+      for _ = 1, 1000 do p(s) end
+      local out = p:map(list)
+      p:wait()
+      local ok = #p.results == 1000 and #out == 1000 and out[1000] == s and p.results[1000] == s
+      print(ok and "ok" or "wrong", ("%d"):format(p:stats().shared.sent))
+      p:stop()
+    ]]
+    local path = support.tmpdir() .. "/loop.lua"
+    finally(function() support.rmdir(path:match("(.*)/")) end)
+    support.write(path, script)
+    local out = support.run("timeout 120 " .. support.quote(support.pzlua()) .. " " .. path)
+    assert.are.equal("ok\t" .. 2000 * 1024 * 1024, out:gsub("%s+$", ""))
+  end)
+
   it("work in a pool made inside a worker", function()
     local out = parallelize.map(function(i)
       local P = require "parallelize"

@@ -64,7 +64,9 @@ typedef struct pz_arena {
     char *base;
     size_t size;
     size_t calls_size;
+    size_t calls_soft;       /* past this, blocks go round early when they can */
     size_t ring_size;
+    size_t ring_soft;
     int nrings;
     /* the main thread's: the calls area */
     uint64_t head, tail;     /* bytes taken and freed, round the area */
@@ -137,6 +139,8 @@ typedef struct pz_ring_writer {
     char *base;        /* the region */
     uint64_t offset;   /* the ring's, from base */
     size_t size;
+    size_t soft;       /* past this, blocks go round early when they can */
+    uint64_t skip_from, skip_to; /* the last bytes skipped going round */
     struct pz_slot_shared *shared; /* the record's: head and tail */
 } pz_ring_writer;
 

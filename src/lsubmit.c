@@ -201,7 +201,13 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
     pz_arena *arena = u->pool->arena;
     if (big && arena && bound > 0) {
         /* Big strings among scalars go to the arena, which has room once
-         * the records of calls holding it are drained. */
+         * the records of calls holding it are drained; those records'
+         * big results hold their workers' rings until then.  So the
+         * records in are drained first: a loop of p(s) then keeps both
+         * flowing through shared memory, its results coming in as it
+         * goes, as they do when it waits for room. */
+        if (pz_pool_published(u->pool) > pz_pool_finished(u->pool))
+            pz_lrecords_drain(L, u, 1);
         u->arena_need = big;
         wait_for_room(L, u, 1);
         u->arena_need = 0;
