@@ -68,7 +68,7 @@ static char region[4096];
 
 static int tuple_round_trip(lua_State *L1)
 {
-    pz_arena_reader reader = {region, sizeof region, 0};
+    pz_arena_reader reader = {region, sizeof region, 0, 0};
     int n = pz_decode_tuple(L1, in_data, in_size, 0, &reader);
     if (reader.last_end > sizeof region) {
         fprintf(stderr, "a shared string ends at %llu, past the region\n",

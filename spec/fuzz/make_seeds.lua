@@ -97,6 +97,11 @@ write(vdir .. "/bad_count", "\8\255\255\255\255\15\0")
 write(vdir .. "/packed_nans", "\15\4" .. le(0, 8) .. "\255\255\255\255\251\255\255\255"
   .. "\1\0\0\0\0\0\240\127" .. "\0\0\0\0\0\0\248\255")
 write(vdir .. "/packed_too_long", "\15" .. varint(2 ^ 40) .. le(0, 8))
+-- strings in a pool's shared memory (tag 0x10: offset, length), in a tuple
+-- (the harness gives tuples a 4 KiB region): inside it, and past its end
+write(vdir .. "/tuple_shared", varint(2) .. "\16" .. varint(100) .. varint(3000)
+  .. "\8\1\0\16" .. varint(4000) .. varint(96))
+write(vdir .. "/tuple_shared_past", varint(1) .. "\16" .. varint(4000) .. varint(97))
 
 -- frames --------------------------------------------------------------------
 
