@@ -139,12 +139,17 @@ static uint64_t calls_start(const pz_arena *a, size_t n)
 
 static int by_id_room(pz_arena *a);
 
-/* Room for one more call in the ring of queued calls; 0, or -1. */
+/* Room in the ring of queued calls for one more than are queued and open:
+ * writers open at once (a finalizer's p(s) while a map's chunk encodes)
+ * each took their room before either committed; 0, or -1. */
 static int queued_room(pz_arena *a)
 {
-    if (a->queued_count < a->queued_cap)
+    size_t want = a->queued_count + a->calls_open + 1;
+    if (want <= a->queued_cap)
         return 0;
     size_t cap = a->queued_cap ? 2 * a->queued_cap : BLOCKS_FIRST;
+    while (cap < want)
+        cap *= 2;
     pz_arena_queued *nq = malloc(cap * sizeof *nq);
     if (!nq)
         return -1;
