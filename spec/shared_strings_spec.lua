@@ -150,6 +150,105 @@ describe("big strings through shared memory", function()
     assert.are.same({ sent = 0, received = 0 }, p:stats().shared)
   end)
 
+  it("give a ring the blocks of a result that is not sent", function()
+    -- 16 MiB of strings fill a worker's ring (one worker: 16 MiB a ring):
+    -- once above max_message, once before a value the codec refuses.
+    -- Neither frame is sent; the results after them still use the ring.
+    local p = Parallelize(function(how, n)
+      if how == "small" then return string.rep("s", n) end
+      local t = {}
+      for i = 1, 16 do t[i] = string.rep(string.char(64 + i), 1024 * KIB) end
+      if how == "thread" then t[17] = coroutine.create(print) end
+      return unpack(t)
+    end, { workers = 1, max_message = 8 * 1024 * KIB })
+    finally(function() p:stop() end)
+    for _, how in ipairs({ "refused", "thread" }) do
+      local id = p(how)
+      p:wait()
+      local ok, err = p:result(id)
+      assert.is_false(ok)
+      assert.matches(how == "refused" and "above max_message" or "cannot encode a thread",
+        err.message)
+      local before = p:stats().shared.received
+      for _ = 1, 20 do p("small", 200 * KIB) end
+      p:wait()
+      assert.are.equal(20 * 200 * KIB, p:stats().shared.received - before)
+    end
+  end)
+
+  it("keep a ring in use after a block placed past a skip and never sent", function()
+    -- (s, {}): s is placed as a scalar, then again by the full encoder,
+    -- which the table needs; the first block went round the ring early
+    -- (past 1 MiB of it, nothing unread), and no frame names it.
+    local p = Parallelize(function(k)
+      local s = string.rep(string.char(65 + k % 26), 1024 * KIB)
+      if k == 2 then return s, {} end
+      return s
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    for k = 1, 60 do
+      p(k)
+      p:wait()
+    end
+    for k = 1, 60 do
+      assert.are.equal(string.rep(string.char(65 + k % 26), 1024 * KIB), select(2, p:result(k)))
+    end
+    -- every result came back through the ring (the tail was left a round
+    -- behind after 16 of them, and the ring then full for good)
+    assert.are.equal(60 * 1024 * KIB, p:stats().shared.received)
+  end)
+
+  it("make p:stop() raise 'busy' from a finalizer while a map's chunk encodes", function()
+    local core = require "parallelize.core"
+    local p = Parallelize(function(t) return #t[1] + t[2]() end, { workers = 2 })
+    finally(function() p:stop() end)
+    local function inside_chunk()
+      local level = 2
+      while true do
+        local info = debug.getinfo(level, "f")
+        if not info then return false end
+        if info.func == core.pool_submit_chunk then return true end
+        level = level + 1
+      end
+    end
+    local stop_ok, stop_err
+    local function arm()
+      local u = newproxy(true)
+      getmetatable(u).__gc = function()
+        if stop_ok ~= nil then return end
+        if inside_chunk() then
+          stop_ok, stop_err = pcall(p.stop, p)
+        else
+          arm()
+        end
+      end
+    end
+    local saved, saved_mul = collectgarbage("setpause", 0), collectgarbage("setstepmul", 1000)
+    finally(function()
+      collectgarbage("setpause", saved)
+      collectgarbage("setstepmul", saved_mul)
+    end)
+    -- Items hold a big string (placed in the arena first) and a function,
+    -- whose bytecode the encoder allocates: a collection step runs there.
+    local list, want = {}, {}
+    for i = 1, 100 do
+      local v = i
+      list[i] = { text(i, 100 * KIB), function() return v end }
+      want[i] = #list[i][1] + i
+    end
+    collectgarbage() -- (what earlier specs left would make the cycles long)
+    for _ = 1, 20 do
+      if stop_ok ~= nil then break end
+      for _ = 1, 4 do arm() end
+      assert.are.same(want, p:map(list))
+    end
+    collectgarbage("setpause", saved)
+    collectgarbage("setstepmul", saved_mul)
+    assert.is_false(stop_ok)
+    assert.matches("the pool is busy: p:stop%(%) called while p%(%.%.%.%) encodes", stop_err)
+    assert.is_false(p.stopped)
+  end)
+
   it("make p(s) wait for room rather than go inline", function()
     local p = Parallelize(function(s) return #s end, { workers = 2 })
     finally(function() p:stop() end)

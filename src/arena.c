@@ -139,12 +139,17 @@ static uint64_t calls_start(const pz_arena *a, size_t n)
 
 static int by_id_room(pz_arena *a);
 
-/* Room for one more call in the ring of queued calls; 0, or -1. */
+/* Room in the ring of queued calls for one more than are queued and open:
+ * writers open at once (a finalizer's p(s) while a map's chunk encodes)
+ * each took their room before either committed; 0, or -1. */
 static int queued_room(pz_arena *a)
 {
-    if (a->queued_count < a->queued_cap)
+    size_t want = a->queued_count + a->calls_open + 1;
+    if (want <= a->queued_cap)
         return 0;
     size_t cap = a->queued_cap ? 2 * a->queued_cap : BLOCKS_FIRST;
+    while (cap < want)
+        cap *= 2;
     pz_arena_queued *nq = malloc(cap * sizeof *nq);
     if (!nq)
         return -1;
@@ -363,6 +368,19 @@ pz_arena_writer *pz_ring_writer_init(pz_ring_writer *rw, const pz_arena *a, int 
     return &rw->w;
 }
 
+pz_ring_mark pz_ring_writer_mark(const pz_ring_writer *rw)
+{
+    return (pz_ring_mark){atomic_load_explicit(&rw->shared->ring_head, memory_order_relaxed),
+                          rw->skip_from, rw->skip_to};
+}
+
+void pz_ring_writer_rewind(pz_ring_writer *rw, const pz_ring_mark *mark)
+{
+    atomic_store_explicit(&rw->shared->ring_head, mark->head, memory_order_relaxed);
+    rw->skip_from = mark->skip_from;
+    rw->skip_to = mark->skip_to;
+}
+
 void pz_arena_release_ring(pz_arena *a, struct pz_slot_shared *shared, uint64_t end)
 {
     if (!a || end <= a->calls_size || end > a->size || !a->ring_size)
@@ -370,12 +388,25 @@ void pz_arena_release_ring(pz_arena *a, struct pz_slot_shared *shared, uint64_t 
     uint64_t r = (end - 1 - a->calls_size) / a->ring_size;
     if (r >= (uint64_t)a->nrings)
         return;
-    uint64_t end_pos = end - a->calls_size - r * a->ring_size; /* 1 .. ring_size */
+    uint64_t size = a->ring_size;
+    uint64_t end_pos = (end - a->calls_size - r * size) % size; /* 0 for the ring's end */
     pz_slot_shared *sh = &shared[r];
+    /* The block ends at or below the ring's head (its writer moved the head
+     * past it before it sent the frame naming it: the socket orders the
+     * two), and less than a round below: a writer places its blocks within
+     * a round of its tail, which is never past a block the parent has yet
+     * to read (ring_place; the bytes it skipped going round count as read
+     * once the parent has read every block before them).  So the block's
+     * end is the head less the distance back from the head's place to
+     * end_pos, round the ring.  (Not the distance forward from the
+     * parent's tail: a block after a skip that no frame named leaves the
+     * tail at the skip, more than a round behind the blocks after it.) */
+    uint64_t head = atomic_load_explicit(&sh->ring_head, memory_order_relaxed);
     uint64_t tail = atomic_load_explicit(&sh->ring_tail, memory_order_relaxed);
-    uint64_t tail_pos = tail % a->ring_size;
-    /* Blocks are read in the order they were written, each within a round
-     * of the last: the distance forward from the tail is the way. */
-    uint64_t ahead = end_pos > tail_pos ? end_pos - tail_pos : end_pos + a->ring_size - tail_pos;
-    atomic_store_explicit(&sh->ring_tail, tail + ahead, memory_order_release);
+    uint64_t back = (head % size + size - end_pos) % size;
+    if (back > head)
+        return; /* only a head a worker wrote wrong: never trust it past */
+    uint64_t at = head - back;
+    if (at > tail)
+        atomic_store_explicit(&sh->ring_tail, at, memory_order_release);
 }

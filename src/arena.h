@@ -29,9 +29,11 @@
  * (pz_slot_shared.ring_head, kept there so that a replacement goes on
  * where its predecessor stopped); the parent's main thread reads each
  * result as it consumes its record, in the order the worker sent them, and
- * then moves the ring's tail (pz_slot_shared.ring_tail) past it.  Blocks a
- * worker wrote and never sent (it died, the call was cancelled, the encode
- * failed) are passed when the tail moves beyond a later one.
+ * then moves the ring's tail (pz_slot_shared.ring_tail) past it.  Blocks
+ * of a result the worker does not send (refused, or its encode raised)
+ * go back at once (pz_ring_writer_rewind); others no record names (the
+ * worker died with them unsent, the scalars' first try in
+ * pz_encode_tuple) are passed when the tail moves beyond a later one.
  *
  * No room is never a wait for a worker: the string then travels inline,
  * as it does without an arena.  p(...) waits for room in the calls area
@@ -147,6 +149,21 @@ typedef struct pz_ring_writer {
 /* Returns &rw->w for ring `record` of a (worker process). */
 pz_arena_writer *pz_ring_writer_init(pz_ring_writer *rw, const pz_arena *a, int record,
                                      struct pz_slot_shared *shared);
+
+/* Where a ring's writer stands, taken before an encode whose frame may not
+ * be sent. */
+typedef struct pz_ring_mark {
+    uint64_t head, skip_from, skip_to;
+} pz_ring_mark;
+
+pz_ring_mark pz_ring_writer_mark(const pz_ring_writer *rw);
+
+/* The frame of the encode begun at mark is not sent (the result was
+ * refused, or its encode raised): its blocks go back to the ring at once.
+ * No frame names them, so the parent never reads them; left in place,
+ * they would count as unread until it read a later block, and a ring
+ * filled with them would never see one. */
+void pz_ring_writer_rewind(pz_ring_writer *rw, const pz_ring_mark *mark);
 
 /* The parent's main thread consumed a record whose decode last read a
  * string ending at offset `end` (a->reader.last_end): the ring that holds

@@ -103,6 +103,8 @@ static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
     lua_pushvalue(L, pool_idx);
     lua_call(L, 1, 0);
     lua_pop(L, 1);
+    /* A finalizer that ran on the way out of the wait may have stopped it. */
+    pz_lpool_check_running(L, pool_idx);
 }
 
 /* submit's path for arguments that are all scalars, `bound` bytes at most
@@ -349,7 +351,16 @@ int pz_lpool_submit_chunk(lua_State *L)
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
     lua_pushlightuserdata(L, w);
-    if (pz_lpool_pcall_unhooked(L, 4) != 0) {
+    /* The encode runs Lua code: p:stop() from there would free the arena
+     * under cw, so it raises, as it does while p(...) encodes (lpool.c). */
+    uintptr_t here = pz_lpool_frame_here();
+    int claimed = !pz_lpool_encoding_above(u, here);
+    if (claimed)
+        u->encoding_at = here;
+    int rc = pz_lpool_pcall_unhooked(L, 4);
+    if (claimed)
+        u->encoding_at = 0;
+    if (rc != 0) {
         pz_calls_writer_abandon(&cw);
         lua_pushnil(L);
         lua_insert(L, -2);

@@ -82,6 +82,8 @@ static struct {
     pz_arena_reader *reader;    /* &arena_in, or NULL without them */
     pz_ring_writer ring;        /* this worker's results' big strings */
     pz_arena_writer *writer;    /* &ring.w, or NULL */
+    pz_ring_mark ring_mark;     /* the ring before the running call's result */
+    int ring_marked;            /* ring_mark is the running call's */
     int kill_leftovers;  /* kill the own process group before leaving */
 } W;
 
@@ -247,16 +249,21 @@ static int run_call(lua_State *L)
     out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
     /* A chunk's results are encoded apart, as their own calls' would be.
      * Big strings placed in the ring count toward max_message as if they
-     * were inline; a result refused leaves its blocks for the parent's
-     * tail to pass. */
-    if (W.writer)
+     * were inline; a result refused, or whose encode raises, gives its
+     * blocks back (no frame names them). */
+    if (W.writer) {
         W.writer->placed = 0;
+        W.ring_mark = pz_ring_writer_mark(&W.ring);
+        W.ring_marked = 1;
+    }
     pz_encode_tuple(L, handler + 1, nres, out, "result",
                     W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0, W.writer);
     size_t len = out->len - start - PZ_FRAME_HEADER;
     size_t size = len + (W.writer ? W.writer->placed : 0);
     if (size > W.max_message) {
         out->len = start;
+        if (W.writer)
+            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
         lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
                         (double)size, (double)W.max_message);
         put_error_message(id, ns, lua_tostring(L, -1));
@@ -280,6 +287,7 @@ static void handle_call(lua_State *L, const pz_frame *f)
     if (W.remote && pz_wout_flush())
         W.clock = pz_now_ns();
     W.call = *f;
+    W.ring_marked = 0;
     /* From decoding the arguments to encoding the result, whatever kills
      * this process is this call's doing: see pz_slot_shared. */
     /* Calls that run back to back share a clock reading: the end of one is
@@ -296,6 +304,8 @@ static void handle_call(lua_State *L, const pz_frame *f)
         } else {
             pz_wout_lock();
         }
+        if (W.ring_marked) /* the result's blocks: no frame names them */
+            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
         const char *m = lua_tostring(L, -1);
         lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
         put_error_message(f->id, 0, lua_tostring(L, -1));
