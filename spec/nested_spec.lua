@@ -83,7 +83,6 @@ describe("a pool made inside a worker", function()
 
   it("loses no call of the inner pool when its workers are killed", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
     -- The inner executor kills its own worker the first time it sees
     -- each multiple of 7 (a marker file remembers).
     local function inner(x)
@@ -116,7 +115,10 @@ describe("a pool made inside a worker", function()
       q:stop()
       return sum
     end })
-    finally(function() p:stop(5) end)
+    finally(function() -- (busted keeps one finally a test: the last)
+      p:stop(5)
+      support.rmdir(dir)
+    end)
     p(200)
     assert.is_true(p:wait(60))
     assert.are.same({}, p.errors)
@@ -161,7 +163,6 @@ describe("a pool made inside a worker", function()
 
   it("dies with its parent, the whole tree, even when the parent is SIGKILLed", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
     local script = dir .. "/tree.lua"
     support.write(script, [[
 local pz = require "parallelize"
@@ -179,7 +180,8 @@ p:wait()
     local proc = io.popen(support.quote(support.pzlua()) .. " " .. support.quote(script)
       .. " & echo $!; wait", "r")
     local pid = tonumber(proc:read("*l"))
-    finally(function()
+    finally(function() -- (busted keeps one finally a test: the last)
+      support.rmdir(dir)
       if pid then support.kill(pid, 9) end
       proc:close()
       support.rmdir(dir)

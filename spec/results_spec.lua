@@ -256,12 +256,14 @@ describe("stream", function()
 
   it("pulls an iterator lazily, keeping at most max_pending waiting", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
     local lines = {}
     for i = 1, 500 do lines[i] = "line " .. i end
     support.write(dir .. "/in.txt", table.concat(lines, "\n") .. "\n")
     local p = Parallelize(function(s) return #s end, { workers = 2 })
-    finally(function() p:stop() end)
+    finally(function() -- (busted keeps one finally a test: the last)
+      p:stop()
+      support.rmdir(dir)
+    end)
     local most, count = 0, 0
     for i, ok, n in p:stream(io.lines(dir .. "/in.txt"), { max_pending = 8 }) do
       local _, _, pending = core.pool_counts(p)

@@ -92,17 +92,24 @@ int pz_lpool_arena_full(lpool *u)
 
 /* While the pool has no room (pz_lpool_has_room), p(...) waits: through the Lua
  * layer's env.wait_room(p), so that Ctrl-C's hook can fire in its loop (a
- * C function cannot let it). */
-static void wait_for_room(lua_State *L, lpool *u, int pool_idx)
+ * C function cannot let it).  arena_need: the bytes of big strings the
+ * call would place in the arena's calls area, whose room it waits for too
+ * (u->arena_need), unless it runs inside a drain, which cannot wait: what
+ * does not fit then goes inline. */
+static void wait_for_room(lua_State *L, lpool *u, int pool_idx, size_t arena_need)
 {
-    if (pz_lpool_has_room(u))
+    u->arena_need = u->draining ? 0 : arena_need;
+    if (pz_lpool_has_room(u)) {
+        u->arena_need = 0;
         return;
+    }
     pz_lpool_check_not_draining(L, u, "a p(...) that must wait for room (max_pending, max_pending_bytes)");
     lua_getfenv(L, pool_idx);
     lua_getfield(L, -1, "wait_room");
     lua_pushvalue(L, pool_idx);
-    lua_call(L, 1, 0);
+    lua_call(L, 1, 0); /* a raise leaves arena_need set: the next wait sets it again */
     lua_pop(L, 1);
+    u->arena_need = 0;
     /* A finalizer that ran on the way out of the wait may have stopped it. */
     pz_lpool_check_running(L, pool_idx);
 }
@@ -210,12 +217,10 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
          * goes, as they do when it waits for room. */
         if (pz_pool_published(u->pool) > pz_pool_finished(u->pool))
             pz_lrecords_drain(L, u, 1);
-        u->arena_need = big;
-        wait_for_room(L, u, 1);
-        u->arena_need = 0;
+        wait_for_room(L, u, 1, big);
         return submit_shared(L, u, first, nargs, tag, timeout_ms);
     }
-    wait_for_room(L, u, 1);
+    wait_for_room(L, u, 1, 0);
     /* Scalars, which run no Lua code and whose size is known, are encoded
      * straight into the submit queue. */
     if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
@@ -340,7 +345,7 @@ int pz_lpool_submit_chunk(lua_State *L)
     luaL_checktype(L, 3, LUA_TTABLE);
     luaL_checkinteger(L, 4);
     lua_settop(L, 4);
-    wait_for_room(L, u, 1);
+    wait_for_room(L, u, 1, 0);
     pz_buf *b = push_buffer(L);
     /* The encode runs Lua code (finalizers) which may queue calls of its
      * own, each with its own writer; this one's blocks are its own. */
