@@ -215,8 +215,10 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
          * records in are drained first: a loop of p(s) then keeps both
          * flowing through shared memory, its results coming in as it
          * goes, as they do when it waits for room. */
-        if (pz_pool_published(u->pool) > pz_pool_finished(u->pool))
+        if (pz_pool_published(u->pool) > pz_pool_finished(u->pool)) {
             pz_lrecords_drain(L, u, 1);
+            pz_lpool_check_running(L, 1); /* Lua code it ran may have stopped it */
+        }
         wait_for_room(L, u, 1, big);
         return submit_shared(L, u, first, nargs, tag, timeout_ms);
     }
