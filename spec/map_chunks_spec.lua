@@ -46,6 +46,27 @@ describe("a map in chunks", function()
     assert.are.same({ 3, 6, null }, p:map({ 1, 2, 7 }))
   end)
 
+  it("lets go of its list, its items and its output once it has returned", function()
+    -- Compiled traces keep the closures they called: with the JIT on, the
+    -- map's closures, and what their upvalues held, outlived it.
+    p = Parallelize(function(s) return #s end, { workers = 2 })
+    local held = setmetatable({}, { __mode = "v" })
+    local function run(k)
+      local list = {}
+      for i = 1, 400 do list[i] = string.rep("v", 1000) .. k .. ":" .. i end
+      local out = p:map(list)
+      assert.are.equal(1000 + #tostring(k) + 1 + #tostring(400), out[400])
+      held[#held + 1], held[#held + 2] = list, out
+    end
+    for k = 1, 20 do run(k) end
+    collectgarbage()
+    collectgarbage()
+    local left = {}
+    for i in pairs(held) do left[#left + 1] = i end
+    table.sort(left)
+    assert.are.same({}, left)
+  end)
+
   it("runs every item exactly once, each in some worker", function()
     p = Parallelize(parallelize.Deferred(function()
       local seen = {}
