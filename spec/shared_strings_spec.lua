@@ -28,10 +28,7 @@ describe("big strings through shared memory", function()
   -- Hundreds of MiB of strings pass through this process's heap here: a
   -- full collection afterwards brings its next collection back near,
   -- where the specs run after it (finalizers during drains) expect it.
-  -- (With the JIT on, a map's list stays reachable from the traces that
-  -- ran the map until they are flushed.)
   after_each(function()
-    jit.flush()
     collectgarbage()
     collectgarbage()
   end)
