@@ -46,19 +46,20 @@ describe("a map in chunks", function()
     assert.are.same({ 3, 6, null }, p:map({ 1, 2, 7 }))
   end)
 
-  it("lets go of its list, its items and its output once it has returned", function()
+  it("lets go of its list, its items, its answers and its output once it has returned", function()
     -- Compiled traces keep the closures they called: with the JIT on, the
     -- map's closures, and what their upvalues held, outlived it.
-    p = Parallelize(function(s) return #s end, { workers = 2 })
+    p = Parallelize(function(s) return { #s } end, { workers = 2 })
     local held = setmetatable({}, { __mode = "v" })
-    local function run(k)
+    local function run(k, size)
       local list = {}
-      for i = 1, 400 do list[i] = string.rep("v", 1000) .. k .. ":" .. i end
+      for i = 1, 40 do list[i] = string.rep("v", size) .. k .. ":" .. i end
       local out = p:map(list)
-      assert.are.equal(1000 + #tostring(k) + 1 + #tostring(400), out[400])
-      held[#held + 1], held[#held + 2] = list, out
+      assert.are.equal(size + #tostring(k) + 3, out[40][1])
+      held[#held + 1], held[#held + 2], held[#held + 3] = list, out, out[1]
     end
-    for k = 1, 20 do run(k) end
+    -- items of 1 KB go in chunks; of 150 KB, as calls of their own
+    for k = 1, 20 do run(k, k % 2 == 0 and 1000 or 150 * 1024) end
     collectgarbage()
     collectgarbage()
     local left = {}

@@ -221,11 +221,11 @@ function M.map(p, list, n, who)
   -- The closures above can outlive the map: a compiled trace that called
   -- one keeps it, and with it what its upvalues hold, until the JIT
   -- flushes the trace. Cleared here, the upvalues no longer hold the
-  -- list, its items or the output (200 strings of 200 KB stayed reachable
-  -- after the map returned).
+  -- list, its items, the answers or the output (200 strings of 200 KB
+  -- stayed reachable after the map returned).
   local results = out
   list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
-  lists.into, lists.into_at = nil, nil
+  lists, claim = nil, nil
   if not ok then caller.reraise(err) end
   if failure then error(failure, caller.level()) end
   return results
