@@ -189,7 +189,12 @@ describe("big strings through shared memory", function()
       local before = p:stats().shared.received
       for _ = 1, 20 do p("small", 200 * KIB) end
       p:wait()
-      assert.are.equal(20 * 200 * KIB, p:stats().shared.received - before)
+      -- (Not always all 20: while this loop does not drain, a ring that
+      -- went round early holds only what lies before its unread blocks,
+      -- and the rest goes inline. A ring lost to the refused blocks took
+      -- none of them.)
+      local received = p:stats().shared.received - before
+      assert.is_true(received >= 200 * KIB and received <= 20 * 200 * KIB, "received " .. received)
     end
   end)
 

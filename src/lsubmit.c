@@ -348,6 +348,15 @@ int pz_lpool_submit_chunk(lua_State *L)
     luaL_checkinteger(L, 4);
     lua_settop(L, 4);
     wait_for_room(L, u, 1, 0);
+    /* From here on allocations (the buffer, the encode's closure) can run
+     * finalizers, and the encode runs Lua code: a p:stop() from there
+     * would free the pool and its arena under cw, so it raises, as it does
+     * while p(...) encodes (lpool.c).  A raise before the end leaves the
+     * mark stale, which frame_here allows for. */
+    uintptr_t here = pz_lpool_frame_here();
+    int claimed = !pz_lpool_encoding_above(u, here);
+    if (claimed)
+        u->encoding_at = here;
     pz_buf *b = push_buffer(L);
     /* The encode runs Lua code (finalizers) which may queue calls of its
      * own, each with its own writer; this one's blocks are its own. */
@@ -358,12 +367,6 @@ int pz_lpool_submit_chunk(lua_State *L)
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
     lua_pushlightuserdata(L, w);
-    /* The encode runs Lua code: p:stop() from there would free the arena
-     * under cw, so it raises, as it does while p(...) encodes (lpool.c). */
-    uintptr_t here = pz_lpool_frame_here();
-    int claimed = !pz_lpool_encoding_above(u, here);
-    if (claimed)
-        u->encoding_at = here;
     int rc = pz_lpool_pcall_unhooked(L, 4);
     if (claimed)
         u->encoding_at = 0;
