@@ -151,6 +151,49 @@ describe("big strings through shared memory", function()
     for _, call in ipairs(aborted) do assert.are.equal(want[call.id], call[1]) end
   end)
 
+  it("stay for a call cancelled after it was sent, until its worker is past it", function()
+    -- The worker is busy; the next call waits in it, sent, not started, and is
+    -- cancelled: its error comes at once. Two more then take the calls
+    -- area's bytes again (the second goes round to where its string was):
+    -- when the worker reaches the cancelled call it must still read its
+    -- own bytes.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(s, log)
+      if s == "busy" then require("parallelize").sleep(0.5) return 0 end
+      if log then
+        local f = assert(io.open(log, "w"))
+        f:write(s:sub(1, 8), " ", #s)
+        f:close()
+      end
+      return #s
+    end, { workers = 1 })
+    finally(function()
+      p = stop(p)
+      support.rmdir(dir)
+    end)
+    local log = dir .. "/seen"
+    -- Quick calls first: the worker is then sent several calls at a time.
+    for _ = 1, 50 do p("quick") end
+    assert.is_true(p:wait(10))
+    p("busy")
+    local id = p(string.rep("A", 1024 * KIB), log)
+    require("parallelize").sleep(0.05) -- (sent by now)
+    assert.is_true(p:cancel(id))
+    local ok, err = p:result(id, 5)
+    assert.is_false(ok)
+    assert.is_true(err.cancelled)
+    local b, c = p(string.rep("B", 1024 * KIB)), p(string.rep("C", 1024 * KIB))
+    assert.is_true(p:wait(10))
+    assert.are.same({ true, 1024 * KIB }, { p:result(c) })
+    assert.are.same({ true, 1024 * KIB }, { p:result(b) })
+    -- the cancelled call ran (its answer dropped) on its own bytes
+    assert.are.equal("AAAAAAAA " .. 1024 * KIB, support.read(log))
+    -- and its bytes are free again: another round of the area works
+    for _ = 1, 80 do p(string.rep("D", 1024 * KIB)) end
+    assert.is_true(p:wait(20))
+    assert.are.equal(3 * 1024 * KIB + 80 * 1024 * KIB, p:stats().shared.sent)
+  end)
+
   it("count toward max_message", function()
     local p = Parallelize(function(n) return string.rep("r", n) end,
       { workers = 1, max_message = 100 * KIB })

@@ -176,6 +176,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     io->slot_stats[w->slot].busy_ns += ns;
     if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
         /* Its cancellation is its record already. */
+        pz_io_release(io, head);
     } else if (f->type == PZ_F_RESULT) {
         if (record_result(io, w, f, pz_frame_tag(head), p, n) != 0)
             return;

@@ -20,6 +20,8 @@
  * the region a worker could write.  A call's blocks stay until its last
  * record (RESULT or ERROR) is consumed: a worker's death or a retry sends
  * the same frame again, and an ERROR record decodes the arguments again.
+ * A call cancelled after it was sent is still decoded by its worker: its
+ * blocks stay until the I/O thread's RELEASE record (frame.h).
  * Blocks are taken in order, round the area, and freed in any order; the
  * area's tail passes freed blocks only.  A string whose encode fails is
  * given back (pz_calls_writer_abandon).

@@ -69,6 +69,8 @@ void pz_dispatch(struct pz_io *io)
                 break;
             if (pz_slot_hand_call(io, w, fr, size) != 0)
                 return;
+        } else {
+            pz_io_release(io, fr);
         }
         if (from_rq) {
             io->rq_pos += size;

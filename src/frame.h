@@ -51,7 +51,8 @@
  * the header; they never cross a process boundary:
  *   RESULT      id = call id, tag; payload = the tuple of values, or with
  *               flags PZ_REC_BOXED a pz_box (bigbuf.h) holding it
- *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*); payload =
+ *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*), with
+ *               PZ_REC_HELD when a worker may still run the call; payload =
  *               four varint-prefixed byte strings: the argument tuple, the
  *               message, the traceback, the encoded error value (may be
  *               empty); then the earlier attempts (retries): varint count,
@@ -61,6 +62,10 @@
  *   INIT_ERROR  id = slot; payload = varint n, message, then the traceback;
  *               the slot is given up
  *   CLOSED      id = slot; payload = the value its executor's close returned
+ *   RELEASE     id = call id, no payload: a call cancelled while a worker
+ *               held it (its ERROR record had PZ_REC_HELD) has left that
+ *               worker, unrun or with its answer dropped: no process
+ *               reads its arguments any more (their big strings, arena.h)
  */
 #ifndef PZ_FRAME_H
 #define PZ_FRAME_H
@@ -77,6 +82,11 @@
 
 /* flags of a RESULT record. */
 #define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */
+
+/* flag of an ERROR record, beside its kind: the call was cancelled after it
+ * was sent, and its worker may still decode its arguments; a RELEASE
+ * record says when it no longer can. */
+#define PZ_REC_HELD 0x40
 
 /* flags of an ERROR record: why the call failed. */
 enum pz_error_kind {
@@ -104,7 +114,8 @@ enum pz_frame_type {
     PZ_F_ERROR = 6,
     PZ_F_STOP = 7,
     PZ_F_CLOSED = 8,
-    PZ_F_LAST = 8
+    PZ_F_LAST = 8,  /* the last type that crosses a process boundary */
+    PZ_F_RELEASE = 9 /* a record only: see the top */
 };
 
 typedef struct pz_frame {

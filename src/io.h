@@ -180,6 +180,12 @@ void pz_io_publish(struct pz_io *io);
 int pz_io_record_error(struct pz_io *io, uint8_t kind, uint8_t tag, uint64_t id,
                        const pz_part *parts, int nparts);
 
+/* The cancelled CALL frame fr is dropped for good (never run, or its
+ * answer dropped): when the pool shares big strings with its workers, a
+ * RELEASE record lets the main thread free its arguments' (frame.h;
+ * nothing to free for a call cancelled before it was sent). */
+void pz_io_release(struct pz_io *io, const char *fr);
+
 /* Counts slot w as settled (initialized once or given up), once. */
 void pz_io_settle(struct pz_io *io, pz_slot *w);
 

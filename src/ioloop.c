@@ -47,6 +47,13 @@ int pz_io_record(struct pz_io *io, uint8_t type, uint8_t tag, uint64_t id, const
     return 0;
 }
 
+void pz_io_release(struct pz_io *io, const char *fr)
+{
+    /* Out of memory fails the pool, which frees everything. */
+    if (io->p->arena)
+        (void)pz_io_record(io, PZ_F_RELEASE, 0, pz_frame_id(fr), NULL, 0);
+}
+
 int pz_io_record_error(struct pz_io *io, uint8_t kind, uint8_t tag, uint64_t id,
                        const pz_part *parts, int nparts)
 {
@@ -58,6 +65,7 @@ int pz_io_record_error(struct pz_io *io, uint8_t kind, uint8_t tag, uint64_t id,
     size_t size = PZ_FRAME_HEADER + pz_frame_parts_len(parts, nparts);
     char *d = q->wr->data + q->wpos - size;
     pz_frame_set_flags(d, kind);
+    kind &= (uint8_t)~PZ_REC_HELD;
     io->failed++;
     if (kind == PZ_ERR_TIMEOUT)
         io->timeouts++;

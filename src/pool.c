@@ -275,6 +275,10 @@ int pz_pool_peek_record(pz_pool *p, pz_frame *f)
         return 0;
     }
     pz_frame_read(d, f);
+    /* The kind of an ERROR record, without the arena's mark (consume
+     * reads it from the record). */
+    if (f->type == PZ_F_ERROR)
+        f->flags &= (uint8_t)~PZ_REC_HELD;
     if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED)) {
         pz_box box;
         memcpy(&box, f->payload, sizeof box);
@@ -294,20 +298,24 @@ static void unbox(pz_pool *p, const char *d)
 
 void pz_pool_consume(pz_pool *p, const pz_frame *f)
 {
-    if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED)) {
-        size_t avail;
+    size_t avail;
+    if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED))
         unbox(p, pz_spsc_peek(&p->done, &avail)); /* f's record: the first */
-    }
-    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR) {
+    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
         p->drained++;
-        if (p->arena) {
+    if (p->arena) {
+        /* A call's big arguments go with its last record, unless a worker
+         * may still read them (f's kind lacks the mark: it is read from
+         * the record); a RELEASE record comes then.  A ring's blocks go
+         * once the record that read them is done with. */
+        int held = f->type == PZ_F_ERROR &&
+                   (pz_frame_flags(pz_spsc_peek(&p->done, &avail)) & PZ_REC_HELD);
+        if (f->type == PZ_F_RESULT || (f->type == PZ_F_ERROR && !held) || f->type == PZ_F_RELEASE)
             pz_arena_release_call(p->arena, f->id);
-            if (p->arena->reader.last_end)
-                pz_arena_release_ring(p->arena, p->shared, p->arena->reader.last_end);
-        }
-    }
-    if (p->arena)
+        if (p->arena->reader.last_end)
+            pz_arena_release_ring(p->arena, p->shared, p->arena->reader.last_end);
         p->arena->reader.last_end = 0;
+    }
     pz_spsc_consume(&p->done, f->size);
     p->consumed += f->size;
     if (p->consumed >= PZ_BACKLOG_WAKE / 4)

@@ -333,8 +333,10 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
             doom(io, w, id, PZ_ERR_CANCELLED); /* the error comes with its death */
             return 1;
         }
-        /* Sent, not started: dropped now; its answer, if one comes, is not. */
-        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
+        /* Sent, not started: dropped now; its answer, if one comes, is not.
+         * The worker will still decode its arguments: their big strings
+         * stay until it has (PZ_REC_HELD, pz_io_release). */
+        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0)
             pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
         return 1;
     }
