@@ -247,7 +247,7 @@ describe("Parallelize", function()
   it("sends results while their worker runs a long call queued after them", function()
     -- The worker holds the short calls' results for a batch while it runs
     -- the long call it already has: its flusher thread writes them once
-    -- the oldest has waited 2 ms.
+    -- the oldest has waited 4.5 ms (PZ_WOUT_LATE_NS).
     local p = Parallelize(function(x)
       parallelize.sleep(x)
       return x

@@ -45,16 +45,20 @@
 #define FLUSH_BYTES 65536
 #define FLUSH_FRAMES 128
 /* Results that have waited this long go out after the call that follows
- * them (the flusher writes them anyway if that call runs long).  Long
- * enough that a worker busy with calls of a few hundred microseconds
+ * them (the flusher writes them anyway if that call runs long: wout.h).
+ * Long enough that a worker busy with calls of a few hundred microseconds
  * writes its results in batches, which wakes the parent's I/O thread once
  * per batch rather than once per result, and each wake-up takes a CPU from
- * a worker.  Half the pool's default window (options.lua), so that the
- * calls a worker holds last until its batch goes out and the answer brings
- * more: 20,000 calls of 100 us on 2 workers took 1.064-1.094x their ideal
- * with 2 ms (0.055-0.058 I/O wake-ups a call), 1.086-1.123x with 1 ms and
- * a 2 ms window (0.109-0.114). */
-#define FLUSH_NS PZ_WOUT_LATE_NS
+ * a worker.  Three quarters of the pool's default window (options.lua), so
+ * that the calls a worker holds last until its batch goes out and the
+ * answer brings more.  20,000 calls of 100 us on 2 workers, alternating
+ * runs: 1.045-1.095x their ideal (0.055-0.061 I/O wake-ups a call) when
+ * a batch went out at 2 ms, at each read that had to wait and at the
+ * flusher's alarm, also 2 ms; 1.032-1.067x (0.032-0.035) with 3 ms, a
+ * read that finds calls already sent not writing the batch (next_frame)
+ * and the flusher at 4.5 ms.  Earlier: 1.086-1.123x with 1 ms and a 2 ms
+ * window (0.109-0.114). */
+#define FLUSH_NS PZ_WOUT_BATCH_NS
 
 /* One worker process has exactly one of these. */
 static struct {
@@ -108,7 +112,7 @@ static void put_frame(uint8_t type, uint64_t id, const pz_part *parts, int npart
     if (!dst)
         die("out of memory");
     out->len += pz_frame_put(dst, type, id, parts, nparts);
-    pz_wout_frame_done(W.clock);
+    pz_wout_frame_done(W.clock, 0);
 }
 
 /* Cuts an error's parts to fit a frame whose payload has room for `room`
@@ -270,7 +274,7 @@ static int run_call(lua_State *L)
         return 0;
     }
     pz_frame_header(out->data + start, PZ_F_RESULT, id, (uint32_t)len);
-    pz_wout_frame_done(W.clock);
+    pz_wout_frame_done(W.clock, size - len);
     return 0;
 }
 
@@ -312,7 +316,7 @@ static void handle_call(lua_State *L, const pz_frame *f)
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
-    if ((pz_wout_buf()->len >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
+    if ((pz_wout_bytes() >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
          W.clock - pz_wout_oldest() >= FLUSH_NS) &&
         pz_wout_flush())
         W.clock = pz_now_ns();
@@ -430,8 +434,22 @@ static ssize_t read_input(void *p, size_t cap)
     return n;
 }
 
-/* Returns the next whole frame, reading (and first flushing results) when
- * none is buffered.  Ends the process on end of file. */
+/* What the parent has sent already, without waiting: a local worker's
+ * socket read with MSG_DONTWAIT.  Returns the bytes read, or 0 when none
+ * have come or the worker is remote (its input may be a pipe, and it
+ * writes its results before each call anyway); end of file and errors are
+ * left to the read that waits, which sees them again. */
+static ssize_t read_ready(void *p, size_t cap)
+{
+    if (W.remote)
+        return 0;
+    ssize_t n = recv(W.in_fd, p, cap, MSG_DONTWAIT);
+    return n > 0 ? n : 0;
+}
+
+/* Returns the next whole frame, reading (and, before a read that would
+ * wait, writing the results) when none is buffered.  Ends the process on
+ * end of file. */
 static pz_frame next_frame(void)
 {
     for (;;) {
@@ -448,11 +466,19 @@ static pz_frame next_frame(void)
             die(why);
         pz_buf_consume(&W.in, W.in_pos);
         W.in_pos = 0;
-        pz_wout_flush();
         size_t want = need > W.in.len + READ_CHUNK ? need - W.in.len : READ_CHUNK;
         if (!pz_buf_reserve(&W.in, want))
             die("out of memory");
-        ssize_t n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
+        /* Calls the parent has sent already: the batch stays open (its
+         * own rules in handle_call write it).  Only a read that would wait
+         * writes it first, since the parent may be waiting for it. */
+        ssize_t n = read_ready(W.in.data + W.in.len, W.in.cap - W.in.len);
+        if (n > 0) {
+            W.in.len += (size_t)n;
+            continue;
+        }
+        pz_wout_flush();
+        n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
         if (n == 0)
             shut_down(W.L);
         if (n < 0)

@@ -5,8 +5,8 @@
  * The flusher sleeps in read(2) on a timerfd, which the main thread sets
  * when a batch gets its first frame (to the moment that frame is late) and
  * clears when the batch is written.  A worker busy with short calls writes
- * each batch itself before it is late, so the flusher is never woken: the
- * batch costs the two timerfd_settime calls, where a condition variable
+ * each batch itself before it is late (wout.h), so the flusher is never
+ * woken: the batch costs the two timerfd_settime calls, where a condition variable
  * signalled for each batch cost a wake-up of the flusher, and its timed
  * sleep a second one, each taking a CPU from a worker.
  */
@@ -31,6 +31,7 @@ static struct {
     int fd;
     pz_buf buf;
     int frames;          /* whole frames in buf */
+    size_t shared;       /* bytes of ring their strings took */
     int64_t oldest;      /* when the oldest of them was made */
     int locked;          /* the main thread holds the lock */
     int flusher_running;
@@ -78,6 +79,7 @@ static void write_locked(void)
     }
     O.buf.len = 0;
     O.frames = 0;
+    O.shared = 0;
     set_alarm(0);
     pz_buf_trim(&O.buf, KEEP_BYTES);
 }
@@ -161,8 +163,9 @@ pz_buf *pz_wout_buf(void)
     return &O.buf;
 }
 
-void pz_wout_frame_done(int64_t now)
+void pz_wout_frame_done(int64_t now, size_t shared)
 {
+    O.shared += shared;
     if (O.frames++ == 0) {
         O.oldest = now;
         set_alarm(now + PZ_WOUT_LATE_NS);
@@ -183,6 +186,11 @@ int pz_wout_frames(void)
 int64_t pz_wout_oldest(void)
 {
     return O.oldest;
+}
+
+size_t pz_wout_bytes(void)
+{
+    return O.buf.len + O.shared;
 }
 
 int pz_wout_flush(void)

@@ -23,9 +23,17 @@
 
 #include "buf.h"
 
-/* How long a finished result may wait for a batch before the flusher
- * writes it (worker.c's FLUSH_NS says why this long). */
-#define PZ_WOUT_LATE_NS 2000000
+/* A batch goes out, written by the main thread, after the call during
+ * which its oldest result became PZ_WOUT_BATCH_NS old (worker.c says why
+ * this long).  The flusher writes it only once it is PZ_WOUT_LATE_NS old:
+ * half a batch later, so that behind calls shorter than that the main
+ * thread's write always comes first, and the flusher sleeps.  (With both
+ * at one time, a worker busy with 100 us calls woke its flusher for about
+ * every other batch: the alarm went off during the call after which the
+ * main thread would have written it, and the flusher's write took a CPU
+ * from a worker.) */
+#define PZ_WOUT_BATCH_NS 3000000
+#define PZ_WOUT_LATE_NS (PZ_WOUT_BATCH_NS + PZ_WOUT_BATCH_NS / 2)
 
 /* Sets the output up on descriptor fd (nothing is written yet). */
 void pz_wout_init(int fd);
@@ -43,16 +51,19 @@ int pz_wout_locked(void);
 pz_buf *pz_wout_buf(void);
 
 /* Main thread, locked: counts one whole frame just appended, made at
- * `now` (pz_now_ns: the worker's last clock reading). */
-void pz_wout_frame_done(int64_t now);
+ * `now` (pz_now_ns: the worker's last clock reading), whose big strings
+ * took `shared` bytes of the worker's ring (arena.h) besides. */
+void pz_wout_frame_done(int64_t now, size_t shared);
 
 /* Main thread, locked: drops whatever follows byte `len` (a frame being
  * built that cannot be finished), and sets the frame count to `frames`. */
 void pz_wout_truncate(size_t len, int frames);
 
-/* Frames in the buffer, and when the oldest of them was made (locked). */
+/* Frames in the buffer, when the oldest of them was made, and the bytes
+ * they stand for: their own and their strings' in the ring (locked). */
 int pz_wout_frames(void);
 int64_t pz_wout_oldest(void);
+size_t pz_wout_bytes(void);
 
 /* Main thread: writes everything now (takes the lock if it does not hold
  * it).  Returns 1 when it wrote something (the time that took, a write
