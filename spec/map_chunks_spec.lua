@@ -68,6 +68,21 @@ describe("a map in chunks", function()
     assert.are.same({}, left)
   end)
 
+  it("lets go of its pool: a pool dropped after its maps is collected", function()
+    local pools = setmetatable({}, { __mode = "k" })
+    for k = 1, 10 do
+      local q = Parallelize(function(x) return x * 2 end, { workers = 2 })
+      for _ = 1, 3 do assert.are.equal(4000, q:map(range(2000))[2000]) end
+      pools[q] = k
+    end
+    collectgarbage()
+    collectgarbage()
+    local left = {}
+    for _, k in pairs(pools) do left[#left + 1] = k end
+    table.sort(left)
+    assert.are.same({}, left)
+  end)
+
   it("runs every item exactly once, each in some worker", function()
     p = Parallelize(parallelize.Deferred(function()
       local seen = {}

@@ -323,6 +323,40 @@ describe("stream", function()
     assert.is_nil(next(env.unclaimed))
     assert.is_nil(next(env.claims))
   end)
+
+  it("lets go of its source, its results and its pool once it has ended", function()
+    -- Compiled traces keep the closures they called: with the JIT on, a
+    -- finished stream's closures, and what their upvalues held (the
+    -- source, the results, the pool), outlived it.
+    local held = setmetatable({}, { __mode = "v" })
+    local pool = setmetatable({}, { __mode = "k" })
+    local function run(p, k, ordered)
+      local list = {}
+      for i = 1, 40 do list[i] = string.rep("v", k % 2 == 0 and 1000 or 150 * 1024) .. k .. ":" .. i end
+      local last
+      for _, ok, v in p:stream(list, { ordered = ordered }) do
+        assert(ok)
+        last = v
+      end
+      assert.are.equal(#list[40], last[1])
+      held[#held + 1], held[#held + 2] = list, last
+    end
+    local p = Parallelize(function(s) return { #s } end, { workers = 2 })
+    for k = 1, 20 do run(p, k, k % 4 < 2) end
+    p:stop()
+    -- A pool dropped, never stopped, after its stream: collected.
+    local q = Parallelize(function(s) return { #s } end, { workers = 2 })
+    for k = 21, 30 do run(q, k, k % 4 < 2) end
+    pool[q] = true
+    q = nil -- luacheck: ignore 311
+    collectgarbage()
+    collectgarbage()
+    local left = {}
+    for i in pairs(held) do left[#left + 1] = i end
+    table.sort(left)
+    assert.are.same({}, left)
+    assert.is_nil(next(pool), "the pool dropped after its stream was not collected")
+  end)
 end)
 
 describe("max_pending", function()

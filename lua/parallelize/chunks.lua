@@ -221,11 +221,12 @@ function M.map(p, list, n, who)
   -- The closures above can outlive the map: a compiled trace that called
   -- one keeps it, and with it what its upvalues hold, until the JIT
   -- flushes the trace. Cleared here, the upvalues no longer hold the
-  -- list, its items, the answers or the output (200 strings of 200 KB
-  -- stayed reachable after the map returned).
+  -- list, its items, the answers, the output (200 strings of 200 KB
+  -- stayed reachable after the map returned) or the pool (a pool dropped
+  -- after a map was never collected, its workers never stopped).
   local results = out
   list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
-  lists, claim = nil, nil
+  lists, claim, p = nil, nil, nil
   if not ok then caller.reraise(err) end
   if failure then error(failure, caller.level()) end
   return results

@@ -590,7 +590,23 @@ function methods.stream(p, src, opts)
     return i, ...
   end
 
+  local ended = false
+
+  --- The closures above can outlive the stream: a compiled trace that
+  -- called one keeps it, and with it what its upvalues hold, until the JIT
+  -- flushes the trace (the same holds for p:map: chunks.lua). A stream
+  -- that has ended lets go of its source, what it held back, its claim's
+  -- lists and the pool: a dropped pool must still be collected (and its
+  -- workers stopped).
+  local function finish()
+    release(p, claim)
+    done_waiting(p)
+    ended = true
+    src, held, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil
+  end
+
   local function step()
+    if ended then return nil end
     while true do
       -- Keep the workers fed before handing out results.
       if not exhausted then
@@ -623,8 +639,7 @@ function methods.stream(p, src, opts)
       end
       refill()
       if outstanding == 0 and exhausted then
-        release(p, claim)
-        done_waiting(p)
+        finish()
         return nil
       end
       local _, finished, pending = pool_counts(p)
