@@ -343,6 +343,29 @@ describe("pzlua --map", function()
       assert.is_truthy(read_not_done, err)
       assert.is_true(read_not_done > 10 and read_not_done < 2000 - 4, err)
     end)
+    it("logs each line under its own number after a halt, blank lines between them", function()
+      -- Blank lines count in the numbers but are no calls: value v is on
+      -- line 2v - 1. Values 2 and 3 fail; 4 runs 0.6 s on the other worker
+      -- and finishes after the halt, taken back when the pool stops.
+      local log = dir .. "/jobs.log"
+      local fn = "function(x) local pz = require('parallelize') pz.sleep(x == 4 and 0.6 or 0.05) "
+        .. "if x == 2 or x == 3 then error('bad ' .. x, 0) end return x end"
+      local input = numbers(200):gsub("\n", "\n\n")
+      local out, err, status = map({ "-j", "2", "--halt", "soon,fail=2", "--joblog", log, fn }, input)
+      assert.are.equal(2, status)
+      assert.matches(PREFIX .. "line 3: bad 2\n", err)
+      assert.matches(PREFIX .. "line 5: bad 3\n", err)
+      local by_line = {}
+      for _, e in ipairs(joblog(log)) do by_line[e.line] = e.status end
+      assert.are.same("ok", by_line[1])
+      assert.are.same("error", by_line[3])
+      assert.are.same("error", by_line[5])
+      assert.are.same("ok", by_line[7], "line 7 (value 4) finished after the halt: " .. read(log))
+      for _, v in ipairs(decoded(out)) do
+        assert.are.same("ok", by_line[2 * v - 1], "value " .. v .. " is not logged on line " .. (2 * v - 1))
+      end
+      for line in pairs(by_line) do assert.are.equal(1, line % 2, "an entry for blank line " .. line) end
+    end)
   end)
 
   describe("memory", function()
@@ -406,6 +429,27 @@ describe("pzlua --map", function()
       e = by_line[4]
       assert.are.same({ "bad input", "not JSON: Expected value but found invalid token at character 1" },
         { e.status, e.error })
+    end)
+
+    it("logs every line once under its own number, past thousands in flight", function()
+      -- Blank lines count in the numbers but are no calls: value v is on
+      -- line 2v - 1; some lines take longer, so results come out of order.
+      local log = dir .. "/jobs.log"
+      local n = 30000
+      local fn = "function(x) if x % 997 == 0 then require('parallelize').sleep(0.002) end return x end"
+      local out, _, status = map({ "-j", "2", "--joblog", log, fn }, (numbers(n):gsub("\n", "\n\n")))
+      assert.are.equal(0, status)
+      local values = decoded(out)
+      assert.are.equal(n, #values)
+      local entries = joblog(log)
+      assert.are.equal(n, #entries)
+      local logged = {}
+      for _, e in ipairs(entries) do
+        assert.are.equal("ok", e.status)
+        assert.is_nil(logged[e.line], "line " .. e.line .. " logged twice")
+        logged[e.line] = true
+      end
+      for v = 1, n do assert.is_true(logged[2 * v - 1], "line " .. (2 * v - 1) .. " not logged") end
     end)
 
     it("is started afresh without --resume", function()

@@ -21,6 +21,14 @@
 --   finished either way is written and logged.
 -- - The executor is loaded by every worker before any input is read; one
 --   that cannot be loaded is one message and exit status 255.
+-- - A call's argument is its line's text alone, and a line that succeeded
+--   without --joblog comes back as its output text alone (see
+--   parallelize.cli_map_worker): strings, which travel without the encoder
+--   and its tables (a table each way cost a third of the throughput). The
+--   line numbers stay here, by the stream's positions (Run:note_line): the
+--   pool is this file's alone, and the stream queues its calls one after
+--   the other, so the call of position i has id id_base + i, which is how
+--   p:take()'s ids and error records find theirs after a run cut short.
 -- - Exit status: the failed lines, at most 101; 130 after Ctrl-C; 255 for
 --   anything that stopped the command itself.
 local parallelize = require "parallelize"
@@ -99,21 +107,64 @@ function Run:failed(line, status, message, pid, start, seconds)
   if halt and self.failures >= halt.fail then self.halted = true end
 end
 
---- A call's result: {line, status, text [, pid, start, seconds]} (see
--- parallelize.cli_map_worker).
-function Run:result(r)
-  if r[2] == "ok" then
-    self:succeeded(r[1], r[3], r[4], r[5], r[6])
+-- Line numbers by stream position, for the positions between the source
+-- and the loop's body (the stream bounds how many: four times its window):
+-- position i in slot i % size + 1 of two arrays, false where free, grown
+-- when a slot is still taken. (A table indexed by position, each entry
+-- cleared when used, is a hash of a sliding window of integers: in the
+-- interpreted source, its rehashes cost the unordered run nine tenths of
+-- its throughput.)
+local FIRST_SLOTS = 1024
+
+local function free_slots(n)
+  local t = {}
+  for k = 1, n do t[k] = false end
+  return t
+end
+
+--- Notes that stream position i is line n.
+function Run:note_line(i, n)
+  local size = self.slots
+  local k = i % size + 1
+  if self.slot_pos[k] then
+    -- Twice the slots: every position held moves to its new slot.
+    local pos, line = self.slot_pos, self.slot_line
+    size = 2 * size
+    self.slots, self.slot_pos, self.slot_line = size, free_slots(size), free_slots(size)
+    for j = 1, size / 2 do
+      if pos[j] then self:note_line(pos[j], line[j]) end
+    end
+    return self:note_line(i, n)
+  end
+  self.slot_pos[k], self.slot_line[k] = i, n
+end
+
+--- The line number of the call at stream position i, which is then
+-- forgotten: each is asked for once.
+function Run:line_of(i)
+  local k = i % self.slots + 1
+  if self.slot_pos[k] ~= i then return 0 end
+  self.slot_pos[k] = false
+  return self.slot_line[k]
+end
+
+--- The result of the call at position i: the output text, or
+-- {status, text [, pid, start, seconds]} (see parallelize.cli_map_worker).
+function Run:result(r, i)
+  local line = self:line_of(i)
+  if type(r) == "string" then
+    self:succeeded(line, r)
+  elseif r[1] == "ok" then
+    self:succeeded(line, r[2], r[3], r[4], r[5])
   else
-    self:failed(r[1], r[2], r[3], r[4], r[5], r[6])
+    self:failed(line, r[1], r[2], r[3], r[4], r[5])
   end
 end
 
---- A call's error record: the function raised (after its retries), the
--- call timed out, or it killed its workers.
-function Run:error(e)
-  local job = e.args and e.args[1]
-  local line = type(job) == "table" and job[1] or 0
+--- The error record of the call at position i: the function raised
+-- (after its retries), the call timed out, or it killed its workers.
+function Run:error(e, i)
+  local line = self:line_of(i)
   local v = e.value
   local status, message, pid, start, seconds = "error", tostring(e.message)
   if e.kind == "timeout" then
@@ -156,8 +207,10 @@ function Run:source()
         local n = self.lines_read + 1
         self.lines_read = n
         if not self:skipped(n, text) then
-          self.submitted = self.submitted + 1
-          return { n, text }
+          local i = self.submitted + 1
+          self.submitted = i
+          self:note_line(i, n)
+          return text
         end
       end
     end
@@ -194,9 +247,9 @@ end
 -- whole input.
 function Run:cut_short(p, finish)
   p:stop(finish)
-  local results, _, errors = p:take()
-  for _, r in ipairs(results) do self:result(r) end
-  for _, e in ipairs(errors) do self:error(e) end
+  local results, ids, errors = p:take()
+  for k, r in ipairs(results) do self:result(r, ids[k] - self.id_base) end
+  for _, e in ipairs(errors) do self:error(e, e.id - self.id_base) end
   self:flush()
   local not_done = self.submitted - self.done
   local unread = self:count_unread()
@@ -236,9 +289,10 @@ end
 --- Streams stdin through the pool; returns the exit status.
 function Run:stream(p)
   local ordered = self.opts.keep_order or false
-  for _, ok, r in p:stream(self:source(), { ordered = ordered }) do
+  self.id_base = p.calls
+  for i, ok, r in p:stream(self:source(), { ordered = ordered }) do
     self.consumed = self.consumed + 1
-    if ok then self:result(r) else self:error(r) end
+    if ok then self:result(r, i) else self:error(r, i) end
     if self.halted then break end
     -- Written when large, old, or when the stream holds no other result
     -- (it is about to wait). The counts are read without draining the
@@ -279,7 +333,8 @@ end
 function M.main(prog, ...)
   local run = setmetatable({
     prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
-    outbuf = {}, nout = 0, logbuf = {}, nlog = 0, flushed_at = now(),
+    outbuf = {}, nout = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
+    slots = FIRST_SLOTS, slot_pos = free_slots(FIRST_SLOTS), slot_line = free_slots(FIRST_SLOTS),
     lines_read = 0, submitted = 0, consumed = 0, done = 0, failures = 0,
   }, Run)
   local opts, why = cli_args.parse({ ... })

@@ -5,12 +5,14 @@
 -- and when it ran.
 --
 -- Rules this file owns:
--- - A call's argument is {line number, text}; its result is
---   {line, status, text [, pid, start, seconds]}: status "ok" with the
---   output text (JSON, or a string as it is with --lines), or a failure
---   that retrying cannot mend ("bad input": the line is not JSON, or not an
---   array with --spread; "bad result": JSON cannot hold what the function
---   returned) with its message. Those are returned, never raised.
+-- - A call's argument is its line's text; its result is the output text
+--   (JSON, or a string as it is with --lines) when the line succeeded and
+--   no timing was asked for, else {status, text [, pid, start, seconds]}:
+--   status "ok" with the output text, or a failure that retrying cannot
+--   mend ("bad input": the line is not JSON, or not an array with
+--   --spread; "bad result": JSON cannot hold what the function returned)
+--   with its message. Those are returned, never raised. (Strings travel
+--   without the encoder's tables: the parent keeps the line numbers.)
 -- - An error the user's function raises is raised again, so that the
 --   pool's retries apply, as a table that carries the pid, start and
 --   duration of the attempt; its __tostring is the message.
@@ -185,23 +187,24 @@ function M.executor(spec)
     return text
   end
 
-  local function finish(line, start, t0, status, text)
-    if timing then return { line, status, text, pid, start, now() - t0 } end
-    return { line, status, text }
+  local function finish(start, t0, status, text)
+    if timing then return { status, text, pid, start, now() - t0 } end
+    if status == "ok" then return text end
+    return { status, text }
   end
 
-  local function call(line, text, start, t0)
+  local function call(text, start, t0)
     local ok_result, first
     if lines then
       ok_result, first = pcall(f, text)
     else
       local decoded, value = pcall(decode, text)
       if not decoded then
-        return finish(line, start, t0, "bad input", "not JSON: " .. tostring(value))
+        return finish(start, t0, "bad input", "not JSON: " .. tostring(value))
       end
       if spread then
         if not text:find("^%s*%[") then
-          return finish(line, start, t0, "bad input", "--spread needs a JSON array")
+          return finish(start, t0, "bad input", "--spread needs a JSON array")
         end
         ok_result, first = pcall(f, unpack(value, 1, #value))
       else
@@ -214,14 +217,14 @@ function M.executor(spec)
       error(failure, 0)
     end
     local out, why = output(first)
-    if out == nil then return finish(line, start, t0, "bad result", why) end
-    return finish(line, start, t0, "ok", out)
+    if out == nil then return finish(start, t0, "bad result", why) end
+    return finish(start, t0, "ok", out)
   end
 
-  return function(job)
+  return function(text)
     local start, t0
     if timing then start, t0 = wall_clock(), now() end
-    return call(job[1], job[2], start, t0)
+    return call(text, start, t0)
   end
 end
 
