@@ -60,12 +60,7 @@ describe("a map in chunks", function()
     end
     -- items of 1 KB go in chunks; of 150 KB, as calls of their own
     for k = 1, 20 do run(k, k % 2 == 0 and 1000 or 150 * 1024) end
-    collectgarbage()
-    collectgarbage()
-    local left = {}
-    for i in pairs(held) do left[#left + 1] = i end
-    table.sort(left)
-    assert.are.same({}, left)
+    assert.are.same({}, support.uncollected(held))
   end)
 
   it("lets go of its pool: a pool dropped after its maps is collected", function()
@@ -75,12 +70,7 @@ describe("a map in chunks", function()
       for _ = 1, 3 do assert.are.equal(4000, q:map(range(2000))[2000]) end
       pools[q] = k
     end
-    collectgarbage()
-    collectgarbage()
-    local left = {}
-    for _, k in pairs(pools) do left[#left + 1] = k end
-    table.sort(left)
-    assert.are.same({}, left)
+    assert.are.equal(0, #support.uncollected(pools))
   end)
 
   it("runs every item exactly once, each in some worker", function()

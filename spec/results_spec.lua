@@ -349,12 +349,7 @@ describe("stream", function()
     for k = 21, 30 do run(q, k, k % 4 < 2) end
     pool[q] = true
     q = nil -- luacheck: ignore 311
-    collectgarbage()
-    collectgarbage()
-    local left = {}
-    for i in pairs(held) do left[#left + 1] = i end
-    table.sort(left)
-    assert.are.same({}, left)
+    assert.are.same({}, support.uncollected(held))
     assert.is_nil(next(pool), "the pool dropped after its stream was not collected")
   end)
 end)

@@ -126,6 +126,18 @@ function M.eventually(pred, seconds)
   return pred()
 end
 
+--- After two full collections, the keys of the weak table `held` whose
+-- entries are still there (sorted when they can be): what something
+-- still keeps alive.
+function M.uncollected(held)
+  collectgarbage()
+  collectgarbage()
+  local left = {}
+  for k in pairs(held) do left[#left + 1] = k end
+  pcall(table.sort, left)
+  return left
+end
+
 --- busted keeps one `finally` per test (a second replaces the first):
 -- defer(finally) registers it once and returns a function that adds
 -- clean-ups, run last first, each protected.
