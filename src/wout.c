@@ -6,9 +6,9 @@
  * when a batch gets its first frame (to the moment that frame is late) and
  * clears when the batch is written.  A worker busy with short calls writes
  * each batch itself before it is late (wout.h), so the flusher is never
- * woken: the batch costs the two timerfd_settime calls, where a condition variable
- * signalled for each batch cost a wake-up of the flusher, and its timed
- * sleep a second one, each taking a CPU from a worker.
+ * woken: the batch costs the two timerfd_settime calls, where a condition
+ * variable signalled for each batch cost a wake-up of the flusher, and its
+ * timed sleep a second one, each taking a CPU from a worker.
  */
 #include <errno.h>
 #include <pthread.h>
