@@ -324,6 +324,42 @@ describe("stream", function()
     assert.is_nil(next(env.claims))
   end)
 
+  for _, ordered in ipairs({ false, true }) do
+    it(("left early, leaves what it had not handed out to p.results at stop (ordered = %s)")
+      :format(tostring(ordered)), function()
+      -- Input 1 is slow: an ordered stream holds back the others' results
+      -- until it is done, and hands out only two of them here.
+      local p = Parallelize(function(x)
+        if x == 1 then require("parallelize").sleep(0.2) end
+        if x % 5 == 0 then error("five " .. x) end
+        return x
+      end, { workers = 2 })
+      finally(function() p:stop() end)
+      local list = {}
+      for i = 1, 60 do list[i] = i end
+      local it, got = p:stream(list, { ordered = ordered }), {}
+      for _ = 1, 2 do
+        local i, ok, v = it()
+        got[i] = true
+        if ok then assert.are.equal(i, v) end
+      end
+      local aborted = p:stop()
+      local results, ids, errors = p:take()
+      for k, id in ipairs(ids) do
+        assert.is_nil(got[id], "call " .. id .. " handed out by the stream and kept too")
+        got[id] = true
+        assert.are.equal(id, results[k])
+      end
+      for _, e in ipairs(errors) do
+        assert.is_nil(got[e.id], "call " .. e.id .. " handed out by the stream and kept too")
+        got[e.id] = true
+        assert.matches("five " .. e.id, e.message)
+      end
+      for _, a in ipairs(aborted) do got[a.id] = true end
+      for i = 1, 60 do assert.is_true(got[i], "call " .. i .. " lost") end
+    end)
+  end
+
   it("lets go of its source, its results and its pool once it has ended", function()
     -- Compiled traces keep the closures they called: with the JIT on, a
     -- finished stream's closures, and what their upvalues held (the

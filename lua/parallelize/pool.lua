@@ -163,11 +163,28 @@ local running = setmetatable({}, { __mode = "k" })
 -- later results go to the store too. Nothing is lost when a map or stream
 -- is abandoned (an error, Ctrl-C, stop).
 local function release(p, claim)
+  if claim.released then return end
+  claim.released = true
   local tag, lists = claim.tag, claim.lists
   running[p][tag] = nil
   pool_release(p, tag)
   local env = pool_env(p)
   local keep = claim.keep
+  -- An ordered stream's results taken from the lists and held back for
+  -- an earlier input (claim.held_back), in id order: they are past kr.
+  local held = claim.held_back and claim.held_back() or {}
+  sort(held, function(a, b) return a.id < b.id end)
+  for _, h in ipairs(held) do
+    if h.err then
+      if keep then env.errors[#env.errors + 1] = h.err else env.unclaimed[h.id] = h.err end
+    elseif keep then
+      env.results[#env.results + 1] = h.first
+      env.ids[#env.ids + 1] = h.id
+      if h.ex then env.extras[h.id] = h.ex end
+    else
+      env.unclaimed[h.id] = h.ex or { n = 1, h.first }
+    end
+  end
   for k = claim.kr, #lists.ids do
     local id, first = lists.ids[k], lists.results[k]
     local ex = lists.extras[id]
@@ -580,9 +597,19 @@ function methods.stream(p, src, opts)
     end
   end
 
-  local function hold(i, ...)
-    held[i] = { n = select("#", ...), ... }
+  --- Holds back call id's answer until its input's turn: {first =, ex =}
+  -- as the lists had them, or {err =}.
+  local function hold(id, entry)
+    entry.id = id
+    held[position(id)] = entry
     nheld = nheld + 1
+  end
+  -- What was held back goes to the pool's store if the stream is
+  -- abandoned: it is no longer in the claim's lists (release).
+  claim.held_back = function()
+    local list = {}
+    for _, h in pairs(held or {}) do list[#list + 1] = h end
+    return list
   end
 
   local function yielded(i, ...)
@@ -617,17 +644,28 @@ function methods.stream(p, src, opts)
         -- everything finished moves to `held`, which yields in order
         while true do
           local k = claim.kr
-          if lists.ids[k] == nil then break end
-          hold(take_result())
+          local id = lists.ids[k]
+          if id == nil then break end
+          claim.kr = k + 1
+          local ex = lists.extras[id]
+          if ex then lists.extras[id] = nil end
+          hold(id, { first = lists.results[k], ex = ex })
         end
-        while lists.errors[claim.ke] ~= nil do hold(take_error()) end
+        while true do
+          local e = lists.errors[claim.ke]
+          if e == nil then break end
+          claim.ke = claim.ke + 1
+          hold(e.id, { err = e })
+        end
         compact()
-        local e = held[want]
-        if e ~= nil then
+        local h = held[want]
+        if h ~= nil then
           held[want] = nil
           nheld = nheld - 1
           want = want + 1
-          return yielded(want - 1, unpack(e, 1, e.n))
+          if h.err then return yielded(want - 1, false, h.err) end
+          if h.ex then return yielded(want - 1, true, unpack(h.ex, 1, h.ex.n)) end
+          return yielded(want - 1, true, h.first)
         end
       else
         if lists.ids[claim.kr] ~= nil then
