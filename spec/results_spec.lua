@@ -360,6 +360,24 @@ describe("stream", function()
     end)
   end
 
+  it("raises when stepped after p:stop(), having handed over what it held", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 100 do list[i] = i end
+    local it, consumed = p:stream(list), 0
+    for _ = 1, 10 do
+      assert.is_true(select(2, it()))
+      consumed = consumed + 1
+    end
+    local aborted = p:stop()
+    local results = p:take()
+    assert.are.equal(100, consumed + #results + #aborted)
+    assert.has_error(function() it() end,
+      "stream: the pool was stopped; what the stream had not handed out went to its results")
+    assert.are.equal(0, #p:take())
+  end)
+
   it("lets go of its source, its results and its pool once it has ended", function()
     -- Compiled traces keep the closures they called: with the JIT on, a
     -- finished stream's closures, and what their upvalues held (the

@@ -634,6 +634,11 @@ function methods.stream(p, src, opts)
 
   local function step()
     if ended then return nil end
+    -- p:stop() moved what the stream had not handed out to the pool's
+    -- store: handing it out too would give each result twice.
+    if claim.released then
+      error("stream: the pool was stopped; what the stream had not handed out went to its results", 2)
+    end
     while true do
       -- Keep the workers fed before handing out results.
       if not exhausted then
