@@ -343,6 +343,19 @@ describe("pzlua --map", function()
       assert.is_truthy(read_not_done, err)
       assert.is_true(read_not_done > 10 and read_not_done < 2000 - 4, err)
     end)
+    it("with -k, writes and logs the lines that finished while an earlier one ran", function()
+      -- Line 1 runs 0.5 s; the others finish meanwhile, held back for the
+      -- order. Line 20 fails: what finished is written all the same.
+      local log = dir .. "/jobs.log"
+      local fn = "function(x) if x == 1 then require('parallelize').sleep(0.5) end "
+        .. "if x == 20 then error('bad ' .. x, 0) end return x end"
+      local out, err, status = map({ "-k", "-j", "2", "--halt", "soon,fail=1", "--joblog", log, fn }, numbers(40))
+      assert.are.equal(1, status)
+      assert.are.equal(numbers(19) .. numbers(40, 21), out)
+      assert.matches(PREFIX .. "halted after 1 failures %(%-%-halt soon,fail=1%): 0 lines not done", err)
+      assert.are.equal(40, #joblog(log))
+    end)
+
     it("logs each line under its own number after a halt, blank lines between them", function()
       -- Blank lines count in the numbers but are no calls: value v is on
       -- line 2v - 1. Values 2 and 3 fail; 4 runs 0.6 s on the other worker
