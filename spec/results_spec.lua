@@ -378,6 +378,19 @@ describe("stream", function()
     assert.are.equal(0, #p:take())
   end)
 
+  it("ends when its pool is stopped from its loop's last turn", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local seen = 0
+    for i, ok in p:stream({ 1, 2, 3 }, { ordered = true }) do
+      assert.is_true(ok)
+      seen = seen + 1
+      if i == 3 then p:stop() end
+    end
+    assert.are.equal(3, seen)
+    assert.are.equal(0, #p:take())
+  end)
+
   it("lets go of its source, its results and its pool once it has ended", function()
     -- Compiled traces keep the closures they called: with the JIT on, a
     -- finished stream's closures, and what their upvalues held (the

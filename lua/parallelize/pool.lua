@@ -635,8 +635,14 @@ function methods.stream(p, src, opts)
   local function step()
     if ended then return nil end
     -- p:stop() moved what the stream had not handed out to the pool's
-    -- store: handing it out too would give each result twice.
+    -- store: handing it out too would give each result twice. A stream
+    -- that had handed out everything (stopped from its loop's last turn)
+    -- just ends.
     if claim.released then
+      if outstanding == 0 and exhausted then
+        finish()
+        return nil
+      end
       error("stream: the pool was stopped; what the stream had not handed out went to its results", 2)
     end
     while true do
