@@ -400,12 +400,13 @@ describe("stream", function()
     local function run(p, k, ordered)
       local list = {}
       for i = 1, 40 do list[i] = string.rep("v", k % 2 == 0 and 1000 or 150 * 1024) .. k .. ":" .. i end
-      local last
-      for _, ok, v in p:stream(list, { ordered = ordered }) do
+      local last, n = nil, 0
+      for i, ok, v in p:stream(list, { ordered = ordered }) do
         assert(ok)
-        last = v
+        assert.are.equal(#list[i], v[1])
+        last, n = v, n + 1
       end
-      assert.are.equal(#list[40], last[1])
+      assert.are.equal(40, n)
       held[#held + 1], held[#held + 2] = list, last
     end
     local p = Parallelize(function(s) return { #s } end, { workers = 2 })
