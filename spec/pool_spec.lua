@@ -266,6 +266,41 @@ describe("Parallelize", function()
     assert.are.equal(1, p.pending) -- the long call has not finished
   end)
 
+  it("writes the results it holds when it gets SIGTERM, before it ends", function()
+    -- 50 instant calls, then one that sends SIGTERM to its own worker: the
+    -- instant calls' results are still in the worker's batch (the call
+    -- after them is running) and must reach the parent before the worker
+    -- ends; lost, they would run again on the worker that replaces it.
+    local dir = support.tmpdir()
+    local log = dir .. "/ran"
+    local p = Parallelize(function(x, path)
+      local pz = require "parallelize"
+      if x == "term" then
+        os.execute("kill -TERM " .. pz.getpid())
+        pz.sleep(5)
+        return x
+      end
+      local f = assert(io.open(path, "a"))
+      f:write(x, "\n")
+      f:close()
+      return x
+    end, { workers = 1 })
+    finally(function()
+      p:stop()
+      support.rmdir(dir)
+    end)
+    p:wait()
+    for i = 1, 50 do p(i, log) end
+    local term = p("term", log)
+    p:wait()
+    local ran = support.read(log)
+    local _, runs = ran:gsub("\n", "")
+    assert.are.equal(50, runs, "the instant calls ran " .. runs .. " times in all")
+    assert.are.equal(50, #p.results)
+    assert.are.equal(1, #p.errors)
+    assert.are.same({ term, "killer" }, { p.errors[1].id, p.errors[1].kind })
+  end)
+
   it("stops in the middle, returning what never ran", function()
     local p = Parallelize(rep(function(x) parallelize.sleep(0.01); return x end, 4))
     for i = 1, 400 do p(i, "arg") end

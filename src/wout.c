@@ -9,12 +9,21 @@
  * woken: the batch costs the two timerfd_settime calls, where a condition
  * variable signalled for each batch cost a wake-up of the flusher, and its
  * timed sleep a second one, each taking a CPU from a worker.
+ *
+ * SIGTERM (p:stop's finish timeout running out, or anyone's) would end the
+ * process with the batch unwritten: calls that ran would count as never
+ * run, and run again elsewhere, their side effects twice.  So once the
+ * flusher runs, SIGTERM's handler only wakes it (an eventfd, written from
+ * the handler, which is async-signal-safe), and the flusher writes the
+ * batch, then ends the process with SIGTERM as before.
  */
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,6 +46,8 @@ static struct {
     int flusher_running;
     int alarm_fd;        /* the flusher's timerfd, -1 before it starts */
     int alarm_set;       /* alarm_fd is set for the oldest frame */
+    int term_fd;         /* eventfd SIGTERM's handler writes, or -1 */
+    pid_t pid;           /* the worker's: the handler's process */
     pthread_mutex_t lock;
 } O;
 
@@ -48,6 +59,7 @@ void pz_wout_init(int fd)
     memset(&O, 0, sizeof O);
     O.fd = fd;
     O.alarm_fd = -1;
+    O.term_fd = -1;
     pthread_mutex_init(&O.lock, NULL);
 }
 
@@ -84,19 +96,64 @@ static void write_locked(void)
     pz_buf_trim(&O.buf, KEEP_BYTES);
 }
 
+/* SIGTERM's handler, once the flusher runs: wakes it.  A process forked
+ * from the worker without exec keeps the handler but not the flusher: it
+ * ends at once, as it would have without the handler. */
+static void on_term(int sig)
+{
+    int saved = errno;
+    if (getpid() != O.pid) {
+        signal(sig, SIG_DFL);
+        raise(sig); /* pending until the handler returns, then fatal */
+    } else {
+        uint64_t one = 1;
+        if (write(O.term_fd, &one, sizeof one) < 0) {
+            /* cannot fail on an eventfd this far from its limit */
+        }
+    }
+    errno = saved;
+}
+
+/* The flusher, woken by SIGTERM: writes the whole frames the batch holds,
+ * then ends the process with SIGTERM, as the signal would have (delivered
+ * to the main thread: this one blocks every signal).  The lock stays held,
+ * so the main thread adds nothing meanwhile. */
+static _Noreturn void end_by_term(void)
+{
+    pthread_mutex_lock(&O.lock);
+    write_locked();
+    signal(SIGTERM, SIG_DFL);
+    kill(O.pid, SIGTERM);
+    /* Should the main thread block SIGTERM (an executor's own doing), the
+     * process still ends. */
+    struct timespec second = {1, 0};
+    nanosleep(&second, NULL);
+    _exit(128 + SIGTERM);
+}
+
 /* The flusher: asleep until its alarm goes off, then writes what is there
  * if its oldest frame is late (the main thread may have written it, and
- * begun another batch, meanwhile: then the alarm is set again for that). */
+ * begun another batch, meanwhile: then the alarm is set again for that);
+ * or until SIGTERM's handler wakes it (end_by_term). */
 static void *flusher(void *arg)
 {
     (void)arg;
     for (;;) {
-        uint64_t expirations;
-        if (read(O.alarm_fd, &expirations, sizeof expirations) < 0 && errno != EINTR) {
-            /* Cannot happen on a timerfd in use; should it, the main
+        struct pollfd fds[2] = {{O.alarm_fd, POLLIN, 0}, {O.term_fd, POLLIN, 0}};
+        if (poll(fds, O.term_fd >= 0 ? 2 : 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            /* Cannot happen with these descriptors; should it, the main
              * thread's own flushes remain. */
             return NULL;
         }
+        if (fds[1].revents)
+            end_by_term();
+        if (!fds[0].revents)
+            continue;
+        uint64_t expirations;
+        if (read(O.alarm_fd, &expirations, sizeof expirations) < 0 && errno != EINTR)
+            return NULL; /* as above */
         pthread_mutex_lock(&O.lock);
         O.alarm_set = 0;
         if (O.frames > 0) {
@@ -117,6 +174,9 @@ void pz_wout_start_flusher(void)
     O.alarm_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
     if (O.alarm_fd < 0)
         return; /* no flusher: see below */
+    /* Without it SIGTERM keeps its default: the batch is lost, as before. */
+    O.term_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    O.pid = getpid();
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, FLUSHER_STACK);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -132,6 +192,21 @@ void pz_wout_start_flusher(void)
     if (rc != 0) {
         close(O.alarm_fd);
         O.alarm_fd = -1;
+        if (O.term_fd >= 0)
+            close(O.term_fd);
+        O.term_fd = -1;
+        return;
+    }
+    if (O.term_fd >= 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_term;
+        sa.sa_flags = SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGTERM, &sa, NULL) != 0) {
+            /* SIGTERM keeps its default; the flusher's eventfd stays
+             * quiet. */
+        }
     }
 }
 
