@@ -14,7 +14,8 @@
  * frames whenever it unlocks; the flusher writes only under the same lock.
  * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
  * on an alarm (a timerfd) that is set, under the lock, only while the
- * buffer holds frames.
+ * buffer holds frames, and on an eventfd that SIGTERM's handler writes:
+ * then it writes the batch and ends the process (wout.c).
  */
 #ifndef PZ_WOUT_H
 #define PZ_WOUT_H
