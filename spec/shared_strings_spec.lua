@@ -241,10 +241,11 @@ describe("big strings through shared memory", function()
     end
   end)
 
-  it("keep a ring in use after a block placed past a skip and never sent", function()
-    -- (s, {}): s is placed as a scalar, then again by the full encoder,
-    -- which the table needs; the first block went round the ring early
-    -- (past 1 MiB of it, nothing unread), and no frame names it.
+  it("keep a ring in use when a result with a table follows big ones", function()
+    -- (s, {}): s is placed as a scalar before the table sends the rest of
+    -- the tuple to the full encoder. (That encoder once started over and
+    -- placed s again, past a skip round the ring: no frame named the
+    -- first block, and the parent's tail stayed a round behind.)
     local p = Parallelize(function(k)
       local s = string.rep(string.char(65 + k % 26), 1024 * KIB)
       if k == 2 then return s, {} end
@@ -261,6 +262,21 @@ describe("big strings through shared memory", function()
     -- every result came back through the ring (the tail was left a round
     -- behind after 16 of them, and the ring then full for good)
     assert.are.equal(60 * 1024 * KIB, p:stats().shared.received)
+  end)
+
+  it("place a result's big strings once when a table comes after them", function()
+    -- Two 6 MiB strings, then a table: the ring (16 MiB with one worker)
+    -- takes both once. Placed a second time by an encoder starting over
+    -- for the table, 24 MiB do not fit, and both went inline.
+    local p = Parallelize(function(n)
+      local s = string.rep("x", n)
+      return s, s .. "y", {}
+    end, { workers = 1 })
+    finally(function() p = stop(p) end)
+    local ok, a, b, t = p:result(p(6 * 1024 * KIB))
+    assert.is_true(ok)
+    assert.are.same({ 6 * 1024 * KIB, 6 * 1024 * KIB + 1, "table" }, { #a, #b, type(t) })
+    assert.are.equal(12 * 1024 * KIB + 1, p:stats().shared.received)
   end)
 
   it("make p:stop() raise 'busy' from a finalizer while a map's chunk encodes", function()

@@ -34,8 +34,8 @@
  * then moves the ring's tail (pz_slot_shared.ring_tail) past it.  Blocks
  * of a result the worker does not send (refused, or its encode raised)
  * go back at once (pz_ring_writer_rewind); others no record names (the
- * worker died with them unsent, the scalars' first try in
- * pz_encode_tuple) are passed when the tail moves beyond a later one.
+ * worker died with them unsent) are passed when the tail moves beyond a
+ * later one.
  *
  * No room is never a wait for a worker: the string then travels inline,
  * as it does without an arena.  p(...) waits for room in the calls area

@@ -592,26 +592,29 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
                      pz_arena_writer *arena)
 {
     enc e;
-    size_t start = out->len;
     uint8_t v[PZ_VARINT_MAX_BYTES];
-    size_t placed = arena ? arena->placed : 0;
+    size_t start = out->len, at = start;
+    int i = 0;
+    if (count < 0)
+        count = 0;
     first = abs_index(L, first);
-    if (count >= 0 && pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0) {
-        int i = 0;
-        while (i < count && pz_encode_scalar(L, first + i, out, arena))
+    int counted = pz_buf_append(out, v, pz_put_varint(v, (uint64_t)count)) == 0;
+    if (counted) {
+        for (at = out->len; i < count && pz_encode_scalar(L, first + i, out, arena); at = out->len)
             i++;
         if (i == count)
             return;
     }
-    /* What the scalars placed stays placed until the writer's owner frees
-     * the encode's blocks together; the full encoder places them again. */
-    if (arena)
-        arena->placed = placed;
-    out->len = start;
+    /* The full encoder goes on from the item the scalars stopped at (what
+     * pz_encode_scalar appended of it is dropped): it writes a scalar's
+     * bytes as they do and gives it no reference number, so the scalars
+     * before it are neither written nor placed in the arena twice. */
+    out->len = counted ? at : start;
     enc_start(&e, L, out, root, flags);
     e.arena = arena;
-    put_varint(&e, (uint64_t)(count < 0 ? 0 : count));
-    for (int i = 0; i < count; i++) {
+    if (!counted)
+        put_varint(&e, (uint64_t)count);
+    for (; i < count; i++) {
         e.tuple_index = i + 1;
         enc_value(&e, first + i);
     }
