@@ -418,25 +418,30 @@ function M.map(p, list, who)
     end
   end)
   done_waiting(p)
+  local failure, out
   if not ok then
     release(p, claim)
-    caller.reraise(err)
-  end
-  if #lists.errors > 0 then
+  elseif #lists.errors > 0 then
     local e = lists.errors[1]
     claim.ke = 2 -- reported: the rest go to the store
     release(p, claim)
-    error(item_failed(who, pos and pos[e.id] or e.id - first + 1, e), caller.level())
-  end
-  local out = {}
-  local results, ids = lists.results, lists.ids
-  if pos then
-    for k = 1, n do out[pos[ids[k]]] = results[k] end
+    failure = item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
   else
-    for k = 1, n do out[ids[k] - first + 1] = results[k] end
+    out = {}
+    local results, ids = lists.results, lists.ids
+    if pos then
+      for k = 1, n do out[pos[ids[k]]] = results[k] end
+    else
+      for k = 1, n do out[ids[k] - first + 1] = results[k] end
+    end
+    claim.kr = n + 1
+    release(p, claim)
   end
-  claim.kr = n + 1
-  release(p, claim)
+  -- As chunks.map does: the closures above may outlive the map in
+  -- compiled traces, and must not keep its list, its answers or the pool.
+  list, lists, pos, claim, p = nil, nil, nil, nil, nil -- luacheck: ignore
+  if not ok then caller.reraise(err) end
+  if failure then error(failure, caller.level()) end
   return out
 end
 
