@@ -12,7 +12,6 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
-#include <string.h>
 
 #include "frame.h"
 #include "io.h"
@@ -135,14 +134,8 @@ int pz_dispatch_requeue_frame(struct pz_io *io, const char *frame, size_t size)
 static void cancel_waiting(struct pz_io *io, char *fr)
 {
     char msg[80];
-    uint8_t no_attempts = 0;
     snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", pz_frame_id(fr));
-    pz_part parts[] = {{pz_frame_payload(fr), pz_frame_payload_len(fr), 1},
-                       {msg, strlen(msg), 1},
-                       {NULL, 0, 1},
-                       {NULL, 0, 1},
-                       {&no_attempts, 1, 0}};
-    if (pz_io_record_error(io, PZ_ERR_CANCELLED, pz_frame_tag(fr), pz_frame_id(fr), parts, 5) == 0)
+    if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
         pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
 }
 

@@ -212,11 +212,11 @@ void pz_slot_start(struct pz_io *io, pz_slot *w);
  * slot up. */
 void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status);
 
-/* slot.c's own helpers, for answer.c: a worker that broke the protocol is
- * killed (its death is handled like any other); an ERROR record of `kind`
- * for the CALL frame `call` that the parent itself gives up on (returns
- * what pz_io_record does); the record's socket closed and out of the
- * epoll set. */
+/* slot.c's own helpers, for answer.c and dispatch.c: a worker that broke
+ * the protocol is killed (its death is handled like any other); an ERROR
+ * record of `kind` for the CALL frame `call` that the parent itself gives
+ * up on (returns what pz_io_record does); the record's socket closed and
+ * out of the epoll set. */
 void pz_slot_reject(struct pz_io *io, pz_slot *w, const char *why);
 int pz_slot_record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind);
 void pz_slot_close_fd(struct pz_io *io, pz_slot *w);
