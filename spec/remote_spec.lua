@@ -26,13 +26,7 @@ local function cmdline(pid)
   return ((support.read("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " "))
 end
 
-local function concat(...)
-  local all = {}
-  for _, list in ipairs { ... } do
-    for _, v in ipairs(list) do all[#all + 1] = v end
-  end
-  return all
-end
+local concat = support.concat
 
 -- The pool's spawner, a new child of this process after `before`.
 local function new_child(before)

@@ -27,13 +27,7 @@ local function fixture(kind, defer)
   return h
 end
 
-local function concat(...)
-  local all = {}
-  for _, list in ipairs { ... } do
-    for _, v in ipairs(list) do all[#all + 1] = v end
-  end
-  return all
-end
+local concat = support.concat
 
 -- The clients a test starts (ssh, srun), each with its stdin and stdout as
 -- pipes and its stderr in a log; all remembered in `seen` (pid -> start

@@ -138,6 +138,15 @@ function M.uncollected(held)
   return left
 end
 
+--- The items of every list given, in order, in one new list.
+function M.concat(...)
+  local all = {}
+  for _, list in ipairs { ... } do
+    for _, v in ipairs(list) do all[#all + 1] = v end
+  end
+  return all
+end
+
 --- busted keeps one `finally` per test (a second replaces the first):
 -- defer(finally) registers it once and returns a function that adds
 -- clean-ups, run last first, each protected.
