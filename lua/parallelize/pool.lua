@@ -495,63 +495,83 @@ function methods.stream(p, src, opts)
   local array_n = t == "table" and #src or nil
   local next_i, exhausted = 1, false
   local outstanding = 0        -- inputs submitted and not yielded
-  -- id -> input position, as runs of consecutive ids: {id0, i0, count, left}
-  local segs, seg_head = {}, 1
+  -- id -> input position, as runs of consecutive ids: segs[s] is
+  -- {id0, i0, count, left}, for s from seg_head to seg_tail. A run is
+  -- dropped once all its calls are handed out (left = 0), unless it is the
+  -- last, which the next input may extend.
+  local segs, seg_head, seg_tail = {}, 1, 0
   local held, want, nheld = {}, 1, 0
+  -- How many more results step may hand out without looking at the
+  -- workers' queue (pool_counts): a C call per result cost more than the
+  -- rest of the turn. The queue is refilled below half the window, and
+  -- an eighth of the window handed out meanwhile still leaves the workers
+  -- more than a third of it. 0 sends every turn through the full step.
+  local look_every = math.max(1, floor(window / 8))
+  local quick_turns = 0
   claim.owns = function(id)
-    for s = seg_head, #segs do
+    for s = seg_head, seg_tail do
       local seg = segs[s]
       if id >= seg[1] and id < seg[1] + seg[3] then return true end
     end
     return false
   end
 
+  --- Drops the runs at the head whose calls are all handed out.
+  local function drop_spent_runs()
+    while seg_head < seg_tail and segs[seg_head][4] == 0 do
+      segs[seg_head] = nil
+      seg_head = seg_head + 1
+    end
+  end
+
+  --- The input position of call id, which is handed out now.
   local function position(id)
-    for s = seg_head, #segs do
+    for s = seg_head, seg_tail do
       local seg = segs[s]
       if id >= seg[1] and id < seg[1] + seg[3] then
         seg[4] = seg[4] - 1
-        if seg[4] == 0 and s == seg_head and s < #segs then
-          segs[s] = nil
-          seg_head = s + 1
-        end
+        if seg[4] == 0 then drop_spent_runs() end
         return seg[2] + (id - seg[1])
       end
     end
     error("stream: internal error: call " .. id .. " is not the stream's")
   end
 
-  --- Notes that input next_i became call id.
-  local function submitted(id)
-    local seg = segs[#segs]
-    if seg and seg_head <= #segs and id == seg[1] + seg[3] and next_i == seg[2] + seg[3] then
-      seg[3], seg[4] = seg[3] + 1, seg[4] + 1
+  --- Notes that inputs next_i .. next_i + count - 1 became calls
+  -- id0 .. id0 + count - 1.
+  local function submitted(id0, count)
+    local seg = segs[seg_tail]
+    if seg and id0 == seg[1] + seg[3] then
+      seg[3], seg[4] = seg[3] + count, seg[4] + count
     else
-      segs[#segs + 1] = { id, next_i, 1, 1 }
+      seg_tail = seg_tail + 1
+      segs[seg_tail] = { id0, next_i, count, count }
     end
-    if not claim.first then claim.first = id end
-    claim.last = id
-    next_i = next_i + 1
-    outstanding = outstanding + 1
+    if not claim.first then claim.first = id0 end
+    claim.last = id0 + count - 1
+    next_i = next_i + count
+    outstanding = outstanding + count
   end
 
   local ids = {}
 
-  --- Queues inputs while fewer than `window` wait for a worker, fewer
-  -- than `window` results are held back (when ordered) and fewer than
-  -- `4 * window` are outstanding: an array's in one C call.
-  local function refill()
-    local _, _, pending = pool_counts(p)
+  --- Queues inputs while fewer than `window` wait for a worker (pending,
+  -- if the caller has just read it), fewer than `window` results are held
+  -- back (when ordered) and fewer than `4 * window` are outstanding: an
+  -- array's in one C call.
+  local function refill(pending)
+    if exhausted then return end
+    if not pending then pending = select(3, pool_counts(p)) end
     local room = math.min(window - pending, window - nheld, 4 * window - outstanding)
-    if exhausted or room <= 0 then return end
+    if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
       if last_i >= next_i then
         local first, last, interleaved = pool_submit_each(p, tag, src, next_i, last_i, ids)
         if interleaved then
-          for k = 1, last_i - next_i + 1 do submitted(ids[k]) end
+          for k = 1, last_i - next_i + 1 do submitted(ids[k], 1) end
         else
-          for id = first, last do submitted(id) end
+          submitted(first, last - first + 1)
         end
       end
       exhausted = next_i > array_n
@@ -563,7 +583,7 @@ function methods.stream(p, src, opts)
         exhausted = true
         return
       end
-      submitted(pool_submit(p, tag, nil, item))
+      submitted(pool_submit(p, tag, nil, item), 1)
     end
   end
 
@@ -634,10 +654,12 @@ function methods.stream(p, src, opts)
     release(p, claim)
     done_waiting(p)
     ended = true
+    quick_turns = 0
     src, held, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil
   end
 
-  local function step()
+  --- A turn of the loop that may wait, refill or end the stream.
+  local function full_step()
     if ended then return nil end
     -- p:stop() moved what the stream had not handed out to the pool's
     -- store: handing it out too would give each result twice. A stream
@@ -654,8 +676,9 @@ function methods.stream(p, src, opts)
       -- Keep the workers fed before handing out results.
       if not exhausted then
         local _, _, pending = pool_counts(p)
-        if pending < window / 2 then refill() end
+        if pending < window / 2 then refill(pending) end
       end
+      if not ordered then quick_turns = exhausted and math.huge or look_every end
       if ordered then
         -- everything finished moves to `held`, which yields in order
         while true do
@@ -700,6 +723,32 @@ function methods.stream(p, src, opts)
       local room = not exhausted and nheld < window and pending >= window
       check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
     end
+  end
+
+  --- The loop's turn. Most turns find a result with one value in the
+  -- claim's lists, from a call of the first run of ids, and need not look
+  -- at the workers' queue: they are handed out here, with no C call and
+  -- no loop, so that LuaJIT compiles them into the trace of the caller's
+  -- loop. Anything else goes through full_step.
+  local function step()
+    if quick_turns > 0 and not claim.released then
+      local k = claim.kr
+      local id = lists.ids[k]
+      if id ~= nil and lists.extras[id] == nil then
+        local seg = segs[seg_head]
+        local d = id - seg[1]
+        if d >= 0 and d < seg[3] then
+          quick_turns = quick_turns - 1
+          claim.kr = k + 1
+          local left = seg[4] - 1
+          seg[4] = left
+          if left == 0 then drop_spent_runs() end
+          outstanding = outstanding - 1
+          return seg[2] + d, true, lists.results[k]
+        end
+      end
+    end
+    return full_step()
   end
 
   return step
