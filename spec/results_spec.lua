@@ -440,6 +440,25 @@ describe("stream", function()
     end)
   end
 
+  it("makes p:result refuse its calls, and not the loop's own calls between them", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 40 do list[i] = i end
+    local it = p:stream(list, { max_pending = 2 })
+    assert.are.equal(1, select(3, it()))
+    local own = p(-1)
+    for _ = 1, 5 do assert.is_true(select(2, it())) end
+    local newest = core.pool_counts(p) -- the stream queued it after `own`
+    assert.is_true(newest > own)
+    assert.has_error(function() p:result(newest) end,
+      ("result: call %d belongs to a map or a stream"):format(newest))
+    assert.are.same({ true, -1 }, { p:result(own, 10) })
+    local n = 6
+    for _ in it do n = n + 1 end
+    assert.are.equal(40, n)
+  end)
+
   it("left early, ordered, leaves the first value of what it held back with several", function()
     -- Input 1 is slow: the others are held back, each with nil then its
     -- input (every value, not only the first, is kept); p:take() gives the

@@ -573,6 +573,9 @@ function methods.stream(p, src, opts)
     else
       seg_tail = seg_tail + 1
       segs[seg_tail] = { id0, next_i, count, count }
+      -- the last run may have been spent: no longer last, it goes, so
+      -- that the new one's calls are found at the head
+      drop_spent_runs()
     end
     if not claim.first then claim.first = id0 end
     claim.last = id0 + count - 1
