@@ -254,6 +254,86 @@ describe("stream", function()
     assert.are.equal(101, want)
   end)
 
+  for _, ordered in ipairs({ false, true }) do
+    it(("hands out one value, several, nil and errors alike, the window refilled many times over "
+      .. "(ordered = %s)"):format(tostring(ordered)), function()
+      -- 400 inputs through a window of 3: an ordered stream's slots for
+      -- what it holds back (4 * 3 of them) are reused some 33 times.
+      local p = Parallelize(function(x)
+        require("parallelize").sleep((x * 13 % 5) / 4000)
+        if x % 7 == 0 then error("seven " .. x, 0) end
+        if x % 5 == 0 then return nil, x end
+        if x % 3 == 0 then return x, x + 1, x + 2 end
+        if x % 11 == 0 then return nil end
+        return x
+      end, { workers = 3 })
+      finally(function() p:stop() end)
+      local list = {}
+      for i = 1, 400 do list[i] = i end
+      local seen, last = {}, 0
+      for i, ok, a, b, c in p:stream(list, { ordered = ordered, max_pending = 3 }) do
+        assert.is_nil(seen[i], "input " .. i .. " handed out twice")
+        seen[i] = true
+        if ordered then
+          assert.are.equal(last + 1, i)
+          last = i
+        end
+        if i % 7 == 0 then
+          assert.is_false(ok)
+          assert.are.equal("seven " .. i, a.message)
+        elseif i % 5 == 0 then
+          assert.is_true(ok)
+          assert.is_nil(a)
+          assert.are.equal(i, b)
+        elseif i % 3 == 0 then
+          assert.is_true(ok)
+          assert.are.same({ i, i + 1, i + 2 }, { a, b, c })
+        elseif i % 11 == 0 then
+          assert.is_true(ok)
+          assert.is_nil(a)
+        else
+          assert.is_true(ok)
+          assert.are.equal(i, a)
+          assert.is_nil(b)
+        end
+      end
+      for i = 1, 400 do assert.is_true(seen[i], "input " .. i .. " never handed out") end
+    end)
+
+    it(("gives each input its own result while the loop queues calls of its own (ordered = %s)")
+      :format(tostring(ordered)), function()
+      -- The loop's p(...) calls take ids between the stream's: its inputs
+      -- become many runs of ids, not one.
+      local p = Parallelize(function(x)
+        require("parallelize").sleep((x * 17 % 3) / 4000)
+        return x * 10
+      end, { workers = 2 })
+      finally(function() p:stop() end)
+      local list = {}
+      for i = 1, 300 do list[i] = i end
+      local own, n, last = {}, 0, 0
+      for i, ok, v in p:stream(list, { ordered = ordered, max_pending = 4 }) do
+        assert.is_true(ok)
+        assert.are.equal(i * 10, v)
+        if ordered then
+          assert.are.equal(last + 1, i)
+          last = i
+        end
+        n = n + 1
+        if i % 2 == 0 then own[p(-i)] = -i end
+      end
+      assert.are.equal(300, n)
+      assert.is_true(p:wait(10))
+      local results, ids = p:take()
+      local got = 0
+      for k, id in ipairs(ids) do
+        assert.are.equal(own[id] * 10, results[k], "call " .. id .. " is the loop's own")
+        got = got + 1
+      end
+      assert.are.equal(150, got)
+    end)
+  end
+
   it("pulls an iterator lazily, keeping at most max_pending waiting", function()
     local dir = support.tmpdir()
     local lines = {}
@@ -359,6 +439,45 @@ describe("stream", function()
       for i = 1, 60 do assert.is_true(got[i], "call " .. i .. " lost") end
     end)
   end
+
+  it("makes p:result refuse its calls, and not the loop's own calls between them", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 40 do list[i] = i end
+    local it = p:stream(list, { max_pending = 2 })
+    assert.are.equal(1, select(3, it()))
+    local own = p(-1)
+    for _ = 1, 5 do assert.is_true(select(2, it())) end
+    local newest = core.pool_counts(p) -- the stream queued it after `own`
+    assert.is_true(newest > own)
+    assert.has_error(function() p:result(newest) end,
+      ("result: call %d belongs to a map or a stream"):format(newest))
+    assert.are.same({ true, -1 }, { p:result(own, 10) })
+    local n = 6
+    for _ in it do n = n + 1 end
+    assert.are.equal(40, n)
+  end)
+
+  it("left early, ordered, leaves the first value of what it held back with several", function()
+    -- Input 1 is slow: the others are held back, each with nil then its
+    -- input (every value, not only the first, is kept); p:take() gives the
+    -- first, null.
+    local p = Parallelize(function(x)
+      if x == 1 then require("parallelize").sleep(0.3) end
+      return nil, x
+    end, { workers = 2 })
+    finally(function() p:stop() end)
+    local it = p:stream({ 1, 2, 3, 4, 5, 6 }, { ordered = true })
+    local i, ok, a, b = it()
+    assert.are.same({ 1, true, nil, 1 }, { i, ok, a, b })
+    -- the others were held back while input 1 ran
+    local aborted = p:stop()
+    assert.are.same({}, aborted)
+    local results, ids = p:take()
+    assert.are.same({ 2, 3, 4, 5, 6 }, ids)
+    assert.are.same({ null, null, null, null, null }, results)
+  end)
 
   it("raises when stepped after p:stop(), having handed over what it held", function()
     local p = Parallelize(function(x) return x end, { workers = 2 })

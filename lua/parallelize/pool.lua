@@ -35,6 +35,9 @@ caller.mark_c(pool_mt.__call)
 
 local M = { methods = methods, properties = properties }
 
+-- In an ordered stream's held_more: the answer held back is an error.
+local FAILED = {}
+
 --- Every method starts with this: a method called with a dot (`p.wait()`)
 -- gets no pool as its first argument, and the user is told so rather than
 -- about a bad argument to some function of the core.
@@ -495,63 +498,110 @@ function methods.stream(p, src, opts)
   local array_n = t == "table" and #src or nil
   local next_i, exhausted = 1, false
   local outstanding = 0        -- inputs submitted and not yielded
-  -- id -> input position, as runs of consecutive ids: {id0, i0, count, left}
-  local segs, seg_head = {}, 1
-  local held, want, nheld = {}, 1, 0
+  -- id -> input position, as runs of consecutive ids: segs[s] is
+  -- {id0, i0, count, left}, for s from seg_head to seg_tail. A run is
+  -- dropped once all its calls are handed out (left = 0), unless it is the
+  -- last, which the next input may extend.
+  local segs, seg_head, seg_tail = {}, 1, 0
+  -- With ordered, what finished before its input's turn, in slot
+  -- (i - 1) % ring + 1 for input i: held[slot] is the first value (null
+  -- for nil) or the error record; held_more[slot] nil, or every value
+  -- ({n =, ...}) when there are not exactly one non-nil, or FAILED for an
+  -- error; held_id[slot] the call's id (left behind once handed out). No
+  -- table per result, and slots rather than positions as keys: the inputs
+  -- held back are between want and next_i, fewer than 4 * window apart
+  -- (refill), so they never share a slot, and the tables stay arrays
+  -- however long the stream.
+  local ring = 4 * window
+  local held, held_more, held_id, want, want_slot, nheld = {}, {}, {}, 1, 1, 0
+  -- How many more results step may hand out without looking at the
+  -- workers' queue (pool_counts): a C call per result cost more than the
+  -- rest of the turn. The queue is refilled below half the window, and
+  -- an eighth of the window handed out meanwhile still leaves the workers
+  -- more than a third of it. 0 sends every turn through the full step.
+  local look_every = math.max(1, floor(window / 8))
+  local quick_turns = 0
   claim.owns = function(id)
-    for s = seg_head, #segs do
+    for s = seg_head, seg_tail do
       local seg = segs[s]
       if id >= seg[1] and id < seg[1] + seg[3] then return true end
     end
     return false
   end
 
-  local function position(id)
-    for s = seg_head, #segs do
+  --- Drops the runs at the head whose calls are all handed out.
+  local function drop_spent_runs()
+    while seg_head < seg_tail and segs[seg_head][4] == 0 do
+      segs[seg_head] = nil
+      seg_head = seg_head + 1
+    end
+  end
+
+  --- position() for a call of a run after the first.
+  local function position_in_later_run(id)
+    for s = seg_head + 1, seg_tail do
       local seg = segs[s]
       if id >= seg[1] and id < seg[1] + seg[3] then
         seg[4] = seg[4] - 1
-        if seg[4] == 0 and s == seg_head and s < #segs then
-          segs[s] = nil
-          seg_head = s + 1
-        end
+        if seg[4] == 0 then drop_spent_runs() end
         return seg[2] + (id - seg[1])
       end
     end
     error("stream: internal error: call " .. id .. " is not the stream's")
   end
 
-  --- Notes that input next_i became call id.
-  local function submitted(id)
-    local seg = segs[#segs]
-    if seg and seg_head <= #segs and id == seg[1] + seg[3] and next_i == seg[2] + seg[3] then
-      seg[3], seg[4] = seg[3] + 1, seg[4] + 1
+  --- The input position of call id, which is handed out or held back
+  -- now. Its calls come mostly from the first run (all of them, when
+  -- nothing else queues calls on the pool meanwhile): looked up with no
+  -- loop, it compiles into the trace of the loop that calls it.
+  local function position(id)
+    local seg = segs[seg_head]
+    local d = id - seg[1]
+    if d < 0 or d >= seg[3] then return position_in_later_run(id) end
+    local left = seg[4] - 1
+    seg[4] = left
+    if left == 0 then drop_spent_runs() end
+    return seg[2] + d
+  end
+
+  --- Notes that inputs next_i .. next_i + count - 1 became calls
+  -- id0 .. id0 + count - 1.
+  local function submitted(id0, count)
+    local seg = segs[seg_tail]
+    if seg and id0 == seg[1] + seg[3] then
+      seg[3], seg[4] = seg[3] + count, seg[4] + count
     else
-      segs[#segs + 1] = { id, next_i, 1, 1 }
+      seg_tail = seg_tail + 1
+      segs[seg_tail] = { id0, next_i, count, count }
+      -- the last run may have been spent: no longer last, it goes, so
+      -- that the new one's calls are found at the head
+      drop_spent_runs()
     end
-    if not claim.first then claim.first = id end
-    claim.last = id
-    next_i = next_i + 1
-    outstanding = outstanding + 1
+    if not claim.first then claim.first = id0 end
+    claim.last = id0 + count - 1
+    next_i = next_i + count
+    outstanding = outstanding + count
   end
 
   local ids = {}
 
-  --- Queues inputs while fewer than `window` wait for a worker, fewer
-  -- than `window` results are held back (when ordered) and fewer than
-  -- `4 * window` are outstanding: an array's in one C call.
-  local function refill()
-    local _, _, pending = pool_counts(p)
+  --- Queues inputs while fewer than `window` wait for a worker (pending,
+  -- if the caller has just read it), fewer than `window` results are held
+  -- back (when ordered) and fewer than `4 * window` are outstanding: an
+  -- array's in one C call.
+  local function refill(pending)
+    if exhausted then return end
+    if not pending then pending = select(3, pool_counts(p)) end
     local room = math.min(window - pending, window - nheld, 4 * window - outstanding)
-    if exhausted or room <= 0 then return end
+    if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
       if last_i >= next_i then
         local first, last, interleaved = pool_submit_each(p, tag, src, next_i, last_i, ids)
         if interleaved then
-          for k = 1, last_i - next_i + 1 do submitted(ids[k]) end
+          for k = 1, last_i - next_i + 1 do submitted(ids[k], 1) end
         else
-          for id = first, last do submitted(id) end
+          submitted(first, last - first + 1)
         end
       end
       exhausted = next_i > array_n
@@ -563,7 +613,7 @@ function methods.stream(p, src, opts)
         exhausted = true
         return
       end
-      submitted(pool_submit(p, tag, nil, item))
+      submitted(pool_submit(p, tag, nil, item), 1)
     end
   end
 
@@ -602,19 +652,43 @@ function methods.stream(p, src, opts)
     end
   end
 
-  --- Holds back call id's answer until its input's turn: {first =, ex =}
-  -- as the lists had them, or {err =}.
-  local function hold(id, entry)
-    entry.id = id
-    held[position(id)] = entry
+  --- Holds back call id's answer until its input's turn: v and more as
+  -- in `held` and `held_more`.
+  local function hold(id, v, more)
+    local slot = (position(id) - 1) % ring + 1
+    held[slot], held_more[slot], held_id[slot] = v, more, id
     nheld = nheld + 1
   end
   -- What was held back goes to the pool's store if the stream is
-  -- abandoned: it is no longer in the claim's lists (release).
+  -- abandoned: it is no longer in the claim's lists (release), which
+  -- takes {id =, first =, ex =} or {id =, err =}.
   claim.held_back = function()
     local list = {}
-    for _, h in pairs(held or {}) do list[#list + 1] = h end
+    for slot, v in pairs(held or {}) do
+      local id, more = held_id[slot], held_more[slot]
+      if more == FAILED then
+        list[#list + 1] = { id = id, err = v }
+      else
+        list[#list + 1] = { id = id, first = v, ex = more }
+      end
+    end
     return list
+  end
+
+  --- With ordered, hands out what input `want` gave, held back; nothing
+  -- if it has not finished.
+  local function take_held()
+    local i, slot = want, want_slot
+    local v = held[slot]
+    if v == nil then return nil end
+    local more = held_more[slot]
+    held[slot], held_more[slot] = nil, nil
+    nheld = nheld - 1
+    want, want_slot = i + 1, slot == ring and 1 or slot + 1
+    outstanding = outstanding - 1
+    if more == nil then return i, true, v end
+    if more == FAILED then return i, false, v end
+    return i, true, unpack(more, 1, more.n)
   end
 
   local function yielded(i, ...)
@@ -634,10 +708,12 @@ function methods.stream(p, src, opts)
     release(p, claim)
     done_waiting(p)
     ended = true
-    src, held, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil
+    quick_turns = 0
+    src, held, held_more, held_id, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil, nil, nil
   end
 
-  local function step()
+  --- A turn of the loop that may wait, refill or end the stream.
+  local function full_step()
     if ended then return nil end
     -- p:stop() moved what the stream had not handed out to the pool's
     -- store: handing it out too would give each result twice. A stream
@@ -654,35 +730,29 @@ function methods.stream(p, src, opts)
       -- Keep the workers fed before handing out results.
       if not exhausted then
         local _, _, pending = pool_counts(p)
-        if pending < window / 2 then refill() end
+        if pending < window / 2 then refill(pending) end
       end
+      quick_turns = exhausted and math.huge or look_every
       if ordered then
         -- everything finished moves to `held`, which yields in order
+        local ids_, results, extras = lists.ids, lists.results, lists.extras
         while true do
           local k = claim.kr
-          local id = lists.ids[k]
+          local id = ids_[k]
           if id == nil then break end
           claim.kr = k + 1
-          local ex = lists.extras[id]
-          if ex then lists.extras[id] = nil end
-          hold(id, { first = lists.results[k], ex = ex })
+          local ex = extras[id]
+          if ex then extras[id] = nil end
+          hold(id, results[k], ex)
         end
         while true do
           local e = lists.errors[claim.ke]
           if e == nil then break end
           claim.ke = claim.ke + 1
-          hold(e.id, { err = e })
+          hold(e.id, e, FAILED)
         end
         compact()
-        local h = held[want]
-        if h ~= nil then
-          held[want] = nil
-          nheld = nheld - 1
-          want = want + 1
-          if h.err then return yielded(want - 1, false, h.err) end
-          if h.ex then return yielded(want - 1, true, unpack(h.ex, 1, h.ex.n)) end
-          return yielded(want - 1, true, h.first)
-        end
+        if held[want_slot] ~= nil then return take_held() end
       else
         if lists.ids[claim.kr] ~= nil then
           compact()
@@ -700,6 +770,38 @@ function methods.stream(p, src, opts)
       local room = not exhausted and nheld < window and pending >= window
       check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
     end
+  end
+
+  --- The loop's turn. Most turns have a result with one value at hand
+  -- (in the claim's lists or, with ordered, held back for this turn) and
+  -- need not look at the workers' queue: they are handed out here, with no
+  -- C call and no loop, so that LuaJIT compiles them into the trace of the
+  -- caller's loop. Anything else goes through full_step.
+  local function step()
+    if quick_turns > 0 and not claim.released then
+      if ordered then
+        local i, slot = want, want_slot
+        local v = held[slot]
+        if v ~= nil and held_more[slot] == nil then
+          quick_turns = quick_turns - 1
+          held[slot] = nil
+          nheld = nheld - 1
+          want, want_slot = i + 1, slot == ring and 1 or slot + 1
+          outstanding = outstanding - 1
+          return i, true, v
+        end
+      else
+        local k = claim.kr
+        local id = lists.ids[k]
+        if id ~= nil and lists.extras[id] == nil then
+          quick_turns = quick_turns - 1
+          claim.kr = k + 1
+          outstanding = outstanding - 1
+          return position(id), true, lists.results[k]
+        end
+      end
+    end
+    return full_step()
   end
 
   return step
