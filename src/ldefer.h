@@ -1,0 +1,52 @@
+/*
+ * ldefer.h - Ctrl-C put off while the pool's bookkeeping must not be cut in
+ * two (main thread only).
+ *
+ * Ctrl-C's handler (luajit's, pzlua's) sets a debug hook that raises
+ * "interrupted!" at the next call or instruction of Lua code, wherever it
+ * is.  Where parallelize moves a call's result from one place to another
+ * (a claim's lists to the pool's store, the store to the caller), or runs
+ * protected code whose errors mean something else (a record that cannot
+ * be decoded), an interrupt landing in the middle would lose the result,
+ * give it twice, or be taken for that other error and lost itself.  So
+ * such code runs deferred:
+ *
+ *   - SIGINT is blocked, so that its handler cannot set its hook
+ *     meanwhile (a pending SIGINT is delivered when the mask is put back:
+ *     its hook then fires at the caller's next call or instruction);
+ *   - the debug hook is off, so that one set before (a signal handled
+ *     just before, or the user's own) does not fire inside; it is put
+ *     back afterwards, unless the code set another.
+ *
+ * Deferred code must not block: Ctrl-C cannot cut it short (a wait's
+ * sleep would be slept through).  Programs it starts inherit the blocked
+ * SIGINT; none of parallelize's does.
+ */
+#ifndef PZ_LDEFER_H
+#define PZ_LDEFER_H
+
+#include <signal.h>
+
+#include <lua.h>
+
+typedef struct pz_deferral {
+    lua_State *L;
+    lua_Hook hook;
+    int mask, count;
+    sigset_t old;
+} pz_deferral;
+
+/* Begins deferring: blocks SIGINT and takes the debug hook off. */
+void pz_defer_begin(pz_deferral *d, lua_State *L);
+
+/* Ends it: puts the hook back (unless another was set meanwhile), then
+ * SIGINT's mask, which delivers one that came meanwhile. */
+void pz_defer_end(pz_deferral *d);
+
+/* lua_pcall(L, nargs, nresults, 0), deferred.  Returns its status. */
+int pz_defer_pcall(lua_State *L, int nargs, int nresults);
+
+/* Adds core.atomically and core.settle_after to the table on top. */
+void pz_defer_register(lua_State *L);
+
+#endif
