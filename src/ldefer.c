@@ -22,12 +22,26 @@
  *                                   as a tail call its values go straight
  *                                   to the caller (a stream's hand-out,
  *                                   once per result: no system call)
+ *   core.write_then(file, text, n, t1, k1, v1, ...)
+ *                                   writes text whole to the Lua file,
+ *                                   then makes the n assignments (the
+ *                                   buffer that held the text emptied),
+ *                                   and returns true: nothing is written
+ *                                   twice or dropped for an interrupt
+ *                                   between the two.  A write Ctrl-C
+ *                                   interrupts (EINTR) goes on; one that
+ *                                   fails returns nil, the reason, and
+ *                                   makes no assignment
  */
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
+#include <string.h>
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <lualib.h> /* LUA_FILEHANDLE */
 
 #include "ldefer.h"
 
@@ -97,21 +111,69 @@ static int l_settle_after(lua_State *L)
     return lua_gettop(L) - top;
 }
 
-/* core.commit(n, t1, k1, v1, ..., ...) -> what follows the n triples. */
-static int l_commit(lua_State *L)
+/* Checks the n triples (t, k, v) from index `at` on: each t a table, and
+ * no fewer than n of them.  Raises before any assignment is made. */
+static void check_triples(lua_State *L, int narg, int n, int at)
 {
-    int n = (int)luaL_checkinteger(L, 1);
-    int top = lua_gettop(L);
-    luaL_argcheck(L, n >= 0 && 1 + 3 * n <= top, 1, "fewer assignments than said");
+    luaL_argcheck(L, n >= 0 && at - 1 + 3 * n <= lua_gettop(L), narg, "fewer assignments than said");
     for (int i = 0; i < n; i++)
-        luaL_checktype(L, 2 + 3 * i, LUA_TTABLE);
+        luaL_checktype(L, at + 3 * i, LUA_TTABLE);
+}
+
+/* Makes the n assignments t[k] = v (raw) checked by check_triples. */
+static void assign_triples(lua_State *L, int n, int at)
+{
     for (int i = 0; i < n; i++) {
-        int t = 2 + 3 * i;
+        int t = at + 3 * i;
         lua_pushvalue(L, t + 1);
         lua_pushvalue(L, t + 2);
         lua_rawset(L, t);
     }
-    return top - 1 - 3 * n;
+}
+
+/* core.commit(n, t1, k1, v1, ..., ...) -> what follows the n triples. */
+static int l_commit(lua_State *L)
+{
+    int n = (int)luaL_checkinteger(L, 1);
+    check_triples(L, 1, n, 2);
+    assign_triples(L, n, 2);
+    return lua_gettop(L) - 1 - 3 * n;
+}
+
+/* core.write_then(file, text, n, t1, k1, v1, ...) -> true | nil, reason. */
+static int l_write_then(lua_State *L)
+{
+    FILE **f = (FILE **)luaL_checkudata(L, 1, LUA_FILEHANDLE);
+    size_t len;
+    const char *text = luaL_checklstring(L, 2, &len);
+    int n = (int)luaL_checkinteger(L, 3);
+    check_triples(L, 3, n, 4);
+    if (*f == NULL)
+        return luaL_error(L, "write_then: the file is closed");
+    size_t done = 0;
+    while (done < len) {
+        size_t w = fwrite(text + done, 1, len - done, *f);
+        done += w;
+        if (done < len) {
+            if (!ferror(*f) || errno != EINTR) {
+                lua_pushnil(L);
+                lua_pushstring(L, strerror(ferror(*f) ? errno : EIO));
+                return 2;
+            }
+            clearerr(*f);
+        }
+    }
+    while (fflush(*f) != 0) {
+        if (errno != EINTR) {
+            lua_pushnil(L);
+            lua_pushstring(L, strerror(errno));
+            return 2;
+        }
+        clearerr(*f);
+    }
+    assign_triples(L, n, 4);
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 void pz_defer_register(lua_State *L)
@@ -122,4 +184,6 @@ void pz_defer_register(lua_State *L)
     lua_setfield(L, -2, "settle_after");
     lua_pushcfunction(L, l_commit);
     lua_setfield(L, -2, "commit");
+    lua_pushcfunction(L, l_write_then);
+    lua_setfield(L, -2, "write_then");
 }

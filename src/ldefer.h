@@ -46,7 +46,8 @@ void pz_defer_end(pz_deferral *d);
 /* lua_pcall(L, nargs, nresults, 0), deferred.  Returns its status. */
 int pz_defer_pcall(lua_State *L, int nargs, int nresults);
 
-/* Adds core.atomically and core.settle_after to the table on top. */
+/* Adds core.atomically, core.settle_after, core.commit and core.write_then
+ * to the table on top. */
 void pz_defer_register(lua_State *L);
 
 #endif
