@@ -654,25 +654,30 @@ function methods.stream(p, src, opts)
 
   --- Moves the finished calls from the claim's lists to `held` (ordered),
   -- each until its input's turn: {id =, first =, ex =} as the lists had
-  -- them, or {id =, err =}.
-  local function hold_finished()
+  -- them, or {id =, err =}. Run deferred (hold_finished), all that came
+  -- at once.
+  local function hold_finished_now()
     while true do
       local k = claim.kr
       local id = lists.ids[k]
       if id == nil then break end
       local i, seg = position(id)
-      commit(4, held, i, { id = id, first = lists.results[k], ex = lists.extras[id] }, claim, "kr", k + 1,
-        seg, 4, seg[4] - 1, claim, "nheld", claim.nheld + 1)
-      lists.extras[id] = nil -- (past kr: release no longer reads it)
+      held[i] = { id = id, first = lists.results[k], ex = lists.extras[id] }
+      lists.extras[id] = nil
+      claim.kr, seg[4], claim.nheld = k + 1, seg[4] - 1, claim.nheld + 1
     end
     while true do
       local k = claim.ke
       local e = lists.errors[k]
       if e == nil then break end
       local i, seg = position(e.id)
-      commit(4, held, i, { id = e.id, err = e }, claim, "ke", k + 1, seg, 4, seg[4] - 1,
-        claim, "nheld", claim.nheld + 1)
+      held[i] = { id = e.id, err = e }
+      claim.ke, seg[4], claim.nheld = k + 1, seg[4] - 1, claim.nheld + 1
     end
+  end
+
+  local function hold_finished()
+    if lists.ids[claim.kr] ~= nil or lists.errors[claim.ke] ~= nil then atomically(hold_finished_now) end
   end
 
   --- The held-back result of input `want`, handed out.
