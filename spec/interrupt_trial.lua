@@ -76,6 +76,13 @@ local function record_taken(results, ids, errors)
   for k = 1, #errors do handed[#handed + 1] = errors[k].args[1]; taken_ids[#taken_ids + 1] = errors[k].id end
 end
 
+--- The calls queued so far: core.pool_counts rather than p.calls, whose
+-- Lua code in parallelize would count an interrupt landing there, after
+-- a map or stream has returned, as parallelize's.
+local function calls_so_far()
+  return (core.pool_counts(p))
+end
+
 local function list_of(n, bad)
   local l = {}
   for k = 1, n do l[k] = fresh(bad) end
@@ -116,10 +123,10 @@ local function map_loop()
   while true do
     local list = list_of(math.random(1, 400))
     if math.random() < 0.3 then list[math.random(#list)] = fresh() + 0.5 end -- a slower item
-    local before = p.calls
+    local before = calls_so_far()
     at_handoff = #list
     local out = p:map(list)
-    consumed = consumed + (p.calls - before)
+    consumed = consumed + (calls_so_far() - before)
     for k = 1, #out do handed[#handed + 1] = out[k] end
     at_handoff = 0
   end
@@ -130,15 +137,15 @@ body.map_unchunked = map_loop
 local function stream_loop(ordered)
   while true do
     local list = list_of(math.random(1, 300), 0.05)
-    local before = p.calls
+    local before = calls_so_far()
     stream_handed = 0
     at_handoff = 1
     for _, _, v in p:stream(list, { ordered = ordered }) do
       note_value(v)
       stream_handed = stream_handed + 1
     end
+    consumed = consumed + (calls_so_far() - before)
     at_handoff = 0
-    consumed = consumed + (p.calls - before)
     stream_handed = 0
   end
 end
@@ -256,10 +263,15 @@ for _, v in ipairs(handed) do value_once(v, "handed") end
 local calls = p.calls
 local accounted = places + consumed + stream_handed
 local short = calls - accounted
-if short < 0 then fail("%d calls accounted for twice", -short) end
+-- (This script's own counts may be off by what its window holds, either
+-- way: an interrupt between two of its assignments.)
 local user_window = 0
-if short > 0 then
-  if short <= window then user_window = short else fail("%d of %d calls in no place", short, calls) end
+if short ~= 0 and math.abs(short) <= window then
+  user_window = math.abs(short)
+elseif short < 0 then
+  fail("%d calls accounted for twice", -short)
+elseif short > 0 then
+  fail("%d of %d calls in no place", short, calls)
 end
 print(("counts calls=%d results=%d errors=%d aborted=%d taken=%d consumed=%d stream_handed=%d user_window=%d")
   :format(calls, #results, #errors, #aborted, #taken_ids, consumed, stream_handed, user_window))
