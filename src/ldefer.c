@@ -45,7 +45,16 @@
 
 #include "ldefer.h"
 
-void pz_defer_begin(pz_deferral *d, lua_State *L)
+/* What a deferral changed, to put back. */
+typedef struct deferral {
+    lua_State *L;
+    lua_Hook hook;
+    int mask, count;
+    sigset_t old;
+} deferral;
+
+/* Begins deferring: blocks SIGINT and takes the debug hook off. */
+static void defer_begin(deferral *d, lua_State *L)
 {
     sigset_t intr;
     sigemptyset(&intr);
@@ -61,7 +70,9 @@ void pz_defer_begin(pz_deferral *d, lua_State *L)
         lua_sethook(L, NULL, 0, 0);
 }
 
-void pz_defer_end(pz_deferral *d)
+/* Ends it: puts the hook back (unless another was set meanwhile), then
+ * SIGINT's mask, which delivers one that came meanwhile. */
+static void defer_end(deferral *d)
 {
     if (d->hook && !lua_gethook(d->L))
         lua_sethook(d->L, d->hook, d->mask, d->count);
@@ -72,10 +83,10 @@ void pz_defer_end(pz_deferral *d)
 
 int pz_defer_pcall(lua_State *L, int nargs, int nresults)
 {
-    pz_deferral d;
-    pz_defer_begin(&d, L);
+    deferral d;
+    defer_begin(&d, L);
     int rc = lua_pcall(L, nargs, nresults, 0);
-    pz_defer_end(&d);
+    defer_end(&d);
     return rc;
 }
 

@@ -16,34 +16,22 @@
  *     its hook then fires at the caller's next call or instruction);
  *   - the debug hook is off, so that one set before (a signal handled
  *     just before, or the user's own) does not fire inside; it is put
- *     back afterwards, unless the code set another.
+ *     back afterwards (a count hook's count starts again), unless the
+ *     code set another.
  *
  * Deferred code must not block: Ctrl-C cannot cut it short (a wait's
- * sleep would be slept through).  Programs it starts inherit the blocked
- * SIGINT; none of parallelize's does.
+ * sleep would be slept through).  A program started from it inherits the
+ * blocked SIGINT: parallelize starts none there, but Lua code a drain
+ * runs may (the top-level code of a module a decoded value names).
  */
 #ifndef PZ_LDEFER_H
 #define PZ_LDEFER_H
 
-#include <signal.h>
-
 #include <lua.h>
 
-typedef struct pz_deferral {
-    lua_State *L;
-    lua_Hook hook;
-    int mask, count;
-    sigset_t old;
-} pz_deferral;
-
-/* Begins deferring: blocks SIGINT and takes the debug hook off. */
-void pz_defer_begin(pz_deferral *d, lua_State *L);
-
-/* Ends it: puts the hook back (unless another was set meanwhile), then
- * SIGINT's mask, which delivers one that came meanwhile. */
-void pz_defer_end(pz_deferral *d);
-
-/* lua_pcall(L, nargs, nresults, 0), deferred.  Returns its status. */
+/* lua_pcall(L, nargs, nresults, 0), deferred.  Returns its status.  (Only
+ * protected code is deferred: a raise out of deferred code would leave
+ * SIGINT blocked.) */
 int pz_defer_pcall(lua_State *L, int nargs, int nresults);
 
 /* Adds core.atomically, core.settle_after, core.commit and core.write_then

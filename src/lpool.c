@@ -572,6 +572,14 @@ static void push_aborted(lua_State *L, int frames, pz_arena_reader *reader)
     }
 }
 
+/* Protected: push_aborted of the frames at 1, the reader (a light userdata,
+ * NULL: none) at 2. */
+static int push_aborted_at(lua_State *L)
+{
+    push_aborted(L, 1, (pz_arena_reader *)lua_touserdata(L, 2));
+    return 1;
+}
+
 /* Returns the aborted list on top, passed through settle(aborted) when
  * the caller gave one (at 3): deferred (ldefer.h), and with no Lua code
  * between the stop and it, so that Ctrl-C during the stop fires once
@@ -635,12 +643,14 @@ static int l_pool_stop(lua_State *L)
     /* Deferred (ldefer.h): Ctrl-C during the stop fires at the first call
      * of Lua code, which would be a decode's, and an aborted call's
      * arguments would be lost to "interrupted!". */
-    pz_deferral d;
-    pz_defer_begin(&d, L);
-    push_aborted(L, 4, *keeper ? &(*keeper)->reader : NULL);
-    pz_defer_end(&d);
+    lua_pushcfunction(L, push_aborted_at);
+    lua_pushvalue(L, 4);
+    lua_pushlightuserdata(L, *keeper ? &(*keeper)->reader : NULL);
+    int rc = pz_defer_pcall(L, 2, 1);
     pz_arena_free(*keeper);
     *keeper = NULL;
+    if (rc != 0)
+        return lua_error(L);
     lua_replace(L, 4);
     lua_settop(L, 4);
     return stop_returns(L);
