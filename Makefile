@@ -3,7 +3,7 @@
 #   make run        install what is missing, build, run the main demo
 #   make test       install what is missing, build, run every test
 #   make install PREFIX=/some/dir   (DESTDIR honoured)
-#   make bench | soak | fuzz | lint | clean
+#   make bench | soak | soak-interrupts | fuzz | lint | clean
 #
 # Variables are `?=` so the command line, the environment or LuaRocks can
 # override them; user CFLAGS are added to the required flags, never replace them.
@@ -66,7 +66,7 @@ else
 Q = @
 endif
 
-.PHONY: all build deps deps-build deps-test deps-fuzz deps-bench run test install uninstall clean lint bench soak fuzz asan spec
+.PHONY: all build deps deps-build deps-test deps-fuzz deps-bench run test install uninstall clean lint bench soak soak-interrupts fuzz asan spec
 
 all build: build/parallelize/core.so build/pzlua
 
@@ -177,6 +177,12 @@ bench: deps-bench
 soak: deps-test
 	$(Q)$(SUBMAKE) all
 	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/soak.lua
+	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/interrupts.lua
+
+# Hundreds of Ctrl-Cs at random moments (spec/soak/interrupts.lua).
+soak-interrupts: deps-test
+	$(Q)$(SUBMAKE) all
+	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/interrupts.lua
 
 # libFuzzer harnesses for the value decoder and the frame decoder.  Each
 # links only the sources it tests (listed below), so that nothing else is

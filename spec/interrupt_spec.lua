@@ -162,4 +162,64 @@ io.stderr:write(("calls %%d = %%d consumed + %%d results + %%d errors + %%d abor
       end)
     end
   end)
+
+  -- Ctrl-C while records are turned into values: here the value names a
+  -- module that the parent loads as it decodes it, whose top-level code
+  -- sends SIGINT to the parent (in the middle of the drain, as a Ctrl-C
+  -- may come). The interrupt must come out of the wait, at the user's
+  -- line, and the record be decoded whole: not taken for a value that
+  -- cannot be decoded, the interrupt lost with it. With and without a
+  -- hook of the user's set before (it is taken off meanwhile, ldefer.h).
+  describe("Ctrl-C while a wait decodes a record (" .. interp.name .. ")", function()
+    local dir
+    before_each(function() dir = support.tmpdir() end)
+    after_each(function() support.rmdir(dir) end)
+
+    for _, case in ipairs({
+      { what = "a result", how = "return" },
+      { what = "an error's value", how = "raise" },
+      { what = "a result, under a hook of the user's", how = "return", hook = true },
+      { what = "an error's value, under a hook of the user's", how = "raise", hook = true },
+    }) do
+      it("naming a module that sends SIGINT as it loads: " .. case.what, function()
+        support.write(dir .. "/sigself.lua", [[
+local ffi = require "ffi"
+pcall(ffi.cdef, "int kill(int pid, int sig); int getpid(void);")
+if rawget(_G, "SIGSELF_PARENT") then ffi.C.kill(ffi.C.getpid(), 2) end
+return { name = "sigself" }
+]])
+        support.write(dir .. "/user.lua", ([[
+io.stdout:setvbuf("line")
+local parallelize = require "parallelize"
+SIGSELF_PARENT = true
+if %s then debug.sethook(function() end, "", 1000000) end
+local p = parallelize.Parallelize(function(how)
+  local m = require "sigself"
+  if how == "raise" then error(m) end
+  return m
+end, { workers = 1 })
+local ok, err = pcall(function()
+  p(%q)
+  p:wait()
+end)
+print("caught", ok, err)
+assert(p:wait(10))
+local results, errors = p.results, p.errors
+print("results", #results, type(results[1]) == "table" and results[1].name)
+print("errors", #errors, errors[1] and type(errors[1].value) == "table" and errors[1].value.name)
+print("message", errors[1] and errors[1].message)
+p:stop()
+]]):format(tostring(case.hook or false), case.how))
+        local out, status = support.run(("cd %s && LUA_PATH=%s %s user.lua"):format(quote(dir),
+          quote("./?.lua;" .. ROOT .. "/lua/?.lua;;"), interp.cmd))
+        assert.equal(0, status, out)
+        assert.matches("caught\tfalse\tuser%.lua:12: interrupted!\n", out)
+        if case.how == "return" then
+          assert.matches("results\t1\tsigself\nerrors\t0\t", out)
+        else
+          assert.matches("results\t0\tfalse\nerrors\t1\tsigself\n", out)
+        end
+      end)
+    end
+  end)
 end

@@ -13,6 +13,7 @@
 #include <lua.h>
 
 #include "codec.h"
+#include "ldefer.h"
 #include "core.h"
 #include "lpool.h"
 #include "sys.h"
@@ -96,6 +97,7 @@ int luaopen_parallelize_core(lua_State *L)
     lua_newtable(L);
     pz_codec_register(L);
     pz_lpool_register(L, pz_preload);
+    pz_defer_register(L);
     lua_pushcfunction(L, l_getpid);
     lua_setfield(L, -2, "getpid");
     lua_pushcfunction(L, l_sleep);

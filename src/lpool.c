@@ -36,6 +36,7 @@
 #include "codec.h"
 #include "frame.h"
 #include "handshake.h"
+#include "ldefer.h"
 #include "lpool.h"
 #include "pool.h"
 #include "sys.h"
@@ -81,18 +82,6 @@ void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what)
         luaL_error(L, "the pool is busy: %s called while the pool turns results into Lua values "
                       "(from a __gc finalizer or a module's top-level code); call it afterwards",
                    what);
-}
-
-int pz_lpool_pcall_unhooked(lua_State *L, int nargs)
-{
-    lua_Hook hook = lua_gethook(L);
-    int mask = lua_gethookmask(L), count = lua_gethookcount(L);
-    if (hook)
-        lua_sethook(L, NULL, 0, 0);
-    int rc = lua_pcall(L, nargs, 0, 0);
-    if (hook && !lua_gethook(L))
-        lua_sethook(L, hook, mask, count);
-    return rc;
 }
 
 static void free_init(lpool *u)
@@ -583,18 +572,45 @@ static void push_aborted(lua_State *L, int frames, pz_arena_reader *reader)
     }
 }
 
-/* core.pool_stop(pool [, finish_timeout]) -> aborted: stops dispatching,
- * lets the calls workers hold finish (terminating them once finish_timeout
- * seconds have passed, when given), ends every process, then returns the
- * arguments of every call that never finished.  A stopped pool returns {}. */
+/* Protected: push_aborted of the frames at 1, the reader (a light userdata,
+ * NULL: none) at 2. */
+static int push_aborted_at(lua_State *L)
+{
+    push_aborted(L, 1, (pz_arena_reader *)lua_touserdata(L, 2));
+    return 1;
+}
+
+/* Returns the aborted list on top, passed through settle(aborted) when
+ * the caller gave one (at 3): deferred (ldefer.h), and with no Lua code
+ * between the stop and it, so that Ctrl-C during the stop fires once
+ * settle's results are the caller's. */
+static int stop_returns(lua_State *L)
+{
+    if (lua_isnoneornil(L, 3))
+        return 1;
+    int top = lua_gettop(L) - 1;
+    lua_pushvalue(L, 3);
+    lua_insert(L, -2);
+    if (pz_defer_pcall(L, 1, LUA_MULTRET) != 0)
+        return lua_error(L);
+    return lua_gettop(L) - top;
+}
+
+/* core.pool_stop(pool [, finish_timeout [, settle]]) -> aborted: stops
+ * dispatching, lets the calls workers hold finish (terminating them once
+ * finish_timeout seconds have passed, when given), ends every process,
+ * then returns the arguments of every call that never finished, or what
+ * settle(aborted) returns (stop_returns).  A stopped pool's list is {}. */
 static int l_pool_stop(lua_State *L)
 {
     lpool *u = to_lpool(L, 1);
     int64_t finish = deadline_from(L, 2);
-    lua_settop(L, 1);
+    if (!lua_isnoneornil(L, 3))
+        luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_settop(L, 3);
     if (!u->pool) {
         lua_newtable(L);
-        return 1;
+        return stop_returns(L);
     }
     pz_lpool_check_not_draining(L, u, "p:stop()");
     if (pz_lpool_encoding_above(u, pz_lpool_frame_here()))
@@ -609,14 +625,14 @@ static int l_pool_stop(lua_State *L)
     /* The frames are copied out and the pool freed before any argument is
      * decoded: decoding may fail (an argument naming a module the parent
      * no longer has), and the pool must end stopped whatever happens. */
-    lua_newtable(L); /* 2: their frames */
-    aborted_ctx c = {L, 2};
+    lua_newtable(L); /* 4: their frames */
+    aborted_ctx c = {L, 4};
     pz_pool_aborted(u->pool, add_aborted, &c);
     u->calls = (double)pz_pool_calls(u->pool);
     u->drained = (double)pz_pool_finished(u->pool);
     /* Their big strings are in the arena, which outlives the pool until
      * they are decoded: a userdata frees it, whatever is raised. */
-    pz_arena **keeper = (pz_arena **)lua_newuserdata(L, sizeof *keeper); /* 3 */
+    pz_arena **keeper = (pz_arena **)lua_newuserdata(L, sizeof *keeper); /* 5 */
     *keeper = NULL;
     luaL_getmetatable(L, ARENA_KEEPER_MT);
     lua_setmetatable(L, -2);
@@ -624,10 +640,20 @@ static int l_pool_stop(lua_State *L)
     u->pool->arena = NULL;
     pz_pool_free(u->pool);
     u->pool = NULL;
-    push_aborted(L, 2, *keeper ? &(*keeper)->reader : NULL);
+    /* Deferred (ldefer.h): Ctrl-C during the stop fires at the first call
+     * of Lua code, which would be a decode's, and an aborted call's
+     * arguments would be lost to "interrupted!". */
+    lua_pushcfunction(L, push_aborted_at);
+    lua_pushvalue(L, 4);
+    lua_pushlightuserdata(L, *keeper ? &(*keeper)->reader : NULL);
+    int rc = pz_defer_pcall(L, 2, 1);
     pz_arena_free(*keeper);
     *keeper = NULL;
-    return 1;
+    if (rc != 0)
+        return lua_error(L);
+    lua_replace(L, 4);
+    lua_settop(L, 4);
+    return stop_returns(L);
 }
 
 /* __gc of the userdata that keeps a stopped pool's arena until its aborted

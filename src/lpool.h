@@ -73,14 +73,6 @@ void pz_lrecords_register(lua_State *L);
 lpool *pz_lpool_check_running(lua_State *L, int idx);
 void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what);
 
-/* lua_pcall(L, nargs, 0, 0) of the function below the nargs arguments on
- * top, with the debug hook off meanwhile: Ctrl-C sets a hook that raises
- * "interrupted!" at the next call, which would otherwise be taken for the
- * protected code's own error.  A hook set meanwhile (by the signal
- * handler) is left for the caller, where it fires.  Returns lua_pcall's
- * status, the error on top when not 0. */
-int pz_lpool_pcall_unhooked(lua_State *L, int nargs);
-
 /* The address of the caller's stack frame.  The C stack grows down, so a
  * call that runs while another is still inside this module (from a
  * finalizer, say) has its frame below that one's; a frame recorded by a

@@ -35,6 +35,7 @@
 
 #include "codec.h"
 #include "frame.h"
+#include "ldefer.h"
 #include "lpool.h"
 
 /* Stack slots of drain_records: the environment, the pool's store, the
@@ -488,9 +489,9 @@ static int drain_all(lua_State *L)
     return 0;
 }
 
-/* Hooks are off meanwhile (pz_lpool_pcall_unhooked): a Ctrl-C hook firing
- * at drain's own calls would make its error taken for a record that cannot
- * be decoded. */
+/* Deferred (ldefer.h): Ctrl-C's hook, firing at one of the drain's own
+ * calls (a protected decode, a module's require), would be taken for a
+ * record that cannot be decoded, and the interrupt lost. */
 void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
 {
     if (!u->pool || u->draining)
@@ -500,7 +501,7 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
     lua_pushcfunction(L, drain_all);
     lua_pushlightuserdata(L, u);
     lua_pushvalue(L, idx);
-    int rc = pz_lpool_pcall_unhooked(L, 2);
+    int rc = pz_defer_pcall(L, 2, 0);
     u->draining = 0;
     if (rc != 0)
         lua_error(L);

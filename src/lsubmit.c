@@ -13,6 +13,7 @@
 #include "codec.h"
 #include "codec_format.h"
 #include "frame.h"
+#include "ldefer.h"
 #include "lpool.h"
 #include "pool.h"
 
@@ -367,7 +368,9 @@ int pz_lpool_submit_chunk(lua_State *L)
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
     lua_pushlightuserdata(L, w);
-    int rc = pz_lpool_pcall_unhooked(L, 4);
+    /* Deferred (ldefer.h): Ctrl-C's hook firing in the encode would be
+     * taken for items that cannot travel together, and lost. */
+    int rc = pz_defer_pcall(L, 4, 0);
     if (claimed)
         u->encoding_at = 0;
     if (rc != 0) {

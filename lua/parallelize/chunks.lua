@@ -8,12 +8,12 @@ local core = require "parallelize.core"
 local caller = require "parallelize.caller"
 caller.mark()
 
-local type, pcall, error = type, pcall, error
+local type, error = type, error
 local floor, ceil, min, max, remove = math.floor, math.ceil, math.min, math.max, table.remove
 local new_table = require "table.new"
 local pool_size, pool_counts, pool_submit, pool_submit_chunk =
   core.pool_size, core.pool_counts, core.pool_submit, core.pool_submit_chunk
-local null = core.null
+local null, settle_after = core.null, core.settle_after
 
 local M = {}
 
@@ -122,11 +122,14 @@ function M.map(p, list, n, who)
     items_n = count
     local id, bytes = pool_submit_chunk(p, tag, items, count)
     if id then
+      -- Tracked before into_at names it: claim.restore needs its count
+      -- (an interrupt between the two leaves its answer decoded whole).
+      track(id, i, count)
       into_at[id] = i - 1
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
       byte_cap = max(1, floor(count * CHUNK_BYTES / max(bytes, 1)))
-      return track(id, i, count)
+      return
     end
     local mid = floor((i + j) / 2)
     submit(i, mid)
@@ -156,12 +159,13 @@ function M.map(p, list, n, who)
     per_item = seconds / count
   end
 
+  local reported -- where the error the map raises is in lists.errors
   local function take_error(e)
     local i, count = starts[e.id], counts[e.id]
     starts[e.id], counts[e.id] = nil, nil
     outstanding = outstanding - 1
     if count <= 1 then
-      remove(lists.errors, ke - 1) -- reported: it is the map's error
+      reported = ke - 1 -- it is the map's error: settle takes it from the lists
       return item_failed(who, i, e)
     end
     -- The chunk failed whole: its items run again, one call each.
@@ -185,7 +189,7 @@ function M.map(p, list, n, who)
   end
 
   local failure
-  local ok, err = pcall(function()
+  local function work()
     while done < n do
       while outstanding < window and next_i <= n do
         local size = chunk_size(n - next_i + 1, workers, per_item, byte_cap)
@@ -210,26 +214,34 @@ function M.map(p, list, n, who)
         if failure then return end
       end
     end
-  end)
-  done_waiting(p)
-  -- A map that raised hands every answer of its chunks, taken or not, to
-  -- the pool's store, as an unchunked map's would be (the store is where
-  -- nothing is lost: see release); the chunks still running go there too.
-  -- One that ended well has consumed them all.
-  if ok and not failure then claim.kr, claim.ke = kr, ke end
-  release(p, claim)
-  -- The closures above can outlive the map: a compiled trace that called
-  -- one keeps it, and with it what its upvalues hold, until the JIT
-  -- flushes the trace. Cleared here, the upvalues no longer hold the
-  -- list, its items, the answers, the output (200 strings of 200 KB
-  -- stayed reachable after the map returned) or the pool (a pool dropped
-  -- after a map was never collected, its workers never stopped).
-  local results = out
-  list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
-  lists, claim, p = nil, nil, nil
-  if not ok then caller.reraise(err) end
-  if failure then error(failure, caller.level()) end
-  return results
+  end
+  -- Whatever ended the work (its end, an error, Ctrl-C), this runs after
+  -- it, deferred (core.settle_after): the claim is released and the
+  -- results reach the caller.
+  local function settle(ok, err)
+    done_waiting(p)
+    -- A map that raised hands every answer of its chunks, taken or not, to
+    -- the pool's store, as an unchunked map's would be (the store is where
+    -- nothing is lost: see release); the chunks still running go there too,
+    -- but for the failed item that the map's error reports. One that ended
+    -- well has consumed them all.
+    if ok and failure and reported then remove(lists.errors, reported) end
+    if ok and not failure then claim.kr, claim.ke = kr, ke end
+    release(p, claim)
+    -- The closures above can outlive the map: a compiled trace that called
+    -- one keeps it, and with it what its upvalues hold, until the JIT
+    -- flushes the trace. Cleared here, the upvalues no longer hold the
+    -- list, its items, the answers, the output (200 strings of 200 KB
+    -- stayed reachable after the map returned) or the pool (a pool dropped
+    -- after a map was never collected, its workers never stopped).
+    local results = out
+    list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
+    lists, claim, p = nil, nil, nil
+    if not ok then caller.reraise(err) end
+    if failure then error(failure, caller.level()) end
+    return results
+  end
+  return settle_after(work, settle)
 end
 
 --- Gives this file pool.lua's helpers: new_claim, release, wait_for,

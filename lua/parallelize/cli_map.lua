@@ -38,7 +38,7 @@ local joblog = require "parallelize.cli_map_joblog"
 
 local format, tostring, type, ipairs, pcall, select = string.format, tostring, type, ipairs, pcall, select
 local concat, min = table.concat, math.min
-local now, pool_counts = core.now, core.pool_counts
+local now, pool_counts, commit, write_then = core.now, core.pool_counts, core.commit, core.write_then
 
 local M = {}
 
@@ -64,45 +64,53 @@ function Run:say(fmt, ...)
   io.stderr:write(self.clear_bar, self.prefix, format(fmt, ...), "\n")
 end
 
+-- Ctrl-C's "interrupted!" may land on any instruction (the run then
+-- stops and writes what it holds: cut_short). A line is counted done, its
+-- output and its joblog entry buffered, in one core.commit; a batch is
+-- written and its buffer emptied in one core.write_then: so a line is in
+-- the output exactly when it is done, and the output before its joblog
+-- entry, and --resume finishes exactly the lines not done.
+
 --- Writes the batch: the output first, then the joblog entries of the
 -- same lines. Raises when a write fails.
 function Run:flush()
   if self.nout > 0 then
-    local ok, err = io.stdout:write(concat(self.outbuf, "", 1, self.nout))
+    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 2, self, "outbuf", {}, self, "nout", 0)
     if not ok then error("cannot write the output: " .. tostring(err), 0) end
-    self.outbuf, self.nout = {}, 0
   end
   if self.nlog > 0 then
-    local ok, err = self.log:write(concat(self.logbuf, "", 1, self.nlog))
+    local ok, err = write_then(self.log, concat(self.logbuf, "", 1, self.nlog), 2, self, "logbuf", {}, self, "nlog", 0)
     if not ok then error(format("cannot write the joblog %s: %s", self.opts.joblog, tostring(err)), 0) end
-    self.logbuf, self.nlog = {}, 0
   end
   self.flushed_at = now()
 end
 
+--- The joblog entry of a line (false without a joblog).
 function Run:log_entry(line, pid, start, seconds, status, message)
-  if not self.log then return end
-  local n = self.nlog + 1
-  self.logbuf[n] = joblog.entry(self.cjson, line, pid, start, seconds, status, message)
-  self.nlog = n
+  return self.log ~= nil and joblog.entry(self.cjson, line, pid, start, seconds, status, message)
 end
 
 --- A line done: its output, and its joblog entry.
 function Run:succeeded(line, text, pid, start, seconds)
-  local n = self.nout
-  self.outbuf[n + 1] = text
-  self.outbuf[n + 2] = "\n"
-  self.nout = n + 2
-  self.done = self.done + 1
-  self:log_entry(line, pid, start, seconds, "ok")
+  local n, m, entry = self.nout, self.nlog, self:log_entry(line, pid, start, seconds, "ok")
+  if entry then
+    commit(6, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2,
+      self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1)
+  else
+    commit(4, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "done", self.done + 1)
+  end
 end
 
 --- A line failed: its message on stderr, its joblog entry, and --halt.
 function Run:failed(line, status, message, pid, start, seconds)
-  self.failures = self.failures + 1
-  self.done = self.done + 1
   self:say("line %d: %s", line, message)
-  self:log_entry(line, pid, start, seconds, status, message)
+  local m, entry = self.nlog, self:log_entry(line, pid, start, seconds, status, message)
+  if entry then
+    commit(4, self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1,
+      self, "failures", self.failures + 1)
+  else
+    commit(2, self, "done", self.done + 1, self, "failures", self.failures + 1)
+  end
   local halt = self.opts.halt
   if halt and self.failures >= halt.fail then self.halted = true end
 end

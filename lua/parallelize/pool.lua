@@ -27,11 +27,22 @@ local pool_stopped, pool_submit, pool_finished = core.pool_stopped, core.pool_su
 local pool_submit_each = core.pool_submit_each
 local pool_claim, pool_release, now = core.pool_claim, core.pool_release, core.now
 local null, ERROR_MT = core.null, core.error_metatable
+local atomically, settle_after, commit = core.atomically, core.settle_after, core.commit
 local describe = options.describe
 
 local pool_mt = core.pool_metatable
 local methods, properties = {}, {}
 caller.mark_c(pool_mt.__call)
+caller.mark_c(atomically)
+caller.mark_c(settle_after)
+
+-- Ctrl-C's "interrupted!" is raised by a debug hook at whatever Lua
+-- instruction runs when it comes (src/ldefer.h). Where a result moves from
+-- one place to another (a claim's lists to the pool's store, the store or
+-- a claim to the caller), the move runs deferred (core.atomically,
+-- core.settle_after) or is one core.commit, so that an interrupt lands
+-- before it or after it, never inside: every call stays in exactly one
+-- place.
 
 local M = { methods = methods, properties = properties }
 
@@ -164,8 +175,8 @@ local running = setmetatable({}, { __mode = "k" })
 --- Moves what a claim holds and nobody consumed (from read positions kr
 -- and ke on) into the pool's store, and hands its tag back: its calls'
 -- later results go to the store too. Nothing is lost when a map or stream
--- is abandoned (an error, Ctrl-C, stop).
-local function release(p, claim)
+-- is abandoned (an error, Ctrl-C, stop). Run deferred (release).
+local function release_now(p, claim)
   if claim.released then return end
   claim.released = true
   local tag, lists = claim.tag, claim.lists
@@ -207,8 +218,12 @@ local function release(p, claim)
   end
 end
 
---- A new claim on p: its results go to lists of its own.
-local function new_claim(p)
+--- release_now, deferred: Ctrl-C cannot stop it halfway.
+local function release(p, claim)
+  return atomically(release_now, p, claim)
+end
+
+local function new_claim_now(p)
   local tag = pool_claim(p)
   local env = pool_env(p)
   local claim = { tag = tag, lists = env.claims[tag], kr = 1, ke = 1, keep = env.keep_results,
@@ -216,6 +231,12 @@ local function new_claim(p)
   running[p] = running[p] or {}
   running[p][tag] = claim
   return claim
+end
+
+--- A new claim on p: its results go to lists of its own. Deferred: a
+-- claim the core knows is one stop releases.
+local function new_claim(p)
+  return atomically(new_claim_now, p)
 end
 
 --- True when call id belongs to a map or stream running on p.
@@ -231,14 +252,20 @@ end
 --- p:stop([finish_timeout]) -> the arguments of every call that never
 -- finished, each {n =, id =, ...}. What maps and streams had not consumed
 -- goes to the pool's store, so that results + errors + aborted = calls.
-function methods.stop(p, finish_timeout)
-  check_self(p, "stop")
-  check_timeout("stop", "finish_timeout", finish_timeout)
-  local aborted = pool_stop(p, finish_timeout)
-  for _, claim in pairs(running[p] or {}) do release(p, claim) end
+--- What core.pool_stop runs once the pool has stopped, deferred and
+-- before Ctrl-C during the stop can fire: the claims are released and
+-- the aborted list reaches the caller.
+local function stop_settle(p, aborted)
+  for _, claim in pairs(running[p] or {}) do release_now(p, claim) end
   local env = pool_env(p)
   env.aborted_count = (env.aborted_count or 0) + #aborted
   return aborted
+end
+
+function methods.stop(p, finish_timeout)
+  check_self(p, "stop")
+  check_timeout("stop", "finish_timeout", finish_timeout)
+  return pool_stop(p, finish_timeout, function(aborted) return stop_settle(p, aborted) end)
 end
 
 -- Results -------------------------------------------------------------------
@@ -275,8 +302,7 @@ end
 --- p:take() -> results, ids, errors: everything finished in the pool's
 -- store, which keeps none of it afterwards (ids[i] is the call of
 -- results[i]; extra return values are dropped: use p:result for them).
-function methods.take(p)
-  check_self(p, "take")
+local function take_now(p)
   pool_drain(p)
   local env = pool_env(p)
   if env.keep_results then
@@ -302,6 +328,12 @@ function methods.take(p)
   end
   env.unclaimed = {}
   return results, ids, errors
+end
+
+--- (Deferred: what the store no longer keeps reaches the caller.)
+function methods.take(p)
+  check_self(p, "take")
+  return atomically(take_now, p)
 end
 
 --- Where call id is in the pool's lists: k > 0 in results, -k in errors,
@@ -339,9 +371,17 @@ local function outcome(env, id)
   return true, unpack(e, 1, e.n)
 end
 
---- {n =, ...} of what outcome() returned.
-local function packed(...)
-  return { n = select("#", ...), ... }
+--- True when call id's outcome is in the pool's store.
+local function has_outcome(env, id)
+  if env.keep_results then return find(env, id) ~= nil end
+  return env.unclaimed[id] ~= nil
+end
+
+--- The outcome of call id, which is in the store, handed over (run
+-- deferred: without keep_results the store keeps it no more).
+local function hand_over(p, env, id)
+  done_waiting(p)
+  return outcome(env, id)
 end
 
 --- p:result(id [, timeout]) -> true, v1, v2, ... (every value the call
@@ -360,11 +400,7 @@ function methods.result(p, id, timeout)
   local env = pool_env(p)
   while true do
     pool_drain(p)
-    local found = packed(outcome(env, id))
-    if found.n > 0 then
-      done_waiting(p)
-      return unpack(found, 1, found.n)
-    end
+    if has_outcome(env, id) then return atomically(hand_over, p, env, id) end
     if pool_finished(p, id) then
       error(format("result: call %d was taken already (by p:take(), or by an earlier "
         .. "p:result() with keep_results = false)", id), 2)
@@ -402,7 +438,7 @@ function M.map(p, list, who)
   local first, last, pos
   claim.owns = function(id) return pos == nil or pos[id] ~= nil end
   local tag = claim.tag
-  local ok, err = pcall(function()
+  local function work()
     if n == 0 then return end
     local ids = {}
     local interleaved
@@ -419,33 +455,38 @@ function M.map(p, list, who)
       local status = wait_for(p, "progress", nil, finished + n - #lists.ids - #lists.errors)
       if #lists.errors == 0 then check_status(p, status) end
     end
-  end)
-  done_waiting(p)
-  local failure, out
-  if not ok then
-    release(p, claim)
-  elseif #lists.errors > 0 then
-    local e = lists.errors[1]
-    claim.ke = 2 -- reported: the rest go to the store
-    release(p, claim)
-    failure = item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
-  else
-    out = {}
-    local results, ids = lists.results, lists.ids
-    if pos then
-      for k = 1, n do out[pos[ids[k]]] = results[k] end
-    else
-      for k = 1, n do out[ids[k] - first + 1] = results[k] end
-    end
-    claim.kr = n + 1
-    release(p, claim)
   end
-  -- As chunks.map does: the closures above may outlive the map in
-  -- compiled traces, and must not keep its list, its answers or the pool.
-  list, lists, pos, claim, p = nil, nil, nil, nil, nil -- luacheck: ignore
-  if not ok then caller.reraise(err) end
-  if failure then error(failure, caller.level()) end
-  return out
+  -- Whatever ended the work (its end, an error, Ctrl-C), this runs after
+  -- it, deferred: the claim is released and the results reach the caller.
+  local function settle(ok, err)
+    done_waiting(p)
+    local failure, out
+    if not ok then
+      release(p, claim)
+    elseif #lists.errors > 0 then
+      local e = lists.errors[1]
+      claim.ke = 2 -- reported: the rest go to the store
+      release(p, claim)
+      failure = item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
+    else
+      out = {}
+      local results, ids = lists.results, lists.ids
+      if pos then
+        for k = 1, n do out[pos[ids[k]]] = results[k] end
+      else
+        for k = 1, n do out[ids[k] - first + 1] = results[k] end
+      end
+      claim.kr = n + 1
+      release(p, claim)
+    end
+    -- As chunks.map does: the closures above may outlive the map in
+    -- compiled traces, and must not keep its list, its answers or the pool.
+    list, lists, pos, claim, p = nil, nil, nil, nil, nil -- luacheck: ignore
+    if not ok then caller.reraise(err) end
+    if failure then error(failure, caller.level()) end
+    return out
+  end
+  return settle_after(work, settle)
 end
 
 --- p:map(list) -> the first result of p(list[i]) for every i, in input
@@ -497,7 +538,10 @@ function methods.stream(p, src, opts)
   local lists, tag = claim.lists, claim.tag
   local array_n = t == "table" and #src or nil
   local next_i, exhausted = 1, false
-  local outstanding = 0        -- inputs submitted and not yielded
+  -- In the claim, so that a hand-out counts them in its core.commit:
+  -- inputs submitted and not handed out, results held back (ordered),
+  -- the input whose result is handed out next and its slot (ordered).
+  claim.outstanding, claim.nheld, claim.want, claim.want_slot = 0, 0, 1, 1
   -- id -> input position, as runs of consecutive ids: segs[s] is
   -- {id0, i0, count, left}, for s from seg_head to seg_tail. A run is
   -- dropped once all its calls are handed out (left = 0), unless it is the
@@ -513,7 +557,7 @@ function methods.stream(p, src, opts)
   -- (refill), so they never share a slot, and the tables stay arrays
   -- however long the stream.
   local ring = 4 * window
-  local held, held_more, held_id, want, want_slot, nheld = {}, {}, {}, 1, 1, 0
+  local held, held_more, held_id = {}, {}, {}
   -- How many more results step may hand out without looking at the
   -- workers' queue (pool_counts): a C call per result cost more than the
   -- rest of the turn. The queue is refilled below half the window, and
@@ -539,29 +583,24 @@ function methods.stream(p, src, opts)
 
   --- position() for a call of a run after the first.
   local function position_in_later_run(id)
-    for s = seg_head + 1, seg_tail do
+    drop_spent_runs()
+    for s = seg_head, seg_tail do
       local seg = segs[s]
-      if id >= seg[1] and id < seg[1] + seg[3] then
-        seg[4] = seg[4] - 1
-        if seg[4] == 0 then drop_spent_runs() end
-        return seg[2] + (id - seg[1])
-      end
+      if id >= seg[1] and id < seg[1] + seg[3] then return seg[2] + (id - seg[1]), seg end
     end
     error("stream: internal error: call " .. id .. " is not the stream's")
   end
 
-  --- The input position of call id, which is handed out or held back
-  -- now. Its calls come mostly from the first run (all of them, when
+  --- The input position of call id, and its run, whose count of ids left
+  -- the hand-out lowers (in its commit: an interrupt before it changes
+  -- nothing). Its calls come mostly from the first run (all of them, when
   -- nothing else queues calls on the pool meanwhile): looked up with no
-  -- loop, it compiles into the trace of the loop that calls it.
+  -- loop. Spent runs are dropped on the way to a later one.
   local function position(id)
     local seg = segs[seg_head]
     local d = id - seg[1]
     if d < 0 or d >= seg[3] then return position_in_later_run(id) end
-    local left = seg[4] - 1
-    seg[4] = left
-    if left == 0 then drop_spent_runs() end
-    return seg[2] + d
+    return seg[2] + d, seg
   end
 
   --- Notes that inputs next_i .. next_i + count - 1 became calls
@@ -580,7 +619,7 @@ function methods.stream(p, src, opts)
     if not claim.first then claim.first = id0 end
     claim.last = id0 + count - 1
     next_i = next_i + count
-    outstanding = outstanding + count
+    claim.outstanding = claim.outstanding + count
   end
 
   local ids = {}
@@ -592,7 +631,7 @@ function methods.stream(p, src, opts)
   local function refill(pending)
     if exhausted then return end
     if not pending then pending = select(3, pool_counts(p)) end
-    local room = math.min(window - pending, window - nheld, 4 * window - outstanding)
+    local room = math.min(window - pending, window - claim.nheld, 4 * window - claim.outstanding)
     if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
@@ -617,48 +656,97 @@ function methods.stream(p, src, opts)
     end
   end
 
-  --- The next finished call in the claim's lists, as an entry
-  -- {i, ok, n, ...}-shaped values returned directly: i, ok, values...
-  local function take_result()
-    local k = claim.kr
-    local id = lists.ids[k]
-    if id == nil then return nil end
-    claim.kr = k + 1
-    local i = position(id)
+  -- The hand-outs. Each ends in one core.commit, a tail call: the read
+  -- position moves past a result in the same C call that returns it, so
+  -- that Ctrl-C lands before (the result stays in the claim's lists or in
+  -- `held`, and goes to the pool's store if the stream is abandoned) or
+  -- after (the caller has it), never between.
+
+  --- Call k of the claim's lists, finished with call id: i, true, values...
+  local function take_result(k, id)
+    local i, seg = position(id)
     local ex = lists.extras[id]
     if ex then
-      lists.extras[id] = nil
-      return i, true, unpack(ex, 1, ex.n)
+      return commit(4, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
+        lists.extras, id, nil, i, true, unpack(ex, 1, ex.n))
     end
-    return i, true, lists.results[k]
+    return commit(3, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
+      i, true, lists.results[k])
   end
 
+  --- The next failed call in the claim's lists: i, false, its error record.
   local function take_error()
     local k = claim.ke
     local e = lists.errors[k]
-    if e == nil then return nil end
-    claim.ke = k + 1
-    return position(e.id), false, e
+    local i, seg = position(e.id)
+    return commit(3, claim, "ke", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
+      i, false, e)
   end
 
   --- Drops the consumed part of the claim's lists now and then, so that a
   -- long stream runs in constant memory.
   local function compact()
     if claim.kr > 1024 and claim.kr > #lists.ids then
-      lists.results, lists.ids, claim.kr = {}, {}, 1
+      commit(3, lists, "results", {}, lists, "ids", {}, claim, "kr", 1)
     end
     if claim.ke > 1024 and claim.ke > #lists.errors then
-      lists.errors, claim.ke = {}, 1
+      commit(2, lists, "errors", {}, claim, "ke", 1)
     end
   end
 
   --- Holds back call id's answer until its input's turn: v and more as
   -- in `held` and `held_more`.
   local function hold(id, v, more)
-    local slot = (position(id) - 1) % ring + 1
+    local i, seg = position(id)
+    local slot = (i - 1) % ring + 1
     held[slot], held_more[slot], held_id[slot] = v, more, id
-    nheld = nheld + 1
+    seg[4] = seg[4] - 1
+    claim.nheld = claim.nheld + 1
   end
+
+  --- Moves the finished calls from the claim's lists to `held` (ordered).
+  -- Run deferred (hold_finished), all that came at once.
+  local function hold_finished_now()
+    local ids_, results, extras = lists.ids, lists.results, lists.extras
+    while true do
+      local k = claim.kr
+      local id = ids_[k]
+      if id == nil then break end
+      local ex = extras[id]
+      if ex then extras[id] = nil end
+      hold(id, results[k], ex)
+      claim.kr = k + 1
+    end
+    while true do
+      local k = claim.ke
+      local e = lists.errors[k]
+      if e == nil then break end
+      hold(e.id, e, FAILED)
+      claim.ke = k + 1
+    end
+  end
+
+  local function hold_finished()
+    if lists.ids[claim.kr] ~= nil or lists.errors[claim.ke] ~= nil then atomically(hold_finished_now) end
+  end
+
+  --- With ordered, hands out what input `want` gave, held back (held[slot]
+  -- is not nil).
+  local function take_held(slot)
+    local want, v, more = claim.want, held[slot], held_more[slot]
+    local after, n1, n2 = slot == ring and 1 or slot + 1, claim.nheld - 1, claim.outstanding - 1
+    if more == nil then
+      return commit(5, held, slot, nil, claim, "want", want + 1, claim, "want_slot", after, claim, "nheld", n1,
+        claim, "outstanding", n2, want, true, v)
+    end
+    if more == FAILED then
+      return commit(6, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "want_slot", after,
+        claim, "nheld", n1, claim, "outstanding", n2, want, false, v)
+    end
+    return commit(6, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "want_slot", after,
+      claim, "nheld", n1, claim, "outstanding", n2, want, true, unpack(more, 1, more.n))
+  end
+
   -- What was held back goes to the pool's store if the stream is
   -- abandoned: it is no longer in the claim's lists (release), which
   -- takes {id =, first =, ex =} or {id =, err =}.
@@ -673,27 +761,6 @@ function methods.stream(p, src, opts)
       end
     end
     return list
-  end
-
-  --- With ordered, hands out what input `want` gave, held back; nothing
-  -- if it has not finished.
-  local function take_held()
-    local i, slot = want, want_slot
-    local v = held[slot]
-    if v == nil then return nil end
-    local more = held_more[slot]
-    held[slot], held_more[slot] = nil, nil
-    nheld = nheld - 1
-    want, want_slot = i + 1, slot == ring and 1 or slot + 1
-    outstanding = outstanding - 1
-    if more == nil then return i, true, v end
-    if more == FAILED then return i, false, v end
-    return i, true, unpack(more, 1, more.n)
-  end
-
-  local function yielded(i, ...)
-    outstanding = outstanding - 1
-    return i, ...
   end
 
   local ended = false
@@ -720,7 +787,7 @@ function methods.stream(p, src, opts)
     -- that had handed out everything (stopped from its loop's last turn)
     -- just ends.
     if claim.released then
-      if outstanding == 0 and exhausted then
+      if claim.outstanding == 0 and exhausted then
         finish()
         return nil
       end
@@ -735,39 +802,24 @@ function methods.stream(p, src, opts)
       quick_turns = exhausted and math.huge or look_every
       if ordered then
         -- everything finished moves to `held`, which yields in order
-        local ids_, results, extras = lists.ids, lists.results, lists.extras
-        while true do
-          local k = claim.kr
-          local id = ids_[k]
-          if id == nil then break end
-          claim.kr = k + 1
-          local ex = extras[id]
-          if ex then extras[id] = nil end
-          hold(id, results[k], ex)
-        end
-        while true do
-          local e = lists.errors[claim.ke]
-          if e == nil then break end
-          claim.ke = claim.ke + 1
-          hold(e.id, e, FAILED)
-        end
+        hold_finished()
         compact()
-        if held[want_slot] ~= nil then return take_held() end
+        local slot = claim.want_slot
+        if held[slot] ~= nil then return take_held(slot) end
       else
-        if lists.ids[claim.kr] ~= nil then
-          compact()
-          return yielded(take_result())
-        end
-        if lists.errors[claim.ke] ~= nil then return yielded(take_error()) end
         compact()
+        local k = claim.kr
+        local id = lists.ids[k]
+        if id ~= nil then return take_result(k, id) end
+        if lists.errors[claim.ke] ~= nil then return take_error() end
       end
       refill()
-      if outstanding == 0 and exhausted then
+      if claim.outstanding == 0 and exhausted then
         finish()
         return nil
       end
       local _, finished, pending = pool_counts(p)
-      local room = not exhausted and nheld < window and pending >= window
+      local room = not exhausted and claim.nheld < window and pending >= window
       check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
     end
   end
@@ -775,29 +827,22 @@ function methods.stream(p, src, opts)
   --- The loop's turn. Most turns have a result with one value at hand
   -- (in the claim's lists or, with ordered, held back for this turn) and
   -- need not look at the workers' queue: they are handed out here, with no
-  -- C call and no loop, so that LuaJIT compiles them into the trace of the
-  -- caller's loop. Anything else goes through full_step.
+  -- loop and one C call (the commit).  Anything else goes through
+  -- full_step.
   local function step()
     if quick_turns > 0 and not claim.released then
       if ordered then
-        local i, slot = want, want_slot
-        local v = held[slot]
-        if v ~= nil and held_more[slot] == nil then
+        local slot = claim.want_slot
+        if held[slot] ~= nil and held_more[slot] == nil then
           quick_turns = quick_turns - 1
-          held[slot] = nil
-          nheld = nheld - 1
-          want, want_slot = i + 1, slot == ring and 1 or slot + 1
-          outstanding = outstanding - 1
-          return i, true, v
+          return take_held(slot)
         end
       else
         local k = claim.kr
         local id = lists.ids[k]
-        if id ~= nil and lists.extras[id] == nil then
+        if id ~= nil then
           quick_turns = quick_turns - 1
-          claim.kr = k + 1
-          outstanding = outstanding - 1
-          return position(id), true, lists.results[k]
+          return take_result(k, id)
         end
       end
     end
