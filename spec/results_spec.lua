@@ -63,6 +63,32 @@ describe("map", function()
     assert.are.same({}, support.children())
   end)
 
+  it("names the item that cannot travel, in chunks or not", function()
+    for _, opts in ipairs({ { workers = 2 }, { workers = 2, timeout = 30 } }) do
+      local p = Parallelize(function(x) return x end, opts)
+      local list = {}
+      for i = 1, 100 do list[i] = i end
+      list[40] = io.stdout
+      local ok, err = pcall(p.map, p, list)
+      assert.is_false(ok)
+      assert.are.equal("map: item 40 cannot be sent: cannot encode a userdata at args[1]", err)
+      -- What was queued before it runs, its results in the store, each
+      -- once: all of items 1-39 unchunked, some of them in chunks.
+      assert.is_true(p:wait(10))
+      local seen = {}
+      -- (a chunk's answer is there whole: a table of its items' results)
+      local count = 0
+      for _, r in ipairs(p:take()) do
+        for _, v in ipairs(type(r) == "table" and r or { r }) do
+          assert.is_true(v >= 1 and v < 40 and not seen[v])
+          seen[v], count = true, count + 1
+        end
+      end
+      if opts.timeout then assert.are.equal(39, count) end
+      p:stop()
+    end
+  end)
+
   it("works on a pool that stays up, many times", function()
     local p = Parallelize(function(x) return x + 1 end, { workers = 2 })
     finally(function() p:stop() end)
@@ -495,6 +521,42 @@ describe("stream", function()
     assert.has_error(function() it() end,
       "stream: the pool was stopped; what the stream had not handed out went to its results")
     assert.are.equal(0, #p:take())
+  end)
+
+  it("names the item that cannot travel; the items before it stay its own", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 200 do list[i] = i end
+    list[150] = coroutine.create(print)
+    local it, seen = p:stream(list, { max_pending = 8 }), {}
+    local ok, err = pcall(function()
+      for i, good, v in it do
+        assert.is_true(good)
+        assert.are.equal(i, v)
+        seen[#seen + 1] = i
+      end
+    end)
+    assert.is_false(ok)
+    assert.are.equal("stream: item 150 cannot be sent: cannot encode a thread at args[1]", err)
+    -- Stepped again, it hands out inputs queued before the one that failed
+    -- (before, their calls were unknown to it: "internal error"), then
+    -- fails on it again; what it had not handed out goes to the store.
+    ok, err = pcall(function()
+      for i, good, v in it do
+        assert.is_true(good)
+        assert.are.equal(i, v)
+        seen[#seen + 1] = i
+      end
+    end)
+    assert.is_false(ok)
+    assert.matches("^stream: item 150 cannot be sent", err)
+    -- (what no worker had taken yet is aborted by stop, its input with it)
+    for _, a in ipairs(p:stop()) do seen[#seen + 1] = a[1] end
+    for _, v in ipairs(p:take()) do seen[#seen + 1] = v end
+    table.sort(seen)
+    assert.are.equal(149, #seen)
+    for i = 1, 149 do assert.are.equal(i, seen[i]) end
   end)
 
   it("ends when its pool is stopped from its loop's last turn", function()

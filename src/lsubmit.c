@@ -274,48 +274,95 @@ int pz_lpool_submit(lua_State *L)
     return submit(L, u, 4, (uint8_t)tag, timeout_ms);
 }
 
-/* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
- * interleaved: queues list[k] as the one argument of a call, for every k
- * from i to j, for `tag` (as pool_submit).  The ids are first .. last, one
- * after the other, unless Lua code that ran while an argument was encoded
- * queued a call in between (interleaved is then true, and ids[k - i + 1]
- * holds each one's id).  One C call for a whole map: p(list[k]) from Lua,
- * once a call, costs the main thread more than the call itself. */
-int pz_lpool_submit_each(lua_State *L)
+/* How far a pool_submit_each has gone: what it returns, kept outside the
+ * protected loop that may raise. */
+typedef struct each_progress {
+    lpool *u;
+    uint8_t tag;
+    int i, j;
+    int next;        /* the item being queued, or j + 1 when all were */
+    double first, last;
+    int interleaved;
+} each_progress;
+
+/* Protected (the pool at 1, as submit wants it; list at 2, ids at 3, the
+ * progress at 4): queues list[k] for k from progress->next to j, noting
+ * each id as it goes. */
+static int submit_each_loop(lua_State *L)
 {
-    lpool *u = pz_lpool_check_running(L, 1);
-    int tag = (int)luaL_checkinteger(L, 2);
-    check_tag(L, u, tag);
-    luaL_checktype(L, 3, LUA_TTABLE);
-    int i = (int)luaL_checkinteger(L, 4), j = (int)luaL_checkinteger(L, 5);
-    luaL_checktype(L, 6, LUA_TTABLE);
-    lua_settop(L, 6);
-    double first = 0, last = 0;
-    int interleaved = 0;
-    for (int k = i; k <= j; k++) {
-        lua_rawgeti(L, 3, k);
-        submit(L, u, 7, (uint8_t)tag, 0);
+    each_progress *e = (each_progress *)lua_touserdata(L, 4);
+    for (int k = e->next; k <= e->j; k = ++e->next) {
+        lua_rawgeti(L, 2, k);
+        submit(L, e->u, 5, e->tag, 0);
         double id = lua_tonumber(L, -1);
         lua_pop(L, 2);
-        if (k == i) {
-            first = id;
-        } else if (!interleaved && id != last + 1) {
-            interleaved = 1;
-            for (int m = i; m < k; m++) {
-                lua_pushnumber(L, first + (m - i));
-                lua_rawseti(L, 6, m - i + 1);
+        if (k == e->i) {
+            e->first = id;
+        } else if (!e->interleaved && id != e->last + 1) {
+            e->interleaved = 1;
+            for (int m = e->i; m < k; m++) {
+                lua_pushnumber(L, e->first + (m - e->i));
+                lua_rawseti(L, 3, m - e->i + 1);
             }
         }
-        if (interleaved) {
+        if (e->interleaved) {
             lua_pushnumber(L, id);
-            lua_rawseti(L, 6, k - i + 1);
+            lua_rawseti(L, 3, k - e->i + 1);
         }
-        last = id;
+        e->last = id;
     }
-    lua_pushnumber(L, first);
-    lua_pushnumber(L, last);
-    lua_pushboolean(L, interleaved);
-    return 3;
+    return 0;
+}
+
+/* core.pool_submit_each(pool, tag, list, i, j, ids) -> first, last,
+ * interleaved [, err, k]: queues list[k] as the one argument of a call,
+ * for every k from i to j, for `tag` (as pool_submit).  The ids are
+ * first .. last, one after the other, unless Lua code that ran while an
+ * argument was encoded queued a call in between (interleaved is then
+ * true, and ids[k - i + 1] holds each one's id).  When item k cannot be
+ * queued (it cannot be encoded, Ctrl-C while waiting for room, a stopped
+ * pool), the items before it stay queued: the call returns what they got
+ * (first and last nil when none was), then the error and k, for the
+ * caller to note them and raise.  One C call for a whole map: p(list[k])
+ * from Lua, once a call, costs the main thread more than the call
+ * itself. */
+int pz_lpool_submit_each(lua_State *L)
+{
+    each_progress e = {0};
+    e.u = pz_lpool_check_running(L, 1);
+    int tag = (int)luaL_checkinteger(L, 2);
+    check_tag(L, e.u, tag);
+    e.tag = (uint8_t)tag;
+    luaL_checktype(L, 3, LUA_TTABLE);
+    e.i = (int)luaL_checkinteger(L, 4);
+    e.j = (int)luaL_checkinteger(L, 5);
+    luaL_checktype(L, 6, LUA_TTABLE);
+    lua_settop(L, 6);
+    e.next = e.i;
+    lua_pushcfunction(L, submit_each_loop);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 3);
+    lua_pushvalue(L, 6);
+    lua_pushlightuserdata(L, &e);
+    int rc = lua_pcall(L, 4, 0, 0);
+    /* A mark below this frame is a raise's, left by a call that has
+     * ended (frame_here): cleared, it cannot be taken for an encode in
+     * progress by a later call from deeper down. */
+    if (rc != 0 && e.u->encoding_at != 0 && e.u->encoding_at < pz_lpool_frame_here())
+        e.u->encoding_at = 0;
+    if (e.next > e.i) {
+        lua_pushnumber(L, e.first);
+        lua_pushnumber(L, e.last);
+    } else {
+        lua_pushnil(L);
+        lua_pushnil(L);
+    }
+    lua_pushboolean(L, e.interleaved);
+    if (rc == 0)
+        return 3;
+    lua_pushvalue(L, 7); /* the error */
+    lua_pushinteger(L, e.next);
+    return 5;
 }
 
 /* Protected: encodes the chunk (items at 2, n at 3) into the pz_buf at 1,

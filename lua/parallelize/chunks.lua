@@ -11,14 +11,17 @@ caller.mark()
 local type, error = type, error
 local floor, ceil, min, max, remove = math.floor, math.ceil, math.min, math.max, table.remove
 local new_table = require "table.new"
-local pool_size, pool_counts, pool_submit, pool_submit_chunk =
-  core.pool_size, core.pool_counts, core.pool_submit, core.pool_submit_chunk
+local pool_size, pool_counts, pool_submit_each, pool_submit_chunk =
+  core.pool_size, core.pool_counts, core.pool_submit_each, core.pool_submit_chunk
 local null, settle_after = core.null, core.settle_after
 
 local M = {}
 
 -- pool.lua's helpers (M.bind).
-local new_claim, release, wait_for, check_status, done_waiting, item_failed
+local new_claim, release, wait_for, check_status, done_waiting, item_failed, raise_unsent
+-- pool_submit_each's list of ids, written only when another call took an
+-- id between two of its items: never for one item.
+local NO_IDS = {}
 
 -- How long a chunk should run. At least CHUNK_MIN_SECONDS: its frame, id
 -- and record then cost little beside it. At most CHUNK_MAX_SECONDS: the
@@ -110,9 +113,13 @@ function M.map(p, list, n, who)
   -- Queues items i..j: one item as its own call, more as a chunk, halved
   -- while its items cannot travel as one call (one cannot be encoded, or
   -- together they are above max_message): down to an item's own call,
-  -- which raises as p(item) would.
+  -- whose error names the item and says what p(item) would.
   local function submit(i, j)
-    if i == j then return track(pool_submit(p, tag, nil, list[i]), i, 0) end
+    if i == j then
+      local id, _, _, err = pool_submit_each(p, tag, list, i, i, NO_IDS)
+      if err then raise_unsent(who, i, err) end
+      return track(id, i, 0)
+    end
     -- One table carries every chunk's items: it is encoded before
     -- pool_submit_chunk returns, and a fresh one per chunk cost page
     -- faults. What a longer chunk left beyond this one's end is cleared.
@@ -245,10 +252,11 @@ function M.map(p, list, n, who)
 end
 
 --- Gives this file pool.lua's helpers: new_claim, release, wait_for,
--- check_status, done_waiting and item_failed. Returns the module.
+-- check_status, done_waiting, item_failed and raise_unsent. Returns the
+-- module.
 function M.bind(h)
   new_claim, release, wait_for, check_status = h.new_claim, h.release, h.wait_for, h.check_status
-  done_waiting, item_failed = h.done_waiting, h.item_failed
+  done_waiting, item_failed, raise_unsent = h.done_waiting, h.item_failed, h.raise_unsent
   return M
 end
 

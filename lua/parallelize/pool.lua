@@ -422,10 +422,21 @@ local function item_failed(who, i, e)
   return format("%s: item %d failed: %s\n%s", who, i, tostring(e.message), tostring(e.traceback))
 end
 
+--- Raises the error that kept item k of a map or stream (`who`) from being
+-- queued (core.pool_submit_each returns it): naming the item when it was
+-- at fault (it cannot be encoded, or is above max_message), else as it
+-- came (Ctrl-C, a stopped pool).
+local function raise_unsent(who, k, err)
+  if type(err) == "string" and (err:find("^cannot encode") or err:find("^cannot queue the call")) then
+    error(format("%s: item %d cannot be sent: %s", who, k, err), 0)
+  end
+  caller.reraise(err)
+end
+
 -- Maps in chunks (chunks.lua) share the claims, waits and messages.
 local chunks = require("parallelize.chunks").bind({
   new_claim = new_claim, release = release, wait_for = wait_for, check_status = check_status,
-  done_waiting = done_waiting, item_failed = item_failed,
+  done_waiting = done_waiting, item_failed = item_failed, raise_unsent = raise_unsent,
 })
 
 --- Runs p(list[i]) for every i; returns the first results in input order
@@ -441,9 +452,10 @@ function M.map(p, list, who)
   local function work()
     if n == 0 then return end
     local ids = {}
-    local interleaved
-    first, last, interleaved = pool_submit_each(p, tag, list, 1, n, ids)
+    local interleaved, err, bad
+    first, last, interleaved, err, bad = pool_submit_each(p, tag, list, 1, n, ids)
     claim.first, claim.last = first, last
+    if err then raise_unsent(who, bad, err) end
     if interleaved then
       -- Another call took an id in between (Lua code that ran inside
       -- p(...)): ids are looked up.
@@ -636,12 +648,16 @@ function methods.stream(p, src, opts)
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
       if last_i >= next_i then
-        local first, last, interleaved = pool_submit_each(p, tag, src, next_i, last_i, ids)
-        if interleaved then
-          for k = 1, last_i - next_i + 1 do submitted(ids[k], 1) end
-        else
+        local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, last_i, ids)
+        -- When item `bad` could not be queued, those before it were: the
+        -- stream notes them before it raises (their results are its own).
+        local queued = (bad or last_i + 1) - next_i
+        if queued > 0 and interleaved then
+          for k = 1, queued do submitted(ids[k], 1) end
+        elseif queued > 0 then
           submitted(first, last - first + 1)
         end
+        if err then raise_unsent("stream", bad, err) end
       end
       exhausted = next_i > array_n
       return
