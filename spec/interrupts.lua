@@ -62,13 +62,7 @@ end
 
 --- Polls pred every millisecond for at most `seconds`; returns its value.
 local function poll(pred, seconds)
-  local deadline = core.now() + seconds
-  repeat
-    local v = pred()
-    if v then return v end
-    core.sleep(0.001)
-  until core.now() > deadline
-  return pred()
+  return support.eventually(pred, seconds, 0.001)
 end
 
 --- One trial of interpreter `interp` in `mode`, SIGINT `delay` seconds

@@ -114,14 +114,15 @@ function M.kill(pid, sig)
   return ffi.C.kill(pid, sig) == 0
 end
 
---- Waits up to `seconds` for pred() to be true; returns its last value.
-function M.eventually(pred, seconds)
+--- Waits up to `seconds` (5) for pred() to be true, looking every `step`
+-- seconds (0.01); returns its last value.
+function M.eventually(pred, seconds, step)
   local core = require "parallelize.core"
   local deadline = core.now() + (seconds or 5)
   repeat
     local v = pred()
     if v then return v end
-    core.sleep(0.01)
+    core.sleep(step or 0.01)
   until core.now() > deadline
   return pred()
 end

@@ -496,6 +496,11 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
 {
     if (!u->pool || u->draining)
         return;
+    /* Nothing to drain (a wait's every turn, a p(...) waiting for room):
+     * no deferral, whose signal mask costs two system calls. */
+    pz_frame first;
+    if (!pz_pool_peek_record(u->pool, &first) && !pz_pool_fatal(u->pool))
+        return;
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     u->draining = 1;
     lua_pushcfunction(L, drain_all);

@@ -552,8 +552,8 @@ function methods.stream(p, src, opts)
   local next_i, exhausted = 1, false
   -- In the claim, so that a hand-out counts them in its core.commit:
   -- inputs submitted and not handed out, results held back (ordered),
-  -- the input whose result is handed out next and its slot (ordered).
-  claim.outstanding, claim.nheld, claim.want, claim.want_slot = 0, 0, 1, 1
+  -- the input whose result is handed out next (ordered).
+  claim.outstanding, claim.nheld, claim.want = 0, 0, 1
   -- id -> input position, as runs of consecutive ids: segs[s] is
   -- {id0, i0, count, left}, for s from seg_head to seg_tail. A run is
   -- dropped once all its calls are handed out (left = 0), unless it is the
@@ -750,17 +750,17 @@ function methods.stream(p, src, opts)
   -- is not nil).
   local function take_held(slot)
     local want, v, more = claim.want, held[slot], held_more[slot]
-    local after, n1, n2 = slot == ring and 1 or slot + 1, claim.nheld - 1, claim.outstanding - 1
+    local n1, n2 = claim.nheld - 1, claim.outstanding - 1
     if more == nil then
-      return commit(5, held, slot, nil, claim, "want", want + 1, claim, "want_slot", after, claim, "nheld", n1,
-        claim, "outstanding", n2, want, true, v)
+      return commit(4, held, slot, nil, claim, "want", want + 1, claim, "nheld", n1, claim, "outstanding", n2,
+        want, true, v)
     end
     if more == FAILED then
-      return commit(6, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "want_slot", after,
-        claim, "nheld", n1, claim, "outstanding", n2, want, false, v)
+      return commit(5, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "nheld", n1,
+        claim, "outstanding", n2, want, false, v)
     end
-    return commit(6, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "want_slot", after,
-      claim, "nheld", n1, claim, "outstanding", n2, want, true, unpack(more, 1, more.n))
+    return commit(5, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "nheld", n1,
+      claim, "outstanding", n2, want, true, unpack(more, 1, more.n))
   end
 
   -- What was held back goes to the pool's store if the stream is
@@ -820,7 +820,7 @@ function methods.stream(p, src, opts)
         -- everything finished moves to `held`, which yields in order
         hold_finished()
         compact()
-        local slot = claim.want_slot
+        local slot = (claim.want - 1) % ring + 1
         if held[slot] ~= nil then return take_held(slot) end
       else
         compact()
@@ -848,7 +848,7 @@ function methods.stream(p, src, opts)
   local function step()
     if quick_turns > 0 and not claim.released then
       if ordered then
-        local slot = claim.want_slot
+        local slot = (claim.want - 1) % ring + 1
         if held[slot] ~= nil and held_more[slot] == nil then
           quick_turns = quick_turns - 1
           return take_held(slot)
