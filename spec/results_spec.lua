@@ -180,11 +180,32 @@ describe("result", function()
     local id = p(5)
     assert.are.same({ true, 15 }, { p:result(id) })
     assert.has_error(function() p:result(id) end,
-      "result: call 1 was taken already (by p:take(), or by an earlier p:result() with keep_results = false)")
+      "result: call 1 was handed over already (by p:map(), p:stream(), p:take(), or an earlier p:result() "
+        .. "with keep_results = false)")
     assert.has_error(function() return p.results end,
       "p.results is not kept (keep_results = false): take results with p:take(), p:result(id), p:map() or p:stream()")
     assert.has_error(function() return p.errors end)
     assert.has_error(function() return p.ids end)
+  end)
+
+  it("says a map's or a stream's call was handed over when p:result asks for it", function()
+    local p = Parallelize(function(x) return x + 1 end, { workers = 2 })
+    finally(function() p:stop() end)
+    assert.are.same({ 2, 3 }, p:map({ 1, 2 }))
+    local streamed = {}
+    for _, ok, v in p:stream({ 10, 20 }) do
+      assert.is_true(ok)
+      streamed[#streamed + 1] = v
+    end
+    table.sort(streamed)
+    assert.are.same({ 11, 21 }, streamed)
+    local calls = p.calls
+    assert.is_true(calls >= 2)
+    for id = 1, calls do
+      local ok, err = pcall(p.result, p, id)
+      assert.is_false(ok)
+      assert.matches("result: call " .. id .. " was handed over already %(by p:map%(%), p:stream%(%)", err)
+    end
   end)
 end)
 

@@ -402,8 +402,8 @@ function methods.result(p, id, timeout)
     pool_drain(p)
     if has_outcome(env, id) then return atomically(hand_over, p, env, id) end
     if pool_finished(p, id) then
-      error(format("result: call %d was taken already (by p:take(), or by an earlier "
-        .. "p:result() with keep_results = false)", id), 2)
+      error(format("result: call %d was handed over already (by p:map(), p:stream(), p:take(), "
+        .. "or an earlier p:result() with keep_results = false)", id), 2)
     end
     local _, finished = pool_counts(p)
     local status = wait_for(p, "progress", deadline, finished + 1)
