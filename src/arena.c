@@ -303,16 +303,20 @@ void pz_arena_release_call(pz_arena *a, uint64_t id)
     free_chain(a, seq);
 }
 
-uint64_t pz_arena_pending_bytes(pz_arena *a, uint64_t taken)
+void pz_arena_forget_taken(pz_arena *a, uint64_t taken)
 {
     if (!a)
-        return 0;
+        return;
     while (a->queued_count && a->queued[a->queued_first].id <= taken) {
         a->queued_bytes -= a->queued[a->queued_first].bytes;
         a->queued_first = (a->queued_first + 1) & (a->queued_cap - 1);
         a->queued_count--;
     }
-    return a->queued_bytes;
+}
+
+uint64_t pz_arena_pending_bytes(const pz_arena *a)
+{
+    return a ? a->queued_bytes : 0;
 }
 
 int pz_arena_calls_full(const pz_arena *a, size_t need)

@@ -126,9 +126,13 @@ void pz_calls_writer_abandon(pz_calls_writer *cw);
 /* Call id's last record was consumed: its blocks, if any, are free. */
 void pz_arena_release_call(pz_arena *a, uint64_t id);
 
-/* The bytes of big strings held by calls after the first `taken` (the
- * calls no worker has taken yet: ids are given and taken in order). */
-uint64_t pz_arena_pending_bytes(pz_arena *a, uint64_t taken);
+/* Forgets the big strings of the first `taken` calls (taken by workers:
+ * ids are given and taken in order), for pz_arena_pending_bytes. */
+void pz_arena_forget_taken(pz_arena *a, uint64_t taken);
+
+/* The bytes of big strings held by the calls no worker has taken yet, as
+ * of the last pz_arena_forget_taken. */
+uint64_t pz_arena_pending_bytes(const pz_arena *a);
 
 /* Whether p(...) should wait before placing `need` bytes of big strings:
  * they would fit in the area once freed, do not fit now, and blocks are

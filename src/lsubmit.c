@@ -80,8 +80,9 @@ int pz_lpool_has_room(lpool *u)
     pz_pool *p = u->pool;
     uint64_t taken = atomic_load(&p->calls_taken);
     uint64_t pending = p->next_id - 1 - taken; /* pz_pool_pending, as of `taken` */
+    pz_arena_forget_taken(p->arena, taken);
     return (u->max_pending == 0 || pending < u->max_pending) &&
-           (pending == 0 || pz_pool_pending_bytes(p) + pz_arena_pending_bytes(p->arena, taken) <
+           (pending == 0 || pz_pool_pending_bytes(p) + pz_arena_pending_bytes(p->arena) <
                                 u->max_pending_bytes) &&
            !pz_lpool_arena_full(u);
 }
