@@ -493,7 +493,7 @@ describe("stream", function()
     local list = {}
     for i = 1, 40 do list[i] = i end
     local it = p:stream(list, { max_pending = 2 })
-    assert.are.equal(1, select(3, it()))
+    assert.is_true(select(2, it())) -- whichever call finished first (unordered)
     local own = p(-1)
     for _ = 1, 5 do assert.is_true(select(2, it())) end
     local newest = core.pool_counts(p) -- the stream queued it after `own`
