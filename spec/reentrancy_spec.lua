@@ -284,4 +284,41 @@ R.exec_ok, R.exec_err = pcall(function() return p.executors end)
     assert.are.same({ 5 }, p.results)
     assert.are.same({}, p:stop())
   end)
+
+  -- Deeper in the C stack than the p(...) that raised: a comparator that
+  -- table.sort calls, a coroutine.
+  local function from_deeper(how, fn)
+    if how == "table.sort" then
+      local ok, err
+      table.sort({ 2, 1 }, function(a, b)
+        if ok == nil then ok, err = pcall(fn) end
+        return a < b
+      end)
+      return ok, err
+    end
+    return coroutine.wrap(function() return pcall(fn) end)()
+  end
+
+  for _, how in ipairs({ "table.sort", "coroutine" }) do
+    for _, what in ipairs({ "p(...)", "p:map" }) do
+      it(("lets p:stop() run from a %s after %s raised in its encode"):format(how, what), function()
+        local p = Parallelize(function(t) return t[1] end, { workers = 1 })
+        local stopped
+        finally(function() if not stopped then p:stop() end end)
+        local ok, err
+        if what == "p(...)" then
+          ok, err = pcall(p, { coroutine.create(print) })
+        else
+          ok, err = pcall(p.map, p, { { 1 }, { coroutine.create(print) } })
+        end
+        assert.is_false(ok)
+        assert.matches("cannot encode a thread", err)
+        local stop_ok, aborted = from_deeper(how, function() return p:stop(10) end)
+        assert.is_true(stop_ok, aborted)
+        stopped = true
+        assert.is_table(aborted)
+        assert.is_true(p.stopped)
+      end)
+    end
+  end
 end)

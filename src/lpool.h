@@ -75,9 +75,12 @@ void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what)
 
 /* The address of the caller's stack frame.  The C stack grows down, so a
  * call that runs while another is still inside this module (from a
- * finalizer, say) has its frame below that one's; a frame recorded by a
- * call that raised since is at or below where later calls from the same
- * place run. */
+ * finalizer, say) has its frame below that one's.  A mark (encoding_at)
+ * must not outlive its call: every encode that sets one runs under a
+ * pcall that clears it when the encode raises (lsubmit.c), since a mark
+ * left behind would stand above later calls made from deeper in the C
+ * stack (a table.sort comparator, a coroutine), and p:stop() there would
+ * refuse. */
 static inline uintptr_t pz_lpool_frame_here(void)
 {
     return (uintptr_t)__builtin_frame_address(0);
