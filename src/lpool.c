@@ -15,9 +15,12 @@
  *     encodes into a buffer of its own, and each is queued whole;
  *   - reading the pool while it drains records sees the tables as they are
  *     (a nested drain does nothing);
- *   - waiting or stopping while records are drained, and stopping while
- *     p(...) encodes, raise "the pool is busy: ..." instead of corrupting
- *     the pool or waiting forever.
+ *   - stopping while p(...) encodes works, and that p(...) then raises
+ *     "the pool is stopped" (its encode uses nothing of the pool);
+ *   - waiting or stopping while records are drained, and stopping while a
+ *     map encodes a chunk (into the pool's shared memory), raise "the
+ *     pool is busy: ..." instead of corrupting the pool or waiting
+ *     forever.
  *
  * Everything malloc'ed is owned by a userdata, so an error raised while
  * encoding (an argument that cannot travel) leaks nothing.
@@ -613,9 +616,9 @@ static int l_pool_stop(lua_State *L)
         return stop_returns(L);
     }
     pz_lpool_check_not_draining(L, u, "p:stop()");
-    if (pz_lpool_encoding_above(u, pz_lpool_frame_here()))
-        return luaL_error(L, "the pool is busy: p:stop() called while p(...) encodes its "
-                             "arguments (from a __gc finalizer?); call it afterwards");
+    if (pz_lpool_marked_above(u->chunk_encoding_at, pz_lpool_frame_here()))
+        return luaL_error(L, "the pool is busy: p:stop() called while a map encodes a chunk "
+                             "of its items (from a __gc finalizer?); call it afterwards");
     pz_pool_stop(u->pool, finish);
     pz_lrecords_drain(L, u, 1);
     lua_getfenv(L, 1);

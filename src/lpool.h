@@ -27,6 +27,7 @@ typedef struct lpool {
     pz_pool *pool;     /* NULL once released */
     pz_buf scratch;    /* arguments being encoded by p(...) */
     uintptr_t encoding_at; /* frame of the p(...) encoding into scratch, or 0 */
+    uintptr_t chunk_encoding_at; /* frame of a chunk encoding into the arena, or 0 */
     int draining;      /* records are being turned into Lua values */
     int keep_results;  /* the pool's store keeps results (option keep_results) */
     int quiet;         /* no warning when collected with calls unfinished */
@@ -75,22 +76,23 @@ void pz_lpool_check_not_draining(lua_State *L, const lpool *u, const char *what)
 
 /* The address of the caller's stack frame.  The C stack grows down, so a
  * call that runs while another is still inside this module (from a
- * finalizer, say) has its frame below that one's.  A mark (encoding_at)
- * must not outlive its call: every encode that sets one runs under a
- * pcall that clears it when the encode raises (lsubmit.c), since a mark
- * left behind would stand above later calls made from deeper in the C
- * stack (a table.sort comparator, a coroutine), and p:stop() there would
- * refuse. */
+ * finalizer, say) has its frame below that one's; a frame recorded by a
+ * call that raised since is at or below where later calls from the same
+ * place run. */
 static inline uintptr_t pz_lpool_frame_here(void)
 {
     return (uintptr_t)__builtin_frame_address(0);
 }
 
-/* True when a p(...) of this pool is encoding its arguments further up
- * this thread's stack. */
-static inline int pz_lpool_encoding_above(const lpool *u, uintptr_t here)
+/* True when the frame `mark` (encoding_at, chunk_encoding_at; 0: none) is
+ * above `here` on this thread's stack: an encode started there is still
+ * running, or raised and left its mark behind.  For encoding_at a mark
+ * left behind costs only a buffer of its own to a later p(...) made from
+ * deeper in the C stack; chunk_encoding_at is never left behind (its
+ * encode runs protected), because p:stop() refuses while it is above. */
+static inline int pz_lpool_marked_above(uintptr_t mark, uintptr_t here)
 {
-    return u->encoding_at != 0 && here < u->encoding_at;
+    return mark != 0 && here < mark;
 }
 
 /* lsubmit.c.  pz_lpool_call is the pool's __call: p(...) -> id, the

@@ -36,10 +36,10 @@ static pz_buf *push_buffer(lua_State *L)
     return b;
 }
 
-/* Registry keys of encode_args and encode_chunk (their addresses are what
- * counts): kept there, so that no closure is made each time one is needed
- * (an allocation, which can run finalizers). */
-static const char reg_encode_args = 0, reg_encode_chunk = 0;
+/* Registry key of encode_chunk (its address is what counts): kept there,
+ * so that no closure is made for each chunk (an allocation, which can run
+ * finalizers where nothing may raise). */
+static const char reg_encode_chunk = 0;
 
 /* Protected: encodes the chunk (items at 2, n at 3) into the pz_buf at 1,
  * each item apart (PZ_ENCODE_APART: as its own call would be), its big
@@ -51,16 +51,6 @@ static int encode_chunk(lua_State *L)
     return 0;
 }
 
-/* Protected, called by encode_args_guarded (the arguments, then the buffer
- * as a light userdata): encodes the arguments into the buffer. */
-static int encode_args(lua_State *L)
-{
-    pz_buf *b = (pz_buf *)lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    pz_encode_tuple(L, 1, lua_gettop(L), b, "args", 0, NULL);
-    return 0;
-}
-
 void pz_lsubmit_prepare(lua_State *L)
 {
     if (luaL_newmetatable(L, BUFFER_MT)) {
@@ -68,31 +58,9 @@ void pz_lsubmit_prepare(lua_State *L)
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
-    lua_pushlightuserdata(L, (void *)&reg_encode_args);
-    lua_pushcfunction(L, encode_args);
-    lua_rawset(L, LUA_REGISTRYINDEX);
     lua_pushlightuserdata(L, (void *)&reg_encode_chunk);
     lua_pushcfunction(L, encode_chunk);
     lua_rawset(L, LUA_REGISTRYINDEX);
-}
-
-/* Encodes the nargs arguments at first .. top (taking them off the stack)
- * into b, the pool's scratch buffer, which this call has marked as in use
- * (u->encoding_at).  The encode can raise (an argument that cannot travel,
- * an error or Ctrl-C in a finalizer it ran, no memory); it runs protected
- * so that the mark is cleared before the error goes on: a mark left
- * behind would make a later p:stop() from deeper in the C stack (a
- * table.sort comparator, a coroutine) refuse with "the pool is busy". */
-static void encode_args_guarded(lua_State *L, lpool *u, int first, int nargs, pz_buf *b)
-{
-    lua_pushlightuserdata(L, (void *)&reg_encode_args);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    lua_insert(L, first);
-    lua_pushlightuserdata(L, b);
-    if (lua_pcall(L, nargs + 1, 0, 0) != 0) {
-        u->encoding_at = 0;
-        lua_error(L);
-    }
 }
 
 /* The most bytes the arguments at first .. first + count - 1 take encoded
@@ -241,7 +209,7 @@ static int submit_shared(lua_State *L, lpool *u, int first, int nargs, uint8_t t
 {
     pz_calls_writer *cw = &u->open_writer;
     pz_calls_writer_abandon(cw);
-    pz_buf *b = pz_lpool_encoding_above(u, pz_lpool_frame_here()) ? push_buffer(L) : &u->scratch;
+    pz_buf *b = pz_lpool_marked_above(u->encoding_at, pz_lpool_frame_here()) ? push_buffer(L) : &u->scratch;
     b->len = 0;
     pz_encode_tuple(L, first, nargs, b, "args", 0, pz_calls_writer_init(cw, u->pool->arena));
     return queue_encoded(L, u, b, cw, tag, timeout_ms, 0);
@@ -254,10 +222,9 @@ static int submit_shared(lua_State *L, lpool *u, int first, int nargs, uint8_t t
  * or functions can run Lua code (a finalizer), which may call p(...)
  * again: that inner call finds the scratch buffer taken (encoding_at marks
  * the outer call's frame above it) and encodes into a buffer of its own.
- * guarded: the caller runs this under a pcall that clears a mark a raise
- * leaves below it (pz_lpool_submit_each); otherwise the encode runs under
- * one of its own (encode_args_guarded). */
-static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms, int guarded)
+ * Nothing of the pool is used while the encode runs, so a p:stop() from
+ * that Lua code is safe: the call then raises "the pool is stopped". */
+static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeout_ms)
 {
     int nargs = lua_gettop(L) - first + 1;
     size_t big;
@@ -283,20 +250,18 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
     if (bound > 0 && bound - PZ_VARINT_MAX_BYTES <= u->pool->opt.max_message)
         return submit_scalars(L, u, first, nargs, bound, tag, timeout_ms);
     uintptr_t here = pz_lpool_frame_here();
-    pz_buf *b;
-    if (pz_lpool_encoding_above(u, here)) {
+    pz_buf *b = &u->scratch;
+    int claimed = 0;
+    if (pz_lpool_marked_above(u->encoding_at, here)) {
         b = push_buffer(L);
-        pz_encode_tuple(L, first, nargs, b, "args", 0, NULL);
-        return queue_encoded(L, u, b, NULL, tag, timeout_ms, 0);
+    } else {
+        u->encoding_at = here; /* a raise leaves it stale: see frame_here */
+        claimed = 1;
     }
-    b = &u->scratch;
     b->len = 0;
-    u->encoding_at = here;
-    if (guarded)
-        pz_encode_tuple(L, first, nargs, b, "args", 0, NULL);
-    else
-        encode_args_guarded(L, u, first, nargs, b);
-    u->encoding_at = 0;
+    pz_encode_tuple(L, first, nargs, b, "args", 0, NULL);
+    if (claimed)
+        u->encoding_at = 0;
     return queue_encoded(L, u, b, NULL, tag, timeout_ms, 0);
 }
 
@@ -311,7 +276,7 @@ static void check_tag(lua_State *L, const lpool *u, int tag)
  * queued when an argument cannot be encoded (the error says which). */
 int pz_lpool_call(lua_State *L)
 {
-    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0, 0);
+    return submit(L, pz_lpool_check_running(L, 1), 2, 0, 0);
 }
 
 /* core.pool_submit(pool, tag, timeout, ...) -> id: a call for a map or
@@ -327,7 +292,7 @@ int pz_lpool_submit(lua_State *L)
         double t = luaL_checknumber(L, 3) * 1e3;
         timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
     }
-    return submit(L, u, 4, (uint8_t)tag, timeout_ms, 0);
+    return submit(L, u, 4, (uint8_t)tag, timeout_ms);
 }
 
 /* How far a pool_submit_each has gone: what it returns, kept outside the
@@ -349,7 +314,7 @@ static int submit_each_loop(lua_State *L)
     each_progress *e = (each_progress *)lua_touserdata(L, 4);
     for (int k = e->next; k <= e->j; k = ++e->next) {
         lua_rawgeti(L, 2, k);
-        submit(L, e->u, 5, e->tag, 0, 1);
+        submit(L, e->u, 5, e->tag, 0);
         double id = lua_tonumber(L, -1);
         lua_pop(L, 2);
         if (k == e->i) {
@@ -447,13 +412,14 @@ int pz_lpool_submit_chunk(lua_State *L)
     pz_buf *b = push_buffer(L);
     u = pz_lpool_check_running(L, 1);
     /* From here on the encode runs Lua code: a p:stop() from there would
-     * free the pool and its arena under cw, so it raises, as it does while
-     * p(...) encodes (lpool.c).  Nothing between the mark and the pcall
-     * allocates, so nothing can raise there and leave the mark behind. */
+     * free the pool and its arena under cw, so it raises (lpool.c) while
+     * chunk_encoding_at marks this frame.  Nothing between the mark and
+     * the pcall allocates, so nothing can raise there and leave the mark
+     * behind; the pcall catches the rest. */
     uintptr_t here = pz_lpool_frame_here();
-    int claimed = !pz_lpool_encoding_above(u, here);
+    int claimed = !pz_lpool_marked_above(u->chunk_encoding_at, here);
     if (claimed)
-        u->encoding_at = here;
+        u->chunk_encoding_at = here;
     /* The encode runs Lua code (finalizers) which may queue calls of its
      * own, each with its own writer; this one's blocks are its own. */
     pz_calls_writer cw;
@@ -468,7 +434,7 @@ int pz_lpool_submit_chunk(lua_State *L)
      * taken for items that cannot travel together, and lost. */
     int rc = pz_defer_pcall(L, 4, 0);
     if (claimed)
-        u->encoding_at = 0;
+        u->chunk_encoding_at = 0;
     if (rc != 0) {
         pz_calls_writer_abandon(&cw);
         lua_pushnil(L);
