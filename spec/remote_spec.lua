@@ -211,6 +211,40 @@ describe("remote workers: launchers", function()
     p:stop()
   end)
 
+  it("refuses a greeting that reads as the header of a long frame, at once", function()
+    -- Four bytes printed before the worker's INIT_OK make the parser see a
+    -- frame whose length is those bytes ("hi!\n": 170 MB) and whose type is
+    -- the INIT_OK's length: with a length of 2 to 8 modulo 256, a type
+    -- that exists. The pool then waited for the 170 MB for ever (and
+    -- reserved room for them). An executor's size is the user's, so one
+    -- that hits is found here.
+    local function executor(n)
+      return setmetatable({ pad = ("x"):rep(n) }, { __call = function(_, x) return x end })
+    end
+    local n
+    for k = 1, 600 do
+      local len = #parallelize.encode(executor(k), { lossy = true })
+      if len % 256 >= 2 and len % 256 <= 8 then
+        n = k
+        break
+      end
+    end
+    assert(n, "no executor size gives a frame type")
+    local p = Parallelize({ executor(n) }, {
+      init_attempts = 1,
+      launcher = function() return { "sh", "-c", "printf 'hi!\\n'; exec " .. PZLUA .. " --worker" } end,
+    })
+    finally(function() p:stop(0) end)
+    p(1)
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok, "the pool waited for a frame that will never come")
+    assert.is_true(core.now() - t0 < 5)
+    assert.matches('malformed frame %(not a worker\'s first answer: "hi!\\x0a', err)
+    assert.matches("does the remote shell print on stdout%?%)$", err)
+    assert.are.equal(1, #p:stop())
+  end)
+
   it("charges a death only to the call a remote worker was running, and ends a poison call", function()
     local p = Parallelize(parallelize.rep(function(x)
       if x == 13 then
