@@ -723,6 +723,43 @@ describe("remote workers on real servers #nosan", function()
     end)
   end)
 
+  describe("through a slow link", function()
+    it("a timeout does not count the time the call's arguments took to leave", function()
+      local defer = support.defer(finally)
+      local n = fixture("netns", defer)
+      local n0 = baseline(n)
+      local p = Parallelize({ function(s)
+        if s == "" then parallelize.sleep(30) end
+        return #s
+      end }, {
+        timeout = 1.5,
+        launcher = parallelize.ssh { n.destination, options = ssh_options(n), command = PZLUA },
+      })
+      defer(function() p:stop(0) end)
+      local _ = p.executors
+      assert.are.equal(0, #p.init_errors)
+      local ok, why = n:throttle(80) -- 10 MB/s
+      if not ok then pending(why) end
+      -- 30 MiB: about 3 s to go through; the call runs in microseconds.
+      -- Its clock used to start when it was handed to the worker, and it
+      -- timed out as its last bytes were written.
+      local t0 = core.now()
+      local id = p(("x"):rep(30 * 2 ^ 20))
+      local ok, v = p:result(id, 60)
+      local took = core.now() - t0
+      assert.is_true(took > 2, ("the link is not slow: %.2f s"):format(took))
+      -- (the error record holds the 30 MiB: only its message is shown)
+      assert(ok, type(v) == "table" and v.message or tostring(v))
+      assert.are.equal(30 * 2 ^ 20, v)
+      -- A call that runs too long still ends.
+      local got = { p:result(p(""), 60) }
+      assert.is_false(got[1])
+      assert.are.equal("call 2 timed out after 1.5 s", got[2].message)
+      assert.are.equal(0, #p:stop())
+      assert.are.same({}, nothing_left(n, n0, 15))
+    end)
+  end)
+
   describe("through a link that is cut", function()
     it("requeues the calls of the cut workers; the pool finishes on the others and on relaunched workers",
         function()

@@ -510,7 +510,8 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
 
 /* ---- frames to the worker ---------------------------------------------- */
 
-void pz_slot_flush(struct pz_io *io, pz_slot *w)
+/* Writes what w's socket takes of its output. */
+static void flush_bytes(struct pz_io *io, pz_slot *w)
 {
     while (w->fd >= 0 && w->out_sent < w->out.len) {
         ssize_t r = send(w->fd, w->out.data + w->out_sent, w->out.len - w->out_sent,
@@ -536,6 +537,27 @@ void pz_slot_flush(struct pz_io *io, pz_slot *w)
         w->want_out = 0;
         pz_slot_watch(io, w, EPOLL_CTL_MOD);
     }
+}
+
+/* Whether w's oldest call has been written whole. */
+static int head_sent(const pz_slot *w)
+{
+    return w->inflight > 0 && w->out_head + pz_frame_size(w->out.data + w->out_head) <= w->out_sent;
+}
+
+void pz_slot_flush(struct pz_io *io, pz_slot *w)
+{
+    /* A remote worker's oldest call cannot have started before its last
+     * byte left: through a slow link, big arguments take seconds, which a
+     * timeout must not count (head_since, check_timeout).  A local worker
+     * says when it starts (worker.h). */
+    if (w->remote && !head_sent(w)) {
+        flush_bytes(io, w);
+        if (head_sent(w))
+            w->head_since = pz_now_ns();
+        return;
+    }
+    flush_bytes(io, w);
 }
 
 /* Appends a STOP frame to w's output. */
