@@ -245,6 +245,40 @@ describe("remote workers: launchers", function()
     assert.are.equal(1, #p:stop())
   end)
 
+  it("recycles remote workers (max_calls), and names the launcher of a replacement that cannot be run", function()
+    -- A slot's replacement is the slot's second record (io.h): its
+    -- launcher was looked up by record, past the end of the pool's table
+    -- of launchers (a crash of the parent as the first retired worker
+    -- ended, or a garbage name).
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local script = dir .. "/launch.sh"
+    support.write(script, "#!/bin/sh\nexec " .. support.quote(PZLUA) .. " --worker\n")
+    assert.are.equal(0, select(2, support.run("chmod +x " .. support.quote(script))))
+    local p = Parallelize(parallelize.rep(function(x) return x end, 2), {
+      max_calls = 5, init_attempts = 1,
+      launcher = function(slot) return slot == 1 and { PZLUA, "--worker" } or { script } end,
+    })
+    finally(function() p:stop(0) end)
+    local first = p.executors and p.pids
+    assert.are.equal(0, #p.init_errors)
+    os.remove(script) -- slot 2's replacement cannot be run now
+    for i = 1, 40 do p(i) end
+    assert.is_true(p:wait(30))
+    local seen = {}
+    for i, v in ipairs(p.results) do
+      assert.are.equal(p.ids[i], v)
+      assert.is_nil(seen[v])
+      seen[v] = true
+    end
+    assert.are.equal(40, #p.results)
+    assert.are_not.equal(first[1], p.pids[1], "slot 1 was not recycled")
+    assert.are.equal(1, #p.init_errors)
+    assert.matches("could not run its launcher " .. script:gsub("%p", "%%%0") .. " %(No such file or directory%)$",
+      p.init_errors[1].message)
+    assert.are.equal(0, #p:stop())
+  end)
+
   it("charges a death only to the call a remote worker was running, and ends a poison call", function()
     local p = Parallelize(parallelize.rep(function(x)
       if x == 13 then

@@ -414,7 +414,7 @@ static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status
 {
     char end[80];
     pz_describe_status(status, end, sizeof end);
-    const char *name = io->p->launch[w->index][0];
+    const char *name = io->p->launch[w->slot][0];
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
     const char *note = "";
     char sig[80];
