@@ -199,6 +199,17 @@ describe("remote workers: launchers", function()
     assert.are.equal(1, #p:stop())
   end)
 
+  it("says when the remote shell cannot find pzlua", function()
+    local p = Parallelize({ function() end }, {
+      init_attempts = 1,
+      launcher = function() return { "sh", "-c", "exec 2>/dev/null; /nonexistent/pzlua --worker" } end,
+    })
+    local _ = p.executors
+    assert.matches("ended: its launcher sh exited with status 127 %(its command was not found there: is pzlua "
+      .. "on the remote PATH%?%)$", p.init_errors[1] and p.init_errors[1].message or "no init error")
+    assert.are.equal(0, #p:stop())
+  end)
+
   it("shows what came instead of a frame (a shell printing on stdout)", function()
     local p = Parallelize({ function() end }, {
       init_attempts = 1,

@@ -421,6 +421,10 @@ static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status
     if (code == 255)
         note = " (its connection was lost, or it could not start the worker: see its messages on "
                "stderr)";
+    else if (code == 127)
+        note = " (its command was not found there: is pzlua on the remote PATH?)";
+    else if (code == 126)
+        note = " (its command could not be run there: not executable?)";
     else if (code > 128 && code < 128 + 65) {
         snprintf(sig, sizeof sig, " (the worker was killed by signal %d on its host)", code - 128);
         note = sig;
