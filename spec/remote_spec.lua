@@ -783,8 +783,8 @@ describe("remote workers on real servers #nosan", function()
       defer(function() p:stop(0) end)
       local _ = p.executors
       assert.are.equal(0, #p.init_errors)
-      local ok, why = n:throttle(80) -- 10 MB/s
-      if not ok then pending(why) end
+      local throttled, why = n:throttle(80) -- 10 MB/s
+      if not throttled then pending(why) end
       -- 30 MiB: about 3 s to go through; the call runs in microseconds.
       -- Its clock used to start when it was handed to the worker, and it
       -- timed out as its last bytes were written.
