@@ -199,6 +199,17 @@ describe("remote workers: launchers", function()
     assert.are.equal(1, #p:stop())
   end)
 
+  it("says when the remote shell cannot find pzlua", function()
+    local p = Parallelize({ function() end }, {
+      init_attempts = 1,
+      launcher = function() return { "sh", "-c", "exec 2>/dev/null; /nonexistent/pzlua --worker" } end,
+    })
+    local _ = p.executors
+    assert.matches("ended: its launcher sh exited with status 127 %(its command was not found there: is pzlua "
+      .. "on the remote PATH%?%)$", p.init_errors[1] and p.init_errors[1].message or "no init error")
+    assert.are.equal(0, #p:stop())
+  end)
+
   it("shows what came instead of a frame (a shell printing on stdout)", function()
     local p = Parallelize({ function() end }, {
       init_attempts = 1,
@@ -209,6 +220,74 @@ describe("remote workers: launchers", function()
     assert.matches('malformed frame %(unknown frame type: "Welcome to node2\\x0a', msg)
     assert.matches('"%.%.%.; does the remote shell print on stdout%?%)$', msg)
     p:stop()
+  end)
+
+  it("refuses a greeting that reads as the header of a long frame, at once", function()
+    -- Four bytes printed before the worker's INIT_OK make the parser see a
+    -- frame whose length is those bytes ("hi!\n": 170 MB) and whose type is
+    -- the INIT_OK's length: with a length of 2 to 8 modulo 256, a type
+    -- that exists. The pool then waited for the 170 MB for ever (and
+    -- reserved room for them). An executor's size is the user's, so one
+    -- that hits is found here.
+    local function executor(n)
+      return setmetatable({ pad = ("x"):rep(n) }, { __call = function(_, x) return x end })
+    end
+    local n
+    for k = 1, 600 do
+      local len = #parallelize.encode(executor(k), { lossy = true })
+      if len % 256 >= 2 and len % 256 <= 8 then
+        n = k
+        break
+      end
+    end
+    assert(n, "no executor size gives a frame type")
+    local p = Parallelize({ executor(n) }, {
+      init_attempts = 1,
+      launcher = function() return { "sh", "-c", "printf 'hi!\\n'; exec " .. PZLUA .. " --worker" } end,
+    })
+    finally(function() p:stop(0) end)
+    p(1)
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok, "the pool waited for a frame that will never come")
+    assert.is_true(core.now() - t0 < 5)
+    assert.matches('malformed frame %(not a worker\'s first answer: "hi!\\x0a', err)
+    assert.matches("does the remote shell print on stdout%?%)$", err)
+    assert.are.equal(1, #p:stop())
+  end)
+
+  it("recycles remote workers (max_calls), and names the launcher of a replacement that cannot be run", function()
+    -- A slot's replacement is the slot's second record (io.h): its
+    -- launcher was looked up by record, past the end of the pool's table
+    -- of launchers (a crash of the parent as the first retired worker
+    -- ended, or a garbage name).
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local script = dir .. "/launch.sh"
+    support.write(script, "#!/bin/sh\nexec " .. support.quote(PZLUA) .. " --worker\n")
+    assert.are.equal(0, select(2, support.run("chmod +x " .. support.quote(script))))
+    local p = Parallelize(parallelize.rep(function(x) return x end, 2), {
+      max_calls = 5, init_attempts = 1,
+      launcher = function(slot) return slot == 1 and { PZLUA, "--worker" } or { script } end,
+    })
+    finally(function() p:stop(0) end)
+    local first = p.executors and p.pids
+    assert.are.equal(0, #p.init_errors)
+    os.remove(script) -- slot 2's replacement cannot be run now
+    for i = 1, 40 do p(i) end
+    assert.is_true(p:wait(30))
+    local seen = {}
+    for i, v in ipairs(p.results) do
+      assert.are.equal(p.ids[i], v)
+      assert.is_nil(seen[v])
+      seen[v] = true
+    end
+    assert.are.equal(40, #p.results)
+    assert.are_not.equal(first[1], p.pids[1], "slot 1 was not recycled")
+    assert.are.equal(1, #p.init_errors)
+    assert.matches("could not run its launcher " .. script:gsub("%p", "%%%0") .. " %(No such file or directory%)$",
+      p.init_errors[1].message)
+    assert.are.equal(0, #p:stop())
   end)
 
   it("charges a death only to the call a remote worker was running, and ends a poison call", function()
@@ -686,6 +765,43 @@ describe("remote workers on real servers #nosan", function()
       assert.matches("executors 2 init errors 0\n", out)
       for step in out:gmatch("\n(%d+)%.%d+\n") do assert.are.equal(job, step) end
       assert.are.same({}, nothing_left(q, q0, 20))
+    end)
+  end)
+
+  describe("through a slow link", function()
+    it("a timeout does not count the time the call's arguments took to leave", function()
+      local defer = support.defer(finally)
+      local n = fixture("netns", defer)
+      local n0 = baseline(n)
+      local p = Parallelize({ function(s)
+        if s == "" then parallelize.sleep(30) end
+        return #s
+      end }, {
+        timeout = 1.5,
+        launcher = parallelize.ssh { n.destination, options = ssh_options(n), command = PZLUA },
+      })
+      defer(function() p:stop(0) end)
+      local _ = p.executors
+      assert.are.equal(0, #p.init_errors)
+      local throttled, why = n:throttle(80) -- 10 MB/s
+      if not throttled then pending(why) end
+      -- 30 MiB: about 3 s to go through; the call runs in microseconds.
+      -- Its clock used to start when it was handed to the worker, and it
+      -- timed out as its last bytes were written.
+      local t0 = core.now()
+      local id = p(("x"):rep(30 * 2 ^ 20))
+      local ok, v = p:result(id, 60)
+      local took = core.now() - t0
+      assert.is_true(took > 2, ("the link is not slow: %.2f s"):format(took))
+      -- (the error record holds the 30 MiB: only its message is shown)
+      assert(ok, type(v) == "table" and v.message or tostring(v))
+      assert.are.equal(30 * 2 ^ 20, v)
+      -- A call that runs too long still ends.
+      local got = { p:result(p(""), 60) }
+      assert.is_false(got[1])
+      assert.are.equal("call 2 timed out after 1.5 s", got[2].message)
+      assert.are.equal(0, #p:stop())
+      assert.are.same({}, nothing_left(n, n0, 15))
     end)
   end)
 

@@ -1042,6 +1042,16 @@ function Netns:delay(ms)
   return "nfqueue"
 end
 
+--- Limits the packets going into the namespace to `mbit` megabits a
+-- second (a tbf qdisc on the host's end of the pair; not with delay()).
+-- Returns true, or nil and why (a kernel without tbf).
+function Netns:throttle(mbit)
+  local out, status = M.run { "tc", "qdisc", "replace", "dev", self.host_link, "root", "tbf", "rate", mbit .. "mbit",
+                              "burst", "64kbit", "latency", "10s" }
+  if status ~= 0 then return nil, "tc qdisc tbf failed: " .. out end
+  return true
+end
+
 -- 10.231.0.0/16 cut into /30s, one per namespace: the host's end .1, the
 -- namespace's .2 of its /30. Skips any /30 an address on this host is
 -- already in (another run's namespace).
@@ -1063,7 +1073,7 @@ end
 -- with sshd inside on port 22 of its address. Returns the handle or nil
 -- and why. Handle: everything sshd()'s has (host is the namespace's
 -- address), and namespace, host_link, namespace_link, host_address,
--- cut(), restore(), delay(ms), processes(), stop() (which deletes the
+-- cut(), restore(), delay(ms), throttle(mbit), processes(), stop() (which deletes the
 -- namespace and the pair).
 function M.netns()
   return starting("netns", Netns, function(self)

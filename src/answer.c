@@ -250,10 +250,18 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
         pz_frame f;
         const char *why;
         int rc = pz_frame_parse(w->in.data + pos, w->in.len - pos, max_payload, &f, NULL, &why);
+        int first = w->remote && w->state == SLOT_STARTING && pos == 0;
+        if (first && rc != PZ_PARSE_BAD && w->in.len >= PZ_FRAME_HEADER &&
+            !pz_frame_is_init_answer(w->in.data)) {
+            /* Checked as soon as the header is in, not once its payload
+             * is: printed bytes before it would make that never. */
+            rc = PZ_PARSE_BAD;
+            why = "not a worker's first answer";
+        }
         if (rc == PZ_PARSE_MORE)
             return (ssize_t)pos;
         if (rc == PZ_PARSE_BAD) {
-            if (w->remote && w->state == SLOT_STARTING && pos == 0)
+            if (first)
                 reject_output(io, w, why);
             else
                 pz_slot_reject(io, w, why);

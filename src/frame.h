@@ -174,6 +174,23 @@ static inline void pz_frame_header(char *dst, uint8_t type, uint64_t id, uint32_
         d[PZ_FO_ID + i] = (unsigned char)(id >> (8 * i));
 }
 
+/* Whether the header at p can be a worker's answer to INIT: type INIT_OK
+ * or INIT_ERROR, and the bookkeeping bytes zero, as a worker writes them.
+ * What a remote launcher prints before its worker starts (a shell's
+ * start-up file) may pass pz_frame_parse's checks once the real header
+ * follows: "hi!\n" reads as a 170 MB frame whose type is the INIT_OK's
+ * low length byte, and its length would be waited for. */
+static inline int pz_frame_is_init_answer(const char *p)
+{
+    uint8_t type = (uint8_t)p[PZ_FO_TYPE];
+    if (type != PZ_F_INIT_OK && type != PZ_F_INIT_ERROR)
+        return 0;
+    for (int i = PZ_FO_DEATHS; i < PZ_FO_ID; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
 /* Reads the payload length of the frame starting at p (a header there). */
 static inline uint32_t pz_frame_payload_len(const char *p)
 {

@@ -414,13 +414,17 @@ static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status
 {
     char end[80];
     pz_describe_status(status, end, sizeof end);
-    const char *name = io->p->launch[w->index][0];
+    const char *name = io->p->launch[w->slot][0];
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
     const char *note = "";
     char sig[80];
     if (code == 255)
         note = " (its connection was lost, or it could not start the worker: see its messages on "
                "stderr)";
+    else if (code == 127)
+        note = " (its command was not found there: is pzlua on the remote PATH?)";
+    else if (code == 126)
+        note = " (its command could not be run there: not executable?)";
     else if (code > 128 && code < 128 + 65) {
         snprintf(sig, sizeof sig, " (the worker was killed by signal %d on its host)", code - 128);
         note = sig;
@@ -510,7 +514,8 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
 
 /* ---- frames to the worker ---------------------------------------------- */
 
-void pz_slot_flush(struct pz_io *io, pz_slot *w)
+/* Writes what w's socket takes of its output. */
+static void flush_bytes(struct pz_io *io, pz_slot *w)
 {
     while (w->fd >= 0 && w->out_sent < w->out.len) {
         ssize_t r = send(w->fd, w->out.data + w->out_sent, w->out.len - w->out_sent,
@@ -536,6 +541,27 @@ void pz_slot_flush(struct pz_io *io, pz_slot *w)
         w->want_out = 0;
         pz_slot_watch(io, w, EPOLL_CTL_MOD);
     }
+}
+
+/* Whether w's oldest call has been written whole. */
+static int head_sent(const pz_slot *w)
+{
+    return w->inflight > 0 && w->out_head + pz_frame_size(w->out.data + w->out_head) <= w->out_sent;
+}
+
+void pz_slot_flush(struct pz_io *io, pz_slot *w)
+{
+    /* A remote worker's oldest call cannot have started before its last
+     * byte left: through a slow link, big arguments take seconds, which a
+     * timeout must not count (head_since, check_timeout).  A local worker
+     * says when it starts (worker.h). */
+    if (w->remote && !head_sent(w)) {
+        flush_bytes(io, w);
+        if (head_sent(w))
+            w->head_since = pz_now_ns();
+        return;
+    }
+    flush_bytes(io, w);
 }
 
 /* Appends a STOP frame to w's output. */

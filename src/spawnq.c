@@ -178,7 +178,7 @@ void pz_spawnq_read(struct pz_io *io)
         case PZ_S_EXEC_FAILED:
             if ((w = slot_of(io, &m)) != NULL) {
                 snprintf(w->why, sizeof w->why, "could not run its launcher %.80s (%s)",
-                         io->p->launch[w->index][0], strerror(m.arg));
+                         io->p->launch[w->slot][0], strerror(m.arg));
                 pz_slot_ended(io, w, 0, 0);
             }
             break;
