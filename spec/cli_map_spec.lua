@@ -621,6 +621,43 @@ describe("pzlua --map", function()
     end)
   end)
 
+  describe("output that cannot be written", function()
+    --- Runs `pzlua --map args...` on the numbers 1..n (a regular file),
+    -- its stdout sent by `redirect` (a shell redirection or "| cmd", with
+    -- SIGPIPE ignored, as under a program that ignores it); returns
+    -- stderr and the exit status.
+    local function map_to(redirect, n, args)
+      local quoted = {}
+      for i, a in ipairs(args) do quoted[i] = quote(a) end
+      write(dir .. "/stdin", numbers(n))
+      local cmd = string.format("cd %s && trap '' PIPE && { %s --map %s < stdin 2> err; echo $? > status; } %s",
+        quote(dir), quote(PZLUA), table.concat(quoted, " "), redirect)
+      os.execute(cmd)
+      return read(dir .. "/err") or "", tonumber(read(dir .. "/status") or "")
+    end
+
+    local fn = "function(x) return x end"
+
+    it("is one message and status 255, the lines not done counted: a full disk, a broken pipe", function()
+      local err, status = map_to("> /dev/full", 3, { fn })
+      assert.are.same({ PZLUA .. " --map: cannot write the output: No space left on device\n"
+        .. PZLUA .. " --map: stopped: 3 lines not done\n", 255 }, { err, status })
+      err, status = map_to("> out", 3, { "--joblog", "/dev/full", fn })
+      assert.are.same({ PZLUA .. " --map: cannot write the joblog /dev/full: No space left on device\n"
+        .. PZLUA .. " --map: stopped: 3 lines not done; rerun with --resume --joblog /dev/full to finish them\n", 255 },
+        { err, status })
+      -- The reader is gone: what the joblog holds and what is said not
+      -- done make the whole input.
+      local n = 30000
+      err, status = map_to("| true", n, { "--joblog", "jobs.log", fn })
+      assert.are.equal(255, status)
+      local not_done = err:match("^" .. PREFIX .. "cannot write the output: Broken pipe\n"
+        .. PREFIX .. "stopped: (%d+) lines not done; rerun with %-%-resume %-%-joblog jobs%.log to finish them\n$")
+      assert.is_truthy(not_done, err)
+      assert.are.equal(n, #joblog(dir .. "/jobs.log") + tonumber(not_done))
+    end)
+  end)
+
   describe("the command line", function()
     it("rejects what it does not understand, naming it, with status 255", function()
       local cases = {

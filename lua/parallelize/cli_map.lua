@@ -72,17 +72,28 @@ end
 -- entry, and --resume finishes exactly the lines not done.
 
 --- Writes the batch: the output first, then the joblog entries of the
--- same lines. Raises when a write fails.
+-- same lines. Raises when a write fails; after that nothing more is
+-- written (a batch written again could repeat the part that went out),
+-- and the lines of the batches not written stay counted in `unwritten`.
 function Run:flush()
+  if self.write_error then return end
   if self.nout > 0 then
-    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 2, self, "outbuf", {}, self, "nout", 0)
-    if not ok then error("cannot write the output: " .. tostring(err), 0) end
+    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 3, self, "outbuf", {}, self, "nout", 0,
+      self, "unwritten", self.log and self.unwritten or 0)
+    if not ok then self:write_failed("cannot write the output: " .. tostring(err)) end
   end
   if self.nlog > 0 then
-    local ok, err = write_then(self.log, concat(self.logbuf, "", 1, self.nlog), 2, self, "logbuf", {}, self, "nlog", 0)
-    if not ok then error(format("cannot write the joblog %s: %s", self.opts.joblog, tostring(err)), 0) end
+    local ok, err = write_then(self.log, concat(self.logbuf, "", 1, self.nlog), 3, self, "logbuf", {}, self, "nlog", 0,
+      self, "unwritten", 0)
+    if not ok then self:write_failed(format("cannot write the joblog %s: %s", self.opts.joblog, tostring(err))) end
   end
   self.flushed_at = now()
+end
+
+--- A write that failed: noted, so that no later flush writes, and raised.
+function Run:write_failed(message)
+  self.write_error = message
+  error(message, 0)
 end
 
 --- The joblog entry of a line (false without a joblog).
@@ -94,10 +105,11 @@ end
 function Run:succeeded(line, text, pid, start, seconds)
   local n, m, entry = self.nout, self.nlog, self:log_entry(line, pid, start, seconds, "ok")
   if entry then
-    commit(6, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2,
-      self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1)
+    commit(7, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2,
+      self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1, self, "unwritten", self.unwritten + 1)
   else
-    commit(4, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "done", self.done + 1)
+    commit(5, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "done", self.done + 1,
+      self, "unwritten", self.unwritten + 1)
   end
 end
 
@@ -106,8 +118,8 @@ function Run:failed(line, status, message, pid, start, seconds)
   self:say("line %d: %s", line, message)
   local m, entry = self.nlog, self:log_entry(line, pid, start, seconds, status, message)
   if entry then
-    commit(4, self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1,
-      self, "failures", self.failures + 1)
+    commit(5, self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1,
+      self, "failures", self.failures + 1, self, "unwritten", self.unwritten + 1)
   else
     commit(2, self, "done", self.done + 1, self, "failures", self.failures + 1)
   end
@@ -258,8 +270,13 @@ function Run:cut_short(p, finish)
   local results, ids, errors = p:take()
   for k, r in ipairs(results) do self:result(r, ids[k] - self.id_base) end
   for _, e in ipairs(errors) do self:error(e, e.id - self.id_base) end
-  self:flush()
-  local not_done = self.submitted - self.done
+  -- After a failed write nothing more is written, and the lines not
+  -- written are not done either.
+  if not self.write_error then
+    local ok, err = pcall(self.flush, self)
+    if not ok then self:say("%s", tostring(err)) end
+  end
+  local not_done = self.submitted - self.done + self.unwritten
   local unread = self:count_unread()
   return not_done + (unread or 0), unread ~= nil
 end
@@ -343,7 +360,7 @@ function M.main(prog, ...)
     prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
     outbuf = {}, nout = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
     slots = FIRST_SLOTS, slot_pos = free_slots(FIRST_SLOTS), slot_line = free_slots(FIRST_SLOTS),
-    lines_read = 0, submitted = 0, consumed = 0, done = 0, failures = 0,
+    lines_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, failures = 0,
   }, Run)
   local opts, why = cli_args.parse({ ... })
   if not opts then
@@ -389,7 +406,7 @@ function M.main(prog, ...)
     if p and not p.stopped then
       local count, whole = run:cut_short(p, 0)
       if interrupted then
-        run:say("interrupted: %d lines done, %s", run.done, run:not_done_message(count, whole))
+        run:say("interrupted: %d lines done, %s", run.done - run.unwritten, run:not_done_message(count, whole))
       else
         run:say("%s", tostring(status))
         run:say("stopped: %s", run:not_done_message(count, whole))
