@@ -106,7 +106,8 @@ function Run:succeeded(line, text, pid, start, seconds)
   local n, m, entry = self.nout, self.nlog, self:log_entry(line, pid, start, seconds, "ok")
   if entry then
     commit(7, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2,
-      self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1, self, "unwritten", self.unwritten + 1)
+      self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1,
+      self, "unwritten", self.unwritten + 1)
   else
     commit(5, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "done", self.done + 1,
       self, "unwritten", self.unwritten + 1)
