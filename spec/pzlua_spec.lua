@@ -346,6 +346,30 @@ describe("pzlua", function()
     end)
   end)
 
+  describe("started with a standard descriptor closed", function()
+    it("gives no file its number: what goes to a closed stdout fails, and goes into no file", function()
+      local path = tmpname()
+      local errfile = tmpname()
+      local chunk = string.format("local f = assert(io.open(%q, 'w')) io.stdout:write('to stdout') "
+        .. "local ok, err = io.stdout:flush() f:write('to the file') f:close() "
+        .. "io.stderr:write(tostring(ok), ' ', tostring(err), '\\n')", path)
+      local status = os.execute(string.format("%s -e %s >&- 2>%s", shell_quote(PZLUA), shell_quote(chunk),
+        shell_quote(errfile)))
+      assert.same({ "to the file", "nil Bad file descriptor\n" }, { read_file(path), read_file(errfile) })
+      assert.is_true(status == 0 or status == true)
+    end)
+
+    it("pzlua --map: with stdout closed, the results go into no file, and the run fails", function()
+      local log, input = tmpname(), tmpname()
+      write_file(input, "1\n2\n")
+      os.remove(log)
+      local status = os.execute(string.format("%s --map --joblog %s 'function(x) return x * 10 end' < %s "
+        .. ">&- 2>/dev/null", shell_quote(PZLUA), shell_quote(log), shell_quote(input)))
+      assert.is_falsy(status == 0 or status == true)
+      assert.same("", read_file(log))
+    end)
+  end)
+
   describe("parallelize is built in", function()
     local nowhere = "LUA_PATH='/nonexistent/?.lua' LUA_CPATH='/nonexistent/?.so'"
     local check = "local p = require 'parallelize' local c = require 'parallelize.core' "

@@ -14,7 +14,9 @@
  * LuaJIT's banner, -j/-O fail with luajit's short messages, bad usage prints
  * the usage on stderr and exits 1. pzlua adds: --help, a second -v line
  * naming parallelize, a reason above the usage, exit status 1 when stdin's
- * chunk fails, and a REPL that prints the values of a bare expression.
+ * chunk fails, a REPL that prints the values of a bare expression, and
+ * a standard descriptor it was started without held by /dev/null opened
+ * so that using it still fails (no file opened later takes its number).
  * `pzlua --map ...` is a command of its own, the shell's parallel map: this
  * file only recognizes it (first, as --worker) and hands the words after
  * it to the embedded module parallelize.cli_map, whose main returns the
@@ -28,6 +30,7 @@
  * pzlua_repl.c.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -635,6 +638,33 @@ static int parse_args(struct options *o, int argc, char **argv)
     return -1;
 }
 
+/* A standard descriptor (0, 1, 2) that pzlua was started without is given
+ * /dev/null, opened the wrong way round (stdin for writing, stdout and
+ * stderr for reading): left free, the next file opened would take its
+ * number, and what goes to stdout would go into that file (pzlua --map's
+ * results into its joblog, a script's prints into the file it opened,
+ * the pool's protocol into a pipe). Opened so, each still fails as a
+ * closed one does, with EBADF: writing to a closed stdout stays an error. */
+static void occupy_closed_standard_fds(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+            continue;
+        int null = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
+        if (null < 0) {
+            fprintf(stderr, "%s: descriptor %d is closed, and /dev/null cannot be opened in its place: %s\n",
+                    pzlua_program, fd, strerror(errno));
+            continue;
+        }
+        /* open takes the lowest free number: fd itself, unless a lower one
+         * was closed too and is filled first by this loop. */
+        if (null != fd) {
+            fprintf(stderr, "%s: /dev/null opened as descriptor %d in place of %d\n", pzlua_program, null, fd);
+            close(null);
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     static char *no_args[] = {"pzlua", NULL};
@@ -646,6 +676,7 @@ int main(int argc, char **argv)
     }
     if (argv[0][0] != '\0')
         pzlua_program = pzlua_progname = argv[0];
+    occupy_closed_standard_fds();
     /* A worker for a pool on another host (remote.c): no interpreter of
      * our own, the worker makes its Lua state. */
     if (argc == 2 && strcmp(argv[1], "--worker") == 0) {
