@@ -502,6 +502,11 @@ describe("pzlua --map", function()
         numbers(4))
       assert.are.same({ "2\n3\n4\n", 0 }, { out, status })
     end)
+
+    it("--resume says in one line why the joblog cannot be read", function()
+      local out, err, status = map({ "--joblog", ".", "--resume", "function(x) return x end" }, numbers(2))
+      assert.are.same({ "", PZLUA .. " --map: cannot read the joblog: .: Is a directory\n", 255 }, { out, err, status })
+    end)
   end)
 
   describe("a run cut short", function()

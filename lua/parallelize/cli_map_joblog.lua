@@ -67,7 +67,15 @@ function M.read_done(path, cjson, only_ok)
     return nil, err
   end
   local entries = 0
-  for text in f:lines() do
+  while true do
+    -- read, not lines(): a read that fails (a directory, an I/O error)
+    -- is a reason to return, where lines() raises.
+    local text, rerr = f:read("*l")
+    if text == nil then
+      f:close()
+      if rerr then return nil, format("%s: %s", path, tostring(rerr)) end
+      return done, entries
+    end
     local ok, e = pcall(cjson.decode, text)
     if ok and type(e) == "table" and type(e.line) == "number" and e.line >= 1
         and e.line == floor(e.line) and type(e.status) == "string" then
@@ -75,8 +83,6 @@ function M.read_done(path, cjson, only_ok)
       if not only_ok or e.status == "ok" then done:add(e.line) end
     end
   end
-  f:close()
-  return done, entries
 end
 
 --- Opens the joblog for appending (truncated first unless `append`);
