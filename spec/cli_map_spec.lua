@@ -151,6 +151,16 @@ describe("pzlua --map", function()
       assert.are.same({ '<{"not":"parsed"}>', "42", "null", '["table"]', "<  spaced  >" }, lines_of(out))
     end)
 
+    it("keeps a line with NUL bytes whole, in its own place, the last line without its newline too", function()
+      local out, err, status = map({ "-k", "--lines", "function(l) return #l .. ':' .. l end" },
+        "a\0b\nc\n\0\nd\0")
+      assert.are.same({ "3:a\0b\n1:c\n1:\0\n2:d\0\n", "", 0 }, { out, err, status })
+      -- Not JSON, it fails under its own number, and the others go on.
+      out, err, status = map({ "-k", "function(x) return x end" }, "1\n\0\n3\n", { pipe = true })
+      assert.are.same({ "1\n3\n", 1 }, { out, status })
+      assert.matches("^" .. PREFIX .. "line 2: not JSON: ", err)
+    end)
+
     it("does not go with --spread", function()
       local out, err, status = map({ "--lines", "--spread", "function(x) return x end" }, "1\n")
       assert.are.same({ "", 255 }, { out, status })

@@ -38,7 +38,8 @@ local joblog = require "parallelize.cli_map_joblog"
 
 local format, tostring, type, ipairs, pcall, select = string.format, tostring, type, ipairs, pcall, select
 local concat, min = table.concat, math.min
-local now, pool_counts, commit, write_then = core.now, core.pool_counts, core.commit, core.write_then
+local now, pool_counts, commit, write_then, read_line = core.now, core.pool_counts, core.commit, core.write_then,
+  core.read_line
 
 local M = {}
 
@@ -211,9 +212,13 @@ end
 function Run:source()
   local stdin, EINTR = io.stdin, 4
   local interrupted = 0
+  -- core.read_line, not stdin:read("*l"), which cuts a line at a NUL
+  -- byte and joins the rest to the next line. A line a signal cut short
+  -- comes in parts, gathered here.
+  local parts, nparts = {}, 0
   local function next_line()
     while true do
-      local text, err, code = stdin:read("*l")
+      local text, err, code = read_line(stdin)
       if text == nil then
         if err == nil then
           self.eof = true
@@ -223,7 +228,16 @@ function Run:source()
         -- at the next call: the read is tried again until then.
         interrupted = interrupted + 1
         if code ~= EINTR or interrupted > 100 then error("cannot read the input: " .. tostring(err), 0) end
+      elseif not err then
+        nparts = nparts + 1
+        parts[nparts] = text
       else
+        if nparts > 0 then
+          nparts = nparts + 1
+          parts[nparts] = text
+          text = concat(parts, "", 1, nparts)
+          parts, nparts = {}, 0
+        end
         interrupted = 0
         local n = self.lines_read + 1
         self.lines_read = n
@@ -253,7 +267,7 @@ function Run:count_unread()
   if not f then return nil end
   local n = 0
   if f:seek("set", at) then
-    for text in f:lines() do
+    for text in read_line, f do
       self.lines_read = self.lines_read + 1
       if not self:skipped(self.lines_read, text) then n = n + 1 end
     end
