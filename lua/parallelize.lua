@@ -34,6 +34,7 @@ local M = {
   cpu_count = core.cpu_count,
   ssh = launchers.ssh,
   srun = launchers.srun,
+  later = pool.later,
 }
 
 local function pack(...)

@@ -183,6 +183,32 @@ describe("pzlua --map", function()
       assert.are.equal("1", got[#got])
     end)
 
+    for _, flag in ipairs({ "-j2", "-k" }) do
+      it(("writes a slow input's results as its lines come (%s)"):format(flag), function()
+        -- Line 2 is written only once line 1's result is out: a map that
+        -- read ahead before writing what finished would wait for ever
+        -- (bounded here by `timeout`).
+        local fifo = dir .. "/slow"
+        assert(os.execute("mkfifo " .. quote(fifo)) == 0)
+        os.execute(string.format("cd %s && (timeout 30 %s --map %s %s < slow > out 2> err; echo $? > status) "
+          .. "> /dev/null 2>&1 &", quote(dir), quote(PZLUA), flag, quote("function(x) return x * 10 end")))
+        local writer = assert(io.open(fifo, "w"))
+        local closed = false
+        finally(function() if not closed then writer:close() end end)
+        for n = 1, 3 do
+          writer:write(n, "\n")
+          writer:flush()
+          assert.is_truthy(support.eventually(function() return #lines_of(read(dir .. "/out") or "") >= n end, 20),
+            "line " .. n .. "'s result did not come before the next line")
+        end
+        writer:close()
+        closed = true
+        local status = support.eventually(function() return tonumber(read(dir .. "/status") or "") end, 20)
+        assert.are.equal(0, status, read(dir .. "/err"))
+        assert.are.same({ "10", "20", "30" }, lines_of(read(dir .. "/out")))
+      end)
+    end
+
     it("writes them in input order with -k", function()
       for _, flag in ipairs({ "-k", "--keep-order" }) do
         local out, _, status = map({ "-j", "2", flag, slow_first }, numbers(20))

@@ -256,6 +256,35 @@ describe("the pool's lists", function()
 end)
 
 describe("stream", function()
+  for _, ordered in ipairs({ false, true }) do
+    it(("hands out what finished while its source returns parallelize.later (ordered = %s)")
+      :format(tostring(ordered)), function()
+      local p = Parallelize(function(x) return x * 10 end, { workers = 2 })
+      finally(function() p:stop() end)
+      -- Input k + 1 is ready only once the result of input k is out: a
+      -- stream that waited in its source for the next input, or queued
+      -- `later` as one, would never finish (bounded by `asked`).
+      local handed, next_input, asked = 0, 1, 0
+      local function src()
+        asked = asked + 1
+        assert(asked < 100000, "the source was asked too often: the stream did not hand out meanwhile")
+        if next_input > 5 then return nil end
+        if next_input > handed + 1 then return parallelize.later end
+        next_input = next_input + 1
+        return next_input - 1
+      end
+      local got = {}
+      for i, ok, v in p:stream(src, { ordered = ordered }) do
+        assert.is_true(ok)
+        got[#got + 1] = { i, v }
+        handed = handed + 1
+      end
+      assert.are.same({ { 1, 10 }, { 2, 20 }, { 3, 30 }, { 4, 40 }, { 5, 50 } }, got)
+      assert.are.equal("parallelize.later", tostring(parallelize.later))
+      assert.has_error(function() parallelize.later.x = 1 end, "parallelize.later is a constant")
+    end)
+  end
+
   it("yields i, ok, values for each input of an array, each once", function()
     local p = Parallelize(function(x)
       require("parallelize").sleep((x * 31 % 7) / 2000)

@@ -11,8 +11,13 @@
  *                        -> nil, reason, errno
  *                                           a read that failed (EINTR when
  *                                           a signal came before any byte)
+ *
+ *   core.line_ready(file) -> boolean        whether read_line would find a
+ *                                           line (or the end) without
+ *                                           waiting for its first bytes
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -66,8 +71,41 @@ static int l_read_line(lua_State *L)
     return 3;
 }
 
+/* Whether the FILE's buffer holds a newline.  Only glibc's buffer can be
+ * looked into (its fields are in <stdio.h>); elsewhere the answer is yes,
+ * and a caller reads, waiting if it must, as it did before asking. */
+static int buffer_has_line(FILE *in)
+{
+#ifdef __GLIBC__
+    return in->_IO_read_ptr < in->_IO_read_end &&
+           memchr(in->_IO_read_ptr, '\n', (size_t)(in->_IO_read_end - in->_IO_read_ptr)) != NULL;
+#else
+    (void)in;
+    return 1;
+#endif
+}
+
+static int l_line_ready(lua_State *L)
+{
+    FILE **f = (FILE **)luaL_checkudata(L, 1, LUA_FILEHANDLE);
+    if (*f == NULL)
+        return luaL_error(L, "line_ready: the file is closed");
+    if (buffer_has_line(*f) || feof(*f) || ferror(*f)) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    struct pollfd pfd = {.fd = fileno(*f), .events = POLLIN};
+    int rc = poll(&pfd, 1, 0);
+    /* A descriptor poll cannot look at (an error other than a signal)
+     * counts as ready: the read that follows says what is wrong. */
+    lua_pushboolean(L, rc != 0 && !(rc < 0 && errno == EINTR));
+    return 1;
+}
+
 void pz_readline_register(lua_State *L)
 {
     lua_pushcfunction(L, l_read_line);
     lua_setfield(L, -2, "read_line");
+    lua_pushcfunction(L, l_line_ready);
+    lua_setfield(L, -2, "line_ready");
 }

@@ -38,8 +38,8 @@ local joblog = require "parallelize.cli_map_joblog"
 
 local format, tostring, type, ipairs, pcall, select = string.format, tostring, type, ipairs, pcall, select
 local concat, min = table.concat, math.min
-local now, pool_counts, commit, write_then, read_line = core.now, core.pool_counts, core.commit, core.write_then,
-  core.read_line
+local now, pool_counts, commit, write_then = core.now, core.pool_counts, core.commit, core.write_then
+local read_line, line_ready, later = core.read_line, core.line_ready, parallelize.later
 
 local M = {}
 
@@ -218,6 +218,10 @@ function Run:source()
   local parts, nparts = {}, 0
   local function next_line()
     while true do
+      -- A slow input (`tail -f log |`) must not hold back the results of
+      -- the lines before: while some are out, a line not there yet is
+      -- parallelize.later, and the stream hands out what finished.
+      if self.submitted > self.consumed and not line_ready(stdin) then return later end
       local text, err, code = read_line(stdin)
       if text == nil then
         if err == nil then

@@ -46,6 +46,19 @@ caller.mark_c(settle_after)
 
 local M = { methods = methods, properties = properties }
 
+-- What a stream's function source returns when it has no input ready:
+-- the stream hands out what has finished meanwhile and asks again soon.
+local LATER = setmetatable({}, {
+  __tostring = function() return "parallelize.later" end,
+  __newindex = function() error("parallelize.later is a constant", 2) end,
+  __metatable = false,
+})
+M.later = LATER
+
+-- How long a stream whose source had no input ready waits for results
+-- before it asks the source again (seconds).
+local LATER_WAIT = 0.01
+
 -- In an ordered stream's held_more: the answer held back is an error.
 local FAILED = {}
 
@@ -549,7 +562,9 @@ function methods.stream(p, src, opts)
   local claim = new_claim(p)
   local lists, tag = claim.lists, claim.tag
   local array_n = t == "table" and #src or nil
-  local next_i, exhausted = 1, false
+  -- starved: the source had no input ready when last asked (it returned
+  -- parallelize.later); the stream's waits then end soon, to ask again.
+  local next_i, exhausted, starved = 1, false, false
   -- In the claim, so that a hand-out counts them in its core.commit:
   -- inputs submitted and not handed out, results held back (ordered),
   -- the input whose result is handed out next (ordered).
@@ -662,10 +677,15 @@ function methods.stream(p, src, opts)
       exhausted = next_i > array_n
       return
     end
+    starved = false
     for _ = 1, room do
       local item = src()
       if item == nil then
         exhausted = true
+        return
+      end
+      if item == LATER then
+        starved = true
         return
       end
       submitted(pool_submit(p, tag, nil, item), 1)
@@ -836,7 +856,9 @@ function methods.stream(p, src, opts)
       end
       local _, finished, pending = pool_counts(p)
       local room = not exhausted and claim.nheld < window and pending >= window
-      check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
+      local status = wait_for(p, "progress", starved and now() + LATER_WAIT or nil, finished + 1,
+        room and window or nil)
+      if status ~= "timeout" then check_status(p, status) end
     end
   end
 
