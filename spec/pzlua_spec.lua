@@ -368,6 +368,18 @@ describe("pzlua", function()
       assert.is_falsy(status == 0 or status == true)
       assert.same("", read_file(log))
     end)
+
+    it("the module under plain luajit: once required, no file takes stdout's number", function()
+      -- (The module of this tree, not the sanitized pzlua's.)
+      local path, errfile = tmpname(), tmpname()
+      local chunk = string.format("package.path = 'lua/?.lua;' .. package.path package.cpath = 'build/?.so;' "
+        .. "require 'parallelize' local f = assert(io.open(%q, 'w')) io.stdout:write('to stdout') "
+        .. "local ok, err = io.stdout:flush() f:write('to the file') f:close() "
+        .. "io.stderr:write(tostring(ok), ' ', tostring(err), '\\n')", path)
+      local status = os.execute(string.format("luajit -e %s >&- 2>%s", shell_quote(chunk), shell_quote(errfile)))
+      assert.same({ "to the file", "nil Bad file descriptor\n" }, { read_file(path), read_file(errfile) })
+      assert.is_true(status == 0 or status == true)
+    end)
   end)
 
   describe("parallelize is built in", function()

@@ -95,6 +95,11 @@ static int l_now(lua_State *L)
 
 int luaopen_parallelize_core(lua_State *L)
 {
+    /* Under a host that was started with stdout closed, a pool's pipe
+     * could take descriptor 1, and print() would write into it.  Nothing
+     * to say if /dev/null cannot be opened: the host's own stderr may be
+     * the descriptor missing. */
+    (void)pz_occupy_closed_std_fds();
     lua_newtable(L);
     pz_codec_register(L);
     pz_lpool_register(L, pz_preload);

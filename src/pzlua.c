@@ -30,7 +30,6 @@
  * pzlua_repl.c.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -46,6 +45,7 @@
 #include "core.h"
 #include "pzlua.h"
 #include "remote.h"
+#include "sys.h"
 
 #define PZLUA_VERSION "scm"
 
@@ -638,31 +638,15 @@ static int parse_args(struct options *o, int argc, char **argv)
     return -1;
 }
 
-/* A standard descriptor (0, 1, 2) that pzlua was started without is given
- * /dev/null, opened the wrong way round (stdin for writing, stdout and
- * stderr for reading): left free, the next file opened would take its
- * number, and what goes to stdout would go into that file (pzlua --map's
- * results into its joblog, a script's prints into the file it opened,
- * the pool's protocol into a pipe). Opened so, each still fails as a
- * closed one does, with EBADF: writing to a closed stdout stays an error. */
+/* A standard descriptor pzlua was started without is held by /dev/null
+ * (pz_occupy_closed_std_fds): left free, pzlua --map's results would go
+ * into its joblog, a script's prints into the file it opened. */
 static void occupy_closed_standard_fds(void)
 {
-    for (int fd = 0; fd <= 2; fd++) {
-        if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
-            continue;
-        int null = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
-        if (null < 0) {
-            fprintf(stderr, "%s: descriptor %d is closed, and /dev/null cannot be opened in its place: %s\n",
-                    pzlua_program, fd, strerror(errno));
-            continue;
-        }
-        /* open takes the lowest free number: fd itself, unless a lower one
-         * was closed too and is filled first by this loop. */
-        if (null != fd) {
-            fprintf(stderr, "%s: /dev/null opened as descriptor %d in place of %d\n", pzlua_program, null, fd);
-            close(null);
-        }
-    }
+    int rc = pz_occupy_closed_std_fds();
+    if (rc < 0)
+        fprintf(stderr, "%s: descriptor %d is closed, and /dev/null cannot be opened in its place: %s\n",
+                pzlua_program, -1 - rc, strerror(errno));
 }
 
 int main(int argc, char **argv)

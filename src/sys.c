@@ -132,3 +132,22 @@ void pz_wake_clear(int fd)
     if (r < 0 && errno != EAGAIN)
         fprintf(stderr, "parallelize: reading a wake-up eventfd: %s\n", strerror(errno));
 }
+
+int pz_occupy_closed_std_fds(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+            continue;
+        /* open takes the lowest free number: fd, as the lower ones are
+         * open by now. */
+        int null = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
+        if (null < 0)
+            return -1 - fd;
+        if (null != fd) {
+            close(null);
+            errno = EBADF;
+            return -1 - fd;
+        }
+    }
+    return 0;
+}

@@ -36,6 +36,15 @@ void pz_wake(int fd, const char *whom);
 /* Resets an eventfd's counter after a wake-up was seen. */
 void pz_wake_clear(int fd);
 
+/* Gives each standard descriptor (0, 1, 2) that is closed /dev/null,
+ * opened the wrong way round (stdin for writing, stdout and stderr for
+ * reading).  Left free, the next descriptor opened would take its number:
+ * print() would write into a pool's pipe, or into a file the script
+ * opened.  Opened so, each still fails as a closed one does (EBADF), so
+ * writing to a closed stdout stays an error.  Returns 0, or the first
+ * descriptor that could not be filled, as -1 - fd, with errno set. */
+int pz_occupy_closed_std_fds(void);
+
 /* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
 void pz_describe_status(int status, char *buf, size_t len);
 
