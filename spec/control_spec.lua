@@ -202,6 +202,43 @@ describe("retries", function()
     end
   end)
 
+  it("keeps the attempts that raised when a retry then times out or is cancelled", function()
+    -- The parent's own errors (timeout, cancel) must not drop what the
+    -- call did before: the user would see a timeout and never the raise.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(x)
+      local marker = dir .. "/" .. x
+      local f = io.open(marker, "r")
+      if not f then
+        f = io.open(marker, "w")
+        f:close()
+        error("first try of " .. x, 0)
+      end
+      f:close()
+      parallelize.sleep(30)
+    end, { workers = 2, retries = 1, timeout = 0.2 })
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    local timed = p("a")
+    local ok, err = p:result(timed, 10)
+    assert.is_false(ok)
+    assert.is_true(err.timeout)
+    assert.are.equal(1, #err.attempts)
+    assert.are.equal("first try of a", err.attempts[1].message)
+    local cancelled = p:submit({ timeout = false }, "b")
+    assert.is_true(support.eventually(function()
+      return support.read(dir .. "/b") ~= nil and p:stats().retries == 2
+    end, 10))
+    assert.is_true(p:cancel(cancelled))
+    ok, err = p:result(cancelled, 10)
+    assert.is_false(ok)
+    assert.is_true(err.cancelled)
+    assert.are.equal(1, #err.attempts)
+    assert.are.equal("first try of b", err.attempts[1].message)
+  end)
+
   it("names each attempt's worker pid, even when the worker answers before its fork is reported", function()
     -- A worker can initialize and answer before the I/O thread has read the
     -- spawner's report of its fork (the spawner is slow to return from

@@ -284,6 +284,12 @@ int pz_retry_again(struct pz_io *io, pz_slot *w, char *call, const char *msg, si
 int pz_retry_take(struct pz_io *io, pz_slot *w, uint64_t id, const char *msg, size_t mlen,
                   pz_buf *out);
 
+/* Writes into `out` the attempts part of the ERROR record of call id,
+ * which the parent gives up on (a timeout, a cancel, max_deaths): the
+ * attempts it raised in before, none when it never raised, and forgets
+ * them.  Returns 0, or -1 when out of memory. */
+int pz_retry_take_noted(struct pz_io *io, uint64_t id, pz_buf *out);
+
 /* Frees what retry.c keeps. */
 void pz_retry_free(struct pz_io *io);
 

@@ -203,16 +203,25 @@ static uint64_t remote_running_call(const pz_slot *w, int known, int status)
 
 /* Writes an ERROR record of this kind for the CALL frame `call` that the
  * parent itself gives up on: its arguments, the message, no traceback, no
- * value, no attempts.  Returns what pz_io_record does. */
+ * value, and the attempts it raised in before (option retries: a call
+ * that raised, then timed out on its retry, says both).  Returns what
+ * pz_io_record does. */
 int pz_slot_record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind)
 {
-    uint8_t no_attempts = 0;
+    pz_buf attempts = PZ_BUF_INIT;
+    if (pz_retry_take_noted(io, pz_frame_id(call), &attempts) != 0) {
+        pz_buf_free(&attempts);
+        pz_io_fail(io, "out of memory in the I/O thread (the attempts of a call)");
+        return -1;
+    }
     pz_part parts[] = {{pz_frame_payload(call), pz_frame_payload_len(call), 1},
                        {msg, strlen(msg), 1},
                        {NULL, 0, 1},
                        {NULL, 0, 1},
-                       {&no_attempts, 1, 0}};
-    return pz_io_record_error(io, kind, pz_frame_tag(call), pz_frame_id(call), parts, 5);
+                       {attempts.data, attempts.len, 0}};
+    int rc = pz_io_record_error(io, kind, pz_frame_tag(call), pz_frame_id(call), parts, 5);
+    pz_buf_free(&attempts);
+    return rc;
 }
 
 /* ---- calls killed on purpose (timeouts, cancels) ------------------------ */
