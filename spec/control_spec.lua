@@ -373,6 +373,20 @@ describe("fail_fast", function()
     end)
   end
 
+  it("leaves a call cancelled after the halt in the errors only, not also in stop's aborted", function()
+    local p = failing_pool()
+    p("bad")
+    assert.is_true(support.eventually(function() return p:stats().failed == 1 end, 10))
+    local id = p(0.01) -- never dispatched: the pool has halted
+    assert.is_true(p:cancel(id))
+    local aborted = p:stop()
+    local errors = p.errors
+    assert.are.equal(2, #errors)
+    assert.is_true(errors[2].cancelled)
+    assert.are.equal(id, errors[2].id)
+    assert.are.same({}, aborted)
+  end)
+
   it("counts a worker slot given up while initializing", function()
     local p = Parallelize({ Deferred(function() error("no database") end),
       function(s) require("parallelize").sleep(s) return s end }, { fail_fast = true })
