@@ -123,6 +123,16 @@ describe("cancel", function()
     assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
   end)
 
+  it("answers false for an id no call has: 0, a fraction, NaN, beyond p.calls", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop() end)
+    local id = p(0.3) -- unfinished while the ids below are asked about
+    for _, bad in ipairs({ 0, -1, 0.5, 1.5, 0 / 0, 2, math.huge }) do
+      assert.is_false(p:cancel(bad), "cancel(" .. tostring(bad) .. ")")
+    end
+    assert.are.same({ true, 0.3 }, { p:result(id) })
+  end)
+
   it("reaches a call still in the submit queue", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

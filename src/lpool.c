@@ -373,7 +373,10 @@ static int l_pool_cancel(lua_State *L)
     lpool *u = pz_lpool_check_running(L, 1);
     double id = luaL_checknumber(L, 2);
     pz_lrecords_drain(L, u, 1);
-    if (id < 1 || id > (double)pz_pool_calls(u->pool) || pz_idset_has(&u->finished, (uint64_t)id)) {
+    /* No call has a NaN or a fractional id (and converting a NaN to an
+     * integer is undefined): such an id names nothing unfinished. */
+    if (!(id >= 1) || id > (double)pz_pool_calls(u->pool) || id != floor(id) ||
+        pz_idset_has(&u->finished, (uint64_t)id)) {
         lua_pushboolean(L, 0);
         return 1;
     }
