@@ -344,6 +344,33 @@ describe("max_calls", function()
     assert.are.equal("number", type(closed[2]))
     assert.is_true(closed[1] <= 5 and closed[2] <= 5)
   end)
+
+  it("makes wait raise when a replacement's constructor fails and the retiring worker was the last", function()
+    -- The replacement is given up while the worker it replaces still runs
+    -- its last call; once that one has gone, no worker is left.
+    local dir = support.tmpdir()
+    local p = Parallelize({ Deferred(function(d)
+      local f = io.open(d .. "/made", "r")
+      if f then
+        f:close()
+        error("the second constructor fails")
+      end
+      f = io.open(d .. "/made", "w")
+      f:close()
+      return function(x) require("parallelize").sleep(0.2) return x end
+    end, dir) }, { max_calls = 1, quiet = true })
+    finally(function()
+      p:stop()
+      support.rmdir(dir)
+    end)
+    for i = 1, 3 do p(i) end
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok, "wait returned " .. tostring(err) .. " after " .. (core.now() - t0) .. " s")
+    assert.matches("no worker is left and none can be started: .*the second constructor fails", err)
+    assert.are.equal(2, #p:stop())
+    assert.are.same({ 1 }, p.results)
+  end)
 end)
 
 describe("fail_fast", function()

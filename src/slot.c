@@ -495,6 +495,11 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             w->state = SLOT_SPARE;
             if (partner(io, w)->state == SLOT_RETIRING && !io->spawner_gone)
                 pz_slot_start(io, w);
+            else
+                /* Its replacement may have been given up meanwhile (a
+                 * Deferred constructor that raised): this was then the
+                 * last worker of its slot, and perhaps of the pool. */
+                pz_io_check_fatal(io);
             return;
         }
         if (io->p->opt.respawn && !io->spawner_gone) {
