@@ -410,6 +410,20 @@ describe("fail_fast", function()
     end)
   end
 
+  it("makes wait raise a failure that was the last call to finish, and every wait after it", function()
+    -- Whether another call still ran when the failure came is chance: the
+    -- same script must raise either way.
+    local p = failing_pool()
+    finally(function() p:stop() end)
+    p(0.01)
+    p("bad")
+    for _ = 1, 2 do
+      local ok, err = pcall(p.wait, p)
+      assert.is_false(ok)
+      assert.matches("^fail_fast: call 2 failed: .*bad input", err)
+    end
+  end)
+
   it("leaves a call cancelled after the halt in the errors only, not also in stop's aborted", function()
     local p = failing_pool()
     p("bad")

@@ -162,6 +162,11 @@ function methods.wait(p, timeout)
   if pool_stopped(p) then error("wait: the pool is stopped", 2) end
   check_timeout("wait", "timeout", timeout)
   local status = wait_for(p, "calls", timeout and now() + timeout)
+  -- With fail_fast, a failure raises here even when it was the last call
+  -- to finish: whether another call was still running then is chance.
+  if status == "done" and pool_env(p).fail_fast and pool_env(p).first_failure ~= nil then
+    status = "halted"
+  end
   check_status(p, status)
   done_waiting(p)
   return status == "done"
@@ -1008,6 +1013,7 @@ function M.init(p, opts)
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
   env.max_inflight = opts.max_inflight
+  env.fail_fast = opts.fail_fast
   -- A map goes in chunks only where a chunk behaves as its items' calls
   -- would, one by one: no timeout or retries to apply to each, no
   -- max_calls to count them, no fail_fast or progress bar to report each.
