@@ -407,8 +407,10 @@ function methods.result(p, id, timeout)
     pool_drain(p)
     if has_outcome(env, id) then return atomically(hand_over, p, env, id) end
     if pool_finished(p, id) then
-      error(format("result: call %d was taken already (by p:take(), or by an earlier "
-        .. "p:result() with keep_results = false)", id), 2)
+      -- (a map or stream that has ended no longer knows its calls, and
+      -- the pool does not remember which handed out what)
+      error(format("result: call %d was handed out already (by %sp:take(), or by the map or "
+        .. "stream it belonged to)", id, env.keep_results and "" or "an earlier p:result(), "), 2)
     end
     local _, finished = pool_counts(p)
     local status = wait_for(p, "progress", deadline, finished + 1)
