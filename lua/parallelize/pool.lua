@@ -426,7 +426,9 @@ end
 
 --- The message a map raises for its item i that failed with error record e.
 local function item_failed(who, i, e)
-  return format("%s: item %d failed: %s\n%s", who, i, tostring(e.message), tostring(e.traceback))
+  local tb = tostring(e.traceback or "")
+  -- (the parent's own errors, a timeout or max_deaths, have no traceback)
+  return format("%s: item %d failed: %s%s", who, i, tostring(e.message), tb ~= "" and "\n" .. tb or "")
 end
 
 --- Raises the error that kept item k of a map or stream (`who`) from being
