@@ -58,6 +58,18 @@ describe("timeout", function()
     assert.are.equal("map: item 2 failed: call 2 timed out after 0.1 s", err)
   end)
 
+  it("says so when, with respawn = false, the worker it ended was the last", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end,
+      { workers = 1, respawn = false, timeout = 0.1, quiet = true })
+    finally(function() p:stop() end)
+    p(5)
+    p(0)
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok)
+    assert.matches("no worker is left and none can be started: worker 1 %(pid %d+%) killed by signal 9 "
+      .. "%(ended by the pool: call 1 timed out%); not replaced %(respawn = false%)", err)
+  end)
+
   it("can be set per call with p:submit, or lifted with timeout = false", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 2, timeout = 0.2 })
     finally(function() p:stop() end)

@@ -455,6 +455,13 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
         pz_describe_status(status, how, sizeof how);
     else
         snprintf(how, sizeof how, "ended with the spawner");
+    if (w->doomed) {
+        /* The pool killed it (a timeout, a cancel): said, or with respawn
+         * = false "killed by signal 9" would read as someone else's kill. */
+        size_t len = strlen(how);
+        snprintf(how + len, sizeof how - len, " (ended by the pool: call %" PRIu64 " %s)", w->doomed,
+                 w->doomed_kind == PZ_ERR_TIMEOUT ? "timed out" : "was cancelled");
+    }
     char msg[512];
     switch (w->state) {
     case SLOT_STARTING:
