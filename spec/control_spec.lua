@@ -162,6 +162,37 @@ describe("cancel", function()
     assert.are.same({ true, 0.3 }, { p:result(id) })
   end)
 
+  it("ends a call cancelled in its worker's queue when it starts, once, and the calls behind it run", function()
+    -- A worker of short calls holds several (window): the second of these
+    -- waits in the worker behind the first when it is cancelled.
+    local p = Parallelize(function(s)
+      if s == "die" then os.exit(7) end
+      require("parallelize").sleep(s)
+      return s
+    end, { workers = 1, window = 10, max_deaths = 1, quiet = true })
+    finally(function() p:stop(0) end)
+    for _ = 1, 3 do p(0.001) end
+    assert.is_true(p:wait(10))
+    for _, doomed in ipairs({ 1000, "die" }) do
+      local first = p(0.3)
+      local cancelled = p(doomed)
+      local behind = p(0.01)
+      core.sleep(0.1)
+      assert.is_true(p:cancel(cancelled))
+      local t0 = core.now()
+      assert.is_true(p:wait(10), "the calls behind a cancelled call never ran")
+      assert.is_true(core.now() - t0 < 5)
+      local got, failed = outcomes(p)
+      assert.are.equal(0.3, got[first])
+      assert.are.equal(0.01, got[behind])
+      assert.is_true(failed[cancelled].cancelled)
+    end
+    local n = 0
+    for _ in pairs(select(2, outcomes(p))) do n = n + 1 end
+    assert.are.equal(2, n) -- outcomes raises on a call answered twice
+    assert.are.same({}, p:stop())
+  end)
+
   it("reaches a call still in the submit queue", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

@@ -79,6 +79,8 @@ typedef struct pz_slot {
                           * cannot have started earlier (timeouts) */
     uint64_t doomed;     /* the call it is being killed for, or 0 */
     uint8_t doomed_kind; /* PZ_ERR_TIMEOUT or PZ_ERR_CANCELLED */
+    int cancels_sent;    /* it may hold calls cancelled after they were
+                          * sent: each is ended as it starts (slot.c) */
     pz_buf in;           /* bytes read, not yet a whole frame */
     size_t discard;      /* bytes still to skip of an answer the parent
                           * could not allocate room for (slot.c) */

@@ -280,8 +280,34 @@ static uint64_t running_call(struct pz_io *io, pz_slot *w, int64_t *started)
     }
 }
 
-/* Ends the call w's worker runs if it has run out of time; lowers *next to
- * when to look again. */
+/* A call cancelled after it was sent (pz_slot_cancel) still reaches the
+ * worker, which would run it, for ever perhaps, and the calls behind it
+ * with it: once it runs, its worker is ended, as for a call cancelled
+ * while it runs.  Returns 1 when it was; else lowers *next to when to look
+ * again: soon when it is the oldest (the worker starts it without a word),
+ * else at the next answer (which wakes the I/O thread anyway). */
+static int end_cancelled(struct pz_io *io, pz_slot *w, const char *head, const char *fr, uint64_t id,
+                         int64_t now, int64_t *next)
+{
+    if (fr && (pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
+        doom(io, w, id, PZ_ERR_CANCELLED); /* its record exists: none is made at the death */
+        return 1;
+    }
+    if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
+        int64_t due = now + TIMEOUT_RECHECK_NS;
+        if (*next == 0 || due < *next)
+            *next = due;
+        return 0;
+    }
+    for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos))
+        if (pz_frame_flags(w->out.data + pos) & PZ_CALL_CANCELLED)
+            return 0;
+    w->cancels_sent = 0; /* answered, all of them */
+    return 0;
+}
+
+/* Ends the call w's worker runs if it has run out of time, or was
+ * cancelled after it was sent; lowers *next to when to look again. */
 static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
 {
     if (w->inflight == 0 || w->doomed || w->out_head >= w->out_sent)
@@ -290,6 +316,8 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
     int64_t started;
     uint64_t id = running_call(io, w, &started);
     const char *fr = id ? sent_frame(w, id) : NULL;
+    if (w->cancels_sent && end_cancelled(io, w, head, fr, id, now, next))
+        return;
     int64_t limit, due;
     if (fr) {
         limit = pz_slot_timeout_ns(io, fr);
@@ -345,8 +373,10 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
         /* Sent, not started: dropped now; its answer, if one comes, is not.
          * The worker will still decode its arguments: their big strings
          * stay until it has (PZ_REC_HELD, pz_io_release). */
-        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0)
+        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0) {
             pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+            w->cancels_sent = 1; /* ended as it starts: check_timeout */
+        }
         return 1;
     }
     return 0;
@@ -370,9 +400,12 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
     atomic_store(&io->p->shared[w->index].running, 0);
     if (w->remote)
         running = remote_running_call(w, known, status);
+    w->cancels_sent = 0; /* its calls leave it */
     if (w->doomed) {
         char *fr = sent_frame(w, w->doomed);
-        if (fr) {
+        /* A call cancelled after it was sent has its record already: it
+         * goes back to the queue, which drops it (and releases it). */
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             char msg[160];
             int64_t limit = pz_slot_timeout_ns(io, fr);
             if (w->doomed_kind == PZ_ERR_TIMEOUT)
@@ -388,7 +421,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         /* Workers terminated by stop() or lost with the spawner did not
          * die of their call. */
         char *fr = sent_frame(w, running);
-        if (fr) {
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
             char msg[512];
