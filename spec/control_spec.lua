@@ -193,6 +193,42 @@ describe("cancel", function()
     assert.are.same({}, p:stop())
   end)
 
+  it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()
+    -- The kill of a cancelled call goes through the spawner: stopped
+    -- (SIGSTOP), it lets the call raise first, and the worker start the
+    -- next call before the kill lands.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(x, d)
+      local P = require("parallelize")
+      if x == "next" then P.sleep(0.5) return x end
+      while not io.open(d .. "/raise", "r") do P.sleep(0.005) end
+      error("raised as it was cancelled", 0)
+    end, { workers = 1, retries = 1, max_deaths = 1, quiet = true })
+    local _ = p.executors
+    local spawner = support.processes()[p.pids[1]].ppid
+    finally(function()
+      support.kill(spawner, 18) -- SIGCONT
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    local cancelled = p("wait", dir)
+    local next = p("next")
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end))
+    assert.is_true(support.kill(spawner, 19)) -- SIGSTOP
+    assert.is_true(p:cancel(cancelled))
+    support.write(dir .. "/raise", "")
+    local ok, err = p:result(cancelled, 10)
+    assert.is_false(ok)
+    assert.are.equal("raised", err.kind)
+    assert.are.equal(1, #err.attempts)
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end)) -- the next call
+    assert.is_true(support.kill(spawner, 18))
+    assert.are.same({ true, "next" }, { p:result(next, 10) })
+    local s = p:stats()
+    assert.are.equal(0, s.retries)
+    assert.are.equal(1, s.deaths)
+  end)
+
   it("reaches a call still in the submit queue", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

@@ -79,6 +79,9 @@ typedef struct pz_slot {
                           * cannot have started earlier (timeouts) */
     uint64_t doomed;     /* the call it is being killed for, or 0 */
     uint8_t doomed_kind; /* PZ_ERR_TIMEOUT or PZ_ERR_CANCELLED */
+    int doom_killed;     /* killed for a call (doomed), which may have
+                          * finished before the kill landed: the call it
+                          * ran next is not charged with the death */
     int cancels_sent;    /* it may hold calls cancelled after they were
                           * sent: each is ended as it starts (slot.c) */
     pz_buf in;           /* bytes read, not yet a whole frame */

@@ -157,6 +157,8 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->depth = 1;
     w->given = 0;
     w->doomed = 0;
+    w->doom_killed = 0;
+    w->cancels_sent = 0;
     w->in.len = 0;
     w->discard = 0;
     w->want_out = 0;
@@ -243,6 +245,7 @@ static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
         return;
     w->doomed = id;
     w->doomed_kind = kind;
+    w->doom_killed = 1;
     if (!w->kill_sent) {
         w->kill_sent = 1;
         pz_spawnq_kill(io, w, SIGKILL);
@@ -417,9 +420,10 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                 drop = w->doomed;
         }
         w->doomed = 0;
-    } else if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
+    } else if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone && !w->doom_killed) {
         /* Workers terminated by stop() or lost with the spawner did not
-         * die of their call. */
+         * die of their call, nor did one killed for a call that finished
+         * before the kill landed (the one it ran then is innocent). */
         char *fr = sent_frame(w, running);
         if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
