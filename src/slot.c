@@ -437,10 +437,10 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                          running, w->slot + 1, (int)w->pid, how);
             else if (deaths >= io->p->opt.max_deaths)
                 snprintf(msg, sizeof msg,
-                         "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
+                         "call %" PRIu64 " killed %d worker%s (max_deaths = %d); the last: worker "
                          "%d (pid %d) %s while running call %" PRIu64,
-                         running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
-                         running);
+                         running, deaths, deaths == 1 ? "" : "s", io->p->opt.max_deaths, w->slot + 1,
+                         (int)w->pid, how, running);
             else
                 msg[0] = 0;
             if (msg[0] && pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
