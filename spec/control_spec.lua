@@ -605,6 +605,22 @@ io.stdout:write("done\n")
     assert.matches("done", out)
   end)
 
+  it("erases the bar when p(...) stops waiting for room (max_pending), before the script prints", function()
+    support.write(dir .. "/room.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(x) pz.sleep(0.15) return x end, { workers = 1, progress = true, max_pending = 1 })
+for i = 1, 4 do p(i) end
+io.stdout:write("queued\n")
+io.stdout:flush()
+p:wait()
+p:stop()
+]])
+    local out = support.run("cd " .. support.quote(dir) .. " && script -qec "
+      .. support.quote(support.quote(support.pzlua()) .. " room.lua") .. " /dev/null")
+    assert.matches("%d+/%d+ calls %(", out) -- drawn while p(...) waited
+    assert.matches("\r\27%[Kqueued", out) -- and erased before the line
+  end)
+
   it("draws nothing when stderr is a file, and plain lines with progress = always", function()
     local out, status = support.run("cd " .. support.quote(dir) .. " && (" .. support.quote(support.pzlua())
       .. " bar.lua 2> err.txt)")

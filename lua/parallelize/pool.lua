@@ -153,6 +153,11 @@ end
 -- p(...) calls it through env.wait_room when it finds no room.
 function M.wait_room(p)
   check_status(p, wait_for(p, "room"))
+  -- A bar on a terminal is erased, as any waiting method's, or what the
+  -- script prints next would follow it on its line. (Written as lines, it
+  -- gets no last line: a loop of p(...) would write one per call.)
+  local bar = pool_env(p).bar
+  if bar and bar.tty then done_waiting(p) end
 end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
