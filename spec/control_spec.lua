@@ -605,20 +605,25 @@ io.stdout:write("done\n")
     assert.matches("done", out)
   end)
 
-  it("erases the bar when p(...) stops waiting for room (max_pending), before the script prints", function()
+  it("erases the bar before the script prints: after p(...) waited for room, in a stream's loop", function()
     support.write(dir .. "/room.lua", [[
 local pz = require "parallelize"
 local p = pz.Parallelize(function(x) pz.sleep(0.15) return x end, { workers = 1, progress = true, max_pending = 1 })
+local _ = p.executors
+io.stdout:write("ready\n")
 for i = 1, 4 do p(i) end
 io.stdout:write("queued\n")
 io.stdout:flush()
+for i in p:stream({ 1, 2, 3 }) do io.stdout:write("got " .. i .. "\n") io.stdout:flush() end
 p:wait()
 p:stop()
 ]])
     local out = support.run("cd " .. support.quote(dir) .. " && script -qec "
       .. support.quote(support.quote(support.pzlua()) .. " room.lua") .. " /dev/null")
-    assert.matches("%d+/%d+ calls %(", out) -- drawn while p(...) waited
-    assert.matches("\r\27%[Kqueued", out) -- and erased before the line
+    assert.matches("%d+/%d+ calls %(", out) -- drawn while p(...) and the stream waited
+    assert.matches("\r\27%[Kqueued", out) -- and erased before each line
+    assert.matches("\r\27%[Kgot 1", out)
+    assert.is_nil(out:find("errors\27%[K%a"), "a line written after the bar: " .. out)
   end)
 
   it("draws nothing when stderr is a file, and plain lines with progress = always", function()

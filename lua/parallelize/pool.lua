@@ -559,6 +559,7 @@ function methods.stream(p, src, opts)
   if window ~= nil then options.check_value("stream", "max_pending", window, 2) end
   window = window or math.max(64, pool_env(p).max_inflight * pool_size(p))
   local ordered = opts.ordered and true or false
+  local tty_bar = pool_env(p).bar and pool_env(p).bar.tty
 
   local claim = new_claim(p)
   local lists, tag = claim.lists, claim.tag
@@ -851,6 +852,8 @@ function methods.stream(p, src, opts)
       local _, finished, pending = pool_counts(p)
       local room = not exhausted and claim.nheld < window and pending >= window
       check_status(p, wait_for(p, "progress", nil, finished + 1, room and window or nil))
+      -- The loop's body may print: a bar on a terminal is erased first.
+      if tty_bar then done_waiting(p) end
     end
   end
 
@@ -887,7 +890,10 @@ end
 --- Waits for every worker to initialize (or be given up), then returns
 -- the copies of the initialized executors in worker order.
 function properties.executors(p)
-  if not pool_stopped(p) then wait_for(p, "init") end
+  if not pool_stopped(p) then
+    wait_for(p, "init")
+    done_waiting(p)
+  end
   local env, list = pool_env(p), {}
   local execs = env.executors
   for i = 1, pool_size(p) do
