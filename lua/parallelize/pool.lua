@@ -892,7 +892,10 @@ end
 function properties.executors(p)
   if not pool_stopped(p) then
     wait_for(p, "init")
-    done_waiting(p)
+    -- (on a terminal, erased as any method's; written as lines, the bar
+    -- keeps its last line for the end of the calls)
+    local bar = pool_env(p).bar
+    if bar and bar.tty then done_waiting(p) end
   end
   local env, list = pool_env(p), {}
   local execs = env.executors
