@@ -50,6 +50,35 @@ describe("timeout", function()
     assert.are.equal(1, s.deaths)
   end)
 
+  it("names a map's item that timed out, with no empty traceback after the message", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 2, timeout = 0.1 })
+    finally(function() p:stop(0) end)
+    local ok, err = pcall(p.map, p, { 0, 5, 0 })
+    assert.is_false(ok)
+    assert.are.equal("map: item 2 failed: call 2 timed out after 0.1 s", err)
+  end)
+
+  it("says so when, with respawn = false, the worker it ended was the last", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end,
+      { workers = 1, respawn = false, timeout = 0.1, quiet = true })
+    finally(function() p:stop() end)
+    p(5)
+    p(0)
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok)
+    assert.matches("no worker is left and none can be started: worker 1 %(pid %d+%) killed by signal 9 "
+      .. "%(ended by the pool: call 1 timed out%); not replaced %(respawn = false%)", err)
+  end)
+
+  it("keeps the milliseconds it was given: 1.001 s is not cut to 1 s", function()
+    -- (1.001 * 1000 is 1000.9999999999999 in a double)
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 2, timeout = 1.001 })
+    finally(function() p:stop(0) end)
+    local by_pool, by_call = p(10), p:submit({ timeout = 1.003 }, 10)
+    assert.are.equal("call 1 timed out after 1.001 s", select(2, p:result(by_pool)).message)
+    assert.are.equal("call 2 timed out after 1.003 s", select(2, p:result(by_call)).message)
+  end)
+
   it("can be set per call with p:submit, or lifted with timeout = false", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 2, timeout = 0.2 })
     finally(function() p:stop() end)
@@ -121,6 +150,83 @@ describe("cancel", function()
     assert.are.equal(2, s.cancelled)
     local aborted = p:stop()
     assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
+  end)
+
+  it("answers false for an id no call has: 0, a fraction, NaN, beyond p.calls", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop() end)
+    local id = p(0.3) -- unfinished while the ids below are asked about
+    for _, bad in ipairs({ 0, -1, 0.5, 1.5, 0 / 0, 2, math.huge }) do
+      assert.is_false(p:cancel(bad), "cancel(" .. tostring(bad) .. ")")
+    end
+    assert.are.same({ true, 0.3 }, { p:result(id) })
+  end)
+
+  it("ends a call cancelled in its worker's queue when it starts, once, and the calls behind it run", function()
+    -- A worker of short calls holds several (window): the second of these
+    -- waits in the worker behind the first when it is cancelled.
+    local p = Parallelize(function(s)
+      if s == "die" then os.exit(7) end
+      require("parallelize").sleep(s)
+      return s
+    end, { workers = 1, window = 10, max_deaths = 1, quiet = true })
+    finally(function() p:stop(0) end)
+    for _ = 1, 3 do p(0.001) end
+    assert.is_true(p:wait(10))
+    for _, doomed in ipairs({ 1000, "die" }) do
+      local first = p(0.3)
+      local cancelled = p(doomed)
+      local behind = p(0.01)
+      core.sleep(0.1)
+      assert.is_true(p:cancel(cancelled))
+      local t0 = core.now()
+      assert.is_true(p:wait(10), "the calls behind a cancelled call never ran")
+      assert.is_true(core.now() - t0 < 5)
+      local got, failed = outcomes(p)
+      assert.are.equal(0.3, got[first])
+      assert.are.equal(0.01, got[behind])
+      assert.is_true(failed[cancelled].cancelled)
+    end
+    local n = 0
+    for _ in pairs(select(2, outcomes(p))) do n = n + 1 end
+    assert.are.equal(2, n) -- outcomes raises on a call answered twice
+    assert.are.same({}, p:stop())
+  end)
+
+  it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()
+    -- The kill of a cancelled call goes through the spawner: stopped
+    -- (SIGSTOP), it lets the call raise first, and the worker start the
+    -- next call before the kill lands.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(x, d)
+      local P = require("parallelize")
+      if x == "next" then P.sleep(0.5) return x end
+      while not io.open(d .. "/raise", "r") do P.sleep(0.005) end
+      error("raised as it was cancelled", 0)
+    end, { workers = 1, retries = 1, max_deaths = 1, quiet = true })
+    local _ = p.executors
+    local spawner = support.processes()[p.pids[1]].ppid
+    finally(function()
+      support.kill(spawner, 18) -- SIGCONT
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    local cancelled = p("wait", dir)
+    local next = p("next")
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end))
+    assert.is_true(support.kill(spawner, 19)) -- SIGSTOP
+    assert.is_true(p:cancel(cancelled))
+    support.write(dir .. "/raise", "")
+    local ok, err = p:result(cancelled, 10)
+    assert.is_false(ok)
+    assert.are.equal("raised", err.kind)
+    assert.are.equal(1, #err.attempts)
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end)) -- the next call
+    assert.is_true(support.kill(spawner, 18))
+    assert.are.same({ true, "next" }, { p:result(next, 10) })
+    local s = p:stats()
+    assert.are.equal(0, s.retries)
+    assert.are.equal(1, s.deaths)
   end)
 
   it("reaches a call still in the submit queue", function()
@@ -200,6 +306,43 @@ describe("retries", function()
       assert.is_true(a.worker == 1 or a.worker == 2)
       assert.is_true(a.pid > 0)
     end
+  end)
+
+  it("keeps the attempts that raised when a retry then times out or is cancelled", function()
+    -- The parent's own errors (timeout, cancel) must not drop what the
+    -- call did before: the user would see a timeout and never the raise.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(x)
+      local marker = dir .. "/" .. x
+      local f = io.open(marker, "r")
+      if not f then
+        f = io.open(marker, "w")
+        f:close()
+        error("first try of " .. x, 0)
+      end
+      f:close()
+      parallelize.sleep(30)
+    end, { workers = 2, retries = 1, timeout = 0.2 })
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    local timed = p("a")
+    local ok, err = p:result(timed, 10)
+    assert.is_false(ok)
+    assert.is_true(err.timeout)
+    assert.are.equal(1, #err.attempts)
+    assert.are.equal("first try of a", err.attempts[1].message)
+    local cancelled = p:submit({ timeout = false }, "b")
+    assert.is_true(support.eventually(function()
+      return support.read(dir .. "/b") ~= nil and p:stats().retries == 2
+    end, 10))
+    assert.is_true(p:cancel(cancelled))
+    ok, err = p:result(cancelled, 10)
+    assert.is_false(ok)
+    assert.is_true(err.cancelled)
+    assert.are.equal(1, #err.attempts)
+    assert.are.equal("first try of b", err.attempts[1].message)
   end)
 
   it("names each attempt's worker pid, even when the worker answers before its fork is reported", function()
@@ -297,6 +440,33 @@ describe("max_calls", function()
     assert.are.equal("number", type(closed[2]))
     assert.is_true(closed[1] <= 5 and closed[2] <= 5)
   end)
+
+  it("makes wait raise when a replacement's constructor fails and the retiring worker was the last", function()
+    -- The replacement is given up while the worker it replaces still runs
+    -- its last call; once that one has gone, no worker is left.
+    local dir = support.tmpdir()
+    local p = Parallelize({ Deferred(function(d)
+      local f = io.open(d .. "/made", "r")
+      if f then
+        f:close()
+        error("the second constructor fails")
+      end
+      f = io.open(d .. "/made", "w")
+      f:close()
+      return function(x) require("parallelize").sleep(0.2) return x end
+    end, dir) }, { max_calls = 1, quiet = true })
+    finally(function()
+      p:stop()
+      support.rmdir(dir)
+    end)
+    for i = 1, 3 do p(i) end
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 10)
+    assert.is_false(ok, "wait returned " .. tostring(err) .. " after " .. (core.now() - t0) .. " s")
+    assert.matches("no worker is left and none can be started: .*the second constructor fails", err)
+    assert.are.equal(2, #p:stop())
+    assert.are.same({ 1 }, p.results)
+  end)
 end)
 
 describe("fail_fast", function()
@@ -335,6 +505,34 @@ describe("fail_fast", function()
       assert.is_true(#aborted >= 3, "only " .. #aborted .. " aborted")
     end)
   end
+
+  it("makes wait raise a failure that was the last call to finish, and every wait after it", function()
+    -- Whether another call still ran when the failure came is chance: the
+    -- same script must raise either way.
+    local p = failing_pool()
+    finally(function() p:stop() end)
+    p(0.01)
+    p("bad")
+    for _ = 1, 2 do
+      local ok, err = pcall(p.wait, p)
+      assert.is_false(ok)
+      assert.matches("^fail_fast: call 2 failed: .*bad input", err)
+    end
+  end)
+
+  it("leaves a call cancelled after the halt in the errors only, not also in stop's aborted", function()
+    local p = failing_pool()
+    p("bad")
+    assert.is_true(support.eventually(function() return p:stats().failed == 1 end, 10))
+    local id = p(0.01) -- never dispatched: the pool has halted
+    assert.is_true(p:cancel(id))
+    local aborted = p:stop()
+    local errors = p.errors
+    assert.are.equal(2, #errors)
+    assert.is_true(errors[2].cancelled)
+    assert.are.equal(id, errors[2].id)
+    assert.are.same({}, aborted)
+  end)
 
   it("counts a worker slot given up while initializing", function()
     local p = Parallelize({ Deferred(function() error("no database") end),
@@ -405,6 +603,27 @@ io.stdout:write("done\n")
     assert.matches("\r", out)
     assert.matches("\r\27%[K", out) -- erased
     assert.matches("done", out)
+  end)
+
+  it("erases the bar before the script prints: after p(...) waited for room, in a stream's loop", function()
+    support.write(dir .. "/room.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(x) pz.sleep(0.15) return x end, { workers = 1, progress = true, max_pending = 1 })
+local _ = p.executors
+io.stdout:write("ready\n")
+for i = 1, 4 do p(i) end
+io.stdout:write("queued\n")
+io.stdout:flush()
+for i in p:stream({ 1, 2, 3 }) do io.stdout:write("got " .. i .. "\n") io.stdout:flush() end
+p:wait()
+p:stop()
+]])
+    local out = support.run("cd " .. support.quote(dir) .. " && script -qec "
+      .. support.quote(support.quote(support.pzlua()) .. " room.lua") .. " /dev/null")
+    assert.matches("%d+/%d+ calls %(", out) -- drawn while p(...) and the stream waited
+    assert.matches("\r\27%[Kqueued", out) -- and erased before each line
+    assert.matches("\r\27%[Kgot 1", out)
+    assert.is_nil(out:find("errors\27%[K%a"), "a line written after the bar: " .. out)
   end)
 
   it("draws nothing when stderr is a file, and plain lines with progress = always", function()

@@ -174,38 +174,31 @@ describe("result", function()
     assert.has_error(function() p.result(1) end, "use p:result(), not p.result()")
   end)
 
+  it("says that a call a stream or a map handed out is no longer the pool's", function()
+    local p = Parallelize(function(x) return x end, { workers = 1 })
+    finally(function() p:stop() end)
+    for _ in p:stream({ 1, 2 }) do end
+    p:map({ 3 })
+    local last = p(4)
+    assert.are.same({ true, 4 }, { p:result(last) })
+    for id = 1, last - 1 do
+      assert.has_error(function() p:result(id) end, "result: call " .. id .. " was handed out already "
+        .. "(by p:take(), or by the map or stream it belonged to)")
+    end
+  end)
+
   it("takes a result out of the pool when keep_results is false", function()
     local p = Parallelize(function(x) return x * 3 end, { workers = 2, keep_results = false })
     finally(function() p:stop() end)
     local id = p(5)
     assert.are.same({ true, 15 }, { p:result(id) })
     assert.has_error(function() p:result(id) end,
-      "result: call 1 was handed over already (by p:map(), p:stream(), p:take(), or an earlier p:result() "
-        .. "with keep_results = false)")
+      "result: call 1 was handed out already (by an earlier p:result(), p:take(), or by the map or stream "
+        .. "it belonged to)")
     assert.has_error(function() return p.results end,
       "p.results is not kept (keep_results = false): take results with p:take(), p:result(id), p:map() or p:stream()")
     assert.has_error(function() return p.errors end)
     assert.has_error(function() return p.ids end)
-  end)
-
-  it("says a map's or a stream's call was handed over when p:result asks for it", function()
-    local p = Parallelize(function(x) return x + 1 end, { workers = 2 })
-    finally(function() p:stop() end)
-    assert.are.same({ 2, 3 }, p:map({ 1, 2 }))
-    local streamed = {}
-    for _, ok, v in p:stream({ 10, 20 }) do
-      assert.is_true(ok)
-      streamed[#streamed + 1] = v
-    end
-    table.sort(streamed)
-    assert.are.same({ 11, 21 }, streamed)
-    local calls = p.calls
-    assert.is_true(calls >= 2)
-    for id = 1, calls do
-      local ok, err = pcall(p.result, p, id)
-      assert.is_false(ok)
-      assert.matches("result: call " .. id .. " was handed over already %(by p:map%(%), p:stream%(%)", err)
-    end
   end)
 end)
 

@@ -577,7 +577,7 @@ describe("messages", function()
     assert.is_true(p:wait(30))
     assert.are.equal(3, #p.results)
     assert.are.equal(1, #p.errors)
-    assert.matches("^call 2 killed 1 workers %(max_deaths = 1%); the last: worker 1 %(pid %d+%) was killed "
+    assert.matches("^call 2 killed 1 worker %(max_deaths = 1%); the last: worker 1 %(pid %d+%) was killed "
       .. "after it sent a malformed frame %(unknown frame type%) while running call 2$", p.errors[1].message)
   end)
 end)

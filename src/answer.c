@@ -91,16 +91,18 @@ static void answered(struct pz_io *io, pz_slot *w, int64_t now)
 }
 
 /* An ERROR answer from the worker (payload after the run time: message,
- * traceback, value): the call runs again when retries allow, else becomes
+ * traceback, value): the call runs again when retries allow (and no_retry
+ * is 0: a call cancelled while it ran does not), else becomes
  * an error record with every attempt it made.  Returns -1 when the pool
  * failed. */
-static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char *p, size_t n)
+static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char *p, size_t n,
+                           int no_retry)
 {
     const char *msg, *tb, *value, *rest;
     size_t mlen, tblen, vlen, rlen;
     pz_split_prefixed(p, n, &msg, &mlen, &rest, &rlen); /* checked by the caller */
     pz_split_prefixed(rest, rlen, &tb, &tblen, &value, &vlen);
-    if (pz_retry_again(io, w, head, msg, mlen) == 0)
+    if (!no_retry && pz_retry_again(io, w, head, msg, mlen) == 0)
         return 0;
     pz_buf attempts = PZ_BUF_INIT;
     if (pz_retry_take(io, w, pz_frame_id(head), msg, mlen, &attempts) != 0) {
@@ -169,6 +171,9 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
             return;
         }
     }
+    /* A call cancelled while it ran that raised before its kill landed
+     * has finished: it is not run again (retries). */
+    int cancelled = w->doomed == f->id && w->doomed_kind == PZ_ERR_CANCELLED;
     if (w->doomed == f->id)
         w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
     int64_t now = io->now; /* read once per read: the answers came at once */
@@ -180,7 +185,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     } else if (f->type == PZ_F_RESULT) {
         if (record_result(io, w, f, pz_frame_tag(head), p, n) != 0)
             return;
-    } else if (on_error_answer(io, w, head, p, n) != 0) {
+    } else if (on_error_answer(io, w, head, p, n, cancelled) != 0) {
         return;
     }
     if (w->remote)

@@ -79,6 +79,11 @@ typedef struct pz_slot {
                           * cannot have started earlier (timeouts) */
     uint64_t doomed;     /* the call it is being killed for, or 0 */
     uint8_t doomed_kind; /* PZ_ERR_TIMEOUT or PZ_ERR_CANCELLED */
+    int doom_killed;     /* killed for a call (doomed), which may have
+                          * finished before the kill landed: the call it
+                          * ran next is not charged with the death */
+    int cancels_sent;    /* it may hold calls cancelled after they were
+                          * sent: each is ended as it starts (slot.c) */
     pz_buf in;           /* bytes read, not yet a whole frame */
     size_t discard;      /* bytes still to skip of an answer the parent
                           * could not allocate room for (slot.c) */
@@ -283,6 +288,12 @@ int pz_retry_again(struct pz_io *io, pz_slot *w, char *call, const char *msg, si
  * that one last, and forgets them.  Returns 0, or -1 when out of memory. */
 int pz_retry_take(struct pz_io *io, pz_slot *w, uint64_t id, const char *msg, size_t mlen,
                   pz_buf *out);
+
+/* Writes into `out` the attempts part of the ERROR record of call id,
+ * which the parent gives up on (a timeout, a cancel, max_deaths): the
+ * attempts it raised in before, none when it never raised, and forgets
+ * them.  Returns 0, or -1 when out of memory. */
+int pz_retry_take_noted(struct pz_io *io, uint64_t id, pz_buf *out);
 
 /* Frees what retry.c keeps. */
 void pz_retry_free(struct pz_io *io);

@@ -186,7 +186,8 @@ static int l_pool_new(lua_State *L)
     o.kill_grace_ns = (int64_t)(opt_number(L, "kill_grace") * 1e9);
     o.spin_ns = (int64_t)(opt_number(L, "spin") * 1e9);
     o.kill_leftovers = opt_bool(L, "kill_leftovers");
-    double timeout = opt_number(L, "timeout") * 1e3;
+    /* Rounded, not truncated: 1.001 * 1e3 is 1000.9999999999999. */
+    double timeout = round(opt_number(L, "timeout") * 1e3);
     o.timeout_ms = timeout <= 0 ? 0 : timeout >= PZ_NO_TIMEOUT ? PZ_NO_TIMEOUT - 1 : timeout < 1 ? 1 : (uint32_t)timeout;
     o.retries = (int)opt_number(L, "retries");
     o.max_calls = (uint64_t)opt_number(L, "max_calls");
@@ -376,7 +377,10 @@ static int l_pool_cancel(lua_State *L)
     lpool *u = pz_lpool_check_running(L, 1);
     double id = luaL_checknumber(L, 2);
     pz_lrecords_drain(L, u, 1);
-    if (id < 1 || id > (double)pz_pool_calls(u->pool) || pz_idset_has(&u->finished, (uint64_t)id)) {
+    /* No call has a NaN or a fractional id (and converting a NaN to an
+     * integer is undefined): such an id names nothing unfinished. */
+    if (!(id >= 1) || id > (double)pz_pool_calls(u->pool) || id != floor(id) ||
+        pz_idset_has(&u->finished, (uint64_t)id)) {
         lua_pushboolean(L, 0);
         return 1;
     }

@@ -5,6 +5,7 @@
  * max_pending_bytes).  Main thread only; the rules about Lua code that
  * runs while arguments are encoded are lpool.c's (its header comment).
  */
+#include <math.h>
 #include <stdint.h>
 
 #include <lauxlib.h>
@@ -289,7 +290,8 @@ int pz_lpool_submit(lua_State *L)
     check_tag(L, u, tag);
     uint32_t timeout_ms = 0;
     if (!lua_isnil(L, 3)) {
-        double t = luaL_checknumber(L, 3) * 1e3;
+        /* Rounded, not truncated: 1.001 * 1e3 is 1000.9999999999999. */
+        double t = round(luaL_checknumber(L, 3) * 1e3);
         timeout_ms = !(t < (double)PZ_NO_TIMEOUT) ? PZ_NO_TIMEOUT : t < 1 ? 1 : (uint32_t)t;
     }
     return submit(L, u, 4, (uint8_t)tag, timeout_ms);

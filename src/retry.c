@@ -140,6 +140,18 @@ int pz_retry_take(struct pz_io *io, pz_slot *w, uint64_t id, const char *msg, si
     return 0;
 }
 
+int pz_retry_take_noted(struct pz_io *io, uint64_t id, pz_buf *out)
+{
+    entry *e = find(io->retries, id);
+    uint8_t v[PZ_VARINT_MAX_BYTES];
+    if (pz_buf_append(out, v, pz_put_varint(v, e ? e->count : 0)) != 0 ||
+        (e && pz_buf_append(out, e->bytes.data, e->bytes.len) != 0))
+        return -1;
+    if (e)
+        forget(io->retries, e);
+    return 0;
+}
+
 void pz_retry_free(struct pz_io *io)
 {
     struct pz_retries *r = io->retries;

@@ -157,6 +157,8 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->depth = 1;
     w->given = 0;
     w->doomed = 0;
+    w->doom_killed = 0;
+    w->cancels_sent = 0;
     w->in.len = 0;
     w->discard = 0;
     w->want_out = 0;
@@ -203,16 +205,25 @@ static uint64_t remote_running_call(const pz_slot *w, int known, int status)
 
 /* Writes an ERROR record of this kind for the CALL frame `call` that the
  * parent itself gives up on: its arguments, the message, no traceback, no
- * value, no attempts.  Returns what pz_io_record does. */
+ * value, and the attempts it raised in before (option retries: a call
+ * that raised, then timed out on its retry, says both).  Returns what
+ * pz_io_record does. */
 int pz_slot_record_error(struct pz_io *io, const char *call, const char *msg, uint8_t kind)
 {
-    uint8_t no_attempts = 0;
+    pz_buf attempts = PZ_BUF_INIT;
+    if (pz_retry_take_noted(io, pz_frame_id(call), &attempts) != 0) {
+        pz_buf_free(&attempts);
+        pz_io_fail(io, "out of memory in the I/O thread (the attempts of a call)");
+        return -1;
+    }
     pz_part parts[] = {{pz_frame_payload(call), pz_frame_payload_len(call), 1},
                        {msg, strlen(msg), 1},
                        {NULL, 0, 1},
                        {NULL, 0, 1},
-                       {&no_attempts, 1, 0}};
-    return pz_io_record_error(io, kind, pz_frame_tag(call), pz_frame_id(call), parts, 5);
+                       {attempts.data, attempts.len, 0}};
+    int rc = pz_io_record_error(io, kind, pz_frame_tag(call), pz_frame_id(call), parts, 5);
+    pz_buf_free(&attempts);
+    return rc;
 }
 
 /* ---- calls killed on purpose (timeouts, cancels) ------------------------ */
@@ -234,6 +245,7 @@ static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
         return;
     w->doomed = id;
     w->doomed_kind = kind;
+    w->doom_killed = 1;
     if (!w->kill_sent) {
         w->kill_sent = 1;
         pz_spawnq_kill(io, w, SIGKILL);
@@ -271,8 +283,34 @@ static uint64_t running_call(struct pz_io *io, pz_slot *w, int64_t *started)
     }
 }
 
-/* Ends the call w's worker runs if it has run out of time; lowers *next to
- * when to look again. */
+/* A call cancelled after it was sent (pz_slot_cancel) still reaches the
+ * worker, which would run it, for ever perhaps, and the calls behind it
+ * with it: once it runs, its worker is ended, as for a call cancelled
+ * while it runs.  Returns 1 when it was; else lowers *next to when to look
+ * again: soon when it is the oldest (the worker starts it without a word),
+ * else at the next answer (which wakes the I/O thread anyway). */
+static int end_cancelled(struct pz_io *io, pz_slot *w, const char *head, const char *fr, uint64_t id,
+                         int64_t now, int64_t *next)
+{
+    if (fr && (pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
+        doom(io, w, id, PZ_ERR_CANCELLED); /* its record exists: none is made at the death */
+        return 1;
+    }
+    if (pz_frame_flags(head) & PZ_CALL_CANCELLED) {
+        int64_t due = now + TIMEOUT_RECHECK_NS;
+        if (*next == 0 || due < *next)
+            *next = due;
+        return 0;
+    }
+    for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos))
+        if (pz_frame_flags(w->out.data + pos) & PZ_CALL_CANCELLED)
+            return 0;
+    w->cancels_sent = 0; /* answered, all of them */
+    return 0;
+}
+
+/* Ends the call w's worker runs if it has run out of time, or was
+ * cancelled after it was sent; lowers *next to when to look again. */
 static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
 {
     if (w->inflight == 0 || w->doomed || w->out_head >= w->out_sent)
@@ -281,6 +319,8 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
     int64_t started;
     uint64_t id = running_call(io, w, &started);
     const char *fr = id ? sent_frame(w, id) : NULL;
+    if (w->cancels_sent && end_cancelled(io, w, head, fr, id, now, next))
+        return;
     int64_t limit, due;
     if (fr) {
         limit = pz_slot_timeout_ns(io, fr);
@@ -336,8 +376,10 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
         /* Sent, not started: dropped now; its answer, if one comes, is not.
          * The worker will still decode its arguments: their big strings
          * stay until it has (PZ_REC_HELD, pz_io_release). */
-        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0)
+        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0) {
             pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+            w->cancels_sent = 1; /* ended as it starts: check_timeout */
+        }
         return 1;
     }
     return 0;
@@ -361,9 +403,12 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
     atomic_store(&io->p->shared[w->index].running, 0);
     if (w->remote)
         running = remote_running_call(w, known, status);
+    w->cancels_sent = 0; /* its calls leave it */
     if (w->doomed) {
         char *fr = sent_frame(w, w->doomed);
-        if (fr) {
+        /* A call cancelled after it was sent has its record already: it
+         * goes back to the queue, which drops it (and releases it). */
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             char msg[160];
             int64_t limit = pz_slot_timeout_ns(io, fr);
             if (w->doomed_kind == PZ_ERR_TIMEOUT)
@@ -375,11 +420,12 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                 drop = w->doomed;
         }
         w->doomed = 0;
-    } else if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone) {
+    } else if (running && w->inflight > 0 && !io->stopping && !io->spawner_gone && !w->doom_killed) {
         /* Workers terminated by stop() or lost with the spawner did not
-         * die of their call. */
+         * die of their call, nor did one killed for a call that finished
+         * before the kill landed (the one it ran then is innocent). */
         char *fr = sent_frame(w, running);
-        if (fr) {
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
             char msg[512];
@@ -391,10 +437,10 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
                          running, w->slot + 1, (int)w->pid, how);
             else if (deaths >= io->p->opt.max_deaths)
                 snprintf(msg, sizeof msg,
-                         "call %" PRIu64 " killed %d workers (max_deaths = %d); the last: worker "
+                         "call %" PRIu64 " killed %d worker%s (max_deaths = %d); the last: worker "
                          "%d (pid %d) %s while running call %" PRIu64,
-                         running, deaths, io->p->opt.max_deaths, w->slot + 1, (int)w->pid, how,
-                         running);
+                         running, deaths, deaths == 1 ? "" : "s", io->p->opt.max_deaths, w->slot + 1,
+                         (int)w->pid, how, running);
             else
                 msg[0] = 0;
             if (msg[0] && pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)
@@ -450,6 +496,13 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
         pz_describe_status(status, how, sizeof how);
     else
         snprintf(how, sizeof how, "ended with the spawner");
+    if (w->doomed) {
+        /* The pool killed it (a timeout, a cancel): said, or with respawn
+         * = false "killed by signal 9" would read as someone else's kill. */
+        size_t len = strlen(how);
+        snprintf(how + len, sizeof how - len, " (ended by the pool: call %" PRIu64 " %s)", w->doomed,
+                 w->doomed_kind == PZ_ERR_TIMEOUT ? "timed out" : "was cancelled");
+    }
     char msg[512];
     switch (w->state) {
     case SLOT_STARTING:
@@ -490,6 +543,11 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             w->state = SLOT_SPARE;
             if (partner(io, w)->state == SLOT_RETIRING && !io->spawner_gone)
                 pz_slot_start(io, w);
+            else
+                /* Its replacement may have been given up meanwhile (a
+                 * Deferred constructor that raised): this was then the
+                 * last worker of its slot, and perhaps of the pool. */
+                pz_io_check_fatal(io);
             return;
         }
         if (io->p->opt.respawn && !io->spawner_gone) {

@@ -166,6 +166,11 @@ end
 -- p(...) calls it through env.wait_room when it finds no room.
 function M.wait_room(p)
   check_status(p, wait_for(p, "room"))
+  -- A bar on a terminal is erased, as any waiting method's, or what the
+  -- script prints next would follow it on its line. (Written as lines, it
+  -- gets no last line: a loop of p(...) would write one per call.)
+  local bar = pool_env(p).bar
+  if bar and bar.tty then done_waiting(p) end
 end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
@@ -175,6 +180,11 @@ function methods.wait(p, timeout)
   if pool_stopped(p) then error("wait: the pool is stopped", 2) end
   check_timeout("wait", "timeout", timeout)
   local status = wait_for(p, "calls", timeout and now() + timeout)
+  -- With fail_fast, a failure raises here even when it was the last call
+  -- to finish: whether another call was still running then is chance.
+  if status == "done" and pool_env(p).fail_fast and pool_env(p).first_failure ~= nil then
+    status = "halted"
+  end
   check_status(p, status)
   done_waiting(p)
   return status == "done"
@@ -415,8 +425,10 @@ function methods.result(p, id, timeout)
     pool_drain(p)
     if has_outcome(env, id) then return atomically(hand_over, p, env, id) end
     if pool_finished(p, id) then
-      error(format("result: call %d was handed over already (by p:map(), p:stream(), p:take(), "
-        .. "or an earlier p:result() with keep_results = false)", id), 2)
+      -- (a map or stream that has ended no longer knows its calls, and
+      -- the pool does not remember which handed out what)
+      error(format("result: call %d was handed out already (by %sp:take(), or by the map or "
+        .. "stream it belonged to)", id, env.keep_results and "" or "an earlier p:result(), "), 2)
     end
     local _, finished = pool_counts(p)
     local status = wait_for(p, "progress", deadline, finished + 1)
@@ -432,7 +444,9 @@ end
 
 --- The message a map raises for its item i that failed with error record e.
 local function item_failed(who, i, e)
-  return format("%s: item %d failed: %s\n%s", who, i, tostring(e.message), tostring(e.traceback))
+  local tb = tostring(e.traceback or "")
+  -- (the parent's own errors, a timeout or max_deaths, have no traceback)
+  return format("%s: item %d failed: %s%s", who, i, tostring(e.message), tb ~= "" and "\n" .. tb or "")
 end
 
 --- Raises the error that kept item k of a map or stream (`who`) from being
@@ -558,6 +572,7 @@ function methods.stream(p, src, opts)
   if window ~= nil then options.check_value("stream", "max_pending", window, 2) end
   window = window or math.max(64, pool_env(p).max_inflight * pool_size(p))
   local ordered = opts.ordered and true or false
+  local tty_bar = pool_env(p).bar and pool_env(p).bar.tty
 
   local claim = new_claim(p)
   local lists, tag = claim.lists, claim.tag
@@ -859,6 +874,8 @@ function methods.stream(p, src, opts)
       local status = wait_for(p, "progress", starved and now() + LATER_WAIT or nil, finished + 1,
         room and window or nil)
       if status ~= "timeout" then check_status(p, status) end
+      -- The loop's body may print: a bar on a terminal is erased first.
+      if tty_bar then done_waiting(p) end
     end
   end
 
@@ -895,7 +912,13 @@ end
 --- Waits for every worker to initialize (or be given up), then returns
 -- the copies of the initialized executors in worker order.
 function properties.executors(p)
-  if not pool_stopped(p) then wait_for(p, "init") end
+  if not pool_stopped(p) then
+    wait_for(p, "init")
+    -- (on a terminal, erased as any method's; written as lines, the bar
+    -- keeps its last line for the end of the calls)
+    local bar = pool_env(p).bar
+    if bar and bar.tty then done_waiting(p) end
+  end
   local env, list = pool_env(p), {}
   local execs = env.executors
   for i = 1, pool_size(p) do
@@ -1030,6 +1053,7 @@ function M.init(p, opts)
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
   env.max_inflight = opts.max_inflight
+  env.fail_fast = opts.fail_fast
   -- A map goes in chunks only where a chunk behaves as its items' calls
   -- would, one by one: no timeout or retries to apply to each, no
   -- max_calls to count them, no fail_fast or progress bar to report each.
