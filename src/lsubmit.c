@@ -42,14 +42,17 @@ static pz_buf *push_buffer(lua_State *L)
  * finalizers where nothing may raise). */
 static const char reg_encode_chunk = 0;
 
-/* Protected: encodes the chunk (items at 2, n at 3) into the pz_buf at 1,
- * each item apart (PZ_ENCODE_APART: as its own call would be), its big
- * strings through the arena writer at 4 (NULL: none). */
+/* Protected: encodes the chunk (items at 1, n at 2) into a buffer of its
+ * own, which it returns, each item apart (PZ_ENCODE_APART: as its own call
+ * would be), its big strings through the arena writer at 3 (NULL: none).
+ * The buffer is made here, inside the protection: its allocation can run
+ * finalizers, which may raise. */
 static int encode_chunk(lua_State *L)
 {
-    pz_encode_tuple(L, 2, 2, (pz_buf *)lua_touserdata(L, 1), "args", PZ_ENCODE_APART,
-                    (pz_arena_writer *)lua_touserdata(L, 4));
-    return 0;
+    pz_arena_writer *w = (pz_arena_writer *)lua_touserdata(L, 3);
+    pz_buf *b = push_buffer(L);
+    pz_encode_tuple(L, 1, 2, b, "args", PZ_ENCODE_APART, w);
+    return 1;
 }
 
 void pz_lsubmit_prepare(lua_State *L)
@@ -409,15 +412,12 @@ int pz_lpool_submit_chunk(lua_State *L)
     luaL_checkinteger(L, 4);
     lua_settop(L, 4);
     wait_for_room(L, u, 1, 0);
-    /* The buffer's allocation can run finalizers, which may have stopped
-     * the pool. */
-    pz_buf *b = push_buffer(L);
-    u = pz_lpool_check_running(L, 1);
-    /* From here on the encode runs Lua code: a p:stop() from there would
-     * free the pool and its arena under cw, so it raises (lpool.c) while
-     * chunk_encoding_at marks this frame.  Nothing between the mark and
-     * the pcall allocates, so nothing can raise there and leave the mark
-     * behind; the pcall catches the rest. */
+    /* From here on the encode runs Lua code (finalizers, from the buffer's
+     * allocation on): a p:stop() from there would free the pool and its
+     * arena under cw, so it raises (lpool.c) while chunk_encoding_at marks
+     * this frame.  Nothing between the mark and the pcall allocates, so
+     * nothing can raise there and leave the mark behind; the pcall catches
+     * the rest. */
     uintptr_t here = pz_lpool_frame_here();
     int claimed = !pz_lpool_marked_above(u->chunk_encoding_at, here);
     if (claimed)
@@ -428,13 +428,12 @@ int pz_lpool_submit_chunk(lua_State *L)
     pz_arena_writer *w = pz_calls_writer_init(&cw, u->pool->arena);
     lua_pushlightuserdata(L, (void *)&reg_encode_chunk);
     lua_rawget(L, LUA_REGISTRYINDEX);
-    lua_pushlightuserdata(L, b);
     lua_pushvalue(L, 3);
     lua_pushvalue(L, 4);
     lua_pushlightuserdata(L, w);
     /* Deferred (ldefer.h): Ctrl-C's hook firing in the encode would be
      * taken for items that cannot travel together, and lost. */
-    int rc = pz_defer_pcall(L, 4, 0);
+    int rc = pz_defer_pcall(L, 3, 1);
     if (claimed)
         u->chunk_encoding_at = 0;
     if (rc != 0) {
@@ -443,6 +442,7 @@ int pz_lpool_submit_chunk(lua_State *L)
         lua_insert(L, -2);
         return 2;
     }
+    pz_buf *b = (pz_buf *)lua_touserdata(L, -1); /* kept on the stack */
     pz_pool *p = u->pool;
     size_t size = b->len + cw.w.placed;
     if (p && !p->stopped && size > p->opt.max_message) {
