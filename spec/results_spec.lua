@@ -566,6 +566,23 @@ describe("stream", function()
     assert.are.equal(0, #p:take())
   end)
 
+  it("says so, at the loop's line, when its source stopped the pool", function()
+    local p = Parallelize(function(x) return x end, { workers = 1 })
+    finally(function() p:stop() end)
+    local n = 0
+    local function src()
+      n = n + 1
+      if n == 3 then p:stop() end
+      if n < 10 then return n end
+    end
+    local ok, err = pcall(function()
+      for _ in p:stream(src) do end -- the line the error names
+    end)
+    assert.is_false(ok)
+    assert.matches("^spec/results_spec%.lua:%d+: stream: the pool was stopped; what the stream had not handed out "
+      .. "went to its results$", err)
+  end)
+
   it("names the item that cannot travel; the items before it stay its own", function()
     local p = Parallelize(function(x) return x end, { workers = 2 })
     finally(function() p:stop() end)

@@ -703,6 +703,12 @@ function methods.stream(p, src, opts)
         starved = true
         return
       end
+      -- The source may have stopped the pool: said as the stream says it
+      -- (not as pool_submit would, at a line of this file).
+      if claim.released then
+        error("stream: the pool was stopped; what the stream had not handed out went to its results",
+          caller.level())
+      end
       submitted(pool_submit(p, tag, nil, item), 1)
     end
   end
