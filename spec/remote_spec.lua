@@ -766,6 +766,62 @@ describe("remote workers on real servers #nosan", function()
       for step in out:gmatch("\n(%d+)%.%d+\n") do assert.are.equal(job, step) end
       assert.are.same({}, nothing_left(q, q0, 20))
     end)
+
+    -- An srun queued for an allocation has asked slurmctld for a job that
+    -- outlives it: killed outright (SIGKILL), it left the job pending in
+    -- the queue for good, to start some day with no srun to talk to.
+    it("a worker whose srun is still queued for resources: stop, and the parent's death, take its job "
+        .. "out of the queue", function()
+      local defer = support.defer(finally)
+      local q = fixture("slurm", defer)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      local program = { "env", "SLURM_CONF=" .. q.conf, "srun" }
+      -- (--begin: the jobs wait in the queue, as on a full cluster)
+      local queued = parallelize.srun { "--begin=now+3600", "--quiet", command = PZLUA, program = program }
+      local p = Parallelize(parallelize.rep(function(x) return x end, 2), { launcher = queued })
+      defer(function() p:stop(0) end)
+      p(1)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 2 end, 10), "the jobs were not queued")
+      assert.is_false(p:wait(0.2))
+      local aborted = p:stop()
+      assert.are.equal(1, #aborted)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 5),
+        "stop left jobs in the queue: " .. table.concat(q:jobs(), " "))
+
+      -- The parent killed: its spawner ends the sruns.
+      local argv = {}
+      for _, a in ipairs(queued(1)) do argv[#argv + 1] = ("%q"):format(a) end
+      support.write(dir .. "/script.lua", [[
+        io.stdout:setvbuf("line")
+        local parallelize = require "parallelize"
+        print("self " .. parallelize.getpid())
+        local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 2),
+          { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+        p(1)
+        p:wait()
+      ]])
+      os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(support.quote(ROOT), support.quote(PZLUA),
+        support.quote(dir .. "/script.lua"), support.quote(dir .. "/out")))
+      local parent
+      support.eventually(function()
+        parent = tonumber((support.read(dir .. "/out") or ""):match("self (%d+)\n"))
+        return parent
+      end, 10)
+      assert(parent, support.read(dir .. "/out"))
+      defer(function() support.kill(parent, SIGKILL) end)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 2 end, 10), "the jobs were not queued")
+      local processes = { parent }
+      for _, pid in ipairs(support.children(parent)) do
+        processes[#processes + 1] = pid
+        for _, srun in ipairs(support.children(pid)) do processes[#processes + 1] = srun end
+      end
+      assert.are.equal(4, #processes) -- the parent, its spawner, two sruns
+      assert.is_true(support.kill(parent, SIGKILL))
+      assert.are.same({}, gone(processes, 5))
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 5),
+        "the parent's death left jobs in the queue: " .. table.concat(q:jobs(), " "))
+    end)
   end)
 
   describe("through a slow link", function()
