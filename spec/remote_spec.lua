@@ -210,6 +210,39 @@ describe("remote workers: launchers", function()
     assert.are.equal(0, #p:stop())
   end)
 
+  -- A command that sends the worker's stdin or stdout elsewhere: closed,
+  -- it wrote "writing results: Bad file descriptor" (stdout) or just "Bad
+  -- file descriptor" (stdin); to /dev/null or a file, the pool waited for
+  -- its first answer for ever.
+  it("refuses a stdin or stdout that is not connected back (closed, /dev/null, a file), saying which", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    for _, case in ipairs {
+      { "exec >&-", "stdout is closed" },
+      { "exec <&-", "stdin is closed" },
+      { "exec >/dev/null", "stdout is a device %(/dev/null%?%)" },
+      { "exec <" .. support.quote(dir .. "/input"), "stdin is a file" },
+    } do
+      support.write(dir .. "/input", "")
+      local err = dir .. "/err"
+      os.remove(err)
+      local p = Parallelize({ function() end }, {
+        init_attempts = 1,
+        launcher = function()
+          return { "sh", "-c", case[1] .. " 2>" .. support.quote(err) .. "; exec " .. support.quote(PZLUA)
+            .. " --worker" }
+        end,
+      })
+      p(1)
+      local ok, why = pcall(p.wait, p, 10)
+      assert.is_false(ok, case[1] .. ": the pool waited")
+      assert.matches("ended: its launcher sh exited with status 1$", why)
+      assert.matches("^pzlua %-%-worker: its " .. case[2] .. ", not a link to the parent: the "
+        .. "launcher must run it with its stdin and stdout connected back to the pool\n$", support.read(err) or "")
+      assert.are.equal(1, #p:stop())
+    end
+  end)
+
   it("shows what came instead of a frame (a shell printing on stdout)", function()
     local p = Parallelize({ function() end }, {
       init_attempts = 1,
