@@ -236,7 +236,8 @@ describe("remote workers: launchers", function()
       p(1)
       local ok, why = pcall(p.wait, p, 10)
       assert.is_false(ok, case[1] .. ": the pool waited")
-      assert.matches("ended: its launcher sh exited with status 1$", why)
+      assert.matches("worker 1 died during initialization 1 time; the last time, pid %d+ ended: its launcher sh "
+        .. "exited with status 1$", why)
       assert.matches("^pzlua %-%-worker: its " .. case[2] .. ", not a link to the parent: the "
         .. "launcher must run it with its stdin and stdout connected back to the pool\n$", support.read(err) or "")
       assert.are.equal(1, #p:stop())

@@ -461,12 +461,12 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             return;
         }
         if (w->pid == 0) /* no process was ever there */
-            snprintf(msg, sizeof msg, "worker %d could not be started (%d attempts); the last time, it %s",
-                     w->slot + 1, w->init_crashes + 1, how);
+            snprintf(msg, sizeof msg, "worker %d could not be started (%d attempt%s); the last time, it %s",
+                     w->slot + 1, w->init_crashes + 1, w->init_crashes ? "s" : "", how);
         else
             snprintf(msg, sizeof msg,
-                     "worker %d died during initialization %d times; the last time, pid %d %s",
-                     w->slot + 1, w->init_crashes + 1, (int)w->pid, how);
+                     "worker %d died during initialization %d time%s; the last time, pid %d %s",
+                     w->slot + 1, w->init_crashes + 1, w->init_crashes ? "s" : "", (int)w->pid, how);
         init_failed(io, w, msg);
         return;
     case SLOT_READY:
