@@ -364,7 +364,10 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         running = remote_running_call(w, known, status);
     if (w->doomed) {
         char *fr = sent_frame(w, w->doomed);
-        if (fr) {
+        /* A call cancelled after it was sent, which its worker ran all the
+         * same and overran its timeout with, has its record already (its
+         * cancellation): a second one would count it twice. */
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             char msg[160];
             int64_t limit = pz_slot_timeout_ns(io, fr);
             if (w->doomed_kind == PZ_ERR_TIMEOUT)
@@ -380,7 +383,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         /* Workers terminated by stop() or lost with the spawner did not
          * die of their call. */
         char *fr = sent_frame(w, running);
-        if (fr) {
+        if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
             char msg[512];
