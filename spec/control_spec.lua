@@ -168,6 +168,24 @@ describe("cancel", function()
     end)
   end
 
+  -- A cancelled call that was still waiting when the pool stopped used to
+  -- come back in stop's aborted list as well as in p.errors.
+  it("leaves a call cancelled while it waited out of stop's aborted list", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop(0) end)
+    local busy = p(2)
+    local ids = {}
+    for i = 1, 5 do ids[i] = p(0) end
+    core.sleep(0.1)
+    assert.is_true(p:cancel(ids[2]))
+    local aborted = {}
+    for _, a in ipairs(p:stop(0)) do aborted[#aborted + 1] = a.id end
+    local _, failed = outcomes(p)
+    assert.are.equal("call " .. ids[2] .. " cancelled", failed[ids[2]].message)
+    assert.are.same({ busy, ids[1], ids[3], ids[4], ids[5] }, aborted)
+    assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
+  end)
+
   it("reaches a call still in the submit queue", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

@@ -519,7 +519,9 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
     const char *d;
     while ((d = pz_spsc_peek(&p->submit, &n)) != NULL) {
         size_t size = pz_frame_size(d);
-        fn(d, size, ud);
+        /* A call cancelled while it waited here has its record already. */
+        if (!(pz_frame_flags(d) & PZ_CALL_CANCELLED))
+            fn(d, size, ud);
         pz_spsc_consume(&p->submit, size);
     }
 }
