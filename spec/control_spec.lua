@@ -229,6 +229,69 @@ describe("cancel", function()
     assert.are.equal(1, s.deaths)
   end)
 
+  -- A call cancelled once its worker holds it, not running yet, has its
+  -- record at once; its worker is ended as it starts it. It used to get a
+  -- second record when it then overran its timeout ("timed
+  -- out") or killed its worker ("killed 1 workers"): results + errors
+  -- came to more than the calls, and wait could return with a call
+  -- unfinished.
+  for _, where in ipairs { "local", "remote" } do
+    it("keeps one record for a call cancelled in its worker that then times out or kills it (" .. where .. ")",
+        function()
+      local p = Parallelize({ function(x)
+        if x == "exit" then os.exit(7) end
+        require("parallelize").sleep(x)
+        return x
+      end }, {
+        timeout = 0.5, window = 5, max_deaths = 1,
+        launcher = where == "remote" and function() return { support.pzlua(), "--worker" } end or nil,
+      })
+      finally(function() p:stop(0) end)
+      -- Instant calls first: the worker's depth then lets it hold the
+      -- next calls at once. The call cancelled behind a running one is
+      -- sent to the worker already.
+      local function cancelled_behind(x)
+        for _ = 1, 50 do p(0) end
+        assert.is_true(p:wait(10))
+        local first, victim, last = p(0.2), p(x), p(0)
+        core.sleep(0.05)
+        assert.is_true(p:cancel(victim))
+        assert.is_true(p:wait(10))
+        core.sleep(0.7) -- past the victim's timeout
+        local got, failed = outcomes(p)
+        assert.are.equal(0.2, got[first])
+        assert.are.equal(0, got[last])
+        assert.are.equal("call " .. victim .. " cancelled", failed[victim].message)
+        assert.are.equal(p.calls, #p.results + #p.errors)
+      end
+      cancelled_behind(2)      -- it overruns its timeout
+      cancelled_behind("exit") -- it kills its worker (max_deaths = 1)
+      local s = p:stats()
+      assert.are.equal(2, s.cancelled)
+      assert.are.equal(0, s.timeouts)
+      assert.is_true(s.deaths >= 1)
+      assert.are.equal(0, #p:stop())
+    end)
+  end
+
+  -- A cancelled call that was still waiting when the pool stopped used to
+  -- come back in stop's aborted list as well as in p.errors.
+  it("leaves a call cancelled while it waited out of stop's aborted list", function()
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop(0) end)
+    local busy = p(2)
+    local ids = {}
+    for i = 1, 5 do ids[i] = p(0) end
+    core.sleep(0.1)
+    assert.is_true(p:cancel(ids[2]))
+    local aborted = {}
+    for _, a in ipairs(p:stop(0)) do aborted[#aborted + 1] = a.id end
+    local _, failed = outcomes(p)
+    assert.are.equal("call " .. ids[2] .. " cancelled", failed[ids[2]].message)
+    assert.are.same({ busy, ids[1], ids[3], ids[4], ids[5] }, aborted)
+    assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
+  end)
+
   it("reaches a call still in the submit queue", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

@@ -210,6 +210,40 @@ describe("remote workers: launchers", function()
     assert.are.equal(0, #p:stop())
   end)
 
+  -- A command that sends the worker's stdin or stdout elsewhere: closed,
+  -- it wrote "writing results: Bad file descriptor" (stdout) or just "Bad
+  -- file descriptor" (stdin); to /dev/null or a file, the pool waited for
+  -- its first answer for ever.
+  it("refuses a stdin or stdout that is not connected back (closed, /dev/null, a file), saying which", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    for _, case in ipairs {
+      { "exec >&-", "stdout is closed" },
+      { "exec <&-", "stdin is closed" },
+      { "exec >/dev/null", "stdout is a device %(/dev/null%?%)" },
+      { "exec <" .. support.quote(dir .. "/input"), "stdin is a file" },
+    } do
+      support.write(dir .. "/input", "")
+      local err = dir .. "/err"
+      os.remove(err)
+      local p = Parallelize({ function() end }, {
+        init_attempts = 1,
+        launcher = function()
+          return { "sh", "-c", case[1] .. " 2>" .. support.quote(err) .. "; exec " .. support.quote(PZLUA)
+            .. " --worker" }
+        end,
+      })
+      p(1)
+      local ok, why = pcall(p.wait, p, 10)
+      assert.is_false(ok, case[1] .. ": the pool waited")
+      assert.matches("worker 1 died during initialization 1 time; the last time, pid %d+ ended: its launcher sh "
+        .. "exited with status 1$", why)
+      assert.matches("^pzlua %-%-worker: its " .. case[2] .. ", not a link to the parent: the "
+        .. "launcher must run it with its stdin and stdout connected back to the pool\n$", support.read(err) or "")
+      assert.are.equal(1, #p:stop())
+    end
+  end)
+
   it("shows what came instead of a frame (a shell printing on stdout)", function()
     local p = Parallelize({ function() end }, {
       init_attempts = 1,
@@ -765,6 +799,62 @@ describe("remote workers on real servers #nosan", function()
       assert.matches("executors 2 init errors 0\n", out)
       for step in out:gmatch("\n(%d+)%.%d+\n") do assert.are.equal(job, step) end
       assert.are.same({}, nothing_left(q, q0, 20))
+    end)
+
+    -- An srun queued for an allocation has asked slurmctld for a job that
+    -- outlives it: killed outright (SIGKILL), it left the job pending in
+    -- the queue for good, to start some day with no srun to talk to.
+    it("a worker whose srun is still queued for resources: stop, and the parent's death, take its job "
+        .. "out of the queue", function()
+      local defer = support.defer(finally)
+      local q = fixture("slurm", defer)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      local program = { "env", "SLURM_CONF=" .. q.conf, "srun" }
+      -- (--begin: the jobs wait in the queue, as on a full cluster)
+      local queued = parallelize.srun { "--begin=now+3600", "--quiet", command = PZLUA, program = program }
+      local p = Parallelize(parallelize.rep(function(x) return x end, 2), { launcher = queued })
+      defer(function() p:stop(0) end)
+      p(1)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 2 end, 10), "the jobs were not queued")
+      assert.is_false(p:wait(0.2))
+      local aborted = p:stop()
+      assert.are.equal(1, #aborted)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 5),
+        "stop left jobs in the queue: " .. table.concat(q:jobs(), " "))
+
+      -- The parent killed: its spawner ends the sruns.
+      local argv = {}
+      for _, a in ipairs(queued(1)) do argv[#argv + 1] = ("%q"):format(a) end
+      support.write(dir .. "/script.lua", [[
+        io.stdout:setvbuf("line")
+        local parallelize = require "parallelize"
+        print("self " .. parallelize.getpid())
+        local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 2),
+          { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+        p(1)
+        p:wait()
+      ]])
+      os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(support.quote(ROOT), support.quote(PZLUA),
+        support.quote(dir .. "/script.lua"), support.quote(dir .. "/out")))
+      local parent
+      support.eventually(function()
+        parent = tonumber((support.read(dir .. "/out") or ""):match("self (%d+)\n"))
+        return parent
+      end, 10)
+      assert(parent, support.read(dir .. "/out"))
+      defer(function() support.kill(parent, SIGKILL) end)
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 2 end, 10), "the jobs were not queued")
+      local processes = { parent }
+      for _, pid in ipairs(support.children(parent)) do
+        processes[#processes + 1] = pid
+        for _, srun in ipairs(support.children(pid)) do processes[#processes + 1] = srun end
+      end
+      assert.are.equal(4, #processes) -- the parent, its spawner, two sruns
+      assert.is_true(support.kill(parent, SIGKILL))
+      assert.are.same({}, gone(processes, 5))
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 5),
+        "the parent's death left jobs in the queue: " .. table.concat(q:jobs(), " "))
     end)
   end)
 

@@ -271,7 +271,8 @@ int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_tar
 void pz_pool_stop(pz_pool *p, int64_t finish_ns);
 
 /* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
- * finished (frame bytes), in order. */
+ * finished (frame bytes), in order; not for a cancelled call, whose record
+ * (its cancellation) is its end. */
 void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 
 /* Main thread: asks the I/O thread to cancel call id (dispatch.c says how).

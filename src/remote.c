@@ -42,6 +42,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -86,8 +87,43 @@ static int status_of(int status, int lost)
     return 1;
 }
 
+/* What stops descriptor fd from carrying the protocol, or NULL: the
+ * launcher's link to the parent is a pipe or a socket (ssh, docker exec),
+ * or a terminal (srun -u gives its task's stdout a pty, in raw mode).  A
+ * file, a device such as /dev/null, or a closed descriptor is a command
+ * that sent the worker's input or output elsewhere (`pzlua --worker >&-`,
+ * `>/dev/null`, `<file`), and the parent, which cannot see that, would
+ * wait for its first answer for ever.  pzlua's main holds a closed
+ * standard descriptor with /dev/null opened the wrong way round (pzlua.c),
+ * which is how a closed one shows here. */
+static const char *not_a_link(int fd, int writing)
+{
+    struct stat st;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fstat(fd, &st) != 0 || (flags & O_ACCMODE) == (writing ? O_RDONLY : O_WRONLY))
+        return "closed";
+    if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode) || isatty(fd))
+        return NULL;
+    if (S_ISREG(st.st_mode))
+        return "a file";
+    if (S_ISCHR(st.st_mode))
+        return "a device (/dev/null?)";
+    return "not a pipe or a socket";
+}
+
 _Noreturn void pz_remote_worker_main(void)
 {
+    static const char *const names[2] = {"stdin", "stdout"};
+    for (int fd = 0; fd <= 1; fd++) {
+        const char *why = not_a_link(fd, fd == 1);
+        if (why) {
+            fprintf(stderr,
+                    "pzlua --worker: its %s is %s, not a link to the parent: the launcher must "
+                    "run it with its stdin and stdout connected back to the pool\n",
+                    names[fd], why);
+            _exit(1);
+        }
+    }
     int in = fcntl(0, F_DUPFD_CLOEXEC, 3);
     int out = fcntl(1, F_DUPFD_CLOEXEC, 3);
     if (in < 0 || out < 0)

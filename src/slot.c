@@ -150,6 +150,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->alive = 1;
     w->exited = 0;
     w->kill_sent = 0;
+    w->kill_at = 0;
     w->eof_at = 0;
     w->why[0] = 0;
     w->state = SLOT_STARTING;
@@ -513,12 +514,12 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             return;
         }
         if (w->pid == 0) /* no process was ever there */
-            snprintf(msg, sizeof msg, "worker %d could not be started (%d attempts); the last time, it %s",
-                     w->slot + 1, w->init_crashes + 1, how);
+            snprintf(msg, sizeof msg, "worker %d could not be started (%d attempt%s); the last time, it %s",
+                     w->slot + 1, w->init_crashes + 1, w->init_crashes ? "s" : "", how);
         else
             snprintf(msg, sizeof msg,
-                     "worker %d died during initialization %d times; the last time, pid %d %s",
-                     w->slot + 1, w->init_crashes + 1, (int)w->pid, how);
+                     "worker %d died during initialization %d time%s; the last time, pid %d %s",
+                     w->slot + 1, w->init_crashes + 1, w->init_crashes ? "s" : "", (int)w->pid, how);
         init_failed(io, w, msg);
         return;
     case SLOT_READY:
@@ -687,9 +688,19 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
         w->state = SLOT_STOPPING;
         return;
     case SLOT_STARTING:
-        /* It holds no call: nothing to finish. */
+        /* It holds no call: nothing to finish.  A launcher may still be
+         * waiting for the place it launches on (srun queued for an
+         * allocation), a request that outlives it: SIGTERM lets it
+         * withdraw the request (srun cancels its pending job), SIGKILL
+         * would leave the job in Slurm's queue for good.  SIGKILL follows
+         * kill_grace later (pz_slot_timers). */
         w->state = SLOT_STOPPING;
-        pz_spawnq_kill(io, w, SIGKILL);
+        if (w->remote) {
+            pz_spawnq_kill(io, w, SIGTERM);
+            w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
+        } else {
+            pz_spawnq_kill(io, w, SIGKILL);
+        }
         return;
     case SLOT_IDLE:
     case SLOT_SPARE:
@@ -719,6 +730,17 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
             }
         } else {
             CONSIDER(w->eof_at + EOF_GRACE_NS);
+        }
+    }
+    if (w->kill_at && w->alive && !w->exited) {
+        if (now >= w->kill_at) {
+            w->kill_at = 0;
+            if (!w->kill_sent) {
+                w->kill_sent = 1;
+                pz_spawnq_kill(io, w, SIGKILL);
+            }
+        } else {
+            CONSIDER(w->kill_at);
         }
     }
     if (w->alive && !io->fatal)

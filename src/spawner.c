@@ -222,7 +222,7 @@ static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawne
     _exit(127);
 }
 
-static _Noreturn void shut_down(spawner *s);static _Noreturn void shut_down(spawner *s);
+static _Noreturn void shut_down(spawner *s);
 
 /* Tells the parent something.  Blocking send: the parent's I/O thread
  * always reads.  A report must not be lost (the parent would never learn
@@ -354,22 +354,48 @@ static void reap(spawner *s)
 }
 
 /* The parent closed its end, or died: kill what is left (with what each
- * worker left running), reap it all, leave. */
+ * worker left running), reap it all, leave.  A launcher gets SIGTERM and
+ * LAUNCHER_GRACE_NS to go before SIGKILL: one still waiting for the place
+ * it launches on has asked for it elsewhere, and only it can withdraw the
+ * request (srun killed outright while queued for an allocation leaves its
+ * job pending in Slurm's queue for good; SIGTERM makes it cancel the job).
+ * Once the spawner has gone, its launchers' parent-death signal is SIGKILL
+ * anyway. */
+#define LAUNCHER_GRACE_NS 1000000000LL
+#define REAP_POLL_NS 5000000LL
 static _Noreturn void shut_down(spawner *s)
 {
+    int launchers = 0;
     for (size_t i = 0; i < s->nkids; i++) {
-        kill(s->kids[i].pid, SIGKILL);
-        kill_leftovers(s, &s->kids[i]);
+        if (s->kids[i].launcher) {
+            kill(s->kids[i].pid, SIGTERM);
+            launchers = 1;
+        } else {
+            kill(s->kids[i].pid, SIGKILL);
+            kill_leftovers(s, &s->kids[i]);
+        }
     }
+    int64_t deadline = pz_now_ns() + LAUNCHER_GRACE_NS;
     while (s->nkids > 0) {
         int status;
-        pid_t pid = waitpid(-1, &status, 0);
+        pid_t pid = waitpid(-1, &status, launchers ? WNOHANG : 0);
+        if (pid > 0) {
+            forget_kid(s, pid);
+            continue;
+        }
         if (pid < 0) {
             if (errno == EINTR)
                 continue;
-            break;
+            break; /* ECHILD: nothing left to reap */
         }
-        forget_kid(s, pid);
+        /* Launchers still running. */
+        if (pz_now_ns() >= deadline) {
+            for (size_t i = 0; i < s->nkids; i++)
+                kill(s->kids[i].pid, SIGKILL);
+            launchers = 0;
+            continue;
+        }
+        pz_sleep_ns(REAP_POLL_NS);
     }
     _exit(0);
 }

@@ -11,7 +11,8 @@
  * ended, and it is the only one that signals them, so a pid is never
  * signalled after it was reaped and reused.  When the parent dies it gets
  * SIGTERM (its parent-death signal), kills every worker with what the
- * workers left running, and exits.
+ * workers left running, and exits; a launcher gets SIGTERM first and a
+ * second to end (see shut_down in spawner.c).
  *
  * A slot with a launcher (a pool made with the `launcher` option) gets no
  * forked worker: the spawner forks a child that puts the worker's socket

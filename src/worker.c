@@ -481,8 +481,11 @@ static pz_frame next_frame(void)
         n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
         if (n == 0)
             shut_down(W.L);
-        if (n < 0)
-            die(strerror(errno));
+        if (n < 0) {
+            char what[160];
+            snprintf(what, sizeof what, "reading calls from the parent: %s", strerror(errno));
+            die(what);
+        }
         W.in.len += (size_t)n;
     }
 }
