@@ -569,18 +569,22 @@ describe("stream", function()
   it("says so, at the loop's line, when its source stopped the pool", function()
     local p = Parallelize(function(x) return x end, { workers = 1 })
     finally(function() p:stop() end)
-    local n = 0
+    local n, handed, aborted = 0, 0, nil
     local function src()
       n = n + 1
-      if n == 3 then p:stop() end
+      if n == 3 then aborted = p:stop() end
       if n < 10 then return n end
     end
     local ok, err = pcall(function()
-      for _ in p:stream(src) do end -- the line the error names
+      for _ in p:stream(src) do handed = handed + 1 end -- the line the error names
     end)
     assert.is_false(ok)
     assert.matches("^spec/results_spec%.lua:%d+: stream: the pool was stopped; what the stream had not handed out "
       .. "went to its results$", err)
+    -- the two inputs queued before the stop are in one place each
+    local results, _, errors = p:take()
+    assert.are.equal(2, p.calls)
+    assert.are.equal(p.calls, handed + #results + #errors + #aborted)
   end)
 
   it("names the item that cannot travel; the items before it stay its own", function()

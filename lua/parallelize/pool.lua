@@ -59,6 +59,9 @@ M.later = LATER
 -- before it asks the source again (seconds).
 local LATER_WAIT = 0.01
 
+-- What a stream raises once the pool was stopped under it.
+local STREAM_STOPPED = "stream: the pool was stopped; what the stream had not handed out went to its results"
+
 -- In an ordered stream's held_more: the answer held back is an error.
 local FAILED = {}
 
@@ -706,8 +709,7 @@ function methods.stream(p, src, opts)
       -- The source may have stopped the pool: said as the stream says it
       -- (not as pool_submit would, at a line of this file).
       if claim.released then
-        error("stream: the pool was stopped; what the stream had not handed out went to its results",
-          caller.level())
+        error(STREAM_STOPPED, caller.level())
       end
       submitted(pool_submit(p, tag, nil, item), 1)
     end
@@ -848,7 +850,7 @@ function methods.stream(p, src, opts)
         finish()
         return nil
       end
-      error("stream: the pool was stopped; what the stream had not handed out went to its results", 2)
+      error(STREAM_STOPPED, 2)
     end
     while true do
       -- Keep the workers fed before handing out results.
