@@ -9,6 +9,8 @@
 --
 --     successes failures errors pendings
 --
+-- and to COUNTS_FILE.failed one line per failed or errored test.
+--
 -- then one line per pending (skipped) test: its full name, and after a
 -- tab the reason it gave, if any, without busted's "file:line: " prefix
 -- (newlines and tabs in either become spaces).
@@ -41,6 +43,20 @@ return function(options)
       f:write((tostring(p.name):gsub("[\t\n]", " ")), "\t", (reason:gsub("[\t\n]", " ")), "\n")
     end
     f:close()
+    -- The failed and errored tests, one line each ("name: first line of
+    -- the message"), in a file of their own: run-tests.sh repeats them in
+    -- its closing summary, which is all a truncated log may keep.
+    local failed = io.open(path .. ".failed", "w")
+    if failed then
+      for _, list in ipairs({ handler.failures, handler.errors }) do
+        for _, t in ipairs(list) do
+          local message = type(t.message) == "string" and t.message or tostring(t.message)
+          failed:write((tostring(t.name):gsub("[\t\n]", " ")), ": ",
+            (message:match("^[^\n]*"):sub(1, 300)), "\n")
+        end
+      end
+      failed:close()
+    end
     return nil, true
   end
 

@@ -132,6 +132,10 @@ run_busted_count() {
     tail -n +2 "$counts" >> "$tmp/skipped"
     [ $((f + e)) -gt 0 ] && failed_names="$failed_names
   $name: $f failed, $e errors (see busted's report above)"
+    if [ $((f + e)) -gt 0 ] && [ -s "$counts.failed" ]; then
+        failed_names="$failed_names
+$(sed 's/^/    /' "$counts.failed")"
+    fi
     printf '%s: %d passed, %d failed, %d errors, %d pending\n' "$name" "$s" "$f" "$e" "$p"
     # busted exits with failures + errors; anything else is a failure of its
     # own, unless the caller has already counted its cause (extra_ok).
