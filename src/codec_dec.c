@@ -127,20 +127,28 @@ static inline __attribute__((always_inline)) int dec_scalar(lua_State *L, const 
 /* Decodes one value and pushes it.  It runs for every table entry, so it is
  * inline and takes scalars itself; the rest, and every error, go to
  * dec_any. */
-static inline void dec_value(dec *d)
+static inline __attribute__((always_inline)) void dec_value(dec *d)
 {
     if (!dec_scalar(d->L, &d->p, d->end))
         dec_any(d);
 }
 
-/* Reads a varint, raising with `what` when it is truncated or too long. */
-static uint64_t dec_varint(dec *d, const char *what)
+/* Reads a varint, raising with `what` when it is truncated or too long.
+ * A one-byte varint (below 128: most counts and lengths) is read inline. */
+static uint64_t dec_varint_long(dec *d, const char *what)
 {
     uint64_t v;
     const uint8_t *at = d->p;
     if (pz_get_varint(&d->p, d->end, &v))
         dec_fail(d, at, "bad or truncated %s", what);
     return v;
+}
+
+static inline uint64_t dec_varint(dec *d, const char *what)
+{
+    if (d->p < d->end && *d->p < 0x80)
+        return *d->p++;
+    return dec_varint_long(d, what);
 }
 
 /* Reads a varint length and checks that many bytes follow; returns the
@@ -196,12 +204,22 @@ static int dec_ref_number(dec *d)
     return (int)r;
 }
 
-/* Raises unless one more table or function may be opened. */
-static void dec_enter(dec *d, const uint8_t *at)
+/* Free stack slots made sure of every ENTER_EVERY levels (and by every
+ * function): a level keeps at most 3 slots taken below the next one (a
+ * table, a key and the value being decoded; a function, a global's name
+ * and its value), and needs 8 for its own work, so ENTER_SLOTS covers the
+ * levels up to the next check.  lua_checkstack on every table cost the
+ * decode of a small record a few percent. */
+#define ENTER_EVERY 4
+#define ENTER_SLOTS (3 * (ENTER_EVERY - 1) + 8)
+
+/* Raises unless one more table or function may be opened; `always`
+ * checks the stack whatever the depth. */
+static inline void dec_enter(dec *d, const uint8_t *at, int always)
 {
     if (d->depth >= PZ_MAX_DEPTH)
         dec_fail(d, at, "nesting deeper than %d levels", PZ_MAX_DEPTH);
-    if (!lua_checkstack(d->L, 8))
+    if ((always || d->depth % ENTER_EVERY == 0) && !lua_checkstack(d->L, ENTER_SLOTS))
         dec_fail(d, at, "stack overflow");
     d->depth++;
 }
@@ -266,7 +284,12 @@ static uint64_t dec_numbers(dec *d, int t, uint64_t narr, size_t offset)
 {
     double block[NUMBERS_BLOCK];
     uint64_t i = 1;
-    if (narr < 2 || !lua_checkstack(d->L, 8))
+    if (narr < 2 || d->p >= d->end)
+        return 1;
+    uint8_t tag = *d->p; /* an array of anything else is not looked at */
+    if (tag < PZ_T_FIXINT && tag != PZ_T_DOUBLE && tag != PZ_T_POSINT && tag != PZ_T_NEGINT)
+        return 1;
+    if (!lua_checkstack(d->L, 8))
         return 1;
     while (i <= narr) {
         size_t want = narr - i + 1 < NUMBERS_BLOCK ? (size_t)(narr - i + 1) : NUMBERS_BLOCK;
@@ -297,7 +320,7 @@ static void dec_table(dec *d, const uint8_t *at, int with_mt)
     lua_State *L = d->L;
     uint64_t narr, nhash;
     int t;
-    dec_enter(d, at);
+    dec_enter(d, at, 0);
     dec_table_counts(d, at, &narr, &nhash);
     lua_createtable(L, narr > (1 << 24) ? 1 << 24 : (int)narr,
                     nhash > (1 << 24) ? 1 << 24 : (int)nhash);
@@ -377,7 +400,7 @@ static void dec_table_into(dec *d, const uint8_t *at, uint8_t tag, int into, siz
     }
     if (tag != PZ_T_TABLE)
         dec_fail(d, at, "expected a table of items' results, found tag 0x%02x", tag);
-    dec_enter(d, at);
+    dec_enter(d, at, 0);
     dec_table_counts(d, at, &narr, &nhash);
     if (narr > (uint64_t)INT_MAX - offset)
         dec_fail(d, at, "%llu items' results past the last a table can hold",
@@ -546,7 +569,7 @@ static void dec_function(dec *d, const uint8_t *at)
     int f;
     if (!(d->flags & PZ_DECODE_FUNCTIONS))
         dec_refuse(d, "an encoded function");
-    dec_enter(d, at);
+    dec_enter(d, at, 1);
     code = dec_bytes(d, &len, "bytecode");
     if (luaL_loadbufferx(L, code, len, "=(decoded function)", "b"))
         dec_fail(d, at, "bad bytecode (%.120s)", lua_tostring(L, -1));
