@@ -128,6 +128,7 @@ function M.Parallelize(executors, opts)
   for k, v in pairs(o) do c_opts[k] = v end
   c_opts.max_pending = o.max_pending or 0
   c_opts.timeout = o.timeout or 0
+  c_opts.init_timeout = o.init_timeout or 0
   c_opts.max_calls = o.max_calls or 0
   return pool.init(core.pool_new(specs, c_opts), o)
 end

@@ -120,6 +120,71 @@ describe("timeout", function()
   end)
 end)
 
+describe("init_timeout", function()
+  --- The pid the message of a slot given up names (its last attempt).
+  local function last_pid(message)
+    return tonumber(message:match("the last time, pid (%d+) "))
+  end
+
+  it("ends a worker whose constructor never returns, tries again, gives it up; the other worker runs "
+      .. "every call", function()
+    local p = Parallelize({ Deferred(function() while true do end end), function(x) return x + 1 end },
+      { init_timeout = 0.3, init_attempts = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 20 do p(i) end
+    assert.is_true(p:wait(30))
+    local got = outcomes(p)
+    for i = 1, 20 do assert.are.equal(i + 1, got[i]) end
+    local t0 = core.now()
+    assert.are.equal(1, #p.executors) -- returns: the hanging slot was given up
+    local waited = core.now() - t0
+    local e = p.init_errors[1]
+    assert.are.equal(1, e.worker)
+    assert.matches("^worker 1 died during initialization 2 times; the last time, pid %d+ was ended by "
+      .. "the pool: it had not initialized within init_timeout %(0%.3 s%)$", e.message)
+    -- two attempts of 0.3 s and a back-off: far less than a hanging start
+    assert.is_true(waited < 20, "p.executors took " .. waited .. " s")
+    local pid = last_pid(e.message)
+    assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
+      "the worker that did not initialize is still there: " .. pid)
+  end)
+
+  it("bounds the start of a replacement too (max_calls): the pool says no worker is left instead of "
+      .. "waiting for ever", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    -- the constructor hangs from its second run on: the replacement's
+    local marker = dir .. "/started"
+    local p = Parallelize({ Deferred(function(path)
+      local f = io.open(path, "r")
+      if f then
+        f:close()
+        while true do end
+      end
+      f = assert(io.open(path, "w"))
+      f:close()
+      return function(x) return x * 2 end
+    end, marker) }, { init_timeout = 0.3, init_attempts = 1, max_calls = 2 })
+    finally(function() p:stop(0) end)
+    for i = 1, 4 do p(i) end
+    local ok, err = pcall(p.wait, p, 30)
+    assert.is_false(ok)
+    assert.matches("no worker is left and none can be started: worker 1 died during initialization 1 time; "
+      .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout", err)
+    local got = outcomes(p)
+    assert.are.equal(2, got[1])
+    assert.are.equal(4, got[2])
+  end)
+
+  it("is checked like the other options", function()
+    for _, bad in ipairs({ 0, -1, "1", 0 / 0 }) do
+      local ok, err = pcall(Parallelize, function() end, { init_timeout = bad })
+      assert.is_false(ok)
+      assert.matches("init_timeout", err)
+    end
+  end)
+end)
+
 describe("cancel", function()
   it("drops a call not started at once, ends a running one, and leaves a finished one", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })

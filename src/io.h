@@ -92,6 +92,7 @@ typedef struct pz_slot {
     int64_t respawn_at;  /* SLOT_IDLE: when to start again */
     int64_t eof_at;      /* saw end of file while the process still ran */
     int kill_sent;       /* SIGKILL asked for (end of file, rejection) */
+    int64_t init_deadline; /* SLOT_STARTING: when init_timeout ends it; 0: never */
     int64_t kill_at;     /* a launcher sent SIGTERM while starting: when
                           * SIGKILL follows (slot.c, pz_slot_stop) */
     int pending_sig;     /* to send once the spawner has told us the pid */

@@ -189,6 +189,7 @@ static int l_pool_new(lua_State *L)
     /* Rounded, not truncated: 1.001 * 1e3 is 1000.9999999999999. */
     double timeout = round(opt_number(L, "timeout") * 1e3);
     o.timeout_ms = timeout <= 0 ? 0 : timeout >= PZ_NO_TIMEOUT ? PZ_NO_TIMEOUT - 1 : timeout < 1 ? 1 : (uint32_t)timeout;
+    o.init_timeout_ns = (int64_t)llround(opt_number(L, "init_timeout") * 1e9);
     o.retries = (int)opt_number(L, "retries");
     o.max_calls = (uint64_t)opt_number(L, "max_calls");
     o.fail_fast = opt_bool(L, "fail_fast");

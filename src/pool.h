@@ -72,6 +72,8 @@ typedef struct pz_options {
     int64_t spin_ns;          /* waits poll this long before sleeping (spin.h) */
     int kill_leftovers;       /* kill what a worker leaves running (spawner.h) */
     uint32_t timeout_ms;      /* a call running longer is ended; 0: none */
+    int64_t init_timeout_ns;  /* a worker not initialized this long after it
+                               * was started is ended; 0: none */
     int retries;              /* a call whose executor raised runs again, this often */
     uint64_t max_calls;       /* a worker is replaced after this many calls; 0: never */
     int fail_fast;            /* the first failure stops dispatching */

@@ -151,6 +151,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->exited = 0;
     w->kill_sent = 0;
     w->kill_at = 0;
+    w->init_deadline = io->p->opt.init_timeout_ns ? pz_now_ns() + io->p->opt.init_timeout_ns : 0;
     w->eof_at = 0;
     w->why[0] = 0;
     w->state = SLOT_STARTING;
@@ -167,6 +168,23 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     pz_slot_watch(io, w, EPOLL_CTL_ADD);
     pz_spawnq_spawn(io, w, sv[1]);
     pz_slot_flush(io, w);
+}
+
+/* Ends a worker that is still starting (stop, init_timeout).  A launcher
+ * may still be waiting for the place it launches on (srun queued for an
+ * allocation), a request that outlives it: SIGTERM lets it withdraw the
+ * request (srun cancels its pending job), where SIGKILL would leave the
+ * job in Slurm's queue for good.  SIGKILL follows kill_grace later
+ * (pz_slot_timers).  A local worker holds nothing: SIGKILL at once. */
+static void end_starting(struct pz_io *io, pz_slot *w)
+{
+    if (w->remote) {
+        pz_spawnq_kill(io, w, SIGTERM);
+        w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
+    } else if (!w->kill_sent) {
+        w->kill_sent = 1;
+        pz_spawnq_kill(io, w, SIGKILL);
+    }
 }
 
 /* The parent kills a worker that broke the protocol; it is then handled
@@ -688,19 +706,9 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
         w->state = SLOT_STOPPING;
         return;
     case SLOT_STARTING:
-        /* It holds no call: nothing to finish.  A launcher may still be
-         * waiting for the place it launches on (srun queued for an
-         * allocation), a request that outlives it: SIGTERM lets it
-         * withdraw the request (srun cancels its pending job), SIGKILL
-         * would leave the job in Slurm's queue for good.  SIGKILL follows
-         * kill_grace later (pz_slot_timers). */
+        /* It holds no call: nothing to finish. */
         w->state = SLOT_STOPPING;
-        if (w->remote) {
-            pz_spawnq_kill(io, w, SIGTERM);
-            w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
-        } else {
-            pz_spawnq_kill(io, w, SIGKILL);
-        }
+        end_starting(io, w);
         return;
     case SLOT_IDLE:
     case SLOT_SPARE:
@@ -716,6 +724,20 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
 {
 #define CONSIDER(t) \
     if ((t) > 0 && (*next == 0 || (t) < *next)) *next = (t)
+    /* init_timeout: a start that hangs (a Deferred constructor that never
+     * returns, a launcher that never connects) ends like a death during
+     * initialization: started again after a back-off, given up after
+     * init_attempts. */
+    if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
+        if (now >= w->init_deadline) {
+            snprintf(w->why, sizeof w->why,
+                     "was ended by the pool: it had not initialized within init_timeout (%.3g s)",
+                     (double)io->p->opt.init_timeout_ns / 1e9);
+            end_starting(io, w);
+        } else {
+            CONSIDER(w->init_deadline);
+        }
+    }
     if (w->state == SLOT_IDLE && !io->stopping && !io->spawner_gone && !io->fatal) {
         if (now >= w->respawn_at)
             pz_slot_start(io, w);

@@ -47,6 +47,7 @@ local OPTIONS = {
   keep_results = { true, "boolean" },
   workers = { nil, "integer", 1, 100000 },
   timeout = { nil, "number", 0.001, 4e6 },
+  init_timeout = { nil, "number", 0.001, 4e6 },
   retries = { 0, "integer", 0, 255 },
   max_calls = { nil, "integer", 1, 2 ^ 53 },
   fail_fast = { false, "boolean" },
