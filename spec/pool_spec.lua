@@ -324,6 +324,7 @@ describe("Parallelize", function()
     assert.is_true(p.stopped)
     assert.has_error(function() p(1) end, "the pool is stopped")
     assert.has_error(function() p:wait() end, "wait: the pool is stopped")
+    assert.has_error(function() p:submit({ timeout = 1 }, 1) end, "submit: the pool is stopped")
   end)
 
   it("calls the executor's close method on a graceful stop", function()

@@ -987,7 +987,7 @@ function methods.submit(p, opts, ...)
   elseif t ~= nil then
     options.check_value("submit", "timeout", t, 2)
   end
-  if pool_stopped(p) then error("the pool is stopped", 2) end
+  if pool_stopped(p) then error("submit: the pool is stopped", 2) end
   return pool_submit(p, 0, t, ...)
 end
 
