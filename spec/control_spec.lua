@@ -176,6 +176,17 @@ describe("init_timeout", function()
     assert.are.equal(4, got[2])
   end)
 
+  it("says its limit as it was given, to the millisecond", function()
+    for given, said in pairs({ [0.0505] = "0.051", [1.25] = "1.25" }) do
+      local p = Parallelize({ Deferred(function() while true do end end) },
+        { init_timeout = given, init_attempts = 1 })
+      assert.are.equal(0, #p.executors) -- waits until the slot is given up
+      local message = p.init_errors[1].message
+      p:stop()
+      assert.matches("within init_timeout %(" .. said:gsub("%.", "%%.") .. " s%)$", message)
+    end
+  end)
+
   it("is checked like the other options", function()
     for _, bad in ipairs({ 0, -1, "1", 0 / 0 }) do
       local ok, err = pcall(Parallelize, function() end, { init_timeout = bad })

@@ -431,8 +431,11 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
             char msg[160];
             int64_t limit = pz_slot_timeout_ns(io, fr);
             if (w->doomed_kind == PZ_ERR_TIMEOUT)
-                snprintf(msg, sizeof msg, "call %" PRIu64 " timed out after %g s", w->doomed,
-                         (double)limit / 1e9);
+            {
+                char secs[32];
+                pz_format_seconds(limit, secs, sizeof secs);
+                snprintf(msg, sizeof msg, "call %" PRIu64 " timed out after %s s", w->doomed, secs);
+            }
             else
                 snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", w->doomed);
             if (pz_slot_record_error(io, fr, msg, w->doomed_kind) == 0)
@@ -730,9 +733,10 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
      * init_attempts. */
     if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
         if (now >= w->init_deadline) {
+            char secs[32];
+            pz_format_seconds(io->p->opt.init_timeout_ns, secs, sizeof secs);
             snprintf(w->why, sizeof w->why,
-                     "was ended by the pool: it had not initialized within init_timeout (%.3g s)",
-                     (double)io->p->opt.init_timeout_ns / 1e9);
+                     "was ended by the pool: it had not initialized within init_timeout (%s s)", secs);
             end_starting(io, w);
         } else {
             CONSIDER(w->init_deadline);

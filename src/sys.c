@@ -151,3 +151,15 @@ int pz_occupy_closed_std_fds(void)
     }
     return 0;
 }
+
+void pz_format_seconds(int64_t ns, char *buf, size_t len)
+{
+    int64_t ms = ns < 0 ? 0 : (ns + 500000) / 1000000;
+    int n = snprintf(buf, len, "%lld.%03d", (long long)(ms / 1000), (int)(ms % 1000));
+    if (n < 0 || (size_t)n >= len)
+        return;
+    while (n > 0 && buf[n - 1] == '0')
+        buf[--n] = 0;
+    if (n > 0 && buf[n - 1] == '.')
+        buf[--n] = 0;
+}

@@ -48,4 +48,9 @@ int pz_occupy_closed_std_fds(void);
 /* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
 void pz_describe_status(int status, char *buf, size_t len);
 
+/* Writes ns as seconds the way a user gives them in options: to the
+ * millisecond, without an exponent or trailing zeros ("0.3", "1.001",
+ * "2000000"). */
+void pz_format_seconds(int64_t ns, char *buf, size_t len);
+
 #endif
