@@ -94,7 +94,7 @@ typedef struct pz_slot {
     int kill_sent;       /* SIGKILL asked for (end of file, rejection) */
     int64_t init_deadline; /* SLOT_STARTING: when init_timeout ends it; 0: never */
     int64_t kill_at;     /* a launcher sent SIGTERM while starting: when
-                          * SIGKILL follows (slot.c, pz_slot_stop) */
+                          * SIGKILL follows (slot.c, end_starting) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
     char why[200];       /* set when the parent killed it: the reason */

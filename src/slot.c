@@ -428,16 +428,13 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         /* A call cancelled after it was sent has its record already: it
          * goes back to the queue, which drops it (and releases it). */
         if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
-            char msg[160];
-            int64_t limit = pz_slot_timeout_ns(io, fr);
-            if (w->doomed_kind == PZ_ERR_TIMEOUT)
-            {
-                char secs[32];
-                pz_format_seconds(limit, secs, sizeof secs);
+            char msg[160], secs[32];
+            if (w->doomed_kind == PZ_ERR_TIMEOUT) {
+                pz_format_seconds(pz_slot_timeout_ns(io, fr), secs, sizeof secs);
                 snprintf(msg, sizeof msg, "call %" PRIu64 " timed out after %s s", w->doomed, secs);
-            }
-            else
+            } else {
                 snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", w->doomed);
+            }
             if (pz_slot_record_error(io, fr, msg, w->doomed_kind) == 0)
                 drop = w->doomed;
         }
