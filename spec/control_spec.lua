@@ -176,6 +176,43 @@ describe("init_timeout", function()
     assert.are.equal(4, got[2])
   end)
 
+  -- The launcher gets SIGTERM at the deadline and SIGKILL kill_grace
+  -- later: a worker that says it initialized in between was taken as
+  -- ready, given calls whose answers were never read (its reading had
+  -- stopped), killed at the end of kill_grace and started again with its
+  -- init_attempts reset: the calls waited for ever.
+  it("does not take as ready a worker that initializes after the deadline, while its launcher "
+      .. "outlives SIGTERM", function()
+    local launched = support.tmpdir()
+    finally(function() support.rmdir(launched) end)
+    local p = Parallelize({ function(x) return x end }, {
+      init_timeout = 0.3, init_attempts = 2, kill_grace = 3,
+      launcher = function()
+        return { "sh", "-c", "echo $$ >> " .. launched .. "/pids; trap '' TERM; sleep 0.8; exec "
+          .. support.quote(support.pzlua()) .. " --worker" }
+      end,
+    })
+    finally(function() p:stop(0) end)
+    for i = 1, 3 do p(i) end
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 30)
+    local took = core.now() - t0
+    assert.is_false(ok, "wait returned " .. tostring(err) .. " after " .. took .. " s")
+    assert.matches("no worker is left and none can be started: worker 1 died during initialization 2 times; "
+      .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(0%.3 s%)$",
+      err)
+    assert.are.equal(0, #p.executors)
+    assert.are.equal(0, #p.results + #p.errors)
+    assert.are.equal(3, #p:stop(0))
+    local pids = {}
+    for pid in support.read(launched .. "/pids"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+    assert.are.equal(2, #pids)
+    for _, pid in ipairs(pids) do
+      assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
+        "a launcher is still there: " .. pid)
+    end
+  end)
+
   it("is checked like the other options", function()
     for _, bad in ipairs({ 0, -1, "1", 0 / 0 }) do
       local ok, err = pcall(Parallelize, function() end, { init_timeout = bad })
