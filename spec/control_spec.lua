@@ -176,6 +176,16 @@ describe("init_timeout", function()
     assert.are.equal(4, got[2])
   end)
 
+  -- It was written with 3 significant digits: 0.1234 read "0.123 s", and
+  -- 1234.5 "1.23e+03 s".
+  it("says the init_timeout it was given", function()
+    local p = Parallelize({ Deferred(function() while true do end end) }, { init_timeout = 0.1234, init_attempts = 1 })
+    finally(function() p:stop(0) end)
+    assert.are.equal(0, #p.executors)
+    assert.matches("^worker 1 died during initialization 1 time; the last time, pid %d+ was ended by the pool: it "
+      .. "had not initialized within init_timeout %(0%.1234 s%)$", p.init_errors[1].message)
+  end)
+
   -- The launcher gets SIGTERM at the deadline and SIGKILL kill_grace
   -- later: a worker that says it initialized in between was taken as
   -- ready, given calls whose answers were never read (its reading had

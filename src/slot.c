@@ -730,8 +730,9 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
      * init_attempts. */
     if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
         if (now >= w->init_deadline) {
+            /* As given: %g would read 0.1234 as 0.123, 4e6 as 4e+06. */
             snprintf(w->why, sizeof w->why,
-                     "was ended by the pool: it had not initialized within init_timeout (%.3g s)",
+                     "was ended by the pool: it had not initialized within init_timeout (%.14g s)",
                      (double)io->p->opt.init_timeout_ns / 1e9);
             end_starting(io, w);
         } else {
