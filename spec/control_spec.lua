@@ -223,6 +223,29 @@ describe("init_timeout", function()
     end
   end)
 
+  -- stop() sent the launcher SIGTERM again and counted its kill_grace
+  -- anew: a stop near the end of the grace waited nearly a second one.
+  it("keeps the SIGKILL of a launcher it has sent SIGTERM when stop comes during the grace", function()
+    local launched = support.tmpdir()
+    finally(function() support.rmdir(launched) end)
+    local p = Parallelize({ function(x) return x end }, {
+      init_timeout = 0.2, kill_grace = 4,
+      launcher = function()
+        return { "sh", "-c", "echo $$ > " .. launched .. "/pid; trap '' TERM; while :; do sleep 0.1; done" }
+      end,
+    })
+    finally(function() p:stop(0) end)
+    p(1)
+    core.sleep(3.5) -- SIGTERM at 0.2 s, SIGKILL due at 4.2 s
+    local t0 = core.now()
+    assert.are.equal(1, #p:stop())
+    local took = core.now() - t0
+    assert.is_true(took < 3, "stop took " .. took .. " s")
+    local pid = tonumber(support.read(launched .. "/pid"))
+    assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
+      "the launcher is still there: " .. pid)
+  end)
+
   it("is checked like the other options", function()
     for _, bad in ipairs({ 0, -1, "1", 0 / 0 }) do
       local ok, err = pcall(Parallelize, function() end, { init_timeout = bad })

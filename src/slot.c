@@ -179,6 +179,10 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
 static void end_starting(struct pz_io *io, pz_slot *w)
 {
     if (w->remote) {
+        /* Once only: stop() after init_timeout would otherwise start the
+         * grace again, and SIGKILL come up to twice kill_grace late. */
+        if (w->kill_at || w->kill_sent)
+            return;
         pz_spawnq_kill(io, w, SIGTERM);
         w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
     } else if (!w->kill_sent) {
