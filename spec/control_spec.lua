@@ -176,15 +176,74 @@ describe("init_timeout", function()
     assert.are.equal(4, got[2])
   end)
 
-  it("says its limit as it was given, to the millisecond", function()
-    for given, said in pairs({ [0.0505] = "0.051", [1.25] = "1.25" }) do
-      local p = Parallelize({ Deferred(function() while true do end end) },
-        { init_timeout = given, init_attempts = 1 })
-      assert.are.equal(0, #p.executors) -- waits until the slot is given up
-      local message = p.init_errors[1].message
-      p:stop()
-      assert.matches("within init_timeout %(" .. said:gsub("%.", "%%.") .. " s%)$", message)
+  -- It was written with 3 significant digits: 0.1234 read "0.123 s", and
+  -- 1234.5 "1.23e+03 s".
+  it("says the init_timeout it was given", function()
+    local p = Parallelize({ Deferred(function() while true do end end) }, { init_timeout = 0.1234, init_attempts = 1 })
+    finally(function() p:stop(0) end)
+    assert.are.equal(0, #p.executors)
+    assert.matches("^worker 1 died during initialization 1 time; the last time, pid %d+ was ended by the pool: it "
+      .. "had not initialized within init_timeout %(0%.1234 s%)$", p.init_errors[1].message)
+  end)
+
+  -- The launcher gets SIGTERM at the deadline and SIGKILL kill_grace
+  -- later: a worker that says it initialized in between was taken as
+  -- ready, given calls whose answers were never read (its reading had
+  -- stopped), killed at the end of kill_grace and started again with its
+  -- init_attempts reset: the calls waited for ever.
+  it("does not take as ready a worker that initializes after the deadline, while its launcher "
+      .. "outlives SIGTERM", function()
+    local launched = support.tmpdir()
+    finally(function() support.rmdir(launched) end)
+    local p = Parallelize({ function(x) return x end }, {
+      init_timeout = 0.3, init_attempts = 2, kill_grace = 3,
+      launcher = function()
+        return { "sh", "-c", "echo $$ >> " .. launched .. "/pids; trap '' TERM; sleep 0.8; exec "
+          .. support.quote(support.pzlua()) .. " --worker" }
+      end,
+    })
+    finally(function() p:stop(0) end)
+    for i = 1, 3 do p(i) end
+    local t0 = core.now()
+    local ok, err = pcall(p.wait, p, 30)
+    local took = core.now() - t0
+    assert.is_false(ok, "wait returned " .. tostring(err) .. " after " .. took .. " s")
+    assert.matches("no worker is left and none can be started: worker 1 died during initialization 2 times; "
+      .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(0%.3 s%)$",
+      err)
+    assert.are.equal(0, #p.executors)
+    assert.are.equal(0, #p.results + #p.errors)
+    assert.are.equal(3, #p:stop(0))
+    local pids = {}
+    for pid in support.read(launched .. "/pids"):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+    assert.are.equal(2, #pids)
+    for _, pid in ipairs(pids) do
+      assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
+        "a launcher is still there: " .. pid)
     end
+  end)
+
+  -- stop() sent the launcher SIGTERM again and counted its kill_grace
+  -- anew: a stop near the end of the grace waited nearly a second one.
+  it("keeps the SIGKILL of a launcher it has sent SIGTERM when stop comes during the grace", function()
+    local launched = support.tmpdir()
+    finally(function() support.rmdir(launched) end)
+    local p = Parallelize({ function(x) return x end }, {
+      init_timeout = 0.2, kill_grace = 4,
+      launcher = function()
+        return { "sh", "-c", "echo $$ > " .. launched .. "/pid; trap '' TERM; while :; do sleep 0.1; done" }
+      end,
+    })
+    finally(function() p:stop(0) end)
+    p(1)
+    core.sleep(3.5) -- SIGTERM at 0.2 s, SIGKILL due at 4.2 s
+    local t0 = core.now()
+    assert.are.equal(1, #p:stop())
+    local took = core.now() - t0
+    assert.is_true(took < 3, "stop took " .. took .. " s")
+    local pid = tonumber(support.read(launched .. "/pid"))
+    assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
+      "the launcher is still there: " .. pid)
   end)
 
   it("is checked like the other options", function()

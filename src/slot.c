@@ -179,6 +179,10 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
 static void end_starting(struct pz_io *io, pz_slot *w)
 {
     if (w->remote) {
+        /* Once only: stop() after init_timeout would otherwise start the
+         * grace again, and SIGKILL come up to twice kill_grace late. */
+        if (w->kill_at || w->kill_sent)
+            return;
         pz_spawnq_kill(io, w, SIGTERM);
         w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
     } else if (!w->kill_sent) {
@@ -730,10 +734,10 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
      * init_attempts. */
     if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
         if (now >= w->init_deadline) {
-            char secs[32];
-            pz_format_seconds(io->p->opt.init_timeout_ns, secs, sizeof secs);
+            /* As given: %g would read 0.1234 as 0.123, 4e6 as 4e+06. */
             snprintf(w->why, sizeof w->why,
-                     "was ended by the pool: it had not initialized within init_timeout (%s s)", secs);
+                     "was ended by the pool: it had not initialized within init_timeout (%.14g s)",
+                     (double)io->p->opt.init_timeout_ns / 1e9);
             end_starting(io, w);
         } else {
             CONSIDER(w->init_deadline);
