@@ -11,6 +11,7 @@
  * (records, see frame.h).
  */
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -358,12 +359,18 @@ static void on_event(struct pz_io *io, const struct epoll_event *ev)
         pz_slot_read(io, w);
 }
 
-/* Milliseconds epoll_wait may sleep until `deadline` (0: none). */
+/* Milliseconds epoll_wait may sleep until `deadline` (0: none).  A
+ * deadline more than INT_MAX ms (24.8 days) away (a timeout of 4e6 s)
+ * sleeps INT_MAX ms and looks again: converted as it is, it would wrap to
+ * a negative wait, which epoll_wait takes as no limit. */
 static int timeout_ms(int64_t deadline, int64_t now)
 {
     if (deadline == 0)
         return -1;
-    return deadline <= now ? 0 : (int)((deadline - now + 999999) / 1000000);
+    if (deadline <= now)
+        return 0;
+    int64_t ms = (deadline - now + 999999) / 1000000;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
 void *pz_io_main(void *arg)
