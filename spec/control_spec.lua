@@ -129,7 +129,7 @@ describe("init_timeout", function()
   it("ends a worker whose constructor never returns, tries again, gives it up; the other worker runs "
       .. "every call", function()
     local p = Parallelize({ Deferred(function() while true do end end), function(x) return x + 1 end },
-      { init_timeout = 0.3, init_attempts = 2 })
+      { init_timeout = 1, init_attempts = 2 })
     finally(function() p:stop() end)
     for i = 1, 20 do p(i) end
     assert.is_true(p:wait(30))
@@ -141,7 +141,7 @@ describe("init_timeout", function()
     local e = p.init_errors[1]
     assert.are.equal(1, e.worker)
     assert.matches("^worker 1 died during initialization 2 times; the last time, pid %d+ was ended by "
-      .. "the pool: it had not initialized within init_timeout %(0%.3 s%)$", e.message)
+      .. "the pool: it had not initialized within init_timeout %(1 s%)$", e.message)
     -- two attempts of 0.3 s and a back-off: far less than a hanging start
     assert.is_true(waited < 20, "p.executors took " .. waited .. " s")
     local pid = last_pid(e.message)
@@ -164,7 +164,7 @@ describe("init_timeout", function()
       f = assert(io.open(path, "w"))
       f:close()
       return function(x) return x * 2 end
-    end, marker) }, { init_timeout = 0.3, init_attempts = 1, max_calls = 2 })
+    end, marker) }, { init_timeout = 1, init_attempts = 1, max_calls = 2 })
     finally(function() p:stop(0) end)
     for i = 1, 4 do p(i) end
     local ok, err = pcall(p.wait, p, 30)
@@ -208,6 +208,9 @@ describe("init_timeout", function()
     local ok, err = pcall(p.wait, p, 30)
     local took = core.now() - t0
     assert.is_false(ok, "wait returned " .. tostring(err) .. " after " .. took .. " s")
+    -- each launcher ends as its worker starts (about 0.8 s), not at its
+    -- SIGKILL 3 s after the deadline: its input was closed
+    assert.is_true(took < 5, "wait took " .. took .. " s")
     assert.matches("no worker is left and none can be started: worker 1 died during initialization 2 times; "
       .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(0%.3 s%)$",
       err)
@@ -221,6 +224,29 @@ describe("init_timeout", function()
       assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
         "a launcher is still there: " .. pid)
     end
+  end)
+
+  -- Its socket stayed open after the deadline: what a launcher that
+  -- outlives its SIGTERM wrote then was read and kept, all of it, until
+  -- its SIGKILL (a banner, a flood).
+  it("reads nothing more from a worker once its deadline has passed", function()
+    local function rss_kib()
+      return tonumber(support.read("/proc/self/status"):match("VmRSS:%s*(%d+)"))
+    end
+    local p = Parallelize({ function(x) return x end }, {
+      init_timeout = 0.2, init_attempts = 1, kill_grace = 5,
+      launcher = function()
+        return { "sh", "-c", "trap '' TERM; sleep 0.5; head -c 100000000 /dev/zero; sleep 10" }
+      end,
+    })
+    finally(function() p:stop(0) end)
+    local before = rss_kib()
+    -- the launcher writes 0.3 s after the deadline, and lives until its
+    -- SIGKILL, 5 s after it: what was read would be held until then
+    core.sleep(2)
+    local grown = rss_kib() - before
+    assert.is_true(grown < 30 * 1024, "the parent grew by " .. grown .. " KiB")
+    assert.are.equal(0, #p.executors)
   end)
 
   -- stop() sent the launcher SIGTERM again and counted its kill_grace

@@ -862,14 +862,14 @@ describe("remote workers on real servers #nosan", function()
       local q = fixture("slurm", defer)
       local program = { "env", "SLURM_CONF=" .. q.conf, "srun" }
       local queued = parallelize.srun { "--begin=now+3600", "--quiet", command = PZLUA, program = program }
-      local p = Parallelize({ function(x) return x end }, { launcher = queued, init_timeout = 2, init_attempts = 1 })
+      local p = Parallelize({ function(x) return x end }, { launcher = queued, init_timeout = 8, init_attempts = 1 })
       defer(function() p:stop(0) end)
       p(1)
       assert.is_truthy(support.eventually(function() return #q:jobs() == 1 end, 10), "the job was not queued")
       local ok, err = pcall(p.wait, p, 30)
       assert.is_false(ok)
       assert.matches("no worker is left and none can be started: worker 1 died during initialization 1 time; "
-        .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(2 s%)", err)
+        .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(8 s%)", err)
       assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 5),
         "init_timeout left the job in the queue: " .. table.concat(q:jobs(), " "))
     end)

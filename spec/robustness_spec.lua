@@ -336,6 +336,29 @@ describe("initialization that keeps failing", function()
 end)
 
 describe("found in review", function()
+  -- The decoder once checked the stack as it entered the first table of
+  -- a value, for more room than a tuple's count leaves: the last table of
+  -- the longest tuples the encoder takes could not be decoded.
+  it("decodes a call of as many arguments as p(...) takes, the last a table", function()
+    local p = Parallelize(function(...) return select("#", ...), select(select("#", ...), ...)[1] end,
+      { workers = 1 })
+    finally(function() p:stop() end)
+    local n, id = 7990, nil -- (unpack stops at 7999)
+    local args = {}
+    repeat
+      n = n - 1
+      for i = 1, n - 1 do args[i] = i end
+      args[n] = { "last" }
+      local ok, got = pcall(p, unpack(args, 1, n))
+      if ok then id = got else assert.matches("stack overflow", got) end
+    until id or n < 7000
+    assert(id, "no tuple of 7000 to 7990 arguments could be queued")
+    local ok, count, last = p:result(id)
+    assert.is_true(ok, type(count) == "table" and count.message or nil)
+    assert.are.equal(n, count)
+    assert.are.equal("last", last)
+  end)
+
   it("stop(0) ends workers still starting, whose pid the spawner has not told yet", function()
     local p = Parallelize({ Deferred(function() while true do end end) }, { kill_grace = 0 })
     local t0 = core.now()

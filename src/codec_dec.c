@@ -204,12 +204,15 @@ static int dec_ref_number(dec *d)
     return (int)r;
 }
 
-/* Free stack slots made sure of every ENTER_EVERY levels (and by every
- * function): a level keeps at most 3 slots taken below the next one (a
- * table, a key and the value being decoded; a function, a global's name
- * and its value), and needs 8 for its own work, so ENTER_SLOTS covers the
- * levels up to the next check.  lua_checkstack on every table cost the
- * decode of a small record a few percent. */
+/* Free stack slots made sure of on entering levels 1, 1 + ENTER_EVERY,
+ * ... (and by every function): a level keeps at most 3 slots taken below
+ * the next one (a table and a key; a function and a global's name), and
+ * needs 8 for its own work, so ENTER_SLOTS covers the levels up to the
+ * next check.  Level 0 (a value of the tuple or the value decoded) has the
+ * 8 slots its caller made sure of (dec_start, dec_tuple_count): checking
+ * it too would take more room than the tuple's count left, and refuse the
+ * last table of a tuple near the stack's limit.  lua_checkstack on every
+ * table cost the decode of a small record a few percent. */
 #define ENTER_EVERY 4
 #define ENTER_SLOTS (3 * (ENTER_EVERY - 1) + 8)
 
@@ -219,7 +222,7 @@ static inline void dec_enter(dec *d, const uint8_t *at, int always)
 {
     if (d->depth >= PZ_MAX_DEPTH)
         dec_fail(d, at, "nesting deeper than %d levels", PZ_MAX_DEPTH);
-    if ((always || d->depth % ENTER_EVERY == 0) && !lua_checkstack(d->L, ENTER_SLOTS))
+    if ((always || d->depth % ENTER_EVERY == 1) && !lua_checkstack(d->L, ENTER_SLOTS))
         dec_fail(d, at, "stack overflow");
     d->depth++;
 }

@@ -170,6 +170,15 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     pz_slot_flush(io, w);
 }
 
+/* Sends w SIGKILL unless it was sent already. */
+static void kill_once(struct pz_io *io, pz_slot *w)
+{
+    if (!w->kill_sent) {
+        w->kill_sent = 1;
+        pz_spawnq_kill(io, w, SIGKILL);
+    }
+}
+
 /* Ends a worker that is still starting (stop, init_timeout).  A launcher
  * may still be waiting for the place it launches on (srun queued for an
  * allocation), a request that outlives it: SIGTERM lets it withdraw the
@@ -185,9 +194,8 @@ static void end_starting(struct pz_io *io, pz_slot *w)
             return;
         pz_spawnq_kill(io, w, SIGTERM);
         w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
-    } else if (!w->kill_sent) {
-        w->kill_sent = 1;
-        pz_spawnq_kill(io, w, SIGKILL);
+    } else {
+        kill_once(io, w);
     }
 }
 
@@ -199,10 +207,7 @@ void pz_slot_reject(struct pz_io *io, pz_slot *w, const char *why)
         return;
     snprintf(w->why, sizeof w->why, "was killed after it sent a malformed frame (%s)", why);
     pz_slot_close_fd(io, w);
-    if (!w->kill_sent) {
-        w->kill_sent = 1;
-        pz_spawnq_kill(io, w, SIGKILL);
-    }
+    kill_once(io, w);
 }
 
 /* The call a remote worker was running when its launcher ended with wait
@@ -269,10 +274,7 @@ static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
     w->doomed = id;
     w->doomed_kind = kind;
     w->doom_killed = 1;
-    if (!w->kill_sent) {
-        w->kill_sent = 1;
-        pz_spawnq_kill(io, w, SIGKILL);
-    }
+    kill_once(io, w);
 }
 
 /* The frame of call id among those w has sent and not had answered, or NULL. */
@@ -728,44 +730,42 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
 {
 #define CONSIDER(t) \
     if ((t) > 0 && (*next == 0 || (t) < *next)) *next = (t)
-    /* init_timeout: a start that hangs (a Deferred constructor that never
-     * returns, a launcher that never connects) ends like a death during
-     * initialization: started again after a back-off, given up after
-     * init_attempts. */
-    if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
-        if (now >= w->init_deadline) {
-            /* As given: %g would read 0.1234 as 0.123, 4e6 as 4e+06. */
-            snprintf(w->why, sizeof w->why,
-                     "was ended by the pool: it had not initialized within init_timeout (%.14g s)",
-                     (double)io->p->opt.init_timeout_ns / 1e9);
-            end_starting(io, w);
-        } else {
-            CONSIDER(w->init_deadline);
-        }
-    }
     if (w->state == SLOT_IDLE && !io->stopping && !io->spawner_gone && !io->fatal) {
         if (now >= w->respawn_at)
             pz_slot_start(io, w);
         if (w->state == SLOT_IDLE) /* not started, or failed to: later */
             CONSIDER(w->respawn_at);
     }
-    if (w->eof_at && w->alive && !w->exited) {
-        if (now - w->eof_at >= EOF_GRACE_NS) {
-            if (!w->kill_sent) {
-                w->kill_sent = 1;
-                pz_spawnq_kill(io, w, SIGKILL);
-            }
+    /* init_timeout: a start that hangs (a Deferred constructor that never
+     * returns, a launcher that never connects) ends like a death during
+     * initialization: started again after a back-off, given up after
+     * init_attempts.  After the start above, whose deadline it counts.
+     * Its socket is closed at once: nothing it sends is read any more
+     * (bytes after the deadline would pile up until the kill lands), and
+     * a worker behind a launcher sees the end of its input and exits. */
+    if (w->state == SLOT_STARTING && w->init_deadline && w->alive && !w->exited && !w->why[0]) {
+        if (now >= w->init_deadline) {
+            /* As given: %g would read 0.1234 as 0.123, 4e6 as 4e+06. */
+            snprintf(w->why, sizeof w->why,
+                     "was ended by the pool: it had not initialized within init_timeout (%.14g s)",
+                     (double)io->p->opt.init_timeout_ns / 1e9);
+            pz_slot_close_fd(io, w);
+            end_starting(io, w);
         } else {
+            CONSIDER(w->init_deadline);
+        }
+    }
+    if (w->eof_at && w->alive && !w->exited) {
+        if (now - w->eof_at >= EOF_GRACE_NS)
+            kill_once(io, w);
+        else {
             CONSIDER(w->eof_at + EOF_GRACE_NS);
         }
     }
     if (w->kill_at && w->alive && !w->exited) {
         if (now >= w->kill_at) {
             w->kill_at = 0;
-            if (!w->kill_sent) {
-                w->kill_sent = 1;
-                pz_spawnq_kill(io, w, SIGKILL);
-            }
+            kill_once(io, w);
         } else {
             CONSIDER(w->kill_at);
         }

@@ -9,11 +9,11 @@
 --
 --     successes failures errors pendings
 --
--- and to COUNTS_FILE.failed one line per failed or errored test.
---
 -- then one line per pending (skipped) test: its full name, and after a
 -- tab the reason it gave, if any, without busted's "file:line: " prefix
--- (newlines and tabs in either become spaces).
+-- (newlines and tabs in either become spaces).  COUNTS_FILE.failed gets
+-- one line per failed or errored test: its name and the first line of
+-- its message.
 --
 -- The counts go to a file of their own rather than to stdout, so that
 -- whatever the specs or the processes they start print cannot garble them.

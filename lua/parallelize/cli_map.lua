@@ -190,7 +190,7 @@ function Run:error(e, i)
   local v = e.value
   local status, message, pid, start, seconds = "error", tostring(e.message)
   if e.kind == "timeout" then
-    status, message, seconds = "timeout", format("timed out after %g s", self.timeout), self.timeout
+    status, message, seconds = "timeout", format("timed out after %.14g s", self.timeout), self.timeout
   elseif e.kind == "killer" then
     status = "crashed"
   elseif type(v) == "table" and v.message ~= nil then
