@@ -196,12 +196,17 @@ describe("cancel", function()
   it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()
     -- The kill of a cancelled call goes through the spawner: stopped
     -- (SIGSTOP), it lets the call raise first, and the worker start the
-    -- next call before the kill lands.
+    -- next call before the kill lands. Each call says when it runs (a
+    -- call its worker holds may not have started: cancelled then, it has
+    -- its record at once, and never raises).
     local dir = support.tmpdir()
     local p = Parallelize(function(x, d)
       local P = require("parallelize")
-      if x == "next" then P.sleep(0.5) return x end
-      while not io.open(d .. "/raise", "r") do P.sleep(0.005) end
+      local f = assert(io.open(d .. "/" .. x .. ".runs", "w"))
+      f:close()
+      local until_file = x == "next" and "/go" or "/raise"
+      while not io.open(d .. until_file, "r") do P.sleep(0.005) end
+      if x == "next" then return x end
       error("raised as it was cancelled", 0)
     end, { workers = 1, retries = 1, max_deaths = 1, quiet = true })
     local _ = p.executors
@@ -211,9 +216,12 @@ describe("cancel", function()
       p:stop(0)
       support.rmdir(dir)
     end)
+    local function runs(x)
+      return support.eventually(function() return support.read(dir .. "/" .. x .. ".runs") end, 10)
+    end
     local cancelled = p("wait", dir)
-    local next = p("next")
-    assert.is_true(support.eventually(function() return p:stats().running == 1 end))
+    local next = p("next", dir)
+    assert.is_truthy(runs("wait"), "the first call never started")
     assert.is_true(support.kill(spawner, 19)) -- SIGSTOP
     assert.is_true(p:cancel(cancelled))
     support.write(dir .. "/raise", "")
@@ -221,8 +229,11 @@ describe("cancel", function()
     assert.is_false(ok)
     assert.are.equal("raised", err.kind)
     assert.are.equal(1, #err.attempts)
-    assert.is_true(support.eventually(function() return p:stats().running == 1 end)) -- the next call
+    assert.is_truthy(runs("next"), "the next call never started")
     assert.is_true(support.kill(spawner, 18))
+    -- the kill lands while the next call runs; that call then runs again
+    assert.is_true(support.eventually(function() return p:stats().deaths == 1 end, 10), "no kill landed")
+    support.write(dir .. "/go", "")
     assert.are.same({ true, "next" }, { p:result(next, 10) })
     local s = p:stats()
     assert.are.equal(0, s.retries)
