@@ -164,21 +164,31 @@ describe("cancel", function()
 
   it("ends a call cancelled in its worker's queue when it starts, once, and the calls behind it run", function()
     -- A worker of short calls holds several (window): the second of these
-    -- waits in the worker behind the first when it is cancelled.
-    local p = Parallelize(function(s)
+    -- waits in the worker behind the first when it is cancelled. The
+    -- first runs until the test opens its gate, after the cancel: the
+    -- second cannot have started by then, however late the cancel comes.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(s, gate)
+      local P = require("parallelize")
+      while gate and not io.open(gate, "r") do P.sleep(0.005) end
       if s == "die" then os.exit(7) end
-      require("parallelize").sleep(s)
+      P.sleep(s)
       return s
     end, { workers = 1, window = 10, max_deaths = 1, quiet = true })
-    finally(function() p:stop(0) end)
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
     for _ = 1, 3 do p(0.001) end
     assert.is_true(p:wait(10))
-    for _, doomed in ipairs({ 1000, "die" }) do
-      local first = p(0.3)
+    for k, doomed in ipairs({ 1000, "die" }) do
+      local gate = dir .. "/gate" .. k
+      local first = p(0.3, gate)
       local cancelled = p(doomed)
       local behind = p(0.01)
       core.sleep(0.1)
       assert.is_true(p:cancel(cancelled))
+      support.write(gate, "")
       local t0 = core.now()
       assert.is_true(p:wait(10), "the calls behind a cancelled call never ran")
       assert.is_true(core.now() - t0 < 5)
