@@ -259,28 +259,37 @@ describe("cancel", function()
   for _, where in ipairs { "local", "remote" } do
     it("keeps one record for a call cancelled in its worker that then times out or kills it (" .. where .. ")",
         function()
-      local p = Parallelize({ function(x)
+      local dir = support.tmpdir()
+      local p = Parallelize({ function(x, gate)
+        local P = require("parallelize")
+        while gate and not io.open(gate, "r") do P.sleep(0.002) end
         if x == "exit" then os.exit(7) end
-        require("parallelize").sleep(x)
+        P.sleep(x)
         return x
       end }, {
         timeout = 0.5, window = 5, max_deaths = 1,
         launcher = where == "remote" and function() return { support.pzlua(), "--worker" } end or nil,
       })
-      finally(function() p:stop(0) end)
+      finally(function()
+        p:stop(0)
+        support.rmdir(dir)
+      end)
       -- Instant calls first: the worker's depth then lets it hold the
       -- next calls at once. The call cancelled behind a running one is
-      -- sent to the worker already.
+      -- sent to the worker already. The running one waits for its gate,
+      -- opened after the cancel: the victim cannot have started by then.
       local function cancelled_behind(x)
         for _ = 1, 50 do p(0) end
         assert.is_true(p:wait(10))
-        local first, victim, last = p(0.2), p(x), p(0)
+        local gate = dir .. "/" .. x
+        local first, victim, last = p(0.01, gate), p(x), p(0)
         core.sleep(0.05)
         assert.is_true(p:cancel(victim))
+        support.write(gate, "")
         assert.is_true(p:wait(10))
         core.sleep(0.7) -- past the victim's timeout
         local got, failed = outcomes(p)
-        assert.are.equal(0.2, got[first])
+        assert.are.equal(0.01, got[first])
         assert.are.equal(0, got[last])
         assert.are.equal("call " .. victim .. " cancelled", failed[victim].message)
         assert.are.equal(p.calls, #p.results + #p.errors)
