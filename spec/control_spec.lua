@@ -325,21 +325,31 @@ describe("cancel", function()
 
   it("ends a call cancelled in its worker's queue when it starts, once, and the calls behind it run", function()
     -- A worker of short calls holds several (window): the second of these
-    -- waits in the worker behind the first when it is cancelled.
-    local p = Parallelize(function(s)
+    -- waits in the worker behind the first when it is cancelled. The
+    -- first runs until the test opens its gate, after the cancel: the
+    -- second cannot have started by then, however late the cancel comes.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(s, gate)
+      local P = require("parallelize")
+      while gate and not io.open(gate, "r") do P.sleep(0.005) end
       if s == "die" then os.exit(7) end
-      require("parallelize").sleep(s)
+      P.sleep(s)
       return s
     end, { workers = 1, window = 10, max_deaths = 1, quiet = true })
-    finally(function() p:stop(0) end)
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
     for _ = 1, 3 do p(0.001) end
     assert.is_true(p:wait(10))
-    for _, doomed in ipairs({ 1000, "die" }) do
-      local first = p(0.3)
+    for k, doomed in ipairs({ 1000, "die" }) do
+      local gate = dir .. "/gate" .. k
+      local first = p(0.3, gate)
       local cancelled = p(doomed)
       local behind = p(0.01)
       core.sleep(0.1)
       assert.is_true(p:cancel(cancelled))
+      support.write(gate, "")
       local t0 = core.now()
       assert.is_true(p:wait(10), "the calls behind a cancelled call never ran")
       assert.is_true(core.now() - t0 < 5)
@@ -357,12 +367,17 @@ describe("cancel", function()
   it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()
     -- The kill of a cancelled call goes through the spawner: stopped
     -- (SIGSTOP), it lets the call raise first, and the worker start the
-    -- next call before the kill lands.
+    -- next call before the kill lands. Each call says when it runs (a
+    -- call its worker holds may not have started: cancelled then, it has
+    -- its record at once, and never raises).
     local dir = support.tmpdir()
     local p = Parallelize(function(x, d)
       local P = require("parallelize")
-      if x == "next" then P.sleep(0.5) return x end
-      while not io.open(d .. "/raise", "r") do P.sleep(0.005) end
+      local f = assert(io.open(d .. "/" .. x .. ".runs", "w"))
+      f:close()
+      local until_file = x == "next" and "/go" or "/raise"
+      while not io.open(d .. until_file, "r") do P.sleep(0.005) end
+      if x == "next" then return x end
       error("raised as it was cancelled", 0)
     end, { workers = 1, retries = 1, max_deaths = 1, quiet = true })
     local _ = p.executors
@@ -372,9 +387,12 @@ describe("cancel", function()
       p:stop(0)
       support.rmdir(dir)
     end)
+    local function runs(x)
+      return support.eventually(function() return support.read(dir .. "/" .. x .. ".runs") end, 10)
+    end
     local cancelled = p("wait", dir)
-    local next = p("next")
-    assert.is_true(support.eventually(function() return p:stats().running == 1 end))
+    local next = p("next", dir)
+    assert.is_truthy(runs("wait"), "the first call never started")
     assert.is_true(support.kill(spawner, 19)) -- SIGSTOP
     assert.is_true(p:cancel(cancelled))
     support.write(dir .. "/raise", "")
@@ -382,8 +400,11 @@ describe("cancel", function()
     assert.is_false(ok)
     assert.are.equal("raised", err.kind)
     assert.are.equal(1, #err.attempts)
-    assert.is_true(support.eventually(function() return p:stats().running == 1 end)) -- the next call
+    assert.is_truthy(runs("next"), "the next call never started")
     assert.is_true(support.kill(spawner, 18))
+    -- the kill lands while the next call runs; that call then runs again
+    assert.is_true(support.eventually(function() return p:stats().deaths == 1 end, 10), "no kill landed")
+    support.write(dir .. "/go", "")
     assert.are.same({ true, "next" }, { p:result(next, 10) })
     local s = p:stats()
     assert.are.equal(0, s.retries)
@@ -399,28 +420,37 @@ describe("cancel", function()
   for _, where in ipairs { "local", "remote" } do
     it("keeps one record for a call cancelled in its worker that then times out or kills it (" .. where .. ")",
         function()
-      local p = Parallelize({ function(x)
+      local dir = support.tmpdir()
+      local p = Parallelize({ function(x, gate)
+        local P = require("parallelize")
+        while gate and not io.open(gate, "r") do P.sleep(0.002) end
         if x == "exit" then os.exit(7) end
-        require("parallelize").sleep(x)
+        P.sleep(x)
         return x
       end }, {
         timeout = 0.5, window = 5, max_deaths = 1,
         launcher = where == "remote" and function() return { support.pzlua(), "--worker" } end or nil,
       })
-      finally(function() p:stop(0) end)
+      finally(function()
+        p:stop(0)
+        support.rmdir(dir)
+      end)
       -- Instant calls first: the worker's depth then lets it hold the
       -- next calls at once. The call cancelled behind a running one is
-      -- sent to the worker already.
+      -- sent to the worker already. The running one waits for its gate,
+      -- opened after the cancel: the victim cannot have started by then.
       local function cancelled_behind(x)
         for _ = 1, 50 do p(0) end
         assert.is_true(p:wait(10))
-        local first, victim, last = p(0.2), p(x), p(0)
+        local gate = dir .. "/" .. x
+        local first, victim, last = p(0.01, gate), p(x), p(0)
         core.sleep(0.05)
         assert.is_true(p:cancel(victim))
+        support.write(gate, "")
         assert.is_true(p:wait(10))
         core.sleep(0.7) -- past the victim's timeout
         local got, failed = outcomes(p)
-        assert.are.equal(0.2, got[first])
+        assert.are.equal(0.01, got[first])
         assert.are.equal(0, got[last])
         assert.are.equal("call " .. victim .. " cancelled", failed[victim].message)
         assert.are.equal(p.calls, #p.results + #p.errors)
