@@ -756,9 +756,9 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
         }
     }
     if (w->eof_at && w->alive && !w->exited) {
-        if (now - w->eof_at >= EOF_GRACE_NS)
+        if (now - w->eof_at >= EOF_GRACE_NS) {
             kill_once(io, w);
-        else {
+        } else {
             CONSIDER(w->eof_at + EOF_GRACE_NS);
         }
     }
