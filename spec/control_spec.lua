@@ -142,7 +142,7 @@ describe("init_timeout", function()
     assert.are.equal(1, e.worker)
     assert.matches("^worker 1 died during initialization 2 times; the last time, pid %d+ was ended by "
       .. "the pool: it had not initialized within init_timeout %(1 s%)$", e.message)
-    -- two attempts of 0.3 s and a back-off: far less than a hanging start
+    -- two attempts of 1 s and a back-off: far less than a hanging start
     assert.is_true(waited < 20, "p.executors took " .. waited .. " s")
     local pid = last_pid(e.message)
     assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 5),
