@@ -279,6 +279,18 @@ describe("pzlua --map", function()
       end
     end)
 
+    it("that hangs as it loads is given up after --init-timeout, tried 5 times", function()
+      write(dir .. "/hangs.lua", "while true do end\n")
+      local out, err, status = map({ "-j", "2", "--init-timeout", "0.2", "hangs.lua:f" }, "1\n")
+      assert.are.equal("", out)
+      assert.are.equal(255, status)
+      assert.matches("^" .. PREFIX .. "cannot load hangs.lua:f: worker %d died during initialization 5 times; "
+        .. "the last time, pid %d+ was ended by the pool: it had not initialized within init_timeout %(0%.2 s%)\n$",
+        err)
+      local _, bad = map({ "--init-timeout", "0", "hangs.lua:f" }, "1\n")
+      assert.matches("%-%-init%-timeout needs a number of seconds from 0%.001", bad)
+    end)
+
     it("sends what the function prints to stderr, not among the results", function()
       local out, err, status = map({ "-j", "1", "function(x) print('debug ' .. x) io.write('more\\n') return x end" },
         "1\n2\n")

@@ -318,7 +318,8 @@ function Run:start_pool()
     lines = opts.lines or false, spread = opts.spread or false, timing = opts.joblog ~= nil,
   }), {
     workers = opts.jobs, keep_results = false, timeout = timeout, retries = opts.retries,
-    max_calls = opts.max_calls, progress = opts.progress and "always" or false,
+    init_timeout = opts.init_timeout, max_calls = opts.max_calls,
+    progress = opts.progress and "always" or false,
   })
   local _ = p.executors -- every worker has loaded the function, or was given up
   local failed = p.init_errors[1]

@@ -36,6 +36,9 @@ Options:
                                its worker is ended and replaced
   --retries N                  a call whose function raised runs up to N
                                more times
+  --init-timeout S             a worker that has not loaded the function
+                               within S seconds is ended and started again;
+                               after 5 such tries, the run stops (status 255)
   --max-calls N                replace each worker after N calls
   --halt now,fail=N            after N failures, end the running calls and stop
   --halt soon,fail=N           after N failures, start no other line, let the
@@ -98,6 +101,7 @@ local OPTIONS = {
   ["--lines"] = { "lines", "flag" },
   ["--spread"] = { "spread", "flag" },
   ["--timeout"] = { "timeout", "seconds" },
+  ["--init-timeout"] = { "init_timeout", "seconds" },
   ["--retries"] = { "retries", "retries" },
   ["--max-calls"] = { "max_calls", "max_calls" },
   ["--halt"] = { "halt", "halt" },
