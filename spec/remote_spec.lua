@@ -530,6 +530,25 @@ local function is_remote_worker(h, pid)
     and cmdline(parent):find("--worker", 1, true) ~= nil and h:processes()[pid] ~= nil
 end
 
+--- Starts, under pzlua and in a session of its own (as a terminal runs
+-- it), a script that prints "self <pid>" and then runs `body` (Lua source)
+-- with `launcher` (an argv) in the local LAUNCHER; returns the path of its
+-- output (stdout and stderr).
+local function start_parent(dir, launcher, body)
+  local quoted = {}
+  for i, a in ipairs(launcher) do quoted[i] = ("%q"):format(a) end
+  support.write(dir .. "/script.lua", [[
+    io.stdout:setvbuf("line")
+    local parallelize = require "parallelize"
+    print("self " .. parallelize.getpid())
+    local LAUNCHER = { ]] .. table.concat(quoted, ", ") .. [[ }
+  ]] .. body)
+  local out = dir .. "/out"
+  os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(support.quote(ROOT), support.quote(PZLUA),
+    support.quote(dir .. "/script.lua"), support.quote(out)))
+  return out
+end
+
 describe("remote workers on real servers #nosan", function()
   describe("over ssh", function()
     it("8 workers keep every call exactly once while remote workers and ssh clients are killed; nothing is "
@@ -673,27 +692,19 @@ describe("remote workers on real servers #nosan", function()
         local s0 = baseline(s)
         local dir = support.tmpdir()
         defer(function() support.rmdir(dir) end)
-        local argv = {}
-        for _, a in ipairs(parallelize.ssh { s.destination, options = ssh_options(s), command = PZLUA }(1)) do
-          argv[#argv + 1] = ("%q"):format(a)
-        end
-        support.write(dir .. "/script.lua", [[
-          io.stdout:setvbuf("line")
-          local parallelize = require "parallelize"
-          print("self " .. parallelize.getpid())
+        local out = start_parent(dir,
+          parallelize.ssh { s.destination, options = ssh_options(s), command = PZLUA }(1), [[
           local p = parallelize.Parallelize(parallelize.rep(function() parallelize.sleep(100) end, 2),
-            { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+            { launcher = function() return LAUNCHER end })
           local _ = p.executors
           print("workers " .. table.concat(p.pids, " "))
           p(1)
           p(2)
           p:wait()
         ]])
-        os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(support.quote(ROOT), support.quote(PZLUA),
-          support.quote(dir .. "/script.lua"), support.quote(dir .. "/out")))
         local text
         support.eventually(function()
-          text = support.read(dir .. "/out") or ""
+          text = support.read(out) or ""
           return text:match("workers [%d ]+\n")
         end, 30)
         local parent = tonumber(text:match("self (%d+)"))
@@ -714,7 +725,7 @@ describe("remote workers on real servers #nosan", function()
         assert.are.same({}, gone(processes, 10))
         assert.are.same({}, gone(workers, 5))
         assert.are.same({}, nothing_left(s, s0, 10))
-        if case[2] == SIGINT then assert.matches("interrupted!", support.read(dir .. "/out")) end
+        if case[2] == SIGINT then assert.matches("interrupted!", support.read(out)) end
       end)
     end
   end)
@@ -824,25 +835,18 @@ describe("remote workers on real servers #nosan", function()
         "stop left jobs in the queue: " .. table.concat(q:jobs(), " "))
 
       -- The parent killed: its spawner ends the sruns.
-      local argv = {}
-      for _, a in ipairs(queued(1)) do argv[#argv + 1] = ("%q"):format(a) end
-      support.write(dir .. "/script.lua", [[
-        io.stdout:setvbuf("line")
-        local parallelize = require "parallelize"
-        print("self " .. parallelize.getpid())
+      local out = start_parent(dir, queued(1), [[
         local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 2),
-          { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+          { launcher = function() return LAUNCHER end })
         p(1)
         p:wait()
       ]])
-      os.execute(("cd %s && setsid %s %s > %s 2>&1 &"):format(support.quote(ROOT), support.quote(PZLUA),
-        support.quote(dir .. "/script.lua"), support.quote(dir .. "/out")))
       local parent
       support.eventually(function()
-        parent = tonumber((support.read(dir .. "/out") or ""):match("self (%d+)\n"))
+        parent = tonumber((support.read(out) or ""):match("self (%d+)\n"))
         return parent
       end, 10)
-      assert(parent, support.read(dir .. "/out"))
+      assert(parent, support.read(out))
       defer(function() support.kill(parent, SIGKILL) end)
       assert.is_truthy(support.eventually(function() return #q:jobs() == 2 end, 10), "the jobs were not queued")
       local processes = { parent }

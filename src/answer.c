@@ -201,16 +201,6 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         pz_slot_reject(io, w, "an unexpected INIT answer");
         return;
     }
-    if (f->type == PZ_F_INIT_OK && w->why[0]) {
-        /* Too late: the pool is ending it (init_timeout closes its socket
-         * as it fires, so only an answer read before can get here, stop()
-         * coming after or not).  Taken as ready, it would be given calls
-         * nothing reads the answers of (handle_frames stops at why), until
-         * its SIGKILL started it again with its init_attempts reset.  Its
-         * end stays a death during initialization. */
-        pz_slot_close_fd(io, w);
-        return;
-    }
     if (f->type == PZ_F_INIT_OK) {
         uint8_t v[PZ_VARINT_MAX_BYTES];
         pz_part parts[] = {{v, pz_put_varint(v, f->id), 0}, {f->payload, f->len, 0}};
