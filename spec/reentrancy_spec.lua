@@ -16,7 +16,7 @@ local UNDER_ASAN = (os.getenv("PZLUA") or ""):match("asan") ~= nil
 -- stack runs inside the pool.
 local POOL_C = {
   [core.pool_drain] = "drain", [core.pool_wait] = "wait", [core.pool_stop] = "stop",
-  [core.pool_metatable.__call] = "call",
+  [core.pool_call] = "call",
 }
 
 --- Which pool function the caller runs inside, or nil.

@@ -213,6 +213,9 @@ static int l_pool_new(lua_State *L)
         lua_newtable(L);
         lua_setfield(L, -2, env_tables[i]);
     }
+    lua_pushthread(L);
+    lua_setfield(L, -2, "thread");
+    u->hook_L = L;
     lua_setfenv(L, ud);
 
     u->init = calloc((size_t)n, sizeof *u->init);
@@ -741,9 +744,11 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         {"pool_release", l_pool_release}, {"pool_size", l_pool_size},
         {"pool_cancel", l_pool_cancel},   {"pool_stats", l_pool_stats},
         {"pool_env", l_pool_env},         {"pool_stopped", l_pool_stopped},
+        {"pool_call", pz_lpool_call},
         {NULL, NULL}};
     worker_setup = setup;
     pz_lsubmit_prepare(L);
+    pz_lsubmit_register(L);
     if (luaL_newmetatable(L, PZ_POOL_MT)) {
         lua_pushcfunction(L, l_pool_gc);
         lua_setfield(L, -2, "__gc");

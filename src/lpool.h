@@ -47,6 +47,10 @@ typedef struct lpool {
     pz_calls_writer open_writer; /* the arena blocks of the p(...) of scalars
                         * being encoded: one a raise left open is given back
                         * by the next (lsubmit.c) */
+    lua_State *hook_L; /* the thread the pool was made in (kept in its
+                        * environment), whose hook p(x)'s fast path reads:
+                        * hooks are the Lua state's, not a thread's */
+    unsigned fast_calls; /* p(x)'s through the fast path (lsubmit.c) */
     lua_Hook hook_seen; /* the debug hook when a wait last returned: another
                          * one later means a signal's handler set it (lpool.c) */
 } lpool;
@@ -114,6 +118,9 @@ int pz_lpool_has_room(lpool *u);
 /* Whether p(...) waits for room in the arena's calls area (arena_need). */
 int pz_lpool_arena_full(lpool *u);
 void pz_lsubmit_prepare(lua_State *L);
+/* Adds core.fast_submit (the address of p(x)'s fast path, lsubmit.c),
+ * core.pool_address and core.pool_fast_calls to the table on top. */
+void pz_lsubmit_register(lua_State *L);
 
 /* Adds pool_new, pool_wait, pool_drain, pool_stop and the other pool
  * functions, pool_metatable and max_message_limit to the table on top.

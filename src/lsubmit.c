@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -455,4 +456,91 @@ int pz_lpool_submit_chunk(lua_State *L)
     queue_encoded(L, u, b, &cw, (uint8_t)tag, 0, PZ_CALL_CHUNK);
     lua_pushnumber(L, (lua_Number)size);
     return 2;
+}
+
+/* ---- p(x) from compiled code -----------------------------------------
+ *
+ * LuaJIT's call of a C function through a metamethod costs a compiled
+ * loop about 40 ns (the interpreter's frame for it, then a trace started
+ * again after it), where queuing a number takes about 20.  So while the
+ * JIT runs, the pool's __call is a Lua function (pool.lua) that hands one
+ * number, or one string shorter than the arena's PZ_SHARED_MIN, to these
+ * through the FFI, and anything else to pz_lpool_call.  They queue the
+ * call as submit_scalars would and return its id, or return 0, having
+ * queued nothing, whenever pz_lpool_call must decide: the pool is
+ * stopped, p(...) would wait for room, the arguments are above
+ * max_message, memory ran out, or a debug hook is set.  Compiled code
+ * does not run hooks, and Ctrl-C's handler sets one: pz_lpool_call is
+ * called from the interpreter, where it fires.  Every FAST_LOOK_EVERY
+ * calls they return -1 instead, having queued nothing either: pool.lua
+ * then looks whether the JIT still runs (jit.status() costs several
+ * calls' time; interpreted, the FFI costs more than the C API).  They
+ * never raise (nothing may unwind through an FFI call), and touch no Lua
+ * state but u->hook_L's hook. */
+#define FAST_LOOK_EVERY 1024
+
+static double fast_queue(lpool *u, double x, const char *s, size_t n)
+{
+    pz_pool *p = u->pool;
+    if (++u->fast_calls % FAST_LOOK_EVERY == 0)
+        return -1;
+    if (!p || p->stopped || lua_gethook(u->hook_L) != NULL || !pz_lpool_has_room(u))
+        return 0;
+    size_t bound = s ? 1 + 1 + PZ_VARINT_MAX_BYTES + n : 1 + PZ_NUMBER_MAX_BYTES;
+    uint8_t *d = (uint8_t *)pz_pool_reserve_call(p, bound);
+    if (!d)
+        return 0;
+    size_t len = 1;
+    d[0] = 1; /* the tuple's count, a one-byte varint */
+    if (s) {
+        len += pz_put_string_header(d + len, n);
+        memcpy(d + len, s, n);
+        len += n;
+    } else {
+        len += pz_put_number(d + len, x);
+    }
+    if (len > p->opt.max_message)
+        return 0; /* reserved, not queued: pz_lpool_call raises */
+    return (double)pz_pool_commit_call(p, len, 0, 0, 0);
+}
+
+static double fast_number(void *u, double x)
+{
+    return fast_queue((lpool *)u, x, NULL, 0);
+}
+
+static double fast_string(void *u, const char *s, size_t n)
+{
+    return n < PZ_SHARED_MIN ? fast_queue((lpool *)u, 0, s, n) : 0;
+}
+
+/* What pool.lua casts core.fast_submit to. */
+static const struct {
+    double (*number)(void *u, double x);
+    double (*string)(void *u, const char *s, size_t n);
+} fast_submit = {fast_number, fast_string};
+
+/* core.pool_address(pool) -> the light userdata the fast path takes. */
+static int l_pool_address(lua_State *L)
+{
+    lua_pushlightuserdata(L, luaL_checkudata(L, 1, PZ_POOL_MT));
+    return 1;
+}
+
+/* core.pool_fast_calls(pool) -> how many p(x) the fast path was asked to
+ * queue (declined ones too): for the tests. */
+static int l_pool_fast_calls(lua_State *L)
+{
+    lua_pushnumber(L, ((lpool *)luaL_checkudata(L, 1, PZ_POOL_MT))->fast_calls);
+    return 1;
+}
+
+void pz_lsubmit_register(lua_State *L)
+{
+    lua_pushcfunction(L, l_pool_fast_calls);
+    lua_setfield(L, -2, "pool_fast_calls");
+    lua_pushlightuserdata(L, (void *)&fast_submit);
+    lua_setfield(L, -2, "fast_submit");
+    lua_pushcfunction(L, l_pool_address);
+    lua_setfield(L, -2, "pool_address");
 }

@@ -32,9 +32,58 @@ local describe = options.describe
 
 local pool_mt = core.pool_metatable
 local methods, properties = {}, {}
-caller.mark_c(pool_mt.__call)
 caller.mark_c(atomically)
 caller.mark_c(settle_after)
+
+-- p(...), the pool's __call. The C function core.pool_call does it all,
+-- but a C function called through a metamethod costs a compiled loop more
+-- than queuing a number does. So while the JIT runs, one number, or one
+-- string shorter than the arena's threshold, goes to core.fast_submit
+-- through the FFI instead, from a function of fixed arity (which the JIT
+-- compiles on its own when its caller is interpreted; a vararg one it does
+-- not). core.fast_submit returns the call's id; 0 when core.pool_call must
+-- decide (src/lsubmit.c says when); -1, every 1024th call, for a look at
+-- whether the JIT still runs (jit.status() costs several calls' time):
+-- interpreted, the FFI costs more than the C API, so once the JIT is seen
+-- off, the C function becomes the __call again, for good. fast_of holds
+-- each pool's address, for pools only: another userdata given this
+-- metamethod goes to the C function, which refuses it.
+local call_c = core.pool_call
+caller.mark_c(call_c)
+local fast_of = setmetatable({}, { __mode = "k" })
+local fast_number, fast_string, address_of
+do
+  local has_ffi, ffi = pcall(require, "ffi")
+  if has_ffi then
+    local fast = ffi.cast(ffi.typeof("struct { double (*number)(void *, double);"
+      .. " double (*string)(void *, const char *, size_t); } *"), core.fast_submit)
+    fast_number, fast_string = fast.number, fast.string
+    -- A pointer cdata: the JIT does not pass a light userdata as a pointer.
+    local void_ptr = ffi.typeof("void *")
+    address_of = function(p) return ffi.cast(void_ptr, core.pool_address(p)) end
+  end
+end
+local jit_status = jit.status
+
+local function fast_call(u, x)
+  local kind = type(x)
+  if kind == "number" then return fast_number(u, x) end
+  if kind == "string" then return fast_string(u, x, #x) end
+  return 0
+end
+
+local function call(p, ...)
+  if select("#", ...) == 1 then
+    local u = fast_of[p]
+    if u then
+      local id = fast_call(u, (...))
+      if id > 0 then return id end
+      if id < 0 and not jit_status() then pool_mt.__call = call_c end
+    end
+  end
+  return call_c(p, ...)
+end
+pool_mt.__call = address_of and jit_status() and call or call_c
 
 -- Ctrl-C's "interrupted!" is raised by a debug hook at whatever Lua
 -- instruction runs when it comes (src/ldefer.h). Where a result moves from
@@ -1058,6 +1107,7 @@ end
 -- results, and how p(...) waits for room (max_pending).
 function M.init(p, opts)
   local env = pool_env(p)
+  if address_of then fast_of[p] = address_of(p) end
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
   env.max_inflight = opts.max_inflight
