@@ -562,13 +562,16 @@ describe("pzlua --map", function()
     -- group, as a terminal's job), stdin the file `input`; returns the
     -- job's pid, its group and the paths of its output, stderr and exit
     -- status (written when it ends).
-    local function start(args, input)
+    --- Starts `pzlua --map args...` on input in a session of its own;
+    -- `ignored` (a string of signal names, "INT" by default) are the
+    -- signals it starts with ignored.
+    local function start(args, input, ignored)
       local quoted = {}
       for i, a in ipairs(args) do quoted[i] = quote(a) end
       local job = { out = dir .. "/out", err = dir .. "/err", status = dir .. "/status" }
       write(dir .. "/stdin", input)
-      local script = string.format("trap '' INT; echo $$ > pgid; %s --map %s < stdin > out 2> err & "
-        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", quote(PZLUA),
+      local script = string.format("trap '' %s; echo $$ > pgid; %s --map %s < stdin > out 2> err & "
+        .. "echo $! > pid; wait $!; echo $? > status.tmp; mv status.tmp status", ignored or "INT", quote(PZLUA),
         table.concat(quoted, " "))
       os.execute(string.format("cd %s && setsid sh -c %s > /dev/null 2>&1 < /dev/null &", quote(dir), quote(script)))
       assert.is_truthy(support.eventually(function()
@@ -671,6 +674,42 @@ describe("pzlua --map", function()
       assert.are.equal(not_done, #lines_of(out))
       local all = set_of(joblog(dir .. "/jobs.log"))
       for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end)
+
+    for _, case in ipairs({ { name = "SIGTERM", number = 15 }, { name = "SIGHUP", number = 1 } }) do
+      it(case.name .. " stops it as Ctrl-C does, with status " .. 128 + case.number, function()
+        local n = 300
+        local fn = "function(x) require('parallelize').sleep(0.01) return x end"
+        local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
+        wait_output(job, 20)
+        assert.is_true(support.kill(job.pid, case.number))
+        assert.are.equal(128 + case.number, wait_status(job))
+        local err = read(job.err)
+        local done, not_done = err:match("stopped by " .. case.name .. ": (%d+) lines done, (%d+) lines not done; "
+          .. "rerun with %-%-resume %-%-joblog jobs%.log to finish them\n")
+        assert.is_truthy(done, err)
+        done, not_done = tonumber(done), tonumber(not_done)
+        assert.are.equal(n, done + not_done)
+        assert.is_true(not_done > 0)
+        local entries = joblog(dir .. "/jobs.log")
+        assert.are.equal(done, #lines_of(read(job.out)))
+        assert.are.equal(done, #entries)
+        assert.is_true(all_gone(pids_of(entries)), "workers outlived the command")
+        local out, _, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+        assert.are.equal(0, status)
+        assert.are.equal(not_done, #lines_of(out))
+      end)
+    end
+
+    it("keeps SIGHUP ignored when it started with it ignored (nohup)", function()
+      local n = 100
+      local fn = "function(x) require('parallelize').sleep(0.01) return x end"
+      local job = start({ "-j", "2", fn }, numbers(n), "INT HUP")
+      wait_output(job, 10)
+      assert.is_true(support.kill(job.pid, 1))
+      assert.are.equal(0, wait_status(job))
+      assert.are.equal(n, #lines_of(read(job.out)))
+      assert.are.equal("", read(job.err))
     end)
   end)
 

@@ -151,14 +151,25 @@ static int msghandler(lua_State *L)
 
 /* The state running a chunk, for the signal handler. */
 static lua_State *volatile sigint_state;
-/* SIGINT's disposition before the chunk started, restored after it. */
-static struct sigaction sigint_saved;
-static bool sigint_armed;
+/* The signals caught while a chunk runs: SIGINT always; SIGTERM and
+ * SIGHUP too under `pzlua --map` (stop_signals_caught), so that a map ended
+ * by timeout(1), kill or a closed terminal stops as after Ctrl-C: what is
+ * done written, what is not counted, with --resume to finish it.  Their
+ * dispositions before the chunk, restored after it. */
+static const int caught_signals[] = {SIGINT, SIGTERM, SIGHUP};
+#define CAUGHT_SIGNALS ((int)(sizeof caught_signals / sizeof *caught_signals))
+static struct sigaction saved_actions[CAUGHT_SIGNALS];
+static bool armed[CAUGHT_SIGNALS];
+static bool stop_signals_caught;
+/* The signal whose handler ran last (0: none since the chunk started). */
+static volatile sig_atomic_t signal_caught;
 
 /* Debug hook set by the handler: fires at the next call, return or
  * instruction of Lua code, where raising an error is safe. The position is
  * that of the Lua function running (level 0: a hook adds no frame of its
- * own), as luajit gives it: "loop.lua:2: interrupted!". */
+ * own), as luajit gives it: "loop.lua:2: interrupted!". SIGTERM and
+ * SIGHUP raise the same error: parallelize knows "interrupted!" as the
+ * one error that may land anywhere (pzlua_signal_caught says which). */
 static void interrupt_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
@@ -168,11 +179,11 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar)
     lua_error(L);
 }
 
-/* SIGINT handler, installed only while Lua code runs. It does nothing a
- * handler must not: it re-arms the default disposition (so a second Ctrl-C
- * kills when the first cannot take effect, e.g. in a JIT-compiled loop or a
- * long C call) and sets a hook; lua_sethook is safe to call from a signal
- * handler. */
+/* The handler, installed only while Lua code runs. It does nothing a
+ * handler must not: it re-arms the default disposition (so a second
+ * signal kills when the first cannot take effect, e.g. in a JIT-compiled
+ * loop or a long C call) and sets a hook; lua_sethook is safe to call
+ * from a signal handler. */
 static void sigint_handler(int sig)
 {
     int saved_errno = errno;
@@ -181,14 +192,17 @@ static void sigint_handler(int sig)
     dfl.sa_handler = SIG_DFL;
     sigemptyset(&dfl.sa_mask);
     sigaction(sig, &dfl, NULL);
+    signal_caught = sig;
     lua_sethook(sigint_state, interrupt_hook,
                 LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
     errno = saved_errno;
 }
 
-/* Installs the handler for the chunk about to run on L. It is installed
- * even when SIGINT was ignored (as in a background job of a script), as
- * luajit does. No SA_RESTART: a read blocked in the chunk returns EINTR, so
+/* Installs the handler for the chunk about to run on L. SIGINT's is
+ * installed even when SIGINT was ignored (as in a background job of a
+ * script), as luajit does; SIGTERM's and SIGHUP's only where they were
+ * not ignored (nohup ignores SIGHUP: that says the run must outlive its
+ * terminal). No SA_RESTART: a read blocked in the chunk returns EINTR, so
  * the hook gets its chance promptly. A failure only costs the feature. */
 static void sigint_arm(lua_State *L)
 {
@@ -197,21 +211,43 @@ static void sigint_arm(lua_State *L)
     act.sa_handler = sigint_handler;
     sigemptyset(&act.sa_mask);
     sigint_state = L;
-    sigint_armed = sigaction(SIGINT, &act, &sigint_saved) == 0;
-    if (!sigint_armed)
-        fprintf(stderr, "%s: cannot catch SIGINT: %s\n", pzlua_program, strerror(errno));
+    signal_caught = 0;
+    for (int i = 0; i < CAUGHT_SIGNALS; i++) {
+        int sig = caught_signals[i];
+        armed[i] = false;
+        if (sig != SIGINT) {
+            if (!stop_signals_caught)
+                continue;
+            if (sigaction(sig, NULL, &saved_actions[i]) != 0 || saved_actions[i].sa_handler == SIG_IGN)
+                continue;
+        }
+        armed[i] = sigaction(sig, &act, &saved_actions[i]) == 0;
+        if (!armed[i])
+            fprintf(stderr, "%s: cannot catch %s: %s\n", pzlua_program, strsignal(sig), strerror(errno));
+    }
 }
 
-/* Puts back SIGINT's disposition from before the chunk (the default in a
+/* Puts back the dispositions from before the chunk (the default in a
  * terminal; ignored stays ignored), and drops an interrupt hook that came
  * too late to fire, so it does not hit the next chunk. */
 static void sigint_disarm(lua_State *L)
 {
-    if (sigint_armed && sigaction(SIGINT, &sigint_saved, NULL) != 0)
-        fprintf(stderr, "%s: cannot restore SIGINT: %s\n", pzlua_program, strerror(errno));
-    sigint_armed = false;
+    for (int i = 0; i < CAUGHT_SIGNALS; i++) {
+        if (armed[i] && sigaction(caught_signals[i], &saved_actions[i], NULL) != 0)
+            fprintf(stderr, "%s: cannot restore the action of %s: %s\n", pzlua_program,
+                    strsignal(caught_signals[i]), strerror(errno));
+        armed[i] = false;
+    }
     if (lua_gethook(L) == interrupt_hook)
         lua_sethook(L, NULL, 0, 0);
+}
+
+/* pzlua_signal_caught() -> the number of the signal whose handler ran last
+ * since the chunk started, or 0: which one an "interrupted!" came from. */
+static int l_signal_caught(lua_State *L)
+{
+    lua_pushinteger(L, signal_caught);
+    return 1;
 }
 
 /* ---- running chunks -------------------------------------------------- */
@@ -534,8 +570,9 @@ static int pmain(lua_State *L)
 /* ---- pzlua --map ------------------------------------------------------ */
 
 /* Protected: runs parallelize.cli_map's main with argv[0] and the words
- * after --map, Ctrl-C caught as in any chunk, and sets o->status to what
- * it returns (255 when it raised, after reporting the error). */
+ * after --map, Ctrl-C caught as in any chunk and SIGTERM and SIGHUP as
+ * Ctrl-C (the module's signal_caught says which came), and sets o->status
+ * to what it returns (255 when it raised, after reporting the error). */
 static int pmain_map(lua_State *L)
 {
     struct options *o = lua_touserdata(L, 1);
@@ -547,8 +584,11 @@ static int pmain_map(lua_State *L)
     lua_pushliteral(L, "parallelize.cli_map");
     if (pzlua_report(L, pzlua_docall(L, 1, 1)) != 0)
         return 0;
+    lua_pushcfunction(L, l_signal_caught);
+    lua_setfield(L, -2, "signal_caught");
     lua_getfield(L, -1, "main");
     lua_remove(L, -2);
+    stop_signals_caught = true;
     lua_pushstring(L, o->argv[0]);
     luaL_checkstack(L, o->argc, "too many arguments");
     for (int i = 2; i < o->argc; i++)

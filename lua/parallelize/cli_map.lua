@@ -29,8 +29,9 @@
 --   pool is this file's alone, and the stream queues its calls one after
 --   the other, so the call of position i has id id_base + i, which is how
 --   p:take()'s ids and error records find theirs after a run cut short.
--- - Exit status: the failed lines, at most 101; 130 after Ctrl-C; 255 for
---   anything that stopped the command itself.
+-- - Exit status: the failed lines, at most 101; 130 after Ctrl-C, 143
+--   after SIGTERM, 129 after SIGHUP (each stops the run as Ctrl-C does);
+--   255 for anything that stopped the command itself.
 local parallelize = require "parallelize"
 local core = require "parallelize.core"
 local cli_args = require "parallelize.cli_map_args"
@@ -44,6 +45,8 @@ local read_line, line_ready, later = core.read_line, core.line_ready, paralleliz
 local M = {}
 
 local STATUS_INTERRUPTED, STATUS_BROKEN, MAX_FAILURES = 130, 255, 101
+-- The signals other than SIGINT that stop a run as Ctrl-C does.
+local SIGNAL_NAMES = { [1] = "SIGHUP", [15] = "SIGTERM" }
 -- A batch is written when it holds this many lines, or is this old.
 local BATCH_LINES, BATCH_SECONDS = 1024, 0.2
 
@@ -423,23 +426,27 @@ function M.main(prog, ...)
   end)
   if not ok then
     local interrupted = type(status) == "string" and status:find("interrupted!$") ~= nil
+    -- pzlua's handler raises "interrupted!" for SIGTERM and SIGHUP too, and
+    -- says which signal it was: the status is then 128 + its number.
+    local signal = interrupted and M.signal_caught and M.signal_caught() or 0
+    local how = SIGNAL_NAMES[signal] and "stopped by " .. SIGNAL_NAMES[signal] or "interrupted"
     if p and not p.stopped then
       local count, whole = run:cut_short(p, 0)
       if interrupted then
-        run:say("interrupted: %d lines done, %s", run.done - run.unwritten, run:not_done_message(count, whole))
+        run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
       else
         run:say("%s", tostring(status))
         run:say("stopped: %s", run:not_done_message(count, whole))
       end
     elseif interrupted then
-      run:say("interrupted before any input was read")
+      run:say("%s before any input was read", how)
     else
       run:say("%s", tostring(status))
     end
-    status = interrupted and STATUS_INTERRUPTED or STATUS_BROKEN
+    status = interrupted and (SIGNAL_NAMES[signal] and 128 + signal or STATUS_INTERRUPTED) or STATUS_BROKEN
   end
   if run.log then run.log:close() end
-  if status ~= STATUS_INTERRUPTED and status ~= STATUS_BROKEN and run.failures > 0 then
+  if ok and status ~= STATUS_BROKEN and run.failures > 0 then
     run:say("%d of %d lines failed", run.failures, run.done)
   end
   return status

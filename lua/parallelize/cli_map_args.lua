@@ -53,8 +53,9 @@ Options:
 
 Failures (an error, a timeout, a line that is not JSON) are reported on
 stderr with their line numbers; the exit status is the number of failed
-lines, at most 101, 0 when all succeeded; 130 after Ctrl-C; 255 for a usage
-error or an executor that cannot be loaded.
+lines, at most 101, 0 when all succeeded; 130 after Ctrl-C, 143 after
+SIGTERM, 129 after SIGHUP (each stops the run and says how many lines were
+not done); 255 for a usage error or an executor that cannot be loaded.
 ]]
 
 --- What the executor word names: {shape = "inline", code =}, {shape =
