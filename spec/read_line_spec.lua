@@ -1,0 +1,120 @@
+-- core.read_line: a line of a Lua file, every byte up to a newline, NUL
+-- bytes and all, gathered in a buffer kept from call to call (src/lreadline.c).
+-- `pzlua --map` reads its input with it; cli_map_spec covers a read that
+-- Ctrl-C interrupts.
+local core = require "parallelize.core"
+
+local read_line = core.read_line
+
+--- A file holding `text`, opened for reading.
+local function file_with(text)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  f = assert(io.open(path, "rb"))
+  os.remove(path)
+  return f
+end
+
+--- Every read_line of f until the end: a list of {text, whole}.
+local function all_lines(f)
+  local got = {}
+  while true do
+    local text, whole = read_line(f)
+    if text == nil then break end
+    got[#got + 1] = { text, whole }
+  end
+  return got
+end
+
+describe("core.read_line", function()
+  it("gives every byte up to each newline, NUL bytes and carriage returns too", function()
+    local f = file_with("one\n\0two\0\n\nthree\r\nlast")
+    assert.are.same({ { "one", true }, { "\0two\0", true }, { "", true }, { "three\r", true }, { "last", true } },
+      all_lines(f))
+    assert.is_nil(read_line(f)) -- the end stays the end
+    f:close()
+  end)
+
+  it("gives nothing for an empty file, and raises for a closed one", function()
+    local f = file_with("")
+    assert.is_nil(read_line(f))
+    f:close()
+    assert.has_error(function() read_line(f) end, "read_line: the file is closed")
+  end)
+
+  it("reads lines far longer than the file's buffer whole, and short ones after them", function()
+    local long = {}
+    for i = 1, 5 do long[i] = string.rep(string.char(96 + i), (i * 997 * 1024) % (3 * 1024 * 1024) + 1) end
+    local text = table.concat({ long[1], "short", long[2], long[3], "x", long[4], long[5] }, "\n") .. "\n"
+    local f = file_with(text)
+    local got = all_lines(f)
+    f:close()
+    local want = { long[1], "short", long[2], long[3], "x", long[4], long[5] }
+    assert.are.equal(#want, #got)
+    for i = 1, #want do
+      assert.is_true(got[i][1] == want[i], "line " .. i .. " (" .. #want[i] .. " bytes) differs")
+      assert.is_true(got[i][2])
+    end
+  end)
+
+  it("reads alongside file:read on the same file", function()
+    local f = file_with("alpha\nbeta\ngamma\ndelta\n")
+    assert.are.equal("alpha", (read_line(f)))
+    assert.are.equal("beta", f:read("*l"))
+    assert.are.equal("ga", f:read(2))
+    assert.are.equal("mma", (read_line(f)))
+    assert.are.equal("delta", f:read("*l"))
+    assert.is_nil(read_line(f))
+    f:close()
+  end)
+
+  it("reads from two files in turn, each line its own", function()
+    local a, b = file_with("a1\na2\na3"), file_with("b1\nb2\n")
+    assert.are.same({ "a1", "b1", "a2", "b2", "a3" },
+      { (read_line(a)), (read_line(b)), (read_line(a)), (read_line(b)), (read_line(a)) })
+    assert.is_nil(read_line(a))
+    assert.is_nil(read_line(b))
+    a:close()
+    b:close()
+  end)
+
+  it("can be called from a finalizer that runs while it pushes a line", function()
+    -- Finalizers (garbage with one is made anew each turn) that read a
+    -- line of their own run at collections forced from the loop's
+    -- allocations, some of them as read_line pushes its line, which the
+    -- buffer it gathered in must then still hold whole.
+    local inner = file_with(string.rep("inner line\n", 100000))
+    local outer_lines = {}
+    for i = 1, 100000 do outer_lines[i] = string.rep(string.char(97 + i % 26), 40 + i % 50) end
+    local outer = file_with(table.concat(outer_lines, "\n") .. "\n")
+    local inner_got, bad, nested, reading = 0, 0, 0, false
+    local saved = collectgarbage("setpause", 1)
+    local ok, err = pcall(function()
+      for i = 1, 100000 do
+        local mt = getmetatable(newproxy(true))
+        mt.__gc = function()
+          if reading then nested = nested + 1 end
+          local text = read_line(inner)
+          if text then
+            inner_got = inner_got + 1
+            if text ~= "inner line" then bad = bad + 1 end
+          end
+        end
+        reading = true
+        local text = read_line(outer)
+        reading = false
+        if text ~= outer_lines[i] then error("line " .. i .. " differs: " .. tostring(text)) end
+      end
+    end)
+    collectgarbage("setpause", saved)
+    collectgarbage()
+    assert(ok, err)
+    assert.are.equal(0, bad)
+    assert.is_true(inner_got > 0)
+    assert.is_true(nested > 0, "no finalizer ran inside read_line")
+    inner:close()
+    outer:close()
+  end)
+end)
