@@ -163,6 +163,46 @@ io.stderr:write(("calls %%d = %%d consumed + %%d results + %%d errors + %%d abor
     end
   end)
 
+  -- Ctrl-C in a compiled loop of p(i), which the JIT runs through the FFI
+  -- (pool.lua's __call): the signal comes from the loop's own compiled
+  -- code (raise(0) until the iteration named, then raise(SIGINT)), so
+  -- that its hook is set while the trace runs; the next p(i) leaves the
+  -- trace for the interpreter, where the hook fires. The message names no
+  -- line of parallelize's, and the p(i) it lands in queues nothing.
+  describe("Ctrl-C in a compiled loop of p(i) (" .. interp.name .. ")", function()
+    local dir
+    before_each(function() dir = support.tmpdir() end)
+    after_each(function() support.rmdir(dir) end)
+
+    it("raises at no line of parallelize's, and the p(i) it lands in queues nothing", function()
+      support.write(dir .. "/user.lua", [[
+local parallelize = require "parallelize"
+local ffi = require "ffi"
+ffi.cdef "int raise(int sig);"
+local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 1))
+local N, returned = 20000, 0
+local ok, err = pcall(function()
+  for i = 1, 2 * N - 1 do
+    ffi.C.raise(2 * math.floor(i / N)) -- no branch: the trace stays whole
+    p(i)
+    returned = returned + 1
+  end
+end)
+print("caught", ok, err)
+assert(p:wait(30))
+print(("calls %d returned %d results %d"):format(p.calls, returned, #p.results))
+p:stop()
+]])
+      local out, status = support.run(("cd %s && LUA_PATH=%s %s user.lua"):format(quote(dir),
+        quote("./?.lua;" .. ROOT .. "/lua/?.lua;;"), interp.cmd))
+      assert.equal(0, status, out)
+      local err = out:match("caught\tfalse\t([^\n]*)\n")
+      assert.is_truthy(err, out)
+      assert.is_truthy(err == "interrupted!" or err:match("^user%.lua:%d+: interrupted!$"), err)
+      assert.matches("calls 19999 returned 19999 results 19999\n", out)
+    end)
+  end)
+
   -- Ctrl-C while records are turned into values: here the value names a
   -- module that the parent loads as it decodes it, whose top-level code
   -- sends SIGINT to the parent (in the middle of the drain, as a Ctrl-C

@@ -47,6 +47,7 @@ end
 local opts = { workers = 2, quiet = true }
 if mode == "map_unchunked" then opts.timeout = 60 end
 if mode == "result" then opts.keep_results = false end
+if mode == "loop_room" then opts.max_pending = 16 end
 
 local next_x = 0
 --- A fresh argument: a number never used before, negative (raising) with
@@ -106,6 +107,27 @@ function body.calls()
     end
   end
 end
+
+-- A long loop of p(x), compiled (the JIT takes p(x) of a number through
+-- the FFI: the interrupt must come out of it, and the p(x) it lands in
+-- queue nothing), with a compiled spin between the calls so that the
+-- workers keep up; under loop_room, max_pending makes most p(x) wait.
+local function spin(n)
+  local s = 0
+  for k = 1, n do s = s + k % 7 end
+  return s
+end
+local spun = 0
+function body.loop()
+  while true do
+    for _ = 1, math.random(1000, 20000) do
+      p(fresh(0.01))
+      spun = spun + spin(50)
+    end
+    p:wait()
+  end
+end
+body.loop_room = body.loop
 
 -- p:result(id) with keep_results = false: each answer handed over once.
 function body.result()

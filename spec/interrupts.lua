@@ -29,7 +29,7 @@ local LOST_AFTER = 2
 
 local M = {}
 
-M.modes = { "calls", "result", "map", "map_unchunked", "stream", "stream_ordered", "executors" }
+M.modes = { "calls", "loop", "loop_room", "result", "map", "map_unchunked", "stream", "stream_ordered", "executors" }
 
 local ROOT = io.popen("pwd"):read("*l")
 

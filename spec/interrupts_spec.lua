@@ -1,7 +1,8 @@
 -- Ctrl-C at random moments, a few of each kind (the harness and its
 -- checks are spec/interrupts.lua's; `make soak-interrupts` runs hundreds):
 -- under pzlua and a plain luajit, one trial of every mode (p(i) loops with
--- waits and take, p:result, maps chunked and not, streams ordered and not,
+-- waits and take, long compiled loops of p(i) with and without
+-- max_pending, p:result, maps chunked and not, streams ordered and not,
 -- pools made, read and stopped), and two of pzlua --map. None may lose the
 -- interrupt or find a call in no place or in two.
 local harness = require "spec.interrupts"

@@ -557,9 +557,7 @@ int pz_encode_scalar(lua_State *L, int idx, pz_buf *out, pz_arena_writer *arena)
         }
         if (!(w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_VARINT_MAX_BYTES + n)))
             return 0;
-        size_t h = pz_put_string_header(w, n);
-        memcpy(w + h, s, n);
-        out->len += h + n;
+        out->len += pz_put_string(w, s, n);
         return 1;
     case LUA_TBOOLEAN:
     case LUA_TNIL: {

@@ -159,9 +159,7 @@ static inline void enc_string(enc *e, const char *s, size_t n)
             return;
     }
     uint8_t *w = enc_room(e, 1 + PZ_VARINT_MAX_BYTES + n);
-    size_t h = pz_put_string_header(w, n);
-    memcpy(w + h, s, n);
-    e->out->len += h + n;
+    e->out->len += pz_put_string(w, s, n);
 }
 
 /* Width of the padded varints written before their value is known: 5 bytes

@@ -138,4 +138,13 @@ static inline size_t pz_put_string_header(uint8_t *dst, size_t len)
     return 1 + pz_put_varint(dst + 1, len);
 }
 
+/* Writes string s of length len inline, its header then its bytes;
+ * returns the byte count (at most 1 + PZ_VARINT_MAX_BYTES + len). */
+static inline size_t pz_put_string(uint8_t *dst, const char *s, size_t len)
+{
+    size_t h = pz_put_string_header(dst, len);
+    memcpy(dst + h, s, len);
+    return h + len;
+}
+
 #endif

@@ -7,7 +7,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -490,15 +489,8 @@ static double fast_queue(lpool *u, double x, const char *s, size_t n)
     uint8_t *d = (uint8_t *)pz_pool_reserve_call(p, bound);
     if (!d)
         return 0;
-    size_t len = 1;
-    d[0] = 1; /* the tuple's count, a one-byte varint */
-    if (s) {
-        len += pz_put_string_header(d + len, n);
-        memcpy(d + len, s, n);
-        len += n;
-    } else {
-        len += pz_put_number(d + len, x);
-    }
+    size_t len = pz_put_varint(d, 1); /* the tuple's count */
+    len += s ? pz_put_string(d + len, s, n) : pz_put_number(d + len, x);
     if (len > p->opt.max_message)
         return 0; /* reserved, not queued: pz_lpool_call raises */
     return (double)pz_pool_commit_call(p, len, 0, 0, 0);

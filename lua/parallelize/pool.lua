@@ -65,10 +65,21 @@ do
 end
 local jit_status = jit.status
 
+-- Run protected (call below): when Ctrl-C lands in a compiled loop of
+-- p(x), the next p(x) is declined (a hook is set) and leaves the trace
+-- in this function, where the hook fires and raises "interrupted!" at the
+-- position of the Lua function running, a line of this file. Caught, it
+-- is raised again at the user's line (caller.reraise), as parallelize's
+-- other functions do.
 local function fast_call(u, x)
-  local kind = type(x)
-  if kind == "number" then return fast_number(u, x) end
-  if kind == "string" then return fast_string(u, x, #x) end
+  local kind, id = type(x), 0
+  if kind == "number" then
+    id = fast_number(u, x)
+  elseif kind == "string" then
+    id = fast_string(u, x, #x)
+  end
+  if id > 0 then return id end
+  if id < 0 and not jit_status() then pool_mt.__call = call_c end
   return 0
 end
 
@@ -76,9 +87,9 @@ local function call(p, ...)
   if select("#", ...) == 1 then
     local u = fast_of[p]
     if u then
-      local id = fast_call(u, (...))
+      local ok, id = pcall(fast_call, u, (...))
+      if not ok then caller.reraise(id) end
       if id > 0 then return id end
-      if id < 0 and not jit_status() then pool_mt.__call = call_c end
     end
   end
   return call_c(p, ...)
