@@ -92,7 +92,9 @@ enum {
 #define PZ_FIXINT_MAX 127
 #define PZ_MAX_SAFE_INT 9007199254740992.0 /* 2^53 */
 
-/* Room one number can take: a tag and an 8-byte double. */
+/* Room reserved for one number: pz_put_number writes at most 9 bytes (a
+ * tag and an 8-byte double, or a tag and a varint of at most 53 bits);
+ * 11 would hold a tag and a varint of any 64 bits. */
 #define PZ_NUMBER_MAX_BYTES 11
 
 /* Writes the encoding of number d at dst (room: PZ_NUMBER_MAX_BYTES);
