@@ -79,6 +79,7 @@ static struct {
     int handler_ref;     /* registry ref of on_error */
     int run_ref;         /* registry ref of run_call */
     pz_frame call;       /* the call run_call works on */
+    int in_executor;     /* run_call is in the executor (IN_EXECUTOR) */
     pz_slot_shared *shared; /* where the running call's id is published */
     pz_spin spin;        /* how reads poll before they block */
     pz_buf scratch;      /* an error value being encoded */
@@ -208,24 +209,32 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
     lua_settop(L, t);
 }
 
-/* Protected: runs the call in W.call.  Decoding the arguments or encoding
- * the result may raise; the executor's own errors are caught inside with
- * on_error and become ERROR frames.  Takes the output's lock once the
- * executor has returned, and leaves it held (handle_call releases it):
- * W.mark says where this call's frame began. */
+/* Where run_call is: what an error it raises comes from. */
+enum { IN_CODEC = 0, IN_EXECUTOR = 1 };
+
+/* Protected, with on_error as the message handler, which is also at 1 (a
+ * chunk's items are called with it): runs the call in W.call.  Decoding
+ * the arguments or encoding the result may raise, and so may the
+ * executor, which is called unprotected (one protected call a call, not
+ * two: it costs a tiny call's time); W.in_executor tells handle_call which
+ * raised.  Takes the output's lock once the executor has returned, and
+ * leaves it held (handle_call releases it): W.mark says where this call's
+ * frame began. */
 static int run_call(lua_State *L)
 {
     uint64_t id = W.call.id;
     int64_t t0 = W.started;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
-    int handler = lua_gettop(L);
+    const int handler = 1;
+    W.in_executor = IN_CODEC;
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS, W.reader);
-    int rc = 0;
-    if (W.call.flags & PZ_CALL_CHUNK)
+    if (W.call.flags & PZ_CALL_CHUNK) {
         pz_chunk_run(L, handler, nargs); /* its items' errors are in its answer */
-    else
-        rc = lua_pcall(L, nargs, LUA_MULTRET, handler);
+    } else {
+        W.in_executor = IN_EXECUTOR;
+        lua_call(L, nargs, LUA_MULTRET);
+        W.in_executor = IN_CODEC;
+    }
     W.clock = pz_now_ns();
     uint64_t ns = (uint64_t)(W.clock - t0);
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
@@ -234,15 +243,6 @@ static int run_call(lua_State *L)
     pz_buf *out = pz_wout_buf();
     W.mark = out->len;
     W.mark_frames = pz_wout_frames();
-    if (rc != 0) {
-        if (lua_istable(L, -1)) {
-            put_error_from_table(L, id, ns);
-        } else { /* out of memory or an error in the handler itself */
-            const char *m = lua_tostring(L, -1);
-            put_error_message(id, ns, m ? m : "error in the error handler");
-        }
-        return 0;
-    }
     /* Every value the executor returned travels, as a tuple. */
     int nres = lua_gettop(L) - handler;
     size_t start = out->len;
@@ -278,6 +278,39 @@ static int run_call(lua_State *L)
     return 0;
 }
 
+/* Protected: the executor raised the error at 1 (on_error's table, or a
+ * message when there was no memory for one or on_error itself failed):
+ * takes the output's lock and appends the call's ERROR frame, with the
+ * time the call ran. */
+static int report_executor_error(lua_State *L)
+{
+    W.clock = pz_now_ns();
+    uint64_t ns = (uint64_t)(W.clock - W.started);
+    W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
+    if (pz_wout_lock())
+        W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
+    W.mark = pz_wout_buf()->len;
+    W.mark_frames = pz_wout_frames();
+    if (lua_istable(L, 1)) {
+        put_error_from_table(L, W.call.id, ns);
+    } else { /* out of memory or an error in the handler itself */
+        const char *m = lua_tostring(L, 1);
+        put_error_message(W.call.id, ns, m ? m : "error in the error handler");
+    }
+    return 0;
+}
+
+/* The message of the error on top: on_error's table's first field, or the
+ * value itself (a memory error skips the handler). */
+static const char *error_message(lua_State *L)
+{
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, 1);
+        lua_replace(L, -2);
+    }
+    return lua_tostring(L, -1);
+}
+
 static void handle_call(lua_State *L, const pz_frame *f)
 {
     /* A remote worker writes what it has before each call: the parent,
@@ -300,19 +333,33 @@ static void handle_call(lua_State *L, const pz_frame *f)
     W.started = W.clock ? W.clock : pz_now_ns();
     atomic_store_explicit(&W.shared->started, W.started, memory_order_relaxed);
     atomic_store_explicit(&W.shared->running, f->id, memory_order_release);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
-    if (lua_pcall(L, 0, 0, 0) != 0) {
-        /* The codec raised: drop any partial frame, report why. */
-        if (pz_wout_locked()) {
-            pz_wout_truncate(W.mark, W.mark_frames);
-        } else {
-            pz_wout_lock();
+    lua_pushvalue(L, 1);
+    if (lua_pcall(L, 1, 0, 1) != 0) {
+        int raised = lua_gettop(L);
+        int reported = 0;
+        if (W.in_executor == IN_EXECUTOR) {
+            /* Nothing of the call is in the output yet, nor is it locked. */
+            lua_pushcfunction(L, report_executor_error);
+            lua_pushvalue(L, raised);
+            reported = lua_pcall(L, 1, 0, 0) == 0;
+            lua_settop(L, raised);
         }
-        if (W.ring_marked) /* the result's blocks: no frame names them */
-            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
-        const char *m = lua_tostring(L, -1);
-        lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
-        put_error_message(f->id, 0, lua_tostring(L, -1));
+        if (!reported) {
+            /* The codec raised (or reporting the executor's error did):
+             * drop any partial frame, report why. */
+            if (pz_wout_locked()) {
+                pz_wout_truncate(W.mark, W.mark_frames);
+            } else {
+                pz_wout_lock();
+            }
+            if (W.ring_marked) /* the result's blocks: no frame names them */
+                pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+            const char *m = error_message(L);
+            lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
+            put_error_message(f->id, 0, lua_tostring(L, -1));
+        }
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
