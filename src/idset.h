@@ -63,9 +63,17 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
 {
     if (id < s->low)
         return 0;
-    if (id - s->low >= 64 * (uint64_t)s->cap && pz_idset_grow(s, id) != 0)
-        return -1;
-    s->bits[(id >> 6) & (s->cap - 1)] |= 1ull << (id & 63);
+    if (id == s->low) {
+        /* The usual case, calls finishing in order: no bit to set (the
+         * ring is made only once one finishes ahead of another). */
+        s->low++;
+        if (!s->cap)
+            return 0;
+    } else {
+        if (id - s->low >= 64 * (uint64_t)s->cap && pz_idset_grow(s, id) != 0)
+            return -1;
+        s->bits[(id >> 6) & (s->cap - 1)] |= 1ull << (id & 63);
+    }
     /* The ids from low on that have finished go below low, their bits
      * cleared for the ids the ring will cover next. */
     while (pz_idset_bit(s, s->low)) {

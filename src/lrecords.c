@@ -203,8 +203,12 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
         lua_pushnumber(L, (lua_Number)f->id);
         lua_insert(L, -2);
         lua_rawset(L, D_UNCLAIMED);
+    } else if (count == 1 && !lua_isnil(L, top + 1)) {
+        /* The usual case, one value: stored as it is, the stack back at top. */
+        lua_rawseti(L, l->base, ++l->nresults);
+        lua_pushnumber(L, (lua_Number)f->id);
+        lua_rawseti(L, l->base + 1, l->nresults);
     } else {
-        int single = count == 1 && !lua_isnil(L, top + 1);
         if (count == 0)
             lua_pushnil(L);
         lua_pushvalue(L, top + 1);
@@ -215,13 +219,12 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
         lua_rawseti(L, l->base, ++l->nresults);
         lua_pushnumber(L, (lua_Number)f->id);
         lua_rawseti(L, l->base + 1, l->nresults);
-        if (!single) {
-            lua_settop(L, top + count);
-            pack(L, count);
-            lua_pushnumber(L, (lua_Number)f->id);
-            lua_insert(L, -2);
-            lua_rawset(L, l->base + 3);
-        }
+        /* Every value, in extras[id]. */
+        lua_settop(L, top + count);
+        pack(L, count);
+        lua_pushnumber(L, (lua_Number)f->id);
+        lua_insert(L, -2);
+        lua_rawset(L, l->base + 3);
     }
     lua_settop(L, top);
     pz_idset_add(&d->u->finished, f->id);
