@@ -649,17 +649,21 @@ describe("pzlua --map", function()
       for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
     end)
 
-    it("Ctrl-C stops at once, says how many lines were not done, and --resume finishes them", function()
+    --- Runs a map of 300 lines, stops it with send(job) once 20 lines are
+    -- out, and checks that it ended with `status` at once, saying "<how>:
+    -- D lines done, N lines not done", that the D lines are written and
+    -- logged, no worker is left, and a --resume runs exactly the N others.
+    local function stops_and_resumes(send, status, how)
       local n = 300
       local fn = "function(x) require('parallelize').sleep(0.01) return x end"
       local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
       wait_output(job, 20)
       local sent = core.now()
-      assert.is_true(support.kill(-job.pgid, SIGINT))
-      assert.are.equal(130, wait_status(job))
+      assert.is_true(send(job))
+      assert.are.equal(status, wait_status(job))
       assert.is_true(core.now() - sent < 5, "took " .. (core.now() - sent) .. " s")
       local err = read(job.err)
-      local done, not_done = err:match("interrupted: (%d+) lines done, (%d+) lines not done; "
+      local done, not_done = err:match(how .. ": (%d+) lines done, (%d+) lines not done; "
         .. "rerun with %-%-resume %-%-joblog jobs%.log to finish them\n")
       assert.is_truthy(done, err)
       done, not_done = tonumber(done), tonumber(not_done)
@@ -669,35 +673,21 @@ describe("pzlua --map", function()
       assert.are.equal(done, #lines_of(read(job.out)))
       assert.are.equal(done, #entries)
       assert.is_true(all_gone(pids_of(entries)), "workers outlived the command")
-      local out, _, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
-      assert.are.equal(0, status)
+      local out, _, rerun_status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
+      assert.are.equal(0, rerun_status)
       assert.are.equal(not_done, #lines_of(out))
       local all = set_of(joblog(dir .. "/jobs.log"))
       for i = 1, n do assert.is_true(all[i], "line " .. i .. " is not in the joblog") end
+    end
+
+    it("Ctrl-C stops at once, says how many lines were not done, and --resume finishes them", function()
+      stops_and_resumes(function(job) return support.kill(-job.pgid, SIGINT) end, 130, "interrupted")
     end)
 
     for _, case in ipairs({ { name = "SIGTERM", number = 15 }, { name = "SIGHUP", number = 1 } }) do
       it(case.name .. " stops it as Ctrl-C does, with status " .. 128 + case.number, function()
-        local n = 300
-        local fn = "function(x) require('parallelize').sleep(0.01) return x end"
-        local job = start({ "-j", "2", "--joblog", "jobs.log", fn }, numbers(n))
-        wait_output(job, 20)
-        assert.is_true(support.kill(job.pid, case.number))
-        assert.are.equal(128 + case.number, wait_status(job))
-        local err = read(job.err)
-        local done, not_done = err:match("stopped by " .. case.name .. ": (%d+) lines done, (%d+) lines not done; "
-          .. "rerun with %-%-resume %-%-joblog jobs%.log to finish them\n")
-        assert.is_truthy(done, err)
-        done, not_done = tonumber(done), tonumber(not_done)
-        assert.are.equal(n, done + not_done)
-        assert.is_true(not_done > 0)
-        local entries = joblog(dir .. "/jobs.log")
-        assert.are.equal(done, #lines_of(read(job.out)))
-        assert.are.equal(done, #entries)
-        assert.is_true(all_gone(pids_of(entries)), "workers outlived the command")
-        local out, _, status = map({ "-j", "2", "--joblog", "jobs.log", "--resume", fn }, numbers(n))
-        assert.are.equal(0, status)
-        assert.are.equal(not_done, #lines_of(out))
+        stops_and_resumes(function(job) return support.kill(job.pid, case.number) end, 128 + case.number,
+          "stopped by " .. case.name)
       end)
     end
 
