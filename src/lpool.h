@@ -99,9 +99,10 @@ static inline int pz_lpool_marked_above(uintptr_t mark, uintptr_t here)
     return mark != 0 && here < mark;
 }
 
-/* lsubmit.c.  pz_lpool_call is the pool's __call: p(...) -> id, the
- * arguments encoded and queued (nothing is queued when one cannot be
- * encoded; the error says which).  pz_lpool_submit, pz_lpool_submit_each
+/* lsubmit.c.  pz_lpool_call is core.pool_call, p(...) -> id (the pool's
+ * __call with the JIT off; otherwise pool.lua's, which goes to it for all
+ * but one number or short string): the arguments encoded and queued
+ * (nothing is queued when one cannot be encoded; the error says which).  pz_lpool_submit, pz_lpool_submit_each
  * and pz_lpool_submit_chunk are core.pool_submit, core.pool_submit_each
  * and core.pool_submit_chunk (their comments).  pz_lpool_has_room says
  * whether p(...) may queue one more call now: fewer than max_pending

@@ -2,7 +2,9 @@
  * lsubmit.c - queuing calls from Lua: p(...), core.pool_submit and
  * core.pool_submit_each encode their arguments and queue them (pool.h),
  * waiting first while the pool has no room (max_pending,
- * max_pending_bytes).  Main thread only; the rules about Lua code that
+ * max_pending_bytes); p(x) of one number or short string from compiled
+ * code queues through core.fast_submit, which never raises nor waits
+ * (its section below).  Main thread only; the rules about Lua code that
  * runs while arguments are encoded are lpool.c's (its header comment).
  */
 #include <math.h>
