@@ -150,7 +150,7 @@ static int msghandler(lua_State *L)
 /* ---- Ctrl-C ---------------------------------------------------------- */
 
 /* The state running a chunk, for the signal handler. */
-static lua_State *volatile sigint_state;
+static lua_State *volatile chunk_state;
 /* The signals caught while a chunk runs: SIGINT always; SIGTERM and
  * SIGHUP too under `pzlua --map` (stop_signals_caught), so that a map ended
  * by timeout(1), kill or a closed terminal stops as after Ctrl-C: what is
@@ -169,7 +169,7 @@ static volatile sig_atomic_t signal_caught;
  * that of the Lua function running (level 0: a hook adds no frame of its
  * own), as luajit gives it: "loop.lua:2: interrupted!". SIGTERM and
  * SIGHUP raise the same error: parallelize knows "interrupted!" as the
- * one error that may land anywhere (pzlua_signal_caught says which). */
+ * one error that may land anywhere (signal_caught says which). */
 static void interrupt_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
@@ -184,7 +184,7 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar)
  * signal kills when the first cannot take effect, e.g. in a JIT-compiled
  * loop or a long C call) and sets a hook; lua_sethook is safe to call
  * from a signal handler. */
-static void sigint_handler(int sig)
+static void stop_signal_handler(int sig)
 {
     int saved_errno = errno;
     struct sigaction dfl;
@@ -193,7 +193,7 @@ static void sigint_handler(int sig)
     sigemptyset(&dfl.sa_mask);
     sigaction(sig, &dfl, NULL);
     signal_caught = sig;
-    lua_sethook(sigint_state, interrupt_hook,
+    lua_sethook(chunk_state, interrupt_hook,
                 LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
     errno = saved_errno;
 }
@@ -204,13 +204,13 @@ static void sigint_handler(int sig)
  * not ignored (nohup ignores SIGHUP: that says the run must outlive its
  * terminal). No SA_RESTART: a read blocked in the chunk returns EINTR, so
  * the hook gets its chance promptly. A failure only costs the feature. */
-static void sigint_arm(lua_State *L)
+static void stop_signals_arm(lua_State *L)
 {
     struct sigaction act;
     memset(&act, 0, sizeof act);
-    act.sa_handler = sigint_handler;
+    act.sa_handler = stop_signal_handler;
     sigemptyset(&act.sa_mask);
-    sigint_state = L;
+    chunk_state = L;
     signal_caught = 0;
     for (int i = 0; i < CAUGHT_SIGNALS; i++) {
         int sig = caught_signals[i];
@@ -230,7 +230,7 @@ static void sigint_arm(lua_State *L)
 /* Puts back the dispositions from before the chunk (the default in a
  * terminal; ignored stays ignored), and drops an interrupt hook that came
  * too late to fire, so it does not hit the next chunk. */
-static void sigint_disarm(lua_State *L)
+static void stop_signals_disarm(lua_State *L)
 {
     for (int i = 0; i < CAUGHT_SIGNALS; i++) {
         if (armed[i] && sigaction(caught_signals[i], &saved_actions[i], NULL) != 0)
@@ -242,7 +242,7 @@ static void sigint_disarm(lua_State *L)
         lua_sethook(L, NULL, 0, 0);
 }
 
-/* pzlua_signal_caught() -> the number of the signal whose handler ran last
+/* signal_caught() -> the number of the signal whose handler ran last
  * since the chunk started, or 0: which one an "interrupted!" came from. */
 static int l_signal_caught(lua_State *L)
 {
@@ -260,9 +260,9 @@ int pzlua_docall(lua_State *L, int narg, int nres)
     int base = lua_gettop(L) - narg;
     lua_pushcfunction(L, msghandler);
     lua_insert(L, base);
-    sigint_arm(L);
+    stop_signals_arm(L);
     int status = lua_pcall(L, narg, nres, base);
-    sigint_disarm(L);
+    stop_signals_disarm(L);
     lua_remove(L, base);
     return status;
 }
