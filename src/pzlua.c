@@ -147,7 +147,7 @@ static int msghandler(lua_State *L)
     return 1;
 }
 
-/* ---- Ctrl-C ---------------------------------------------------------- */
+/* ---- Ctrl-C, SIGTERM, SIGHUP ------------------------------------------ */
 
 /* The state running a chunk, for the signal handler. */
 static lua_State *volatile chunk_state;
