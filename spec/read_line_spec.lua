@@ -117,4 +117,47 @@ describe("core.read_line", function()
     inner:close()
     outer:close()
   end)
+
+  it("frees what it gathered of a line it has no memory for, and goes on #nosan", function()
+    -- A pzlua of its own limits its address space (RLIMIT_AS; no
+    -- AddressSanitizer, which reserves terabytes) to 100 MB above what it
+    -- has: a 100 MB line fails with 64 MB gathered. Kept until the next
+    -- read_line, those left room for a string of 16 MB at most (it takes
+    -- twice its size to build); freed, for one of 36 MB.
+    local support = require "spec.support"
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local w = assert(io.open(dir .. "/input", "wb"))
+    local mb = string.rep("x", 1048576)
+    for _ = 1, 100 do w:write(mb) end
+    w:write("\nafter\n")
+    w:close()
+    support.write(dir .. "/low.lua", [[
+local read_line = require("parallelize.core").read_line
+local ffi = require "ffi"
+ffi.cdef "struct pz_spec_rlimit { unsigned long cur, max; };"
+ffi.cdef "int setrlimit(int resource, const struct pz_spec_rlimit *rlim);"
+local f = assert(io.open(arg[1], "rb"))
+local vmsize
+for line in io.lines("/proc/self/status") do vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)")) end
+assert(ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", vmsize * 1024 + 100 * 1048576, -1ULL)) == 0)
+print("read", pcall(read_line, f))
+local ok, s = pcall(string.rep, "z", 26 * 1048576)
+print("string", ok, ok and #s or s)
+s = nil
+assert(ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", -1ULL, -1ULL)) == 0)
+local rest, whole = read_line(f)
+print("rest", #rest, whole, rest:find("[^x]"))
+print("next", read_line(f))
+print("end", read_line(f))
+]])
+    local out, status = support.run("timeout -k 5 60 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/low.lua") .. " " .. support.quote(dir .. "/input"))
+    assert.are.equal(0, status, out)
+    assert.matches("read\tfalse\tread_line: out of memory for a line of %d+ bytes\n", out)
+    assert.matches("string\ttrue\t27262976\n", out)
+    local rest = tonumber(out:match("rest\t(%d+)\ttrue\tnil\n"))
+    assert.is_true(rest and rest > 0 and rest < 100 * 1048576, out)
+    assert.matches("next\tafter\ttrue\nend\tnil\n", out)
+  end)
 end)

@@ -77,12 +77,18 @@ static line_buffer *take_line_buffer(lua_State *L, uintptr_t here)
     return lb;
 }
 
-/* Appends n bytes, raising when memory runs out (the buffer keeps what it
- * had; its owner frees it). */
+/* Appends n bytes, raising when memory runs out.  The line is lost then,
+ * and what it had gathered is freed first, and the buffer left to anyone:
+ * kept until the next read_line, it would leave the caller, and the
+ * raise's own message, short of the memory that ran out. */
 static void gather(lua_State *L, line_buffer *lb, const char *p, size_t n)
 {
-    if (pz_buf_append(&lb->b, p, n) != 0)
-        luaL_error(L, "read_line: out of memory for a line of %f bytes", (double)lb->b.len + (double)n);
+    if (pz_buf_append(&lb->b, p, n) != 0) {
+        double size = (double)lb->b.len + (double)n;
+        pz_buf_free(&lb->b);
+        lb->user = 0; /* this call's mark: a fresh buffer has none */
+        luaL_error(L, "read_line: out of memory for a line of %f bytes", size);
+    }
 }
 
 /* Reads into lb up to a newline (not kept) or the end of what the file

@@ -78,6 +78,7 @@ static struct {
     int exec_ref;        /* registry ref of the executor */
     int handler_ref;     /* registry ref of on_error */
     int run_ref;         /* registry ref of run_call */
+    int report_ref;      /* registry ref of report_executor_error */
     pz_frame call;       /* the call run_call works on */
     int in_executor;     /* run_call is in the executor (IN_EXECUTOR) */
     pz_slot_shared *shared; /* where the running call's id is published */
@@ -212,24 +213,31 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
 /* Where run_call is: what an error it raises comes from. */
 enum { IN_CODEC = 0, IN_EXECUTOR = 1 };
 
-/* Protected, with on_error as the message handler, which is also at 1 (a
- * chunk's items are called with it): runs the call in W.call.  Decoding
- * the arguments or encoding the result may raise, and so may the
- * executor, which is called unprotected (one protected call a call, not
- * two: it costs a tiny call's time); W.in_executor tells handle_call which
- * raised.  Takes the output's lock once the executor has returned, and
- * leaves it held (handle_call releases it): W.mark says where this call's
- * frame began. */
+/* Protected: runs the call in W.call.  Decoding the arguments or encoding
+ * the result may raise, and so may the executor, which is called
+ * unprotected (one protected call a call, not two: it costs a tiny call's
+ * time); W.in_executor tells handle_call which raised.  A plain call's
+ * protected call has on_error as its message handler, below run_call; a
+ * chunk's has none (its items' errors are caught one by one, with on_error
+ * pushed here).  Either way the executor's frames begin where they did
+ * when run_call pushed the handler and called the executor protected:
+ * LuaJIT leaves a message handler a little stack after a stack overflow,
+ * and whether on_error fits in it, and the error keeps its traceback,
+ * depends on that place.  Takes the output's lock once the executor has
+ * returned, and leaves it held (handle_call releases it): W.mark says
+ * where this call's frame began. */
 static int run_call(lua_State *L)
 {
     uint64_t id = W.call.id;
     int64_t t0 = W.started;
-    const int handler = 1;
-    W.in_executor = IN_CODEC;
+    int chunk = (W.call.flags & PZ_CALL_CHUNK) != 0;
+    if (chunk)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
+    int base = lua_gettop(L); /* the executor goes above */
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
     int nargs = pz_decode_tuple(L, W.call.payload, W.call.len, PZ_DECODE_FUNCTIONS, W.reader);
-    if (W.call.flags & PZ_CALL_CHUNK) {
-        pz_chunk_run(L, handler, nargs); /* its items' errors are in its answer */
+    if (chunk) {
+        pz_chunk_run(L, base, nargs); /* its items' errors are in its answer */
     } else {
         W.in_executor = IN_EXECUTOR;
         lua_call(L, nargs, LUA_MULTRET);
@@ -244,7 +252,7 @@ static int run_call(lua_State *L)
     W.mark = out->len;
     W.mark_frames = pz_wout_frames();
     /* Every value the executor returned travels, as a tuple. */
-    int nres = lua_gettop(L) - handler;
+    int nres = lua_gettop(L) - base;
     size_t start = out->len;
     char *hdr = pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
     if (!hdr)
@@ -260,7 +268,7 @@ static int run_call(lua_State *L)
         W.ring_mark = pz_ring_writer_mark(&W.ring);
         W.ring_marked = 1;
     }
-    pz_encode_tuple(L, handler + 1, nres, out, "result",
+    pz_encode_tuple(L, base + 1, nres, out, "result",
                     W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0, W.writer);
     size_t len = out->len - start - PZ_FRAME_HEADER;
     size_t size = len + (W.writer ? W.writer->placed : 0);
@@ -300,15 +308,34 @@ static int report_executor_error(lua_State *L)
     return 0;
 }
 
-/* The message of the error on top: on_error's table's first field, or the
- * value itself (a memory error skips the handler). */
-static const char *error_message(lua_State *L)
+/* Appends call id's ERROR frame for the error on top, which the codec
+ * raised (or which reporting the executor's error raised): "call N:
+ * message".  Outside any protected call, where a raise would abort the
+ * process, and maybe because memory ran out: so nothing here allocates
+ * from Lua.  `handled` says the error went through on_error, whose table's
+ * first field is the message (a memory error skips the handler and stays
+ * a string); a chunk's codec error is the value raised. */
+static void put_codec_error(lua_State *L, uint64_t id, int handled)
 {
-    if (lua_istable(L, -1)) {
-        lua_rawgeti(L, -1, 1);
-        lua_replace(L, -2);
+    int t = lua_gettop(L);
+    if (handled && lua_istable(L, t)) {
+        lua_rawgeti(L, t, 1);
+        t++;
     }
-    return lua_tostring(L, -1);
+    const char *m = "unknown error";
+    char num[32];
+    if (lua_type(L, t) == LUA_TSTRING) {
+        m = lua_tostring(L, t);
+    } else if (lua_type(L, t) == LUA_TNUMBER) { /* lua_tostring would allocate */
+        snprintf(num, sizeof num, "%.14g", (double)lua_tonumber(L, t));
+        m = num;
+    }
+    size_t size = strlen(m) + 48;
+    char *text = malloc(size);
+    if (text)
+        snprintf(text, size, "call %.14g: %s", (double)id, m);
+    put_error_message(id, 0, text ? text : m);
+    free(text);
 }
 
 static void handle_call(lua_State *L, const pz_frame *f)
@@ -333,15 +360,20 @@ static void handle_call(lua_State *L, const pz_frame *f)
     W.started = W.clock ? W.clock : pz_now_ns();
     atomic_store_explicit(&W.shared->started, W.started, memory_order_relaxed);
     atomic_store_explicit(&W.shared->running, f->id, memory_order_release);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
+    /* run_call says where the executor's frames begin (and why there). */
+    int chunk = (f->flags & PZ_CALL_CHUNK) != 0;
+    W.in_executor = IN_CODEC;
+    if (!chunk)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
     lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_ref);
-    lua_pushvalue(L, 1);
-    if (lua_pcall(L, 1, 0, 1) != 0) {
+    if (lua_pcall(L, 0, 0, chunk ? 0 : 1) != 0) {
+        /* Unprotected from here on: no allocation from Lua (the error may
+         * be that memory ran out, or may leave none to the report). */
         int raised = lua_gettop(L);
         int reported = 0;
         if (W.in_executor == IN_EXECUTOR) {
             /* Nothing of the call is in the output yet, nor is it locked. */
-            lua_pushcfunction(L, report_executor_error);
+            lua_rawgeti(L, LUA_REGISTRYINDEX, W.report_ref);
             lua_pushvalue(L, raised);
             reported = lua_pcall(L, 1, 0, 0) == 0;
             lua_settop(L, raised);
@@ -356,9 +388,7 @@ static void handle_call(lua_State *L, const pz_frame *f)
             }
             if (W.ring_marked) /* the result's blocks: no frame names them */
                 pz_ring_writer_rewind(&W.ring, &W.ring_mark);
-            const char *m = error_message(L);
-            lua_pushfstring(L, "call %f: %s", (double)f->id, m ? m : "unknown error");
-            put_error_message(f->id, 0, lua_tostring(L, -1));
+            put_codec_error(L, f->id, !chunk);
         }
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
@@ -816,6 +846,8 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, run_call);
     W.run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, report_executor_error);
+    W.report_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     for (;;) {
         pz_frame f = next_frame();
         if (f.type == PZ_F_CALL)

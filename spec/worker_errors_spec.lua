@@ -1,0 +1,66 @@
+-- How a worker reports a call whose executor raised: through on_error
+-- (message, traceback, value), without the worker dying, even when the
+-- executor left no stack or no memory behind it.
+local parallelize = require "parallelize"
+
+describe("a call that fails in its worker", function()
+  it("reports an executor's stack overflow with its place and traceback, call after call", function()
+    -- LuaJIT leaves the message handler a little stack after an overflow,
+    -- how much depends on where the executor's frames begin: the worker
+    -- calls the executor as deep in the stack as it always has.
+    local p = parallelize.Parallelize(function()
+      local function f() return 1 + f() end
+      return f()
+    end, { workers = 1 })
+    for i = 1, 3 do p(i) end
+    assert.is_true(p:wait(60))
+    p:stop()
+    assert.are.equal(3, #p.errors)
+    for _, e in ipairs(p.errors) do
+      assert.matches("worker_errors_spec.lua:%d+: stack overflow$", e.message)
+      assert.matches("in function 'f'", e.traceback)
+    end
+  end)
+
+  it("reports an executor that left no memory, not even for its handler, and lives #nosan", function()
+    -- The worker limits its address space (RLIMIT_AS), fills it with
+    -- objects it keeps, then raises: on_error cannot build its table, and
+    -- nothing may allocate outside a protected call while the worker
+    -- reports the error (LuaJIT would abort the process). AddressSanitizer
+    -- reserves terabytes of address space and cannot run under the limit.
+    local p = parallelize.Parallelize(function(what)
+      local ffi = require "ffi"
+      pcall(ffi.cdef, [[
+        struct pz_spec_rlimit { unsigned long cur, max; };
+        int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
+      ]])
+      local RLIMIT_AS = 9
+      if what == "fill" then
+        local vmsize
+        for line in io.lines("/proc/self/status") do
+          vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)"))
+        end
+        local slots = {}
+        for i = 1, 4000000 do slots[i] = false end
+        _G.pz_spec_kept = { slots = slots }
+        local message = "the executor is out of memory"
+        assert(ffi.C.setrlimit(RLIMIT_AS,
+          ffi.new("struct pz_spec_rlimit", vmsize * 1024 + 32 * 1048576, -1ULL)) == 0)
+        pcall(function() while true do _G.pz_spec_kept = { _G.pz_spec_kept } end end)
+        pcall(function() for i = 1, #slots do slots[i] = "k" .. i end end)
+        error(message, 0)
+      end
+      return what
+    end, { workers = 1, max_deaths = 1 })
+    p("pid")
+    p("fill")
+    assert.is_true(p:wait(60))
+    local deaths = p:stats().deaths
+    p:stop()
+    assert.are.equal(1, #p.errors)
+    assert.are.equal(2, p.errors[1].id)
+    assert.are.equal("raised", p.errors[1].kind)
+    assert.are.equal("not enough memory", p.errors[1].message)
+    assert.are.equal(0, deaths)
+  end)
+end)
