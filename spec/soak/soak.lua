@@ -40,14 +40,7 @@ local control = {}
 for k, v in pairs(opts) do control[k] = v end
 control.calls = env("PZ_SOAK_CONTROL_CALLS", math.floor(opts.calls / 10))
 control.hang_every = env("PZ_SOAK_HANG_EVERY", 1000)
--- 2 s, not less: with 256 workers on 2 CPUs a worker preempted in the
--- middle of a call can wait hundreds of ms for its next slice, and a
--- wall-clock timeout rightly ends it (at 0.25 s, 3 of 13 such rounds had a
--- call that does not hang time out). A hanging call holds its worker that
--- long, and the killer often ends that worker first (the call then hangs
--- again elsewhere): the round takes about a minute, with tens of
--- thousands of kills, where it took seconds.
-control.call_timeout = 2
+control.call_timeout = 0.25
 control.max_calls = env("PZ_SOAK_MAX_CALLS", 500)
 control.max_deaths = 255
 control.seed = 99
