@@ -353,8 +353,17 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
             return;
         due = started + limit;
         if (now >= due) {
-            doom(io, w, id, PZ_ERR_TIMEOUT);
-            return;
+            /* A worker killed from outside keeps its last call in the
+             * shared slot until the pool learns of its death (the
+             * spawner's report, or its socket's end): that call did not
+             * run out of time, it died with the worker, and the death,
+             * which comes next, runs it again.  Under load the news can
+             * come a quarter of a second later and more. */
+            if (!(kill(w->pid, 0) != 0 && errno == ESRCH)) {
+                doom(io, w, id, PZ_ERR_TIMEOUT);
+                return;
+            }
+            due = now + TIMEOUT_RECHECK_NS;
         }
     } else {
         /* Between two calls: the oldest unanswered one cannot have started
