@@ -210,6 +210,22 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
     lua_settop(L, t);
 }
 
+/* The executor has returned or raised: takes the call's time (the end of
+ * one call is the start of the next, see handle_call), takes the output's
+ * lock and marks where the call's frame begins (W.mark, W.mark_frames).
+ * Returns the nanoseconds the call ran. */
+static uint64_t end_call(void)
+{
+    W.clock = pz_now_ns();
+    uint64_t ns = (uint64_t)(W.clock - W.started);
+    W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
+    if (pz_wout_lock())
+        W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
+    W.mark = pz_wout_buf()->len;
+    W.mark_frames = pz_wout_frames();
+    return ns;
+}
+
 /* Where run_call is: what an error it raises comes from. */
 enum { IN_CODEC = 0, IN_EXECUTOR = 1 };
 
@@ -229,7 +245,6 @@ enum { IN_CODEC = 0, IN_EXECUTOR = 1 };
 static int run_call(lua_State *L)
 {
     uint64_t id = W.call.id;
-    int64_t t0 = W.started;
     int chunk = (W.call.flags & PZ_CALL_CHUNK) != 0;
     if (chunk)
         lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
@@ -243,14 +258,8 @@ static int run_call(lua_State *L)
         lua_call(L, nargs, LUA_MULTRET);
         W.in_executor = IN_CODEC;
     }
-    W.clock = pz_now_ns();
-    uint64_t ns = (uint64_t)(W.clock - t0);
-    W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
-    if (pz_wout_lock())
-        W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
+    uint64_t ns = end_call();
     pz_buf *out = pz_wout_buf();
-    W.mark = out->len;
-    W.mark_frames = pz_wout_frames();
     /* Every value the executor returned travels, as a tuple. */
     int nres = lua_gettop(L) - base;
     size_t start = out->len;
@@ -292,13 +301,7 @@ static int run_call(lua_State *L)
  * time the call ran. */
 static int report_executor_error(lua_State *L)
 {
-    W.clock = pz_now_ns();
-    uint64_t ns = (uint64_t)(W.clock - W.started);
-    W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
-    if (pz_wout_lock())
-        W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
-    W.mark = pz_wout_buf()->len;
-    W.mark_frames = pz_wout_frames();
+    uint64_t ns = end_call();
     if (lua_istable(L, 1)) {
         put_error_from_table(L, W.call.id, ns);
     } else { /* out of memory or an error in the handler itself */
