@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -334,6 +335,22 @@ static int end_cancelled(struct pz_io *io, pz_slot *w, const char *head, const c
     return 0;
 }
 
+/* True when w's process (a local worker, or a remote one's launcher) is
+ * known to have ended although the pool has not handled its end yet: its
+ * end of the socket is closed (an exit closes it before the process is
+ * reaped, so a zombie shows too), or the pid names no process (a worker
+ * that forked keeps a copy of the socket open: its pid tells).  The I/O
+ * thread handles the end at its next turn, as a death. */
+static int worker_gone(const pz_slot *w)
+{
+    if (w->fd >= 0) {
+        struct pollfd pfd = {.fd = w->fd, .events = POLLRDHUP};
+        if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+            return 1;
+    }
+    return w->pid > 0 && kill(w->pid, 0) != 0 && errno == ESRCH;
+}
+
 /* Ends the call w's worker runs if it has run out of time, or was
  * cancelled after it was sent; lowers *next to when to look again. */
 static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
@@ -358,8 +375,10 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
              * spawner's report, or its socket's end): that call did not
              * run out of time, it died with the worker, and the death,
              * which comes next, runs it again.  Under load the news can
-             * come a quarter of a second later and more. */
-            if (!(kill(w->pid, 0) != 0 && errno == ESRCH)) {
+             * come a quarter of a second later and more.  (A worker that
+             * answered and then died has its answer in the socket: read
+             * first, it is not a timeout either.) */
+            if (!worker_gone(w)) {
                 doom(io, w, id, PZ_ERR_TIMEOUT);
                 return;
             }
