@@ -43,6 +43,7 @@
 #include <lualib.h>
 
 #include "core.h"
+#include "lstate.h"
 #include "pzlua.h"
 #include "remote.h"
 #include "sys.h"
@@ -718,7 +719,7 @@ int main(int argc, char **argv)
             return rc;
     }
     pz_set_extra_preloader(pz_embedded_preload);
-    lua_State *L = luaL_newstate();
+    lua_State *L = pz_new_state();
     if (L == NULL) {
         message(pzlua_progname, "cannot create the Lua state: not enough memory");
         return map ? 255 : 1;

@@ -36,6 +36,7 @@
 #include "codec_format.h"
 #include "frame.h"
 #include "handshake.h"
+#include "lstate.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
@@ -837,7 +838,7 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.max_message = UINT32_MAX - PZ_FRAME_SLACK; /* until INIT says otherwise */
     /* Output of many workers interleaves line by line, as a user expects. */
     setvbuf(stdout, NULL, _IOLBF, 0);
-    lua_State *L = luaL_newstate();
+    lua_State *L = pz_new_state();
     if (!L)
         die("cannot create a Lua state: out of memory");
     W.L = L;
