@@ -3,15 +3,16 @@
 #   make run        install what is missing, build, run the main demo
 #   make test       install what is missing, build, run every test
 #   make install PREFIX=/some/dir   (DESTDIR honoured)
-#   make bench | soak | soak-interrupts | fuzz | lint | clean
+#   make bench | soak | soak-interrupts | fuzz | valgrind | lint | clean
 #
 # Variables are `?=` so the command line, the environment or LuaRocks can
 # override them; user CFLAGS are added to the required flags, never replace them.
 #
 # Two rules keep the first run on a new machine working:
-# - Targets that install Debian packages (run, test, bench, soak, fuzz) do
-#   the rest of their work in a second make, started after the install, so
-#   that nothing is built before what it needs is there, even under -j.
+# - Targets that install Debian packages (run, test, bench, soak, fuzz,
+#   valgrind) do the rest of their work in a second make, started after the
+#   install, so that nothing is built before what it needs is there, even
+#   under -j.
 # - Nothing is computed from installed packages while make reads this file:
 #   such values (LuaJIT's include directory and libraries) are computed the
 #   first time a recipe uses them (see `lazy` below).
@@ -59,6 +60,7 @@ HEADERS   = $(wildcard src/*.h)
 LUA_SRC   = lua/parallelize.lua $(sort $(wildcard lua/parallelize/*.lua))
 CORE_OBJ  = $(CORE_SRC:src/%.c=build/obj/%.o)
 ASAN_OBJ  = $(CORE_SRC:src/%.c=build/asan/obj/%.o)
+VG_OBJ    = $(CORE_SRC:src/%.c=build/valgrind/obj/%.o)
 
 ifeq ($(V),1)
 Q =
@@ -66,7 +68,7 @@ else
 Q = @
 endif
 
-.PHONY: all build deps deps-build deps-test deps-fuzz deps-bench run test install uninstall clean lint bench soak soak-interrupts fuzz asan spec
+.PHONY: all build deps deps-build deps-test deps-fuzz deps-bench deps-valgrind run test install uninstall clean lint bench soak soak-interrupts fuzz valgrind asan spec
 
 all build: build/parallelize/core.so build/pzlua
 
@@ -103,7 +105,21 @@ build/asan/pzlua: $(PZLUA_SRC) src/pzlua.h build/embedded_lua.c $(ASAN_OBJ) | bu
 
 asan: build/asan/pzlua
 
-build build/obj build/asan/obj build/parallelize:
+# pzlua for valgrind (make valgrind): its Lua states allocate with malloc,
+# so that memcheck sees each Lua object, userdata included, as a block of
+# its own (see src/lstate.h); -O1 keeps its stacks readable.
+VG_FLAGS = -DPZ_MALLOC_STATES -O1 -g -fno-omit-frame-pointer
+
+build/valgrind/obj/%.o: src/%.c $(HEADERS) | build/valgrind/obj
+	@echo "  CC/VG   $<"
+	$(Q)$(CC) $(PZ_CFLAGS) $(VG_FLAGS) -c -o $@ $<
+
+build/valgrind/pzlua: $(PZLUA_SRC) src/pzlua.h build/embedded_lua.c $(VG_OBJ) | build/valgrind/obj
+	@echo "  LD/VG   $@"
+	$(Q)$(CC) $(PZ_CFLAGS) $(VG_FLAGS) -Wno-overlength-strings -o $@ \
+	    $(PZLUA_SRC) build/embedded_lua.c $(VG_OBJ) $(LUAJIT_LIBS) -lm -ldl
+
+build build/obj build/asan/obj build/valgrind/obj build/parallelize:
 	$(Q)mkdir -p $@
 
 # Debian packages, one list per purpose. Each `deps-*` target installs its
@@ -113,6 +129,7 @@ DEB_PACKAGES_BUILD = gcc libc6-dev make pkg-config luajit libluajit-5.1-dev
 DEB_PACKAGES_TEST  = lua-busted lua-check luarocks lua-cjson lua5.1
 DEB_PACKAGES_FUZZ  = clang libclang-rt-14-dev
 DEB_PACKAGES_BENCH = python3 parallel
+DEB_PACKAGES_VALGRIND = valgrind
 # The servers the specs start themselves (spec/servers.lua), installed by a
 # script that keeps their install scripts from starting any service.
 DEB_PACKAGES_SERVERS = openssh-server openssh-client munge slurmctld slurmd slurm-client iproute2 iptables
@@ -142,6 +159,8 @@ deps-fuzz:
 	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_FUZZ))
 deps-bench:
 	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_BENCH))
+deps-valgrind:
+	$(call install_missing,$(DEB_PACKAGES_BUILD) $(DEB_PACKAGES_TEST) $(DEB_PACKAGES_VALGRIND))
 
 run: deps-build
 	$(Q)$(SUBMAKE) all
@@ -183,6 +202,12 @@ soak: deps-test
 soak-interrupts: deps-test
 	$(Q)$(SUBMAKE) all
 	$(Q)LUA_PATH="lua/?.lua;;" LUA_CPATH="build/?.so;;" $(LUAJIT) spec/soak/interrupts.lua
+
+# The workloads of spec/valgrind/ under valgrind's memcheck, forked workers
+# and the spawner included (tools/run-valgrind.sh); not part of `make test`.
+valgrind: deps-valgrind
+	$(Q)$(SUBMAKE) build/valgrind/pzlua
+	$(Q)sh tools/run-valgrind.sh
 
 # libFuzzer harnesses for the value decoder and the frame decoder.  Each
 # links only the sources it tests (listed below), so that nothing else is
