@@ -206,7 +206,7 @@ soak-interrupts: deps-test
 # The workloads of spec/valgrind/ under valgrind's memcheck, forked workers
 # and the spawner included (tools/run-valgrind.sh); not part of `make test`.
 valgrind: deps-valgrind
-	$(Q)$(SUBMAKE) build/valgrind/pzlua
+	$(Q)$(SUBMAKE) build/valgrind/pzlua build/valgrind/fuzz/fuzz_value build/valgrind/fuzz/fuzz_frame
 	$(Q)sh tools/run-valgrind.sh
 
 # libFuzzer harnesses for the value decoder and the frame decoder.  Each
@@ -217,12 +217,23 @@ FUZZ_CC ?= clang
 FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
              $(LUAJIT_INC_FLAG) -Isrc
-build/fuzz/fuzz_value: $(wildcard src/codec_*.c) src/lcodec.c
-build/fuzz/fuzz_frame: src/frame.c src/handshake.c
+FUZZ_SRC_fuzz_value = $(wildcard src/codec_*.c) src/lcodec.c
+FUZZ_SRC_fuzz_frame = src/frame.c src/handshake.c
+build/fuzz/fuzz_value: $(FUZZ_SRC_fuzz_value)
+build/fuzz/fuzz_frame: $(FUZZ_SRC_fuzz_frame)
 build/fuzz/%: spec/fuzz/%.c $(HEADERS)
 	@mkdir -p build/fuzz
 	@echo "  FUZZ    $@"
 	$(Q)$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $(filter %.c,$^) $(LUAJIT_LIBS) -lm -ldl -pthread
+
+# The same harnesses without libFuzzer or sanitizers, for valgrind: a plain
+# main (spec/fuzz/seed_driver.c) runs each file of a seed corpus once.
+build/valgrind/fuzz/fuzz_value: $(FUZZ_SRC_fuzz_value)
+build/valgrind/fuzz/fuzz_frame: $(FUZZ_SRC_fuzz_frame)
+build/valgrind/fuzz/%: spec/fuzz/%.c spec/fuzz/seed_driver.c $(HEADERS)
+	@mkdir -p build/valgrind/fuzz
+	@echo "  CC/VG   $@"
+	$(Q)$(CC) $(PZ_CFLAGS) $(VG_FLAGS) -o $@ $(filter %.c,$^) $(LUAJIT_LIBS) -lm -ldl
 fuzz: deps-fuzz
 	$(Q)$(SUBMAKE) build/fuzz/fuzz_value build/fuzz/fuzz_frame
 	$(Q)for f in fuzz_value fuzz_frame; do \
