@@ -19,7 +19,7 @@
 # or when any log reports an error memcheck did not suppress: invalid
 # reads or writes, uses of uninitialised values, bad frees, syscall
 # arguments, and leaks definitely or indirectly lost. tools/valgrind.supp
-# holds the suppressions, each for LuaJIT's own code alone.
+# holds the suppressions, each with why it is not our code's fault.
 #
 # It ends with one line: `valgrind: N workloads passed` (exit 0), or
 # `valgrind: FAILED: ...` naming the workloads and the logs to read (exit 1).
