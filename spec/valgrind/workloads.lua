@@ -1,10 +1,11 @@
 --- Workloads for `make valgrind` (tools/run-valgrind.sh runs each under
--- memcheck, with build/pzlua): they reach the C code broadly and check
+-- memcheck, with build/valgrind/pzlua): they reach the C code broadly and check
 -- their results, so that a wrong answer fails as surely as a memory error.
 -- Nothing here measures time: under valgrind everything is 20-50 times
 -- slower, so every wait is for an outcome, never for a deadline.
 --
---   build/pzlua spec/valgrind/workloads.lua codec|pool|failures|stream|readline
+--   build/valgrind/pzlua spec/valgrind/workloads.lua codec|pool|failures|stream|readline
+--   build/valgrind/pzlua spec/valgrind/workloads.lua launcher PZLUA
 local parallelize = require "parallelize"
 local core = require "parallelize.core"
 local ffi = require "ffi"
