@@ -515,6 +515,42 @@ describe("retries", function()
     end
   end
 
+  -- The attempts of a call that raised were kept after a retry succeeded,
+  -- for the pool's life: a flaky executor grew the parent by hundreds of
+  -- bytes a call however often p:take() emptied the store.
+  it("keeps no attempt of a call once a retry has succeeded", function()
+    local dir = support.tmpdir()
+    local p = Parallelize(fails_once(dir), { workers = 2, retries = 2, keep_results = false })
+    finally(function() p:stop() end)
+    for x = 1, 200 do p(x) end
+    assert.is_true(p:wait(20))
+    local s = p:stats()
+    assert.are.equal(200, s.retries)
+    assert.are.equal(0, s.retrying)
+    assert.are.equal(200, #p:take())
+  end)
+
+  it("counts the calls it keeps attempts of while they run again", function()
+    local dir = support.tmpdir()
+    local p = Parallelize(function(x)
+      local go = io.open(dir .. "/go", "r")
+      if not go then
+        parallelize.sleep(0.01) -- 255 tries last seconds
+        error("not yet " .. x)
+      end
+      go:close()
+      return x
+    end, { workers = 2, retries = 255 })
+    finally(function() p:stop() end)
+    p(1)
+    p(2)
+    assert.is_true(support.eventually(function() return p:stats().retrying == 2 end, 10))
+    support.write(dir .. "/go", "")
+    assert.is_true(p:wait(20))
+    assert.are.equal(0, p:stats().retrying)
+    assert.are.same({ 1, 2 }, p.results)
+  end)
+
   it("runs a call that raised again, on whichever worker is free", function()
     local dir = support.tmpdir()
     local p = Parallelize(fails_once(dir), { workers = 2, retries = 1 })

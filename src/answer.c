@@ -183,6 +183,10 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
         /* Its cancellation is its record already. */
         pz_io_release(io, head);
     } else if (f->type == PZ_F_RESULT) {
+        /* A call that raised before and succeeded now: its attempts are
+         * nobody's any more (only an error record carries them). */
+        if (pz_frame_tries(head))
+            pz_retry_forget(io, f->id);
         if (record_result(io, w, f, pz_frame_tag(head), p, n) != 0)
             return;
     } else if (on_error_answer(io, w, head, p, n, cancelled) != 0) {

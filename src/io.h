@@ -298,6 +298,12 @@ int pz_retry_take(struct pz_io *io, pz_slot *w, uint64_t id, const char *msg, si
  * them.  Returns 0, or -1 when out of memory. */
 int pz_retry_take_noted(struct pz_io *io, uint64_t id, pz_buf *out);
 
+/* Forgets the attempts of call id (it succeeded after raising). */
+void pz_retry_forget(struct pz_io *io, uint64_t id);
+
+/* How many calls have attempts kept (they raised and run again). */
+size_t pz_retry_held(const struct pz_io *io);
+
 /* Frees what retry.c keeps. */
 void pz_retry_free(struct pz_io *io);
 

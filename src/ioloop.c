@@ -305,6 +305,7 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
     st->timeouts = io->timeouts;
     st->cancelled = io->cancelled;
     st->retries = io->retried;
+    st->retrying = pz_retry_held(io);
     st->running = 0;
     for (int i = 0; i < io->nrecords; i++)
         st->running += io->slots[i].inflight;

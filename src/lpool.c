@@ -401,7 +401,7 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
 }
 
 /* Pushes the I/O thread's counts: {done, failed, deaths, respawns,
- * recycles, timeouts, cancelled, retries, running, requeued, elapsed
+ * recycles, timeouts, cancelled, retries, retrying, running, requeued, elapsed
  * (seconds), samples = {{t, done}, ...}, workers = {{pid =, calls =,
  * busy =}, ...}, shared = {sent =, received =}}; `done` counts results
  * and errors.  The pool must not be
@@ -422,6 +422,7 @@ static void push_stats(lua_State *L, lpool *u)
     set_count(L, "timeouts", st.timeouts);
     set_count(L, "cancelled", st.cancelled);
     set_count(L, "retries", st.retries);
+    set_count(L, "retrying", st.retrying);
     set_count(L, "running", st.running);
     set_count(L, "requeued", st.queued);
     lua_pushnumber(L, st.started_ns ? (lua_Number)(now - st.started_ns) / 1e9 : 0);

@@ -89,6 +89,7 @@ typedef struct pz_slot_stats {
 
 typedef struct pz_pool_stats {
     uint64_t done, failed, deaths, respawns, recycles, timeouts, cancelled, retries;
+    uint64_t retrying;        /* calls that raised and run again: their attempts are kept */
     uint64_t running;    /* calls in workers */
     uint64_t queued;     /* calls requeued, waiting for a worker */
     int64_t started_ns;  /* when the pool started */

@@ -152,6 +152,18 @@ int pz_retry_take_noted(struct pz_io *io, uint64_t id, pz_buf *out)
     return 0;
 }
 
+void pz_retry_forget(struct pz_io *io, uint64_t id)
+{
+    entry *e = find(io->retries, id);
+    if (e)
+        forget(io->retries, e);
+}
+
+size_t pz_retry_held(const struct pz_io *io)
+{
+    return io->retries ? io->retries->n : 0;
+}
+
 void pz_retry_free(struct pz_io *io)
 {
     struct pz_retries *r = io->retries;

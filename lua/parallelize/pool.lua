@@ -1091,6 +1091,7 @@ function methods.stats(p)
     cancelled = s.cancelled,
     timeouts = s.timeouts,
     retries = s.retries,
+    retrying = s.retrying,
     deaths = s.deaths,
     respawns = s.respawns,
     recycles = s.recycles,
