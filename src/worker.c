@@ -812,6 +812,11 @@ static void initialize(lua_State *L)
     put_frame(PZ_F_INIT_OK, (uint64_t)getpid(), &part, 1);
     pz_buf_free(&copy);
     pz_wout_flush();
+    /* W.clock is when INIT was read: the first call, if it is in the
+     * socket before the next read would wait, must not start its clock
+     * then (building the executor is no call's time): it reads the clock
+     * itself (handle_call). */
+    W.clock = 0;
 }
 
 _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
