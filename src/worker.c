@@ -560,7 +560,9 @@ static pz_frame next_frame(void)
         }
         pz_wout_flush();
         n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
-        if (n == 0)
+        /* ECONNRESET: the parent died with bytes of ours unread, which a
+         * SIGKILL leaves as often as not; its end all the same. */
+        if (n == 0 || (n < 0 && errno == ECONNRESET))
             shut_down(W.L);
         if (n < 0) {
             char what[160];
