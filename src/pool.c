@@ -372,8 +372,8 @@ static int poll_briefly(pz_pool *p, int kind, int64_t until)
         }
         if (condition(p, kind) || atomic_load(&p->backlog) >= PZ_BACKLOG_WAKE)
             return PZ_WAITED;
-        sched_yield();
-    } while (pz_now_ns() < until);
+        until = pz_spin_yield(pz_now_ns(), until);
+    } while (until);
     return -1;
 }
 

@@ -503,10 +503,7 @@ static ssize_t read_input(void *p, size_t cap)
         n = recv(W.in_fd, p, cap, MSG_DONTWAIT);
         if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
             break;
-        if (pz_now_ns() >= until)
-            until = 0;
-        else
-            sched_yield();
+        until = pz_spin_yield(pz_now_ns(), until);
     }
     int err = errno;
     W.clock = pz_now_ns(); /* the next call starts now */
