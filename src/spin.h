@@ -11,8 +11,9 @@
  * average of recent waits must stay under the budget.  Each wait counts as
  * at most four budgets, so that a few long pauses stop the polling and a
  * few short waits bring it back.  Pollers call sched_yield() between looks,
- * so any thread with real work on the same CPU runs first, and a poller
- * whose yield let such a thread run sleeps at once (pz_spin_yield).
+ * so any thread with real work on the same CPU runs first; the main
+ * thread's waits also sleep at once when a yield let such a thread run
+ * (pz_spin_yield).
  */
 #ifndef PZ_SPIN_H
 #define PZ_SPIN_H
@@ -48,15 +49,19 @@ static inline void pz_spin_note(pz_spin *s, int64_t waited_ns)
  * or when the yield took longer than PZ_SPIN_CROWDED_NS.  A yield returns
  * at once when nothing else wants the CPU (under 1 us for 99.9% of
  * 200,000 yields on a 2-CPU virtual machine), after about 2-3 us when
- * another poller shares it, and after the
- * other thread's time slice when a busy thread does.  Polling on then only
- * halves that thread's CPU: with 2 workers, the I/O thread and a stream's
- * main thread on 2 CPUs, the stream's main thread (its slowest part) lost
- * thousands of time slices a run to polling workers.  Stopping at 3 us
- * (rather than 1.5 us, which also stops two pollers that share a CPU)
- * made 200,000 tiny calls, 8 alternating runs: the p(i) loop 5.82 M/s
- * against 5.29, p:stream from a function 4.68 against 3.34, from an array
- * 4.28 against 4.13 (medians); with 1.5 us the streams ran 3.3 M/s. */
+ * another poller shares it, and after the other thread's time slice when
+ * a busy thread does.  Polling on then only halves that thread's CPU.
+ *
+ * The main thread's waits use it: what it waits for is the workers' and
+ * the I/O thread's work, which its polling would slow.  200,000 tiny calls
+ * on 2 workers, 10 rounds, the two builds' order alternating each round,
+ * medians: the p(i) loop 6.09 M/s against 5.48 without; 256 workers 4.00
+ * against 3.94, p:stream 4.32 and 4.48 M/s (array, function) against 4.50
+ * and 4.28.  A worker's reads do not: with it there too, the same rounds
+ * (8, four builds) gave the p(i) loop 5.83 M/s against 6.23 with the main
+ * thread's alone, and the stream from a function 3.56 against 4.46 (a
+ * worker that sleeps must be woken by the I/O thread's write, on the path
+ * every call takes). */
 #define PZ_SPIN_CROWDED_NS 3000
 
 static inline int64_t pz_spin_yield(int64_t now, int64_t until)

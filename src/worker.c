@@ -503,7 +503,12 @@ static ssize_t read_input(void *p, size_t cap)
         n = recv(W.in_fd, p, cap, MSG_DONTWAIT);
         if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
             break;
-        until = pz_spin_yield(pz_now_ns(), until);
+        /* Polls on though another thread may want the CPU: see
+         * pz_spin_yield for why a worker does not stop then. */
+        if (pz_now_ns() >= until)
+            until = 0;
+        else
+            sched_yield();
     }
     int err = errno;
     W.clock = pz_now_ns(); /* the next call starts now */
