@@ -455,6 +455,29 @@ describe("pzlua --map", function()
       assert.is_truthy(support.eventually(function() return read(dir .. "/done") end, 60), "did not end")
       assert.are.equal(n, #lines_of(read(dir .. "/out")))
     end)
+
+    it("writes big results in batches bounded in bytes, not only in lines", function()
+      -- 1,200 results of 1 MiB each to /dev/null: batches of 1,024 lines
+      -- alone held and copied a GiB at a time (1.46 GB at the peak);
+      -- bounded in bytes, the peak stays about 130 MB (more under
+      -- AddressSanitizer, whose quarantine keeps 256 MB of freed memory).
+      -- The peak is the largest child's of a process that runs nothing
+      -- else: getrusage(RUSAGE_CHILDREN) in a pzlua that runs the command.
+      write(dir .. "/stdin", numbers(1200))
+      local cmd = string.format("cd %s && %s --map -j 2 --lines %s < stdin > /dev/null", quote(dir), quote(PZLUA),
+        quote("function(l) return string.rep('y', 1048576) end"))
+      local probe = "local ffi = require 'ffi' ffi.cdef[[ struct pz_ru { long t[4]; long maxrss; long rest[13]; }; "
+        .. "int getrusage(int who, struct pz_ru *u); ]] "
+        .. "local ok = os.execute(" .. string.format("%q", cmd) .. ") "
+        .. "local u = ffi.new('struct pz_ru') assert(ffi.C.getrusage(-1, u) == 0) "
+        .. "io.write(tostring(ok), ' ', tonumber(u.maxrss), '\\n')"
+      local f = assert(io.popen(quote(PZLUA) .. " -e " .. quote(probe)))
+      local out = f:read("*a")
+      f:close()
+      local status, kib = out:match("^(%S+) (%d+)\n$")
+      assert.are.equal("0", status, out)
+      assert.is_true(tonumber(kib) < 600 * 1024, "peak RSS " .. kib .. " KiB")
+    end)
   end)
 
   describe("the joblog", function()

@@ -47,8 +47,12 @@ local M = {}
 local STATUS_INTERRUPTED, STATUS_BROKEN, MAX_FAILURES = 130, 255, 101
 -- The signals other than SIGINT that stop a run as Ctrl-C does.
 local SIGNAL_NAMES = { [1] = "SIGHUP", [15] = "SIGTERM" }
--- A batch is written when it holds this many lines, or is this old.
-local BATCH_LINES, BATCH_SECONDS = 1024, 0.2
+-- A batch is written when it holds this many lines or this many bytes of
+-- output, or is this old. The bytes bound the parent's memory whatever
+-- the lines' size: counted in lines alone, 1 MiB results made batches of
+-- a GiB, held and then copied again to be written (3.5 GB at its peak for
+-- 2,400 of them).
+local BATCH_LINES, BATCH_BYTES, BATCH_SECONDS = 1024, 1048576, 0.2
 
 --- The constructor every worker runs (a Deferred): it travels to the
 -- worker as bytecode, and the worker side is a module there.
@@ -82,8 +86,8 @@ end
 function Run:flush()
   if self.write_error then return end
   if self.nout > 0 then
-    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 3, self, "outbuf", {}, self, "nout", 0,
-      self, "unwritten", self.log and self.unwritten or 0)
+    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 4, self, "outbuf", {}, self, "nout", 0,
+      self, "outbytes", 0, self, "unwritten", self.log and self.unwritten or 0)
     if not ok then self:write_failed("cannot write the output: " .. tostring(err)) end
   end
   if self.nlog > 0 then
@@ -108,13 +112,14 @@ end
 --- A line done: its output, and its joblog entry.
 function Run:succeeded(line, text, pid, start, seconds)
   local n, m, entry = self.nout, self.nlog, self:log_entry(line, pid, start, seconds, "ok")
+  local bytes = self.outbytes + #text + 1
   if entry then
-    commit(7, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2,
+    commit(8, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "outbytes", bytes,
       self.logbuf, m + 1, entry, self, "nlog", m + 1, self, "done", self.done + 1,
       self, "unwritten", self.unwritten + 1)
   else
-    commit(5, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "done", self.done + 1,
-      self, "unwritten", self.unwritten + 1)
+    commit(6, self.outbuf, n + 1, text, self.outbuf, n + 2, "\n", self, "nout", n + 2, self, "outbytes", bytes,
+      self, "done", self.done + 1, self, "unwritten", self.unwritten + 1)
   end
 end
 
@@ -345,7 +350,8 @@ function Run:stream(p)
     -- Written when large, old, or when the stream holds no other result
     -- (it is about to wait). The counts are read without draining the
     -- pool (p.pending would drain it): the stream drains when it waits.
-    if self.nout >= 2 * BATCH_LINES or self.nlog >= BATCH_LINES or now() - self.flushed_at >= BATCH_SECONDS
+    if self.nout >= 2 * BATCH_LINES or self.outbytes >= BATCH_BYTES or self.nlog >= BATCH_LINES
+        or now() - self.flushed_at >= BATCH_SECONDS
         or select(2, pool_counts(p)) <= self.consumed then
       self:flush()
     end
@@ -381,7 +387,7 @@ end
 function M.main(prog, ...)
   local run = setmetatable({
     prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
-    outbuf = {}, nout = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
+    outbuf = {}, nout = 0, outbytes = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
     slots = FIRST_SLOTS, slot_pos = free_slots(FIRST_SLOTS), slot_line = free_slots(FIRST_SLOTS),
     lines_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, failures = 0,
   }, Run)
