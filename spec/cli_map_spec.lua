@@ -124,6 +124,41 @@ describe("pzlua --map", function()
       assert.are.equal(2, status)
     end)
 
+    it("writes every number so that it reads back as the same double", function()
+      -- lua-cjson stops at 14 significant digits: 3.1415926535898,
+      -- 1718000000.1235 and 1.2345678901235e+16 for the first line.
+      local input = '{"id":12345678901234567,"pi":3.141592653589793,"ts":1718000000.123456}\n'
+        .. '[0.1,0.2,-0.0,1e300,5e-324,123456789012345,-7]\n'
+      local out, err, status = map({ "-k", "function(r) if r.pi then return r end "
+        .. "return { r[1] + r[2], r[3], r[4], r[5], r[6], r[7], 1 / 3, 2 ^ 53 } end" }, input)
+      assert.are.same({ "", 0 }, { err, status })
+      local got = lines_of(out)
+      local first = cjson.decode(got[1])
+      assert.are.same({ id = 12345678901234568, pi = 3.141592653589793, ts = 1718000000.123456 }, first)
+      assert.matches('"pi":3.141592653589793', got[1], 1, true)
+      assert.matches('"ts":1718000000.123456', got[1], 1, true)
+      assert.matches('"id":12345678901234568', got[1], 1, true)
+      assert.are.equal("[0.30000000000000004,-0,1e+300,4.9406564584125e-324,123456789012345,-7,"
+        .. "0.3333333333333333,9007199254740992]", got[2])
+    end)
+
+    it("writes everything else as lua-cjson does, its escapes included", function()
+      -- The same values through cjson.encode in the spec (numbers of 14
+      -- digits or fewer, which both write alike; objects of one key, as
+      -- two Lua states may order a table's keys differently).
+      local records = {
+        '["a/b\\u0001\\u007f\\"\\\\\\n\\t\\u00e9",[1,2,null,4],{},true,false]',
+        '{"k1":[{"k2":{"k3":[[],[[]],{"x":-1.5}]}},{"2.5":2.5},{"1":"one"}]}',
+        '[1,[2,[3,[4,[5]]]],"x",{"\\u0000k":null}]',
+      }
+      local out, err, status = map({ "-k", "function(r) return r end" }, table.concat(records, "\n") .. "\n")
+      assert.are.same({ "", 0 }, { err, status })
+      local got = lines_of(out)
+      for i, line in ipairs(records) do
+        assert.are.equal(cjson.encode(cjson.decode(line)), got[i])
+      end
+    end)
+
     it("fails a line whose result JSON cannot hold", function()
       local out, err, status = map({ "-k", "function(x) if x == 2 then return print end return x end" }, "1\n2\n3\n")
       assert.are.same({ "1", "3" }, lines_of(out))

@@ -14,6 +14,7 @@
 
 #include "codec.h"
 #include "ldefer.h"
+#include "ljson.h"
 #include "lreadline.h"
 #include "core.h"
 #include "lpool.h"
@@ -105,6 +106,7 @@ int luaopen_parallelize_core(lua_State *L)
     pz_lpool_register(L, pz_preload);
     pz_defer_register(L);
     pz_readline_register(L);
+    pz_json_register(L);
     lua_pushcfunction(L, l_getpid);
     lua_setfield(L, -2, "getpid");
     lua_pushcfunction(L, l_sleep);

@@ -26,7 +26,7 @@ local is_callable = require("parallelize.options").is_callable
 local type, pcall, tostring, unpack = type, pcall, tostring, unpack
 local getmetatable, setmetatable = getmetatable, setmetatable
 local format, concat = string.format, table.concat
-local now, getpid = core.now, core.getpid
+local now, getpid, json_encode = core.now, core.getpid, core.json_encode
 
 local M = {}
 
@@ -156,7 +156,7 @@ local function message_of(value, cjson)
   local mt = getmetatable(value)
   if type(mt) == "table" and mt.__tostring then return tostring(value) end
   if type(value) == "table" then
-    local ok, text = pcall(cjson.encode, value)
+    local ok, text = pcall(json_encode, value, cjson.null)
     if ok then return "error object " .. text end
   end
   return format("(error object is a %s value)", type(value))
@@ -172,7 +172,9 @@ function M.executor(spec)
   if not ok then error("lua-cjson is needed: " .. tostring(cjson), 0) end
   -- An instance of our own: the user's function may change its settings.
   cjson = cjson.new()
-  local decode, encode = cjson.decode, cjson.encode
+  local decode, null = cjson.decode, cjson.null
+  --- lua-cjson's encoding, numbers written exactly (ljson.h).
+  local function encode(v) return json_encode(v, null) end
   local f = load_function(spec)
   local lines, spread, timing = spec.lines, spec.spread, spec.timing
   local pid = getpid()
