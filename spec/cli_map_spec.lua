@@ -749,6 +749,30 @@ describe("pzlua --map", function()
       end)
     end
 
+    it("takes SIGTERM sent twice at once, as timeout(1) sends it, as one request", function()
+      -- timeout(1) signals the command and then its process group, a few
+      -- microseconds apart. The second used to kill the run outright once
+      -- the first had been handled (7 runs of 16 under `timeout 1 pzlua
+      -- --map`): no message, the batch it held not written. Here the
+      -- second comes 5 ms after the first, while this run (-k, 200,000
+      -- lines of 1 ms) is still stopping: counting the lines not done
+      -- reads the rest of its input.
+      local n = 200000
+      local job = start({ "-j", "2", "-k", "function(x) require('parallelize').sleep(0.001) return x end" },
+        numbers(n))
+      wait_output(job, 20)
+      core.sleep(0.4)
+      assert.is_true(support.kill(job.pid, 15))
+      core.sleep(0.005)
+      support.kill(job.pid, 15)
+      assert.are.equal(143, wait_status(job))
+      local err = read(job.err)
+      local done, not_done = err:match("stopped by SIGTERM: (%d+) lines done, (%d+) lines not done\n")
+      assert.is_truthy(done, err)
+      assert.are.equal(n, tonumber(done) + tonumber(not_done))
+      assert.are.equal(tonumber(done), #lines_of(read(job.out)))
+    end)
+
     it("keeps SIGHUP ignored when it started with it ignored (nohup)", function()
       local n = 100
       local fn = "function(x) require('parallelize').sleep(0.01) return x end"
