@@ -599,6 +599,26 @@ describe("pzlua --map", function()
       assert.are.same({ 1, 2, 3, 4, 5, 6 }, sorted(lines))
     end)
 
+    it("--resume takes a line number past 2^32 in a joblog as that line, not another", function()
+      -- Kept in 32 bits, line 2^32 + 2 stood for line 2, which was then
+      -- skipped; and 1e300 made a bitset of half a GiB.
+      local log = dir .. "/jobs.log"
+      write(log, '{"line":4294967298,"status":"ok"}\n{"line":1e300,"status":"ok"}\n'
+        .. '{"line":2147483648,"status":"ok"}\n{"line":3,"status":"ok"}\n')
+      local out, _, status = map({ "-k", "--joblog", log, "--resume", "function(x) return x * 10 end" },
+        numbers(4))
+      assert.are.same({ "10\n20\n40\n", 0 }, { out, status })
+      local set = require("parallelize.cli_map_joblog").new_lines()
+      for _, n in ipairs({ 1, 2 ^ 31 - 1, 2 ^ 31, 2 ^ 32 + 1, 2 ^ 53, 1e300 }) do set:add(n) end
+      for _, n in ipairs({ 1, 2 ^ 31 - 1, 2 ^ 31, 2 ^ 32 + 1, 2 ^ 53, 1e300 }) do
+        assert.is_true(set:has(n), tostring(n))
+      end
+      for _, n in ipairs({ 2, 2 ^ 31 - 2, 2 ^ 31 + 1, 2 ^ 32, 2 ^ 32 + 2 }) do
+        assert.is_false(set:has(n), tostring(n))
+      end
+      assert.are.equal(6, set.count)
+    end)
+
     it("--resume-failed runs again the lines that failed", function()
       local log = dir .. "/jobs.log"
       write(log, '{"line":1,"pid":1,"start":1,"seconds":0,"status":"ok","error":null}\n'

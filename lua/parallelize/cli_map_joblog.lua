@@ -25,15 +25,26 @@ local ENOENT = 2
 
 local M = {}
 
---- A set of line numbers, one bit each (10 million lines: 1.2 MiB).
+--- A set of line numbers, one bit each (10 million lines: 1.2 MiB), up
+-- to BIT_LINES; the lines above it in a table (bit operations take 32-bit
+-- integers: line 2^32 + 1 was taken for line 1, and a line number of 1e300
+-- in a joblog made a bitset of half a GiB).
+local BIT_LINES = 2 ^ 31 - 1
 local Lines = {}
 Lines.__index = Lines
 
 local function new_lines()
-  return setmetatable({ bits = ffi.new("uint8_t[?]", 1024), bytes = 1024, count = 0 }, Lines)
+  return setmetatable({ bits = ffi.new("uint8_t[?]", 1024), bytes = 1024, count = 0, above = {} }, Lines)
 end
 
 function Lines:add(n)
+  if n > BIT_LINES then
+    if not self.above[n] then
+      self.above[n] = true
+      self.count = self.count + 1
+    end
+    return
+  end
   local byte, mask = rshift(n, 3), lshift(1, band(n, 7))
   if byte >= self.bytes then
     local bytes = self.bytes
@@ -50,6 +61,7 @@ function Lines:add(n)
 end
 
 function Lines:has(n)
+  if n > BIT_LINES then return self.above[n] == true end
   local byte = rshift(n, 3)
   return byte < self.bytes and band(self.bits[byte], lshift(1, band(n, 7))) ~= 0
 end
