@@ -167,6 +167,19 @@ describe("pzlua --map", function()
       assert.are.equal(1, status)
     end)
 
+    it("fails with --spread an array too long to pass as arguments as bad input, not retried", function()
+      local big = {}
+      for i = 1, 9000 do big[i] = i end
+      local input = "[" .. table.concat(big, ",", 1, 5000) .. "]\n[" .. table.concat(big, ",") .. "]\n"
+      local out, err, status = map({ "-k", "--spread", "--retries", "3", "--joblog", "jobs.log",
+        "function(...) return select('#', ...) end" }, input)
+      assert.are.same({ "5000\n", 1 }, { out, status })
+      assert.matches(PREFIX .. "line 2: %-%-spread: 9000 elements are too many to pass as arguments\n", err)
+      local entries = joblog(dir .. "/jobs.log")
+      table.sort(entries, function(a, b) return a.line < b.line end)
+      assert.are.same({ "ok", "bad input" }, { entries[1].status, entries[2].status })
+    end)
+
     it("spreads a JSON array into the arguments with --spread, and fails other lines", function()
       local out, err, status = map({ "-k", "--spread", "function(a, b, c) return { a, b, c == nil } end" },
         '[1,2]\n["x","y",3]\n{"a":1}\n[]\n')
@@ -335,6 +348,16 @@ describe("pzlua --map", function()
   end)
 
   describe("failures and exit statuses", function()
+    it("names a line that kills its workers by its line number alone, not the pool's call number", function()
+      -- Blank lines are skipped: line 5 is the pool's third call.
+      local out, err, status = map({ "-k", "function(x) if x == 5 then os.exit(1) end return x end" },
+        "1\n\n3\n\n5\n")
+      assert.are.same({ "1\n3\n", 1 }, { out, status })
+      assert.matches(PREFIX .. "line 5: killed 3 workers %(max_deaths = 3%); the last: worker %d %(pid %d+%) exited "
+        .. "with status 1\n", err)
+      assert.is_nil(err:find("call", 1, true), err)
+    end)
+
     it("reports an error with its line number and exits with the number of failures", function()
       local out, err, status = map({ "-k", "function(x) if x % 3 == 0 then error('no multiples of 3', 0) end "
         .. "return x end" }, numbers(10))
@@ -851,6 +874,9 @@ describe("pzlua --map", function()
         { { "-jx", "f.lua" }, "%-j needs an integer from 1 to 100000 %(got 'x'%)" },
         { { "f.lua", "--timeout" }, "%-%-timeout needs a value" },
         { { "--timeout=soon", "f.lua" }, "%-%-timeout needs a number of seconds from 0.001 to 4000000 %(got 'soon'%)" },
+        { { "--timeout=nan", "f.lua" }, "%-%-timeout needs a number of seconds from 0.001 to 4000000 %(got 'nan'%)" },
+        { { "--init-timeout", "inf", "f.lua" }, "%-%-init%-timeout needs a number of seconds from 0.001 to "
+          .. "4000000 %(got 'inf'%)" },
         { { "--halt", "later,fail=1", "f.lua" }, "%-%-halt needs now,fail=N or soon,fail=N with N at least 1 "
           .. "%(got 'later,fail=1'%)" },
         { { "--resume", "f.lua" }, "%-%-resume needs %-%-joblog FILE" },

@@ -200,7 +200,11 @@ function Run:error(e, i)
   if e.kind == "timeout" then
     status, message, seconds = "timeout", format("timed out after %.14g s", self.timeout), self.timeout
   elseif e.kind == "killer" then
+    -- "call 4 killed 3 workers ...": the pool's call number is not the
+    -- line's (blank lines and --resume skip lines), which is said first.
+    local id = tostring(e.id)
     status = "crashed"
+    message = message:gsub("^call " .. id .. " ", "", 1):gsub(" while running call " .. id .. "$", "", 1)
   elseif type(v) == "table" and v.message ~= nil then
     message, pid, start, seconds = tostring(v.message), v.pid, v.start, v.seconds
   end
@@ -432,6 +436,9 @@ function M.main(prog, ...)
   end)
   if not ok then
     local interrupted = type(status) == "string" and status:find("interrupted!$") ~= nil
+    -- Where in this library a failure was raised means nothing in a shell
+    -- ("parallelize/cli_map.lua:341: no worker is left..."): dropped.
+    local failure = tostring(status):gsub("^[^\n:]*parallelize/[%w_]+%.lua:%d+: ", "", 1)
     -- pzlua's handler raises "interrupted!" for SIGTERM and SIGHUP too, and
     -- says which signal it was: the status is then 128 + its number.
     local signal = interrupted and M.signal_caught and M.signal_caught() or 0
@@ -441,13 +448,13 @@ function M.main(prog, ...)
       if interrupted then
         run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
       else
-        run:say("%s", tostring(status))
+        run:say("%s", failure)
         run:say("stopped: %s", run:not_done_message(count, whole))
       end
     elseif interrupted then
       run:say("%s before any input was read", how)
     else
-      run:say("%s", tostring(status))
+      run:say("%s", failure)
     end
     status = interrupted and (SIGNAL_NAMES[signal] and 128 + signal or STATUS_INTERRUPTED) or STATUS_BROKEN
   end

@@ -119,7 +119,7 @@ local READ = {
   max_calls = function(o, v) return integer(o, v, 1, 2 ^ 53) end,
   seconds = function(o, v)
     local n = tonumber(v)
-    if not n or n < 0.001 or n > 4e6 then
+    if not (n and n >= 0.001 and n <= 4e6) then -- (NaN compares false either way)
       return nil, format("%s needs a number of seconds from 0.001 to 4000000 (got '%s')", o, v)
     end
     return n

@@ -30,6 +30,9 @@ local now, getpid, json_encode = core.now, core.getpid, core.json_encode
 
 local M = {}
 
+-- Arrays this long are checked before --spread passes them (see call).
+local BIG_SPREAD = 4000
+
 -- The C functions this file needs, declared under names of our own
 -- (asm labels) so that a user's ffi.cdef of the same functions never
 -- clashes with ours.
@@ -208,7 +211,15 @@ function M.executor(spec)
         if not text:find("^%s*%[") then
           return finish(start, t0, "bad input", "--spread needs a JSON array")
         end
-        ok_result, first = pcall(f, unpack(value, 1, #value))
+        -- LuaJIT passes at most about 8,000 values (its C stack's
+        -- limit): an array past it is bad input, not the function's error
+        -- (which --retries would run again).
+        local n = #value
+        if n >= BIG_SPREAD and not pcall(unpack, value, 1, n) then
+          return finish(start, t0, "bad input",
+            format("--spread: %d elements are too many to pass as arguments", n))
+        end
+        ok_result, first = pcall(f, unpack(value, 1, n))
       else
         ok_result, first = pcall(f, value)
       end
