@@ -453,6 +453,38 @@ describe("stream", function()
     end)
   end
 
+  for _, ordered in ipairs({ false, true }) do
+    it(("keeps big string results it holds to about max_pending_bytes (ordered = %s)"):format(tostring(ordered)),
+      function()
+        -- 1 MiB results, max_pending_bytes 8 MiB: once the stream has seen
+        -- 16 of them, it keeps about 8 calls out (at least 2 per worker),
+        -- where its count alone allows 4 * 512 (a GiB held while the
+        -- loop's body waits). Measured past the first window's calls,
+        -- queued before any result told its size.
+        local p = Parallelize(function(x) return string.rep("x", 1048576) .. x end,
+          { workers = 2, max_pending_bytes = 8 * 1048576 })
+        finally(function() p:stop() end)
+        local n, read, most = 1200, 0, 0
+        local function src()
+          if read == n then return nil end
+          read = read + 1
+          return read
+        end
+        local count = 0
+        for i, ok, v in p:stream(src, { ordered = ordered }) do
+          assert.is_true(ok)
+          assert.are.equal(1048576 + #tostring(i), #v)
+          count = count + 1
+          if count > 1000 then
+            if count <= 1020 then core.sleep(0.005) end
+            if read - count > most then most = read - count end
+          end
+        end
+        assert.are.equal(n, count)
+        assert.is_true(most <= 16, "src was read " .. most .. " inputs ahead of the loop")
+      end)
+  end
+
   it("keeps nothing in the pool with keep_results = false", function()
     local p = Parallelize(function(x) return x end, { workers = 2, keep_results = false })
     finally(function() p:stop() end)

@@ -119,6 +119,10 @@ M.later = LATER
 -- before it asks the source again (seconds).
 local LATER_WAIT = 0.01
 
+-- How many string results a stream sees before it bounds the calls it
+-- keeps out by their size (see refill).
+local SIZED = 16
+
 -- What a stream raises once the pool was stopped under it.
 local STREAM_STOPPED = "stream: the pool was stopped; what the stream had not handed out went to its results"
 
@@ -670,6 +674,14 @@ function methods.stream(p, src, opts)
   -- more than a third of it. 0 sends every turn through the full step.
   local look_every = math.max(1, floor(window / 8))
   local quick_turns = 0
+  -- The strings handed out so far, and their bytes: once SIZED of them
+  -- have been, with big strings for results, the calls outstanding are
+  -- also kept to about max_pending_bytes of results (refill). Counted by
+  -- the count of calls alone, 4 * window results of 1 MiB held a GiB while
+  -- the loop's body waited on a slow pipe (pzlua --map; 200 MB now).
+  local strings, string_bytes = 0, 0
+  local result_bytes = pool_env(p).max_pending_bytes
+  local min_outstanding = 2 * pool_size(p)
   claim.owns = function(id)
     for s = seg_head, seg_tail do
       local seg = segs[s]
@@ -736,7 +748,12 @@ function methods.stream(p, src, opts)
   local function refill(pending)
     if exhausted then return end
     if not pending then pending = select(3, pool_counts(p)) end
-    local room = math.min(window - pending, window - claim.nheld, 4 * window - claim.outstanding)
+    local most = 4 * window
+    if strings >= SIZED then
+      local by_bytes = floor(result_bytes * strings / string_bytes)
+      if by_bytes < most then most = math.max(by_bytes, min_outstanding) end
+    end
+    local room = math.min(window - pending, window - claim.nheld, most - claim.outstanding)
     if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
@@ -784,6 +801,8 @@ function methods.stream(p, src, opts)
   --- Call k of the claim's lists, finished with call id: i, true, values...
   local function take_result(k, id)
     local i, seg = position(id)
+    local v = lists.results[k]
+    if type(v) == "string" then strings, string_bytes = strings + 1, string_bytes + #v end
     local ex = lists.extras[id]
     if ex then
       return commit(4, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
@@ -853,6 +872,7 @@ function methods.stream(p, src, opts)
   -- is not nil).
   local function take_held(slot)
     local want, v, more = claim.want, held[slot], held_more[slot]
+    if type(v) == "string" then strings, string_bytes = strings + 1, string_bytes + #v end
     local n1, n2 = claim.nheld - 1, claim.outstanding - 1
     if more == nil then
       return commit(4, held, slot, nil, claim, "want", want + 1, claim, "nheld", n1, claim, "outstanding", n2,
@@ -1123,6 +1143,7 @@ function M.init(p, opts)
   env.keep_results = opts.keep_results
   env.max_pending = opts.max_pending
   env.max_inflight = opts.max_inflight
+  env.max_pending_bytes = opts.max_pending_bytes
   env.fail_fast = opts.fail_fast
   -- A map goes in chunks only where a chunk behaves as its items' calls
   -- would, one by one: no timeout or retries to apply to each, no
