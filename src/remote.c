@@ -21,8 +21,9 @@
  *    worker's own status, 128 + the signal that killed it (ssh itself
  *    reports a remote command killed by a signal as 255, the same as a lost
  *    connection), or 255 when the worker was ended because its input
- *    ended.  The parent charges a death to the running call except for 255
- *    (slot.c, remote_running_call).
+ *    ended (a worker's own 255 is passed on as 254).  The parent charges a
+ *    death to the running call except for 255 (slot.c,
+ *    remote_running_call).
  *  - The worker leads a process group of its own; once it has ended, the
  *    supervisor kills what is left in that group (what the executor left
  *    running), as the spawner does for local workers.  With kill_leftovers
@@ -75,13 +76,19 @@ static _Noreturn void become_worker(int in, int out, int sigfd, pid_t supervisor
     pz_worker_main(in, out, 0, &unread, NULL, 0, pz_preload, 1);
 }
 
+/* What a worker that exited with status LOST_INPUT of its own doing (an
+ * executor's os.exit(255) or os.exit(-1)) is reported as: passed on as
+ * 255, it read as a lost link, was never charged, and its call was run
+ * again for ever (101 relaunches in 10 s over ssh, wait never ending). */
+#define OWN_255 254
+
 /* The exit status that reports how the worker ended (see the top). */
 static int status_of(int status, int lost)
 {
     if (lost)
         return LOST_INPUT;
     if (WIFEXITED(status))
-        return WEXITSTATUS(status);
+        return WEXITSTATUS(status) == LOST_INPUT ? OWN_255 : WEXITSTATUS(status);
     if (WIFSIGNALED(status))
         return 128 + WTERMSIG(status);
     return 1;
