@@ -780,6 +780,51 @@ describe("remote workers on real servers #nosan", function()
       assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 20), "jobs are left")
     end)
 
+    -- When the step is cancelled (srun killed or signalled), Slurm
+    -- SIGKILLs the task, pzlua --worker's supervisor, before it can end
+    -- the worker's process group; what the executor left running in the
+    -- background was then reparented to PID 1, out of proctrack/linuxproc's
+    -- reach, and outlived the pool. The supervisor now adopts it.
+    it("what an executor leaves running ends with its step: timeout, cancel, stop(0), stop(1)", function()
+      local defer = support.defer(finally)
+      local q = fixture("slurm", defer)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      -- the program left behind: a sleep of a length nothing else uses
+      local marker = string.format("%d.%d", 6000 + support.getpid() % 1000, math.random(100, 999))
+      local launcher = parallelize.srun { "--quiet", command = PZLUA,
+                                          program = { "env", "SLURM_CONF=" .. q.conf, "srun" } }
+      local function left()
+        local pids = {}
+        for _, name in ipairs(support.list("/proc")) do
+          local pid = tonumber(name)
+          if pid and (support.read("/proc/" .. pid .. "/cmdline") or "") == "sleep\0" .. marker .. "\0" then
+            pids[#pids + 1] = pid
+          end
+        end
+        return pids
+      end
+      defer(function()
+        for _, pid in ipairs(left()) do support.kill(pid, 9) end
+      end)
+      for _, case in ipairs({ "timeout", "cancel", "stop(0)", "stop(1)" }) do
+        local p = Parallelize({ function()
+          os.execute(string.format("sleep %s > /dev/null 2>&1 &", marker))
+          require("parallelize").sleep(60)
+        end }, { launcher = launcher, respawn = false, quiet = true, timeout = case == "timeout" and 1 or nil })
+        defer(function() p:stop(0) end)
+        assert.are.equal(1, #p.executors)
+        local id = p()
+        assert.is_truthy(support.eventually(function() return #left() == 1 end, 10), case .. ": not started")
+        if case == "cancel" then p:cancel(id) end
+        if case == "timeout" or case == "cancel" then assert.is_false((p:result(id, 10))) end
+        if case == "stop(1)" then p:stop(1) else p:stop(0) end
+        assert.is_truthy(support.eventually(function() return #left() == 0 end, 10),
+          case .. ": the executor's program outlived its step: " .. table.concat(left(), " "))
+      end
+      assert.is_truthy(support.eventually(function() return #q:jobs() == 0 end, 10), "jobs are left")
+    end)
+
     it("inside an allocation, the workers are job steps that share it", function()
       local defer = support.defer(finally)
       local q = fixture("slurm", defer)

@@ -153,6 +153,16 @@ _Noreturn void pz_remote_worker_main(void)
     if (sigfd < 0)
         fail("signalfd");
 
+    /* What the executor starts and leaves (a program run in the
+     * background by a shell that then exits) is reparented here rather
+     * than to PID 1: so it stays among this process's descendants, where
+     * a launcher that ends a task's whole tree finds it.  Slurm's
+     * proctrack/linuxproc does, by parentage: when a step is cancelled
+     * (srun killed or signalled: stop, timeout, cancel), this process is
+     * SIGKILLed before it can kill the worker's group, and a `sleep &`
+     * left by an executor was found still running, its parent PID 1.
+     * Without it (EINVAL on old kernels) things are as they were. */
+    (void)prctl(PR_SET_CHILD_SUBREAPER, 1);
     pid_t me = getpid();
     pid_t pid = fork();
     if (pid < 0)
@@ -186,14 +196,18 @@ _Noreturn void pz_remote_worker_main(void)
         while (read(sigfd, &si, sizeof si) == (ssize_t)sizeof si)
             if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGHUP)
                 kill(pid, (int)si.ssi_signo);
+        /* The worker, or what it left and this process adopted (reaped
+         * so that it leaves no zombie). */
         int status;
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid) {
-            /* What the executor left running in the worker's group. */
-            kill(-pid, SIGKILL);
-            _exit(status_of(status, lost));
+        pid_t r;
+        while ((r = waitpid(-1, &status, WNOHANG)) > 0) {
+            if (r == pid) {
+                /* What the executor left running in the worker's group. */
+                kill(-pid, SIGKILL);
+                _exit(status_of(status, lost));
+            }
         }
-        if (r < 0 && errno != EINTR)
+        if (r < 0 && errno != EINTR && errno != ECHILD)
             fail("waitpid");
     }
 }
