@@ -360,4 +360,10 @@ void pz_spawnq_shut(struct pz_io *io);
  * either thread). */
 void pz_lend_end(struct pz_io *io);
 
+/* The grace between SIGTERM and SIGKILL for slot w: the pool's kill_grace,
+ * and for a launcher at least PZ_LAUNCHER_GRACE_NS, the moment srun needs
+ * to withdraw a job still queued (slot.c). */
+#define PZ_LAUNCHER_GRACE_NS 100000000
+int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w);
+
 #endif

@@ -218,7 +218,13 @@ static void progress_stop(struct pz_io *io, int64_t now)
 {
     if (io->term_at && now >= io->term_at) {
         io->term_at = 0;
-        io->kill_at = now + io->p->opt.kill_grace_ns;
+        int64_t grace = io->p->opt.kill_grace_ns;
+        for (int i = 0; i < io->nrecords; i++) {
+            int64_t g = pz_slot_grace_ns(io, &io->slots[i]);
+            if (io->slots[i].alive && g > grace)
+                grace = g;
+        }
+        io->kill_at = now + grace;
         signal_all(io, SIGTERM);
     }
     if (io->kill_at && now >= io->kill_at) {

@@ -180,6 +180,16 @@ static void kill_once(struct pz_io *io, pz_slot *w)
     }
 }
 
+/* With kill_grace = 0, srun got SIGTERM and SIGKILL in one pass, too
+ * quickly to withdraw a job still queued, which stayed in Slurm's queue
+ * (3 workers queued with --begin: stop(0), a collected pool and
+ * init_timeout left their jobs 2 runs of 2; kill_grace = 0.01 left none). */
+int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w)
+{
+    int64_t grace = io->p->opt.kill_grace_ns;
+    return w->remote && grace < PZ_LAUNCHER_GRACE_NS ? PZ_LAUNCHER_GRACE_NS : grace;
+}
+
 /* Ends a worker that is still starting (stop, init_timeout).  A launcher
  * may still be waiting for the place it launches on (srun queued for an
  * allocation), a request that outlives it: SIGTERM lets it withdraw the
@@ -194,7 +204,7 @@ static void end_starting(struct pz_io *io, pz_slot *w)
         if (w->kill_at || w->kill_sent)
             return;
         pz_spawnq_kill(io, w, SIGTERM);
-        w->kill_at = pz_now_ns() + io->p->opt.kill_grace_ns;
+        w->kill_at = pz_now_ns() + pz_slot_grace_ns(io, w);
     } else {
         kill_once(io, w);
     }
