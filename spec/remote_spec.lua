@@ -256,6 +256,18 @@ describe("remote workers: launchers", function()
     p:stop()
   end)
 
+  it("shows what a launcher wrote when it ends having written less than a frame's header", function()
+    local p = Parallelize({ function() end }, {
+      init_attempts = 1,
+      launcher = function() return { "sh", "-c", "echo 'module: not found'; exit 1" } end,
+    })
+    local _ = p.executors
+    local msg = p.init_errors[1] and p.init_errors[1].message or "no init error"
+    assert.matches('ended: its launcher sh exited with status 1, having written "module: not found\\x0a" on its '
+      .. "stdout$", msg)
+    p:stop()
+  end)
+
   it("refuses a greeting that reads as the header of a long frame, at once", function()
     -- Four bytes printed before the worker's INIT_OK make the parser see a
     -- frame whose length is those bytes ("hi!\n": 170 MB) and whose type is

@@ -29,13 +29,9 @@
  * --worker.  The message shows what came. */
 static void reject_output(struct pz_io *io, pz_slot *w, const char *why)
 {
-    char seen[64];
-    size_t n = 0;
-    for (size_t i = 0; i < w->in.len && i < 24 && n + 5 < sizeof seen; i++) {
-        unsigned char c = (unsigned char)w->in.data[i];
-        n += (size_t)snprintf(seen + n, sizeof seen - n, c >= 32 && c < 127 && c != '"' ? "%c" : "\\x%02x", c);
-    }
-    char msg[160];
+    char seen[PZ_SHOWN_BYTES_MAX];
+    pz_show_bytes(w->in.data, w->in.len, seen);
+    char msg[256];
     snprintf(msg, sizeof msg, "%s: \"%s\"...; does the remote shell print on stdout?", why, seen);
     pz_slot_reject(io, w, msg);
 }

@@ -518,8 +518,8 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
 
 /* How a remote slot's launcher ended, for messages: "ended: its launcher
  * ssh exited with status 137 (...)". */
-static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status, char *buf,
-                                  size_t len)
+static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status, const char *wrote,
+                                  char *buf, size_t len)
 {
     char end[80];
     pz_describe_status(status, end, sizeof end);
@@ -538,7 +538,18 @@ static void describe_launcher_end(struct pz_io *io, const pz_slot *w, int status
         snprintf(sig, sizeof sig, " (the worker was killed by signal %d on its host)", code - 128);
         note = sig;
     }
-    snprintf(buf, len, "ended: its launcher %.60s %s%s", name, end, note);
+    snprintf(buf, len, "ended: its launcher %.60s %s%s%s", name, end, wrote, note);
+}
+
+void pz_show_bytes(const char *p, size_t n, char *out)
+{
+    size_t len = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < n && i < 24 && len + 5 < PZ_SHOWN_BYTES_MAX; i++) {
+        unsigned char c = (unsigned char)p[i];
+        len += (size_t)snprintf(out + len, PZ_SHOWN_BYTES_MAX - len,
+                                c >= 32 && c < 127 && c != '"' ? "%c" : "\\x%02x", c);
+    }
 }
 
 void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
@@ -547,14 +558,24 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
     while (w->fd >= 0 && !io->fatal && pz_slot_read(io, w))
         ;
     pz_slot_close_fd(io, w);
+    /* A launcher that wrote less than a frame header and ended (a remote
+     * shell's "module: not found"): what it wrote is said, as for one that
+     * wrote more (answer.c, reject_output). */
+    char wrote[PZ_SHOWN_BYTES_MAX + 64] = "";
+    if (w->remote && w->state == SLOT_STARTING && w->in.len > 0) {
+        char seen[PZ_SHOWN_BYTES_MAX];
+        pz_show_bytes(w->in.data, w->in.len, seen);
+        snprintf(wrote, sizeof wrote, ", having written \"%s\"%s on its stdout", seen,
+                 w->in.len > 24 ? "..." : "");
+    }
     pz_buf_trim(&w->in, 0);
     w->in.len = 0;
     w->alive = 0;
-    char how[320];
+    char how[448];
     if (w->why[0])
         snprintf(how, sizeof how, "%s", w->why);
     else if (known && w->remote)
-        describe_launcher_end(io, w, status, how, sizeof how);
+        describe_launcher_end(io, w, status, wrote, how, sizeof how);
     else if (known)
         pz_describe_status(status, how, sizeof how);
     else
@@ -566,7 +587,7 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
         snprintf(how + len, sizeof how - len, " (ended by the pool: call %" PRIu64 " %s)", w->doomed,
                  w->doomed_kind == PZ_ERR_TIMEOUT ? "timed out" : "was cancelled");
     }
-    char msg[512];
+    char msg[640];
     switch (w->state) {
     case SLOT_STARTING:
         if (io->stopping || io->spawner_gone) {
