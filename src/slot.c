@@ -491,7 +491,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
         if (fr && !(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             uint8_t deaths = (uint8_t)(pz_frame_deaths(fr) + 1);
             pz_frame_set_deaths(fr, deaths);
-            char msg[512];
+            char msg[640];
             if (pz_frame_flags(fr) & PZ_CALL_CHUNK)
                 snprintf(msg, sizeof msg,
                          "call %" PRIu64 " (a chunk of a map's items) ended with its worker: "
