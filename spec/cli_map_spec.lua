@@ -159,6 +159,17 @@ describe("pzlua --map", function()
       end
     end)
 
+    it("writes a table with an integer key above 2^31 - 1 as an object", function()
+      -- lua-cjson 2.1.0 keeps the largest key in an int: it wrote such
+      -- tables as objects, and {[1] = 1, [2^31] = 2} as [1], a key lost.
+      local out, err, status = map({ "-k", "function(x) if x == 1 then return { [2 ^ 31] = 1 } end "
+        .. "return { 1, [2 ^ 31] = 2 } end" }, "1\n2\n")
+      assert.are.same({ "", 0 }, { err, status })
+      local got = lines_of(out)
+      assert.are.equal('{"2147483648":1}', got[1])
+      assert.are.same({ ["1"] = 1, ["2147483648"] = 2 }, cjson.decode(got[2]))
+    end)
+
     it("fails a line whose result JSON cannot hold", function()
       local out, err, status = map({ "-k", "function(x) if x == 2 then return print end return x end" }, "1\n2\n3\n")
       assert.are.same({ "1", "3" }, lines_of(out))
@@ -632,14 +643,14 @@ describe("pzlua --map", function()
         numbers(4))
       assert.are.same({ "10\n20\n40\n", 0 }, { out, status })
       local set = require("parallelize.cli_map_joblog").new_lines()
-      for _, n in ipairs({ 1, 2 ^ 31 - 1, 2 ^ 31, 2 ^ 32 + 1, 2 ^ 53, 1e300 }) do set:add(n) end
-      for _, n in ipairs({ 1, 2 ^ 31 - 1, 2 ^ 31, 2 ^ 32 + 1, 2 ^ 53, 1e300 }) do
-        assert.is_true(set:has(n), tostring(n))
-      end
-      for _, n in ipairs({ 2, 2 ^ 31 - 2, 2 ^ 31 + 1, 2 ^ 32, 2 ^ 32 + 2 }) do
+      -- (2^26 and below in a bitset, of 8 MiB at most; above, a table)
+      local lines = { 1, 2 ^ 26 - 1, 2 ^ 26, 2 ^ 26 + 1, 2 ^ 31, 2 ^ 32 + 1, 2 ^ 53, 1e300 }
+      for _, n in ipairs(lines) do set:add(n) end
+      for _, n in ipairs(lines) do assert.is_true(set:has(n), tostring(n)) end
+      for _, n in ipairs({ 2, 2 ^ 26 - 2, 2 ^ 26 + 2, 2 ^ 31 + 1, 2 ^ 32, 2 ^ 32 + 2 }) do
         assert.is_false(set:has(n), tostring(n))
       end
-      assert.are.equal(6, set.count)
+      assert.are.equal(#lines, set.count)
     end)
 
     it("--resume-failed runs again the lines that failed", function()
@@ -797,7 +808,7 @@ describe("pzlua --map", function()
       -- microseconds apart. The second used to kill the run outright once
       -- the first had been handled (7 runs of 16 under `timeout 1 pzlua
       -- --map`): no message, the batch it held not written. Here the
-      -- second comes 5 ms after the first, while this run (-k, 200,000
+      -- second comes 2 ms after the first, while this run (-k, 200,000
       -- lines of 1 ms) is still stopping: counting the lines not done
       -- reads the rest of its input.
       local n = 200000
@@ -806,7 +817,7 @@ describe("pzlua --map", function()
       wait_output(job, 20)
       core.sleep(0.4)
       assert.is_true(support.kill(job.pid, 15))
-      core.sleep(0.005)
+      core.sleep(0.002)
       support.kill(job.pid, 15)
       assert.are.equal(143, wait_status(job))
       local err = read(job.err)

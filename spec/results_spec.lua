@@ -458,25 +458,25 @@ describe("stream", function()
       function()
         -- 1 MiB results, max_pending_bytes 8 MiB: once the stream has seen
         -- 16 of them, it keeps about 8 calls out (at least 2 per worker),
-        -- where its count alone allows 4 * 512 (a GiB held while the
-        -- loop's body waits). Measured past the first window's calls,
-        -- queued before any result told its size.
+        -- where its count alone allows 4 * 64 (4 * 512 by default: a GiB
+        -- held while the loop's body waits). Measured once the calls read
+        -- before any result told its size (at most 4 * 64 + 16) are out.
         local p = Parallelize(function(x) return string.rep("x", 1048576) .. x end,
           { workers = 2, max_pending_bytes = 8 * 1048576 })
         finally(function() p:stop() end)
-        local n, read, most = 1200, 0, 0
+        local n, read, most = 600, 0, 0
         local function src()
           if read == n then return nil end
           read = read + 1
           return read
         end
         local count = 0
-        for i, ok, v in p:stream(src, { ordered = ordered }) do
+        for i, ok, v in p:stream(src, { ordered = ordered, max_pending = 64 }) do
           assert.is_true(ok)
           assert.are.equal(1048576 + #tostring(i), #v)
           count = count + 1
-          if count > 1000 then
-            if count <= 1020 then core.sleep(0.005) end
+          if count > 300 then
+            if count <= 320 then core.sleep(0.005) end
             if read - count > most then most = read - count end
           end
         end

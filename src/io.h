@@ -97,7 +97,7 @@ typedef struct pz_slot {
                           * SIGKILL follows (slot.c, end_starting) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
-    char why[200];       /* set when the parent killed it: the reason */
+    char why[256];       /* set when the parent killed it: the reason */
     /* A remote slot (its process is a launcher: spawner.h) differs only
      * where these are read (slot.c): which call its death is charged to,
      * and a depth that covers the round trip. */
@@ -367,9 +367,10 @@ void pz_lend_end(struct pz_io *io);
 int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w);
 
 /* Writes into `out` (PZ_SHOWN_BYTES_MAX bytes) the first bytes of p (n
- * of them; 24 at most), printable ASCII as it is and the rest as \xHH: what
+ * of them; 24 at most, fewer when many need escapes), printable ASCII as
+ * it is and the rest as \xHH: what
  * a launcher wrote instead of frames, for a message. */
-#define PZ_SHOWN_BYTES_MAX 100
+#define PZ_SHOWN_BYTES_MAX 64
 void pz_show_bytes(const char *p, size_t n, char *out);
 
 #endif

@@ -53,12 +53,16 @@ typedef struct deferral {
     sigset_t old;
 } deferral;
 
-/* Begins deferring: blocks SIGINT and takes the debug hook off. */
+/* Begins deferring: blocks SIGINT (and SIGTERM and SIGHUP, whose handler
+ * under pzlua --map sets the same hook: pzlua.c) and takes the debug hook
+ * off. */
 static void defer_begin(deferral *d, lua_State *L)
 {
     sigset_t intr;
     sigemptyset(&intr);
     sigaddset(&intr, SIGINT);
+    sigaddset(&intr, SIGTERM);
+    sigaddset(&intr, SIGHUP);
     /* pthread_sigmask fails only for an invalid `how`.  Blocked first: a
      * hook read afterwards is one no handler can replace meanwhile. */
     pthread_sigmask(SIG_BLOCK, &intr, &d->old);

@@ -14,6 +14,8 @@
  *   - SIGINT is blocked, so that its handler cannot set its hook
  *     meanwhile (a pending SIGINT is delivered when the mask is put back:
  *     its hook then fires at the caller's next call or instruction);
+ *     so are SIGTERM and SIGHUP, which pzlua --map catches the same way
+ *     (a host that leaves them fatal dies a moment later, no sooner);
  *   - the debug hook is off, so that one set before (a signal handled
  *     just before, or the user's own) does not fire inside; it is put
  *     back afterwards (a count hook's count starts again), unless the

@@ -1,10 +1,11 @@
 /*
  * ljson.c - core.json_encode (the rules: ljson.h).
  *
- * The text is built in a malloc'd buffer, which every error path frees
- * before it raises: the Lua API calls made while it is held (lua_next,
- * lua_rawgeti, lua_type, lua_to*) do not raise.
+ * The text is built in a malloc'd buffer, under a protected call: whatever
+ * raises meanwhile (lua_checkstack when memory runs out, our own errors),
+ * the caller frees the buffer, then raises the error again.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -133,8 +134,12 @@ static int put_number(encoder *e, double v)
 static int put_value(encoder *e, int idx, int depth);
 
 /* The array length of the table at idx (its largest key) when every key
- * is a positive integer; 0 when it is empty or an object; -1 (with the
- * error) when it is an excessively sparse array. */
+ * is a positive integer up to INT_MAX; 0 when it is empty or an object;
+ * -1 (with the error) when it is an excessively sparse array.  A key
+ * above INT_MAX makes an object: lua-cjson 2.1.0 keeps the largest key
+ * in an int, which such a key overflows ({[2^31] = 1} comes out as the
+ * object {"2147483648":1}, and {[1] = 1, [2^31] = 2} as [1], a key
+ * dropped). */
 static int array_length(encoder *e, int idx, double *length)
 {
     lua_State *L = e->L;
@@ -143,7 +148,7 @@ static int array_length(encoder *e, int idx, double *length)
     while (lua_next(L, idx)) {
         lua_pop(L, 1);
         double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
-        if (!(k >= 1 && k == floor(k))) {
+        if (!(k >= 1 && k <= INT_MAX && k == floor(k))) {
             lua_pop(L, 1);
             *length = 0;
             return 0;
@@ -242,11 +247,15 @@ static int put_value(encoder *e, int idx, int depth)
     }
 }
 
-/* Protected: pushes the text of the encoder at 1 (a string, which may
- * find no memory). */
-static int push_text(lua_State *L)
+/* Protected: encodes the value at 2 (the null sentinel at 3, or nil)
+ * with the encoder at 1, and pushes the text. */
+static int encode_protected(lua_State *L)
 {
-    const encoder *e = lua_touserdata(L, 1);
+    encoder *e = lua_touserdata(L, 1);
+    e->L = L;
+    e->null = lua_isnil(L, 3) ? 0 : 3;
+    if (put_value(e, 2, 0) != 0)
+        return luaL_error(L, "%s", e->why);
     lua_pushlstring(L, e->out.data ? e->out.data : "", e->out.len);
     return 1;
 }
@@ -256,14 +265,12 @@ static int l_json_encode(lua_State *L)
 {
     luaL_checkany(L, 1);
     lua_settop(L, 2);
-    lua_pushcfunction(L, push_text); /* before the buffer: it may raise */
-    encoder e = {L, PZ_BUF_INIT, lua_isnil(L, 2) ? 0 : 2, ""};
-    if (put_value(&e, 1, 0) != 0) {
-        free(e.out.data);
-        return luaL_error(L, "%s", e.why);
-    }
+    encoder e = {L, PZ_BUF_INIT, 0, ""};
+    lua_pushcfunction(L, encode_protected);
     lua_pushlightuserdata(L, &e);
-    int status = lua_pcall(L, 1, 1, 0);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    int status = lua_pcall(L, 3, 1, 0);
     free(e.out.data);
     if (status != 0)
         return lua_error(L);

@@ -162,10 +162,11 @@ static const int caught_signals[] = {SIGINT, SIGTERM, SIGHUP};
 static struct sigaction saved_actions[CAUGHT_SIGNALS];
 static bool armed[CAUGHT_SIGNALS];
 static bool stop_signals_caught;
-/* The signal whose handler ran last (0: none since the chunk started). */
+/* The first signal whose handler ran since the chunk started (0: none). */
 static volatile sig_atomic_t signal_caught;
-/* When the first one came (pz_now_ns); set by the handler only. */
-static int64_t first_signal_at;
+/* When it came (pz_now_ns); set by the handler only, before signal_caught
+ * (the handlers block each other: see stop_signals_arm). */
+static volatile int64_t first_signal_at;
 /* A signal this soon after the first is the same request again, not a
  * second one: timeout(1) sends its signal to the command and then to the
  * command's process group, microseconds apart.  Taken as a second, it
@@ -173,7 +174,7 @@ static int64_t first_signal_at;
  * write what was done and say what was not.  Short enough that a second
  * Ctrl-C pressed on purpose (a tenth of a second later at the quickest)
  * still kills. */
-#define SAME_REQUEST_NS 20000000
+#define SAME_REQUEST_NS 50000000
 
 /* Debug hook set by the handler: fires at the next call, return or
  * instruction of Lua code, where raising an error is safe. The position is
@@ -227,7 +228,11 @@ static void stop_signals_arm(lua_State *L)
     struct sigaction act;
     memset(&act, 0, sizeof act);
     act.sa_handler = stop_signal_handler;
+    /* One handler at a time: a SIGINT during SIGTERM's must not find
+     * signal_caught set and first_signal_at not yet. */
     sigemptyset(&act.sa_mask);
+    for (int i = 0; i < CAUGHT_SIGNALS; i++)
+        sigaddset(&act.sa_mask, caught_signals[i]);
     chunk_state = L;
     signal_caught = 0;
     for (int i = 0; i < CAUGHT_SIGNALS; i++) {
@@ -260,7 +265,7 @@ static void stop_signals_disarm(lua_State *L)
         lua_sethook(L, NULL, 0, 0);
 }
 
-/* signal_caught() -> the number of the signal whose handler ran last
+/* signal_caught() -> the number of the first signal whose handler ran
  * since the chunk started, or 0: which one an "interrupted!" came from. */
 static int l_signal_caught(lua_State *L)
 {

@@ -142,6 +142,9 @@ _Noreturn void pz_remote_worker_main(void)
 
     signal(SIGINT, SIG_IGN);
     signal(SIGQUIT, SIG_IGN);
+    /* Ignored SIGCHLD (inherited through exec) would reap the worker for
+     * us, unseen: the signalfd below would never hear of its end. */
+    signal(SIGCHLD, SIG_DFL);
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);

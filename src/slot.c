@@ -194,8 +194,8 @@ int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w)
  * may still be waiting for the place it launches on (srun queued for an
  * allocation), a request that outlives it: SIGTERM lets it withdraw the
  * request (srun cancels its pending job), where SIGKILL would leave the
- * job in Slurm's queue for good.  SIGKILL follows kill_grace later
- * (pz_slot_timers).  A local worker holds nothing: SIGKILL at once. */
+ * job in Slurm's queue for good.  SIGKILL follows pz_slot_grace_ns
+ * later (pz_slot_timers).  A local worker holds nothing: SIGKILL at once. */
 static void end_starting(struct pz_io *io, pz_slot *w)
 {
     if (w->remote) {

@@ -26,10 +26,10 @@ local ENOENT = 2
 local M = {}
 
 --- A set of line numbers, one bit each (10 million lines: 1.2 MiB), up
--- to BIT_LINES; the lines above it in a table (bit operations take 32-bit
--- integers: line 2^32 + 1 was taken for line 1, and a line number of 1e300
--- in a joblog made a bitset of half a GiB).
-local BIT_LINES = 2 ^ 31 - 1
+-- to BIT_LINES (an 8 MiB bitset at most); the lines above it in a table.
+-- (Bit operations take 32-bit integers: line 2^32 + 1 was taken for line
+-- 1, and a line number of 1e300 in a joblog made a bitset of half a GiB.)
+local BIT_LINES = 2 ^ 26
 local Lines = {}
 Lines.__index = Lines
 
