@@ -368,8 +368,8 @@ int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w);
 
 /* Writes into `out` (PZ_SHOWN_BYTES_MAX bytes) the first bytes of p (n
  * of them; 24 at most, fewer when many need escapes), printable ASCII as
- * it is and the rest as \xHH: what
- * a launcher wrote instead of frames, for a message. */
+ * it is and the rest as \xHH: what a launcher wrote instead of frames,
+ * for a message. */
 #define PZ_SHOWN_BYTES_MAX 64
 void pz_show_bytes(const char *p, size_t n, char *out);
 
