@@ -23,7 +23,7 @@
 #define EXACT_INTEGERS 9007199254740992.0
 
 typedef struct encoder {
-    lua_State *L;
+    lua_State *L;    /* these two set by encode_protected */
     pz_buf out;
     int null;        /* stack index of the null sentinel, 0 when none */
     char why[128];   /* the error, when a put returned -1 */
@@ -265,7 +265,7 @@ static int l_json_encode(lua_State *L)
 {
     luaL_checkany(L, 1);
     lua_settop(L, 2);
-    encoder e = {L, PZ_BUF_INIT, 0, ""};
+    encoder e = {NULL, PZ_BUF_INIT, 0, ""};
     lua_pushcfunction(L, encode_protected);
     lua_pushlightuserdata(L, &e);
     lua_pushvalue(L, 1);

@@ -809,7 +809,7 @@ function methods.stream(p, src, opts)
         lists.extras, id, nil, i, true, unpack(ex, 1, ex.n))
     end
     return commit(3, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
-      i, true, lists.results[k])
+      i, true, v)
   end
 
   --- The next failed call in the claim's lists: i, false, its error record.
