@@ -52,6 +52,7 @@ local function stat_fields(pid)
   f:close()
   local fields = {}
   for v in (stat:match("^%d+ %b() (.*)$") or ""):gmatch("%S+") do fields[#fields + 1] = v end
+  fields.comm = stat:match("^%d+ %((.*)%) ")
   return fields
 end
 
@@ -70,13 +71,15 @@ function M.cpu_seconds(pid)
   return (tonumber(fields[12]) + tonumber(fields[13])) / tonumber(ffi.C.sysconf(2)) -- _SC_CLK_TCK
 end
 
---- The pids of the live children of pid (default: this process).
+--- The pids of the live children of pid (default: this process), but
+-- for its fork server.
 function M.children(pid)
   pid = pid or M.getpid()
   local list = {}
   for _, name in ipairs(M.list("/proc")) do
     local fields = name:match("^%d+$") and stat_fields(name)
-    if fields and tonumber(fields[2]) == pid and fields[1] ~= "Z" then
+    -- A process's fork server (src/forkserver.h) lives as long as it does.
+    if fields and tonumber(fields[2]) == pid and fields[1] ~= "Z" and fields.comm ~= "pz-forkserver" then
       list[#list + 1] = tonumber(name)
     end
   end

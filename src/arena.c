@@ -9,7 +9,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include "sys.h"
 #include "worker.h"
 
 /* Sizes.  The calls area holds the big arguments of calls queued, running
@@ -44,26 +46,33 @@ typedef struct pz_arena_slot {
     uint64_t seq;
 } pz_arena_slot;
 
-pz_arena *pz_arena_new(int nrecords)
+/* The fixed part of a region for nrecords worker records: the same in
+ * the parent and in a spawner that maps the region again (attach). */
+static void layout(pz_arena *a, int nrecords)
 {
-    if (nrecords < 1)
-        return errno = EINVAL, NULL;
     size_t ring = RINGS_TOTAL / (size_t)nrecords;
     if (ring > RING_MAX)
         ring = RING_MAX;
     ring -= ring % RING_ALIGN;
-    pz_arena *a = calloc(1, sizeof *a);
-    if (!a)
-        return NULL;
     a->calls_size = CALLS_SIZE;
     a->calls_soft = CALLS_SOFT;
     a->ring_soft = ring / 2 < RING_SOFT ? ring / 2 : RING_SOFT;
     a->ring_size = ring;
     a->nrings = ring ? nrecords : 0;
+    a->nrecords = nrecords;
     a->size = a->calls_size + (size_t)a->nrings * ring;
-    a->base = mmap(NULL, a->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
-    if (a->base == MAP_FAILED) {
+}
+
+pz_arena *pz_arena_new(int nrecords)
+{
+    if (nrecords < 1)
+        return errno = EINVAL, NULL;
+    pz_arena *a = calloc(1, sizeof *a);
+    if (!a)
+        return NULL;
+    layout(a, nrecords);
+    a->base = pz_map_shared(a->size, MAP_NORESERVE, &a->fd);
+    if (!a->base) {
         int e = errno;
         free(a);
         errno = e;
@@ -72,6 +81,35 @@ pz_arena *pz_arena_new(int nrecords)
     a->reader.base = a->base;
     a->reader.size = a->size;
     return a;
+}
+
+pz_arena *pz_arena_attach(int fd, void *base, int nrecords)
+{
+    if (nrecords < 1)
+        return errno = EINVAL, NULL;
+    pz_arena *a = calloc(1, sizeof *a);
+    if (!a)
+        return NULL;
+    layout(a, nrecords);
+    a->fd = -1;
+    if (pz_map_shared_at(fd, base, a->size, MAP_NORESERVE) != 0) {
+        int e = errno;
+        free(a);
+        errno = e;
+        return NULL;
+    }
+    a->base = base;
+    a->reader.base = a->base;
+    a->reader.size = a->size;
+    return a;
+}
+
+void pz_arena_close_fd(pz_arena *a)
+{
+    if (a && a->fd >= 0) {
+        close(a->fd);
+        a->fd = -1;
+    }
 }
 
 void pz_arena_unmap(pz_arena *a)
@@ -85,6 +123,7 @@ void pz_arena_free(pz_arena *a)
     if (!a)
         return;
     pz_arena_unmap(a);
+    pz_arena_close_fd(a);
     free(a->blocks);
     free(a->by_id);
     free(a->queued);

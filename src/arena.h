@@ -3,9 +3,10 @@
  * the pool shares with them, instead of being copied through their sockets.
  *
  * A pool whose workers are all forked (no launcher: a remote worker cannot
- * see the parent's memory) maps one region MAP_SHARED before it forks the
- * spawner, so that every worker, replacements included, sees it at the
- * same address.  The codec writes a string of PZ_SHARED_MIN bytes or more
+ * see the parent's memory) maps one region MAP_SHARED before its spawner
+ * starts, so that every worker, replacements included, sees it at the
+ * same address: a memfd, which the fork server maps at that address in
+ * the spawner it makes (forkserver.h).  The codec writes a string of PZ_SHARED_MIN bytes or more
  * into the region and only (offset, length) into the frame (PZ_T_SHARED,
  * codec_format.h); the decoder on the other side makes the Lua string from
  * the region.  Per direction that is one copy in, one copy out, where the
@@ -72,6 +73,8 @@ typedef struct pz_arena {
     size_t ring_size;
     size_t ring_soft;
     int nrings;
+    int nrecords;
+    int fd;                  /* the region's memfd until the spawner has it, or -1 */
     /* the main thread's: the calls area */
     uint64_t head, tail;     /* bytes taken and freed, round the area */
     pz_arena_block *blocks;  /* by sequence number modulo cap */
@@ -93,6 +96,16 @@ typedef struct pz_arena {
  * (errno set) when it cannot: the pool then goes without, every string
  * inline. */
 pz_arena *pz_arena_new(int nrecords);
+
+/* In a spawner made by the fork server (forkserver.h): maps the parent's
+ * region, memfd `fd`, at the parent's address `base`, for workers that
+ * only read and write it (their records' rings and the calls area); the
+ * parent's bookkeeping is not there.  NULL (errno set) when it cannot,
+ * EEXIST when something else is mapped there. */
+pz_arena *pz_arena_attach(int fd, void *base, int nrecords);
+
+/* Closes the region's memfd (once the spawner has mapped it). */
+void pz_arena_close_fd(pz_arena *a);
 
 /* Unmaps the region and frees the bookkeeping. */
 void pz_arena_free(pz_arena *a);

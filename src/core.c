@@ -17,6 +17,7 @@
 #include "ljson.h"
 #include "lreadline.h"
 #include "core.h"
+#include "forkserver.h"
 #include "lpool.h"
 #include "sys.h"
 
@@ -94,6 +95,17 @@ static int l_now(lua_State *L)
     return 1;
 }
 
+/* forkserver_pid() -> the fork server's pid (forkserver.h), or nil. */
+static int l_forkserver_pid(lua_State *L)
+{
+    pid_t pid = pz_forkserver_pid();
+    if (pid > 0)
+        lua_pushinteger(L, (lua_Integer)pid);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 int luaopen_parallelize_core(lua_State *L)
 {
     /* Under a host that was started with stdout closed, a pool's pipe
@@ -117,5 +129,9 @@ int luaopen_parallelize_core(lua_State *L)
     lua_setfield(L, -2, "cpu_count");
     lua_pushcfunction(L, l_isatty);
     lua_setfield(L, -2, "isatty");
+    lua_pushcfunction(L, l_forkserver_pid);
+    lua_setfield(L, -2, "forkserver_pid");
+    /* Now, while the script is still small: see forkserver.h. */
+    pz_forkserver_start();
     return 1;
 }

@@ -139,17 +139,11 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
         *err = "out of memory";
         goto fail;
     }
-    p->io_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    p->main_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (p->io_wake_fd < 0 || p->main_wake_fd < 0) {
-        *err = "eventfd failed";
-        goto fail;
-    }
-    /* Shared with every worker through the spawner's fork: see worker.h. */
-    p->shared = mmap(NULL, shared_size(nslots), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-                     -1, 0);
-    if (p->shared == MAP_FAILED) {
-        p->shared = NULL;
+    /* Shared with every worker through the spawner: see worker.h.  Its
+     * memfd goes to the fork server, if the spawner comes from there. */
+    int shared_fd;
+    p->shared = pz_map_shared(shared_size(nslots), 0, &shared_fd);
+    if (!p->shared) {
         *err = "cannot map memory shared with the workers";
         goto fail;
     }
@@ -158,11 +152,23 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
         p->arena = pz_arena_new(2 * nslots);
     park_io_threads();
     pz_spawner_config sc = {p->shared, p->arena, setup, forget_parents_pools, opt->kill_leftovers,
-                            (char *const *const *)p->launch};
+                            (char *const *const *)p->launch, nslots, shared_fd};
     int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
     unpark_io_threads();
+    /* The spawner has mapped both regions (or inherited them). */
+    if (shared_fd >= 0)
+        close(shared_fd);
+    pz_arena_close_fd(p->arena);
     if (forked != 0) {
         *err = "cannot fork the spawner process";
+        goto fail;
+    }
+    /* Made only now: the memfds above are closed, so that a process short
+     * of descriptors needs no more of them than it did without those. */
+    p->io_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    p->main_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->io_wake_fd < 0 || p->main_wake_fd < 0) {
+        *err = "eventfd failed";
         goto fail;
     }
     if (pz_set_nonblock(p->spawner_fd) != 0) {

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "forkserver.h"
 #include "spawner.h"
 #include "sys.h"
 #include "worker.h"
@@ -112,6 +113,11 @@ PZ_EXPORT int __lsan_is_turned_off(void)
 void pz_mark_forked_child(void)
 {
     forked_child = 1;
+}
+
+int pz_forked_child(void)
+{
+    return forked_child;
 }
 
 /* One live child: a worker, or a launcher (whose group is left alone). */
@@ -420,7 +426,7 @@ static void handle_request(spawner *s)
         kill(m.pid, m.arg);
 }
 
-static void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
+static _Noreturn void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
 {
     spawner s = {*config, sock, -1, NULL, 0, 0};
     for (int sig = 1; sig < NSIG; sig++)
@@ -463,11 +469,35 @@ static void spawner_main(const pz_spawner_config *config, int sock, pid_t parent
     }
 }
 
+_Noreturn void pz_spawner_become(const pz_spawner_config *config, int sock, pid_t parent)
+{
+    forked_child = 1;
+    if (config->in_child)
+        config->in_child();
+    int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (devnull < 0 || dup2(devnull, 0) < 0)
+        _exit(1);
+    /* Keep stdio (0-2) and the socket; everything else belongs to the
+     * parent (other pools' sockets would otherwise hide their EOFs). */
+    if (sock != WORKER_FD + 1) {
+        if (dup2(sock, WORKER_FD + 1) < 0)
+            _exit(1);
+        sock = WORKER_FD + 1;
+    }
+    pz_close_fds_from(3, sock);
+    spawner_main(config, sock, parent);
+}
+
 int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return -1;
+    if (pz_forkserver_spawner(config, sv[1], pid) == 0) {
+        close(sv[1]);
+        *fd = sv[0];
+        return 0;
+    }
     /* Unflushed stdio output would otherwise be written again by the child. */
     fflush(NULL);
     pid_t parent = getpid();
@@ -479,24 +509,8 @@ int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd)
         errno = e;
         return -1;
     }
-    if (p == 0) {
-        forked_child = 1;
-        if (config->in_child)
-            config->in_child();
-        int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (devnull < 0 || dup2(devnull, 0) < 0)
-            _exit(1);
-        /* Keep stdio (0-2) and the socket; everything else belongs to the
-         * parent (other pools' sockets would otherwise hide their EOFs). */
-        int sock = sv[1];
-        if (sock != WORKER_FD + 1) {
-            if (dup2(sock, WORKER_FD + 1) < 0)
-                _exit(1);
-            sock = WORKER_FD + 1;
-        }
-        pz_close_fds_from(3, sock);
-        spawner_main(config, sock, parent);
-    }
+    if (p == 0)
+        pz_spawner_become(config, sv[1], parent);
     close(sv[1]);
     *pid = p;
     *fd = sv[0];

@@ -62,6 +62,8 @@ typedef struct pz_spawner_config {
                                          * (SIGKILL) when the worker has ended */
     char *const *const *launch;         /* per slot: the launcher's argv (NULL-ended),
                                          * or NULL for a forked worker; NULL: none */
+    int nslots;                         /* slots (the length of launch), records / 2 */
+    int shared_fd;                      /* shared's memfd, or -1 (forkserver.h) */
 } pz_spawner_config;
 
 /* Marks this process as a forked child that holds a copy of its parent's
@@ -69,10 +71,19 @@ typedef struct pz_spawner_config {
  * (see spawner.c).  The spawner and its workers are marked already. */
 void pz_mark_forked_child(void);
 
-/* Forks the spawner.  Call from the main thread only.  On success returns
- * 0 and sets *pid and *fd (the parent's end, close-on-exec, blocking); on
- * failure returns -1 with errno set. */
+/* Whether this process is a spawner or a worker (marked as above). */
+int pz_forked_child(void);
+
+/* Starts the spawner: asks the fork server for it (forkserver.h), or
+ * forks it from this process when the server cannot.  Call from the main
+ * thread only.  On success returns 0 and sets *pid (a child of this
+ * process either way) and *fd (the parent's end, close-on-exec,
+ * blocking); on failure returns -1 with errno set. */
 int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd);
+
+/* In a child just made to be the spawner, with the socket's other end
+ * `sock`, for the process `parent`: becomes it.  Never returns. */
+_Noreturn void pz_spawner_become(const pz_spawner_config *config, int sock, pid_t parent);
 
 /* Sends one message, with `pass_fd` attached when >= 0.  Returns 0, or -1
  * with errno set (EAGAIN on a full non-blocking socket). */

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <dirent.h>
@@ -162,4 +163,41 @@ void pz_format_seconds(int64_t ns, char *buf, size_t len)
         buf[--n] = 0;
     if (n > 0 && buf[n - 1] == '.')
         buf[--n] = 0;
+}
+
+void *pz_map_shared(size_t size, int flags, int *fd)
+{
+    *fd = memfd_create("parallelize", MFD_CLOEXEC);
+    if (*fd >= 0 && ftruncate(*fd, (off_t)size) != 0) {
+        close(*fd);
+        *fd = -1;
+    }
+    void *p;
+    if (*fd >= 0)
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | flags, *fd, 0);
+    else
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | flags, -1, 0);
+    if (p == MAP_FAILED) {
+        int e = errno;
+        if (*fd >= 0)
+            close(*fd);
+        *fd = -1;
+        errno = e;
+        return NULL;
+    }
+    return p;
+}
+
+int pz_map_shared_at(int fd, void *addr, size_t size, int flags)
+{
+    void *p = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE | flags, fd, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    if (p != addr) {
+        /* A kernel older than 4.17 takes the flag for a hint. */
+        munmap(p, size);
+        errno = EEXIST;
+        return -1;
+    }
+    return 0;
 }

@@ -45,6 +45,17 @@ void pz_wake_clear(int fd);
  * descriptor that could not be filled, as -1 - fd, with errno set. */
 int pz_occupy_closed_std_fds(void);
 
+/* Maps `size` bytes MAP_SHARED (plus `flags`, such as MAP_NORESERVE):
+ * a memfd's, whose descriptor (close-on-exec) goes to *fd so that a
+ * process that did not inherit the mapping can map it too (the fork
+ * server's spawners: forkserver.h); anonymous memory, *fd = -1, where
+ * memfd_create is refused.  Returns NULL with errno set on failure. */
+void *pz_map_shared(size_t size, int flags, int *fd);
+
+/* Maps memfd `fd`'s `size` bytes at exactly `addr`; 0, or -1 with errno
+ * set (EEXIST: something is mapped there already). */
+int pz_map_shared_at(int fd, void *addr, size_t size, int flags);
+
 /* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
 void pz_describe_status(int status, char *buf, size_t len);
 

@@ -9,7 +9,8 @@
 
 /* What a worker tells its parent without sending a message: one of these
  * per worker record (io.h) lives in memory the parent maps shared before
- * forking the spawner, so every worker inherits it.  `running` is the id
+ * its spawner starts (a memfd: see forkserver.h), so every worker
+ * inherits it.  `running` is the id
  * of the call the worker is handling, from decoding its arguments to
  * encoding its result (0 between calls), so that when the worker dies the
  * parent knows which call killed it, even though results of the calls

@@ -45,10 +45,13 @@ control.call_timeout = 0.25
 control.max_calls = env("PZ_SOAK_MAX_CALLS", 500)
 control.max_deaths = 255
 control.seed = 99
--- (The rounds before leave garbage of millions of results; a pool made
--- then forks a spawner as big as this process. With the three rounds'
--- pools kept alive by a trace, this round starved a call that does not
--- hang past its 0.25 s timeout, 3 runs of 3: not understood yet.)
+-- (The rounds before leave garbage of millions of results. When a pool's
+-- spawner was forked from this process it was as big, and so was every
+-- worker it forked: each fork and exit then took tens of ms, and with
+-- the three rounds' pools kept alive by a trace, this round's recycling
+-- and kills starved a call that does not hang past its 0.25 s timeout,
+-- 3 runs of 3. Spawners now come from the fork server, small whatever
+-- this process holds: src/forkserver.h.)
 collectgarbage("collect")
 print(("soak round with timeouts and recycling: %d calls, every %dth hangs (timeout %g s), workers replaced "
   .. "after %d calls"):format(control.calls, control.hang_every, control.call_timeout, control.max_calls))

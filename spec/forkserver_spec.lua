@@ -1,0 +1,175 @@
+-- The fork server (src/forkserver.h): a pool's spawner comes from a small
+-- process forked when the module was loaded, not from the script, yet
+-- starts in the state the script is in when it makes the pool. Each case
+-- runs a script of its own under pzlua, so that what it changes (its
+-- heap, directory, environment, stdout, no_new_privs) stays there.
+local support = require "spec.support"
+
+-- What every script starts with: the module, the FFI calls it needs, and
+-- status(pid, key): a field of /proc/pid/status.
+local PRELUDE = [[
+local parallelize = require "parallelize"
+local core = require "parallelize.core"
+local ffi = require "ffi"
+ffi.cdef [=[
+  int chdir(const char *path);
+  int setenv(const char *name, const char *value, int overwrite);
+  unsigned umask(unsigned mask);
+  int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+  int open(const char *path, int flags, int mode);
+  int dup(int fd);
+  int dup2(int from, int to);
+  int close(int fd);
+  int fork(void);
+  int waitpid(int pid, int *status, int options);
+  void _exit(int status);
+  int getppid(void);
+]=]
+local function status(pid, key)
+  local f = assert(io.open("/proc/" .. pid .. "/status"))
+  local s = f:read("*a")
+  f:close()
+  return tonumber(s:match(key .. ":%s*(%d+)"))
+end
+-- The pid of the spawner of pool p: the parent of its first worker.
+local function spawner_of(p)
+  p(0)
+  p:wait()
+  local f = assert(io.open("/proc/" .. p.pids[1] .. "/stat"))
+  local ppid = tonumber(f:read("*a"):match("^%d+ %b() %S+ (%d+)"))
+  f:close()
+  return ppid
+end
+]]
+
+local function run(script)
+  local dir = support.tmpdir()
+  local path = dir .. "/script.lua"
+  support.write(path, PRELUDE .. script)
+  local out, code = support.run("cd " .. dir .. " && timeout 120 " .. support.quote(support.pzlua()) .. " " .. path)
+  support.rmdir(dir)
+  return out, code
+end
+
+describe("the fork server", function()
+  it("makes spawners that do not hold the script's heap, children of the script", function()
+    local out, code = run [[
+      local heap = string.rep("x", 300 * 1048576) -- taken after the module was loaded
+      local p = parallelize.Parallelize(function(x) return x end, { workers = 2 })
+      local spawner = spawner_of(p)
+      local f = assert(io.open("/proc/" .. spawner .. "/stat"))
+      local ppid = tonumber(f:read("*a"):match("^%d+ %b() %S+ (%d+)"))
+      f:close()
+      print("script", status(parallelize.getpid(), "VmRSS"), #heap)
+      print("spawner", status(spawner, "VmRSS"), ppid == parallelize.getpid(), core.forkserver_pid() ~= nil)
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    local script_kb = tonumber(out:match("script\t(%d+)"))
+    local spawner_kb, parent, server = out:match("spawner\t(%d+)\t(%a+)\t(%a+)")
+    assert.is_true(script_kb > 300 * 1024, out)
+    assert.is_true(tonumber(spawner_kb) < 50 * 1024, out) -- about 1 MB; 300 MB and more if forked from the script
+    assert.are.equal("true", parent, out)
+    assert.are.equal("true", server, out)
+  end)
+
+  it("gives workers the directory, environment, umask and stdout the script has when it makes the pool", function()
+    local out, code = run [[
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir " .. dir) == 0)
+      assert(ffi.C.chdir(dir) == 0)
+      assert(ffi.C.setenv("PZ_FORKSERVER_SPEC", "set after loading", 1) == 0)
+      local old_mask = ffi.C.umask(tonumber("027", 8))
+      local saved = ffi.C.dup(1)
+      local fd = ffi.C.open(dir .. "/out", 577, 420) -- O_WRONLY | O_CREAT | O_TRUNC, 0644
+      assert(fd >= 0 and ffi.C.dup2(fd, 1) == 1)
+      ffi.C.close(fd)
+      local p = parallelize.Parallelize(function()
+        local c = require "ffi"
+        c.cdef "unsigned umask(unsigned mask);"
+        local m = c.C.umask(0)
+        c.C.umask(m)
+        local pwd = io.popen("pwd"):read("*l")
+        io.write("written by a worker\n")
+        io.flush()
+        return pwd, os.getenv("PZ_FORKSERVER_SPEC"), m
+      end, { workers = 1 })
+      local ok, pwd, env, mask = p:result(p())
+      p:stop()
+      io.flush()
+      ffi.C.dup2(saved, 1)
+      ffi.C.umask(old_mask)
+      local f = assert(io.open(dir .. "/out"))
+      local written = f:read("*a")
+      f:close()
+      os.execute("rm -rf " .. dir)
+      print("ok", ok, pwd == dir, env, string.format("%o", mask))
+      print("stdout", (written:gsub("\n", "|")))
+    ]]
+    assert.are.equal(0, code, out)
+    assert.matches("ok\ttrue\ttrue\tset after loading\t27\n", out, 1, true)
+    assert.matches("stdout\twritten by a worker|\n", out, 1, true)
+  end)
+
+  it("is not used when the script has changed what it cannot copy (no_new_privs): the script forks", function()
+    local out, code = run [[
+      local heap = string.rep("y", 300 * 1048576)
+      assert(ffi.C.prctl(38, 1, 0, 0, 0) == 0) -- PR_SET_NO_NEW_PRIVS
+      local p = parallelize.Parallelize(function(x) return x * 2 end, { workers = 2 })
+      local spawner = spawner_of(p)
+      print("spawner", status(spawner, "VmRSS"), #heap, p:result(p(21)))
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    local kb, _, ok, v = out:match("spawner\t(%d+)\t(%d+)\t(%a+)\t(%d+)")
+    assert.is_true(tonumber(kb) > 250 * 1024, out) -- a copy of the script: the server said no
+    assert.are.same({ "true", "42" }, { ok, v })
+  end)
+
+  it("ends when the script is killed", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    support.write(dir .. "/script.lua", PRELUDE .. [[
+      print("server", core.forkserver_pid(), parallelize.getpid())
+      io.stdout:flush()
+      parallelize.sleep(60)
+    ]])
+    local p = io.popen("exec " .. support.quote(support.pzlua()) .. " " .. dir .. "/script.lua")
+    local server, script = p:read("*l"):match("^server\t(%d+)\t(%d+)$")
+    server, script = tonumber(server), tonumber(script)
+    assert.is_true(support.alive(server))
+    assert.is_true(support.kill(script, 9))
+    p:close()
+    assert.is_true(support.eventually(function() return not support.alive(server) end, 1))
+  end)
+
+  it("is not used by a forked copy of the script, and a killed server is not used again", function()
+    local out, code = run [[
+      local server = assert(core.forkserver_pid())
+      local pid = ffi.C.fork()
+      if pid == 0 then
+        local p = parallelize.Parallelize(function(x) return x + 1 end, { workers = 2 })
+        local spawner = spawner_of(p)
+        local ok = p:result(p(1)) and spawner ~= nil
+        local f = assert(io.open("/proc/" .. spawner .. "/stat"))
+        local mine = tonumber(f:read("*a"):match("^%d+ %b() %S+ (%d+)")) == parallelize.getpid()
+        p:stop()
+        io.stdout:flush()
+        ffi.C._exit((ok and mine and core.forkserver_pid() == nil) and 0 or 1)
+      end
+      local st = ffi.new("int[1]")
+      assert(ffi.C.waitpid(pid, st, 0) == pid)
+      print("copy", st[0])
+      assert(os.execute("kill -9 " .. server) == 0)
+      local p = parallelize.Parallelize(function(x) return x + 1 end, { workers = 2 })
+      print("after kill", p:result(p(1)))
+      print("server", core.forkserver_pid())
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    assert.matches("copy\t0\n", out, 1, true)
+    assert.matches("after kill\ttrue\t2\n", out, 1, true)
+    assert.matches("server\tnil\n", out, 1, true)
+  end)
+end)
