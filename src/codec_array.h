@@ -20,7 +20,7 @@ enum {
  * dst is not NULL (room for 8 * n bytes) and the values are all numbers,
  * and the JIT runs, writes them there as little-endian doubles, stores how
  * many are not integral in *fractional (NaN when one is not finite) and
- * returns PZ_SURVEY_PACKED.  Needs 4 free stack slots; leaves the stack as
+ * returns PZ_SURVEY_PACKED.  Needs 5 free stack slots; leaves the stack as
  * it was. */
 int pz_survey(lua_State *L, int t, size_t n, void *dst, double *fractional);
 
@@ -42,8 +42,9 @@ void pz_fill_doubles(lua_State *L, int t, size_t i, const double *src, size_t k)
  * checked by the caller, any alignment), which may hold NaNs. */
 void pz_fill_wire_doubles(lua_State *L, int t, size_t i, const uint8_t *src, size_t k);
 
-/* Compiles the helpers in L now, while next, rawget and unpack are the
- * standard ones. */
+/* Takes the standard functions the helpers use (next, rawget, unpack...)
+ * now, before a script can replace them, and probes LuaJIT's table
+ * layout (codec_array.c). */
 void pz_array_prepare(lua_State *L);
 
 #endif
