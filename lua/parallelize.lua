@@ -32,6 +32,7 @@ local M = {
   getpid = core.getpid,
   sleep = core.sleep,
   cpu_count = core.cpu_count,
+  forkserver = core.forkserver,
   ssh = launchers.ssh,
   srun = launchers.srun,
   later = pool.later,

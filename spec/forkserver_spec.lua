@@ -24,6 +24,13 @@ ffi.cdef [=[
   int waitpid(int pid, int *status, int options);
   void _exit(int status);
   int getppid(void);
+  int setsid(void);
+  int getsid(int pid);
+  int getuid(void);
+  int setgroups(size_t n, const unsigned *groups);
+  int setgid(unsigned gid);
+  int setuid(unsigned uid);
+  char **environ;
 ]=]
 local function status(pid, key)
   local f = assert(io.open("/proc/" .. pid .. "/status"))
@@ -52,9 +59,85 @@ local function run(script)
 end
 
 describe("the fork server", function()
+  it("is not started unless asked for: a spawner is then a fork of the script", function()
+    local out, code = run [[
+      local heap = string.rep("z", 300 * 1048576)
+      local p = parallelize.Parallelize(function(x) return x end, { workers = 1 })
+      print("spawner", status(spawner_of(p), "VmRSS"), #heap, core.forkserver_pid())
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    local kb = tonumber(out:match("spawner\t(%d+)"))
+    assert.is_true(kb > 250 * 1024, out)
+    assert.matches("\tnil\n", out, 1, true)
+  end)
+
+  it("gives workers the environment exactly, oom_score_adj, dumpability and session changes", function()
+    local out, code = run [[
+      assert(parallelize.forkserver())
+      -- an environment setenv cannot make: a name twice, an entry without "="
+      local strings = { "PZ_TWICE=first", "PZ_TWICE=second", "PZ_NO_EQUALS", "PATH=" .. os.getenv("PATH") }
+      local env = ffi.new("char *[?]", #strings + 1)
+      local keep = {}
+      for i, s in ipairs(strings) do
+        keep[i] = ffi.new("char[?]", #s + 1, s)
+        env[i - 1] = keep[i]
+      end
+      ffi.C.environ = env
+      local f = assert(io.open("/proc/self/oom_score_adj", "w"))
+      f:write("500\n")
+      f:close()
+      assert(ffi.C.prctl(4, 0, 0, 0, 0) == 0) -- PR_SET_DUMPABLE 0
+      local worker = function()
+        local c = require "ffi"
+        c.cdef [=[ char **environ; int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long); ]=]
+        local seen, e = {}, c.C.environ
+        local i = 0
+        while e[i] ~= nil do seen[#seen + 1] = c.string(e[i]) i = i + 1 end
+        local adj = io.open("/proc/self/oom_score_adj"):read("*l")
+        return table.concat(seen, ","), adj, c.C.prctl(3, 0, 0, 0, 0) -- PR_GET_DUMPABLE
+      end
+      local p = parallelize.Parallelize(worker, { workers = 1 })
+      print("env", select(2, p:result(p())))
+      p:stop()
+      -- a new session: the server's spawners would stay in the old one
+      assert(ffi.C.setsid() > 0)
+      p = parallelize.Parallelize(function() return parallelize.getpid() end, { workers = 1 })
+      local spawner = spawner_of(p)
+      print("session", ffi.C.getsid(spawner) == ffi.C.getsid(0), core.forkserver_pid())
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    assert.matches("env\tPZ_TWICE=first,PZ_TWICE=second,PZ_NO_EQUALS,PATH=[^\t]*\t500\t0\n", out)
+    assert.matches("session\ttrue\tnil\n", out, 1, true)
+  end)
+
+  it("ends, and is not used, once a root script drops its privileges", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int getuid(void);")
+    if ffi.C.getuid() ~= 0 then
+      pending("needs root")
+      return
+    end
+    local out, code = run [[
+      assert(parallelize.forkserver())
+      local server = core.forkserver_pid()
+      assert(ffi.C.setgroups(0, nil) == 0 and ffi.C.setgid(65534) == 0 and ffi.C.setuid(65534) == 0)
+      assert(ffi.C.chdir("/") == 0) -- a directory nobody may use: the request is sent
+      local p = parallelize.Parallelize(function()
+        return io.popen("id -u"):read("*l")
+      end, { workers = 1 })
+      print("uid", select(2, p:result(p())), core.forkserver_pid(), server ~= nil)
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    assert.matches("uid\t65534\tnil\ttrue\n", out, 1, true)
+  end)
+
   it("makes spawners that do not hold the script's heap, children of the script", function()
     local out, code = run [[
-      local heap = string.rep("x", 300 * 1048576) -- taken after the module was loaded
+      assert(parallelize.forkserver())
+      local heap = string.rep("x", 300 * 1048576) -- taken after the server started
       local p = parallelize.Parallelize(function(x) return x end, { workers = 2 })
       local spawner = spawner_of(p)
       local f = assert(io.open("/proc/" .. spawner .. "/stat"))
@@ -75,6 +158,7 @@ describe("the fork server", function()
 
   it("gives workers the directory, environment, umask and stdout the script has when it makes the pool", function()
     local out, code = run [[
+      assert(parallelize.forkserver())
       local dir = os.tmpname()
       os.remove(dir)
       assert(os.execute("mkdir " .. dir) == 0)
@@ -114,23 +198,27 @@ describe("the fork server", function()
 
   it("is not used when the script has changed what it cannot copy (no_new_privs): the script forks", function()
     local out, code = run [[
+      assert(parallelize.forkserver())
       local heap = string.rep("y", 300 * 1048576)
       assert(ffi.C.prctl(38, 1, 0, 0, 0) == 0) -- PR_SET_NO_NEW_PRIVS
       local p = parallelize.Parallelize(function(x) return x * 2 end, { workers = 2 })
       local spawner = spawner_of(p)
       print("spawner", status(spawner, "VmRSS"), #heap, p:result(p(21)))
+      print("server", core.forkserver_pid())
       p:stop()
     ]]
     assert.are.equal(0, code, out)
     local kb, _, ok, v = out:match("spawner\t(%d+)\t(%d+)\t(%a+)\t(%d+)")
     assert.is_true(tonumber(kb) > 250 * 1024, out) -- a copy of the script: the server said no
     assert.are.same({ "true", "42" }, { ok, v })
+    assert.matches("server\tnil\n", out, 1, true) -- it ended: never again
   end)
 
   it("ends when the script is killed", function()
     local dir = support.tmpdir()
     finally(function() support.rmdir(dir) end)
     support.write(dir .. "/script.lua", PRELUDE .. [[
+      assert(parallelize.forkserver())
       print("server", core.forkserver_pid(), parallelize.getpid())
       io.stdout:flush()
       parallelize.sleep(60)
@@ -146,6 +234,7 @@ describe("the fork server", function()
 
   it("is not used by a forked copy of the script, and a killed server is not used again", function()
     local out, code = run [[
+      assert(parallelize.forkserver())
       local server = assert(core.forkserver_pid())
       local pid = ffi.C.fork()
       if pid == 0 then

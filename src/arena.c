@@ -63,7 +63,9 @@ static void layout(pz_arena *a, int nrecords)
     a->size = a->calls_size + (size_t)a->nrings * ring;
 }
 
-pz_arena *pz_arena_new(int nrecords)
+/* A region for nrecords worker records: mapped anew when fd < 0 (its
+ * memfd kept in a->fd), else memfd fd's mapped at base. */
+static pz_arena *make(int nrecords, int fd, void *base)
 {
     if (nrecords < 1)
         return errno = EINVAL, NULL;
@@ -71,7 +73,11 @@ pz_arena *pz_arena_new(int nrecords)
     if (!a)
         return NULL;
     layout(a, nrecords);
-    a->base = pz_map_shared(a->size, MAP_NORESERVE, &a->fd);
+    a->fd = -1;
+    if (fd < 0)
+        a->base = pz_map_shared(a->size, MAP_NORESERVE, &a->fd);
+    else if (pz_map_shared_at(fd, base, a->size, MAP_NORESERVE) == 0)
+        a->base = base;
     if (!a->base) {
         int e = errno;
         free(a);
@@ -83,25 +89,16 @@ pz_arena *pz_arena_new(int nrecords)
     return a;
 }
 
+pz_arena *pz_arena_new(int nrecords)
+{
+    return make(nrecords, -1, NULL);
+}
+
 pz_arena *pz_arena_attach(int fd, void *base, int nrecords)
 {
-    if (nrecords < 1)
-        return errno = EINVAL, NULL;
-    pz_arena *a = calloc(1, sizeof *a);
-    if (!a)
-        return NULL;
-    layout(a, nrecords);
-    a->fd = -1;
-    if (pz_map_shared_at(fd, base, a->size, MAP_NORESERVE) != 0) {
-        int e = errno;
-        free(a);
-        errno = e;
-        return NULL;
-    }
-    a->base = base;
-    a->reader.base = a->base;
-    a->reader.size = a->size;
-    return a;
+    if (fd < 0)
+        return errno = EBADF, NULL;
+    return make(nrecords, fd, base);
 }
 
 void pz_arena_close_fd(pz_arena *a)

@@ -106,6 +106,19 @@ static int l_forkserver_pid(lua_State *L)
     return 1;
 }
 
+/* forkserver() -> true | false, why: starts the fork server (forkserver.h). */
+static int l_forkserver(lua_State *L)
+{
+    char why[160];
+    if (pz_forkserver_start(why, sizeof why) == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushboolean(L, 0);
+    lua_pushfstring(L, "cannot start the fork server: %s", why);
+    return 2;
+}
+
 int luaopen_parallelize_core(lua_State *L)
 {
     /* Under a host that was started with stdout closed, a pool's pipe
@@ -131,7 +144,7 @@ int luaopen_parallelize_core(lua_State *L)
     lua_setfield(L, -2, "isatty");
     lua_pushcfunction(L, l_forkserver_pid);
     lua_setfield(L, -2, "forkserver_pid");
-    /* Now, while the script is still small: see forkserver.h. */
-    pz_forkserver_start();
+    lua_pushcfunction(L, l_forkserver);
+    lua_setfield(L, -2, "forkserver");
     return 1;
 }

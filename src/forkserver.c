@@ -1,7 +1,7 @@
 /*
- * forkserver.c - the fork server (forkserver.h): forked when the module
- * is loaded, it makes each pool's spawner with clone(CLONE_PARENT), in the
- * state the script is in when it asks.
+ * forkserver.c - the fork server (forkserver.h): started on request, it
+ * makes each pool's spawner with clone(CLONE_PARENT), and the spawner takes
+ * the state the script is in when it asks.
  */
 #include "forkserver.h"
 
@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,19 +34,22 @@ extern char **environ;
 /* The server's socket is moved to this descriptor number. */
 #define SERVER_FD 3
 /* A request's first four bytes: "pzf" and the layout's version. */
-#define REQUEST_MAGIC 0x707a6601u
+#define REQUEST_MAGIC 0x707a6602u
 /* The server answers in well under a millisecond; one that does not answer
  * in this long is stopped or stuck, and is given up. */
 #define REPLY_TIMEOUT_MS 10000
-/* Room for the identity (see identity()); more than it takes anywhere. */
-#define IDENTITY_MAX 16384
+/* Room for one file of the identity (see identity()). */
+#define IDENTITY_FILE_MAX 16384
+/* ioprio_get/ioprio_set's "who": the calling thread (process id 0). */
+#define IOPRIO_WHO_PROCESS 1
 
 /* The descriptors a request carries, in this order. */
 enum { FD_REQUEST, FD_SOCK, FD_CWD, FD_STDOUT, FD_STDERR, FD_SHARED, FD_ARENA, NFDS };
 
 /* The request, written into a memfd (FD_REQUEST): this header, then the
- * identity, the environment (strings, each NUL-ended) and the launchers
- * (per slot: an int32 argc, -1 for a forked worker, then argc strings). */
+ * environment (env_len bytes of NUL-ended strings, env_count of them, as
+ * environ holds them) and the launchers (per slot: an int32 argc, -1 for
+ * a forked worker, then argc NUL-ended strings). */
 typedef struct request {
     uint32_t magic;
     int32_t requester;           /* the script's pid: the spawner's parent */
@@ -56,16 +60,25 @@ typedef struct request {
     int32_t kill_leftovers;
     int32_t nslots;
     int32_t has_launch;
+    /* the script's state, which the spawner takes */
     uint32_t umask;
     int32_t nice;
+    int32_t policy;
+    struct sched_param sched;
+    int32_t ioprio;
+    int32_t oom_score_adj;
+    int64_t timer_slack;
+    int32_t thp_disable;
+    int32_t dumpable;
+    int32_t stdout_cloexec, stderr_cloexec;
     struct rlimit limits[RLIM_NLIMITS];
     cpu_set_t cpus;
-    uint64_t identity_len, env_len, launch_len;
+    uint64_t env_count, env_len, launch_len;
 } request;
 
 typedef struct reply {
-    int32_t err; /* 0, or why no spawner was made (errno) */
-    int32_t pid;
+    int32_t err; /* 0, or why no spawner was made (an errno) */
+    int32_t pid; /* the child, also when it could not become the spawner: the script reaps it */
 } reply;
 
 /* ---- both sides -------------------------------------------------------- */
@@ -97,6 +110,7 @@ static ssize_t read_file(const char *path, char *buf, size_t cap)
     return (ssize_t)len;
 }
 
+/* A growing byte buffer. */
 typedef struct text {
     char *p;
     size_t len, cap;
@@ -128,19 +142,38 @@ static void put_str(text *t, const char *s)
     put(t, s, strlen(s) + 1);
 }
 
-/* What the server cannot give a spawner and must have already, as the
- * calling thread has it: ids, groups, capabilities, no_new_privs, seccomp,
- * its namespaces, cgroup and security label (forkserver.h).  Returns 0, or
- * -1 when any of it cannot be read (the server is then not used). */
-static int identity(text *t)
+static size_t shared_size(int nslots)
+{
+    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
+}
+
+/* The script's side: under `lock`.  owner is the process that started the
+ * server and owner_tid its thread that did (a forked copy, whose pid
+ * differs, leaves the rest be: it may hold a copy of the lock taken). */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int server_sock = -1;
+static pid_t server_pid;
+static _Atomic pid_t owner;
+static pid_t owner_tid;
+
+/* ---- the server ---------------------------------------------------------- */
+
+/* What the server must share with the thread `task` (a /proc directory of
+ * a thread) to make its spawners, and what it cannot copy: ids, groups,
+ * capabilities, no_new_privs, seccomp, namespaces, cgroup, security label,
+ * then the root directory, session and process group of `pid`.  Returns
+ * 0, or -1 when any of it cannot be read. */
+static int identity(text *t, const char *task, pid_t pid)
 {
     static const char *const keys[] = {"Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:",
                                        "CapBnd:", "CapAmb:", "NoNewPrivs:", "Seccomp:",
                                        "Seccomp_filters:", NULL};
     static const char *const namespaces[] = {"cgroup", "ipc", "mnt", "net", "pid", "pid_for_children",
                                              "time", "time_for_children", "user", "uts", NULL};
-    char buf[IDENTITY_MAX];
-    ssize_t n = read_file("/proc/thread-self/status", buf, sizeof buf);
+    static char buf[IDENTITY_FILE_MAX];
+    char path[96];
+    snprintf(path, sizeof path, "%s/status", task);
+    ssize_t n = read_file(path, buf, sizeof buf);
     if (n < 0)
         return -1;
     for (char *line = buf, *end = buf + n; line < end;) {
@@ -151,13 +184,13 @@ static int identity(text *t)
                 put(t, line, len);
         line += len;
     }
-    n = read_file("/proc/thread-self/cgroup", buf, sizeof buf);
+    snprintf(path, sizeof path, "%s/cgroup", task);
+    n = read_file(path, buf, sizeof buf);
     if (n < 0)
         return -1;
     put(t, buf, (size_t)n);
     for (int i = 0; namespaces[i]; i++) {
-        char path[64];
-        snprintf(path, sizeof path, "/proc/thread-self/ns/%s", namespaces[i]);
+        snprintf(path, sizeof path, "%s/ns/%s", task, namespaces[i]);
         n = readlink(path, buf, sizeof buf - 1);
         if (n < 0 && errno != ENOENT) /* ENOENT: a kernel without that kind */
             return -1;
@@ -165,77 +198,113 @@ static int identity(text *t)
         put(t, "\n", 1);
     }
     /* No security module, or one without labels: nothing to compare. */
-    n = read_file("/proc/thread-self/attr/current", buf, sizeof buf);
+    snprintf(path, sizeof path, "%s/attr/current", task);
+    n = read_file(path, buf, sizeof buf);
     if (n > 0)
         put(t, buf, (size_t)n);
+    struct stat root;
+    snprintf(path, sizeof path, "/proc/%d/root/", (int)pid);
+    pid_t sid = getsid(pid), pgid = getpgid(pid);
+    if (stat(path, &root) != 0 || sid < 0 || pgid < 0)
+        return -1;
+    long ids[4] = {(long)root.st_dev, (long)root.st_ino, (long)sid, (long)pgid};
+    put(t, ids, sizeof ids);
     return t->failed ? -1 : 0;
 }
 
-static size_t shared_size(int nslots)
-{
-    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
-}
-
-/* The script's side: under `lock`; owner is the process that started
- * the server (a forked copy of it, whose pid differs, leaves them be). */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static int server_sock = -1;
-static pid_t server_pid;
-static _Atomic pid_t owner; /* read without the lock by a forked copy, to leave the lock be */
-
-/* ---- the server ---------------------------------------------------------- */
-
-/* The server's own identity, read once when it starts. */
+/* The server's own identity, read when it starts, and its parent's
+ * thread that started it. */
 static text server_identity;
-/* The script's command name, which the server's spawners take back. */
+static char script_task[64];
+/* The script's command name, which the spawners take back. */
 static char script_name[17];
-/* The environment of the last request, which environ points into. */
-static char *environment;
 
-/* Puts the environment of the request, `len` bytes of NUL-ended strings,
- * in place of the server's. */
-static int set_environment(const char *env, size_t len)
+/* Whether the script's thread is still what the server is. */
+static int same_identity(void)
 {
-    char *copy = malloc(len + 1);
-    if (!copy)
-        return ENOMEM;
-    memcpy(copy, env, len);
-    copy[len] = '\0';
-    if (clearenv() != 0) {
-        free(copy);
-        return ENOMEM;
-    }
-    free(environment);
-    environment = copy;
-    for (char *s = copy; s < copy + len; s += strlen(s) + 1)
-        if (strchr(s, '=') && putenv(s) != 0)
-            return errno;
-    return 0;
+    text t = {0};
+    int same = identity(&t, script_task, getppid()) == 0 && t.len == server_identity.len &&
+               memcmp(t.p, server_identity.p, t.len) == 0;
+    free(t.p);
+    return same;
 }
 
-/* Takes on the state of the script that a spawner inherits (forkserver.h). */
-static int take_state(const request *h, const int *fds, const char *env)
+/* Sets what differs from the request (forkserver.h), in the child that is
+ * to be the spawner; returns 0 or an errno. */
+static int take_state(const request *h, const int *fds, char **env)
 {
     if (fchdir(fds[FD_CWD]) != 0)
         return errno;
     umask((mode_t)h->umask);
-    /* The limits first: RLIMIT_NICE bounds the nice value. */
-    for (int i = 0; i < RLIM_NLIMITS; i++)
-        if (setrlimit((__rlimit_resource_t)i, &h->limits[i]) != 0)
+    /* The limits first: RLIMIT_NICE and RLIMIT_RTPRIO bound what follows. */
+    for (int i = 0; i < RLIM_NLIMITS; i++) {
+        struct rlimit now;
+        if (getrlimit((__rlimit_resource_t)i, &now) != 0)
             return errno;
-    if (setpriority(PRIO_PROCESS, 0, h->nice) != 0)
+        if ((now.rlim_cur != h->limits[i].rlim_cur || now.rlim_max != h->limits[i].rlim_max) &&
+            setrlimit((__rlimit_resource_t)i, &h->limits[i]) != 0)
+            return errno;
+    }
+    struct sched_param sp;
+    int policy = sched_getscheduler(0);
+    if (policy < 0 || sched_getparam(0, &sp) != 0)
         return errno;
-    if (sched_setaffinity(0, sizeof h->cpus, &h->cpus) != 0)
+    if ((policy != h->policy || sp.sched_priority != h->sched.sched_priority) &&
+        sched_setscheduler(0, h->policy, &h->sched) != 0)
         return errno;
-    int err = set_environment(env, h->env_len);
-    if (err)
-        return err;
-    if (dup2(fds[FD_STDOUT], 1) < 0 || dup2(fds[FD_STDERR], 2) < 0)
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);
+    if (nice == -1 && errno != 0)
         return errno;
+    if (nice != h->nice && setpriority(PRIO_PROCESS, 0, h->nice) != 0)
+        return errno;
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof cpus, &cpus) != 0)
+        return errno;
+    if (!CPU_EQUAL(&cpus, &h->cpus) && sched_setaffinity(0, sizeof h->cpus, &h->cpus) != 0)
+        return errno;
+    long ioprio = syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0);
+    if (ioprio < 0)
+        return errno;
+    if (ioprio != h->ioprio && syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, h->ioprio) != 0)
+        return errno;
+    char buf[32];
+    ssize_t n = read_file("/proc/self/oom_score_adj", buf, sizeof buf - 1);
+    if (n <= 0)
+        return n < 0 ? errno : EIO;
+    buf[n] = '\0';
+    if (atoi(buf) != h->oom_score_adj) {
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        n = snprintf(buf, sizeof buf, "%d\n", h->oom_score_adj);
+        if (fd < 0 || pz_write_all(fd, buf, (size_t)n) != 0)
+            return errno ? errno : EIO;
+        close(fd);
+    }
+    int slack = prctl(PR_GET_TIMERSLACK);
+    if (slack < 0)
+        return errno;
+    if (slack != h->timer_slack && prctl(PR_SET_TIMERSLACK, (unsigned long)h->timer_slack) != 0)
+        return errno;
+    int thp = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
+    if (thp < 0)
+        return errno;
+    if (thp != h->thp_disable && prctl(PR_SET_THP_DISABLE, (unsigned long)h->thp_disable, 0, 0, 0) != 0)
+        return errno;
+    int dumpable = prctl(PR_GET_DUMPABLE);
+    if (dumpable < 0)
+        return errno;
+    if (dumpable != h->dumpable && prctl(PR_SET_DUMPABLE, (unsigned long)h->dumpable) != 0)
+        return errno;
+    if (dup3(fds[FD_STDOUT], 1, h->stdout_cloexec ? O_CLOEXEC : 0) < 0 ||
+        dup3(fds[FD_STDERR], 2, h->stderr_cloexec ? O_CLOEXEC : 0) < 0)
+        return errno;
+    environ = env;
+    (void)prctl(PR_SET_NAME, script_name);
     return 0;
 }
 
-/* The launchers' argv arrays, pointing into the request. */
+/* The launchers' argv arrays, pointing into the request; NULL on a
+ * malformed request or no memory. */
 static char ***read_launch(const request *h, char *p, size_t len)
 {
     char ***launch = calloc((size_t)h->nslots, sizeof *launch);
@@ -269,7 +338,60 @@ bad:
     return NULL;
 }
 
-/* Makes one spawner; returns 0 and sets *pid, or an errno. */
+/* The environment's pointers, into the request; NULL as above. */
+static char **read_env(const request *h, char *p)
+{
+    char **env = calloc((size_t)h->env_count + 1, sizeof *env);
+    if (!env)
+        return NULL;
+    char *end = p + h->env_len;
+    for (uint64_t i = 0; i < h->env_count; i++) {
+        char *nul = memchr(p, '\0', (size_t)(end - p));
+        if (!nul) {
+            free(env);
+            return NULL;
+        }
+        env[i] = p;
+        p = nul + 1;
+    }
+    return env;
+}
+
+/* In the child: takes the state and the memory, then becomes the spawner;
+ * on failure writes the errno to `status` and ends. */
+static _Noreturn void become_spawner(const request *h, const int *fds, char *blob, int status)
+{
+    char *env_p = blob + sizeof *h;
+    char **env = read_env(h, env_p);
+    char ***launch = h->has_launch ? read_launch(h, env_p + h->env_len, h->launch_len) : NULL;
+    int err = !env || (h->has_launch && !launch) ? EPROTO : take_state(h, fds, env);
+    void *shared = (void *)(uintptr_t)h->shared_addr;
+    if (!err && pz_map_shared_at(fds[FD_SHARED], shared, h->shared_size, 0) != 0)
+        err = errno;
+    pz_arena *arena = NULL;
+    if (!err && h->arena_addr) {
+        arena = pz_arena_attach(fds[FD_ARENA], (void *)(uintptr_t)h->arena_addr, h->arena_records);
+        if (!arena)
+            err = errno;
+    }
+    if (err) {
+        (void)pz_write_all(status, &err, sizeof err);
+        _exit(127);
+    }
+    pz_spawner_config config = {shared,
+                                arena,
+                                (void (*)(struct lua_State *))(uintptr_t)h->setup,
+                                (void (*)(void))(uintptr_t)h->in_child,
+                                h->kill_leftovers,
+                                (char *const *const *)launch,
+                                h->nslots,
+                                -1};
+    /* Closes `status` with every descriptor but its socket: success. */
+    pz_spawner_become(&config, fds[FD_SOCK], h->requester);
+}
+
+/* Makes one spawner; returns 0 or an errno, and sets *pid whenever a child
+ * was made. */
 static int make_spawner(const int *fds, int nfds, pid_t *pid)
 {
     struct stat st;
@@ -279,95 +401,68 @@ static int make_spawner(const int *fds, int nfds, pid_t *pid)
     char *blob = malloc(size);
     if (!blob)
         return ENOMEM;
-    int err = EPROTO;
-    void *shared = NULL;
-    pz_arena *arena = NULL;
-    char ***launch = NULL;
     request h;
+    int err = EPROTO;
     if (pread(fds[FD_REQUEST], blob, size, 0) != (ssize_t)size)
         goto done;
     memcpy(&h, blob, sizeof h);
-    char *identity_p = blob + sizeof h;
-    if (h.magic != REQUEST_MAGIC || h.identity_len > size || h.env_len > size || h.launch_len > size ||
-        sizeof h + h.identity_len + h.env_len + h.launch_len != size || h.nslots < 1 ||
+    if (h.magic != REQUEST_MAGIC || h.requester != getppid() || h.env_len > size || h.launch_len > size ||
+        sizeof h + h.env_len + h.launch_len != size || h.env_count > h.env_len || h.nslots < 1 ||
         h.shared_size != shared_size(h.nslots) || (h.arena_addr && nfds < NFDS))
         goto done;
-    err = EPERM;
-    if (h.identity_len != server_identity.len || memcmp(identity_p, server_identity.p, h.identity_len) != 0)
-        goto done;
-    err = take_state(&h, fds, identity_p + h.identity_len);
-    if (err)
-        goto done;
-    shared = (void *)(uintptr_t)h.shared_addr;
-    if (pz_map_shared_at(fds[FD_SHARED], shared, h.shared_size, 0) != 0) {
+    int status[2];
+    if (pipe2(status, O_CLOEXEC) != 0) {
         err = errno;
-        shared = NULL;
         goto done;
     }
-    if (h.arena_addr) {
-        arena = pz_arena_attach(fds[FD_ARENA], (void *)(uintptr_t)h.arena_addr, h.arena_records);
-        if (!arena) {
-            err = errno;
-            goto done;
-        }
-    }
-    if (h.has_launch) {
-        err = ENOMEM;
-        launch = read_launch(&h, identity_p + h.identity_len + h.env_len, h.launch_len);
-        if (!launch)
-            goto done;
-    }
-    pz_spawner_config config = {shared,
-                                arena,
-                                (void (*)(struct lua_State *))(uintptr_t)h.setup,
-                                (void (*)(void))(uintptr_t)h.in_child,
-                                h.kill_leftovers,
-                                (char *const *const *)launch,
-                                h.nslots,
-                                -1};
     /* CLONE_PARENT: the spawner is the script's child (its parent-death
      * signal, its SIGCHLD, its waitpid), not ours.  A raw clone, like a
      * fork of this single-threaded process but for glibc's fork handlers,
      * which nothing here needs: the spawner forks its workers with fork(). */
     pid_t child = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, NULL, NULL, 0);
     if (child == 0) {
-        (void)prctl(PR_SET_NAME, script_name);
+        close(status[0]);
         close(SERVER_FD);
-        pz_spawner_become(&config, fds[FD_SOCK], h.requester);
+        become_spawner(&h, fds, blob, status[1]);
     }
+    close(status[1]);
     if (child < 0) {
         err = errno;
+        close(status[0]);
         goto done;
     }
+    *pid = child;
     /* Where clone ignores CLONE_PARENT (valgrind does) the child is ours:
      * the script could not wait for it. */
     if (waitpid(child, NULL, WNOHANG) != -1 || errno != ECHILD) {
         kill(child, SIGKILL);
         while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
             ;
+        *pid = 0;
+        close(status[0]);
         err = ENOTSUP;
         goto done;
     }
-    *pid = child;
-    err = 0;
+    /* End of file once the child became the spawner; an errno if not. */
+    int child_err = 0;
+    ssize_t r;
+    do
+        r = read(status[0], &child_err, sizeof child_err);
+    while (r < 0 && errno == EINTR);
+    close(status[0]);
+    err = r == 0 ? 0 : r == (ssize_t)sizeof child_err ? child_err : EPROTO;
 done:
-    if (launch)
-        for (int i = 0; i < h.nslots; i++)
-            free(launch[i]);
-    free(launch);
-    pz_arena_free(arena);
-    if (shared)
-        munmap(shared, h.shared_size);
     free(blob);
     return err;
 }
 
-/* Receives a request: its magic number and up to NFDS descriptors.
+/* Receives a request: its magic number, up to NFDS descriptors and the
+ * sender's pid, which the kernel gives (SO_PASSCRED; 0 if it did not).
  * Returns 1, 0 at the end of file, -1 on error. */
-static int receive(int sock, uint32_t *magic, int *fds, int *nfds)
+static int receive(int sock, uint32_t *magic, int *fds, int *nfds, pid_t *sender)
 {
     union {
-        char buf[CMSG_SPACE(NFDS * sizeof(int))];
+        char buf[CMSG_SPACE(NFDS * sizeof(int)) + CMSG_SPACE(sizeof(struct ucred))];
         struct cmsghdr align;
     } ctl;
     struct iovec iov = {magic, sizeof *magic};
@@ -381,23 +476,31 @@ static int receive(int sock, uint32_t *magic, int *fds, int *nfds)
         r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     while (r < 0 && errno == EINTR);
     *nfds = 0;
+    *sender = 0;
     if (r <= 0)
         return (int)r;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
             int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            if (n > NFDS - *nfds)
+                n = NFDS - *nfds;
             memcpy(fds + *nfds, CMSG_DATA(c), (size_t)n * sizeof(int));
             *nfds += n;
+        } else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) {
+            struct ucred cred;
+            memcpy(&cred, CMSG_DATA(c), sizeof cred);
+            *sender = cred.pid;
         }
+    }
     if (r != (ssize_t)sizeof *magic || (msg.msg_flags & MSG_CTRUNC))
         *magic = 0;
     return 1;
 }
 
-static _Noreturn void server_main(int sock, pid_t parent)
+static _Noreturn void server_main(int sock, pid_t parent, pid_t parent_tid)
 {
-    /* Forked with the lock held: the spawners made here, and their
-     * workers, which may make pools of their own, need it free. */
+    /* Forked with the lock held: children of this process (the spawners,
+     * their workers, which may make pools of their own) need it free. */
     pthread_mutex_init(&lock, NULL);
     owner = 0;
     server_sock = -1;
@@ -420,8 +523,11 @@ static _Noreturn void server_main(int sock, pid_t parent)
         _exit(1);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
         _exit(1);
+    /* Holds no directory (a mount the script leaves stays free to go) and
+     * no descriptor of the script's. */
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 || dup2(devnull, 2) < 0)
+    if (chdir("/") != 0 || devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 ||
+        dup2(devnull, 2) < 0)
         _exit(1);
     if (sock != SERVER_FD) {
         if (dup3(sock, SERVER_FD, O_CLOEXEC) < 0)
@@ -429,70 +535,47 @@ static _Noreturn void server_main(int sock, pid_t parent)
         sock = SERVER_FD;
     }
     pz_close_fds_from(3, sock);
-    devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (devnull < 0 || identity(&server_identity) != 0)
+    int on = 1, ready = 0;
+    snprintf(script_task, sizeof script_task, "/proc/%d/task/%d", (int)parent, (int)parent_tid);
+    if (setsockopt(sock, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) != 0 ||
+        identity(&server_identity, "/proc/thread-self", getpid()) != 0)
+        ready = errno ? errno : EIO;
+    else if (!same_identity())
+        ready = errno ? errno : EPERM;
+    if (send(sock, &ready, sizeof ready, MSG_NOSIGNAL) != (ssize_t)sizeof ready || ready)
         _exit(1);
     for (;;) {
         uint32_t magic;
         int fds[NFDS], nfds;
-        int r = receive(sock, &magic, fds, &nfds);
+        pid_t sender;
+        int r = receive(sock, &magic, fds, &nfds, &sender);
         if (r <= 0)
             _exit(0); /* the script closed its end, or is gone */
         reply rep = {EPROTO, 0};
         pid_t pid = 0;
-        if (magic == REQUEST_MAGIC)
+        int done = 0;
+        if (sender != parent || !same_identity()) {
+            /* Not the script, or a script that is no longer what this
+             * server is: never again. */
+            rep.err = EPERM;
+            done = 1;
+        } else if (magic == REQUEST_MAGIC) {
             rep.err = make_spawner(fds, nfds, &pid);
+            done = rep.err == ENOTSUP;
+        }
         rep.pid = (int32_t)pid;
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
-        if (dup2(devnull, 1) < 0 || dup2(devnull, 2) < 0)
-            _exit(1);
         ssize_t w;
         do
             w = send(sock, &rep, sizeof rep, MSG_NOSIGNAL);
         while (w < 0 && errno == EINTR);
-        if (w != (ssize_t)sizeof rep)
+        if (w != (ssize_t)sizeof rep || done)
             _exit(0);
     }
 }
 
 /* ---- the script's side --------------------------------------------------- */
-
-void pz_forkserver_start(void)
-{
-    if (pz_forked_child())
-        return;
-    pthread_mutex_lock(&lock);
-    if (owner == 0) {
-        int sv[2];
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0) {
-            fflush(NULL);
-            pid_t parent = getpid();
-            pid_t pid = fork();
-            if (pid == 0)
-                server_main(sv[1], parent);
-            close(sv[1]);
-            if (pid > 0) {
-                server_sock = sv[0];
-                server_pid = pid;
-                owner = parent;
-            } else {
-                close(sv[0]);
-            }
-        }
-    }
-    pthread_mutex_unlock(&lock);
-}
-
-pid_t pz_forkserver_pid(void)
-{
-    if (owner != getpid())
-        return 0;
-    pthread_mutex_lock(&lock);
-    pid_t pid = owner == getpid() && server_sock >= 0 ? server_pid : 0;
-    pthread_mutex_unlock(&lock);
-    return pid;
-}
 
 /* Under the lock: stops using the server and ends it.  Killed only while
  * it is certainly still our child, not yet reaped (by us or by a script
@@ -509,7 +592,82 @@ static void drop_server(void)
         ;
 }
 
-/* The request's memfd, or -1. */
+
+int pz_forkserver_start(char *why, size_t len)
+{
+    if (pz_forked_child()) {
+        snprintf(why, len, "a worker or a spawner starts no fork server");
+        return -1;
+    }
+    pid_t me = getpid();
+    if (owner != 0 && owner != me) {
+        snprintf(why, len, "a copy of the process that started it cannot use it");
+        return -1;
+    }
+    pthread_mutex_lock(&lock);
+    int rc = 0;
+    if (server_sock < 0) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+            snprintf(why, len, "socketpair: %s", strerror(errno));
+            rc = -1;
+        } else {
+            fflush(NULL);
+            pid_t tid = (pid_t)syscall(SYS_gettid);
+            pid_t pid = fork();
+            if (pid == 0)
+                server_main(sv[1], me, tid);
+            int e = errno;
+            close(sv[1]);
+            if (pid > 0) {
+                server_sock = sv[0];
+                server_pid = pid;
+                owner = me;
+                owner_tid = tid;
+                /* Its first word: 0 when it runs, else why it could not. */
+                int ready = -1;
+                struct pollfd pfd = {sv[0], POLLIN, 0};
+                int n;
+                do
+                    n = poll(&pfd, 1, REPLY_TIMEOUT_MS);
+                while (n < 0 && errno == EINTR);
+                if (n > 0 && recv(sv[0], &ready, sizeof ready, 0) != (ssize_t)sizeof ready)
+                    ready = -1;
+                if (ready != 0) {
+                    drop_server();
+                    if (ready > 0)
+                        snprintf(why, len, "it cannot read what it must compare in /proc: %s",
+                                 strerror(ready));
+                    else
+                        snprintf(why, len, "it did not start");
+                    rc = -1;
+                }
+            } else {
+                close(sv[0]);
+                snprintf(why, len, "fork: %s", strerror(e));
+                rc = -1;
+            }
+        }
+    } else if ((pid_t)syscall(SYS_gettid) != owner_tid) {
+        snprintf(why, len, "another thread started it");
+        rc = -1;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+pid_t pz_forkserver_pid(void)
+{
+    if (owner != getpid())
+        return 0;
+    pthread_mutex_lock(&lock);
+    pid_t pid = server_sock >= 0 ? server_pid : 0;
+    pthread_mutex_unlock(&lock);
+    return pid;
+}
+
+/* The request's memfd, or -1 when this process's state cannot be sent
+ * (then a fork is the only faithful copy). */
 static int write_request(const pz_spawner_config *c)
 {
     request h;
@@ -532,22 +690,36 @@ static int write_request(const pz_spawner_config *c)
     h.nice = getpriority(PRIO_PROCESS, 0);
     if (h.nice == -1 && errno != 0)
         return -1;
-    if (sched_getaffinity(0, sizeof h.cpus, &h.cpus) != 0)
+    /* A policy that a fork resets (SCHED_RESET_ON_FORK) is not copied. */
+    h.policy = sched_getscheduler(0);
+    if (h.policy < 0 || (h.policy & SCHED_RESET_ON_FORK) || sched_getparam(0, &h.sched) != 0)
         return -1;
+    long ioprio = syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0);
+    int slack = prctl(PR_GET_TIMERSLACK);
+    h.thp_disable = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
+    h.dumpable = prctl(PR_GET_DUMPABLE);
+    int out_flags = fcntl(1, F_GETFD), err_flags = fcntl(2, F_GETFD);
+    char buf[32];
+    ssize_t n = read_file("/proc/self/oom_score_adj", buf, sizeof buf - 1);
+    if (ioprio < 0 || slack < 0 || h.thp_disable < 0 || h.dumpable < 0 || out_flags < 0 || err_flags < 0 ||
+        n <= 0 || sched_getaffinity(0, sizeof h.cpus, &h.cpus) != 0)
+        return -1;
+    buf[n] = '\0';
+    h.oom_score_adj = atoi(buf);
+    h.ioprio = (int32_t)ioprio;
+    h.timer_slack = slack;
+    h.stdout_cloexec = (out_flags & FD_CLOEXEC) != 0;
+    h.stderr_cloexec = (err_flags & FD_CLOEXEC) != 0;
     for (int i = 0; i < RLIM_NLIMITS; i++)
         if (getrlimit((__rlimit_resource_t)i, &h.limits[i]) != 0)
             return -1;
     text t = {0};
     put(&t, &h, sizeof h);
     size_t mark = t.len;
-    if (identity(&t) != 0) {
-        free(t.p);
-        return -1;
-    }
-    h.identity_len = t.len - mark;
-    mark = t.len;
-    for (char **e = environ; e && *e; e++)
+    for (char **e = environ; e && *e; e++) {
         put_str(&t, *e);
+        h.env_count++;
+    }
     h.env_len = t.len - mark;
     mark = t.len;
     for (int i = 0; c->launch && i < c->nslots; i++) {
@@ -603,13 +775,11 @@ static int ask(const int *fds, int nfds, reply *rep)
     for (;;) {
         struct pollfd pfd = {server_sock, POLLIN, 0};
         int64_t left = deadline - pz_now_ns();
-        if (left <= 0)
-            return -1;
-        int n = poll(&pfd, 1, (int)(left / 1000000) + 1);
-        if (n < 0 && errno != EINTR)
-            return -1;
+        int n = poll(&pfd, 1, left > 0 ? (int)(left / 1000000) + 1 : 0);
         if (n > 0)
             break;
+        if ((n < 0 && errno != EINTR) || (n == 0 && left <= 0))
+            return -1;
     }
     do
         r = recv(server_sock, rep, sizeof *rep, 0);
@@ -617,36 +787,53 @@ static int ask(const int *fds, int nfds, reply *rep)
     return r == (ssize_t)sizeof *rep ? 0 : -1;
 }
 
-int pz_forkserver_spawner(const pz_spawner_config *config, int sock, pid_t *pid)
+int pz_forkserver_spawner(const pz_spawner_config *config, pid_t *pid, int *fd)
 {
     if (config->shared_fd < 0 || (config->arena && config->arena->fd < 0) || owner != getpid())
         return -1;
     pthread_mutex_lock(&lock);
-    int rc = -1;
-    if (server_sock < 0 || owner != getpid())
+    int rc = -1, request_fd = -1, cwd = -1, sv[2] = {-1, -1};
+    if (server_sock < 0 || (pid_t)syscall(SYS_gettid) != owner_tid)
         goto out;
-    int request_fd = write_request(config);
+    request_fd = write_request(config);
     if (request_fd < 0)
         goto out;
-    /* A script that closed its stdout or stderr since: the spawner gets
-     * the descriptor the fork would have left it, the server cannot pass it. */
-    int cwd = fcntl(1, F_GETFD) < 0 || fcntl(2, F_GETFD) < 0 ? -1 : open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (cwd >= 0) {
-        int fds[NFDS] = {request_fd, sock, cwd, 1, 2, config->shared_fd, config->arena ? config->arena->fd : -1};
-        reply rep;
-        if (ask(fds, config->arena ? NFDS : NFDS - 1, &rep) != 0) {
-            drop_server();
-        } else if (rep.err == 0 && rep.pid > 0) {
-            *pid = rep.pid;
-            rc = 0;
-        } else if (rep.err == ENOTSUP) {
-            drop_server(); /* it will never work */
-        }
-        close(cwd);
+    cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (cwd < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+        goto out;
+    int fds[NFDS] = {request_fd, sv[1], cwd, 1, 2, config->shared_fd, config->arena ? config->arena->fd : -1};
+    reply rep;
+    if (ask(fds, config->arena ? NFDS : NFDS - 1, &rep) != 0) {
+        /* Gone, or stuck: a spawner it may still make sees its socket
+         * closed, here, and ends. */
+        drop_server();
+        goto out;
     }
-    close(request_fd);
+    if (rep.err == 0 && rep.pid > 0) {
+        *pid = rep.pid;
+        *fd = sv[0];
+        sv[0] = -1;
+        rc = 0;
+        goto out;
+    }
+    /* A child that could not take the script's state is ours to reap. */
+    if (rep.pid > 0)
+        while (waitpid(rep.pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    if (rep.err == EPERM || rep.err == ENOTSUP)
+        drop_server(); /* it has ended: see server_main */
 out:
     pthread_mutex_unlock(&lock);
+    int e = errno;
+    if (request_fd >= 0)
+        close(request_fd);
+    if (cwd >= 0)
+        close(cwd);
+    if (sv[0] >= 0)
+        close(sv[0]);
+    if (sv[1] >= 0)
+        close(sv[1]);
+    errno = e;
     return rc;
 }
 
@@ -654,12 +841,10 @@ out:
  * function addresses would name nothing. */
 __attribute__((destructor)) static void end_server(void)
 {
-    /* A forked copy (a spawner, a worker that calls exit) may hold a copy
-     * of the lock taken: it never owns the server. */
     if (owner != getpid())
         return;
     pthread_mutex_lock(&lock);
-    if (server_sock >= 0 && owner == getpid())
+    if (server_sock >= 0)
         drop_server();
     pthread_mutex_unlock(&lock);
 }

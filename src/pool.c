@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "arena.h"
+#include "forkserver.h"
 #include "ioloop.h"
 #include "lend.h"
 #include "pool.h"
@@ -150,11 +151,14 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     /* Without it every string goes inline: a pool works without. */
     if (!launch)
         p->arena = pz_arena_new(2 * nslots);
-    park_io_threads();
     pz_spawner_config sc = {p->shared, p->arena, setup, forget_parents_pools, opt->kill_leftovers,
                             (char *const *const *)p->launch, nslots, shared_fd};
-    int forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
-    unpark_io_threads();
+    int forked = 0;
+    if (pz_forkserver_spawner(&sc, &p->spawner_pid, &p->spawner_fd) != 0) {
+        park_io_threads();
+        forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
+        unpark_io_threads();
+    }
     /* The spawner has mapped both regions (or inherited them). */
     if (shared_fd >= 0)
         close(shared_fd);

@@ -17,7 +17,6 @@
 #include <unistd.h>
 
 #include "core.h"
-#include "forkserver.h"
 #include "spawner.h"
 #include "sys.h"
 #include "worker.h"
@@ -493,11 +492,6 @@ int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd)
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return -1;
-    if (pz_forkserver_spawner(config, sv[1], pid) == 0) {
-        close(sv[1]);
-        *fd = sv[0];
-        return 0;
-    }
     /* Unflushed stdio output would otherwise be written again by the child. */
     fflush(NULL);
     pid_t parent = getpid();

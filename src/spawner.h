@@ -74,11 +74,10 @@ void pz_mark_forked_child(void);
 /* Whether this process is a spawner or a worker (marked as above). */
 int pz_forked_child(void);
 
-/* Starts the spawner: asks the fork server for it (forkserver.h), or
- * forks it from this process when the server cannot.  Call from the main
- * thread only.  On success returns 0 and sets *pid (a child of this
- * process either way) and *fd (the parent's end, close-on-exec,
- * blocking); on failure returns -1 with errno set. */
+/* Forks the spawner (pz_forkserver_spawner asks the fork server for one
+ * instead).  Call from the main thread only.  On success returns 0 and
+ * sets *pid and *fd (the parent's end, close-on-exec, blocking); on
+ * failure returns -1 with errno set. */
 int pz_spawner_start(const pz_spawner_config *config, pid_t *pid, int *fd);
 
 /* In a child just made to be the spawner, with the socket's other end

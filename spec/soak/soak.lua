@@ -12,6 +12,8 @@
 -- every PZ_SOAK_INTERVAL: PZ_SOAK_MAP_CALLS items (1,000,000) through
 -- PZ_SOAK_MAP_WORKERS workers (64).
 local chaos = require "spec.chaos"
+-- Every pool's spawner from the fork server: its rounds leave a big heap.
+assert(require("parallelize").forkserver())
 
 local function env(name, default)
   return tonumber(os.getenv(name)) or default
@@ -50,8 +52,8 @@ control.seed = 99
 -- worker it forked: each fork and exit then took tens of ms, and with
 -- the three rounds' pools kept alive by a trace, this round's recycling
 -- and kills starved a call that does not hang past its 0.25 s timeout,
--- 3 runs of 3. Spawners now come from the fork server, small whatever
--- this process holds: src/forkserver.h.)
+-- 3 runs of 3. Spawners come from the fork server, started at the top,
+-- small whatever this process holds: src/forkserver.h.)
 collectgarbage("collect")
 print(("soak round with timeouts and recycling: %d calls, every %dth hangs (timeout %g s), workers replaced "
   .. "after %d calls"):format(control.calls, control.hang_every, control.call_timeout, control.max_calls))
