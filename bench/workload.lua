@@ -48,7 +48,7 @@
 -- and voluntary and involuntary context switches of the main thread
 -- (main_*), of the I/O thread (io_*: every other thread of this process),
 -- of the workers (workers_*, summed; worker_cpu_s_each lists each one's
--- CPU seconds) and of the spawner and the fork server (others_*), and
+-- CPU seconds) and of the spawner (others_*), and
 -- per call: switches_per_call (all of them) and io_wakeups_per_call (the
 -- I/O thread's voluntary switches: each is one sleep, ended by a wake-up);
 -- and the ids of each: tid_main, tids_io, pids_workers, pids_others.

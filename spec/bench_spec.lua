@@ -86,7 +86,7 @@ describe("bench/workload.lua", function()
     assert.is_true(number(kv, "switches_per_call") >= 0)
     assert.is_true(number(kv, "io_wakeups_per_call") >= 0)
     -- Who is who, for bench/profile.py: this process, its I/O thread, two
-    -- workers, the spawner and the fork server, all distinct.
+    -- workers and the spawner, all distinct.
     local ids, seen = {}, {}
     for _, key in ipairs({ "tid_main", "tids_io", "pids_workers", "pids_others" }) do
       for id in (kv[key] or ""):gmatch("%d+") do ids[#ids + 1] = id end
@@ -95,7 +95,7 @@ describe("bench/workload.lua", function()
       assert.is_nil(seen[id], "id " .. id .. " twice")
       seen[id] = true
     end
-    assert.are.equal(6, #ids, out)
+    assert.are.equal(5, #ids, out)
     assert.are.equal(2, select(2, kv.pids_workers:gsub("%d+", "")))
     assert.are.equal(2, select(2, kv.worker_cpu_s_each:gsub("[%d.]+", "")))
   end)
