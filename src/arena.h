@@ -6,10 +6,10 @@
  * see the parent's memory) maps one region MAP_SHARED before its spawner
  * starts, so that every worker, replacements included, sees it at the
  * same address: a memfd, which the fork server maps at that address in
- * the spawner it makes (forkserver.h).  The codec writes a string of PZ_SHARED_MIN bytes or more
- * into the region and only (offset, length) into the frame (PZ_T_SHARED,
- * codec_format.h); the decoder on the other side makes the Lua string from
- * the region.  Per direction that is one copy in, one copy out, where the
+ * the spawner it makes (forkserver.h).  The codec writes a string of
+ * PZ_SHARED_MIN bytes or more into the region and only (offset, length)
+ * into the frame (PZ_T_SHARED, codec_format.h); the decoder on the other
+ * side makes the Lua string from the region.  Per direction that is one copy in, one copy out, where the
  * socket took four (into the submit queue, into the worker's buffer, the
  * kernel's two).
  *
