@@ -38,11 +38,13 @@ local function status(pid, key)
   f:close()
   return tonumber(s:match(key .. ":%s*(%d+)"))
 end
--- The pid of the spawner of pool p: the parent of its first worker.
+-- The pid of the spawner of pool p: the parent of a worker of it (the one
+-- that ran a call: another slot's may not have started yet).
 local function spawner_of(p)
   p(0)
   p:wait()
-  local f = assert(io.open("/proc/" .. p.pids[1] .. "/stat"))
+  local _, worker = next(p.pids)
+  local f = assert(io.open("/proc/" .. worker .. "/stat"))
   local ppid = tonumber(f:read("*a"):match("^%d+ %b() %S+ (%d+)"))
   f:close()
   return ppid

@@ -592,7 +592,6 @@ static void drop_server(void)
         ;
 }
 
-
 int pz_forkserver_start(char *why, size_t len)
 {
     if (pz_forked_child()) {
