@@ -432,8 +432,9 @@ static int make_spawner(const int *fds, int nfds, pid_t *pid)
         goto done;
     }
     *pid = child;
-    /* Where clone ignores CLONE_PARENT (valgrind does) the child is ours:
-     * the script could not wait for it. */
+    /* Where clone ignored CLONE_PARENT (a kernel or an emulator that does
+     * not honour it) the child would be ours: the script could not wait
+     * for it.  (Valgrind honours it: checked.) */
     if (waitpid(child, NULL, WNOHANG) != -1 || errno != ECHILD) {
         kill(child, SIGKILL);
         while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
