@@ -31,7 +31,18 @@ ffi.cdef [=[
   int setgid(unsigned gid);
   int setuid(unsigned uid);
   char **environ;
+  long readlink(const char *path, char *buf, size_t size);
 ]=]
+-- The socket inodes this process holds.
+local function sockets()
+  local set, buf = {}, ffi.new("char[256]")
+  for fd = 0, 255 do
+    local n = tonumber(ffi.C.readlink("/proc/self/fd/" .. fd, buf, 256))
+    local inode = n > 0 and ffi.string(buf, n):match("^socket:%[(%d+)%]$")
+    if inode then set[inode] = true end
+  end
+  return set
+end
 local function status(pid, key)
   local f = assert(io.open("/proc/" .. pid .. "/status"))
   local s = f:read("*a")
@@ -114,7 +125,7 @@ describe("the fork server", function()
     assert.matches("session\ttrue\tnil\n", out, 1, true)
   end)
 
-  it("ends, and is not used, once a root script drops its privileges", function()
+  it("ends, and is not used, once a root script drops its privileges or sets securebits", function()
     local ffi = require "ffi"
     pcall(ffi.cdef, "int getuid(void);")
     if ffi.C.getuid() ~= 0 then
@@ -134,6 +145,20 @@ describe("the fork server", function()
     ]]
     assert.are.equal(0, code, out)
     assert.matches("uid\t65534\tnil\ttrue\n", out, 1, true)
+    -- securebits, which no /proc file shows: the script's side sees them
+    out, code = run [[
+      assert(parallelize.forkserver())
+      assert(ffi.C.prctl(28, 0x2f, 0, 0, 0) == 0) -- PR_SET_SECUREBITS: NOROOT, its lock, KEEP_CAPS_LOCKED
+      local p = parallelize.Parallelize(function()
+        local c = require "ffi"
+        c.cdef "int prctl(int, unsigned long, unsigned long, unsigned long, unsigned long);"
+        return c.C.prctl(27, 0, 0, 0, 0) -- PR_GET_SECUREBITS
+      end, { workers = 1 })
+      print("securebits", select(2, p:result(p())), core.forkserver_pid())
+      p:stop()
+    ]]
+    assert.are.equal(0, code, out)
+    assert.matches("securebits\t47\tnil\n", out, 1, true)
   end)
 
   it("makes spawners that do not hold the script's heap, children of the script", function()
@@ -236,10 +261,20 @@ describe("the fork server", function()
 
   it("is not used by a forked copy of the script, and a killed server is not used again", function()
     local out, code = run [[
+      local before = sockets()
       assert(parallelize.forkserver())
       local server = assert(core.forkserver_pid())
+      local mine = {}
+      for inode in pairs(sockets()) do
+        if not before[inode] then mine[#mine + 1] = inode end
+      end
+      assert(#mine == 1, "the script's end of the server's socket")
       local pid = ffi.C.fork()
       if pid == 0 then
+        -- a copy never holds the server's socket (it could claim the
+        -- script's pid, were it privileged enough)
+        local server_end = mine[1]
+        if sockets()[server_end] then ffi.C._exit(3) end
         local p = parallelize.Parallelize(function(x) return x + 1 end, { workers = 2 })
         local spawner = spawner_of(p)
         local ok = p:result(p(1)) and spawner ~= nil

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -70,6 +71,7 @@ typedef struct request {
     int64_t timer_slack;
     int32_t thp_disable;
     int32_t dumpable;
+    int32_t personality;
     int32_t stdout_cloexec, stderr_cloexec;
     struct rlimit limits[RLIM_NLIMITS];
     cpu_set_t cpus;
@@ -155,19 +157,25 @@ static int server_sock = -1;
 static pid_t server_pid;
 static _Atomic pid_t owner;
 static pid_t owner_tid;
+/* Restrictions nothing in /proc shows, as they were when the server
+ * started (see restrictions()). */
+static long started_restrictions[2];
 
 /* ---- the server ---------------------------------------------------------- */
 
 /* What the server must share with the thread `task` (a /proc directory of
  * a thread) to make its spawners, and what it cannot copy: ids, groups,
- * capabilities, no_new_privs, seccomp, namespaces, cgroup, security label,
- * then the root directory, session and process group of `pid`.  Returns
- * 0, or -1 when any of it cannot be read. */
+ * capabilities, no_new_privs, seccomp, speculation controls, cgroup, audit
+ * login and session, namespaces, security label, then the root directory,
+ * session and process group of `pid`.  Returns 0, or -1 when any of it
+ * cannot be read. */
 static int identity(text *t, const char *task, pid_t pid)
 {
     static const char *const keys[] = {"Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:",
                                        "CapBnd:", "CapAmb:", "NoNewPrivs:", "Seccomp:",
-                                       "Seccomp_filters:", NULL};
+                                       "Seccomp_filters:", "Speculation_Store_Bypass:",
+                                       "SpeculationIndirectBranch:", NULL};
+    static const char *const files[] = {"cgroup", "loginuid", "sessionid", NULL};
     static const char *const namespaces[] = {"cgroup", "ipc", "mnt", "net", "pid", "pid_for_children",
                                              "time", "time_for_children", "user", "uts", NULL};
     static char buf[IDENTITY_FILE_MAX];
@@ -184,11 +192,14 @@ static int identity(text *t, const char *task, pid_t pid)
                 put(t, line, len);
         line += len;
     }
-    snprintf(path, sizeof path, "%s/cgroup", task);
-    n = read_file(path, buf, sizeof buf);
-    if (n < 0)
-        return -1;
-    put(t, buf, (size_t)n);
+    for (int i = 0; files[i]; i++) {
+        snprintf(path, sizeof path, "%s/%s", task, files[i]);
+        n = read_file(path, buf, sizeof buf);
+        if (n < 0 && !(errno == ENOENT && i > 0)) /* ENOENT: a kernel without audit */
+            return -1;
+        put(t, buf, n < 0 ? 0 : (size_t)n);
+        put(t, "\n", 1);
+    }
     for (int i = 0; namespaces[i]; i++) {
         snprintf(path, sizeof path, "%s/ns/%s", task, namespaces[i]);
         n = readlink(path, buf, sizeof buf - 1);
@@ -202,7 +213,15 @@ static int identity(text *t, const char *task, pid_t pid)
     n = read_file(path, buf, sizeof buf);
     if (n > 0)
         put(t, buf, (size_t)n);
+    /* The root directory: its file, and its path from the server's root
+     * (a chroot into a bind mount of / is the same file elsewhere). */
     struct stat root;
+    snprintf(path, sizeof path, "/proc/%d/root", (int)pid);
+    n = readlink(path, buf, sizeof buf - 1);
+    if (n < 0)
+        return -1;
+    put(t, buf, (size_t)n);
+    put(t, "\n", 1);
     snprintf(path, sizeof path, "/proc/%d/root/", (int)pid);
     pid_t sid = getsid(pid), pgid = getpgid(pid);
     if (stat(path, &root) != 0 || sid < 0 || pgid < 0)
@@ -295,6 +314,11 @@ static int take_state(const request *h, const int *fds, char **env)
         return errno;
     if (dumpable != h->dumpable && prctl(PR_SET_DUMPABLE, (unsigned long)h->dumpable) != 0)
         return errno;
+    int persona = personality(0xffffffff);
+    if (persona < 0)
+        return errno;
+    if (persona != h->personality && personality((unsigned long)h->personality) < 0)
+        return errno;
     if (dup3(fds[FD_STDOUT], 1, h->stdout_cloexec ? O_CLOEXEC : 0) < 0 ||
         dup3(fds[FD_STDERR], 2, h->stderr_cloexec ? O_CLOEXEC : 0) < 0)
         return errno;
@@ -317,8 +341,10 @@ static char ***read_launch(const request *h, char *p, size_t len)
             goto bad;
         memcpy(&argc, p, sizeof argc);
         p += sizeof argc;
-        if (argc < 0)
+        if (argc == -1)
             continue;
+        if (argc < 1)
+            goto bad;
         launch[i] = calloc((size_t)argc + 1, sizeof **launch);
         if (!launch[i])
             goto bad;
@@ -578,6 +604,33 @@ static _Noreturn void server_main(int sock, pid_t parent, pid_t parent_tid)
 
 /* ---- the script's side --------------------------------------------------- */
 
+#ifndef PR_GET_MDWE
+#define PR_GET_MDWE 66
+#endif
+
+/* Restrictions the calling thread can add and a fork would inherit but
+ * that /proc does not show, so the server cannot compare them: its
+ * securebits and its memory-deny-write-execute flags (0 on a kernel
+ * without them). */
+static void restrictions(long r[2])
+{
+    r[0] = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+    r[1] = prctl(PR_GET_MDWE, 0, 0, 0, 0);
+    if (r[1] < 0)
+        r[1] = 0;
+}
+
+/* In a child forked from the script (by fork(), not exec'd yet): a copy of
+ * the script that holds the server's socket could, privileged enough,
+ * claim the script's pid; it never holds it. */
+static void forget_server_in_child(void)
+{
+    if (server_sock >= 0) {
+        close(server_sock);
+        server_sock = -1;
+    }
+}
+
 /* Under the lock: stops using the server and ends it.  Killed only while
  * it is certainly still our child, not yet reaped (by us or by a script
  * that waits for any child), so that the pid names it. */
@@ -606,7 +659,13 @@ int pz_forkserver_start(char *why, size_t len)
     }
     pthread_mutex_lock(&lock);
     int rc = 0;
-    if (server_sock < 0) {
+    static int atfork_set;
+    if (!atfork_set && pthread_atfork(NULL, NULL, forget_server_in_child) == 0)
+        atfork_set = 1;
+    if (!atfork_set) {
+        snprintf(why, len, "pthread_atfork failed");
+        rc = -1;
+    } else if (server_sock < 0) {
         int sv[2];
         if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
             snprintf(why, len, "socketpair: %s", strerror(errno));
@@ -624,6 +683,7 @@ int pz_forkserver_start(char *why, size_t len)
                 server_pid = pid;
                 owner = me;
                 owner_tid = tid;
+                restrictions(started_restrictions);
                 /* Its first word: 0 when it runs, else why it could not. */
                 int ready = -1;
                 struct pollfd pfd = {sv[0], POLLIN, 0};
@@ -698,10 +758,12 @@ static int write_request(const pz_spawner_config *c)
     int slack = prctl(PR_GET_TIMERSLACK);
     h.thp_disable = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
     h.dumpable = prctl(PR_GET_DUMPABLE);
+    h.personality = personality(0xffffffff);
     int out_flags = fcntl(1, F_GETFD), err_flags = fcntl(2, F_GETFD);
     char buf[32];
     ssize_t n = read_file("/proc/self/oom_score_adj", buf, sizeof buf - 1);
-    if (ioprio < 0 || slack < 0 || h.thp_disable < 0 || h.dumpable < 0 || out_flags < 0 || err_flags < 0 ||
+    if (ioprio < 0 || slack < 0 || h.thp_disable < 0 || h.dumpable < 0 || h.personality < 0 || out_flags < 0 ||
+        err_flags < 0 ||
         n <= 0 || sched_getaffinity(0, sizeof h.cpus, &h.cpus) != 0)
         return -1;
     buf[n] = '\0';
@@ -795,6 +857,12 @@ int pz_forkserver_spawner(const pz_spawner_config *config, pid_t *pid, int *fd)
     int rc = -1, request_fd = -1, cwd = -1, sv[2] = {-1, -1};
     if (server_sock < 0 || (pid_t)syscall(SYS_gettid) != owner_tid)
         goto out;
+    long now[2];
+    restrictions(now);
+    if (now[0] != started_restrictions[0] || now[1] != started_restrictions[1]) {
+        drop_server(); /* the server has what the script gave up: not again */
+        goto out;
+    }
     request_fd = write_request(config);
     if (request_fd < 0)
         goto out;

@@ -19,15 +19,19 @@
  * script has when it makes the pool (sent with the request): working
  * directory, environment, umask, resource limits, nice value, scheduling
  * policy, CPU affinity, I/O priority, oom_score_adj, timer slack, the THP
- * switch, dumpability, stdout and stderr.  What a script can only lose
- * (user and group ids, groups, capabilities, no_new_privs, seccomp
- * filters, namespaces, cgroup, security label, root directory, session and
- * process group) the server reads itself, from /proc, for the thread that
- * started it, at every request, and compares with its own: at the first
- * difference it refuses and ends, and every pool forks its spawner from
- * the script, as without it.  It believes nothing the request says about
- * who sends it: the kernel tells it the sender's pid (SO_PASSCRED), which
- * must be the script's.  Anything else the child cannot take (a
+ * switch, dumpability, personality, stdout and stderr.  What a script can
+ * only lose (user and group ids, groups, capabilities, no_new_privs,
+ * seccomp filters, speculation controls, namespaces, cgroup, audit login,
+ * security label, root directory, session and process group) the server
+ * reads itself, from /proc, for the thread that started it, at every
+ * request, and compares with its own: at the first difference it refuses
+ * and ends, and every pool forks its spawner from the script, as without
+ * it.  It believes nothing the request says about who sends it: the
+ * kernel tells it the sender's pid (SO_PASSCRED), which must be the
+ * script's, and a forked copy of the script never holds its socket.
+ * Securebits and MDWE, which /proc does not show, the script's side
+ * compares with their values at the server's start, ending it at a
+ * difference.  Anything else the child cannot take (a
  * privilege it lacks, an address where the pool's memory cannot be mapped)
  * and the script forks that pool's spawner itself.  A sandbox the kernel
  * shows nowhere (Landlock) is not seen: a script that enters one after
