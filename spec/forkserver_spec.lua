@@ -259,6 +259,38 @@ describe("the fork server", function()
     assert.is_true(support.eventually(function() return not support.alive(server) end, 1))
   end)
 
+  it("ends, and is not used, once the script chroots into a bind mount of /", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int getuid(void);")
+    if ffi.C.getuid() ~= 0 or os.execute("command -v unshare >/dev/null") ~= 0 then
+      pending("needs root and unshare")
+      return
+    end
+    -- The same root directory (device and inode) as the server's, seen
+    -- from another path: only /sys is left out of the jail. (unshare -m
+    -- makes the new namespace's mounts private.)
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    assert(os.execute("mkdir " .. dir .. "/jail") == 0)
+    support.write(dir .. "/script.lua", PRELUDE .. [[
+      ffi.cdef "int chroot(const char *path);"
+      assert(parallelize.forkserver())
+      assert(ffi.C.chroot(arg[1]) == 0 and ffi.C.chdir("/") == 0)
+      local p = parallelize.Parallelize(function()
+        return io.open("/sys/kernel/mm/transparent_hugepage/enabled") ~= nil
+      end, { workers = 1 })
+      print("sys", select(2, p:result(p())), core.forkserver_pid())
+      p:stop()
+    ]])
+    local jail = dir .. "/jail"
+    local mounts = "mount --bind / " .. jail .. " && mount --bind /dev " .. jail
+      .. "/dev && mount --bind /proc " .. jail .. "/proc"
+    local out, code = support.run("timeout 60 unshare -m sh -c " .. support.quote(mounts .. " && "
+      .. support.quote(support.pzlua()) .. " " .. dir .. "/script.lua " .. jail))
+    assert.are.equal(0, code, out)
+    assert.matches("sys\tfalse\tnil\n", out, 1, true)
+  end)
+
   it("is not used by a forked copy of the script, and a killed server is not used again", function()
     local out, code = run [[
       local before = sockets()
