@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "arena.h"
+#include "buf.h"
 #include "sys.h"
 #include "worker.h"
 
@@ -46,6 +47,7 @@ extern char **environ;
 
 /* The descriptors a request carries, in this order. */
 enum { FD_REQUEST, FD_SOCK, FD_CWD, FD_STDOUT, FD_STDERR, FD_SHARED, FD_ARENA, NFDS };
+_Static_assert(NFDS <= PZ_PASS_FDS_MAX, "a request's descriptors go in one message");
 
 /* The request, written into a memfd (FD_REQUEST): this header, then the
  * environment (env_len bytes of NUL-ended strings, env_count of them, as
@@ -55,7 +57,7 @@ typedef struct request {
     uint32_t magic;
     int32_t requester;           /* the script's pid: the spawner's parent */
     uint64_t setup, in_child;    /* addresses of functions of this image, which the server shares */
-    uint64_t shared_addr, shared_size;
+    uint64_t shared_addr;         /* its size follows from nslots */
     uint64_t arena_addr;         /* 0: no arena */
     int32_t arena_records;
     int32_t kill_leftovers;
@@ -112,41 +114,22 @@ static ssize_t read_file(const char *path, char *buf, size_t cap)
     return (ssize_t)len;
 }
 
-/* A growing byte buffer. */
+/* A pz_buf whose first failed append fails every later one, so that a
+ * long run of appends is checked once. */
 typedef struct text {
-    char *p;
-    size_t len, cap;
+    pz_buf b;
     int failed;
 } text;
 
 static void put(text *t, const void *p, size_t n)
 {
-    if (t->failed)
-        return;
-    if (t->cap - t->len < n) {
-        size_t cap = t->cap ? t->cap : 4096;
-        while (cap - t->len < n)
-            cap *= 2;
-        char *np = realloc(t->p, cap);
-        if (!np) {
-            t->failed = 1;
-            return;
-        }
-        t->p = np;
-        t->cap = cap;
-    }
-    memcpy(t->p + t->len, p, n);
-    t->len += n;
+    if (!t->failed && pz_buf_append(&t->b, p, n) != 0)
+        t->failed = 1;
 }
 
 static void put_str(text *t, const char *s)
 {
     put(t, s, strlen(s) + 1);
-}
-
-static size_t shared_size(int nslots)
-{
-    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
 }
 
 /* The script's side: under `lock`.  owner is the process that started the
@@ -241,10 +224,10 @@ static char script_name[17];
 /* Whether the script's thread is still what the server is. */
 static int same_identity(void)
 {
-    text t = {0};
-    int same = identity(&t, script_task, getppid()) == 0 && t.len == server_identity.len &&
-               memcmp(t.p, server_identity.p, t.len) == 0;
-    free(t.p);
+    text t = {PZ_BUF_INIT, 0};
+    int same = identity(&t, script_task, getppid()) == 0 && t.b.len == server_identity.b.len &&
+               memcmp(t.b.data, server_identity.b.data, t.b.len) == 0;
+    pz_buf_free(&t.b);
     return same;
 }
 
@@ -392,7 +375,7 @@ static _Noreturn void become_spawner(const request *h, const int *fds, char *blo
     char ***launch = h->has_launch ? read_launch(h, env_p + h->env_len, h->launch_len) : NULL;
     int err = !env || (h->has_launch && !launch) ? EPROTO : take_state(h, fds, env);
     void *shared = (void *)(uintptr_t)h->shared_addr;
-    if (!err && pz_map_shared_at(fds[FD_SHARED], shared, h->shared_size, 0) != 0)
+    if (!err && pz_map_shared_at(fds[FD_SHARED], shared, pz_slots_shared_size(h->nslots), 0) != 0)
         err = errno;
     pz_arena *arena = NULL;
     if (!err && h->arena_addr) {
@@ -434,7 +417,7 @@ static int make_spawner(const int *fds, int nfds, pid_t *pid)
     memcpy(&h, blob, sizeof h);
     if (h.magic != REQUEST_MAGIC || h.requester != getppid() || h.env_len > size || h.launch_len > size ||
         sizeof h + h.env_len + h.launch_len != size || h.env_count > h.env_len || h.nslots < 1 ||
-        h.shared_size != shared_size(h.nslots) || (h.arena_addr && nfds < NFDS))
+        (h.arena_addr && nfds < NFDS))
         goto done;
     int status[2];
     if (pipe2(status, O_CLOEXEC) != 0) {
@@ -481,47 +464,6 @@ static int make_spawner(const int *fds, int nfds, pid_t *pid)
 done:
     free(blob);
     return err;
-}
-
-/* Receives a request: its magic number, up to NFDS descriptors and the
- * sender's pid, which the kernel gives (SO_PASSCRED; 0 if it did not).
- * Returns 1, 0 at the end of file, -1 on error. */
-static int receive(int sock, uint32_t *magic, int *fds, int *nfds, pid_t *sender)
-{
-    union {
-        char buf[CMSG_SPACE(NFDS * sizeof(int)) + CMSG_SPACE(sizeof(struct ucred))];
-        struct cmsghdr align;
-    } ctl;
-    struct iovec iov = {magic, sizeof *magic};
-    struct msghdr msg = {0};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = sizeof ctl.buf;
-    ssize_t r;
-    do
-        r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    while (r < 0 && errno == EINTR);
-    *nfds = 0;
-    *sender = 0;
-    if (r <= 0)
-        return (int)r;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            if (n > NFDS - *nfds)
-                n = NFDS - *nfds;
-            memcpy(fds + *nfds, CMSG_DATA(c), (size_t)n * sizeof(int));
-            *nfds += n;
-        } else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) {
-            struct ucred cred;
-            memcpy(&cred, CMSG_DATA(c), sizeof cred);
-            *sender = cred.pid;
-        }
-    }
-    if (r != (ssize_t)sizeof *magic || (msg.msg_flags & MSG_CTRUNC))
-        *magic = 0;
-    return 1;
 }
 
 static _Noreturn void server_main(int sock, pid_t parent, pid_t parent_tid)
@@ -572,11 +514,11 @@ static _Noreturn void server_main(int sock, pid_t parent, pid_t parent_tid)
     if (send(sock, &ready, sizeof ready, MSG_NOSIGNAL) != (ssize_t)sizeof ready || ready)
         _exit(1);
     for (;;) {
-        uint32_t magic;
-        int fds[NFDS], nfds;
+        uint32_t magic = 0;
+        int fds[PZ_PASS_FDS_MAX], nfds;
         pid_t sender;
-        int r = receive(sock, &magic, fds, &nfds, &sender);
-        if (r <= 0)
+        int r = pz_recv_fds(sock, &magic, sizeof magic, fds, &nfds, &sender);
+        if (r == 0 || (r < 0 && errno != EPROTO))
             _exit(0); /* the script closed its end, or is gone */
         reply rep = {EPROTO, 0};
         pid_t pid = 0;
@@ -586,7 +528,7 @@ static _Noreturn void server_main(int sock, pid_t parent, pid_t parent_tid)
              * server is: never again. */
             rep.err = EPERM;
             done = 1;
-        } else if (magic == REQUEST_MAGIC) {
+        } else if (r > 0 && magic == REQUEST_MAGIC) {
             rep.err = make_spawner(fds, nfds, &pid);
             done = rep.err == ENOTSUP;
         }
@@ -737,7 +679,6 @@ static int write_request(const pz_spawner_config *c)
     h.setup = (uint64_t)(uintptr_t)c->setup;
     h.in_child = (uint64_t)(uintptr_t)c->in_child;
     h.shared_addr = (uint64_t)(uintptr_t)c->shared;
-    h.shared_size = shared_size(c->nslots);
     h.arena_addr = c->arena ? (uint64_t)(uintptr_t)c->arena->base : 0;
     h.arena_records = c->arena ? c->arena->nrecords : 0;
     h.kill_leftovers = c->kill_leftovers;
@@ -775,15 +716,15 @@ static int write_request(const pz_spawner_config *c)
     for (int i = 0; i < RLIM_NLIMITS; i++)
         if (getrlimit((__rlimit_resource_t)i, &h.limits[i]) != 0)
             return -1;
-    text t = {0};
+    text t = {PZ_BUF_INIT, 0};
     put(&t, &h, sizeof h);
-    size_t mark = t.len;
+    size_t mark = t.b.len;
     for (char **e = environ; e && *e; e++) {
         put_str(&t, *e);
         h.env_count++;
     }
-    h.env_len = t.len - mark;
-    mark = t.len;
+    h.env_len = t.b.len - mark;
+    mark = t.b.len;
     for (int i = 0; c->launch && i < c->nslots; i++) {
         int32_t argc = -1;
         if (c->launch[i])
@@ -793,17 +734,17 @@ static int write_request(const pz_spawner_config *c)
         for (int32_t j = 0; j < argc; j++)
             put_str(&t, c->launch[i][j]);
     }
-    h.launch_len = t.len - mark;
+    h.launch_len = t.b.len - mark;
     int fd = -1;
     if (!t.failed) {
-        memcpy(t.p, &h, sizeof h);
+        memcpy(t.b.data, &h, sizeof h);
         fd = memfd_create("parallelize-request", MFD_CLOEXEC);
-        if (fd >= 0 && pz_write_all(fd, t.p, t.len) != 0) {
+        if (fd >= 0 && pz_write_all(fd, t.b.data, t.b.len) != 0) {
             close(fd);
             fd = -1;
         }
     }
-    free(t.p);
+    pz_buf_free(&t.b);
     return fd;
 }
 
@@ -811,27 +752,7 @@ static int write_request(const pz_spawner_config *c)
 static int ask(const int *fds, int nfds, reply *rep)
 {
     uint32_t magic = REQUEST_MAGIC;
-    union {
-        char buf[CMSG_SPACE(NFDS * sizeof(int))];
-        struct cmsghdr align;
-    } ctl;
-    memset(&ctl, 0, sizeof ctl);
-    struct iovec iov = {&magic, sizeof magic};
-    struct msghdr msg = {0};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
-    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
-    ssize_t r;
-    do
-        r = sendmsg(server_sock, &msg, MSG_NOSIGNAL);
-    while (r < 0 && errno == EINTR);
-    if (r != (ssize_t)sizeof magic)
+    if (pz_send_fds(server_sock, &magic, sizeof magic, fds, nfds) != 0)
         return -1;
     int64_t deadline = pz_now_ns() + (int64_t)REPLY_TIMEOUT_MS * 1000000;
     for (;;) {
@@ -843,6 +764,7 @@ static int ask(const int *fds, int nfds, reply *rep)
         if ((n < 0 && errno != EINTR) || (n == 0 && left <= 0))
             return -1;
     }
+    ssize_t r;
     do
         r = recv(server_sock, rep, sizeof *rep, 0);
     while (r < 0 && errno == EINTR);

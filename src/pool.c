@@ -88,12 +88,6 @@ static void forget_running(pz_pool *p)
     pthread_mutex_unlock(&running_lock);
 }
 
-/* One entry per worker record: two per slot (io.h). */
-static size_t shared_size(int nslots)
-{
-    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
-}
-
 static void free_init(pz_buf *init, int n)
 {
     for (int i = 0; i < n; i++)
@@ -143,7 +137,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     /* Shared with every worker through the spawner: see worker.h.  Its
      * memfd goes to the fork server, if the spawner comes from there. */
     int shared_fd;
-    p->shared = pz_map_shared(shared_size(nslots), 0, &shared_fd);
+    p->shared = pz_map_shared(pz_slots_shared_size(nslots), 0, &shared_fd);
     if (!p->shared) {
         *err = "cannot map memory shared with the workers";
         goto fail;
@@ -580,7 +574,7 @@ void pz_pool_free(pz_pool *p)
         free_init(p->init, p->nslots);
     pz_pool_free_launch(p->launch, p->nslots);
     if (p->shared)
-        munmap(p->shared, shared_size(p->nslots));
+        munmap(p->shared, pz_slots_shared_size(p->nslots));
     pz_arena_free(p->arena);
     if (p->fatal_owned)
         free((char *)p->fatal_reason);

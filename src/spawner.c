@@ -24,76 +24,19 @@
 /* The worker's socket is moved to this descriptor number. */
 #define WORKER_FD 3
 
-/* One spawner message and room for one descriptor beside it. */
-typedef struct fd_message {
-    struct iovec iov;
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctl;
-    struct msghdr msg;
-} fd_message;
-
-static void fd_message_init(fd_message *fm, const pz_spawn_msg *m)
-{
-    memset(fm, 0, sizeof *fm);
-    fm->iov.iov_base = (void *)m; /* sendmsg only reads it */
-    fm->iov.iov_len = sizeof *m;
-    fm->msg.msg_iov = &fm->iov;
-    fm->msg.msg_iovlen = 1;
-    fm->msg.msg_control = fm->ctl.buf;
-    fm->msg.msg_controllen = sizeof fm->ctl.buf;
-}
-
 int pz_spawn_send(int fd, const pz_spawn_msg *m, int pass_fd)
 {
-    fd_message fm;
-    fd_message_init(&fm, m);
-    if (pass_fd >= 0) {
-        struct cmsghdr *c = CMSG_FIRSTHDR(&fm.msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
-    } else {
-        fm.msg.msg_control = NULL;
-        fm.msg.msg_controllen = 0;
-    }
-    ssize_t r;
-    do
-        r = sendmsg(fd, &fm.msg, MSG_NOSIGNAL);
-    while (r < 0 && errno == EINTR);
-    if (r < 0)
-        return -1;
-    if ((size_t)r != sizeof *m) {
-        errno = EMSGSIZE;
-        return -1;
-    }
-    return 0;
+    return pz_send_fds(fd, m, sizeof *m, &pass_fd, pass_fd >= 0 ? 1 : 0);
 }
 
 int pz_spawn_recv(int fd, pz_spawn_msg *m, int *passed_fd)
 {
-    fd_message fm;
-    fd_message_init(&fm, m);
-    *passed_fd = -1;
-    ssize_t r;
-    do
-        r = recvmsg(fd, &fm.msg, MSG_CMSG_CLOEXEC);
-    while (r < 0 && errno == EINTR);
-    if (r <= 0)
-        return (int)r;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&fm.msg); c; c = CMSG_NXTHDR(&fm.msg, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-            memcpy(passed_fd, CMSG_DATA(c), sizeof(int));
-    if ((size_t)r != sizeof *m || (fm.msg.msg_flags & MSG_CTRUNC)) {
-        if (*passed_fd >= 0)
-            close(*passed_fd);
-        *passed_fd = -1;
-        errno = EPROTO;
-        return -1;
-    }
-    return 1;
+    int fds[PZ_PASS_FDS_MAX], nfds;
+    int r = pz_recv_fds(fd, m, sizeof *m, fds, &nfds, NULL);
+    *passed_fd = nfds > 0 ? fds[0] : -1;
+    for (int i = 1; i < nfds; i++)
+        close(fds[i]); /* a spawner message carries one at most */
+    return r;
 }
 
 /* Set in the spawner and so in every worker: see __lsan_is_turned_off. */

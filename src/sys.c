@@ -8,6 +8,7 @@
 #include <string.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <dirent.h>
@@ -200,4 +201,84 @@ int pz_map_shared_at(int fd, void *addr, size_t size, int flags)
         return -1;
     }
     return 0;
+}
+
+int pz_send_fds(int sock, const void *p, size_t n, const int *fds, int nfds)
+{
+    if (nfds < 0 || nfds > PZ_PASS_FDS_MAX)
+        return errno = EINVAL, -1;
+    union {
+        char buf[CMSG_SPACE(PZ_PASS_FDS_MAX * sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {(void *)p, n}; /* sendmsg only reads it */
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (nfds > 0) {
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+        memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+    }
+    ssize_t r;
+    do
+        r = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -1;
+    if ((size_t)r != n)
+        return errno = EMSGSIZE, -1;
+    return 0;
+}
+
+int pz_recv_fds(int sock, void *p, size_t n, int *fds, int *nfds, pid_t *sender)
+{
+    union {
+        char buf[CMSG_SPACE(PZ_PASS_FDS_MAX * sizeof(int)) + CMSG_SPACE(sizeof(struct ucred))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {p, n};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof ctl.buf;
+    ssize_t r;
+    do
+        r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    while (r < 0 && errno == EINTR);
+    *nfds = 0;
+    if (sender)
+        *sender = 0;
+    if (r <= 0)
+        return (int)r;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (*nfds < PZ_PASS_FDS_MAX)
+                    fds[(*nfds)++] = fd;
+                else
+                    close(fd);
+            }
+        } else if (sender && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) {
+            struct ucred cred;
+            memcpy(&cred, CMSG_DATA(c), sizeof cred);
+            *sender = cred.pid;
+        }
+    }
+    if ((size_t)r != n || (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))) {
+        for (int i = 0; i < *nfds; i++)
+            close(fds[i]);
+        *nfds = 0;
+        return errno = EPROTO, -1;
+    }
+    return 1;
 }

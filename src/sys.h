@@ -56,6 +56,23 @@ void *pz_map_shared(size_t size, int flags, int *fd);
  * set (EEXIST: something is mapped there already). */
 int pz_map_shared_at(int fd, void *addr, size_t size, int flags);
 
+/* The most descriptors one message passes (SCM_RIGHTS). */
+#define PZ_PASS_FDS_MAX 8
+
+/* Sends n bytes with nfds descriptors (0 to PZ_PASS_FDS_MAX) in one message
+ * on a SOCK_SEQPACKET socket, retrying EINTR, without SIGPIPE.  Returns 0,
+ * or -1 with errno set (EMSGSIZE when the message went short). */
+int pz_send_fds(int sock, const void *p, size_t n, const int *fds, int nfds);
+
+/* Receives one message of exactly n bytes, its descriptors (close-on-exec,
+ * up to PZ_PASS_FDS_MAX: room the caller gives, any more are closed) into
+ * fds and their count into *nfds, and, when sender is not NULL, the
+ * sender's pid as the kernel tells it (SO_PASSCRED on the socket; else 0).
+ * Returns 1; 0 at end of file; -1 with errno set: EPROTO for a message of
+ * another size or with its control data cut short (its descriptors are
+ * closed). */
+int pz_recv_fds(int sock, void *p, size_t n, int *fds, int *nfds, pid_t *sender);
+
 /* Formats how a process ended ("exited with status 3", "killed by signal 9") into buf. */
 void pz_describe_status(int status, char *buf, size_t len);
 

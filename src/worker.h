@@ -5,6 +5,7 @@
 #define PZ_WORKER_H
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* What a worker tells its parent without sending a message: one of these
@@ -29,6 +30,13 @@ typedef struct pz_slot_shared {
     _Atomic uint64_t ring_tail; /* written by the parent's main thread */
     char pad[32];
 } pz_slot_shared;
+
+/* The bytes of a pool's array of them: one per worker record, two per
+ * slot (io.h). */
+static inline size_t pz_slots_shared_size(int nslots)
+{
+    return 2 * (size_t)nslots * sizeof(pz_slot_shared);
+}
 
 struct lua_State;
 struct pz_arena;
