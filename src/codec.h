@@ -116,10 +116,16 @@ void pz_decode_value_at(lua_State *L, const char *base, const char *p, size_t n,
  * (next, rawget, ...) are still the standard ones. */
 void pz_codec_prepare(lua_State *L);
 
+/* codec_direct.c: turns the direct walk of tables (reading LuaJIT's
+ * objects directly) on (1) or off (0), or leaves it (-1); returns whether
+ * it was in use before (on, and the layout known).  For tests. */
+int pz_codec_direct(int on);
+
 /* Adds encode, decode and null to the table on top of the stack:
  *   encode(v) -> string          (a format version byte, then the value)
  *   decode(s [, {functions = bool}]) -> v
- *   null                         (a light userdata NULL, equal to cjson.null) */
+ *   null                         (a light userdata NULL, equal to cjson.null)
+ *   codec_direct([on]) -> was    (pz_codec_direct, for tests) */
 void pz_codec_register(lua_State *L);
 
 #endif

@@ -23,6 +23,7 @@
 
 #include "codec_array.h"
 #include "codec_enc.h"
+#include "codec_layout.h"
 
 /* Bodies up to this size are moved to shrink padded counts to minimal
  * varints; beyond it the padding costs less than the move.  Bounding the
@@ -120,10 +121,10 @@ static inline ref_slot *ref_slot_of(const enc *e, const void *obj)
 }
 
 /* Returns the reference number of obj, or -1 if it was not met yet (since
- * ref_base).  An object met again after ref_base moved gets a new number,
+ * ref_base; codec_enc.h).  An object met again after ref_base moved gets a new number,
  * which replaces the old one in the hash table; in the list, the search
  * starts at ref_base. */
-static int ref_find(const enc *e, const void *obj)
+int pz_ref_find(const enc *e, const void *obj)
 {
     if (e->nrefs <= REFS_LINEAR) {
         for (int i = e->ref_base; i < e->nrefs; i++)
@@ -376,7 +377,7 @@ static void enc_pairs(enc *e, int t, seg *s)
  * it; returns 1 if it did, 0 when it must be written in full. */
 int pz_enc_known(enc *e, int idx, const void *obj)
 {
-    int r = ref_find(e, obj);
+    int r = pz_ref_find(e, obj);
     if (r >= 0) {
         put_byte(e, PZ_T_REF);
         put_varint(e, (uint64_t)r);
@@ -396,7 +397,13 @@ static void enc_table(enc *e, int t)
     int mt, survey = PZ_SURVEY_OTHER;
     size_t n;
     seg *s;
-    const void *obj = lua_topointer(L, t);
+    const void *obj;
+    if (e->direct && e->depth == 0) {
+        pz_index_ready(e); /* may run Lua: before the walk */
+        if (pz_enc_direct(e, t))
+            return;
+    }
+    obj = lua_topointer(L, t);
     if (pz_enc_known(e, t, obj))
         return;
     pz_enc_enter(e);
@@ -482,24 +489,45 @@ static int abs_index(lua_State *L, int idx)
     return (idx < 0 && idx > LUA_REGISTRYINDEX) ? lua_gettop(L) + idx + 1 : idx;
 }
 
-/* Sets up an encoder on L (reserving its stack slots); enc_done releases
- * them. */
-static void enc_start(enc *e, lua_State *L, pz_buf *out, const char *root, int flags)
+/* Sets up an encoder on L without its stack slots (enc_start reserves
+ * them). */
+static void enc_init(enc *e, lua_State *L, pz_buf *out, const char *root, int flags)
 {
     e->L = L;
     e->out = out;
     e->flags = flags;
     e->nrefs = e->ref_base = e->depth = e->index_fresh = e->index_checked = e->tuple_index = 0;
-    e->items_held = 0;
+    e->index_deferred = 0;
+    e->items_held = e->direct = 0;
     e->refs = NULL;
     e->refs_mask = 0;
     e->index_filter = NULL;
     e->root = root;
     e->busy = NULL;
     e->arena = NULL;
+    e->slots = 0;
+}
+
+/* Reserves the encoder's stack slots; enc_done releases them. */
+static void enc_start(enc *e)
+{
+    lua_State *L = e->L;
     luaL_checkstack(L, ES_COUNT + 8, "cannot encode: stack overflow");
     e->slots = lua_gettop(L) + 1;
     lua_settop(L, e->slots + ES_COUNT - 1);
+}
+
+/* Writes the table at idx, the encode's last value, by the direct walk
+ * before the stack slots are set up, when the module index is known
+ * current without running Lua; returns 0, e as it was, when it did not. */
+static int direct_first(enc *e, int idx)
+{
+    if (lua_type(e->L, idx) != LUA_TTABLE || !pz_index_quick(e))
+        return 0;
+    if (pz_enc_direct(e, idx))
+        return 1;
+    e->index_filter = NULL; /* enc_table makes the index ready, anchored */
+    return 0;
 }
 
 static void enc_done(enc *e)
@@ -513,8 +541,12 @@ static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, i
 {
     enc e;
     idx = abs_index(L, idx);
-    enc_start(&e, L, out, root, flags);
+    enc_init(&e, L, out, root, flags);
     e.busy = busy;
+    e.direct = 1;
+    if (direct_first(&e, idx))
+        return;
+    enc_start(&e);
     enc_value(&e, idx);
     enc_done(&e);
 }
@@ -586,6 +618,15 @@ void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int f
     encode_value(L, idx, out, root, flags, NULL);
 }
 
+/* True when the value at idx is nil, a boolean, a number or a string:
+ * written without running Lua. */
+static int plain_scalar(lua_State *L, int idx)
+{
+    int type = lua_type(L, idx);
+    return type == LUA_TNIL || type == LUA_TBOOLEAN || type == LUA_TNUMBER ||
+           type == LUA_TSTRING;
+}
+
 void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char *root, int flags,
                      pz_arena_writer *arena)
 {
@@ -608,12 +649,32 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
      * bytes as they do and gives it no reference number, so the scalars
      * before it are neither written nor placed in the arena twice. */
     out->len = counted ? at : start;
-    enc_start(&e, L, out, root, flags);
+    enc_init(&e, L, out, root, flags);
     e.arena = arena;
+    /* Tables from `last` on may take the direct walk: nothing after them
+     * runs Lua (codec_direct.c's rule). */
+    int last = count;
+    while (last > i && plain_scalar(L, first + last - 1))
+        last--;
+    last = last > i ? last - 1 : i;
+    if (counted && i == last) {
+        e.tuple_index = i + 1;
+        e.direct = 1;
+        if (direct_first(&e, first + i)) {
+            for (at = out->len, i++; i < count && pz_encode_scalar(L, first + i, out, arena);
+                 at = out->len)
+                i++;
+            if (i == count)
+                return;
+            out->len = at; /* out of memory: the encoder raises it */
+        }
+    }
+    enc_start(&e);
     if (!counted)
         put_varint(&e, (uint64_t)count);
     for (; i < count; i++) {
         e.tuple_index = i + 1;
+        e.direct = i >= last;
         enc_value(&e, first + i);
     }
     enc_done(&e);
@@ -621,6 +682,7 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
 
 void pz_codec_prepare(lua_State *L)
 {
+    pz_layout_probe(L);
     pz_index_prepare(L);
     pz_array_prepare(L);
 }

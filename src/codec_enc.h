@@ -21,7 +21,10 @@
  *   the encoder allocates or calls Lua: functions, the module index,
  *   anchors past the first few) could otherwise drop the last reference to
  *   one, and a new object at the same address would be written as a
- *   reference to the old.
+ *   reference to the old.  The direct walk (codec_direct.c) is the one
+ *   exception: it numbers tables without anchoring them, which is safe
+ *   because it runs only for the last value of an encode (enc.direct) and
+ *   runs no Lua, so nothing runs between a number and the encode's end.
  * - Output goes through the inline writers below, which raise on running
  *   out of memory; the buffer then holds a partial encoding.
  * - Errors go through pz_enc_raise, which names the value's path and clears
@@ -94,9 +97,12 @@ typedef struct enc {
     int depth;         /* open tables and functions */
     int index_fresh;   /* the index was rebuilt during this encode */
     int index_checked; /* package.loaded was compared this encode */
+    int index_deferred; /* the index slot is not filled yet (codec_index.c) */
     int tuple_index;   /* > 0: paths start with root[tuple_index] */
     int items_held;    /* stack slots enc_items holds, all open tables together */
-    const void *index_filter; /* the userdata in ES_INDEX_FILTER, or NULL */
+    int direct;        /* the value now encoded at the top is the encode's
+                        * last: a table there may take the direct walk */
+    const struct pz_addr_filter *index_filter; /* the userdata in ES_INDEX_FILTER, or NULL */
     const char *root;
     int *busy;         /* cleared before raising: see lcodec.c */
     pz_arena_writer *arena; /* big strings go there when it has room (codec.h) */
@@ -170,6 +176,40 @@ static inline void enc_string(enc *e, const char *s, size_t n)
  * must not be joined to (PZ_ENCODE_APART). */
 int pz_ref_forgotten(const enc *e, int num);
 
+/* A filter over the addresses of the objects in an index (a Bloom filter:
+ * two bits an address, 16 bits an object, so that fewer than 1% of the
+ * other addresses pass): the common case, the value's own tables, is told
+ * apart without touching the Lua index, in little memory (every worker
+ * keeps one).  An address that passes may still not be in the index, and
+ * the index's keys are weak, so an address may outlive its object and come
+ * back as another one's: passing is only a reason to look in the index. */
+typedef struct pz_addr_filter {
+    uint64_t mask; /* bits - 1, bits a power of two */
+    uint64_t word[];
+} pz_addr_filter;
+
+/* The two bits of obj: halves of one product (Fibonacci hashing mixes the
+ * aligned, clustered addresses). */
+static inline void pz_addr_bits(const pz_addr_filter *f, const void *obj, uint64_t *a, uint64_t *b)
+{
+    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
+    *a = (h >> 40) & f->mask;
+    *b = (h >> 16) & f->mask;
+}
+
+static inline int pz_addr_may_hold(const pz_addr_filter *f, const void *obj)
+{
+    uint64_t a, b;
+    pz_addr_bits(f, obj, &a, &b);
+    return (f->word[a >> 6] >> (a & 63) & 1) && (f->word[b >> 6] >> (b & 63) & 1);
+}
+
+/* True when obj may be in the module index (codec_index.c): no Lua. */
+static inline int pz_index_may_hold(const enc *e, const void *obj)
+{
+    return e->index_filter && pz_addr_may_hold(e->index_filter, obj);
+}
+
 /* codec_enc.c */
 void pz_enc_value(enc *e, int idx);          /* any value, at absolute index idx */
 int pz_enc_known(enc *e, int idx, const void *obj); /* writes a reference if idx was met or is a module */
@@ -178,11 +218,23 @@ int pz_ref_add(enc *e, int idx, const void *obj); /* the next reference number, 
 size_t pz_enc_hole(enc *e, int n);           /* room for n counts patched later */
 void pz_enc_patch(enc *e, size_t at, const uint64_t *v, int n); /* fills the hole */
 
+/* The reference number of obj, or -1 if it was not met yet (since
+ * ref_base). */
+int pz_ref_find(const enc *e, const void *obj);
+
+/* codec_direct.c: writes the table at idx, at the top of the encode's last
+ * value, reading LuaJIT's objects directly, and returns 1; returns 0 having
+ * written nothing (and cleared e->direct) when the table holds what only
+ * the C API path writes.  The module index must be current (pz_index_ready
+ * or pz_index_quick) and its filter in e->index_filter. */
+int pz_enc_direct(enc *e, int idx);
+
 /* codec_func.c: writes the function at idx (a reference, or in full). */
 void pz_enc_function(enc *e, int idx);
 
 /* codec_index.c: the module index (see there). */
 void pz_index_ready(enc *e);                 /* the index slot holds a current index */
+int pz_index_quick(enc *e);                  /* without Lua or stack slots: see there */
 void pz_index_rebuild(enc *e);               /* builds it again, now */
 int pz_index_put(enc *e, int idx, const void *obj); /* writes a module reference if it is one */
 void pz_index_prepare(lua_State *L);         /* compiles its Lua keeper */

@@ -19,10 +19,13 @@
  */
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "codec_enc.h"
+#include "codec_layout.h"
 
 /* Registry key of the index's keeper (its address is what counts). */
 static const char reg_keeper = 0;
@@ -82,39 +85,11 @@ static void index_members(lua_State *L, int index, int mod, const char *name, si
     }
 }
 
-/* A filter over the addresses of the objects in an index (a Bloom filter:
- * two bits an address, 16 bits an object, so that fewer than 1% of the
- * other addresses pass): the common case, the value's own tables, is told
- * apart without touching the Lua index, in little memory (every worker
- * keeps one).  An address that passes may still not be in the index, and
- * the index's keys are weak, so an address may outlive its object and come
- * back as another one's: passing is only a reason to look in the index. */
-typedef struct addr_filter {
-    uint64_t mask; /* bits - 1, bits a power of two */
-    uint64_t word[];
-} addr_filter;
-
-/* The two bits of obj: halves of one product (Fibonacci hashing mixes the
- * aligned, clustered addresses). */
-static void addr_bits(const addr_filter *f, const void *obj, uint64_t *a, uint64_t *b)
-{
-    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
-    *a = (h >> 40) & f->mask;
-    *b = (h >> 16) & f->mask;
-}
-
-static int addr_may_hold(const addr_filter *f, const void *obj)
-{
-    uint64_t a, b;
-    addr_bits(f, obj, &a, &b);
-    return (f->word[a >> 6] >> (a & 63) & 1) && (f->word[b >> 6] >> (b & 63) & 1);
-}
-
 /* Pushes a filter passing the addresses of the keys of the table at index. */
-static void push_addr_filter(lua_State *L, int index)
+static void push_pz_addr_filter(lua_State *L, int index)
 {
     uint64_t n = 0, bits = 512, a, b;
-    addr_filter *f;
+    pz_addr_filter *f;
     lua_pushnil(L);
     while (lua_next(L, index)) {
         lua_pop(L, 1);
@@ -122,12 +97,12 @@ static void push_addr_filter(lua_State *L, int index)
     }
     while (bits < 16 * n && bits < (UINT64_C(1) << 24))
         bits *= 2;
-    f = (addr_filter *)lua_newuserdata(L, sizeof *f + (size_t)(bits / 64) * sizeof f->word[0]);
+    f = (pz_addr_filter *)lua_newuserdata(L, sizeof *f + (size_t)(bits / 64) * sizeof f->word[0]);
     f->mask = bits - 1;
     memset(f->word, 0, (size_t)(bits / 64) * sizeof f->word[0]);
     lua_pushnil(L);
     while (lua_next(L, index)) {
-        addr_bits(f, lua_topointer(L, -2), &a, &b);
+        pz_addr_bits(f, lua_topointer(L, -2), &a, &b);
         f->word[a >> 6] |= UINT64_C(1) << (a & 63);
         f->word[b >> 6] |= UINT64_C(1) << (b & 63);
         lua_pop(L, 1);
@@ -179,7 +154,7 @@ static int index_build(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    push_addr_filter(L, index);
+    push_pz_addr_filter(L, index);
     return 2;
 }
 
@@ -228,38 +203,283 @@ static const char current_src[] =
     "  return index, filter, true\n"
     "end\n";
 
-/* Pushes the keeper (see current_src), making it on first use. */
-static void push_keeper(lua_State *L)
+/* What the state keeps of the index, beside the keeper: enough to tell,
+ * reading LuaJIT's objects directly (codec_layout.h), that package.loaded
+ * is as the keeper last saw it, in tens of nanoseconds where the keeper's
+ * walk costs over a hundred; every top-level encode of a table asks.  The
+ * snapshot is the bytes of package.loaded's array slots and hash nodes
+ * (keys, values and links), taken before the keeper looked: any write to
+ * package.loaded changes them or moves them.  Equal bytes could still
+ * name a new object at a dead one's address (a module dropped, collected,
+ * and another one stored under its name); a collection frees objects only
+ * after its atomic phase, which also empties a weak table's slot whose
+ * value nothing else holds: the sentinel.  So equal bytes and a sentinel
+ * still in place mean the same package.loaded. */
+typedef struct index_state {
+    int valid;                  /* the fields below hold a snapshot */
+    const uint8_t *registry;    /* the registry table */
+    const uint8_t *reg_nodes;   /* its nodes, hmask, and the node holding */
+    uint32_t reg_hmask;         /* key "_LOADED" */
+    const uint8_t *reg_node;
+    pz_tv reg_key, reg_val;     /* that node's key and value */
+    const uint8_t *loaded;      /* package.loaded: array and nodes */
+    const pz_tv *array;
+    const uint8_t *nodes;
+    uint32_t asize, hmask;
+    const uint8_t *sentinel;    /* a weak table; slot 1 holds a table
+                                 * nothing else does */
+    uint8_t *snap;              /* asize * 8 + (hmask + 1) * node bytes */
+    size_t snap_cap;
+    const pz_addr_filter *filter; /* the keeper's filter at the snapshot */
+    int cached;                 /* 1 + its entry in states[], or 0 */
+} index_state;
+
+/* Slots of the state's environment table. */
+enum { ENV_KEEPER = 1, ENV_INDEX, ENV_FILTER, ENV_SENTINEL, ENV_LOADED_NAME, ENV_SLOTS = 5 };
+
+/* The index states of the process's Lua states, by registry table: a
+ * lookup here costs a few loads where the registry's costs three calls of
+ * the C API, and every top-level encode of a table makes one.  An entry is
+ * published when its state is made and cleared by its finalizer, which
+ * lua_close runs before the registry's memory is freed, so a registry's
+ * address never finds another state's entry.  Lua's rule (one thread at a
+ * time in a state) is what makes the lookup safe without a lock: only a
+ * state's own thread publishes, reads or clears its entry.  Past
+ * STATES_CACHED states, the others look in their registry. */
+#define STATES_CACHED 16
+static struct {
+    _Atomic(const void *) registry;
+    _Atomic(index_state *) state;
+} states[STATES_CACHED];
+
+static void states_publish(const void *registry, index_state *st)
 {
+    for (int i = 0; i < STATES_CACHED; i++) {
+        const void *none = NULL;
+        /* Claimed first, filled after: only this state's thread looks for
+         * this registry, and not before this returns. */
+        if (atomic_compare_exchange_strong(&states[i].registry, &none, registry)) {
+            atomic_store(&states[i].state, st);
+            st->cached = i + 1;
+            return;
+        }
+    }
+}
+
+static index_state *states_find(const void *registry)
+{
+    for (int i = 0; i < STATES_CACHED; i++)
+        if (atomic_load_explicit(&states[i].registry, memory_order_acquire) == registry)
+            return atomic_load_explicit(&states[i].state, memory_order_relaxed);
+    return NULL;
+}
+
+static int index_state_gc(lua_State *L)
+{
+    index_state *st = (index_state *)lua_touserdata(L, 1);
+    if (st->cached)
+        atomic_store(&states[st->cached - 1].registry, NULL);
+    st->cached = 0;
+    free(st->snap);
+    st->snap = NULL;
+    st->valid = 0;
+    return 0;
+}
+
+/* Pushes the index state (see index_state), making it on first use: the
+ * keeper compiled (see current_src), an empty sentinel. */
+static index_state *push_state(lua_State *L)
+{
+    index_state *st;
     lua_pushlightuserdata(L, (void *)&reg_keeper);
     lua_rawget(L, LUA_REGISTRYINDEX);
-    if (!lua_isnil(L, -1))
-        return;
+    if ((st = (index_state *)lua_touserdata(L, -1)))
+        return st;
     lua_pop(L, 1);
+    st = (index_state *)lua_newuserdata(L, sizeof *st);
+    memset(st, 0, sizeof *st);
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, index_state_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_createtable(L, ENV_SLOTS, 0);
     if (luaL_loadbuffer(L, current_src, sizeof current_src - 1, "=parallelize.codec.index"))
         lua_error(L);
     lua_pushvalue(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, index_build);
     lua_call(L, 2, 1);
+    lua_rawseti(L, -2, ENV_KEEPER);
+    lua_createtable(L, 1, 0); /* the sentinel */
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "v");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    st->sentinel = lua_topointer(L, -1);
+    lua_rawseti(L, -2, ENV_SENTINEL);
+    lua_pushliteral(L, "_LOADED");
+    lua_rawseti(L, -2, ENV_LOADED_NAME);
+    lua_setfenv(L, -2);
     lua_pushlightuserdata(L, (void *)&reg_keeper);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
+    states_publish(lua_topointer(L, LUA_REGISTRYINDEX), st);
+    return st;
+}
+
+/* True when slot 1 of the sentinel still holds its table: no collection
+ * reached its atomic phase since it was put there. */
+static int sentinel_holds(const index_state *st)
+{
+    return pz_tab_asize(st->sentinel) > 1 && !pz_tv_isnil(pz_tab_array(st->sentinel)[1]);
+}
+
+/* Takes the snapshot of package.loaded into st, whose environment is at
+ * env; invalid when the layout is not known or there is no package.loaded
+ * table.  Puts a new table in the sentinel first when it was emptied: every
+ * allocation is over before the bytes are read. */
+static void snapshot(lua_State *L, index_state *st, int env)
+{
+    st->valid = 0;
+    if (!pz_layout_known())
+        return;
+    if (!sentinel_holds(st)) {
+        lua_rawgeti(L, env, ENV_SENTINEL);
+        lua_createtable(L, 0, 0);
+        lua_rawseti(L, -2, 1);
+        lua_pop(L, 1);
+    }
+    lua_rawgeti(L, env, ENV_LOADED_NAME);
+    const uint8_t *name = lua_topointer(L, -1);
+    lua_pop(L, 1); /* the environment holds it */
+    const uint8_t *reg = lua_topointer(L, LUA_REGISTRYINDEX);
+    const uint8_t *nodes = pz_tab_nodes(reg);
+    uint32_t hmask = pz_tab_hmask(reg);
+    for (uint32_t i = 0; i <= hmask; i++) {
+        const uint8_t *node = nodes + (size_t)i * PZ_NODE_SIZE;
+        pz_tv key = pz_node_key(node), val = pz_node_val(node);
+        if (pz_tv_tag(key) != PZ_TAG_STR || pz_tv_obj(key) != name)
+            continue;
+        if (pz_tv_tag(val) != PZ_TAG_TAB)
+            return;
+        st->registry = reg;
+        st->reg_nodes = nodes;
+        st->reg_hmask = hmask;
+        st->reg_node = node;
+        st->reg_key = key;
+        st->reg_val = val;
+        st->loaded = pz_tv_obj(val);
+        break;
+    }
+    if (!st->reg_node || st->reg_nodes != nodes)
+        return;
+    st->array = pz_tab_array(st->loaded);
+    st->asize = pz_tab_asize(st->loaded);
+    st->nodes = pz_tab_nodes(st->loaded);
+    st->hmask = pz_tab_hmask(st->loaded);
+    size_t abytes = (size_t)st->asize * sizeof(pz_tv);
+    size_t need = abytes + ((size_t)st->hmask + 1) * PZ_NODE_SIZE;
+    if (need > st->snap_cap) {
+        uint8_t *grown = realloc(st->snap, need);
+        if (!grown)
+            return;
+        st->snap = grown;
+        st->snap_cap = need;
+    }
+    if (abytes)
+        memcpy(st->snap, st->array, abytes);
+    memcpy(st->snap + abytes, st->nodes, need - abytes);
+    st->valid = 1;
+}
+
+/* True when package.loaded is as at st's snapshot (see index_state). */
+static int snapshot_current(const void *registry, const index_state *st)
+{
+    if (!st->valid || registry != st->registry)
+        return 0;
+    const uint8_t *reg = st->registry, *t = st->loaded;
+    if (pz_tab_nodes(reg) != st->reg_nodes || pz_tab_hmask(reg) != st->reg_hmask ||
+        pz_node_key(st->reg_node) != st->reg_key || pz_node_val(st->reg_node) != st->reg_val)
+        return 0;
+    if (pz_tab_array(t) != st->array || pz_tab_asize(t) != st->asize ||
+        pz_tab_nodes(t) != st->nodes || pz_tab_hmask(t) != st->hmask)
+        return 0;
+    size_t abytes = (size_t)st->asize * sizeof(pz_tv);
+    if ((abytes && memcmp(st->snap, st->array, abytes)) ||
+        memcmp(st->snap + abytes, st->nodes, ((size_t)st->hmask + 1) * PZ_NODE_SIZE))
+        return 0;
+    return sentinel_holds(st);
 }
 
 /* Puts a current index and its address filter in their slots: rebuilt when
- * forced, else as the keeper finds it. */
+ * forced, else as the keeper finds it, unless the snapshot shows
+ * package.loaded unchanged: then only the filter, the index slot being
+ * filled when a lookup needs it (pz_index_put). */
 static void index_current(enc *e, int force)
 {
     lua_State *L = e->L;
-    push_keeper(L);
+    index_state *st = push_state(L);
+    int state = lua_gettop(L);
+    lua_getfenv(L, state);
+    int env = state + 1;
+    if (!force && snapshot_current(lua_topointer(L, LUA_REGISTRYINDEX), st)) {
+        lua_rawgeti(L, env, ENV_FILTER);
+        e->index_filter = st->filter;
+        lua_replace(L, enc_slot(e, ES_INDEX_FILTER));
+        e->index_deferred = 1;
+        lua_settop(L, state - 1);
+        return;
+    }
+    snapshot(L, st, env);
+    lua_rawgeti(L, env, ENV_KEEPER);
     lua_pushboolean(L, force);
     lua_call(L, 1, 3);
     if (lua_toboolean(L, -1))
         e->index_fresh = 1;
     lua_pop(L, 1);
-    e->index_filter = lua_touserdata(L, -1);
+    st->filter = e->index_filter = lua_touserdata(L, -1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, env, ENV_FILTER);
     lua_replace(L, enc_slot(e, ES_INDEX_FILTER));
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, env, ENV_INDEX);
     lua_replace(L, enc_slot(e, ES_INDEX));
+    e->index_deferred = 0;
+    lua_settop(L, state - 1);
+}
+
+/* Fills the index slot left empty by index_current. */
+static void index_slot_fill(enc *e)
+{
+    lua_State *L = e->L;
+    push_state(L);
+    lua_getfenv(L, -1);
+    lua_rawgeti(L, -1, ENV_INDEX);
+    lua_replace(L, enc_slot(e, ES_INDEX));
+    lua_pop(L, 2);
+    e->index_deferred = 0;
+}
+
+/* Sets e->index_filter to the current index's filter and returns 1 when
+ * the snapshot shows package.loaded unchanged, without running Lua or
+ * using the encoder's stack slots: only for the direct walk, which runs no
+ * Lua either, so the filter needs no anchor while it is used.  Returns 0
+ * otherwise, having changed nothing in e. */
+int pz_index_quick(enc *e)
+{
+    lua_State *L = e->L;
+    int current;
+    if (!pz_layout_known())
+        return 0;
+    const void *registry = lua_topointer(L, LUA_REGISTRYINDEX);
+    index_state *st = states_find(registry);
+    if (!st) {
+        st = push_state(L);
+        lua_pop(L, 1); /* the registry holds it */
+    }
+    current = snapshot_current(registry, st);
+    if (current)
+        e->index_filter = st->filter;
+    return current;
 }
 
 /* Rebuilds the index into its slots. */
@@ -333,8 +553,10 @@ int pz_index_put(enc *e, int idx, const void *obj)
     size_t n;
     const char *s;
     for (;;) {
-        if (!e->index_filter || !addr_may_hold(e->index_filter, obj))
+        if (!e->index_filter || !pz_addr_may_hold(e->index_filter, obj))
             return 0;
+        if (e->index_deferred)
+            index_slot_fill(e);
         lua_pushvalue(L, idx);
         lua_rawget(L, enc_slot(e, ES_INDEX));
         if (lua_type(L, -1) != LUA_TSTRING) {
@@ -359,6 +581,6 @@ int pz_index_put(enc *e, int idx, const void *obj)
  * standard ones. */
 void pz_index_prepare(lua_State *L)
 {
-    push_keeper(L);
+    push_state(L);
     lua_pop(L, 1);
 }

@@ -124,6 +124,14 @@ static int l_decode(lua_State *L)
     return 1;
 }
 
+/* codec_direct([on]) -> whether the direct walk was in use (codec.h). */
+static int l_codec_direct(lua_State *L)
+{
+    int on = lua_isnoneornil(L, 1) ? -1 : lua_toboolean(L, 1);
+    lua_pushboolean(L, pz_codec_direct(on));
+    return 1;
+}
+
 void pz_codec_register(lua_State *L)
 {
     /* The helpers take next, rawget and unpack from the globals when they
@@ -136,4 +144,6 @@ void pz_codec_register(lua_State *L)
     lua_setfield(L, -2, "decode");
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
+    lua_pushcfunction(L, l_codec_direct);
+    lua_setfield(L, -2, "codec_direct");
 }

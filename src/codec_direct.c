@@ -1,0 +1,600 @@
+/*
+ * codec_direct.c - the direct walk: a table and everything in it written
+ * by reading LuaJIT's objects directly (codec_layout.h) instead of through
+ * the Lua C API, which costs tens of nanoseconds a table entry (lua_next
+ * finds its place again from the previous key, then lua_type, lua_tolstring
+ * and the pops each look the slot up) where reading the entry is a few
+ * loads.  A small record was written 8x slower than string.buffer's
+ * serializer, which reads the objects directly too.
+ *
+ * The walk writes what it knows: tables without metatable, numbers,
+ * strings and booleans, under keys of those kinds.  At anything else (a
+ * function, a userdata, a metatable, a table the module index may know, a
+ * nesting deeper than DIRECT_MAX_DEPTH, or out of memory) it gives up: the
+ * output is cut back to where the walk began, its reference numbers are
+ * forgotten, and the caller writes the table through the C API
+ * (codec_enc.c), which knows every case; a walk that gave up is not tried
+ * again in the same encode, so a value costs at most one wasted walk.
+ *
+ * Rules this file owns:
+ * - The walk runs only for the last value of an encode, from the top
+ *   (enc.direct, set by codec_enc.c), after the module index is current.
+ *   It runs no Lua and allocates nothing from the Lua state, so no
+ *   collection step, and no finalizer, runs while it reads; the tables it
+ *   numbers are not anchored (codec_enc.h), since nothing runs between
+ *   their numbering and the end of the encode.
+ * - Its output decodes to what the C API's would: tables numbered in the
+ *   same order (before their contents), the same entries in lua_next's
+ *   order (the array slots, then the hash nodes), keys 1, 2, 3 ... from
+ *   the start in the array count.  It writes counts at their minimal size
+ *   where the C API's may keep them padded, and chooses packed doubles by
+ *   its own test, so the bytes may differ where the values do not.
+ * - PZ_ENCODE_APART is honoured as codec_enc.c does: before each entry of
+ *   the tuple's first table, the numbers given so far are forgotten.
+ */
+#include <lua.h>
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "codec_enc.h"
+#include "codec_layout.h"
+
+/* Deeper values go through the C API (which goes to PZ_MAX_DEPTH): this
+ * bounds the walk's own C stack. */
+#define DIRECT_MAX_DEPTH 100
+/* From this length a sequence partly in the hash part is written in key
+ * order, below it in lua_next's (as codec_enc.c). */
+#define DIRECT_ITEMS_MIN 8
+/* Values of such a sequence gathered on the C stack, beyond on the heap. */
+#define DIRECT_GATHER_INLINE 64
+/* Below this length a sequence of numbers is not packed (as codec_enc.c). */
+#define DIRECT_PACK_MIN 16
+/* Tables the walk numbers in a list searched in order, before a hash
+ * table on the heap is worth making. */
+#define DIRECT_REFS_LINEAR 16
+
+typedef struct direct {
+    enc *e;
+    pz_buf *out;
+    int nrefs;       /* the next reference number */
+    int depth;       /* tables open in this walk */
+    int apart;       /* PZ_ENCODE_APART applies to this tuple's first value */
+    int before;      /* tables were numbered before the walk */
+    int count;       /* tables this walk numbered */
+    size_t mask;     /* past the list: refs has mask + 1 slots */
+    ref_slot *refs;  /* NULL while the list holds them all */
+    ref_slot list[DIRECT_REFS_LINEAR];
+} direct;
+
+/* ------------------------------------------------------------------------
+ * The walk's reference numbers
+ * --------------------------------------------------------------------- */
+
+static ref_slot *slot_of(ref_slot *refs, size_t mask, const void *obj)
+{
+    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
+    size_t i = (size_t)(h >> 32) & mask;
+    while (refs[i].obj && refs[i].obj != obj)
+        i = (i + 1) & mask;
+    return &refs[i];
+}
+
+/* Where table t's number is kept by this walk, or NULL. */
+static ref_slot *ref_entry(direct *d, const void *t)
+{
+    if (!d->refs) {
+        for (int i = 0; i < d->count; i++)
+            if (d->list[i].obj == t)
+                return &d->list[i];
+        return NULL;
+    }
+    ref_slot *s = slot_of(d->refs, d->mask, t);
+    return s->obj ? s : NULL;
+}
+
+/* The number of table t: given by this walk, or before it; -1 if none
+ * (or forgotten, PZ_ENCODE_APART: *entry then says where it was). */
+static int ref_of(direct *d, const void *t, ref_slot **entry)
+{
+    ref_slot *s = *entry = ref_entry(d, t);
+    if (s)
+        return s->num >= d->e->ref_base ? s->num : -1;
+    return d->before ? pz_ref_find(d->e, t) : -1;
+}
+
+/* Moves the numbers into a hash table of `slots` slots (a power of two,
+ * more than twice their count); -1 when out of memory. */
+static int ref_grow(direct *d, size_t slots)
+{
+    ref_slot *fresh = calloc(slots, sizeof *fresh);
+    if (!fresh)
+        return -1;
+    if (!d->refs) {
+        for (int i = 0; i < d->count; i++)
+            *slot_of(fresh, slots - 1, d->list[i].obj) = d->list[i];
+    } else {
+        for (size_t i = 0; i <= d->mask; i++)
+            if (d->refs[i].obj)
+                *slot_of(fresh, slots - 1, d->refs[i].obj) = d->refs[i];
+        free(d->refs);
+    }
+    d->refs = fresh;
+    d->mask = slots - 1;
+    return 0;
+}
+
+/* Numbers table t: at its forgotten entry when ref_of gave one, else in
+ * a new one; -1 when out of memory. */
+static int ref_add(direct *d, const void *t, ref_slot *forgotten)
+{
+    ref_slot *s;
+    if (d->nrefs == INT_MAX)
+        return -1;
+    if (forgotten) {
+        forgotten->num = d->nrefs++;
+        return 0;
+    }
+    if (!d->refs && d->count == DIRECT_REFS_LINEAR && ref_grow(d, 4 * DIRECT_REFS_LINEAR))
+        return -1;
+    if (d->refs && (size_t)(d->count + 1) * 2 > d->mask + 1 && ref_grow(d, 2 * (d->mask + 1)))
+        return -1;
+    s = d->refs ? slot_of(d->refs, d->mask, t) : &d->list[d->count];
+    *s = (ref_slot){t, d->nrefs++};
+    d->count++;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Output (never raises: out of memory gives up)
+ * --------------------------------------------------------------------- */
+
+static inline uint8_t *room(direct *d, size_t n)
+{
+    return (uint8_t *)pz_buf_reserve(d->out, n);
+}
+
+static inline int put_tag(direct *d, uint8_t tag)
+{
+    uint8_t *w = room(d, 1);
+    if (!w)
+        return -1;
+    *w = tag;
+    d->out->len++;
+    return 0;
+}
+
+static inline int put_count(direct *d, uint64_t n)
+{
+    uint8_t *w = room(d, PZ_VARINT_MAX_BYTES);
+    if (!w)
+        return -1;
+    d->out->len += pz_put_varint(w, n);
+    return 0;
+}
+
+/* A table's tag and counts. */
+static inline int put_head(direct *d, uint64_t run, uint64_t rest)
+{
+    uint8_t *w = room(d, 1 + 2 * PZ_VARINT_MAX_BYTES);
+    if (!w)
+        return -1;
+    w[0] = PZ_T_TABLE;
+    size_t n = 1 + pz_put_varint(w + 1, run);
+    d->out->len += n + pz_put_varint(w + n, rest);
+    return 0;
+}
+
+static inline int put_num(direct *d, double x)
+{
+    uint8_t *w = room(d, PZ_NUMBER_MAX_BYTES);
+    if (!w)
+        return -1;
+    d->out->len += pz_put_number(w, x);
+    return 0;
+}
+
+/* Copies the n bytes at src, n at most 32, with a few fixed-size moves
+ * (overlapping when n is not their size) instead of a call to memcpy,
+ * which costs more than the copy for the short strings of a record: its
+ * keys and most of its values.  Reads nothing outside src[0 .. n). */
+static inline void copy_short(uint8_t *dst, const char *src, size_t n)
+{
+    if (n >= 16) {
+        memcpy(dst, src, 16);
+        memcpy(dst + n - 16, src + n - 16, 16);
+    } else if (n >= 8) {
+        memcpy(dst, src, 8);
+        memcpy(dst + n - 8, src + n - 8, 8);
+    } else if (n >= 4) {
+        memcpy(dst, src, 4);
+        memcpy(dst + n - 4, src + n - 4, 4);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            dst[i] = (uint8_t)src[i];
+    }
+}
+
+static int put_str(direct *d, const uint8_t *s)
+{
+    size_t n = pz_str_len(s);
+    enc *e = d->e;
+    if (n <= PZ_SHORTSTR_MAX) {
+        uint8_t *w = room(d, 1 + PZ_SHORTSTR_MAX);
+        if (!w)
+            return -1;
+        w[0] = (uint8_t)(PZ_T_SHORTSTR + n);
+        copy_short(w + 1, pz_str_data(s), n);
+        d->out->len += 1 + n;
+        return 0;
+    }
+    if (n >= PZ_SHARED_MIN && e->arena) {
+        int placed = pz_encode_shared(e->arena, d->out, pz_str_data(s), n);
+        if (placed)
+            return placed > 0 ? 0 : -1;
+    }
+    uint8_t *w = room(d, 1 + PZ_VARINT_MAX_BYTES + n);
+    if (!w)
+        return -1;
+    d->out->len += pz_put_string(w, pz_str_data(s), n);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Tables
+ * --------------------------------------------------------------------- */
+
+static int put_value(direct *d, pz_tv v);
+
+static inline void apart(direct *d)
+{
+    if (d->apart && d->depth == 1)
+        d->e->ref_base = d->nrefs;
+}
+
+/* A sequence: its n values at items[1 .. n], all numbers or not. */
+typedef struct sequence {
+    const pz_tv *items;
+    uint64_t n;
+    int numbers;
+} sequence;
+
+/* Whether the n values at items[1 .. n] are all numbers. */
+static int all_numbers(const pz_tv *items, uint64_t n)
+{
+    uint32_t others = 0;
+    for (uint64_t k = 1; k <= n; k++) /* no early exit: the compiler may vectorize */
+        others |= pz_tv_tag(items[k]) >= PZ_TAG_NUMX;
+    return !others;
+}
+
+/* True when table t's entries are exactly keys 1 .. n, all in the array
+ * part (slot 0 and the slots after n empty, every node empty): the common
+ * shape of a list, told in one pass over its slots. */
+static int array_sequence(const uint8_t *t, sequence *seq)
+{
+    const pz_tv *array = pz_tab_array(t);
+    const uint8_t *nodes = pz_tab_nodes(t);
+    uint32_t asize = pz_tab_asize(t), k = 1, hmask = pz_tab_hmask(t);
+    if (asize < 2 || !pz_tv_isnil(array[0]))
+        return 0;
+    while (k < asize && !pz_tv_isnil(array[k]))
+        k++;
+    seq->n = k - 1;
+    for (; k < asize; k++)
+        if (!pz_tv_isnil(array[k]))
+            return 0;
+    for (uint32_t j = 0; j <= hmask; j++)
+        if (!pz_tv_isnil(pz_node_val(nodes + (size_t)j * PZ_NODE_SIZE)))
+            return 0;
+    seq->items = array;
+    seq->numbers = all_numbers(array, seq->n);
+    return 1;
+}
+
+/* True when the n numbers at array[1 .. n] are to be packed: codec_enc.c's
+ * rule (enc_survey), so that either path writes a sequence of numbers
+ * alike: at least half of them not integers, or one not finite.  A number
+ * x below 2^52 in size is an integer when adding and taking away 2^52
+ * leaves it as it is; above, every double is.  Counted in blocks, which
+ * stop as soon as the answer is known. */
+static int pack_numbers(const pz_tv *array, uint64_t n)
+{
+    /* Two numbers at a time, in the compiler's portable vectors (SSE2 on
+     * x86-64, NEON on arm64): a comparison gives -1 or 0 per lane. */
+    typedef double v2d __attribute__((vector_size(16)));
+    typedef int64_t v2i __attribute__((vector_size(16)));
+    const v2i abs_mask = {INT64_MAX, INT64_MAX};
+    const v2d big = {0x1p52, 0x1p52}, max = {DBL_MAX, DBL_MAX};
+    uint64_t fractional = 0;
+    int infinite = 0;
+    for (uint64_t k = 1; k <= n; k += 64) {
+        uint64_t end = n + 1 - k < 64 ? n + 1 : k + 64, j = k;
+        v2i frac = {0, 0}, inf = {0, 0};
+        for (; j + 1 < end; j += 2) {
+            v2i bits;
+            memcpy(&bits, array + j, sizeof bits);
+            v2d a = (v2d)(bits & abs_mask);
+            frac -= (a < big) & ((a + big) - big != a);
+            inf |= ~(a <= max);
+        }
+        fractional += (uint64_t)(frac[0] + frac[1]);
+        infinite |= (inf[0] | inf[1]) != 0;
+        for (; j < end; j++) {
+            double a = fabs(pz_tv_num(array[j]));
+            fractional += (a < 0x1p52) & ((a + 0x1p52) - 0x1p52 != a);
+            infinite |= !(a <= DBL_MAX);
+        }
+        if (infinite || 2 * fractional >= n)
+            return 1;
+        if (2 * (fractional + n + 1 - end) < n)
+            return 0;
+    }
+    return 0;
+}
+
+/* Writes the sequence `seq` of table t: as packed doubles when all are
+ * numbers, enough of them, and pack_numbers says so, else as a table of n
+ * array entries. */
+static int put_sequence(direct *d, const sequence *seq)
+{
+    const pz_tv *array = seq->items;
+    uint64_t n = seq->n;
+    size_t at;
+    uint8_t *w;
+    if (seq->numbers && n >= DIRECT_PACK_MIN && pack_numbers(array, n)) {
+        if (!(w = room(d, 1 + PZ_VARINT_MAX_BYTES + 8 * n)))
+            return -1;
+        w[0] = PZ_T_DOUBLES;
+        at = 1 + pz_put_varint(w + 1, n);
+        memcpy(w + at, array + 1, 8 * n); /* the host's order is the wire's (probed) */
+        d->out->len += at + 8 * n;
+        return 0;
+    }
+    if (put_head(d, n, 0))
+        return -1;
+    if (seq->numbers) { /* no reference numbers among them: no apart */
+        if (!(w = room(d, PZ_NUMBER_MAX_BYTES * n)))
+            return -1;
+        at = 0;
+        for (uint64_t k = 1; k <= n; k++)
+            at += pz_put_number(w + at, pz_tv_num(array[k]));
+        d->out->len += at;
+        return 0;
+    }
+    for (uint64_t k = 1; k <= n; k++) {
+        apart(d);
+        if (put_value(d, array[k]))
+            return -1;
+    }
+    return 0;
+}
+
+/* Room put_small may take. */
+#define SMALL_ROOM (1 + PZ_SHORTSTR_MAX)
+
+/* Writes v at w (room: SMALL_ROOM) when it is a number, a boolean or a
+ * string short enough for PZ_T_SHORTSTR, and returns the bytes written;
+ * returns 0, having written nothing, for anything else.  Inline: it is
+ * most of a record's keys and values. */
+static inline size_t put_small(uint8_t *w, pz_tv v)
+{
+    if (pz_tv_isnum(v))
+        return pz_put_number(w, pz_tv_num(v));
+    switch (pz_tv_tag(v)) {
+    case PZ_TAG_STR: {
+        const uint8_t *s = pz_tv_obj(v);
+        size_t n = pz_str_len(s);
+        if (n > PZ_SHORTSTR_MAX)
+            return 0;
+        w[0] = (uint8_t)(PZ_T_SHORTSTR + n);
+        copy_short(w + 1, pz_str_data(s), n);
+        return 1 + n;
+    }
+    case PZ_TAG_FALSE:
+        w[0] = PZ_T_FALSE;
+        return 1;
+    case PZ_TAG_TRUE:
+        w[0] = PZ_T_TRUE;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Writes key or value v: put_small, or put_value for the rest. */
+static inline int put_entry_part(direct *d, pz_tv v)
+{
+    uint8_t *w = room(d, SMALL_ROOM);
+    size_t n;
+    if (!w)
+        return -1;
+    if ((n = put_small(w, v))) {
+        d->out->len += n;
+        return 0;
+    }
+    return put_value(d, v);
+}
+
+/* Writes table t, whose keys are 1 .. n, some of them in its hash part,
+ * as a sequence: its values gathered in key order first. */
+static int put_gathered(direct *d, const uint8_t *t, uint32_t n)
+{
+    const pz_tv *array = pz_tab_array(t);
+    const uint8_t *node = pz_tab_nodes(t);
+    uint32_t asize = pz_tab_asize(t), hmask = pz_tab_hmask(t);
+    pz_tv small[DIRECT_GATHER_INLINE + 1], *items = small;
+    if (n > DIRECT_GATHER_INLINE && !(items = malloc(((size_t)n + 1) * sizeof *items)))
+        return -1;
+    for (uint32_t i = 1; i < asize && i <= n; i++)
+        items[i] = array[i];
+    for (uint32_t i = 0; i <= hmask; i++, node += PZ_NODE_SIZE)
+        if (!pz_tv_isnil(pz_node_val(node)))
+            items[(uint32_t)pz_tv_num(pz_node_key(node))] = pz_node_val(node);
+    sequence seq = {items, n, all_numbers(items, n)};
+    int rc = put_sequence(d, &seq);
+    if (items != small)
+        free(items);
+    return rc;
+}
+
+/* Writes the contents of table t: a count of the entries keyed 1, 2, 3 ...
+ * from the start (in lua_next's order: the array slots, then the nodes), a
+ * count of the others, then the values of the first and the keys and
+ * values of the others. */
+static int put_contents(direct *d, const uint8_t *t)
+{
+    const pz_tv *array = pz_tab_array(t);
+    const uint8_t *nodes = pz_tab_nodes(t), *node;
+    uint32_t asize = pz_tab_asize(t), hmask = pz_tab_hmask(t), i;
+    uint64_t run = 0, rest = 0, k = 0;
+    uint32_t top = 0; /* the greatest key when all are positive integers */
+    int in_run = 1;
+    sequence seq;
+    if (array_sequence(t, &seq))
+        return put_sequence(d, &seq);
+    for (i = 0; i < asize; i++) {
+        if (pz_tv_isnil(array[i]))
+            continue;
+        if (in_run && i == run + 1)
+            run++;
+        else
+            in_run = 0, rest++;
+        top = i;
+    }
+    for (i = 0, node = nodes; i <= hmask; i++, node += PZ_NODE_SIZE) {
+        pz_tv key = pz_node_key(node);
+        if (pz_tv_isnil(pz_node_val(node)))
+            continue;
+        if (in_run && pz_tv_isnum(key) && pz_tv_num(key) == (double)(run + 1))
+            run++;
+        else
+            in_run = 0, rest++;
+        double x = pz_tv_isnum(key) ? pz_tv_num(key) : 0;
+        if (x >= 1 && x <= (double)UINT32_MAX && x == (double)(uint32_t)x) {
+            if ((uint32_t)x > top)
+                top = (uint32_t)x;
+        } else {
+            top = UINT32_MAX; /* not a key of a sequence */
+        }
+    }
+    /* Keys 1 .. run + rest and nothing else, some in the hash part: the C
+     * API path writes such a table of ITEMS_MIN entries or more as the
+     * sequence it is, in key order (codec_enc.c's enc_survey). */
+    if (run + rest >= DIRECT_ITEMS_MIN && top == run + rest &&
+        (asize == 0 || pz_tv_isnil(array[0])))
+        return put_gathered(d, t, top);
+    if (put_head(d, run, rest))
+        return -1;
+    for (i = 0; i < asize; i++) {
+        if (pz_tv_isnil(array[i]))
+            continue;
+        apart(d);
+        if (k++ >= run && put_num(d, (double)i))
+            return -1;
+        if (put_entry_part(d, array[i]))
+            return -1;
+    }
+    for (i = 0, node = nodes; i <= hmask; i++, node += PZ_NODE_SIZE) {
+        pz_tv key = pz_node_key(node), val = pz_node_val(node);
+        uint8_t *w;
+        size_t n, m;
+        if (pz_tv_isnil(val))
+            continue;
+        apart(d);
+        if (k++ < run) {
+            if (put_entry_part(d, val))
+                return -1;
+            continue;
+        }
+        if (!(w = room(d, 2 * SMALL_ROOM)))
+            return -1;
+        if ((n = put_small(w, key)) && (m = put_small(w + n, val))) {
+            d->out->len += n + m; /* the common case: both small, one room */
+            continue;
+        }
+        d->out->len += n;
+        if ((!n && put_value(d, key)) || put_entry_part(d, val))
+            return -1;
+    }
+    return 0;
+}
+
+/* Writes table t: a reference when it was met before, else in full. */
+static int put_table(direct *d, const uint8_t *t)
+{
+    enc *e = d->e;
+    ref_slot *forgotten;
+    int r = ref_of(d, t, &forgotten);
+    if (r >= 0)
+        return put_tag(d, PZ_T_REF) || put_count(d, (uint64_t)r) ? -1 : 0;
+    if (pz_index_may_hold(e, t) || d->depth >= DIRECT_MAX_DEPTH || pz_tab_has_meta(t))
+        return -1;
+    if (ref_add(d, t, forgotten))
+        return -1;
+    d->depth++;
+    int rc = put_contents(d, t);
+    d->depth--;
+    return rc;
+}
+
+static int put_value(direct *d, pz_tv v)
+{
+    if (pz_tv_isnum(v))
+        return put_num(d, pz_tv_num(v));
+    switch (pz_tv_tag(v)) {
+    case PZ_TAG_STR:
+        return put_str(d, pz_tv_obj(v));
+    case PZ_TAG_FALSE:
+        return put_tag(d, PZ_T_FALSE);
+    case PZ_TAG_TRUE:
+        return put_tag(d, PZ_T_TRUE);
+    case PZ_TAG_TAB:
+        return put_table(d, pz_tv_obj(v));
+    default:
+        return -1;
+    }
+}
+
+/* Whether the walk is tried at all: a switch for tests, which compare its
+ * output with the C API path's (core.codec_direct). */
+static _Atomic int direct_on = 1;
+
+int pz_codec_direct(int on)
+{
+    int was = direct_on;
+    if (on >= 0)
+        direct_on = on != 0;
+    return was && pz_layout_known();
+}
+
+int pz_enc_direct(enc *e, int t)
+{
+    if (!direct_on || !pz_layout_known()) {
+        e->direct = 0;
+        return 0;
+    }
+    direct d;
+    d.e = e;
+    d.nrefs = e->nrefs;
+    d.depth = 0;
+    d.apart = (e->flags & PZ_ENCODE_APART) && e->tuple_index == 1;
+    d.out = e->out;
+    d.before = e->nrefs > 0;
+    d.count = 0;
+    d.mask = 0;
+    d.refs = NULL;
+    size_t start = e->out->len;
+    int ref_base = e->ref_base;
+    int rc = put_table(&d, lua_topointer(e->L, t));
+    free(d.refs);
+    if (rc) {
+        e->out->len = start;
+        e->ref_base = ref_base;
+        e->direct = 0;
+        return 0;
+    }
+    e->nrefs = d.nrefs;
+    return 1;
+}
