@@ -21,7 +21,6 @@
 #include <lua.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "codec_enc.h"
@@ -228,14 +227,15 @@ typedef struct index_state {
     uint32_t asize, hmask;
     const uint8_t *sentinel;    /* a weak table; slot 1 holds a table
                                  * nothing else does */
-    uint8_t *snap;              /* asize * 8 + (hmask + 1) * node bytes */
+    uint8_t *snap;              /* asize * 8 + (hmask + 1) * node bytes: a
+                                 * userdata the environment holds */
     size_t snap_cap;
     const pz_addr_filter *filter; /* the keeper's filter at the snapshot */
     int cached;                 /* 1 + its entry in states[], or 0 */
 } index_state;
 
 /* Slots of the state's environment table. */
-enum { ENV_KEEPER = 1, ENV_INDEX, ENV_FILTER, ENV_SENTINEL, ENV_LOADED_NAME, ENV_SLOTS = 5 };
+enum { ENV_KEEPER = 1, ENV_INDEX, ENV_FILTER, ENV_SENTINEL, ENV_LOADED_NAME, ENV_SNAP, ENV_SLOTS = 6 };
 
 /* The index states of the process's Lua states, by registry table: a
  * lookup here costs a few loads where the registry's costs three calls of
@@ -280,8 +280,6 @@ static int index_state_gc(lua_State *L)
     if (st->cached)
         atomic_store(&states[st->cached - 1].registry, NULL);
     st->cached = 0;
-    free(st->snap);
-    st->snap = NULL;
     st->valid = 0;
     return 0;
 }
@@ -351,44 +349,47 @@ static void snapshot(lua_State *L, index_state *st, int env)
     lua_rawgeti(L, env, ENV_LOADED_NAME);
     const uint8_t *name = lua_topointer(L, -1);
     lua_pop(L, 1); /* the environment holds it */
-    const uint8_t *reg = lua_topointer(L, LUA_REGISTRYINDEX);
-    const uint8_t *nodes = pz_tab_nodes(reg);
-    uint32_t hmask = pz_tab_hmask(reg);
-    for (uint32_t i = 0; i <= hmask; i++) {
-        const uint8_t *node = nodes + (size_t)i * PZ_NODE_SIZE;
-        pz_tv key = pz_node_key(node), val = pz_node_val(node);
-        if (pz_tv_tag(key) != PZ_TAG_STR || pz_tv_obj(key) != name)
+    for (;;) {
+        const uint8_t *reg = lua_topointer(L, LUA_REGISTRYINDEX);
+        const uint8_t *nodes = pz_tab_nodes(reg), *node = NULL;
+        uint32_t hmask = pz_tab_hmask(reg);
+        for (uint32_t i = 0; i <= hmask && !node; i++) {
+            pz_tv key = pz_node_key(nodes + (size_t)i * PZ_NODE_SIZE);
+            if (pz_tv_tag(key) == PZ_TAG_STR && pz_tv_obj(key) == name &&
+                !pz_tv_isnil(pz_node_val(nodes + (size_t)i * PZ_NODE_SIZE)))
+                node = nodes + (size_t)i * PZ_NODE_SIZE;
+        }
+        if (!node || pz_tv_tag(pz_node_val(node)) != PZ_TAG_TAB)
+            return; /* no package.loaded table: the keeper every time */
+        const uint8_t *t = pz_tv_obj(pz_node_val(node));
+        size_t abytes = (size_t)pz_tab_asize(t) * sizeof(pz_tv);
+        size_t need = abytes + ((size_t)pz_tab_hmask(t) + 1) * PZ_NODE_SIZE;
+        if (need > st->snap_cap) {
+            /* In the Lua heap, held by the environment: the allocation may
+             * run a collection step and finalizers, so everything is read
+             * again after it. */
+            st->snap = lua_newuserdata(L, need);
+            st->snap_cap = need;
+            lua_rawseti(L, env, ENV_SNAP);
             continue;
-        if (pz_tv_tag(val) != PZ_TAG_TAB)
-            return;
+        }
         st->registry = reg;
         st->reg_nodes = nodes;
         st->reg_hmask = hmask;
         st->reg_node = node;
-        st->reg_key = key;
-        st->reg_val = val;
-        st->loaded = pz_tv_obj(val);
-        break;
-    }
-    if (!st->reg_node || st->reg_nodes != nodes)
+        st->reg_key = pz_node_key(node);
+        st->reg_val = pz_node_val(node);
+        st->loaded = t;
+        st->array = pz_tab_array(t);
+        st->asize = pz_tab_asize(t);
+        st->nodes = pz_tab_nodes(t);
+        st->hmask = pz_tab_hmask(t);
+        if (abytes)
+            memcpy(st->snap, st->array, abytes);
+        memcpy(st->snap + abytes, st->nodes, need - abytes);
+        st->valid = 1;
         return;
-    st->array = pz_tab_array(st->loaded);
-    st->asize = pz_tab_asize(st->loaded);
-    st->nodes = pz_tab_nodes(st->loaded);
-    st->hmask = pz_tab_hmask(st->loaded);
-    size_t abytes = (size_t)st->asize * sizeof(pz_tv);
-    size_t need = abytes + ((size_t)st->hmask + 1) * PZ_NODE_SIZE;
-    if (need > st->snap_cap) {
-        uint8_t *grown = realloc(st->snap, need);
-        if (!grown)
-            return;
-        st->snap = grown;
-        st->snap_cap = need;
     }
-    if (abytes)
-        memcpy(st->snap, st->array, abytes);
-    memcpy(st->snap + abytes, st->nodes, need - abytes);
-    st->valid = 1;
 }
 
 /* True when package.loaded is as at st's snapshot (see index_state). */
