@@ -8,10 +8,13 @@
  * few in a Lua table.  The other slots hold the upvalue table (upvalue id ->
  * function and index) and the module index.  All of these are made only
  * when needed, so encoding a string or a small table allocates nothing but
- * its output.  Tables of eight or more items are surveyed by codec_array.c,
- * which gathers the numbers of a sequence of numbers as doubles: the table
- * is then written from them, as packed doubles or one number at a time
- * (enc_survey); functions are written by
+ * its output.  A plain table that is the encode's last value is first
+ * offered to the direct walk (codec_direct.c), which reads LuaJIT's objects
+ * instead of calling the C API and gives the table back when it holds
+ * something only this walk writes.  Tables of eight or more items are
+ * surveyed by codec_array.c, which gathers the numbers of a sequence of
+ * numbers as doubles: the table is then written from them, as packed
+ * doubles or one number at a time (enc_survey); functions are written by
  * codec_func.c, module references by codec_index.c, error paths by
  * codec_path.c.
  */

@@ -9,7 +9,9 @@
  * registry.  A top-level encode that meets a table or function compares,
  * once, package.loaded with the copy of it the index was built from, and
  * rebuilds the index when a module was loaded, dropped or replaced since,
- * so that a module required a moment ago travels by reference.  Building
+ * so that a module required a moment ago travels by reference; where
+ * LuaJIT's layout is known (codec_layout.h), a snapshot of package.loaded's
+ * bytes answers first, without running Lua (see index_state).  Building
  * visits every member of every module, so it is not done otherwise, except
  * once for a C function the index does not know (which could not travel at
  * all); and a hit is checked against package.loaded before it is used, so
