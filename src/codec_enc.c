@@ -525,7 +525,11 @@ static void enc_start(enc *e)
  * current without running Lua; returns 0, e as it was, when it did not. */
 static int direct_first(enc *e, int idx)
 {
-    if (lua_type(e->L, idx) != LUA_TTABLE || !pz_index_quick(e))
+    /* The walk takes no stack slot, but a value is written only when the
+     * C API path could have: the decoder needs about as much room as it,
+     * and a tuple that leaves too little must fail here as there. */
+    if (lua_type(e->L, idx) != LUA_TTABLE || !lua_checkstack(e->L, ES_COUNT + 8) ||
+        !pz_index_quick(e))
         return 0;
     if (pz_enc_direct(e, idx))
         return 1;
