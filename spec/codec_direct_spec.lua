@@ -3,10 +3,12 @@
 -- random values of every shape it writes, and of shapes it must leave to
 -- the C API path, written both ways (core.codec_direct switches it), must
 -- decode to the value, sharing and cycles included, and be the same bytes
--- where the C API path keeps no padded count.
+-- where the C API path keeps no padded count (and with the JIT on: with it
+-- off, that path does not pack sequences of numbers, and the walk does).
 
 local p = require "parallelize"
 local core = require "parallelize.core"
+local support = require "spec.support"
 
 local encode, decode = p.encode, p.decode
 
@@ -258,5 +260,67 @@ describe("the direct walk of tables", function()
     package.loaded[name] = nil
     collectgarbage()
     assert.are_not.equal(m2, decode(encode({ m2 }))[1]) -- by value again
+  end)
+
+  -- The cases below were found in review.
+
+  it("packs a sequence whose number not finite comes after the fractions are counted", function()
+    for _, n in ipairs({ 130, 300 }) do
+      for _, odd in ipairs({ math.huge, -math.huge, 0 / 0 }) do
+        local t = {}
+        for i = 1, n - 1 do t[i] = i end
+        t[n] = odd
+        local fast = encode(t)
+        assert.are.equal(15, fast:byte(2)) -- PZ_T_DOUBLES
+        assert.are.equal(encode_slow(t), fast)
+      end
+    end
+  end)
+
+  it("does not leave the index current when its rebuild raised", function()
+    -- A script of its own: a finalizer raising inside compiled code, or
+    -- after compiled traces of busted's, is LuaJIT's trouble; with the JIT
+    -- off from the start it raises where it should.
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    support.write(dir .. "/raised.lua", [[
+      jit.off()
+      local P = require "parallelize"
+      for i = 1, 40 do
+        local m = {}
+        for j = 1, 20 do m["f" .. j] = {} end
+        package.loaded["bulk" .. i] = m
+      end
+      P.encode({}) -- the index, without the module below
+      local m = { k = 1 }
+      package.loaded.raised = m
+      collectgarbage("collect")
+      collectgarbage("setstepmul", 10)
+      local started, fired = false, false
+      for _ = 1, 50 do
+        getmetatable(newproxy(true)).__gc = function()
+          if not started then started = true return end
+          if not fired then fired = true; error("raised by a finalizer") end
+        end
+      end
+      while not started do collectgarbage("step", 0) end
+      local ok, err = pcall(P.encode, {}) -- the index's rebuild meets the error
+      collectgarbage("setstepmul", 200)
+      print(ok, err, P.encode(m):byte(2))
+    ]])
+    local out, status = support.run(support.quote(support.pzlua()) .. " " .. dir .. "/raised.lua")
+    assert.are.equal(0, status, out)
+    -- the encode raised, and the module then travels by name (PZ_T_MODULE)
+    assert.matches("^false\t[^\n]*raised by a finalizer\t11\n$", out)
+  end)
+
+  it("leaves a pool's big string to the C API path, placed in shared memory once", function()
+    local pool = p.Parallelize(function(n) return { string.rep("x", n), print } end,
+      { workers = 1, max_message = 300000 })
+    finally(function() pool:stop() end)
+    pool(200000)
+    assert.is_true(pool:wait(30))
+    assert.are.equal(0, #pool.errors, pool.errors[1] and tostring(pool.errors[1].message))
+    assert.are.equal(200000, #pool.results[1][1])
   end)
 end)

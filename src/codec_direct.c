@@ -10,25 +10,30 @@
  * The walk writes what it knows: tables without metatable, numbers,
  * strings and booleans, under keys of those kinds.  At anything else (a
  * function, a userdata, a metatable, a table the module index may know, a
- * nesting deeper than DIRECT_MAX_DEPTH, or out of memory) it gives up: the
+ * nesting deeper than DIRECT_MAX_DEPTH, a string bound for a pool's shared
+ * memory, or out of memory) it gives up: the
  * output is cut back to where the walk began, its reference numbers are
  * forgotten, and the caller writes the table through the C API
  * (codec_enc.c), which knows every case; a walk that gave up is not tried
  * again in the same encode, so a value costs at most one wasted walk.
  *
  * Rules this file owns:
- * - The walk runs only for the last value of an encode, from the top
- *   (enc.direct, set by codec_enc.c), after the module index is current.
- *   It runs no Lua and allocates nothing from the Lua state, so no
- *   collection step, and no finalizer, runs while it reads; the tables it
- *   numbers are not anchored (codec_enc.h), since nothing runs between
- *   their numbering and the end of the encode.
+ * - The walk runs only for the last value of an encode, or one that only
+ *   nil, booleans, numbers and strings follow, from the top (enc.direct,
+ *   set by codec_enc.c), after the module index is current.  It runs no
+ *   Lua and allocates nothing from the Lua state, so no collection step,
+ *   and no finalizer, runs while it reads; the tables it numbers are not
+ *   anchored (codec_enc.h), since nothing runs between their numbering and
+ *   the end of the encode.
  * - Its output decodes to what the C API's would: tables numbered in the
  *   same order (before their contents), the same entries in lua_next's
  *   order (the array slots, then the hash nodes), keys 1, 2, 3 ... from
- *   the start in the array count.  It writes counts at their minimal size
- *   where the C API's may keep them padded, and chooses packed doubles by
- *   its own test, so the bytes may differ where the values do not.
+ *   the start in the array count, sequences of ITEMS_MIN or more in key
+ *   order, packed doubles by enc_survey's rule: the same bytes, but where
+ *   the C API path keeps a count padded (a body over COMPACT_MAX bytes),
+ *   and with the JIT off, where that path never packs (codec_array.c: its
+ *   FFI helpers would be slow) and the walk, which copies the doubles in
+ *   C, still does.
  * - PZ_ENCODE_APART is honoured as codec_enc.c does: before each entry of
  *   the tuple's first table, the numbers given so far are forgotten.
  */
@@ -229,11 +234,10 @@ static int put_str(direct *d, const uint8_t *s)
         d->out->len += 1 + n;
         return 0;
     }
-    if (n >= PZ_SHARED_MIN && e->arena) {
-        int placed = pz_encode_shared(e->arena, d->out, pz_str_data(s), n);
-        if (placed)
-            return placed > 0 ? 0 : -1;
-    }
+    if (n >= PZ_SHARED_MIN && e->arena)
+        return -1; /* a place in shared memory could not be taken back if
+                    * the walk gave up later: such a string's copy costs
+                    * far more than the C API path's calls anyway */
     uint8_t *w = room(d, 1 + PZ_VARINT_MAX_BYTES + n);
     if (!w)
         return -1;
@@ -307,9 +311,9 @@ static int pack_numbers(const pz_tv *array, uint64_t n)
     typedef int64_t v2i __attribute__((vector_size(16)));
     const v2i abs_mask = {INT64_MAX, INT64_MAX};
     const v2d big = {0x1p52, 0x1p52}, max = {DBL_MAX, DBL_MAX};
-    uint64_t fractional = 0;
+    uint64_t fractional = 0, k = 1;
     int infinite = 0;
-    for (uint64_t k = 1; k <= n; k += 64) {
+    for (; k <= n; k += 64) {
         uint64_t end = n + 1 - k < 64 ? n + 1 : k + 64, j = k;
         v2i frac = {0, 0}, inf = {0, 0};
         for (; j + 1 < end; j += 2) {
@@ -328,10 +332,17 @@ static int pack_numbers(const pz_tv *array, uint64_t n)
         }
         if (infinite || 2 * fractional >= n)
             return 1;
-        if (2 * (fractional + n + 1 - end) < n)
-            return 0;
+        if (2 * (fractional + n + 1 - end) < n) { /* too few fractions can follow */
+            k = end;
+            break;
+        }
     }
-    return 0;
+    /* Only a number not finite among the rest packs them now: its bits,
+     * the sign cleared, are at least an infinity's. */
+    uint64_t inf_or_nan = 0;
+    for (; k <= n; k++)
+        inf_or_nan |= (array[k] & (uint64_t)INT64_MAX) >= UINT64_C(0x7ff0000000000000);
+    return inf_or_nan != 0;
 }
 
 /* Writes the sequence `seq` of table t: as packed doubles when all are

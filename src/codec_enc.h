@@ -23,8 +23,9 @@
  *   one, and a new object at the same address would be written as a
  *   reference to the old.  The direct walk (codec_direct.c) is the one
  *   exception: it numbers tables without anchoring them, which is safe
- *   because it runs only for the last value of an encode (enc.direct) and
- *   runs no Lua, so nothing runs between a number and the encode's end.
+ *   because it runs only for the last value of an encode, or one only
+ *   scalars follow (enc.direct), and runs no Lua, so nothing runs between
+ *   a number and the encode's end.
  * - Output goes through the inline writers below, which raise on running
  *   out of memory; the buffer then holds a partial encoding.
  * - Errors go through pz_enc_raise, which names the value's path and clears

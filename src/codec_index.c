@@ -234,6 +234,7 @@ typedef struct index_state {
     size_t snap_cap;
     const pz_addr_filter *filter; /* the keeper's filter at the snapshot */
     int cached;                 /* 1 + its entry in states[], or 0 */
+    unsigned generation;        /* snapshots taken so far */
 } index_state;
 
 /* Slots of the state's environment table. */
@@ -432,19 +433,31 @@ static void index_current(enc *e, int force)
         lua_settop(L, state - 1);
         return;
     }
+    /* The snapshot is taken before the keeper looks, so that a change
+     * while it runs is seen next time; it counts only once the keeper's
+     * index and filter are in, and only if no encode nested in the keeper
+     * (from a finalizer) took another meanwhile: an error raised in the
+     * keeper, or a nested encode, must not leave an old filter current. */
     snapshot(L, st, env);
+    int taken = st->valid;
+    unsigned generation = ++st->generation;
+    st->valid = 0;
     lua_rawgeti(L, env, ENV_KEEPER);
     lua_pushboolean(L, force);
     lua_call(L, 1, 3);
     if (lua_toboolean(L, -1))
         e->index_fresh = 1;
     lua_pop(L, 1);
-    st->filter = e->index_filter = lua_touserdata(L, -1);
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, env, ENV_FILTER);
+    e->index_filter = lua_touserdata(L, -1);
+    if (st->generation == generation) {
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, env, ENV_FILTER);
+        lua_pushvalue(L, -2);
+        lua_rawseti(L, env, ENV_INDEX);
+        st->filter = e->index_filter;
+        st->valid = taken;
+    }
     lua_replace(L, enc_slot(e, ES_INDEX_FILTER));
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, env, ENV_INDEX);
     lua_replace(L, enc_slot(e, ES_INDEX));
     e->index_deferred = 0;
     lua_settop(L, state - 1);
