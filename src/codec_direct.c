@@ -478,11 +478,21 @@ static int put_contents(direct *d, const uint8_t *t)
         pz_tv key = pz_node_key(node);
         if (pz_tv_isnil(pz_node_val(node)))
             continue;
-        if (in_run && pz_tv_isnum(key) && pz_tv_num(key) == (double)(run + 1))
+        if (!pz_tv_isnum(key)) {
+            /* The run and a sequence end here: the other entries are only
+             * counted (a record's keys are all strings). */
+            uint64_t more = 1;
+            for (i++, node += PZ_NODE_SIZE; i <= hmask; i++, node += PZ_NODE_SIZE)
+                more += !pz_tv_isnil(pz_node_val(node));
+            rest += more;
+            top = UINT32_MAX;
+            break;
+        }
+        if (in_run && pz_tv_num(key) == (double)(run + 1))
             run++;
         else
             in_run = 0, rest++;
-        double x = pz_tv_isnum(key) ? pz_tv_num(key) : 0;
+        double x = pz_tv_num(key);
         if (x >= 1 && x <= (double)UINT32_MAX && x == (double)(uint32_t)x) {
             if ((uint32_t)x > top)
                 top = (uint32_t)x;
