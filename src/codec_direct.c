@@ -281,10 +281,18 @@ static int array_sequence(const uint8_t *t, sequence *seq)
     const pz_tv *array = pz_tab_array(t);
     const uint8_t *nodes = pz_tab_nodes(t);
     uint32_t asize = pz_tab_asize(t), k = 1, hmask = pz_tab_hmask(t);
+    pz_tv others = 0;
     if (asize < 2 || !pz_tv_isnil(array[0]))
         return 0;
-    while (k < asize && !pz_tv_isnil(array[k]))
-        k++;
+    /* One pass finds the end and whether all are numbers: the tags of the
+     * other kinds are the top of the unsigned range (nil the topmost), and
+     * no number's bits reach them (LuaJIT keeps one NaN, below). */
+    for (; k < asize; k++) {
+        pz_tv v = array[k];
+        if (pz_tv_isnil(v))
+            break;
+        others |= v >= PZ_TV_NOT_NUMBER;
+    }
     seq->n = k - 1;
     for (; k < asize; k++)
         if (!pz_tv_isnil(array[k]))
@@ -293,7 +301,7 @@ static int array_sequence(const uint8_t *t, sequence *seq)
         if (!pz_tv_isnil(pz_node_val(nodes + (size_t)j * PZ_NODE_SIZE)))
             return 0;
     seq->items = array;
-    seq->numbers = all_numbers(array, seq->n);
+    seq->numbers = !others;
     return 1;
 }
 

@@ -78,11 +78,13 @@ static int opt_flag(lua_State *L, int idx, const char *name)
  * but still correct. */
 static int l_encode(lua_State *L)
 {
-    int flags;
+    int flags = 0;
     scratch *s;
-    luaL_checkany(L, 1);
-    flags = opt_flag(L, 2, "lossy") ? PZ_ENCODE_LOSSY : 0;
-    lua_settop(L, 1);
+    if (lua_gettop(L) != 1) { /* options, or no value at all */
+        luaL_checkany(L, 1);
+        flags = opt_flag(L, 2, "lossy") ? PZ_ENCODE_LOSSY : 0;
+        lua_settop(L, 1);
+    }
     s = (scratch *)lua_touserdata(L, lua_upvalueindex(1));
     if (s->busy)
         s = scratch_new(L);
@@ -91,7 +93,7 @@ static int l_encode(lua_State *L)
     if (pz_buf_append(&s->buf, &version, 1))
         return luaL_error(L, "cannot encode: out of memory");
     s->busy = 1;
-    if (!pz_encode_scalar(L, 1, &s->buf, NULL)) {
+    if (lua_type(L, 1) == LUA_TTABLE || !pz_encode_scalar(L, 1, &s->buf, NULL)) {
         s->buf.len = 1;
         pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy);
     }
