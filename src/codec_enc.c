@@ -667,7 +667,10 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
     if (counted && i == last) {
         e.tuple_index = i + 1;
         e.direct = 1;
-        if (direct_first(&e, first + i)) {
+        int walked = direct_first(&e, first + i);
+        if (!e.direct)
+            last++; /* the walk gave that table back: not again */
+        if (walked) {
             for (at = out->len, i++; i < count && pz_encode_scalar(L, first + i, out, arena);
                  at = out->len)
                 i++;
