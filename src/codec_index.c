@@ -87,7 +87,7 @@ static void index_members(lua_State *L, int index, int mod, const char *name, si
 }
 
 /* Pushes a filter passing the addresses of the keys of the table at index. */
-static void push_pz_addr_filter(lua_State *L, int index)
+static void push_addr_filter(lua_State *L, int index)
 {
     uint64_t n = 0, bits = 512, a, b;
     pz_addr_filter *f;
@@ -155,7 +155,7 @@ static int index_build(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    push_pz_addr_filter(L, index);
+    push_addr_filter(L, index);
     return 2;
 }
 
