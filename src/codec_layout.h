@@ -51,8 +51,9 @@ enum {
     PZ_TAG_NUMX = ~13u /* tags below it are numbers (their double's bits) */
 };
 
-/* Every value of a tag above PZ_TAG_NUMX is at least this, unsigned; every
- * number below it (LuaJIT's one NaN is 0xfff8000000000000). */
+/* Every value whose tag is PZ_TAG_NUMX or above is at least this,
+ * unsigned; every number is below it (LuaJIT's one NaN is
+ * 0xfff8000000000000). */
 #define PZ_TV_NOT_NUMBER ((pz_tv)(uint32_t)PZ_TAG_NUMX << 47)
 
 static inline int pz_tv_isnil(pz_tv v)
