@@ -178,8 +178,9 @@ static inline void enc_string(enc *e, const char *s, size_t n)
 int pz_ref_forgotten(const enc *e, int num);
 
 /* A filter over the addresses of the objects in an index (a Bloom filter:
- * two bits an address, 16 bits an object, so that fewer than 1% of the
- * other addresses pass): the common case, the value's own tables, is told
+ * two bits an address, 64 bits an object, so that about 0.1% of the
+ * other addresses pass; each one that passes makes the direct walk give
+ * its table back): the common case, the value's own tables, is told
  * apart without touching the Lua index, in little memory (every worker
  * keeps one).  An address that passes may still not be in the index, and
  * the index's keys are weak, so an address may outlive its object and come

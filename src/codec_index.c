@@ -96,7 +96,7 @@ static void push_addr_filter(lua_State *L, int index)
         lua_pop(L, 1);
         n++;
     }
-    while (bits < 16 * n && bits < (UINT64_C(1) << 24))
+    while (bits < 64 * n && bits < (UINT64_C(1) << 24))
         bits *= 2;
     f = (pz_addr_filter *)lua_newuserdata(L, sizeof *f + (size_t)(bits / 64) * sizeof f->word[0]);
     f->mask = bits - 1;
