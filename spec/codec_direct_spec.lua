@@ -239,7 +239,10 @@ describe("the direct walk of tables", function()
     for i = 1, 500 do v[i] = { i, shared, { i } } end
     v.self = v
     local d = decode(encode(v))
-    assert.are.equal(encode_slow(v), encode(v))
+    -- over a kilobyte: the C API path may keep counts padded, so the
+    -- values are compared, not the bytes
+    check_same(v, d, "direct")
+    check_same(v, decode(encode_slow(v)), "C API")
     assert.are.equal(d, d.self)
     for i = 2, 500 do assert.are.equal(d[1][2], d[i][2]) end
   end)
