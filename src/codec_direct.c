@@ -77,15 +77,6 @@ typedef struct direct {
  * The walk's reference numbers
  * --------------------------------------------------------------------- */
 
-static ref_slot *slot_of(ref_slot *refs, size_t mask, const void *obj)
-{
-    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
-    size_t i = (size_t)(h >> 32) & mask;
-    while (refs[i].obj && refs[i].obj != obj)
-        i = (i + 1) & mask;
-    return &refs[i];
-}
-
 /* Where table t's number is kept by this walk, or NULL. */
 static ref_slot *ref_entry(direct *d, const void *t)
 {
@@ -95,7 +86,7 @@ static ref_slot *ref_entry(direct *d, const void *t)
                 return &d->list[i];
         return NULL;
     }
-    ref_slot *s = slot_of(d->refs, d->mask, t);
+    ref_slot *s = pz_ref_slot(d->refs, d->mask, t);
     return s->obj ? s : NULL;
 }
 
@@ -118,11 +109,11 @@ static int ref_grow(direct *d, size_t slots)
         return -1;
     if (!d->refs) {
         for (int i = 0; i < d->count; i++)
-            *slot_of(fresh, slots - 1, d->list[i].obj) = d->list[i];
+            *pz_ref_slot(fresh, slots - 1, d->list[i].obj) = d->list[i];
     } else {
         for (size_t i = 0; i <= d->mask; i++)
             if (d->refs[i].obj)
-                *slot_of(fresh, slots - 1, d->refs[i].obj) = d->refs[i];
+                *pz_ref_slot(fresh, slots - 1, d->refs[i].obj) = d->refs[i];
         free(d->refs);
     }
     d->refs = fresh;
@@ -145,7 +136,7 @@ static int ref_add(direct *d, const void *t, ref_slot *forgotten)
         return -1;
     if (d->refs && (size_t)(d->count + 1) * 2 > d->mask + 1 && ref_grow(d, 2 * (d->mask + 1)))
         return -1;
-    s = d->refs ? slot_of(d->refs, d->mask, t) : &d->list[d->count];
+    s = d->refs ? pz_ref_slot(d->refs, d->mask, t) : &d->list[d->count];
     *s = (ref_slot){t, d->nrefs++};
     d->count++;
     return 0;
@@ -160,22 +151,14 @@ static inline uint8_t *room(direct *d, size_t n)
     return (uint8_t *)pz_buf_reserve(d->out, n);
 }
 
-static inline int put_tag(direct *d, uint8_t tag)
+/* A reference to table number r. */
+static inline int put_ref(direct *d, int r)
 {
-    uint8_t *w = room(d, 1);
+    uint8_t *w = room(d, 1 + PZ_VARINT_MAX_BYTES);
     if (!w)
         return -1;
-    *w = tag;
-    d->out->len++;
-    return 0;
-}
-
-static inline int put_count(direct *d, uint64_t n)
-{
-    uint8_t *w = room(d, PZ_VARINT_MAX_BYTES);
-    if (!w)
-        return -1;
-    d->out->len += pz_put_varint(w, n);
+    w[0] = PZ_T_REF;
+    d->out->len += 1 + pz_put_varint(w + 1, (uint64_t)r);
     return 0;
 }
 
@@ -221,20 +204,11 @@ static inline void copy_short(uint8_t *dst, const char *src, size_t n)
     }
 }
 
-static int put_str(direct *d, const uint8_t *s)
+/* Writes a string too long for put_small. */
+static int put_long_str(direct *d, const uint8_t *s)
 {
     size_t n = pz_str_len(s);
-    enc *e = d->e;
-    if (n <= PZ_SHORTSTR_MAX) {
-        uint8_t *w = room(d, 1 + PZ_SHORTSTR_MAX);
-        if (!w)
-            return -1;
-        w[0] = (uint8_t)(PZ_T_SHORTSTR + n);
-        copy_short(w + 1, pz_str_data(s), n);
-        d->out->len += 1 + n;
-        return 0;
-    }
-    if (n >= PZ_SHARED_MIN && e->arena)
+    if (n >= PZ_SHARED_MIN && d->e->arena)
         return -1; /* a place in shared memory could not be taken back if
                     * the walk gave up later: such a string's copy costs
                     * far more than the C API path's calls anyway */
@@ -267,9 +241,9 @@ typedef struct sequence {
 /* Whether the n values at items[1 .. n] are all numbers. */
 static int all_numbers(const pz_tv *items, uint64_t n)
 {
-    uint32_t others = 0;
+    pz_tv others = 0;
     for (uint64_t k = 1; k <= n; k++) /* no early exit: the compiler may vectorize */
-        others |= pz_tv_tag(items[k]) >= PZ_TAG_NUMX;
+        others |= items[k] >= PZ_TV_NOT_NUMBER;
     return !others;
 }
 
@@ -422,20 +396,6 @@ static inline size_t put_small(uint8_t *w, pz_tv v)
     }
 }
 
-/* Writes key or value v: put_small, or put_value for the rest. */
-static inline int put_entry_part(direct *d, pz_tv v)
-{
-    uint8_t *w = room(d, SMALL_ROOM);
-    size_t n;
-    if (!w)
-        return -1;
-    if ((n = put_small(w, v))) {
-        d->out->len += n;
-        return 0;
-    }
-    return put_value(d, v);
-}
-
 /* Writes table t, whose keys are 1 .. n, some of them in its hash part,
  * as a sequence: its values gathered in key order first. */
 static int put_gathered(direct *d, const uint8_t *t, uint32_t n)
@@ -522,7 +482,7 @@ static int put_contents(direct *d, const uint8_t *t)
         apart(d);
         if (k++ >= run && put_num(d, (double)i))
             return -1;
-        if (put_entry_part(d, array[i]))
+        if (put_value(d, array[i]))
             return -1;
     }
     for (i = 0, node = nodes; i <= hmask; i++, node += PZ_NODE_SIZE) {
@@ -533,7 +493,7 @@ static int put_contents(direct *d, const uint8_t *t)
             continue;
         apart(d);
         if (k++ < run) {
-            if (put_entry_part(d, val))
+            if (put_value(d, val))
                 return -1;
             continue;
         }
@@ -544,7 +504,7 @@ static int put_contents(direct *d, const uint8_t *t)
             continue;
         }
         d->out->len += n;
-        if ((!n && put_value(d, key)) || put_entry_part(d, val))
+        if ((!n && put_value(d, key)) || put_value(d, val))
             return -1;
     }
     return 0;
@@ -557,7 +517,7 @@ static int put_table(direct *d, const uint8_t *t)
     ref_slot *forgotten;
     int r = ref_of(d, t, &forgotten);
     if (r >= 0)
-        return put_tag(d, PZ_T_REF) || put_count(d, (uint64_t)r) ? -1 : 0;
+        return put_ref(d, r);
     if (pz_index_may_hold(e, t) || d->depth >= DIRECT_MAX_DEPTH || pz_tab_has_meta(t))
         return -1;
     if (ref_add(d, t, forgotten))
@@ -568,17 +528,20 @@ static int put_table(direct *d, const uint8_t *t)
     return rc;
 }
 
+/* Writes key or value v: put_small, or the rest. */
 static int put_value(direct *d, pz_tv v)
 {
-    if (pz_tv_isnum(v))
-        return put_num(d, pz_tv_num(v));
+    uint8_t *w = room(d, SMALL_ROOM);
+    size_t n;
+    if (!w)
+        return -1;
+    if ((n = put_small(w, v))) {
+        d->out->len += n;
+        return 0;
+    }
     switch (pz_tv_tag(v)) {
     case PZ_TAG_STR:
-        return put_str(d, pz_tv_obj(v));
-    case PZ_TAG_FALSE:
-        return put_tag(d, PZ_T_FALSE);
-    case PZ_TAG_TRUE:
-        return put_tag(d, PZ_T_TRUE);
+        return put_long_str(d, pz_tv_obj(v));
     case PZ_TAG_TAB:
         return put_table(d, pz_tv_obj(v));
     default:

@@ -111,16 +111,10 @@ size_t pz_enc_hole(enc *e, int n)
  * References: every table or function met gets the next number
  * --------------------------------------------------------------------- */
 
-/* The slot of obj in the hash table: where it is, or the free slot where
- * it would go.  Addresses are aligned and clustered, so they are mixed
- * (Fibonacci hashing) before the low bits are taken. */
+/* The slot of obj in the hash table (pz_ref_slot). */
 static inline ref_slot *ref_slot_of(const enc *e, const void *obj)
 {
-    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
-    size_t i = (size_t)(h >> 32) & e->refs_mask;
-    while (e->refs[i].obj && e->refs[i].obj != obj)
-        i = (i + 1) & e->refs_mask;
-    return &e->refs[i];
+    return pz_ref_slot(e->refs, e->refs_mask, obj);
 }
 
 /* Returns the reference number of obj, or -1 if it was not met yet (since

@@ -87,6 +87,19 @@ typedef struct ref_slot {
     int num;
 } ref_slot;
 
+/* The slot of obj in the open-addressing table refs of mask + 1 slots:
+ * where it is, or the free slot where it would go.  Addresses are aligned
+ * and clustered, so they are mixed (Fibonacci hashing) before the low
+ * bits are taken.  The encoder's numbers and the direct walk's share it. */
+static inline ref_slot *pz_ref_slot(ref_slot *refs, size_t mask, const void *obj)
+{
+    uint64_t h = (uint64_t)(uintptr_t)obj * UINT64_C(0x9e3779b97f4a7c15);
+    size_t i = (size_t)(h >> 32) & mask;
+    while (refs[i].obj && refs[i].obj != obj)
+        i = (i + 1) & mask;
+    return &refs[i];
+}
+
 typedef struct enc {
     lua_State *L;
     pz_buf *out;
