@@ -150,15 +150,24 @@ static int main_condition(struct pz_io *io, int waiting)
 void pz_io_publish(struct pz_io *io)
 {
     pz_pool *p = io->p;
-    pz_spsc_publish(&p->done);
+    /* Only what changed is stored: each store takes the line from the
+     * main thread, which reads these, and the loop publishes at every turn.
+     * A count stored is ordered before the load of main_waiting below; one
+     * left alone is the value the main thread already sees. */
+    if (atomic_load_explicit(&p->done.wr->tail, memory_order_relaxed) != p->done.wpos)
+        pz_spsc_publish(&p->done);
     if (io->backlog_added) {
         atomic_fetch_add_explicit(&p->backlog, io->backlog_added, memory_order_relaxed);
         io->backlog_added = 0;
     }
-    atomic_store(&p->calls_done, io->calls_done);
-    atomic_store(&p->bytes_taken, io->bytes_taken);
-    atomic_store(&p->calls_taken, io->calls_taken);
-    atomic_store(&p->slots_settled, io->slots_settled);
+    if (atomic_load_explicit(&p->calls_done, memory_order_relaxed) != io->calls_done)
+        atomic_store(&p->calls_done, io->calls_done);
+    if (atomic_load_explicit(&p->calls_taken, memory_order_relaxed) != io->calls_taken) {
+        atomic_store(&p->bytes_taken, io->bytes_taken);
+        atomic_store(&p->calls_taken, io->calls_taken);
+    }
+    if (atomic_load_explicit(&p->slots_settled, memory_order_relaxed) != io->slots_settled)
+        atomic_store(&p->slots_settled, io->slots_settled);
     if (io->fatal)
         atomic_store(&p->fatal, 1);
     if (io->halted)

@@ -99,16 +99,31 @@ static size_t scalars_bound(lua_State *L, int first, int count, size_t *big)
     return bound;
 }
 
+/* Whether the calls pending as of the I/O thread's counts `taken` and
+ * `bytes_taken` leave room for one more. */
+static int room_as_of(lpool *u, uint64_t taken, uint64_t bytes_taken)
+{
+    pz_pool *p = u->pool;
+    uint64_t pending = p->next_id - 1 - taken; /* pz_pool_pending, as of `taken` */
+    return (u->max_pending == 0 || pending < u->max_pending) &&
+           (pending == 0 || p->bytes_submitted - bytes_taken + pz_arena_pending_bytes(p->arena) <
+                                u->max_pending_bytes);
+}
+
 int pz_lpool_has_room(lpool *u)
 {
     pz_pool *p = u->pool;
-    uint64_t taken = atomic_load(&p->calls_taken);
-    uint64_t pending = p->next_id - 1 - taken; /* pz_pool_pending, as of `taken` */
-    pz_arena_forget_taken(p->arena, taken);
-    return (u->max_pending == 0 || pending < u->max_pending) &&
-           (pending == 0 || pz_pool_pending_bytes(p) + pz_arena_pending_bytes(p->arena) <
-                                u->max_pending_bytes) &&
-           !pz_lpool_arena_full(u);
+    if (pz_lpool_arena_full(u))
+        return 0;
+    /* The counts as last read first: older ones only overstate what is
+     * pending, so room by them is room.  Read at every call, the I/O
+     * thread's counts cost a cache miss whenever it had published. */
+    if (room_as_of(u, p->taken_seen, p->bytes_taken_seen))
+        return 1;
+    p->taken_seen = atomic_load(&p->calls_taken);
+    p->bytes_taken_seen = atomic_load(&p->bytes_taken);
+    pz_arena_forget_taken(p->arena, p->taken_seen);
+    return room_as_of(u, p->taken_seen, p->bytes_taken_seen);
 }
 
 int pz_lpool_arena_full(lpool *u)

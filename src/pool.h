@@ -124,9 +124,12 @@ typedef struct pz_pool {
     int thread_started;
     struct pz_io *io;
 
-    /* written by the main thread */
+    /* written by the main thread.  Each group from here on starts a cache
+     * line of its own (pz_spsc's are aligned too): a field one thread
+     * writes often must not share a line with one the other reads often
+     * (the pool is allocated aligned, pz_pool_new). */
     pz_spsc submit;           /* CALL frames; producer: main */
-    _Atomic int stop_requested;
+    _Alignas(PZ_CACHE_LINE) _Atomic int stop_requested;
     _Atomic int64_t finish_ns; /* stop: absolute deadline for running calls, or -1 */
     _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met (io clears it) */
     _Atomic uint64_t main_done_target;  /* PZ_WAIT_PROGRESS: calls_done to reach */
@@ -137,8 +140,11 @@ typedef struct pz_pool {
     pz_spsc done;             /* records; producer: io */
     pz_bigbufs spares;        /* buffers of boxed results (bigbuf.h): both */
     int spares_ready;         /* its lock was made (pz_pool_free) */
-    _Atomic int io_sleeping;  /* io waits in epoll and has room for calls */
-    _Atomic uint64_t calls_done;  /* RESULT/ERROR records published */
+    /* Alone: the main thread reads it at every call it queues. */
+    _Alignas(PZ_CACHE_LINE) _Atomic int io_sleeping; /* io waits in epoll and
+                                                      * has room for calls */
+    /* Stored at each pz_io_publish that changed them: */
+    _Alignas(PZ_CACHE_LINE) _Atomic uint64_t calls_done; /* RESULT/ERROR records published */
     _Atomic uint64_t calls_taken; /* calls taken from the submit queue */
     _Atomic uint64_t bytes_taken; /* their bytes (bytes_submitted's side) */
     _Atomic int slots_settled;    /* slots that initialized once or were given up */
@@ -151,7 +157,9 @@ typedef struct pz_pool {
                                * io adds, main subtracts) */
 
     /* main */
-    uint64_t next_id;         /* ids handed out: 1 .. next_id - 1 */
+    _Alignas(PZ_CACHE_LINE) uint64_t next_id; /* ids handed out: 1 .. next_id - 1 */
+    uint64_t taken_seen;      /* calls_taken and bytes_taken as last read */
+    uint64_t bytes_taken_seen; /* (pz_pool_has_room) */
     uint64_t drained;         /* RESULT/ERROR records consumed */
     uint64_t bytes_submitted; /* bytes of CALL frames queued so far */
     size_t consumed;          /* bytes drained, not yet taken off backlog */

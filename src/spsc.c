@@ -12,7 +12,6 @@ static pz_chunk *chunk_new(size_t cap)
         return NULL;
     atomic_init(&c->next, NULL);
     atomic_init(&c->tail, 0);
-    c->head = 0;
     c->cap = cap;
     return c;
 }
@@ -23,6 +22,7 @@ int pz_spsc_init(pz_spsc *q, size_t chunk_size)
     atomic_init(&q->spare, NULL);
     q->wr = q->rd = chunk_new(chunk_size);
     q->wpos = 0;
+    q->head = 0;
     return q->wr ? 0 : -1;
 }
 
@@ -50,7 +50,6 @@ char *pz_spsc_reserve(pz_spsc *q, size_t n)
     if (c && c->cap >= cap) {
         atomic_store_explicit(&c->next, NULL, memory_order_relaxed);
         atomic_store_explicit(&c->tail, 0, memory_order_relaxed);
-        c->head = 0;
     } else {
         free(c);
         if (!(c = chunk_new(cap)))
@@ -68,9 +67,9 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
     for (;;) {
         pz_chunk *r = q->rd;
         size_t tail = atomic_load(&r->tail);
-        if (r->head < tail) {
-            *n = tail - r->head;
-            return r->data + r->head;
+        if (q->head < tail) {
+            *n = tail - q->head;
+            return r->data + q->head;
         }
         pz_chunk *next = atomic_load(&r->next);
         if (!next) {
@@ -78,19 +77,21 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
             return NULL;
         }
         /* The producer stored this chunk's final tail before `next`. */
-        if (r->head < atomic_load(&r->tail))
+        if (q->head < atomic_load(&r->tail))
             continue;
         q->rd = next;
+        q->head = 0;
         free(atomic_exchange(&q->spare, r));
     }
 }
 
 int pz_spsc_walk(pz_spsc *q, int (*fn)(char *data, size_t n, void *ud), void *ud)
 {
-    for (pz_chunk *c = q->rd; c; c = atomic_load(&c->next)) {
+    size_t head = q->head; /* the chunks after rd are unread */
+    for (pz_chunk *c = q->rd; c; c = atomic_load(&c->next), head = 0) {
         size_t tail = atomic_load(&c->tail);
-        if (c->head < tail) {
-            int r = fn(c->data + c->head, tail - c->head, ud);
+        if (head < tail) {
+            int r = fn(c->data + head, tail - head, ud);
             if (r)
                 return r;
         }

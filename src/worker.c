@@ -44,7 +44,7 @@
 
 #define READ_CHUNK 65536
 #define FLUSH_BYTES 65536
-#define FLUSH_FRAMES 128
+#define FLUSH_FRAMES 1024
 /* Results that have waited this long go out after the call that follows
  * them (the flusher writes them anyway if that call runs long: wout.h).
  * Long enough that a worker busy with calls of a few hundred microseconds

@@ -13,8 +13,9 @@
  * pz_wout_lock() and pz_wout_unlock(), and keeps it holding only whole
  * frames whenever it unlocks; the flusher writes only under the same lock.
  * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
- * on an alarm (a timerfd) that is set, under the lock, only while the
- * buffer holds frames, and on an eventfd that SIGTERM's handler writes:
+ * on an alarm (a timerfd), set under the lock, that is pending whenever the
+ * buffer holds frames, due no later than the oldest is late (it may go off
+ * early: the flusher then sets it again), and on an eventfd that SIGTERM's handler writes:
  * then it writes the batch and ends the process (wout.c).
  */
 #ifndef PZ_WOUT_H

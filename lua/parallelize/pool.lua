@@ -612,7 +612,10 @@ end
 -- position in src: an array, or a function returning the next input and
 -- nil at the end), in completion order or, with ordered, in input order.
 -- At most max_pending inputs wait for a worker at a time (default: as many
--- as the workers may hold, max_inflight each, at least 64); with ordered,
+-- as the workers may hold, max_inflight each but at most 256, at least 64
+-- in all: until results have told their size, the window alone bounds the
+-- results that can pile up, and 4096 in flight per worker, the default,
+-- would let results of a MiB hold 32 GiB); with ordered,
 -- at most that many results are held back too. And at most four times that
 -- many inputs are between src and the loop's body (queued, running, or
 -- finished and not yet handed out): a loop slower than the workers pulls
@@ -637,7 +640,7 @@ function methods.stream(p, src, opts)
   end
   local window = opts.max_pending or pool_env(p).max_pending
   if window ~= nil then options.check_value("stream", "max_pending", window, 2) end
-  window = window or math.max(64, pool_env(p).max_inflight * pool_size(p))
+  window = window or math.max(64, math.min(pool_env(p).max_inflight, 256) * pool_size(p))
   local ordered = opts.ordered and true or false
   local tty_bar = pool_env(p).bar and pool_env(p).bar.tty
 
