@@ -85,8 +85,8 @@
 #   PZ_BENCH_PY_RUNS  runs of Pool.imap_unordered chunksize=1 (default 3;
 #                     each takes ~10 s at 200,000 calls)
 #   PZ_BENCH_STREAM_WIDE   the wider window of the diagnostic p:stream
-#                     row (max_pending; default 8192, what 2 workers may
-#                     hold with the pool's default max_inflight of 4096,
+#                     row (max_pending; default 32768, what 2 workers may
+#                     hold with the pool's default max_inflight of 16384,
 #                     where the stream's own default is 256 per worker)
 #   PZ_BENCH_STREAM_LINES  lines of the long stream (10000000; a multiple
 #                     of 1000000, the sampling interval)
@@ -119,7 +119,7 @@ ROUNDS=${PZ_BENCH_ROUNDS:-5}
 TINY_N=${PZ_BENCH_TINY_N:-200000}
 BUSY_N=${PZ_BENCH_BUSY_N:-20000}
 BYTES_N=${PZ_BENCH_BYTES_N:-2000}
-STREAM_WIDE=${PZ_BENCH_STREAM_WIDE:-8192}
+STREAM_WIDE=${PZ_BENCH_STREAM_WIDE:-32768}
 STREAM_LINES=${PZ_BENCH_STREAM_LINES:-10000000}
 MAP_LINES=${PZ_BENCH_MAP_LINES:-100000}
 MAP_JOB_LINES=${PZ_BENCH_MAP_JOB_LINES:-1000}

@@ -509,3 +509,71 @@ describe("worker output", function()
     assert.matches("done\n$", out)
   end)
 end)
+
+describe("calls in flight", function()
+  --- A pool of 2 workers whose first calls (inputs 1 and 2) take 50 ms:
+  -- whatever the loop queues meanwhile waits for a worker.
+  local function slow_start(options)
+    local p = Parallelize(rep(function(x)
+      if x <= 2 then
+        local t = os.clock() + 0.05
+        while os.clock() < t do end
+      end
+      return x
+    end, 2), options)
+    local _ = #p.executors
+    return p
+  end
+
+  --- The most calls the workers held at once (p:stats().running) until
+  -- every call of p has finished.
+  local function most_held(p)
+    local most = 0
+    repeat
+      local running = p:stats().running
+      if running > most then most = running end
+    until p.pending == 0
+    return most
+  end
+
+  it("go past 256 a worker while calls wait for one, up to max_inflight", function()
+    local p = slow_start({ max_inflight = 2048 })
+    finally(function() p:stop() end)
+    for i = 1, 200000 do p(i) end
+    local most = most_held(p)
+    assert.is_true(most > 2 * 256, "the workers held at most " .. most .. " calls")
+    assert.is_true(most <= 2 * 2048, "the workers held " .. most .. " calls, above max_inflight")
+    assert.are.equal(200000, #p.results)
+  end)
+
+  it("stay at max_inflight when it is below 256", function()
+    local p = slow_start({ max_inflight = 100 })
+    finally(function() p:stop() end)
+    for i = 1, 50000 do p(i) end
+    local most = most_held(p)
+    assert.is_true(most <= 2 * 100, "the workers held " .. most .. " calls, above max_inflight")
+    assert.are.equal(50000, #p.results)
+  end)
+
+  it("stay at 256 a worker when calls come no faster than the workers take them: p:stream, "
+    .. "also after a backlog", function()
+    local p = slow_start()
+    finally(function() p:stop() end)
+    for i = 1, 100000 do p(i) end
+    assert.is_true(most_held(p) > 2 * 256)
+    local src = {}
+    for i = 1, 100000 do src[i] = i + 2 end
+    local most, k = 0, 0
+    for _, ok in p:stream(src) do
+      assert.is_true(ok)
+      k = k + 1
+      -- The backlog's depth goes as the queue empties: a few turns.
+      if k > 5000 and k % 64 == 0 then
+        local running = p:stats().running
+        if running > most then most = running end
+      end
+    end
+    assert.are.equal(100000, k)
+    assert.is_true(most <= 2 * 256, "the workers held " .. most .. " of the stream's calls")
+  end)
+end)

@@ -41,14 +41,20 @@ static void reject_output(struct pz_io *io, pz_slot *w, const char *why)
  * takes half a round trip to come back and the call it makes room for
  * half a round trip to get there, and the worker should not run dry
  * meanwhile. */
-static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
+void pz_slot_set_depth(struct pz_io *io, pz_slot *w)
 {
-    const pz_options *o = &io->p->opt;
-    w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
-    double d = (double)o->window_ns / w->avg_ns;
+    if (w->avg_ns <= 0)
+        return; /* no answer yet: the depth a slot starts with */
+    double d = (double)io->p->opt.window_ns / w->avg_ns;
     if (w->remote)
         d += w->rtt_ns / w->avg_ns + 1;
-    w->depth = d < 1 ? 1 : d > o->max_inflight ? o->max_inflight : (uint32_t)d;
+    w->depth = d < 1 ? 1 : d > io->inflight_cap ? io->inflight_cap : (uint32_t)d;
+}
+
+static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
+{
+    w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
+    pz_slot_set_depth(io, w);
 }
 
 /* A remote slot's round trip, measured on a call sent while it held no

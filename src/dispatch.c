@@ -9,6 +9,22 @@
  * first, so that a requeued call does not wait behind everything queued
  * after it.  A cancelled call keeps its place with a flag (PZ_CALL_CANCELLED)
  * and is dropped when its turn comes.
+ *
+ * How many calls a worker may hold (io->inflight_cap, the ceiling of each
+ * slot's depth) follows the backlog.  It starts at PZ_INFLIGHT_START; it
+ * doubles, up to max_inflight, whenever every worker is full and more
+ * than twice as many calls wait in the submit queue as the workers hold
+ * together (twice: a stream's window is what workers hold at the start,
+ * and must not count as a backlog); it halves back when the queue is
+ * empty and the workers hold less than half of what they may.
+ * A loop of tiny p(i) queues far faster than workers run them: with four
+ * busy threads on two CPUs the I/O thread can wait a scheduler's time
+ * slice for a CPU, and a worker holding 256 calls (about 20 microseconds
+ * of them) ran dry meanwhile.  A caller that paces its calls, p:stream
+ * keeping a window of them, gains nothing from deeper workers: they take
+ * the whole window at once and the stream ran a quarter slower (its
+ * window and its results then came in bursts).  So depth beyond the start
+ * is given only to a backlog.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -38,6 +54,55 @@ int pz_dispatch_has_room(struct pz_io *io)
     return 0;
 }
 
+/* All of the workers are full: doubles io->inflight_cap (and the depths
+ * under it) when the cap is what holds a worker back (not the time its
+ * calls take) and more than twice as many calls wait in the submit queue
+ * as the workers may hold together now.  Returns whether it grew. */
+static int grow_for_backlog(struct pz_io *io)
+{
+    uint32_t most = io->p->opt.max_inflight;
+    if (io->inflight_cap >= most || io->calls_taken == 0)
+        return 0;
+    uint64_t held = 0;
+    int capped = 0;
+    for (int i = 0; i < io->nrecords; i++)
+        if (io->slots[i].state == SLOT_READY) {
+            held += io->slots[i].depth;
+            capped |= io->slots[i].depth >= io->inflight_cap;
+        }
+    if (!capped)
+        return 0;
+    uint64_t frame = io->bytes_taken / io->calls_taken; /* a call's bytes, on average */
+    if (!pz_spsc_holds(&io->p->submit, (size_t)(2 * held * frame) + 1))
+        return 0;
+    io->inflight_cap = io->inflight_cap > most / 2 ? most : 2 * io->inflight_cap;
+    for (int i = 0; i < io->nrecords; i++)
+        pz_slot_set_depth(io, &io->slots[i]);
+    return 1;
+}
+
+/* The submit queue is empty: halves io->inflight_cap when the workers
+ * hold less than half of what they may (the backlog that raised it is
+ * gone; whoever queues calls now does it no faster than they run). */
+static void shrink_without_backlog(struct pz_io *io)
+{
+    if (io->inflight_cap <= PZ_INFLIGHT_START)
+        return;
+    uint64_t held = 0, room = 0;
+    for (int i = 0; i < io->nrecords; i++)
+        if (io->slots[i].state == SLOT_READY) {
+            held += io->slots[i].inflight;
+            room += io->slots[i].depth;
+        }
+    if (2 * held >= room)
+        return;
+    io->inflight_cap /= 2;
+    if (io->inflight_cap < PZ_INFLIGHT_START)
+        io->inflight_cap = PZ_INFLIGHT_START;
+    for (int i = 0; i < io->nrecords; i++)
+        pz_slot_set_depth(io, &io->slots[i]);
+}
+
 int pz_dispatch_waiting(struct pz_io *io)
 {
     size_t avail;
@@ -57,13 +122,17 @@ void pz_dispatch(struct pz_io *io)
         if (from_rq) {
             fr = io->rq.data + io->rq_pos;
         } else {
-            if (savail == 0 && !(sp = pz_spsc_peek(q, &savail)))
+            if (savail == 0 && !(sp = pz_spsc_peek(q, &savail))) {
+                shrink_without_backlog(io);
                 break;
+            }
             fr = sp;
         }
         size_t size = pz_frame_size(fr);
         if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
             pz_slot *w = pz_dispatch_pick(io);
+            if (!w && grow_for_backlog(io))
+                w = pz_dispatch_pick(io);
             if (!w)
                 break;
             if (pz_slot_hand_call(io, w, fr, size) != 0)

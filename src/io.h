@@ -124,6 +124,9 @@ struct pz_io {
 
     /* dispatch.c */
     int rr;                  /* round-robin cursor */
+    uint32_t inflight_cap;   /* the most calls a worker may hold now: from
+                              * PZ_INFLIGHT_START up to max_inflight while
+                              * more calls wait than the workers hold */
     int last_idle;           /* the slot that most recently ran dry */
     pz_buf rq;               /* requeued CALL frames, dispatched first */
     size_t rq_pos;
@@ -248,6 +251,15 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
  * rest wait in the submit queue, where p(...) can see them pile up
  * (max_pending_bytes). */
 #define PZ_SLOT_BYTES (4u << 20)
+
+/* The most calls a worker holds until more wait than the workers hold
+ * (dispatch.c: io->inflight_cap), or max_inflight if lower. */
+#define PZ_INFLIGHT_START 256
+
+/* Sets w's in-flight depth from its calls' average time (answer.c):
+ * `window` of work, plus a remote slot's round trip, between 1 and
+ * io->inflight_cap. */
+void pz_slot_set_depth(struct pz_io *io, pz_slot *w);
 
 /* True when w can take one more call now. */
 static inline int pz_slot_has_room(const pz_slot *w)

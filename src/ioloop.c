@@ -457,6 +457,7 @@ struct pz_io *pz_io_new(pz_pool *p)
         return NULL;
     io->p = p;
     io->ep = -1;
+    io->inflight_cap = p->opt.max_inflight < PZ_INFLIGHT_START ? p->opt.max_inflight : PZ_INFLIGHT_START;
     io->nrecords = 2 * p->nslots;
     io->slots = calloc((size_t)io->nrecords, sizeof *io->slots);
     io->settled = calloc((size_t)p->nslots, sizeof *io->settled);

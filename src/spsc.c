@@ -85,6 +85,17 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
     }
 }
 
+int pz_spsc_holds(pz_spsc *q, size_t n)
+{
+    size_t head = q->head, seen = 0;
+    for (pz_chunk *c = q->rd; c; c = atomic_load(&c->next), head = 0) {
+        size_t tail = atomic_load(&c->tail);
+        if (head < tail && (seen += tail - head) >= n)
+            return 1;
+    }
+    return n == 0;
+}
+
 int pz_spsc_walk(pz_spsc *q, int (*fn)(char *data, size_t n, void *ud), void *ud)
 {
     size_t head = q->head; /* the chunks after rd are unread */

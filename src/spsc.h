@@ -83,6 +83,10 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n);
  * what it has published. */
 int pz_spsc_walk(pz_spsc *q, int (*fn)(char *data, size_t n, void *ud), void *ud);
 
+/* Consumer: whether at least n published bytes are unconsumed (it looks
+ * at as many chunks as that takes). */
+int pz_spsc_holds(pz_spsc *q, size_t n);
+
 /* Consumer: drops n bytes returned by the last peek. */
 static inline void pz_spsc_consume(pz_spsc *q, size_t n)
 {

@@ -612,10 +612,11 @@ end
 -- position in src: an array, or a function returning the next input and
 -- nil at the end), in completion order or, with ordered, in input order.
 -- At most max_pending inputs wait for a worker at a time (default: as many
--- as the workers may hold, max_inflight each but at most 256, at least 64
--- in all: until results have told their size, the window alone bounds the
--- results that can pile up, and 4096 in flight per worker, the default,
--- would let results of a MiB hold 32 GiB); with ordered,
+-- as the workers hold while no backlog deepens them, max_inflight each but
+-- at most 256, and at least 64 in all: until results have told their size,
+-- the window alone bounds the results that can pile up, and 16384 per
+-- worker, the default max_inflight, would let results of a MiB hold 128
+-- GiB); with ordered,
 -- at most that many results are held back too. And at most four times that
 -- many inputs are between src and the loop's body (queued, running, or
 -- finished and not yet handed out): a loop slower than the workers pulls
