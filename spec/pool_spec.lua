@@ -539,30 +539,30 @@ describe("calls in flight", function()
   it("go past 256 a worker while calls wait for one, up to max_inflight", function()
     local p = slow_start({ max_inflight = 2048 })
     finally(function() p:stop() end)
-    for i = 1, 200000 do p(i) end
+    for i = 1, 50000 do p(i) end
     local most = most_held(p)
     assert.is_true(most > 2 * 256, "the workers held at most " .. most .. " calls")
     assert.is_true(most <= 2 * 2048, "the workers held " .. most .. " calls, above max_inflight")
-    assert.are.equal(200000, #p.results)
+    assert.are.equal(50000, #p.results)
   end)
 
   it("stay at max_inflight when it is below 256", function()
     local p = slow_start({ max_inflight = 100 })
     finally(function() p:stop() end)
-    for i = 1, 50000 do p(i) end
+    for i = 1, 20000 do p(i) end
     local most = most_held(p)
     assert.is_true(most <= 2 * 100, "the workers held " .. most .. " calls, above max_inflight")
-    assert.are.equal(50000, #p.results)
+    assert.are.equal(20000, #p.results)
   end)
 
   it("stay at 256 a worker when calls come no faster than the workers take them: p:stream, "
     .. "also after a backlog", function()
     local p = slow_start()
     finally(function() p:stop() end)
-    for i = 1, 100000 do p(i) end
+    for i = 1, 50000 do p(i) end
     assert.is_true(most_held(p) > 2 * 256)
     local src = {}
-    for i = 1, 100000 do src[i] = i + 2 end
+    for i = 1, 50000 do src[i] = i + 2 end
     local most, k = 0, 0
     for _, ok in p:stream(src) do
       assert.is_true(ok)
@@ -573,7 +573,7 @@ describe("calls in flight", function()
         if running > most then most = running end
       end
     end
-    assert.are.equal(100000, k)
+    assert.are.equal(50000, k)
     assert.is_true(most <= 2 * 256, "the workers held " .. most .. " of the stream's calls")
   end)
 end)

@@ -560,7 +560,7 @@ static pz_frame next_frame(void)
             W.in.len += (size_t)n;
             continue;
         }
-        pz_wout_flush();
+        pz_wout_flush_idle();
         n = read_input(W.in.data + W.in.len, W.in.cap - W.in.len);
         /* ECONNRESET: the parent died with bytes of ours unread, which a
          * SIGKILL leaves as often as not; its end all the same. */

@@ -14,8 +14,8 @@
  * frames whenever it unlocks; the flusher writes only under the same lock.
  * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
  * on an alarm (a timerfd), set under the lock, that is pending whenever the
- * buffer holds frames, due no later than the oldest is late (it may go off
- * early: the flusher then sets it again), and on an eventfd that SIGTERM's handler writes:
+ * buffer holds frames, due when the oldest is late (it may go off early,
+ * for an earlier batch: the flusher then sets it again), and on an eventfd that SIGTERM's handler writes:
  * then it writes the batch and ends the process (wout.c).
  */
 #ifndef PZ_WOUT_H
@@ -72,5 +72,10 @@ size_t pz_wout_bytes(void);
  * may block, is nobody's call's), else 0.  Ends the process when the
  * parent is gone. */
 int pz_wout_flush(void);
+
+/* Main thread: pz_wout_flush before a read that may wait: the flusher's
+ * alarm is cleared too, so that a worker left idle does not wake it
+ * (wout.c). */
+int pz_wout_flush_idle(void);
 
 #endif
