@@ -54,6 +54,16 @@ int pz_dispatch_has_room(struct pz_io *io)
     return 0;
 }
 
+/* io->inflight_cap changed: the depths under it follow.  A slot still at
+ * depth 1 keeps it (a worker that has not answered yet gets one call; one
+ * whose calls are longer than `window` stays at 1 anyway). */
+static void apply_cap(struct pz_io *io)
+{
+    for (int i = 0; i < io->nrecords; i++)
+        if (io->slots[i].state == SLOT_READY && io->slots[i].depth > 1)
+            pz_slot_set_depth(io, &io->slots[i]);
+}
+
 /* All of the workers are full: doubles io->inflight_cap (and the depths
  * under it) when the cap is what holds a worker back (not the time its
  * calls take) and more than twice as many calls wait in the submit queue
@@ -76,8 +86,7 @@ static int grow_for_backlog(struct pz_io *io)
     if (!pz_spsc_holds(&io->p->submit, (size_t)(2 * held * frame) + 1))
         return 0;
     io->inflight_cap = io->inflight_cap > most / 2 ? most : 2 * io->inflight_cap;
-    for (int i = 0; i < io->nrecords; i++)
-        pz_slot_set_depth(io, &io->slots[i]);
+    apply_cap(io);
     return 1;
 }
 
@@ -99,8 +108,7 @@ static void shrink_without_backlog(struct pz_io *io)
     io->inflight_cap /= 2;
     if (io->inflight_cap < PZ_INFLIGHT_START)
         io->inflight_cap = PZ_INFLIGHT_START;
-    for (int i = 0; i < io->nrecords; i++)
-        pz_slot_set_depth(io, &io->slots[i]);
+    apply_cap(io);
 }
 
 int pz_dispatch_waiting(struct pz_io *io)
