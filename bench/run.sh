@@ -86,8 +86,9 @@
 #                     each takes ~10 s at 200,000 calls)
 #   PZ_BENCH_STREAM_WIDE   the wider window of the diagnostic p:stream
 #                     row (max_pending; default 32768, what 2 workers may
-#                     hold with the pool's default max_inflight of 16384,
-#                     where the stream's own default is 256 per worker)
+#                     hold with the pool's default max_inflight of 16384:
+#                     the stream's default window widens to it only after
+#                     16 results, and starts at 256 per worker)
 #   PZ_BENCH_STREAM_LINES  lines of the long stream (10000000; a multiple
 #                     of 1000000, the sampling interval)
 #   PZ_BENCH_MAP_LINES      records through pzlua --map and GNU parallel

@@ -511,14 +511,17 @@ describe("worker output", function()
 end)
 
 describe("calls in flight", function()
-  --- A pool of 2 workers whose first calls (inputs 1 and 2) take 50 ms:
-  -- whatever the loop queues meanwhile waits for a worker.
+  --- A pool of 2 workers whose first calls (inputs 1 and 2) take 50 ms,
+  -- so that whatever the loop queues meanwhile waits for a worker, and the
+  -- others about 2 us: short enough that the cap, not `window`, bounds a
+  -- worker's depth (4 ms / 2 us = 2000), long enough that the I/O thread
+  -- sleeps between batches of answers, when p:stats() can take its lock
+  -- and see what the workers hold (it waits for that lock while the I/O
+  -- thread runs: with tiny calls it saw the workers only between bursts).
   local function slow_start(options)
     local p = Parallelize(rep(function(x)
-      if x <= 2 then
-        local t = os.clock() + 0.05
-        while os.clock() < t do end
-      end
+      local t = os.clock() + (x <= 2 and 0.05 or 2e-6)
+      while os.clock() < t do end
       return x
     end, 2), options)
     local _ = #p.executors
@@ -526,13 +529,14 @@ describe("calls in flight", function()
   end
 
   --- The most calls the workers held at once (p:stats().running) until
-  -- every call of p has finished.
-  local function most_held(p)
-    local most = 0
+  -- the n calls of p have finished (stats only: reading p.pending would
+  -- drain results, and the sampling miss what happens meanwhile).
+  local function most_held(p, n)
+    local most, s = 0
     repeat
-      local running = p:stats().running
-      if running > most then most = running end
-    until p.pending == 0
+      s = p:stats()
+      if s.running > most then most = s.running end
+    until s.done + s.failed >= n
     return most
   end
 
@@ -540,7 +544,7 @@ describe("calls in flight", function()
     local p = slow_start({ max_inflight = 2048 })
     finally(function() p:stop() end)
     for i = 1, 50000 do p(i) end
-    local most = most_held(p)
+    local most = most_held(p, 50000)
     assert.is_true(most > 2 * 256, "the workers held at most " .. most .. " calls")
     assert.is_true(most <= 2 * 2048, "the workers held " .. most .. " calls, above max_inflight")
     assert.are.equal(50000, #p.results)
@@ -550,21 +554,22 @@ describe("calls in flight", function()
     local p = slow_start({ max_inflight = 100 })
     finally(function() p:stop() end)
     for i = 1, 20000 do p(i) end
-    local most = most_held(p)
+    local most = most_held(p, 20000)
     assert.is_true(most <= 2 * 100, "the workers held " .. most .. " calls, above max_inflight")
     assert.are.equal(20000, #p.results)
   end)
 
-  it("stay at 256 a worker when calls come no faster than the workers take them: p:stream, "
-    .. "also after a backlog", function()
+  it("stay at 256 a worker when calls come no faster than the workers take them: a stream's "
+    .. "window of 512, also after a backlog", function()
     local p = slow_start()
     finally(function() p:stop() end)
     for i = 1, 50000 do p(i) end
-    assert.is_true(most_held(p) > 2 * 256)
+    assert.is_true(most_held(p, 50000) > 2 * 256)
+    core.sleep(0.1) -- the calm the depth waits for before it goes back (50 ms)
     local src = {}
     for i = 1, 50000 do src[i] = i + 2 end
     local most, k = 0, 0
-    for _, ok in p:stream(src) do
+    for _, ok in p:stream(src, { max_pending = 512 }) do
       assert.is_true(ok)
       k = k + 1
       -- The backlog's depth goes as the queue empties: a few turns.
@@ -575,5 +580,38 @@ describe("calls in flight", function()
     end
     assert.are.equal(50000, k)
     assert.is_true(most <= 2 * 256, "the workers held " .. most .. " of the stream's calls")
+  end)
+end)
+
+describe("p:stream's default window", function()
+  --- The most inputs a stream of n read from its source ahead of its loop,
+  -- whose body takes about 2 us, slower than the workers: the window and
+  -- four times it bound how far ahead it reads.
+  local function read_ahead(p, n, make)
+    local read, k, most = 0, 0, 0
+    local function src()
+      if read == n then return nil end
+      read = read + 1
+      return make(read)
+    end
+    for _, ok in p:stream(src) do
+      assert.is_true(ok)
+      k = k + 1
+      if read - k > most then most = read - k end
+      local t = os.clock() + 2e-6
+      while os.clock() < t do end
+    end
+    assert.are.equal(n, k)
+    return most
+  end
+
+  it("widens for results that are numbers, not for tables", function()
+    local p = Parallelize(rep(function(x) return x end, 2))
+    finally(function() p:stop() end)
+    local narrow = 4 * 256 * 2 -- four times 256 a worker
+    local numbers = read_ahead(p, 20000, function(i) return i end)
+    assert.is_true(numbers > narrow, "a stream of numbers read only " .. numbers .. " ahead")
+    local tables = read_ahead(p, 20000, function(i) return { i } end)
+    assert.is_true(tables <= narrow, "a stream of tables read " .. tables .. " ahead")
   end)
 end)

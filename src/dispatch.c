@@ -16,7 +16,9 @@
  * than twice as many calls wait in the submit queue as the workers hold
  * together (twice: a stream's window is what workers hold at the start,
  * and must not count as a backlog); it halves back when the queue is
- * empty and the workers hold less than half of what they may.
+ * empty, the workers hold less than half of what they may, and no backlog
+ * has been seen for PZ_INFLIGHT_CALM_NS (without that wait, a stream over
+ * one fast worker and three slow ones grew and shrank it 57 times).
  * A loop of tiny p(i) queues far faster than workers run them: with four
  * busy threads on two CPUs the I/O thread can wait a scheduler's time
  * slice for a CPU, and a worker holding 256 calls (about 20 microseconds
@@ -65,9 +67,11 @@ static void apply_cap(struct pz_io *io)
 }
 
 /* All of the workers are full: doubles io->inflight_cap (and the depths
- * under it) when the cap is what holds a worker back (not the time its
- * calls take) and more than twice as many calls wait in the submit queue
- * as the workers may hold together now.  Returns whether it grew. */
+ * under it) when the cap is what holds a worker back (a slot holds as
+ * many calls as the cap allows, where its calls' time or their bytes
+ * would allow more) and more than twice as many calls wait in the submit
+ * queue as the workers may hold together now (in bytes, at the calls'
+ * average size).  Returns whether it grew. */
 static int grow_for_backlog(struct pz_io *io)
 {
     uint32_t most = io->p->opt.max_inflight;
@@ -75,17 +79,20 @@ static int grow_for_backlog(struct pz_io *io)
         return 0;
     uint64_t held = 0;
     int capped = 0;
-    for (int i = 0; i < io->nrecords; i++)
-        if (io->slots[i].state == SLOT_READY) {
-            held += io->slots[i].depth;
-            capped |= io->slots[i].depth >= io->inflight_cap;
+    for (int i = 0; i < io->nrecords; i++) {
+        const pz_slot *w = &io->slots[i];
+        if (w->state == SLOT_READY) {
+            held += w->depth;
+            capped |= w->depth >= io->inflight_cap && w->inflight >= w->depth;
         }
+    }
     if (!capped)
         return 0;
     uint64_t frame = io->bytes_taken / io->calls_taken; /* a call's bytes, on average */
     if (!pz_spsc_holds(&io->p->submit, (size_t)(2 * held * frame) + 1))
         return 0;
     io->inflight_cap = io->inflight_cap > most / 2 ? most : 2 * io->inflight_cap;
+    io->backlog_at = pz_now_ns();
     apply_cap(io);
     return 1;
 }
@@ -103,7 +110,7 @@ static void shrink_without_backlog(struct pz_io *io)
             held += io->slots[i].inflight;
             room += io->slots[i].depth;
         }
-    if (2 * held >= room)
+    if (2 * held >= room || pz_now_ns() - io->backlog_at < PZ_INFLIGHT_CALM_NS)
         return;
     io->inflight_cap /= 2;
     if (io->inflight_cap < PZ_INFLIGHT_START)

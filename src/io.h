@@ -127,6 +127,7 @@ struct pz_io {
     uint32_t inflight_cap;   /* the most calls a worker may hold now: from
                               * PZ_INFLIGHT_START up to max_inflight while
                               * more calls wait than the workers hold */
+    int64_t backlog_at;      /* when inflight_cap last grew */
     int last_idle;           /* the slot that most recently ran dry */
     pz_buf rq;               /* requeued CALL frames, dispatched first */
     size_t rq_pos;
@@ -255,6 +256,9 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
 /* The most calls a worker holds until more wait than the workers hold
  * (dispatch.c: io->inflight_cap), or max_inflight if lower. */
 #define PZ_INFLIGHT_START 256
+
+/* ... and halves back only this long after it last grew. */
+#define PZ_INFLIGHT_CALM_NS 50000000
 
 /* Sets w's in-flight depth from its calls' average time (answer.c):
  * `window` of work, plus a remote slot's round trip, between 1 and

@@ -117,8 +117,11 @@ int pz_lpool_has_room(lpool *u)
         return 0;
     /* The counts as last read first: older ones only overstate what is
      * pending, so room by them is room.  Read at every call, the I/O
-     * thread's counts cost a cache miss whenever it had published. */
-    if (room_as_of(u, p->taken_seen, p->bytes_taken_seen))
+     * thread's counts cost a cache miss whenever it had published.  They
+     * are read every 1024th call anyway, so that the arena's list of
+     * pending big strings (pz_arena_forget_taken) stays short when
+     * max_pending_bytes is too high ever to say no. */
+    if ((p->next_id & 1023) != 0 && room_as_of(u, p->taken_seen, p->bytes_taken_seen))
         return 1;
     p->taken_seen = atomic_load(&p->calls_taken);
     p->bytes_taken_seen = atomic_load(&p->bytes_taken);

@@ -159,7 +159,7 @@ typedef struct pz_pool {
     /* main */
     _Alignas(PZ_CACHE_LINE) uint64_t next_id; /* ids handed out: 1 .. next_id - 1 */
     uint64_t taken_seen;      /* calls_taken and bytes_taken as last read */
-    uint64_t bytes_taken_seen; /* (pz_pool_has_room) */
+    uint64_t bytes_taken_seen; /* (pz_lpool_has_room) */
     uint64_t drained;         /* RESULT/ERROR records consumed */
     uint64_t bytes_submitted; /* bytes of CALL frames queued so far */
     size_t consumed;          /* bytes drained, not yet taken off backlog */

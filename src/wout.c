@@ -164,8 +164,11 @@ static void *flusher(void *arg)
         if (!fds[0].revents)
             continue;
         uint64_t expirations;
-        if (read(O.alarm_fd, &expirations, sizeof expirations) < 0 && errno != EINTR)
+        if (read(O.alarm_fd, &expirations, sizeof expirations) < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue; /* set again or cleared since poll: see above */
             return NULL; /* as above */
+        }
         pthread_mutex_lock(&O.lock);
         O.alarm_set = 0;
         if (O.frames > 0) {
@@ -183,7 +186,11 @@ void pz_wout_start_flusher(void)
 {
     pthread_attr_t attr;
     sigset_t all, old;
-    O.alarm_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    /* Non-blocking: the main thread may set or clear the alarm between the
+     * flusher's poll and its read, which resets the count of expirations;
+     * a blocking read would then wait for the next alarm, SIGTERM's
+     * eventfd unwatched meanwhile. */
+    O.alarm_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
     if (O.alarm_fd < 0)
         return; /* no flusher: see below */
     /* Without it SIGTERM keeps its default: the batch is lost, as before. */

@@ -347,7 +347,12 @@ end
 function Run:stream(p)
   local ordered = self.opts.keep_order or false
   self.id_base = p.calls
-  for i, ok, r in p:stream(self:source(), { ordered = ordered }) do
+  -- The stream's narrow window, 256 lines a worker, kept: its default
+  -- widens for string results (p:stream), and the input read ahead of a
+  -- reader that does not keep up would grow with it (a MB and more of
+  -- lines held, where the reader should set the pace).
+  local window = math.max(64, 256 * p.size)
+  for i, ok, r in p:stream(self:source(), { ordered = ordered, max_pending = window }) do
     self.consumed = self.consumed + 1
     if ok then self:result(r, i) else self:error(r, i) end
     if self.halted then break end
