@@ -22,11 +22,12 @@
  * A loop of tiny p(i) queues far faster than workers run them: with four
  * busy threads on two CPUs the I/O thread can wait a scheduler's time
  * slice for a CPU, and a worker holding 256 calls (about 20 microseconds
- * of them) ran dry meanwhile.  A caller that paces its calls, p:stream
- * keeping a window of them, gains nothing from deeper workers: they take
- * the whole window at once and the stream ran a quarter slower (its
- * window and its results then came in bursts).  So depth beyond the start
- * is given only to a backlog.
+ * of them) ran dry meanwhile.  A caller that paces its calls, as p:stream
+ * does with a window of 256 a worker, gains nothing from deeper workers:
+ * they took the whole window at once and the stream ran a quarter slower
+ * (its window and its results then came in bursts).  So depth beyond the
+ * start is given only to a backlog (a stream whose window widens makes
+ * one: pool.lua).
  */
 #include <inttypes.h>
 #include <stdio.h>

@@ -126,7 +126,8 @@ struct pz_io {
     int rr;                  /* round-robin cursor */
     uint32_t inflight_cap;   /* the most calls a worker may hold now: from
                               * PZ_INFLIGHT_START up to max_inflight while
-                              * more calls wait than the workers hold */
+                              * more than twice what the workers hold waits
+                              * for them (dispatch.c) */
     int64_t backlog_at;      /* when inflight_cap last grew */
     int last_idle;           /* the slot that most recently ran dry */
     pz_buf rq;               /* requeued CALL frames, dispatched first */
@@ -253,8 +254,8 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
  * (max_pending_bytes). */
 #define PZ_SLOT_BYTES (4u << 20)
 
-/* The most calls a worker holds until more wait than the workers hold
- * (dispatch.c: io->inflight_cap), or max_inflight if lower. */
+/* The most calls a worker holds until a backlog builds (dispatch.c:
+ * io->inflight_cap), or max_inflight if lower. */
 #define PZ_INFLIGHT_START 256
 
 /* ... and halves back only this long after it last grew. */
