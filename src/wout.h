@@ -14,9 +14,10 @@
  * frames whenever it unlocks; the flusher writes only under the same lock.
  * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
  * on an alarm (a timerfd), set under the lock, that is pending whenever the
- * buffer holds frames, due when the oldest is late (it may go off early,
- * for an earlier batch: the flusher then sets it again), and on an eventfd that SIGTERM's handler writes:
- * then it writes the batch and ends the process (wout.c).
+ * buffer holds frames, due when the oldest is late (it may also go off
+ * after a write, with nothing late: wout.c), and on an eventfd that
+ * SIGTERM's handler writes: then it writes the batch and ends the process
+ * (wout.c).
  */
 #ifndef PZ_WOUT_H
 #define PZ_WOUT_H

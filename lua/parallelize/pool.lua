@@ -826,19 +826,25 @@ function methods.stream(p, src, opts)
   -- `held`, and goes to the pool's store if the stream is abandoned) or
   -- after (the caller has it), never between.
 
+  --- Notes the kind of a result about to be handed out: its first value v,
+  -- and whether it has others (or is an error): the string bytes and
+  -- `bulky` that size the window (refill).
+  local function note_result(v, more)
+    local tv = type(v)
+    if tv == "string" then
+      strings, string_bytes = strings + 1, string_bytes + #v
+    elseif more or (tv ~= "number" and tv ~= "boolean" and v ~= null) then
+      bulky = true
+    end
+  end
+
   --- Call k of the claim's lists, finished with call id: i, true, values...
   local function take_result(k, id)
     local i, seg = position(id)
     local v = lists.results[k]
-    local tv = type(v)
-    if tv == "string" then
-      strings, string_bytes = strings + 1, string_bytes + #v
-    elseif tv ~= "number" and tv ~= "boolean" and v ~= null then
-      bulky = true
-    end
     local ex = lists.extras[id]
+    note_result(v, ex)
     if ex then
-      bulky = true
       return commit(4, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
         lists.extras, id, nil, i, true, unpack(ex, 1, ex.n))
     end
@@ -907,12 +913,7 @@ function methods.stream(p, src, opts)
   -- is not nil).
   local function take_held(slot)
     local want, v, more = claim.want, held[slot], held_more[slot]
-    local tv = type(v)
-    if tv == "string" then
-      strings, string_bytes = strings + 1, string_bytes + #v
-    elseif more ~= nil or (tv ~= "number" and tv ~= "boolean" and v ~= null) then
-      bulky = true
-    end
+    note_result(v, more)
     local n1, n2 = claim.nheld - 1, claim.outstanding - 1
     if more == nil then
       return commit(4, held, slot, nil, claim, "want", want + 1, claim, "nheld", n1, claim, "outstanding", n2,
