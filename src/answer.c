@@ -83,12 +83,12 @@ static void answered(struct pz_io *io, pz_slot *w, int64_t now)
      * are four times what is left, so that moving the rest to the front
      * costs a quarter of a copy per byte at most. */
     if (w->out_head == w->out.len) {
-        w->out.len = w->out_head = w->out_sent = 0;
+        pz_slot_out_dropped(w, SIZE_MAX);
         pz_buf_trim(&w->out, KEEP_BYTES);
+        pz_buf_trim(&w->wire, KEEP_BYTES);
     } else if (w->out_head >= READ_CHUNK && w->out_head / 4 >= w->out.len - w->out_head) {
         pz_buf_consume(&w->out, w->out_head);
-        w->out_sent -= w->out_head;
-        w->out_head = 0;
+        pz_slot_out_dropped(w, w->out_head);
     }
 }
 
@@ -200,6 +200,109 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     answered(io, w, now);
 }
 
+/* One record for calls of a run's answer with one tag: `m` of them, whose
+ * items (run.h) are items[0..len).  Returns what pz_io_record does. */
+static int record_run(struct pz_io *io, uint8_t tag, uint64_t first, unsigned m, const uint8_t *items,
+                      size_t len)
+{
+    uint8_t count[2] = {(uint8_t)(m & 0xff), (uint8_t)(m >> 8)};
+    pz_part parts[] = {{count, 2, 0}, {items, len, 0}};
+    if (pz_io_record(io, PZ_F_RESULT, tag, first, parts, 2) != 0)
+        return -1;
+    pz_spsc *q = &io->p->done;
+    pz_frame_set_flags(q->wr->data + q->wpos - (PZ_FRAME_HEADER + 2 + len), PZ_REC_RUN);
+    io->calls_done += m - 1; /* pz_io_record counted one */
+    return 0;
+}
+
+/* Reads one call of a run's answer from [*p, end): its id and where its
+ * item (run.h) and its tuple end.  Returns 0, or -1 when cut short. */
+static int next_run_item(const uint8_t **p, const uint8_t *end, uint64_t *id)
+{
+    if (pz_get_varint(p, end, id) != 0 || end - *p < 4)
+        return -1;
+    const uint8_t *q = *p;
+    uint32_t len = (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
+    if ((size_t)(end - q) - 4 < len)
+        return -1;
+    *p = q + 4 + len;
+    return 0;
+}
+
+/* A RESULT frame with flag PZ_RESULT_RUN: the results of calls in a row
+ * from out_head on (run.h).  Each is checked against its own CALL frame
+ * before anything is recorded; then each stretch of calls with one tag
+ * becomes one record (a cancelled call's result is dropped, as
+ * on_answer's is). */
+static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
+{
+    const uint8_t *p = (const uint8_t *)f->payload, *end = p + f->len;
+    uint64_t ns, id;
+    if ((w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
+        pz_get_varint(&p, end, &ns) != 0 || end - p < 2) {
+        pz_slot_reject(io, w, "a truncated answer");
+        return;
+    }
+    unsigned n = (unsigned)p[0] | (unsigned)p[1] << 8;
+    p += 2;
+    if (n == 0 || n > w->inflight) {
+        pz_slot_reject(io, w, "an answer to no call");
+        return;
+    }
+    const uint8_t *q = p;
+    size_t pos = w->out_head;
+    for (unsigned i = 0; i < n; i++) {
+        if (next_run_item(&q, end, &id) != 0) {
+            pz_slot_reject(io, w, "a truncated answer");
+            return;
+        }
+        if (pz_frame_id(w->out.data + pos) != id) {
+            pz_slot_reject(io, w, "an answer to the wrong call");
+            return;
+        }
+        pos += pz_frame_size(w->out.data + pos);
+    }
+    if (q != end) {
+        pz_slot_reject(io, w, "a truncated answer");
+        return;
+    }
+    int64_t now = io->now;
+    io->slot_stats[w->slot].calls += n;
+    io->slot_stats[w->slot].busy_ns += ns * n;
+    const uint8_t *from = p; /* the stretch not recorded yet */
+    unsigned m = 0;
+    uint8_t tag = 0;
+    uint64_t first = 0;
+    for (unsigned i = 0; i < n; i++) {
+        const char *head = w->out.data + w->out_head;
+        const uint8_t *item = p;
+        next_run_item(&p, end, &id); /* checked above */
+        if (w->doomed == id)
+            w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
+        int dropped = (pz_frame_flags(head) & PZ_CALL_CANCELLED) != 0;
+        if (m > 0 && (dropped || pz_frame_tag(head) != tag)) {
+            if (record_run(io, tag, first, m, from, (size_t)(item - from)) != 0)
+                return;
+            m = 0;
+        }
+        if (dropped) {
+            pz_io_release(io, head); /* its cancellation is its record already */
+        } else {
+            if (pz_frame_tries(head))
+                pz_retry_forget(io, id);
+            if (m++ == 0) {
+                from = item;
+                tag = pz_frame_tag(head);
+                first = id;
+            }
+        }
+        answered(io, w, now);
+    }
+    if (m > 0 && record_run(io, tag, first, m, from, (size_t)(end - from)) != 0)
+        return;
+    update_depth(io, w, ns);
+}
+
 /* An INIT_OK or INIT_ERROR frame. */
 static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
 {
@@ -223,8 +326,8 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
             w->state = SLOT_READY;
-        if (w->out_sent == w->out.len && w->out_head == w->out.len)
-            w->out.len = w->out_head = w->out_sent = 0;
+        if (!pz_slot_unsent(w) && w->out_head == w->out.len)
+            pz_slot_out_dropped(w, SIZE_MAX);
         pz_io_settle(io, w);
         return;
     }
@@ -278,7 +381,9 @@ static ssize_t handle_frames(struct pz_io *io, pz_slot *w, size_t max_payload)
                 pz_slot_reject(io, w, why);
             return -1;
         }
-        if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
+        if (f.type == PZ_F_RESULT && (f.flags & PZ_RESULT_RUN))
+            on_run_answer(io, w, &f);
+        else if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR)
             on_answer(io, w, &f);
         else if (f.type == PZ_F_INIT_OK || f.type == PZ_F_INIT_ERROR)
             on_init(io, w, &f);

@@ -18,8 +18,9 @@
  *                       records: the worker slot
  *
  * deaths, tag, tries, flags and timeout_ms are the parent's bookkeeping,
- * carried with the call wherever it goes; workers read only the flag
- * PZ_CALL_CHUNK and answer with 0 in all of them.
+ * carried with the call wherever it goes; workers read only the flags
+ * PZ_CALL_CHUNK and PZ_CALL_RUN and answer with 0 in all of them, but for
+ * the flag PZ_RESULT_RUN.
  *
  * Many frames go in one write and come out of one read; pz_frame_parse finds
  * the boundaries and rejects anything malformed.
@@ -37,9 +38,12 @@
  *   INIT_ERROR  varint n, n bytes of message, then the traceback
  *   CALL        the argument tuple; with flag PZ_CALL_CHUNK, the tuple
  *               (items, n): the executor runs once on each of items[1..n]
- *               (chunk.h), and the result is that chunk's answer
+ *               (chunk.h), and the result is that chunk's answer; with
+ *               flag PZ_CALL_RUN, several calls of their own (run.h),
+ *               each answered by a RESULT or ERROR frame of its own
  *   RESULT      varint nanoseconds the call ran, then the tuple of values
- *               the executor returned
+ *               the executor returned; with flag PZ_RESULT_RUN, the
+ *               results of several calls of a run (run.h)
  *   ERROR       varint nanoseconds, varint n, n bytes of message, varint m,
  *               m bytes of traceback, then the value error() was given,
  *               encoded lossily (empty when even that failed)
@@ -50,7 +54,9 @@
  * Records (I/O thread -> main thread, through the pool's done queue) reuse
  * the header; they never cross a process boundary:
  *   RESULT      id = call id, tag; payload = the tuple of values, or with
- *               flags PZ_REC_BOXED a pz_box (bigbuf.h) holding it
+ *               flags PZ_REC_BOXED a pz_box (bigbuf.h) holding it; with
+ *               PZ_REC_RUN, the results of several calls with this tag
+ *               (id: the first's; payload: run.h)
  *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*), with
  *               PZ_REC_HELD when a worker may still run the call; payload =
  *               four varint-prefixed byte strings: the argument tuple, the
@@ -79,9 +85,15 @@
 /* flags of a CALL frame. */
 #define PZ_CALL_CANCELLED 1 /* given up on: its answer, if any comes, is dropped */
 #define PZ_CALL_CHUNK 2     /* a map's chunk of items, one executor call each (chunk.h) */
+#define PZ_CALL_RUN 4       /* several calls in one frame, on the wire only (run.h) */
+
+/* flag of a worker's RESULT frame: it answers several calls of a run in a
+ * row (run.h). */
+#define PZ_RESULT_RUN 4
 
 /* flags of a RESULT record. */
 #define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */
+#define PZ_REC_RUN 0x20   /* the results of several calls (run.h) */
 
 /* flag of an ERROR record, beside its kind: the call was cancelled after it
  * was sent, and its worker may still decode its arguments; a RELEASE

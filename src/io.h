@@ -71,6 +71,12 @@ typedef struct pz_slot {
     uint32_t gen;        /* bumped at each start: tells stale events apart */
     pz_buf out;
     size_t out_head, out_sent;
+    /* Bytes for the socket made from the frames before out_sent, not yet
+     * all written: runs (run.h).  Frames that travel as they are go from
+     * `out` itself, up to direct_end (the end of a frame), once `wire` is
+     * written. */
+    pz_buf wire;
+    size_t wire_sent, direct_end;
     uint32_t inflight;   /* calls in `out` from out_head on */
     uint32_t depth;      /* how many it may hold (window / avg) */
     uint64_t given;      /* calls handed to this process (max_calls) */
@@ -240,9 +246,31 @@ void pz_slot_close_fd(struct pz_io *io, pz_slot *w);
  * else 0. */
 int pz_slot_read(struct pz_io *io, pz_slot *w);
 
-/* Writes what w->out holds unsent, as far as the socket takes it,
- * registering for EPOLLOUT when it is full. */
+/* Writes what w->out holds unsent, as far as the socket takes it (small
+ * calls in a row as runs: run.h), registering for EPOLLOUT when it is
+ * full. */
 void pz_slot_flush(struct pz_io *io, pz_slot *w);
+
+/* Whether w has bytes not yet written to its socket. */
+static inline int pz_slot_unsent(const pz_slot *w)
+{
+    return w->out_sent < w->out.len || w->wire_sent < w->wire.len;
+}
+
+/* The frames before w->out_sent are gone from w->out: `dropped` bytes of
+ * them (answered), or all (cleared: dropped is then SIZE_MAX and the
+ * buffer is empty). */
+static inline void pz_slot_out_dropped(pz_slot *w, size_t dropped)
+{
+    if (dropped == SIZE_MAX) {
+        w->out.len = w->out_head = w->out_sent = w->direct_end = 0;
+        w->wire.len = w->wire_sent = 0;
+        return;
+    }
+    w->out_head -= dropped;
+    w->out_sent -= dropped;
+    w->direct_end = w->direct_end > dropped ? w->direct_end - dropped : 0;
+}
 
 /* Adds w's socket to the epoll set (op EPOLL_CTL_ADD) or updates it
  * (EPOLL_CTL_MOD), unless it is lent.  Fails the pool when epoll does. */

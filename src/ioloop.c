@@ -530,6 +530,7 @@ void pz_io_free(struct pz_io *io)
         if (w->fd >= 0)
             close(w->fd);
         pz_buf_free(&w->out);
+        pz_buf_free(&w->wire);
         pz_buf_free(&w->in);
     }
     for (size_t i = 0; i < io->nspq; i++)

@@ -94,7 +94,7 @@ int pz_lend_dispatch(struct pz_io *io, int *lent_fd)
                 io->bytes_taken += size;
                 pz_slot_flush(io, w);
             }
-            if (io->lent && w->out_sent < w->out.len)
+            if (io->lent && pz_slot_unsent(w))
                 pz_lend_end(io); /* the rest goes out when it can */
             else if (io->lent)
                 *lent_fd = w->fd;

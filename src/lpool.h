@@ -51,6 +51,9 @@ typedef struct lpool {
                         * environment), whose hook p(x)'s fast path reads:
                         * hooks are the Lua state's, not a thread's */
     unsigned fast_calls; /* p(x)'s through the fast path (lsubmit.c) */
+    unsigned run_taken; /* calls of the record at the head of the done queue
+                         * (a run's: run.h) already stored, when a decode
+                         * raised before its end (lrecords.c) */
     lua_Hook hook_seen; /* the debug hook when a wait last returned: another
                          * one later means a signal's handler set it (lpool.c) */
 } lpool;

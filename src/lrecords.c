@@ -37,6 +37,8 @@
 #include "frame.h"
 #include "ldefer.h"
 #include "lpool.h"
+#include "run.h"
+#include "varint.h"
 
 /* Stack slots of drain_records: the environment, the pool's store, the
  * other tables, then the lists of the claim last seen (CLAIM_*). */
@@ -358,6 +360,44 @@ static void on_init_error(lua_State *L, const pz_frame *f)
 
 /* Puts the environment's tables into slots D_RESULTS .. D_CLAIMS (the
  * stack reaches D_TOP at least). */
+/* A RESULT record with PZ_REC_RUN (run.h): each call's result taken as
+ * on_result takes one, from the first not taken yet: a decode that raised
+ * left those before it stored, and u->run_taken says how many. */
+static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
+{
+    lpool *u = d->u;
+    unsigned n = pz_run_record_count(f);
+    const uint8_t *p = (const uint8_t *)f->payload + 2, *end = (const uint8_t *)f->payload + f->len;
+    pz_frame item = *f;
+    item.flags = 0;
+    for (unsigned i = 0; i < n; i++) {
+        (void)pz_get_varint(&p, end, &item.id); /* the I/O thread checked the record */
+        uint32_t len = pz_frame_get_u32((const char *)p);
+        p += 4;
+        if (i >= u->run_taken) {
+            item.payload = (const char *)p;
+            item.len = len;
+            on_result(L, d, &item);
+            u->run_taken = i + 1;
+        }
+        p += len;
+    }
+    u->run_taken = 0;
+}
+
+/* The id of the call of the run record f (run.h) that salvage_record
+ * blames: the first not taken yet. */
+static uint64_t run_call_at(const pz_frame *f, unsigned k)
+{
+    const uint8_t *p = (const uint8_t *)f->payload + 2, *end = (const uint8_t *)f->payload + f->len;
+    uint64_t id = 0;
+    for (unsigned i = 0; i <= k; i++) {
+        (void)pz_get_varint(&p, end, &id);
+        p += 4 + pz_frame_get_u32((const char *)p);
+    }
+    return id;
+}
+
 static void load_tables(lua_State *L)
 {
     for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
@@ -382,7 +422,10 @@ static int drain_records(lua_State *L)
     while (pz_pool_peek_record(u->pool, &f)) {
         switch (f.type) {
         case PZ_F_RESULT:
-            on_result(L, &d, &f);
+            if (f.flags & PZ_REC_RUN)
+                on_run_result(L, &d, &f);
+            else
+                on_result(L, &d, &f);
             break;
         case PZ_F_ERROR:
             on_error(L, &d, &f);
@@ -424,7 +467,25 @@ static int salvage_record(lua_State *L)
         lua_pushboolean(L, 0);
         return 1;
     }
-    if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR) {
+    if (f.type == PZ_F_RESULT && (f.flags & PZ_REC_RUN)) {
+        /* One call of a run: the others are taken as they would be. */
+        uint64_t id = run_call_at(&f, u->run_taken);
+        char buf[120];
+        snprintf(buf, sizeof buf, "%llu", (unsigned long long)id);
+        pz_error_parts e;
+        memset(&e, 0, sizeof e);
+        e.traceback = "";
+        lua_pushfstring(L, "the result of call %s cannot be used in the parent: %s", buf, why);
+        e.message = lua_tolstring(L, -1, &e.message_len);
+        push_error_record(L, id, &e, PZ_ERR_PARENT, NULL);
+        note_failure(L);
+        store_error(L, &d, f.tag, id);
+        if (++u->run_taken < (unsigned)pz_run_record_count(&f)) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        u->run_taken = 0;
+    } else if (f.type == PZ_F_RESULT || f.type == PZ_F_ERROR) {
         pz_error_parts e;
         memset(&e, 0, sizeof e);
         char buf[120];

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "arena.h"
+#include "run.h"
 #include "forkserver.h"
 #include "ioloop.h"
 #include "lend.h"
@@ -309,13 +310,16 @@ void pz_pool_consume(pz_pool *p, const pz_frame *f)
     size_t avail;
     if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_BOXED))
         unbox(p, pz_spsc_peek(&p->done, &avail)); /* f's record: the first */
-    if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
+    if (f->type == PZ_F_RESULT && (f->flags & PZ_REC_RUN))
+        p->drained += pz_run_record_count(f);
+    else if (f->type == PZ_F_RESULT || f->type == PZ_F_ERROR)
         p->drained++;
     if (p->arena) {
         /* A call's big arguments go with its last record, unless a worker
          * may still read them (f's kind lacks the mark: it is read from
          * the record); a RELEASE record comes then.  A ring's blocks go
          * once the record that read them is done with. */
+        /* (A run's calls have no big arguments: run.h.) */
         int held = f->type == PZ_F_ERROR &&
                    (pz_frame_flags(pz_spsc_peek(&p->done, &avail)) & PZ_REC_HELD);
         if (f->type == PZ_F_RESULT || (f->type == PZ_F_ERROR && !held) || f->type == PZ_F_RELEASE)

@@ -22,6 +22,7 @@
 
 #include "frame.h"
 #include "io.h"
+#include "run.h"
 #include "sys.h"
 #include "varint.h"
 #include "worker.h"
@@ -132,7 +133,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     for (int i = 0; i < 2; i++)
         (void)setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &(int){SOCKET_BUFFER}, sizeof(int));
     const pz_buf *init = &io->p->init[w->slot];
-    w->out.len = w->out_head = w->out_sent = 0;
+    pz_slot_out_dropped(w, SIZE_MAX);
     char *d = pz_buf_reserve(&w->out, PZ_FRAME_HEADER + init->len);
     if (!d) {
         close(sv[0]);
@@ -428,6 +429,8 @@ int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
                 return 1;
             memmove(fr, fr + size, w->out.len - pos - size);
             w->out.len -= size;
+            if (w->direct_end > pos)
+                w->direct_end -= size;
             w->inflight--;
             return 1;
         }
@@ -512,7 +515,7 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
     }
     if (pz_dispatch_requeue(io, w, w->out_head, drop) != 0)
         return; /* the pool failed: the frames stay for stop to abort */
-    w->out.len = w->out_head = w->out_sent = 0;
+    pz_slot_out_dropped(w, SIZE_MAX);
     w->inflight = 0;
 }
 
@@ -656,28 +659,53 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
 
 /* ---- frames to the worker ---------------------------------------------- */
 
-/* Writes what w's socket takes of its output. */
-static void flush_bytes(struct pz_io *io, pz_slot *w)
+/* Writes what w's socket takes of bytes [*sent, len) at data, advancing
+ * *sent.  Returns 1 when all went, 0 when the socket is full (EPOLLOUT is
+ * then watched) or the worker is dying (its end is handled when the
+ * spawner reports it: EPIPE, ECONNRESET). */
+static int send_bytes(struct pz_io *io, pz_slot *w, const char *data, size_t *sent, size_t len)
 {
-    while (w->fd >= 0 && w->out_sent < w->out.len) {
-        ssize_t r = send(w->fd, w->out.data + w->out_sent, w->out.len - w->out_sent,
-                         MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (*sent < len) {
+        ssize_t r = send(w->fd, data + *sent, len - *sent, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (r > 0) {
-            w->out_sent += (size_t)r;
+            *sent += (size_t)r;
             continue;
         }
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if (!w->want_out) {
-                w->want_out = 1;
-                pz_slot_watch(io, w, EPOLL_CTL_MOD);
-            }
-            return;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !w->want_out) {
+            w->want_out = 1;
+            pz_slot_watch(io, w, EPOLL_CTL_MOD);
         }
-        /* EPIPE / ECONNRESET: the worker is dying; its end is handled
-         * when the spawner reports it. */
-        return;
+        return 0;
+    }
+    return 1;
+}
+
+/* Writes what w's socket takes of its output: first the runs made so far
+ * (w->wire), then frames from w->out_sent, as runs where they may share
+ * one (run.h), else as they are. */
+static void flush_bytes(struct pz_io *io, pz_slot *w)
+{
+    while (w->fd >= 0) {
+        if (w->wire_sent < w->wire.len) {
+            if (!send_bytes(io, w, w->wire.data, &w->wire_sent, w->wire.len))
+                return;
+        }
+        w->wire.len = w->wire_sent = 0;
+        if (w->out_sent >= w->out.len)
+            break;
+        if (w->out_sent >= w->direct_end) {
+            long gathered = pz_run_gather(io, w, &w->direct_end);
+            if (gathered < 0)
+                return;
+            if (gathered > 0) {
+                w->out_sent = (size_t)gathered;
+                continue;
+            }
+        }
+        if (!send_bytes(io, w, w->out.data, &w->out_sent, w->direct_end))
+            return;
     }
     if (w->want_out && w->fd >= 0) {
         w->want_out = 0;
@@ -760,7 +788,11 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
             pos += pz_frame_size(w->out.data + pos);
         for (size_t q = pos; q < w->out.len; q += pz_frame_size(w->out.data + q))
             w->inflight--;
-        if (pz_dispatch_requeue(io, w, pos, 0) != 0 || append_stop(io, w) != 0)
+        if (pz_dispatch_requeue(io, w, pos, 0) != 0)
+            return;
+        if (w->direct_end > pos)
+            w->direct_end = pos;
+        if (append_stop(io, w) != 0)
             return;
         w->state = SLOT_STOPPING;
         pz_slot_flush(io, w);

@@ -37,6 +37,8 @@
 #include "frame.h"
 #include "handshake.h"
 #include "lstate.h"
+#include "run.h"
+#include "run_exec.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
@@ -92,6 +94,18 @@ static struct {
     pz_ring_mark ring_mark;     /* the ring before the running call's result */
     int ring_marked;            /* ring_mark is the running call's */
     int kill_leftovers;  /* kill the own process group before leaving */
+    /* The run being made (handle_run): its calls, their ids, how far its
+     * results are written, and the references of its protected steps. */
+    pz_run_item *run;
+    uint64_t *run_ids;
+    size_t run_cap, run_next, run_stop;
+    uint64_t run_ns;
+    int run_load_ref, run_results_ref, run_error_ref, run_clear_ref;
+    pz_buf item;         /* one result of the run, encoded */
+    size_t ans_at;       /* the run's answer being built (answer_close) */
+    size_t ans_count_at, ans_shared;
+    uint64_t ans_first;
+    unsigned ans_n;
 } W;
 
 static _Noreturn void die(const char *what)
@@ -227,6 +241,44 @@ static uint64_t end_call(void)
     return ns;
 }
 
+/* Appends call id's RESULT frame (locked): the `nres` values above stack
+ * index `base`, and the time the call ran.  A chunk's results (`apart`)
+ * are encoded apart, as their own calls' would be.  Big strings placed in
+ * the ring count toward max_message as if they were inline; a result
+ * refused, or whose encode raises, gives its blocks back (no frame names
+ * them).  A result above max_message becomes the call's error.  May raise
+ * (the encode). */
+static int put_result(lua_State *L, uint64_t id, uint64_t ns, int base, int nres, int apart)
+{
+    pz_buf *out = pz_wout_buf();
+    size_t start = out->len;
+    char *hdr = pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
+    if (!hdr)
+        return luaL_error(L, "out of memory");
+    out->len += PZ_FRAME_HEADER;
+    out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
+    if (W.writer) {
+        W.writer->placed = 0;
+        W.ring_mark = pz_ring_writer_mark(&W.ring);
+        W.ring_marked = 1;
+    }
+    pz_encode_tuple(L, base + 1, nres, out, "result", apart ? PZ_ENCODE_APART : 0, W.writer);
+    size_t len = out->len - start - PZ_FRAME_HEADER;
+    size_t size = len + (W.writer ? W.writer->placed : 0);
+    if (size > W.max_message) {
+        out->len = start;
+        if (W.writer)
+            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+        lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
+                        (double)size, (double)W.max_message);
+        put_error_message(id, ns, lua_tostring(L, -1));
+        return 0;
+    }
+    pz_frame_header(out->data + start, PZ_F_RESULT, id, (uint32_t)len);
+    pz_wout_frame_done(W.clock, size - len);
+    return 0;
+}
+
 /* Where run_call is: what an error it raises comes from. */
 enum { IN_CODEC = 0, IN_EXECUTOR = 1 };
 
@@ -260,40 +312,8 @@ static int run_call(lua_State *L)
         W.in_executor = IN_CODEC;
     }
     uint64_t ns = end_call();
-    pz_buf *out = pz_wout_buf();
     /* Every value the executor returned travels, as a tuple. */
-    int nres = lua_gettop(L) - base;
-    size_t start = out->len;
-    char *hdr = pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES);
-    if (!hdr)
-        return luaL_error(L, "out of memory");
-    out->len += PZ_FRAME_HEADER;
-    out->len += pz_put_varint((uint8_t *)out->data + out->len, ns);
-    /* A chunk's results are encoded apart, as their own calls' would be.
-     * Big strings placed in the ring count toward max_message as if they
-     * were inline; a result refused, or whose encode raises, gives its
-     * blocks back (no frame names them). */
-    if (W.writer) {
-        W.writer->placed = 0;
-        W.ring_mark = pz_ring_writer_mark(&W.ring);
-        W.ring_marked = 1;
-    }
-    pz_encode_tuple(L, base + 1, nres, out, "result",
-                    W.call.flags & PZ_CALL_CHUNK ? PZ_ENCODE_APART : 0, W.writer);
-    size_t len = out->len - start - PZ_FRAME_HEADER;
-    size_t size = len + (W.writer ? W.writer->placed : 0);
-    if (size > W.max_message) {
-        out->len = start;
-        if (W.writer)
-            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
-        lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
-                        (double)size, (double)W.max_message);
-        put_error_message(id, ns, lua_tostring(L, -1));
-        return 0;
-    }
-    pz_frame_header(out->data + start, PZ_F_RESULT, id, (uint32_t)len);
-    pz_wout_frame_done(W.clock, size - len);
-    return 0;
+    return put_result(L, id, ns, base, lua_gettop(L) - base, chunk);
 }
 
 /* Protected: the executor raised the error at 1 (on_error's table, or a
@@ -340,6 +360,17 @@ static void put_codec_error(lua_State *L, uint64_t id, int handled)
         snprintf(text, size, "call %.14g: %s", (double)id, m);
     put_error_message(id, 0, text ? text : m);
     free(text);
+}
+
+/* After a call's frame (locked): writes the batch when it is big or old
+ * enough, and unlocks the output. */
+static void end_output(void)
+{
+    if ((pz_wout_bytes() >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
+         W.clock - pz_wout_oldest() >= FLUSH_NS) &&
+        pz_wout_flush())
+        W.clock = pz_now_ns();
+    pz_wout_unlock();
 }
 
 static void handle_call(lua_State *L, const pz_frame *f)
@@ -397,11 +428,240 @@ static void handle_call(lua_State *L, const pz_frame *f)
     }
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     lua_settop(L, 0);
-    if ((pz_wout_bytes() >= FLUSH_BYTES || pz_wout_frames() >= FLUSH_FRAMES ||
-         W.clock - pz_wout_oldest() >= FLUSH_NS) &&
-        pz_wout_flush())
+    end_output();
+}
+
+/* ---- runs (run.h, run_exec.h) ------------------------------------------ */
+
+/* The run's answer being built in the output (locked): one RESULT frame
+ * for calls in a row that returned (run.h), W.ans_at its header's offset,
+ * or SIZE_MAX when none is open. */
+static void answer_close(void)
+{
+    if (W.ans_at == SIZE_MAX)
+        return;
+    pz_buf *out = pz_wout_buf();
+    char *h = out->data + W.ans_at;
+    pz_frame_header(h, PZ_F_RESULT, W.ans_first, (uint32_t)(out->len - W.ans_at - PZ_FRAME_HEADER));
+    pz_frame_set_flags(h, PZ_RESULT_RUN);
+    h[W.ans_count_at] = (char)(W.ans_n & 0xff);
+    h[W.ans_count_at + 1] = (char)(W.ans_n >> 8);
+    pz_wout_frame_done(W.clock, W.ans_shared);
+    W.ans_at = SIZE_MAX;
+}
+
+/* Appends call id's result (its tuple in W.item, whose big strings took
+ * `shared` bytes of the ring) to the run's answer, opening one first
+ * (locked).  May raise (memory). */
+static void answer_add(lua_State *L, uint64_t id, size_t shared)
+{
+    pz_buf *out = pz_wout_buf();
+    size_t item = PZ_VARINT_MAX_BYTES + 4 + W.item.len;
+    size_t most = W.max_message < PZ_RUN_ANSWER_BYTES ? W.max_message : PZ_RUN_ANSWER_BYTES;
+    if (W.ans_at != SIZE_MAX && out->len - W.ans_at - PZ_FRAME_HEADER + item > most)
+        answer_close();
+    if (W.ans_at == SIZE_MAX) {
+        if (!pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES + 2))
+            luaL_error(L, "out of memory");
+        W.ans_at = out->len;
+        W.ans_first = id;
+        W.ans_n = 0;
+        W.ans_shared = 0;
+        out->len += PZ_FRAME_HEADER;
+        out->len += pz_put_varint((uint8_t *)out->data + out->len, W.run_ns);
+        W.ans_count_at = out->len - W.ans_at;
+        out->len += 2;
+    }
+    uint8_t *d = (uint8_t *)pz_buf_reserve(out, item);
+    if (!d)
+        luaL_error(L, "out of memory");
+    d += pz_put_varint(d, id);
+    for (int i = 0; i < 4; i++)
+        *d++ = (uint8_t)(W.item.len >> (8 * i));
+    memcpy(d, W.item.data, W.item.len);
+    out->len = (size_t)((char *)d + W.item.len - out->data);
+    W.ans_n++;
+    W.ans_shared += shared;
+}
+
+/* Protected: appends the results of the run's calls W.run_next up to
+ * W.run_stop (1-based), each with W.run_ns: into the run's answer, but
+ * for a big one, which gets a RESULT frame of its own, and one above
+ * max_message, which becomes its call's error.  A raise (the encode)
+ * leaves W.run_next at the call whose result failed. */
+static int put_run_results(lua_State *L)
+{
+    for (; W.run_next <= W.run_stop; W.run_next++) {
+        uint64_t id = W.run_ids[W.run_next - 1];
+        int base = lua_gettop(L);
+        W.ring_marked = 0;
+        int nres = pz_run_exec_push_result(L, W.run_next);
+        W.item.len = 0;
+        if (W.writer) {
+            W.writer->placed = 0;
+            W.ring_mark = pz_ring_writer_mark(&W.ring);
+            W.ring_marked = 1;
+        }
+        pz_encode_tuple(L, base + 1, nres, &W.item, "result", 0, W.writer);
+        size_t shared = W.writer ? W.writer->placed : 0;
+        if (W.item.len + shared > W.max_message) {
+            if (W.writer)
+                pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+            answer_close();
+            lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
+                            (double)(W.item.len + shared), (double)W.max_message);
+            put_error_message(id, W.run_ns, lua_tostring(L, -1));
+        } else if (W.item.len > PZ_RUN_ANSWER_ITEM_MAX) {
+            answer_close();
+            uint8_t v[PZ_VARINT_MAX_BYTES];
+            pz_part parts[] = {{v, pz_put_varint(v, W.run_ns), 0}, {W.item.data, W.item.len, 0}};
+            pz_buf *out = pz_wout_buf();
+            char *d = pz_buf_reserve(out, PZ_FRAME_HEADER + pz_frame_parts_len(parts, 2));
+            if (!d)
+                return luaL_error(L, "out of memory");
+            out->len += pz_frame_put(d, PZ_F_RESULT, id, parts, 2);
+            pz_wout_frame_done(W.clock, shared);
+        } else {
+            answer_add(L, id, shared);
+        }
+        W.ring_marked = 0;
+        lua_settop(L, base);
+    }
+    pz_buf_trim(&W.item, 1 << 16);
+    return 0;
+}
+
+/* Appends the results of the run's calls from W.run_next up to `stop`,
+ * each with `ns` (locked), and closes the run's answer.  A result that
+ * cannot be encoded becomes its call's error, as run_call's would. */
+static void report_run_results(lua_State *L, size_t stop, uint64_t ns)
+{
+    W.run_stop = stop;
+    W.run_ns = ns;
+    while (W.run_next <= W.run_stop) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_results_ref);
+        if (lua_pcall(L, 0, 0, 0) == 0)
+            break;
+        /* Unprotected: no allocation from Lua (see handle_call).  The
+         * failed result is in W.item only: the answer holds whole ones. */
+        if (W.ring_marked)
+            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+        W.ring_marked = 0;
+        answer_close();
+        put_codec_error(L, W.run_ids[W.run_next - 1], 0);
+        lua_pop(L, 1);
+        W.run_next++;
+    }
+    answer_close();
+}
+
+/* Protected: appends the ERROR frame of the run's call W.run_next, whose
+ * executor raised the error at 1 (as report_executor_error, locked
+ * already). */
+static int report_run_error(lua_State *L)
+{
+    uint64_t id = W.run_ids[W.run_next - 1];
+    if (lua_istable(L, 1)) {
+        put_error_from_table(L, id, W.run_ns);
+    } else {
+        const char *m = lua_tostring(L, 1);
+        put_error_message(id, W.run_ns, m ? m : "error in the error handler");
+    }
+    return 0;
+}
+
+/* Makes room for a run of n calls in W.run and W.run_ids. */
+static void run_room(size_t n)
+{
+    if (n <= W.run_cap)
+        return;
+    pz_run_item *calls = realloc(W.run, n * sizeof *calls);
+    if (calls)
+        W.run = calls;
+    uint64_t *ids = calls ? realloc(W.run_ids, n * sizeof *ids) : NULL;
+    if (!ids)
+        die("out of memory (a run of calls)");
+    W.run_ids = ids;
+    W.run_cap = n;
+}
+
+/* A run (run.h): its calls made by run_exec.c's loop, each answered with a
+ * frame of its own, in order.  The loop stops at a call that raises: the
+ * results before it and its error are written, and the loop goes on after
+ * it.  The calls share the time their loop took. */
+static void handle_run(lua_State *L, const pz_frame *f)
+{
+    pz_run_reader r;
+    uint64_t n = pz_run_open(&r, f->payload, f->len);
+    if (n == 0)
+        die("a malformed run of calls from the parent");
+    run_room((size_t)n);
+    for (uint64_t k = 0; k < n; k++) {
+        if (pz_run_next(&r, &W.run[k]) != 0)
+            die("a malformed run of calls from the parent");
+        W.run_ids[k] = W.run[k].id;
+    }
+    int64_t t0 = W.clock ? W.clock : pz_now_ns();
+    atomic_store_explicit(&W.shared->started, t0, memory_order_relaxed);
+    atomic_store_explicit(&W.shared->running, W.run_ids[0], memory_order_release);
+    pz_run_exec_prepare(W.run, W.run_ids, (size_t)n, W.reader);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_load_ref);
+    if (lua_pcall(L, 0, 0, 0) != 0) {
+        /* Their arguments could not be made (memory): each call fails as
+         * its decode would have, on its own. */
+        pz_wout_lock();
+        for (uint64_t k = 0; k < n; k++)
+            put_codec_error(L, W.run_ids[k], 0);
         W.clock = pz_now_ns();
-    pz_wout_unlock();
+        atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
+        lua_settop(L, 0);
+        end_output();
+        return;
+    }
+    W.run_next = 1;
+    for (size_t from = 1; from <= n;) {
+        atomic_store_explicit(&W.shared->running, W.run_ids[from - 1], memory_order_release);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
+        int rc = pz_run_exec_call(L, 1, W.exec_ref, from, (size_t)n);
+        /* The call that raised is the one the loop named last. */
+        size_t failed = 0;
+        if (rc != 0) {
+            uint64_t id = atomic_load_explicit(&W.shared->running, memory_order_relaxed);
+            failed = from;
+            while (failed < n && W.run_ids[failed - 1] != id)
+                failed++;
+        }
+        size_t last = rc ? failed : (size_t)n;
+        W.clock = pz_now_ns();
+        uint64_t ns = (uint64_t)(W.clock - t0) / (last - from + 1);
+        t0 = W.clock;
+        W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
+        if (pz_wout_lock())
+            W.clock = t0 = pz_now_ns(); /* it waited for the flusher's write */
+        report_run_results(L, rc ? failed - 1 : (size_t)n, ns);
+        if (rc != 0) {
+            int raised = lua_gettop(L);
+            W.run_next = failed;
+            W.mark = pz_wout_buf()->len;
+            W.mark_frames = pz_wout_frames();
+            lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_error_ref);
+            lua_pushvalue(L, raised);
+            if (lua_pcall(L, 1, 0, 0) != 0) {
+                pz_wout_truncate(W.mark, W.mark_frames);
+                put_codec_error(L, W.run_ids[failed - 1], 1);
+            }
+            W.run_next = failed + 1;
+        }
+        lua_settop(L, 0);
+        pz_wout_unlock();
+        from = last + 1;
+    }
+    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_clear_ref);
+    (void)lua_pcall(L, 0, 0, 0);
+    lua_settop(L, 0);
+    pz_wout_lock();
+    end_output();
 }
 
 /* SIGINT and SIGQUIT in a worker: see pz_worker_signals. */
@@ -844,6 +1104,7 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
         W.writer = pz_ring_writer_init(&W.ring, arena, record, shared);
     }
     W.exec_ref = LUA_NOREF;
+    W.ans_at = SIZE_MAX;
     W.max_message = UINT32_MAX - PZ_FRAME_SLACK; /* until INIT says otherwise */
     /* Output of many workers interleaves line by line, as a user expects. */
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -853,6 +1114,13 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.L = L;
     luaL_openlibs(L);
     setup(L);
+    lua_pushcfunction(L, pz_run_exec_init);
+    lua_pushlightuserdata(L, (void *)&W.shared->running);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+        char what[256];
+        snprintf(what, sizeof what, "cannot make the loop of runs: %s", lua_tostring(L, -1));
+        die(what);
+    }
     initialize(L);
     pz_wout_start_flusher();
     lua_pushcfunction(L, on_error);
@@ -861,9 +1129,19 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, report_executor_error);
     W.report_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, pz_run_exec_load);
+    W.run_load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, put_run_results);
+    W.run_results_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, report_run_error);
+    W.run_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, pz_run_exec_clear);
+    W.run_clear_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     for (;;) {
         pz_frame f = next_frame();
-        if (f.type == PZ_F_CALL)
+        if (f.type == PZ_F_CALL && (f.flags & PZ_CALL_RUN))
+            handle_run(L, &f);
+        else if (f.type == PZ_F_CALL)
             handle_call(L, &f);
         else if (f.type == PZ_F_STOP)
             shut_down(L);

@@ -1,0 +1,200 @@
+-- Runs (src/run.h): the I/O thread sends a local worker many small calls in
+-- a row as one frame, the worker makes them in one compiled loop and
+-- answers those that returned together. Each call must still behave as
+-- a call of its own: its result, every value of it, its error, its death,
+-- its cancel.
+local parallelize = require "parallelize"
+local support = require "spec.support"
+
+local Parallelize = parallelize.Parallelize
+
+-- The executor of most tests: what it does depends on x % 100, and it
+-- counts the calls the run loop made (its caller is the loop's chunk).
+local run_calls = 0 -- each worker counts in its own copy of the upvalue
+local function mixed(x)
+  if debug.getinfo(2, "S").source == "=parallelize run" then run_calls = run_calls + 1 end
+  if x == "count" then return run_calls end
+  local k = x % 100
+  if k == 7 then error({ code = x }) end
+  if k == 13 then error("bad " .. x) end
+  if k == 21 then return x, "two", nil end
+  if k == 33 then return end
+  if k == 45 then return nil end
+  if k == 57 then return string.rep("y", 600 + x % 50) end
+  if k == 66 then return coroutine.create(print) end
+  return x * 2
+end
+
+--- Queues 1..n, a number at a time, after a warm-up that gives the worker
+-- the average call time that runs need. Returns the ids.
+local function queue(p, n)
+  for i = 1, 2000 do p(100 * i) end -- x % 100 == 0: plain calls
+  assert.is_true(p:wait(60))
+  local ids = {}
+  for i = 1, n do ids[i] = p(i) end
+  return ids
+end
+
+describe("runs of small calls", function()
+  it("answer each call as its own: results, every value, errors, nothing lost", function()
+    local p = Parallelize(mixed, { workers = 1 })
+    finally(function() p:stop() end)
+    local n = 30000
+    local ids = queue(p, n)
+    assert.is_true(p:wait(60))
+    for i = 1, n do
+      local k = i % 100
+      local res = { p:result(ids[i]) }
+      if k == 7 then
+        assert.is_false(res[1], "call " .. i)
+        assert.are.equal(i, res[2].value.code)
+        assert.are.equal("raised", res[2].kind)
+        assert.are.same({ n = 1, i }, res[2].args)
+      elseif k == 13 then
+        assert.is_false(res[1], "call " .. i)
+        assert.matches("bad " .. i .. "$", res[2].message)
+        assert.matches("traceback", res[2].traceback)
+      elseif k == 66 then
+        assert.is_false(res[1], "call " .. i)
+        assert.matches("call " .. ids[i] .. ": .*thread", res[2].message)
+      else
+        assert.is_true(res[1], "call " .. i)
+        if k == 21 then
+          assert.are.same({ true, i, "two", nil, n = 4 }, { n = select("#", p:result(ids[i])), p:result(ids[i]) })
+        elseif k == 33 then
+          assert.are.equal(1, #res)
+        elseif k == 45 then
+          assert.are.equal(1, select("#", p:result(ids[i])) - 1)
+          assert.is_nil(res[2])
+        elseif k == 57 then
+          assert.are.equal(string.rep("y", 600 + i % 50), res[2])
+        else
+          assert.are.equal(2 * i, res[2])
+        end
+      end
+    end
+    local count = p("count")
+    assert.is_true(p:wait(10))
+    local _, in_run = p:result(count)
+    -- most calls went in runs (the warm-up's first ones and a few others
+    -- did not)
+    assert.is_true(in_run > n / 2, "calls made in runs: " .. in_run)
+    assert.are.equal(3 * n / 100, #p.errors)
+    assert.are.equal(0, p:stats().deaths)
+  end)
+
+  it("keep the order of results, errors and results too big for a run", function()
+    local p = Parallelize(mixed, { workers = 1, max_message = 1024 })
+    finally(function() p:stop() end)
+    local ids = queue(p, 5000)
+    assert.is_true(p:wait(60))
+    local results, rids, errors = p:take()
+    local seen = {}
+    for k = 1, #rids do seen[rids[k]] = results[k] end
+    for _, e in ipairs(errors) do seen[e.id] = e end
+    for i = 1, 5000 do
+      assert.is_not_nil(seen[ids[i]], "call " .. i .. " has neither a result nor an error")
+    end
+    -- a result of 600-650 bytes is within max_message: it travels
+    assert.are.equal(string.rep("y", 607), seen[ids[57]])
+    assert.are.equal(0, p:stats().deaths)
+  end)
+
+  it("charge a death to the call that was running, and run the others again", function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local mark = dir .. "/killed"
+    local p = Parallelize(function(x)
+      if x == 3333 then
+        local f = io.open(mark, "r")
+        if not f then
+          f = assert(io.open(mark, "w"))
+          f:close()
+          os.exit(9) -- the first time only: it runs again on the next worker
+        end
+        f:close()
+      end
+      if x == 4444 then os.exit(9) end -- every time: it is the killer
+      return x + 1
+    end, { workers = 2, max_deaths = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 2000 do p(100000 + i) end
+    assert.is_true(p:wait(60))
+    local ids = {}
+    for i = 1, 10000 do ids[i] = p(i) end
+    assert.is_true(p:wait(60))
+    for i = 1, 10000 do
+      local ok, v = p:result(ids[i])
+      if i == 4444 then
+        assert.is_false(ok)
+        assert.are.equal("killer", v.kind)
+      else
+        assert.is_true(ok, "call " .. i .. ": " .. tostring(v))
+        assert.are.equal(i + 1, v)
+      end
+    end
+    assert.are.equal(3, p:stats().deaths)
+  end)
+
+  it("cancel a call wherever it is: never both a result and a cancel", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    for i = 1, 2000 do p(i) end
+    assert.is_true(p:wait(60))
+    local ids = {}
+    for i = 1, 20000 do ids[i] = p(i) end
+    local cancelled = {}
+    for i = 100, 20000, 97 do
+      if p:cancel(ids[i]) then cancelled[ids[i]] = true end
+    end
+    assert.is_true(p:wait(60))
+    local results, rids, errors = p:take()
+    local outcome = {}
+    for k = 1, #rids do
+      assert.is_nil(outcome[rids[k]])
+      outcome[rids[k]] = results[k]
+    end
+    for _, e in ipairs(errors) do
+      assert.is_nil(outcome[e.id], "call " .. e.id .. " has a result and an error")
+      assert.are.equal("cancelled", e.kind)
+      assert.is_true(cancelled[e.id])
+      outcome[e.id] = e
+    end
+    for i = 1, 20000 do assert.is_not_nil(outcome[ids[i]], "call " .. i .. " lost") end
+  end)
+
+  it("take a result the parent cannot decode as that call's error only", function()
+    local dir = support.tmpdir()
+    local defer = support.defer(finally)
+    defer(function() support.rmdir(dir) end)
+    support.write(dir .. "/pz_spec_runonly.lua", [[
+      if package.loaded.busted then error("not in the parent") end
+      return { name = "worker only" }
+    ]])
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    defer(function() package.path = saved end)
+    local p = Parallelize(function(x)
+      if x == 1234 then return require("pz_spec_runonly") end
+      return x
+    end, { workers = 1 })
+    defer(function() p:stop() end)
+    for i = 1, 2000 do p(100000 + i) end
+    assert.is_true(p:wait(60))
+    local ids = {}
+    for i = 1, 3000 do ids[i] = p(i) end
+    assert.is_true(p:wait(60))
+    for i = 1, 3000 do
+      local ok, v = p:result(ids[i])
+      if i == 1234 then
+        assert.is_false(ok)
+        assert.are.equal("parent", v.kind)
+        assert.matches("^the result of call " .. ids[i] .. " cannot be used in the parent: .*not in the parent",
+          v.message)
+      else
+        assert.is_true(ok, "call " .. i)
+        assert.are.equal(i, v)
+      end
+    end
+  end)
+end)
