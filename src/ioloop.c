@@ -416,15 +416,26 @@ void *pz_io_main(void *arg)
          * more: a call published before the flag was set would otherwise
          * wait for the next event. */
         int room = !io->stopping && !io->fatal && !io->halted && pz_dispatch_has_room(io);
+        int nap = 0;
         if (room) {
             atomic_store(&p->io_sleeping, 1);
+            /* The main thread's side of the fence (pool.c, kick): after
+             * it, a call it publishes later sees the flag, and one it
+             * published earlier is in the queue.  Should it ever fail, the
+             * sleep is cut short instead, so that such a call waits 1 ms
+             * at most. */
+            if (p->asym_fence && pz_membarrier() != 0)
+                nap = 1;
             if (pz_dispatch_waiting(io)) {
                 atomic_store(&p->io_sleeping, 0);
                 continue;
             }
         }
         pthread_mutex_unlock(&io->lock);
-        int n = epoll_wait(io->ep, evs, EVENTS_PER_WAIT, timeout_ms(deadline, now));
+        int wait_ms = timeout_ms(deadline, now);
+        if (nap && (wait_ms < 0 || wait_ms > 1))
+            wait_ms = 1;
+        int n = epoll_wait(io->ep, evs, EVENTS_PER_WAIT, wait_ms);
         int err = errno;
         pthread_mutex_lock(&io->lock);
         if (room)

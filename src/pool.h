@@ -123,6 +123,8 @@ typedef struct pz_pool {
     pthread_t thread;
     int thread_started;
     struct pz_io *io;
+    int asym_fence;           /* the submit queue's wake-up uses membarrier
+                               * (pool.c, kick): its fence is the I/O thread's */
 
     /* written by the main thread.  Each group from here on starts a cache
      * line of its own (pz_spsc's are aligned too): a field one thread

@@ -109,18 +109,20 @@ int pz_run_exec_call(lua_State *L, int handler, int exec_ref, size_t from, size_
     return lua_pcall(L, 3, 0, handler);
 }
 
-int pz_run_exec_push_result(lua_State *L, size_t k)
+void pz_run_exec_push_tables(lua_State *L)
 {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, R.results);
     lua_rawgeti(L, LUA_REGISTRYINDEX, R.extras);
-    lua_rawgeti(L, -1, (int)k);
+}
+
+int pz_run_exec_push_result(lua_State *L, int tables, size_t k)
+{
+    lua_rawgeti(L, tables + 1, (int)k);
     if (lua_isnil(L, -1)) {
-        lua_pop(L, 2);
-        lua_rawgeti(L, LUA_REGISTRYINDEX, R.results);
-        lua_rawgeti(L, -1, (int)k);
-        lua_remove(L, -2);
+        lua_pop(L, 1);
+        lua_rawgeti(L, tables, (int)k);
         return 1;
     }
-    lua_remove(L, -2);
     int t = lua_gettop(L);
     lua_getfield(L, t, "n");
     int count = (int)lua_tointeger(L, -1);

@@ -39,9 +39,11 @@ void pz_run_exec_prepare(const pz_run_item *calls, const uint64_t *ids, size_t n
  * raised is the one named in the shared memory. */
 int pz_run_exec_call(lua_State *L, int handler, int exec_ref, size_t from, size_t n);
 
-/* Pushes the values call k (1-based) returned and returns how many.  May
- * raise (out of memory). */
-int pz_run_exec_push_result(lua_State *L, size_t k);
+/* Pushes the loop's tables of results (two values, at `tables` once
+ * pushed), then, for call k (1-based), the values it returned, and returns
+ * how many.  May raise (out of memory). */
+void pz_run_exec_push_tables(lua_State *L);
+int pz_run_exec_push_result(lua_State *L, int tables, size_t k);
 
 /* Protected (a lua_CFunction, no arguments): drops what the last run left
  * in the loop's tables, so that it keeps none of its values alive. */

@@ -73,6 +73,14 @@ static inline void pz_spsc_publish(pz_spsc *q)
     atomic_store(&q->wr->tail, q->wpos);
 }
 
+/* Producer: as pz_spsc_publish, with a release store only, for a wake-up
+ * protocol whose fence the consumer runs for both sides (membarrier:
+ * pool.c). */
+static inline void pz_spsc_publish_release(pz_spsc *q)
+{
+    atomic_store_explicit(&q->wr->tail, q->wpos, memory_order_release);
+}
+
 /* Consumer: returns the published, unconsumed bytes of the current chunk
  * (whole records) and sets *n, or returns NULL with *n = 0 when empty. */
 const char *pz_spsc_peek(pz_spsc *q, size_t *n);

@@ -60,6 +60,31 @@ ssize_t pz_read(int fd, void *p, size_t n)
     return r;
 }
 
+/* The membarrier commands (linux/membarrier.h), spelled here so that the
+ * build needs no kernel header newer than the C library's. */
+#define PZ_MEMBARRIER_CMD_PRIVATE_EXPEDITED (1 << 3)
+#define PZ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED (1 << 4)
+
+int pz_membarrier_register(void)
+{
+#ifdef SYS_membarrier
+    return syscall(SYS_membarrier, PZ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : -1;
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+int pz_membarrier(void)
+{
+#ifdef SYS_membarrier
+    return syscall(SYS_membarrier, PZ_MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : -1;
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
 int pz_set_nonblock(int fd)
 {
     int flags = fcntl(fd, F_GETFL);

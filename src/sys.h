@@ -33,6 +33,15 @@ void pz_close_fds_from(int lowest, int keep);
  * valid eventfd never gives, is reported on stderr naming `whom`. */
 void pz_wake(int fd, const char *whom);
 
+/* membarrier(2), private expedited: pz_membarrier_register, once per
+ * process, returns 0 when pz_membarrier may be used, -1 when the kernel
+ * lacks it (or a seccomp filter refuses it); pz_membarrier then runs a
+ * full memory barrier on every thread of the process that is running
+ * (the others pass one when they are scheduled), returning 0, or -1 with
+ * errno set. */
+int pz_membarrier_register(void);
+int pz_membarrier(void);
+
 /* Resets an eventfd's counter after a wake-up was seen. */
 void pz_wake_clear(int fd);
 

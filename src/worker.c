@@ -491,11 +491,13 @@ static void answer_add(lua_State *L, uint64_t id, size_t shared)
  * leaves W.run_next at the call whose result failed. */
 static int put_run_results(lua_State *L)
 {
+    int tables = lua_gettop(L) + 1;
+    pz_run_exec_push_tables(L);
     for (; W.run_next <= W.run_stop; W.run_next++) {
         uint64_t id = W.run_ids[W.run_next - 1];
         int base = lua_gettop(L);
         W.ring_marked = 0;
-        int nres = pz_run_exec_push_result(L, W.run_next);
+        int nres = pz_run_exec_push_result(L, tables, W.run_next);
         W.item.len = 0;
         if (W.writer) {
             W.writer->placed = 0;
