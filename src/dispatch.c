@@ -35,6 +35,10 @@
 #include "frame.h"
 #include "io.h"
 
+/* Calls handed to one slot in a row at most, before the next is picked:
+ * few enough that workers with room share a burst of calls. */
+#define DISPATCH_STREAK 32
+
 pz_slot *pz_dispatch_pick(struct pz_io *io)
 {
     /* Round robin from io->rr, without a division per call. */
@@ -132,6 +136,8 @@ void pz_dispatch(struct pz_io *io)
     pz_spsc *q = &io->p->submit;
     const char *sp = NULL;
     size_t savail = 0;
+    pz_slot *last = NULL; /* the slot the last call went to */
+    int streak = 0;       /* and how many in a row */
     for (;;) {
         const char *fr;
         int from_rq = io->rq_pos < io->rq.len;
@@ -146,11 +152,20 @@ void pz_dispatch(struct pz_io *io)
         }
         size_t size = pz_frame_size(fr);
         if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED)) {
-            pz_slot *w = pz_dispatch_pick(io);
-            if (!w && grow_for_backlog(io))
+            /* Calls go to one slot DISPATCH_STREAK at a time while it has
+             * room: a pick looks at every slot, and calls in a row to one
+             * worker can share a run (run.h). */
+            pz_slot *w = last && streak < DISPATCH_STREAK && pz_slot_has_room(last) ? last : NULL;
+            if (!w) {
                 w = pz_dispatch_pick(io);
-            if (!w)
-                break;
+                if (!w && grow_for_backlog(io))
+                    w = pz_dispatch_pick(io);
+                if (!w)
+                    break;
+                streak = 0;
+            }
+            last = w;
+            streak++;
             if (pz_slot_hand_call(io, w, fr, size) != 0)
                 return;
         } else {
