@@ -4,15 +4,20 @@
 -- a call of its own: its result, every value of it, its error, its death,
 -- its cancel.
 local parallelize = require "parallelize"
+local core = require "parallelize.core"
 local support = require "spec.support"
 
 local Parallelize = parallelize.Parallelize
 
 -- The executor of most tests: what it does depends on x % 100, and it
--- counts the calls the run loop made (its caller is the loop's chunk).
-local run_calls = 0 -- each worker counts in its own copy of the upvalue
+-- counts the calls made from a run's loop: their caller (a C function) is
+-- not the one that made the worker's first call, which came alone (a
+-- worker gets runs once it has answered).
+local run_calls, lone_caller = 0, nil -- each worker has its own copies
 local function mixed(x)
-  if debug.getinfo(2, "S").source == "=parallelize run" then run_calls = run_calls + 1 end
+  local caller = debug.getinfo(2, "f").func
+  lone_caller = lone_caller or caller
+  if caller ~= lone_caller then run_calls = run_calls + 1 end
   if x == "count" then return run_calls end
   local k = x % 100
   if k == 7 then error({ code = x }) end
@@ -161,6 +166,76 @@ describe("runs of small calls", function()
       outcome[e.id] = e
     end
     for i = 1, 20000 do assert.is_not_nil(outcome[ids[i]], "call " .. i .. " lost") end
+  end)
+
+  it("send a result while a later call of the same run runs long", function()
+    local p = Parallelize(function(x)
+      local caller = debug.getinfo(2, "f").func
+      lone_caller = lone_caller or caller
+      if x > 0 then parallelize.sleep(x) end
+      return caller ~= lone_caller
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    for _ = 1, 2000 do p(0) end
+    assert.is_true(p:wait(60), "the warm-up did not finish")
+    -- Calls queued while the worker is busy go as runs, mostly: a round
+    -- where none did is tried again.
+    for _ = 1, 5 do
+      p:take()
+      p(0.1)
+      local t0 = core.now()
+      for _ = 1, 50 do p(0) end
+      p(1.5)
+      -- the 51 results come while the long call runs (the worker's
+      -- flusher writes them), not after it
+      assert.is_true(support.eventually(function() return #p.results == 51 end, 1),
+        "the results of the calls before the long one did not come while it ran")
+      local waited = core.now() - t0
+      assert.is_true(waited < 1, "the results came after " .. waited .. " s")
+      assert.are.equal(1, p.pending)
+      local in_run = 0
+      for _, r in ipairs(p.results) do
+        if r then in_run = in_run + 1 end
+      end
+      assert.is_true(p:wait(10), "the long call did not finish")
+      if in_run > 0 then return end
+    end
+    error("in 5 rounds, no call of the test went in a run")
+  end)
+
+  it("write what a run has finished when the worker gets SIGTERM", function()
+    -- Results lost with the worker would count as never run: those calls
+    -- would run again on its replacement, their side effects twice.
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local log = dir .. "/ran"
+    local p = Parallelize(function(x)
+      if x < 0 then
+        os.execute("kill -TERM " .. parallelize.getpid())
+        parallelize.sleep(5)
+        return x
+      end
+      local f = assert(io.open(log, "a"))
+      f:write(x, "\n")
+      f:close()
+      return x
+    end, { workers = 1, max_deaths = 1 })
+    finally(function() p:stop() end)
+    for i = 1, 300 do p(1000 + i) end
+    assert.is_true(p:wait(60), "the warm-up did not finish")
+    for i = 1, 50 do p(i) end
+    local term = p(-1)
+    for i = 51, 60 do p(i) end
+    assert.is_true(p:wait(60), "the calls did not finish")
+    local counts = {}
+    for line in support.read(log):gmatch("[^\n]+") do
+      counts[line] = (counts[line] or 0) + 1
+    end
+    for i = 1, 60 do
+      assert.are.equal(1, counts[tostring(i)], "call " .. i .. " ran " .. tostring(counts[tostring(i)]) .. " times")
+    end
+    assert.are.equal(1, #p.errors)
+    assert.are.same({ term, "killer" }, { p.errors[1].id, p.errors[1].kind })
   end)
 
   it("take a result the parent cannot decode as that call's error only", function()

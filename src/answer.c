@@ -13,6 +13,7 @@
 
 #include "frame.h"
 #include "io.h"
+#include "run.h"
 #include "sys.h"
 #include "varint.h"
 
@@ -237,14 +238,16 @@ static int next_run_item(const uint8_t **p, const uint8_t *end, uint64_t *id)
 static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
 {
     const uint8_t *p = (const uint8_t *)f->payload, *end = p + f->len;
-    uint64_t ns, id;
+    uint64_t ns = 0, id;
     if ((w->state != SLOT_READY && w->state != SLOT_STOPPING && w->state != SLOT_RETIRING) ||
-        pz_get_varint(&p, end, &ns) != 0 || end - p < 2) {
+        f->len < PZ_RUN_ANSWER_HEAD) {
         pz_slot_reject(io, w, "a truncated answer");
         return;
     }
     unsigned n = (unsigned)p[0] | (unsigned)p[1] << 8;
-    p += 2;
+    for (int i = 7; i >= 0; i--)
+        ns = ns << 8 | p[2 + i];
+    p += PZ_RUN_ANSWER_HEAD;
     if (n == 0 || n > w->inflight) {
         pz_slot_reject(io, w, "an answer to no call");
         return;

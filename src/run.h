@@ -2,10 +2,11 @@
  * run.h - runs: several small calls travelling to a local worker as one
  * CALL frame.
  *
- * Why: a loop of tiny p(i) sends one frame per call, and the worker paid
- * for each a frame, a protected call from C, a clock reading and its
- * output's lock: more than the call itself.  A run is read once, and its
- * calls are made by one compiled Lua loop (run_exec.h).
+ * Why: a loop of tiny p(i) sent one frame per call, and the worker paid
+ * for each a frame, a protected call, a clock reading and its output's
+ * lock, and the parent a record per result: more than the call itself.
+ * A run is read once, its calls are made by one C loop in one protected
+ * call (worker.c), and their results come back together.
  *
  * What stays as it was: a run exists only between the I/O thread and the
  * worker.  The I/O thread keeps each call's own frame in the slot's `out`
@@ -14,21 +15,23 @@
  * it in the shared memory (worker.h), so that a death is charged to the
  * call that was running.
  *
- * The answers: calls in a row that returned share one RESULT frame with
- * flag PZ_RESULT_RUN (frame.h), and each that raised, or whose result
- * cannot travel, gets its ERROR frame, in order.  A result above
- * PZ_RUN_ANSWER_ITEM_MAX bytes gets a RESULT frame of its own (a run's
- * answer is held to PZ_RUN_ANSWER_BYTES).  The I/O thread checks each call
- * of such an answer against its own frames and hands the main thread one
- * record (PZ_REC_RUN) for each stretch of calls with one tag.
+ * The answers: the worker puts each call's result in its output as soon
+ * as the call returns, as for a call sent alone (the flusher may write it
+ * while a long call runs after it; SIGTERM's last write takes it).  Calls
+ * in a row that returned share one RESULT frame with flag PZ_RESULT_RUN
+ * (frame.h), and each that raised, or whose result cannot travel, gets
+ * its ERROR frame, in order.  A result above PZ_RUN_ANSWER_ITEM_MAX bytes
+ * gets a RESULT frame of its own (a run's answer is held to
+ * PZ_RUN_ANSWER_BYTES).  The I/O thread checks each call of such an
+ * answer against its own frame and hands the main thread one record
+ * (PZ_REC_RUN) for each stretch of calls with one tag.
  *
  * Which calls: consecutive CALL frames without flags, without a timeout
  * (a run does not say when each of its calls starts), whose arguments are
  * one number, boolean, nil, null or string inline (nothing whose decoding
  * runs code or can fail but for memory), PZ_RUN_ARGS_MAX bytes at most,
- * to a local worker whose calls
- * took less than RUN_SPAN_NS / 2 each on average so far (the results of
- * a run come together, after its last call).
+ * to a local worker whose calls took less than PZ_RUN_SPAN_NS / 2 each on
+ * average so far.
  *
  * Payload of a CALL frame with flag PZ_CALL_RUN (header: the first call's
  * id, the other bookkeeping bytes zero):
@@ -37,12 +40,13 @@
  *
  * Payload of a worker's RESULT frame with flag PZ_RESULT_RUN (header: the
  * first call's id):
- *   varint nanoseconds        each call's share of the time they ran
  *   u16 n (little-endian)     the calls, at least 1
+ *   u64 ns (little-endian)    each call's time, as the worker reckons it
  *   n times: varint id, u32 len (little-endian), len bytes of the tuple of
  *            values the call returned
- * Payload of a RESULT record with flag PZ_REC_RUN: the same, without the
- * nanoseconds.
+ * (fixed widths: the worker rewrites the head as the answer grows).
+ * Payload of a RESULT record with flag PZ_REC_RUN: u16 n, then the n
+ * calls as above.
  *
  * Threads: pz_run_gather runs in whichever thread holds io->lock (io.h);
  * pz_run_record_count in the main thread; pz_run_open and pz_run_next in
@@ -59,8 +63,8 @@
 struct pz_io;
 struct pz_slot;
 
-/* The work a run carries at most, at the worker's average call time: its
- * results wait for its last call. */
+/* The work a run carries at most, at the worker's average call time: for
+ * calls longer than half of it, a frame of their own costs little. */
 #define PZ_RUN_SPAN_NS 50000
 
 /* Calls in one run at most. */
@@ -84,6 +88,18 @@ struct pz_slot;
  * one before the next two that could share a run.  Returns -1 when out of
  * memory (the pool has failed). */
 long pz_run_gather(struct pz_io *io, struct pz_slot *w, size_t *direct);
+
+/* The head of a run answer's payload (u16 n, u64 ns), and its writer
+ * (worker). */
+#define PZ_RUN_ANSWER_HEAD 10
+static inline void pz_run_answer_set_head(char *payload, unsigned n, uint64_t ns)
+{
+    unsigned char *h = (unsigned char *)payload;
+    h[0] = (unsigned char)(n & 0xff);
+    h[1] = (unsigned char)(n >> 8);
+    for (int i = 0; i < 8; i++)
+        h[2 + i] = (unsigned char)(ns >> (8 * i));
+}
 
 /* Main thread: the number of calls a RESULT record with flag PZ_REC_RUN
  * answers (its bytes are trusted). */

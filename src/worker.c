@@ -38,7 +38,6 @@
 #include "handshake.h"
 #include "lstate.h"
 #include "run.h"
-#include "run_exec.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
@@ -94,17 +93,16 @@ static struct {
     pz_ring_mark ring_mark;     /* the ring before the running call's result */
     int ring_marked;            /* ring_mark is the running call's */
     int kill_leftovers;  /* kill the own process group before leaving */
-    /* The run being made (handle_run): its calls, their ids, how far its
-     * results are written, and the references of its protected steps. */
+    /* The run being made (handle_run): its calls, the next to make, and
+     * the references of its protected steps. */
     pz_run_item *run;
-    uint64_t *run_ids;
-    size_t run_cap, run_next, run_stop;
-    uint64_t run_ns;
-    int run_load_ref, run_results_ref, run_error_ref, run_clear_ref;
+    size_t run_cap, run_n, run_next;
+    int run_calls_ref, run_error_ref;
     pz_buf item;         /* one result of the run, encoded */
-    size_t ans_at;       /* the run's answer being built (answer_close) */
-    size_t ans_count_at, ans_shared;
-    uint64_t ans_first;
+    /* The last run answer in the output (answer_open): where it starts
+     * and ends, the output's writes then, its calls. */
+    size_t ans_at, ans_end;
+    uint64_t ans_writes;
     unsigned ans_n;
 } W;
 
@@ -431,46 +429,45 @@ static void handle_call(lua_State *L, const pz_frame *f)
     end_output();
 }
 
-/* ---- runs (run.h, run_exec.h) ------------------------------------------ */
+/* ---- runs (run.h) --------------------------------------------------------
+ *
+ * A run's calls are made one after the other by one C loop inside one
+ * protected call (run_calls), restarted after a call that raises: no
+ * frame to parse, no protected call, no clock reading per call.  Each
+ * result goes into the output as soon as its call returns, as a single
+ * call's would, so that the flusher can write it while a long call runs
+ * after it, and SIGTERM's write takes it along.  Results in a row share
+ * one RESULT frame (PZ_RESULT_RUN), kept whole in the output after each
+ * one and extended by the next while nothing has been written or
+ * appended behind it.  The time of a run's calls is known only at its
+ * end: each answer carries the worker's average so far (W.avg_ns), which
+ * the run's end then updates. */
 
-/* The run's answer being built in the output (locked): one RESULT frame
- * for calls in a row that returned (run.h), W.ans_at its header's offset,
- * or SIZE_MAX when none is open. */
-static void answer_close(void)
+/* Whether the run answer at W.ans_at is still the output's last frame,
+ * unwritten: the next result may join it. */
+static int answer_open(void)
 {
-    if (W.ans_at == SIZE_MAX)
-        return;
-    pz_buf *out = pz_wout_buf();
-    char *h = out->data + W.ans_at;
-    pz_frame_header(h, PZ_F_RESULT, W.ans_first, (uint32_t)(out->len - W.ans_at - PZ_FRAME_HEADER));
-    pz_frame_set_flags(h, PZ_RESULT_RUN);
-    h[W.ans_count_at] = (char)(W.ans_n & 0xff);
-    h[W.ans_count_at + 1] = (char)(W.ans_n >> 8);
-    pz_wout_frame_done(W.clock, W.ans_shared);
-    W.ans_at = SIZE_MAX;
+    return W.ans_at != SIZE_MAX && pz_wout_buf()->len == W.ans_end && pz_wout_writes() == W.ans_writes;
 }
 
 /* Appends call id's result (its tuple in W.item, whose big strings took
- * `shared` bytes of the ring) to the run's answer, opening one first
- * (locked).  May raise (memory). */
+ * `shared` bytes of the ring) to the open run answer, or to a new one
+ * (locked), and leaves the answer whole.  May raise (memory). */
 static void answer_add(lua_State *L, uint64_t id, size_t shared)
 {
     pz_buf *out = pz_wout_buf();
     size_t item = PZ_VARINT_MAX_BYTES + 4 + W.item.len;
     size_t most = W.max_message < PZ_RUN_ANSWER_BYTES ? W.max_message : PZ_RUN_ANSWER_BYTES;
-    if (W.ans_at != SIZE_MAX && out->len - W.ans_at - PZ_FRAME_HEADER + item > most)
-        answer_close();
-    if (W.ans_at == SIZE_MAX) {
-        if (!pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_VARINT_MAX_BYTES + 2))
+    if (!answer_open() || W.ans_n == UINT16_MAX ||
+        out->len - W.ans_at - PZ_FRAME_HEADER + item > most) {
+        if (!pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD))
             luaL_error(L, "out of memory");
         W.ans_at = out->len;
-        W.ans_first = id;
         W.ans_n = 0;
-        W.ans_shared = 0;
-        out->len += PZ_FRAME_HEADER;
-        out->len += pz_put_varint((uint8_t *)out->data + out->len, W.run_ns);
-        W.ans_count_at = out->len - W.ans_at;
-        out->len += 2;
+        out->len += PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD;
+        pz_frame_header(out->data + W.ans_at, PZ_F_RESULT, id, 0);
+        pz_frame_set_flags(out->data + W.ans_at, PZ_RESULT_RUN);
+        pz_wout_frame_done(W.clock, 0);
     }
     uint8_t *d = (uint8_t *)pz_buf_reserve(out, item);
     if (!d)
@@ -480,117 +477,138 @@ static void answer_add(lua_State *L, uint64_t id, size_t shared)
         *d++ = (uint8_t)(W.item.len >> (8 * i));
     memcpy(d, W.item.data, W.item.len);
     out->len = (size_t)((char *)d + W.item.len - out->data);
+    pz_wout_add_shared(shared);
+    /* Whole again: its length, its count, the time of each call. */
+    char *h = out->data + W.ans_at;
     W.ans_n++;
-    W.ans_shared += shared;
+    pz_frame_put_u32(h + PZ_FO_LEN, (uint32_t)(out->len - W.ans_at - PZ_FRAME_HEADER));
+    pz_run_answer_set_head(h + PZ_FRAME_HEADER, W.ans_n, (uint64_t)W.avg_ns);
+    W.ans_end = out->len;
+    W.ans_writes = pz_wout_writes();
 }
 
-/* Protected: appends the results of the run's calls W.run_next up to
- * W.run_stop (1-based), each with W.run_ns: into the run's answer, but
- * for a big one, which gets a RESULT frame of its own, and one above
- * max_message, which becomes its call's error.  A raise (the encode)
- * leaves W.run_next at the call whose result failed. */
-static int put_run_results(lua_State *L)
+/* Appends the result of the run's call `id`, the `nres` values above
+ * `base` (locks, then unlocks): into the run's answer, but for one above
+ * PZ_RUN_ANSWER_ITEM_MAX bytes, which gets a RESULT frame of its own, and
+ * one above max_message, which becomes its call's error.  Raises when the
+ * encode does (unlocked) or memory runs out (locked, W.mark marking where
+ * the output stood). */
+static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
 {
-    int tables = lua_gettop(L) + 1;
-    pz_run_exec_push_tables(L);
-    for (; W.run_next <= W.run_stop; W.run_next++) {
-        uint64_t id = W.run_ids[W.run_next - 1];
+    W.item.len = 0;
+    W.ring_marked = 0;
+    if (W.writer) {
+        W.writer->placed = 0;
+        W.ring_mark = pz_ring_writer_mark(&W.ring);
+        W.ring_marked = 1;
+    }
+    pz_encode_tuple(L, base + 1, nres, &W.item, "result", 0, W.writer);
+    size_t shared = W.writer ? W.writer->placed : 0;
+    uint64_t ns = (uint64_t)W.avg_ns;
+    pz_wout_lock();
+    W.mark = pz_wout_buf()->len;
+    W.mark_frames = pz_wout_frames();
+    if (W.item.len + shared > W.max_message) {
+        if (W.writer)
+            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+        lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
+                        (double)(W.item.len + shared), (double)W.max_message);
+        put_error_message(id, ns, lua_tostring(L, -1));
+    } else if (W.item.len > PZ_RUN_ANSWER_ITEM_MAX) {
+        uint8_t v[PZ_VARINT_MAX_BYTES];
+        pz_part parts[] = {{v, pz_put_varint(v, ns), 0}, {W.item.data, W.item.len, 0}};
+        pz_buf *out = pz_wout_buf();
+        char *d = pz_buf_reserve(out, PZ_FRAME_HEADER + pz_frame_parts_len(parts, 2));
+        if (!d)
+            luaL_error(L, "out of memory");
+        out->len += pz_frame_put(d, PZ_F_RESULT, id, parts, 2);
+        pz_wout_frame_done(W.clock, shared);
+    } else {
+        answer_add(L, id, shared);
+    }
+    W.ring_marked = 0;
+    pz_wout_unlock();
+}
+
+/* Protected, the executor at 1: makes the run's calls from W.run_next to
+ * W.run_n, each named in the shared memory first (worker.h), and puts
+ * each one's result in the output.  A raise leaves W.run_next at the call
+ * that failed, and W.in_executor saying whether its executor raised. */
+static int run_calls(lua_State *L)
+{
+    for (; W.run_next <= W.run_n; W.run_next++) {
+        const pz_run_item *c = &W.run[W.run_next - 1];
+        atomic_store_explicit(&W.shared->running, c->id, memory_order_release);
         int base = lua_gettop(L);
-        W.ring_marked = 0;
-        int nres = pz_run_exec_push_result(L, tables, W.run_next);
-        W.item.len = 0;
-        if (W.writer) {
-            W.writer->placed = 0;
-            W.ring_mark = pz_ring_writer_mark(&W.ring);
-            W.ring_marked = 1;
-        }
-        pz_encode_tuple(L, base + 1, nres, &W.item, "result", 0, W.writer);
-        size_t shared = W.writer ? W.writer->placed : 0;
-        if (W.item.len + shared > W.max_message) {
-            if (W.writer)
-                pz_ring_writer_rewind(&W.ring, &W.ring_mark);
-            answer_close();
-            lua_pushfstring(L, "the result of call %f is %f bytes, above max_message (%f)", (double)id,
-                            (double)(W.item.len + shared), (double)W.max_message);
-            put_error_message(id, W.run_ns, lua_tostring(L, -1));
-        } else if (W.item.len > PZ_RUN_ANSWER_ITEM_MAX) {
-            answer_close();
-            uint8_t v[PZ_VARINT_MAX_BYTES];
-            pz_part parts[] = {{v, pz_put_varint(v, W.run_ns), 0}, {W.item.data, W.item.len, 0}};
-            pz_buf *out = pz_wout_buf();
-            char *d = pz_buf_reserve(out, PZ_FRAME_HEADER + pz_frame_parts_len(parts, 2));
-            if (!d)
-                return luaL_error(L, "out of memory");
-            out->len += pz_frame_put(d, PZ_F_RESULT, id, parts, 2);
-            pz_wout_frame_done(W.clock, shared);
-        } else {
-            answer_add(L, id, shared);
-        }
-        W.ring_marked = 0;
+        lua_pushvalue(L, 1);
+        int nargs = pz_decode_tuple(L, c->args, c->len, PZ_DECODE_FUNCTIONS, W.reader);
+        W.in_executor = IN_EXECUTOR;
+        lua_call(L, nargs, LUA_MULTRET);
+        W.in_executor = IN_CODEC;
+        put_run_result(L, c->id, base, lua_gettop(L) - base);
         lua_settop(L, base);
     }
-    pz_buf_trim(&W.item, 1 << 16);
     return 0;
-}
-
-/* Appends the results of the run's calls from W.run_next up to `stop`,
- * each with `ns` (locked), and closes the run's answer.  A result that
- * cannot be encoded becomes its call's error, as run_call's would. */
-static void report_run_results(lua_State *L, size_t stop, uint64_t ns)
-{
-    W.run_stop = stop;
-    W.run_ns = ns;
-    while (W.run_next <= W.run_stop) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_results_ref);
-        if (lua_pcall(L, 0, 0, 0) == 0)
-            break;
-        /* Unprotected: no allocation from Lua (see handle_call).  The
-         * failed result is in W.item only: the answer holds whole ones. */
-        if (W.ring_marked)
-            pz_ring_writer_rewind(&W.ring, &W.ring_mark);
-        W.ring_marked = 0;
-        answer_close();
-        put_codec_error(L, W.run_ids[W.run_next - 1], 0);
-        lua_pop(L, 1);
-        W.run_next++;
-    }
-    answer_close();
 }
 
 /* Protected: appends the ERROR frame of the run's call W.run_next, whose
- * executor raised the error at 1 (as report_executor_error, locked
- * already). */
+ * executor raised the error at 1 (locked). */
 static int report_run_error(lua_State *L)
 {
-    uint64_t id = W.run_ids[W.run_next - 1];
+    uint64_t id = W.run[W.run_next - 1].id, ns = (uint64_t)W.avg_ns;
     if (lua_istable(L, 1)) {
-        put_error_from_table(L, id, W.run_ns);
+        put_error_from_table(L, id, ns);
     } else {
         const char *m = lua_tostring(L, 1);
-        put_error_message(id, W.run_ns, m ? m : "error in the error handler");
+        put_error_message(id, ns, m ? m : "error in the error handler");
     }
     return 0;
 }
 
-/* Makes room for a run of n calls in W.run and W.run_ids. */
+/* The run's call W.run_next failed with the error on top (on_error's
+ * table, or a bare message): its ERROR frame, as handle_call writes
+ * one.  Unprotected: nothing here allocates from Lua. */
+static void report_run_failure(lua_State *L)
+{
+    uint64_t id = W.run[W.run_next - 1].id;
+    int raised = lua_gettop(L);
+    if (W.in_executor == IN_EXECUTOR) {
+        pz_wout_lock();
+        W.mark = pz_wout_buf()->len;
+        W.mark_frames = pz_wout_frames();
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_error_ref);
+        lua_pushvalue(L, raised);
+        if (lua_pcall(L, 1, 0, 0) == 0) {
+            pz_wout_unlock();
+            return;
+        }
+        lua_settop(L, raised);
+        pz_wout_truncate(W.mark, W.mark_frames);
+    } else if (pz_wout_locked()) {
+        pz_wout_truncate(W.mark, W.mark_frames); /* a result cut short */
+    } else {
+        pz_wout_lock();
+    }
+    if (W.ring_marked) /* the result's blocks: no frame names them */
+        pz_ring_writer_rewind(&W.ring, &W.ring_mark);
+    W.ring_marked = 0;
+    put_codec_error(L, id, 1);
+    pz_wout_unlock();
+}
+
+/* Makes room for a run of n calls in W.run. */
 static void run_room(size_t n)
 {
     if (n <= W.run_cap)
         return;
     pz_run_item *calls = realloc(W.run, n * sizeof *calls);
-    if (calls)
-        W.run = calls;
-    uint64_t *ids = calls ? realloc(W.run_ids, n * sizeof *ids) : NULL;
-    if (!ids)
+    if (!calls)
         die("out of memory (a run of calls)");
-    W.run_ids = ids;
+    W.run = calls;
     W.run_cap = n;
 }
 
-/* A run (run.h): its calls made by run_exec.c's loop, each answered with a
- * frame of its own, in order.  The loop stops at a call that raises: the
- * results before it and its error are written, and the loop goes on after
- * it.  The calls share the time their loop took. */
+/* A run (run.h): its calls made by run_calls, each answered in order. */
 static void handle_run(lua_State *L, const pz_frame *f)
 {
     pz_run_reader r;
@@ -598,70 +616,31 @@ static void handle_run(lua_State *L, const pz_frame *f)
     if (n == 0)
         die("a malformed run of calls from the parent");
     run_room((size_t)n);
-    for (uint64_t k = 0; k < n; k++) {
+    for (uint64_t k = 0; k < n; k++)
         if (pz_run_next(&r, &W.run[k]) != 0)
             die("a malformed run of calls from the parent");
-        W.run_ids[k] = W.run[k].id;
-    }
+    W.run_n = (size_t)n;
+    /* The start first, then the id: see pz_slot_shared (no timeout reads
+     * a run's, but a death is charged by the id). */
     int64_t t0 = W.clock ? W.clock : pz_now_ns();
+    W.clock = t0; /* what the run's answers are dated (the flusher's alarm) */
     atomic_store_explicit(&W.shared->started, t0, memory_order_relaxed);
-    atomic_store_explicit(&W.shared->running, W.run_ids[0], memory_order_release);
-    pz_run_exec_prepare(W.run, W.run_ids, (size_t)n, W.reader);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_load_ref);
-    if (lua_pcall(L, 0, 0, 0) != 0) {
-        /* Their arguments could not be made (memory): each call fails as
-         * its decode would have, on its own. */
-        pz_wout_lock();
-        for (uint64_t k = 0; k < n; k++)
-            put_codec_error(L, W.run_ids[k], 0);
-        W.clock = pz_now_ns();
-        atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
-        lua_settop(L, 0);
-        end_output();
-        return;
-    }
-    W.run_next = 1;
-    for (size_t from = 1; from <= n;) {
-        atomic_store_explicit(&W.shared->running, W.run_ids[from - 1], memory_order_release);
+    for (W.run_next = 1; W.run_next <= W.run_n; W.run_next++) {
+        W.in_executor = IN_CODEC;
         lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
-        int rc = pz_run_exec_call(L, 1, W.exec_ref, from, (size_t)n);
-        /* The call that raised is the one the loop named last. */
-        size_t failed = 0;
-        if (rc != 0) {
-            uint64_t id = atomic_load_explicit(&W.shared->running, memory_order_relaxed);
-            failed = from;
-            while (failed < n && W.run_ids[failed - 1] != id)
-                failed++;
-        }
-        size_t last = rc ? failed : (size_t)n;
-        W.clock = pz_now_ns();
-        uint64_t ns = (uint64_t)(W.clock - t0) / (last - from + 1);
-        t0 = W.clock;
-        W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
-        if (pz_wout_lock())
-            W.clock = t0 = pz_now_ns(); /* it waited for the flusher's write */
-        report_run_results(L, rc ? failed - 1 : (size_t)n, ns);
-        if (rc != 0) {
-            int raised = lua_gettop(L);
-            W.run_next = failed;
-            W.mark = pz_wout_buf()->len;
-            W.mark_frames = pz_wout_frames();
-            lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_error_ref);
-            lua_pushvalue(L, raised);
-            if (lua_pcall(L, 1, 0, 0) != 0) {
-                pz_wout_truncate(W.mark, W.mark_frames);
-                put_codec_error(L, W.run_ids[failed - 1], 1);
-            }
-            W.run_next = failed + 1;
-        }
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_calls_ref);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, W.exec_ref);
+        int rc = lua_pcall(L, 1, 0, 1);
+        if (rc == 0)
+            break;
+        report_run_failure(L);
         lua_settop(L, 0);
-        pz_wout_unlock();
-        from = last + 1;
     }
-    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_clear_ref);
-    (void)lua_pcall(L, 0, 0, 0);
     lua_settop(L, 0);
+    atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
+    W.clock = pz_now_ns();
+    double each = (double)(W.clock - t0) / (double)n;
+    W.avg_ns = W.avg_ns > 0 ? W.avg_ns * 0.875 + each * 0.125 : each;
     pz_wout_lock();
     end_output();
 }
@@ -1116,13 +1095,6 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.L = L;
     luaL_openlibs(L);
     setup(L);
-    lua_pushcfunction(L, pz_run_exec_init);
-    lua_pushlightuserdata(L, (void *)&W.shared->running);
-    if (lua_pcall(L, 1, 0, 0) != 0) {
-        char what[256];
-        snprintf(what, sizeof what, "cannot make the loop of runs: %s", lua_tostring(L, -1));
-        die(what);
-    }
     initialize(L);
     pz_wout_start_flusher();
     lua_pushcfunction(L, on_error);
@@ -1131,14 +1103,10 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, report_executor_error);
     W.report_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pushcfunction(L, pz_run_exec_load);
-    W.run_load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pushcfunction(L, put_run_results);
-    W.run_results_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, run_calls);
+    W.run_calls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushcfunction(L, report_run_error);
     W.run_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pushcfunction(L, pz_run_exec_clear);
-    W.run_clear_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     for (;;) {
         pz_frame f = next_frame();
         if (f.type == PZ_F_CALL && (f.flags & PZ_CALL_RUN))

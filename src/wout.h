@@ -58,6 +58,14 @@ pz_buf *pz_wout_buf(void);
  * took `shared` bytes of the worker's ring (arena.h) besides. */
 void pz_wout_frame_done(int64_t now, size_t shared);
 
+/* Main thread, locked: counts `shared` more bytes of the ring for the
+ * frames in the buffer (a frame that grew: a run's answer, worker.c). */
+void pz_wout_add_shared(size_t shared);
+
+/* Main thread, locked: how many times the buffer has been written so far
+ * (a frame appended before the last write is gone from it). */
+uint64_t pz_wout_writes(void);
+
 /* Main thread, locked: drops whatever follows byte `len` (a frame being
  * built that cannot be finished), and sets the frame count to `frames`. */
 void pz_wout_truncate(size_t len, int frames);
