@@ -11,7 +11,9 @@
  *
  * Rules: the main thread appends to the buffer only between
  * pz_wout_lock() and pz_wout_unlock(), and keeps it holding only whole
- * frames whenever it unlocks; the flusher writes only under the same lock.
+ * frames whenever it unlocks; the flusher writes only under the same lock
+ * (wout.c: two plain stores and a load for the main thread, a membarrier
+ * for the flusher, where the kernel has it).
  * Nothing else touches the buffer.  The flusher takes no signal, and sleeps
  * on an alarm (a timerfd), set under the lock, that is pending whenever the
  * buffer holds frames, due when the oldest is late (it may also go off
