@@ -100,9 +100,11 @@ int pz_encode_scalar(lua_State *L, int idx, pz_buf *out, pz_arena_writer *arena)
 
 /* As pz_encode_value, without trying pz_encode_scalar first; when busy is
  * not NULL, *busy is cleared before any error the encoder raises, so that a
- * caller can mark a buffer it reuses as in use while it is (l_encode). */
+ * caller can mark a buffer it reuses as in use while it is (l_encode).
+ * is_table: the caller found the value is a table, so the encoder need not
+ * ask the Lua API again (a call per encode, on the path of every table). */
 void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
-                            int *busy);
+                            int *busy, int is_table);
 
 /* A decoding flag: the bytes are format version 1, which had no packed
  * arrays (PZ_T_DOUBLES is then an unknown tag, as it was). */

@@ -5,7 +5,12 @@
  * finds its place again from the previous key, then lua_type, lua_tolstring
  * and the pops each look the slot up) where reading the entry is a few
  * loads.  A small record was written 8x slower than string.buffer's
- * serializer, which reads the objects directly too.
+ * serializer, which reads the objects directly too.  What is left beside
+ * reading is kept off the path of each entry and each table: the loops
+ * over a table's entries keep the output's end in registers (cursor), a
+ * record's entries are counted as they are written (put_record), and a
+ * table met for the first time is told so by a mask of 64 bits before
+ * the search of the tables numbered so far (seen_bit).
  *
  * The walk writes what it knows: tables without metatable, numbers,
  * strings and booleans, under keys of those kinds.  At anything else (a
@@ -68,6 +73,7 @@ typedef struct direct {
     int apart;       /* PZ_ENCODE_APART applies to this tuple's first value */
     int before;      /* tables were numbered before the walk */
     int count;       /* tables this walk numbered */
+    uint64_t seen;   /* bit seen_bit(t) of every table t numbered */
     size_t mask;     /* past the list: refs has mask + 1 slots */
     ref_slot *refs;  /* NULL while the list holds them all */
     ref_slot list[DIRECT_REFS_LINEAR];
@@ -77,9 +83,20 @@ typedef struct direct {
  * The walk's reference numbers
  * --------------------------------------------------------------------- */
 
+/* One bit of 64 for table t (Fibonacci hashing, as pz_ref_slot): most
+ * tables a walk meets are new, and a bit of `seen` not set tells so at
+ * once, where the list's search would compare with every table so far, a
+ * loop whose length changes from table to table. */
+static inline unsigned seen_bit(const void *t)
+{
+    return (unsigned)(((uint64_t)(uintptr_t)t * UINT64_C(0x9e3779b97f4a7c15)) >> 58);
+}
+
 /* Where table t's number is kept by this walk, or NULL. */
 static ref_slot *ref_entry(direct *d, const void *t)
 {
+    if (!(d->seen >> seen_bit(t) & 1))
+        return NULL;
     if (!d->refs) {
         for (int i = 0; i < d->count; i++)
             if (d->list[i].obj == t)
@@ -139,6 +156,7 @@ static int ref_add(direct *d, const void *t, ref_slot *forgotten)
     s = d->refs ? pz_ref_slot(d->refs, d->mask, t) : &d->list[d->count];
     *s = (ref_slot){t, d->nrefs++};
     d->count++;
+    d->seen |= UINT64_C(1) << seen_bit(t);
     return 0;
 }
 
@@ -149,6 +167,43 @@ static int ref_add(direct *d, const void *t, ref_slot *forgotten)
 static inline uint8_t *room(direct *d, size_t n)
 {
     return (uint8_t *)pz_buf_reserve(d->out, n);
+}
+
+/* Where the loops over a table's entries write: the end of the output and
+ * of its room, kept in locals (registers) while they write small keys and
+ * values, and given back to the buffer before anything else writes to it.
+ * Written through d->out, every byte stored would make the compiler load
+ * the buffer's fields again (a byte store may alias anything), a chain of
+ * loads and stores each entry waits on.  The buffer always has room when
+ * one is taken (pz_enc_direct reserves some first), so its data is never
+ * NULL here. */
+typedef struct cursor {
+    uint8_t *w;   /* where the next byte goes */
+    uint8_t *end; /* the end of the room */
+} cursor;
+
+static inline cursor cursor_take(const direct *d)
+{
+    uint8_t *data = (uint8_t *)d->out->data;
+    return (cursor){data + d->out->len, data + d->out->cap};
+}
+
+static inline void cursor_give(direct *d, cursor c)
+{
+    d->out->len = (size_t)(c.w - (uint8_t *)d->out->data);
+}
+
+/* Makes room for n bytes at c, growing the buffer (which may move it);
+ * -1 when out of memory. */
+static inline int cursor_room(direct *d, cursor *c, size_t n)
+{
+    if ((size_t)(c->end - c->w) >= n)
+        return 0;
+    cursor_give(d, *c);
+    if (!room(d, n))
+        return -1;
+    *c = cursor_take(d);
+    return 0;
 }
 
 /* A reference to table number r. */
@@ -224,10 +279,19 @@ static int put_long_str(direct *d, const uint8_t *s)
  * --------------------------------------------------------------------- */
 
 static int put_value(direct *d, pz_tv v);
+static int put_table(direct *d, const uint8_t *t);
+static inline __attribute__((always_inline)) int put_big(direct *d, pz_tv v);
+
+/* Whether PZ_ENCODE_APART applies to the entries of the table now open:
+ * asked once a table by the loops over its entries, not once an entry. */
+static inline int apart_here(const direct *d)
+{
+    return d->apart && d->depth == 1;
+}
 
 static inline void apart(direct *d)
 {
-    if (d->apart && d->depth == 1)
+    if (apart_here(d))
         d->e->ref_base = d->nrefs;
 }
 
@@ -327,43 +391,6 @@ static int pack_numbers(const pz_tv *array, uint64_t n)
     return inf_or_nan != 0;
 }
 
-/* Writes the sequence `seq` of table t: as packed doubles when all are
- * numbers, enough of them, and pack_numbers says so, else as a table of n
- * array entries. */
-static int put_sequence(direct *d, const sequence *seq)
-{
-    const pz_tv *array = seq->items;
-    uint64_t n = seq->n;
-    size_t at;
-    uint8_t *w;
-    if (seq->numbers && n >= DIRECT_PACK_MIN && pack_numbers(array, n)) {
-        if (!(w = room(d, 1 + PZ_VARINT_MAX_BYTES + 8 * n)))
-            return -1;
-        w[0] = PZ_T_DOUBLES;
-        at = 1 + pz_put_varint(w + 1, n);
-        memcpy(w + at, array + 1, 8 * n); /* the host's order is the wire's (probed) */
-        d->out->len += at + 8 * n;
-        return 0;
-    }
-    if (put_head(d, n, 0))
-        return -1;
-    if (seq->numbers) { /* no reference numbers among them: no apart */
-        if (!(w = room(d, PZ_NUMBER_MAX_BYTES * n)))
-            return -1;
-        at = 0;
-        for (uint64_t k = 1; k <= n; k++)
-            at += pz_put_number(w + at, pz_tv_num(array[k]));
-        d->out->len += at;
-        return 0;
-    }
-    for (uint64_t k = 1; k <= n; k++) {
-        apart(d);
-        if (put_value(d, array[k]))
-            return -1;
-    }
-    return 0;
-}
-
 /* Room put_small may take. */
 #define SMALL_ROOM (1 + PZ_SHORTSTR_MAX)
 
@@ -396,6 +423,58 @@ static inline size_t put_small(uint8_t *w, pz_tv v)
     }
 }
 
+/* Writes the sequence `seq` of table t: as packed doubles when all are
+ * numbers, enough of them, and pack_numbers says so, else as a table of n
+ * array entries. */
+static int put_sequence(direct *d, const sequence *seq)
+{
+    const pz_tv *array = seq->items;
+    uint64_t n = seq->n;
+    size_t at;
+    uint8_t *w;
+    if (seq->numbers && n >= DIRECT_PACK_MIN && pack_numbers(array, n)) {
+        if (!(w = room(d, 1 + PZ_VARINT_MAX_BYTES + 8 * n)))
+            return -1;
+        w[0] = PZ_T_DOUBLES;
+        at = 1 + pz_put_varint(w + 1, n);
+        memcpy(w + at, array + 1, 8 * n); /* the host's order is the wire's (probed) */
+        d->out->len += at + 8 * n;
+        return 0;
+    }
+    if (seq->numbers) { /* no reference numbers among them: no apart */
+        if (put_head(d, n, 0) || !(w = room(d, PZ_NUMBER_MAX_BYTES * n)))
+            return -1;
+        at = 0;
+        for (uint64_t k = 1; k <= n; k++)
+            at += pz_put_number(w + at, pz_tv_num(array[k]));
+        d->out->len += at;
+        return 0;
+    }
+    int each = apart_here(d);
+    cursor c = cursor_take(d);
+    if (cursor_room(d, &c, 1 + 2 * PZ_VARINT_MAX_BYTES))
+        return -1;
+    c.w[0] = PZ_T_TABLE; /* put_head's bytes: n values, no other entry */
+    c.w += 1 + pz_put_varint(c.w + 1, n);
+    *c.w++ = 0;
+    for (uint64_t k = 1; k <= n; k++) {
+        if (each)
+            d->e->ref_base = d->nrefs;
+        if (cursor_room(d, &c, SMALL_ROOM))
+            return -1;
+        if ((at = put_small(c.w, array[k]))) {
+            c.w += at;
+            continue;
+        }
+        cursor_give(d, c);
+        if (put_big(d, array[k]))
+            return -1;
+        c = cursor_take(d);
+    }
+    cursor_give(d, c);
+    return 0;
+}
+
 /* Writes table t, whose keys are 1 .. n, some of them in its hash part,
  * as a sequence: its values gathered in key order first. */
 static int put_gathered(direct *d, const uint8_t *t, uint32_t n)
@@ -418,6 +497,75 @@ static int put_gathered(direct *d, const uint8_t *t, uint32_t n)
     return rc;
 }
 
+/* Writes the entries in the hash nodes node[0 .. last] (by PZ_NODE_SIZE):
+ * the first `bare` of them, the end of the run, as values only, the
+ * others as keys and values.  Returns the count of entries, or -1. */
+static inline __attribute__((always_inline)) int64_t put_nodes(direct *d, const uint8_t *node,
+                                                               uint32_t last, uint64_t bare)
+{
+    int each = apart_here(d);
+    int64_t count = 0;
+    cursor c = cursor_take(d);
+    for (uint32_t i = 0; i <= last; i++, node += PZ_NODE_SIZE) {
+        pz_tv key = pz_node_key(node), val = pz_node_val(node);
+        size_t n;
+        if (pz_tv_isnil(val))
+            continue;
+        if (each)
+            d->e->ref_base = d->nrefs;
+        /* Room for a small key and a small value: a record's entries
+         * are mostly both, and take no call. */
+        if (cursor_room(d, &c, 2 * SMALL_ROOM))
+            return -1;
+        if (count++ >= (int64_t)bare) { /* the key, unless the run counts it */
+            if ((n = put_small(c.w, key))) {
+                c.w += n;
+            } else {
+                cursor_give(d, c);
+                if (put_big(d, key))
+                    return -1;
+                c = cursor_take(d);
+                if (cursor_room(d, &c, SMALL_ROOM))
+                    return -1;
+            }
+        }
+        if ((n = put_small(c.w, val))) {
+            c.w += n;
+            continue;
+        }
+        cursor_give(d, c);
+        if (put_big(d, val))
+            return -1;
+        c = cursor_take(d);
+    }
+    cursor_give(d, c);
+    return count;
+}
+
+/* Writes a table whose entries are all in its hash nodes nodes[0 ..
+ * hmask], hmask below 127, the first of them under a key that is not a
+ * number (or that has no entry): no entry is in the run and the table is
+ * no sequence, so put_contents' counting pass would find run 0 and rest
+ * the entry count.  The entries are written in one pass instead, counted
+ * as they go, after three bytes left for the head: put_head's bytes, the
+ * count fitting one varint byte (fewer than 128). */
+static int put_record(direct *d, const uint8_t *nodes, uint32_t hmask)
+{
+    uint8_t *w = room(d, 3);
+    if (!w)
+        return -1;
+    size_t at = d->out->len;
+    d->out->len += 3;
+    int64_t count = put_nodes(d, nodes, hmask, 0);
+    if (count < 0)
+        return -1;
+    w = (uint8_t *)d->out->data + at; /* the buffer may have moved */
+    w[0] = PZ_T_TABLE;
+    w[1] = 0;
+    w[2] = (uint8_t)count;
+    return 0;
+}
+
 /* Writes the contents of table t: a count of the entries keyed 1, 2, 3 ...
  * from the start (in lua_next's order: the array slots, then the nodes), a
  * count of the others, then the values of the first and the keys and
@@ -431,6 +579,14 @@ static int put_contents(direct *d, const uint8_t *t)
     uint32_t top = 0; /* the greatest key when all are positive integers */
     int in_run = 1;
     sequence seq;
+    if (asize == 0 && hmask < 127) {
+        /* A record (no array part, string keys) or an empty table: one
+         * pass (put_record). */
+        for (i = 0, node = nodes; i <= hmask && pz_tv_isnil(pz_node_val(node)); i++)
+            node += PZ_NODE_SIZE;
+        if (i > hmask || !pz_tv_isnum(pz_node_key(node)))
+            return put_record(d, nodes, hmask);
+    }
     if (array_sequence(t, &seq))
         return put_sequence(d, &seq);
     for (i = 0; i < asize; i++) {
@@ -485,29 +641,7 @@ static int put_contents(direct *d, const uint8_t *t)
         if (put_value(d, array[i]))
             return -1;
     }
-    for (i = 0, node = nodes; i <= hmask; i++, node += PZ_NODE_SIZE) {
-        pz_tv key = pz_node_key(node), val = pz_node_val(node);
-        uint8_t *w;
-        size_t n, m;
-        if (pz_tv_isnil(val))
-            continue;
-        apart(d);
-        if (k++ < run) {
-            if (put_value(d, val))
-                return -1;
-            continue;
-        }
-        if (!(w = room(d, 2 * SMALL_ROOM)))
-            return -1;
-        if ((n = put_small(w, key)) && (m = put_small(w + n, val))) {
-            d->out->len += n + m; /* the common case: both small, one room */
-            continue;
-        }
-        d->out->len += n;
-        if ((!n && put_value(d, key)) || put_value(d, val))
-            return -1;
-    }
-    return 0;
+    return put_nodes(d, nodes, hmask, run > k ? run - k : 0) < 0 ? -1 : 0;
 }
 
 /* Writes table t: a reference when it was met before, else in full. */
@@ -528,7 +662,7 @@ static int put_table(direct *d, const uint8_t *t)
     return rc;
 }
 
-/* Writes key or value v: put_small, or the rest. */
+/* Writes key or value v: put_small, or the rest (put_big). */
 static int put_value(direct *d, pz_tv v)
 {
     uint8_t *w = room(d, SMALL_ROOM);
@@ -539,6 +673,14 @@ static int put_value(direct *d, pz_tv v)
         d->out->len += n;
         return 0;
     }
+    return put_big(d, v);
+}
+
+/* Writes key or value v, which put_small did not: a long string or a
+ * table; -1 for anything else (the C API path writes it).  Inline, like
+ * put_nodes: a nested table costs one call, put_table's. */
+static inline __attribute__((always_inline)) int put_big(direct *d, pz_tv v)
+{
     switch (pz_tv_tag(v)) {
     case PZ_TAG_STR:
         return put_long_str(d, pz_tv_obj(v));
@@ -575,12 +717,15 @@ int pz_enc_direct(enc *e, int t)
     d.out = e->out;
     d.before = e->nrefs > 0;
     d.count = 0;
+    d.seen = 0;
     d.mask = 0;
     d.refs = NULL;
     size_t start = e->out->len;
     int ref_base = e->ref_base;
-    int rc = put_table(&d, lua_topointer(e->L, t));
-    free(d.refs);
+    /* Some room first: the loops' cursors need a buffer (cursor_take). */
+    int rc = room(&d, SMALL_ROOM) ? put_table(&d, lua_topointer(e->L, t)) : -1;
+    if (d.refs)
+        free(d.refs);
     if (rc) {
         e->out->len = start;
         e->ref_base = ref_base;

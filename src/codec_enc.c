@@ -516,13 +516,14 @@ static void enc_start(enc *e)
 
 /* Writes the table at idx, the encode's last value, by the direct walk
  * before the stack slots are set up, when the module index is known
- * current without running Lua; returns 0, e as it was, when it did not. */
-static int direct_first(enc *e, int idx)
+ * current without running Lua; returns 0, e as it was, when it did not.
+ * is_table: the caller knows the value is a table (one call fewer). */
+static int direct_first(enc *e, int idx, int is_table)
 {
     /* The walk takes no stack slot, but a value is written only when the
      * C API path could have: the decoder needs about as much room as it,
      * and a tuple that leaves too little must fail here as there. */
-    if (lua_type(e->L, idx) != LUA_TTABLE || !lua_checkstack(e->L, ES_COUNT + 8) ||
+    if ((!is_table && lua_type(e->L, idx) != LUA_TTABLE) || !lua_checkstack(e->L, ES_COUNT + 8) ||
         !pz_index_quick(e))
         return 0;
     if (pz_enc_direct(e, idx))
@@ -538,14 +539,15 @@ static void enc_done(enc *e)
 
 /* Encodes one value with an error path rooted at root; busy (may be NULL)
  * is cleared before any error this code raises. */
-static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags, int *busy)
+static void encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags, int *busy,
+                         int is_table)
 {
     enc e;
     idx = abs_index(L, idx);
     enc_init(&e, L, out, root, flags);
     e.busy = busy;
     e.direct = 1;
-    if (direct_first(&e, idx))
+    if (direct_first(&e, idx, is_table))
         return;
     enc_start(&e);
     enc_value(&e, idx);
@@ -605,9 +607,9 @@ int pz_encode_scalar(lua_State *L, int idx, pz_buf *out, pz_arena_writer *arena)
 /* Scalars (most arguments and results) are written without setting up the
  * encoder; anything else goes through it, from where the scalars began. */
 void pz_encode_value_marked(lua_State *L, int idx, pz_buf *out, const char *root, int flags,
-                            int *busy)
+                            int *busy, int is_table)
 {
-    encode_value(L, idx, out, root, flags, busy);
+    encode_value(L, idx, out, root, flags, busy, is_table);
 }
 
 void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int flags)
@@ -616,7 +618,7 @@ void pz_encode_value(lua_State *L, int idx, pz_buf *out, const char *root, int f
     if (pz_encode_scalar(L, idx, out, NULL))
         return;
     out->len = start;
-    encode_value(L, idx, out, root, flags, NULL);
+    encode_value(L, idx, out, root, flags, NULL, 0);
 }
 
 /* True when the value at idx is nil, a boolean, a number or a string:
@@ -661,7 +663,7 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
     if (counted && i == last) {
         e.tuple_index = i + 1;
         e.direct = 1;
-        int walked = direct_first(&e, first + i);
+        int walked = direct_first(&e, first + i, 0);
         if (!e.direct)
             last++; /* the walk gave that table back: not again */
         if (walked) {

@@ -13,14 +13,9 @@
 
 /* 1: known, 0: not, -1: not probed yet.  Every state of a process is the
  * same LuaJIT, so the first probe answers for all. */
-static _Atomic int layout_state = -1;
+_Atomic int pz_layout_state = -1;
 
 _Atomic int pz_str_len_offset = 16;
-
-int pz_layout_known(void)
-{
-    return layout_state == 1;
-}
 
 /* True when the value v read directly is the value at stack index idx. */
 static int same_value(lua_State *L, int idx, pz_tv v)
@@ -204,6 +199,6 @@ static int probe(lua_State *L)
 
 void pz_layout_probe(lua_State *L)
 {
-    if (layout_state < 0)
-        layout_state = probe(L);
+    if (pz_layout_state < 0)
+        pz_layout_state = probe(L);
 }

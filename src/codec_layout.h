@@ -157,8 +157,16 @@ static inline pz_tv pz_node_key(const uint8_t *node)
     return pz_load64(node + PZ_NODE_KEY);
 }
 
-/* codec_layout.c: true when the probe found the layout above. */
-int pz_layout_known(void);
+/* True when the probe (codec_layout.c) found the layout above.  Inline:
+ * every encode of a table asks, twice.  Acquire: a state that finds the
+ * layout probed by another thread's state sees what that probe stored
+ * before (pz_str_len_offset). */
+extern _Atomic int pz_layout_state;
+
+static inline int pz_layout_known(void)
+{
+    return atomic_load_explicit(&pz_layout_state, memory_order_acquire) == 1;
+}
 
 /* Probes the layout on objects made in L (once per process; later calls
  * return at once).  Leaves the stack as it was. */

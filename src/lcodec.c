@@ -93,9 +93,10 @@ static int l_encode(lua_State *L)
     if (pz_buf_append(&s->buf, &version, 1))
         return luaL_error(L, "cannot encode: out of memory");
     s->busy = 1;
-    if (lua_type(L, 1) == LUA_TTABLE || !pz_encode_scalar(L, 1, &s->buf, NULL)) {
+    int is_table = lua_type(L, 1) == LUA_TTABLE;
+    if (is_table || !pz_encode_scalar(L, 1, &s->buf, NULL)) {
         s->buf.len = 1;
-        pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy);
+        pz_encode_value_marked(L, 1, &s->buf, "value", flags, &s->busy, is_table);
     }
     lua_pushlstring(L, s->buf.data, s->buf.len);
     s->busy = 0;
