@@ -101,6 +101,46 @@ describe("p(x) from compiled code", function()
     assert.is_true(most <= 3, "at most 3 calls waited for a worker, saw " .. most)
   end)
 
+  it("queues a stream's numbers and short strings the same way, from an array and an iterator", function()
+    local p = Parallelize(rep(identity, 2))
+    finally(function() p:stop() end)
+    local big = ("b"):rep(65536) -- the arena's: core.pool_submit's way
+    local values = { 0, -0.0, 1, -1, 1.5, 2 ^ 53, 2 ^ 63, math.huge, 0 / 0, "", "a", "with\0zero",
+      ("x"):rep(65535), big, { 1, 2 }, true, false }
+    local list = {}
+    for round = 1, 200 do
+      for k = 1, #values do list[(round - 1) * #values + k] = values[k] end
+    end
+    for _, from_fn in ipairs({ false, true }) do
+      local src = list
+      if from_fn then
+        local i = 0
+        src = function()
+          i = i + 1
+          return list[i]
+        end
+      end
+      local fast_before = core.pool_fast_calls(p)
+      local seen = 0
+      for i, ok, v in p:stream(src) do
+        assert.is_true(ok)
+        local want = list[i]
+        if type(want) == "table" then
+          assert.are.same(want, v)
+        else
+          assert.is_true(same(want, v), "input " .. i)
+        end
+        seen = seen + 1
+      end
+      assert.are.equal(#list, seen)
+      -- the numbers and strings below the arena's size, but for the looks
+      -- at the JIT, went the fast way
+      local fast = core.pool_fast_calls(p) - fast_before
+      assert.is_true(fast >= 200 * 13 - 10, "fast calls: " .. fast)
+    end
+    assert.are.same({}, p.results) -- a stream's results are its own
+  end)
+
   it("refuses a userdata that is not a pool", function()
     local p = Parallelize(rep(identity, 1))
     finally(function() p:stop() end)

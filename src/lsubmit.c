@@ -484,7 +484,9 @@ int pz_lpool_submit_chunk(lua_State *L)
  * again after it), where queuing a number takes about 20.  So while the
  * JIT runs, the pool's __call is a Lua function (pool.lua) that hands one
  * number, or one string shorter than the arena's PZ_SHARED_MIN, to these
- * through the FFI, and anything else to pz_lpool_call.  They queue the
+ * through the FFI, and anything else to pz_lpool_call; a stream queues
+ * the inputs of an iterator through their tagged twins, and anything else
+ * through core.pool_submit.  They queue the
  * call as submit_scalars would and return its id, or return 0, having
  * queued nothing, whenever pz_lpool_call must decide: the pool is
  * stopped, p(...) would wait for room, the arguments are above
@@ -498,12 +500,13 @@ int pz_lpool_submit_chunk(lua_State *L)
  * state but u->hook_L's hook. */
 #define FAST_LOOK_EVERY 1024
 
-static double fast_queue(lpool *u, double x, const char *s, size_t n)
+static double fast_queue(lpool *u, uint8_t tag, double x, const char *s, size_t n)
 {
     pz_pool *p = u->pool;
     if (++u->fast_calls % FAST_LOOK_EVERY == 0)
         return -1;
-    if (!p || p->stopped || lua_gethook(u->hook_L) != NULL || !pz_lpool_has_room(u))
+    if (!p || p->stopped || lua_gethook(u->hook_L) != NULL || !pz_lpool_has_room(u) ||
+        (tag != 0 && u->tag_state[tag] != PZ_TAG_ACTIVE))
         return 0;
     size_t bound = s ? 1 + 1 + PZ_VARINT_MAX_BYTES + n : 1 + PZ_NUMBER_MAX_BYTES;
     uint8_t *d = (uint8_t *)pz_pool_reserve_call(p, bound);
@@ -513,24 +516,42 @@ static double fast_queue(lpool *u, double x, const char *s, size_t n)
     len += s ? pz_put_string(d + len, s, n) : pz_put_number(d + len, x);
     if (len > p->opt.max_message)
         return 0; /* reserved, not queued: pz_lpool_call raises */
-    return (double)pz_pool_commit_call(p, len, 0, 0, 0);
+    if (tag != 0)
+        u->tag_outstanding[tag]++;
+    return (double)pz_pool_commit_call(p, len, tag, 0, 0);
 }
 
 static double fast_number(void *u, double x)
 {
-    return fast_queue((lpool *)u, x, NULL, 0);
+    return fast_queue((lpool *)u, 0, x, NULL, 0);
 }
 
 static double fast_string(void *u, const char *s, size_t n)
 {
-    return n < PZ_SHARED_MIN ? fast_queue((lpool *)u, 0, s, n) : 0;
+    return n < PZ_SHARED_MIN ? fast_queue((lpool *)u, 0, 0, s, n) : 0;
+}
+
+/* The same for a map's or a stream's call (tag: pool_submit's, with no
+ * timeout of its own): 0 also when the tag is not an active claim's, for
+ * core.pool_submit to raise. */
+static double fast_tagged_number(void *u, double tag, double x)
+{
+    return tag >= 0 && tag < PZ_TAGS ? fast_queue((lpool *)u, (uint8_t)tag, x, NULL, 0) : 0;
+}
+
+static double fast_tagged_string(void *u, double tag, const char *s, size_t n)
+{
+    return tag >= 0 && tag < PZ_TAGS && n < PZ_SHARED_MIN ? fast_queue((lpool *)u, (uint8_t)tag, 0, s, n)
+                                                           : 0;
 }
 
 /* What pool.lua casts core.fast_submit to. */
 static const struct {
     double (*number)(void *u, double x);
     double (*string)(void *u, const char *s, size_t n);
-} fast_submit = {fast_number, fast_string};
+    double (*tagged_number)(void *u, double tag, double x);
+    double (*tagged_string)(void *u, double tag, const char *s, size_t n);
+} fast_submit = {fast_number, fast_string, fast_tagged_number, fast_tagged_string};
 
 /* core.pool_address(pool) -> the light userdata the fast path takes. */
 static int l_pool_address(lua_State *L)

@@ -51,13 +51,16 @@ caller.mark_c(settle_after)
 local call_c = core.pool_call
 caller.mark_c(call_c)
 local fast_of = setmetatable({}, { __mode = "k" })
-local fast_number, fast_string, address_of
+local fast_number, fast_string, fast_tagged_number, fast_tagged_string, address_of
 do
   local has_ffi, ffi = pcall(require, "ffi")
   if has_ffi then
     local fast = ffi.cast(ffi.typeof("struct { double (*number)(void *, double);"
-      .. " double (*string)(void *, const char *, size_t); } *"), core.fast_submit)
+      .. " double (*string)(void *, const char *, size_t);"
+      .. " double (*tagged_number)(void *, double, double);"
+      .. " double (*tagged_string)(void *, double, const char *, size_t); } *"), core.fast_submit)
     fast_number, fast_string = fast.number, fast.string
+    fast_tagged_number, fast_tagged_string = fast.tagged_number, fast.tagged_string
     -- A pointer cdata: the JIT does not pass a light userdata as a pointer.
     local void_ptr = ffi.typeof("void *")
     address_of = function(p) return ffi.cast(void_ptr, core.pool_address(p)) end
@@ -81,6 +84,22 @@ local function fast_call(u, x)
   if id > 0 then return id end
   if id < 0 and not jit_status() then pool_mt.__call = call_c end
   return 0
+end
+
+--- Queues item x for a map's or stream's tag as core.pool_submit(p, tag,
+-- nil, x) would, through the FFI (u: fast_of[p]); returns its id, or nil
+-- when pool_submit must decide (the same cases as p(x)'s, and a tag no
+-- longer active). A C function called from a compiled loop ends its
+-- trace: a stream from an iterator paid that once per input.
+local function fast_submit_tagged(u, tag, x)
+  local kind, id = type(x), 0
+  if kind == "number" then
+    id = fast_tagged_number(u, tag, x)
+  elseif kind == "string" then
+    id = fast_tagged_string(u, tag, x, #x)
+  end
+  if id > 0 then return id end
+  return nil
 end
 
 local function call(p, ...)
@@ -663,6 +682,11 @@ function methods.stream(p, src, opts)
   local claim = new_claim(p)
   local lists, tag = claim.lists, claim.tag
   local array_n = t == "table" and #src or nil
+  -- Numbers and short strings are queued through the FFI while the JIT
+  -- runs (p(x)'s fast path: interpreted, the FFI costs more than the C
+  -- API), one at a time: a C function called from a compiled loop ends
+  -- its trace (a stream from an iterator paid that for every input).
+  local fast = jit_status() and fast_of[p] or nil
   -- starved: the source had no input ready when last asked (it returned
   -- parallelize.later); the stream's waits then end soon, to ask again.
   local next_i, exhausted, starved = 1, false, false
@@ -785,17 +809,25 @@ function methods.stream(p, src, opts)
     if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
-      if last_i >= next_i then
-        local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, last_i, ids)
-        -- When item `bad` could not be queued, those before it were: the
-        -- stream notes them before it raises (their results are its own).
-        local queued = (bad or last_i + 1) - next_i
-        if queued > 0 and interleaved then
-          for k = 1, queued do submitted(ids[k], 1) end
-        elseif queued > 0 then
-          submitted(first, last - first + 1)
+      while next_i <= last_i do
+        local id = fast and fast_submit_tagged(fast, tag, src[next_i])
+        if id then
+          submitted(id, 1)
+        else
+          -- Through C: the rest in one call, or, with the fast way, the
+          -- one item it declined.
+          local j = fast and next_i or last_i
+          local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, j, ids)
+          -- When item `bad` could not be queued, those before it were: the
+          -- stream notes them before it raises (their results are its own).
+          local queued = (bad or j + 1) - next_i
+          if queued > 0 and interleaved then
+            for k = 1, queued do submitted(ids[k], 1) end
+          elseif queued > 0 then
+            submitted(first, last - first + 1)
+          end
+          if err then raise_unsent("stream", bad, err) end
         end
-        if err then raise_unsent("stream", bad, err) end
       end
       exhausted = next_i > array_n
       return
@@ -816,7 +848,7 @@ function methods.stream(p, src, opts)
       if claim.released then
         error(STREAM_STOPPED, caller.level())
       end
-      submitted(pool_submit(p, tag, nil, item), 1)
+      submitted(fast and fast_submit_tagged(fast, tag, item) or pool_submit(p, tag, nil, item), 1)
     end
   end
 
@@ -957,6 +989,7 @@ function methods.stream(p, src, opts)
     ended = true
     quick_turns = 0
     src, held, held_more, held_id, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil, nil, nil
+    fast = nil
   end
 
   --- A turn of the loop that may wait, refill or end the stream.
