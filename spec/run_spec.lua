@@ -30,15 +30,20 @@ local function mixed(x)
   return x * 2
 end
 
---- Queues 1..n, a number at a time, after a warm-up that gives the worker
--- the average call time that runs need. Returns the ids.
-local function queue(p, n)
-  for i = 1, 2000 do p(100 * i) end -- x % 100 == 0: plain calls
-  assert.is_true(p:wait(60))
+--- Queues 1..n, a number at a time, after a warm-up of 2000 calls of
+-- warm(k) (default 100 * k: x % 100 == 0, plain calls for `mixed`) that
+-- gives the workers the average call time that runs need. Returns the
+-- ids, once they have all finished.
+local function queue(p, n, warm)
+  for k = 1, 2000 do p(warm and warm(k) or 100 * k) end
+  assert.is_true(p:wait(60), "the warm-up did not finish")
   local ids = {}
   for i = 1, n do ids[i] = p(i) end
+  assert.is_true(p:wait(60), "the calls did not finish")
   return ids
 end
+
+local function above_the_list(k) return 100000 + k end
 
 describe("runs of small calls", function()
   it("answer each call as its own: results, every value, errors, nothing lost", function()
@@ -46,7 +51,6 @@ describe("runs of small calls", function()
     finally(function() p:stop() end)
     local n = 30000
     local ids = queue(p, n)
-    assert.is_true(p:wait(60))
     for i = 1, n do
       local k = i % 100
       local res = { p:result(ids[i]) }
@@ -92,7 +96,6 @@ describe("runs of small calls", function()
     local p = Parallelize(mixed, { workers = 1, max_message = 1024 })
     finally(function() p:stop() end)
     local ids = queue(p, 5000)
-    assert.is_true(p:wait(60))
     local results, rids, errors = p:take()
     local seen = {}
     for k = 1, #rids do seen[rids[k]] = results[k] end
@@ -123,11 +126,7 @@ describe("runs of small calls", function()
       return x + 1
     end, { workers = 2, max_deaths = 2 })
     finally(function() p:stop() end)
-    for i = 1, 2000 do p(100000 + i) end
-    assert.is_true(p:wait(60))
-    local ids = {}
-    for i = 1, 10000 do ids[i] = p(i) end
-    assert.is_true(p:wait(60))
+    local ids = queue(p, 10000, above_the_list)
     for i = 1, 10000 do
       local ok, v = p:result(ids[i])
       if i == 4444 then
@@ -256,11 +255,7 @@ describe("runs of small calls", function()
       return x
     end, { workers = 1 })
     defer(function() p:stop() end)
-    for i = 1, 2000 do p(100000 + i) end
-    assert.is_true(p:wait(60))
-    local ids = {}
-    for i = 1, 3000 do ids[i] = p(i) end
-    assert.is_true(p:wait(60))
+    local ids = queue(p, 3000, above_the_list)
     for i = 1, 3000 do
       local ok, v = p:result(ids[i])
       if i == 1234 then

@@ -65,24 +65,25 @@ ssize_t pz_read(int fd, void *p, size_t n)
 #define PZ_MEMBARRIER_CMD_PRIVATE_EXPEDITED (1 << 3)
 #define PZ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED (1 << 4)
 
-int pz_membarrier_register(void)
+static int membarrier_cmd(int cmd)
 {
 #ifdef SYS_membarrier
-    return syscall(SYS_membarrier, PZ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : -1;
+    return syscall(SYS_membarrier, cmd, 0, 0) == 0 ? 0 : -1;
 #else
+    (void)cmd;
     errno = ENOSYS;
     return -1;
 #endif
 }
 
+int pz_membarrier_register(void)
+{
+    return membarrier_cmd(PZ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED);
+}
+
 int pz_membarrier(void)
 {
-#ifdef SYS_membarrier
-    return syscall(SYS_membarrier, PZ_MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : -1;
-#else
-    errno = ENOSYS;
-    return -1;
-#endif
+    return membarrier_cmd(PZ_MEMBARRIER_CMD_PRIVATE_EXPEDITED);
 }
 
 int pz_set_nonblock(int fd)
