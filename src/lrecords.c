@@ -187,8 +187,45 @@ static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
     pz_idset_add(&d->u->finished, id); /* out of memory: not marked, nothing else */
 }
 
-/* A RESULT record: the first value to the results list, every value to
- * extras when they are not exactly one non-nil value. */
+/* Stores the `count` values above `top`, call id's result, in l (NULL:
+ * unclaimed), and leaves the stack at top: the first value to the
+ * results list, every value to extras when they are not exactly one
+ * non-nil value. */
+static void store_result(lua_State *L, lists *l, uint64_t id, int top, int count)
+{
+    if (!l) {
+        pack(L, count);
+        lua_pushnumber(L, (lua_Number)id);
+        lua_insert(L, -2);
+        lua_rawset(L, D_UNCLAIMED);
+    } else if (count == 1 && !lua_isnil(L, top + 1)) {
+        /* The usual case, one value: stored as it is, the stack back at top. */
+        lua_rawseti(L, l->base, ++l->nresults);
+        lua_pushnumber(L, (lua_Number)id);
+        lua_rawseti(L, l->base + 1, l->nresults);
+    } else {
+        if (count == 0)
+            lua_pushnil(L);
+        lua_pushvalue(L, top + 1);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlightuserdata(L, NULL); /* parallelize.null */
+        }
+        lua_rawseti(L, l->base, ++l->nresults);
+        lua_pushnumber(L, (lua_Number)id);
+        lua_rawseti(L, l->base + 1, l->nresults);
+        /* Every value, in extras[id]. */
+        lua_settop(L, top + count);
+        pack(L, count);
+        lua_pushnumber(L, (lua_Number)id);
+        lua_insert(L, -2);
+        lua_rawset(L, l->base + 3);
+    }
+    lua_settop(L, top);
+}
+
+/* A RESULT record (see store_result); a chunk's goes straight into its
+ * map's output. */
 static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
 {
     int top = lua_gettop(L), count;
@@ -200,35 +237,7 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
     else
         count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, reader_of(d->u));
     count_record(d, f->tag);
-    if (!l) {
-        pack(L, count);
-        lua_pushnumber(L, (lua_Number)f->id);
-        lua_insert(L, -2);
-        lua_rawset(L, D_UNCLAIMED);
-    } else if (count == 1 && !lua_isnil(L, top + 1)) {
-        /* The usual case, one value: stored as it is, the stack back at top. */
-        lua_rawseti(L, l->base, ++l->nresults);
-        lua_pushnumber(L, (lua_Number)f->id);
-        lua_rawseti(L, l->base + 1, l->nresults);
-    } else {
-        if (count == 0)
-            lua_pushnil(L);
-        lua_pushvalue(L, top + 1);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            lua_pushlightuserdata(L, NULL); /* parallelize.null */
-        }
-        lua_rawseti(L, l->base, ++l->nresults);
-        lua_pushnumber(L, (lua_Number)f->id);
-        lua_rawseti(L, l->base + 1, l->nresults);
-        /* Every value, in extras[id]. */
-        lua_settop(L, top + count);
-        pack(L, count);
-        lua_pushnumber(L, (lua_Number)f->id);
-        lua_insert(L, -2);
-        lua_rawset(L, l->base + 3);
-    }
-    lua_settop(L, top);
+    store_result(L, l, f->id, top, count);
     pz_idset_add(&d->u->finished, f->id);
 }
 
@@ -358,11 +367,11 @@ static void on_init_error(lua_State *L, const pz_frame *f)
     lua_rawseti(L, D_INIT_ERRORS, (int)lua_objlen(L, D_INIT_ERRORS) + 1);
 }
 
-/* Puts the environment's tables into slots D_RESULTS .. D_CLAIMS (the
- * stack reaches D_TOP at least). */
 /* A RESULT record with PZ_REC_RUN (run.h): each call's result taken as
  * on_result takes one, from the first not taken yet: a decode that raised
- * left those before it stored, and u->run_taken says how many. */
+ * left those before it stored, and u->run_taken says how many.  Its calls
+ * share a tag, so their lists are found once; a map's (whose chunks'
+ * results go into its output: on_result) takes each as on_result does. */
 static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
 {
     lpool *u = d->u;
@@ -370,14 +379,25 @@ static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
     const uint8_t *p = (const uint8_t *)f->payload + 2, *end = (const uint8_t *)f->payload + f->len;
     pz_frame item = *f;
     item.flags = 0;
+    int top = lua_gettop(L);
+    lists *l = lists_for(L, d, f->tag);
+    int into = l == &d->claim && lua_istable(L, D_CLAIM_INTO);
+    pz_arena_reader *reader = reader_of(u);
     for (unsigned i = 0; i < n; i++) {
         (void)pz_get_varint(&p, end, &item.id); /* the I/O thread checked the record */
         uint32_t len = pz_frame_get_u32((const char *)p);
         p += 4;
         if (i >= u->run_taken) {
-            item.payload = (const char *)p;
-            item.len = len;
-            on_result(L, d, &item);
+            if (into) {
+                item.payload = (const char *)p;
+                item.len = len;
+                on_result(L, d, &item);
+            } else {
+                int count = pz_decode_tuple(L, (const char *)p, len, PZ_DECODE_FUNCTIONS, reader);
+                count_record(d, f->tag);
+                store_result(L, l, item.id, top, count);
+                pz_idset_add(&u->finished, item.id);
+            }
             u->run_taken = i + 1;
         }
         p += len;
@@ -398,6 +418,8 @@ static uint64_t run_call_at(const pz_frame *f, unsigned k)
     return id;
 }
 
+/* Puts the environment's tables into slots D_RESULTS .. D_CLAIMS (the
+ * stack reaches D_TOP at least). */
 static void load_tables(lua_State *L)
 {
     for (size_t i = 0; i < sizeof env_tables / sizeof *env_tables; i++) {
