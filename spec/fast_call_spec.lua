@@ -133,11 +133,24 @@ describe("p(x) from compiled code", function()
         seen = seen + 1
       end
       assert.are.equal(#list, seen)
-      -- the numbers and strings below the arena's size, but for the looks
-      -- at the JIT, went the fast way
+      -- from an iterator, the numbers and strings below the arena's size
+      -- went the fast way, but for the looks at the JIT; from an array,
+      -- those of each refill before its first other input (the rest go
+      -- to pool_submit_each together)
       local fast = core.pool_fast_calls(p) - fast_before
-      assert.is_true(fast >= 200 * 13 - 10, "fast calls: " .. fast)
+      assert.is_true(fast >= (from_fn and 200 * 13 - 10 or 1), "fast calls: " .. fast)
     end
+    -- an array of numbers goes all the fast way
+    local numbers = {}
+    for i = 1, 5000 do numbers[i] = i end
+    local fast_before = core.pool_fast_calls(p)
+    local sum = 0
+    for _, ok, v in p:stream(numbers) do
+      assert.is_true(ok)
+      sum = sum + v
+    end
+    assert.are.equal(5000 * 5001 / 2, sum)
+    assert.is_true(core.pool_fast_calls(p) - fast_before >= 5000)
     assert.are.same({}, p.results) -- a stream's results are its own
   end)
 

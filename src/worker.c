@@ -584,8 +584,10 @@ static void report_run_failure(lua_State *L)
         }
         lua_settop(L, raised);
         pz_wout_truncate(W.mark, W.mark_frames);
+        W.ans_at = SIZE_MAX; /* it may have begun after the mark */
     } else if (pz_wout_locked()) {
         pz_wout_truncate(W.mark, W.mark_frames); /* a result cut short */
+        W.ans_at = SIZE_MAX;
     } else {
         pz_wout_lock();
     }

@@ -161,10 +161,14 @@ static int flusher_lock(int wait)
     if (!O.asym)
         return 1;
     atomic_store(&O.wants, 1);
+    /* Should membarrier fail (once registered it cannot but for memory),
+     * a busy flag seen clear proves nothing: the flusher then leaves the
+     * batch to the main thread, which writes it itself, unless the
+     * process is ending (SIGTERM), where a batch cut short only makes
+     * its calls run again, and one never written loses them. */
+    int fenced = pz_membarrier() == 0;
     for (;;) {
-        /* Should membarrier fail (it cannot once registered), the main
-         * thread is taken to be busy: it writes its batches itself. */
-        if (pz_membarrier() == 0 && !atomic_load_explicit(&O.busy, memory_order_acquire))
+        if (!atomic_load_explicit(&O.busy, memory_order_acquire) && (fenced || wait))
             return 1;
         if (!wait) {
             atomic_store_explicit(&O.wants, 0, memory_order_release);
@@ -172,6 +176,8 @@ static int flusher_lock(int wait)
             return 0;
         }
         sched_yield();
+        if (!fenced)
+            fenced = pz_membarrier() == 0;
     }
 }
 

@@ -93,10 +93,13 @@ end
 -- trace: a stream from an iterator paid that once per input.
 local function fast_submit_tagged(u, tag, x)
   local kind, id = type(x), 0
-  if kind == "number" then
-    id = fast_tagged_number(u, tag, x)
-  elseif kind == "string" then
-    id = fast_tagged_string(u, tag, x, #x)
+  for _ = 1, 2 do -- a -1 (the look at the JIT, for p(x)) is asked again
+    if kind == "number" then
+      id = fast_tagged_number(u, tag, x)
+    elseif kind == "string" then
+      id = fast_tagged_string(u, tag, x, #x)
+    end
+    if id >= 0 then break end
   end
   if id > 0 then return id end
   return nil
@@ -814,9 +817,10 @@ function methods.stream(p, src, opts)
         if id then
           submitted(id, 1)
         else
-          -- Through C: the rest in one call, or, with the fast way, the
-          -- one item it declined.
-          local j = fast and next_i or last_i
+          -- Through C, the rest of this turn's inputs in one call (one
+          -- a turn, as the fast way resumes at the next turn: a C call
+          -- for each input it declines would cost what it saves).
+          local j = last_i
           local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, j, ids)
           -- When item `bad` could not be queued, those before it were: the
           -- stream notes them before it raises (their results are its own).
