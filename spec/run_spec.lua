@@ -239,6 +239,29 @@ describe("runs of small calls", function()
     assert.are.same({ term, "killer" }, { p.errors[1].id, p.errors[1].kind })
   end)
 
+  it("leave a burst of slow calls after tiny ones spread over the workers", function()
+    -- After tiny calls every worker may hold hundreds; calls whose time
+    -- nobody knows yet still go one to each worker with room, not in a
+    -- streak (or a run) to one of them.
+    local p = Parallelize(function(x)
+      if x < 0 then parallelize.sleep(-x) end
+      return parallelize.getpid()
+    end, { workers = 8 })
+    finally(function() p:stop() end)
+    queue(p, 4000, above_the_list)
+    p:take()
+    local ids = {}
+    for i = 1, 8 do ids[i] = p(-0.05) end
+    assert.is_true(p:wait(60), "the slow calls did not finish")
+    local pids = {}
+    for i = 1, 8 do
+      local ok, pid = p:result(ids[i])
+      assert.is_true(ok)
+      assert.is_nil(pids[pid], "two of the 8 slow calls ran on worker " .. tostring(pid))
+      pids[pid] = true
+    end
+  end)
+
   it("take a result the parent cannot decode as that call's error only", function()
     local dir = support.tmpdir()
     local defer = support.defer(finally)
