@@ -44,7 +44,6 @@ static uint32_t run_items(const pz_slot *w)
     return by_time < (double)most ? (uint32_t)by_time : most;
 }
 
-
 long pz_run_gather(struct pz_io *io, pz_slot *w, size_t *direct)
 {
     size_t pos = w->out_sent, end = w->out.len;
