@@ -485,8 +485,8 @@ int pz_lpool_submit_chunk(lua_State *L)
  * JIT runs, the pool's __call is a Lua function (pool.lua) that hands one
  * number, or one string shorter than the arena's PZ_SHARED_MIN, to these
  * through the FFI, and anything else to pz_lpool_call; a stream queues
- * the inputs of an iterator through their tagged twins, and anything else
- * through core.pool_submit.  They queue the
+ * its inputs of those kinds through their tagged twins, and anything else
+ * through core.pool_submit or core.pool_submit_each.  They queue the
  * call as submit_scalars would and return its id, or return 0, having
  * queued nothing, whenever pz_lpool_call must decide: the pool is
  * stopped, p(...) would wait for room, the arguments are above

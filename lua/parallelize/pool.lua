@@ -820,11 +820,10 @@ function methods.stream(p, src, opts)
           -- Through C, the rest of this turn's inputs in one call (one
           -- a turn, as the fast way resumes at the next turn: a C call
           -- for each input it declines would cost what it saves).
-          local j = last_i
-          local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, j, ids)
+          local first, last, interleaved, err, bad = pool_submit_each(p, tag, src, next_i, last_i, ids)
           -- When item `bad` could not be queued, those before it were: the
           -- stream notes them before it raises (their results are its own).
-          local queued = (bad or j + 1) - next_i
+          local queued = (bad or last_i + 1) - next_i
           if queued > 0 and interleaved then
             for k = 1, queued do submitted(ids[k], 1) end
           elseif queued > 0 then
