@@ -223,7 +223,7 @@ static int next_run_item(const uint8_t **p, const uint8_t *end, uint64_t *id)
     if (pz_get_varint(p, end, id) != 0 || end - *p < 4)
         return -1;
     const uint8_t *q = *p;
-    uint32_t len = (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
+    uint32_t len = pz_frame_get_u32((const char *)q);
     if ((size_t)(end - q) - 4 < len)
         return -1;
     *p = q + 4 + len;

@@ -161,7 +161,7 @@ void pz_dispatch(struct pz_io *io)
              * workers (8 calls of 0.2 s after tiny ones on 8 workers: one
              * worker took 6 in streaks, and they took 0.6-1.2 s). */
             size_t waiting = from_rq ? io->rq.len - io->rq_pos : savail;
-            int backlog = waiting / size >= (size_t)io->nrecords * DISPATCH_STREAK;
+            int backlog = waiting >= (size_t)io->nrecords * DISPATCH_STREAK * size;
             pz_slot *w = backlog && last && streak < DISPATCH_STREAK && pz_slot_has_room(last) ? last : NULL;
             if (!w) {
                 w = pz_dispatch_pick(io);

@@ -493,8 +493,8 @@ int pz_lpool_submit_chunk(lua_State *L)
  * max_message, memory ran out, or a debug hook is set.  Compiled code
  * does not run hooks, and Ctrl-C's handler sets one: pz_lpool_call is
  * called from the interpreter, where it fires.  Every FAST_LOOK_EVERY
- * calls they return -1 instead, having queued nothing either: pool.lua
- * then looks whether the JIT still runs (jit.status() costs several
+ * calls p(x)'s (not the tagged twins') return -1 instead, having queued
+ * nothing either: pool.lua then looks whether the JIT still runs (jit.status() costs several
  * calls' time; interpreted, the FFI costs more than the C API).  They
  * never raise (nothing may unwind through an FFI call), and touch no Lua
  * state but u->hook_L's hook. */
@@ -503,7 +503,8 @@ int pz_lpool_submit_chunk(lua_State *L)
 static double fast_queue(lpool *u, uint8_t tag, double x, const char *s, size_t n)
 {
     pz_pool *p = u->pool;
-    if (++u->fast_calls % FAST_LOOK_EVERY == 0)
+    /* A stream (tag) looks at the JIT once, when it starts (pool.lua). */
+    if (++u->fast_calls % FAST_LOOK_EVERY == 0 && tag == 0)
         return -1;
     if (!p || p->stopped || lua_gethook(u->hook_L) != NULL || !pz_lpool_has_room(u) ||
         (tag != 0 && u->tag_state[tag] != PZ_TAG_ACTIVE))

@@ -93,13 +93,10 @@ end
 -- trace: a stream from an iterator paid that once per input.
 local function fast_submit_tagged(u, tag, x)
   local kind, id = type(x), 0
-  for _ = 1, 2 do -- a -1 (the look at the JIT, for p(x)) is asked again
-    if kind == "number" then
-      id = fast_tagged_number(u, tag, x)
-    elseif kind == "string" then
-      id = fast_tagged_string(u, tag, x, #x)
-    end
-    if id >= 0 then break end
+  if kind == "number" then
+    id = fast_tagged_number(u, tag, x)
+  elseif kind == "string" then
+    id = fast_tagged_string(u, tag, x, #x)
   end
   if id > 0 then return id end
   return nil
