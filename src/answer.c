@@ -52,9 +52,10 @@ void pz_slot_set_depth(struct pz_io *io, pz_slot *w)
     w->depth = d < 1 ? 1 : d > io->inflight_cap ? io->inflight_cap : (uint32_t)d;
 }
 
-static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns)
+/* `calls` answered calls took `ns` each. */
+static void update_depth(struct pz_io *io, pz_slot *w, uint64_t ns, unsigned calls)
 {
-    w->avg_ns = w->avg_ns > 0 ? w->avg_ns * 0.875 + (double)ns * 0.125 : (double)ns + 1;
+    w->avg_ns = w->avg_ns > 0 ? pz_run_average(w->avg_ns, (double)ns, calls) : (double)ns + 1;
     pz_slot_set_depth(io, w);
 }
 
@@ -197,7 +198,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     }
     if (w->remote)
         note_round_trip(w, f->id, ns);
-    update_depth(io, w, ns);
+    update_depth(io, w, ns, 1);
     answered(io, w, now);
 }
 
@@ -303,7 +304,7 @@ static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     }
     if (m > 0 && record_run(io, tag, first, m, from, (size_t)(end - from)) != 0)
         return;
-    update_depth(io, w, ns);
+    update_depth(io, w, ns, n);
 }
 
 /* An INIT_OK or INIT_ERROR frame. */

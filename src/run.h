@@ -109,6 +109,25 @@ static inline unsigned pz_run_record_count(const pz_frame *f)
     return (unsigned)c[0] | (unsigned)c[1] << 8;
 }
 
+/* The moving averages of call times (the worker's, and each slot's in the
+ * I/O thread) weigh each call 1/8.  A run's n calls, each reckoned at
+ * `each`, move `avg` as n calls of that time in a row would: moved once
+ * per run, a slow first call (the first of a fresh worker took about 5 us,
+ * its later ones 50 ns) took some 40 runs to wear off, and the depth it
+ * gives a slot (window / average) stayed a tenth of what it should be for
+ * most of a loop of 200,000 tiny calls, each worker running dry between
+ * answers.  An average of 0 (none yet) becomes `each`. */
+static inline double pz_run_average(double avg, double each, uint64_t n)
+{
+    if (avg <= 0)
+        return each;
+    double keep = 1, f = 0.875;
+    for (uint64_t k = n; k && keep > 1e-9; k >>= 1, f *= f)
+        if (k & 1)
+            keep *= f;
+    return avg * keep + each * (1 - keep);
+}
+
 /* Worker side: a run's calls, read one by one from its payload. */
 typedef struct pz_run_reader {
     const uint8_t *p, *end;

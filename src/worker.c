@@ -641,8 +641,7 @@ static void handle_run(lua_State *L, const pz_frame *f)
     lua_settop(L, 0);
     atomic_store_explicit(&W.shared->running, 0, memory_order_relaxed);
     W.clock = pz_now_ns();
-    double each = (double)(W.clock - t0) / (double)n;
-    W.avg_ns = W.avg_ns > 0 ? W.avg_ns * 0.875 + each * 0.125 : each;
+    W.avg_ns = pz_run_average(W.avg_ns, (double)(W.clock - t0) / (double)n, n);
     pz_wout_lock();
     end_output();
 }
