@@ -177,7 +177,9 @@ describe("big strings through shared memory", function()
     assert.is_true(p:wait(10))
     p("busy")
     local id = p(string.rep("A", 1024 * KIB), log)
-    require("parallelize").sleep(0.05) -- (sent by now)
+    -- Both held by the worker: handed to it under the I/O lock, which
+    -- p:stats takes, and written to its socket in the same turn.
+    assert.is_true(support.eventually(function() return p:stats().running == 2 end, 5))
     assert.is_true(p:cancel(id))
     local ok, err = p:result(id, 5)
     assert.is_false(ok)
