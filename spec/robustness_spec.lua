@@ -246,7 +246,8 @@ describe("a lone call", function()
     local other = running == pids[1] and pids[2] or pids[1]
     assert.is_true(support.kill(other, SIGKILL))
     assert.is_true(support.eventually(function() return not support.alive(other) end, 10))
-    core.sleep(0.05) -- the I/O thread has handled the death
+    -- the I/O thread has handled the death
+    assert.is_true(support.eventually(function() return p:stats().deaths == 1 end, 10))
     assert.is_true(p:wait(10))
     p(0)
     assert.is_true(p:wait(5), "the call after the lone one was never sent")
@@ -261,7 +262,8 @@ describe("a lone call", function()
     end, 2))
     local _ = p.executors
     p(1)
-    core.sleep(0.05) -- running, not merely queued: stop lets it finish
+    -- held by its worker, not merely queued: stop lets it finish
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end, 10))
     local aborted = p:stop()
     assert.are.same({}, aborted)
     assert.are.same({ 1 }, p.results)
@@ -525,7 +527,7 @@ describe("stop with a finish_timeout", function()
     local _ = p.executors
     p(1)
     p(2)
-    parallelize.sleep(0.05)
+    assert.is_true(support.eventually(function() return p:stats().running == 2 end, 10))
     local aborted = p:stop(5)
     assert.are.equal(0, #aborted)
     assert.are.equal(2, #p.results)
