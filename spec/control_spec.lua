@@ -444,7 +444,7 @@ describe("cancel", function()
         assert.is_true(p:wait(10))
         local gate = dir .. "/" .. x
         local first, victim, last = p(0.01, gate), p(x), p(0)
-        core.sleep(0.05)
+        assert.is_true(support.eventually(function() return p:stats().running == 3 end, 10))
         assert.is_true(p:cancel(victim))
         support.write(gate, "")
         assert.is_true(p:wait(10))
