@@ -123,6 +123,35 @@ describe("a worker that dies", function()
     assert_each_once(p, 200)
   end)
 
+  it("after a call that broke it is charged with its death, though it died between calls", function()
+    -- Call 30 closes the worker's descriptors and returns: the worker dies
+    -- writing results (or reading calls), named by no call. Its worker
+    -- then gets one call at a time until one is answered, so that a second
+    -- such death is the call's: 30 fails after max_deaths, the rest run,
+    -- and the pool does not start workers without end.
+    local p = Parallelize(rep(function(x)
+      if x == 30 then
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int close(int fd);")
+        for fd = 3, 64 do ffi.C.close(fd) end
+      end
+      return x * 10
+    end, 2))
+    finally(function() p:stop(0) end)
+    for i = 1, 100 do p(i) end
+    assert.is_true(p:wait(30))
+    assert.are.equal(99, #p.results)
+    assert.are.equal(1, #p.errors)
+    local e = p.errors[1]
+    assert.are.equal(30, e.id)
+    assert.are.equal("killer", e.kind)
+    assert.matches("^call 30 killed 3 workers %(max_deaths = 3%); the last: worker %d %(pid %d+%) "
+      .. "exited with status 3 while running call 30$", e.message)
+    -- a death that was nobody's, then one of its own, at most three times
+    assert.is_true(p:stats().deaths <= 6, p:stats().deaths .. " deaths")
+    assert_each_once(p, 100)
+  end)
+
   it("is not replaced with respawn = false; the pool shrinks, then fails", function()
     local p = Parallelize(rep(crasher("exit", dir, { [1] = true }, true), 2), { respawn = false })
     finally(function() p:stop() end)

@@ -53,6 +53,21 @@ pz_slot *pz_dispatch_pick(struct pz_io *io)
     return NULL;
 }
 
+/* A slot with room that holds no call, for a suspect (slot.c), round
+ * robin as pz_dispatch_pick. */
+static pz_slot *pick_empty(struct pz_io *io)
+{
+    int n = io->nrecords, k = io->rr < n ? io->rr : 0;
+    for (int i = 0; i < n; i++, k = k + 1 == n ? 0 : k + 1) {
+        pz_slot *w = &io->slots[k];
+        if (w->inflight == 0 && pz_slot_has_room(w)) {
+            io->rr = k + 1 == n ? 0 : k + 1;
+            return w;
+        }
+    }
+    return NULL;
+}
+
 int pz_dispatch_has_room(struct pz_io *io)
 {
     for (int i = 0; i < io->nrecords; i++)
@@ -163,7 +178,13 @@ void pz_dispatch(struct pz_io *io)
             size_t waiting = from_rq ? io->rq.len - io->rq_pos : savail;
             int backlog = waiting >= (size_t)io->nrecords * DISPATCH_STREAK * size;
             pz_slot *w = backlog && last && streak < DISPATCH_STREAK && pz_slot_has_room(last) ? last : NULL;
-            if (!w) {
+            if (pz_frame_flags(fr) & PZ_CALL_SUSPECT) {
+                /* Alone in its worker (slot.c, broken_by); the calls
+                 * behind it wait until a worker holds nothing. */
+                if (!(w = pick_empty(io)))
+                    break;
+                streak = 0;
+            } else if (!w) {
                 w = pz_dispatch_pick(io);
                 if (!w && grow_for_backlog(io))
                     w = pz_dispatch_pick(io);

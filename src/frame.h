@@ -86,6 +86,7 @@
 #define PZ_CALL_CANCELLED 1 /* given up on: its answer, if any comes, is dropped */
 #define PZ_CALL_CHUNK 2     /* a map's chunk of items, one executor call each (chunk.h) */
 #define PZ_CALL_RUN 4       /* several calls in one frame, on the wire only (run.h) */
+#define PZ_CALL_SUSPECT 8   /* was sent to a worker that broke between calls: goes alone (slot.c) */
 
 /* flag of a worker's RESULT frame: it answers several calls of a run in a
  * row (run.h). */

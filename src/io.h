@@ -103,6 +103,8 @@ typedef struct pz_slot {
                           * SIGKILL follows (slot.c, end_starting) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
+    int holds_suspect;   /* its calls are one PZ_CALL_SUSPECT call: it takes no
+                          * other while it holds it (dispatch.c) */
     char why[256];       /* set when the parent killed it: the reason */
     /* A remote slot (its process is a launcher: spawner.h) differs only
      * where these are read (slot.c): which call its death is charged to,
@@ -298,7 +300,7 @@ void pz_slot_set_depth(struct pz_io *io, pz_slot *w);
 static inline int pz_slot_has_room(const pz_slot *w)
 {
     return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent &&
-           (w->inflight == 0 || w->out.len - w->out_head < PZ_SLOT_BYTES);
+           (w->inflight == 0 || (!w->holds_suspect && w->out.len - w->out_head < PZ_SLOT_BYTES));
 }
 
 /* Queues one CALL frame for w (sent by the next pz_slot_flush).  Returns

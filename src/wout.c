@@ -222,6 +222,12 @@ static void *flusher(void *arg)
              * thread's own flushes remain. */
             return NULL;
         }
+        /* A descriptor closed under it (an executor closing what it did not
+         * open): the flusher stops; the main thread's own writes remain,
+         * and fail, and say so.  Taken for SIGTERM, the process ended as
+         * if someone had killed it, and its calls were charged to none. */
+        if ((fds[0].revents | fds[1].revents) & POLLNVAL)
+            return NULL;
         if (fds[1].revents)
             end_by_term();
         if (!fds[0].revents)
