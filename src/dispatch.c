@@ -39,13 +39,15 @@
  * few enough that workers with room share a burst of calls. */
 #define DISPATCH_STREAK 32
 
-pz_slot *pz_dispatch_pick(struct pz_io *io)
+/* The next slot with room, round robin from io->rr (without a division
+ * per call); with `empty`, one that holds no call either (a suspect's:
+ * slot.c, broken_by). */
+static pz_slot *pick(struct pz_io *io, int empty)
 {
-    /* Round robin from io->rr, without a division per call. */
     int n = io->nrecords, k = io->rr < n ? io->rr : 0;
     for (int i = 0; i < n; i++, k = k + 1 == n ? 0 : k + 1) {
         pz_slot *w = &io->slots[k];
-        if (pz_slot_has_room(w)) {
+        if ((!empty || w->inflight == 0) && pz_slot_has_room(w)) {
             io->rr = k + 1 == n ? 0 : k + 1;
             return w;
         }
@@ -53,19 +55,9 @@ pz_slot *pz_dispatch_pick(struct pz_io *io)
     return NULL;
 }
 
-/* A slot with room that holds no call, for a suspect (slot.c), round
- * robin as pz_dispatch_pick. */
-static pz_slot *pick_empty(struct pz_io *io)
+pz_slot *pz_dispatch_pick(struct pz_io *io)
 {
-    int n = io->nrecords, k = io->rr < n ? io->rr : 0;
-    for (int i = 0; i < n; i++, k = k + 1 == n ? 0 : k + 1) {
-        pz_slot *w = &io->slots[k];
-        if (w->inflight == 0 && pz_slot_has_room(w)) {
-            io->rr = k + 1 == n ? 0 : k + 1;
-            return w;
-        }
-    }
-    return NULL;
+    return pick(io, 0);
 }
 
 int pz_dispatch_has_room(struct pz_io *io)
@@ -181,7 +173,7 @@ void pz_dispatch(struct pz_io *io)
             if (pz_frame_flags(fr) & PZ_CALL_SUSPECT) {
                 /* Alone in its worker (slot.c, broken_by); the calls
                  * behind it wait until a worker holds nothing. */
-                if (!(w = pick_empty(io)))
+                if (!(w = pick(io, 1)))
                     break;
                 streak = 0;
             } else if (!w) {
