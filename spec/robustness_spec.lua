@@ -152,6 +152,35 @@ describe("a worker that dies", function()
     assert_each_once(p, 100)
   end)
 
+  it("after a call that broke it: the suspects wait for an empty worker without stalling the pool", function()
+    -- The other worker is busy with a long call when the suspect comes
+    -- back: it waits until a worker holds nothing. The I/O thread once
+    -- went round without sleeping meanwhile, holding its lock: nothing
+    -- was read again, and wait(8) timed out in 3 runs of 4.
+    local p = Parallelize(rep(function(x)
+      if x == "poison" then
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int close(int fd);")
+        for fd = 3, 64 do ffi.C.close(fd) end
+      elseif x == "long" then
+        parallelize.sleep(0.5)
+      end
+      return x
+    end, 2))
+    finally(function() p:stop(0) end)
+    for i = 1, 20 do p(i) end
+    assert.is_true(p:wait(10))
+    local t0 = core.now()
+    local long, poison = p("long"), p("poison")
+    assert.is_true(p:wait(8))
+    assert.is_true(core.now() - t0 < 5)
+    assert.are.same({ true, "long" }, { p:result(long) })
+    local ok, err = p:result(poison)
+    assert.is_false(ok)
+    assert.are.equal("killer", err.kind)
+    assert.is_table(p:stats()) -- the I/O lock is free
+  end)
+
   it("is not replaced with respawn = false; the pool shrinks, then fails", function()
     local p = Parallelize(rep(crasher("exit", dir, { [1] = true }, true), 2), { respawn = false })
     finally(function() p:stop() end)

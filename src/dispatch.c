@@ -62,8 +62,15 @@ pz_slot *pz_dispatch_pick(struct pz_io *io)
 
 int pz_dispatch_has_room(struct pz_io *io)
 {
+    /* A suspect at the front of the requeue goes only to a slot that holds
+     * nothing, and the calls behind it wait for it (pz_dispatch).  Room
+     * elsewhere is no room: the I/O loop, told otherwise, went round
+     * without sleeping, never read the answers that would empty a slot,
+     * and held its lock for good. */
+    const char *front = io->rq_pos < io->rq.len ? io->rq.data + io->rq_pos : NULL;
+    int empty = front && (pz_frame_flags(front) & (PZ_CALL_SUSPECT | PZ_CALL_CANCELLED)) == PZ_CALL_SUSPECT;
     for (int i = 0; i < io->nrecords; i++)
-        if (pz_slot_has_room(&io->slots[i]))
+        if ((!empty || io->slots[i].inflight == 0) && pz_slot_has_room(&io->slots[i]))
             return 1;
     return 0;
 }

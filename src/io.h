@@ -362,7 +362,7 @@ void pz_dispatch(struct pz_io *io);
 /* A slot with room, round-robin from io->rr, or NULL. */
 pz_slot *pz_dispatch_pick(struct pz_io *io);
 
-/* True when some slot could take another call now. */
+/* True when some slot could take the next waiting call now. */
 int pz_dispatch_has_room(struct pz_io *io);
 
 /* True when calls wait for a worker (requeued or in the submit queue). */
