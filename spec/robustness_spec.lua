@@ -580,6 +580,41 @@ describe("stop with a finish_timeout", function()
     assert.is_false(support.alive(pid))
   end)
 
+  it("terminates a worker whose call closed its flusher's descriptors, without waiting for kill_grace", function()
+    -- SIGTERM's handler wakes the flusher through an eventfd; with that
+    -- closed it woke nobody, and the worker ran on until SIGKILL. (In a
+    -- process of its own: under busted the flusher happened to see the
+    -- closed descriptors first, which hid it.)
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    support.write(dir .. "/t.lua", [[
+      local parallelize = require "parallelize"
+      local p = parallelize.Parallelize(function(seconds)
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int close(int fd); long readlink(const char *path, char *buf, size_t len);")
+        local buf = ffi.new("char[256]")
+        for fd = 3, 1023 do
+          local n = tonumber(ffi.C.readlink("/proc/self/fd/" .. fd, buf, 255))
+          local target = n > 0 and ffi.string(buf, n) or ""
+          if target:find("eventfd", 1, true) or target:find("timerfd", 1, true) then ffi.C.close(fd) end
+        end
+        parallelize.sleep(seconds)
+        return seconds
+      end, { workers = 1, kill_grace = 5 })
+      p(30)
+      parallelize.sleep(0.2)
+      local now = require("parallelize.core").now
+      local t0 = now()
+      local aborted = p:stop(0.2)
+      print(string.format("stop=%.3f aborted=%d", now() - t0, #aborted))
+    ]])
+    local out, status = support.run("timeout 30 " .. support.quote(support.pzlua()) .. " " .. dir .. "/t.lua")
+    assert.are.equal(0, status, out)
+    local took, aborted = out:match("stop=([%d.]+) aborted=(%d+)")
+    assert.are.equal("1", aborted, out)
+    assert.is_true(tonumber(took) < 2, "stop took " .. tostring(took))
+  end)
+
   it("lets running calls finish when they are quick enough", function()
     local p = Parallelize(rep(function(x) parallelize.sleep(0.2); return x end, 2))
     local _ = p.executors

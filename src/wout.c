@@ -145,7 +145,13 @@ static void on_term(int sig)
     } else {
         uint64_t one = 1;
         if (write(O.term_fd, &one, sizeof one) < 0) {
-            /* cannot fail on an eventfd this far from its limit */
+            /* Its eventfd was closed under it (an executor closing what
+             * it did not open; an eventfd this far from its limit fails
+             * no other way): nobody would wake, and the signal would do
+             * nothing until SIGKILL.  It does what it would have done
+             * without the handler. */
+            signal(sig, SIG_DFL);
+            raise(sig);
         }
     }
     errno = saved;
@@ -225,9 +231,12 @@ static void *flusher(void *arg)
         /* A descriptor closed under it (an executor closing what it did not
          * open): the flusher stops; the main thread's own writes remain,
          * and fail, and say so.  Taken for SIGTERM, the process ended as
-         * if someone had killed it, and its calls were charged to none. */
-        if ((fds[0].revents | fds[1].revents) & POLLNVAL)
+         * if someone had killed it, and its calls were charged to none.
+         * SIGTERM gets its default back: its handler wakes no one now. */
+        if ((fds[0].revents | fds[1].revents) & POLLNVAL) {
+            signal(SIGTERM, SIG_DFL);
             return NULL;
+        }
         if (fds[1].revents)
             end_by_term();
         if (!fds[0].revents)
