@@ -103,8 +103,9 @@ typedef struct pz_slot {
                           * SIGKILL follows (slot.c, end_starting) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
-    int holds_suspect;   /* its calls are one PZ_CALL_SUSPECT call: it takes no
-                          * other while it holds it (dispatch.c) */
+    int holds_suspect;   /* the call it was handed while it held none was a
+                          * PZ_CALL_SUSPECT: while inflight > 0 it holds that
+                          * call alone and takes no other (dispatch.c) */
     char why[256];       /* set when the parent killed it: the reason */
     /* A remote slot (its process is a launcher: spawner.h) differs only
      * where these are read (slot.c): which call its death is charged to,

@@ -252,8 +252,11 @@ static uint64_t remote_running_call(const pz_slot *w, int known, int status)
  * for one call that closed descriptors 3 to 20. */
 static int ended_itself(const pz_slot *w, int known, int status)
 {
-    return known && WIFEXITED(status) && WEXITSTATUS(status) != 0 && !w->why[0] && !w->kill_sent &&
-           !w->doomed && w->inflight > 0;
+    /* 128 + SIGTERM: the flusher's end for a SIGTERM the executor blocked
+     * (wout.c, end_by_term), someone else's doing. */
+    return known && WIFEXITED(status) && WEXITSTATUS(status) != 0 &&
+           WEXITSTATUS(status) != 128 + SIGTERM && !w->why[0] && !w->kill_sent && !w->doomed &&
+           w->inflight > 0;
 }
 
 /* The call that broke w (ended_itself), or 0 when that cannot be told.
@@ -261,11 +264,13 @@ static int ended_itself(const pz_slot *w, int known, int status)
  * to a worker that holds nothing, and the worker takes no other call until
  * it is answered (dispatch.c), so when it breaks that worker in turn, it
  * is the one: charged with the death, and an error at max_deaths like any
- * call that kills its workers.  An innocent suspect runs alone once. */
+ * call that kills its workers.  An innocent suspect runs alone (again
+ * alone when it raises and is retried: the mark stays with the frame). */
 static uint64_t broken_by(pz_slot *w)
 {
     const char *head = w->out.data + w->out_head;
-    if (w->holds_suspect && w->inflight == 1)
+    /* Only a call it received whole can have broken it. */
+    if (w->holds_suspect && w->inflight == 1 && w->out_head + pz_frame_size(head) <= w->out_sent)
         return pz_frame_id(head);
     for (size_t pos = w->out_head; pos < w->out.len && pos < w->out_sent;) {
         char *fr = w->out.data + pos;
@@ -499,10 +504,15 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
 {
     uint64_t running = atomic_load(&io->p->shared[w->index].running), drop = 0;
     atomic_store(&io->p->shared[w->index].running, 0);
-    if (w->remote)
+    /* "while running" the call, or "after running" it: one that broke its
+     * worker had returned (broken_by). */
+    const char *when = "while";
+    if (w->remote) {
         running = remote_running_call(w, known, status);
-    else if (!running && ended_itself(w, known, status))
+    } else if (!running && ended_itself(w, known, status)) {
         running = broken_by(w);
+        when = "after";
+    }
     w->cancels_sent = 0; /* its calls leave it */
     if (w->doomed) {
         char *fr = sent_frame(w, w->doomed);
@@ -532,15 +542,15 @@ static void requeue_inflight(struct pz_io *io, pz_slot *w, const char *how, int 
             if (pz_frame_flags(fr) & PZ_CALL_CHUNK)
                 snprintf(msg, sizeof msg,
                          "call %" PRIu64 " (a chunk of a map's items) ended with its worker: "
-                         "worker %d (pid %d) %s while running it; a map still running runs its "
+                         "worker %d (pid %d) %s %s running it; a map still running runs its "
                          "items again as calls of their own",
-                         running, w->slot + 1, (int)w->pid, how);
+                         running, w->slot + 1, (int)w->pid, how, when);
             else if (deaths >= io->p->opt.max_deaths)
                 snprintf(msg, sizeof msg,
                          "call %" PRIu64 " killed %d worker%s (max_deaths = %d); the last: worker "
-                         "%d (pid %d) %s while running call %" PRIu64,
+                         "%d (pid %d) %s %s running call %" PRIu64,
                          running, deaths, deaths == 1 ? "" : "s", io->p->opt.max_deaths, w->slot + 1,
-                         (int)w->pid, how, running);
+                         (int)w->pid, how, when, running);
             else
                 msg[0] = 0;
             if (msg[0] && pz_slot_record_error(io, fr, msg, PZ_ERR_KILLER) == 0)

@@ -228,17 +228,21 @@ static void *flusher(void *arg)
              * thread's own flushes remain. */
             return NULL;
         }
+        if (fds[1].revents & POLLIN)
+            end_by_term();
         /* A descriptor closed under it (an executor closing what it did not
          * open): the flusher stops; the main thread's own writes remain,
          * and fail, and say so.  Taken for SIGTERM, the process ended as
          * if someone had killed it, and its calls were charged to none.
-         * SIGTERM gets its default back: its handler wakes no one now. */
+         * SIGTERM gets its default back, its handler waking no one now;
+         * one that came between the poll and that is taken here. */
         if ((fds[0].revents | fds[1].revents) & POLLNVAL) {
             signal(SIGTERM, SIG_DFL);
+            uint64_t count;
+            if (read(O.term_fd, &count, sizeof count) == (ssize_t)sizeof count)
+                kill(O.pid, SIGTERM);
             return NULL;
         }
-        if (fds[1].revents)
-            end_by_term();
         if (!fds[0].revents)
             continue;
         uint64_t expirations;
