@@ -84,8 +84,11 @@ static inline __attribute__((always_inline)) int dec_scalar(lua_State *L, const 
 {
     const uint8_t *p = *pp;
     uint64_t v;
+    double d;
     if (p >= end)
         return 0;
+    /* The common tags first, as they come in tables: with every number's
+     * test first, the small record's decode took 6% longer. */
     uint8_t tag = *p++;
     if (tag >= PZ_T_FIXINT) {
         lua_pushnumber(L, tag - PZ_T_FIXINT);
@@ -101,24 +104,16 @@ static inline __attribute__((always_inline)) int dec_scalar(lua_State *L, const 
         lua_pushboolean(L, tag == PZ_T_TRUE);
     } else if (tag == PZ_T_NULL) {
         lua_pushlightuserdata(L, NULL);
-    } else if (tag == PZ_T_POSINT || tag == PZ_T_NEGINT) {
-        if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)1 << 53)
-            return 0;
-        lua_pushnumber(L, tag == PZ_T_NEGINT ? -(double)v : (double)v);
     } else if (tag == PZ_T_STRING) {
         if (pz_get_varint(&p, end, &v) != 0 || v > (uint64_t)(end - p))
             return 0;
         lua_pushlstring(L, (const char *)p, (size_t)v);
         p += v;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    } else if (tag == PZ_T_DOUBLE && end - p >= 8) {
-        double x;
-        memcpy(&x, p, sizeof x); /* the wire order is the host's */
-        lua_pushnumber(L, x);
-        p += 8;
-#endif
     } else {
-        return 0;
+        p--; /* the other numbers: pz_get_number reads the tag too */
+        if (!pz_get_number(&p, end, &d))
+            return 0;
+        lua_pushnumber(L, d);
     }
     *pp = p;
     return 1;
@@ -758,6 +753,17 @@ static int decode_scalar_tuple(lua_State *L, const char *p, size_t n)
 {
     const uint8_t *q = (const uint8_t *)p, *end = q + n;
     uint64_t count;
+    double x;
+    /* One number, the commonest tuple (a tiny call's argument, its
+     * result), read straight: the general loop's set-up was about a sixth
+     * of a tiny call's time in a worker. */
+    if (n >= 2 && q[0] == 1) {
+        const uint8_t *r = q + 1;
+        if (pz_get_number(&r, end, &x) && r == end && lua_checkstack(L, 2)) {
+            lua_pushnumber(L, x);
+            return 1;
+        }
+    }
     if (pz_get_varint(&q, end, &count) != 0 || count > 64 || !lua_checkstack(L, (int)count + 1))
         return -1;
     for (int i = 0; i < (int)count; i++) {

@@ -128,6 +128,40 @@ static inline size_t pz_put_number(uint8_t *dst, double d)
     return 9;
 }
 
+/* Reads a number as pz_put_number writes it, from *p (end: the end of the
+ * bytes); returns 1 and moves *p past it, or 0 when what is there is not
+ * a number, is cut short, or is an integer beyond 2^53 (never written:
+ * a double would not hold it exactly). */
+static inline int pz_get_number(const uint8_t **p, const uint8_t *end, double *out)
+{
+    const uint8_t *q = *p;
+    if (q >= end)
+        return 0;
+    uint8_t tag = *q++;
+    if (tag >= PZ_T_FIXINT) {
+        *out = tag - PZ_T_FIXINT;
+    } else if (tag == PZ_T_POSINT || tag == PZ_T_NEGINT) {
+        uint64_t v;
+        if (pz_get_varint(&q, end, &v) != 0 || v > (uint64_t)1 << 53)
+            return 0;
+        *out = tag == PZ_T_NEGINT ? -(double)v : (double)v;
+    } else if (tag == PZ_T_DOUBLE && end - q >= 8) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(out, q, 8);
+#else
+        uint64_t bits = 0;
+        for (int i = 7; i >= 0; i--)
+            bits = bits << 8 | q[i];
+        memcpy(out, &bits, 8);
+#endif
+        q += 8;
+    } else {
+        return 0;
+    }
+    *p = q;
+    return 1;
+}
+
 /* Writes the header of a string of length len (the bytes follow it);
  * returns the header's byte count (at most 1 + PZ_VARINT_MAX_BYTES). */
 static inline size_t pz_put_string_header(uint8_t *dst, size_t len)
