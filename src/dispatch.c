@@ -68,7 +68,8 @@ int pz_dispatch_has_room(struct pz_io *io)
      * without sleeping, never read the answers that would empty a slot,
      * and held its lock for good. */
     const char *front = io->rq_pos < io->rq.len ? io->rq.data + io->rq_pos : NULL;
-    int empty = front && (pz_frame_flags(front) & (PZ_CALL_SUSPECT | PZ_CALL_CANCELLED)) == PZ_CALL_SUSPECT;
+    int empty = front && (pz_frame_flags(front) & (PZ_CALL_SUSPECT | PZ_CALL_CANCELLED)) ==
+                             PZ_CALL_SUSPECT;
     for (int i = 0; i < io->nrecords; i++)
         if ((!empty || io->slots[i].inflight == 0) && pz_slot_has_room(&io->slots[i]))
             return 1;
