@@ -637,6 +637,16 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
     uint8_t v[PZ_VARINT_MAX_BYTES];
     size_t start = out->len, at = start;
     int i = 0;
+    uint8_t *w;
+    /* One number, the commonest tuple (a tiny call's result), written
+     * straight: a count of 1, then the number (decode_scalar_tuple reads
+     * it so). */
+    if (count == 1 && lua_type(L, first) == LUA_TNUMBER &&
+        (w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_NUMBER_MAX_BYTES))) {
+        w[0] = 1;
+        out->len += 1 + pz_put_number(w + 1, lua_tonumber(L, first));
+        return;
+    }
     if (count < 0)
         count = 0;
     first = abs_index(L, first);

@@ -67,9 +67,7 @@ int pz_dispatch_has_room(struct pz_io *io)
      * elsewhere is no room: the I/O loop, told otherwise, went round
      * without sleeping, never read the answers that would empty a slot,
      * and held its lock for good. */
-    const char *front = io->rq_pos < io->rq.len ? io->rq.data + io->rq_pos : NULL;
-    int empty = front && (pz_frame_flags(front) & (PZ_CALL_SUSPECT | PZ_CALL_CANCELLED)) ==
-                             PZ_CALL_SUSPECT;
+    int empty = io->rq_pos < io->rq.len && pz_call_goes_alone(io->rq.data + io->rq_pos);
     for (int i = 0; i < io->nrecords; i++)
         if ((!empty || io->slots[i].inflight == 0) && pz_slot_has_room(&io->slots[i]))
             return 1;
@@ -178,7 +176,7 @@ void pz_dispatch(struct pz_io *io)
             size_t waiting = from_rq ? io->rq.len - io->rq_pos : savail;
             int backlog = waiting >= (size_t)io->nrecords * DISPATCH_STREAK * size;
             pz_slot *w = backlog && last && streak < DISPATCH_STREAK && pz_slot_has_room(last) ? last : NULL;
-            if (pz_frame_flags(fr) & PZ_CALL_SUSPECT) {
+            if (pz_call_goes_alone(fr)) {
                 /* Alone in its worker (slot.c, broken_by); the calls
                  * behind it wait until a worker holds nothing. */
                 if (!(w = pick(io, 1)))

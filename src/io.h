@@ -103,9 +103,6 @@ typedef struct pz_slot {
                           * SIGKILL follows (slot.c, end_starting) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
-    int holds_suspect;   /* the call it was handed while it held none was a
-                          * PZ_CALL_SUSPECT: while inflight > 0 it holds that
-                          * call alone and takes no other (dispatch.c) */
     char why[256];       /* set when the parent killed it: the reason */
     /* A remote slot (its process is a launcher: spawner.h) differs only
      * where these are read (slot.c): which call its death is charged to,
@@ -298,10 +295,25 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
 void pz_slot_set_depth(struct pz_io *io, pz_slot *w);
 
 /* True when w can take one more call now. */
+/* Whether the CALL frame fr waits for a slot that holds nothing: a
+ * suspect (slot.c, broken_by) not cancelled meanwhile. */
+static inline int pz_call_goes_alone(const char *fr)
+{
+    return (pz_frame_flags(fr) & (PZ_CALL_SUSPECT | PZ_CALL_CANCELLED)) == PZ_CALL_SUSPECT;
+}
+
+/* Whether w holds a suspect: handed only to a slot holding nothing, which
+ * then takes no other call, it is then w's only call, at out_head. */
+static inline int pz_slot_holds_suspect(const pz_slot *w)
+{
+    return w->inflight > 0 && (pz_frame_flags(w->out.data + w->out_head) & PZ_CALL_SUSPECT);
+}
+
 static inline int pz_slot_has_room(const pz_slot *w)
 {
     return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent &&
-           (w->inflight == 0 || (!w->holds_suspect && w->out.len - w->out_head < PZ_SLOT_BYTES));
+           (w->inflight == 0 ||
+            (w->out.len - w->out_head < PZ_SLOT_BYTES && !pz_slot_holds_suspect(w)));
 }
 
 /* Queues one CALL frame for w (sent by the next pz_slot_flush).  Returns

@@ -494,8 +494,9 @@ int pz_lpool_submit_chunk(lua_State *L)
  * does not run hooks, and Ctrl-C's handler sets one: pz_lpool_call is
  * called from the interpreter, where it fires.  Every FAST_LOOK_EVERY
  * calls p(x)'s (not the tagged twins') return -1 instead, having queued
- * nothing either: pool.lua then looks whether the JIT still runs (jit.status() costs several
- * calls' time; interpreted, the FFI costs more than the C API).  They
+ * nothing either: pool.lua then looks whether the JIT still runs
+ * (jit.status() costs several calls' time; interpreted, the FFI costs
+ * more than the C API).  They
  * never raise (nothing may unwind through an FFI call), and touch no Lua
  * state but u->hook_L's hook. */
 #define FAST_LOOK_EVERY 1024

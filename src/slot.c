@@ -270,7 +270,7 @@ static uint64_t broken_by(pz_slot *w)
 {
     const char *head = w->out.data + w->out_head;
     /* Only a call it received whole can have broken it. */
-    if (w->holds_suspect && w->inflight == 1 && w->out_head + pz_frame_size(head) <= w->out_sent)
+    if (pz_slot_holds_suspect(w) && w->inflight == 1 && w->out_head + pz_frame_size(head) <= w->out_sent)
         return pz_frame_id(head);
     for (size_t pos = w->out_head; pos < w->out.len && pos < w->out_sent;) {
         char *fr = w->out.data + pos;
@@ -819,10 +819,8 @@ int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t si
         w->probe_id = pz_frame_id(frame);
         w->probe_at = pz_now_ns();
     }
-    if (w->inflight++ == 0) {
+    if (w->inflight++ == 0)
         w->head_since = pz_now_ns();
-        w->holds_suspect = (pz_frame_flags(frame) & PZ_CALL_SUSPECT) != 0;
-    }
     if (++w->given == io->p->opt.max_calls)
         retire(io, w);
     return 0;

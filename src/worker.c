@@ -497,24 +497,13 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
 {
     W.item.len = 0;
     W.ring_marked = 0;
-    size_t shared = 0;
-    uint8_t *num;
-    if (nres == 1 && lua_type(L, base + 1) == LUA_TNUMBER &&
-        (num = (uint8_t *)pz_buf_reserve(&W.item, 1 + PZ_NUMBER_MAX_BYTES))) {
-        /* One number, the usual result, written here (as the tuple encoder
-         * would: a count of 1, then the number), without its set-up or
-         * the ring's mark. */
-        num[0] = 1;
-        W.item.len = 1 + pz_put_number(num + 1, lua_tonumber(L, base + 1));
-    } else {
-        if (W.writer) {
-            W.writer->placed = 0;
-            W.ring_mark = pz_ring_writer_mark(&W.ring);
-            W.ring_marked = 1;
-        }
-        pz_encode_tuple(L, base + 1, nres, &W.item, "result", 0, W.writer);
-        shared = W.writer ? W.writer->placed : 0;
+    if (W.writer) {
+        W.writer->placed = 0;
+        W.ring_mark = pz_ring_writer_mark(&W.ring);
+        W.ring_marked = 1;
     }
+    pz_encode_tuple(L, base + 1, nres, &W.item, "result", 0, W.writer);
+    size_t shared = W.writer ? W.writer->placed : 0;
     uint64_t ns = (uint64_t)W.avg_ns;
     pz_wout_lock();
     W.mark = pz_wout_buf()->len;

@@ -235,12 +235,12 @@ static void *flusher(void *arg)
          * and fail, and say so.  Taken for SIGTERM, the process ended as
          * if someone had killed it, and its calls were charged to none.
          * SIGTERM gets its default back, its handler waking no one now;
-         * one that came between the poll and that is taken here. */
+         * one that came between the poll and that is ended here as any. */
         if ((fds[0].revents | fds[1].revents) & POLLNVAL) {
             signal(SIGTERM, SIG_DFL);
             uint64_t count;
             if (read(O.term_fd, &count, sizeof count) == (ssize_t)sizeof count)
-                kill(O.pid, SIGTERM);
+                end_by_term();
             return NULL;
         }
         if (!fds[0].revents)
