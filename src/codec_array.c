@@ -53,6 +53,7 @@
 #include <string.h>
 
 #include "codec_array.h"
+#include "le.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
     (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
@@ -320,20 +321,6 @@ void pz_push_items(lua_State *L, int t, size_t i, size_t j)
     lua_call(L, 3, LUA_MULTRET);
 }
 
-/* Reads the double at p, stored little-endian. */
-static double get_double(const uint8_t *p)
-{
-    double x;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    memcpy(&x, p, sizeof x); /* the wire order is the host's */
-#else
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    memcpy(&x, &v, sizeof x);
-#endif
-    return x;
-}
 
 /* True when one of the n doubles at p is a NaN (exponent all ones and a
  * mantissa that is not zero), whatever its sign and payload. */
@@ -362,7 +349,7 @@ void pz_unpack_doubles(lua_State *L, const uint8_t *p, size_t n)
     }
     lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0);
     for (size_t i = 0; i < n; i++) {
-        lua_pushnumber(L, get_double(p + 8 * i));
+        lua_pushnumber(L, pz_le_double_get(p + 8 * i));
         lua_rawseti(L, -2, (int)(i + 1));
     }
 }
@@ -390,7 +377,7 @@ static void fill(lua_State *L, int t, size_t i, const uint8_t *src, size_t k, in
         if (native)
             memcpy(&x, src + 8 * j, sizeof x);
         else
-            x = get_double(src + 8 * j);
+            x = pz_le_double_get(src + 8 * j);
         lua_pushnumber(L, x);
         lua_rawseti(L, t, (int)(i + j + 1));
     }

@@ -254,17 +254,14 @@ static size_t scan_numbers(const uint8_t **pp, const uint8_t *end, double *dst, 
             p = q;
             continue;
         }
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         if (tag == PZ_T_DOUBLE && end - p >= 9) {
-            double x;
-            memcpy(&x, p + 1, sizeof x); /* the wire order is the host's */
+            double x = pz_le_double_get(p + 1);
             if (isnan(x))
                 break;
             dst[k] = x;
             p += 9;
             continue;
         }
-#endif
         break;
     }
     *pp = p;
@@ -586,14 +583,7 @@ static void dec_number(dec *d, const uint8_t *at, uint8_t tag)
     if (tag == PZ_T_DOUBLE) {
         if (dec_left(d) < 8)
             dec_fail(d, at, "truncated number");
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        memcpy(&x, d->p, sizeof x); /* the wire order is the host's */
-#else
-        v = 0;
-        for (int i = 7; i >= 0; i--)
-            v = (v << 8) | d->p[i];
-        memcpy(&x, &v, sizeof x);
-#endif
+        x = pz_le_double_get(d->p);
         d->p += 8;
         lua_pushnumber(d->L, x);
         return;

@@ -54,6 +54,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "le.h"
 #include "varint.h"
 
 /* The byte that starts the output of the Lua-facing encode (not the C API's,
@@ -117,14 +118,7 @@ static inline size_t pz_put_number(uint8_t *dst, double d)
         return 1 + pz_put_varint(dst + 1, (uint64_t)(-d));
     }
     dst[0] = PZ_T_DOUBLE;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    memcpy(dst + 1, &d, 8); /* the wire order is the host's: one store */
-#else
-    uint64_t bits;
-    memcpy(&bits, &d, sizeof bits);
-    for (int i = 0; i < 8; i++)
-        dst[1 + i] = (uint8_t)(bits >> (8 * i));
-#endif
+    pz_le_double_put(dst + 1, d);
     return 9;
 }
 
@@ -146,14 +140,7 @@ static inline int pz_get_number(const uint8_t **p, const uint8_t *end, double *o
             return 0;
         *out = tag == PZ_T_NEGINT ? -(double)v : (double)v;
     } else if (tag == PZ_T_DOUBLE && end - q >= 8) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        memcpy(out, q, 8);
-#else
-        uint64_t bits = 0;
-        for (int i = 7; i >= 0; i--)
-            bits = bits << 8 | q[i];
-        memcpy(out, &bits, 8);
-#endif
+        *out = pz_le_double_get(q);
         q += 8;
     } else {
         return 0;

@@ -80,6 +80,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "le.h"
+
 #define PZ_FRAME_HEADER 24
 
 /* flags of a CALL frame. */
@@ -161,30 +163,14 @@ enum {
     PZ_FO_ID = 16
 };
 
-static inline void pz_frame_put_u32(char *dst, uint32_t v)
-{
-    unsigned char *d = (unsigned char *)dst;
-    for (int i = 0; i < 4; i++)
-        d[i] = (unsigned char)(v >> (8 * i));
-}
-
-static inline uint32_t pz_frame_get_u32(const char *p)
-{
-    const unsigned char *s = (const unsigned char *)p;
-    return (uint32_t)s[0] | (uint32_t)s[1] << 8 | (uint32_t)s[2] << 16 | (uint32_t)s[3] << 24;
-}
-
 /* Writes a header at dst, the bookkeeping bytes zero. */
 static inline void pz_frame_header(char *dst, uint8_t type, uint64_t id, uint32_t len)
 {
-    unsigned char *d = (unsigned char *)dst;
-    pz_frame_put_u32(dst + PZ_FO_LEN, len);
-    d[PZ_FO_TYPE] = type;
-    d[PZ_FO_DEATHS] = d[PZ_FO_TAG] = d[PZ_FO_TRIES] = 0;
-    d[PZ_FO_FLAGS] = d[PZ_FO_FLAGS + 1] = d[PZ_FO_FLAGS + 2] = d[PZ_FO_FLAGS + 3] = 0;
-    pz_frame_put_u32(dst + PZ_FO_TIMEOUT, 0);
-    for (int i = 0; i < 8; i++)
-        d[PZ_FO_ID + i] = (unsigned char)(id >> (8 * i));
+    /* type, then deaths, tag, tries, flags and reserved zero; timeout 0 */
+    pz_le32_put(dst + PZ_FO_LEN, len);
+    pz_le64_put(dst + PZ_FO_TYPE, type);
+    pz_le32_put(dst + PZ_FO_TIMEOUT, 0);
+    pz_le64_put(dst + PZ_FO_ID, id);
 }
 
 /* Whether the header at p can be a worker's answer to INIT: type INIT_OK
@@ -207,7 +193,7 @@ static inline int pz_frame_is_init_answer(const char *p)
 /* Reads the payload length of the frame starting at p (a header there). */
 static inline uint32_t pz_frame_payload_len(const char *p)
 {
-    return pz_frame_get_u32(p + PZ_FO_LEN);
+    return pz_le32_get(p + PZ_FO_LEN);
 }
 
 /* Header plus payload of the frame starting at p. */
@@ -263,22 +249,18 @@ static inline void pz_frame_set_flags(char *p, uint8_t flags)
 
 static inline uint32_t pz_frame_timeout_ms(const char *p)
 {
-    return pz_frame_get_u32(p + PZ_FO_TIMEOUT);
+    return pz_le32_get(p + PZ_FO_TIMEOUT);
 }
 
 static inline void pz_frame_set_timeout_ms(char *p, uint32_t ms)
 {
-    pz_frame_put_u32(p + PZ_FO_TIMEOUT, ms);
+    pz_le32_put(p + PZ_FO_TIMEOUT, ms);
 }
 
 /* Reads the id of the frame starting at p. */
 static inline uint64_t pz_frame_id(const char *p)
 {
-    const unsigned char *s = (const unsigned char *)p + PZ_FO_ID;
-    uint64_t id = 0;
-    for (int i = 7; i >= 0; i--)
-        id = id << 8 | s[i];
-    return id;
+    return pz_le64_get(p + PZ_FO_ID);
 }
 
 static inline const char *pz_frame_payload(const char *p)

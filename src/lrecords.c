@@ -385,7 +385,7 @@ static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
     pz_arena_reader *reader = reader_of(u);
     for (unsigned i = 0; i < n; i++) {
         (void)pz_get_varint(&p, end, &item.id); /* the I/O thread checked the record */
-        uint32_t len = pz_frame_get_u32((const char *)p);
+        uint32_t len = pz_le32_get(p);
         p += 4;
         if (i >= u->run_taken) {
             if (into) {
@@ -413,7 +413,7 @@ static uint64_t run_call_at(const pz_frame *f, unsigned k)
     uint64_t id = 0;
     for (unsigned i = 0; i <= k; i++) {
         (void)pz_get_varint(&p, end, &id);
-        p += 4 + pz_frame_get_u32((const char *)p);
+        p += 4 + pz_le32_get(p);
     }
     return id;
 }

@@ -96,8 +96,7 @@ long pz_run_gather(struct pz_io *io, pz_slot *w, size_t *direct)
         *direct = pos + pz_frame_size(w->out.data + pos);
         return 0;
     }
-    start[0] = (uint8_t)n;
-    start[1] = (uint8_t)(n >> 8);
+    pz_le16_put(start, (uint16_t)n);
     size_t len = (size_t)(o - start);
     pz_frame_header(d, PZ_F_CALL, pz_frame_id(w->out.data + pos), (uint32_t)len);
     pz_frame_set_flags(d, PZ_CALL_RUN);
@@ -112,7 +111,7 @@ uint64_t pz_run_open(pz_run_reader *r, const char *payload, size_t len)
     r->end = r->p + len;
     if (len < 2)
         return 0;
-    r->left = (uint64_t)r->p[0] | (uint64_t)r->p[1] << 8;
+    r->left = pz_run_count(r->p);
     r->p += 2;
     return r->left >= 2 ? r->left : 0;
 }

@@ -59,6 +59,7 @@
 #include <stdint.h>
 
 #include "frame.h"
+#include "le.h"
 
 struct pz_io;
 struct pz_slot;
@@ -94,19 +95,22 @@ long pz_run_gather(struct pz_io *io, struct pz_slot *w, size_t *direct);
 #define PZ_RUN_ANSWER_HEAD 10
 static inline void pz_run_answer_set_head(char *payload, unsigned n, uint64_t ns)
 {
-    unsigned char *h = (unsigned char *)payload;
-    h[0] = (unsigned char)(n & 0xff);
-    h[1] = (unsigned char)(n >> 8);
-    for (int i = 0; i < 8; i++)
-        h[2 + i] = (unsigned char)(ns >> (8 * i));
+    pz_le16_put(payload, (uint16_t)n);
+    pz_le64_put(payload + 2, ns);
+}
+
+/* The number of calls a run's payload, a run answer's or a run record's
+ * says it holds (its first two bytes). */
+static inline unsigned pz_run_count(const void *payload)
+{
+    return pz_le16_get(payload);
 }
 
 /* Main thread: the number of calls a RESULT record with flag PZ_REC_RUN
  * answers (its bytes are trusted). */
 static inline unsigned pz_run_record_count(const pz_frame *f)
 {
-    const unsigned char *c = (const unsigned char *)f->payload;
-    return (unsigned)c[0] | (unsigned)c[1] << 8;
+    return pz_run_count(f->payload);
 }
 
 /* The moving averages of call times (the worker's, and each slot's in the

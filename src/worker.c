@@ -473,15 +473,15 @@ static void answer_add(lua_State *L, uint64_t id, size_t shared)
     if (!d)
         luaL_error(L, "out of memory");
     d += pz_put_varint(d, id);
-    for (int i = 0; i < 4; i++)
-        *d++ = (uint8_t)(W.item.len >> (8 * i));
+    pz_le32_put(d, (uint32_t)W.item.len);
+    d += 4;
     memcpy(d, W.item.data, W.item.len);
     out->len = (size_t)((char *)d + W.item.len - out->data);
     pz_wout_add_shared(shared);
     /* Whole again: its length, its count, the time of each call. */
     char *h = out->data + W.ans_at;
     W.ans_n++;
-    pz_frame_put_u32(h + PZ_FO_LEN, (uint32_t)(out->len - W.ans_at - PZ_FRAME_HEADER));
+    pz_le32_put(h + PZ_FO_LEN, (uint32_t)(out->len - W.ans_at - PZ_FRAME_HEADER));
     pz_run_answer_set_head(h + PZ_FRAME_HEADER, W.ans_n, (uint64_t)W.avg_ns);
     W.ans_end = out->len;
     W.ans_writes = pz_wout_writes();
