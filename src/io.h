@@ -316,10 +316,12 @@ static inline int pz_slot_has_room(const pz_slot *w)
             (w->out.len - w->out_head < PZ_SLOT_BYTES && !pz_slot_holds_suspect(w)));
 }
 
-/* Queues one CALL frame for w (sent by the next pz_slot_flush).  Returns
- * 0, or -1 when out of memory (the pool has failed; the frame stays where
- * it was). */
-int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t size);
+/* Queues `count` CALL frames in a row for w, `size` bytes from `frames`
+ * (sent by the next pz_slot_flush); the caller has checked that w has
+ * room for them and that max_calls does not fall inside them (only on
+ * the last).  Returns 0, or -1 when out of memory (the pool has failed;
+ * the frames stay where they were). */
+int pz_slot_hand_calls(struct pz_io *io, pz_slot *w, const char *frames, size_t size, uint32_t count);
 
 /* stop(): takes back w's unsent calls and sends it STOP; a starting worker
  * holds no call and is ended at once. */

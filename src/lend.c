@@ -88,7 +88,7 @@ int pz_lend_dispatch(struct pz_io *io, int *lent_fd)
         if (w && epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL) == 0) {
             w->lent = 1;
             io->lent = w;
-            if (pz_slot_hand_call(io, w, fr, size) == 0) {
+            if (pz_slot_hand_calls(io, w, fr, size, 1) == 0) {
                 pz_spsc_consume(&io->p->submit, size);
                 io->calls_taken++;
                 io->bytes_taken += size;

@@ -809,19 +809,21 @@ static void retire(struct pz_io *io, pz_slot *w)
         pz_slot_start(io, next);
 }
 
-int pz_slot_hand_call(struct pz_io *io, pz_slot *w, const char *frame, size_t size)
+int pz_slot_hand_calls(struct pz_io *io, pz_slot *w, const char *frames, size_t size, uint32_t count)
 {
-    if (pz_buf_append(&w->out, frame, size) != 0) {
-        pz_io_fail(io, "out of memory in the I/O thread (handing a call to a worker)");
+    if (pz_buf_append(&w->out, frames, size) != 0) {
+        pz_io_fail(io, "out of memory in the I/O thread (handing calls to a worker)");
         return -1;
     }
-    if (w->remote && w->inflight == 0) {
-        w->probe_id = pz_frame_id(frame);
-        w->probe_at = pz_now_ns();
-    }
-    if (w->inflight++ == 0)
+    if (w->inflight == 0) {
         w->head_since = pz_now_ns();
-    if (++w->given == io->p->opt.max_calls)
+        if (w->remote) {
+            w->probe_id = pz_frame_id(frames);
+            w->probe_at = w->head_since;
+        }
+    }
+    w->inflight += count;
+    if ((w->given += count) == io->p->opt.max_calls)
         retire(io, w);
     return 0;
 }
