@@ -73,12 +73,12 @@ static void note_round_trip(pz_slot *w, uint64_t id, uint64_t ns)
     w->rtt_ns = w->rtt_ns > 0 ? w->rtt_ns * 0.75 + rtt * 0.25 : rtt;
 }
 
-/* The call at out_head has been answered: drops it from w. */
-static void answered(struct pz_io *io, pz_slot *w, int64_t now)
+/* The `n` calls before out_head, just moved past them, have been
+ * answered: w holds them no more. */
+static void answered(struct pz_io *io, pz_slot *w, uint32_t n, int64_t now)
 {
-    w->out_head += pz_frame_size(w->out.data + w->out_head);
     w->head_since = now;
-    if (--w->inflight == 0)
+    if ((w->inflight -= n) == 0)
         io->last_idle = w->index;
     /* Drop the answered frames at the front now and then: a worker that
      * always has calls in flight never empties its buffer.  Only once they
@@ -92,6 +92,13 @@ static void answered(struct pz_io *io, pz_slot *w, int64_t now)
         pz_buf_consume(&w->out, w->out_head);
         pz_slot_out_dropped(w, w->out_head);
     }
+}
+
+/* The call at out_head has been answered: drops it from w. */
+static void answered_head(struct pz_io *io, pz_slot *w, int64_t now)
+{
+    w->out_head += pz_frame_size(w->out.data + w->out_head);
+    answered(io, w, 1, now);
 }
 
 /* An ERROR answer from the worker (payload after the run time: message,
@@ -199,7 +206,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     if (w->remote)
         note_round_trip(w, f->id, ns);
     update_depth(io, w, ns, 1);
-    answered(io, w, now);
+    answered_head(io, w, now);
 }
 
 /* One record for calls of a run's answer with one tag: `m` of them, whose
@@ -258,6 +265,7 @@ static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
     }
     int64_t now = io->now;
     const char *bad = NULL;
+    int failed = 0;
     const uint8_t *from = p; /* the stretch not recorded yet */
     unsigned m = 0, i;
     uint8_t tag = 0;
@@ -279,8 +287,10 @@ static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
             w->doomed = 0; /* it finished before its kill: the kill requeues the rest */
         int dropped = (pz_frame_flags(head) & PZ_CALL_CANCELLED) != 0;
         if (m > 0 && (dropped || pz_frame_tag(head) != tag)) {
-            if (record_run(io, tag, first, m, from, (size_t)(item - from)) != 0)
-                return;
+            if (record_run(io, tag, first, m, from, (size_t)(item - from)) != 0) {
+                failed = 1;
+                break;
+            }
             m = 0;
         }
         if (dropped) {
@@ -294,8 +304,12 @@ static void on_run_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
                 first = id;
             }
         }
-        answered(io, w, now);
+        w->out_head += pz_frame_size(head);
     }
+    if (i > 0)
+        answered(io, w, i, now);
+    if (failed)
+        return;
     if (m > 0 && record_run(io, tag, first, m, from, (size_t)(p - from)) != 0)
         return;
     io->slot_stats[w->slot].calls += i;
@@ -425,7 +439,7 @@ static int skip_answer(struct pz_io *io, pz_slot *w, size_t need)
     w->discard = need - w->in.len;
     w->in.len = 0;
     pz_buf_trim(&w->in, 0);
-    answered(io, w, pz_now_ns());
+    answered_head(io, w, pz_now_ns());
     return 0;
 }
 
