@@ -246,6 +246,23 @@ describe("the pool's lists", function()
     end
     assert.are.same({}, (p:take()))
   end)
+
+  it("take the results in as a loop of p(x) goes, once they pile up", function()
+    local p = Parallelize(function(x) return 2 * x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local n = 20000 -- their records hold far more than the 64 KiB that count as piling up
+    for i = 1, n do p(i) end
+    -- every result in, nothing drained since: core.pool_stats does not drain
+    assert.is_truthy(support.eventually(function() return core.pool_stats(p).done == n end, 60))
+    -- a compiled loop of p(x) hands every 1024th call to the C function, which drains
+    for i = n + 1, n + 2048 do p(i) end
+    local _, finished = core.pool_counts(p)
+    assert.is_true(finished >= n, "drained " .. finished)
+    assert.is_true(p:wait(60))
+    local results, ids = p.results, p.ids
+    assert.are.equal(n + 2048, #results)
+    for k, id in ipairs(ids) do assert.are.equal(2 * id, results[k]) end
+  end)
 end)
 
 describe("stream", function()

@@ -254,17 +254,19 @@ static int submit(lua_State *L, lpool *u, int first, uint8_t tag, uint32_t timeo
     size_t big;
     size_t bound = scalars_bound(L, first, nargs, &big);
     pz_arena *arena = u->pool->arena;
-    if (big && arena && bound > 0) {
-        /* Big strings among scalars go to the arena, which has room once
-         * the records of calls holding it are drained; those records'
-         * big results hold their workers' rings until then.  So the
-         * records in are drained first: a loop of p(s) then keeps both
-         * flowing through shared memory, its results coming in as it
-         * goes, as they do when it waits for room. */
-        if (pz_pool_published(u->pool) > pz_pool_finished(u->pool)) {
-            pz_lrecords_drain(L, u, 1);
-            pz_lpool_check_running(L, 1); /* Lua code it ran may have stopped it */
-        }
+    int shared = big && arena && bound > 0;
+    /* The records in are drained as calls go out, once they pile up
+     * (PZ_BACKLOG_WAKE), so that the done queue's chunks are reused while
+     * they are warm.  Big strings among scalars go to the arena, which
+     * has room once the records of calls holding it are drained (their
+     * big results hold their workers' rings until then): for those every
+     * record in is drained first, so that a loop of p(s) keeps both
+     * flowing through shared memory, as they do when it waits for room. */
+    if (shared ? pz_pool_published(u->pool) > pz_pool_finished(u->pool) : pz_pool_backlogged(u->pool)) {
+        pz_lrecords_drain(L, u, 1);
+        pz_lpool_check_running(L, 1); /* Lua code it ran may have stopped it */
+    }
+    if (shared) {
         wait_for_room(L, u, 1, big);
         return submit_shared(L, u, first, nargs, tag, timeout_ms);
     }

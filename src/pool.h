@@ -53,7 +53,8 @@ enum {
 };
 
 /* Published records (bytes) that make the I/O thread wake a waiting main
- * thread early, so that it drains them.  About 5,000 tiny results: a
+ * thread early, so that it drains them, and that p(...) drains before it
+ * queues its call (lsubmit.c).  About 5,000 tiny results: a
  * main thread that waits while they pile up drains them all at the end,
  * alone, with the workers done and their CPUs idle (200,000 tiny calls on
  * 2 workers: the last 5-7 ms of a 20 ms loop, at 1 MiB).  At 64 KiB it
@@ -249,6 +250,12 @@ static inline uint64_t pz_pool_pending_bytes(pz_pool *p)
 static inline uint64_t pz_pool_published(pz_pool *p)
 {
     return atomic_load(&p->calls_done);
+}
+
+/* Main thread: whether records pile up undrained (PZ_BACKLOG_WAKE). */
+static inline int pz_pool_backlogged(pz_pool *p)
+{
+    return atomic_load_explicit(&p->backlog, memory_order_relaxed) >= PZ_BACKLOG_WAKE;
 }
 
 /* Main thread: slots that have initialized once or been given up (as

@@ -16,10 +16,37 @@ static pz_chunk *chunk_new(size_t cap)
     return c;
 }
 
+/* Producer: a spare chunk, or NULL. */
+static pz_chunk *take_spare(pz_spsc *q)
+{
+    for (int i = 0; i < PZ_SPSC_SPARES; i++)
+        if (atomic_load_explicit(&q->spare[i], memory_order_relaxed)) {
+            pz_chunk *c = atomic_exchange(&q->spare[i], NULL);
+            if (c)
+                return c;
+        }
+    return NULL;
+}
+
+/* Consumer: keeps chunk c for the producer, or frees it when every place
+ * it may take is taken: a chunk bigger than chunk_size (a big record's)
+ * only the first, so that what the queue keeps stays bounded. */
+static void give_spare(pz_spsc *q, pz_chunk *c)
+{
+    int places = c->cap > q->chunk_size ? 1 : PZ_SPSC_SPARES;
+    for (int i = 0; i < places; i++) {
+        pz_chunk *empty = NULL;
+        if (atomic_compare_exchange_strong(&q->spare[i], &empty, c))
+            return;
+    }
+    free(c);
+}
+
 int pz_spsc_init(pz_spsc *q, size_t chunk_size)
 {
     q->chunk_size = chunk_size;
-    atomic_init(&q->spare, NULL);
+    for (int i = 0; i < PZ_SPSC_SPARES; i++)
+        atomic_init(&q->spare[i], NULL);
     q->wr = q->rd = chunk_new(chunk_size);
     q->wpos = 0;
     q->head = 0;
@@ -35,7 +62,8 @@ void pz_spsc_destroy(pz_spsc *q)
         c = next;
     }
     q->wr = q->rd = NULL;
-    free(atomic_exchange(&q->spare, NULL));
+    for (int i = 0; i < PZ_SPSC_SPARES; i++)
+        free(atomic_exchange(&q->spare[i], NULL));
 }
 
 char *pz_spsc_reserve(pz_spsc *q, size_t n)
@@ -46,7 +74,7 @@ char *pz_spsc_reserve(pz_spsc *q, size_t n)
     /* Publish what this chunk holds before leaving it: the consumer moves to
      * the next chunk only when it has read this one's final tail. */
     size_t cap = n > q->chunk_size ? n : q->chunk_size;
-    pz_chunk *c = atomic_exchange(&q->spare, NULL);
+    pz_chunk *c = take_spare(q);
     if (c && c->cap >= cap) {
         atomic_store_explicit(&c->next, NULL, memory_order_relaxed);
         atomic_store_explicit(&c->tail, 0, memory_order_relaxed);
@@ -81,7 +109,7 @@ const char *pz_spsc_peek(pz_spsc *q, size_t *n)
             continue;
         q->rd = next;
         q->head = 0;
-        free(atomic_exchange(&q->spare, r));
+        give_spare(q, r);
     }
 }
 

@@ -21,6 +21,9 @@
  * other side reads, or each write would cost the reader a miss. */
 #define PZ_CACHE_LINE 64
 
+/* Chunks kept for reuse at most (of chunk_size each). */
+#define PZ_SPSC_SPARES 4
+
 /* Written by the producer only; the consumer reads it. */
 typedef struct pz_chunk {
     struct pz_chunk *_Atomic next; /* set once the producer has left it */
@@ -42,11 +45,15 @@ typedef struct pz_spsc {
     /* consumer */
     _Alignas(PZ_CACHE_LINE) pz_chunk *rd; /* its chunk */
     size_t head;   /* bytes of rd consumed */
-    /* A chunk the consumer has left, for the producer's next one: fresh
+    /* Chunks the consumer has left, for the producer's next ones: fresh
      * memory costs a page fault per page the first time it is written,
-     * which for big records costs more than the copy into it.  Passed
-     * with an atomic exchange on either side. */
-    _Alignas(PZ_CACHE_LINE) pz_chunk *_Atomic spare;
+     * which for small records costs more than the copy into them, and a
+     * chunk freed by one thread and allocated again by the other went
+     * back to the kernel in between (a loop of 2,000,000 tiny calls: 6,000
+     * faults in the I/O thread for its records, a sixth of its time).
+     * The consumer fills an empty place (compare-and-swap from NULL), the
+     * producer empties one (exchange with NULL). */
+    _Alignas(PZ_CACHE_LINE) pz_chunk *_Atomic spare[PZ_SPSC_SPARES];
 } pz_spsc;
 
 /* Returns 0, or -1 when out of memory. */
