@@ -298,4 +298,79 @@ describe("runs of small calls", function()
       end
     end
   end)
+
+  -- The main thread takes the one-number results of a run's record with a
+  -- compiled helper (src/lrunrec.h), and everything it stops at in C.
+  local numbers = { 0, 1, 127, 128, 255, 16383, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35,
+    2 ^ 53, -2 ^ 53, -1, -128, -(2 ^ 28), 0.5, -0.0, 1 / 0, -1 / 0, 0 / 0, 1e308, 5e-324, -2.5e-300 }
+  local function exactly(a, b)
+    if a ~= a then return b ~= b end
+    if a == 0 and b == 0 then return 1 / a == 1 / b end
+    return a == b
+  end
+  --- The result of call x of the helper's tests: a number of the list
+  -- above, mostly, and now and then something else (a string, nothing,
+  -- two values), where the helper stops and C goes on.
+  local function number_or_not(x)
+    if x % 37 == 5 then return "s" .. x end
+    if x % 53 == 9 then return end
+    if x % 71 == 3 then return x, x end
+    return numbers[x % #numbers + 1]
+  end
+  local function expected(x)
+    if x % 37 == 5 then return "s" .. x end
+    if x % 53 == 9 then return parallelize.null end
+    if x % 71 == 3 then return x end
+    return numbers[x % #numbers + 1]
+  end
+
+  it("take every kind of number exactly, with the JIT on and off", function()
+    local p = Parallelize(number_or_not, { workers = 2 })
+    finally(function() p:stop(); jit.on() end)
+    for _, jit_on in ipairs({ true, false }) do
+      if jit_on then jit.on() else jit.off() end
+      local from, want, helper_before = #p.ids, {}, core.pool_helper_items(p)
+      -- a warm-up first (queue's), then the calls of runs
+      for k = 1, 2000 do want[p(10 * k)] = expected(10 * k) end
+      assert.is_true(p:wait(60))
+      for i = 1, 20000 do want[p(i)] = expected(i) end
+      assert.is_true(p:wait(60))
+      local results, ids = p.results, p.ids
+      assert.are.equal(from + 22000, #ids)
+      assert.are.equal(#ids, #results)
+      for k = from + 1, #ids do
+        local id = ids[k]
+        assert.are.equal(type(want[id]), type(results[k]))
+        assert.is_true(exactly(want[id], results[k]), "call " .. id .. ": " .. tostring(results[k]))
+        want[id] = nil
+      end
+      assert.is_nil(next(want))
+      for id = 1, #ids do assert.is_true(core.pool_finished(p, id), "call " .. id) end
+      -- the helper looks at the JIT every 64th record: it may take a few after jit.off()
+      local took = core.pool_helper_items(p) - helper_before
+      if jit_on then
+        assert.is_true(took > 1000, "the helper took " .. took)
+      else
+        assert.is_true(took < 64 * 256, "the helper took " .. took)
+      end
+    end
+    local _, first, second = p:result(2000 + 3)
+    assert.are.same({ 3, 3 }, { first, second }) -- 3 % 71 == 3: both values are kept
+  end)
+
+  it("take a stream's numbers as the pool's own", function()
+    local p = Parallelize(number_or_not, { workers = 2 })
+    finally(function() p:stop() end)
+    local list = {}
+    for i = 1, 30000 do list[i] = i end
+    local seen = 0
+    for i, ok, v in p:stream(list) do
+      assert.is_true(ok)
+      local want = expected(i)
+      if want == parallelize.null then want = nil end -- a stream gives nil for nothing
+      assert.is_true(exactly(want, v), "item " .. i .. ": " .. tostring(v))
+      seen = seen + 1
+    end
+    assert.are.equal(30000, seen)
+  end)
 end)

@@ -83,6 +83,27 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
     return 0;
 }
 
+/* Records that calls first .. first + k - 1 have finished (the calls of
+ * a run record, in order).  Returns 0, or -1 when out of memory (those
+ * before the one it could not record are recorded). */
+static inline int pz_idset_add_run(pz_idset *s, uint64_t first, uint64_t k)
+{
+    if (first == s->low) {
+        /* Their bits are 0 (none had finished): as pz_idset_add's usual
+         * case, k at once. */
+        s->low += k;
+        while (s->cap && pz_idset_bit(s, s->low)) {
+            s->bits[(s->low >> 6) & (s->cap - 1)] &= ~(1ull << (s->low & 63));
+            s->low++;
+        }
+        return 0;
+    }
+    for (uint64_t j = 0; j < k; j++)
+        if (pz_idset_add(s, first + j) != 0)
+            return -1;
+    return 0;
+}
+
 static inline void pz_idset_free(pz_idset *s)
 {
     free(s->bits);

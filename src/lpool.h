@@ -51,6 +51,7 @@ typedef struct lpool {
                         * environment), whose hook p(x)'s fast path reads:
                         * hooks are the Lua state's, not a thread's */
     unsigned fast_calls; /* p(x)'s through the fast path (lsubmit.c) */
+    double helper_items; /* results the compiled helper took (lrunrec.h) */
     unsigned run_taken; /* calls of the record at the head of the done queue
                          * (a run's: run.h) already stored, when a decode
                          * raised before its end (lrecords.c) */
@@ -70,8 +71,8 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx);
  * max_message. */
 void pz_linit_build(lua_State *L, lpool *u, int i, const pz_options *o, const pz_versions *versions);
 
-/* Adds the error record metatable (PZ_ERROR_MT) and core.error_metatable
- * to the table on top. */
+/* Adds the error record metatable (PZ_ERROR_MT), core.error_metatable and
+ * core.pool_helper_items to the table on top. */
 void pz_lrecords_register(lua_State *L);
 
 /* lpool.c's helpers, shared with lsubmit.c.  pz_lpool_check_running

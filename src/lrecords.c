@@ -37,6 +37,7 @@
 #include "frame.h"
 #include "ldefer.h"
 #include "lpool.h"
+#include "lrunrec.h"
 #include "run.h"
 #include "varint.h"
 
@@ -136,6 +137,13 @@ static void count_record(drain_state *d, uint8_t tag)
 {
     if (tag != 0 && d->u->tag_outstanding[tag] > 0)
         d->u->tag_outstanding[tag]--;
+}
+
+/* count_record for k records of one tag. */
+static void count_records(drain_state *d, uint8_t tag, unsigned k)
+{
+    if (tag != 0)
+        d->u->tag_outstanding[tag] -= k < d->u->tag_outstanding[tag] ? k : d->u->tag_outstanding[tag];
 }
 
 /* The lists a record with this tag goes to (lists_for), counting it. */
@@ -367,11 +375,64 @@ static void on_init_error(lua_State *L, const pz_frame *f)
     lua_rawseti(L, D_INIT_ERRORS, (int)lua_objlen(L, D_INIT_ERRORS) + 1);
 }
 
+/* The compiled helper (lrunrec.h) is called for this many calls left at
+ * least, and when a call left it taking fewer, the C path takes this many
+ * before it is called again: a call of it costs about as much as a few
+ * items, which a record whose results alternate kinds would pay for every
+ * item. */
+#define HELPER_STRETCH 16
+
+/* The calls of run record f from *p on (`left` of them) whose results are
+ * one number each, appended to l by the compiled helper, counted and
+ * marked finished as on_result would, u->run_taken counting them too;
+ * moves *p past them.  Returns how many. */
+static unsigned take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *f, const uint8_t **p,
+                             const uint8_t *end, unsigned left)
+{
+    lpool *u = d->u;
+    pz_runrec_taken t;
+    int failed = pz_runrec_take_numbers(L, l->base, l->base + 1, l->nresults, *p, (size_t)(end - *p),
+                                        left, &t);
+    if (t.items == 0 && !failed)
+        return 0;
+    count_records(d, f->tag, t.items);
+    if (failed) {
+        /* Out of memory: what it took is in the lists; the call it was
+         * taking is the one to salvage (drain_all). */
+        for (unsigned k = 1; k <= t.items; k++) {
+            lua_rawgeti(L, l->base + 1, l->nresults + (int)k);
+            pz_idset_add(&u->finished, (uint64_t)lua_tonumber(L, -1));
+            lua_pop(L, 1);
+        }
+        l->nresults += (int)t.items;
+        u->run_taken += t.items;
+        lua_error(L);
+    }
+    l->nresults += (int)t.items;
+    u->run_taken += t.items;
+    u->helper_items += t.items;
+    if (t.in_order) {
+        pz_idset_add_run(&u->finished, t.first, t.items); /* out of memory: not marked, nothing else */
+    } else {
+        const uint8_t *q = *p;
+        for (unsigned k = 0; k < t.items; k++) {
+            uint64_t id = 0;
+            (void)pz_get_varint(&q, end, &id); /* the I/O thread checked the record */
+            q += 4 + pz_le32_get(q);
+            pz_idset_add(&u->finished, id);
+        }
+    }
+    *p += t.bytes;
+    return t.items;
+}
+
 /* A RESULT record with PZ_REC_RUN (run.h): each call's result taken as
  * on_result takes one, from the first not taken yet: a decode that raised
  * left those before it stored, and u->run_taken says how many.  Its calls
  * share a tag, so their lists are found once; a map's (whose chunks'
- * results go into its output: on_result) takes each as on_result does. */
+ * results go into its output: on_result) takes each as on_result does.
+ * Stretches of calls whose results are one number each are taken by a
+ * compiled helper (take_numbers), the others here. */
 static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
 {
     lpool *u = d->u;
@@ -381,25 +442,36 @@ static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
     item.flags = 0;
     int top = lua_gettop(L);
     lists *l = lists_for(L, d, f->tag);
-    int into = l == &d->claim && lua_istable(L, D_CLAIM_INTO);
+    int into = l == &d->claim && lua_istable(L, D_CLAIM_INTO), helper = l && !into;
     pz_arena_reader *reader = reader_of(u);
-    for (unsigned i = 0; i < n; i++) {
+    unsigned i = 0, c_until = 0; /* the C path's calls before the helper's next try */
+    for (; i < u->run_taken; i++) { /* taken before a decode raised */
         (void)pz_get_varint(&p, end, &item.id); /* the I/O thread checked the record */
+        p += 4 + pz_le32_get(p);
+    }
+    while (i < n) {
+        if (helper && i >= c_until && n - i >= HELPER_STRETCH) {
+            unsigned k = take_numbers(L, d, l, f, &p, end, n - i);
+            i += k;
+            if (k < HELPER_STRETCH)
+                c_until = i + HELPER_STRETCH;
+            if (i == n)
+                break;
+        }
+        (void)pz_get_varint(&p, end, &item.id);
         uint32_t len = pz_le32_get(p);
         p += 4;
-        if (i >= u->run_taken) {
-            if (into) {
-                item.payload = (const char *)p;
-                item.len = len;
-                on_result(L, d, &item);
-            } else {
-                int count = pz_decode_tuple(L, (const char *)p, len, PZ_DECODE_FUNCTIONS, reader);
-                count_record(d, f->tag);
-                store_result(L, l, item.id, top, count);
-                pz_idset_add(&u->finished, item.id);
-            }
-            u->run_taken = i + 1;
+        if (into) {
+            item.payload = (const char *)p;
+            item.len = len;
+            on_result(L, d, &item);
+        } else {
+            int count = pz_decode_tuple(L, (const char *)p, len, PZ_DECODE_FUNCTIONS, reader);
+            count_record(d, f->tag);
+            store_result(L, l, item.id, top, count);
+            pz_idset_add(&u->finished, item.id);
         }
+        u->run_taken = ++i;
         p += len;
     }
     u->run_taken = 0;
@@ -607,8 +679,18 @@ static int error_tostring(lua_State *L)
     return 1;
 }
 
+/* core.pool_helper_items(pool) -> how many results the compiled helper
+ * took (lrunrec.h): for the tests. */
+static int l_pool_helper_items(lua_State *L)
+{
+    lua_pushnumber(L, ((lpool *)luaL_checkudata(L, 1, PZ_POOL_MT))->helper_items);
+    return 1;
+}
+
 void pz_lrecords_register(lua_State *L)
 {
+    lua_pushcfunction(L, l_pool_helper_items);
+    lua_setfield(L, -2, "pool_helper_items");
     if (luaL_newmetatable(L, PZ_ERROR_MT)) {
         lua_pushcfunction(L, error_tostring);
         lua_setfield(L, -2, "__tostring");
