@@ -385,16 +385,17 @@ static void on_init_error(lua_State *L, const pz_frame *f)
 /* The calls of run record f from *p on (`left` of them) whose results are
  * one number each, appended to l by the compiled helper, counted and
  * marked finished as on_result would, u->run_taken counting them too;
- * moves *p past them.  Returns how many. */
-static unsigned take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *f, const uint8_t **p,
-                             const uint8_t *end, unsigned left)
+ * moves *p past them.  Returns how many, or -1 when the JIT is off (the
+ * helper will take nothing). */
+static int take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *f, const uint8_t **p,
+                        const uint8_t *end, unsigned left)
 {
     lpool *u = d->u;
     pz_runrec_taken t;
     int failed = pz_runrec_take_numbers(L, l->base, l->base + 1, l->nresults, *p, (size_t)(end - *p),
                                         left, &t);
     if (t.items == 0 && !failed)
-        return 0;
+        return t.jit_off ? -1 : 0;
     count_records(d, f->tag, t.items);
     if (failed) {
         /* Out of memory: what it took is in the lists; the call it was
@@ -423,7 +424,7 @@ static unsigned take_numbers(lua_State *L, drain_state *d, lists *l, const pz_fr
         }
     }
     *p += t.bytes;
-    return t.items;
+    return (int)t.items;
 }
 
 /* A RESULT record with PZ_REC_RUN (run.h): each call's result taken as
@@ -451,12 +452,16 @@ static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
     }
     while (i < n) {
         if (helper && i >= c_until && n - i >= HELPER_STRETCH) {
-            unsigned k = take_numbers(L, d, l, f, &p, end, n - i);
-            i += k;
-            if (k < HELPER_STRETCH)
-                c_until = i + HELPER_STRETCH;
-            if (i == n)
-                break;
+            int k = take_numbers(L, d, l, f, &p, end, n - i);
+            if (k < 0) {
+                helper = 0; /* the JIT is off: C takes the record */
+            } else {
+                i += (unsigned)k;
+                if (k < HELPER_STRETCH)
+                    c_until = i + HELPER_STRETCH;
+                if (i == n)
+                    break;
+            }
         }
         (void)pz_get_varint(&p, end, &item.id);
         uint32_t len = pz_le32_get(p);

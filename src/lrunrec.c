@@ -27,7 +27,7 @@ static const char reg_helper = 0;
  * result and id at results[count + k] and ids[count + k], the result
  * first, so that an item is whole exactly when its id is there.  With the
  * JIT off (looked at every 64th call: jit.status costs about as much as
- * 50 items) it takes nothing.  An item's id is a varint, then its tuple's
+ * 50 items) it takes nothing and returns -1 items.  An item's id is a varint, then its tuple's
  * length (u32, little-endian) and the tuple: count 1, then the number as
  * pz_put_number writes it (codec_format.h).  Varints are read up to four
  * bytes (below 2^28), unrolled: a loop inside the loop made LuaJIT
@@ -69,7 +69,7 @@ static const char helper_src[] =
     "  return nil\n"
     "end\n"
     "return function(addr, len, n, results, ids, count)\n"
-    "  if not jit_running() then return 0, 0, 0, false end\n"
+    "  if not jit_running() then return -1, 0, 0, false end\n"
     "  local p = cast(bytes_t, addr)\n"
     "  local i, k, first, in_order = 0, 0, 0, true\n"
     "  while k < n and i < len do\n"
@@ -148,6 +148,7 @@ int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const 
                            unsigned n, pz_runrec_taken *taken)
 {
     taken->items = 0;
+    taken->jit_off = !RUNREC_FFI;
     taken->bytes = 0;
     taken->first = 0;
     taken->in_order = 1;
@@ -174,7 +175,9 @@ int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const 
         taken->items = (unsigned)whole;
         return -1;
     }
-    taken->items = (unsigned)lua_tonumber(L, -4);
+    double items = lua_tonumber(L, -4);
+    taken->jit_off = items < 0;
+    taken->items = items < 0 ? 0 : (unsigned)items;
     taken->bytes = (size_t)lua_tonumber(L, -3);
     taken->first = (uint64_t)lua_tonumber(L, -2);
     taken->in_order = lua_toboolean(L, -1);

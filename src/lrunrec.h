@@ -32,13 +32,15 @@ typedef struct pz_runrec_taken {
     size_t bytes;     /* the bytes of the record's items they took */
     uint64_t first;   /* the first one's id */
     int in_order;     /* their ids were first, first + 1, ... */
+    int jit_off;      /* it took nothing: the JIT is off (or no FFI) */
 } pz_runrec_taken;
 
 /* Appends to the tables at (positive) stack indices results and ids,
  * after their first `count` entries, the results and ids of the run
  * record's items at [p, p + len) while each result is one number, at
- * most n items.  Fills *taken (items 0 when the JIT is off, the FFI
- * missing, or the first item is not such a result) and returns 0.  Out
+ * most n items.  Fills *taken (items 0 when the JIT is off or the FFI
+ * missing, which jit_off says, or when the first item is not such a
+ * result) and returns 0.  Out
  * of memory, it puts the lists back as they were before the item it was
  * appending, sets taken->items to the items appended before it (their
  * ids are in the ids list), and returns -1 with the error on top of the

@@ -21,7 +21,8 @@
  * other side reads, or each write would cost the reader a miss. */
 #define PZ_CACHE_LINE 64
 
-/* Chunks kept for reuse at most (of chunk_size each). */
+/* Chunks kept for reuse at most: of chunk_size each, but for one that
+ * may be bigger (a big record's). */
 #define PZ_SPSC_SPARES 4
 
 /* Written by the producer only; the consumer reads it. */
