@@ -642,9 +642,8 @@ void pz_encode_tuple(lua_State *L, int first, int count, pz_buf *out, const char
      * straight: a count of 1, then the number (decode_scalar_tuple reads
      * it so). */
     if (count == 1 && lua_type(L, first) == LUA_TNUMBER &&
-        (w = (uint8_t *)pz_buf_reserve(out, 1 + PZ_NUMBER_MAX_BYTES))) {
-        w[0] = 1;
-        out->len += 1 + pz_put_number(w + 1, lua_tonumber(L, first));
+        (w = (uint8_t *)pz_buf_reserve(out, PZ_NUMBER_TUPLE_MAX_BYTES))) {
+        out->len += pz_put_number_tuple(w, lua_tonumber(L, first));
         return;
     }
     if (count < 0)

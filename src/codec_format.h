@@ -122,6 +122,19 @@ static inline size_t pz_put_number(uint8_t *dst, double d)
     return 9;
 }
 
+/* Room for a tuple of one number, as pz_put_number_tuple writes it. */
+#define PZ_NUMBER_TUPLE_MAX_BYTES (1 + PZ_NUMBER_MAX_BYTES)
+
+/* Writes a tuple of one number, d, at dst (room:
+ * PZ_NUMBER_TUPLE_MAX_BYTES): its count, 1, then the number, as the tuple
+ * encoder would; returns the byte count.  The commonest tuple (a tiny
+ * call's argument, its result), written without the encoder's set-up. */
+static inline size_t pz_put_number_tuple(uint8_t *dst, double d)
+{
+    dst[0] = 1;
+    return 1 + pz_put_number(dst + 1, d);
+}
+
 /* Reads a number as pz_put_number writes it, from *p (end: the end of the
  * bytes); returns 1 and moves *p past it, or 0 when what is there is not
  * a number, is cut short, or is an integer beyond 2^53 (never written:

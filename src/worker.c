@@ -450,13 +450,13 @@ static int answer_open(void)
     return W.ans_at != SIZE_MAX && pz_wout_buf()->len == W.ans_end && pz_wout_writes() == W.ans_writes;
 }
 
-/* Appends call id's result (its tuple in W.item, whose big strings took
- * `shared` bytes of the ring) to the open run answer, or to a new one
- * (locked), and leaves the answer whole.  May raise (memory). */
-static void answer_add(lua_State *L, uint64_t id, size_t shared)
+/* Appends call id's result (its tuple: `len` bytes at `tuple`, whose big
+ * strings took `shared` bytes of the ring) to the open run answer, or to
+ * a new one (locked), and leaves the answer whole.  May raise (memory). */
+static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len, size_t shared)
 {
     pz_buf *out = pz_wout_buf();
-    size_t item = PZ_VARINT_MAX_BYTES + 4 + W.item.len;
+    size_t item = PZ_VARINT_MAX_BYTES + 4 + len;
     size_t most = W.max_message < PZ_RUN_ANSWER_BYTES ? W.max_message : PZ_RUN_ANSWER_BYTES;
     if (!answer_open() || W.ans_n == UINT16_MAX ||
         out->len - W.ans_at - PZ_FRAME_HEADER + item > most) {
@@ -473,10 +473,10 @@ static void answer_add(lua_State *L, uint64_t id, size_t shared)
     if (!d)
         luaL_error(L, "out of memory");
     d += pz_put_varint(d, id);
-    pz_le32_put(d, (uint32_t)W.item.len);
+    pz_le32_put(d, (uint32_t)len);
     d += 4;
-    memcpy(d, W.item.data, W.item.len);
-    out->len = (size_t)((char *)d + W.item.len - out->data);
+    memcpy(d, tuple, len);
+    out->len = (size_t)((char *)d + len - out->data);
     pz_wout_add_shared(shared);
     /* Whole again: its length, its count, the time of each call. */
     char *h = out->data + W.ans_at;
@@ -495,6 +495,18 @@ static void answer_add(lua_State *L, uint64_t id, size_t shared)
  * the output stood). */
 static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
 {
+    if (nres == 1 && lua_type(L, base + 1) == LUA_TNUMBER) {
+        /* One number, the commonest result: no encoder, no ring, and
+         * always within max_message (1 KiB at least). */
+        uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
+        size_t len = pz_put_number_tuple(tuple, lua_tonumber(L, base + 1));
+        pz_wout_lock();
+        W.mark = pz_wout_buf()->len;
+        W.mark_frames = pz_wout_frames();
+        answer_add(L, id, tuple, len, 0);
+        pz_wout_unlock();
+        return;
+    }
     W.item.len = 0;
     W.ring_marked = 0;
     if (W.writer) {
@@ -524,7 +536,7 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
         out->len += pz_frame_put(d, PZ_F_RESULT, id, parts, 2);
         pz_wout_frame_done(W.clock, shared);
     } else {
-        answer_add(L, id, shared);
+        answer_add(L, id, W.item.data, W.item.len, shared);
     }
     W.ring_marked = 0;
     pz_wout_unlock();
