@@ -247,6 +247,54 @@ describe("the pool's lists", function()
     assert.are.same({}, (p:take()))
   end)
 
+  -- A finalizer's p:take() runs wherever a collection step does: inside a
+  -- drain (which p(x) runs too, once results pile up), or inside another
+  -- p:take(). It must take each result once, and none may be lost.
+  for _, keep in ipairs({ true, false }) do
+    for _, kind in ipairs({ "numbers", "strings" }) do
+      it("give each result once to a finalizer's p:take() and the script's (" .. kind
+        .. (keep and "" or ", keep_results = false") .. ")", function()
+        local executor = kind == "numbers" and function(x) return x end or function(x) return "s" .. x end
+        local p = Parallelize(executor, { workers = 2, keep_results = keep })
+        finally(function() p:stop() end)
+        local got, dup = {}, 0
+        local function note(results, ids)
+          for k = 1, #ids do
+            if got[ids[k]] ~= nil then dup = dup + 1 end
+            got[ids[k]] = results[k]
+          end
+        end
+        local armed = true
+        local function arm()
+          local u = newproxy(true)
+          getmetatable(u).__gc = function()
+            local ok, results, ids = pcall(p.take, p)
+            if ok then note(results, ids) end
+            if armed then arm() end
+          end
+        end
+        arm()
+        local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
+        local n, junk = 300000, {}
+        for i = 1, n do
+          p(i)
+          if i % 64 == 0 then junk[i % 1024] = { i } end -- garbage, so that collections run
+        end
+        assert.is_true(p:wait(60))
+        assert.is_table(junk[0])
+        armed = false
+        collectgarbage("setpause", pause)
+        collectgarbage("setstepmul", stepmul)
+        note(p:take())
+        local wrong = 0
+        for id = 1, n do
+          if got[id] ~= executor(id) then wrong = wrong + 1 end
+        end
+        assert.are.same({ dup = 0, wrong = 0 }, { dup = dup, wrong = wrong })
+      end)
+    end
+  end
+
   it("take the results in as a loop of p(x) goes, once they pile up", function()
     local p = Parallelize(function(x) return 2 * x end, { workers = 2 })
     finally(function() p:stop() end)

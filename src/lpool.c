@@ -247,11 +247,16 @@ static int l_pool_new(lua_State *L)
     return 1;
 }
 
-/* core.pool_drain(pool): moves the records received so far into the
- * environment tables. */
+/* core.pool_drain(pool [, what]): moves the records received so far into
+ * the environment tables.  With `what` (the caller's name for itself), it
+ * raises instead when a drain is running already: `what` is about to
+ * replace the tables that drain fills. */
 static int l_pool_drain(lua_State *L)
 {
-    pz_lrecords_drain(L, to_lpool(L, 1), 1);
+    lpool *u = to_lpool(L, 1);
+    if (lua_isstring(L, 2))
+        pz_lpool_check_not_draining(L, u, lua_tostring(L, 2));
+    pz_lrecords_drain(L, u, 1);
     return 0;
 }
 

@@ -96,9 +96,17 @@ static void set_string(lua_State *L, const char *name, const char *s, size_t n)
     lua_setfield(L, -2, name);
 }
 
+/* The lengths of l's lists.  A result stored without its id (memory ran
+ * out between the two: store_result, the helper) is taken back: its call
+ * is taken again, or salvaged, and the two lists stay paired. */
 static void len_of(lua_State *L, lists *l)
 {
-    l->nresults = (int)lua_objlen(L, l->base);
+    int nresults = (int)lua_objlen(L, l->base), nids = (int)lua_objlen(L, l->base + 1);
+    for (; nresults > nids; nresults--) {
+        lua_pushnil(L);
+        lua_rawseti(L, l->base, nresults);
+    }
+    l->nresults = nresults;
     l->nerrors = (int)lua_objlen(L, l->base + 2);
 }
 
@@ -407,6 +415,10 @@ static int take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *
         }
         l->nresults += (int)t.items;
         u->run_taken += t.items;
+        /* Raised again, it is no longer a memory error, for which
+         * drain_all collects first: collected here. */
+        if (failed == LUA_ERRMEM)
+            lua_gc(L, LUA_GCCOLLECT, 0);
         lua_error(L);
     }
     l->nresults += (int)t.items;

@@ -55,15 +55,19 @@ static const char helper_src[] =
     "  end\n"
     "  return running and ok\n"
     "end\n"
-    /* The varint at p[i]: its value and the index after it, or nil when
-     * it takes more than four bytes. */
-    "local function varint(p, i)\n"
+    /* The varint at p[i], whose bytes end before p[e] (i < e): its value
+     * and the index after it, or nil when it takes more than four bytes
+     * or runs into p[e]. */
+    "local function varint(p, i, e)\n"
     "  local b0 = p[i]\n"
     "  if b0 < 128 then return b0, i + 1 end\n"
+    "  if i + 1 >= e then return nil end\n"
     "  local b1 = p[i + 1]\n"
     "  if b1 < 128 then return b0 - 128 + b1 * 128, i + 2 end\n"
+    "  if i + 2 >= e then return nil end\n"
     "  local b2 = p[i + 2]\n"
     "  if b2 < 128 then return b0 - 128 + (b1 - 128) * 128 + b2 * 16384, i + 3 end\n"
+    "  if i + 3 >= e then return nil end\n"
     "  local b3 = p[i + 3]\n"
     "  if b3 < 128 then return b0 - 128 + (b1 - 128) * 128 + (b2 - 128) * 16384 + b3 * 2097152, i + 4 end\n"
     "  return nil\n"
@@ -73,7 +77,7 @@ static const char helper_src[] =
     "  local p = cast(bytes_t, addr)\n"
     "  local i, k, first, in_order = 0, 0, 0, true\n"
     "  while k < n and i < len do\n"
-    "    local id, at = varint(p, i)\n"
+    "    local id, at = varint(p, i, len)\n"
     "    if not id then return k, i, first, in_order end\n"
     "    local size = p[at] + p[at + 1] * 256 + p[at + 2] * 65536 + p[at + 3] * 16777216\n"
     "    at = at + 4\n"
@@ -87,8 +91,9 @@ static const char helper_src[] =
     "      v = cast(doubles_t, p + at + 2)[0]\n"
     "      if v ~= v then return k, i, first, in_order end\n"
     "    elseif t == POS or t == NEG then\n"
+    "      if size < 3 then return k, i, first, in_order end\n"
     "      local e\n"
-    "      v, e = varint(p, at + 2)\n"
+    "      v, e = varint(p, at + 2, at + size)\n"
     "      if not v or e ~= at + size or (t == NEG and v == 0) then return k, i, first, in_order end\n"
     "      if t == NEG then v = -v end\n"
     "    else\n"
@@ -162,7 +167,8 @@ int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const 
     lua_pushvalue(L, results);
     lua_pushvalue(L, ids);
     lua_pushnumber(L, (lua_Number)count);
-    if (lua_pcall(L, 6, 4, 0) != 0) {
+    int status = lua_pcall(L, 6, 4, 0);
+    if (status != 0) {
         /* Out of memory while storing: the items whose id is there are
          * whole; a result stored without its id is taken back. */
         int whole = (int)lua_objlen(L, ids) - count;
@@ -173,7 +179,7 @@ int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const 
             lua_rawseti(L, results, count + whole + 1);
         }
         taken->items = (unsigned)whole;
-        return -1;
+        return status;
     }
     double items = lua_tonumber(L, -4);
     taken->jit_off = items < 0;

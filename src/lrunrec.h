@@ -43,8 +43,8 @@ typedef struct pz_runrec_taken {
  * result) and returns 0.  Out
  * of memory, it puts the lists back as they were before the item it was
  * appending, sets taken->items to the items appended before it (their
- * ids are in the ids list), and returns -1 with the error on top of the
- * stack. */
+ * ids are in the ids list), and returns lua_pcall's status with the
+ * error on top of the stack. */
 int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const uint8_t *p, size_t len,
                            unsigned n, pz_runrec_taken *taken);
 

@@ -413,21 +413,31 @@ end
 --- p:take() -> results, ids, errors: everything finished in the pool's
 -- store, which keeps none of it afterwards (ids[i] is the call of
 -- results[i]; extra return values are dropped: use p:result for them).
+--
+-- A finalizer may call p:take() too. Not while a drain runs: it appends
+-- to the lists this swaps out, and what it appended after went with them.
+-- And not between this one's read of the lists and its swap: both would
+-- return the same results. So the new lists are made first (making a
+-- table can run a finalizer), and nothing between the read and the swap
+-- allocates.
 local function take_now(p)
-  pool_drain(p)
+  pool_drain(p, "p:take()")
   local env = pool_env(p)
+  local fresh1, fresh2, fresh3, fresh4 = {}, {}, {}, {}
   if env.keep_results then
     local results, ids, errors = env.results, env.ids, env.errors
-    env.results, env.ids, env.errors, env.extras = {}, {}, {}, {}
+    env.results, env.ids, env.errors, env.extras = fresh1, fresh2, fresh3, fresh4
     env.index, env.indexed_results, env.indexed_errors = nil, 0, 0
     return results, ids, errors
   end
+  local unclaimed = env.unclaimed
+  env.unclaimed = fresh1
   local list = {}
-  for id in pairs(env.unclaimed) do list[#list + 1] = id end
+  for id in pairs(unclaimed) do list[#list + 1] = id end
   sort(list)
   local results, ids, errors = {}, {}, {}
   for _, id in ipairs(list) do
-    local e = env.unclaimed[id]
+    local e = unclaimed[id]
     if getmetatable(e) == ERROR_MT then
       errors[#errors + 1] = e
     else
@@ -437,7 +447,6 @@ local function take_now(p)
       ids[#ids + 1] = id
     end
   end
-  env.unclaimed = {}
   return results, ids, errors
 end
 
