@@ -24,8 +24,13 @@ LUADIR    ?= $(PREFIX)/share/lua/5.1
 DESTDIR   ?=
 
 CC        ?= cc
-CFLAGS    ?= -O2 -g
-LDFLAGS   ?=
+# Link-time optimization: the worker's per-call path crosses files (the
+# codec's fast paths, the output's lock), and inlined across them a tiny
+# call took 10% less of a worker's CPU (2,000,000 calls, 8 alternated
+# rounds; 200,000 calls: 15.7 M/s against 14.4, 20 rounds). LuaRocks
+# passes its own CFLAGS, without it.
+CFLAGS    ?= -O2 -g -flto=auto
+LDFLAGS   ?= -flto=auto
 LIBFLAG   ?= -shared
 LUAJIT    ?= luajit
 BUSTED    ?= busted --lua=$(LUAJIT)
