@@ -706,6 +706,10 @@ static int l_pool_helper_items(lua_State *L)
 
 void pz_lrecords_register(lua_State *L)
 {
+    /* The run-record helper takes pcall, require and jit.status from the
+     * globals when it is compiled: now, before a script can have replaced
+     * them. */
+    pz_runrec_prepare(L);
     lua_pushcfunction(L, l_pool_helper_items);
     lua_setfield(L, -2, "pool_helper_items");
     if (luaL_newmetatable(L, PZ_ERROR_MT)) {

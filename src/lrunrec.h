@@ -40,15 +40,15 @@ typedef struct pz_runrec_taken {
  * record's items at [p, p + len) while each result is one number, at
  * most n items.  Fills *taken (items 0 when the JIT is off or the FFI
  * missing, which jit_off says, or when the first item is not such a
- * result) and returns 0.  Out
- * of memory, it puts the lists back as they were before the item it was
- * appending, sets taken->items to the items appended before it (their
- * ids are in the ids list), and returns lua_pcall's status with the
- * error on top of the stack. */
+ * result) and returns 0.  Out of memory, it puts the lists back as they
+ * were before the item it was appending, sets taken->items to the items
+ * appended before it (their ids are in the ids list), and returns
+ * lua_pcall's status with the error on top of the stack. */
 int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const uint8_t *p, size_t len,
                            unsigned n, pz_runrec_taken *taken);
 
-/* Makes the helper ready in this state (compiled on first use otherwise). */
+/* Compiles the helper in this state, taking the standard functions it
+ * uses as they are now (pz_lrecords_register: when the module loads). */
 void pz_runrec_prepare(lua_State *L);
 
 #endif
