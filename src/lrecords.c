@@ -275,9 +275,10 @@ static void set_attempts(lua_State *L, const char *p, size_t n)
         count = 0;
     lua_createtable(L, (int)count, 0);
     for (uint64_t i = 1; i <= count; i++) {
-        uint64_t slot, pid;
-        const char *msg;
-        size_t mlen;
+        /* (Set: luaL_error does not return, but clang cannot know it.) */
+        uint64_t slot = 0, pid = 0;
+        const char *msg = NULL;
+        size_t mlen = 0;
         if (pz_take_varint(&p, &n, &slot) != 0 || pz_take_varint(&p, &n, &pid) != 0 ||
             pz_split_prefixed(p, n, &msg, &mlen, &p, &n) != 0)
             luaL_error(L, "internal error: malformed attempts in an ERROR record");
