@@ -248,8 +248,10 @@ describe("the pool's lists", function()
   end)
 
   -- A finalizer's p:take() runs wherever a collection step does: inside a
-  -- drain (which p(x) runs too, once results pile up), or inside another
-  -- p:take(). It must take each result once, and none may be lost.
+  -- drain (which p(x) runs too, once results pile up), where it takes
+  -- nothing, or inside another p:take(). It must take each result once,
+  -- none may be lost, and it must not raise (an error in a finalizer is
+  -- passed on to whatever allocated).
   for _, keep in ipairs({ true, false }) do
     for _, kind in ipairs({ "numbers", "strings" }) do
       it("give each result once to a finalizer's p:take() and the script's (" .. kind
@@ -268,9 +270,8 @@ describe("the pool's lists", function()
         local function arm()
           local u = newproxy(true)
           getmetatable(u).__gc = function()
-            local ok, results, ids = pcall(p.take, p)
-            if ok then note(results, ids) end
             if armed then arm() end
+            note(p:take())
           end
         end
         arm()
@@ -294,6 +295,56 @@ describe("the pool's lists", function()
       end)
     end
   end
+
+  it("make a call whose drain a finalizer's error broke an error only, and stay usable", function()
+    local p = Parallelize(function(x) return x, x end, { workers = 2 }) -- two values: an extras entry
+    finally(function() p:stop() end)
+    local armed, raised = true, 0
+    local function arm()
+      local u = newproxy(true)
+      getmetatable(u).__gc = function()
+        if armed then arm() end
+        raised = raised + 1
+        error("boom from a finalizer")
+      end
+    end
+    arm()
+    local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
+    local n, junk = 100000, {}
+    for i = 1, n do
+      pcall(p, i) -- a finalizer's error may surface here too
+      if i % 64 == 0 then pcall(function() junk[i % 1024] = { i } end) end
+    end
+    assert.is_table(junk[0])
+    local done = false
+    for _ = 1, 50 do
+      local ok, finished = pcall(p.wait, p, 60)
+      if ok and finished then done = true break end
+    end
+    armed = false
+    pcall(collectgarbage)
+    pcall(collectgarbage)
+    collectgarbage("setpause", pause)
+    collectgarbage("setstepmul", stepmul)
+    assert.is_true(done, "p:wait() kept raising")
+    assert.is_true(raised > 0)
+    local results, ids, errors = p:take()
+    local seen, both = {}, 0
+    for k = 1, #ids do
+      assert.are.equal(ids[k], results[k])
+      seen[ids[k]] = true
+    end
+    for _, e in ipairs(errors) do
+      if seen[e.id] then both = both + 1 end
+      seen[e.id] = true
+      assert.matches("boom from a finalizer", e.message)
+    end
+    local missing = 0
+    for id = 1, n do
+      if not seen[id] then missing = missing + 1 end
+    end
+    assert.are.same({ both = 0, missing = 0 }, { both = both, missing = missing })
+  end)
 
   it("take the results in as a loop of p(x) goes, once they pile up", function()
     local p = Parallelize(function(x) return 2 * x end, { workers = 2 })

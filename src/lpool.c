@@ -247,17 +247,20 @@ static int l_pool_new(lua_State *L)
     return 1;
 }
 
-/* core.pool_drain(pool [, what]): moves the records received so far into
- * the environment tables.  With `what` (the caller's name for itself), it
- * raises instead when a drain is running already: `what` is about to
- * replace the tables that drain fills. */
+/* core.pool_drain(pool): moves the records received so far into the
+ * environment tables. */
 static int l_pool_drain(lua_State *L)
 {
-    lpool *u = to_lpool(L, 1);
-    if (lua_isstring(L, 2))
-        pz_lpool_check_not_draining(L, u, lua_tostring(L, 2));
-    pz_lrecords_drain(L, u, 1);
+    pz_lrecords_drain(L, to_lpool(L, 1), 1);
     return 0;
+}
+
+/* core.pool_draining(pool) -> whether records are being moved into the
+ * environment tables now (Lua running inside a drain: a finalizer). */
+static int l_pool_draining(lua_State *L)
+{
+    lua_pushboolean(L, to_lpool(L, 1)->draining);
+    return 1;
 }
 
 /* A wait must not sleep through a signal whose handler ran while it
@@ -744,7 +747,8 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
     static const luaL_Reg funcs[] = {
         {"pool_new", l_pool_new},         {"pool_submit", pz_lpool_submit},
         {"pool_submit_each", pz_lpool_submit_each}, {"pool_submit_chunk", pz_lpool_submit_chunk},
-        {"pool_drain", l_pool_drain},     {"pool_wait", l_pool_wait},
+        {"pool_drain", l_pool_drain},     {"pool_draining", l_pool_draining},
+        {"pool_wait", l_pool_wait},
         {"pool_stop", l_pool_stop},       {"pool_counts", l_pool_counts},
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},
         {"pool_release", l_pool_release}, {"pool_size", l_pool_size},

@@ -220,9 +220,17 @@ static void store_result(lua_State *L, lists *l, uint64_t id, int top, int count
         lua_pushnumber(L, (lua_Number)id);
         lua_rawseti(L, l->base + 1, l->nresults);
     } else {
-        if (count == 0)
-            lua_pushnil(L);
-        lua_pushvalue(L, top + 1);
+        /* Every value, in extras[id], first: what allocates may run a
+         * finalizer, whose error (passed on to the allocation) makes this
+         * call's record one to salvage; stored before its result and id,
+         * the call would have come back as both. */
+        pack(L, count);
+        lua_pushnumber(L, (lua_Number)id);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, l->base + 3);
+        /* The first value (null for nil or none), then the id: a store
+         * that fails between the two is taken back (len_of). */
+        lua_rawgeti(L, -1, 1);
         if (lua_isnil(L, -1)) {
             lua_pop(L, 1);
             lua_pushlightuserdata(L, NULL); /* parallelize.null */
@@ -230,12 +238,6 @@ static void store_result(lua_State *L, lists *l, uint64_t id, int top, int count
         lua_rawseti(L, l->base, ++l->nresults);
         lua_pushnumber(L, (lua_Number)id);
         lua_rawseti(L, l->base + 1, l->nresults);
-        /* Every value, in extras[id]. */
-        lua_settop(L, top + count);
-        pack(L, count);
-        lua_pushnumber(L, (lua_Number)id);
-        lua_insert(L, -2);
-        lua_rawset(L, l->base + 3);
     }
     lua_settop(L, top);
 }
@@ -678,10 +680,13 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
     if (!pz_pool_peek_record(u->pool, &first) && !pz_pool_fatal(u->pool))
         return;
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-    u->draining = 1;
     lua_pushcfunction(L, drain_all);
     lua_pushlightuserdata(L, u);
     lua_pushvalue(L, idx);
+    /* Set only now: a push may run a finalizer, and a finalizer's error
+     * (LuaJIT passes it on to the allocation) would leave it set for
+     * good, the pool busy for every wait and stop after. */
+    u->draining = 1;
     int rc = pz_defer_pcall(L, 2, 0);
     u->draining = 0;
     if (rc != 0)

@@ -23,6 +23,7 @@ local new_table = require "table.new"
 local rawgetmetatable = debug.getmetatable -- the pool's metatable hides itself
 
 local pool_wait, pool_drain, pool_stop = core.pool_wait, core.pool_drain, core.pool_stop
+local pool_draining = core.pool_draining
 local pool_env, pool_counts, pool_size = core.pool_env, core.pool_counts, core.pool_size
 local pool_stopped, pool_submit, pool_finished = core.pool_stopped, core.pool_submit, core.pool_finished
 local pool_submit_each = core.pool_submit_each
@@ -414,14 +415,17 @@ end
 -- store, which keeps none of it afterwards (ids[i] is the call of
 -- results[i]; extra return values are dropped: use p:result for them).
 --
--- A finalizer may call p:take() too. Not while a drain runs: it appends
--- to the lists this swaps out, and what it appended after went with them.
--- And not between this one's read of the lists and its swap: both would
+-- A finalizer may call p:take() too. Inside a drain it takes nothing: the
+-- drain appends to the lists this would swap out, and what it appended
+-- after went with them (and an error raised there would pass from the
+-- finalizer to the drain, which would blame a result for it). Nor may it
+-- come between another take's read of the lists and its swap: both would
 -- return the same results. So the new lists are made first (making a
 -- table can run a finalizer), and nothing between the read and the swap
 -- allocates.
 local function take_now(p)
-  pool_drain(p, "p:take()")
+  if pool_draining(p) then return {}, {}, {} end
+  pool_drain(p)
   local env = pool_env(p)
   local fresh1, fresh2, fresh3, fresh4 = {}, {}, {}, {}
   if env.keep_results then
