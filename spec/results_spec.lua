@@ -247,6 +247,46 @@ describe("the pool's lists", function()
     assert.are.same({}, (p:take()))
   end)
 
+  --- Runs body() with a finalizer that runs fin() at every collection
+  -- (it arms a new one each time) and a collector tuned to collect often;
+  -- then disarms it, lets what is left of it run, and restores the
+  -- collector. Errors of fin that reach a collection outside body are
+  -- dropped.
+  local function with_finalizer_storm(fin, body)
+    local armed = true
+    local function arm()
+      local u = newproxy(true)
+      getmetatable(u).__gc = function()
+        if armed then arm() end
+        fin()
+      end
+    end
+    arm()
+    local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
+    local ok, err = pcall(body)
+    armed = false
+    pcall(collectgarbage)
+    pcall(collectgarbage)
+    collectgarbage("setpause", pause)
+    collectgarbage("setstepmul", stepmul)
+    if not ok then error(err, 0) end
+  end
+
+  --- Queues p(1) .. p(n), making garbage as it goes so that collections
+  -- run; with `protected`, through pcall (a finalizer's error may surface
+  -- at any allocation).
+  local function loop_with_garbage(p, n, protected)
+    local junk = {}
+    local function litter(i) junk[i % 1024] = { i } end -- made once: nothing allocates outside pcall
+    for i = 1, n do
+      if protected then pcall(p, i) else p(i) end
+      if i % 64 == 0 then
+        if protected then pcall(litter, i) else litter(i) end
+      end
+    end
+    return #junk
+  end
+
   -- A finalizer's p:take() runs wherever a collection step does: inside a
   -- drain (which p(x) runs too, once results pile up), where it takes
   -- nothing, or inside another p:take(). It must take each result once,
@@ -266,26 +306,11 @@ describe("the pool's lists", function()
             got[ids[k]] = results[k]
           end
         end
-        local armed = true
-        local function arm()
-          local u = newproxy(true)
-          getmetatable(u).__gc = function()
-            if armed then arm() end
-            note(p:take())
-          end
-        end
-        arm()
-        local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
-        local n, junk = 300000, {}
-        for i = 1, n do
-          p(i)
-          if i % 64 == 0 then junk[i % 1024] = { i } end -- garbage, so that collections run
-        end
-        assert.is_true(p:wait(60))
-        assert.is_table(junk[0])
-        armed = false
-        collectgarbage("setpause", pause)
-        collectgarbage("setstepmul", stepmul)
+        local n = 300000
+        with_finalizer_storm(function() note(p:take()) end, function()
+          loop_with_garbage(p, n)
+          assert.is_true(p:wait(60))
+        end)
         note(p:take())
         local wrong = 0
         for id = 1, n do
@@ -299,33 +324,17 @@ describe("the pool's lists", function()
   it("make a call whose drain a finalizer's error broke an error only, and stay usable", function()
     local p = Parallelize(function(x) return x, x end, { workers = 2 }) -- two values: an extras entry
     finally(function() p:stop() end)
-    local armed, raised = true, 0
-    local function arm()
-      local u = newproxy(true)
-      getmetatable(u).__gc = function()
-        if armed then arm() end
-        raised = raised + 1
-        error("boom from a finalizer")
+    local n, raised, done = 100000, 0, false
+    with_finalizer_storm(function()
+      raised = raised + 1
+      error("boom from a finalizer")
+    end, function()
+      loop_with_garbage(p, n, true)
+      for _ = 1, 50 do
+        local ok, finished = pcall(p.wait, p, 60)
+        if ok and finished then done = true break end
       end
-    end
-    arm()
-    local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
-    local n, junk = 100000, {}
-    for i = 1, n do
-      pcall(p, i) -- a finalizer's error may surface here too
-      if i % 64 == 0 then pcall(function() junk[i % 1024] = { i } end) end
-    end
-    assert.is_table(junk[0])
-    local done = false
-    for _ = 1, 50 do
-      local ok, finished = pcall(p.wait, p, 60)
-      if ok and finished then done = true break end
-    end
-    armed = false
-    pcall(collectgarbage)
-    pcall(collectgarbage)
-    collectgarbage("setpause", pause)
-    collectgarbage("setstepmul", stepmul)
+    end)
     assert.is_true(done, "p:wait() kept raising")
     assert.is_true(raised > 0)
     local results, ids, errors = p:take()

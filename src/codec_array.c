@@ -55,12 +55,7 @@
 #include "codec_array.h"
 #include "le.h"
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
-    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
-#define PZ_ARRAY_FFI 1
-#else
-#define PZ_ARRAY_FFI 0
-#endif
+#define PZ_ARRAY_FFI PZ_FFI_IN_PLACE /* le.h */
 
 /* Registry key of the helpers' table (its address is what counts): the
  * standard functions they use, by name, taken when the module is loaded,

@@ -203,7 +203,8 @@ void pz_dispatch(struct pz_io *io)
             size_t waiting = from_rq ? io->rq.len - io->rq_pos : savail;
             int backlog = waiting >= (size_t)io->nrecords * DISPATCH_STREAK * size;
             pz_slot *w = backlog && last && streak < DISPATCH_STREAK && pz_slot_has_room(last) ? last : NULL;
-            if (pz_call_goes_alone(fr)) {
+            int alone = pz_call_goes_alone(fr);
+            if (alone) {
                 /* Alone in its worker (slot.c, broken_by); the calls
                  * behind it wait until a worker holds nothing. */
                 if (!(w = pick(io, 1)))
@@ -218,7 +219,7 @@ void pz_dispatch(struct pz_io *io)
                 streak = 0;
             }
             uint32_t count = 1;
-            if (backlog && !from_rq && !pz_call_goes_alone(fr))
+            if (backlog && !from_rq && !alone)
                 count = block_for(io, w, fr, savail, DISPATCH_STREAK - (uint32_t)streak, &size);
             last = w;
             streak += (int)count;

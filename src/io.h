@@ -294,7 +294,6 @@ void pz_slot_watch(struct pz_io *io, pz_slot *w, int op);
  * io->inflight_cap. */
 void pz_slot_set_depth(struct pz_io *io, pz_slot *w);
 
-/* True when w can take one more call now. */
 /* Whether the CALL frame fr waits for a slot that holds nothing: a
  * suspect (slot.c, broken_by) not cancelled meanwhile. */
 static inline int pz_call_goes_alone(const char *fr)
@@ -309,6 +308,7 @@ static inline int pz_slot_holds_suspect(const pz_slot *w)
     return w->inflight > 0 && (pz_frame_flags(w->out.data + w->out_head) & PZ_CALL_SUSPECT);
 }
 
+/* True when w can take one more call now. */
 static inline int pz_slot_has_room(const pz_slot *w)
 {
     return w->state == SLOT_READY && w->fd >= 0 && w->inflight < w->depth && !w->lent &&

@@ -29,6 +29,16 @@
 #error "le.h: the host's byte order is unknown (__BYTE_ORDER__)"
 #endif
 
+/* 1 where LuaJIT's FFI may read and write these fields where they lie:
+ * the host's order is the wire's and loads at any alignment are allowed
+ * (codec_array.c's packed doubles, lrunrec.c's run records). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
+    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
+#define PZ_FFI_IN_PLACE 1
+#else
+#define PZ_FFI_IN_PLACE 0
+#endif
+
 static inline uint16_t pz_le16_get(const void *p)
 {
     uint16_t v;

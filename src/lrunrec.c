@@ -9,13 +9,6 @@
 #include "codec_format.h"
 #include "run.h"
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
-    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
-#define RUNREC_FFI 1 /* doubles loaded in the host's order, at any alignment */
-#else
-#define RUNREC_FFI 0
-#endif
-
 /* Registry key of the helper (its address is what counts). */
 static const char reg_helper = 0;
 
@@ -132,7 +125,7 @@ static void push_helper(lua_State *L)
         lua_pushnil(L);
     lua_setfield(L, -3, "jit_status");
     lua_pop(L, 1);
-    lua_pushboolean(L, RUNREC_FFI);
+    lua_pushboolean(L, PZ_FFI_IN_PLACE);
     lua_pushinteger(L, PZ_T_FIXINT);
     lua_pushinteger(L, PZ_T_POSINT);
     lua_pushinteger(L, PZ_T_NEGINT);
@@ -153,12 +146,12 @@ int pz_runrec_take_numbers(lua_State *L, int results, int ids, int count, const 
                            unsigned n, pz_runrec_taken *taken)
 {
     taken->items = 0;
-    taken->jit_off = !RUNREC_FFI;
+    taken->jit_off = !PZ_FFI_IN_PLACE;
     taken->bytes = 0;
     taken->first = 0;
     taken->in_order = 1;
     /* Addresses travel as numbers: exact below 2^53. */
-    if (!RUNREC_FFI || (uint64_t)((uintptr_t)p + len) >= (UINT64_C(1) << 53))
+    if (!PZ_FFI_IN_PLACE || (uint64_t)((uintptr_t)p + len) >= (UINT64_C(1) << 53))
         return 0;
     push_helper(L);
     lua_pushnumber(L, (lua_Number)(uintptr_t)p);

@@ -223,6 +223,14 @@ static void put_error_from_table(lua_State *L, uint64_t id, uint64_t ns)
     lua_settop(L, t);
 }
 
+/* Marks where the output stands (locked), for a frame about to be built:
+ * pz_wout_truncate goes back there when it cannot be finished. */
+static void mark_output(void)
+{
+    W.mark = pz_wout_buf()->len;
+    W.mark_frames = pz_wout_frames();
+}
+
 /* The executor has returned or raised: takes the call's time (the end of
  * one call is the start of the next, see handle_call), takes the output's
  * lock and marks where the call's frame begins (W.mark, W.mark_frames).
@@ -234,8 +242,7 @@ static uint64_t end_call(void)
     W.avg_ns = W.avg_ns * 0.875 + (double)ns * 0.125;
     if (pz_wout_lock())
         W.clock = pz_now_ns(); /* it waited for the flusher's write: see handle_call */
-    W.mark = pz_wout_buf()->len;
-    W.mark_frames = pz_wout_frames();
+    mark_output();
     return ns;
 }
 
@@ -501,8 +508,7 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
         uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
         size_t len = pz_put_number_tuple(tuple, lua_tonumber(L, base + 1));
         pz_wout_lock();
-        W.mark = pz_wout_buf()->len;
-        W.mark_frames = pz_wout_frames();
+        mark_output();
         answer_add(L, id, tuple, len, 0);
         pz_wout_unlock();
         return;
@@ -518,8 +524,7 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
     size_t shared = W.writer ? W.writer->placed : 0;
     uint64_t ns = (uint64_t)W.avg_ns;
     pz_wout_lock();
-    W.mark = pz_wout_buf()->len;
-    W.mark_frames = pz_wout_frames();
+    mark_output();
     if (W.item.len + shared > W.max_message) {
         if (W.writer)
             pz_ring_writer_rewind(&W.ring, &W.ring_mark);
@@ -586,8 +591,7 @@ static void report_run_failure(lua_State *L)
     int raised = lua_gettop(L);
     if (W.in_executor == IN_EXECUTOR) {
         pz_wout_lock();
-        W.mark = pz_wout_buf()->len;
-        W.mark_frames = pz_wout_frames();
+        mark_output();
         lua_rawgeti(L, LUA_REGISTRYINDEX, W.run_error_ref);
         lua_pushvalue(L, raised);
         if (lua_pcall(L, 1, 0, 0) == 0) {
