@@ -186,7 +186,7 @@ describe("the direct walk of tables", function()
   it("writes random values as the C API path does, sharing and cycles kept", function()
     local seed = tonumber(os.getenv("PZ_SEED")) or os.time()
     math.randomseed(seed)
-    local compared = 0
+    local compared, what_seed = 0, "seed " .. seed
     for case = 1, 2500 do
       budget = random(2) == 1 and 50 or 2000
       local v = random_table({}, 0)
@@ -199,7 +199,9 @@ describe("the direct walk of tables", function()
         assert(fast == slow, what .. ": the bytes differ " .. first_difference(fast, slow))
       end
     end
-    assert.is_true(compared > 1000)
+    -- About 1,055 of the 2,500 cases are small enough, 25 either way from
+    -- seed to seed: the floor of 1,000 failed about one seed in fifty.
+    assert.is_true(compared > 800, what_seed .. ": only " .. compared .. " cases compared by bytes")
   end)
 
   it("leaves to the C API path what it does not write, at any depth", function()
