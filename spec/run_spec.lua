@@ -7,7 +7,7 @@ local parallelize = require "parallelize"
 local core = require "parallelize.core"
 local support = require "spec.support"
 
-local Parallelize = parallelize.Parallelize
+local Parallelize, Deferred = parallelize.Parallelize, parallelize.Deferred
 
 -- The executor of most tests: what it does depends on x % 100, and it
 -- counts the calls made from a run's loop: their caller (a C function) is
@@ -372,5 +372,134 @@ describe("runs of small calls", function()
       seen = seen + 1
     end
     assert.are.equal(30000, seen)
+  end)
+end)
+
+-- A worker makes a run's calls whose argument is one number with a Lua
+-- loop the JIT compiles (src/wruns.h), and the others in C. The executor
+-- can tell which made a call by its caller's chunk, "=parallelize.runs".
+describe("the worker's compiled loop", function()
+  -- numbers the helper takes, and (odd) what it leaves to C: an argument
+  -- (NaN, integers from 2^28) or a result (see echo)
+  local plain = { 0, 1, 127, 128, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, -1, -128, -(2 ^ 28 - 1), 0.5, -0.0,
+    1 / 0, -1 / 0, 1e308, 5e-324, -2.5e-300 }
+  local odd = { 255, 16383, 2 ^ 28, 2 ^ 35, 2 ^ 53, -2 ^ 53, -(2 ^ 28), 0 / 0 }
+  --- Call i's argument: odd ones now and then, between stretches of plain
+  -- ones long enough for the helper to be asked again.
+  local function argument(i)
+    if i % 25 == 0 then return odd[i / 25 % #odd + 1] end
+    return plain[i % #plain + 1]
+  end
+  local function exactly(a, b)
+    if a ~= a then return b ~= b end
+    if a == 0 and b == 0 then return 1 / a == 1 / b end
+    return a == b
+  end
+
+  --- A Deferred executor returning its argument, but for a string for 255,
+  -- nothing for 16383 and two values for 2^35; it counts the calls the
+  -- helper made, which the argument "count" returns. With jit_off its
+  -- worker turns the JIT off first.
+  local function echo(jit_off)
+    return Deferred(function(off)
+      if off then jit.off() end
+      local by_helper = 0
+      return function(x)
+        if x == "count" then return by_helper end
+        if debug.getinfo(2, "S").source == "=parallelize.runs" then by_helper = by_helper + 1 end
+        if x == 255 then return "s255" end
+        if x == 16383 then return end
+        if x == 2 ^ 35 then return x, x end
+        return x
+      end
+    end, jit_off)
+  end
+  local function expected(x)
+    if x == 255 then return "s255" end
+    if x == 16383 then return parallelize.null end
+    return x
+  end
+
+  for _, jit_off in ipairs({ false, true }) do
+    it("passes every kind of number exactly, each result to its call, JIT " .. (jit_off and "off" or "on"),
+      function()
+        local p = Parallelize(echo(jit_off), { workers = 1 })
+        finally(function() p:stop() end)
+        for k = 1, 2000 do p(k) end -- the warm-up: runs come after it
+        assert.is_true(p:wait(60))
+        local want, two = {}, nil
+        for i = 1, 30000 do
+          local x = argument(i)
+          local id = p(x)
+          want[id] = expected(x)
+          if x == 2 ^ 35 then two = id end
+        end
+        assert.is_true(p:wait(60))
+        local results, ids = p.results, p.ids
+        for k = 2001, #ids do
+          local id = ids[k]
+          assert.is_true(exactly(want[id], results[k]), "call " .. id .. ": " .. tostring(results[k]))
+          want[id] = nil
+        end
+        assert.is_nil(next(want))
+        local _, first, second = p:result(two)
+        assert.are.same({ 2 ^ 35, 2 ^ 35 }, { first, second })
+        local count = p("count")
+        assert.is_true(p:wait(10))
+        local _, by_helper = p:result(count)
+        if jit_off then
+          assert.are.equal(0, by_helper)
+        else
+          assert.is_true(by_helper > 15000, "the helper made " .. by_helper .. " calls")
+        end
+      end)
+  end
+
+  it("reports an executor's error, its stack overflow included, as the call's", function()
+    local p = Parallelize(function(x)
+      if x % 100 == 7 then error("bad " .. x) end
+      if x % 100 == 9 then
+        local function f() return 1 + f() end
+        return f()
+      end
+      return x * 2
+    end, { workers = 2 })
+    finally(function() p:stop() end)
+    for k = 1, 2000 do p(100 * k) end
+    assert.is_true(p:wait(60))
+    local ids = {}
+    for i = 1, 20000 do ids[i] = p(i) end
+    assert.is_true(p:wait(60))
+    for i = 1, 20000 do
+      local ok, v = p:result(ids[i])
+      if i % 100 == 7 then
+        assert.is_false(ok, "call " .. i)
+        assert.matches("bad " .. i .. "$", v.message)
+        assert.same({ n = 1, i }, v.args)
+        assert.matches("in function 'executor'", v.traceback)
+        assert.is_nil(v.traceback:find("parallelize.runs", 1, true), v.traceback)
+      elseif i % 100 == 9 then
+        assert.is_false(ok, "call " .. i)
+        assert.matches("stack overflow$", v.message)
+      else
+        assert.is_true(ok, "call " .. i)
+        assert.are.equal(2 * i, v)
+      end
+    end
+    assert.are.equal(0, p:stats().deaths)
+  end)
+
+  it("uses the standard functions as they were before the executor's code ran", function()
+    local p = Parallelize(Deferred(function()
+      select, type, pcall, require = nil, nil, nil, nil -- luacheck: ignore
+      return function(x) return x + 1 end
+    end), { workers = 1 })
+    finally(function() p:stop() end)
+    local want = {}
+    for i = 1, 20000 do want[p(i)] = i + 1 end
+    assert.is_true(p:wait(60))
+    local results, ids = p.results, p.ids
+    assert.are.equal(20000, #results)
+    for k = 1, #ids do assert.are.equal(want[ids[k]], results[k]) end
   end)
 end)

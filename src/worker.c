@@ -38,6 +38,7 @@
 #include "handshake.h"
 #include "lstate.h"
 #include "run.h"
+#include "wruns.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
@@ -98,6 +99,8 @@ static struct {
     pz_run_item *run;
     size_t run_cap, run_n, run_next;
     int run_calls_ref, run_error_ref;
+    int helper_ready;    /* wruns.h's helper is compiled */
+    int run_helper;      /* ask it for this run's calls (run_calls) */
     pz_buf item;         /* one result of the run, encoded */
     /* The last run answer in the output (answer_open): where it starts
      * and ends, the output's writes then, its calls. */
@@ -181,6 +184,7 @@ static int on_error(lua_State *L)
     else if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
         lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     luaL_traceback(L, L, NULL, 1);
+    pz_wruns_untrace(L);
     lua_createtable(L, 3, 0);
     lua_insert(L, -3);
     lua_rawseti(L, -3, 2);
@@ -459,8 +463,10 @@ static int answer_open(void)
 
 /* Appends call id's result (its tuple: `len` bytes at `tuple`, whose big
  * strings took `shared` bytes of the ring) to the open run answer, or to
- * a new one (locked), and leaves the answer whole.  May raise (memory). */
-static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len, size_t shared)
+ * a new one (locked), and leaves the answer whole.  Returns 0, or -1 when
+ * memory ran out (the output may hold a new answer of no calls: callers
+ * truncate to W.mark). */
+static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shared)
 {
     pz_buf *out = pz_wout_buf();
     size_t item = PZ_VARINT_MAX_BYTES + 4 + len;
@@ -468,7 +474,7 @@ static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len,
     if (!answer_open() || W.ans_n == UINT16_MAX ||
         out->len - W.ans_at - PZ_FRAME_HEADER + item > most) {
         if (!pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD))
-            luaL_error(L, "out of memory");
+            return -1;
         W.ans_at = out->len;
         W.ans_n = 0;
         out->len += PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD;
@@ -478,7 +484,7 @@ static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len,
     }
     uint8_t *d = (uint8_t *)pz_buf_reserve(out, item);
     if (!d)
-        luaL_error(L, "out of memory");
+        return -1;
     d += pz_put_varint(d, id);
     pz_le32_put(d, (uint32_t)len);
     d += 4;
@@ -492,6 +498,44 @@ static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len,
     pz_run_answer_set_head(h + PZ_FRAME_HEADER, W.ans_n, (uint64_t)W.avg_ns);
     W.ans_end = out->len;
     W.ans_writes = pz_wout_writes();
+    return 0;
+}
+
+/* answer_append, raising when memory runs out. */
+static void answer_add(lua_State *L, uint64_t id, const void *tuple, size_t len, size_t shared)
+{
+    if (answer_append(id, tuple, len, shared) != 0)
+        luaL_error(L, "out of memory");
+}
+
+/* Names the run's call W.run_next in the shared memory (worker.h), when
+ * there is one. */
+static void name_run_call(void)
+{
+    if (W.run_next <= W.run_n)
+        atomic_store_explicit(&W.shared->running, W.run[W.run_next - 1].id, memory_order_release);
+}
+
+/* wruns.h's answer: the run's call W.run_next returned the one number x.
+ * Appends its result, moves to the next call and names it.  Returns 0, or
+ * -1 when memory ran out (the output as it was, the call still current).
+ * Called by the compiled helper through the FFI: it must not raise. */
+static int answer_number(double x)
+{
+    uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
+    size_t len = pz_put_number_tuple(tuple, x);
+    pz_wout_lock();
+    mark_output();
+    if (answer_append(W.run[W.run_next - 1].id, tuple, len, 0) != 0) {
+        pz_wout_truncate(W.mark, W.mark_frames);
+        W.ans_at = SIZE_MAX;
+        pz_wout_unlock();
+        return -1;
+    }
+    pz_wout_unlock();
+    W.run_next++;
+    name_run_call();
+    return 0;
 }
 
 /* Appends the result of the run's call `id`, the `nres` values above
@@ -547,6 +591,20 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
     pz_wout_unlock();
 }
 
+/* Calls in a row the helper must have made for the run's next call that
+ * it could take to go to it again: asking costs about one call's time. */
+#define RUN_HELPER_STRETCH 8
+
+/* Whether call c's argument tuple is one number (what wruns.h's helper
+ * takes, but for the values it leaves to C). */
+static int one_number_args(const pz_run_item *c)
+{
+    if (c->len < 2 || c->args[0] != 1)
+        return 0;
+    uint8_t t = (uint8_t)c->args[1];
+    return t >= PZ_T_FIXINT || t == PZ_T_DOUBLE || t == PZ_T_POSINT || t == PZ_T_NEGINT;
+}
+
 /* Protected, the executor at 1: makes the run's calls from W.run_next to
  * W.run_n, each named in the shared memory first (worker.h), and puts
  * each one's result in the output.  A raise leaves W.run_next at the call
@@ -554,9 +612,32 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
 static int run_calls(lua_State *L)
 {
     int base = lua_gettop(L);
-    for (; W.run_next <= W.run_n; W.run_next++) {
+    name_run_call();
+    while (W.run_next <= W.run_n) {
         const pz_run_item *c = &W.run[W.run_next - 1];
-        atomic_store_explicit(&W.shared->running, c->id, memory_order_release);
+        if (W.run_helper && one_number_args(c)) {
+            size_t from = W.run_next;
+            W.in_executor = IN_EXECUTOR;
+            int made = pz_wruns_make(L, 1, W.run, W.run_next, W.run_n);
+            W.in_executor = IN_CODEC;
+            /* C makes the rest of the run when the helper made too few
+             * calls to pay for asking (or is off). */
+            if (made == PZ_WRUNS_OFF || W.run_next - from < RUN_HELPER_STRETCH)
+                W.run_helper = 0;
+            if (made == PZ_WRUNS_VALUES) {
+                put_run_result(L, W.run[W.run_next - 1].id, base, lua_gettop(L) - base);
+                lua_settop(L, base);
+                W.run_next++;
+                name_run_call();
+                continue;
+            }
+            if (made == PZ_WRUNS_NO_MEMORY)
+                luaL_error(L, "out of memory");
+            /* Stopped: C makes the call it stopped at. */
+            if (W.run_next > W.run_n)
+                break;
+            c = &W.run[W.run_next - 1];
+        }
         lua_pushvalue(L, 1);
         int nargs = pz_decode_tuple(L, c->args, c->len, PZ_DECODE_FUNCTIONS, W.reader);
         W.in_executor = IN_EXECUTOR;
@@ -564,6 +645,8 @@ static int run_calls(lua_State *L)
         W.in_executor = IN_CODEC;
         put_run_result(L, c->id, base, lua_gettop(L) - base);
         lua_settop(L, base);
+        W.run_next++;
+        name_run_call();
     }
     return 0;
 }
@@ -643,6 +726,7 @@ static void handle_run(lua_State *L, const pz_frame *f)
     int64_t t0 = W.clock ? W.clock : pz_now_ns();
     W.clock = t0; /* what the run's answers are dated (the flusher's alarm) */
     atomic_store_explicit(&W.shared->started, t0, memory_order_relaxed);
+    W.run_helper = W.helper_ready;
     for (W.run_next = 1; W.run_next <= W.run_n; W.run_next++) {
         W.in_executor = IN_CODEC;
         lua_rawgeti(L, LUA_REGISTRYINDEX, W.handler_ref);
@@ -1081,6 +1165,14 @@ static void initialize(lua_State *L)
     W.clock = 0;
 }
 
+/* Protected: compiles wruns.h's helper, before the executor's code runs
+ * (it takes the standard functions as they are then). */
+static int prepare_runs(lua_State *L)
+{
+    pz_wruns_prepare(L, answer_number);
+    return 0;
+}
+
 _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *shared,
                               const pz_arena *arena, int record, void (*setup)(lua_State *L),
                               int remote)
@@ -1112,6 +1204,9 @@ _Noreturn void pz_worker_main(int in_fd, int out_fd, int slot, pz_slot_shared *s
     W.L = L;
     luaL_openlibs(L);
     setup(L);
+    lua_pushcfunction(L, prepare_runs);
+    W.helper_ready = lua_pcall(L, 0, 0, 0) == 0; /* else the C loop makes every call */
+    lua_settop(L, 0);
     initialize(L);
     pz_wout_start_flusher();
     lua_pushcfunction(L, on_error);
