@@ -919,11 +919,11 @@ function methods.stream(p, src, opts)
   local spare_results, spare_ids = {}, {}
   local function compact()
     if claim.kr > 1024 and claim.kr > #lists.ids then
-      local results, ids = lists.results, lists.ids
+      local spent_results, spent_ids = lists.results, lists.ids
       commit(3, lists, "results", spare_results, lists, "ids", spare_ids, claim, "kr", 1)
-      clear_table(results)
-      clear_table(ids)
-      spare_results, spare_ids = results, ids
+      clear_table(spent_results)
+      clear_table(spent_ids)
+      spare_results, spare_ids = spent_results, spent_ids
     end
     if claim.ke > 1024 and claim.ke > #lists.errors then
       commit(2, lists, "errors", {}, claim, "ke", 1)
