@@ -1014,7 +1014,7 @@ function methods.stream(p, src, opts)
     ended = true
     quick_turns = 0
     src, held, held_more, held_id, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil, nil, nil
-    fast = nil
+    fast, spare_results, spare_ids = nil, nil, nil
   end
 
   --- A turn of the loop that may wait, refill or end the stream.
