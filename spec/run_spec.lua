@@ -45,6 +45,13 @@ end
 
 local function above_the_list(k) return 100000 + k end
 
+--- Whether numbers a and b are the same, NaN and the sign of 0 included.
+local function exactly(a, b)
+  if a ~= a then return b ~= b end
+  if a == 0 and b == 0 then return 1 / a == 1 / b end
+  return a == b
+end
+
 describe("runs of small calls", function()
   it("answer each call as its own: results, every value, errors, nothing lost", function()
     local p = Parallelize(mixed, { workers = 1 })
@@ -303,11 +310,6 @@ describe("runs of small calls", function()
   -- compiled helper (src/lrunrec.h), and everything it stops at in C.
   local numbers = { 0, 1, 127, 128, 255, 16383, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35,
     2 ^ 53, -2 ^ 53, -1, -128, -(2 ^ 28), 0.5, -0.0, 1 / 0, -1 / 0, 0 / 0, 1e308, 5e-324, -2.5e-300 }
-  local function exactly(a, b)
-    if a ~= a then return b ~= b end
-    if a == 0 and b == 0 then return 1 / a == 1 / b end
-    return a == b
-  end
   --- The result of call x of the helper's tests: a number of the list
   -- above, mostly, and now and then something else (a string, nothing,
   -- two values), where the helper stops and C goes on.
@@ -389,11 +391,6 @@ describe("the worker's compiled loop", function()
   local function argument(i)
     if i % 25 == 0 then return odd[i / 25 % #odd + 1] end
     return plain[i % #plain + 1]
-  end
-  local function exactly(a, b)
-    if a ~= a then return b ~= b end
-    if a == 0 and b == 0 then return 1 / a == 1 / b end
-    return a == b
   end
 
   --- A Deferred executor returning its argument, but for a string for 255,

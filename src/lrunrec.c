@@ -6,8 +6,8 @@
 
 #include <lauxlib.h>
 
-#include "codec_format.h"
-#include "run.h"
+#include "jithelper.h"
+#include "le.h"
 
 /* Registry key of the helper (its address is what counts). */
 static const char reg_helper = 0;
@@ -19,52 +19,13 @@ static const char reg_helper = 0;
  * tuple of one number, up to n of them and len bytes, and stores each
  * result and id at results[count + k] and ids[count + k], the result
  * first, so that an item is whole exactly when its id is there.  With the
- * JIT off (looked at every 64th call: jit.status costs about as much as
- * 50 items) it takes nothing and returns -1 items.  An item's id is a varint, then its tuple's
- * length (u32, little-endian) and the tuple: count 1, then the number as
- * pz_put_number writes it (codec_format.h).  Varints are read up to four
- * bytes (below 2^28), unrolled: a loop inside the loop made LuaJIT
- * compile the inner one as the root trace, and the outer one in pieces
- * around it.  An id or an integer longer than that, and -0 as an integer,
- * which pz_put_number never writes, go to the C path. */
+ * JIT off it takes nothing and returns -1 items.  An item's id is a
+ * varint, then its tuple's length (u32, little-endian) and the tuple: what
+ * jithelper.h's number() leaves to C, and an id from 2^28, stop it. */
 static const char helper_src[] =
-    "local std, ffi_on, FIX, POS, NEG, DBL = ...\n"
-    "local pcall, require = std.pcall, std.require\n"
-    "local status = std.jit_status or function() return false end\n"
-    "local ok, cast, bytes_t, doubles_t = false\n"
-    "local countdown, running, loaded = 0, false, false\n"
-    "local function jit_running()\n"
-    "  countdown = countdown - 1\n"
-    "  if countdown < 0 then\n"
-    "    countdown, running = 63, status()\n"
-    "    if running and not loaded then\n"
-    "      loaded = true\n"
-    "      local has_ffi, ffi = pcall(require, 'ffi')\n"
-    "      if ffi_on and has_ffi then\n"
-    "        cast, bytes_t, doubles_t = ffi.cast, ffi.typeof('const uint8_t *'), ffi.typeof('const double *')\n"
-    "        ok = true\n"
-    "      end\n"
-    "    end\n"
-    "  end\n"
-    "  return running and ok\n"
-    "end\n"
-    /* The varint at p[i], whose bytes end before p[e] (i < e): its value
-     * and the index after it, or nil when it takes more than four bytes
-     * or runs into p[e]. */
-    "local function varint(p, i, e)\n"
-    "  local b0 = p[i]\n"
-    "  if b0 < 128 then return b0, i + 1 end\n"
-    "  if i + 1 >= e then return nil end\n"
-    "  local b1 = p[i + 1]\n"
-    "  if b1 < 128 then return b0 - 128 + b1 * 128, i + 2 end\n"
-    "  if i + 2 >= e then return nil end\n"
-    "  local b2 = p[i + 2]\n"
-    "  if b2 < 128 then return b0 - 128 + (b1 - 128) * 128 + b2 * 16384, i + 3 end\n"
-    "  if i + 3 >= e then return nil end\n"
-    "  local b3 = p[i + 3]\n"
-    "  if b3 < 128 then return b0 - 128 + (b1 - 128) * 128 + (b2 - 128) * 16384 + b3 * 2097152, i + 4 end\n"
-    "  return nil\n"
-    "end\n"
+    PZ_JIT_HELPER_PRELUDE
+    "local bytes_t\n"
+    "on_ffi = function(ffi) bytes_t = ffi.typeof('const uint8_t *') end\n"
     "return function(addr, len, n, results, ids, count)\n"
     "  if not jit_running() then return -1, 0, 0, false end\n"
     "  local p = cast(bytes_t, addr)\n"
@@ -74,24 +35,8 @@ static const char helper_src[] =
     "    if not id then return k, i, first, in_order end\n"
     "    local size = p[at] + p[at + 1] * 256 + p[at + 2] * 65536 + p[at + 3] * 16777216\n"
     "    at = at + 4\n"
-    "    if size < 2 or p[at] ~= 1 then return k, i, first, in_order end\n"
-    "    local t, v = p[at + 1]\n"
-    "    if t >= FIX then\n"
-    "      if size ~= 2 then return k, i, first, in_order end\n"
-    "      v = t - FIX\n"
-    "    elseif t == DBL then\n"
-    "      if size ~= 10 then return k, i, first, in_order end\n"
-    "      v = cast(doubles_t, p + at + 2)[0]\n"
-    "      if v ~= v then return k, i, first, in_order end\n"
-    "    elseif t == POS or t == NEG then\n"
-    "      if size < 3 then return k, i, first, in_order end\n"
-    "      local e\n"
-    "      v, e = varint(p, at + 2, at + size)\n"
-    "      if not v or e ~= at + size or (t == NEG and v == 0) then return k, i, first, in_order end\n"
-    "      if t == NEG then v = -v end\n"
-    "    else\n"
-    "      return k, i, first, in_order\n"
-    "    end\n"
+    "    local v = number(p, at, size)\n"
+    "    if v == nil then return k, i, first, in_order end\n"
     "    k = k + 1\n"
     "    results[count + k] = v\n"
     "    ids[count + k] = id\n"
@@ -109,28 +54,7 @@ static void push_helper(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    if (luaL_loadbuffer(L, helper_src, sizeof helper_src - 1, "=parallelize.runrec"))
-        lua_error(L);
-    /* The standard functions it uses, as they are now: a script that
-     * replaces them later does not reach into the drain. */
-    lua_createtable(L, 0, 3);
-    lua_getglobal(L, "pcall");
-    lua_setfield(L, -2, "pcall");
-    lua_getglobal(L, "require");
-    lua_setfield(L, -2, "require");
-    lua_getglobal(L, "jit");
-    if (lua_istable(L, -1))
-        lua_getfield(L, -1, "status");
-    else
-        lua_pushnil(L);
-    lua_setfield(L, -3, "jit_status");
-    lua_pop(L, 1);
-    lua_pushboolean(L, PZ_FFI_IN_PLACE);
-    lua_pushinteger(L, PZ_T_FIXINT);
-    lua_pushinteger(L, PZ_T_POSINT);
-    lua_pushinteger(L, PZ_T_NEGINT);
-    lua_pushinteger(L, PZ_T_DOUBLE);
-    lua_call(L, 6, 1);
+    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=parallelize.runrec", NULL);
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);

@@ -1,0 +1,103 @@
+/*
+ * jithelper.h - what the Lua helpers the JIT compiles share: lrunrec.c's,
+ * which takes a run record's one-number results in the main thread, and
+ * wruns.c's, which makes a run's one-number calls in a worker.
+ *
+ * Both read bytes through the FFI, which costs more than the C API when
+ * interpreted: so each asks jit_running() first, and C does the work
+ * when the JIT is off.  Both read a tuple of one number as pz_put_number
+ * writes it (codec_format.h), and leave to C what the FFI would read
+ * wrongly or what pz_put_number never writes: NaN (the FFI does not
+ * canonicalize one, and LuaJIT tags its other values inside NaNs), an
+ * integer from 2^28 (varints are read up to four bytes, unrolled: a loop
+ * inside the helper's loop made LuaJIT compile the inner one as the root
+ * trace, and the outer one in pieces around it), and -0 as an integer.
+ *
+ * Whichever thread owns the Lua state the helper is loaded in.
+ */
+#ifndef PZ_JITHELPER_H
+#define PZ_JITHELPER_H
+
+#include <stddef.h>
+
+#include <lua.h>
+
+/* The source every helper begins with.  Its chunk's arguments are
+ * (std, ffi_on, extra): the standard functions it may use, as they were
+ * when it was loaded (a script that replaces them later does not reach
+ * into the helper), whether the FFI may read wire fields in place, and
+ * what pz_jit_helper_load passed.  It defines:
+ *   on_ffi          assigned by the helper: called with the FFI module the
+ *                   first time the JIT runs, to make its types
+ *   jit_running()   whether the JIT runs (looked at every 64th call:
+ *                   jit.status costs about as much as 50 items) and the
+ *                   FFI was loaded
+ *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
+ *                   its value and the index after it, or nil
+ *   number(p, i, size)  the number in the tuple of `size` bytes at p[i],
+ *                   or nil (cast and doubles_t: set by on_ffi) */
+#define PZ_JIT_HELPER_PRELUDE                                                                           \
+    "local std, ffi_on, extra = ...\n"                                                                  \
+    "local pcall, require, select, type = std.pcall, std.require, std.select, std.type\n"               \
+    "local FIX, POS, NEG, DBL = std.FIX, std.POS, std.NEG, std.DBL\n"                                   \
+    "local status = std.jit_status or function() return false end\n"                                    \
+    "local on_ffi, cast, doubles_t\n"                                                                   \
+    "local ok, countdown, running, loaded = false, 0, false, false\n"                                   \
+    "local function jit_running()\n"                                                                    \
+    "  countdown = countdown - 1\n"                                                                     \
+    "  if countdown < 0 then\n"                                                                         \
+    "    countdown, running = 63, status()\n"                                                           \
+    "    if running and not loaded then\n"                                                              \
+    "      loaded = true\n"                                                                             \
+    "      local has_ffi, ffi = pcall(require, 'ffi')\n"                                                \
+    "      if ffi_on and has_ffi then\n"                                                                \
+    "        cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                \
+    "        on_ffi(ffi)\n"                                                                             \
+    "        ok = true\n"                                                                               \
+    "      end\n"                                                                                       \
+    "    end\n"                                                                                         \
+    "  end\n"                                                                                           \
+    "  return running and ok\n"                                                                         \
+    "end\n"                                                                                             \
+    "local function varint(p, i, e)\n"                                                                  \
+    "  local b0 = p[i]\n"                                                                               \
+    "  if b0 < 128 then return b0, i + 1 end\n"                                                         \
+    "  if i + 1 >= e then return nil end\n"                                                             \
+    "  local b1 = p[i + 1]\n"                                                                           \
+    "  if b1 < 128 then return b0 - 128 + b1 * 128, i + 2 end\n"                                        \
+    "  if i + 2 >= e then return nil end\n"                                                             \
+    "  local b2 = p[i + 2]\n"                                                                           \
+    "  if b2 < 128 then return b0 - 128 + (b1 - 128) * 128 + b2 * 16384, i + 3 end\n"                   \
+    "  if i + 3 >= e then return nil end\n"                                                             \
+    "  local b3 = p[i + 3]\n"                                                                           \
+    "  if b3 < 128 then return b0 - 128 + (b1 - 128) * 128 + (b2 - 128) * 16384 + b3 * 2097152, i + 4 end\n" \
+    "  return nil\n"                                                                                    \
+    "end\n"                                                                                             \
+    "local function number(p, i, size)\n"                                                               \
+    "  if size < 2 or p[i] ~= 1 then return nil end\n"                                                  \
+    "  local t = p[i + 1]\n"                                                                            \
+    "  if t >= FIX then\n"                                                                              \
+    "    if size == 2 then return t - FIX end\n"                                                        \
+    "  elseif t == DBL then\n"                                                                          \
+    "    if size == 10 then\n"                                                                          \
+    "      local v = cast(doubles_t, p + i + 2)[0]\n"                                                   \
+    "      if v == v then return v end\n"                                                               \
+    "    end\n"                                                                                         \
+    "  elseif (t == POS or t == NEG) and size >= 3 then\n"                                              \
+    "    local v, e = varint(p, i + 2, i + size)\n"                                                     \
+    "    if v and e == i + size and not (t == NEG and v == 0) then\n"                                   \
+    "      if t == NEG then return -v end\n"                                                            \
+    "      return v\n"                                                                                  \
+    "    end\n"                                                                                         \
+    "  end\n"                                                                                           \
+    "  return nil\n"                                                                                    \
+    "end\n"
+
+/* Loads the helper source src (len bytes, beginning with
+ * PZ_JIT_HELPER_PRELUDE) as chunk `name`, runs it with the standard
+ * functions as they are now, and extra (a light userdata, or nil when
+ * NULL), and leaves what it returns (the helper) on the stack.  Raises
+ * what loading raises. */
+void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra);
+
+#endif
