@@ -473,7 +473,9 @@ describe("the worker's compiled loop", function()
         assert.is_false(ok, "call " .. i)
         assert.matches("bad " .. i .. "$", v.message)
         assert.same({ n = 1, i }, v.args)
-        assert.matches("in function 'executor'", v.traceback)
+        -- the executor's frame as the C loop's call showed it, and not the
+        -- loop's own
+        assert.matches("\n\tspec/run_spec%.lua:%d+: in function <spec/run_spec%.lua:%d+>", v.traceback)
         assert.is_nil(v.traceback:find("parallelize.runs", 1, true), v.traceback)
       elseif i % 100 == 9 then
         assert.is_false(ok, "call " .. i)
@@ -485,6 +487,103 @@ describe("the worker's compiled loop", function()
     end
     assert.are.equal(0, p:stats().deaths)
   end)
+
+  it("names no place of its own in a message of error(message, 2)", function()
+    local p = Parallelize(function(x)
+      if x % 100 == 5 then error("bad argument " .. x, 2) end
+      return x
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    local ids = queue(p, 20000)
+    for i = 5, 20000, 100 do
+      local ok, e = p:result(ids[i])
+      assert.is_false(ok)
+      assert.are.equal("bad argument " .. i, e.message)
+      assert.are.equal("bad argument " .. i, e.value)
+    end
+    assert.are.equal(200, #p.errors)
+  end)
+
+  it("answers every other call rightly when memory runs out for one result", function()
+    -- core.worker_fail_answer(k): the helper's k-th one-number result from
+    -- now finds no room, as if memory had run out (src/worker.h)
+    local p = Parallelize(Deferred(function()
+      require("parallelize.core").worker_fail_answer(3000)
+      local made = {}
+      return function(x)
+        if x == "twice" then
+          local n = 0
+          for _, count in pairs(made) do
+            if count > 1 then n = n + 1 end
+          end
+          return n
+        end
+        made[x] = (made[x] or 0) + 1
+        return x * 2
+      end
+    end), { workers = 1 })
+    finally(function() p:stop() end)
+    local ids = queue(p, 20000, above_the_list)
+    local failed
+    for i = 1, 20000 do
+      local ok, v = p:result(ids[i])
+      if not ok then
+        assert.is_nil(failed, "a second call failed: " .. i .. ": " .. tostring(v.message))
+        failed = i
+        assert.are.equal("call " .. ids[i] .. ": out of memory", v.message)
+      else
+        assert.are.equal(2 * i, v, "call " .. i)
+      end
+    end
+    assert.is_not_nil(failed, "no call failed")
+    local twice = p("twice")
+    assert.is_true(p:wait(10))
+    assert.are.same({ true, 0 }, { p:result(twice) })
+    assert.are.equal(0, p:stats().deaths)
+  end)
+
+  -- The helper takes the FFI when it first makes calls, after the
+  -- executor's constructor: what that did to the FFI is what it finds.
+  local function with_ffi_changed(change)
+    return Deferred(function(how)
+      if how == "replaced" then
+        local ffi = require "ffi"
+        ffi.cast = function() error("the executor's ffi.cast") end -- luacheck: ignore
+        package.loaded.ffi = {}
+      else -- "loaded again": a second load makes the FFI's state anew
+        package.loaded.ffi = nil
+        require "ffi"
+      end
+      local by_helper = 0
+      return function(x)
+        if x == "count" then return by_helper end
+        if debug.getinfo(2, "S").source == "=parallelize.runs" then by_helper = by_helper + 1 end
+        return x + 1
+      end
+    end, change)
+  end
+
+  for _, change in ipairs({ "replaced", "loaded again" }) do
+    it("makes every call rightly when the executor's constructor " .. change .. " the FFI", function()
+      local p = Parallelize(with_ffi_changed(change), { workers = 1 })
+      finally(function() p:stop() end)
+      local ids = queue(p, 20000, above_the_list)
+      for i = 1, 20000 do
+        local ok, v = p:result(ids[i])
+        assert.is_true(ok, "call " .. i .. ": " .. tostring(type(v) == "table" and v.message or v))
+        assert.are.equal(i + 1, v)
+      end
+      local count = p("count")
+      assert.is_true(p:wait(10))
+      local _, by_helper = p:result(count)
+      if change == "replaced" then
+        assert.are.equal(0, by_helper) -- C made them all
+      else
+        assert.is_true(by_helper > 15000, "the helper made " .. by_helper .. " calls")
+      end
+      assert.are.equal(0, p:stats().deaths)
+    end)
+  end
 
   it("uses the standard functions as they were before the executor's code ran", function()
     local p = Parallelize(Deferred(function()

@@ -17,6 +17,7 @@
 #include "ljson.h"
 #include "lreadline.h"
 #include "core.h"
+#include "worker.h"
 #include "forkserver.h"
 #include "lpool.h"
 #include "sys.h"
@@ -146,5 +147,7 @@ int luaopen_parallelize_core(lua_State *L)
     lua_setfield(L, -2, "forkserver_pid");
     lua_pushcfunction(L, l_forkserver);
     lua_setfield(L, -2, "forkserver");
+    lua_pushcfunction(L, pz_worker_fail_answer);
+    lua_setfield(L, -2, "worker_fail_answer");
     return 1;
 }

@@ -8,10 +8,38 @@
 #include "codec_format.h"
 #include "le.h"
 
-void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra)
+/* Protected: returns the chunk at 1 dumped without debug information and
+ * loaded again as chunk `name` (upvalue 1). */
+static int strip_chunk(lua_State *L)
+{
+    lua_getglobal(L, "string");
+    lua_getfield(L, -1, "dump");
+    lua_pushvalue(L, 1);
+    lua_pushboolean(L, 1);
+    lua_call(L, 2, 1);
+    size_t n;
+    const char *code = lua_tolstring(L, -1, &n);
+    if (!code)
+        return luaL_error(L, "string.dump returned no string");
+    if (luaL_loadbuffer(L, code, n, lua_tostring(L, lua_upvalueindex(1))))
+        return lua_error(L);
+    return 1;
+}
+
+void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra, int strip)
 {
     if (luaL_loadbuffer(L, src, len, name))
         lua_error(L);
+    if (strip) {
+        /* What string.dump cannot do leaves the chunk as it was. */
+        lua_pushstring(L, name);
+        lua_pushcclosure(L, strip_chunk, 1);
+        lua_pushvalue(L, -2);
+        if (lua_pcall(L, 1, 1, 0) == 0)
+            lua_replace(L, -2);
+        else
+            lua_pop(L, 1);
+    }
     lua_createtable(L, 0, 9);
     static const char *const names[] = {"pcall", "require", "select", "type"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {

@@ -27,11 +27,20 @@
  * when it was loaded (a script that replaces them later does not reach
  * into the helper), whether the FFI may read wire fields in place, and
  * what pz_jit_helper_load passed.  It defines:
- *   on_ffi          assigned by the helper: called with the FFI module the
- *                   first time the JIT runs, to make its types
+ *   on_ffi          assigned by the helper: called with the FFI module
+ *                   the first time the JIT runs, to make its types
  *   jit_running()   whether the JIT runs (looked at every 64th call:
  *                   jit.status costs about as much as 50 items) and the
- *                   FFI was loaded
+ *                   FFI was loaded.  The FFI is loaded when first needed,
+ *                   not before: its types belong to the FFI's state, which
+ *                   a second load of the module (package.loaded.ffi set to
+ *                   nil, then require) makes anew, so that types made
+ *                   before it break the compiled code (a worker whose
+ *                   executor did that crashed now and then, when the
+ *                   helper took them before the executor ran).  When
+ *                   taking the FFI's functions fails (a script replaced
+ *                   them, or package.loaded.ffi), the helper is off for
+ *                   good and C does its work.
  *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
  *                   its value and the index after it, or nil
  *   number(p, i, size)  the number in the tuple of `size` bytes at p[i],
@@ -43,6 +52,10 @@
     "local status = std.jit_status or function() return false end\n"                                    \
     "local on_ffi, cast, doubles_t\n"                                                                   \
     "local ok, countdown, running, loaded = false, 0, false, false\n"                                   \
+    "local function take_ffi(ffi)\n"                                                                    \
+    "  cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                      \
+    "  on_ffi(ffi)\n"                                                                                   \
+    "end\n"                                                                                             \
     "local function jit_running()\n"                                                                    \
     "  countdown = countdown - 1\n"                                                                     \
     "  if countdown < 0 then\n"                                                                         \
@@ -50,11 +63,7 @@
     "    if running and not loaded then\n"                                                              \
     "      loaded = true\n"                                                                             \
     "      local has_ffi, ffi = pcall(require, 'ffi')\n"                                                \
-    "      if ffi_on and has_ffi then\n"                                                                \
-    "        cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                \
-    "        on_ffi(ffi)\n"                                                                             \
-    "        ok = true\n"                                                                               \
-    "      end\n"                                                                                       \
+    "      ok = ffi_on and has_ffi and pcall(take_ffi, ffi)\n"                                          \
     "    end\n"                                                                                         \
     "  end\n"                                                                                           \
     "  return running and ok\n"                                                                         \
@@ -96,8 +105,10 @@
 /* Loads the helper source src (len bytes, beginning with
  * PZ_JIT_HELPER_PRELUDE) as chunk `name`, runs it with the standard
  * functions as they are now, and extra (a light userdata, or nil when
- * NULL), and leaves what it returns (the helper) on the stack.  Raises
- * what loading raises. */
-void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra);
+ * NULL), and leaves what it returns (the helper) on the stack.  With
+ * strip, the chunk is loaded without its debug information when
+ * string.dump can strip it: its frames then name no line, and do not
+ * name the functions they call.  Raises what loading raises. */
+void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra, int strip);
 
 #endif

@@ -54,7 +54,7 @@ static void push_helper(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=parallelize.runrec", NULL);
+    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=parallelize.runrec", NULL, 0);
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);

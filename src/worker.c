@@ -101,6 +101,8 @@ static struct {
     int run_calls_ref, run_error_ref;
     int helper_ready;    /* wruns.h's helper is compiled */
     int run_helper;      /* ask it for this run's calls (run_calls) */
+    int in_helper;       /* run_calls is in the helper */
+    long fail_answer_in; /* tests: answer_number fails at this call, counting down */
     pz_buf item;         /* one result of the run, encoded */
     /* The last run answer in the output (answer_open): where it starts
      * and ends, the output's writes then, its calls. */
@@ -179,6 +181,7 @@ static void put_error_message(uint64_t id, uint64_t ns, const char *msg)
  * {message, traceback, value}. */
 static int on_error(lua_State *L)
 {
+    pz_wruns_unwhere(L, 1);
     if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
         lua_pushstring(L, lua_tostring(L, 1));
     else if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
@@ -522,6 +525,8 @@ static void name_run_call(void)
  * Called by the compiled helper through the FFI: it must not raise. */
 static int answer_number(double x)
 {
+    if (W.fail_answer_in > 0 && --W.fail_answer_in == 0)
+        return -1;
     uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
     size_t len = pz_put_number_tuple(tuple, x);
     pz_wout_lock();
@@ -618,7 +623,9 @@ static int run_calls(lua_State *L)
         if (W.run_helper && one_number_args(c)) {
             size_t from = W.run_next;
             W.in_executor = IN_EXECUTOR;
+            W.in_helper = 1;
             int made = pz_wruns_make(L, 1, W.run, W.run_next, W.run_n);
+            W.in_helper = 0;
             W.in_executor = IN_CODEC;
             /* C makes the rest of the run when the helper made too few
              * calls to pay for asking (or is off). */
@@ -735,6 +742,13 @@ static void handle_run(lua_State *L, const pz_frame *f)
         int rc = lua_pcall(L, 1, 0, 1);
         if (rc == 0)
             break;
+        /* Memory ran out in the helper: in the executor or in the
+         * helper's own work (interpreted, it allocates as it reads), which
+         * cannot be told apart; the call has the error, and C makes the
+         * rest of the run, as it did before the helper. */
+        if (rc == LUA_ERRMEM && W.in_helper)
+            W.run_helper = 0;
+        W.in_helper = 0;
         report_run_failure(L);
         lua_settop(L, 0);
     }
@@ -1163,6 +1177,12 @@ static void initialize(lua_State *L)
      * then (building the executor is no call's time): it reads the clock
      * itself (handle_call). */
     W.clock = 0;
+}
+
+int pz_worker_fail_answer(lua_State *L)
+{
+    W.fail_answer_in = (long)luaL_checkinteger(L, 1);
+    return 0;
 }
 
 /* Protected: compiles wruns.h's helper, before the executor's code runs

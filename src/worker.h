@@ -49,6 +49,12 @@ struct pz_arena;
  * sigaction fails. */
 int pz_worker_signals(void);
 
+/* core.worker_fail_answer(k), for tests: in a worker, the k-th result of
+ * one number that wruns.h's helper hands over from now reports that
+ * memory ran out, as it would had the output no room for it (outside a
+ * worker it changes nothing). */
+int pz_worker_fail_answer(lua_State *L);
+
 /* Runs in a fresh worker process: builds a fresh LuaJIT state (prepared by
  * `setup`: package.preload), reads the INIT frame from in_fd, builds the
  * executor, then serves CALL frames until STOP or end of file, answering

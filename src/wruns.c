@@ -11,10 +11,10 @@
 #include "jithelper.h"
 #include "le.h"
 
-/* The helper reads pz_run_item through the FFI as this struct. */
-_Static_assert(offsetof(pz_run_item, id) == 0 && offsetof(pz_run_item, args) == 8 &&
-                   offsetof(pz_run_item, len) == 16 && sizeof(pz_run_item) == 24,
-               "pz_run_item's layout is the helper's");
+/* The helper reads pz_run_item through the FFI as a struct of the same
+ * members, of the same types, in the same order (uint64_t, a pointer,
+ * size_t), which the FFI lays out by the platform's rules, as the C
+ * compiler does. */
 
 /* Registry key of the helper (its address is what counts). */
 static const char reg_helper = 0;
@@ -43,7 +43,10 @@ static const char helper_src[] =
     "local function settle(...)\n"
     "  if select('#', ...) == 1 then\n"
     "    local r = ...\n"
-    "    if type(r) == 'number' then return answer(r) ~= 0 and false or nil end\n"
+    "    if type(r) == 'number' then\n"
+    "      if answer(r) ~= 0 then return false end\n"
+    "      return nil\n"
+    "    end\n"
     "  end\n"
     "  return { n = select('#', ...), ... }\n"
     "end\n"
@@ -70,7 +73,7 @@ void pz_wruns_prepare(lua_State *L, int (*answer)(double))
     void *at;
     _Static_assert(sizeof at == sizeof answer, "function pointers fit a light userdata");
     memcpy(&at, &answer, sizeof at);
-    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=" PZ_WRUNS_CHUNK, at);
+    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=" PZ_WRUNS_CHUNK, at, 1);
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_insert(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
@@ -105,20 +108,37 @@ int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t n
     return got;
 }
 
+/* The helper's frame in a traceback, as luaL_traceback writes it for a
+ * chunk without debug information (pz_jit_helper_load's strip). */
+static const char helper_frame[] = "\n\t" PZ_WRUNS_CHUNK ": in function <" PZ_WRUNS_CHUNK ":0>";
+
+/* What error(message, 2) in the executor puts before its message: the
+ * position of its caller, the helper, which has no lines. */
+static const char helper_where[] = PZ_WRUNS_CHUNK ":0: ";
+
 void pz_wruns_untrace(lua_State *L)
 {
     size_t len;
     const char *tb = lua_tolstring(L, -1, &len);
-    static const char line[] = "\n\t" PZ_WRUNS_CHUNK ":";
-    const char *at = tb ? strstr(tb, line) : NULL;
+    const char *at = tb ? strstr(tb, helper_frame) : NULL;
     if (!at)
         return;
-    const char *end = strchr(at + 1, '\n');
     lua_pushlstring(L, tb, (size_t)(at - tb));
-    if (end)
-        lua_pushstring(L, end);
-    else
-        lua_pushliteral(L, "");
+    lua_pushstring(L, at + sizeof helper_frame - 1);
     lua_concat(L, 2);
     lua_replace(L, -2);
+}
+
+void pz_wruns_unwhere(lua_State *L, int index)
+{
+    size_t len;
+    if (index < 0)
+        index = lua_gettop(L) + index + 1;
+    if (lua_type(L, index) != LUA_TSTRING)
+        return;
+    const char *m = lua_tolstring(L, index, &len);
+    if (len < sizeof helper_where - 1 || memcmp(m, helper_where, sizeof helper_where - 1) != 0)
+        return;
+    lua_pushlstring(L, m + sizeof helper_where - 1, len - (sizeof helper_where - 1));
+    lua_replace(L, index);
 }

@@ -64,4 +64,10 @@ int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t n
  * the user's.  Raises only when memory runs out. */
 void pz_wruns_untrace(lua_State *L);
 
+/* Takes the helper's place ("parallelize.runs:0: ") off the front of the
+ * error message at `index`, a string: error(message, 2) in an executor
+ * names its caller's place, which the C loop, a C function, has not.
+ * Raises only when memory runs out. */
+void pz_wruns_unwhere(lua_State *L, int index);
+
 #endif
