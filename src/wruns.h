@@ -2,15 +2,24 @@
  * wruns.h - a worker's run (run.h) of calls whose argument is one number,
  * made by a Lua loop that LuaJIT's JIT compiles.
  *
- * Why: made by worker.c's C loop, a tiny call cost its worker about 36 ns
+ * Why: made by worker.c's C loop, a tiny call cost its worker about 40 ns
  * (2 M calls of x * 2): the executor pushed and called through the C API
  * (each call enters the VM anew), its argument decoded and its result
  * read through API calls.  Compiled, the loop reads each argument through
  * the FFI, calls the executor inside the trace (a small Lua executor is
  * inlined), and hands a result of one number to a C function through the
- * FFI, which appends it to the output and names the next call, for a few
- * nanoseconds a call.  Interpreted, the FFI costs more than the C API, so
- * with the JIT off the helper makes no call and the C loop makes them all.
+ * FFI, which appends it to the output and names the next call: about 25
+ * ns a call in all.  Interpreted, the FFI costs more than the C API, so
+ * with the JIT off the helper makes no call and the C loop makes them all,
+ * as it does when the FFI could not be taken (jithelper.h).
+ *
+ * The helper is loaded without debug information: its frame names no
+ * line, and the executor's frame is named as the C loop's call named it
+ * (<file:line>).  on_error takes the helper's line out of a traceback
+ * (pz_wruns_untrace) and its place off a message that error(message, 2)
+ * gave it (pz_wruns_unwhere).  Memory running out while the helper runs
+ * (in the executor or in the helper, which cannot be told apart) is the
+ * call's error, and C makes the rest of the run.
  *
  * What stays as the C loop does it: each result goes into the output as
  * soon as its call returns, under the output's lock (the flusher may
