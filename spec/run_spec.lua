@@ -585,6 +585,27 @@ describe("the worker's compiled loop", function()
     end)
   end
 
+  it("makes every call rightly when the executor loads the FFI anew between two of them", function()
+    -- The FFI's state made anew under the helper's types: it takes the FFI
+    -- again (before, the call's result turned into an error and the
+    -- worker crashed).
+    local p = Parallelize(function(x)
+      if x == 5000 or x == 12000 then
+        package.loaded.ffi = nil
+        require "ffi"
+      end
+      return x + 1
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    local ids = queue(p, 20000, above_the_list)
+    for i = 1, 20000 do
+      local ok, v = p:result(ids[i])
+      assert.is_true(ok, "call " .. i .. ": " .. tostring(type(v) == "table" and v.message or v))
+      assert.are.equal(i + 1, v)
+    end
+    assert.are.equal(0, p:stats().deaths)
+  end)
+
   it("uses the standard functions as they were before the executor's code ran", function()
     local p = Parallelize(Deferred(function()
       select, type, pcall, require = nil, nil, nil, nil -- luacheck: ignore

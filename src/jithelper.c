@@ -41,11 +41,13 @@ void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *n
             lua_pop(L, 1);
     }
     lua_createtable(L, 0, 9);
-    static const char *const names[] = {"pcall", "require", "select", "type"};
+    static const char *const names[] = {"pcall", "require", "rawget", "select", "type"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         lua_getglobal(L, names[i]);
         lua_setfield(L, -2, names[i]);
     }
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED"); /* package.loaded, whatever a script calls it */
+    lua_setfield(L, -2, "loaded");
     lua_getglobal(L, "jit");
     if (lua_istable(L, -1))
         lua_getfield(L, -1, "status");

@@ -27,45 +27,56 @@
  * when it was loaded (a script that replaces them later does not reach
  * into the helper), whether the FFI may read wire fields in place, and
  * what pz_jit_helper_load passed.  It defines:
- *   on_ffi          assigned by the helper: called with the FFI module
- *                   the first time the JIT runs, to make its types
+ *   on_ffi          assigned by the helper: called with the FFI module,
+ *                   to make its types
+ *   load_ffi()      called by the helper once on_ffi is set, as it is
+ *                   loaded: requires the FFI (when the module loads, in
+ *                   the main thread; before the executor's code, in a
+ *                   worker) and takes it
  *   jit_running()   whether the JIT runs (looked at every 64th call:
  *                   jit.status costs about as much as 50 items) and the
- *                   FFI was loaded.  The FFI is loaded when first needed,
- *                   not before: its types belong to the FFI's state, which
- *                   a second load of the module (package.loaded.ffi set to
- *                   nil, then require) makes anew, so that types made
- *                   before it break the compiled code (a worker whose
- *                   executor did that crashed now and then, when the
- *                   helper took them before the executor ran).  When
- *                   taking the FFI's functions fails (a script replaced
- *                   them, or package.loaded.ffi), the helper is off for
- *                   good and C does its work.
+ *                   FFI taken is still package.loaded.ffi
+ *   ffi_moved()     whether package.loaded.ffi is no longer the FFI
+ *                   taken.  The helper's types belong to the FFI's state,
+ *                   which a second load of the module (package.loaded.ffi
+ *                   set to nil, then require) makes anew: types made
+ *                   before it fail or crash the compiled code.  So the
+ *                   helper never loads the FFI after it was loaded (that
+ *                   would remake the state under the script's own cdata);
+ *                   jit_running() takes the FFI again when another one is
+ *                   registered, and says no while none is, or while taking
+ *                   it fails (a script replaced its functions, or the
+ *                   module).
  *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
  *                   its value and the index after it, or nil
  *   number(p, i, size)  the number in the tuple of `size` bytes at p[i],
  *                   or nil (cast and doubles_t: set by on_ffi) */
 #define PZ_JIT_HELPER_PRELUDE                                                                           \
     "local std, ffi_on, extra = ...\n"                                                                  \
-    "local pcall, require, select, type = std.pcall, std.require, std.select, std.type\n"               \
+    "local pcall, require, rawget, select, type = std.pcall, std.require, std.rawget, std.select, std.type\n" \
     "local FIX, POS, NEG, DBL = std.FIX, std.POS, std.NEG, std.DBL\n"                                   \
     "local status = std.jit_status or function() return false end\n"                                    \
-    "local on_ffi, cast, doubles_t\n"                                                                   \
-    "local ok, countdown, running, loaded = false, 0, false, false\n"                                   \
+    "local LOADED = std.loaded\n"                                                                      \
+    "local on_ffi, cast, doubles_t, taken\n"                                                           \
+    "local ok, countdown, running = false, 0, false\n"                                                 \
     "local function take_ffi(ffi)\n"                                                                    \
     "  cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                      \
     "  on_ffi(ffi)\n"                                                                                   \
     "end\n"                                                                                             \
+    "local function retake()\n"                                                                         \
+    "  taken = rawget(LOADED, 'ffi')\n"                                                                 \
+    "  ok = ffi_on and taken ~= nil and pcall(take_ffi, taken)\n"                                       \
+    "end\n"                                                                                             \
+    "local function load_ffi()\n"                                                                       \
+    "  if pcall(require, 'ffi') then retake() end\n"                                                    \
+    "end\n"                                                                                             \
+    "local function ffi_moved()\n"                                                                      \
+    "  return rawget(LOADED, 'ffi') ~= taken\n"                                                         \
+    "end\n"                                                                                             \
     "local function jit_running()\n"                                                                    \
+    "  if ffi_moved() then retake() end\n"                                                              \
     "  countdown = countdown - 1\n"                                                                     \
-    "  if countdown < 0 then\n"                                                                         \
-    "    countdown, running = 63, status()\n"                                                           \
-    "    if running and not loaded then\n"                                                              \
-    "      loaded = true\n"                                                                             \
-    "      local has_ffi, ffi = pcall(require, 'ffi')\n"                                                \
-    "      ok = ffi_on and has_ffi and pcall(take_ffi, ffi)\n"                                          \
-    "    end\n"                                                                                         \
-    "  end\n"                                                                                           \
+    "  if countdown < 0 then countdown, running = 63, status() end\n"                                   \
     "  return running and ok\n"                                                                         \
     "end\n"                                                                                             \
     "local function varint(p, i, e)\n"                                                                  \

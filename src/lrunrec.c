@@ -26,6 +26,7 @@ static const char helper_src[] =
     PZ_JIT_HELPER_PRELUDE
     "local bytes_t\n"
     "on_ffi = function(ffi) bytes_t = ffi.typeof('const uint8_t *') end\n"
+    "load_ffi()\n"
     "return function(addr, len, n, results, ids, count)\n"
     "  if not jit_running() then return -1, 0, 0, false end\n"
     "  local p = cast(bytes_t, addr)\n"

@@ -181,13 +181,15 @@ static void put_error_message(uint64_t id, uint64_t ns, const char *msg)
  * {message, traceback, value}. */
 static int on_error(lua_State *L)
 {
-    pz_wruns_unwhere(L, 1);
+    if (W.in_helper)
+        pz_wruns_unwhere(L, 1);
     if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
         lua_pushstring(L, lua_tostring(L, 1));
     else if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
         lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     luaL_traceback(L, L, NULL, 1);
-    pz_wruns_untrace(L);
+    if (W.in_helper)
+        pz_wruns_untrace(L);
     lua_createtable(L, 3, 0);
     lua_insert(L, -3);
     lua_rawseti(L, -3, 2);

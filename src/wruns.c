@@ -39,17 +39,20 @@ static const char helper_src[] =
     "  answer = ffi.cast('int (*)(double)', extra)\n"
     "end\n"
     /* nil once a result of one number is answered, false when answer ran
-     * out of memory, the values otherwise. */
+     * out of memory, the values otherwise: also when the executor loaded
+     * the FFI anew, whose state the helper's types no longer name (the
+     * next make takes it again). */
     "local function settle(...)\n"
     "  if select('#', ...) == 1 then\n"
     "    local r = ...\n"
-    "    if type(r) == 'number' then\n"
+    "    if type(r) == 'number' and not ffi_moved() then\n"
     "      if answer(r) ~= 0 then return false end\n"
     "      return nil\n"
     "    end\n"
     "  end\n"
     "  return { n = select('#', ...), ... }\n"
     "end\n"
+    "load_ffi()\n"
     "return function(executor, addr, next, n)\n"
     "  if not jit_running() then return -1 end\n"
     "  local items = cast(items_t, addr)\n"
