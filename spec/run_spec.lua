@@ -544,26 +544,32 @@ describe("the worker's compiled loop", function()
 
   -- The helper takes the FFI when it first makes calls, after the
   -- executor's constructor: what that did to the FFI is what it finds.
+  -- The executor keeps a cdata of its own, which must go on working.
   local function with_ffi_changed(change)
     return Deferred(function(how)
+      local ffi = require "ffi"
+      local own = ffi.new("double[1]")
       if how == "replaced" then
-        local ffi = require "ffi"
         ffi.cast = function() error("the executor's ffi.cast") end -- luacheck: ignore
         package.loaded.ffi = {}
+      elseif how == "cleared" then -- as a module reloader would: loading it again would remake its state
+        package.loaded.ffi = nil
       else -- "loaded again": a second load makes the FFI's state anew
         package.loaded.ffi = nil
-        require "ffi"
+        ffi = require "ffi"
+        own = ffi.new("double[1]")
       end
       local by_helper = 0
       return function(x)
         if x == "count" then return by_helper end
         if debug.getinfo(2, "S").source == "=parallelize.runs" then by_helper = by_helper + 1 end
-        return x + 1
+        own[0] = x
+        return own[0] + 1
       end
     end, change)
   end
 
-  for _, change in ipairs({ "replaced", "loaded again" }) do
+  for _, change in ipairs({ "replaced", "cleared", "loaded again" }) do
     it("makes every call rightly when the executor's constructor " .. change .. " the FFI", function()
       local p = Parallelize(with_ffi_changed(change), { workers = 1 })
       finally(function() p:stop() end)
@@ -576,7 +582,7 @@ describe("the worker's compiled loop", function()
       local count = p("count")
       assert.is_true(p:wait(10))
       local _, by_helper = p:result(count)
-      if change == "replaced" then
+      if change ~= "loaded again" then
         assert.are.equal(0, by_helper) -- C made them all
       else
         assert.is_true(by_helper > 15000, "the helper made " .. by_helper .. " calls")

@@ -29,21 +29,25 @@
  * what pz_jit_helper_load passed.  It defines:
  *   on_ffi          assigned by the helper: called with the FFI module,
  *                   to make its types
- *   load_ffi()      called by the helper once on_ffi is set, as it is
- *                   loaded: requires the FFI (when the module loads, in
- *                   the main thread; before the executor's code, in a
- *                   worker) and takes it
  *   jit_running()   whether the JIT runs (looked at every 64th call:
  *                   jit.status costs about as much as 50 items) and the
- *                   FFI taken is still package.loaded.ffi
+ *                   FFI taken is still package.loaded.ffi; the first
+ *                   time, it loads the FFI if nothing has: a worker that
+ *                   makes no run pays neither for wruns.c's helper nor
+ *                   for the FFI (20 KiB, and 13 ms in the start of 250
+ *                   workers, when every worker loaded it)
  *   ffi_moved()     whether package.loaded.ffi is no longer the FFI
  *                   taken.  The helper's types belong to the FFI's state,
  *                   which a second load of the module (package.loaded.ffi
  *                   set to nil, then require) makes anew: types made
  *                   before it fail or crash the compiled code.  So the
- *                   helper never loads the FFI after it was loaded (that
- *                   would remake the state under the script's own cdata);
- *                   jit_running() takes the FFI again when another one is
+ *                   helper loads the FFI only when nothing is registered
+ *                   the first time it looks, and nothing required it
+ *                   before (std.ffi_required, which pz_jit_helper_watch
+ *                   sets: an executor that loaded the FFI and cleared
+ *                   package.loaded.ffi, as a module reloader would, kept
+ *                   its cdata only if the helper did not load it again),
+ *                   takes it again when another one is
  *                   registered, and says no while none is, or while taking
  *                   it fails (a script replaced its functions, or the
  *                   module).
@@ -67,13 +71,19 @@
     "  taken = rawget(LOADED, 'ffi')\n"                                                                 \
     "  ok = ffi_on and taken ~= nil and pcall(take_ffi, taken)\n"                                       \
     "end\n"                                                                                             \
+    "local tried = false\n"                                                                             \
     "local function load_ffi()\n"                                                                       \
+    "  tried = true\n"                                                                                  \
     "  if pcall(require, 'ffi') then retake() end\n"                                                    \
     "end\n"                                                                                             \
     "local function ffi_moved()\n"                                                                      \
     "  return rawget(LOADED, 'ffi') ~= taken\n"                                                         \
     "end\n"                                                                                             \
     "local function jit_running()\n"                                                                    \
+    "  if not tried then\n"                                                                              \
+    "    tried = true\n"                                                                                \
+    "    if rawget(LOADED, 'ffi') == nil and not std.ffi_required then load_ffi() end\n"                \
+    "  end\n"                                                                                           \
     "  if ffi_moved() then retake() end\n"                                                              \
     "  countdown = countdown - 1\n"                                                                     \
     "  if countdown < 0 then countdown, running = 63, status() end\n"                                   \
@@ -113,13 +123,27 @@
     "  return nil\n"                                                                                    \
     "end\n"
 
+/* Pushes a table of the standard functions the helpers use (and
+ * package.loaded, the codec's tags of numbers), as they are now: a script
+ * that replaces them later does not reach into a helper loaded with it. */
+void pz_jit_helper_std(lua_State *L);
+
+/* Makes the table of standard functions at stack index std note, as
+ * std.ffi_required, that something required the FFI: package.preload's
+ * loader of the FFI is wrapped (it returns what the loader returns).  Done
+ * before the executor's code runs in a worker whose helper is loaded
+ * later. */
+void pz_jit_helper_watch(lua_State *L, int std);
+
 /* Loads the helper source src (len bytes, beginning with
- * PZ_JIT_HELPER_PRELUDE) as chunk `name`, runs it with the standard
- * functions as they are now, and extra (a light userdata, or nil when
- * NULL), and leaves what it returns (the helper) on the stack.  With
- * strip, the chunk is loaded without its debug information when
+ * PZ_JIT_HELPER_PRELUDE) as chunk `name`, runs it with the table of
+ * standard functions at stack index std (pz_jit_helper_std), whether the
+ * FFI may read in place, and extra (a light userdata, or nil when NULL),
+ * and leaves what it returns (the helper) on the stack.  With strip, the
+ * chunk is loaded without its debug information when the table's
  * string.dump can strip it: its frames then name no line, and do not
  * name the functions they call.  Raises what loading raises. */
-void pz_jit_helper_load(lua_State *L, const char *src, size_t len, const char *name, void *extra, int strip);
+void pz_jit_helper_load(lua_State *L, int std, const char *src, size_t len, const char *name, void *extra,
+                        int strip);
 
 #endif

@@ -26,7 +26,6 @@ static const char helper_src[] =
     PZ_JIT_HELPER_PRELUDE
     "local bytes_t\n"
     "on_ffi = function(ffi) bytes_t = ffi.typeof('const uint8_t *') end\n"
-    "load_ffi()\n"
     "return function(addr, len, n, results, ids, count)\n"
     "  if not jit_running() then return -1, 0, 0, false end\n"
     "  local p = cast(bytes_t, addr)\n"
@@ -55,7 +54,10 @@ static void push_helper(lua_State *L)
     if (!lua_isnil(L, -1))
         return;
     lua_pop(L, 1);
-    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=parallelize.runrec", NULL, 0);
+    pz_jit_helper_std(L);
+    pz_jit_helper_watch(L, -1);
+    pz_jit_helper_load(L, -1, helper_src, sizeof helper_src - 1, "=parallelize.runrec", NULL, 0);
+    lua_remove(L, -2);
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);

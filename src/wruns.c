@@ -52,7 +52,6 @@ static const char helper_src[] =
     "  end\n"
     "  return { n = select('#', ...), ... }\n"
     "end\n"
-    "load_ffi()\n"
     "return function(executor, addr, next, n)\n"
     "  if not jit_running() then return -1 end\n"
     "  local items = cast(items_t, addr)\n"
@@ -69,17 +68,38 @@ static const char helper_src[] =
     "  return 0\n"
     "end\n";
 
+/* Registry key of the standard functions the helper will use, taken
+ * before the executor's code ran (pz_wruns_prepare). */
+static const char reg_std = 0;
+
+/* What the helper hands results to. */
+static int (*answer_fn)(double);
+
 void pz_wruns_prepare(lua_State *L, int (*answer)(double))
+{
+    answer_fn = answer;
+    lua_pushlightuserdata(L, (void *)&reg_std);
+    pz_jit_helper_std(L);
+    pz_jit_helper_watch(L, -1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Protected: loads the helper with the standard functions taken before
+ * the executor's code ran, and keeps it in the registry. */
+static int load_helper(lua_State *L)
 {
     /* A function pointer cannot travel as a data pointer in ISO C; its
      * bytes can, and the FFI casts the light userdata back. */
     void *at;
-    _Static_assert(sizeof at == sizeof answer, "function pointers fit a light userdata");
-    memcpy(&at, &answer, sizeof at);
-    pz_jit_helper_load(L, helper_src, sizeof helper_src - 1, "=" PZ_WRUNS_CHUNK, at, 1);
+    _Static_assert(sizeof at == sizeof answer_fn, "function pointers fit a light userdata");
+    memcpy(&at, &answer_fn, sizeof at);
     lua_pushlightuserdata(L, (void *)&reg_helper);
-    lua_insert(L, -2);
+    lua_pushlightuserdata(L, (void *)&reg_std);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    pz_jit_helper_load(L, -1, helper_src, sizeof helper_src - 1, "=" PZ_WRUNS_CHUNK, at, 1);
+    lua_remove(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
+    return 0;
 }
 
 int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t next, size_t n)
@@ -88,6 +108,19 @@ int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t n
         return PZ_WRUNS_OFF;
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_isnil(L, -1)) {
+        /* The first run: the helper is loaded now (a worker that makes
+         * no run pays for neither it nor the FFI).  Should that fail
+         * (memory), C makes the calls, and the next run tries again. */
+        lua_pop(L, 1);
+        lua_pushcfunction(L, load_helper);
+        if (lua_pcall(L, 0, 0, 0) != 0) {
+            lua_pop(L, 1);
+            return PZ_WRUNS_OFF;
+        }
+        lua_pushlightuserdata(L, (void *)&reg_helper);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+    }
     lua_pushvalue(L, executor);
     lua_pushnumber(L, (lua_Number)(uintptr_t)items);
     lua_pushnumber(L, (lua_Number)next);
