@@ -542,6 +542,15 @@ describe("the worker's compiled loop", function()
     assert.are.equal(0, p:stats().deaths)
   end)
 
+  --- Checks that call k of ids (queued with k) returned k + 1.
+  local function assert_each_plus_one(p, ids)
+    for i = 1, #ids do
+      local ok, v = p:result(ids[i])
+      assert.is_true(ok, "call " .. i .. ": " .. tostring(type(v) == "table" and v.message or v))
+      assert.are.equal(i + 1, v)
+    end
+  end
+
   -- The helper takes the FFI when it first makes calls, after the
   -- executor's constructor: what that did to the FFI is what it finds.
   -- The executor keeps a cdata of its own, which must go on working.
@@ -573,12 +582,7 @@ describe("the worker's compiled loop", function()
     it("makes every call rightly when the executor's constructor " .. change .. " the FFI", function()
       local p = Parallelize(with_ffi_changed(change), { workers = 1 })
       finally(function() p:stop() end)
-      local ids = queue(p, 20000, above_the_list)
-      for i = 1, 20000 do
-        local ok, v = p:result(ids[i])
-        assert.is_true(ok, "call " .. i .. ": " .. tostring(type(v) == "table" and v.message or v))
-        assert.are.equal(i + 1, v)
-      end
+      assert_each_plus_one(p, queue(p, 20000, above_the_list))
       local count = p("count")
       assert.is_true(p:wait(10))
       local _, by_helper = p:result(count)
@@ -603,12 +607,7 @@ describe("the worker's compiled loop", function()
       return x + 1
     end, { workers = 1 })
     finally(function() p:stop() end)
-    local ids = queue(p, 20000, above_the_list)
-    for i = 1, 20000 do
-      local ok, v = p:result(ids[i])
-      assert.is_true(ok, "call " .. i .. ": " .. tostring(type(v) == "table" and v.message or v))
-      assert.are.equal(i + 1, v)
-    end
+    assert_each_plus_one(p, queue(p, 20000, above_the_list))
     assert.are.equal(0, p:stats().deaths)
   end)
 
