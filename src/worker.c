@@ -99,7 +99,7 @@ static struct {
     pz_run_item *run;
     size_t run_cap, run_n, run_next;
     int run_calls_ref, run_error_ref;
-    int helper_ready;    /* wruns.h's helper is compiled */
+    int helper_ready;    /* wruns.h's helper may be asked (pz_wruns_prepare ran) */
     int run_helper;      /* ask it for this run's calls (run_calls) */
     int in_helper;       /* run_calls is in the helper */
     long fail_answer_in; /* tests: answer_number fails at this call, counting down */
@@ -1187,8 +1187,9 @@ int pz_worker_fail_answer(lua_State *L)
     return 0;
 }
 
-/* Protected: compiles wruns.h's helper, before the executor's code runs
- * (it takes the standard functions as they are then). */
+/* Protected: takes the standard functions wruns.h's helper will use,
+ * before the executor's code runs (the helper is compiled at the first
+ * run). */
 static int prepare_runs(lua_State *L)
 {
     pz_wruns_prepare(L, answer_number);

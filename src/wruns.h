@@ -55,9 +55,11 @@ enum {
     PZ_WRUNS_NO_MEMORY = 2 /* answer ran out of memory for the current call's result */
 };
 
-/* Compiles the helper in this state; answer(x) is what it hands a result
- * of one number to (returning 0, or nonzero when memory ran out; it must
- * not raise).  Worker start-up. */
+/* Worker start-up, before the executor's code runs: takes the standard
+ * functions the helper will use (jithelper.h; the helper itself is
+ * compiled at the first pz_wruns_make); answer(x) is what it hands a
+ * result of one number to (returning 0, or nonzero when memory ran out;
+ * it must not raise).  Raises when memory runs out. */
 void pz_wruns_prepare(lua_State *L, int (*answer)(double));
 
 /* Makes the run's calls items[next - 1 .. n - 1] (1-based next) with the
