@@ -63,4 +63,54 @@ describe("a call that fails in its worker", function()
     assert.are.equal("not enough memory", p.errors[1].message)
     assert.are.equal(0, deaths)
   end)
+  it("makes runs' calls in C once memory ran out in the compiled loop #nosan", function()
+    -- Runs of one-number calls are made by a compiled loop (src/wruns.h).
+    -- Once the address space is full (RLIMIT_AS, as above), the loop's own
+    -- reads may need memory; the call during which that happened gets the
+    -- error and C makes every later call, as it did before the loop: when
+    -- it was only off for the rest of a run, the first call of each later
+    -- run failed for memory (80 of 60,000 here).
+    local p = parallelize.Parallelize(function(what)
+      if what == "fill" then
+        local ffi = require "ffi"
+        pcall(ffi.cdef, [[
+          struct pz_spec_rlimit { unsigned long cur, max; };
+          int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
+        ]])
+        local vmsize
+        for line in io.lines("/proc/self/status") do
+          vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)"))
+        end
+        local keep = {}
+        for i = 1, 200000 do keep[i] = false end
+        assert(ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", vmsize * 1024 + 48 * 1048576, -1ULL)) == 0)
+        local n = 0
+        pcall(function() while true do n = n + 1; keep[n] = { n, n, n, n } end end)
+        for i = 1, n, 4 do keep[i] = false end -- some room, in small blocks
+        collectgarbage()
+        _G.pz_spec_kept = keep
+        return n
+      end
+      return what * 2
+    end, { workers = 1, max_deaths = 3 })
+    finally(function() p:stop() end)
+    for k = 1, 1000 do p(k) end
+    assert.is_true(p:wait(60))
+    p("fill")
+    assert.is_true(p:wait(60))
+    local ids = {}
+    for i = 1, 60000 do ids[i] = p(i) end
+    assert.is_true(p:wait(120))
+    local failed = 0
+    for i = 1, 60000 do
+      local ok, v = p:result(ids[i])
+      if ok then
+        assert.are.equal(2 * i, v)
+      else
+        failed = failed + 1
+        assert.are.equal("not enough memory", v.message)
+      end
+    end
+    assert.is_true(failed <= 1, failed .. " calls failed for memory")
+  end)
 end)

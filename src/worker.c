@@ -746,10 +746,12 @@ static void handle_run(lua_State *L, const pz_frame *f)
             break;
         /* Memory ran out in the helper: in the executor or in the
          * helper's own work (interpreted, it allocates as it reads), which
-         * cannot be told apart; the call has the error, and C makes the
-         * rest of the run, as it did before the helper. */
+         * cannot be told apart; the call has the error, and C makes every
+         * call from then on, as it did before the helper (turned off for
+         * the run only, it made the first call of each later run fail
+         * while memory stayed short). */
         if (rc == LUA_ERRMEM && W.in_helper)
-            W.run_helper = 0;
+            W.run_helper = W.helper_ready = 0;
         W.in_helper = 0;
         report_run_failure(L);
         lua_settop(L, 0);

@@ -75,12 +75,24 @@ static const char reg_std = 0;
 /* What the helper hands results to. */
 static int (*answer_fn)(double);
 
+/* Registry key of load_helper, made at start-up: pushing a C function
+ * allocates, and the first run may come with no memory left. */
+static const char reg_loader = 0;
+
+/* Loading the helper failed (memory): C makes every call from then on. */
+static int load_failed;
+
+static int load_helper(lua_State *L);
+
 void pz_wruns_prepare(lua_State *L, int (*answer)(double))
 {
     answer_fn = answer;
     lua_pushlightuserdata(L, (void *)&reg_std);
     pz_jit_helper_std(L);
     pz_jit_helper_watch(L, -1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushlightuserdata(L, (void *)&reg_loader);
+    lua_pushcfunction(L, load_helper);
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
@@ -104,18 +116,21 @@ static int load_helper(lua_State *L)
 
 int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t next, size_t n)
 {
-    if (!PZ_FFI_IN_PLACE || (uint64_t)(uintptr_t)(items + n) >= (UINT64_C(1) << 53))
+    if (!PZ_FFI_IN_PLACE || load_failed || (uint64_t)(uintptr_t)(items + n) >= (UINT64_C(1) << 53))
         return PZ_WRUNS_OFF;
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_rawget(L, LUA_REGISTRYINDEX);
     if (lua_isnil(L, -1)) {
         /* The first run: the helper is loaded now (a worker that makes
          * no run pays for neither it nor the FFI).  Should that fail
-         * (memory), C makes the calls, and the next run tries again. */
+         * (memory), C makes the calls from then on: trying again at
+         * each run made the first call of each fail for memory. */
         lua_pop(L, 1);
-        lua_pushcfunction(L, load_helper);
+        lua_pushlightuserdata(L, (void *)&reg_loader);
+        lua_rawget(L, LUA_REGISTRYINDEX);
         if (lua_pcall(L, 0, 0, 0) != 0) {
             lua_pop(L, 1);
+            load_failed = 1;
             return PZ_WRUNS_OFF;
         }
         lua_pushlightuserdata(L, (void *)&reg_helper);

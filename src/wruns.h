@@ -19,7 +19,7 @@
  * (pz_wruns_untrace) and its place off a message that error(message, 2)
  * gave it (pz_wruns_unwhere).  Memory running out while the helper runs
  * (in the executor or in the helper, which cannot be told apart) is the
- * call's error, and C makes the rest of the run.
+ * call's error, and C makes every call after it.
  *
  * What stays as the C loop does it: each result goes into the output as
  * soon as its call returns, under the output's lock (the flusher may
