@@ -102,6 +102,7 @@ static struct {
     int helper_ready;    /* wruns.h's helper may be asked (pz_wruns_prepare ran) */
     int run_helper;      /* ask it for this run's calls (run_calls) */
     int in_helper;       /* run_calls is in the helper */
+    uint64_t c_run_calls; /* run calls made by the C loop (HELPER_AFTER) */
     long fail_answer_in; /* tests: answer_number fails at this call, counting down */
     pz_buf item;         /* one result of the run, encoded */
     /* The last run answer in the output (answer_open): where it starts
@@ -602,6 +603,12 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
  * it could take to go to it again: asking costs about one call's time. */
 #define RUN_HELPER_STRETCH 8
 
+/* Run calls the C loop makes before the helper is asked: loading it and
+ * the FFI costs a worker about 60 us, the time of some 2,000 tiny calls,
+ * and 256 workers sharing 200,000 calls (780 each) lost a third of
+ * their throughput to it when each loaded it at its first run. */
+#define HELPER_AFTER 4096
+
 /* Whether call c's argument tuple is one number (what wruns.h's helper
  * takes, but for the values it leaves to C). */
 static int one_number_args(const pz_run_item *c)
@@ -622,7 +629,7 @@ static int run_calls(lua_State *L)
     name_run_call();
     while (W.run_next <= W.run_n) {
         const pz_run_item *c = &W.run[W.run_next - 1];
-        if (W.run_helper && one_number_args(c)) {
+        if (W.run_helper && W.c_run_calls >= HELPER_AFTER && one_number_args(c)) {
             size_t from = W.run_next;
             W.in_executor = IN_EXECUTOR;
             W.in_helper = 1;
@@ -655,6 +662,7 @@ static int run_calls(lua_State *L)
         put_run_result(L, c->id, base, lua_gettop(L) - base);
         lua_settop(L, base);
         W.run_next++;
+        W.c_run_calls++;
         name_run_call();
     }
     return 0;
