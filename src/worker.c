@@ -1198,8 +1198,8 @@ int pz_worker_fail_answer(lua_State *L)
 }
 
 /* Protected: takes the standard functions wruns.h's helper will use,
- * before the executor's code runs (the helper is compiled at the first
- * run). */
+ * before the executor's code runs (the helper is compiled when first
+ * asked: run_calls, HELPER_AFTER). */
 static int prepare_runs(lua_State *L)
 {
     pz_wruns_prepare(L, answer_number);

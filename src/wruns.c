@@ -76,7 +76,7 @@ static const char reg_std = 0;
 static int (*answer_fn)(double);
 
 /* Registry key of load_helper, made at start-up: pushing a C function
- * allocates, and the first run may come with no memory left. */
+ * allocates, and the first time may come with no memory left. */
 static const char reg_loader = 0;
 
 /* Loading the helper failed (memory): C makes every call from then on. */
@@ -121,8 +121,9 @@ int pz_wruns_make(lua_State *L, int executor, const pz_run_item *items, size_t n
     lua_pushlightuserdata(L, (void *)&reg_helper);
     lua_rawget(L, LUA_REGISTRYINDEX);
     if (lua_isnil(L, -1)) {
-        /* The first run: the helper is loaded now (a worker that makes
-         * no run pays for neither it nor the FFI).  Should that fail
+        /* The first time it is asked (worker.c asks after HELPER_AFTER
+         * calls in runs): the helper is loaded now (a worker that makes
+         * few calls pays for neither it nor the FFI).  Should that fail
          * (memory), C makes the calls from then on: trying again at
          * each run made the first call of each fail for memory. */
         lua_pop(L, 1);
