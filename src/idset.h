@@ -57,6 +57,41 @@ static inline int pz_idset_grow(pz_idset *s, uint64_t id)
     return 0;
 }
 
+/* The bits of ids [a, b), all inside the ring, set a word at a time. */
+static inline void pz_idset_set_range(pz_idset *s, uint64_t a, uint64_t b)
+{
+    while (a < b) {
+        unsigned off = (unsigned)(a & 63);
+        uint64_t n = b - a < 64 - off ? b - a : 64 - off;
+        uint64_t mask = n == 64 ? ~0ull : ((1ull << n) - 1) << off;
+        s->bits[(a >> 6) & (s->cap - 1)] |= mask;
+        a += n;
+    }
+}
+
+/* Moves low past the ids from low on that have finished, clearing their
+ * bits for the ids the ring will cover next: a word at a time, so that a
+ * run record that arrived ahead of the one before it (two workers' runs
+ * interleave) is taken in a few steps, not bit by bit. */
+static inline void pz_idset_advance(pz_idset *s)
+{
+    while (s->cap) {
+        uint64_t *w = &s->bits[(s->low >> 6) & (s->cap - 1)];
+        unsigned off = (unsigned)(s->low & 63);
+        uint64_t rest = *w >> off; /* bit 0: low's */
+        if (!(rest & 1))
+            return;
+        /* The finished ids in a row from low, in this word. */
+        unsigned n = ~rest ? (unsigned)__builtin_ctzll(~rest) : 64;
+        if (n > 64 - off)
+            n = 64 - off;
+        *w &= ~(n == 64 ? ~0ull : ((1ull << n) - 1) << off);
+        s->low += n;
+        if (off + n < 64)
+            return;
+    }
+}
+
 /* Records that call id has finished.  Returns 0, or -1 when out of memory
  * (the set is unchanged). */
 static inline int pz_idset_add(pz_idset *s, uint64_t id)
@@ -74,12 +109,7 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
             return -1;
         s->bits[(id >> 6) & (s->cap - 1)] |= 1ull << (id & 63);
     }
-    /* The ids from low on that have finished go below low, their bits
-     * cleared for the ids the ring will cover next. */
-    while (pz_idset_bit(s, s->low)) {
-        s->bits[(s->low >> 6) & (s->cap - 1)] &= ~(1ull << (s->low & 63));
-        s->low++;
-    }
+    pz_idset_advance(s);
     return 0;
 }
 
@@ -92,12 +122,18 @@ static inline int pz_idset_add_run(pz_idset *s, uint64_t first, uint64_t k)
         /* Their bits are 0 (none had finished): as pz_idset_add's usual
          * case, k at once. */
         s->low += k;
-        while (s->cap && pz_idset_bit(s, s->low)) {
-            s->bits[(s->low >> 6) & (s->cap - 1)] &= ~(1ull << (s->low & 63));
-            s->low++;
-        }
+        pz_idset_advance(s);
         return 0;
     }
+    if (k == 0 || first + k <= s->low)
+        return 0;
+    uint64_t from = first > s->low ? first : s->low, last = first + k - 1;
+    if (last - s->low < 64 * (uint64_t)s->cap || pz_idset_grow(s, last) == 0) {
+        pz_idset_set_range(s, from, last + 1);
+        pz_idset_advance(s);
+        return 0;
+    }
+    /* Out of memory for the whole run: as many of its ids as fit. */
     for (uint64_t j = 0; j < k; j++)
         if (pz_idset_add(s, first + j) != 0)
             return -1;

@@ -382,6 +382,47 @@ static int l_pool_finished(lua_State *L)
     return 1;
 }
 
+/* core.idset_trial(ops, upto) -> low, finished: for the tests, a fresh
+ * set (idset.h) given ops, a flat list of pairs (id, 0): pz_idset_add(id),
+ * or (first, k): pz_idset_add_run(first, k); returns its low and a list
+ * of pz_idset_has for ids 1 .. upto. */
+static int l_idset_trial(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    int upto = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, upto >= 0, 2, "a count");
+    /* Everything that may raise comes before the set or after it is freed. */
+    unsigned char *has = lua_newuserdata(L, (size_t)upto + 1);
+    int n = (int)lua_objlen(L, 1);
+    pz_idset s = {.low = 1, .bits = NULL, .cap = 0};
+    int failed = 0;
+    for (int i = 1; i + 1 <= n && !failed; i += 2) {
+        lua_rawgeti(L, 1, i);
+        lua_rawgeti(L, 1, i + 1);
+        double a = lua_tonumber(L, -2), k = lua_tonumber(L, -1);
+        lua_pop(L, 2);
+        if (!(a >= 1 && a < 0x1p53 && k >= 0 && k < 0x1p53)) {
+            failed = 2;
+            break;
+        }
+        failed = (k == 0 ? pz_idset_add(&s, (uint64_t)a) : pz_idset_add_run(&s, (uint64_t)a, (uint64_t)k)) != 0;
+    }
+    for (int id = 1; id <= upto; id++)
+        has[id] = (unsigned char)pz_idset_has(&s, (uint64_t)id);
+    uint64_t low = s.low;
+    pz_idset_free(&s);
+    if (failed)
+        return luaL_error(L, failed == 2 ? "idset_trial: ids and counts are integers from 1 and 0 below 2^53"
+                                         : "idset_trial: out of memory");
+    lua_pushnumber(L, (lua_Number)low);
+    lua_createtable(L, upto, 0);
+    for (int id = 1; id <= upto; id++) {
+        lua_pushboolean(L, has[id]);
+        lua_rawseti(L, -2, id);
+    }
+    return 2;
+}
+
 /* core.pool_cancel(pool, id) -> boolean: asks the I/O thread to cancel
  * call id (io.h), unless it has finished; returns whether it had not. */
 static int l_pool_cancel(lua_State *L)
@@ -754,7 +795,7 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         {"pool_release", l_pool_release}, {"pool_size", l_pool_size},
         {"pool_cancel", l_pool_cancel},   {"pool_stats", l_pool_stats},
         {"pool_env", l_pool_env},         {"pool_stopped", l_pool_stopped},
-        {"pool_call", pz_lpool_call},
+        {"pool_call", pz_lpool_call},     {"idset_trial", l_idset_trial},
         {NULL, NULL}};
     worker_setup = setup;
     pz_lsubmit_prepare(L);
