@@ -152,7 +152,8 @@ describe("init_timeout", function()
   it("bounds the start of a replacement too (max_calls): the pool says no worker is left instead of "
       .. "waiting for ever", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    local defer = support.defer(finally) -- stops the pool, then removes dir
+    defer(function() support.rmdir(dir) end)
     -- the constructor hangs from its second run on: the replacement's
     local marker = dir .. "/started"
     local p = Parallelize({ Deferred(function(path)
@@ -165,7 +166,7 @@ describe("init_timeout", function()
       f:close()
       return function(x) return x * 2 end
     end, marker) }, { init_timeout = 1, init_attempts = 1, max_calls = 2 })
-    finally(function() p:stop(0) end)
+    defer(function() p:stop(0) end)
     for i = 1, 4 do p(i) end
     local ok, err = pcall(p.wait, p, 30)
     assert.is_false(ok)
@@ -194,7 +195,8 @@ describe("init_timeout", function()
   it("does not take as ready a worker that initializes after the deadline, while its launcher "
       .. "outlives SIGTERM", function()
     local launched = support.tmpdir()
-    finally(function() support.rmdir(launched) end)
+    local defer = support.defer(finally) -- stops the pool, then removes launched
+    defer(function() support.rmdir(launched) end)
     local p = Parallelize({ function(x) return x end }, {
       init_timeout = 0.3, init_attempts = 2, kill_grace = 3,
       launcher = function()
@@ -202,7 +204,7 @@ describe("init_timeout", function()
           .. support.quote(support.pzlua()) .. " --worker" }
       end,
     })
-    finally(function() p:stop(0) end)
+    defer(function() p:stop(0) end)
     for i = 1, 3 do p(i) end
     local t0 = core.now()
     local ok, err = pcall(p.wait, p, 30)
@@ -253,14 +255,15 @@ describe("init_timeout", function()
   -- anew: a stop near the end of the grace waited nearly a second one.
   it("keeps the SIGKILL of a launcher it has sent SIGTERM when stop comes during the grace", function()
     local launched = support.tmpdir()
-    finally(function() support.rmdir(launched) end)
+    local defer = support.defer(finally) -- stops the pool, then removes launched
+    defer(function() support.rmdir(launched) end)
     local p = Parallelize({ function(x) return x end }, {
       init_timeout = 0.2, kill_grace = 4,
       launcher = function()
         return { "sh", "-c", "echo $$ > " .. launched .. "/pid; trap '' TERM; while :; do sleep 0.1; done" }
       end,
     })
-    finally(function() p:stop(0) end)
+    defer(function() p:stop(0) end)
     p(1)
     core.sleep(3.5) -- SIGTERM at 0.2 s, SIGKILL due at 4.2 s
     local t0 = core.now()
@@ -521,7 +524,10 @@ describe("retries", function()
   it("keeps no attempt of a call once a retry has succeeded", function()
     local dir = support.tmpdir()
     local p = Parallelize(fails_once(dir), { workers = 2, retries = 2, keep_results = false })
-    finally(function() p:stop() end)
+    finally(function()
+      p:stop()
+      support.rmdir(dir)
+    end)
     for x = 1, 200 do p(x) end
     assert.is_true(p:wait(20))
     local s = p:stats()
@@ -541,7 +547,10 @@ describe("retries", function()
       go:close()
       return x
     end, { workers = 2, retries = 255 })
-    finally(function() p:stop() end)
+    finally(function()
+      p:stop()
+      support.rmdir(dir)
+    end)
     p(1)
     p(2)
     assert.is_true(support.eventually(function() return p:stats().retrying == 2 end, 10))

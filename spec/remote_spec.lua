@@ -308,7 +308,8 @@ describe("remote workers: launchers", function()
     -- of launchers (a crash of the parent as the first retired worker
     -- ended, or a garbage name).
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    local defer = support.defer(finally) -- stops the pool, then removes dir
+    defer(function() support.rmdir(dir) end)
     local script = dir .. "/launch.sh"
     support.write(script, "#!/bin/sh\nexec " .. support.quote(PZLUA) .. " --worker\n")
     assert.are.equal(0, select(2, support.run("chmod +x " .. support.quote(script))))
@@ -316,7 +317,7 @@ describe("remote workers: launchers", function()
       max_calls = 5, init_attempts = 1,
       launcher = function(slot) return slot == 1 and { PZLUA, "--worker" } or { script } end,
     })
-    finally(function() p:stop(0) end)
+    defer(function() p:stop(0) end)
     local first = p.executors and p.pids
     assert.are.equal(0, #p.init_errors)
     os.remove(script) -- slot 2's replacement cannot be run now

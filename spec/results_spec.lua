@@ -323,7 +323,6 @@ describe("the pool's lists", function()
 
   it("make a call whose drain a finalizer's error broke an error only, and stay usable", function()
     local p = Parallelize(function(x) return x, x end, { workers = 2 }) -- two values: an extras entry
-    finally(function() p:stop() end)
     local n, raised, done = 100000, 0, false
     -- Interpreted only: LuaJIT before its fix of January 2023 (LuaJIT pull
     -- request 946; Debian 12's is older) runs the collection step of a
@@ -332,7 +331,10 @@ describe("the pool's lists", function()
     -- about ten suites, a general protection fault in err_unwind).
     jit.flush()
     jit.off()
-    finally(function() jit.on() end)
+    finally(function()
+      jit.on()
+      p:stop()
+    end)
     with_finalizer_storm(function()
       raised = raised + 1
       error("boom from a finalizer")

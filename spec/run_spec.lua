@@ -117,7 +117,8 @@ describe("runs of small calls", function()
 
   it("charge a death to the call that was running, and run the others again", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    local defer = support.defer(finally) -- stops the pool, then removes dir
+    defer(function() support.rmdir(dir) end)
     local mark = dir .. "/killed"
     local p = Parallelize(function(x)
       if x == 3333 then
@@ -132,7 +133,7 @@ describe("runs of small calls", function()
       if x == 4444 then os.exit(9) end -- every time: it is the killer
       return x + 1
     end, { workers = 2, max_deaths = 2 })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     local ids = queue(p, 10000, above_the_list)
     for i = 1, 10000 do
       local ok, v = p:result(ids[i])
@@ -215,7 +216,8 @@ describe("runs of small calls", function()
     -- Results lost with the worker would count as never run: those calls
     -- would run again on its replacement, their side effects twice.
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    local defer = support.defer(finally) -- stops the pool, then removes dir
+    defer(function() support.rmdir(dir) end)
     local log = dir .. "/ran"
     local p = Parallelize(function(x)
       if x < 0 then
@@ -228,7 +230,7 @@ describe("runs of small calls", function()
       f:close()
       return x
     end, { workers = 1, max_deaths = 1 })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     for i = 1, 300 do p(1000 + i) end
     assert.is_true(p:wait(60), "the warm-up did not finish")
     for i = 1, 50 do p(i) end

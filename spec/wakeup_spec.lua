@@ -10,7 +10,8 @@ local Parallelize, sleep = parallelize.Parallelize, parallelize.sleep
 describe("a call queued while the I/O thread sleeps", function()
   it("reaches a worker with no other pool operation", function()
     local dir = support.tmpdir()
-    finally(function() support.rmdir(dir) end)
+    local defer = support.defer(finally) -- stops the pool, then removes dir
+    defer(function() support.rmdir(dir) end)
     local p = Parallelize(function(what, arg)
       if what == "hold" then
         parallelize.sleep(arg)
@@ -19,7 +20,7 @@ describe("a call queued while the I/O thread sleeps", function()
         f:close()
       end
     end, { workers = 2 })
-    finally(function() p:stop() end)
+    defer(function() p:stop() end)
     assert.is_true(p:wait(30)) -- both workers started
     for round = 1, 40 do
       -- one worker busy (no lone-call shortcut: a call is in flight), the
