@@ -38,7 +38,7 @@ void pz_jit_helper_std(lua_State *L)
     lua_setfield(L, -2, "loaded");
     static const struct {
         const char *lib, *name, *as;
-    } fields[] = {{"jit", "status", "jit_status"}, {"string", "dump", "dump"}};
+    } fields[] = {{"jit", "status", "jit_status"}, {"jit", "flush", "jit_flush"}, {"string", "dump", "dump"}};
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
         lua_getglobal(L, fields[i].lib);
         if (lua_istable(L, -1))

@@ -48,9 +48,13 @@
  *                   package.loaded.ffi, as a module reloader would, kept
  *                   its cdata only if the helper did not load it again),
  *                   takes it again when another one is
- *                   registered, and says no while none is, or while taking
- *                   it fails (a script replaced its functions, or the
- *                   module).
+ *                   registered (and flushes the compiled code, once one
+ *                   was taken before: a trace made under the old state's
+ *                   types checks their numbers only, which the new state
+ *                   gives to other types, and a live cdata of it is
+ *                   rebuilt under the new one at a trace's exit), and
+ *                   says no while none is, or while taking it fails (a
+ *                   script replaced its functions, or the module).
  *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
  *                   its value and the index after it, or nil
  *   number(p, i, size)  the number in the tuple of `size` bytes at p[i],
@@ -67,8 +71,11 @@
     "  cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                      \
     "  on_ffi(ffi)\n"                                                                                   \
     "end\n"                                                                                             \
+    "local flush, had = std.jit_flush, false\n"                                                         \
     "local function retake()\n"                                                                         \
     "  taken = rawget(LOADED, 'ffi')\n"                                                                 \
+    "  if had and flush then flush() end\n"                                                             \
+    "  had = had or taken ~= nil\n"                                                                     \
     "  ok = ffi_on and taken ~= nil and pcall(take_ffi, taken)\n"                                       \
     "end\n"                                                                                             \
     "local tried = false\n"                                                                             \
