@@ -513,16 +513,22 @@ describe("pzlua", function()
       return wait_for(20, function() return (read_file(statusfile) or ""):match("^(%d+)\n") end)
     end
 
+    -- Killed before it returns, whatever happened (not in a finally: busted
+    -- keeps one a test, and a test's own would replace it, or it theirs).
     local function run_interrupted(chunk, signals, opts)
       local pid, out, statusfile = start(chunk, opts)
-      finally(function() os.execute("kill -KILL " .. pid .. " 2>/dev/null") end)
-      assert.truthy(wait_for(20, function() return (read_file(out) or ""):find("ready\n", 1, true) end),
-        "pzlua did not get ready")
-      for _ = 1, signals do
-        os.execute("kill -INT " .. pid)
-        sleep(0.3)
-      end
-      return read_file(out), exit_status(statusfile)
+      local ok, text, status = pcall(function()
+        assert.truthy(wait_for(20, function() return (read_file(out) or ""):find("ready\n", 1, true) end),
+          "pzlua did not get ready")
+        for _ = 1, signals do
+          os.execute("kill -INT " .. pid)
+          sleep(0.3)
+        end
+        return read_file(out), exit_status(statusfile)
+      end)
+      os.execute("kill -KILL " .. pid .. " 2>/dev/null")
+      if not ok then error(text, 0) end
+      return text, status
     end
 
     it("raises 'interrupted!', which pcall catches", function()
