@@ -81,6 +81,12 @@ describe("the set of finished calls", function()
     check({ 1, 10, 5, 20, 3, 4 }, 40, { 1, 2 }) -- overlaps and ids already below low
     check({ 40, 0, 1, 10, 11, 40 }, 60, { 1, 2 })
     check({ 1, 10, 5, 20 }, 1100) -- ids below low set in the ring would stand for ids 1,024 above
+    -- a run from low over ids recorded before: their bits go, or they would
+    -- stand for the ids 1,024 and 2,048 above
+    check({ 5, 0, 1, 10 }, 1100)
+    check({ 5, 3, 1, 10 }, 1100)
+    check({ 5, 0, 1, 2000 }, 2100)
+    check({ 70, 5, 3, 0, 1, 1, 2, 200 }, 2200, { 2, 3 })
   end)
 
   it("agrees with a plain set on shuffled arrivals", function()
@@ -98,9 +104,16 @@ describe("the set of finished calls", function()
   end)
 
   it("says what is wrong with its arguments", function()
-    assert.has_error(function() core.idset_trial({ 0, 0 }, 1) end,
-      "idset_trial: ids and counts are integers from 1 and 0 below 2^53")
-    assert.has_error(function() core.idset_trial({ 1, -1 }, 1) end,
-      "idset_trial: ids and counts are integers from 1 and 0 below 2^53")
+    local wrong = "idset_trial: value %d: ids are integers from 1 below 2^53, counts integers from 0 to 2^24"
+    for _, case in ipairs({ { { 0, 0 }, 1 }, { { 1, -1 }, 2 }, { { 1, 0.5 }, 2 }, { { 1.5, 0 }, 1 }, { { "3", 0 }, 1 },
+      { { 1, 0, 2, 2 ^ 24 + 1 }, 4 }, { { 2 ^ 53, 0 }, 1 } }) do
+      local ok, err = pcall(core.idset_trial, case[1], 1)
+      assert.is_false(ok)
+      assert.are.equal(wrong:format(case[2]), err)
+    end
+    assert.has_error(function() core.idset_trial({ 1, 0, 2 }, 1) end,
+      "idset_trial: the operations are pairs, and 3 values were given")
+    assert.is_false((pcall(core.idset_trial, {}, 2 ^ 32 + 3)))
+    assert.is_false((pcall(core.idset_trial, {}, 1.5)))
   end)
 end)

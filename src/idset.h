@@ -57,14 +57,16 @@ static inline int pz_idset_grow(pz_idset *s, uint64_t id)
     return 0;
 }
 
-/* The bits of ids [a, b), all inside the ring, set a word at a time. */
-static inline void pz_idset_set_range(pz_idset *s, uint64_t a, uint64_t b)
+/* The bits of ids [a, b), all inside the ring, set (on) or cleared, a
+ * word at a time. */
+static inline void pz_idset_mark_range(pz_idset *s, uint64_t a, uint64_t b, int on)
 {
     while (a < b) {
         unsigned off = (unsigned)(a & 63);
         uint64_t n = b - a < 64 - off ? b - a : 64 - off;
         uint64_t mask = n == 64 ? ~0ull : ((1ull << n) - 1) << off;
-        s->bits[(a >> 6) & (s->cap - 1)] |= mask;
+        uint64_t *w = &s->bits[(a >> 6) & (s->cap - 1)];
+        *w = on ? *w | mask : *w & ~mask;
         a += n;
     }
 }
@@ -119,8 +121,12 @@ static inline int pz_idset_add(pz_idset *s, uint64_t id)
 static inline int pz_idset_add_run(pz_idset *s, uint64_t first, uint64_t k)
 {
     if (first == s->low) {
-        /* Their bits are 0 (none had finished): as pz_idset_add's usual
-         * case, k at once. */
+        /* As pz_idset_add's usual case, k at once; their bits, should
+         * any of them have been recorded before, are cleared for the ids
+         * the ring will cover next. */
+        uint64_t span = 64 * (uint64_t)s->cap;
+        if (span)
+            pz_idset_mark_range(s, s->low, s->low + (k < span ? k : span), 0);
         s->low += k;
         pz_idset_advance(s);
         return 0;
@@ -129,7 +135,7 @@ static inline int pz_idset_add_run(pz_idset *s, uint64_t first, uint64_t k)
         return 0;
     uint64_t from = first > s->low ? first : s->low, last = first + k - 1;
     if (last - s->low < 64 * (uint64_t)s->cap || pz_idset_grow(s, last) == 0) {
-        pz_idset_set_range(s, from, last + 1);
+        pz_idset_mark_range(s, from, last + 1, 1);
         pz_idset_advance(s);
         return 0;
     }

@@ -48,11 +48,13 @@
  *                   package.loaded.ffi, as a module reloader would, kept
  *                   its cdata only if the helper did not load it again),
  *                   takes it again when another one is
- *                   registered (and flushes the compiled code, once one
+ *                   registered (and flushes the compiled code when one
  *                   was taken before: a trace made under the old state's
  *                   types checks their numbers only, which the new state
  *                   gives to other types, and a live cdata of it is
- *                   rebuilt under the new one at a trace's exit), and
+ *                   rebuilt under the new one at a trace's exit; inside
+ *                   a __gc finalizer jit.flush does nothing, and those
+ *                   traces stay), and
  *                   says no while none is, or while taking it fails (a
  *                   script replaced its functions, or the module).
  *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
@@ -71,11 +73,12 @@
     "  cast, doubles_t = ffi.cast, ffi.typeof('const double *')\n"                                      \
     "  on_ffi(ffi)\n"                                                                                   \
     "end\n"                                                                                             \
-    "local flush, had = std.jit_flush, false\n"                                                         \
+    "local flush, last = std.jit_flush, nil\n"                                                          \
     "local function retake()\n"                                                                         \
+    "  ok = false\n"                                                                                    \
     "  taken = rawget(LOADED, 'ffi')\n"                                                                 \
-    "  if had and flush then flush() end\n"                                                             \
-    "  had = had or taken ~= nil\n"                                                                     \
+    "  if taken ~= nil and last ~= nil and taken ~= last and flush then flush() end\n"                  \
+    "  if taken ~= nil then last = taken end\n"                                                         \
     "  ok = ffi_on and taken ~= nil and pcall(take_ffi, taken)\n"                                       \
     "end\n"                                                                                             \
     "local tried = false\n"                                                                             \

@@ -389,22 +389,31 @@ static int l_pool_finished(lua_State *L)
 static int l_idset_trial(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    int upto = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, upto >= 0, 2, "a count");
-    /* Everything that may raise comes before the set or after it is freed. */
+    lua_Number count = luaL_checknumber(L, 2);
+    luaL_argcheck(L, count >= 0 && count <= 0x1p24 && count == floor(count), 2, "an integer from 0 to 2^24");
+    int upto = (int)count, n = (int)lua_objlen(L, 1);
+    if (n % 2 != 0)
+        return luaL_error(L, "idset_trial: the operations are pairs, and %d values were given", n);
+    /* Everything that may raise comes before the set exists or after it is
+     * freed: the operations are checked first. */
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, 1, i);
+        lua_Number v = lua_tonumber(L, -1);
+        int fits = lua_type(L, -1) == LUA_TNUMBER && v == floor(v) &&
+                   (i % 2 ? v >= 1 && v < 0x1p53 : v >= 0 && v <= 0x1p24);
+        lua_pop(L, 1);
+        if (!fits)
+            return luaL_error(L, "idset_trial: value %d: ids are integers from 1 below 2^53, counts integers "
+                                 "from 0 to 2^24", i);
+    }
     unsigned char *has = lua_newuserdata(L, (size_t)upto + 1);
-    int n = (int)lua_objlen(L, 1);
     pz_idset s = {.low = 1, .bits = NULL, .cap = 0};
     int failed = 0;
-    for (int i = 1; i + 1 <= n && !failed; i += 2) {
+    for (int i = 1; i < n && !failed; i += 2) {
         lua_rawgeti(L, 1, i);
         lua_rawgeti(L, 1, i + 1);
-        double a = lua_tonumber(L, -2), k = lua_tonumber(L, -1);
+        lua_Number a = lua_tonumber(L, -2), k = lua_tonumber(L, -1);
         lua_pop(L, 2);
-        if (!(a >= 1 && a < 0x1p53 && k >= 0 && k < 0x1p53)) {
-            failed = 2;
-            break;
-        }
         failed = (k == 0 ? pz_idset_add(&s, (uint64_t)a) : pz_idset_add_run(&s, (uint64_t)a, (uint64_t)k)) != 0;
     }
     for (int id = 1; id <= upto; id++)
@@ -412,8 +421,7 @@ static int l_idset_trial(lua_State *L)
     uint64_t low = s.low;
     pz_idset_free(&s);
     if (failed)
-        return luaL_error(L, failed == 2 ? "idset_trial: ids and counts are integers from 1 and 0 below 2^53"
-                                         : "idset_trial: out of memory");
+        return luaL_error(L, "idset_trial: out of memory");
     lua_pushnumber(L, (lua_Number)low);
     lua_createtable(L, upto, 0);
     for (int id = 1; id <= upto; id++) {

@@ -428,7 +428,8 @@ static int take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *
     u->run_taken += t.items;
     u->helper_items += t.items;
     if (t.in_order) {
-        pz_idset_add_run(&u->finished, t.first, t.items); /* out of memory: not marked, nothing else */
+        /* Out of memory: those it could not record stay unmarked, nothing else. */
+        pz_idset_add_run(&u->finished, t.first, t.items);
     } else {
         const uint8_t *q = *p;
         for (unsigned k = 0; k < t.items; k++) {

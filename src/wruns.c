@@ -35,9 +35,11 @@ static const char reg_helper = 0;
  * No cdata of the loop lives across the executor's call: the items'
  * pointer is made again for each call, from locals the JIT folds (cast
  * from the upvalues, loaded again after each answer, it cost 2.5 ns a
- * call).  Should the executor load the FFI anew, the exit at ffi_moved()
- * would otherwise rebuild that pointer under the new state's types, with
- * a type number of the old one. */
+ * call), and the item read goes out of scope before the call (a local in
+ * scope stays in every snapshot taken in the calls below it; out of
+ * scope, its slot goes to the call).  Should the executor load the FFI
+ * anew, the exit at ffi_moved() would otherwise rebuild that cdata under
+ * the new state's types, with a type number of the old one. */
 static const char helper_src[] =
     PZ_JIT_HELPER_PRELUDE
     "local items_t, answer\n"
@@ -63,8 +65,11 @@ static const char helper_src[] =
     "  if not jit_running() then return -1 end\n"
     "  local cast_, items_t_ = cast, items_t\n"
     "  for k = next, n do\n"
-    "    local item = cast_(items_t_, addr)[k - 1]\n"
-    "    local x = number(item.args, 0, item.len)\n"
+    "    local x\n"
+    "    do\n"
+    "      local item = cast_(items_t_, addr)[k - 1]\n"
+    "      x = number(item.args, 0, item.len)\n"
+    "    end\n"
     "    if x == nil then return 0 end\n"
     "    local t = settle(executor(x))\n"
     "    if t ~= nil then\n"
