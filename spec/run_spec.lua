@@ -449,7 +449,9 @@ describe("the worker's compiled loop", function()
         if jit_off then
           assert.are.equal(0, by_helper)
         else
-          assert.is_true(by_helper > 15000, "the helper made " .. by_helper .. " calls")
+          -- How many depends on the runs' lengths, and so on the machine's load
+          -- (7,474 of 30,000 in one CI run, 14,951-19,552 in 12 runs alone).
+          assert.is_true(by_helper > 3000, "the helper made " .. by_helper .. " calls")
         end
       end)
   end
@@ -591,7 +593,7 @@ describe("the worker's compiled loop", function()
       if change ~= "loaded again" then
         assert.are.equal(0, by_helper) -- C made them all
       else
-        assert.is_true(by_helper > 15000, "the helper made " .. by_helper .. " calls")
+        assert.is_true(by_helper > 2000, "the helper made " .. by_helper .. " calls") -- (a share that moves with load)
       end
       assert.are.equal(0, p:stats().deaths)
     end)
