@@ -3,6 +3,22 @@
 -- executor left no stack or no memory behind it.
 local parallelize = require "parallelize"
 
+--- Run in a worker (it travels as an executor's upvalue): limits the
+-- worker's address space (RLIMIT_AS) to what it maps now plus extra_mib.
+local function limit_address_space(extra_mib)
+  local ffi = require "ffi"
+  pcall(ffi.cdef, [[
+    struct pz_spec_rlimit { unsigned long cur, max; };
+    int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
+  ]])
+  local vmsize
+  for line in io.lines("/proc/self/status") do
+    vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)"))
+  end
+  local RLIMIT_AS = 9
+  assert(ffi.C.setrlimit(RLIMIT_AS, ffi.new("struct pz_spec_rlimit", vmsize * 1024 + extra_mib * 1048576, -1ULL)) == 0)
+end
+
 describe("a call that fails in its worker", function()
   it("reports an executor's stack overflow with its place and traceback, call after call", function()
     -- LuaJIT leaves the message handler a little stack after an overflow,
@@ -29,23 +45,12 @@ describe("a call that fails in its worker", function()
     -- reports the error (LuaJIT would abort the process). AddressSanitizer
     -- reserves terabytes of address space and cannot run under the limit.
     local p = parallelize.Parallelize(function(what)
-      local ffi = require "ffi"
-      pcall(ffi.cdef, [[
-        struct pz_spec_rlimit { unsigned long cur, max; };
-        int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
-      ]])
-      local RLIMIT_AS = 9
       if what == "fill" then
-        local vmsize
-        for line in io.lines("/proc/self/status") do
-          vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)"))
-        end
         local slots = {}
         for i = 1, 4000000 do slots[i] = false end
         _G.pz_spec_kept = { slots = slots }
         local message = "the executor is out of memory"
-        assert(ffi.C.setrlimit(RLIMIT_AS,
-          ffi.new("struct pz_spec_rlimit", vmsize * 1024 + 32 * 1048576, -1ULL)) == 0)
+        limit_address_space(32)
         pcall(function() while true do _G.pz_spec_kept = { _G.pz_spec_kept } end end)
         pcall(function() for i = 1, #slots do slots[i] = "k" .. i end end)
         error(message, 0)
@@ -72,18 +77,9 @@ describe("a call that fails in its worker", function()
     -- run failed for memory (80 of 60,000 here).
     local p = parallelize.Parallelize(function(what)
       if what == "fill" then
-        local ffi = require "ffi"
-        pcall(ffi.cdef, [[
-          struct pz_spec_rlimit { unsigned long cur, max; };
-          int setrlimit(int resource, const struct pz_spec_rlimit *rlim);
-        ]])
-        local vmsize
-        for line in io.lines("/proc/self/status") do
-          vmsize = vmsize or tonumber(line:match("^VmSize:%s*(%d+)"))
-        end
         local keep = {}
         for i = 1, 200000 do keep[i] = false end
-        assert(ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", vmsize * 1024 + 48 * 1048576, -1ULL)) == 0)
+        limit_address_space(48)
         local n = 0
         pcall(function() while true do n = n + 1; keep[n] = { n, n, n, n } end end)
         for i = 1, n, 4 do keep[i] = false end -- some room, in small blocks
