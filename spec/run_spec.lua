@@ -311,7 +311,8 @@ describe("runs of small calls", function()
   -- The main thread takes the one-number results of a run's record with a
   -- compiled helper (src/lrunrec.h), and everything it stops at in C.
   local numbers = { 0, 1, 127, 128, 255, 16383, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35,
-    2 ^ 53, -2 ^ 53, -1, -128, -(2 ^ 28), 0.5, -0.0, 1 / 0, -1 / 0, 0 / 0, 1e308, 5e-324, -2.5e-300 }
+    2 ^ 42 - 1, 2 ^ 42, 2 ^ 49 - 1, 2 ^ 49, 1.7e12, 2 ^ 53, -2 ^ 53, -1, -128, -(2 ^ 28), -(2 ^ 49 - 1), -2 ^ 49,
+    0.5, -0.0, 1 / 0, -1 / 0, 0 / 0, 1e308, 5e-324, -2.5e-300 }
   --- The result of call x of the helper's tests: a number of the list
   -- above, mostly, and now and then something else (a string, nothing,
   -- two values), where the helper stops and C goes on.
@@ -362,6 +363,33 @@ describe("runs of small calls", function()
     assert.are.same({ 3, 3 }, { first, second }) -- 3 % 71 == 3: both values are kept
   end)
 
+  it("take integers up to 2^49 themselves, as they take call ids", function()
+    -- Integers are varints on the wire (ids too); read up to four bytes, the
+    -- helper left every one from 2^28 to C, and every result after call
+    -- 2^28 of a pool.
+    local p = Parallelize(function(x) return x * 4096 end, { workers = 2 })
+    finally(function() p:stop() end)
+    for k = 1, 2000 do p(k) end
+    assert.is_true(p:wait(60))
+    -- The helper looks at the JIT every 64th record: after the test above
+    -- turned it off and on, a few batches may pass before it looks again.
+    local base, took = 2 ^ 36, 0 -- results from 2^48: seven bytes
+    for _ = 1, 10 do
+      local from, helper_before = #p.ids, core.pool_helper_items(p)
+      for i = 1, 20000 do p(base + i) end
+      assert.is_true(p:wait(60))
+      local results, ids = p.results, p.ids
+      assert.are.equal(from + 20000, #ids)
+      for k = from + 1, #ids do
+        local x = base + (ids[k] - 1 - 2000) % 20000 + 1
+        assert.are.equal(x * 4096, results[k], "call " .. ids[k])
+      end
+      took = core.pool_helper_items(p) - helper_before
+      if took > 1000 then break end
+    end
+    assert.is_true(took > 1000, "the helper took " .. took)
+  end)
+
   it("take a stream's numbers as the pool's own", function()
     local p = Parallelize(number_or_not, { workers = 2 })
     finally(function() p:stop() end)
@@ -384,10 +412,10 @@ end)
 -- can tell which made a call by its caller's chunk, "=parallelize.runs".
 describe("the worker's compiled loop", function()
   -- numbers the helper takes, and (odd) what it leaves to C: an argument
-  -- (NaN, integers from 2^28) or a result (see echo)
-  local plain = { 0, 1, 127, 128, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, -1, -128, -(2 ^ 28 - 1), 0.5, -0.0,
-    1 / 0, -1 / 0, 1e308, 5e-324, -2.5e-300 }
-  local odd = { 255, 16383, 2 ^ 28, 2 ^ 35, 2 ^ 53, -2 ^ 53, -(2 ^ 28), 0 / 0 }
+  -- (NaN, integers from 2^49) or a result (see echo)
+  local plain = { 0, 1, 127, 128, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 42, 2 ^ 49 - 1, 1.7e12, -1,
+    -128, -(2 ^ 28 - 1), -(2 ^ 28), -(2 ^ 49 - 1), 0.5, -0.0, 1 / 0, -1 / 0, 1e308, 5e-324, -2.5e-300 }
+  local odd = { 255, 16383, 2 ^ 35, 2 ^ 49, 2 ^ 53, -2 ^ 53, -2 ^ 49, 0 / 0 }
   --- Call i's argument: odd ones now and then, between stretches of plain
   -- ones long enough for the helper to be asked again.
   local function argument(i)
@@ -455,6 +483,29 @@ describe("the worker's compiled loop", function()
         end
       end)
   end
+
+  it("makes the calls whose argument is an integer up to 2^49 itself", function()
+    local p = Parallelize(Deferred(function()
+      local by_helper = 0
+      return function(x)
+        if x == "count" then return by_helper end
+        if debug.getinfo(2, "S").source == "=parallelize.runs" then by_helper = by_helper + 1 end
+        return x - 2 ^ 48
+      end
+    end), { workers = 1 })
+    finally(function() p:stop() end)
+    for k = 1, 2000 do p(2 ^ 48 + k) end -- the warm-up: runs come after it
+    assert.is_true(p:wait(60))
+    for i = 1, 30000 do p(2 ^ 48 + 2000 + i) end
+    assert.is_true(p:wait(60))
+    local results, ids = p.results, p.ids
+    assert.are.equal(32000, #ids)
+    for k = 1, #ids do assert.are.equal(ids[k], results[k]) end
+    local count = p("count")
+    assert.is_true(p:wait(10))
+    local _, by_helper = p:result(count)
+    assert.is_true(by_helper > 3000, "the helper made " .. by_helper .. " calls")
+  end)
 
   it("reports an executor's error, its stack overflow included, as the call's", function()
     local p = Parallelize(function(x)

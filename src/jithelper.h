@@ -9,9 +9,12 @@
  * writes it (codec_format.h), and leave to C what the FFI would read
  * wrongly or what pz_put_number never writes: NaN (the FFI does not
  * canonicalize one, and LuaJIT tags its other values inside NaNs), an
- * integer from 2^28 (varints are read up to four bytes, unrolled: a loop
+ * integer from 2^49 (varints are read up to seven bytes, unrolled: a loop
  * inside the helper's loop made LuaJIT compile the inner one as the root
- * trace, and the outer one in pieces around it), and -0 as an integer.
+ * trace, and the outer one in pieces around it; seven bytes keep every
+ * sum exact in a double), and -0 as an integer.  A pool's call ids are
+ * varints too: read up to four bytes, the main thread's helper stopped at
+ * call 2^28, and C took every result from then on.
  *
  * Whichever thread owns the Lua state the helper is loaded in.
  */
@@ -111,6 +114,18 @@
     "  if i + 3 >= e then return nil end\n"                                                             \
     "  local b3 = p[i + 3]\n"                                                                           \
     "  if b3 < 128 then return b0 - 128 + (b1 - 128) * 128 + (b2 - 128) * 16384 + b3 * 2097152, i + 4 end\n" \
+    "  local low = b0 - 128 + (b1 - 128) * 128 + (b2 - 128) * 16384 + (b3 - 128) * 2097152\n"         \
+    "  if i + 4 >= e then return nil end\n"                                                             \
+    "  local b4 = p[i + 4]\n"                                                                           \
+    "  if b4 < 128 then return low + b4 * 268435456, i + 5 end\n"                                      \
+    "  if i + 5 >= e then return nil end\n"                                                             \
+    "  local b5 = p[i + 5]\n"                                                                           \
+    "  if b5 < 128 then return low + (b4 - 128) * 268435456 + b5 * 34359738368, i + 6 end\n"            \
+    "  if i + 6 >= e then return nil end\n"                                                             \
+    "  local b6 = p[i + 6]\n"                                                                           \
+    "  if b6 < 128 then\n"                                                                              \
+    "    return low + (b4 - 128) * 268435456 + (b5 - 128) * 34359738368 + b6 * 4398046511104, i + 7\n"  \
+    "  end\n"                                                                                           \
     "  return nil\n"                                                                                    \
     "end\n"                                                                                             \
     "local function number(p, i, size)\n"                                                               \

@@ -21,7 +21,7 @@ static const char reg_helper = 0;
  * first, so that an item is whole exactly when its id is there.  With the
  * JIT off it takes nothing and returns -1 items.  An item's id is a
  * varint, then its tuple's length (u32, little-endian) and the tuple: what
- * jithelper.h's number() leaves to C, and an id from 2^28, stop it. */
+ * jithelper.h's number() leaves to C, and an id from 2^49, stop it. */
 static const char helper_src[] =
     PZ_JIT_HELPER_PRELUDE
     "local bytes_t\n"
