@@ -427,17 +427,29 @@ static int take_numbers(lua_State *L, drain_state *d, lists *l, const pz_frame *
     l->nresults += (int)t.items;
     u->run_taken += t.items;
     u->helper_items += t.items;
+    /* Out of memory: those it could not record stay unmarked, nothing else. */
     if (t.in_order) {
-        /* Out of memory: those it could not record stay unmarked, nothing else. */
         pz_idset_add_run(&u->finished, t.first, t.items);
     } else {
+        /* A worker's run holds the blocks of calls it was handed, each of
+         * consecutive ids: marked a stretch at a time, as they come. */
         const uint8_t *q = *p;
+        uint64_t first = 0, count = 0;
         for (unsigned k = 0; k < t.items; k++) {
             uint64_t id = 0;
             (void)pz_get_varint(&q, end, &id); /* the I/O thread checked the record */
             q += 4 + pz_le32_get(q);
-            pz_idset_add(&u->finished, id);
+            if (count && id == first + count) {
+                count++;
+                continue;
+            }
+            if (count)
+                pz_idset_add_run(&u->finished, first, count);
+            first = id;
+            count = 1;
         }
+        if (count)
+            pz_idset_add_run(&u->finished, first, count);
     }
     *p += t.bytes;
     return (int)t.items;
