@@ -467,20 +467,20 @@ static int answer_open(void)
     return W.ans_at != SIZE_MAX && pz_wout_buf()->len == W.ans_end && pz_wout_writes() == W.ans_writes;
 }
 
-/* Appends call id's result (its tuple: `len` bytes at `tuple`, whose big
- * strings took `shared` bytes of the ring) to the open run answer, or to
- * a new one (locked), and leaves the answer whole.  Returns 0, or -1 when
- * memory ran out (the output may hold a new answer of no calls: callers
- * truncate to W.mark). */
-static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shared)
+/* Room in the open run answer, or in a new one (locked), for call id's
+ * result of at most max_len bytes: writes the id and returns where the
+ * tuple's length goes, the tuple after it (answer_put_done finishes the
+ * item).  NULL when memory ran out (the output may hold a new answer of
+ * no calls: callers truncate to W.mark). */
+static uint8_t *answer_put(uint64_t id, size_t max_len)
 {
     pz_buf *out = pz_wout_buf();
-    size_t item = PZ_VARINT_MAX_BYTES + 4 + len;
+    size_t item = PZ_VARINT_MAX_BYTES + 4 + max_len;
     size_t most = W.max_message < PZ_RUN_ANSWER_BYTES ? W.max_message : PZ_RUN_ANSWER_BYTES;
     if (!answer_open() || W.ans_n == UINT16_MAX ||
         out->len - W.ans_at - PZ_FRAME_HEADER + item > most) {
         if (!pz_buf_reserve(out, PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD))
-            return -1;
+            return NULL;
         W.ans_at = out->len;
         W.ans_n = 0;
         out->len += PZ_FRAME_HEADER + PZ_RUN_ANSWER_HEAD;
@@ -489,13 +489,17 @@ static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shar
         pz_wout_frame_done(W.clock, 0);
     }
     uint8_t *d = (uint8_t *)pz_buf_reserve(out, item);
-    if (!d)
-        return -1;
-    d += pz_put_varint(d, id);
+    return d ? d + pz_put_varint(d, id) : NULL;
+}
+
+/* The item answer_put began, its tuple of `len` bytes written after the
+ * length at d (its big strings took `shared` bytes of the ring): leaves
+ * the answer whole. */
+static void answer_put_done(uint8_t *d, size_t len, size_t shared)
+{
+    pz_buf *out = pz_wout_buf();
     pz_le32_put(d, (uint32_t)len);
-    d += 4;
-    memcpy(d, tuple, len);
-    out->len = (size_t)((char *)d + len - out->data);
+    out->len = (size_t)((char *)d + 4 + len - out->data);
     pz_wout_add_shared(shared);
     /* Whole again: its length, its count, the time of each call. */
     char *h = out->data + W.ans_at;
@@ -504,6 +508,29 @@ static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shar
     pz_run_answer_set_head(h + PZ_FRAME_HEADER, W.ans_n, (uint64_t)W.avg_ns);
     W.ans_end = out->len;
     W.ans_writes = pz_wout_writes();
+}
+
+/* Appends call id's result (its tuple: `len` bytes at `tuple`, whose big
+ * strings took `shared` bytes of the ring) to the open run answer, or to
+ * a new one.  Returns 0, or -1 when memory ran out (as answer_put). */
+static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shared)
+{
+    uint8_t *d = answer_put(id, len);
+    if (!d)
+        return -1;
+    memcpy(d + 4, tuple, len);
+    answer_put_done(d, len, shared);
+    return 0;
+}
+
+/* Appends call id's result, the one number x, encoded in place (a copy
+ * of its few bytes cost a call to memcpy).  Returns as answer_append. */
+static int answer_append_number(uint64_t id, double x)
+{
+    uint8_t *d = answer_put(id, PZ_NUMBER_TUPLE_MAX_BYTES);
+    if (!d)
+        return -1;
+    answer_put_done(d, pz_put_number_tuple(d + 4, x), 0);
     return 0;
 }
 
@@ -530,11 +557,9 @@ static int answer_number(double x)
 {
     if (W.fail_answer_in > 0 && --W.fail_answer_in == 0)
         return -1;
-    uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
-    size_t len = pz_put_number_tuple(tuple, x);
     pz_wout_lock();
     mark_output();
-    if (answer_append(W.run[W.run_next - 1].id, tuple, len, 0) != 0) {
+    if (answer_append_number(W.run[W.run_next - 1].id, x) != 0) {
         pz_wout_truncate(W.mark, W.mark_frames);
         W.ans_at = SIZE_MAX;
         pz_wout_unlock();
@@ -557,11 +582,11 @@ static void put_run_result(lua_State *L, uint64_t id, int base, int nres)
     if (nres == 1 && lua_type(L, base + 1) == LUA_TNUMBER) {
         /* One number, the commonest result: no encoder, no ring, and
          * always within max_message (1 KiB at least). */
-        uint8_t tuple[PZ_NUMBER_TUPLE_MAX_BYTES];
-        size_t len = pz_put_number_tuple(tuple, lua_tonumber(L, base + 1));
+        double x = lua_tonumber(L, base + 1);
         pz_wout_lock();
         mark_output();
-        answer_add(L, id, tuple, len, 0);
+        if (answer_append_number(id, x) != 0)
+            luaL_error(L, "out of memory");
         pz_wout_unlock();
         return;
     }
