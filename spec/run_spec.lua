@@ -99,6 +99,47 @@ describe("runs of small calls", function()
     assert.are.equal(0, p:stats().deaths)
   end)
 
+  it("carry arguments and results of every short length byte for byte", function()
+    -- A run's arguments and a worker's answers are copied a few bytes at
+    -- a time (src/shortcopy.h): strings of 0 to 40 bytes, every byte value
+    -- among them, and numbers of every encoded length.
+    local p = Parallelize(function(x)
+      local caller = debug.getinfo(2, "f").func
+      lone_caller = lone_caller or caller
+      if caller ~= lone_caller then run_calls = run_calls + 1 end
+      if x == "count" then return run_calls end
+      if type(x) == "string" then return x:reverse() end
+      return -x
+    end, { workers = 1 })
+    finally(function() p:stop() end)
+    local numbers = { 0, 127, 128, 2 ^ 14, 2 ^ 21, 2 ^ 28, 2 ^ 35, 2 ^ 42, 2 ^ 49, 2 ^ 56, 2 ^ 63, 0.5, -3 }
+    local function input(i)
+      if i % 3 == 0 then return numbers[i % #numbers + 1] end
+      local len, bytes = i % 41, {}
+      for b = 1, len do bytes[b] = string.char((i * 7 + b * 31) % 256) end
+      return table.concat(bytes)
+    end
+    for k = 1, 2000 do p(string.rep("w", k % 20)) end -- the warm-up: runs come after it
+    assert.is_true(p:wait(60))
+    local n, ids = 20000, {}
+    for i = 1, n do ids[i] = p(input(i)) end
+    assert.is_true(p:wait(60))
+    for i = 1, n do
+      local ok, v = p:result(ids[i])
+      assert.is_true(ok, "call " .. i)
+      local x = input(i)
+      if type(x) == "string" then
+        assert.are.equal(x:reverse(), v, "call " .. i)
+      else
+        assert.are.equal(-x, v, "call " .. i)
+      end
+    end
+    local count = p("count")
+    assert.is_true(p:wait(10))
+    local _, in_run = p:result(count)
+    assert.is_true(in_run > n / 2, "calls made in runs: " .. in_run)
+  end)
+
   it("keep the order of results, errors and results too big for a run", function()
     local p = Parallelize(mixed, { workers = 1, max_message = 1024 })
     finally(function() p:stop() end)

@@ -10,6 +10,7 @@
 #include "codec_format.h"
 #include "frame.h"
 #include "io.h"
+#include "shortcopy.h"
 #include "varint.h"
 
 /* Whether the frame at fr may travel in a run (run.h: which calls), the
@@ -88,7 +89,7 @@ long pz_run_gather(struct pz_io *io, pz_slot *w, size_t *direct)
             break;
         o += pz_put_varint(o, id);
         o += pz_put_varint(o, alen);
-        memcpy(o, pz_frame_payload(fr), alen);
+        pz_copy_short(o, pz_frame_payload(fr), alen);
         o += alen;
         q += PZ_FRAME_HEADER + alen;
     }

@@ -38,11 +38,12 @@
 #include "handshake.h"
 #include "lstate.h"
 #include "run.h"
-#include "wruns.h"
+#include "shortcopy.h"
 #include "spin.h"
 #include "sys.h"
 #include "worker.h"
 #include "wout.h"
+#include "wruns.h"
 
 #define READ_CHUNK 65536
 #define FLUSH_BYTES 65536
@@ -518,7 +519,7 @@ static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shar
     uint8_t *d = answer_put(id, len);
     if (!d)
         return -1;
-    memcpy(d + 4, tuple, len);
+    pz_copy_short(d + 4, tuple, len);
     answer_put_done(d, len, shared);
     return 0;
 }
