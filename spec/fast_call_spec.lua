@@ -193,7 +193,7 @@ describe("p(x) from compiled code", function()
   it("goes back to the C function for good once it sees the JIT off", function()
     local first = Parallelize(rep(identity, 1))
     local mt = debug.getmetatable(first)
-    first:stop() -- left to the collector, its worker outlived the spec (and failed a later one's check)
+    first:stop() -- left to the collector, its worker outlived the spec (and failed a later spec's check)
     local saved = mt.__call
     assert.are_not.equal(core.pool_call, saved)
     local p = Parallelize(rep(identity, 1))

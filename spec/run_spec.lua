@@ -351,7 +351,7 @@ describe("runs of small calls", function()
 
   -- The main thread takes the one-number results of a run's record with a
   -- compiled helper (src/lrunrec.h), and everything it stops at in C.
-  local numbers = { 0, 1, 127, 128, 255, 16383, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35,
+  local numbers = { 0, 1, 127, 128, 255, 16383, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35 - 1, 2 ^ 35,
     2 ^ 42 - 1, 2 ^ 42, 2 ^ 49 - 1, 2 ^ 49, 1.7e12, 2 ^ 53, -2 ^ 53, -1, -128, -(2 ^ 28), -(2 ^ 49 - 1), -2 ^ 49,
     0.5, -0.0, 1 / 0, -1 / 0, 0 / 0, 1e308, 5e-324, -2.5e-300 }
   --- The result of call x of the helper's tests: a number of the list
@@ -404,7 +404,7 @@ describe("runs of small calls", function()
     assert.are.same({ 3, 3 }, { first, second }) -- 3 % 71 == 3: both values are kept
   end)
 
-  it("take integers up to 2^49 themselves, as they take call ids", function()
+  it("take integers up to 2^49 themselves (call ids are read the same way)", function()
     -- Integers are varints on the wire (ids too); read up to four bytes, the
     -- helper left every one from 2^28 to C, and every result after call
     -- 2^28 of a pool.
@@ -454,8 +454,9 @@ end)
 describe("the worker's compiled loop", function()
   -- numbers the helper takes, and (odd) what it leaves to C: an argument
   -- (NaN, integers from 2^49) or a result (see echo)
-  local plain = { 0, 1, 127, 128, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 42, 2 ^ 49 - 1, 1.7e12, -1,
-    -128, -(2 ^ 28 - 1), -(2 ^ 28), -(2 ^ 49 - 1), 0.5, -0.0, 1 / 0, -1 / 0, 1e308, 5e-324, -2.5e-300 }
+  local plain = { 0, 1, 127, 128, 16384, 2 ^ 21 - 1, 2 ^ 21, 2 ^ 28 - 1, 2 ^ 28, 2 ^ 35 - 1, 2 ^ 42, 2 ^ 49 - 1,
+    1.7e12, -1, -128, -(2 ^ 28 - 1), -(2 ^ 28), -(2 ^ 49 - 1), 0.5, -0.0, 1 / 0, -1 / 0, 1e308, 5e-324,
+    -2.5e-300 }
   local odd = { 255, 16383, 2 ^ 35, 2 ^ 49, 2 ^ 53, -2 ^ 53, -2 ^ 49, 0 / 0 }
   --- Call i's argument: odd ones now and then, between stretches of plain
   -- ones long enough for the helper to be asked again.

@@ -9,12 +9,13 @@
  * writes it (codec_format.h), and leave to C what the FFI would read
  * wrongly or what pz_put_number never writes: NaN (the FFI does not
  * canonicalize one, and LuaJIT tags its other values inside NaNs), an
- * integer from 2^49 (varints are read up to seven bytes, unrolled: a loop
- * inside the helper's loop made LuaJIT compile the inner one as the root
- * trace, and the outer one in pieces around it; seven bytes keep every
- * sum exact in a double), and -0 as an integer.  A pool's call ids are
- * varints too: read up to four bytes, the main thread's helper stopped at
- * call 2^28, and C took every result from then on.
+ * integer of magnitude 2^49 or more (varints are read up to seven bytes,
+ * unrolled: a loop inside the helper's loop made LuaJIT compile the inner
+ * one as the root trace, and the outer one in pieces around it; seven
+ * bytes keep every sum exact in a double), and -0 as an integer.  A
+ * pool's call ids are varints too, read the same way: C takes the results
+ * of calls from 2^49 on.  (Read up to four bytes, the main thread's
+ * helper left every result after a pool's call 2^28 to C.)
  *
  * Whichever thread owns the Lua state the helper is loaded in.
  */
@@ -60,8 +61,10 @@
  *                   traces stay), and
  *                   says no while none is, or while taking it fails (a
  *                   script replaced its functions, or the module).
- *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]:
- *                   its value and the index after it, or nil
+ *   varint(p, i, e) the varint at p[i], its bytes ending before p[e]
+ *                   (i < e: p[i] is read unchecked): its value and the
+ *                   index after it, or nil (cut short, or longer than
+ *                   seven bytes)
  *   number(p, i, size)  the number in the tuple of `size` bytes at p[i],
  *                   or nil (cast and doubles_t: set by on_ffi) */
 #define PZ_JIT_HELPER_PRELUDE                                                                           \

@@ -470,9 +470,12 @@ static int answer_open(void)
 
 /* Room in the open run answer, or in a new one (locked), for call id's
  * result of at most max_len bytes: writes the id and returns where the
- * tuple's length goes, the tuple after it (answer_put_done finishes the
- * item).  NULL when memory ran out (the output may hold a new answer of
- * no calls: callers truncate to W.mark). */
+ * tuple's length goes, the tuple after it.  Until answer_put_done, the
+ * answer is not whole (its length and count are the old ones): the
+ * caller writes at most max_len bytes at the returned address + 4 and
+ * calls answer_put_done before anything else touches the output and
+ * before it unlocks.  NULL when memory ran out (the output may hold a new
+ * answer of no calls: callers truncate to W.mark). */
 static uint8_t *answer_put(uint64_t id, size_t max_len)
 {
     pz_buf *out = pz_wout_buf();
@@ -524,8 +527,8 @@ static int answer_append(uint64_t id, const void *tuple, size_t len, size_t shar
     return 0;
 }
 
-/* Appends call id's result, the one number x, encoded in place (a copy
- * of its few bytes cost a call to memcpy).  Returns as answer_append. */
+/* Appends call id's result, the one number x, encoded where it goes (no
+ * tuple of its own to copy).  Returns as answer_append. */
 static int answer_append_number(uint64_t id, double x)
 {
     uint8_t *d = answer_put(id, PZ_NUMBER_TUPLE_MAX_BYTES);
