@@ -50,6 +50,7 @@
 
 #include "codec_enc.h"
 #include "codec_layout.h"
+#include "shortcopy.h"
 
 /* Deeper values go through the C API (which goes to PZ_MAX_DEPTH): this
  * bounds the walk's own C stack. */
@@ -238,27 +239,6 @@ static inline int put_num(direct *d, double x)
     return 0;
 }
 
-/* Copies the n bytes at src, n at most 32, with a few fixed-size moves
- * (overlapping when n is not their size) instead of a call to memcpy,
- * which costs more than the copy for the short strings of a record: its
- * keys and most of its values.  Reads nothing outside src[0 .. n). */
-static inline void copy_short(uint8_t *dst, const char *src, size_t n)
-{
-    if (n >= 16) {
-        memcpy(dst, src, 16);
-        memcpy(dst + n - 16, src + n - 16, 16);
-    } else if (n >= 8) {
-        memcpy(dst, src, 8);
-        memcpy(dst + n - 8, src + n - 8, 8);
-    } else if (n >= 4) {
-        memcpy(dst, src, 4);
-        memcpy(dst + n - 4, src + n - 4, 4);
-    } else {
-        for (size_t i = 0; i < n; i++)
-            dst[i] = (uint8_t)src[i];
-    }
-}
-
 /* Writes a string too long for put_small. */
 static int put_long_str(direct *d, const uint8_t *s)
 {
@@ -409,7 +389,7 @@ static inline size_t put_small(uint8_t *w, pz_tv v)
         if (n > PZ_SHORTSTR_MAX)
             return 0;
         w[0] = (uint8_t)(PZ_T_SHORTSTR + n);
-        copy_short(w + 1, pz_str_data(s), n);
+        pz_copy_short(w + 1, pz_str_data(s), n); /* n <= PZ_SHORTSTR_MAX: no call */
         return 1 + n;
     }
     case PZ_TAG_FALSE:

@@ -55,6 +55,7 @@
 #include <string.h>
 
 #include "le.h"
+#include "shortcopy.h"
 #include "varint.h"
 
 /* The byte that starts the output of the Lua-facing encode (not the C API's,
@@ -179,7 +180,7 @@ static inline size_t pz_put_string_header(uint8_t *dst, size_t len)
 static inline size_t pz_put_string(uint8_t *dst, const char *s, size_t len)
 {
     size_t h = pz_put_string_header(dst, len);
-    memcpy(dst + h, s, len);
+    pz_copy_short(dst + h, s, len);
     return h + len;
 }
 
