@@ -456,6 +456,36 @@ describe("codec", function()
       end
     end)
 
+    it("keeps sharing that first shows late: after many tables, or after a function or a module", function()
+      -- The decoder keeps no table until it meets a reference, a function
+      -- or a module; then it decodes the value again from its start.
+      local objs, floats = {}, {}
+      for i = 1, 40 do objs[i] = { i, name = "t" .. i } end
+      for i = 1, 20 do floats[i] = i + 0.5 end
+      local v = { objs, floats, { objs[33], objs[2], floats, objs } }
+      v[3].root = v
+      local d = roundtrip(v)
+      assert.is_true(deep_equal(v, d))
+      assert.is_true(rawequal(d[3][1], d[1][33]))
+      assert.is_true(rawequal(d[3][2], d[1][2]))
+      assert.is_true(rawequal(d[3][3], d[2]))
+      assert.is_true(rawequal(d[3][4], d[1]))
+      assert.is_true(rawequal(d[3].root, d))
+      assert.are.equal("t33", d[3][1].name)
+
+      local t = { x = 1 }
+      local function get() return t end
+      local df = roundtrip({ { a = 1 }, { b = 2 }, t, get, string.upper, math }, FN)
+      assert.are.same({ a = 1 }, df[1])
+      assert.is_true(rawequal(df[4](), df[3]))
+      assert.are.equal(string.upper, df[5])
+      assert.are.equal(math, df[6])
+      local dm = roundtrip({ { 1 }, { 2, { 3 } }, math, { 4 } })
+      assert.are.same({ { 1 }, { 2, { 3 } } }, { dm[1], dm[2] })
+      assert.are.equal(math, dm[3])
+      assert.are.same({ 4 }, dm[4])
+    end)
+
     it("never takes a new table for an old one freed while encoding", function()
       -- A function's environment with __index runs during the encode (the
       -- encoder reads the globals the function uses through it). Here it

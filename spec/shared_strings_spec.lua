@@ -77,6 +77,23 @@ describe("big strings through shared memory", function()
     assert.are.same({ sent = 0, received = 100 * KIB }, p:stats().shared)
   end)
 
+  it("are counted once in a value its decoder read twice (a shared table after them)", function()
+    -- A result that shares a table is decoded again from its start
+    -- (src/codec_dec.c): the string is read twice, and counted once.
+    local p = Parallelize(function(n)
+      local t = { n }
+      return { string.rep("s", 100 * KIB), t, t }
+    end, { workers = 1 })
+    finally(function() p = stop(p) end)
+    p(7)
+    p:wait()
+    local r = select(2, p:result(1))
+    assert.are.equal(100 * KIB, #r[1])
+    assert.is_true(rawequal(r[2], r[3]))
+    assert.are.same({ 7 }, r[2])
+    assert.are.same({ sent = 0, received = 100 * KIB }, p:stats().shared)
+  end)
+
   it("carry a map's items and results, round the workers' rings many times", function()
     -- 400 items of 200 KiB: 80 MiB each way, five times what the rings of
     -- two workers hold; the map drains as results come, so none waits.

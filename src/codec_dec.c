@@ -10,11 +10,24 @@
  * doubles are unpacked by codec_array.c, which owns the rule on NaNs.
  * Objects get their reference numbers in stack slots reserved at the start,
  * past the first few in a Lua table.
+ *
+ * Keeping every table for a reference that almost never comes cost about a
+ * tenth of a small record's decode, so a decode first runs lazily: tables
+ * are only counted, and at the first thing that needs the numbering (a
+ * reference, a function, a module) it starts over from the value's first
+ * byte, keeping every object (dec_run).  A value that shares a table or
+ * holds a function decodes up to that point twice; one made of scalars
+ * and tables alone, once.  The first pass has no effect the second would
+ * not undo: it stops before any function is loaded (whose globals are set
+ * only when absent) or module required, its objects are dropped from the
+ * stack, a table of items' results (dec_table_into) gets the same entries
+ * again, and the shared strings' counts are put back.
  */
 #include <lauxlib.h>
 #include <lua.h>
 #include <limits.h>
 #include <math.h>
+#include <setjmp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +57,8 @@ typedef struct dec {
     int slots;
     int nrefs; /* objects started so far */
     int depth; /* open tables and functions */
+    int lazy;  /* the first pass: tables are not kept (dec_run) */
+    jmp_buf *again; /* where a lazy pass starts over, while lazy */
     pz_arena_reader *arena; /* where PZ_T_SHARED strings are, or NULL */
 } dec;
 
@@ -161,8 +176,15 @@ static const char *dec_bytes(dec *d, size_t *len, const char *what)
     return s;
 }
 
-/* Gives the object on top of the stack the next reference number. */
-static void dec_ref_add(dec *d)
+/* Leaves the lazy pass, which met what needs every object kept, for the
+ * full one (dec_run). */
+__attribute__((noreturn)) static void dec_start_over(dec *d)
+{
+    longjmp(*d->again, 1);
+}
+
+/* Keeps the object on top of the stack under the next reference number. */
+static void dec_ref_keep(dec *d)
 {
     lua_State *L = d->L;
     int r = d->nrefs;
@@ -177,6 +199,29 @@ static void dec_ref_add(dec *d)
         lua_rawseti(L, d->slots + DS_REFS, r);
     }
     d->nrefs = r + 1;
+}
+
+/* Gives the object on top of the stack the next reference number: the
+ * lazy pass only counts it. */
+static inline void dec_ref_add(dec *d)
+{
+    if (d->lazy)
+        d->nrefs++;
+    else
+        dec_ref_keep(d);
+}
+
+/* Gives the table at stack index t the next reference number, as
+ * dec_ref_add. */
+static void dec_ref_add_at(dec *d, int t)
+{
+    if (d->lazy) {
+        d->nrefs++;
+        return;
+    }
+    lua_pushvalue(d->L, t);
+    dec_ref_keep(d);
+    lua_pop(d->L, 1);
 }
 
 /* Pushes the object with reference number r (already checked < nrefs). */
@@ -388,9 +433,7 @@ static void dec_table_into(dec *d, const uint8_t *at, uint8_t tag, int into, siz
             dec_fail(d, at, "%zu items' results past the last a table can hold", n);
         pz_fill_wire_doubles(L, into, offset, d->p, n);
         d->p += 8 * n;
-        lua_pushvalue(L, into);
-        dec_ref_add(d);
-        lua_pop(L, 1);
+        dec_ref_add_at(d, into);
         return;
     }
     if (tag != PZ_T_TABLE)
@@ -400,9 +443,7 @@ static void dec_table_into(dec *d, const uint8_t *at, uint8_t tag, int into, siz
     if (narr > (uint64_t)INT_MAX - offset)
         dec_fail(d, at, "%llu items' results past the last a table can hold",
                  (unsigned long long)narr);
-    lua_pushvalue(L, into);
-    dec_ref_add(d);
-    lua_pop(L, 1);
+    dec_ref_add_at(d, into);
     for (uint64_t i = dec_numbers(d, into, narr, offset); i <= narr; i++) {
         dec_value(d);
         lua_rawseti(L, into, (int)(offset + i));
@@ -646,13 +687,19 @@ static __attribute__((noinline)) void dec_any(dec *d)
         dec_table(d, at, tag == PZ_T_TABLE_MT);
         return;
     case PZ_T_REF:
+        if (d->lazy)
+            dec_start_over(d);
         dec_ref_push(d, dec_ref_number(d));
         return;
     case PZ_T_MODULE:
     case PZ_T_MEMBER:
+        if (d->lazy)
+            dec_start_over(d);
         dec_module(d, at, tag == PZ_T_MEMBER);
         return;
     case PZ_T_FUNCTION:
+        if (d->lazy)
+            dec_start_over(d);
         dec_function(d, at);
         return;
     case PZ_T_DOUBLES:
@@ -694,6 +741,8 @@ static void dec_start(dec *d, lua_State *L, const char *base, const char *p, con
     d->end = (const uint8_t *)end;
     d->flags = flags;
     d->nrefs = d->depth = 0;
+    d->lazy = 0;
+    d->again = NULL;
     d->arena = NULL;
     luaL_checkstack(L, DS_COUNT + 8, "cannot decode: stack overflow");
     d->slots = lua_gettop(L) + 1;
@@ -708,13 +757,50 @@ static void dec_check_end(dec *d)
                  dec_left(d) == 1 ? "" : "s");
 }
 
+/* One decode after dec_start: it reads the input and pushes its values
+ * above the reserved slots (or stores them), and returns what its entry
+ * point will. */
+typedef int (*dec_body)(dec *d, void *ctx);
+
+/* Runs body lazily and, if that pass starts over (dec_start_over), again
+ * in full from where it began: the stack cut back to the reserved slots,
+ * the shared strings' counts as they were (the module's comment says why
+ * nothing else need be undone).  Nothing is changed between the setjmp
+ * and the longjmp but *d, *d->arena and the Lua stack, all reset here. */
+static int dec_run(dec *d, dec_body body, void *ctx)
+{
+    jmp_buf again;
+    const uint8_t *start = d->p;
+    const pz_arena_reader counts = d->arena ? *d->arena : (pz_arena_reader){0};
+    if (setjmp(again) == 0) {
+        d->lazy = 1;
+        d->again = &again;
+    } else {
+        lua_settop(d->L, d->slots + DS_COUNT - 1);
+        d->p = start;
+        d->nrefs = d->depth = 0;
+        d->lazy = 0;
+        d->again = NULL;
+        if (d->arena)
+            *d->arena = counts;
+    }
+    return body(d, ctx);
+}
+
+static int decode_value_body(dec *d, void *ctx)
+{
+    (void)ctx;
+    dec_value(d);
+    dec_check_end(d);
+    return 1;
+}
+
 /* Decodes exactly one value in [p, end) and pushes it. */
 static void decode_value(lua_State *L, const char *base, const char *p, const char *end, int flags)
 {
     dec d;
     dec_start(&d, L, base, p, end, flags);
-    dec_value(&d);
-    dec_check_end(&d);
+    dec_run(&d, decode_value_body, NULL);
     lua_replace(L, d.slots);
     lua_settop(L, d.slots);
 }
@@ -795,6 +881,15 @@ static int dec_tuple_end(dec *d, int count)
     return count;
 }
 
+static int decode_tuple_body(dec *d, void *ctx)
+{
+    (void)ctx;
+    int count = dec_tuple_count(d);
+    for (int i = 0; i < count; i++)
+        dec_value(d);
+    return dec_tuple_end(d, count);
+}
+
 int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags, pz_arena_reader *arena)
 {
     int scalars = decode_scalar_tuple(L, p, n);
@@ -803,31 +898,39 @@ int pz_decode_tuple(lua_State *L, const char *p, size_t n, int flags, pz_arena_r
     dec d;
     dec_start(&d, L, p, p, p + n, flags);
     d.arena = arena;
-    int count = dec_tuple_count(&d);
-    for (int i = 0; i < count; i++)
-        dec_value(&d);
-    return dec_tuple_end(&d, count);
+    return dec_run(&d, decode_tuple_body, NULL);
+}
+
+/* Where pz_decode_tuple_into puts the items' results. */
+typedef struct into_target {
+    int into;
+    size_t offset;
+} into_target;
+
+static int decode_tuple_into_body(dec *d, void *ctx)
+{
+    const into_target *t = ctx;
+    const uint8_t *at = d->p;
+    if (t->offset >= INT_MAX)
+        dec_fail(d, at, "items' results past the last a table can hold");
+    int count = dec_tuple_count(d);
+    if (count < 1 || d->p >= d->end)
+        dec_fail(d, at, "expected a table of items' results, found no value");
+    at = d->p++;
+    dec_table_into(d, at, *at, t->into, t->offset);
+    lua_pushboolean(d->L, 1);
+    for (int i = 1; i < count; i++)
+        dec_value(d);
+    return dec_tuple_end(d, count);
 }
 
 int pz_decode_tuple_into(lua_State *L, const char *p, size_t n, int flags, int into, size_t offset,
                          pz_arena_reader *arena)
 {
     dec d;
-    if (into < 0)
-        into = lua_gettop(L) + into + 1;
+    into_target target = {into < 0 ? lua_gettop(L) + into + 1 : into, offset};
     dec_start(&d, L, p, p, p + n, flags);
     d.arena = arena;
-    const uint8_t *at = d.p;
-    if (offset >= INT_MAX)
-        dec_fail(&d, at, "items' results past the last a table can hold");
-    int count = dec_tuple_count(&d);
-    if (count < 1 || d.p >= d.end)
-        dec_fail(&d, at, "expected a table of items' results, found no value");
-    at = d.p++;
-    dec_table_into(&d, at, *at, into, offset);
-    lua_pushboolean(L, 1);
-    for (int i = 1; i < count; i++)
-        dec_value(&d);
-    return dec_tuple_end(&d, count);
+    return dec_run(&d, decode_tuple_into_body, &target);
 }
 
