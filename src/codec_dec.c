@@ -766,7 +766,9 @@ typedef int (*dec_body)(dec *d, void *ctx);
  * in full from where it began: the stack cut back to the reserved slots,
  * the shared strings' counts as they were (the module's comment says why
  * nothing else need be undone).  Nothing is changed between the setjmp
- * and the longjmp but *d, *d->arena and the Lua stack, all reset here. */
+ * and the longjmp but *d, *d->arena and the Lua stack, all reset here,
+ * and a table of items' results (pz_decode_tuple_into), whose entries the
+ * full pass writes again. */
 static int dec_run(dec *d, dec_body body, void *ctx)
 {
     jmp_buf again;
