@@ -7,9 +7,10 @@
  * I/O thread's copies of the arguments into a run (pz_run_gather) spent
  * most of that function's time in __memmove_avx_unaligned_erms.  Up to 32
  * bytes, two fixed-size copies that may overlap do it: each is a load and
- * a store, and neither reads or writes a byte outside the n given.  Users:
- * run.c (a run's arguments), worker.c (a result into its run's answer),
- * codec_direct.c (a short string).
+ * a store, and neither reads or writes a byte outside the n given; longer
+ * copies go to memcpy.  Users: run.c (a run's arguments), worker.c (a
+ * result into its run's answer), codec_direct.c and codec_format.h's
+ * pz_put_string (a short string).
  *
  * No thread rules: it touches only the bytes it is given.  The two areas
  * must not overlap.

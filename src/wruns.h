@@ -28,8 +28,8 @@
  * that an error the executor raises reaches worker.c's handler (on_error,
  * the protected call around the loop) as the C loop's would, naming that
  * call.  A result that is not one number, and an argument that is not one
- * number as pz_put_number writes it (NaN, integers of magnitude 2^49 or more and -0 as an
- * integer included), go back to the C loop.
+ * number as pz_put_number writes it (NaN, integers of magnitude 2^49 or
+ * more and -0 as an integer included), go back to the C loop.
  *
  * Worker main thread only, inside run_calls' protected call (worker.c).
  * The C function the helper calls must not raise (an error cannot cross
