@@ -10,12 +10,13 @@
 #      `make run`: the first run on the machine installs the build's
 #      packages through sudo, builds as that user and runs the demo;
 #   2. root runs `make run` again: it must install nothing and still work;
-#   3. root runs `make test`: it installs the test tools (root's own path,
-#      without sudo) and runs every test.
-# Between them, make run and make test each run once for the first time,
-# both ways of installing are used, and "a second run installs nothing" is
-# checked, at the cost of one more `make run` (seconds), not of a second
-# `make test`.
+#   3. root runs `make check` (`make test` and the sanitizer pass): it
+#      installs the test tools (root's own path, without sudo) and runs
+#      every test.
+# Between them, make run and make check (all of make test's work, and its
+# install step) each run once for the first time, both ways of installing
+# are used, and "a second run installs nothing" is checked, at the cost of
+# one more `make run` (seconds), not of a second `make check`.
 
 set -euo pipefail
 
@@ -58,5 +59,5 @@ if grep -q '^installing:' "$log" || [ "$(installed)" != "$before" ]; then
 fi
 rm -f "$log"
 
-step "3. make test, as root"
-make test || fail "make test"
+step "3. make check (make test and the sanitizer pass), as root"
+make check || fail "make check"

@@ -1,6 +1,7 @@
 #!/bin/sh
-# run-tests.sh - every test of the project. `make test` runs it after the
-# build (normal and ASan), from the top of the tree:
+# run-tests.sh - every test of the project. `make check` runs it after the
+# build (normal and ASan), from the top of the tree; `make test` runs every
+# step but c, which doubles the time:
 #
 #     LUAJIT=luajit sh tools/run-tests.sh
 #
