@@ -65,23 +65,24 @@ describe("Lua code that runs inside the pool", function()
 
   it("can read p.pending and p.results from a finalizer while results drain", function()
     local p = Parallelize(rep(function(x) return "r" .. x end, 2))
-    finally(function() p:stop() end)
-    local inside, problems, runs = 0, {}, 0
-    -- A few garbage proxies at any time: each finalizer makes one more.
-    -- (p.results is a copy, made at each read: read it now and then.)
+    finally(function() if p then p:stop() end end)
+    local inside, problems, runs, done = 0, {}, 0, false
+    -- A few garbage proxies at any time: each finalizer makes one more,
+    -- until done. (p.results is a copy, made at each read: read it now
+    -- and then.)
     local function arm()
       local u = newproxy(true)
       getmetatable(u).__gc = function()
         runs = runs + 1
         local ok, err = pcall(function()
-          local pending, count = p.pending, runs % 64 == 0 and #p.results or 0
+          local pending, count = p.pending, runs % 1024 == 0 and #p.results or 0
           assert(pending >= 0 and count >= 0)
         end)
         if not ok then problems[#problems + 1] = err end
         -- Records being drained, by whichever pool function: p(x) drains
         -- them too once they pile up (every 1024th call of a compiled loop).
         if core.pool_draining(p) then inside = inside + 1 end
-        if not p.stopped then arm() end
+        if not done then arm() end
       end
     end
     for _ = 1, 4 do arm() end
@@ -104,6 +105,9 @@ describe("Lua code that runs inside the pool", function()
       n = n + batch
       assert.is_true(p:wait(120))
     until (inside > 0 and n >= 4 * batch / (UNDER_ASAN and 2 or 1)) or n >= 400000
+    -- The thousands of chains armed would otherwise go on to the end of
+    -- the spec file, each copying p.results now and then: half a minute.
+    done = true
     collectgarbage("setpause", saved_pause)
     assert.are.same({}, problems)
     assert.is_true(inside > 0, "no finalizer ran while the pool drained")
@@ -114,6 +118,11 @@ describe("Lua code that runs inside the pool", function()
     end
     assert.are.same({}, wrong)
     assert.are.equal(0, p.pending)
+    -- Its 100,000 results would stay alive with busted's hold on this
+    -- `finally`, and the frequent collections of the cases below would
+    -- go over them (eight times the work: a quarter of a minute).
+    p:stop()
+    p = nil
   end)
 
   it("queues a call whole when p(...) runs while another p(...) encodes", function()
