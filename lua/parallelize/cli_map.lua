@@ -157,13 +157,23 @@ function Run:note_line(i, n)
   local size = self.slots
   local k = i % size + 1
   if self.slot_pos[k] then
-    -- Twice the slots: every position held moves to its new slot.
+    -- Twice the slots: every position held moves to its new slot (two
+    -- positions apart in size slots are apart in twice as many too), in
+    -- new arrays that replace the old in one commit. Moved one by one
+    -- into arrays already in place, an interrupt halfway lost the
+    -- positions not yet moved: their lines were written and logged as
+    -- line 0, which --resume does not know, and so ran again.
     local pos, line = self.slot_pos, self.slot_line
-    size = 2 * size
-    self.slots, self.slot_pos, self.slot_line = size, free_slots(size), free_slots(size)
-    for j = 1, size / 2 do
-      if pos[j] then self:note_line(pos[j], line[j]) end
+    local bigger = 2 * size
+    local new_pos, new_line = free_slots(bigger), free_slots(bigger)
+    for j = 1, size do
+      local p = pos[j]
+      if p then
+        local m = p % bigger + 1
+        new_pos[m], new_line[m] = p, line[j]
+      end
     end
+    commit(3, self, "slots", bigger, self, "slot_pos", new_pos, self, "slot_line", new_line)
     return self:note_line(i, n)
   end
   self.slot_pos[k], self.slot_line[k] = i, n
@@ -255,11 +265,16 @@ function Run:source()
           parts, nparts = {}, 0
         end
         interrupted = 0
-        local n = self.lines_read + 1
-        self.lines_read = n
-        if not self:skipped(n, text) then
+        -- A line is counted read, with its bytes, and submitted in one
+        -- commit: an interrupt between the read and the count leaves it
+        -- to count_unread, which reads on from bytes_read; one between
+        -- two separate assignments lost it from both counts.
+        local n, bytes = self.lines_read + 1, self.bytes_read + #text + 1
+        if self:skipped(n, text) then
+          commit(2, self, "lines_read", n, self, "bytes_read", bytes)
+        else
           local i = self.submitted + 1
-          self.submitted = i
+          commit(3, self, "lines_read", n, self, "bytes_read", bytes, self, "submitted", i)
           self:note_line(i, n)
           return text
         end
@@ -274,11 +289,13 @@ end
 --- How many lines of the input, not skipped, remain unread: none after
 -- its end, counted when stdin is a regular file, nil otherwise (a pipe's
 -- rest is not read: its writer may never end). The file is read through
--- a descriptor of its own, from where stdin's reading stopped: stdin's
+-- a descriptor of its own, from the end of the last line counted: stdin's
 -- stream may keep the error flag of a read that Ctrl-C interrupted.
 function Run:count_unread()
   if self.eof then return 0 end
-  local at = io.stdin:seek("cur")
+  -- From the end of the last line counted, not from stdin's position: a
+  -- line read when an interrupt came, before it was counted, is past that.
+  local at = self.start_at and io.stdin:seek("cur") and self.start_at + self.bytes_read
   local f = at and io.open("/proc/self/fd/0", "rb")
   if not f then return nil end
   local n = 0
@@ -314,7 +331,7 @@ end
 
 function Run:not_done_message(count, whole)
   local rerun = self.log and format("; rerun with --resume --joblog %s to finish them", self.opts.joblog) or ""
-  if whole then return format("%d lines not done%s", count, rerun) end
+  if whole then return format("%d lines not done%s", count, count > 0 and rerun or "") end
   return format("%d lines read and not done, and the rest of the input not read%s", count, rerun)
 end
 
@@ -347,6 +364,7 @@ end
 function Run:stream(p)
   local ordered = self.opts.keep_order or false
   self.id_base = p.calls
+  self.streaming = true
   -- The stream's narrow window, 256 lines a worker, kept: its default
   -- widens for string results (p:stream), and the input read ahead of a
   -- reader that does not keep up would grow with it (a MB and more of
@@ -398,7 +416,7 @@ function M.main(prog, ...)
     prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
     outbuf = {}, nout = 0, outbytes = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
     slots = FIRST_SLOTS, slot_pos = free_slots(FIRST_SLOTS), slot_line = free_slots(FIRST_SLOTS),
-    lines_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, failures = 0,
+    lines_read = 0, bytes_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, failures = 0,
   }, Run)
   local opts, why = cli_args.parse({ ... })
   if not opts then
@@ -428,6 +446,7 @@ function M.main(prog, ...)
     end
   end
   io.stdout:setvbuf("no") -- each batch is one write, made when this file says
+  run.start_at = io.stdin:seek("cur") -- nil for a pipe (count_unread)
 
   local p
   local ok, status = pcall(function()
@@ -448,7 +467,10 @@ function M.main(prog, ...)
     -- says which signal it was: the status is then 128 + its number.
     local signal = interrupted and M.signal_caught and M.signal_caught() or 0
     local how = SIGNAL_NAMES[signal] and "stopped by " .. SIGNAL_NAMES[signal] or "interrupted"
-    if p and not p.stopped then
+    -- A pool stopped by the run's own p:stop (--halt soon waits there for
+    -- the running calls; the last one at the end) still has its finished
+    -- calls to take, its batch to write and its lines to count.
+    if p and (not p.stopped or run.streaming) then
       local count, whole = run:cut_short(p, 0)
       if interrupted then
         run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
