@@ -223,6 +223,39 @@ for _, interp in ipairs(interpreters) do
       assert.is_true(all_gone({ pid }, 10))
     end)
 
+    it("a Ctrl-C during stop ends the running calls, and is raised once stop has returned", function()
+      -- Without a finish_timeout stop waits for the running calls however
+      -- long they take; Ctrl-C there is the user's "now": they are ended
+      -- as a finish_timeout passing then would end them, stop still
+      -- reaps everything and accounts for every call, and the interrupt
+      -- fires after it.
+      local out
+      pid, out = start(dir, interp, PRELUDE:format("30", 8) .. [[
+        parallelize.sleep(0.2) -- the first four calls running
+        print("stopping")
+        local started = core.now()
+        local ok, err = pcall(function()
+          local aborted = p:stop() -- not a tail call: the interrupt fires in here
+          return aborted
+        end)
+        local s = p:stats()
+        print(("stopped %.3f %s %s"):format(core.now() - started, tostring(ok), tostring(err)))
+        print(("counts %d %d %d %d"):format(#p.results, #p.errors, s.aborted, p.calls))
+      ]])
+      local pids = numbers(await(out, "pids ([%d ]+)\n"))
+      await(out, "stopping\n")
+      core.sleep(0.3)
+      assert.is_true(support.kill(-pid, SIGINT))
+      local took, ok, err = await(out, "stopped ([%d.]+) (%a+) ([^\n]*)\n", 20)
+      assert.are.equal("false", ok)
+      assert.matches("interrupted!", err, 1, true)
+      -- kill_grace is 1 s; the calls sleep 30.
+      assert.is_true(tonumber(took) < 5, "stop took " .. took .. " s")
+      assert.are.same({ 0, 0, 8, 8 }, numbers(await(out, "counts ([%d ]+)\n")))
+      assert.is_true(all_gone({ pid }, 10))
+      assert.is_true(all_gone(pids, 1), "workers or spawner outlived the parent")
+    end)
+
     it("a second Ctrl-C during stop leaves no process behind", function()
       local out
       pid, out = start(dir, interp, PRELUDE:format("1", 40) .. [[

@@ -207,6 +207,15 @@ static void begin_stop(struct pz_io *io)
         pz_slot_stop(io, &io->slots[i]);
 }
 
+/* A signal came while the main thread waited for the running calls
+ * (pz_pool_stop): their deadline is now, whatever finish_ns said. */
+static void hurry_stop(struct pz_io *io)
+{
+    io->hurried = 1;
+    if (!io->term_sent)
+        io->term_at = 1;
+}
+
 static void signal_all(struct pz_io *io, int sig)
 {
     for (int i = 0; i < io->nrecords; i++)
@@ -227,6 +236,7 @@ static void progress_stop(struct pz_io *io, int64_t now)
 {
     if (io->term_at && now >= io->term_at) {
         io->term_at = 0;
+        io->term_sent = 1;
         int64_t grace = io->p->opt.kill_grace_ns;
         for (int i = 0; i < io->nrecords; i++) {
             int64_t g = pz_slot_grace_ns(io, &io->slots[i]);
@@ -402,6 +412,8 @@ void *pz_io_main(void *arg)
         int64_t now = io->now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
             begin_stop(io);
+        if (io->stopping && !io->hurried && atomic_load(&p->stop_hurry))
+            hurry_stop(io);
         take_requests(io);
         sample(io, now);
         pz_dispatch(io);

@@ -667,7 +667,8 @@ static int stop_returns(lua_State *L)
 
 /* core.pool_stop(pool [, finish_timeout [, settle]]) -> aborted: stops
  * dispatching, lets the calls workers hold finish (terminating them once
- * finish_timeout seconds have passed, when given), ends every process,
+ * finish_timeout seconds have passed, when given, or at once when a signal
+ * comes meanwhile: pz_pool_stop), ends every process,
  * then returns the arguments of every call that never finished, or what
  * settle(aborted) returns (stop_returns).  A stopped pool's list is {}. */
 static int l_pool_stop(lua_State *L)
@@ -685,7 +686,11 @@ static int l_pool_stop(lua_State *L)
     if (pz_lpool_marked_above(u->chunk_encoding_at, pz_lpool_frame_here()))
         return luaL_error(L, "the pool is busy: p:stop() called while a map encodes a chunk "
                              "of its items (from a __gc finalizer?); call it afterwards");
-    pz_pool_stop(u->pool, finish);
+    /* A signal during the stop (its handler sets a hook: hook_changed)
+     * ends the running calls; one from before fires afterwards. */
+    hook_watch watch = {L, lua_gethook(L)};
+    const pz_signalled signalled = {hook_changed, &watch};
+    pz_pool_stop(u->pool, finish, &signalled);
     pz_lrecords_drain(L, u, 1);
     lua_getfenv(L, 1);
     push_stats(L, u);
@@ -750,7 +755,7 @@ static int l_pool_gc(lua_State *L)
                     (unsigned long long)(calls - done), (unsigned long long)calls);
     }
     if (u->pool) {
-        pz_pool_stop(u->pool, pz_now_ns());
+        pz_pool_stop(u->pool, pz_now_ns(), NULL);
         pz_pool_free(u->pool);
         u->pool = NULL;
     }

@@ -130,6 +130,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     p->io_wake_fd = p->main_wake_fd = p->spawner_fd = p->lent_fd = -1;
     p->next_id = 1;
     atomic_init(&p->finish_ns, -1);
+    atomic_init(&p->stop_hurry, 0);
     if (pz_bigbufs_init(&p->spares) != 0) {
         *err = "pthread_mutex_init failed";
         goto fail;
@@ -205,7 +206,7 @@ fail:
     {
         int e = errno;
         p->stopped = 1;
-        pz_pool_stop(p, 0);
+        pz_pool_stop(p, 0, NULL);
         pz_pool_free(p);
         errno = e;
     }
@@ -509,7 +510,7 @@ int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_tar
 
 /* ---- the end ----------------------------------------------------------- */
 
-void pz_pool_stop(pz_pool *p, int64_t finish_ns)
+void pz_pool_stop(pz_pool *p, int64_t finish_ns, const pz_signalled *signalled)
 {
     if (p->reaped)
         return;
@@ -522,9 +523,16 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns)
         atomic_store(&p->finish_ns, finish_ns);
         atomic_store(&p->stop_requested, 1);
         pz_wake(p->io_wake_fd, "the I/O thread");
-        /* Signals do not cut this short: stop must leave nothing behind. */
+        /* Signals do not cut this short: stop must leave nothing behind.
+         * The first one seen hurries the I/O thread (pool.h); the wait
+         * then goes on deaf to them. */
         while (!atomic_load(&p->finished))
-            sleep_until(p, PZ_WAIT_EXIT, -1, NULL);
+            if (sleep_until(p, PZ_WAIT_EXIT, -1, signalled) == PZ_WAIT_INTERRUPTED &&
+                signalled->check(signalled->ud)) { /* not any signal's EINTR */
+                signalled = NULL;
+                atomic_store(&p->stop_hurry, 1);
+                pz_wake(p->io_wake_fd, "the I/O thread");
+            }
         pthread_join(p->thread, NULL);
         p->thread_started = 0;
     } else if (p->spawner_fd >= 0) {

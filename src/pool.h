@@ -139,6 +139,7 @@ typedef struct pz_pool {
     pz_spsc submit;           /* CALL frames; producer: main */
     _Alignas(PZ_CACHE_LINE) _Atomic int stop_requested;
     _Atomic int64_t finish_ns; /* stop: absolute deadline for running calls, or -1 */
+    _Atomic int stop_hurry;   /* stop: a signal came: that deadline is now */
     _Atomic int main_waiting; /* PZ_WAIT_*: wake main when that is met (io clears it) */
     _Atomic uint64_t main_done_target;  /* PZ_WAIT_PROGRESS: calls_done to reach */
     _Atomic uint64_t main_taken_target; /* PZ_WAIT_PROGRESS: or calls_taken to reach */
@@ -290,10 +291,14 @@ int pz_pool_sleep(pz_pool *p, int kind, uint64_t done_target, uint64_t taken_tar
 
 /* Main thread: asks the I/O thread to stop (finish_ns: absolute deadline for
  * running calls, or -1 to wait for them), then joins it and reaps the
- * spawner.  Signals do not interrupt it.  Afterwards the submit queue and
- * the I/O thread's queues hold the calls that never finished: see
- * pz_pool_aborted. */
-void pz_pool_stop(pz_pool *p, int64_t finish_ns);
+ * spawner.  Signals do not cut it short: it always ends with every process
+ * reaped.  But when `signalled` (may be NULL) says one came during the
+ * wait (Ctrl-C), the running calls' deadline becomes that moment: they are
+ * terminated as a finish_ns then passed would have them (SIGTERM, SIGKILL
+ * kill_grace later), instead of being waited for however long they take.
+ * Afterwards the submit queue and the I/O thread's queues hold the calls
+ * that never finished: see pz_pool_aborted. */
+void pz_pool_stop(pz_pool *p, int64_t finish_ns, const pz_signalled *signalled);
 
 /* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
  * finished (frame bytes), in order; not for a cancelled call, whose record

@@ -17,8 +17,9 @@
 -- - Failures are counted here, not by the pool's fail_fast: a line that is
 --   not JSON is a failure the pool never sees (the worker returns it), and
 --   --halt needs a count. `now` ends the running calls (p:stop(0)),
---   `soon` lets the calls the workers hold finish (p:stop()); what
---   finished either way is written and logged.
+--   `soon` lets the calls the workers hold finish (p:stop(), which a
+--   Ctrl-C meanwhile cuts short); what finished either way is written and
+--   logged.
 -- - The executor is loaded by every worker before any input is read; one
 --   that cannot be loaded is one message and exit status 255.
 -- - A call's argument is its line's text alone, and a line that succeeded
