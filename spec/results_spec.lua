@@ -809,6 +809,31 @@ describe("stream", function()
     assert.are.equal(0, #p:take())
   end)
 
+  it("left early many times on one pool, leaves room for more maps and streams", function()
+    -- Each loop left by break kept its claim (one of 255 tags) until stop:
+    -- the 256th stream or map on the pool raised "too many maps and
+    -- streams at once", though none of the others could be stepped again.
+    local p = Parallelize(function(x) return x * 2 end, { workers = 2 })
+    finally(function() p:stop() end)
+    local handed = 0
+    local function first_above(limit)
+      for _, ok, v in p:stream({ 1, 2, 3, 4 }) do
+        assert.is_true(ok)
+        handed = handed + 1
+        if v > limit then return v end
+      end
+    end
+    for _ = 1, 300 do assert.is_true(first_above(4) > 4) end
+    assert.are.same({ 2, 4, 6 }, p:map({ 1, 2, 3 }))
+    local n = 0
+    for _, ok in p:stream({ 1, 2, 3 }) do n = n + (ok and 1 or 0) end
+    assert.are.equal(3, n)
+    -- nothing lost, nothing twice
+    p:wait()
+    local aborted = p:stop()
+    assert.are.equal(300 * 4, handed + #p.results + #p.errors + #aborted)
+  end)
+
   it("lets go of its source, its results and its pool once it has ended", function()
     -- Compiled traces keep the closures they called: with the JIT on, a
     -- finished stream's closures, and what their upvalues held (the

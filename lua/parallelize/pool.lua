@@ -335,8 +335,30 @@ local function release(p, claim)
   return atomically(release_now, p, claim)
 end
 
+--- Releases the claims of p's streams whose iterators were collected
+-- unfinished (a loop left by break or an error): nothing can step them
+-- again, and their tags are wanted (PZ_TAGS). What they hold goes to the
+-- pool's store, as stop would send it.
+local function release_abandoned(p)
+  for _, claim in pairs(running[p] or {}) do
+    if claim.abandoned then release_now(p, claim) end
+  end
+end
+
 local function new_claim_now(p)
-  local tag = pool_claim(p)
+  local ok, tag = pcall(pool_claim, p)
+  if not ok then
+    -- Every tag is taken: those of streams left early and since collected
+    -- are freed (once their calls are answered) rather than held until stop.
+    release_abandoned(p)
+    ok, tag = pcall(pool_claim, p)
+    if not ok then
+      collectgarbage() -- the finalizers of iterators no longer reachable
+      release_abandoned(p)
+      ok, tag = pcall(pool_claim, p)
+    end
+    if not ok then error((tostring(tag):gsub("^[^:]*:%d+: ", "")), caller.level()) end
+  end
   local env = pool_env(p)
   local claim = { tag = tag, lists = env.claims[tag], kr = 1, ke = 1, keep = env.keep_results,
     first = nil, last = nil }
@@ -697,6 +719,14 @@ function methods.stream(p, src, opts)
 
   local claim = new_claim(p)
   local lists, tag = claim.lists, claim.tag
+  -- Collected with the iterator: the stream can no longer be stepped, and
+  -- its claim may go to the store (release_abandoned). finish() lets go of
+  -- it, the claim released.
+  local guard = newproxy(true)
+  do
+    local c = claim
+    getmetatable(guard).__gc = function() c.abandoned = true end
+  end
   local array_n = t == "table" and #src or nil
   -- Numbers and short strings are queued through the FFI while the JIT
   -- runs (p(x)'s fast path: interpreted, the FFI costs more than the C
@@ -1014,7 +1044,9 @@ function methods.stream(p, src, opts)
     ended = true
     quick_turns = 0
     src, held, held_more, held_id, segs, ids, lists, claim, p = nil, nil, nil, nil, nil, nil, nil, nil, nil
-    fast, spare_results, spare_ids = nil, nil, nil
+    -- (guard: this reference is what keeps it alive as long as the loop's
+    -- closures are)
+    fast, spare_results, spare_ids, guard = nil, nil, nil, nil -- luacheck: ignore 311
   end
 
   --- A turn of the loop that may wait, refill or end the stream.
