@@ -316,6 +316,31 @@ describe("cancel", function()
     assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
   end)
 
+  it("cancels 100,000 queued calls and the running one asked last, which ends unfinished", function()
+    -- Each cancel used to search every place a call can be, one id at a
+    -- time: 80,000 took the I/O thread about 8 s, and the cancel of the
+    -- running call, behind them all, came after it had finished: it kept
+    -- its result. Taken together (a second here), it is ended at once.
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop() end)
+    local n = 100000
+    local running = p(8)
+    for _ = 2, n do p(0) end
+    assert.is_true(support.eventually(function() return p:stats().running == 1 end, 10))
+    for id = n, 1, -1 do assert.is_true(p:cancel(id)) end
+    -- a second ask of one (true if the pool had not acted on the first
+    -- yet): still one record
+    p:cancel(n)
+    assert.is_true(p:wait(60))
+    local ok, err = p:result(running)
+    assert.is_false(ok, "the running call finished before its cancel came")
+    assert.is_true(err.cancelled)
+    assert.are.equal(0, #p.results)
+    assert.are.equal(n, #p.errors)
+    for _, e in ipairs(p.errors) do assert(e.cancelled, e.message) end
+    assert.are.equal(n, p:stats().cancelled)
+  end)
+
   it("answers false for an id no call has: 0, a fraction, NaN, beyond p.calls", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)

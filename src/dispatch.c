@@ -297,41 +297,54 @@ static void cancel_waiting(struct pz_io *io, char *fr)
         pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
 }
 
+int pz_id_among(const uint64_t *ids, size_t n, uint64_t id)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ids[mid] < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && ids[lo] == id;
+}
+
 typedef struct cancel_search {
     struct pz_io *io;
-    uint64_t id;
+    const uint64_t *ids;
+    size_t n, found; /* each id is in one place at most: done at found == n */
 } cancel_search;
+
+/* Cancels fr, a waiting CALL frame (requeued or in the submit queue), if
+ * its id is to be. */
+static void cancel_if_among(cancel_search *c, char *fr)
+{
+    if (!pz_id_among(c->ids, c->n, pz_frame_id(fr)))
+        return;
+    c->found++;
+    if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
+        cancel_waiting(c->io, fr);
+}
 
 /* pz_spsc_walk's visitor over the submit queue's frames. */
 static int cancel_in_chunk(char *data, size_t n, void *ud)
 {
     cancel_search *c = ud;
-    for (size_t pos = 0; pos < n; pos += pz_frame_size(data + pos)) {
-        char *fr = data + pos;
-        if (pz_frame_id(fr) == c->id) {
-            if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
-                cancel_waiting(c->io, fr);
-            return 1;
-        }
-    }
-    return 0;
+    for (size_t pos = 0; pos < n && c->found < c->n; pos += pz_frame_size(data + pos))
+        cancel_if_among(c, data + pos);
+    return c->found == c->n;
 }
 
-int pz_dispatch_cancel(struct pz_io *io, uint64_t id)
+void pz_dispatch_cancel(struct pz_io *io, const uint64_t *ids, size_t n)
 {
-    for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos)) {
-        char *fr = io->rq.data + pos;
-        if (pz_frame_id(fr) == id) {
-            if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
-                cancel_waiting(io, fr);
-            return 1;
-        }
-    }
-    for (int i = 0; i < io->nrecords; i++)
-        if (pz_slot_cancel(io, &io->slots[i], id))
-            return 1;
+    cancel_search c = {io, ids, n, 0};
+    for (size_t pos = io->rq_pos; pos < io->rq.len && c.found < n; pos += pz_frame_size(io->rq.data + pos))
+        cancel_if_among(&c, io->rq.data + pos);
+    for (int i = 0; i < io->nrecords && c.found < n; i++)
+        c.found += pz_slot_cancel(io, &io->slots[i], ids, n);
     /* The submit queue: its consumer (us) may read, and flag, what the
      * producer has published. */
-    cancel_search c = {io, id};
-    return pz_spsc_walk(&io->p->submit, cancel_in_chunk, &c);
+    if (c.found < n)
+        pz_spsc_walk(&io->p->submit, cancel_in_chunk, &c);
 }

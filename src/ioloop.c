@@ -258,25 +258,34 @@ static void progress_stop(struct pz_io *io, int64_t now)
 
 /* ---- requests from the main thread, and stats ---------------------------- */
 
-/* Carries out the cancels the main thread asked for (pz_io_cancel). */
+static int compare_ids(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Carries out the cancels the main thread asked for (pz_io_cancel): all
+ * of them at once, sorted, repeats dropped (a call asked twice gets one
+ * record), so that pz_dispatch_cancel passes over each place once. */
 static void take_requests(struct pz_io *io)
 {
     pthread_mutex_lock(&io->ctl_lock);
+    uint64_t *ids = io->cancels;
     size_t n = io->ncancels;
-    uint64_t ids[64];
-    if (n > 64)
-        n = 64;
     if (n > 0) {
-        memcpy(ids, io->cancels, n * sizeof *ids);
-        memmove(io->cancels, io->cancels + n, (io->ncancels - n) * sizeof *ids);
-        io->ncancels -= n;
+        io->cancels = NULL;
+        io->ncancels = io->capcancels = 0;
     }
-    int more = io->ncancels > 0;
     pthread_mutex_unlock(&io->ctl_lock);
-    for (size_t i = 0; i < n; i++)
-        pz_dispatch_cancel(io, ids[i]);
-    if (more) /* the rest on the next turn, which comes at once */
-        pz_wake(io->p->io_wake_fd, "the I/O thread");
+    if (n == 0)
+        return;
+    qsort(ids, n, sizeof *ids, compare_ids);
+    size_t kept = 1;
+    for (size_t i = 1; i < n; i++)
+        if (ids[i] != ids[kept - 1])
+            ids[kept++] = ids[i];
+    pz_dispatch_cancel(io, ids, kept);
+    free(ids);
 }
 
 int pz_io_cancel(struct pz_io *io, uint64_t id)

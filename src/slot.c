@@ -447,45 +447,63 @@ static void check_timeout(struct pz_io *io, pz_slot *w, int64_t now, int64_t *ne
         *next = due;
 }
 
-int pz_slot_cancel(struct pz_io *io, pz_slot *w, uint64_t id)
+/* What pz_slot_cancel does to the frame fr, at pos, of a call to cancel:
+ * returns 1 when the frame is to be dropped from w->out. */
+static int cancel_frame(struct pz_io *io, pz_slot *w, char *fr, size_t pos)
 {
+    if (pz_frame_flags(fr) & PZ_CALL_CANCELLED)
+        return 0;
+    uint64_t id = pz_frame_id(fr);
+    char msg[80];
+    snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", id);
+    if (pos >= w->out_sent) {
+        /* Not sent yet: it never will be. */
+        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
+            return 0;
+        w->inflight--;
+        return 1;
+    }
+    int64_t started;
+    if (running_call(io, w, &started) == id) {
+        doom(io, w, id, PZ_ERR_CANCELLED); /* the error comes with its death */
+        return 0;
+    }
+    /* Sent, not started: dropped now; its answer, if one comes, is not.
+     * The worker will still decode its arguments: their big strings stay
+     * until it has (PZ_REC_HELD, pz_io_release). */
+    if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0) {
+        pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+        w->cancels_sent = 1; /* ended as it starts: check_timeout */
+    }
+    return 0;
+}
+
+size_t pz_slot_cancel(struct pz_io *io, pz_slot *w, const uint64_t *ids, size_t n)
+{
+    /* One pass; the frames dropped (never sent: all past out_sent) are
+     * closed up behind it, the kept ones moved down to `to`. */
+    size_t held = 0, to = w->out_head, direct_end = w->direct_end, dropped_before_direct = 0;
     for (size_t pos = w->out_head; pos < w->out.len;) {
         char *fr = w->out.data + pos;
         size_t size = pz_frame_size(fr);
-        if (pz_frame_type(fr) != PZ_F_CALL || pz_frame_id(fr) != id) {
-            pos += size;
-            continue;
+        int drop = 0;
+        if (held < n && pz_frame_type(fr) == PZ_F_CALL && pz_id_among(ids, n, pz_frame_id(fr))) {
+            held++;
+            drop = cancel_frame(io, w, fr, pos);
         }
-        if (pz_frame_flags(fr) & PZ_CALL_CANCELLED)
-            return 1;
-        char msg[80];
-        snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", id);
-        if (pos >= w->out_sent) {
-            /* Not sent yet: it never will be. */
-            if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
-                return 1;
-            memmove(fr, fr + size, w->out.len - pos - size);
-            w->out.len -= size;
-            if (w->direct_end > pos)
-                w->direct_end -= size;
-            w->inflight--;
-            return 1;
+        if (drop) {
+            if (direct_end > pos)
+                dropped_before_direct += size;
+        } else {
+            if (to != pos)
+                memmove(w->out.data + to, fr, size);
+            to += size;
         }
-        int64_t started;
-        if (running_call(io, w, &started) == id) {
-            doom(io, w, id, PZ_ERR_CANCELLED); /* the error comes with its death */
-            return 1;
-        }
-        /* Sent, not started: dropped now; its answer, if one comes, is not.
-         * The worker will still decode its arguments: their big strings
-         * stay until it has (PZ_REC_HELD, pz_io_release). */
-        if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED | PZ_REC_HELD) == 0) {
-            pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
-            w->cancels_sent = 1; /* ended as it starts: check_timeout */
-        }
-        return 1;
+        pos += size;
     }
-    return 0;
+    w->out.len = to;
+    w->direct_end = direct_end - dropped_before_direct;
+    return held;
 }
 
 /* ---- deaths ---------------------------------------------------------------- */
