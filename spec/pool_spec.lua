@@ -432,6 +432,31 @@ describe("Deferred", function()
     assert.matches("^w%dx$", p.results[1])
   end)
 
+  it("names in p.pids only workers that live: a dead one is left out until its replacement is ready", function()
+    -- It used to keep a dead worker's pid, which may be another process's
+    -- by the time a script signals it.
+    for _, respawn in ipairs({ false, true }) do
+      local p = Parallelize(rep(function(x) return x end, 2), { respawn = respawn })
+      finally(function() p:stop() end)
+      local _ = p.executors
+      local before = p.pids
+      assert.are.equal(2, #before)
+      assert.is_true(support.kill(before[1], 9))
+      if respawn then
+        assert.is_truthy(support.eventually(function()
+          local now = p.pids[1]
+          return now ~= nil and now ~= before[1]
+        end, 10), "no new pid for slot 1")
+        assert.is_true(support.alive(p.pids[1]))
+      else
+        assert.is_truthy(support.eventually(function() return p.pids[1] == nil end, 10),
+          "slot 1 still names its dead worker")
+      end
+      assert.are.equal(before[2], p.pids[2])
+      p:stop()
+    end
+  end)
+
   it("drops a worker whose constructor raises and runs on the rest", function()
     local p = Parallelize({
       Deferred(function() error("no database") end),

@@ -341,6 +341,8 @@ static void on_init(struct pz_io *io, pz_slot *w, const pz_frame *f)
          * is its launcher's, which only the spawner knows. */
         if (!w->remote && !w->pid_reported && f->id > 0 && f->id <= INT32_MAX)
             w->pid = (pid_t)f->id;
+        io->slot_stats[w->slot].init_record = w->index + 1;
+        io->slot_stats[w->slot].init_gen = w->gen;
         w->init_crashes = 0;
         if (w->state == SLOT_STARTING)
             w->state = SLOT_READY;

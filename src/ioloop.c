@@ -362,6 +362,11 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
             if (w->alive && w->pid > 0 && (pass == 0 ? !ready : ready))
                 st->slots[w->slot].pid = w->pid;
         }
+    for (int s = 0; s < io->p->nslots; s++) {
+        pz_slot_stats *ss = &st->slots[s];
+        const pz_slot *w = ss->init_record ? &io->slots[ss->init_record - 1] : NULL;
+        ss->init_alive = w && w->gen == ss->init_gen && w->alive;
+    }
     pthread_mutex_unlock(&io->lock);
 }
 

@@ -511,6 +511,29 @@ static void push_stats(lua_State *L, lpool *u)
     lua_remove(L, -2); /* the slots' buffer */
 }
 
+/* core.pool_slots_alive(pool) -> {[slot] = true, ...}: the slots whose
+ * worker that initialized last still lives (none after stop).  p.pids
+ * names only those: a pid whose process has ended may be another's by
+ * now. */
+static int l_pool_slots_alive(lua_State *L)
+{
+    lpool *u = to_lpool(L, 1);
+    lua_newtable(L);
+    if (!u->pool || u->pool->stopped)
+        return 1;
+    pz_pool_stats st;
+    memset(&st, 0, sizeof st);
+    st.slots = (pz_slot_stats *)lua_newuserdata(L, (size_t)u->nslots * sizeof *st.slots);
+    pz_pool_get_stats(u->pool, &st);
+    for (int i = 0; i < u->nslots; i++)
+        if (st.slots[i].init_alive) {
+            lua_pushboolean(L, 1);
+            lua_rawseti(L, -3, i + 1);
+        }
+    lua_pop(L, 1);
+    return 1;
+}
+
 /* core.pool_stats(pool) -> the I/O thread's counts (push_stats); after
  * stop, the last ones it had.  The Lua layer adds what the main thread
  * knows. */
@@ -807,6 +830,7 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         {"pool_finished", l_pool_finished}, {"pool_claim", l_pool_claim},
         {"pool_release", l_pool_release}, {"pool_size", l_pool_size},
         {"pool_cancel", l_pool_cancel},   {"pool_stats", l_pool_stats},
+        {"pool_slots_alive", l_pool_slots_alive},
         {"pool_env", l_pool_env},         {"pool_stopped", l_pool_stopped},
         {"pool_call", pz_lpool_call},     {"idset_trial", l_idset_trial},
         {NULL, NULL}};

@@ -91,6 +91,11 @@ typedef struct pz_slot_stats {
     pid_t pid;           /* the slot's current worker, 0 when none */
     uint64_t calls;      /* answers from the slot's workers */
     uint64_t busy_ns;    /* the time those calls ran, as the workers measured */
+    int init_record;     /* the record (index + 1) of the worker whose
+                          * INIT_OK came last, 0 when none (answer.c) */
+    uint32_t init_gen;   /* and that record's generation then */
+    int init_alive;      /* that worker still lives (filled by
+                          * pz_pool_get_stats): p.pids[slot] is its pid */
 } pz_slot_stats;
 
 typedef struct pz_pool_stats {

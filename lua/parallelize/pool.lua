@@ -1146,10 +1146,16 @@ function properties.executors(p)
   return list
 end
 
+--- The pid each slot's worker reported as it initialized, while that
+-- process lives: one that has died (not replaced, or its replacement not
+-- initialized yet) is left out, as its pid may be another process's by
+-- now. After stop, the last ones.
 function properties.pids(p)
   pool_drain(p)
-  local c = {}
-  for k, v in pairs(pool_env(p).pids) do c[k] = v end
+  local c, alive = {}, not pool_stopped(p) and core.pool_slots_alive(p)
+  for k, v in pairs(pool_env(p).pids) do
+    if not alive or alive[k] then c[k] = v end
+  end
   return c
 end
 
