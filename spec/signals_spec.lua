@@ -256,6 +256,44 @@ for _, interp in ipairs(interpreters) do
       assert.is_true(all_gone(pids, 1), "workers or spawner outlived the parent")
     end)
 
+    it("a signal other than Ctrl-C during stop, whose handler sets a hook, lets the running calls finish", function()
+      -- luaposix's posix.signal runs a Lua handler through a debug hook its
+      -- C handler sets, as Ctrl-C's does (spec/sighook.c does the same).
+      -- The script's own child ending during the stop (SIGCHLD), or a
+      -- SIGALRM, SIGWINCH, is no "now": it hurried the stop all the same,
+      -- and the running calls were killed and aborted.
+      local so = dir .. "/sighook.so"
+      local cc_out, status = support.run(("cc -shared -fPIC -O2 $(pkg-config --cflags luajit) -o %s %s"):format(
+        support.quote(so), support.quote(ROOT .. "/spec/sighook.c")))
+      assert.are.equal(0, status, cc_out)
+      local out
+      pid, out = start(dir, interp, ("package.cpath = %q .. package.cpath\n"):format(dir .. "/?.so;")
+        .. PRELUDE:format("1.5", 4) .. [[
+        local sighook = require "sighook"
+        local got = {}
+        for _, sig in ipairs({ 14, 17, 28 }) do -- SIGALRM, SIGCHLD, SIGWINCH
+          sighook.signal(sig, function(n) got[#got + 1] = n end)
+        end
+        parallelize.sleep(0.2) -- the four calls running
+        local me = parallelize.getpid()
+        os.execute(("(sleep 0.2; kill -14 %d; kill -28 %d) >/dev/null 2>&1 &"):format(me, me))
+        local child = io.popen("sleep 0.3") -- its end: SIGCHLD
+        local started = core.now()
+        local aborted = p:stop()
+        print(("stopped %.3f %d %d"):format(core.now() - started, #p.results, #aborted))
+        parallelize.sleep(0.5)
+        table.sort(got)
+        print("handled " .. table.concat(got, " "))
+        child:close()
+      ]])
+      await(out, "ready\n")
+      local took, results, aborted = await(out, "stopped ([%d.]+) (%d+) (%d+)\n", 20)
+      assert.are.same({ "4", "0" }, { results, aborted }, "stop took " .. took .. " s")
+      -- each handler still ran, once the stop was over
+      assert.matches("handled 14 17[ 17]* 28\n", await(out, "(handled [^\n]*\n)"))
+      assert.is_true(all_gone({ pid }, 10))
+    end)
+
     it("a second Ctrl-C during stop leaves no process behind", function()
       local out
       pid, out = start(dir, interp, PRELUDE:format("1", 40) .. [[

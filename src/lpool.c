@@ -27,6 +27,8 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -688,6 +690,30 @@ static int stop_returns(lua_State *L)
     return lua_gettop(L) - top;
 }
 
+/* The signals that must not hurry a stop (pz_pool_stop's `signalled`):
+ * every one with a handler of its own but SIGINT (Ctrl-C: pzlua's and
+ * luajit's handlers set a hook), SIGTERM and SIGHUP (pzlua --map's do the
+ * same), and the faults.  A hook is how a Lua-level handler runs too:
+ * luaposix's posix.signal sets one for SIGCHLD, SIGALRM, SIGWINCH..., and
+ * the script's own child ending during a stop ended the running calls.
+ * Blocked for the stop's wait, they are delivered once it is over (their
+ * Lua handlers could not run before anyway). */
+static void quiet_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP || sig == SIGKILL || sig == SIGSTOP ||
+            sig == SIGSEGV || sig == SIGBUS || sig == SIGFPE || sig == SIGILL || sig == SIGTRAP ||
+            sig == SIGSYS || sig == SIGABRT)
+            continue;
+        if (sigaction(sig, NULL, &sa) != 0)
+            continue; /* one the C library keeps for itself */
+        if ((sa.sa_flags & SA_SIGINFO) || (sa.sa_handler != SIG_DFL && sa.sa_handler != SIG_IGN))
+            sigaddset(set, sig);
+    }
+}
+
 /* core.pool_stop(pool [, finish_timeout [, settle]]) -> aborted: stops
  * dispatching, lets the calls workers hold finish (terminating them once
  * finish_timeout seconds have passed, when given, or at once when a signal
@@ -710,10 +736,16 @@ static int l_pool_stop(lua_State *L)
         return luaL_error(L, "the pool is busy: p:stop() called while a map encodes a chunk "
                              "of its items (from a __gc finalizer?); call it afterwards");
     /* A signal during the stop (its handler sets a hook: hook_changed)
-     * ends the running calls; one from before fires afterwards. */
+     * ends the running calls; one from before fires afterwards.  Only an
+     * interrupt may: the other signals with a handler wait until the stop
+     * is over (quiet_signals), blocked before the hook is read. */
+    sigset_t quiet, old;
+    quiet_signals(&quiet);
+    pthread_sigmask(SIG_BLOCK, &quiet, &old);
     hook_watch watch = {L, lua_gethook(L)};
     const pz_signalled signalled = {hook_changed, &watch};
     pz_pool_stop(u->pool, finish, &signalled);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     pz_lrecords_drain(L, u, 1);
     lua_getfenv(L, 1);
     push_stats(L, u);
