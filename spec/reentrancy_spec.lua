@@ -73,6 +73,9 @@ describe("Lua code that runs inside the pool", function()
     local function arm()
       local u = newproxy(true)
       getmetatable(u).__gc = function()
+        -- Once done, nothing: p is gone, and an error raised in a
+        -- finalizer can crash LuaJIT.
+        if done then return end
         runs = runs + 1
         local ok, err = pcall(function()
           local pending, count = p.pending, runs % 1024 == 0 and #p.results or 0
@@ -82,7 +85,7 @@ describe("Lua code that runs inside the pool", function()
         -- Records being drained, by whichever pool function: p(x) drains
         -- them too once they pile up (every 1024th call of a compiled loop).
         if core.pool_draining(p) then inside = inside + 1 end
-        if not done then arm() end
+        if not p.stopped then arm() end
       end
     end
     for _ = 1, 4 do arm() end
