@@ -709,6 +709,24 @@ describe("retries", function()
 end)
 
 describe("max_calls", function()
+  it("ends a retiring worker whose close outlasts the timeout while its replacement waits", function()
+    -- A slot holds two workers: with max_calls = 1 the second retires as
+    -- it takes its call, and the third could start only once the first
+    -- had exited, which a close that never returns never did: wait hung.
+    -- The pool's timeout bounds that close as it bounds a call.
+    local close_never_returns = { __call = function(_, x) return x end,
+      __index = { close = function() require("parallelize").sleep(1e6) end } }
+    local p = Parallelize({ setmetatable({}, close_never_returns), setmetatable({}, close_never_returns) },
+      { max_calls = 1, timeout = 0.3 })
+    finally(function() p:stop(0) end)
+    for i = 1, 6 do p(i) end
+    assert.is_true(p:wait(30), "the slots waited for closes that never return")
+    local got = p.results
+    table.sort(got)
+    assert.are.same({ 1, 2, 3, 4, 5, 6 }, got)
+    assert.are.equal(0, #p.errors)
+  end)
+
   it("replaces a worker after n calls, losing and doubling nothing under SIGKILLs", function()
     local n = 1000 -- (make soak recycles many more, under kills too)
     -- (max_deaths high: a call killed 3 times by chance is no loss, but

@@ -101,6 +101,10 @@ typedef struct pz_slot {
     int64_t init_deadline; /* SLOT_STARTING: when init_timeout ends it; 0: never */
     int64_t kill_at;     /* a launcher sent SIGTERM while starting: when
                           * SIGKILL follows (slot.c, end_starting) */
+    int64_t close_by;    /* SLOT_RETIRING and holding up its slot (its
+                          * partner retires too): when it is ended unless it
+                          * has exited, the pool's timeout after its last
+                          * answer; 0: none (slot.c, retire) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
     char why[256];       /* set when the parent killed it: the reason */

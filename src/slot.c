@@ -153,6 +153,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->exited = 0;
     w->kill_sent = 0;
     w->kill_at = 0;
+    w->close_by = 0;
     w->init_deadline = io->p->opt.init_timeout_ns ? pz_now_ns() + io->p->opt.init_timeout_ns : 0;
     w->eof_at = 0;
     w->why[0] = 0;
@@ -825,6 +826,12 @@ static void retire(struct pz_io *io, pz_slot *w)
     pz_slot *next = partner(io, w);
     if (next->state == SLOT_SPARE && !io->stopping && !io->spawner_gone)
         pz_slot_start(io, next);
+    else if (next->state == SLOT_RETIRING && next->alive && io->p->opt.timeout_ms > 0)
+        /* The slot's next worker starts only once `next` has exited: an
+         * executor's close that never returns would hold the slot for
+         * good.  The pool's timeout bounds it as it bounds a call
+         * (pz_slot_timers). */
+        next->close_by = pz_now_ns() + (int64_t)io->p->opt.timeout_ms * 1000000;
 }
 
 int pz_slot_hand_calls(struct pz_io *io, pz_slot *w, const char *frames, size_t size, uint32_t count)
@@ -927,6 +934,24 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
             kill_once(io, w);
         } else {
             CONSIDER(w->kill_at);
+        }
+    }
+    if (w->close_by && w->alive && !w->exited && w->state == SLOT_RETIRING) {
+        int64_t timeout = (int64_t)io->p->opt.timeout_ms * 1000000;
+        if (w->inflight > 0) {
+            /* Its last calls run on, each under its own timeout: the
+             * close's time counts from the last answer. */
+            w->close_by = now + timeout;
+            CONSIDER(w->close_by);
+        } else if (now >= w->close_by) {
+            w->close_by = 0;
+            snprintf(w->why, sizeof w->why,
+                     "its executor's close had not returned within timeout (%g s) while its "
+                     "replacement waited",
+                     (double)timeout / 1e9);
+            kill_once(io, w);
+        } else {
+            CONSIDER(w->close_by);
         }
     }
     if (w->alive && !io->fatal)
