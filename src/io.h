@@ -157,7 +157,6 @@ struct pz_io {
     int stopping;
     int64_t term_at, kill_at; /* SIGTERM / SIGKILL deadlines, 0: none */
     int term_sent;           /* the SIGTERM of stop has gone out */
-    int hurried;             /* stop_hurry seen (pool.h) */
     int finished;            /* everything ended: the loop returns */
 
     /* control.c: requests from the main thread (cancel), under ctl_lock */

@@ -208,10 +208,10 @@ static void begin_stop(struct pz_io *io)
 }
 
 /* A signal came while the main thread waited for the running calls
- * (pz_pool_stop): their deadline is now, whatever finish_ns said. */
+ * (pz_pool_stop): their deadline is now, whatever finish_ns said.  Once
+ * the SIGTERM has gone out (progress_stop, the same turn), nothing more. */
 static void hurry_stop(struct pz_io *io)
 {
-    io->hurried = 1;
     if (!io->term_sent)
         io->term_at = 1;
 }
@@ -426,7 +426,7 @@ void *pz_io_main(void *arg)
         int64_t now = io->now = pz_now_ns();
         if (!io->stopping && atomic_load(&p->stop_requested))
             begin_stop(io);
-        if (io->stopping && !io->hurried && atomic_load(&p->stop_hurry))
+        if (io->stopping && atomic_load(&p->stop_hurry))
             hurry_stop(io);
         take_requests(io);
         sample(io, now);

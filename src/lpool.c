@@ -465,12 +465,19 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
  * busy =}, ...}, shared = {sent =, received =}}; `done` counts results
  * and errors.  The pool must not be
  * freed yet. */
+/* Copies the I/O thread's counts into *st, its slots' entries in a buffer
+ * pushed on the stack (the caller pops it).  The pool must not be freed. */
+static void fetch_stats(lua_State *L, lpool *u, pz_pool_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    st->slots = (pz_slot_stats *)lua_newuserdata(L, (size_t)u->nslots * sizeof *st->slots);
+    pz_pool_get_stats(u->pool, st);
+}
+
 static void push_stats(lua_State *L, lpool *u)
 {
     pz_pool_stats st;
-    memset(&st, 0, sizeof st);
-    st.slots = (pz_slot_stats *)lua_newuserdata(L, (size_t)u->nslots * sizeof *st.slots);
-    pz_pool_get_stats(u->pool, &st);
+    fetch_stats(L, u, &st);
     int64_t now = pz_now_ns();
     lua_createtable(L, 0, 14);
     set_count(L, "done", st.done);
@@ -524,9 +531,7 @@ static int l_pool_slots_alive(lua_State *L)
     if (!u->pool || u->pool->stopped)
         return 1;
     pz_pool_stats st;
-    memset(&st, 0, sizeof st);
-    st.slots = (pz_slot_stats *)lua_newuserdata(L, (size_t)u->nslots * sizeof *st.slots);
-    pz_pool_get_stats(u->pool, &st);
+    fetch_stats(L, u, &st);
     for (int i = 0; i < u->nslots; i++)
         if (st.slots[i].init_alive) {
             lua_pushboolean(L, 1);

@@ -296,7 +296,7 @@ function Run:count_unread()
   if self.eof then return 0 end
   -- From the end of the last line counted, not from stdin's position: a
   -- line read when an interrupt came, before it was counted, is past that.
-  local at = self.start_at and io.stdin:seek("cur") and self.start_at + self.bytes_read
+  local at = self.start_at and self.start_at + self.bytes_read
   local f = at and io.open("/proc/self/fd/0", "rb")
   if not f then return nil end
   local n = 0
