@@ -736,10 +736,18 @@ function methods.stream(p, src, opts)
   -- starved: the source had no input ready when last asked (it returned
   -- parallelize.later); the stream's waits then end soon, to ask again.
   local next_i, exhausted, starved = 1, false, false
-  -- In the claim, so that a hand-out counts them in its core.commit:
-  -- inputs submitted and not handed out, results held back (ordered),
-  -- the input whose result is handed out next (ordered).
-  claim.outstanding, claim.nheld, claim.want = 0, 0, 1
+  -- What a hand-out moves, in the claim, so that its core.commit moves it
+  -- with the result (ldefer.c): claim.kr and claim.ke (the next result
+  -- and error in the claim's lists), and with ordered, claim.want (the
+  -- input whose result is handed out next). Everything else is derived
+  -- from them, so that a hand-out has one assignment to make (each more
+  -- cost a result 15-20 ns in C API calls, a third of the main thread's
+  -- time with a short executor): handed_out() and outstanding() below;
+  -- kbase and ebase, the results and errors handed out before the lists'
+  -- last compaction (compact); moved, the results moved to `held`
+  -- (ordered); and kcounted, the position in lists.ids up to which the
+  -- runs' counts of calls left (segs) are settled (settle_runs).
+  claim.want, claim.kbase, claim.ebase, claim.moved, claim.kcounted = 1, 0, 0, 0, 1
   -- id -> input position, as runs of consecutive ids: segs[s] is
   -- {id0, i0, count, left}, for s from seg_head to seg_tail. A run is
   -- dropped once all its calls are handed out (left = 0), unless it is the
@@ -779,7 +787,24 @@ function methods.stream(p, src, opts)
     return false
   end
 
-  --- Drops the runs at the head whose calls are all handed out.
+  --- Results and errors handed out so far.
+  local function handed_out()
+    if ordered then return claim.want - 1 end
+    return claim.kbase + claim.kr - 1 + claim.ebase + claim.ke - 1
+  end
+
+  --- Inputs submitted and not handed out yet.
+  local function outstanding()
+    return next_i - 1 - handed_out()
+  end
+
+  --- Results held back (ordered).
+  local function nheld()
+    return claim.moved - (claim.want - 1)
+  end
+
+  --- Drops the runs at the head whose calls are all handed out: as far as
+  -- their counts are settled (settle_runs).
   local function drop_spent_runs()
     while seg_head < seg_tail and segs[seg_head][4] == 0 do
       segs[seg_head] = nil
@@ -798,10 +823,11 @@ function methods.stream(p, src, opts)
   end
 
   --- The input position of call id, and its run, whose count of ids left
-  -- the hand-out lowers (in its commit: an interrupt before it changes
-  -- nothing). Its calls come mostly from the first run (all of them, when
-  -- nothing else queues calls on the pool meanwhile): looked up with no
-  -- loop. Spent runs are dropped on the way to a later one.
+  -- an error's hand-out lowers (in its commit: an interrupt before it
+  -- changes nothing) and a result's is lowered later (settle_runs). Its
+  -- calls come mostly from the first run (all of them, when nothing else
+  -- queues calls on the pool meanwhile): looked up with no loop. Spent
+  -- runs are dropped on the way to a later one.
   local function position(id)
     local seg = segs[seg_head]
     local d = id - seg[1]
@@ -825,7 +851,6 @@ function methods.stream(p, src, opts)
     if not claim.first then claim.first = id0 end
     claim.last = id0 + count - 1
     next_i = next_i + count
-    claim.outstanding = claim.outstanding + count
   end
 
   local ids = {}
@@ -837,9 +862,8 @@ function methods.stream(p, src, opts)
   local function refill(pending)
     if exhausted then return end
     if wide then
-      -- The default window's size (see the top): handed out so far is
-      -- next_i - 1 - outstanding.
-      local want = (bulky or next_i - 1 - claim.outstanding < SIZED) and narrow or wide
+      -- The default window's size (see the top).
+      local want = (bulky or handed_out() < SIZED) and narrow or wide
       if want ~= window then
         window = want
         look_every = math.max(1, floor(window / 8))
@@ -851,7 +875,7 @@ function methods.stream(p, src, opts)
       local by_bytes = floor(result_bytes * strings / string_bytes)
       if by_bytes < most then most = math.max(by_bytes, min_outstanding) end
     end
-    local room = math.min(window - pending, window - claim.nheld, most - claim.outstanding)
+    local room = math.min(window - pending, window - nheld(), most - outstanding())
     if room <= 0 then return end
     if array_n then
       local last_i = math.min(next_i + room - 1, array_n)
@@ -918,16 +942,14 @@ function methods.stream(p, src, opts)
 
   --- Call k of the claim's lists, finished with call id: i, true, values...
   local function take_result(k, id)
-    local i, seg = position(id)
+    local i = position(id)
     local v = lists.results[k]
     local ex = lists.extras[id]
     note_result(v, ex)
     if ex then
-      return commit(4, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
-        lists.extras, id, nil, i, true, unpack(ex, 1, ex.n))
+      return commit(2, claim, "kr", k + 1, lists.extras, id, nil, i, true, unpack(ex, 1, ex.n))
     end
-    return commit(3, claim, "kr", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
-      i, true, v)
+    return commit(1, claim, "kr", k + 1, i, true, v)
   end
 
   --- The next failed call in the claim's lists: i, false, its error record.
@@ -936,8 +958,7 @@ function methods.stream(p, src, opts)
     local k = claim.ke
     local e = lists.errors[k]
     local i, seg = position(e.id)
-    return commit(3, claim, "ke", k + 1, seg, 4, seg[4] - 1, claim, "outstanding", claim.outstanding - 1,
-      i, false, e)
+    return commit(2, claim, "ke", k + 1, seg, 4, seg[4] - 1, i, false, e)
   end
 
   --- Drops the consumed part of the claim's lists now and then, so that a
@@ -947,16 +968,41 @@ function methods.stream(p, src, opts)
   -- its main thread's time in the kernel, touching fresh memory and
   -- unmapping what it dropped.
   local spare_results, spare_ids = {}, {}
-  local function compact()
-    if claim.kr > 1024 and claim.kr > #lists.ids then
-      local spent_results, spent_ids = lists.results, lists.ids
-      commit(3, lists, "results", spare_results, lists, "ids", spare_ids, claim, "kr", 1)
-      clear_table(spent_results)
-      clear_table(spent_ids)
-      spare_results, spare_ids = spent_results, spent_ids
+
+  --- Lowers the counts of calls left of the runs (segs) by the results
+  -- handed out since the last time, kcounted to kr: the hand-out leaves
+  -- that to this. Deferred (settle_runs).
+  local function settle_runs_now()
+    local ids_ = lists.ids
+    for k = claim.kcounted, claim.kr - 1 do
+      local _, seg = position(ids_[k])
+      seg[4] = seg[4] - 1
     end
+    claim.kcounted = claim.kr
+  end
+
+  --- settle_runs_now, deferred: an interrupt halfway would count some
+  -- twice. Once a full turn (every eighth of the window) and before a
+  -- compaction: until then the spent runs stay, and position() may look
+  -- through them.
+  local function settle_runs()
+    if not ordered and claim.kcounted < claim.kr then atomically(settle_runs_now) end
+  end
+
+  local function compact_results_now()
+    settle_runs_now()
+    local spent_results, spent_ids = lists.results, lists.ids
+    lists.results, lists.ids = spare_results, spare_ids
+    claim.kbase, claim.kr, claim.kcounted = claim.kbase + claim.kr - 1, 1, 1
+    clear_table(spent_results)
+    clear_table(spent_ids)
+    spare_results, spare_ids = spent_results, spent_ids
+  end
+
+  local function compact()
+    if claim.kr > 1024 and claim.kr > #lists.ids then atomically(compact_results_now) end
     if claim.ke > 1024 and claim.ke > #lists.errors then
-      commit(2, lists, "errors", {}, claim, "ke", 1)
+      commit(3, lists, "errors", {}, claim, "ke", 1, claim, "ebase", claim.ebase + claim.ke - 1)
     end
   end
 
@@ -967,7 +1013,7 @@ function methods.stream(p, src, opts)
     local slot = (i - 1) % ring + 1
     held[slot], held_more[slot], held_id[slot] = v, more, id
     seg[4] = seg[4] - 1
-    claim.nheld = claim.nheld + 1
+    claim.moved = claim.moved + 1
   end
 
   --- Moves the finished calls from the claim's lists to `held` (ordered).
@@ -981,7 +1027,7 @@ function methods.stream(p, src, opts)
       local ex = extras[id]
       if ex then extras[id] = nil end
       hold(id, results[k], ex)
-      claim.kr = k + 1
+      claim.kr, claim.kcounted = k + 1, k + 1
     end
     while true do
       local k = claim.ke
@@ -1001,17 +1047,14 @@ function methods.stream(p, src, opts)
   local function take_held(slot)
     local want, v, more = claim.want, held[slot], held_more[slot]
     note_result(v, more)
-    local n1, n2 = claim.nheld - 1, claim.outstanding - 1
     if more == nil then
-      return commit(4, held, slot, nil, claim, "want", want + 1, claim, "nheld", n1, claim, "outstanding", n2,
-        want, true, v)
+      return commit(2, held, slot, nil, claim, "want", want + 1, want, true, v)
     end
     if more == FAILED then
-      return commit(5, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "nheld", n1,
-        claim, "outstanding", n2, want, false, v)
+      return commit(3, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, want, false, v)
     end
-    return commit(5, held, slot, nil, held_more, slot, nil, claim, "want", want + 1, claim, "nheld", n1,
-      claim, "outstanding", n2, want, true, unpack(more, 1, more.n))
+    return commit(3, held, slot, nil, held_more, slot, nil, claim, "want", want + 1,
+      want, true, unpack(more, 1, more.n))
   end
 
   -- What was held back goes to the pool's store if the stream is
@@ -1057,12 +1100,13 @@ function methods.stream(p, src, opts)
     -- that had handed out everything (stopped from its loop's last turn)
     -- just ends.
     if claim.released then
-      if claim.outstanding == 0 and exhausted then
+      if outstanding() == 0 and exhausted then
         finish()
         return nil
       end
       error(STREAM_STOPPED, 2)
     end
+    settle_runs()
     while true do
       -- Keep the workers fed before handing out results.
       if not exhausted then
@@ -1084,12 +1128,12 @@ function methods.stream(p, src, opts)
         if lists.errors[claim.ke] ~= nil then return take_error() end
       end
       refill()
-      if claim.outstanding == 0 and exhausted then
+      if outstanding() == 0 and exhausted then
         finish()
         return nil
       end
       local _, finished, pending = pool_counts(p)
-      local room = not exhausted and claim.nheld < window and pending >= window
+      local room = not exhausted and nheld() < window and pending >= window
       local status = wait_for(p, "progress", starved and now() + LATER_WAIT or nil, finished + 1,
         room and window or nil)
       if status ~= "timeout" then check_status(p, status) end
