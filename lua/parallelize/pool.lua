@@ -740,9 +740,9 @@ function methods.stream(p, src, opts)
   -- with the result (ldefer.c): claim.kr and claim.ke (the next result
   -- and error in the claim's lists), and with ordered, claim.want (the
   -- input whose result is handed out next). Everything else is derived
-  -- from them, so that a hand-out has one assignment to make (each more
-  -- cost a result 15-20 ns in C API calls, a third of the main thread's
-  -- time with a short executor): handed_out() and outstanding() below;
+  -- from them, so that a hand-out has one assignment to make (with three,
+  -- the main thread spent a fifth more time per result, in C API calls,
+  -- with a short executor): handed_out() and outstanding() below;
   -- kbase and ebase, the results and errors handed out before the lists'
   -- last compaction (compact); moved, the results moved to `held`
   -- (ordered); and kcounted, the position in lists.ids up to which the
