@@ -56,10 +56,18 @@
 /* What pool workers run to prepare their Lua states (pz_lpool_register). */
 static pz_state_setup worker_setup;
 
-/* Returns the pool userdata at idx, or raises. */
+/* Returns the pool userdata at idx, or raises; raises too in a process
+ * forked from the one that made the pool (pool.h's `forked`): its I/O
+ * thread and workers are that process's, and its locks may be held by a
+ * thread this process does not have. */
 static lpool *to_lpool(lua_State *L, int idx)
 {
-    return (lpool *)luaL_checkudata(L, idx, PZ_POOL_MT);
+    lpool *u = (lpool *)luaL_checkudata(L, idx, PZ_POOL_MT);
+    if (u->pool && u->pool->forked)
+        luaL_error(L, "the pool belongs to process %d, which made it: this process is a fork "
+                      "of it, and cannot use it (make a pool of its own)",
+                   (int)u->pool->owner);
+    return u;
 }
 
 lpool *pz_lpool_check_running(lua_State *L, int idx)
@@ -805,7 +813,7 @@ static int arena_keeper_gc(lua_State *L)
 static int l_pool_gc(lua_State *L)
 {
     lpool *u = (lpool *)lua_touserdata(L, 1);
-    if (u->pool && !u->quiet) {
+    if (u->pool && !u->quiet && !u->pool->forked) {
         uint64_t calls = pz_pool_calls(u->pool), done = pz_pool_published(u->pool);
         if (done < calls)
             fprintf(stderr,
@@ -827,7 +835,7 @@ static int l_pool_gc(lua_State *L)
 
 static int l_pool_tostring(lua_State *L)
 {
-    lpool *u = to_lpool(L, 1);
+    lpool *u = (lpool *)luaL_checkudata(L, 1, PZ_POOL_MT);
     const char *state = u->pool ? "running" : "stopped";
     lua_pushfstring(L, "parallelize pool (%d workers, %s): %p", u->nslots, state, (void *)u);
     return 1;

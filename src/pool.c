@@ -70,6 +70,38 @@ static void forget_parents_pools(void)
     running_pools = NULL;
 }
 
+/* Set by the parent around its fork of a spawner, which calls
+ * forget_parents_pools itself (its pools' regions must be unmapped there). */
+static int forking_spawner;
+
+/* pthread_atfork's child handler: the script forked (ffi.C.fork, a C
+ * module's fork) while pools ran.  Their I/O threads did not come along,
+ * and their spawners, workers and sockets are the parent's: the child's
+ * copies are marked so that using one raises, and collecting one (at the
+ * child's exit, when its Lua state closes) frees its memory without
+ * waiting for a thread that is not there or touching the parent's
+ * workers.  The list starts empty, so that a pool the child makes parks
+ * no I/O lock a vanished thread may hold.  Runs in the main thread's fork,
+ * as the list is only ever changed there. */
+static void mark_pools_forked(void)
+{
+    if (forking_spawner)
+        return;
+    for (pz_pool *q = running_pools; q; q = q->next_running) {
+        q->forked = 1;
+        q->stopped = 1;
+    }
+    running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
+    running_pools = NULL;
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, mark_pools_forked);
+}
+
 static void add_running(pz_pool *p)
 {
     pthread_mutex_lock(&running_lock);
@@ -123,6 +155,8 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
         return NULL;
     }
     p->nslots = nslots;
+    p->owner = getpid();
+    pthread_once(&atfork_once, register_atfork);
     p->opt = *opt;
     p->spin.budget_ns = opt->spin_ns;
     p->init = init;
@@ -156,7 +190,9 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     int forked = 0;
     if (pz_forkserver_spawner(&sc, &p->spawner_pid, &p->spawner_fd) != 0) {
         park_io_threads();
+        forking_spawner = 1;
         forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
+        forking_spawner = 0;
         unpark_io_threads();
     }
     /* The spawner has mapped both regions (or inherited them). */
@@ -515,6 +551,13 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns, const pz_signalled *signalled)
     if (p->reaped)
         return;
     p->stopped = 1;
+    if (p->forked) { /* a fork's copy: nothing to stop, nothing to reap */
+        p->thread_started = 0;
+        p->lent_fd = -1;
+        p->spawner_pid = 0;
+        p->reaped = 1;
+        return;
+    }
     if (p->thread_started)
         forget_running(p);
     if (p->lent_fd >= 0)

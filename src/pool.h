@@ -179,6 +179,12 @@ typedef struct pz_pool {
     size_t consumed;          /* bytes drained, not yet taken off backlog */
     int stopped;              /* stop ran (or is running) */
     int reaped;               /* threads and processes are gone */
+    int forked;               /* this process is a fork of `owner` (the
+                               * script forked while the pool ran): its I/O
+                               * thread, spawner and workers are owner's,
+                               * so nothing here may use them (pool.c's
+                               * pthread_atfork handler sets it, and stopped) */
+    pid_t owner;              /* the process that made the pool */
     pz_spin spin;             /* how waits for calls poll */
     int lent_fd;              /* a worker's socket lent to this thread, or -1
                                * (lend.c); stale (closed, maybe reused) once
