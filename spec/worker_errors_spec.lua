@@ -109,4 +109,25 @@ describe("a call that fails in its worker", function()
     end
     assert.is_true(failed <= 1, failed .. " calls failed for memory")
   end)
+
+  it("reports an error object whose __tostring raises, with its traceback and value", function()
+    local p = parallelize.Parallelize({ function(kind)
+      local mt = { __tostring = function() error("no words for it") end }
+      if kind == "yield" then mt.__tostring = function() return coroutine.yield() end end
+      error(setmetatable({ code = 7 }, mt))
+    end, parallelize.Deferred(function()
+      error(setmetatable({}, { __tostring = function() error("nor for this") end }))
+    end) })
+    local a, b = p("raise"), p("yield")
+    local _, ea = p:result(a)
+    local _, eb = p:result(b)
+    assert.truthy(ea.message:find("^%(error object is a table value; its __tostring raised: .*no words for it%)$"),
+      ea.message)
+    assert.truthy(eb.message:find("its __tostring raised: attempt to yield across C%-call boundary", 1), eb.message)
+    assert.truthy(ea.traceback:find("stack traceback", 1, true), ea.traceback)
+    assert.are.equal(7, ea.value.code)
+    assert.are.equal(1, #p.init_errors)
+    assert.truthy(p.init_errors[1].message:find("its __tostring raised: .*nor for this"), p.init_errors[1].message)
+    p:stop()
+  end)
 end)
