@@ -489,33 +489,42 @@ describe("found in review", function()
     assert.matches("false\t[^\n]*no worker is left and none can be started: worker 1 could not be started: "
       .. "socketpair: Too many open files\n1\n$", out)
   end)
-end)
 
-describe("values the parent cannot decode", function()
-  it("turn a result into that call's error, keeping an error's own message", function()
+  it("says why when its spawner cannot start: on stderr, and in each slot's init error", function()
     local dir = support.tmpdir()
-    local defer = support.defer(finally)
-    defer(function() support.rmdir(dir) end)
-    -- a module that loads in workers but not in the parent (where busted is)
-    support.write(dir .. "/pz_spec_workeronly.lua", [[
-      if package.loaded.busted then error("not in the parent") end
-      return { name = "worker only" }
+    finally(function() support.rmdir(dir) end)
+    -- Every descriptor taken, then freed one at a time until the pool can
+    -- be made: the first pool made has a spawner whose descriptor table is
+    -- full, which cannot open /dev/null for its stdin.
+    support.write(dir .. "/spawner.lua", [[
+      local parallelize = require "parallelize"
+      local files = {}
+      while true do
+        local f = io.open("/dev/null")
+        if not f then break end
+        files[#files + 1] = f
+      end
+      local ok, p
+      repeat
+        table.remove(files):close()
+        ok, p = pcall(parallelize.Parallelize, function(x) return x end, { workers = 3 })
+      until ok
+      print("executors", #p.executors)
+      for _, e in ipairs(p.init_errors) do print("init error", e.worker, e.message) end
+      for _, f in ipairs(files) do f:close() end
+      print("aborted", #p:stop())
+      os.exit(0, true)
     ]])
-    local saved = package.path
-    package.path = dir .. "/?.lua;" .. package.path
-    defer(function() package.path = saved end)
-    local p = Parallelize({ function(x)
-      if x == "module" then return require("pz_spec_workeronly") end
-      if x == "raise" then error("it failed") end
-      return x
-    end })
-    defer(function() p:stop() end)
-    p("module")
-    p("fine")
-    assert.is_true(p:wait(10))
-    assert.are.same({ "fine" }, p.results)
-    assert.are.equal(1, p.errors[1].id)
-    assert.matches("^the result of call 1 cannot be used in the parent: .*not in the parent", p.errors[1].message)
+    local out, status = support.run("ulimit -n 64; timeout 30 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/spawner.lua"))
+    assert.are.equal(0, status, out)
+    assert.truthy(out:find("parallelize: the spawner process could not go on: open /dev/null: Too many open files\n",
+      1, true), out)
+    assert.truthy(out:find("executors\t0\n", 1, true), out)
+    for w = 1, 3 do
+      assert.truthy(out:find("init error\t" .. w .. "\tthe spawner process died before this worker initialized\n",
+        1, true), out)
+    end
   end)
 
   it("keep an error whose arguments name a module the parent dropped", function()

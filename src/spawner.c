@@ -368,6 +368,21 @@ static void handle_request(spawner *s)
         kill(m.pid, m.arg);
 }
 
+/* The spawner cannot go on: says what failed on stderr (the script's, which
+ * it shares; the pool then gives every slot that had not initialized an
+ * init error, spawnq.c) and ends. */
+static _Noreturn void spawner_fail(const char *what)
+{
+    char line[256];
+    int n = snprintf(line, sizeof line, "parallelize: the spawner process could not go on: %s: %s\n", what,
+                     strerror(errno));
+    if (n > 0) {
+        ssize_t w = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+        (void)w; /* nothing else to tell it with */
+    }
+    _exit(1);
+}
+
 static _Noreturn void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
 {
     spawner s = {*config, sock, -1, NULL, 0, 0};
@@ -385,11 +400,11 @@ static _Noreturn void spawner_main(const pz_spawner_config *config, int sock, pi
     sigaddset(&mask, SIGCHLD);
     sigaddset(&mask, SIGTERM);
     if (sigprocmask(SIG_SETMASK, &mask, NULL) != 0)
-        _exit(1);
+        spawner_fail("sigprocmask");
     bind_to_parent(parent, SIGTERM);
     s.sigfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (s.sigfd < 0)
-        _exit(1);
+        spawner_fail("signalfd");
     for (;;) {
         struct pollfd p[2] = {{s.sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
         if (poll(p, 2, -1) < 0) {
@@ -417,13 +432,15 @@ _Noreturn void pz_spawner_become(const pz_spawner_config *config, int sock, pid_
     if (config->in_child)
         config->in_child();
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (devnull < 0 || dup2(devnull, 0) < 0)
-        _exit(1);
+    if (devnull < 0)
+        spawner_fail("open /dev/null");
+    if (dup2(devnull, 0) < 0)
+        spawner_fail("dup2 /dev/null to stdin");
     /* Keep stdio (0-2) and the socket; everything else belongs to the
      * parent (other pools' sockets would otherwise hide their EOFs). */
     if (sock != WORKER_FD + 1) {
         if (dup2(sock, WORKER_FD + 1) < 0)
-            _exit(1);
+            spawner_fail("dup2 of its socket");
         sock = WORKER_FD + 1;
     }
     pz_close_fds_from(3, sock);

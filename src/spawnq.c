@@ -137,8 +137,17 @@ static void spawner_lost(struct pz_io *io)
         pz_slot *w = &io->slots[i];
         if (w->alive)
             pz_slot_ended(io, w, 0, 0);
-        if (w->state == SLOT_IDLE)
+        if (w->state == SLOT_IDLE) {
             w->state = SLOT_GONE;
+            /* A slot that never initialized says why in p.init_errors,
+             * as one given up after its attempts does (slot.c). */
+            if (!io->settled[w->slot] && !io->stopping) {
+                static const char why[] = "the spawner process died before this worker initialized";
+                pz_part parts[] = {{why, sizeof why - 1, 1}, {NULL, 0, 0}};
+                pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->slot, parts, 2);
+                pz_io_settle(io, w);
+            }
+        }
     }
     pz_io_check_fatal(io);
 }
