@@ -699,6 +699,57 @@ describe("remote workers on real servers #nosan", function()
       assert.are.equal("init errors 0\nnonblocking false\n", out)
     end)
 
+    -- A socket as stderr (a service's journal, a supervisor's socketpair)
+    -- cannot be reopened apart as a pipe is: shared with ssh, which makes it
+    -- non-blocking, the parent's own writes to stderr failed with EAGAIN
+    -- whenever its reader lagged.  Launchers write to a relay instead.
+    it("leaves the parent's stderr blocking when it is a socket, and passes what launchers write on", function()
+      local defer = support.defer(finally)
+      local s = fixture("sshd", defer)
+      local s0 = baseline(s)
+      local dir = support.tmpdir()
+      defer(function() support.rmdir(dir) end)
+      local argv = {}
+      for _, a in ipairs(parallelize.ssh { s.destination, options = ssh_options(s),
+                                            command = "echo said-by-the-launcher >&2; " .. PZLUA }(1)) do
+        argv[#argv + 1] = ("%q"):format(a)
+      end
+      support.write(dir .. "/script.lua", [[
+        local ffi = require "ffi"
+        ffi.cdef "int socketpair(int, int, int, int *); int dup2(int, int); long read(int, void *, unsigned long);"
+        ffi.cdef "int fcntl(int, int, ...);"
+        local sv = ffi.new("int[2]")
+        assert(ffi.C.socketpair(1, 1, 0, sv) == 0) -- AF_UNIX, SOCK_STREAM
+        io.stderr:flush()
+        assert(ffi.C.dup2(sv[1], 2) == 2)
+        local function nonblocking(fd)
+          local flags = tonumber(io.open("/proc/self/fdinfo/" .. fd):read("*a"):match("flags:%s*(%d+)"), 8)
+          return require("bit").band(flags, 2048) ~= 0
+        end
+        local parallelize = require "parallelize"
+        local p = parallelize.Parallelize(parallelize.rep(function(x) return x end, 2),
+          { launcher = function() return { ]] .. table.concat(argv, ", ") .. [[ } end })
+        local _ = p.executors
+        print("init errors " .. #p.init_errors)
+        print("nonblocking " .. tostring(nonblocking(2)))
+        p:stop()
+        -- what came through the socket: the launchers' lines
+        ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) -- F_SETFL O_NONBLOCK
+        local buf, got = ffi.new("char[65536]"), {}
+        for _ = 1, 200 do
+          local n = tonumber(ffi.C.read(sv[0], buf, 65536))
+          if n > 0 then got[#got + 1] = ffi.string(buf, n) end
+          if select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) >= 2 then break end
+          parallelize.sleep(0.01)
+        end
+        print("launcher lines " .. select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")))
+      ]])
+      local out, status = support.run(("%s %s"):format(support.quote(PZLUA), support.quote(dir .. "/script.lua")))
+      assert.are.equal(0, status, out)
+      assert.are.equal("init errors 0\nnonblocking false\nlauncher lines 2\n", out)
+      assert.are.same({}, nothing_left(s, s0, 10))
+    end)
+
     -- A parent in a session of its own, as a terminal runs it, with two
     -- remote workers each in a call that sleeps: Ctrl-C, or the parent
     -- killed outright, ends them all.

@@ -75,6 +75,8 @@ typedef struct spawner {
     int sigfd;
     kid *kids;
     size_t nkids, capkids;
+    int relay_fd;    /* the write end of the stderr relay's pipe, or -1 */
+    pid_t relay_pid; /* the stderr relay (stderr_relay), or 0 */
 } spawner;
 
 static int kid_index(const spawner *s, pid_t pid)
@@ -139,12 +141,82 @@ static void own_stderr(void)
     close(fd);
 }
 
+/* The relay: copies what launchers write to their stderr (the pipe's
+ * read end, `in`) to the parent's stderr, with blocking writes, until every
+ * writer has closed the pipe.  What cannot be written (a reader gone) is
+ * read and dropped, so that no launcher waits on a full pipe. */
+static _Noreturn void relay_main(int in)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGCHLD, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    pz_close_fds_from(3, in);
+    char buf[16384];
+    int broken = 0;
+    for (;;) {
+        ssize_t n = read(in, buf, sizeof buf);
+        if (n == 0)
+            _exit(0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            _exit(1);
+        }
+        for (ssize_t off = 0; off < n && !broken;) {
+            ssize_t w = write(2, buf + off, (size_t)(n - off));
+            if (w > 0)
+                off += w;
+            else if (w < 0 && errno == EAGAIN) {
+                struct pollfd p = {2, POLLOUT, 0};
+                poll(&p, 1, -1);
+            } else if (w < 0 && errno != EINTR)
+                broken = 1;
+        }
+    }
+}
+
+/* A socket as the parent's stderr (a service's journal, a supervisor's
+ * socketpair) cannot be reopened as a description of its own (own_stderr),
+ * and ssh makes its stderr non-blocking: shared with the launcher, the
+ * parent's own writes to stderr (and to stdout, when it is the same
+ * socket, as a journal's is) then failed with EAGAIN whenever the reader
+ * lagged (1,907 of 2,000 lines lost).  Launchers get instead the write end
+ * of a pipe, which a relay process copies to the socket; made at the first
+ * launcher, shared by all of this spawner's.  Returns the write end, or -1
+ * to share stderr as it is (not a socket, or no relay could be made). */
+static int stderr_relay(spawner *s)
+{
+    if (s->relay_fd >= 0)
+        return s->relay_fd;
+    struct stat st;
+    if (fstat(2, &st) != 0 || !S_ISSOCK(st.st_mode))
+        return -1;
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return -1;
+    }
+    if (pid == 0)
+        relay_main(fds[0]);
+    close(fds[0]);
+    s->relay_fd = fds[1];
+    s->relay_pid = pid;
+    return fds[1];
+}
+
 /* Runs in the forked launcher: the worker's socket on stdin and stdout,
- * stderr the parent's, nothing else open but the status pipe (close-on-
- * exec), default signal dispositions, a process group of its own (out of
- * the terminal's reach: see spawner.h); then exec.  When exec fails, its
- * errno goes into the status pipe. */
-static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawner_pid, int status)
+ * stderr the parent's (or the relay's pipe to it: stderr_relay), nothing
+ * else open but the status pipe (close-on-exec), default signal
+ * dispositions, a process group of its own (out of the terminal's reach:
+ * see spawner.h); then exec.  When exec fails, its errno goes into the
+ * status pipe. */
+static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawner_pid, int status, int relay)
 {
     char *const *argv = s->config.launch[slot];
     sigset_t none;
@@ -154,10 +226,11 @@ static _Noreturn void become_launcher(spawner *s, int fd, int slot, pid_t spawne
         if (sig != SIGKILL && sig != SIGSTOP)
             signal(sig, SIG_DFL);
     if (sigprocmask(SIG_SETMASK, &none, NULL) != 0 || setpgid(0, 0) != 0 || dup2(fd, 0) < 0 ||
-        dup2(fd, 1) < 0) {
+        dup2(fd, 1) < 0 || (relay >= 0 && dup2(relay, 2) < 0)) {
         err = errno;
     } else {
-        own_stderr();
+        if (relay < 0)
+            own_stderr();
         pz_close_fds_from(3, status);
         bind_to_parent(spawner_pid, SIGKILL);
         execvp(argv[0], argv);
@@ -192,13 +265,14 @@ static void report(spawner *s, int kind, int slot, uint32_t gen, pid_t pid, int 
  * or -1 with errno set when the fork itself failed. */
 static pid_t start_launcher(spawner *s, const pz_spawn_msg *m, int fd, pid_t me)
 {
+    int relay = stderr_relay(s);
     int status[2];
     if (pipe2(status, O_CLOEXEC) != 0)
         return -1;
     pid_t pid = fork();
     if (pid == 0) {
         close(status[0]);
-        become_launcher(s, fd, m->arg, me, status[1]);
+        become_launcher(s, fd, m->arg, me, status[1], relay);
     }
     int fork_errno = errno;
     close(status[1]);
@@ -296,6 +370,10 @@ static void reap(spawner *s)
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        if (pid == s->relay_pid) {
+            s->relay_pid = 0; /* no worker's: the parent need not know */
+            continue;
+        }
         forget_kid(s, pid);
         report(s, PZ_S_EXITED, -1, 0, pid, status);
     }
@@ -314,6 +392,9 @@ static void reap(spawner *s)
 static _Noreturn void shut_down(spawner *s)
 {
     int launchers = 0;
+    /* The relay ends once the launchers, the other writers, have. */
+    if (s->relay_fd >= 0)
+        close(s->relay_fd);
     for (size_t i = 0; i < s->nkids; i++) {
         if (s->kids[i].launcher) {
             kill(s->kids[i].pid, SIGTERM);
@@ -343,6 +424,14 @@ static _Noreturn void shut_down(spawner *s)
             launchers = 0;
             continue;
         }
+        pz_sleep_ns(REAP_POLL_NS);
+    }
+    /* The relay, which has what the launchers wrote last to copy: a
+     * moment for it, and no zombie left behind when it is quick. */
+    for (int i = 0; s->relay_pid > 0 && i < 40; i++) {
+        pid_t r = waitpid(s->relay_pid, NULL, WNOHANG);
+        if (r == s->relay_pid || (r < 0 && errno != EINTR))
+            break;
         pz_sleep_ns(REAP_POLL_NS);
     }
     _exit(0);
@@ -385,7 +474,7 @@ static _Noreturn void spawner_fail(const char *what)
 
 static _Noreturn void spawner_main(const pz_spawner_config *config, int sock, pid_t parent)
 {
-    spawner s = {*config, sock, -1, NULL, 0, 0};
+    spawner s = {*config, sock, -1, NULL, 0, 0, -1, 0};
     for (int sig = 1; sig < NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
             signal(sig, SIG_DFL);
