@@ -927,6 +927,19 @@ describe("stats", function()
     p:stop()
     assert.are.equal(100, p:stats().calls)
   end)
+
+  it("counts no death for workers stop() ends while they initialize", function()
+    local p = Parallelize(Deferred(function()
+      parallelize.sleep(30)
+      return function(x) return x end
+    end), { workers = 2 })
+    finally(function() p:stop() end)
+    parallelize.sleep(0.2) -- both are forked and initializing
+    assert.are.same({}, p:stop(0))
+    local s = p:stats()
+    assert.are.equal(0, s.deaths)
+    assert.are.equal(0, #p.init_errors)
+  end)
 end)
 
 describe("progress", function()

@@ -107,6 +107,8 @@ typedef struct pz_slot {
                           * answer; 0: none (slot.c, retire) */
     int pending_sig;     /* to send once the spawner has told us the pid */
     int lent;            /* its socket is lent to the main thread (lend.c) */
+    int stopped_starting; /* stop() ended it before it had initialized: its
+                           * end is no death (p:stats().deaths) */
     char why[256];       /* set when the parent killed it: the reason */
     /* A remote slot (its process is a launcher: spawner.h) differs only
      * where these are read (slot.c): which call its death is charged to,

@@ -164,6 +164,7 @@ void pz_slot_start(struct pz_io *io, pz_slot *w)
     w->doomed = 0;
     w->doom_killed = 0;
     w->cancels_sent = 0;
+    w->stopped_starting = 0;
     w->in.len = 0;
     w->discard = 0;
     w->want_out = 0;
@@ -678,9 +679,11 @@ void pz_slot_ended(struct pz_io *io, pz_slot *w, int known, int status)
             w->state = SLOT_GONE; /* its calls stay in w->out: stop aborts them */
             return;
         }
-        if (w->state == SLOT_READY || w->inflight > 0 || !known || !WIFEXITED(status) ||
-            WEXITSTATUS(status) != 0)
-            io->deaths++; /* not an exit it was asked for */
+        /* Not an exit it was asked for; one stop() ended while it was
+         * starting (SIGTERM or SIGKILL) was asked for. */
+        if (!w->stopped_starting && (w->state == SLOT_READY || w->inflight > 0 || !known ||
+                                     !WIFEXITED(status) || WEXITSTATUS(status) != 0))
+            io->deaths++;
         requeue_inflight(io, w, how, known, status);
         if (w->state == SLOT_STOPPING || io->stopping) {
             w->state = SLOT_GONE;
@@ -880,6 +883,7 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
     case SLOT_STARTING:
         /* It holds no call: nothing to finish. */
         w->state = SLOT_STOPPING;
+        w->stopped_starting = 1;
         end_starting(io, w);
         return;
     case SLOT_IDLE:
