@@ -50,6 +50,33 @@ describe("processes a worker leaves running", function()
     end
   end)
 
+  it("are killed when a worker behind a launcher is ended for a timeout", function()
+    -- The launcher is `pzlua --worker` itself: its supervisor is what
+    -- kills the worker's leftovers, so it must not be the one SIGKILLed.
+    local p = Parallelize({ function(x)
+      if x == "start" then return leave_running() end
+      require("parallelize").sleep(100)
+    end }, { timeout = 0.5, launcher = function() return { support.pzlua(), "--worker" } end })
+    local pids = {}
+    finally(function()
+      p:stop(0)
+      for _, pid in ipairs(pids) do
+        if support.alive(pid) then support.kill(pid, 9) end
+      end
+    end)
+    p("start")
+    assert.is_true(p:wait(10))
+    pids = p.results[1]
+    for _, pid in ipairs(pids) do assert.is_true(support.alive(pid), "not started: " .. pid) end
+    p("sleep")
+    assert.is_true(p:wait(10))
+    assert.is_true(p.errors[1].timeout)
+    for _, pid in ipairs(pids) do
+      assert.is_truthy(support.eventually(function() return not support.alive(pid) end, 3),
+        "process " .. pid .. " outlived its worker")
+    end
+  end)
+
   it("are killed when the parent is SIGKILLed", function()
     local dir = support.tmpdir()
     local script = dir .. "/parent.lua"

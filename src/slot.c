@@ -325,6 +325,17 @@ static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
     w->doomed = id;
     w->doomed_kind = kind;
     w->doom_killed = 1;
+    if (w->remote && !w->kill_sent && !w->kill_at) {
+        /* A launcher gets SIGTERM, and SIGKILL a grace later
+         * (pz_slot_timers): when it is `pzlua --worker` itself, its
+         * supervisor passes SIGTERM on and then kills what the worker left
+         * running (remote.c); SIGKILLed, it could not, and they ran on.
+         * ssh and srun end their remote side on SIGTERM as they do on
+         * SIGKILL. */
+        pz_spawnq_kill(io, w, SIGTERM);
+        w->kill_at = pz_now_ns() + pz_slot_grace_ns(io, w);
+        return;
+    }
     kill_once(io, w);
 }
 
