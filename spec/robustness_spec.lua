@@ -526,6 +526,34 @@ describe("found in review", function()
         1, true), out)
     end
   end)
+end)
+
+describe("values the parent cannot decode", function()
+  it("turn a result into that call's error, keeping an error's own message", function()
+    local dir = support.tmpdir()
+    local defer = support.defer(finally)
+    defer(function() support.rmdir(dir) end)
+    -- a module that loads in workers but not in the parent (where busted is)
+    support.write(dir .. "/pz_spec_workeronly.lua", [[
+      if package.loaded.busted then error("not in the parent") end
+      return { name = "worker only" }
+    ]])
+    local saved = package.path
+    package.path = dir .. "/?.lua;" .. package.path
+    defer(function() package.path = saved end)
+    local p = Parallelize({ function(x)
+      if x == "module" then return require("pz_spec_workeronly") end
+      if x == "raise" then error("it failed") end
+      return x
+    end })
+    defer(function() p:stop() end)
+    p("module")
+    p("fine")
+    assert.is_true(p:wait(10))
+    assert.are.same({ "fine" }, p.results)
+    assert.are.equal(1, p.errors[1].id)
+    assert.matches("^the result of call 1 cannot be used in the parent: .*not in the parent", p.errors[1].message)
+  end)
 
   it("keep an error whose arguments name a module the parent dropped", function()
     local dir = support.tmpdir()
