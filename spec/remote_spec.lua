@@ -427,6 +427,69 @@ describe("remote workers: launchers", function()
     end
   end)
 
+  -- A socket as the parent's stderr: launchers write to a relay (spawner.c,
+  -- stderr_relay). The relay holds nothing of the script's but stderr, so
+  -- a launcher's helper that keeps the relay's pipe (here a background
+  -- sleep) keeps no reader of the script's stdout waiting; and a relay
+  -- that dies is replaced, where its dead pipe killed every relaunched
+  -- launcher by SIGPIPE at its first write to stderr.
+  it("carries what launchers write to a socket as stderr, through a relay that holds nothing else and is replaced",
+    function()
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    support.write(dir .. "/script.lua", [[
+      local ffi = require "ffi"
+      ffi.cdef "int socketpair(int, int, int, int *); int dup2(int, int); int kill(int, int);"
+      ffi.cdef "long read(int, void *, unsigned long); int fcntl(int, int, ...);"
+      local sv = ffi.new("int[2]")
+      assert(ffi.C.socketpair(1, 1, 0, sv) == 0) -- AF_UNIX, SOCK_STREAM
+      io.stderr:flush()
+      assert(ffi.C.dup2(sv[1], 2) == 2)
+      local parallelize = require "parallelize"
+      local command = "echo said-by-the-launcher >&2; (sleep 6 </dev/null >/dev/null &); exec "
+        .. arg[1] .. " --worker"
+      local p = parallelize.Parallelize(function(x) return x end,
+        { workers = 1, launcher = function() return { "sh", "-c", command } end, init_attempts = 2 })
+      local _ = p.executors
+      local function parent_of(pid)
+        return tonumber(io.open("/proc/" .. pid .. "/stat"):read("*a"):match("^%d+ %b() %S+ (%d+)"))
+      end
+      local launcher = parent_of(p.pids[1]) -- p.pids: the worker, its supervisor's child
+      local spawner = parent_of(launcher)
+      local killed = 0
+      for pid in io.open("/proc/" .. spawner .. "/task/" .. spawner .. "/children"):read("*a"):gmatch("%d+") do
+        if tonumber(pid) ~= launcher then
+          ffi.C.kill(tonumber(pid), 9)
+          killed = killed + 1
+        end
+      end
+      print("relays killed " .. killed)
+      parallelize.sleep(0.2)
+      ffi.C.kill(launcher, 9) -- relaunched, with the relay gone
+      local ok, r = pcall(p.map, p, { 1, 2, 3 })
+      print("map " .. tostring(ok) .. " " .. tostring(ok and r[3] or r))
+      print("init errors " .. #p.init_errors)
+      p:stop()
+      ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) -- F_SETFL O_NONBLOCK
+      local buf, got = ffi.new("char[65536]"), {}
+      for _ = 1, 200 do
+        local n = tonumber(ffi.C.read(sv[0], buf, 65536))
+        if n > 0 then got[#got + 1] = ffi.string(buf, n) end
+        if select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) >= 2 then break end
+        parallelize.sleep(0.01)
+      end
+      print("launcher lines " .. select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")))
+    ]])
+    local t0 = core.now()
+    -- support.run reads the script's stdout to its end of file
+    local out, status = support.run(("timeout 30 %s %s %s"):format(support.quote(PZLUA),
+      support.quote(dir .. "/script.lua"), support.quote(PZLUA)))
+    local took = core.now() - t0
+    assert.are.equal(0, status, out)
+    assert.are.equal("relays killed 1\nmap true 3\ninit errors 0\nlauncher lines 2\n", out)
+    assert.is_true(took < 4, "the script's stdout stayed open " .. took .. " s (the background sleep's 6)")
+  end)
+
   describe("options", function()
     local f = function() end
 

@@ -144,14 +144,23 @@ static void own_stderr(void)
 /* The relay: copies what launchers write to their stderr (the pipe's
  * read end, `in`) to the parent's stderr, with blocking writes, until every
  * writer has closed the pipe.  What cannot be written (a reader gone) is
- * read and dropped, so that no launcher waits on a full pipe. */
+ * read and dropped, so that no launcher waits on a full pipe.  It holds
+ * nothing of the parent's but stderr: a launcher's helper that keeps the
+ * pipe open (`sleep 100 &` in its command, an ssh ProxyCommand outliving
+ * a SIGKILLed ssh) keeps the relay alive past the spawner and the script,
+ * and a stdout held with it kept a reader of the script's stdout (`$(...)`,
+ * a pipe) waiting for an end of file as long. */
 static _Noreturn void relay_main(int in)
 {
     sigset_t none;
     sigemptyset(&none);
     signal(SIGTERM, SIG_DFL);
     signal(SIGCHLD, SIG_DFL);
-    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0)
+        _exit(1);
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0)
+        _exit(1); /* the launchers' stderr is then a pipe nobody reads: EPIPE, and reap() makes another */
     pz_close_fds_from(3, in);
     char buf[16384];
     int broken = 0;
@@ -371,7 +380,16 @@ static void reap(spawner *s)
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         if (pid == s->relay_pid) {
-            s->relay_pid = 0; /* no worker's: the parent need not know */
+            /* No worker's: the parent need not know.  Its pipe has no
+             * reader left: handed to the next launcher, its first write
+             * to stderr would raise SIGPIPE (sh, srun: killed while
+             * starting, again at every attempt, until the slot is given
+             * up).  The next launcher makes a new relay. */
+            s->relay_pid = 0;
+            if (s->relay_fd >= 0) {
+                close(s->relay_fd);
+                s->relay_fd = -1;
+            }
             continue;
         }
         forget_kid(s, pid);
