@@ -57,22 +57,25 @@ static void unpark_io_threads(void)
     pthread_mutex_unlock(&running_lock);
 }
 
-/* Runs in the spawner right after the fork, while the parent holds
- * running_lock and every I/O lock: none of them, nor the pools, are the
- * child's (their threads did not come along). */
+/* The pools that ran in the process this one was forked from, as the
+ * fork handler below (mark_pools_forked) found them: running_pools is
+ * emptied there, before the spawner's own code runs. */
+static pz_pool *parents_pools;
+
+/* Runs in the spawner right after the fork (or, from the fork server, the
+ * clone), after mark_pools_forked: none of the parent's locks, nor its
+ * pools, are the child's (their threads did not come along). */
 static void forget_parents_pools(void)
 {
     /* Their regions' pages must go when those pools go, not when this
      * spawner does. */
-    for (pz_pool *q = running_pools; q; q = q->next_running)
+    for (pz_pool *q = parents_pools; q; q = q->next_running)
         pz_arena_unmap(q->arena);
+    parents_pools = NULL;
+    /* (done by the handler already; a clone runs no fork handler) */
     running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
     running_pools = NULL;
 }
-
-/* Set by the parent around its fork of a spawner, which calls
- * forget_parents_pools itself (its pools' regions must be unmapped there). */
-static int forking_spawner;
 
 /* pthread_atfork's child handler: the script forked (ffi.C.fork, a C
  * module's fork) while pools ran.  Their I/O threads did not come along,
@@ -81,25 +84,32 @@ static int forking_spawner;
  * child's exit, when its Lua state closes) frees its memory without
  * waiting for a thread that is not there or touching the parent's
  * workers.  The list starts empty, so that a pool the child makes parks
- * no I/O lock a vanished thread may hold.  Runs in the main thread's fork,
- * as the list is only ever changed there. */
+ * no I/O lock a vanished thread may hold.  Runs in the child of every
+ * fork of this process (a spawner's too: forget_parents_pools then takes
+ * the list from parents_pools); the list is changed by the main thread
+ * only, under running_lock, so a fork the main thread makes sees it
+ * whole. */
 static void mark_pools_forked(void)
 {
-    if (forking_spawner)
-        return;
+    /* Every fork, the spawner's included: a flag set around the parent's
+     * own fork of its spawner was seen by a fork another thread made at
+     * that moment, whose child then kept the list and a lock held by a
+     * thread it does not have.  Plain stores only (async-signal-safe). */
     for (pz_pool *q = running_pools; q; q = q->next_running) {
         q->forked = 1;
         q->stopped = 1;
     }
+    parents_pools = running_pools;
     running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
     running_pools = NULL;
 }
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static int atfork_errno; /* pthread_atfork's failure, if it failed */
 
 static void register_atfork(void)
 {
-    pthread_atfork(NULL, NULL, mark_pools_forked);
+    atfork_errno = pthread_atfork(NULL, NULL, mark_pools_forked);
 }
 
 static void add_running(pz_pool *p)
@@ -156,7 +166,18 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     }
     p->nslots = nslots;
     p->owner = getpid();
+    /* Without the handler, a fork of the script would hang at its end on
+     * the copy of this pool (and a pool it made would park locks of
+     * threads it does not have). */
     pthread_once(&atfork_once, register_atfork);
+    if (atfork_errno != 0) {
+        free(p);
+        free_init(init, nslots);
+        pz_pool_free_launch(launch, nslots);
+        errno = atfork_errno;
+        *err = "pthread_atfork failed";
+        return NULL;
+    }
     p->opt = *opt;
     p->spin.budget_ns = opt->spin_ns;
     p->init = init;
@@ -190,9 +211,7 @@ pz_pool *pz_pool_new(int nslots, pz_buf *init, char ***launch, const pz_options 
     int forked = 0;
     if (pz_forkserver_spawner(&sc, &p->spawner_pid, &p->spawner_fd) != 0) {
         park_io_threads();
-        forking_spawner = 1;
         forked = pz_spawner_start(&sc, &p->spawner_pid, &p->spawner_fd);
-        forking_spawner = 0;
         unpark_io_threads();
     }
     /* The spawner has mapped both regions (or inherited them). */
