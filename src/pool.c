@@ -57,9 +57,10 @@ static void unpark_io_threads(void)
     pthread_mutex_unlock(&running_lock);
 }
 
-/* The pools that ran in the process this one was forked from, as the
+/* The pools that ran in the processes this one was forked from, as the
  * fork handler below (mark_pools_forked) found them: running_pools is
- * emptied there, before the spawner's own code runs. */
+ * emptied there, before the spawner's own code runs.  A fork's copies are
+ * never freed (pz_pool_free): kept here, they are no leak. */
 static pz_pool *parents_pools;
 
 /* Runs in the spawner right after the fork (or, from the fork server, the
@@ -95,11 +96,16 @@ static void mark_pools_forked(void)
      * own fork of its spawner was seen by a fork another thread made at
      * that moment, whose child then kept the list and a lock held by a
      * thread it does not have.  Plain stores only (async-signal-safe). */
+    pz_pool *last = NULL;
     for (pz_pool *q = running_pools; q; q = q->next_running) {
         q->forked = 1;
         q->stopped = 1;
+        last = q;
     }
-    parents_pools = running_pools;
+    if (last) { /* before those of a fork this process came from */
+        last->next_running = parents_pools;
+        parents_pools = running_pools;
+    }
     running_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
     running_pools = NULL;
 }
@@ -649,6 +655,21 @@ void pz_pool_free(pz_pool *p)
 {
     if (!p)
         return;
+    if (p->forked) {
+        /* A fork's copy: what the I/O thread owned may have been half
+         * changed at the fork (a buffer between its realloc and the store
+         * of the new pointer, a descriptor between its close and the -1),
+         * so none of it is touched; the copy stays on parents_pools.  The
+         * descriptors the main thread made are closed, as any copy the
+         * child has no use for. */
+        int *fds[] = {&p->spawner_fd, &p->io_wake_fd, &p->main_wake_fd};
+        for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+            if (*fds[i] >= 0) {
+                close(*fds[i]);
+                *fds[i] = -1;
+            }
+        return;
+    }
     pz_io_free(p->io);
     if (p->spawner_fd >= 0)
         close(p->spawner_fd);
