@@ -806,9 +806,12 @@ function methods.stream(p, src, opts)
   --- Drops the runs at the head whose calls are all handed out: as far as
   -- their counts are settled (settle_runs).
   local function drop_spent_runs()
+    -- (the head moves first: an interrupt between the two leaves a spent
+    -- run behind it, never a hole between head and tail, which claim.owns
+    -- would index)
     while seg_head < seg_tail and segs[seg_head][4] == 0 do
-      segs[seg_head] = nil
       seg_head = seg_head + 1
+      segs[seg_head - 1] = nil
     end
   end
 
@@ -842,8 +845,8 @@ function methods.stream(p, src, opts)
     if seg and id0 == seg[1] + seg[3] then
       seg[3], seg[4] = seg[3] + count, seg[4] + count
     else
+      segs[seg_tail + 1] = { id0, next_i, count, count } -- (then the tail: as above)
       seg_tail = seg_tail + 1
-      segs[seg_tail] = { id0, next_i, count, count }
       -- the last run may have been spent: no longer last, it goes, so
       -- that the new one's calls are found at the head
       drop_spent_runs()
