@@ -522,8 +522,8 @@ describe("found in review", function()
       1, true), out)
     assert.truthy(out:find("executors\t0\n", 1, true), out)
     for w = 1, 3 do
-      assert.truthy(out:find("init error\t" .. w .. "\tthe spawner process died before this worker initialized\n",
-        1, true), out)
+      assert.truthy(out:find("init error\t" .. w .. "\tthe spawner process died before this worker initialized "
+        .. "(it could not go on: open /dev/null: Too many open files)\n", 1, true), out)
     end
   end)
 end)

@@ -153,6 +153,7 @@ struct pz_io {
     size_t nspq, capspq;
     int spawner_out;         /* EPOLLOUT registered on the spawner socket */
     int spawner_gone;        /* its socket failed or reached end of file */
+    char spawner_why[160];   /* what its PZ_S_GAVE_UP said, or "" */
     int spawner_shut;        /* we shut our side: it kills what is left */
 
     /* ioloop.c: stop */

@@ -475,14 +475,30 @@ static void handle_request(spawner *s)
         kill(m.pid, m.arg);
 }
 
-/* The spawner cannot go on: says what failed on stderr (the script's, which
- * it shares; the pool then gives every slot that had not initialized an
- * init error, spawnq.c) and ends. */
-static _Noreturn void spawner_fail(const char *what)
+/* The steps of the spawner's start that can fail, as PZ_S_GAVE_UP names
+ * them. */
+enum { STEP_OPEN_DEVNULL, STEP_DUP2_STDIN, STEP_DUP2_SOCKET, STEP_SIGPROCMASK, STEP_SIGNALFD, NSTEPS };
+static const char *const step_names[NSTEPS] = {"open /dev/null", "dup2 /dev/null to stdin", "dup2 of its socket",
+                                               "sigprocmask", "signalfd"};
+
+const char *pz_spawner_step(int step)
 {
+    return step >= 0 && step < NSTEPS ? step_names[step] : NULL;
+}
+
+/* The spawner cannot go on: tells the parent which step failed and why
+ * (PZ_S_GAVE_UP on `sock`: every slot that had not initialized gets it in
+ * its init error, spawnq.c), says it on stderr too (the script's, which it
+ * shares: a script that reads no init error still learns it), and ends. */
+static _Noreturn void spawner_fail(int sock, int step)
+{
+    int err = errno;
+    pz_spawn_msg m = {PZ_S_GAVE_UP, step, 0, 0, err};
+    /* One try: the parent may be gone, and nothing else is left to do. */
+    (void)pz_spawn_send(sock, &m, -1);
     char line[256];
-    int n = snprintf(line, sizeof line, "parallelize: the spawner process could not go on: %s: %s\n", what,
-                     strerror(errno));
+    int n = snprintf(line, sizeof line, "parallelize: the spawner process could not go on: %s: %s\n",
+                     step_names[step], strerror(err));
     if (n > 0) {
         ssize_t w = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
         (void)w; /* nothing else to tell it with */
@@ -507,11 +523,11 @@ static _Noreturn void spawner_main(const pz_spawner_config *config, int sock, pi
     sigaddset(&mask, SIGCHLD);
     sigaddset(&mask, SIGTERM);
     if (sigprocmask(SIG_SETMASK, &mask, NULL) != 0)
-        spawner_fail("sigprocmask");
+        spawner_fail(sock, STEP_SIGPROCMASK);
     bind_to_parent(parent, SIGTERM);
     s.sigfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (s.sigfd < 0)
-        spawner_fail("signalfd");
+        spawner_fail(sock, STEP_SIGNALFD);
     for (;;) {
         struct pollfd p[2] = {{s.sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
         if (poll(p, 2, -1) < 0) {
@@ -540,14 +556,14 @@ _Noreturn void pz_spawner_become(const pz_spawner_config *config, int sock, pid_
         config->in_child();
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (devnull < 0)
-        spawner_fail("open /dev/null");
+        spawner_fail(sock, STEP_OPEN_DEVNULL);
     if (dup2(devnull, 0) < 0)
-        spawner_fail("dup2 /dev/null to stdin");
+        spawner_fail(sock, STEP_DUP2_STDIN);
     /* Keep stdio (0-2) and the socket; everything else belongs to the
      * parent (other pools' sockets would otherwise hide their EOFs). */
     if (sock != WORKER_FD + 1) {
         if (dup2(sock, WORKER_FD + 1) < 0)
-            spawner_fail("dup2 of its socket");
+            spawner_fail(sock, STEP_DUP2_SOCKET);
         sock = WORKER_FD + 1;
     }
     pz_close_fds_from(3, sock);

@@ -37,9 +37,15 @@ enum pz_spawn_kind {
     PZ_S_SPAWNED = 3, /* spawner -> parent: (slot, gen) runs as `pid` */
     PZ_S_FAILED = 4,  /* spawner -> parent: fork for (slot, gen) failed, errno `arg` */
     PZ_S_EXITED = 5,  /* spawner -> parent: child `pid` ended with wait status `arg` */
-    PZ_S_EXEC_FAILED = 6 /* spawner -> parent: the launcher of (slot, gen) could not be
-                          * executed, errno `arg` */
+    PZ_S_EXEC_FAILED = 6, /* spawner -> parent: the launcher of (slot, gen) could not be
+                           * executed, errno `arg` */
+    PZ_S_GAVE_UP = 7      /* spawner -> parent, its last word: step `slot` of its
+                           * start (pz_spawner_step) failed with errno `arg` */
 };
+
+/* What step `step` of a PZ_S_GAVE_UP report is ("signalfd", ...), or NULL
+ * when it is none the spawner has. */
+const char *pz_spawner_step(int step);
 
 typedef struct pz_spawn_msg {
     int32_t kind;

@@ -142,8 +142,11 @@ static void spawner_lost(struct pz_io *io)
             /* A slot that never initialized says why in p.init_errors,
              * as one given up after its attempts does (slot.c). */
             if (!io->settled[w->slot] && !io->stopping) {
-                static const char why[] = "the spawner process died before this worker initialized";
-                pz_part parts[] = {{why, sizeof why - 1, 1}, {NULL, 0, 0}};
+                char why[256];
+                snprintf(why, sizeof why, "the spawner process died before this worker initialized%s%s%s",
+                         io->spawner_why[0] ? " (it could not go on: " : "", io->spawner_why,
+                         io->spawner_why[0] ? ")" : "");
+                pz_part parts[] = {{why, strlen(why), 1}, {NULL, 0, 0}};
                 pz_io_record(io, PZ_F_INIT_ERROR, 0, (uint64_t)w->slot, parts, 2);
                 pz_io_settle(io, w);
             }
@@ -190,6 +193,11 @@ void pz_spawnq_read(struct pz_io *io)
                          io->p->launch[w->slot][0], strerror(m.arg));
                 pz_slot_ended(io, w, 0, 0);
             }
+            break;
+        case PZ_S_GAVE_UP: /* its end of file follows */
+            if (pz_spawner_step(m.slot))
+                snprintf(io->spawner_why, sizeof io->spawner_why, "%s: %s", pz_spawner_step(m.slot),
+                         strerror(m.arg));
             break;
         case PZ_S_EXITED:
             if ((w = slot_by_pid(io, m.pid)) != NULL) {
