@@ -315,6 +315,12 @@ describe("pzlua", function()
       _, err = same_as_luajit({ "-e", "error(setmetatable({}, {__tostring = function() return 'custom' end}))" })
       assert.matches("^" .. NAME .. ": custom\nstack traceback:\n", err)
       same_as_luajit({ "-e", "error(setmetatable({}, {__tostring = function() return {} end}))" })
+      -- (luajit says only "error in error handling" here: where pzlua differs)
+      local status
+      _, err, status = run({ "-e", "error(setmetatable({}, {__tostring = function() error('bad', 0) end}))" })
+      assert.matches("^" .. NAME .. ": %(error object is a table value; its __tostring raised: bad%)\n"
+        .. "stack traceback:\n", err)
+      assert.equal(1, status)
       for _, chunk in ipairs({ "error({})", "error(nil)" }) do
         assert.equal(1, select(3, run({ "-e", chunk })))
       end

@@ -134,14 +134,22 @@ int pzlua_report(lua_State *L, int status)
 
 /* Message handler for every chunk: a string error (or a value whose
  * __tostring gives one) gets a traceback; any other value is left as it is,
- * for pzlua_report to describe. */
+ * for pzlua_report to describe.  __tostring is called protected: one that
+ * raised made the whole report "error in error handling". */
 static int msghandler(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
-        if (lua_isnoneornil(L, 1) || !luaL_callmeta(L, 1, "__tostring") ||
-            !lua_isstring(L, -1))
-            return 1; /* the original object, or what __tostring returned */
+        if (lua_isnoneornil(L, 1) || !luaL_getmetafield(L, 1, "__tostring"))
+            return 1; /* the original object */
+        lua_pushvalue(L, 1);
+        if (lua_pcall(L, 1, 1, 0) != 0) {
+            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+            lua_pushfstring(L, "(error object is a %s value; its __tostring raised: %s)", luaL_typename(L, 1),
+                            why ? why : luaL_typename(L, -1));
+        } else if (!lua_isstring(L, -1)) {
+            return 1; /* what __tostring returned */
+        }
         msg = lua_tostring(L, -1);
     }
     luaL_traceback(L, L, msg, 1);
