@@ -82,9 +82,9 @@ static void forget_parents_pools(void)
  * module's fork) while pools ran.  Their I/O threads did not come along,
  * and their spawners, workers and sockets are the parent's: the child's
  * copies are marked so that using one raises, and collecting one (at the
- * child's exit, when its Lua state closes) frees its memory without
- * waiting for a thread that is not there or touching the parent's
- * workers.  The list starts empty, so that a pool the child makes parks
+ * child's exit, when its Lua state closes) neither waits for a thread
+ * that is not there nor touches the parent's workers (nor frees what the
+ * I/O thread owned: pz_pool_free).  The list starts empty, so that a pool the child makes parks
  * no I/O lock a vanished thread may hold.  Runs in the child of every
  * fork of this process (a spawner's too: forget_parents_pools then takes
  * the list from parents_pools); the list is changed by the main thread
