@@ -345,12 +345,18 @@ static int l_pool_wait(lua_State *L)
         if (what == 1) {
             r = pz_pool_sleep(p, PZ_WAIT_INIT, PZ_NEVER, PZ_NEVER, deadline, &signalled);
         } else if (what == 3) {
-            /* Room comes as calls are taken: one more is the least; room in
-             * the arena, as the records of calls holding it come: one more
-             * than were drained (published meanwhile, it is there now). */
-            uint64_t drained_to = pz_lpool_arena_full(u) ? pz_pool_finished(p) + 1 : PZ_NEVER;
-            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, drained_to, atomic_load(&p->calls_taken) + 1,
-                              deadline, &signalled);
+            /* Room comes as calls are taken: one more than has_room saw is
+             * the least (p->taken_seen, read when it said no: a fresh read
+             * here may already count the takes that made room, and then
+             * waited for one more take than there are calls, forever, the
+             * I/O thread idle; a one-worker pool with max_pending hung
+             * within a few thousand p(i)); room in the arena, as the
+             * records of calls holding it come: one more than were drained
+             * (published meanwhile, it is there now). */
+            int arena_full = pz_lpool_arena_full(u);
+            uint64_t drained_to = arena_full ? pz_pool_finished(p) + 1 : PZ_NEVER;
+            uint64_t taken_to = arena_full ? atomic_load(&p->calls_taken) + 1 : p->taken_seen + 1;
+            r = pz_pool_sleep(p, PZ_WAIT_PROGRESS, drained_to, taken_to, deadline, &signalled);
         } else {
             /* Fewer than `below` pending once next_id - below calls are taken. */
             uint64_t queued = pz_pool_calls(p);
