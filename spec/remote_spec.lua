@@ -22,6 +22,31 @@ local PZLUA = support.pzlua()
 local ROOT = io.popen("pwd"):read("*l")
 local HOST = (support.read("/proc/sys/kernel/hostname") or "?"):match("^%S+")
 
+-- Script parts for the tests of a socket as the parent's stderr: the
+-- first makes one (sv[1] as fd 2; sv[0] the test's end), the second
+-- prints how many lines the launchers wrote to it ("said-by-the-launcher").
+local SOCKET_AS_STDERR = [[
+  local ffi = require "ffi"
+  ffi.cdef "int socketpair(int, int, int, int *); int dup2(int, int); int kill(int, int);"
+  ffi.cdef "long read(int, void *, unsigned long); int fcntl(int, int, ...);"
+  local sv = ffi.new("int[2]")
+  assert(ffi.C.socketpair(1, 1, 0, sv) == 0) -- AF_UNIX, SOCK_STREAM
+  io.stderr:flush()
+  assert(ffi.C.dup2(sv[1], 2) == 2)
+]]
+local PRINT_LAUNCHER_LINES = [[
+  ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) -- F_SETFL O_NONBLOCK
+  local buf, got = ffi.new("char[65536]"), {}
+  local function lines() return select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) end
+  for _ = 1, 200 do
+    local n = tonumber(ffi.C.read(sv[0], buf, 65536))
+    if n > 0 then got[#got + 1] = ffi.string(buf, n) end
+    if lines() >= 2 then break end
+    require("parallelize").sleep(0.01)
+  end
+  print("launcher lines " .. lines())
+]]
+
 local function cmdline(pid)
   return ((support.read("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " "))
 end
@@ -437,14 +462,7 @@ describe("remote workers: launchers", function()
     function()
     local dir = support.tmpdir()
     finally(function() support.rmdir(dir) end)
-    support.write(dir .. "/script.lua", [[
-      local ffi = require "ffi"
-      ffi.cdef "int socketpair(int, int, int, int *); int dup2(int, int); int kill(int, int);"
-      ffi.cdef "long read(int, void *, unsigned long); int fcntl(int, int, ...);"
-      local sv = ffi.new("int[2]")
-      assert(ffi.C.socketpair(1, 1, 0, sv) == 0) -- AF_UNIX, SOCK_STREAM
-      io.stderr:flush()
-      assert(ffi.C.dup2(sv[1], 2) == 2)
+    support.write(dir .. "/script.lua", SOCKET_AS_STDERR .. [[
       local parallelize = require "parallelize"
       local command = "echo said-by-the-launcher >&2; (sleep 6 </dev/null >/dev/null &); exec "
         .. arg[1] .. " --worker"
@@ -470,16 +488,7 @@ describe("remote workers: launchers", function()
       print("map " .. tostring(ok) .. " " .. tostring(ok and r[3] or r))
       print("init errors " .. #p.init_errors)
       p:stop()
-      ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) -- F_SETFL O_NONBLOCK
-      local buf, got = ffi.new("char[65536]"), {}
-      for _ = 1, 200 do
-        local n = tonumber(ffi.C.read(sv[0], buf, 65536))
-        if n > 0 then got[#got + 1] = ffi.string(buf, n) end
-        if select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) >= 2 then break end
-        parallelize.sleep(0.01)
-      end
-      print("launcher lines " .. select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")))
-    ]])
+    ]] .. PRINT_LAUNCHER_LINES)
     local t0 = core.now()
     -- support.run reads the script's stdout to its end of file
     local out, status = support.run(("timeout 30 %s %s %s"):format(support.quote(PZLUA),
@@ -777,14 +786,7 @@ describe("remote workers on real servers #nosan", function()
                                             command = "echo said-by-the-launcher >&2; " .. PZLUA }(1)) do
         argv[#argv + 1] = ("%q"):format(a)
       end
-      support.write(dir .. "/script.lua", [[
-        local ffi = require "ffi"
-        ffi.cdef "int socketpair(int, int, int, int *); int dup2(int, int); long read(int, void *, unsigned long);"
-        ffi.cdef "int fcntl(int, int, ...);"
-        local sv = ffi.new("int[2]")
-        assert(ffi.C.socketpair(1, 1, 0, sv) == 0) -- AF_UNIX, SOCK_STREAM
-        io.stderr:flush()
-        assert(ffi.C.dup2(sv[1], 2) == 2)
+      support.write(dir .. "/script.lua", SOCKET_AS_STDERR .. [[
         local function nonblocking(fd)
           local flags = tonumber(io.open("/proc/self/fdinfo/" .. fd):read("*a"):match("flags:%s*(%d+)"), 8)
           return require("bit").band(flags, 2048) ~= 0
@@ -796,17 +798,7 @@ describe("remote workers on real servers #nosan", function()
         print("init errors " .. #p.init_errors)
         print("nonblocking " .. tostring(nonblocking(2)))
         p:stop()
-        -- what came through the socket: the launchers' lines
-        ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) -- F_SETFL O_NONBLOCK
-        local buf, got = ffi.new("char[65536]"), {}
-        for _ = 1, 200 do
-          local n = tonumber(ffi.C.read(sv[0], buf, 65536))
-          if n > 0 then got[#got + 1] = ffi.string(buf, n) end
-          if select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) >= 2 then break end
-          parallelize.sleep(0.01)
-        end
-        print("launcher lines " .. select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")))
-      ]])
+      ]] .. PRINT_LAUNCHER_LINES)
       local out, status = support.run(("%s %s"):format(support.quote(PZLUA), support.quote(dir .. "/script.lua")))
       assert.are.equal(0, status, out)
       assert.are.equal("init errors 0\nnonblocking false\nlauncher lines 2\n", out)

@@ -464,17 +464,21 @@ describe("found in review", function()
     assert.are.same({ "mid", "fast" }, p.results)
   end)
 
+  -- A script's start: every descriptor taken, by the files in `files`.
+  local TAKE_EVERY_FD = [[
+    local parallelize = require "parallelize"
+    local files = {}
+    while true do
+      local f = io.open("/dev/null")
+      if not f then break end
+      files[#files + 1] = f
+    end
+  ]]
+
   it("retries, then gives up, when no descriptor is left to start a worker", function()
     local dir = support.tmpdir()
     finally(function() support.rmdir(dir) end)
-    support.write(dir .. "/fds.lua", [[
-      local parallelize = require "parallelize"
-      local files = {}
-      while true do
-        local f = io.open("/dev/null")
-        if not f then break end
-        files[#files + 1] = f
-      end
+    support.write(dir .. "/fds.lua", TAKE_EVERY_FD .. [[
       for _ = 1, 5 do table.remove(files):close() end
       local p = parallelize.Parallelize({ function(x) return x end }, { init_attempts = 3 })
       p(1)
@@ -496,14 +500,7 @@ describe("found in review", function()
     -- Every descriptor taken, then freed one at a time until the pool can
     -- be made: the first pool made has a spawner whose descriptor table is
     -- full, which cannot open /dev/null for its stdin.
-    support.write(dir .. "/spawner.lua", [[
-      local parallelize = require "parallelize"
-      local files = {}
-      while true do
-        local f = io.open("/dev/null")
-        if not f then break end
-        files[#files + 1] = f
-      end
+    support.write(dir .. "/spawner.lua", TAKE_EVERY_FD .. [[
       local ok, p
       repeat
         table.remove(files):close()
