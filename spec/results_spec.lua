@@ -274,14 +274,23 @@ describe("the pool's lists", function()
 
   --- Queues p(1) .. p(n), making garbage as it goes so that collections
   -- run; with `protected`, through pcall (a finalizer's error may surface
-  -- at any allocation).
-  local function loop_with_garbage(p, n, protected)
+  -- at any allocation), noting in `args` (made beforehand with room for n,
+  -- so that nothing allocates outside pcall) the argument of each call
+  -- made: a p(i) that raised made none (the drain it runs once records
+  -- pile up makes the first allocation of p(i), before the call is
+  -- queued), and the ids of the calls after it are no longer their i.
+  local function loop_with_garbage(p, n, args)
     local junk = {}
     local function litter(i) junk[i % 1024] = { i } end -- made once: nothing allocates outside pcall
     for i = 1, n do
-      if protected then pcall(p, i) else p(i) end
+      if args then
+        local ok, id = pcall(p, i)
+        if ok then args[id] = i end
+      else
+        p(i)
+      end
       if i % 64 == 0 then
-        if protected then pcall(litter, i) else litter(i) end
+        if args then pcall(litter, i) else litter(i) end
       end
     end
     return #junk
@@ -324,6 +333,7 @@ describe("the pool's lists", function()
   it("make a call whose drain a finalizer's error broke an error only, and stay usable", function()
     local p = Parallelize(function(x) return x, x end, { workers = 2 }) -- two values: an extras entry
     local n, raised, done = 100000, 0, false
+    local args = require("table.new")(n, 0) -- args[id]: the argument of call id
     -- Interpreted only: LuaJIT before its fix of January 2023 (LuaJIT pull
     -- request 946; Debian 12's is older) runs the collection step of a
     -- trace's exit outside any protected call, and a finalizer's error
@@ -339,7 +349,7 @@ describe("the pool's lists", function()
       raised = raised + 1
       error("boom from a finalizer")
     end, function()
-      loop_with_garbage(p, n, true)
+      loop_with_garbage(p, n, args)
       for _ = 1, 50 do
         local ok, finished = pcall(p.wait, p, 60)
         if ok and finished then done = true break end
@@ -348,9 +358,9 @@ describe("the pool's lists", function()
     assert.is_true(done, "p:wait() kept raising")
     assert.is_true(raised > 0)
     local results, ids, errors = p:take()
-    local seen, both = {}, 0
+    local seen, both, made = {}, 0, 0
     for k = 1, #ids do
-      assert.are.equal(ids[k], results[k])
+      assert.are.equal(args[ids[k]], results[k])
       seen[ids[k]] = true
     end
     for _, e in ipairs(errors) do
@@ -360,9 +370,47 @@ describe("the pool's lists", function()
     end
     local missing = 0
     for id = 1, n do
-      if not seen[id] then missing = missing + 1 end
+      if args[id] ~= nil then
+        made = made + 1
+        if not seen[id] then missing = missing + 1 end
+      end
     end
-    assert.are.same({ both = 0, missing = 0 }, { both = both, missing = missing })
+    -- every call made is in the lists once, and there are no others
+    assert.are.same({ both = 0, missing = 0, calls = made }, { both = both, missing = missing,
+      calls = (core.pool_counts(p)) })
+  end)
+
+  it("make no call for a p(x) that a finalizer's error at its drain's start broke", function()
+    local p = Parallelize(function(x) return x, x end, { workers = 2 })
+    jit.flush()
+    jit.off()
+    finally(function()
+      jit.on()
+      p:stop()
+    end)
+    local n = 20000 -- their records hold far more than the 64 KiB that count as piling up
+    for i = 1, n do p(i) end -- the 1024th sees the JIT off: the C function is p(x) from then on
+    assert.is_truthy(support.eventually(function() return core.pool_stats(p).done == n end, 60))
+    -- Many finalizers that raise, pending at once: once one has run, every
+    -- collection step runs the next, at whatever allocates, and the first
+    -- allocation of the p(x) below is its drain's first push.
+    local stepmul = collectgarbage("setstepmul", 1)
+    collectgarbage() -- what else waits for its finalizer runs now, then is freed
+    collectgarbage()
+    collectgarbage("stop")
+    for _ = 1, 1000 do getmetatable(newproxy(true)).__gc = function() error("boom from a finalizer") end end
+    collectgarbage("restart")
+    while pcall(collectgarbage, "step", 0) do end
+    local ok, id = pcall(p, n + 1)
+    local calls = core.pool_counts(p)
+    collectgarbage("setstepmul", stepmul)
+    for _ = 1, 2000 do if pcall(collectgarbage) then break end end
+    assert.are.same({ false, n }, { ok, calls }) -- raised: nothing queued
+    assert.matches("boom from a finalizer", id)
+    assert.are.equal(n + 1, p(n + 2)) -- the next call takes the id
+    assert.is_true(p:wait(60))
+    local results, ids = p:take()
+    assert.are.same({ n + 1, n + 1, n + 2 }, { #ids, ids[n + 1], results[n + 1] })
   end)
 
   it("take the results in as a loop of p(x) goes, once they pile up", function()
