@@ -272,6 +272,22 @@ describe("the pool's lists", function()
     if not ok then error(err, 0) end
   end
 
+  --- Runs the rest of the case interpreted, and stops p at its end. A
+  -- finalizer's error must not come out of compiled code: LuaJIT before
+  -- its fix of January 2023 (LuaJIT pull request 946; Debian 12's is
+  -- older) runs the collection step of a trace's exit outside any
+  -- protected call, and a finalizer's error raised there crashes the
+  -- process (in this busted process: once in about ten suites, a general
+  -- protection fault in err_unwind).
+  local function interpreted_till_the_end(p)
+    jit.flush()
+    jit.off()
+    finally(function()
+      jit.on()
+      p:stop()
+    end)
+  end
+
   --- Queues p(1) .. p(n), making garbage as it goes so that collections
   -- run; with `protected`, through pcall (a finalizer's error may surface
   -- at any allocation), noting in `args` (made beforehand with room for n,
@@ -334,17 +350,7 @@ describe("the pool's lists", function()
     local p = Parallelize(function(x) return x, x end, { workers = 2 }) -- two values: an extras entry
     local n, raised, done = 100000, 0, false
     local args = require("table.new")(n, 0) -- args[id]: the argument of call id
-    -- Interpreted only: LuaJIT before its fix of January 2023 (LuaJIT pull
-    -- request 946; Debian 12's is older) runs the collection step of a
-    -- trace's exit outside any protected call, and a finalizer's error
-    -- raised there crashes the process (in this busted process: once in
-    -- about ten suites, a general protection fault in err_unwind).
-    jit.flush()
-    jit.off()
-    finally(function()
-      jit.on()
-      p:stop()
-    end)
+    interpreted_till_the_end(p)
     with_finalizer_storm(function()
       raised = raised + 1
       error("boom from a finalizer")
@@ -382,12 +388,7 @@ describe("the pool's lists", function()
 
   it("make no call for a p(x) that a finalizer's error at its drain's start broke", function()
     local p = Parallelize(function(x) return x, x end, { workers = 2 })
-    jit.flush()
-    jit.off()
-    finally(function()
-      jit.on()
-      p:stop()
-    end)
+    interpreted_till_the_end(p)
     local n = 20000 -- their records hold far more than the 64 KiB that count as piling up
     for i = 1, n do p(i) end -- the 1024th sees the JIT off: the C function is p(x) from then on
     assert.is_truthy(support.eventually(function() return core.pool_stats(p).done == n end, 60))

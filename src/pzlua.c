@@ -43,6 +43,7 @@
 #include <lualib.h>
 
 #include "core.h"
+#include "lerrobj.h"
 #include "lstate.h"
 #include "pzlua.h"
 #include "remote.h"
@@ -140,16 +141,10 @@ static int msghandler(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
-        if (lua_isnoneornil(L, 1) || !luaL_getmetafield(L, 1, "__tostring"))
+        if (lua_isnoneornil(L, 1) || !pz_error_tostring(L, 1))
             return 1; /* the original object */
-        lua_pushvalue(L, 1);
-        if (lua_pcall(L, 1, 1, 0) != 0) {
-            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-            lua_pushfstring(L, "(error object is a %s value; its __tostring raised: %s)", luaL_typename(L, 1),
-                            why ? why : luaL_typename(L, -1));
-        } else if (!lua_isstring(L, -1)) {
+        if (!lua_isstring(L, -1))
             return 1; /* what __tostring returned */
-        }
         msg = lua_tostring(L, -1);
     }
     luaL_traceback(L, L, msg, 1);

@@ -193,13 +193,17 @@ int64_t pz_slot_grace_ns(const struct pz_io *io, const pz_slot *w)
     return w->remote && grace < PZ_LAUNCHER_GRACE_NS ? PZ_LAUNCHER_GRACE_NS : grace;
 }
 
-/* Ends a worker that is still starting (stop, init_timeout).  A launcher
- * may still be waiting for the place it launches on (srun queued for an
- * allocation), a request that outlives it: SIGTERM lets it withdraw the
- * request (srun cancels its pending job), where SIGKILL would leave the
- * job in Slurm's queue for good.  SIGKILL follows pz_slot_grace_ns
- * later (pz_slot_timers).  A local worker holds nothing: SIGKILL at once. */
-static void end_starting(struct pz_io *io, pz_slot *w)
+/* Ends a worker the pool gives up on while it starts (stop, init_timeout)
+ * or runs (a call's timeout or cancel: doom).  A launcher gets SIGTERM,
+ * and SIGKILL pz_slot_grace_ns later (pz_slot_timers): one still waiting
+ * for the place it launches on (srun queued for an allocation) withdraws
+ * the request (srun cancels its pending job), where SIGKILL would leave
+ * the job in Slurm's queue for good; and `pzlua --worker` launched
+ * directly passes SIGTERM on, then kills what its worker left running
+ * (remote.c), which SIGKILLed it could not.  ssh and srun end their
+ * remote side on SIGTERM as on SIGKILL.  A local worker: SIGKILL at once
+ * (the spawner kills its leftovers). */
+static void end_process(struct pz_io *io, pz_slot *w)
 {
     if (w->remote) {
         /* Once only: stop() after init_timeout would otherwise start the
@@ -325,18 +329,7 @@ static void doom(struct pz_io *io, pz_slot *w, uint64_t id, uint8_t kind)
     w->doomed = id;
     w->doomed_kind = kind;
     w->doom_killed = 1;
-    if (w->remote && !w->kill_sent && !w->kill_at) {
-        /* A launcher gets SIGTERM, and SIGKILL a grace later
-         * (pz_slot_timers): when it is `pzlua --worker` itself, its
-         * supervisor passes SIGTERM on and then kills what the worker left
-         * running (remote.c); SIGKILLed, it could not, and they ran on.
-         * ssh and srun end their remote side on SIGTERM as they do on
-         * SIGKILL. */
-        pz_spawnq_kill(io, w, SIGTERM);
-        w->kill_at = pz_now_ns() + pz_slot_grace_ns(io, w);
-        return;
-    }
-    kill_once(io, w);
+    end_process(io, w);
 }
 
 /* The frame of call id among those w has sent and not had answered, or NULL. */
@@ -895,7 +888,7 @@ void pz_slot_stop(struct pz_io *io, pz_slot *w)
         /* It holds no call: nothing to finish. */
         w->state = SLOT_STOPPING;
         w->stopped_starting = 1;
-        end_starting(io, w);
+        end_process(io, w);
         return;
     case SLOT_IDLE:
     case SLOT_SPARE:
@@ -931,7 +924,7 @@ void pz_slot_timers(struct pz_io *io, pz_slot *w, int64_t now, int64_t *next)
                      "was ended by the pool: it had not initialized within init_timeout (%.14g s)",
                      (double)io->p->opt.init_timeout_ns / 1e9);
             pz_slot_close_fd(io, w);
-            end_starting(io, w);
+            end_process(io, w);
         } else {
             CONSIDER(w->init_deadline);
         }

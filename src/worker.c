@@ -36,6 +36,7 @@
 #include "codec_format.h"
 #include "frame.h"
 #include "handshake.h"
+#include "lerrobj.h"
 #include "lstate.h"
 #include "run.h"
 #include "shortcopy.h"
@@ -187,22 +188,14 @@ static int on_error(lua_State *L)
         pz_wruns_unwhere(L, 1);
     if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
         lua_pushstring(L, lua_tostring(L, 1));
-    else if (luaL_getmetafield(L, 1, "__tostring")) {
-        /* Called protected: a __tostring that raises would otherwise
-         * make the whole error "error in error handling", its traceback
-         * and value lost. */
-        lua_pushvalue(L, 1);
-        if (lua_pcall(L, 1, 1, 0) != 0) {
-            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-            lua_pushfstring(L, "(error object is a %s value; its __tostring raised: %s)",
-                            luaL_typename(L, 1), why ? why : luaL_typename(L, -1));
-            lua_remove(L, -2);
-        } else if (!lua_isstring(L, -1)) {
-            lua_pop(L, 1);
+    else {
+        int pushed = pz_error_tostring(L, 1);
+        if (!pushed || !lua_isstring(L, -1)) {
+            if (pushed)
+                lua_pop(L, 1); /* __tostring returned no string */
             lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
         }
-    } else
-        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
     luaL_traceback(L, L, NULL, 1);
     if (W.in_helper)
         pz_wruns_untrace(L);
