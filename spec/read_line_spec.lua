@@ -133,14 +133,22 @@ describe("core.read_line", function()
       outer:close()
     ]=])
     f:close()
-    local out, status = support.run(support.quote(support.pzlua()) .. " " .. support.quote(script))
+    -- Up to three runs, each checked, until one had finalizers run inside
+    -- read_line (a run of local CI saw none once: where collections land
+    -- is the collector's business).
+    local nested = 0
+    for _ = 1, 3 do
+      local out, status = support.run(support.quote(support.pzlua()) .. " " .. support.quote(script))
+      assert.are.equal(0, status, out)
+      local bad, inner_got, n = out:match("bad (%d+) inner (%d+) nested (%d+)")
+      assert.is_truthy(bad, out)
+      assert.are.equal(0, tonumber(bad))
+      assert.is_true(tonumber(inner_got) > 0)
+      nested = tonumber(n)
+      if nested > 0 then break end
+    end
     os.remove(script)
-    assert.are.equal(0, status, out)
-    local bad, inner_got, nested = out:match("bad (%d+) inner (%d+) nested (%d+)")
-    assert.is_truthy(bad, out)
-    assert.are.equal(0, tonumber(bad))
-    assert.is_true(tonumber(inner_got) > 0)
-    assert.is_true(tonumber(nested) > 0, "no finalizer ran inside read_line")
+    assert.is_true(nested > 0, "no finalizer ran inside read_line, in three runs")
   end)
 
   it("frees what it gathered of a line it has no memory for, and goes on #nosan", function()
