@@ -24,8 +24,8 @@ local HOST = (support.read("/proc/sys/kernel/hostname") or "?"):match("^%S+")
 
 -- Script parts for the tests of a socket as the parent's stderr: the
 -- first makes one (sv[1] as fd 2; sv[0] the test's end) and defines
--- launcher_lines(want), which reads what came through it for up to 5 s
--- until `want` lines the launchers wrote ("said-by-the-launcher") are
+-- launcher_lines(want [, seconds]), which reads what came through it for
+-- up to `seconds` (5) until `want` lines the launchers wrote ("said-by-the-launcher") are
 -- there, and returns how many are; the second prints that for 2.
 local SOCKET_AS_STDERR = [[
   local ffi = require "ffi"
@@ -37,9 +37,9 @@ local SOCKET_AS_STDERR = [[
   assert(ffi.C.dup2(sv[1], 2) == 2)
   assert(ffi.C.fcntl(sv[0], 4, ffi.cast("long", 2048)) == 0) -- F_SETFL O_NONBLOCK (the test's end)
   local buf, got = ffi.new("char[65536]"), {}
-  local function launcher_lines(want)
+  local function launcher_lines(want, seconds)
     local function count() return select(2, table.concat(got):gsub("said%-by%-the%-launcher", "")) end
-    for _ = 1, 500 do
+    for _ = 1, (seconds or 5) * 100 do
       local n = tonumber(ffi.C.read(sv[0], buf, 65536))
       if n > 0 then got[#got + 1] = ffi.string(buf, n) end
       if count() >= want then break end
@@ -496,7 +496,8 @@ describe("remote workers: launchers", function()
       print("map " .. tostring(ok) .. " " .. tostring(ok and r[3] or r))
       print("init errors " .. #p.init_errors)
       p:stop()
-    ]] .. PRINT_LAUNCHER_LINES)
+      print("launcher lines " .. launcher_lines(2, 1)) -- (1 s: the clock below counts it)
+    ]])
     local t0 = core.now()
     -- support.run reads the script's stdout to its end of file
     local out, status = support.run(("timeout 30 %s %s %s"):format(support.quote(PZLUA),
