@@ -340,8 +340,7 @@ describe("cancel", function()
     for _, e in ipairs(p.errors) do assert(e.cancelled, e.message) end
     assert.are.equal(n, p:stats().cancelled)
     -- Its 100,000 error records would stay alive with busted's hold on
-    -- this `finally`, and slow every collection of the specs after it
-    -- (read_line_spec's finalizers then never ran inside read_line).
+    -- this `finally`, and slow every collection of the specs after it.
     p:stop()
     p = nil
   end)

@@ -82,15 +82,19 @@ describe("core.read_line", function()
   end)
 
   it("can be called from a finalizer that runs while it pushes a line", function()
-    -- Finalizers (garbage with one is made anew each turn) that read a
-    -- line of their own run at collections forced from the loop's
-    -- allocations, some of them as read_line pushes its line, which the
-    -- buffer it gathered in must then still hold whole. In a pzlua of its
-    -- own: with the heap the specs before leave alive (busted keeps their
-    -- pools), a collection cycle outlasted the whole loop (a 200 MB heap:
-    -- every finalizer ran, none inside read_line). Interpreted: compiled,
-    -- the loop's stores to `reading` are not where the finalizers look
-    -- (none seen inside in 100,000 lines; 35,997 interpreted).
+    -- A finalizer that reads a line of its own runs at the collection step
+    -- read_line's push of its line takes (the allocation check of
+    -- lua_pushlstring), where the buffer it gathered in must still hold the
+    -- line whole. Where steps land is not left to the collector's pacing:
+    -- it locks into a pattern that its string hash seed (random in each
+    -- process) and the addresses of newproxy's metatables pick, and about
+    -- one run in ten never stepped inside read_line (none of 100,000
+    -- finalizers there). Each round here makes garbage with finalizers,
+    -- steps the collector one step at a time until the first of them ran
+    -- (it is then finalizing, most of the garbage still to go), and asks
+    -- for a step at the next allocation check: read_line's, as it pushes.
+    -- In a pzlua of its own, whose collections are short; interpreted (a
+    -- trace neither calls finalizers nor lets these loops be compiled).
     local script = os.tmpname()
     local f = assert(io.open(script, "wb"))
     f:write([=[
@@ -105,50 +109,56 @@ describe("core.read_line", function()
         os.remove(path)
         return r
       end
-      local inner = file_with(string.rep("inner line\n", 100000))
+      local ROUNDS, GARBAGE = 200, 100
+      local inner = file_with(string.rep("inner line\n", ROUNDS * GARBAGE + 1000))
       local outer_lines = {}
-      for i = 1, 100000 do outer_lines[i] = string.rep(string.char(97 + i % 26), 40 + i % 50) end
+      for i = 1, ROUNDS do -- longer than stdio's buffer: gathered over refills
+        outer_lines[i] = string.rep(string.char(97 + i % 26), 5000 + i * 7)
+      end
       local outer = file_with(table.concat(outer_lines, "\n") .. "\n")
-      local inner_got, bad, nested, reading = 0, 0, 0, false
-      collectgarbage("setpause", 1)
-      for i = 1, 100000 do
-        local mt = getmetatable(newproxy(true))
-        mt.__gc = function()
-          if reading then nested = nested + 1 end
-          local text = read_line(inner)
-          if text then
-            inner_got = inner_got + 1
-            if text ~= "inner line" then bad = bad + 1 end
-          end
+      local inner_got, bad, nested, reading, ran = 0, 0, 0, false, false
+      local function finalizer()
+        ran = true
+        if reading then nested = nested + 1 end
+        local text = read_line(inner)
+        if text then
+          inner_got = inner_got + 1
+          if text ~= "inner line" then bad = bad + 1 end
         end
+      end
+      for i = 1, ROUNDS do
+        collectgarbage() -- a whole cycle: nothing left to finalize
+        for _ = 1, GARBAGE do getmetatable(newproxy(true)).__gc = finalizer end
+        ran = false
+        for _ = 1, 1e6 do
+          collectgarbage("step", 0)
+          if ran then break end
+        end
+        if not ran then error("round " .. i .. ": no finalizer ran in a million steps") end
+        local before = nested
+        collectgarbage("restart") -- the next allocation check steps
         reading = true
         local text = read_line(outer)
         reading = false
-        if text ~= outer_lines[i] then error("line " .. i .. " differs: " .. tostring(text)) end
+        if text ~= outer_lines[i] then
+          error(("line %d differs: %d bytes, %q"):format(i, text and #text or -1, tostring(text):sub(1, 20)))
+        end
+        if nested == before then error("round " .. i .. ": no finalizer ran inside read_line") end
       end
-      collectgarbage("setpause", 200)
       collectgarbage()
       print(("bad %d inner %d nested %d"):format(bad, inner_got, nested))
       inner:close()
       outer:close()
     ]=])
     f:close()
-    -- Up to three runs, each checked, until one had finalizers run inside
-    -- read_line (a run of local CI saw none once: where collections land
-    -- is the collector's business).
-    local nested = 0
-    for _ = 1, 3 do
-      local out, status = support.run(support.quote(support.pzlua()) .. " " .. support.quote(script))
-      assert.are.equal(0, status, out)
-      local bad, inner_got, n = out:match("bad (%d+) inner (%d+) nested (%d+)")
-      assert.is_truthy(bad, out)
-      assert.are.equal(0, tonumber(bad))
-      assert.is_true(tonumber(inner_got) > 0)
-      nested = tonumber(n)
-      if nested > 0 then break end
-    end
+    local out, status = support.run(support.quote(support.pzlua()) .. " " .. support.quote(script))
     os.remove(script)
-    assert.is_true(nested > 0, "no finalizer ran inside read_line, in three runs")
+    assert.are.equal(0, status, out)
+    local bad, inner_got, nested = out:match("bad (%d+) inner (%d+) nested (%d+)")
+    assert.is_truthy(bad, out)
+    assert.are.equal(0, tonumber(bad))
+    assert.are.equal(200 * 100, tonumber(inner_got))
+    assert.is_true(tonumber(nested) >= 200, out)
   end)
 
   it("frees what it gathered of a line it has no memory for, and goes on #nosan", function()
