@@ -92,3 +92,78 @@ describe("a parent short of memory #nosan", function()
     assert.matches("aborted\t2", out) -- 0 results + 0 errors + 2 aborted = 2 calls
   end)
 end)
+
+-- A stop, and a map's release, that run out of memory halfway lose no call:
+-- each raises, and once memory is back the next stop returns the rest.
+local ACCOUNT = [[
+local pz = require "parallelize"
+local ffi = require "ffi"
+ffi.cdef [=[
+struct pz_spec_rlimit2 { unsigned long cur, max; };
+int setrlimit(int resource, const struct pz_spec_rlimit2 *rlim);
+]=]
+local function vmsize()
+  for line in io.lines("/proc/self/status") do
+    local kb = line:match("^VmSize:%s*(%d+)")
+    if kb then return tonumber(kb) * 1024 end
+  end
+end
+local function limit(bytes) ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit2", bytes, -1ULL)) end
+local what, headroom = arg[1], tonumber(arg[2])
+local p = pz.Parallelize(function(x, pad)
+  if pad then pz.sleep(0.01) return x end
+  if x % 3 == 0 then return x .. ":" .. string.rep("x", 300) end
+  if x % 3 == 1 then local t = { x = x } for i = 1, 300 do t[i] = { i } end return t end
+  return x
+end, { workers = 2, quiet = true })
+assert(#p.executors == 2)
+local ok, err, aborted
+if what == "stop" then
+  local pad = string.rep("a", 1000)
+  for i = 1, 2000 do p(i, { pad, i }) end
+  pz.sleep(0.1)
+  collectgarbage()
+  limit(vmsize() + headroom)
+  ok, aborted = pcall(p.stop, p)
+  limit(-1ULL)
+  print("stop", ok, ok or aborted)
+else
+  local list = {}
+  for i = 1, 2000 do list[i] = i end
+  collectgarbage()
+  limit(vmsize() + headroom)
+  ok, err = pcall(p.map, p, list)
+  limit(-1ULL)
+  print("map", ok, ok or err)
+end
+if not ok then aborted = p:stop() end
+local item_error = not ok and tostring(err):match("map: item %d+ failed") and 1 or 0
+print("calls", p.calls, "sum", #p.results + #p.errors + #aborted + item_error + (what == "map" and ok and p.calls or 0))
+]]
+
+describe("a parent short of memory, accounting #nosan", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    support.write(dir .. "/account.lua", ACCOUNT)
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  local function run(what, headroom)
+    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/account.lua") .. " " .. what .. " " .. headroom)
+    assert.are.equal(0, status, out)
+    local calls, sum = out:match("calls\t(%d+)\tsum\t(%d+)")
+    assert.are.equal(calls, sum, out)
+    return out
+  end
+
+  it("a stop that cannot list its aborted calls says so, and the next stop returns them all", function()
+    local out = run("stop", 0)
+    assert.matches("stop\tfalse\tstop: the aborted calls could not be listed %(not enough memory%)", out)
+  end)
+
+  it("a map that runs out of memory leaves every call in the store or the aborted list", function()
+    for _, mb in ipairs({ 1, 2, 3, 6, 8, 12 }) do run("map", mb * 1048576) end
+  end)
+end)

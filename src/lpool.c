@@ -685,6 +685,24 @@ static void push_aborted(lua_State *L, int frames, pz_arena_reader *reader)
     }
 }
 
+/* The error on top of the stack as text, for a message around it. */
+static const char *error_text(lua_State *L)
+{
+    const char *s = lua_tostring(L, -1);
+    return s ? s : "an error that is not a string";
+}
+
+/* Protected: a new table of the frames of the calls pz_pool (light
+ * userdata 1) never finished. */
+static int collect_aborted(lua_State *L)
+{
+    pz_pool *pool = (pz_pool *)lua_touserdata(L, 1);
+    lua_newtable(L);
+    aborted_ctx c = {L, lua_gettop(L)};
+    pz_pool_aborted(pool, add_aborted, &c);
+    return 1;
+}
+
 /* Protected: push_aborted of the frames at 1, the reader (a light userdata,
  * NULL: none) at 2. */
 static int push_aborted_at(lua_State *L)
@@ -699,13 +717,22 @@ static int push_aborted_at(lua_State *L)
  * settle's results are the caller's. */
 static int stop_returns(lua_State *L)
 {
-    if (lua_isnoneornil(L, 3))
+    if (lua_isnoneornil(L, 3)) {
+        lua_getfenv(L, 1);
+        lua_pushnil(L);
+        lua_setfield(L, -2, "unreturned_aborted");
+        lua_pop(L, 1);
         return 1;
+    }
     int top = lua_gettop(L) - 1;
     lua_pushvalue(L, 3);
     lua_insert(L, -2);
     if (pz_defer_pcall(L, 1, LUA_MULTRET) != 0)
         return lua_error(L);
+    lua_getfenv(L, 1);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "unreturned_aborted"); /* returned: a stop after returns {} */
+    lua_pop(L, 1);
     return lua_gettop(L) - top;
 }
 
@@ -747,7 +774,14 @@ static int l_pool_stop(lua_State *L)
         luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_settop(L, 3);
     if (!u->pool) {
-        lua_newtable(L);
+        /* What a stop whose settle raised could not return, else {}. */
+        lua_getfenv(L, 1);
+        lua_getfield(L, -1, "unreturned_aborted");
+        lua_remove(L, -2);
+        if (!lua_istable(L, -1)) {
+            lua_pop(L, 1);
+            lua_newtable(L);
+        }
         return stop_returns(L);
     }
     pz_lpool_check_not_draining(L, u, "p:stop()");
@@ -770,37 +804,37 @@ static int l_pool_stop(lua_State *L)
     push_stats(L, u);
     lua_setfield(L, -2, "final_stats");
     lua_pop(L, 1);
-    /* The frames are copied out and the pool freed before any argument is
-     * decoded: decoding may fail (an argument naming a module the parent
-     * no longer has), and the pool must end stopped whatever happens. */
-    lua_newtable(L); /* 4: their frames */
-    aborted_ctx c = {L, 4};
-    pz_pool_aborted(u->pool, add_aborted, &c);
-    u->calls = (double)pz_pool_calls(u->pool);
-    u->drained = (double)pz_pool_finished(u->pool);
-    /* Their big strings are in the arena, which outlives the pool until
-     * they are decoded: a userdata frees it, whatever is raised. */
-    pz_arena **keeper = (pz_arena **)lua_newuserdata(L, sizeof *keeper); /* 5 */
-    *keeper = NULL;
-    luaL_getmetatable(L, ARENA_KEEPER_MT);
-    lua_setmetatable(L, -2);
-    *keeper = u->pool->arena;
-    u->pool->arena = NULL;
-    pz_pool_free(u->pool);
-    u->pool = NULL;
+    /* The frames are copied out and their arguments decoded before the
+     * pool is freed: out of memory in either raises with the pool stopped
+     * and whole, and a stop tried again (with memory freed) finds every
+     * call.  An argument that cannot be decoded (naming a module the
+     * parent no longer has) does not raise: push_aborted records it. */
+    lua_pushcfunction(L, collect_aborted);
+    lua_pushlightuserdata(L, u->pool);
+    if (lua_pcall(L, 1, 1, 0) != 0) /* 4: their frames */
+        return luaL_error(L, "stop: the aborted calls could not be listed (%s); the pool is stopped, "
+                             "and p:stop() again returns them", error_text(L));
     /* Deferred (ldefer.h): Ctrl-C during the stop fires at the first call
      * of Lua code, which would be a decode's, and an aborted call's
      * arguments would be lost to "interrupted!". */
     lua_pushcfunction(L, push_aborted_at);
     lua_pushvalue(L, 4);
-    lua_pushlightuserdata(L, *keeper ? &(*keeper)->reader : NULL);
-    int rc = pz_defer_pcall(L, 2, 1);
-    pz_arena_free(*keeper);
-    *keeper = NULL;
-    if (rc != 0)
-        return lua_error(L);
+    lua_pushlightuserdata(L, u->pool->arena ? &u->pool->arena->reader : NULL);
+    if (pz_defer_pcall(L, 2, 1) != 0)
+        return luaL_error(L, "stop: the aborted calls could not be listed (%s); the pool is stopped, "
+                             "and p:stop() again returns them", error_text(L));
     lua_replace(L, 4);
     lua_settop(L, 4);
+    /* Kept until settle has returned it: a settle that raises (out of
+     * memory) leaves it for the next stop to return. */
+    lua_getfenv(L, 1);
+    lua_pushvalue(L, 4);
+    lua_setfield(L, -2, "unreturned_aborted");
+    lua_pop(L, 1);
+    u->calls = (double)pz_pool_calls(u->pool);
+    u->drained = (double)pz_pool_finished(u->pool);
+    pz_pool_free(u->pool);
+    u->pool = NULL;
     return stop_returns(L);
 }
 

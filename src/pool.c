@@ -615,20 +615,35 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns, const pz_signalled *signalled)
     p->reaped = 1;
 }
 
+typedef struct aborted_walk {
+    void (*fn)(const char *frame, size_t size, void *ud);
+    void *ud;
+} aborted_walk;
+
+/* pz_spsc_walk's visitor for pz_pool_aborted: each call in the chunk.  A
+ * call cancelled while it waited here (the I/O thread flags it in place,
+ * pz_dispatch_cancel) has its error record already. */
+static int aborted_visit(char *data, size_t n, void *ud)
+{
+    aborted_walk *w = ud;
+    for (size_t pos = 0; pos < n; pos += pz_frame_size(data + pos))
+        if (!(pz_frame_flags(data + pos) & PZ_CALL_CANCELLED))
+            w->fn(data + pos, pz_frame_size(data + pos), w->ud);
+    return 0;
+}
+
 void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud)
 {
     if (p->io)
         pz_io_leftovers(p->io, fn, ud);
+    /* Handed over first, consumed after: fn may raise (out of memory in
+     * the Lua state it fills), and a stop tried again must find them all. */
+    aborted_walk w = {fn, ud};
+    pz_spsc_walk(&p->submit, aborted_visit, &w);
     size_t n;
     const char *d;
-    while ((d = pz_spsc_peek(&p->submit, &n)) != NULL) {
-        size_t size = pz_frame_size(d);
-        /* A call cancelled while it waited here (the I/O thread flags it
-         * in place, pz_dispatch_cancel) has its error record already. */
-        if (!(pz_frame_flags(d) & PZ_CALL_CANCELLED))
-            fn(d, size, ud);
-        pz_spsc_consume(&p->submit, size);
-    }
+    while ((d = pz_spsc_peek(&p->submit, &n)) != NULL)
+        pz_spsc_consume(&p->submit, pz_frame_size(d));
 }
 
 int pz_pool_cancel(pz_pool *p, uint64_t id)

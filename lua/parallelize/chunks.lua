@@ -234,7 +234,14 @@ function M.map(p, list, n, who)
     -- well has consumed them all.
     if ok and failure and reported then remove(lists.errors, reported) end
     if ok and not failure then claim.kr, claim.ke = kr, ke end
-    release(p, claim)
+    -- Out of memory halfway, the claim stays running, and stop (or a
+    -- stream's release that needs its place) moves the rest: what
+    -- claim.restore reads is kept for it.
+    local released, release_err = pcall(release, p, claim)
+    if not released then
+      if not ok then caller.reraise(err) end
+      caller.reraise(release_err)
+    end
     -- The closures above can outlive the map: a compiled trace that called
     -- one keeps it, and with it what its upvalues hold, until the JIT
     -- flushes the trace. Cleared here, the upvalues no longer hold the

@@ -288,46 +288,66 @@ local running = setmetatable({}, { __mode = "k" })
 -- and ke on) into the pool's store, and hands its tag back: its calls'
 -- later results go to the store too. Nothing is lost when a map or stream
 -- is abandoned (an error, Ctrl-C, stop). Run deferred (release).
+--
+-- Out of memory may stop it at any entry: the move's position (mr, me,
+-- kh) is advanced past each entry once it is in the store, and the claim stays running until
+-- every entry is, so that the next release (or stop's) goes on where this
+-- one stopped, moving nothing twice and losing nothing.
 local function release_now(p, claim)
   if claim.released then return end
-  claim.released = true
   local tag, lists = claim.tag, claim.lists
-  running[p][tag] = nil
-  pool_release(p, tag)
+  if not claim.tag_released then
+    pool_release(p, tag)
+    claim.tag_released = true
+    -- where the move is (kr and ke are the consumer's: a stream reads them)
+    claim.mr, claim.me = claim.kr, claim.ke
+  end
   local env = pool_env(p)
   local keep = claim.keep
-  -- An ordered stream's results taken from the lists and held back for
-  -- an earlier input (claim.held_back), in id order: they are past kr.
-  local held = claim.held_back and claim.held_back() or {}
-  sort(held, function(a, b) return a.id < b.id end)
-  for _, h in ipairs(held) do
-    if h.err then
-      if keep then env.errors[#env.errors + 1] = h.err else env.unclaimed[h.id] = h.err end
-    elseif keep then
-      env.results[#env.results + 1] = h.first
-      env.ids[#env.ids + 1] = h.id
-      if h.ex then env.extras[h.id] = h.ex end
-    else
-      env.unclaimed[h.id] = h.ex or { n = 1, h.first }
-    end
-  end
-  for k = claim.kr, #lists.ids do
-    local id, first = lists.ids[k], lists.results[k]
-    local ex = lists.extras[id]
-    -- a map's chunk whose results went into the map's output (chunks.lua)
-    if first == true and lists.into_at and lists.into_at[id] then first = claim.restore(id, ex) end
+  local function add_result(id, first, ex)
     if keep then
-      env.results[#env.results + 1] = first
-      env.ids[#env.ids + 1] = id
+      local results, ids = env.results, env.ids
+      -- a result stored without its id by a move that ran out of memory
+      if #results > #ids then results[#results] = nil end
       if ex then env.extras[id] = ex end
+      results[#results + 1] = first
+      ids[#ids + 1] = id
     else
       env.unclaimed[id] = ex or { n = 1, first }
     end
   end
-  for k = claim.ke, #lists.errors do
+  -- An ordered stream's results taken from the lists and held back for
+  -- an earlier input (claim.held_back), in id order: they are past kr.
+  local held = claim.held_list
+  if not held then
+    held = claim.held_back and claim.held_back() or {}
+    sort(held, function(a, b) return a.id < b.id end)
+    claim.held_list, claim.kh = held, 1
+  end
+  for k = claim.kh, #held do
+    local h = held[k]
+    if h.err then
+      if keep then env.errors[#env.errors + 1] = h.err else env.unclaimed[h.id] = h.err end
+    else
+      add_result(h.id, h.first, h.ex)
+    end
+    claim.kh = k + 1
+  end
+  for k = claim.mr, #lists.ids do
+    local id, first = lists.ids[k], lists.results[k]
+    local ex = lists.extras[id]
+    -- a map's chunk whose results went into the map's output (chunks.lua)
+    if first == true and lists.into_at and lists.into_at[id] then first = claim.restore(id, ex) end
+    add_result(id, first, ex)
+    claim.mr = k + 1
+  end
+  for k = claim.me, #lists.errors do
     local e = lists.errors[k]
     if keep then env.errors[#env.errors + 1] = e else env.unclaimed[e.id] = e end
+    claim.me = k + 1
   end
+  claim.released = true
+  running[p][claim] = nil
 end
 
 --- release_now, deferred: Ctrl-C cannot stop it halfway.
@@ -363,7 +383,7 @@ local function new_claim_now(p)
   local claim = { tag = tag, lists = env.claims[tag], kr = 1, ke = 1, keep = env.keep_results,
     first = nil, last = nil }
   running[p] = running[p] or {}
-  running[p][tag] = claim
+  running[p][claim] = claim -- (by the claim: one released halfway keeps its place, its tag reused)
   return claim
 end
 
