@@ -190,6 +190,69 @@ describe("Ctrl-C at every instruction", function()
     end
   end
 
+  -- Stepped again after the interrupt (its iterator kept), a stream goes
+  -- on when the interrupt landed in a wait or a hand-out, and raises that
+  -- it cannot when it landed while the stream queued inputs (its positions
+  -- then were not its calls': results at the wrong positions, an input
+  -- queued twice). Either way each call is in one place.
+  for _, case in ipairs({ { ordered = false, source = "array" }, { ordered = true, source = "function" } }) do
+    it(("a %sstream from %s stepped again after an interrupt goes on, or says it cannot, and loses nothing")
+        :format(case.ordered and "ordered " or "", case.source), function()
+      local N, resumed, ended = 120, 0, 0
+      for n = 1, 1200, 6 do
+        p = parallelize.Parallelize(echo, { workers = 2 })
+        local list = numbers(N)
+        local src = list
+        if case.source == "function" then
+          local j = 0
+          src = function() j = j + 1 return list[j] end
+        end
+        local step, state, control = p:stream(src, { ordered = case.ordered, max_pending = 16 })
+        -- (take calls no code of other files: an interrupt landing there
+        -- would be taken for the stream's)
+        local seen, handed, dup, at_end, wrong = {}, 0, 0, false, nil
+        local function take(turns)
+          for _ = 1, turns do
+            local i, _, v = step(state, control)
+            if i == nil then at_end = true return end
+            control = i
+            if i ~= v then wrong = i end
+            if seen[v] then dup = dup + 1 end
+            seen[v], handed = true, handed + 1
+          end
+        end
+        take(4) -- past the first refill
+        -- lost: the interrupt landed in this file, where a result the step
+        -- returned may be lost before it is counted (the caller's window)
+        local done, lost = interrupted_after(n, function() take(HUGE) end)
+        local ok, err = pcall(take, HUGE)
+        if not ok then
+          assert.matches(":%d+: stream: an error or interrupt left it while it queued inputs, and it cannot go on", err)
+        end
+        local aborted = p:stop()
+        assert.is_nil(wrong, "the result handed out for an input is another's")
+        assert.equal(0, dup, "results handed out twice")
+        for _, v in ipairs(p.results) do
+          assert.is_nil(seen[v], "input " .. v .. " both handed out and in p.results")
+          seen[v] = true
+        end
+        local placed = handed + #p.results + #aborted
+        if not (lost and placed == p.calls - 1) then assert.equal(p.calls, placed, "calls in no place") end
+        assert.equal(0, #p.errors)
+        if ok then
+          assert.is_true(at_end)
+          assert.equal(N, p.calls, "inputs left out of a stream that went on")
+          if not lost then assert.equal(N, handed, "results not handed out by a stream that went on") end
+        end
+        if not done then
+          if ok then resumed = resumed + 1 else ended = ended + 1 end
+        end
+        p = nil
+      end
+      assert.is_true(resumed > 20 and ended > 0, ("went on after %d interrupts, ended after %d"):format(resumed, ended))
+    end)
+  end
+
   it("p:take hands over or keeps what the store holds", function()
     p = parallelize.Parallelize(echo, { workers = 2 })
     local taken, interrupts, failures = {}, 0, {}

@@ -145,6 +145,10 @@ local LATER_WAIT = 0.01
 -- keeps out by their size (see refill).
 local SIZED = 16
 
+-- What a stream raises when stepped again after an error or interrupt
+-- left it halfway through queuing inputs (refill).
+local STREAM_BROKEN = "stream: an error or interrupt left it while it queued inputs, and it cannot go on: what "
+  .. "it had not handed out went to the pool's results"
 -- What a stream raises once the pool was stopped under it.
 local STREAM_STOPPED = "stream: the pool was stopped; what the stream had not handed out went to its results"
 
@@ -877,12 +881,13 @@ function methods.stream(p, src, opts)
   end
 
   local ids = {}
+  local refilling = false -- (see refill)
 
   --- Queues inputs while fewer than `window` wait for a worker (pending,
   -- if the caller has just read it), fewer than `window` results are held
   -- back (when ordered) and fewer than `4 * window` are outstanding: an
   -- array's in one C call.
-  local function refill(pending)
+  local function refill_now(pending)
     if exhausted then return end
     if wide then
       -- The default window's size (see the top).
@@ -919,7 +924,10 @@ function methods.stream(p, src, opts)
           elseif queued > 0 then
             submitted(first, last - first + 1)
           end
-          if err then raise_unsent("stream", bad, err) end
+          if err then
+            refilling = false -- (every call queued is noted: stepped again, it goes on to this input)
+            raise_unsent("stream", bad, err)
+          end
         end
       end
       exhausted = next_i > array_n
@@ -943,6 +951,23 @@ function methods.stream(p, src, opts)
       end
       submitted(fast and fast_submit_tagged(fast, tag, item) or pool_submit(p, tag, nil, item), 1)
     end
+  end
+
+  -- Between a call queued and submitted() noting it, and between src()
+  -- returning an input and its call, the stream's positions are not the
+  -- calls': an error or Ctrl-C raised from there (the source's error, an
+  -- input that cannot be sent, an interrupt) leaves `refilling` set, and a
+  -- stream stepped again after that would hand out results at the wrong
+  -- positions, queue an input twice, or raise an internal error. It ends
+  -- instead (full_step). Interrupts elsewhere (a wait, a hand-out) leave
+  -- the stream whole, and stepped again it goes on; so does an array's
+  -- input that cannot be sent (those before it are noted first).
+  local function refill(pending)
+    -- (hand-outs go through full_step until it has set quick_turns again)
+    quick_turns = 0
+    refilling = true
+    refill_now(pending)
+    refilling = false
   end
 
   -- The hand-outs. Each ends in one core.commit, a tail call: the read
@@ -1118,6 +1143,10 @@ function methods.stream(p, src, opts)
   --- A turn of the loop that may wait, refill or end the stream.
   local function full_step()
     if ended then return nil end
+    if refilling then
+      finish() -- (its results to the pool's store, as an abandoned stream's)
+      error(STREAM_BROKEN, 2)
+    end
     -- p:stop() moved what the stream had not handed out to the pool's
     -- store: handing it out too would give each result twice. A stream
     -- that had handed out everything (stopped from its loop's last turn)
