@@ -154,13 +154,6 @@ static void count_records(drain_state *d, uint8_t tag, unsigned k)
         d->u->tag_outstanding[tag] -= k < d->u->tag_outstanding[tag] ? k : d->u->tag_outstanding[tag];
 }
 
-/* The lists a record with this tag goes to (lists_for), counting it. */
-static lists *route(lua_State *L, drain_state *d, uint8_t tag)
-{
-    count_record(d, tag);
-    return lists_for(L, d, tag);
-}
-
 /* True, with *offset set, when call id is a chunk whose answer goes into
  * the claim's `into` (the claim last loaded is id's). */
 static int chunk_offset(lua_State *L, uint64_t id, size_t *offset)
@@ -192,7 +185,7 @@ static void note_failure(lua_State *L)
 /* Stores the error record on top (popping it) for call id, tag. */
 static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
 {
-    lists *l = route(L, d, tag);
+    lists *l = lists_for(L, d, tag);
     if (l) {
         lua_rawseti(L, l->base + 2, ++l->nerrors);
     } else {
@@ -200,6 +193,7 @@ static void store_error(lua_State *L, drain_state *d, uint8_t tag, uint64_t id)
         lua_insert(L, -2);
         lua_rawset(L, D_UNCLAIMED);
     }
+    count_record(d, tag); /* once stored: see on_result */
     pz_idset_add(&d->u->finished, id); /* out of memory: not marked, nothing else */
 }
 
@@ -254,8 +248,10 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
                                      offset, reader_of(d->u));
     else
         count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, reader_of(d->u));
-    count_record(d, f->tag);
+    /* Counted once stored: a store that raises (out of memory) leaves the
+     * record to be taken again or salvaged, which counts it then. */
     store_result(L, l, f->id, top, count);
+    count_record(d, f->tag);
     pz_idset_add(&d->u->finished, f->id);
 }
 
@@ -500,8 +496,8 @@ static void on_run_result(lua_State *L, drain_state *d, const pz_frame *f)
             on_result(L, d, &item);
         } else {
             int count = pz_decode_tuple(L, (const char *)p, len, PZ_DECODE_FUNCTIONS, reader);
-            count_record(d, f->tag);
             store_result(L, l, item.id, top, count);
+            count_record(d, f->tag); /* once stored: see on_result */
             pz_idset_add(&u->finished, item.id);
         }
         u->run_taken = ++i;
