@@ -676,6 +676,9 @@ static int drain_all(lua_State *L)
     return 0;
 }
 
+/* LuaJIT's message for an allocation that failed. */
+#define MEMORY_ERROR "not enough memory"
+
 /* Deferred (ldefer.h): Ctrl-C's hook, firing at one of the drain's own
  * calls (a protected decode, a module's require), would be taken for a
  * record that cannot be decoded, and the interrupt lost. */
@@ -698,8 +701,20 @@ void pz_lrecords_drain(lua_State *L, lpool *u, int idx)
     u->draining = 1;
     int rc = pz_defer_pcall(L, 2, 0);
     u->draining = 0;
-    if (rc != 0)
+    if (rc != 0) {
+        /* Short of memory even to make a record an error of its call
+         * (salvage_record): nothing is lost, the record stays queued, and
+         * the bare message would not say what failed. */
+        size_t n;
+        const char *s = lua_tolstring(L, -1, &n);
+        if (s && n == sizeof MEMORY_ERROR - 1 && memcmp(s, MEMORY_ERROR, n) == 0) {
+            lua_pop(L, 1);
+            lua_gc(L, LUA_GCCOLLECT, 0);
+            lua_pushliteral(L, "not enough memory to take the results that came (they stay queued: a wait "
+                               "once memory is freed takes them)");
+        }
         lua_error(L);
+    }
 }
 
 /* __tostring of an error record: its message. */

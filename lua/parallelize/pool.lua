@@ -145,6 +145,10 @@ local LATER_WAIT = 0.01
 -- keeps out by their size (see refill).
 local SIZED = 16
 
+-- What a wait short of memory raises: nothing was lost.
+local OUT_OF_MEMORY = "not enough memory to take the results that came (they stay queued: a wait once memory "
+  .. "is freed takes them)"
+
 -- What a stream raises when stepped again after an error or interrupt
 -- left it halfway through queuing inputs (refill).
 local STREAM_BROKEN = "stream: an error or interrupt left it while it queued inputs, and it cannot go on: what "
@@ -223,6 +227,9 @@ local function wait_for(p, what, deadline, finished, below)
     local ok, status = pcall(wait_loop, p, what, until_, finished, below)
     if not ok then
       done_waiting(p)
+      -- (the bare message says neither what failed nor that nothing did;
+      -- the drain's own says the same: src/lrecords.c)
+      if status == "not enough memory" then status = OUT_OF_MEMORY end
       caller.reraise(status)
     end
     if bar then draw(p) end
