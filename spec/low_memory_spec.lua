@@ -9,7 +9,8 @@
 -- reserves terabytes of address space and cannot run under such a limit.
 local support = require "spec.support"
 
-local SCRIPT = [[
+-- Both scripts' start: setrlimit and the process's address space size.
+local PRELUDE = [[
 local pz = require "parallelize"
 local ffi = require "ffi"
 ffi.cdef [=[
@@ -22,6 +23,9 @@ local function vmsize()
     if kb then return tonumber(kb) * 1024 end
   end
 end
+]]
+
+local SCRIPT = PRELUDE .. [[
 local size, headroom, raise = tonumber(arg[1]), tonumber(arg[2]), arg[3] == "raise"
 local p = pz.Parallelize({ function(n, raise)
   if raise then error(string.rep("x", n), 0) end -- a message of n bytes
@@ -95,20 +99,8 @@ end)
 
 -- A stop, and a map's release, that run out of memory halfway lose no call:
 -- each raises, and once memory is back the next stop returns the rest.
-local ACCOUNT = [[
-local pz = require "parallelize"
-local ffi = require "ffi"
-ffi.cdef [=[
-struct pz_spec_rlimit2 { unsigned long cur, max; };
-int setrlimit(int resource, const struct pz_spec_rlimit2 *rlim);
-]=]
-local function vmsize()
-  for line in io.lines("/proc/self/status") do
-    local kb = line:match("^VmSize:%s*(%d+)")
-    if kb then return tonumber(kb) * 1024 end
-  end
-end
-local function limit(bytes) ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit2", bytes, -1ULL)) end
+local ACCOUNT = PRELUDE .. [[
+local function limit(bytes) ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", bytes, -1ULL)) end
 local what, headroom = arg[1], tonumber(arg[2])
 -- Interpreted: Debian 12's LuaJIT can crash when an allocation fails in a
 -- trace (docs/api.md): compiled, 1 run of these cases in 15 ended with a
