@@ -187,3 +187,47 @@ describe("a parent short of memory, accounting #nosan", function()
     for _, mb in ipairs({ 1, 2, 3, 6, 8, 12 }) do run("map", mb * 1048576) end
   end)
 end)
+
+-- p:take() without keep_results, short of memory: it raises, saying what
+-- failed, and the store keeps all it held (it swapped the store out, then
+-- ran out making its lists, and lost every result).
+local TAKE = PRELUDE .. [[
+jit.off()
+local function limit(bytes) ffi.C.setrlimit(9, ffi.new("struct pz_spec_rlimit", bytes, -1ULL)) end
+local p = pz.Parallelize(function(x) return x end, { workers = 2, keep_results = false, quiet = true })
+for i = 1, 20000 do p(i) end
+assert(p:wait(60))
+collectgarbage()
+limit(vmsize())
+-- The address space filled, then room made for a few small tables, not
+-- for lists of 20000.
+local hog = {}
+pcall(function() while true do hog[#hog + 1] = {} end end)
+for i = #hog, #hog - 300, -1 do hog[i] = nil end
+collectgarbage()
+local ok, err = pcall(p.take, p)
+hog = nil
+limit(-1ULL)
+collectgarbage()
+print("take", ok, ok or err)
+local results, ids, errors = p:take()
+print("after", #results + #errors, p.calls)
+p:stop()
+]]
+
+describe("a take short of memory #nosan", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    support.write(dir .. "/take.lua", TAKE)
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  it("says what failed and keeps every result for the next take", function()
+    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
+      .. support.quote(dir .. "/take.lua"))
+    assert.are.equal(0, status, out)
+    assert.matches("after\t20000\t20000", out)
+    assert.matches("take\tfalse\ttake: not enough memory to hand over the results %(they stay in the pool", out)
+  end)
+end)

@@ -488,12 +488,25 @@ local function take_now(p)
     env.index, env.indexed_results, env.indexed_errors = nil, 0, 0
     return results, ids, errors
   end
-  local unclaimed = env.unclaimed
-  env.unclaimed = fresh1
-  local list = {}
+  -- Every list is made, sized, before the store is swapped out: short of
+  -- memory, a take raises with the store untouched (a take that swapped
+  -- first lost all it held). Making them can run a finalizer that takes
+  -- or adds (a stream's release), so they are counted again after, and
+  -- made again while they would not hold all.
+  local unclaimed, list, results, ids, errors
+  local n = -1
+  while true do
+    local count = 0
+    for _ in pairs(env.unclaimed) do count = count + 1 end
+    if count <= n then break end
+    n = count
+    list, results, ids, errors = new_table(n, 0), new_table(n, 0), new_table(n, 0), new_table(n, 0)
+  end
+  -- From here to the swap nothing allocates.
+  unclaimed = env.unclaimed
   for id in pairs(unclaimed) do list[#list + 1] = id end
+  env.unclaimed = fresh1
   sort(list)
-  local results, ids, errors = {}, {}, {}
   for _, id in ipairs(list) do
     local e = unclaimed[id]
     if getmetatable(e) == ERROR_MT then
@@ -508,10 +521,19 @@ local function take_now(p)
   return results, ids, errors
 end
 
+local TAKE_OUT_OF_MEMORY = "take: not enough memory to hand over the results (they stay in the pool: a take "
+  .. "once memory is freed hands them over)"
+
 --- (Deferred: what the store no longer keeps reaches the caller.)
 function methods.take(p)
   check_self(p, "take")
-  return atomically(take_now, p)
+  local ok, results, ids, errors = pcall(atomically, take_now, p)
+  if not ok then
+    -- (the bare message says neither what failed nor that nothing did)
+    if results == "not enough memory" then results = TAKE_OUT_OF_MEMORY end
+    caller.reraise(results)
+  end
+  return results, ids, errors
 end
 
 --- Where call id is in the pool's lists: k > 0 in results, -k in errors,
