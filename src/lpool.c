@@ -809,9 +809,11 @@ static int l_pool_stop(lua_State *L)
      * and whole, and a stop tried again (with memory freed) finds every
      * call.  An argument that cannot be decoded (naming a module the
      * parent no longer has) does not raise: push_aborted records it. */
+    /* Deferred, as the decode below: Ctrl-C during the stop, whose hook
+     * fires at the first call, would be taken for this one's failure. */
     lua_pushcfunction(L, collect_aborted);
     lua_pushlightuserdata(L, u->pool);
-    if (lua_pcall(L, 1, 1, 0) != 0) /* 4: their frames */
+    if (pz_defer_pcall(L, 1, 1) != 0) /* 4: their frames */
         return luaL_error(L, "stop: the aborted calls could not be listed (%s); the pool is stopped, "
                              "and p:stop() again returns them", error_text(L));
     /* Deferred (ldefer.h): Ctrl-C during the stop fires at the first call

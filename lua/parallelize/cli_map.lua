@@ -310,12 +310,29 @@ function Run:count_unread()
   return n
 end
 
+--- A failure as a shell user reads it. Where in this library it was
+-- raised means nothing there ("parallelize/cli_map.lua:341: no worker is
+-- left..."): dropped. A bare lack of memory says whose.
+local function describe_failure(err)
+  local text = tostring(err):gsub("^[^\n:]*parallelize[/%w_]*%.lua:%d+: ", "", 1)
+  if text == "not enough memory" then
+    return "not enough memory in this process (its address space limit, or the machine's memory)"
+  end
+  return text
+end
+
 --- The end of a run cut short (Ctrl-C, --halt, an error): the pool is
 -- stopped (`finish` as p:stop's), what finished is written, and the lines
 -- not done are counted. Returns that count and whether it covers the
 -- whole input.
 function Run:cut_short(p, finish)
-  p:stop(finish)
+  -- What stop returns (the calls never run) is counted below as not done:
+  -- a stop that ended every process but could not list them (short of
+  -- memory) is enough, and what had finished is still taken and written.
+  local stopped, stop_err = pcall(p.stop, p, finish)
+  if not stopped and not tostring(stop_err):find("stop: the aborted calls could not be listed", 1, true) then
+    error(stop_err, 0)
+  end
   local results, ids, errors = p:take()
   for k, r in ipairs(results) do self:result(r, ids[k] - self.id_base) end
   for _, e in ipairs(errors) do self:error(e, e.id - self.id_base) end
@@ -323,11 +340,25 @@ function Run:cut_short(p, finish)
   -- written are not done either.
   if not self.write_error then
     local ok, err = pcall(self.flush, self)
-    if not ok then self:say("%s", tostring(err)) end
+    if not ok then self:say("%s", describe_failure(err)) end
   end
   local not_done = self.submitted - self.done + self.unwritten
   local unread = self:count_unread()
   return not_done + (unread or 0), unread ~= nil
+end
+
+--- cut_short(p, 0) after a failure, which may have been a lack of memory
+-- that the cut-short's own work meets again: tried twice (a stop and a
+-- take that raised keep what they hold for the next), with a collection
+-- between; then said, and counted from what was written.
+function Run:cut_short_protected(p)
+  local ok, count, whole = pcall(self.cut_short, self, p, 0)
+  if ok then return count, whole end
+  collectgarbage()
+  ok, count, whole = pcall(self.cut_short, self, p, 0)
+  if ok then return count, whole end
+  self:say("could not take and write what had finished: %s", describe_failure(count))
+  return self.submitted - self.done + self.unwritten, false
 end
 
 function Run:not_done_message(count, whole)
@@ -350,6 +381,10 @@ function Run:start_pool()
     workers = opts.jobs, keep_results = false, timeout = timeout, retries = opts.retries,
     init_timeout = opts.init_timeout, max_calls = opts.max_calls,
     progress = opts.progress and "always" or false,
+    -- (the run counts every line not done and says so: the pool's own
+    -- warning, a pool dropped with calls unfinished, would say it again,
+    -- with advice for a script)
+    quiet = true,
   })
   local _ = p.executors -- every worker has loaded the function, or was given up
   local failed = p.init_errors[1]
@@ -461,9 +496,7 @@ function M.main(prog, ...)
   end)
   if not ok then
     local interrupted = type(status) == "string" and status:find("interrupted!$") ~= nil
-    -- Where in this library a failure was raised means nothing in a shell
-    -- ("parallelize/cli_map.lua:341: no worker is left..."): dropped.
-    local failure = tostring(status):gsub("^[^\n:]*parallelize/[%w_]+%.lua:%d+: ", "", 1)
+    local failure = describe_failure(status)
     -- pzlua's handler raises "interrupted!" for SIGTERM and SIGHUP too, and
     -- says which signal it was: the status is then 128 + its number.
     local signal = interrupted and M.signal_caught and M.signal_caught() or 0
@@ -471,18 +504,24 @@ function M.main(prog, ...)
     -- A pool stopped by the run's own p:stop (--halt soon waits there for
     -- the running calls; the last one at the end) still has its finished
     -- calls to take, its batch to write and its lines to count.
-    if p and (not p.stopped or run.streaming) then
-      local count, whole = run:cut_short(p, 0)
-      if interrupted then
-        run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
+    local said, say_err = pcall(function()
+      if p and (not p.stopped or run.streaming) then
+        local count, whole = run:cut_short_protected(p)
+        if interrupted then
+          run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
+        else
+          run:say("%s", failure)
+          run:say("stopped: %s", run:not_done_message(count, whole))
+        end
+      elseif interrupted then
+        run:say("%s before any input was read", how)
       else
         run:say("%s", failure)
-        run:say("stopped: %s", run:not_done_message(count, whole))
       end
-    elseif interrupted then
-      run:say("%s before any input was read", how)
-    else
-      run:say("%s", failure)
+    end)
+    if not said then -- (short of memory even for this: what is freed now may let a line through)
+      collectgarbage()
+      pcall(run.say, run, "%s; then, stopping: %s", failure, describe_failure(say_err))
     end
     status = interrupted and (SIGNAL_NAMES[signal] and 128 + signal or STATUS_INTERRUPTED) or STATUS_BROKEN
   end
