@@ -97,6 +97,84 @@ describe("a parent short of memory #nosan", function()
   end)
 end)
 
+-- A stop's settle that fails halfway through moving a stream's claim to
+-- the store (out of memory; here, deterministically, a finalizer's error,
+-- which LuaJIT passes on to the allocation that ran it) has put some of
+-- the stream's results in the store: the stream, stepped again, must not
+-- hand them out too.
+local HALF_MOVED = [[
+local pz = require "parallelize"
+local armed, fired = false, false
+local function bomb()
+  local u = newproxy(true)
+  getmetatable(u).__gc = function()
+    if fired then return end
+    bomb() -- one for each collection, until it has fired
+    if armed and debug.traceback():find("release_now") then
+      fired = true
+      error("a finalizer's error inside the move", 0)
+    end
+  end
+end
+bomb()
+local p = pz.Parallelize(function(x) return x end, { workers = 2, quiet = true, keep_results = false })
+assert(#p.executors == 2)
+local list = {}
+for i = 1, 20000 do list[i] = i end
+local seen, handed, twice, stop_err = {}, 0, 0, nil
+local ok, err = pcall(function()
+  for _, _, v in p:stream(list, { max_pending = 2000 }) do
+    if seen[v] then twice = twice + 1 end
+    seen[v], handed = true, handed + 1
+    if handed == 1 then
+      pz.sleep(0.3)
+      collectgarbage("setpause", 0)
+      collectgarbage("setstepmul", 100000)
+      armed = true
+      local sok, serr = pcall(p.stop, p)
+      armed = false
+      collectgarbage("setpause", 200)
+      collectgarbage("setstepmul", 200)
+      if sok then return end
+      stop_err = serr
+    end
+  end
+end)
+local aborted = p:stop()
+local results = p:take()
+local both = 0
+for _, v in ipairs(results) do if seen[v] then both = both + 1 end end
+print("fired", fired, "stop", stop_err, "loop", err)
+print("calls", p.calls, "handed", handed, "twice", twice, "both", both, "placed", handed + #results + #aborted)
+]]
+
+describe("a stop whose move fails halfway", function()
+  local dir
+  before_each(function()
+    dir = support.tmpdir()
+    support.write(dir .. "/half.lua", HALF_MOVED)
+  end)
+  after_each(function() support.rmdir(dir) end)
+
+  it("leaves a stream stepped again handing out nothing the store has", function()
+    local fired = 0
+    for _ = 1, 3 do
+      local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
+        .. support.quote(dir .. "/half.lua"))
+      assert.are.equal(0, status, out)
+      if out:match("fired\ttrue") then
+        fired = fired + 1
+        assert.matches("stop\ta finalizer's error inside the move", out)
+        assert.matches("loop\t[^\n]*stream: the pool was stopped", out)
+      end
+      assert.matches("twice\t0\tboth\t0\t", out)
+      local calls, placed = out:match("calls\t(%d+).*placed\t(%d+)")
+      assert.are.equal(calls, placed, out)
+    end
+    assert.is_true(fired > 0, "the move never failed")
+  end)
+end)
+
 -- A stop, and a map's release, that run out of memory halfway lose no call:
 -- each raises, and once memory is back the next stop returns the rest.
 local ACCOUNT = PRELUDE .. [[
@@ -133,6 +211,21 @@ elseif what == "stop" then
   ok, aborted = pcall(p.stop, p)
   limit(-1ULL)
   print("stop", ok, ok or aborted)
+  -- until the next stop, the pool says it is stopped, as each method does
+  print("stopped", p.stopped, select(2, pcall(p.wait, p)), select(2, pcall(p.map, p, { 1 })))
+elseif what == "stop_decoding" then
+  -- arguments that take far more to decode than to list: the stop runs
+  -- out of memory decoding them, after listing them
+  local many = {}
+  for i = 1, 40 do many[i] = { i } end
+  for i = 1, 3000 do p(i, many) end
+  pz.sleep(0.1)
+  collectgarbage()
+  limit(vmsize() + headroom)
+  ok, aborted = pcall(p.stop, p)
+  limit(-1ULL)
+  collectgarbage()
+  print("stop", ok, ok or aborted)
 else
   local list = {}
   for i = 1, 2000 do list[i] = i end
@@ -167,6 +260,19 @@ describe("a parent short of memory, accounting #nosan", function()
   it("a stop that cannot list its aborted calls says so, and the next stop returns them all", function()
     local out = run("stop", 0)
     assert.matches("stop\tfalse\tstop: the aborted calls could not be listed %(not enough memory%)", out)
+    assert.matches("stopped\ttrue\twait: the pool is stopped\tmap: the pool is stopped\n", out)
+  end)
+
+  it("a stop that runs out of memory decoding its aborted calls says so, and the next stop returns them all", function()
+    local raised = 0
+    for _, kb in ipairs({ 768, 1024, 2048, 4096 }) do
+      local out = run("stop_decoding", kb * 1024)
+      if out:match("stop\tfalse") then
+        raised = raised + 1
+        assert.matches("stop\tfalse\tstop: the aborted calls could not be listed %(not enough memory%)", out)
+      end
+    end
+    assert.is_true(raised > 0, "no stop ran out of memory")
   end)
 
   it("a wait that cannot take the results says what failed, and the next wait takes them", function()

@@ -808,23 +808,27 @@ static int l_pool_stop(lua_State *L)
      * pool is freed: out of memory in either raises with the pool stopped
      * and whole, and a stop tried again (with memory freed) finds every
      * call.  An argument that cannot be decoded (naming a module the
-     * parent no longer has) does not raise: push_aborted records it. */
-    /* Deferred, as the decode below: Ctrl-C during the stop, whose hook
+     * parent no longer has) does not raise: push_aborted records it.
+     * Deferred, as the decode below: Ctrl-C during the stop, whose hook
      * fires at the first call, would be taken for this one's failure. */
     lua_pushcfunction(L, collect_aborted);
     lua_pushlightuserdata(L, u->pool);
-    if (pz_defer_pcall(L, 1, 1) != 0) /* 4: their frames */
+    if (pz_defer_pcall(L, 1, 1) != 0) { /* 4: their frames */
+        lua_gc(L, LUA_GCCOLLECT, 0); /* (what the list had: the message needs room) */
         return luaL_error(L, "stop: the aborted calls could not be listed (%s); the pool is stopped, "
                              "and p:stop() again returns them", error_text(L));
+    }
     /* Deferred (ldefer.h): Ctrl-C during the stop fires at the first call
      * of Lua code, which would be a decode's, and an aborted call's
      * arguments would be lost to "interrupted!". */
     lua_pushcfunction(L, push_aborted_at);
     lua_pushvalue(L, 4);
     lua_pushlightuserdata(L, u->pool->arena ? &u->pool->arena->reader : NULL);
-    if (pz_defer_pcall(L, 2, 1) != 0)
+    if (pz_defer_pcall(L, 2, 1) != 0) {
+        lua_gc(L, LUA_GCCOLLECT, 0);
         return luaL_error(L, "stop: the aborted calls could not be listed (%s); the pool is stopped, "
                              "and p:stop() again returns them", error_text(L));
+    }
     lua_replace(L, 4);
     lua_settop(L, 4);
     /* Kept until settle has returned it: a settle that raises (out of
@@ -902,7 +906,9 @@ static int l_pool_env(lua_State *L)
 static int l_pool_stopped(lua_State *L)
 {
     lpool *u = to_lpool(L, 1);
-    lua_pushboolean(L, !u->pool);
+    /* (a stop that could not list its aborted calls leaves the pool
+     * stopped, and whole for the next stop: reaped) */
+    lua_pushboolean(L, !u->pool || u->pool->reaped);
     return 1;
 }
 

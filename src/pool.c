@@ -636,14 +636,12 @@ void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void
 {
     if (p->io)
         pz_io_leftovers(p->io, fn, ud);
-    /* Handed over first, consumed after: fn may raise (out of memory in
-     * the Lua state it fills), and a stop tried again must find them all. */
+    /* Walked, not consumed: fn may raise (out of memory in the Lua state
+     * it fills), and so may whatever the caller does with them next (their
+     * decoding), and a stop tried again must find them all.  The pool's
+     * free takes them with the queue (pz_spsc_destroy). */
     aborted_walk w = {fn, ud};
     pz_spsc_walk(&p->submit, aborted_visit, &w);
-    size_t n;
-    const char *d;
-    while ((d = pz_spsc_peek(&p->submit, &n)) != NULL)
-        pz_spsc_consume(&p->submit, pz_frame_size(d));
 }
 
 int pz_pool_cancel(pz_pool *p, uint64_t id)

@@ -313,7 +313,8 @@ void pz_pool_stop(pz_pool *p, int64_t finish_ns, const pz_signalled *signalled);
 
 /* Main thread, after pz_pool_stop: calls fn for each CALL frame that never
  * finished (frame bytes), in order; not for a cancelled call, whose record
- * (its cancellation) is its end. */
+ * (its cancellation) is its end.  Consumes nothing: called again (fn
+ * raised), it finds them all again; pz_pool_free frees them. */
 void pz_pool_aborted(pz_pool *p, void (*fn)(const char *frame, size_t size, void *ud), void *ud);
 
 /* Main thread: asks the I/O thread to cancel call id (dispatch.c says how).

@@ -975,7 +975,7 @@ function methods.stream(p, src, opts)
       end
       -- The source may have stopped the pool: said as the stream says it
       -- (not as pool_submit would, at a line of this file).
-      if claim.released then
+      if claim.tag_released then
         error(STREAM_STOPPED, caller.level())
       end
       submitted(fast and fast_submit_tagged(fast, tag, item) or pool_submit(p, tag, nil, item), 1)
@@ -1179,8 +1179,10 @@ function methods.stream(p, src, opts)
     -- p:stop() moved what the stream had not handed out to the pool's
     -- store: handing it out too would give each result twice. A stream
     -- that had handed out everything (stopped from its loop's last turn)
-    -- just ends.
-    if claim.released then
+    -- just ends. (Begun, not done: a stop whose move ran out of memory
+    -- halfway has put some in the store already, and the next stop moves
+    -- the rest.)
+    if claim.tag_released then
       if outstanding() == 0 and exhausted then
         finish()
         return nil
@@ -1229,7 +1231,7 @@ function methods.stream(p, src, opts)
   -- loop and one C call (the commit).  Anything else goes through
   -- full_step.
   local function step()
-    if quick_turns > 0 and not claim.released then
+    if quick_turns > 0 and not claim.tag_released then
       if ordered then
         local slot = (claim.want - 1) % ring + 1
         if held[slot] ~= nil and held_more[slot] == nil then
