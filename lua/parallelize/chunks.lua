@@ -240,7 +240,9 @@ function M.map(p, list, n, who)
     local released, release_err = pcall(release, p, claim)
     if not released then
       if not ok then caller.reraise(err) end
-      caller.reraise(release_err)
+      -- A map that got every answer returns them: what it consumed would
+      -- otherwise be in no place (the release moves only the rest).
+      if failure then caller.reraise(release_err) end
     end
     -- The closures above can outlive the map: a compiled trace that called
     -- one keeps it, and with it what its upvalues hold, until the JIT
