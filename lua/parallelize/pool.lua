@@ -465,6 +465,14 @@ properties.init_errors = function(p)
   return copy_array(pool_env(p).init_errors)
 end
 
+-- What take raises short of memory, with nothing lost.
+local TAKE_OUT_OF_MEMORY = "take: not enough memory to hand over the results (they stay in the pool: a take "
+  .. "once memory is freed hands them over)"
+
+local function four_lists(n)
+  return new_table(n, 0), new_table(n, 0), new_table(n, 0), new_table(n, 0)
+end
+
 --- p:take() -> results, ids, errors: everything finished in the pool's
 -- store, which keeps none of it afterwards (ids[i] is the call of
 -- results[i]; extra return values are dropped: use p:result for them).
@@ -500,7 +508,10 @@ local function take_now(p)
     for _ in pairs(env.unclaimed) do count = count + 1 end
     if count <= n then break end
     n = count
-    list, results, ids, errors = new_table(n, 0), new_table(n, 0), new_table(n, 0), new_table(n, 0)
+    local made
+    made, list, results, ids, errors = pcall(four_lists, n)
+    -- (the bare message says neither what failed nor that nothing did)
+    if not made then error(list == "not enough memory" and TAKE_OUT_OF_MEMORY or list, 0) end
   end
   -- From here to the swap nothing allocates.
   unclaimed = env.unclaimed
@@ -521,19 +532,12 @@ local function take_now(p)
   return results, ids, errors
 end
 
-local TAKE_OUT_OF_MEMORY = "take: not enough memory to hand over the results (they stay in the pool: a take "
-  .. "once memory is freed hands them over)"
-
---- (Deferred: what the store no longer keeps reaches the caller.)
+--- (Deferred: what the store no longer keeps reaches the caller. A tail
+-- call: no instruction of this file between the hand-over and the caller,
+-- where Ctrl-C would lose what was handed over.)
 function methods.take(p)
   check_self(p, "take")
-  local ok, results, ids, errors = pcall(atomically, take_now, p)
-  if not ok then
-    -- (the bare message says neither what failed nor that nothing did)
-    if results == "not enough memory" then results = TAKE_OUT_OF_MEMORY end
-    caller.reraise(results)
-  end
-  return results, ids, errors
+  return atomically(take_now, p)
 end
 
 --- Where call id is in the pool's lists: k > 0 in results, -k in errors,
