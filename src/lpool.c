@@ -51,7 +51,6 @@
  * holds two messages and a few varints: 2 GiB less 1 KiB each fits.
  * parallelize.lua reads it as core.max_message_limit. */
 #define MAX_MESSAGE_LIMIT (2147483648.0 - 1024)
-#define ARENA_KEEPER_MT "parallelize.arena_keeper"
 
 /* What pool workers run to prepare their Lua states (pz_lpool_register). */
 static pz_state_setup worker_setup;
@@ -844,16 +843,6 @@ static int l_pool_stop(lua_State *L)
     return stop_returns(L);
 }
 
-/* __gc of the userdata that keeps a stopped pool's arena until its aborted
- * calls are decoded. */
-static int arena_keeper_gc(lua_State *L)
-{
-    pz_arena **keeper = (pz_arena **)lua_touserdata(L, 1);
-    pz_arena_free(*keeper);
-    *keeper = NULL;
-    return 0;
-}
-
 /* __gc: a pool collected (or closed with its state) without stop is
  * terminated at once, and its processes are reaped. */
 static int l_pool_gc(lua_State *L)
@@ -941,11 +930,6 @@ void pz_lpool_register(lua_State *L, pz_state_setup setup)
         lua_setfield(L, -2, "__metatable");
     }
     lua_setfield(L, -2, "pool_metatable");
-    if (luaL_newmetatable(L, ARENA_KEEPER_MT)) {
-        lua_pushcfunction(L, arena_keeper_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
     for (const luaL_Reg *f = funcs; f->name; f++) {
         lua_pushcfunction(L, f->func);
         lua_setfield(L, -2, f->name);

@@ -153,6 +153,7 @@ local OUT_OF_MEMORY = "not enough memory to take the results that came (they sta
 -- left it halfway through queuing inputs (refill).
 local STREAM_BROKEN = "stream: an error or interrupt left it while it queued inputs, and it cannot go on: what "
   .. "it had not handed out went to the pool's results"
+
 -- What a stream raises once the pool was stopped under it.
 local STREAM_STOPPED = "stream: the pool was stopped; what the stream had not handed out went to its results"
 
@@ -301,9 +302,10 @@ local running = setmetatable({}, { __mode = "k" })
 -- is abandoned (an error, Ctrl-C, stop). Run deferred (release).
 --
 -- Out of memory may stop it at any entry: the move's position (mr, me,
--- kh) is advanced past each entry once it is in the store, and the claim stays running until
--- every entry is, so that the next release (or stop's) goes on where this
--- one stopped, moving nothing twice and losing nothing.
+-- kh) is advanced past each entry once it is in the store, and the claim
+-- stays running until every entry is, so that the next release (or
+-- stop's) goes on where this one stopped, moving nothing twice and losing
+-- nothing.
 local function release_now(p, claim)
   if claim.released then return end
   local tag, lists = claim.tag, claim.lists
