@@ -35,6 +35,23 @@ function M.level()
   end
 end
 
+--- The position error(msg, M.level()) would put before msg ("file:line: ",
+-- or "" where there is none), for a message made whole before anything
+-- is marked as reported: error() adding it later needs memory, and short
+-- of it the message is lost. Call it from the function that raises.
+function M.where()
+  local level = 3 -- 1 is this function, 2 the one that raises
+  while true do
+    local info = getinfo(level, "Slf")
+    if not info then return "" end
+    if not (ours[info.source] or our_c[info.func]) then
+      if (info.currentline or 0) > 0 then return info.short_src .. ":" .. info.currentline .. ": " end
+      return ""
+    end
+    level = level + 1
+  end
+end
+
 --- Raises err again: Ctrl-C's "interrupted!" at the user's line (the hook
 -- raised it at ours), anything else as it is.
 function M.reraise(err)

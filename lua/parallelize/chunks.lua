@@ -18,7 +18,7 @@ local null, settle_after = core.null, core.settle_after
 local M = {}
 
 -- pool.lua's helpers (M.bind).
-local new_claim, release, wait_for, check_status, done_waiting, item_failed, raise_unsent
+local new_claim, release, wait_for, check_status, done_waiting, item_failed, raise_unsent, map_error
 -- pool_submit_each's list of ids, written only when another call took an
 -- id between two of its items: never for one item.
 local NO_IDS = {}
@@ -232,18 +232,20 @@ function M.map(p, list, n, who)
     -- nothing is lost: see release); the chunks still running go there too,
     -- but for the failed item that the map's error reports. One that ended
     -- well has consumed them all.
+    -- (the message made whole first: short of memory, the item reported
+    -- must not be taken from the lists with its message then lost)
+    if ok and failure then failure = caller.where() .. failure end
     if ok and failure and reported then remove(lists.errors, reported) end
     if ok and not failure then claim.kr, claim.ke = kr, ke end
     -- Out of memory halfway, the claim stays running, and stop (or a
     -- stream's release that needs its place) moves the rest: what
     -- claim.restore reads is kept for it.
-    local released, release_err = pcall(release, p, claim)
-    if not released then
-      if not ok then caller.reraise(err) end
-      -- A map that got every answer returns them: what it consumed would
-      -- otherwise be in no place (the release moves only the rest).
-      if failure then caller.reraise(release_err) end
-    end
+    -- A map that got every answer returns them, and one that failed raises
+    -- its item's error, even when the release ran out of memory: what it
+    -- consumed (the answers, the error it reports) would otherwise be in
+    -- no place (the release moves only the rest).
+    local released = pcall(release, p, claim)
+    if not released and not ok then caller.reraise(map_error(who, err)) end
     -- The closures above can outlive the map: a compiled trace that called
     -- one keeps it, and with it what its upvalues hold, until the JIT
     -- flushes the trace. Cleared here, the upvalues no longer hold the
@@ -253,19 +255,20 @@ function M.map(p, list, n, who)
     local results = out
     list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
     lists, claim, p = nil, nil, nil
-    if not ok then caller.reraise(err) end
-    if failure then error(failure, caller.level()) end
+    if not ok then caller.reraise(map_error(who, err)) end
+    if failure then error(failure, 0) end
     return results
   end
   return settle_after(work, settle)
 end
 
 --- Gives this file pool.lua's helpers: new_claim, release, wait_for,
--- check_status, done_waiting, item_failed and raise_unsent. Returns the
--- module.
+-- check_status, done_waiting, item_failed, raise_unsent and map_error.
+-- Returns the module.
 function M.bind(h)
   new_claim, release, wait_for, check_status = h.new_claim, h.release, h.wait_for, h.check_status
   done_waiting, item_failed, raise_unsent = h.done_waiting, h.item_failed, h.raise_unsent
+  map_error = h.map_error
   return M
 end
 

@@ -632,6 +632,16 @@ local function item_failed(who, i, e)
   return format("%s: item %d failed: %s%s", who, i, tostring(e.message), tb ~= "" and "\n" .. tb or "")
 end
 
+--- What a map (`who`) raises for err, which ended its work: a bare lack of
+-- memory says whose, and where its calls went.
+local function map_error(who, err)
+  if err == "not enough memory" then
+    return who .. ": not enough memory (what its calls answered goes to the pool's results, as after any "
+      .. "error it raises)"
+  end
+  return err
+end
+
 --- Raises the error that kept item k of a map or stream (`who`) from being
 -- queued (core.pool_submit_each returns it): naming the item when it was
 -- at fault (it cannot be encoded, or is above max_message), else as it
@@ -646,7 +656,7 @@ end
 -- Maps in chunks (chunks.lua) share the claims, waits and messages.
 local chunks = require("parallelize.chunks").bind({
   new_claim = new_claim, release = release, wait_for = wait_for, check_status = check_status,
-  done_waiting = done_waiting, item_failed = item_failed, raise_unsent = raise_unsent,
+  done_waiting = done_waiting, item_failed = item_failed, raise_unsent = raise_unsent, map_error = map_error,
 })
 
 --- Runs p(list[i]) for every i; returns the first results in input order
@@ -683,13 +693,18 @@ function M.map(p, list, who)
   local function settle(ok, err)
     done_waiting(p)
     local failure, out
+    -- Short of memory, what is marked consumed (ke, kr) is what reaches the
+    -- caller: the message, or the output, is made first, and a release that
+    -- runs out halfway is left to stop (the claim stays running) while the
+    -- caller still gets it. (Released first, the failure reported lost its
+    -- call when its message could not be made: the store skipped it.)
     if not ok then
       release(p, claim)
     elseif #lists.errors > 0 then
       local e = lists.errors[1]
+      failure = caller.where() .. item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
       claim.ke = 2 -- reported: the rest go to the store
-      release(p, claim)
-      failure = item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
+      pcall(release, p, claim)
     else
       out = {}
       local results, ids = lists.results, lists.ids
@@ -699,13 +714,13 @@ function M.map(p, list, who)
         for k = 1, n do out[ids[k] - first + 1] = results[k] end
       end
       claim.kr = n + 1
-      release(p, claim)
+      pcall(release, p, claim)
     end
     -- As chunks.map does: the closures above may outlive the map in
     -- compiled traces, and must not keep its list, its answers or the pool.
     list, lists, pos, claim, p = nil, nil, nil, nil, nil -- luacheck: ignore
-    if not ok then caller.reraise(err) end
-    if failure then error(failure, caller.level()) end
+    if not ok then caller.reraise(map_error(who, err)) end
+    if failure then error(failure, 0) end
     return out
   end
   return settle_after(work, settle)
