@@ -50,19 +50,28 @@ for _, e in ipairs(p.errors) do print("error", e.id, e.message) end
 print("aborted", #p:stop())
 ]]
 
-describe("a parent short of memory #nosan", function()
+--- In a describe: writes `text` to a fresh directory before each test;
+-- returns a function that runs it in its own pzlua with the words given
+-- (bounded in time) and returns its output, having asserted it exited 0.
+local function script_runner(text)
   local dir
   before_each(function()
     dir = support.tmpdir()
-    support.write(dir .. "/low.lua", SCRIPT)
+    support.write(dir .. "/script.lua", text)
   end)
   after_each(function() support.rmdir(dir) end)
-
-  local function run(size, headroom, raise)
-    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
-      .. support.quote(dir .. "/low.lua") .. " " .. size .. " " .. headroom .. (raise and " raise" or ""))
+  return function(...)
+    local words = { "timeout -k 5 100", support.quote(support.pzlua()), support.quote(dir .. "/script.lua"), ... }
+    local out, status = support.run(table.concat(words, " "))
     assert.are.equal(0, status, out)
     return out
+  end
+end
+
+describe("a parent short of memory #nosan", function()
+  local run_script = script_runner(SCRIPT)
+  local function run(size, headroom, raise)
+    return run_script(size, headroom, raise and "raise" or nil)
   end
 
   it("turns a result it cannot allocate into that call's error and goes on", function()
@@ -103,6 +112,9 @@ end)
 -- the stream's results in the store: the stream, stepped again, must not
 -- hand them out too.
 local HALF_MOVED = [[
+-- Interpreted: Debian 12's LuaJIT can crash on a finalizer's error raised
+-- while a trace runs (LuaJIT PR 946's family; 2 runs in 3 did, compiled).
+jit.off()
 local pz = require "parallelize"
 local armed, fired = false, false
 local function bomb()
@@ -149,19 +161,12 @@ print("calls", p.calls, "handed", handed, "twice", twice, "both", both, "placed"
 ]]
 
 describe("a stop whose move fails halfway", function()
-  local dir
-  before_each(function()
-    dir = support.tmpdir()
-    support.write(dir .. "/half.lua", HALF_MOVED)
-  end)
-  after_each(function() support.rmdir(dir) end)
+  local run = script_runner(HALF_MOVED)
 
   it("leaves a stream stepped again handing out nothing the store has", function()
     local fired = 0
     for _ = 1, 3 do
-      local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
-        .. support.quote(dir .. "/half.lua"))
-      assert.are.equal(0, status, out)
+      local out = run()
       if out:match("fired\ttrue") then
         fired = fired + 1
         assert.matches("stop\ta finalizer's error inside the move", out)
@@ -246,17 +251,9 @@ print("calls", p.calls, "sum", #p.results + #p.errors + #aborted + item_error + 
 ]]
 
 describe("a parent short of memory, accounting #nosan", function()
-  local dir
-  before_each(function()
-    dir = support.tmpdir()
-    support.write(dir .. "/account.lua", ACCOUNT)
-  end)
-  after_each(function() support.rmdir(dir) end)
-
+  local run_script = script_runner(ACCOUNT)
   local function run(what, headroom)
-    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
-      .. support.quote(dir .. "/account.lua") .. " " .. what .. " " .. headroom)
-    assert.are.equal(0, status, out)
+    local out = run_script(what, headroom)
     local calls, sum = out:match("calls\t(%d+)\tsum\t(%d+)")
     assert.are.equal(calls, sum, out)
     return out
@@ -337,17 +334,10 @@ p:stop()
 ]]
 
 describe("a take short of memory #nosan", function()
-  local dir
-  before_each(function()
-    dir = support.tmpdir()
-    support.write(dir .. "/take.lua", TAKE)
-  end)
-  after_each(function() support.rmdir(dir) end)
+  local run = script_runner(TAKE)
 
   it("says what failed and keeps every result for the next take", function()
-    local out, status = support.run("timeout -k 5 100 " .. support.quote(support.pzlua()) .. " "
-      .. support.quote(dir .. "/take.lua"))
-    assert.are.equal(0, status, out)
+    local out = run()
     assert.matches("after\t20000\t20000", out)
     assert.matches("take\tfalse\ttake: not enough memory to hand over the results %(they stay in the pool", out)
   end)
