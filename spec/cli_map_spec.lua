@@ -1036,3 +1036,46 @@ describe("pzlua --map", function()
     end)
   end)
 end)
+
+describe("pzlua --map failing, then interrupted while it stops", function()
+  -- The run fails (its output cannot be written); Ctrl-C lands in the
+  -- cut-short that follows. cut_short_protected's pcall, there for a lack
+  -- of memory, took it for one: tried again, status 255, not a word.
+  it("exits 130 and says so", function()
+    local lines = {}
+    for i = 1, 2000 do lines[i] = tostring(i) end
+    write(dir .. "/stdin", table.concat(lines, "\n") .. "\n")
+    write(dir .. "/cut.lua", [[
+      jit.off()
+      local ffi = require "ffi"
+      pcall(ffi.cdef, "int raise(int sig);")
+      local cli = require "parallelize.cli_map"
+      local Run
+      for i = 1, 100 do
+        local name, v = debug.getupvalue(cli.main, i)
+        if not name then break end
+        if name == "Run" then Run = v end
+      end
+      local real, armed = Run.cut_short, true
+      Run.cut_short = function(...)
+        if armed then
+          armed = false
+          debug.sethook(function() debug.sethook() ffi.C.raise(2) end, "", tonumber(arg[1]))
+        end
+        return real(...)
+      end
+      os.exit(cli.main("pzlua", "-j", "2", "function(x) return x end"), true)
+    ]])
+    for _, k in ipairs({ 1, 100, 1000 }) do
+      local cmd = string.format("cd %s && %s cut.lua %d < stdin > /dev/full 2> err; echo $?", quote(dir),
+        quote(PZLUA), k)
+      local p = assert(io.popen(cmd))
+      local status = tonumber(p:read("*a"))
+      p:close()
+      local err = read(dir .. "/err")
+      assert.are.equal(130, status, err)
+      assert.matches("cannot write the output", err, 1, true)
+      assert.matches("interrupted while stopping", err, 1, true)
+    end
+  end)
+end)

@@ -640,3 +640,79 @@ describe("p:stream's default window", function()
     assert.is_true(tables <= narrow, "a stream of tables read " .. tables .. " ahead")
   end)
 end)
+
+describe("a failed map's position", function()
+  -- error(msg, level) puts "chunk:0: " before msg for a function without
+  -- line information (stripped bytecode: luajit -b, string.dump(f, true));
+  -- the map's message, made before its item is marked reported, must too.
+  it("is error()'s for stripped bytecode, in one go and in chunks", function()
+    for _, opts in ipairs({ { workers = 2 }, { workers = 2, timeout = 100 } }) do
+      local p = Parallelize(function(x) if x == 2 then error("boom") end return x end, opts)
+      finally(function() p:stop() end)
+      local chunk = load(string.dump(function(pool)
+        local r = pool:map({ 1, 2, 3 })
+        return r
+      end, true), "=stripped")
+      local ok, err = pcall(coroutine.wrap(chunk), p)
+      assert.is_false(ok)
+      local ok2, want = pcall(coroutine.wrap(load(string.dump(function() error("x", 1) end, true), "=stripped")))
+      assert.is_false(ok2)
+      assert.are.equal(want:match("^stripped:%d+: "), err:match("^stripped:%d+: "))
+      assert.matches("^stripped:0: map: item 2 failed", err)
+      p:stop()
+    end
+  end)
+end)
+
+--- pool.lua's local `name` reached from f's upvalues, with its index.
+local function upvalue(f, name)
+  for i = 1, 255 do
+    local n, v = debug.getupvalue(f, i)
+    if not n then return end
+    if n == name then return v, i end
+  end
+end
+
+describe("a map short of memory for its failed item's message", function()
+  -- (unchunked: a chunked map makes the message in its work, protected)
+  it("says whose lack of memory it was and leaves every call in the store", function()
+    local map = require("parallelize.pool").map
+    local real, idx = upvalue(map, "item_failed")
+    assert.is_function(real)
+    local p = Parallelize(function(x) if x >= 2 then error("bad " .. x) end return x end,
+      { workers = 2, timeout = 100 })
+    finally(function() debug.setupvalue(map, idx, real) p:stop() end)
+    debug.setupvalue(map, idx, function() error("not enough memory", 0) end)
+    local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
+    debug.setupvalue(map, idx, real)
+    assert.is_false(ok)
+    assert.matches("^map: not enough memory", tostring(err))
+    assert.is_true(p:wait(10))
+    local results, _, errors = p:take()
+    assert.are.equal(4, #results + #errors) -- (before: 0, all in the map's claim until stop)
+  end)
+end)
+
+describe("a map whose claim's release fails", function()
+  -- Short of memory the release is left to stop; any other error there is
+  -- a fault, and a map that swallowed it left calls in no place (in its
+  -- claim, not in p.results or p.errors after a wait) without a word.
+  it("raises a fault other than a lack of memory, in one go and in chunks", function()
+    local release_now = upvalue(upvalue(require("parallelize.pool").map, "release"), "release_now")
+    local real, idx = upvalue(release_now, "pool_release")
+    assert.is_function(real)
+    for _, opts in ipairs({ { workers = 2 }, { workers = 2, timeout = 100 } }) do
+      for _, fail_at in ipairs({ 2, 99 }) do -- an item that fails, or none
+        local p = Parallelize(function(x) if x >= fail_at then error("bad " .. x) end return x end, opts)
+        finally(function() debug.setupvalue(release_now, idx, real) p:stop() end)
+        debug.setupvalue(release_now, idx, function() error("a fault in release") end)
+        local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
+        debug.setupvalue(release_now, idx, real)
+        assert.is_false(ok)
+        assert.matches("a fault in release", tostring(err), 1, true)
+        if fail_at == 2 then assert.matches("map: item %d failed: ", tostring(err)) end
+        p:stop()
+      end
+    end
+  end)
+end)

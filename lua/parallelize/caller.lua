@@ -45,7 +45,9 @@ function M.where()
     local info = getinfo(level, "Slf")
     if not info then return "" end
     if not (ours[info.source] or our_c[info.func]) then
-      if (info.currentline or 0) > 0 then return info.short_src .. ":" .. info.currentline .. ": " end
+      -- (as LuaJIT's error(): line 0 too, a function without line
+      -- information, stripped bytecode; -1 is a C function's)
+      if (info.currentline or -1) >= 0 then return info.short_src .. ":" .. info.currentline .. ": " end
       return ""
     end
     level = level + 1

@@ -19,6 +19,7 @@ local M = {}
 
 -- pool.lua's helpers (M.bind).
 local new_claim, release, wait_for, check_status, done_waiting, item_failed, raise_unsent, map_error
+local release_after_map
 -- pool_submit_each's list of ids, written only when another call took an
 -- id between two of its items: never for one item.
 local NO_IDS = {}
@@ -244,8 +245,11 @@ function M.map(p, list, n, who)
     -- its item's error, even when the release ran out of memory: what it
     -- consumed (the answers, the error it reports) would otherwise be in
     -- no place (the release moves only the rest).
-    local released = pcall(release, p, claim)
-    if not released and not ok then caller.reraise(map_error(who, err)) end
+    if ok then
+      release_after_map(p, claim, failure)
+    elseif not pcall(release, p, claim) then
+      caller.reraise(map_error(who, err))
+    end
     -- The closures above can outlive the map: a compiled trace that called
     -- one keeps it, and with it what its upvalues hold, until the JIT
     -- flushes the trace. Cleared here, the upvalues no longer hold the
@@ -268,7 +272,7 @@ end
 function M.bind(h)
   new_claim, release, wait_for, check_status = h.new_claim, h.release, h.wait_for, h.check_status
   done_waiting, item_failed, raise_unsent = h.done_waiting, h.item_failed, h.raise_unsent
-  map_error = h.map_error
+  map_error, release_after_map = h.map_error, h.release_after_map
   return M
 end
 

@@ -354,6 +354,10 @@ end
 function Run:cut_short_protected(p)
   local ok, count, whole = pcall(self.cut_short, self, p, 0)
   if ok then return count, whole end
+  -- Ctrl-C (or SIGTERM, SIGHUP) during it, in a run that failed
+  -- otherwise: tried again all the same (pzlua raises no second one), and
+  -- the status and a line say it (main).
+  if type(count) == "string" and count:find("interrupted!$") then self.interrupted_late = true end
   collectgarbage()
   ok, count, whole = pcall(self.cut_short, self, p, 0)
   if ok then return count, whole end
@@ -522,6 +526,14 @@ function M.main(prog, ...)
     if not said then -- (short of memory even for this: what is freed now may let a line through)
       collectgarbage()
       pcall(run.say, run, "%s; then, stopping: %s", failure, describe_failure(say_err))
+    end
+    -- (a signal during the cut-short of a run that failed: its status)
+    if not interrupted and (run.interrupted_late
+        or type(say_err) == "string" and say_err:find("interrupted!$")) then
+      interrupted = true
+      signal = M.signal_caught and M.signal_caught() or 0
+      pcall(run.say, run, "%s while stopping", SIGNAL_NAMES[signal] and "stopped by " .. SIGNAL_NAMES[signal]
+        or "interrupted")
     end
     status = interrupted and (SIGNAL_NAMES[signal] and 128 + signal or STATUS_INTERRUPTED) or STATUS_BROKEN
   end

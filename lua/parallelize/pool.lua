@@ -642,6 +642,16 @@ local function map_error(who, err)
   return err
 end
 
+--- Releases a map's claim after the map consumed what it reports or
+-- returns: a release short of memory is left to stop (the claim stays
+-- running, what it did not move is kept), anything else is a fault and is
+-- raised (after `failure`, the map's own message, when there is one).
+local function release_after_map(p, claim, failure)
+  local released, err = pcall(release, p, claim)
+  if released or err == "not enough memory" then return end
+  error((failure and failure .. "\n" or "") .. "map: its claim could not be released: " .. tostring(err), 0)
+end
+
 --- Raises the error that kept item k of a map or stream (`who`) from being
 -- queued (core.pool_submit_each returns it): naming the item when it was
 -- at fault (it cannot be encoded, or is above max_message), else as it
@@ -657,7 +667,10 @@ end
 local chunks = require("parallelize.chunks").bind({
   new_claim = new_claim, release = release, wait_for = wait_for, check_status = check_status,
   done_waiting = done_waiting, item_failed = item_failed, raise_unsent = raise_unsent, map_error = map_error,
+  release_after_map = release_after_map,
 })
+
+local function concat2(a, b) return a .. b end
 
 --- Runs p(list[i]) for every i; returns the first results in input order
 -- (null for nil). `who` names the caller in errors.
@@ -702,9 +715,21 @@ function M.map(p, list, who)
       release(p, claim)
     elseif #lists.errors > 0 then
       local e = lists.errors[1]
-      failure = caller.where() .. item_failed(who, pos and pos[e.id] or e.id - first + 1, e)
-      claim.ke = 2 -- reported: the rest go to the store
-      pcall(release, p, claim)
+      -- (each step protected: short of memory for the message, nothing is
+      -- marked reported, all goes to the store and the map says whose
+      -- lack of memory it was; unprotected, it raised a bare "not enough
+      -- memory" and left every call in the claim, for stop)
+      local made, at = pcall(caller.where) -- (pcall adds a C level: ours are skipped all the same)
+      local text
+      if made then made, text = pcall(item_failed, who, pos and pos[e.id] or e.id - first + 1, e) end
+      if made then made, failure = pcall(concat2, at, text) end
+      if made then
+        claim.ke = 2 -- reported: the rest go to the store
+        release_after_map(p, claim, failure)
+      else
+        ok, err, failure = false, "not enough memory", nil
+        release_after_map(p, claim)
+      end
     else
       out = {}
       local results, ids = lists.results, lists.ids
@@ -714,7 +739,7 @@ function M.map(p, list, who)
         for k = 1, n do out[ids[k] - first + 1] = results[k] end
       end
       claim.kr = n + 1
-      pcall(release, p, claim)
+      release_after_map(p, claim)
     end
     -- As chunks.map does: the closures above may outlive the map in
     -- compiled traces, and must not keep its list, its answers or the pool.
