@@ -681,10 +681,12 @@ describe("a map short of memory for its failed item's message", function()
     assert.is_function(real)
     local p = Parallelize(function(x) if x >= 2 then error("bad " .. x) end return x end,
       { workers = 2, timeout = 100 })
-    finally(function() debug.setupvalue(map, idx, real) p:stop() end)
+    finally(function() debug.setupvalue(map, idx, real) jit.flush() p:stop() end)
     debug.setupvalue(map, idx, function() error("not enough memory", 0) end)
+    jit.flush() -- (compiled code keeps an upvalue never assigned in Lua as a constant)
     local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
     debug.setupvalue(map, idx, real)
+    jit.flush()
     assert.is_false(ok)
     assert.matches("^map: not enough memory", tostring(err))
     assert.is_true(p:wait(10))
@@ -704,15 +706,59 @@ describe("a map whose claim's release fails", function()
     for _, opts in ipairs({ { workers = 2 }, { workers = 2, timeout = 100 } }) do
       for _, fail_at in ipairs({ 2, 99 }) do -- an item that fails, or none
         local p = Parallelize(function(x) if x >= fail_at then error("bad " .. x) end return x end, opts)
-        finally(function() debug.setupvalue(release_now, idx, real) p:stop() end)
+        finally(function() debug.setupvalue(release_now, idx, real) jit.flush() p:stop() end)
         debug.setupvalue(release_now, idx, function() error("a fault in release") end)
+        jit.flush()
         local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
         debug.setupvalue(release_now, idx, real)
+        jit.flush()
         assert.is_false(ok)
         assert.matches("a fault in release", tostring(err), 1, true)
         if fail_at == 2 then assert.matches("map: item %d failed: ", tostring(err)) end
         p:stop()
       end
+    end
+  end)
+end)
+
+describe("a map whose release ran out of memory halfway", function()
+  -- The claim's move to the store stopped after its tag was released; the
+  -- next wait or take finishes it (before, what it held waited for stop).
+  it("has its calls in the store by the next wait and take", function()
+    local release_now = upvalue(upvalue(require("parallelize.pool").map, "release"), "release_now")
+    local real_env, idx_env = upvalue(release_now, "pool_env")
+    local real_rel, idx_rel = upvalue(release_now, "pool_release")
+    for _, opts in ipairs({ { workers = 2, timeout = 100 }, { workers = 2 } }) do
+      local p = Parallelize(function(x) if x >= 2 then error("bad " .. x) end return x end, opts)
+      finally(function()
+        debug.setupvalue(release_now, idx_env, real_env)
+        jit.flush()
+        debug.setupvalue(release_now, idx_rel, real_rel)
+        jit.flush()
+        p:stop()
+      end)
+      local armed = false
+      debug.setupvalue(release_now, idx_rel, function(...) real_rel(...) armed = true end)
+      jit.flush()
+      debug.setupvalue(release_now, idx_env, function(...)
+      jit.flush()
+        if armed then
+          armed = false
+          error("not enough memory", 0)
+        end
+        return real_env(...)
+      end)
+      local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
+      debug.setupvalue(release_now, idx_env, real_env)
+      jit.flush()
+      debug.setupvalue(release_now, idx_rel, real_rel)
+      jit.flush()
+      assert.is_false(ok)
+      assert.matches("map: item %d failed", tostring(err))
+      assert.is_true(p:wait(10))
+      local results, _, errors = p:take()
+      assert.are.equal(3, #results + #errors) -- and the one in the map's error
+      assert.are.equal(0, #p:stop())
     end
   end)
 end)

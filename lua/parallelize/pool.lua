@@ -276,10 +276,13 @@ end
 
 --- p:wait([timeout]) -> true when every queued call has finished, false
 -- when timeout seconds passed first. Raises when no worker is left.
+local finish_moves -- (the claims' section, below)
+
 function methods.wait(p, timeout)
   check_self(p, "wait")
   if pool_stopped(p) then error("wait: the pool is stopped", 2) end
   check_timeout("wait", "timeout", timeout)
+  finish_moves(p)
   local status = wait_for(p, "calls", timeout and now() + timeout)
   -- With fail_fast, a failure raises here even when it was the last call
   -- to finish: whether another call was still running then is chance.
@@ -293,8 +296,11 @@ end
 
 -- Claims: a map's or a stream's results, kept apart -----------------------
 
--- pool -> {tag -> claim}: the maps and streams running on each pool.
+-- pool -> {claim -> claim}: the maps and streams running on each pool.
 local running = setmetatable({}, { __mode = "k" })
+-- pool -> {claim -> true}: claims whose move to the store has begun and
+-- not ended (release_now).
+local half_moved = setmetatable({}, { __mode = "k" })
 
 --- Moves what a claim holds and nobody consumed (from read positions kr
 -- and ke on) into the pool's store, and hands its tag back: its calls'
@@ -310,6 +316,11 @@ local function release_now(p, claim)
   if claim.released then return end
   local tag, lists = claim.tag, claim.lists
   if not claim.tag_released then
+    -- (noted first: a move that stops halfway is finished by the next
+    -- wait or take, finish_moves, not left to stop)
+    local moving = half_moved[p] or {}
+    half_moved[p] = moving
+    moving[claim] = true
     pool_release(p, tag)
     claim.tag_released = true
     -- where the move is (kr and ke are the consumer's: a stream reads them)
@@ -361,6 +372,20 @@ local function release_now(p, claim)
   end
   claim.released = true
   running[p][claim] = nil
+  half_moved[p][claim] = nil
+end
+
+--- Finishes the moves to the store that ran out of memory halfway
+-- (release_now), so that a wait or take once memory is freed sees what
+-- they held. Deferred. A move that fails again stays for the next.
+local function finish_moves_now(p)
+  for claim in pairs(half_moved[p]) do release_now(p, claim) end
+end
+
+--- finish_moves_now when there is a move to finish.
+function finish_moves(p)
+  local moving = half_moved[p]
+  if moving and next(moving) ~= nil then pcall(atomically, finish_moves_now, p) end
 end
 
 --- release_now, deferred: Ctrl-C cannot stop it halfway.
@@ -458,6 +483,7 @@ for _, name in ipairs({ "results", "ids", "errors" }) do
   local what = "p." .. name
   properties[name] = function(p)
     pool_drain(p)
+    finish_moves(p)
     check_kept(p, what)
     return copy_array(pool_env(p)[name])
   end
@@ -490,6 +516,8 @@ end
 local function take_now(p)
   if pool_draining(p) then return {}, {}, {} end
   pool_drain(p)
+  local moving = half_moved[p]
+  if moving and next(moving) ~= nil then pcall(finish_moves_now, p) end
   local env = pool_env(p)
   local fresh1, fresh2, fresh3, fresh4 = {}, {}, {}, {}
   if env.keep_results then
@@ -1021,7 +1049,7 @@ function methods.stream(p, src, opts)
       end
       -- The source may have stopped the pool: said as the stream says it
       -- (not as pool_submit would, at a line of this file).
-      if claim.tag_released then
+      if claim.tag_released or pool_stopped(p) then
         error(STREAM_STOPPED, caller.level())
       end
       submitted(fast and fast_submit_tagged(fast, tag, item) or pool_submit(p, tag, nil, item), 1)
@@ -1227,12 +1255,14 @@ function methods.stream(p, src, opts)
     -- that had handed out everything (stopped from its loop's last turn)
     -- just ends. (Begun, not done: a stop whose move ran out of memory
     -- halfway has put some in the store already, and the next stop moves
-    -- the rest.)
-    if claim.tag_released then
+    -- the rest.) A stop that raised before it moved this claim (short of
+    -- memory) left the pool stopped and the claim whole: moved now.
+    if claim.tag_released or pool_stopped(p) then
       if outstanding() == 0 and exhausted then
         finish()
         return nil
       end
+      release(p, claim)
       error(STREAM_STOPPED, 2)
     end
     settle_runs()
