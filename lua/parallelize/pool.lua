@@ -1049,7 +1049,7 @@ function methods.stream(p, src, opts)
       end
       -- The source may have stopped the pool: said as the stream says it
       -- (not as pool_submit would, at a line of this file).
-      if claim.tag_released or pool_stopped(p) then
+      if claim.tag_released then
         error(STREAM_STOPPED, caller.level())
       end
       submitted(fast and fast_submit_tagged(fast, tag, item) or pool_submit(p, tag, nil, item), 1)
