@@ -39,6 +39,21 @@ local function numbers(n, first)
   return table.concat(t, "\n") .. "\n"
 end
 
+-- The start of a script that runs `pzlua --map` itself (cli.main), with
+-- its Run class at hand (to wrap a method) and raise() to signal itself.
+local CLI_RUN_SCRIPT = [[
+jit.off()
+local ffi = require "ffi"
+pcall(ffi.cdef, "int raise(int sig);")
+local cli = require "parallelize.cli_map"
+local Run
+for i = 1, 100 do
+  local name, v = debug.getupvalue(cli.main, i)
+  if not name then break end
+  if name == "Run" then Run = v end
+end
+]]
+
 local dir
 before_each(function() dir = support.tmpdir() end)
 after_each(function() support.rmdir(dir) end)
@@ -909,17 +924,7 @@ describe("pzlua --map", function()
       -- logged as line 0, which --resume does not know, so they ran again.
       local n = 20000
       write(dir .. "/stdin", numbers(n))
-      write(dir .. "/cut.lua", [[
-        jit.off()
-        local ffi = require "ffi"
-        pcall(ffi.cdef, "int raise(int sig);")
-        local cli = require "parallelize.cli_map"
-        local Run
-        for i = 1, 100 do
-          local name, v = debug.getupvalue(cli.main, i)
-          if not name then break end
-          if name == "Run" then Run = v end
-        end
+      write(dir .. "/cut.lua", CLI_RUN_SCRIPT .. [[
         local real, armed = Run.note_line, true
         Run.note_line = function(self, i, line)
           if armed and self.slot_pos[i % self.slots + 1] then
@@ -1042,20 +1047,8 @@ describe("pzlua --map failing, then interrupted while it stops", function()
   -- cut-short that follows. cut_short_protected's pcall, there for a lack
   -- of memory, took it for one: tried again, status 255, not a word.
   it("exits 130 and says so", function()
-    local lines = {}
-    for i = 1, 2000 do lines[i] = tostring(i) end
-    write(dir .. "/stdin", table.concat(lines, "\n") .. "\n")
-    write(dir .. "/cut.lua", [[
-      jit.off()
-      local ffi = require "ffi"
-      pcall(ffi.cdef, "int raise(int sig);")
-      local cli = require "parallelize.cli_map"
-      local Run
-      for i = 1, 100 do
-        local name, v = debug.getupvalue(cli.main, i)
-        if not name then break end
-        if name == "Run" then Run = v end
-      end
+    write(dir .. "/stdin", numbers(2000))
+    write(dir .. "/cut.lua", CLI_RUN_SCRIPT .. [[
       local real, armed = Run.cut_short, true
       Run.cut_short = function(...)
         if armed then

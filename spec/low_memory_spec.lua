@@ -311,28 +311,15 @@ end)
 -- made to land where it did (making the lists): filling the address space
 -- from a script landed elsewhere from run to run.
 describe("a take short of memory", function()
-  local function upvalue(f, name)
-    for i = 1, 255 do
-      local n, v = debug.getupvalue(f, i)
-      if not n then return end
-      if n == name then return v, i end
-    end
-  end
-
   it("says what failed and keeps every result for the next take", function()
     local pz = require "parallelize"
     local p = pz.Parallelize(function(x) return x end, { workers = 2, keep_results = false })
-    local take_now = upvalue(p.take, "take_now")
-    local real, idx = upvalue(take_now, "four_lists")
-    assert.is_function(real)
-    finally(function() debug.setupvalue(take_now, idx, real) jit.flush() p:stop() end)
+    finally(function() p:stop() end)
     for i = 1, 2000 do p(i) end
     assert.is_true(p:wait(60))
-    debug.setupvalue(take_now, idx, function() error("not enough memory", 0) end)
-    jit.flush() -- (compiled code keeps an upvalue never assigned in Lua as a constant)
-    local ok, err = pcall(p.take, p)
-    debug.setupvalue(take_now, idx, real)
-    jit.flush()
+    local take_now = support.upvalue(p.take, "take_now")
+    local ok, err = support.with_upvalue(take_now, "four_lists", function() error("not enough memory", 0) end,
+      function() return pcall(p.take, p) end)
     assert.is_false(ok)
     assert.matches("^take: not enough memory to hand over the results %(they stay in the pool", err)
     local results, _, errors = p:take()

@@ -664,29 +664,16 @@ describe("a failed map's position", function()
   end)
 end)
 
---- pool.lua's local `name` reached from f's upvalues, with its index.
-local function upvalue(f, name)
-  for i = 1, 255 do
-    local n, v = debug.getupvalue(f, i)
-    if not n then return end
-    if n == name then return v, i end
-  end
-end
+local upvalue, with_upvalue = support.upvalue, support.with_upvalue
 
 describe("a map short of memory for its failed item's message", function()
   -- (unchunked: a chunked map makes the message in its work, protected)
   it("says whose lack of memory it was and leaves every call in the store", function()
-    local map = require("parallelize.pool").map
-    local real, idx = upvalue(map, "item_failed")
-    assert.is_function(real)
     local p = Parallelize(function(x) if x >= 2 then error("bad " .. x) end return x end,
       { workers = 2, timeout = 100 })
-    finally(function() debug.setupvalue(map, idx, real) jit.flush() p:stop() end)
-    debug.setupvalue(map, idx, function() error("not enough memory", 0) end)
-    jit.flush() -- (compiled code keeps an upvalue never assigned in Lua as a constant)
-    local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
-    debug.setupvalue(map, idx, real)
-    jit.flush()
+    finally(function() p:stop() end)
+    local ok, err = with_upvalue(require("parallelize.pool").map, "item_failed",
+      function() error("not enough memory", 0) end, function() return pcall(p.map, p, { 1, 2, 3, 4 }) end)
     assert.is_false(ok)
     assert.matches("^map: not enough memory", tostring(err))
     assert.is_true(p:wait(10))
@@ -695,23 +682,21 @@ describe("a map short of memory for its failed item's message", function()
   end)
 end)
 
-describe("a map whose claim's release fails", function()
+describe("a map's release", function()
+  local function release_now()
+    return upvalue(upvalue(require("parallelize.pool").map, "release"), "release_now")
+  end
+
   -- Short of memory the release is left to stop; any other error there is
   -- a fault, and a map that swallowed it left calls in no place (in its
   -- claim, not in p.results or p.errors after a wait) without a word.
   it("raises a fault other than a lack of memory, in one go and in chunks", function()
-    local release_now = upvalue(upvalue(require("parallelize.pool").map, "release"), "release_now")
-    local real, idx = upvalue(release_now, "pool_release")
-    assert.is_function(real)
     for _, opts in ipairs({ { workers = 2 }, { workers = 2, timeout = 100 } }) do
       for _, fail_at in ipairs({ 2, 99 }) do -- an item that fails, or none
         local p = Parallelize(function(x) if x >= fail_at then error("bad " .. x) end return x end, opts)
-        finally(function() debug.setupvalue(release_now, idx, real) jit.flush() p:stop() end)
-        debug.setupvalue(release_now, idx, function() error("a fault in release") end)
-        jit.flush()
-        local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
-        debug.setupvalue(release_now, idx, real)
-        jit.flush()
+        finally(function() p:stop() end)
+        local ok, err = with_upvalue(release_now(), "pool_release", function() error("a fault in release") end,
+          function() return pcall(p.map, p, { 1, 2, 3, 4 }) end)
         assert.is_false(ok)
         assert.matches("a fault in release", tostring(err), 1, true)
         if fail_at == 2 then assert.matches("map: item %d failed: ", tostring(err)) end
@@ -719,40 +704,27 @@ describe("a map whose claim's release fails", function()
       end
     end
   end)
-end)
 
-describe("a map whose release ran out of memory halfway", function()
   -- The claim's move to the store stopped after its tag was released; the
   -- next wait or take finishes it (before, what it held waited for stop).
-  it("has its calls in the store by the next wait and take", function()
-    local release_now = upvalue(upvalue(require("parallelize.pool").map, "release"), "release_now")
-    local real_env, idx_env = upvalue(release_now, "pool_env")
-    local real_rel, idx_rel = upvalue(release_now, "pool_release")
+  it("stopped halfway by a lack of memory, has its calls in the store by the next wait and take", function()
+    local release = release_now()
+    local real_release, real_env = upvalue(release, "pool_release"), upvalue(release, "pool_env")
     for _, opts in ipairs({ { workers = 2, timeout = 100 }, { workers = 2 } }) do
       local p = Parallelize(function(x) if x >= 2 then error("bad " .. x) end return x end, opts)
-      finally(function()
-        debug.setupvalue(release_now, idx_env, real_env)
-        jit.flush()
-        debug.setupvalue(release_now, idx_rel, real_rel)
-        jit.flush()
-        p:stop()
-      end)
+      finally(function() p:stop() end)
       local armed = false
-      debug.setupvalue(release_now, idx_rel, function(...) real_rel(...) armed = true end)
-      jit.flush()
-      debug.setupvalue(release_now, idx_env, function(...)
-      jit.flush()
+      local function tag_released(...) real_release(...) armed = true end
+      local function env_then_short(...)
         if armed then
           armed = false
           error("not enough memory", 0)
         end
         return real_env(...)
+      end
+      local ok, err = with_upvalue(release, "pool_release", tag_released, function()
+        return with_upvalue(release, "pool_env", env_then_short, function() return pcall(p.map, p, { 1, 2, 3, 4 }) end)
       end)
-      local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
-      debug.setupvalue(release_now, idx_env, real_env)
-      jit.flush()
-      debug.setupvalue(release_now, idx_rel, real_rel)
-      jit.flush()
       assert.is_false(ok)
       assert.matches("map: item %d failed", tostring(err))
       assert.is_true(p:wait(10))

@@ -247,4 +247,29 @@ function M.run_bench(script, args)
   return M.parse_kv(out), out, status
 end
 
+--- f's upvalue `name` and its index, or nothing when f has none.
+function M.upvalue(f, name)
+  for i = 1, 255 do
+    local n, v = debug.getupvalue(f, i)
+    if not n then return end
+    if n == name then return v, i end
+  end
+end
+
+--- Runs body() with f's upvalue `name` set to value, and puts it back
+-- afterwards whatever body did; the JIT is flushed both times (a trace
+-- keeps an upvalue never assigned in Lua as a constant: the value put
+-- back was not called). Returns what body returns, raises what it raises.
+function M.with_upvalue(f, name, value, body)
+  local real, idx = M.upvalue(f, name)
+  assert(idx, "no upvalue " .. name)
+  debug.setupvalue(f, idx, value)
+  jit.flush()
+  local r = { pcall(body) }
+  debug.setupvalue(f, idx, real)
+  jit.flush()
+  if not r[1] then error(r[2], 0) end
+  return unpack(r, 2, table.maxn(r))
+end
+
 return M

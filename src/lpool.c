@@ -716,21 +716,17 @@ static int push_aborted_at(lua_State *L)
  * settle's results are the caller's. */
 static int stop_returns(lua_State *L)
 {
-    if (lua_isnoneornil(L, 3)) {
-        lua_getfenv(L, 1);
-        lua_pushnil(L);
-        lua_setfield(L, -2, "unreturned_aborted");
-        lua_pop(L, 1);
-        return 1;
-    }
     int top = lua_gettop(L) - 1;
-    lua_pushvalue(L, 3);
-    lua_insert(L, -2);
-    if (pz_defer_pcall(L, 1, LUA_MULTRET) != 0)
-        return lua_error(L);
+    if (!lua_isnoneornil(L, 3)) {
+        lua_pushvalue(L, 3);
+        lua_insert(L, -2);
+        if (pz_defer_pcall(L, 1, LUA_MULTRET) != 0)
+            return lua_error(L);
+    }
+    /* Returned (settle did not raise): a stop after returns {}. */
     lua_getfenv(L, 1);
     lua_pushnil(L);
-    lua_setfield(L, -2, "unreturned_aborted"); /* returned: a stop after returns {} */
+    lua_setfield(L, -2, "unreturned_aborted");
     lua_pop(L, 1);
     return lua_gettop(L) - top;
 }
