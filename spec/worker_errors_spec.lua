@@ -60,14 +60,41 @@ describe("a call that fails in its worker", function()
     p("pid")
     p("fill")
     assert.is_true(p:wait(60))
-    local deaths = p:stats().deaths
+    local deaths, pid = p:stats().deaths, p.pids[1]
     p:stop()
     assert.are.equal(1, #p.errors)
     assert.are.equal(2, p.errors[1].id)
     assert.are.equal("raised", p.errors[1].kind)
-    assert.are.equal("not enough memory", p.errors[1].message)
+    -- Whose memory: the parent says "not enough memory" of its own too.
+    assert.are.equal(string.format("not enough memory (in worker 1, pid %d)", pid), p.errors[1].message)
     assert.are.equal(0, deaths)
   end)
+  it("says whose memory ran out when a map's chunk item left none #nosan", function()
+    -- A chunk (chunk.c) catches its items' errors itself, or, when even its
+    -- answer finds no memory, fails whole and its items run again alone
+    -- (here, as a rule): either way the map's error says whose memory ran
+    -- out, as the parent says "not enough memory" of its own too.
+    local p = parallelize.Parallelize(function(what)
+      if what == 3 then
+        local slots = {}
+        for i = 1, 4000000 do slots[i] = false end
+        _G.pz_spec_kept = { slots = slots }
+        limit_address_space(32)
+        pcall(function() while true do _G.pz_spec_kept = { _G.pz_spec_kept } end end)
+        pcall(function() for i = 1, #slots do slots[i] = "k" .. i end end)
+        error("the executor is out of memory", 0)
+      end
+      return what
+    end, { workers = 1, max_deaths = 1 })
+    finally(function() p:stop() end)
+    assert.are.equal(1, #p.executors) -- (waits for the worker to initialize)
+    local pid = p.pids[1]
+    local ok, err = pcall(p.map, p, { 1, 2, 3, 4 })
+    assert.is_false(ok)
+    assert.matches(string.format("map: item 3 failed: not enough memory %%(in worker 1, pid %d%%)$", pid),
+      tostring(err))
+  end)
+
   it("makes runs' calls in C once memory ran out in the compiled loop #nosan", function()
     -- Runs of one-number calls are made by a compiled loop (src/wruns.h).
     -- Once the address space is full (RLIMIT_AS, as above), the loop's own
@@ -104,7 +131,7 @@ describe("a call that fails in its worker", function()
         assert.are.equal(2 * i, v)
       else
         failed = failed + 1
-        assert.are.equal("not enough memory", v.message)
+        assert.matches("^not enough memory %(in worker 1, pid %d+%)$", v.message)
       end
     end
     assert.is_true(failed <= 1, failed .. " calls failed for memory")

@@ -6,6 +6,7 @@
 
 #include "chunk.h"
 #include "sys.h"
+#include "worker.h"
 
 /* Pushes the message and traceback of the error value on top (worker.c's
  * on_error makes it {message, traceback, value}; out of memory or an error
@@ -18,7 +19,9 @@ static void push_message_and_traceback(lua_State *L)
         lua_rawgeti(L, e, 2);
     } else {
         const char *m = lua_tostring(L, e);
-        lua_pushstring(L, m ? m : "error in the error handler");
+        char whose[256];
+        lua_pushstring(L, m ? pz_worker_whose_memory(m, whose, sizeof whose)
+                            : "error in the error handler");
         lua_pushliteral(L, "");
     }
     lua_remove(L, e);

@@ -173,10 +173,24 @@ static void put_error(uint64_t id, uint64_t ns, const char *msg, size_t mlen, co
     put_frame(PZ_F_ERROR, id, parts, 4);
 }
 
+const char *pz_worker_whose_memory(const char *msg, char *buf, size_t size)
+{
+    static const char bare[] = "not enough memory";
+    size_t n = strlen(msg), b = sizeof bare - 1;
+    if (n < b || strcmp(msg + n - b, bare) != 0)
+        return msg;
+    /* (A remote worker does not know its slot: its host names it, as in die.) */
+    int len = W.remote ? snprintf(buf, size, "%s (in the worker on %s, pid %d)", msg, W.host, (int)getpid())
+                       : snprintf(buf, size, "%s (in worker %d, pid %d)", msg, W.slot + 1, (int)getpid());
+    return len > 0 && (size_t)len < size ? buf : msg;
+}
+
 /* An ERROR frame with a message only (the codec failed, the result was too
- * large, the error handler itself failed). */
+ * large, the error handler itself failed, memory ran out). */
 static void put_error_message(uint64_t id, uint64_t ns, const char *msg)
 {
+    char whose[256];
+    msg = pz_worker_whose_memory(msg, whose, sizeof whose);
     put_error(id, ns, msg, strlen(msg), NULL, 0, NULL);
 }
 

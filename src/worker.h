@@ -55,6 +55,14 @@ int pz_worker_signals(void);
  * worker it changes nothing). */
 int pz_worker_fail_answer(lua_State *L);
 
+/* Lua's own message for a raise that found no memory is a bare "not
+ * enough memory", the same words the parent uses for its own lack: a
+ * message ending so (msg, or "call N: " and it) comes back as msg with
+ * "(in worker S, pid P)" added (remote: "in the worker on HOST"), written into buf; any other, or one that
+ * does not fit, as msg itself.  Allocates nothing (memory is short).
+ * Worker process only. */
+const char *pz_worker_whose_memory(const char *msg, char *buf, size_t size);
+
 /* Runs in a fresh worker process: builds a fresh LuaJIT state (prepared by
  * `setup`: package.preload), reads the INIT frame from in_fd, builds the
  * executor, then serves CALL frames until STOP or end of file, answering
