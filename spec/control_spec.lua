@@ -1000,6 +1000,31 @@ p:stop()
     assert.matches("\n60/60 calls %(100%%%), %d+/s, ETA 0s, 0 errors\n$", err) -- the last line
     assert.is_nil(err:find("\r", 1, true))
   end)
+
+  it("writes each wait's last line with progress = always, also a wait within a second of the last", function()
+    -- The second wait's draws all fall within the first wait's second:
+    -- its final counts are written all the same.
+    support.write(dir .. "/two.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(x) pz.sleep(0.02) return x end, { workers = 1, progress = "always" })
+for i = 1, 3 do p(i) end
+p:wait()
+for i = 4, 5 do p(i) end
+p:wait()
+for _ = 1, 20 do p:wait(0.001) end -- no line each (nothing new to say)
+p(6)
+while not p:wait(0.001) do end -- polling: no line a wait, one at the end
+p:stop()
+]])
+    local _, status = support.run("cd " .. support.quote(dir) .. " && (" .. support.quote(support.pzlua())
+      .. " two.lua 2> err.txt)")
+    assert.are.equal(0, status)
+    local err = support.read(dir .. "/err.txt")
+    assert.matches("\n3/3 calls %(100%%%)[^\n]*\n", err)
+    assert.matches("\n5/5 calls %(100%%%), %d+/s, ETA 0s, 0 errors\n6/6 calls %(100%%%)[^\n]*\n$", err)
+    local _, lines = err:gsub("\n", "")
+    assert.is_true(lines <= 5, err)
+  end)
 end)
 
 describe("a pool dropped with calls unfinished", function()

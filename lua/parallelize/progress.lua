@@ -46,8 +46,11 @@ end
 -- `force`).
 function M.draw(bar, finished, total, errors, force)
   local t = now()
-  if not force and t - bar.last < bar.every then return end
-  bar.last = t
+  if not force and t - bar.last < bar.every then
+    bar.skipped = true -- (finish owes the lines a last one)
+    return
+  end
+  bar.last, bar.skipped = t, false
   local r = rate(bar, t, finished)
   local line
   if total and total > 0 then
@@ -61,22 +64,27 @@ function M.draw(bar, finished, total, errors, force)
     stderr:write("\r", line, "\27[K")
   else
     stderr:write(line, "\n")
+    bar.written = finished
   end
   stderr:flush()
   bar.shown = true
 end
 
 --- The waiting has ended: a bar on a terminal is erased; written as lines,
--- it gets a last line with the final counts.
+-- it gets a last line with the final counts. A wait that drew nothing (all
+-- its draws fell within a second of the last line) gets one too when every
+-- call has finished and the lines have not said so: the end of the work
+-- is written, while a loop polling with short waits writes no line a wait.
 function M.finish(bar, finished, total, errors)
-  if not bar.shown then return end
   if bar.tty then
-    stderr:write("\r\27[K")
-    stderr:flush()
-  else
+    if bar.shown then
+      stderr:write("\r\27[K")
+      stderr:flush()
+    end
+  elseif bar.shown or (bar.skipped and total and finished >= total and bar.written ~= finished) then
     M.draw(bar, finished, total, errors, true)
   end
-  bar.shown = false
+  bar.shown, bar.skipped = false, false
 end
 
 return M
