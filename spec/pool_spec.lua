@@ -727,9 +727,20 @@ describe("a map's release", function()
       end)
       assert.is_false(ok)
       assert.matches("map: item %d failed", tostring(err))
+      -- p:result finishes the move too: no call "belongs to a map" now.
+      local handed = 0
+      for id = 1, p.calls do
+        local got, outcome = pcall(p.result, p, id, 10)
+        if got then
+          handed = handed + 1
+        else
+          assert.matches("was handed out already", tostring(outcome))
+        end
+      end
       assert.is_true(p:wait(10))
       local results, _, errors = p:take()
-      assert.are.equal(3, #results + #errors) -- and the one in the map's error
+      assert.are.equal(3, handed) -- and the one in the map's error
+      assert.are.equal(3, #results + #errors) -- (kept: keep_results)
       assert.are.equal(0, #p:stop())
     end
   end)

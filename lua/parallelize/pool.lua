@@ -629,6 +629,7 @@ function methods.result(p, id, timeout)
     error(format("result: no call has id %s (ids go from 1 to %d)", tostring(id), calls), 2)
   end
   check_timeout("result", "timeout", timeout)
+  finish_moves(p) -- (a claim left half-moved still names its calls)
   if claimed(p, id) then error(format("result: call %d belongs to a map or a stream", id), 2) end
   local deadline = timeout and now() + timeout
   local env = pool_env(p)
