@@ -142,6 +142,10 @@ local ok, err = pcall(function()
       pz.sleep(0.3)
       collectgarbage("setpause", 0)
       collectgarbage("setstepmul", 100000)
+      -- (a step now: the pause applies from the next cycle on; the
+      -- threshold the last one left, twice the heap, was crossed during
+      -- the move only by chance, as the heap's size made it)
+      collectgarbage("step")
       armed = true
       local sok, serr = pcall(p.stop, p)
       armed = false

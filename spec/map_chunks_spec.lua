@@ -118,8 +118,8 @@ describe("a map in chunks", function()
     local calls = p.calls
     local aborted = p:stop(0)
     -- The first chunk (items 1-16) answered; the second raised at item 20
-    -- (its answer, items 17-19 and the error, is a result too); the one
-    -- queued after them never ran.
+    -- (its answer, items 17-19 and the error, is item 20's error record);
+    -- the one queued after them never ran.
     assert.are.equal(calls, #p.results + #p.errors + #aborted)
     assert.is_true(#aborted >= 1)
     local items, count = aborted[1][1], aborted[1][2]
@@ -127,15 +127,162 @@ describe("a map in chunks", function()
     assert.are.equal(33, items[1])
     -- The answers' results (which the map decodes straight into its output)
     -- are in the store as each chunk's table of results, null for nil.
+    assert.are.same({ { 1, 2, 3, 4, null, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 } }, p.results)
+    assert.are.equal(1, #p.errors)
+    local e = p.errors[1]
+    assert.are.equal("map: item 20 failed: " .. e.value, e.message)
+    assert.matches("item twenty$", e.value)
+    assert.are.same({ 17, 18, 19 }, e.results)
+    assert.are.equal(17, e.first)
+    local chunk_items = {}
+    for j = 1, 16 do chunk_items[j] = 16 + j end
+    assert.are.same({ n = 2, chunk_items, 16 }, e.args) -- as stop() gives a chunk's
+  end)
+
+  -- A chunk stops at an item that raises, and answers with the results of
+  -- the items before it and the item's error. Once its map has let it go
+  -- (the map raised, for another item or Ctrl-C), that answer is the
+  -- item's error record in p.errors, wherever it was then: still running
+  -- (the drain stores it when it comes) or answered and not yet taken (the
+  -- map's release moves it). It was stored as the partial array of
+  -- results, the item's error and the items after it in no list.
+  local function check_failed_chunk(e, first, k, count, why, done)
+    assert.are.equal(require("parallelize.core").error_metatable, getmetatable(e))
+    assert.are.equal("raised", e.kind)
+    assert.are.equal(("map: item %d failed: %s"):format(first + k - 1, e.value), e.message)
+    assert.are.equal(e.message, tostring(e))
+    assert.matches(why .. "$", e.value)
+    assert.matches("^stack traceback:", e.traceback)
+    assert.are.equal(first, e.first)
+    assert.are.same(done, e.results)
+    assert.are.equal(k - 1, #e.results)
+    local items = {}
+    for j = 1, count do items[j] = first + j - 1 end
+    assert.are.same({ n = 2, items, count }, e.args)
+  end
+
+  it("stores a chunk stopped at a failed item as its error record when it answers after the map raised", function()
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    -- 16 items on 2 workers: chunks 1-4, 5-7, 8-10, 11-12 are queued
+    -- first. Item 2 fails at once: the map raises. Item 9 fails only once
+    -- the file `go` exists, made after the map raised (20 s at most).
+    p = Parallelize(function(x)
+      if x == 9 then
+        local t = os.time()
+        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
+        error("nine")
+      end
+      if x == 2 then error("two") end
+      if x == 7 then return nil end
+      return x * 10
+    end, { workers = 2 })
+    local ok, err = pcall(p.map, p, range(16))
+    assert.is_false(ok)
+    assert.matches("map: item 2 failed: .*two", err)
+    support.write(go, "")
+    assert.is_true(p:wait(30))
+    -- Every call in exactly one place; the failed chunks as errors.
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    assert.are.equal(2, #p.errors)
+    local by_first = {}
+    for _, e in ipairs(p.errors) do by_first[e.first] = e end
+    check_failed_chunk(by_first[1], 1, 2, 4, "two", { 10 })
+    check_failed_chunk(by_first[8], 8, 2, 3, "nine", { 80 })
+    -- p:result says the same of the chunk that answered late.
+    local r = { p:result(by_first[8].id) }
+    assert.are.same({ false, by_first[8] }, r)
+    -- The chunks that ran every item are arrays of results, null for nil.
     local stored = {}
-    for _, r in ipairs(p.results) do
-      assert.are.equal(r[1] == 1 and 16 or 3, #r)
-      local s = {}
-      for k = 1, #r do s[k] = r[k] == null and "null" or tostring(r[k]) end
-      stored[#stored + 1] = table.concat(s, ",")
+    for k, res in ipairs(p.results) do
+      assert.are.equal("table", type(res), "result of call " .. tostring(p.ids[k]))
+      stored[#stored + 1] = res
     end
-    table.sort(stored)
-    assert.are.same({ "1,2,3,4,null,6,7,8,9,10,11,12,13,14,15,16", "17,18,19" }, stored)
+    table.sort(stored, function(a, b) return a[1] < b[1] end)
+    assert.are.same({ { 50, 60, null }, { 110, 120 } }, stored)
+  end)
+
+  it("stores a late chunk's answer that cannot be made into its record as an error of kind parent", function()
+    -- Short of memory to make the record (here: the function that makes
+    -- it raises as an allocation would), the answer is salvaged as any
+    -- record the parent cannot take: its call's error, in one place.
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    p = Parallelize(function(x)
+      if x == 9 then
+        local t = os.time()
+        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
+        error("nine")
+      end
+      if x == 2 then error("two") end
+      return x
+    end, { workers = 2 })
+    assert.is_false(pcall(p.map, p, range(16)))
+    local env = require("parallelize.core").pool_env(p)
+    local real = env.chunk_answer
+    local late -- the chunk of items 8-10, still running
+    for id, info in pairs(env.chunks) do
+      if info.into_at[id] == 7 then late = id end
+    end
+    assert.is_number(late)
+    env.chunk_answer = function(info, id, ...)
+      if id == late then error("not enough memory", 0) end
+      return real(info, id, ...)
+    end
+    support.write(go, "")
+    assert.is_true(p:wait(30))
+    env.chunk_answer = real
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    local e = select(2, p:result(late))
+    assert.are.equal("parent", e.kind)
+    assert.matches("the result of call " .. late .. " cannot be used in the parent: not enough memory", e.message)
+    assert.is_nil(env.chunks[late])
+  end)
+
+  it("stores a chunk stopped at a failed item as its error record when the map raised before taking it", function()
+    -- The map's waits are wrapped: once a chunk's answer that stopped at
+    -- an item is in the map's lists, not yet taken, the next wait raises
+    -- "interrupted!" as Ctrl-C would there.
+    local chunks, core = require "parallelize.chunks", require "parallelize.core"
+    local real = support.upvalue(chunks.map, "wait_for")
+    local function failed_answer_in(env)
+      for _, c in pairs(env.claims) do
+        for _, id in ipairs(c.ids) do
+          local ex = c.extras[id]
+          if ex and ex.n > 2 then return true end
+        end
+      end
+    end
+    p = Parallelize(function(x)
+      if x == 6 then error("six") end
+      if x == 3 then return nil end
+      return x * 10
+    end, { workers = 2 })
+    local ok, err = pcall(support.with_upvalue, chunks.map, "wait_for", function(q, ...)
+      local status = real(q, ...)
+      if failed_answer_in(core.pool_env(q)) then error("interrupted!", 0) end
+      return status
+    end, function() return p:map(range(16)) end)
+    assert.is_false(ok)
+    assert.are.equal("interrupted!", err)
+    assert.is_true(p:wait(30))
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    assert.are.equal(1, #p.errors)
+    check_failed_chunk(p.errors[1], 5, 2, 3, "six", { 50 })
+    for k, res in ipairs(p.results) do
+      assert.are.equal("table", type(res), "result of call " .. tostring(p.ids[k]))
+      for j = 1, #res do assert.are_not.equal(nil, res[j]) end
+    end
+    local seen = 0
+    for _, res in ipairs(p.results) do
+      if res[1] == 10 then
+        assert.are.same({ 10, 20, null, 40 }, res)
+        seen = seen + 1
+      end
+    end
+    assert.are.equal(1, seen)
   end)
 
   it("names the item whose result the parent cannot decode, and goes on", function()

@@ -130,24 +130,30 @@ static int on_error_answer(struct pz_io *io, pz_slot *w, char *head, const char 
     return rc;
 }
 
-/* The RESULT record of frame f, whose result is p[0..n): a big one that
- * fills w->in travels in that buffer (bigbuf.h), and w->in starts anew.
- * Returns what pz_io_record does. */
-static int record_result(struct pz_io *io, pz_slot *w, const pz_frame *f, uint8_t tag,
+/* The RESULT record of frame f, whose result is p[0..n), answering the
+ * CALL `head`: a big one that fills w->in travels in that buffer
+ * (bigbuf.h), and w->in starts anew; a chunk's is marked PZ_REC_CHUNK
+ * (copied from its CALL here, the one place that knows both).  Returns
+ * what pz_io_record does. */
+static int record_result(struct pz_io *io, pz_slot *w, const pz_frame *f, const char *head,
                          const char *p, size_t n)
 {
-    if (n < PZ_BOX_MIN || f->payload - PZ_FRAME_HEADER != w->in.data || f->size != w->in.len) {
-        pz_part part = {p, n, 0};
-        return pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1);
-    }
+    uint8_t tag = pz_frame_tag(head);
+    uint8_t flags = (pz_frame_flags(head) & PZ_CALL_CHUNK) ? PZ_REC_CHUNK : 0;
+    int boxed = n >= PZ_BOX_MIN && f->payload - PZ_FRAME_HEADER == w->in.data && f->size == w->in.len;
     pz_box box = {w->in.data, w->in.cap, p, n};
-    pz_part part = {&box, sizeof box, 0};
+    pz_part part = boxed ? (pz_part){&box, sizeof box, 0} : (pz_part){p, n, 0};
     if (pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1) != 0)
         return -1;
-    pz_spsc *q = &io->p->done;
-    char *rec = q->wr->data + q->wpos - (PZ_FRAME_HEADER + sizeof box);
-    pz_frame_set_flags(rec, PZ_REC_BOXED);
-    w->in = (pz_buf)PZ_BUF_INIT;
+    if (boxed) {
+        flags |= PZ_REC_BOXED;
+        w->in = (pz_buf)PZ_BUF_INIT;
+    }
+    if (flags) {
+        /* The record ends where the done queue's writing does. */
+        pz_spsc *q = &io->p->done;
+        pz_frame_set_flags(q->wr->data + q->wpos - (PZ_FRAME_HEADER + part.len), flags);
+    }
     return 0;
 }
 
@@ -198,7 +204,7 @@ static void on_answer(struct pz_io *io, pz_slot *w, const pz_frame *f)
          * nobody's any more (only an error record carries them). */
         if (pz_frame_tries(head))
             pz_retry_forget(io, f->id);
-        if (record_result(io, w, f, pz_frame_tag(head), p, n) != 0)
+        if (record_result(io, w, f, head, p, n) != 0)
             return;
     } else if (on_error_answer(io, w, head, p, n, cancelled) != 0) {
         return;

@@ -56,7 +56,8 @@
  *   RESULT      id = call id, tag; payload = the tuple of values, or with
  *               flags PZ_REC_BOXED a pz_box (bigbuf.h) holding it; with
  *               PZ_REC_RUN, the results of several calls with this tag
- *               (id: the first's; payload: run.h)
+ *               (id: the first's; payload: run.h); PZ_REC_CHUNK when the
+ *               call was a map's chunk (never in a run)
  *   ERROR       id = call id, tag, flags = its kind (PZ_ERR_*), with
  *               PZ_REC_HELD when a worker may still run the call; payload =
  *               four varint-prefixed byte strings: the argument tuple, the
@@ -97,6 +98,11 @@
 /* flags of a RESULT record. */
 #define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */
 #define PZ_REC_RUN 0x20   /* the results of several calls (run.h) */
+/* the answer of a map's chunk (its CALL had PZ_CALL_CHUNK): once its map
+ * has let it go, the drain cannot tell it from a call by its tag, and a
+ * chunk that stopped at an item that raised is stored as an error record
+ * (lrecords.c, chunks.lua), not as the results of the items before it */
+#define PZ_REC_CHUNK 0x10
 
 /* flag of an ERROR record, beside its kind: the call was cancelled after it
  * was sent, and its worker may still decode its arguments; a RELEASE

@@ -17,6 +17,12 @@
  * where its items' results go in the table `into` (the map's output): its
  * answer's table of results is decoded straight into it
  * (pz_decode_tuple_into), true standing in its place among the values.
+ * A chunk's answer that comes once its map has let it go (its tag is no
+ * longer active; its record is marked PZ_REC_CHUNK, frame.h) goes to the
+ * pool's store as chunks.lua's `stored` says (env.chunk_answer, given
+ * env.chunks[id]): its array of results, or, when it stopped at an item
+ * that raised, that item's error record, the same as release makes of an
+ * answer its map had not taken.  Only such records pay for it.
  *
  * An error record is {id =, args =, message =, traceback =, value =,
  * kind =, attempts =} (and timeout = true or cancelled = true for those
@@ -236,8 +242,69 @@ static void store_result(lua_State *L, lists *l, uint64_t id, int top, int count
     lua_settop(L, top);
 }
 
+/* Drops env.chunks[id], what the answer of chunk id needed, once it is
+ * stored.  Only an entry that exists is cleared: storing nil under a key
+ * a table lacks may allocate (its new key), and a raise after the store
+ * would have the record taken again, stored twice. */
+static void forget_chunk(lua_State *L, uint64_t id)
+{
+    lua_getfield(L, D_ENV, "chunks");
+    if (lua_istable(L, -1)) {
+        lua_pushnumber(L, (lua_Number)id);
+        lua_rawget(L, -2);
+        int found = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (found) {
+            lua_pushnumber(L, (lua_Number)id);
+            lua_pushnil(L);
+            lua_rawset(L, -3);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+/* The answer of chunk f whose map let it go, its `count` values above
+ * top, stored in l (NULL: unclaimed) as env.chunk_answer(env.chunks[id],
+ * id, values...) says: nil, its results array made whole, stored as any
+ * result; or the error record of the item that raised.  A raise (out of
+ * memory) leaves the record to salvage (kind "parent"), nothing stored
+ * and nothing counted; stored, it is counted and marked as on_result's. */
+static void store_released_chunk(lua_State *L, drain_state *d, lists *l, const pz_frame *f, int top,
+                                 int count)
+{
+    luaL_checkstack(L, count + 4, "a chunk's answer");
+    lua_getfield(L, D_ENV, "chunk_answer");
+    if (lua_isfunction(L, -1)) {
+        lua_getfield(L, D_ENV, "chunks");
+        if (lua_istable(L, -1)) {
+            lua_pushnumber(L, (lua_Number)f->id);
+            lua_rawget(L, -2);
+            lua_replace(L, -2);
+        } else {
+            lua_pop(L, 1);
+            lua_pushnil(L);
+        }
+        lua_pushnumber(L, (lua_Number)f->id);
+        for (int i = 1; i <= count; i++)
+            lua_pushvalue(L, top + i);
+        lua_call(L, count + 2, 1);
+    }
+    if (lua_istable(L, -1)) {
+        /* (no note_failure: chunks never run under fail_fast, the one
+         * reader of first_failure) */
+        store_error(L, d, f->tag, f->id);
+        lua_settop(L, top);
+    } else {
+        lua_pop(L, 1);
+        store_result(L, l, f->id, top, count);
+        count_record(d, f->tag);
+        pz_idset_add(&d->u->finished, f->id);
+    }
+    forget_chunk(L, f->id);
+}
+
 /* A RESULT record (see store_result); a chunk's goes straight into its
- * map's output. */
+ * map's output, or, once its map let it go, store_released_chunk's way. */
 static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
 {
     int top = lua_gettop(L), count;
@@ -248,6 +315,10 @@ static void on_result(lua_State *L, drain_state *d, const pz_frame *f)
                                      offset, reader_of(d->u));
     else
         count = pz_decode_tuple(L, f->payload, f->len, PZ_DECODE_FUNCTIONS, reader_of(d->u));
+    if ((f->flags & PZ_REC_CHUNK) && l != &d->claim) {
+        store_released_chunk(L, d, l, f, top, count);
+        return;
+    }
     /* Counted once stored: a store that raises (out of memory) leaves the
      * record to be taken again or salvaged, which counts it then. */
     store_result(L, l, f->id, top, count);
@@ -628,6 +699,8 @@ static int salvage_record(lua_State *L)
         push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, f.id);
+        if (f.type == PZ_F_RESULT && (f.flags & PZ_REC_CHUNK))
+            forget_chunk(L, f.id); /* stored: its entry is done with */
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
         lua_rawseti(L, D_EXECUTORS, (int)f.id + 1);

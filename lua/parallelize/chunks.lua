@@ -1,19 +1,23 @@
 --- parallelize.chunks: p:map with many items per call. A chunk is one
 -- call whose worker runs the executor on each of its items in turn and
 -- answers for all of them (src/chunk.h); this file decides how many items
--- each chunk carries and turns the answers back into the map's results.
+-- each chunk carries and turns the answers back into the map's results,
+-- and says what the pool's store keeps of a chunk's answer that its map
+-- let go (M.stored): a chunk stopped at an item that raised is that item's
+-- error record, never the results of the items before it alone.
 -- Main thread only. The claims, waits and messages are pool.lua's, bound
 -- once (M.bind).
 local core = require "parallelize.core"
 local caller = require "parallelize.caller"
 caller.mark()
 
-local type, error = type, error
+local type, error, tostring, setmetatable, pairs = type, error, tostring, setmetatable, pairs
+local format = string.format
 local floor, ceil, min, max, remove = math.floor, math.ceil, math.min, math.max, table.remove
 local new_table = require "table.new"
 local pool_size, pool_counts, pool_submit_each, pool_submit_chunk =
   core.pool_size, core.pool_counts, core.pool_submit_each, core.pool_submit_chunk
-local null, settle_after = core.null, core.settle_after
+local null, settle_after, ERROR_MT = core.null, core.settle_after, core.error_metatable
 
 local M = {}
 
@@ -73,6 +77,78 @@ local function chunk_end(list, i, j)
   return j
 end
 
+--- The results array of chunk id whose answer was decoded into its map's
+-- output (src/lrecords.c), made after all for the pool's store (release,
+-- after the map raised), null for nil as in the map's results (those the
+-- map took are so already); it replaces true in the answer ex. `info` is
+-- the map's claim.chunks, which outlives the map's own upvalues (cleared
+-- when it returns) for a release that stopped halfway, short of memory.
+function M.restore(info, id, ex)
+  local i, count = info.into_at[id] + 1, info.counts[id]
+  local ran = ex.n > 2 and ex[3] - 1 or count
+  local out, results = info.into, {}
+  for k = 1, ran do
+    local v = out[i + k - 1]
+    if v == nil then v = null end
+    results[k] = v
+  end
+  ex[1] = results
+  return results
+end
+
+--- What the pool's store keeps of the answer of chunk id (its values:
+-- results, seconds[, k, message, traceback]) that its map no longer takes:
+-- nil when every item ran (results, its array, is then made whole here:
+-- null for nil), or, when item k raised, the error record of that item,
+-- as the map would have raised it: message "map: item K failed: ..." (K
+-- its index in the map's list), the worker's traceback, value the item's
+-- message, args as stop() gives the chunk ({n = 2, items, count}), plus
+-- results (the items' before it, null for nil) and first (the chunk's
+-- first item in the list: K = first + #results). The one place both
+-- paths to the store go through, so they cannot disagree: release, for
+-- an answer in the claim's lists, and the drain (env.chunk_answer), for
+-- one that came after the release (src/lrecords.c). `info` is the map's
+-- claim.chunks (nil when the map left none: an interrupt between the
+-- chunk's queuing and its tracking).
+function M.stored(info, id, results, _, k, message, traceback)
+  local first, count, who
+  if info then
+    first = info.into_at[id] and info.into_at[id] + 1 or info.starts[id]
+    count, who = info.counts[id], info.who
+  end
+  local ran = k and k - 1 or count or 0
+  if type(results) == "table" then
+    for j = 1, ran do
+      if results[j] == nil then results[j] = null end
+    end
+  end
+  if k == nil then return nil end
+  local e = { id = id, kind = "raised", traceback = tostring(traceback or ""), value = message,
+    attempts = {}, results = results, first = first }
+  if first and count then
+    local items, list = {}, info.list
+    for j = 1, count do items[j] = list[first + j - 1] end
+    e.message = format("%s: item %d failed: %s", who, first + k - 1, tostring(message))
+    e.args = { n = 2, items, count }
+  else
+    e.message = format("map: item %s of call %s (a chunk of a map's items) failed: %s", tostring(k),
+      tostring(id), tostring(message))
+    e.args = { n = 0 }
+  end
+  return setmetatable(e, ERROR_MT)
+end
+
+--- Gives `out` (the pool's env.chunks: call id -> info) the map's chunks
+-- not taken yet, before its claim is released: once the tag is released,
+-- the drain finds there what M.stored needs for an answer that comes. An
+-- entry goes once its answer is stored (or at stop).
+function M.register(info, out)
+  local counts = info.counts
+  for id in pairs(info.starts) do
+    if counts[id] > 0 then out[id] = info end
+  end
+end
+
 --- The error p:map raises for item i: message and traceback.
 local function item_error(who, i, message, traceback)
   return item_failed(who, i, { message = message, traceback = traceback })
@@ -98,9 +174,13 @@ function M.map(p, list, n, who)
   -- A chunk's answer is decoded straight into out (src/lrecords.c): its
   -- results table is never made. into_at[id] is where its items start, less
   -- one; it stays after its answer was taken, as counts[id] does, for
-  -- claim.restore.
+  -- M.restore.
   local into_at = {}
   lists.into, lists.into_at = out, into_at
+  -- What the store needs of the chunks once the map has let them go
+  -- (M.restore, M.stored, M.register): kept by the claim, past the map's
+  -- return, for a release that ran out of memory halfway.
+  claim.chunks = { who = who, list = list, starts = starts, counts = counts, into = out, into_at = into_at }
   local items, items_n = {}, 0 -- the chunks' items (see submit)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
 
@@ -130,7 +210,7 @@ function M.map(p, list, n, who)
     items_n = count
     local id, bytes = pool_submit_chunk(p, tag, items, count)
     if id then
-      -- Tracked before into_at names it: claim.restore needs its count
+      -- Tracked before into_at names it: M.restore needs its count
       -- (an interrupt between the two leaves its answer decoded whole).
       track(id, i, count)
       into_at[id] = i - 1
@@ -180,22 +260,6 @@ function M.map(p, list, n, who)
     for k = i, i + count - 1 do submit(k, k) end
   end
 
-  -- The store's copy of a chunk's answer whose results went into out
-  -- (release, after the map raised): its results table made after all,
-  -- null for nil as in the map's results (those taken are so already).
-  claim.restore = function(id, ex)
-    local i, count = into_at[id] + 1, counts[id]
-    local ran = ex.n > 2 and ex[3] - 1 or count
-    local results = {}
-    for k = 1, ran do
-      local v = out[i + k - 1]
-      if v == nil then v = null end
-      results[k] = v
-    end
-    ex[1] = results
-    return results
-  end
-
   local failure
   local function work()
     while done < n do
@@ -231,16 +295,19 @@ function M.map(p, list, n, who)
     -- A map that raised hands every answer of its chunks, taken or not, to
     -- the pool's store, as an unchunked map's would be (the store is where
     -- nothing is lost: see release); the chunks still running go there too,
-    -- but for the failed item that the map's error reports. One that ended
-    -- well has consumed them all.
+    -- but for the failed item that the map's error reports when it ran as
+    -- a call of its own. A chunk stopped at an item that raised goes there
+    -- as that item's error record (M.stored), the one whose item the map
+    -- reports too: the items before it ran, and the record holds their
+    -- results. One that ended well has consumed them all.
     -- (the message made whole first: short of memory, the item reported
     -- must not be taken from the lists with its message then lost)
     if ok and failure then failure = caller.where() .. failure end
     if ok and failure and reported then remove(lists.errors, reported) end
     if ok and not failure then claim.kr, claim.ke = kr, ke end
-    -- Out of memory halfway, the claim stays running, and stop (or a
-    -- stream's release that needs its place) moves the rest: what
-    -- claim.restore reads is kept for it.
+    -- Out of memory halfway, the claim stays running, and the next wait,
+    -- take or stop moves the rest: what M.restore and M.stored read is
+    -- kept for it in claim.chunks.
     -- A map that got every answer returns them, and one that failed raises
     -- its item's error, even when the release ran out of memory: what it
     -- consumed (the answers, the error it reports) would otherwise be in
@@ -257,7 +324,8 @@ function M.map(p, list, n, who)
     -- stayed reachable after the map returned) or the pool (a pool dropped
     -- after a map was never collected, its workers never stopped).
     local results = out
-    list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil
+    -- (into_at is read through claim.chunks: the map's code only writes it)
+    list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil -- luacheck: ignore 331
     lists, claim, p = nil, nil, nil
     if not ok then caller.reraise(map_error(who, err)) end
     if failure then error(failure, 0) end

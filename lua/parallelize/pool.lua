@@ -5,6 +5,10 @@
 --   results, ids, errors, extras   the pool's store, when keep_results
 --   unclaimed                      the pool's store otherwise: id -> entry
 --   claims[tag]                    the lists a map or a stream consumes
+--   chunks, chunk_answer           for a map's chunk answering after its
+--                                  map let it go: what chunks.lua's
+--                                  stored needs (chunks.register), and
+--                                  that function, which the drain calls
 --
 -- A result entry is {n = count, ...} (every value), an error entry an
 -- error record; in the lists, results[i] is the first value (null for
@@ -312,10 +316,16 @@ local half_moved = setmetatable({}, { __mode = "k" })
 -- stays running until every entry is, so that the next release (or
 -- stop's) goes on where this one stopped, moving nothing twice and losing
 -- nothing.
+local chunk_register, chunk_restore, chunk_stored -- (chunks.lua's, bound below)
+
 local function release_now(p, claim)
   if claim.released then return end
   local tag, lists = claim.tag, claim.lists
+  -- A map's chunks (chunks.lua): what their answers need once in the
+  -- store, left before the tag goes (the drain then stores them).
+  local info = claim.chunks
   if not claim.tag_released then
+    if info then chunk_register(info, pool_env(p).chunks) end
     -- (noted first: a move that stops halfway is finished by the next
     -- wait or take, finish_moves, not left to stop)
     local moving = half_moved[p] or {}
@@ -360,9 +370,25 @@ local function release_now(p, claim)
   for k = claim.mr, #lists.ids do
     local id, first = lists.ids[k], lists.results[k]
     local ex = lists.extras[id]
-    -- a map's chunk whose results went into the map's output (chunks.lua)
-    if first == true and lists.into_at and lists.into_at[id] then first = claim.restore(id, ex) end
-    add_result(id, first, ex)
+    local failed
+    if info and ex and (info.counts[id] or 0) > 0 then
+      -- A map's chunk: its results made from the map's output when they
+      -- were decoded into it, and what the store keeps of it said where
+      -- the drain says it for a later answer (chunks.lua's stored): its
+      -- array of results, or its item's error record.
+      if first == true and info.into_at[id] then first = chunk_restore(info, id, ex) end
+      failed = chunk_stored(info, id, unpack(ex, 1, ex.n))
+    end
+    if not failed then
+      add_result(id, first, ex)
+    elseif keep then
+      env.errors[#env.errors + 1] = failed
+    else
+      env.unclaimed[id] = failed
+    end
+    -- (cleared only where set: nil stored under a new key may allocate,
+    -- and a raise here would move the entry again)
+    if info and env.chunks[id] ~= nil then env.chunks[id] = nil end
     claim.mr = k + 1
   end
   for k = claim.me, #lists.errors do
@@ -450,6 +476,9 @@ end
 local function stop_settle(p, aborted)
   for _, claim in pairs(running[p] or {}) do release_now(p, claim) end
   local env = pool_env(p)
+  -- (no answer comes now: what chunks still out needed goes, and with it
+  -- their maps' lists)
+  clear_table(env.chunks)
   env.aborted_count = (env.aborted_count or 0) + #aborted
   return aborted
 end
@@ -698,6 +727,7 @@ local chunks = require("parallelize.chunks").bind({
   done_waiting = done_waiting, item_failed = item_failed, raise_unsent = raise_unsent, map_error = map_error,
   release_after_map = release_after_map,
 })
+chunk_register, chunk_restore, chunk_stored = chunks.register, chunks.restore, chunks.stored
 
 local function concat2(a, b) return a .. b end
 
@@ -1493,6 +1523,7 @@ function M.init(p, opts)
     or opts.fail_fast or opts.progress)
   env.bar = progress.new(opts.progress)
   env.wait_room = M.wait_room
+  env.chunks, env.chunk_answer = {}, chunks.stored
   return p
 end
 
