@@ -121,6 +121,8 @@ describe("a map in chunks", function()
     -- (its answer, items 17-19 and the error, is item 20's error record);
     -- the one queued after them never ran.
     assert.are.equal(calls, #p.results + #p.errors + #aborted)
+    -- (counted as what it is: the chunk that raised is a failed call)
+    assert.are.equal(#p.errors, p:stats().failed)
     assert.is_true(#aborted >= 1)
     local items, count = aborted[1][1], aborted[1][2]
     assert.are.equal(count, #items)
@@ -186,6 +188,7 @@ describe("a map in chunks", function()
     -- Every call in exactly one place; the failed chunks as errors.
     assert.are.equal(p.calls, #p.results + #p.errors)
     assert.are.equal(2, #p.errors)
+    assert.are.equal(2, p:stats().failed)
     local by_first = {}
     for _, e in ipairs(p.errors) do by_first[e.first] = e end
     check_failed_chunk(by_first[1], 1, 2, 4, "two", { 10 })

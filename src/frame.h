@@ -20,7 +20,7 @@
  * deaths, tag, tries, flags and timeout_ms are the parent's bookkeeping,
  * carried with the call wherever it goes; workers read only the flags
  * PZ_CALL_CHUNK and PZ_CALL_RUN and answer with 0 in all of them, but for
- * the flag PZ_RESULT_RUN.
+ * the flags PZ_RESULT_RUN and PZ_RESULT_ITEM_RAISED.
  *
  * Many frames go in one write and come out of one read; pz_frame_parse finds
  * the boundaries and rejects anything malformed.
@@ -91,9 +91,12 @@
 #define PZ_CALL_RUN 4       /* several calls in one frame, on the wire only (run.h) */
 #define PZ_CALL_SUSPECT 8   /* was sent to a worker that broke between calls: goes alone (slot.c) */
 
-/* flag of a worker's RESULT frame: it answers several calls of a run in a
- * row (run.h). */
+/* flags of a worker's RESULT frame: it answers several calls of a run in a
+ * row (run.h); it answers a chunk one of whose items raised (chunk.h):
+ * the I/O thread counts it a failure, as the error record it becomes
+ * (the map's, or the store's: chunks.lua) is one. */
 #define PZ_RESULT_RUN 4
+#define PZ_RESULT_ITEM_RAISED 8
 
 /* flags of a RESULT record. */
 #define PZ_REC_BOXED 0x80 /* the payload is a pz_box (bigbuf.h) */

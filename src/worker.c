@@ -312,6 +312,8 @@ static int put_result(lua_State *L, uint64_t id, uint64_t ns, int base, int nres
         return 0;
     }
     pz_frame_header(out->data + start, PZ_F_RESULT, id, (uint32_t)len);
+    if (apart && nres > 2) /* a chunk's answer naming the item that raised (chunk.h) */
+        pz_frame_set_flags(out->data + start, PZ_RESULT_ITEM_RAISED);
     pz_wout_frame_done(W.clock, size - len);
     return 0;
 }
