@@ -163,14 +163,12 @@ describe("a map in chunks", function()
     assert.are.same({ n = 2, items, count }, e.args)
   end
 
-  it("stores a chunk stopped at a failed item as its error record when it answers after the map raised", function()
-    local dir = support.tmpdir()
-    local go = dir .. "/go"
-    finally(function() support.rmdir(dir) end)
-    -- 16 items on 2 workers: chunks 1-4, 5-7, 8-10, 11-12 are queued
-    -- first. Item 2 fails at once: the map raises. Item 9 fails only once
-    -- the file `go` exists, made after the map raised (20 s at most).
-    p = Parallelize(function(x)
+  -- 16 items on 2 workers: chunks 1-4, 5-7, 8-10, 11-12 are queued first.
+  -- Item 2 fails at once: the map raises. Item 9 fails only once the file
+  -- `go` exists, which the test makes after the map raised (20 s at most).
+  -- Item 7 returns nil; the others x * 10.
+  local function late_failure(go)
+    return Parallelize(function(x)
       if x == 9 then
         local t = os.time()
         while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
@@ -180,6 +178,13 @@ describe("a map in chunks", function()
       if x == 7 then return nil end
       return x * 10
     end, { workers = 2 })
+  end
+
+  it("stores a chunk stopped at a failed item as its error record when it answers after the map raised", function()
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    p = late_failure(go)
     local ok, err = pcall(p.map, p, range(16))
     assert.is_false(ok)
     assert.matches("map: item 2 failed: .*two", err)
@@ -213,15 +218,7 @@ describe("a map in chunks", function()
     local dir = support.tmpdir()
     local go = dir .. "/go"
     finally(function() support.rmdir(dir) end)
-    p = Parallelize(function(x)
-      if x == 9 then
-        local t = os.time()
-        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
-        error("nine")
-      end
-      if x == 2 then error("two") end
-      return x
-    end, { workers = 2 })
+    p = late_failure(go)
     assert.is_false(pcall(p.map, p, range(16)))
     local env = require("parallelize.core").pool_env(p)
     local real = env.chunk_answer
