@@ -285,6 +285,61 @@ describe("a map in chunks", function()
     assert.are.equal(1, seen)
   end)
 
+  -- A chunk that fails whole (its worker died running it) after its map
+  -- let it go: its error record goes to the store, and its env.chunks
+  -- entry (with the map's list and output) goes with it, as a result's
+  -- does; it stayed until stop.
+  it("lets go of a chunk's entry when its late answer is an error of the whole chunk", function()
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    p = Parallelize(function(x)
+      if x == 2 then error("two") end
+      if x == 9 then
+        local t = os.time()
+        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
+        os.exit(7)
+      end
+      return x
+    end, { workers = 2, quiet = true })
+    local list = range(16)
+    local held = setmetatable({ list }, { __mode = "v" })
+    assert.is_false(pcall(p.map, p, list))
+    list = nil
+    support.write(go, "")
+    assert.is_true(p:wait(30))
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    local env = require("parallelize.core").pool_env(p)
+    assert.are.same({}, env.chunks)
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(held[1])
+  end)
+
+  it("lets go of a chunk's entry when its error of the whole chunk was in the lists at the release", function()
+    -- The map's waits are wrapped: once a killer error of a chunk is in
+    -- the map's lists, not yet taken, the next wait raises "interrupted!".
+    local chunks, core = require "parallelize.chunks", require "parallelize.core"
+    local real = support.upvalue(chunks.map, "wait_for")
+    p = Parallelize(function(x)
+      if x == 6 then os.exit(7) end
+      return x
+    end, { workers = 2, quiet = true, max_deaths = 100 })
+    local ok, err = pcall(support.with_upvalue, chunks.map, "wait_for", function(q, ...)
+      local status = real(q, ...)
+      for _, c in pairs(core.pool_env(q).claims) do
+        if #c.errors > 0 then error("interrupted!", 0) end
+      end
+      return status
+    end, function() return p:map(range(16)) end)
+    assert.is_false(ok)
+    assert.are.equal("interrupted!", err)
+    assert.is_true(p:wait(30))
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    assert.are.equal(1, #p.errors)
+    assert.are.same({}, core.pool_env(p).chunks)
+  end)
+
   it("names the item whose result the parent cannot decode, and goes on", function()
     -- The result of item 7 is a module only the workers have: the parent
     -- cannot load it. The chunk's answer fails while it is decoded into the

@@ -414,6 +414,11 @@ static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
     if (f->flags != PZ_ERR_CANCELLED)
         note_failure(L);
     store_error(L, d, f->tag, f->id);
+    /* A map's chunk that failed whole (its worker died, its answer could
+     * not travel, it was cancelled) after its map let it go: its entry in
+     * env.chunks (chunks.register) is done with, as a result's is. */
+    if (f->tag != 0 && d->u->tag_state[f->tag] != PZ_TAG_ACTIVE)
+        forget_chunk(L, f->id);
 }
 
 /* closed[slot] from a CLOSED record. */
@@ -699,7 +704,8 @@ static int salvage_record(lua_State *L)
         push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, f.id);
-        if (f.type == PZ_F_RESULT && (f.flags & PZ_REC_CHUNK))
+        if ((f.type == PZ_F_RESULT && (f.flags & PZ_REC_CHUNK)) ||
+            (f.type == PZ_F_ERROR && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE))
             forget_chunk(L, f.id); /* stored: its entry is done with */
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);

@@ -394,6 +394,9 @@ local function release_now(p, claim)
   for k = claim.me, #lists.errors do
     local e = lists.errors[k]
     if keep then env.errors[#env.errors + 1] = e else env.unclaimed[e.id] = e end
+    -- (a map's chunk that failed whole, left in the lists: chunks.register
+    -- gave it an entry, done with now as a result's is)
+    if info and env.chunks[e.id] ~= nil then env.chunks[e.id] = nil end
     claim.me = k + 1
   end
   claim.released = true
