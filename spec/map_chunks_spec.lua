@@ -340,6 +340,55 @@ describe("a map in chunks", function()
     assert.are.same({}, core.pool_env(p).chunks)
   end)
 
+  -- Ctrl-C right after a chunk was queued, before the map tracked it (the
+  -- hook fires at the instruction after pool_submit_chunk's return; here
+  -- the function is wrapped to raise there): its answer found no entry in
+  -- env.chunks, and became "map: item K of call N (a chunk of a map's
+  -- items)" with K its place in the chunk, no first, args {n = 0}; a chunk
+  -- that ran every item kept nil in its array of results.
+  local function interrupted_after_queuing(executor, list)
+    local chunks, core = require "parallelize.chunks", require "parallelize.core"
+    local real = support.upvalue(chunks.map, "pool_submit_chunk")
+    p = Parallelize(executor, { workers = 2 })
+    local ok, err = pcall(support.with_upvalue, chunks.map, "pool_submit_chunk", function(...)
+      local id, bytes = real(...)
+      if id then error("interrupted!", 0) end
+      return id, bytes
+    end, function() return p:map(list) end)
+    assert.is_false(ok)
+    assert.are.equal("interrupted!", err)
+    assert.is_true(p:wait(30))
+    assert.are.equal(1, p.calls)
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    assert.are.same({}, core.pool_env(p).chunks)
+    assert.are.same({}, core.pool_env(p).chunk_tags or {})
+  end
+
+  it("stores the failed chunk an interrupt left untracked as its item's error record", function()
+    interrupted_after_queuing(function(x)
+      if x == 3 then
+        parallelize.sleep(0.05)
+        error("three")
+      end
+      if x == 2 then return nil end
+      return x * 10
+    end, range(16))
+    check_failed_chunk(p.errors[1], 1, 3, p.errors[1].args[2], "three", { 10, null })
+  end)
+
+  it("stores the chunk an interrupt left untracked as its array of results, null for nil", function()
+    interrupted_after_queuing(function(x)
+      parallelize.sleep(0.01)
+      if x % 2 == 0 then return nil end
+      return x
+    end, range(16))
+    local r = p.results[1]
+    assert.are.equal("table", type(r))
+    for k = 1, table.maxn(r) do
+      assert.are.equal(k % 2 == 0 and null or k, r[k])
+    end
+  end)
+
   it("names the item whose result the parent cannot decode, and goes on", function()
     -- The result of item 7 is a module only the workers have: the parent
     -- cannot load it. The chunk's answer fails while it is decoded into the

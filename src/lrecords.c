@@ -242,11 +242,30 @@ static void store_result(lua_State *L, lists *l, uint64_t id, int top, int count
     lua_settop(L, top);
 }
 
+/* Drops env.chunk_tags[tag] (a map's chunk an interrupt left untracked,
+ * chunks.lua's register) once that chunk's answer is stored; as
+ * forget_chunk, only an entry that exists. */
+static void forget_chunk_tag(lua_State *L, uint8_t tag)
+{
+    lua_getfield(L, D_ENV, "chunk_tags");
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, tag);
+        int found = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (found) {
+            lua_pushnil(L);
+            lua_rawseti(L, -2, tag);
+        }
+    }
+    lua_pop(L, 1);
+}
+
 /* Drops env.chunks[id], what the answer of chunk id needed, once it is
  * stored.  Only an entry that exists is cleared: storing nil under a key
  * a table lacks may allocate (its new key), and a raise after the store
- * would have the record taken again, stored twice. */
-static void forget_chunk(lua_State *L, uint64_t id)
+ * would have the record taken again, stored twice.  Returns whether there
+ * was one. */
+static int forget_chunk(lua_State *L, uint64_t id)
 {
     lua_getfield(L, D_ENV, "chunks");
     if (lua_istable(L, -1)) {
@@ -259,8 +278,11 @@ static void forget_chunk(lua_State *L, uint64_t id)
             lua_pushnil(L);
             lua_rawset(L, -3);
         }
+        lua_pop(L, 1);
+        return found;
     }
     lua_pop(L, 1);
+    return 0;
 }
 
 /* The answer of chunk f whose map let it go, its `count` values above
@@ -284,6 +306,19 @@ static void store_released_chunk(lua_State *L, drain_state *d, lists *l, const p
             lua_pop(L, 1);
             lua_pushnil(L);
         }
+        if (lua_isnil(L, -1)) {
+            /* No entry of its own: the chunk an interrupt left untracked
+             * (chunks.lua's register names it by its map's tag). */
+            lua_pop(L, 1);
+            lua_getfield(L, D_ENV, "chunk_tags");
+            if (lua_istable(L, -1)) {
+                lua_rawgeti(L, -1, f->tag);
+                lua_replace(L, -2);
+            } else {
+                lua_pop(L, 1);
+                lua_pushnil(L);
+            }
+        }
         lua_pushnumber(L, (lua_Number)f->id);
         for (int i = 1; i <= count; i++)
             lua_pushvalue(L, top + i);
@@ -300,7 +335,8 @@ static void store_released_chunk(lua_State *L, drain_state *d, lists *l, const p
         count_record(d, f->tag);
         pz_idset_add(&d->u->finished, f->id);
     }
-    forget_chunk(L, f->id);
+    if (!forget_chunk(L, f->id))
+        forget_chunk_tag(L, f->tag); /* the untracked chunk's, found by its tag */
 }
 
 /* A RESULT record (see store_result); a chunk's goes straight into its
@@ -706,7 +742,13 @@ static int salvage_record(lua_State *L)
         store_error(L, &d, f.tag, f.id);
         if ((f.type == PZ_F_RESULT && (f.flags & PZ_REC_CHUNK)) ||
             (f.type == PZ_F_ERROR && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE))
-            forget_chunk(L, f.id); /* stored: its entry is done with */
+        {
+            /* stored: its entry is done with (a chunk's without one: the
+             * untracked chunk's, by its tag) */
+            if (!forget_chunk(L, f.id) && f.type == PZ_F_RESULT && f.tag != 0 &&
+                u->tag_state[f.tag] != PZ_TAG_ACTIVE)
+                forget_chunk_tag(L, f.tag);
+        }
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
         lua_rawseti(L, D_EXECUTORS, (int)f.id + 1);

@@ -115,6 +115,9 @@ function M.stored(info, id, results, _, k, message, traceback)
   if info then
     first = info.into_at[id] and info.into_at[id] + 1 or info.starts[id]
     count, who = info.counts[id], info.who
+    -- the chunk queued when an interrupt came, before it was tracked
+    -- (M.register: its answer found by its tag)
+    if first == nil and info.pending then first, count = info.pending, info.pending_count end
   end
   local ran = k and k - 1 or count or 0
   if type(results) == "table" then
@@ -142,11 +145,16 @@ end
 -- not taken yet, before its claim is released: once the tag is released,
 -- the drain finds there what M.stored needs for an answer that comes. An
 -- entry goes once its answer is stored (or at stop).
-function M.register(info, out)
+-- A chunk queued but not tracked yet when an interrupt came (info.pending)
+-- has no id here: `by_tag` (the pool's env.chunk_tags) gives the map's
+-- tag its info, for the drain to find by the answer's tag (a tag is not
+-- claimed again while a call of it is out).
+function M.register(info, out, by_tag, tag)
   local counts = info.counts
   for id in pairs(info.starts) do
     if counts[id] > 0 then out[id] = info end
   end
+  if info.pending then by_tag[tag] = info end
 end
 
 --- The error p:map raises for item i: message and traceback.
@@ -180,7 +188,12 @@ function M.map(p, list, n, who)
   -- What the store needs of the chunks once the map has let them go
   -- (M.restore, M.stored, M.register): kept by the claim, past the map's
   -- return, for a release that ran out of memory halfway.
-  claim.chunks = { who = who, list = list, starts = starts, counts = counts, into = out, into_at = into_at }
+  -- pending: the first item of the chunk being queued (false between
+  -- chunks), with pending_count its items: an interrupt between its
+  -- queuing and track leaves it in no table but these (M.register).
+  local info = { who = who, list = list, starts = starts, counts = counts, into = out, into_at = into_at,
+    pending = false, pending_count = 0 }
+  claim.chunks = info
   local items, items_n = {}, 0 -- the chunks' items (see submit)
   local next_i, done, outstanding, kr, ke = 1, 0, 0, 1, 1
 
@@ -197,6 +210,7 @@ function M.map(p, list, n, who)
   -- whose error names the item and says what p(item) would.
   local function submit(i, j)
     if i == j then
+      info.pending = false
       local id, _, _, err = pool_submit_each(p, tag, list, i, i, NO_IDS)
       if err then raise_unsent(who, i, err) end
       return track(id, i, 0)
@@ -208,12 +222,14 @@ function M.map(p, list, n, who)
     for k = 1, count do items[k] = list[i + k - 1] end
     for k = count + 1, items_n do items[k] = nil end
     items_n = count
+    info.pending, info.pending_count = i, count
     local id, bytes = pool_submit_chunk(p, tag, items, count)
     if id then
       -- Tracked before into_at names it: M.restore needs its count
       -- (an interrupt between the two leaves its answer decoded whole).
       track(id, i, count)
       into_at[id] = i - 1
+      info.pending = false
       -- The next chunks carry about CHUNK_BYTES at most, whatever their
       -- items look like (tables).
       byte_cap = max(1, floor(count * CHUNK_BYTES / max(bytes, 1)))
@@ -326,7 +342,7 @@ function M.map(p, list, n, who)
     local results = out
     -- (into_at is read through claim.chunks: the map's code only writes it)
     list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil -- luacheck: ignore 331
-    lists, claim, p = nil, nil, nil
+    lists, claim, p, info = nil, nil, nil, nil
     if not ok then caller.reraise(map_error(who, err)) end
     if failure then error(failure, 0) end
     return results

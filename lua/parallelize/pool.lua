@@ -325,7 +325,7 @@ local function release_now(p, claim)
   -- store, left before the tag goes (the drain then stores them).
   local info = claim.chunks
   if not claim.tag_released then
-    if info then chunk_register(info, pool_env(p).chunks) end
+    if info then chunk_register(info, pool_env(p).chunks, pool_env(p).chunk_tags, tag) end
     -- (noted first: a move that stops halfway is finished by the next
     -- wait or take, finish_moves, not left to stop)
     local moving = half_moved[p] or {}
@@ -371,7 +371,9 @@ local function release_now(p, claim)
     local id, first = lists.ids[k], lists.results[k]
     local ex = lists.extras[id]
     local failed
-    if info and ex and (info.counts[id] or 0) > 0 then
+    -- (or the chunk an interrupt left untracked: info.pending, chunks.lua)
+    if info and ex and ((info.counts[id] or 0) > 0
+        or (info.pending and info.counts[id] == nil and info.starts[id] == nil and type(ex[1]) == "table")) then
       -- A map's chunk: its results made from the map's output when they
       -- were decoded into it, and what the store keeps of it said where
       -- the drain says it for a later answer (chunks.lua's stored): its
@@ -447,6 +449,8 @@ local function new_claim_now(p)
     if not ok then error((tostring(tag):gsub("^[^:]*:%d+: ", "")), caller.level()) end
   end
   local env = pool_env(p)
+  -- (a map's untracked chunk on this tag answered, or never was queued)
+  if env.chunk_tags[tag] ~= nil then env.chunk_tags[tag] = nil end
   local claim = { tag = tag, lists = env.claims[tag], kr = 1, ke = 1, keep = env.keep_results,
     first = nil, last = nil }
   running[p] = running[p] or {}
@@ -482,6 +486,7 @@ local function stop_settle(p, aborted)
   -- (no answer comes now: what chunks still out needed goes, and with it
   -- their maps' lists)
   clear_table(env.chunks)
+  clear_table(env.chunk_tags)
   env.aborted_count = (env.aborted_count or 0) + #aborted
   return aborted
 end
@@ -1526,7 +1531,7 @@ function M.init(p, opts)
     or opts.fail_fast or opts.progress)
   env.bar = progress.new(opts.progress)
   env.wait_room = M.wait_room
-  env.chunks, env.chunk_answer = {}, chunks.stored
+  env.chunks, env.chunk_tags, env.chunk_answer = {}, {}, chunks.stored
   return p
 end
 
