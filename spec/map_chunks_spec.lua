@@ -389,6 +389,57 @@ describe("a map in chunks", function()
     end
   end)
 
+  -- Short of memory in the release's register (new keys in env.chunks),
+  -- after a map raised: the move is noted half-made, so that the next wait
+  -- finishes it (it was noted after the register: only stop moved the
+  -- map's answers, and p:result of its calls raised "attempt to index
+  -- upvalue 'starts'", the map's closure being cleared).
+  local function with_register_failing(times, body)
+    local pool_release_after = support.upvalue(require("parallelize.chunks").map, "release_after_map")
+    local release = support.upvalue(pool_release_after, "release")
+    local release_now = support.upvalue(release, "release_now")
+    local real = support.upvalue(release_now, "chunk_register")
+    local left = times
+    return support.with_upvalue(release_now, "chunk_register", function(...)
+      if left > 0 then
+        left = left - 1
+        error("not enough memory", 0)
+      end
+      return real(...)
+    end, body)
+  end
+
+  local function failing_map()
+    p = Parallelize(function(x)
+      if x == 20 then error("twenty") end
+      return x
+    end, { workers = 2 })
+    local ok, err = pcall(p.map, p, range(64))
+    assert.is_false(ok)
+    assert.matches("map: item 20 failed", err)
+  end
+
+  it("finishes at the next wait a release whose register ran out of memory", function()
+    with_register_failing(1, function()
+      failing_map()
+      assert.is_true(p:wait(30))
+      assert.are.equal(p.calls, #p.results + #p.errors)
+      assert.are.equal(1, #p.errors)
+      assert.are.equal(20, p.errors[1].first + #p.errors[1].results)
+    end)
+  end)
+
+  it("says a call of a map whose move is still half-made belongs to it", function()
+    with_register_failing(3, function()
+      failing_map()
+      local ok, err = pcall(p.result, p, 1)
+      assert.is_false(ok)
+      assert.matches("result: call 1 belongs to a map or a stream", err)
+    end)
+    assert.is_true(p:wait(30))
+    assert.are.equal(p.calls, #p.results + #p.errors)
+  end)
+
   it("names the item whose result the parent cannot decode, and goes on", function()
     -- The result of item 7 is a module only the workers have: the parent
     -- cannot load it. The chunk's answer fails while it is decoded into the

@@ -177,7 +177,10 @@ function M.map(p, list, n, who)
   local byte_cap = n      -- items per CHUNK_BYTES, as the last chunk had them
   local window = max(2, 2 * workers)
   local starts, counts = {}, {} -- call id -> its first item, its item count
-  claim.owns = function(id) return starts[id] ~= nil end
+  -- (starts is cleared when the map returns: a claim left running then,
+  -- its move to the store stopped short of memory, owns its whole range,
+  -- as an unchunked map's does)
+  claim.owns = function(id) return starts == nil or starts[id] ~= nil end
   local out = new_table(n, 0)
   -- A chunk's answer is decoded straight into out (src/lrecords.c): its
   -- results table is never made. into_at[id] is where its items start, less

@@ -325,12 +325,13 @@ local function release_now(p, claim)
   -- store, left before the tag goes (the drain then stores them).
   local info = claim.chunks
   if not claim.tag_released then
-    if info then chunk_register(info, pool_env(p).chunks, pool_env(p).chunk_tags, tag) end
     -- (noted first: a move that stops halfway is finished by the next
-    -- wait or take, finish_moves, not left to stop)
+    -- wait or take, finish_moves, not left to stop; the chunks' register
+    -- too, whose new keys may find no memory)
     local moving = half_moved[p] or {}
     half_moved[p] = moving
     moving[claim] = true
+    if info then chunk_register(info, pool_env(p).chunks, pool_env(p).chunk_tags, tag) end
     pool_release(p, tag)
     claim.tag_released = true
     -- where the move is (kr and ke are the consumer's: a stream reads them)
