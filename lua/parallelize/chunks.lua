@@ -345,7 +345,7 @@ function M.map(p, list, n, who)
     local results = out
     -- (into_at is read through claim.chunks: the map's code only writes it)
     list, out, items, starts, counts, into_at = nil, nil, nil, nil, nil, nil -- luacheck: ignore 331
-    lists, claim, p, info = nil, nil, nil, nil
+    lists, claim, p, info = nil, nil, nil, nil -- luacheck: ignore 331
     if not ok then caller.reraise(map_error(who, err)) end
     if failure then error(failure, 0) end
     return results
