@@ -9,6 +9,8 @@
 --                                  map let it go: what chunks.lua's
 --                                  stored needs (chunks.register), and
 --                                  that function, which the drain calls
+--   chunk_tags                     tag -> the same, for the one chunk an
+--                                  interrupt left untracked (no id)
 --
 -- A result entry is {n = count, ...} (every value), an error entry an
 -- error record; in the lists, results[i] is the first value (null for
