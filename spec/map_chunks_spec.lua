@@ -449,6 +449,37 @@ describe("a map in chunks", function()
     assert.are.equal(p.calls, #p.results + #p.errors)
   end)
 
+  it("gives a late chunk's record the items it ran, though the caller refilled the list since", function()
+    -- (the record's args were read from the map's list when the answer
+    -- came: the next batch's items, put in the same table meanwhile)
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    p = Parallelize(function(x)
+      if x == 2 then error("two") end
+      if x == 9 then
+        local t = os.time()
+        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
+        error("nine")
+      end
+      return x
+    end, { workers = 2 })
+    local list = range(16)
+    assert.is_false(pcall(p.map, p, list))
+    for i = 1, 16 do list[i] = 100 + i end
+    support.write(go, "")
+    assert.is_true(p:wait(30))
+    local late
+    for _, e in ipairs(p.errors) do
+      if e.value:match("nine$") then late = e end
+    end
+    assert.is_table(late)
+    local items = {}
+    for j = 1, late.args[2] do items[j] = late.first + j - 1 end
+    assert.are.same(items, late.args[1])
+    assert.are.equal(9, late.first + #late.results)
+  end)
+
   it("names the item whose result the parent cannot decode, and goes on", function()
     -- The result of item 7 is a module only the workers have: the parent
     -- cannot load it. The chunk's answer fails while it is decoded into the

@@ -129,8 +129,14 @@ function M.stored(info, id, results, _, k, message, traceback)
   local e = { id = id, kind = "raised", traceback = tostring(traceback or ""), value = message,
     attempts = {}, results = results, first = first }
   if first and count then
-    local items, list = {}, info.list
-    for j = 1, count do items[j] = list[first + j - 1] end
+    -- (the items as they were when the map let the chunk go: the list is
+    -- the caller's again, who may refill it for the next map)
+    local items = info.kept and (info.kept[id] or first == info.pending and info.kept.pending)
+    if not items then
+      local list = info.list
+      items = {}
+      for j = 1, count do items[j] = list[first + j - 1] end
+    end
     e.message = format("%s: item %d failed: %s", who, first + k - 1, tostring(message))
     e.args = { n = 2, items, count }
   else
@@ -149,12 +155,30 @@ end
 -- has no id here: `by_tag` (the pool's env.chunk_tags) gives the map's
 -- tag its info, for the drain to find by the answer's tag (a tag is not
 -- claimed again while a call of it is out).
+-- The items of each such chunk are kept as they are now (info.kept), for
+-- its error record's args: once the map has returned, its list is the
+-- caller's, who may change it before the answer comes.
+local function slice(list, first, count)
+  local items = {}
+  for j = 1, count do items[j] = list[first + j - 1] end
+  return items
+end
+
 function M.register(info, out, by_tag, tag)
-  local counts = info.counts
-  for id in pairs(info.starts) do
-    if counts[id] > 0 then out[id] = info end
+  local counts, list = info.counts, info.list
+  local kept = info.kept or {}
+  info.kept = kept
+  for id, first in pairs(info.starts) do
+    local count = counts[id]
+    if count > 0 then
+      if not kept[id] then kept[id] = slice(list, first, count) end
+      out[id] = info
+    end
   end
-  if info.pending then by_tag[tag] = info end
+  if info.pending then
+    if not kept.pending then kept.pending = slice(list, info.pending, info.pending_count) end
+    by_tag[tag] = info
+  end
 end
 
 --- The error p:map raises for item i: message and traceback.
