@@ -165,26 +165,28 @@ describe("a map in chunks", function()
 
   -- 16 items on 2 workers: chunks 1-4, 5-7, 8-10, 11-12 are queued first.
   -- Item 2 fails at once: the map raises. Item 9 fails only once the file
-  -- `go` exists, which the test makes after the map raised (20 s at most).
-  -- Item 7 returns nil; the others x * 10.
-  local function late_failure(go)
+  -- `go` exists, which the test makes after the map raised (20 s at most);
+  -- with `how` "exit", its worker exits instead (its chunk fails whole).
+  -- With `scale`, item 7 returns nil and the others x * scale (else x).
+  local function late_failure(go, how, scale, opts)
     return Parallelize(function(x)
       if x == 9 then
         local t = os.time()
         while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
+        if how == "exit" then os.exit(7) end
         error("nine")
       end
       if x == 2 then error("two") end
-      if x == 7 then return nil end
-      return x * 10
-    end, { workers = 2 })
+      if scale and x == 7 then return nil end
+      return x * (scale or 1)
+    end, opts or { workers = 2 })
   end
 
   it("stores a chunk stopped at a failed item as its error record when it answers after the map raised", function()
     local dir = support.tmpdir()
     local go = dir .. "/go"
     finally(function() support.rmdir(dir) end)
-    p = late_failure(go)
+    p = late_failure(go, "error", 10)
     local ok, err = pcall(p.map, p, range(16))
     assert.is_false(ok)
     assert.matches("map: item 2 failed: .*two", err)
@@ -227,7 +229,7 @@ describe("a map in chunks", function()
     local dir = support.tmpdir()
     local go = dir .. "/go"
     finally(function() support.rmdir(dir) end)
-    p = late_failure(go)
+    p = late_failure(go, "error", 10)
     assert.is_false(pcall(p.map, p, range(16)))
     local env = require("parallelize.core").pool_env(p)
     local real = env.chunk_answer
@@ -250,28 +252,16 @@ describe("a map in chunks", function()
     assert.is_nil(env.chunks[late])
   end)
 
-  it("stores a chunk stopped at a failed item as its error record when the map raised before taking it", function()
-    -- The map's waits are wrapped: once a chunk's answer that stopped at
-    -- an item is in the map's lists, not yet taken, the next wait raises
-    -- "interrupted!" as Ctrl-C would there.
+  -- p:map(range(16)) on p, its waits wrapped: once `now(claims)` is true
+  -- of the pool's claims after a wait, the map's next step raises
+  -- "interrupted!" as Ctrl-C would there. Then waits, and checks that
+  -- every call is in one place, one of them an error.
+  local function map_interrupted_when(now)
     local chunks, core = require "parallelize.chunks", require "parallelize.core"
     local real = support.upvalue(chunks.map, "wait_for")
-    local function failed_answer_in(env)
-      for _, c in pairs(env.claims) do
-        for _, id in ipairs(c.ids) do
-          local ex = c.extras[id]
-          if ex and ex.n > 2 then return true end
-        end
-      end
-    end
-    p = Parallelize(function(x)
-      if x == 6 then error("six") end
-      if x == 3 then return nil end
-      return x * 10
-    end, { workers = 2 })
     local ok, err = pcall(support.with_upvalue, chunks.map, "wait_for", function(q, ...)
       local status = real(q, ...)
-      if failed_answer_in(core.pool_env(q)) then error("interrupted!", 0) end
+      if now(core.pool_env(q).claims) then error("interrupted!", 0) end
       return status
     end, function() return p:map(range(16)) end)
     assert.is_false(ok)
@@ -279,6 +269,24 @@ describe("a map in chunks", function()
     assert.is_true(p:wait(30))
     assert.are.equal(p.calls, #p.results + #p.errors)
     assert.are.equal(1, #p.errors)
+  end
+
+  it("stores a chunk stopped at a failed item as its error record when the map raised before taking it", function()
+    -- Interrupted once a chunk's answer that stopped at an item is in the
+    -- map's lists, not yet taken.
+    p = Parallelize(function(x)
+      if x == 6 then error("six") end
+      if x == 3 then return nil end
+      return x * 10
+    end, { workers = 2 })
+    map_interrupted_when(function(claims)
+      for _, c in pairs(claims) do
+        for _, id in ipairs(c.ids) do
+          local ex = c.extras[id]
+          if ex and ex.n > 2 then return true end
+        end
+      end
+    end)
     check_failed_chunk(p.errors[1], 5, 2, 3, "six", { 50 })
     for k, res in ipairs(p.results) do
       assert.are.equal("table", type(res), "result of call " .. tostring(p.ids[k]))
@@ -302,15 +310,7 @@ describe("a map in chunks", function()
     local dir = support.tmpdir()
     local go = dir .. "/go"
     finally(function() support.rmdir(dir) end)
-    p = Parallelize(function(x)
-      if x == 2 then error("two") end
-      if x == 9 then
-        local t = os.time()
-        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
-        os.exit(7)
-      end
-      return x
-    end, { workers = 2, quiet = true })
+    p = late_failure(go, "exit", nil, { workers = 2, quiet = true })
     local list = range(16)
     local held = setmetatable({ list }, { __mode = "v" })
     assert.is_false(pcall(p.map, p, list))
@@ -326,27 +326,18 @@ describe("a map in chunks", function()
   end)
 
   it("lets go of a chunk's entry when its error of the whole chunk was in the lists at the release", function()
-    -- The map's waits are wrapped: once a killer error of a chunk is in
-    -- the map's lists, not yet taken, the next wait raises "interrupted!".
-    local chunks, core = require "parallelize.chunks", require "parallelize.core"
-    local real = support.upvalue(chunks.map, "wait_for")
+    -- Interrupted once a killer error of a chunk is in the map's lists,
+    -- not yet taken.
     p = Parallelize(function(x)
       if x == 6 then os.exit(7) end
       return x
     end, { workers = 2, quiet = true, max_deaths = 100 })
-    local ok, err = pcall(support.with_upvalue, chunks.map, "wait_for", function(q, ...)
-      local status = real(q, ...)
-      for _, c in pairs(core.pool_env(q).claims) do
-        if #c.errors > 0 then error("interrupted!", 0) end
+    map_interrupted_when(function(claims)
+      for _, c in pairs(claims) do
+        if #c.errors > 0 then return true end
       end
-      return status
-    end, function() return p:map(range(16)) end)
-    assert.is_false(ok)
-    assert.are.equal("interrupted!", err)
-    assert.is_true(p:wait(30))
-    assert.are.equal(p.calls, #p.results + #p.errors)
-    assert.are.equal(1, #p.errors)
-    assert.are.same({}, core.pool_env(p).chunks)
+    end)
+    assert.are.same({}, require("parallelize.core").pool_env(p).chunks)
   end)
 
   -- Ctrl-C right after a chunk was queued, before the map tracked it (the
@@ -455,15 +446,7 @@ describe("a map in chunks", function()
     local dir = support.tmpdir()
     local go = dir .. "/go"
     finally(function() support.rmdir(dir) end)
-    p = Parallelize(function(x)
-      if x == 2 then error("two") end
-      if x == 9 then
-        local t = os.time()
-        while not io.open(go) and os.time() - t < 20 do parallelize.sleep(0.005) end
-        error("nine")
-      end
-      return x
-    end, { workers = 2 })
+    p = late_failure(go)
     local list = range(16)
     assert.is_false(pcall(p.map, p, list))
     for i = 1, 16 do list[i] = 100 + i end
