@@ -755,6 +755,28 @@ describe("after stop", function()
     assert.are.equal(nthreads, threads())
     for _, pid in pairs(pids) do assert.is_false(support.alive(pid)) end
   end)
+
+  it("stats count no call pending or running: those are in the aborted list", function()
+    -- A worker killed with calls in hand: they are requeued, and with no
+    -- replacement (respawn = false) they wait there until stop aborts
+    -- them. The requeued frames stay on the I/O side after the stop (a
+    -- stop tried again must find them), and stats counted them as pending.
+    local p = Parallelize(function(s) parallelize.sleep(s) return s end,
+      { workers = 1, respawn = false, quiet = true })
+    for _ = 1, 5 do p(0.2) end
+    assert.is_true(support.eventually(function() return p:stats().running > 0 end, 10))
+    local pid = assert(p.pids[1])
+    assert.is_true(support.kill(pid, SIGKILL))
+    assert.is_true(support.eventually(function() return p:stats().deaths == 1 end, 10))
+    assert.are.equal(5, p:stats().pending)
+    local aborted = p:stop()
+    assert.are.equal(5, #aborted)
+    local st = p:stats()
+    assert.are.equal(0, st.pending)
+    assert.are.equal(0, st.running)
+    assert.are.equal(5, st.aborted)
+    assert.are.equal(st.calls, st.done + st.failed + st.aborted)
+  end)
 end)
 
 describe("respawning", function()

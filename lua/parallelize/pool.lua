@@ -1483,12 +1483,16 @@ function methods.stats(p)
   local s = core.pool_stats(p)
   local calls, _, pending = pool_counts(p)
   local env = pool_env(p)
+  -- After stop, what still waited or ran is in the aborted list: the I/O
+  -- side keeps those frames (walked, not consumed, for a stop tried again)
+  -- and would count them here too.
+  local stopped = pool_stopped(p)
   return {
     calls = calls,
     done = s.done - s.failed,
     failed = s.failed,
-    pending = pending + s.requeued,
-    running = s.running,
+    pending = stopped and 0 or pending + s.requeued,
+    running = stopped and 0 or s.running,
     aborted = env.aborted_count or 0,
     cancelled = s.cancelled,
     timeouts = s.timeouts,
