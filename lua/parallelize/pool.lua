@@ -1483,9 +1483,10 @@ function methods.stats(p)
   local s = core.pool_stats(p)
   local calls, _, pending = pool_counts(p)
   local env = pool_env(p)
-  -- After stop, what still waited or ran is in the aborted list: the I/O
-  -- side keeps those frames (walked, not consumed, for a stop tried again)
-  -- and would count them here too.
+  -- After stop, what still waited, ran or was to run again after raising
+  -- is in the aborted list: the I/O side keeps those frames (walked, not
+  -- consumed, for a stop tried again) and their attempts, and would count
+  -- them here too.
   local stopped = pool_stopped(p)
   return {
     calls = calls,
@@ -1497,7 +1498,7 @@ function methods.stats(p)
     cancelled = s.cancelled,
     timeouts = s.timeouts,
     retries = s.retries,
-    retrying = s.retrying,
+    retrying = stopped and 0 or s.retrying,
     deaths = s.deaths,
     respawns = s.respawns,
     recycles = s.recycles,
