@@ -1025,6 +1025,26 @@ p:stop()
     local _, lines = err:gsub("\n", "")
     assert.is_true(lines <= 5, err)
   end)
+
+  it("with progress = always, ends the lines with the final counts after waits too short to draw", function()
+    -- p:result per call: each a waiting of its own, most ending within a
+    -- second of the last line (none drawn); the last one ends the run.
+    support.write(dir .. "/results.lua", [[
+local pz = require "parallelize"
+local p = pz.Parallelize(function(x) pz.sleep(0.02) return x end, { workers = 2, progress = "always" })
+local ids = {}
+for i = 1, 30 do ids[i] = p(i) end
+for _, id in ipairs(ids) do p:result(id) end
+p:stop()
+]])
+    local _, status = support.run("cd " .. support.quote(dir) .. " && (" .. support.quote(support.pzlua())
+      .. " results.lua 2> err.txt)")
+    assert.are.equal(0, status)
+    local err = support.read(dir .. "/err.txt")
+    assert.matches("\n30/30 calls %(100%%%), %d+/s, ETA 0s, 0 errors\n$", err)
+    local _, lines = err:gsub("\n", "")
+    assert.is_true(lines <= 4, err) -- still at most one a second, and the last
+  end)
 end)
 
 describe("a pool dropped with calls unfinished", function()

@@ -211,7 +211,7 @@ end
 --- Ends the pool's progress bar: a blocking method returns.
 local function done_waiting(p)
   local bar = pool_env(p).bar
-  if not bar or not (bar.shown or bar.skipped) or pool_stopped(p) then return end
+  if not bar or (bar.tty and not bar.shown) or pool_stopped(p) then return end
   local calls, finished = pool_counts(p)
   progress.finish(bar, finished, calls, core.pool_stats(p).failed)
 end

@@ -46,11 +46,8 @@ end
 -- `force`).
 function M.draw(bar, finished, total, errors, force)
   local t = now()
-  if not force and t - bar.last < bar.every then
-    bar.skipped = true -- (finish owes the lines a last one)
-    return
-  end
-  bar.last, bar.skipped = t, false
+  if not force and t - bar.last < bar.every then return end
+  bar.last = t
   local r = rate(bar, t, finished)
   local line
   if total and total > 0 then
@@ -64,27 +61,33 @@ function M.draw(bar, finished, total, errors, force)
     stderr:write("\r", line, "\27[K")
   else
     stderr:write(line, "\n")
-    bar.written = finished
   end
   stderr:flush()
   bar.shown = true
+  bar.drawn = finished
 end
 
 --- The waiting has ended: a bar on a terminal is erased; written as lines,
--- it gets a last line with the final counts. A wait that drew nothing (all
--- its draws fell within a second of the last line) gets one too when every
--- call has finished and the lines have not said so: the end of the work
--- is written, while a loop polling with short waits writes no line a wait.
+-- it gets a last line with the final counts. A waiting that ended before
+-- it drew (within a second of the last line: a p:result per call, a wait
+-- with a timeout in a loop) writes one too when every call has finished
+-- and the last line written does not say so, so that the log ends with
+-- the final counts.
 function M.finish(bar, finished, total, errors)
-  if bar.tty then
-    if bar.shown then
-      stderr:write("\r\27[K")
-      stderr:flush()
+  if not bar.shown then
+    if not bar.tty and total and total > 0 and finished >= total and bar.drawn ~= finished then
+      M.draw(bar, finished, total, errors, true)
+      bar.shown = false
     end
-  elseif bar.shown or (bar.skipped and total and finished >= total and bar.written ~= finished) then
+    return
+  end
+  if bar.tty then
+    stderr:write("\r\27[K")
+    stderr:flush()
+  else
     M.draw(bar, finished, total, errors, true)
   end
-  bar.shown, bar.skipped = false, false
+  bar.shown = false
 end
 
 return M
