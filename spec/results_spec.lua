@@ -200,6 +200,38 @@ describe("result", function()
     assert.has_error(function() return p.errors end)
     assert.has_error(function() return p.ids end)
   end)
+
+  for _, keep in ipairs({ true, false }) do
+    it("gives after stop what the store holds, and says why it has no other (keep_results "
+      .. tostring(keep) .. ")", function()
+      local p = Parallelize(function(x)
+        if x == 2 then error("two") end
+        if x == 3 then require("parallelize").sleep(30) end
+        return x * 3
+      end, { workers = 1, keep_results = keep })
+      p(1)
+      p(2)
+      p(3)
+      p(4) -- behind the long one: aborted
+      assert.is_true(p:wait(0) == false)
+      for _ = 1, 2000 do -- (20 s at most)
+        if p:stats().done + p:stats().failed >= 2 then break end
+        p:wait(0.01)
+      end
+      local aborted = p:stop(0)
+      assert.are.equal(2, #aborted)
+      assert.are.same({ true, 3 }, { p:result(1) })
+      local ok, e = p:result(2)
+      assert.is_false(ok)
+      assert.matches("two$", e.message)
+      assert.has_error(function() p:result(4) end,
+        "result: the pool is stopped, and call 4 has no outcome in its store (aborted, handed out, a map's or "
+          .. "a stream's, or no call)")
+      if not keep then
+        assert.has_error(function() p:result(1) end) -- handed over already
+      end
+    end)
+  end
 end)
 
 describe("the pool's lists", function()

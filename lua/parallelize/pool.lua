@@ -663,7 +663,14 @@ end
 -- seconds passed first.
 function methods.result(p, id, timeout)
   check_self(p, "result")
-  if pool_stopped(p) then error("result: the pool is stopped", 2) end
+  if pool_stopped(p) then
+    -- What the store holds is the script's still, as p.results and
+    -- p:take() give it; nothing else can come.
+    local env = pool_env(p)
+    if type(id) == "number" and has_outcome(env, id) then return atomically(hand_over, p, env, id) end
+    error(format("result: the pool is stopped, and call %s has no outcome in its store (aborted, handed "
+      .. "out, a map's or a stream's, or no call)", tostring(id)), 2)
+  end
   local calls = pool_counts(p)
   if type(id) ~= "number" or id < 1 or id > calls or id ~= floor(id) then
     error(format("result: no call has id %s (ids go from 1 to %d)", tostring(id), calls), 2)
