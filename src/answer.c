@@ -140,13 +140,13 @@ static int record_result(struct pz_io *io, pz_slot *w, const pz_frame *f, const 
 {
     uint8_t tag = pz_frame_tag(head);
     uint8_t flags = (pz_frame_flags(head) & PZ_CALL_CHUNK) ? PZ_REC_CHUNK : 0;
-    if (flags && (f->flags & PZ_RESULT_ITEM_RAISED))
-        io->failed++; /* an error record, the map's or the store's (frame.h) */
     int boxed = n >= PZ_BOX_MIN && f->payload - PZ_FRAME_HEADER == w->in.data && f->size == w->in.len;
     pz_box box = {w->in.data, w->in.cap, p, n};
     pz_part part = boxed ? (pz_part){&box, sizeof box, 0} : (pz_part){p, n, 0};
     if (pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1) != 0)
         return -1;
+    if (flags && (f->flags & PZ_RESULT_ITEM_RAISED))
+        io->failed++; /* an error record, the map's or the store's (frame.h) */
     if (boxed) {
         flags |= PZ_REC_BOXED;
         w->in = (pz_buf)PZ_BUF_INIT;
