@@ -325,6 +325,35 @@ describe("a map in chunks", function()
     assert.is_nil(held[1])
   end)
 
+  -- Once the map's release is complete, a chunk still out needs only
+  -- what chunks.register kept of it (its items, its first): the map's
+  -- list (the caller's) and output are not pinned until it answers.
+  it("keeps neither the map's list nor its output for a chunk still out after the release", function()
+    local dir = support.tmpdir()
+    local go = dir .. "/go"
+    finally(function() support.rmdir(dir) end)
+    p = late_failure(go, "error", 10)
+    local list = range(16)
+    local held = setmetatable({ list }, { __mode = "v" })
+    assert.is_false(pcall(p.map, p, list))
+    list = nil -- luacheck: ignore 311 (dropped: the pool must not keep it)
+    local env = require("parallelize.core").pool_env(p)
+    assert.is_not_nil(next(env.chunks)) -- (item 9's chunk is still out)
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(held[1])
+    support.write(go, "")
+    assert.is_true(p:wait(30))
+    assert.are.equal(p.calls, #p.results + #p.errors)
+    local late
+    for _, e in ipairs(p.errors) do
+      if e.message:find("item 9 failed", 1, true) then late = e end
+    end
+    assert.is_not_nil(late)
+    assert.are.equal(late.first + late.args[2] - 1, late.args[1][late.args[2]])
+    assert.are.equal(late.first, late.args[1][1])
+  end)
+
   it("lets go of a chunk's entry when its error of the whole chunk was in the lists at the release", function()
     -- Interrupted once a killer error of a chunk is in the map's lists,
     -- not yet taken.

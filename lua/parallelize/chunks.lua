@@ -133,7 +133,9 @@ function M.stored(info, id, results, _, k, message, traceback)
     -- the caller's again, who may refill it for the next map)
     local items = info.kept and (info.kept[id] or first == info.pending and info.kept.pending)
     if not items then
-      local list = info.list
+      -- (an answer the release takes from the lists: the map's list is
+      -- there until the release is whole, then only kept items are read)
+      local list = info.list or {}
       items = {}
       for j = 1, count do items[j] = list[first + j - 1] end
     end

@@ -404,6 +404,10 @@ local function release_now(p, claim)
     if info and env.chunks[e.id] ~= nil then env.chunks[e.id] = nil end
     claim.me = k + 1
   end
+  -- Moved whole: a map's chunk still out needs only what the register
+  -- kept of it (its items, first and count), so the map's list (the
+  -- caller's again) and output are not pinned until it answers.
+  if info then info.list, info.into = nil, nil end
   claim.released = true
   running[p][claim] = nil
   half_moved[p][claim] = nil
