@@ -405,6 +405,40 @@ describe("a map in chunks", function()
     check_failed_chunk(p.errors[1], 1, 3, p.errors[1].args[2], "three", { 10, null })
   end)
 
+  -- The chunk an interrupt left untracked fails whole (its worker died
+  -- running it, max_deaths 1): its env.chunk_tags entry, holding the
+  -- map's list and output, goes with its error record, as a result's does.
+  it("lets go of the untracked chunk's entry when its late answer is an error of the whole chunk", function()
+    local chunks, core = require "parallelize.chunks", require "parallelize.core"
+    local real = support.upvalue(chunks.map, "pool_submit_chunk")
+    p = Parallelize(function(x)
+      if x == 3 then
+        parallelize.sleep(0.05)
+        os.exit(7)
+      end
+      return x
+    end, { workers = 2, quiet = true, max_deaths = 1 })
+    local list = range(16)
+    local held = setmetatable({ list }, { __mode = "v" })
+    local ok, err = pcall(support.with_upvalue, chunks.map, "pool_submit_chunk", function(...)
+      local id, bytes = real(...)
+      if id then error("interrupted!", 0) end
+      return id, bytes
+    end, function() return p:map(list) end)
+    list = nil -- luacheck: ignore 311 (dropped: the pool must not keep it)
+    assert.is_false(ok)
+    assert.are.equal("interrupted!", err)
+    assert.is_true(p:wait(30))
+    assert.are.equal(1, p.calls)
+    assert.are.equal(1, #p.errors)
+    assert.are.equal("killer", p.errors[1].kind)
+    assert.are.same({}, core.pool_env(p).chunks)
+    assert.are.same({}, core.pool_env(p).chunk_tags)
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(held[1])
+  end)
+
   it("stores the chunk an interrupt left untracked as its array of results, null for nil", function()
     interrupted_after_queuing(function(x)
       parallelize.sleep(0.01)

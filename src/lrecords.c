@@ -285,6 +285,38 @@ static int forget_chunk(lua_State *L, uint64_t id)
     return 0;
 }
 
+/* An error of call id, whose map let it go, that had no env.chunks entry:
+ * either one item's own call (info.starts names it) or the chunk an
+ * interrupt left untracked, failed whole (its worker died, its answer
+ * could not travel), whose env.chunk_tags entry (with the map's list and
+ * output) is then done with, as a result's is (store_released_chunk).
+ * An error record carries no PZ_REC_CHUNK: the map's starts tell them
+ * apart.  As forget_chunk, only an entry that exists is cleared. */
+static void forget_untracked_chunk(lua_State *L, uint8_t tag, uint64_t id)
+{
+    lua_getfield(L, D_ENV, "chunk_tags");
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, tag);
+        if (lua_istable(L, -1)) {
+            int untracked = 0;
+            lua_getfield(L, -1, "starts");
+            if (lua_istable(L, -1)) {
+                lua_pushnumber(L, (lua_Number)id);
+                lua_rawget(L, -2);
+                untracked = lua_isnil(L, -1);
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+            if (untracked) {
+                lua_pushnil(L);
+                lua_rawseti(L, -3, tag);
+            }
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 /* The answer of chunk f whose map let it go, its `count` values above
  * top, stored in l (NULL: unclaimed) as env.chunk_answer(env.chunks[id],
  * id, values...) says: nil, its results array made whole, stored as any
@@ -452,9 +484,10 @@ static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
     store_error(L, d, f->tag, f->id);
     /* A map's chunk that failed whole (its worker died, its answer could
      * not travel, it was cancelled) after its map let it go: its entry in
-     * env.chunks (chunks.register) is done with, as a result's is. */
-    if (f->tag != 0 && d->u->tag_state[f->tag] != PZ_TAG_ACTIVE)
-        forget_chunk(L, f->id);
+     * env.chunks (chunks.register), or the untracked chunk's in
+     * env.chunk_tags, is done with, as a result's is. */
+    if (f->tag != 0 && d->u->tag_state[f->tag] != PZ_TAG_ACTIVE && !forget_chunk(L, f->id))
+        forget_untracked_chunk(L, f->tag, f->id);
 }
 
 /* closed[slot] from a CLOSED record. */
@@ -744,10 +777,14 @@ static int salvage_record(lua_State *L)
             (f.type == PZ_F_ERROR && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE))
         {
             /* stored: its entry is done with (a chunk's without one: the
-             * untracked chunk's, by its tag) */
-            if (!forget_chunk(L, f.id) && f.type == PZ_F_RESULT && f.tag != 0 &&
-                u->tag_state[f.tag] != PZ_TAG_ACTIVE)
-                forget_chunk_tag(L, f.tag);
+             * untracked chunk's, by its tag; an error's only when the map
+             * never tracked its call, forget_untracked_chunk) */
+            if (!forget_chunk(L, f.id) && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE) {
+                if (f.type == PZ_F_RESULT)
+                    forget_chunk_tag(L, f.tag);
+                else
+                    forget_untracked_chunk(L, f.tag, f.id);
+            }
         }
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
