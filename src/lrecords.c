@@ -22,7 +22,7 @@
  * pool's store as chunks.lua's `stored` says (env.chunk_answer, given
  * env.chunks[id]): its array of results, or, when it stopped at an item
  * that raised, that item's error record, the same as release makes of an
- * answer its map had not taken.  Only such records pay for it.
+ * answer its map had not taken.  Any other record pays one flag test.
  *
  * An error record is {id =, args =, message =, traceback =, value =,
  * kind =, attempts =} (and timeout = true or cancelled = true for those

@@ -56,11 +56,12 @@ int pz_worker_signals(void);
 int pz_worker_fail_answer(lua_State *L);
 
 /* Lua's own message for a raise that found no memory is a bare "not
- * enough memory", the same words the parent uses for its own lack: a
- * message ending so (msg, or "call N: " and it) comes back as msg with
- * "(in worker S, pid P)" added (remote: "in the worker on HOST"), written into buf; any other, or one that
- * does not fit, as msg itself.  Allocates nothing (memory is short).
- * Worker process only. */
+ * enough memory", the same words the parent uses for its own lack.  A
+ * message that ends with those words ("not enough memory" itself, or a
+ * codec error's "call N: not enough memory") comes back with " (in worker
+ * S, pid P)" added (remote: " (in the worker on HOST, pid P)"), written
+ * into buf; any other message, or one too long for buf, comes back as it
+ * is.  Allocates nothing (memory is short).  Worker process only. */
 const char *pz_worker_whose_memory(const char *msg, char *buf, size_t size);
 
 /* Runs in a fresh worker process: builds a fresh LuaJIT state (prepared by

@@ -170,14 +170,18 @@ function M.register(info, out, by_tag, tag)
   local counts, list = info.counts, info.list
   local kept = info.kept or {}
   info.kept = kept
+  local pending = info.pending
   for id, first in pairs(info.starts) do
     local count = counts[id]
     if count > 0 then
       if not kept[id] then kept[id] = slice(list, first, count) end
       out[id] = info
+      -- (tracked already: the interrupt came after track, before pending
+      -- was cleared; an entry by tag would outlive its answer)
+      if first == pending then pending = false end
     end
   end
-  if info.pending then
+  if pending then
     if not kept.pending then kept.pending = slice(list, info.pending, info.pending_count) end
     by_tag[tag] = info
   end

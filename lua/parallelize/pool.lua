@@ -213,6 +213,9 @@ local function done_waiting(p)
   local bar = pool_env(p).bar
   if not bar or (bar.tty and not bar.shown) or pool_stopped(p) then return end
   local calls, finished = pool_counts(p)
+  -- (nothing drawn and nothing owed: progress.finish would write nothing,
+  -- and the stats cost a table per p:result of a loop)
+  if not bar.shown and (finished < calls or bar.drawn == finished) then return end
   progress.finish(bar, finished, calls, core.pool_stats(p).failed)
 end
 M.done_waiting = done_waiting
