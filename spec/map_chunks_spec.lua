@@ -405,6 +405,25 @@ describe("a map in chunks", function()
     check_failed_chunk(p.errors[1], 1, 3, p.errors[1].args[2], "three", { 10, null })
   end)
 
+  -- Ctrl-C as the map is about to queue a chunk (its hook fires at the
+  -- call's instruction, before pool_submit_chunk runs): nothing is queued,
+  -- and no note of a pending chunk is left for the release to name by tag
+  -- (the map noted it before the call: env.chunk_tags kept the map's info
+  -- until the tag was claimed again or stop).
+  it("leaves no entry for a chunk an interrupt kept from being queued", function()
+    local chunks, core = require "parallelize.chunks", require "parallelize.core"
+    p = Parallelize(function(x) return x end, { workers = 2 })
+    local ok, err = pcall(support.with_upvalue, chunks.map, "pool_submit_chunk", function()
+      error("interrupted!", 0)
+    end, function() return p:map(range(16)) end)
+    assert.is_false(ok)
+    assert.are.equal("interrupted!", err)
+    assert.is_true(p:wait(30))
+    assert.are.equal(0, p.calls)
+    assert.are.same({}, core.pool_env(p).chunks)
+    assert.are.same({}, core.pool_env(p).chunk_tags)
+  end)
+
   -- The chunk an interrupt left untracked fails whole (its worker died
   -- running it, max_deaths 1): its env.chunk_tags entry, holding the
   -- map's list and output, goes with its error record, as a result's does.
@@ -711,6 +730,85 @@ describe("a map in chunks", function()
   end)
   -- Worker deaths in the middle of chunks: spec/chaos_spec.lua drives p:map
   -- while a worker is SIGKILLed every few milliseconds.
+
+  it("leaves every failing map's calls whole and no entry behind, wherever an interrupt lands", function()
+    -- A count hook raises "interrupted!" (as Ctrl-C's would) at the n-th
+    -- instruction of a map of 60 items with failing and nil items (a map
+    -- that ends first is not interrupted, and is checked the same): after
+    -- each wait, every
+    -- chunk record is whole (first, args {n = 2, items, count}), no array
+    -- has a nil hole, and env.chunks and env.chunk_tags are empty (an
+    -- interrupt between pool_submit_chunk's queuing and its note, or after
+    -- the map tracked the chunk and before it cleared the note, left an
+    -- entry by tag: 48 of about 1,550 points did).
+    local core = require "parallelize.core"
+    local this = debug.getinfo(1, "S").source
+    -- (locals: a global read goes through busted's environment, whose
+    -- __index is Lua code the hook would fire in, outside the pcall)
+    local sethook, getinfo, raise = debug.sethook, debug.getinfo, error
+    -- (interpreted: a count hook fires in no compiled code, and what the
+    -- JIT has compiled by now depends on the specs run before)
+    jit.off()
+    finally(function() jit.on() end)
+    p = Parallelize(function(x)
+      if x % 10 == 7 then require("parallelize").sleep(0.003) end
+      if x % 25 == 13 then error("bad " .. x) end
+      if x % 4 == 0 then return nil end
+      return x
+    end, { workers = 2, quiet = true })
+    local env = core.pool_env(p)
+    -- Every n up to 400 (the map's first chunks are queued there, in the
+    -- same instructions each run), then every fourth up to 1,600.
+    local points = {}
+    for n = 1, 400 do points[#points + 1] = n end
+    for n = 404, 1600, 4 do points[#points + 1] = n end
+    local interrupts, base = 0, 0
+    for _, n in ipairs(points) do
+      local list = {}
+      for i = 1, 60 do list[i] = base + i end
+      base = base + 100
+      local k, fired = 0, nil
+      local e0, r0 = #p.errors, #p.results
+      pcall(function()
+        sethook(function()
+          -- (once: a deferred section that began before it fired puts the
+          -- hook back when it ends, ldefer.h)
+          if fired then return end
+          local info = getinfo(2, "Sl")
+          if info.source == this then return end
+          k = k + 1
+          if k < n then return end
+          sethook()
+          fired = info.short_src .. ":" .. info.currentline
+          raise("interrupted!")
+        end, "", 1)
+        p:map(list)
+      end)
+      sethook()
+      assert.is_true(p:wait(30))
+      if fired then interrupts = interrupts + 1 end
+      local errors, results = p.errors, p.results
+      for j = e0 + 1, #errors do
+        local e = errors[j]
+        if e.message:find("^map:") then
+          assert.is_number(e.first, fired)
+          assert.are.equal(2, e.args.n, fired)
+        end
+      end
+      for j = r0 + 1, #results do
+        local r = results[j]
+        if type(r) == "table" then
+          for q = 1, table.maxn(r) do assert.are_not.equal(nil, r[q], fired) end
+        end
+      end
+      assert.are.same({}, env.chunks, fired)
+      assert.are.same({}, env.chunk_tags, fired)
+    end
+    -- (how many instructions a map runs depends on how its waits fall)
+    assert.is_true(interrupts > 100, interrupts .. " interrupts")
+    local aborted = p:stop()
+    assert.are.equal(p.calls, #p.results + #p.errors + #aborted)
+  end)
 end)
 
 describe("parallelize.map", function()

@@ -413,7 +413,8 @@ int pz_lpool_submit_each(lua_State *L)
     return 5;
 }
 
-/* core.pool_submit_chunk(pool, tag, items, n) -> id, bytes | nil, why:
+/* core.pool_submit_chunk(pool, tag, items, n [, note, first]) -> id, bytes
+ * | nil, why:
  * queues items[1..n] as one chunk (chunk.h) for `tag`: a call whose
  * arguments are (items, n), which the worker runs as n calls of its
  * executor; bytes is their size encoded.  When the items cannot travel as
@@ -424,15 +425,22 @@ int pz_lpool_submit_each(lua_State *L)
  * (The caller builds `items` in Lua, where a compiled loop copies a slice
  * of a list faster than the C API can.)  The chunk is encoded into a
  * buffer of its own, not the scratch buffer: a chunk is milliseconds of
- * work, and its encode may fail without leaving anything claimed. */
+ * work, and its encode may fail without leaving anything claimed.  With a
+ * table `note` (chunks.lua's info, whose fields pending and pending_count
+ * exist), the chunk once queued is noted there as (first, n) before this
+ * returns: Ctrl-C's hook fires only in Lua code, so no interrupt can come
+ * between the queuing and the note (the map clears it once it tracks the
+ * call's id), nor leave a note for a chunk never queued. */
 int pz_lpool_submit_chunk(lua_State *L)
 {
     lpool *u = pz_lpool_check_running(L, 1);
     int tag = (int)luaL_checkinteger(L, 2);
     check_tag(L, u, tag);
     luaL_checktype(L, 3, LUA_TTABLE);
-    luaL_checkinteger(L, 4);
-    lua_settop(L, 4);
+    lua_Integer n = luaL_checkinteger(L, 4);
+    int noted = lua_istable(L, 5);
+    lua_Integer first = noted ? luaL_checkinteger(L, 6) : 0;
+    lua_settop(L, 6);
     wait_for_room(L, u, 1, 0);
     /* From here on the encode runs Lua code (finalizers, from the buffer's
      * allocation on): a p:stop() from there would free the pool and its
@@ -475,6 +483,13 @@ int pz_lpool_submit_chunk(lua_State *L)
         return 2;
     }
     queue_encoded(L, u, b, &cw, (uint8_t)tag, 0, PZ_CALL_CHUNK);
+    if (noted) {
+        /* (existing keys of a plain table: nothing allocates, nothing raises) */
+        lua_pushinteger(L, first);
+        lua_setfield(L, 5, "pending");
+        lua_pushinteger(L, n);
+        lua_setfield(L, 5, "pending_count");
+    }
     lua_pushnumber(L, (lua_Number)size);
     return 2;
 }

@@ -221,9 +221,11 @@ function M.map(p, list, n, who)
   -- What the store needs of the chunks once the map has let them go
   -- (M.restore, M.stored, M.register): kept by the claim, past the map's
   -- return, for a release that ran out of memory halfway.
-  -- pending: the first item of the chunk being queued (false between
-  -- chunks), with pending_count its items: an interrupt between its
-  -- queuing and track leaves it in no table but these (M.register).
+  -- pending: the first item of the chunk queued and not tracked yet
+  -- (false between chunks; set by pool_submit_chunk as it queues it), with
+  -- pending_count its items: an interrupt between its queuing and track
+  -- leaves it in no table but these (M.register). Both keys exist from
+  -- here on, so that C's stores into them never allocate.
   local info = { who = who, list = list, starts = starts, counts = counts, into = out, into_at = into_at,
     pending = false, pending_count = 0 }
   claim.chunks = info
@@ -255,8 +257,9 @@ function M.map(p, list, n, who)
     for k = 1, count do items[k] = list[i + k - 1] end
     for k = count + 1, items_n do items[k] = nil end
     items_n = count
-    info.pending, info.pending_count = i, count
-    local id, bytes = pool_submit_chunk(p, tag, items, count)
+    -- (queued, it is noted in info as pending before the C function
+    -- returns: no interrupt can come between the two)
+    local id, bytes = pool_submit_chunk(p, tag, items, count, info, i)
     if id then
       -- Tracked before into_at names it: M.restore needs its count
       -- (an interrupt between the two leaves its answer decoded whole).
