@@ -108,8 +108,9 @@ end
 -- paths to the store go through, so they cannot disagree: release, for
 -- an answer in the claim's lists, and the drain (env.chunk_answer), for
 -- one that came after the release (src/lrecords.c). `info` is the map's
--- claim.chunks (nil when the map left none: an interrupt between the
--- chunk's queuing and its tracking).
+-- claim.chunks, found by id (env.chunks) or, for the chunk an interrupt
+-- left untracked, by tag (env.chunk_tags); nil only if neither named it,
+-- which no chunk the map queued is left to (the fallback message below).
 function M.stored(info, id, results, _, k, message, traceback)
   local first, count, who
   if info then
