@@ -317,6 +317,25 @@ static void forget_untracked_chunk(lua_State *L, uint8_t tag, uint64_t id)
     lua_pop(L, 1);
 }
 
+/* Record f (a RESULT or ERROR) is stored: what a map that let its call go
+ * registered for it is done with.  Its env.chunks entry; failing that, a
+ * chunk's result is the untracked chunk's, found by its tag, and an error
+ * may be (forget_untracked_chunk).  Records of an active tag, and results
+ * that are no chunk's, have nothing registered. */
+static void forget_stored(lua_State *L, const lpool *u, const pz_frame *f)
+{
+    if (f->tag == 0 || u->tag_state[f->tag] == PZ_TAG_ACTIVE)
+        return;
+    if (f->type == PZ_F_RESULT && !(f->flags & PZ_REC_CHUNK))
+        return;
+    if (forget_chunk(L, f->id))
+        return;
+    if (f->type == PZ_F_RESULT)
+        forget_chunk_tag(L, f->tag);
+    else
+        forget_untracked_chunk(L, f->tag, f->id);
+}
+
 /* The answer of chunk f whose map let it go, its `count` values above
  * top, stored in l (NULL: unclaimed) as env.chunk_answer(env.chunks[id],
  * id, values...) says: nil, its results array made whole, stored as any
@@ -367,8 +386,7 @@ static void store_released_chunk(lua_State *L, drain_state *d, lists *l, const p
         count_record(d, f->tag);
         pz_idset_add(&d->u->finished, f->id);
     }
-    if (!forget_chunk(L, f->id))
-        forget_chunk_tag(L, f->tag); /* the untracked chunk's, found by its tag */
+    forget_stored(L, d->u, f);
 }
 
 /* A RESULT record (see store_result); a chunk's goes straight into its
@@ -486,8 +504,7 @@ static void on_error(lua_State *L, drain_state *d, const pz_frame *f)
      * not travel, it was cancelled) after its map let it go: its entry in
      * env.chunks (chunks.register), or the untracked chunk's in
      * env.chunk_tags, is done with, as a result's is. */
-    if (f->tag != 0 && d->u->tag_state[f->tag] != PZ_TAG_ACTIVE && !forget_chunk(L, f->id))
-        forget_untracked_chunk(L, f->tag, f->id);
+    forget_stored(L, d->u, f);
 }
 
 /* closed[slot] from a CLOSED record. */
@@ -773,19 +790,7 @@ static int salvage_record(lua_State *L)
         push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, f.id);
-        if ((f.type == PZ_F_RESULT && (f.flags & PZ_REC_CHUNK)) ||
-            (f.type == PZ_F_ERROR && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE))
-        {
-            /* stored: its entry is done with (a chunk's without one: the
-             * untracked chunk's, by its tag; an error's only when the map
-             * never tracked its call, forget_untracked_chunk) */
-            if (!forget_chunk(L, f.id) && f.tag != 0 && u->tag_state[f.tag] != PZ_TAG_ACTIVE) {
-                if (f.type == PZ_F_RESULT)
-                    forget_chunk_tag(L, f.tag);
-                else
-                    forget_untracked_chunk(L, f.tag, f.id);
-            }
-        }
+        forget_stored(L, u, &f);
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
         lua_rawseti(L, D_EXECUTORS, (int)f.id + 1);
