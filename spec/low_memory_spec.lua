@@ -47,6 +47,8 @@ print("wait", ok, err)
 print("results", #p.results)
 for i, v in ipairs(p.results) do print("result", p.ids[i], type(v) == "string" and #v or v) end
 for _, e in ipairs(p.errors) do print("error", e.id, e.message) end
+local s = p:stats()
+print("stats", s.done, s.failed)
 print("aborted", #p:stop())
 ]]
 
@@ -68,8 +70,29 @@ local function script_runner(text)
   end
 end
 
+local MAP_SCRIPT = PRELUDE .. [[
+local p = pz.Parallelize({ function(n)
+  if n == 2 then error("item two") end
+  if n < 0 then -- -n empty tables: 3 bytes each encoded, dozens decoded
+    local t = {}
+    for i = 1, -n do t[i] = {} end
+    return t
+  end
+  return n
+end })
+assert(#p.executors == 1)
+local RLIMIT_AS = 9
+assert(ffi.C.setrlimit(RLIMIT_AS, ffi.new("struct pz_spec_rlimit", vmsize() + 40000000, -1ULL)) == 0)
+print("map", pcall(p.map, p, { -1000000, 2, 3 }))
+assert(p:wait(60))
+local s = p:stats()
+print("stats", s.done, s.failed, #p.results, p.calls)
+assert(#p:stop() == 0)
+]]
+
 describe("a parent short of memory #nosan", function()
   local run_script = script_runner(SCRIPT)
+  local run_map_script = script_runner(MAP_SCRIPT)
   local function run(size, headroom, raise)
     return run_script(size, headroom, raise and "raise" or nil)
   end
@@ -89,7 +112,21 @@ describe("a parent short of memory #nosan", function()
     assert.matches("wait\ttrue\ttrue", out)
     assert.matches("error\t1\tthe result of call 1 cannot be used in the parent: not enough memory", out)
     assert.matches("result\t2\t10", out)
+    assert.matches("stats\t1\t1\n", out) -- the error counted failed, not done
     assert.matches("aborted\t0", out)
+  end)
+
+  it("counts a map's chunk it cannot decode failed once, its raising item with it", function()
+    -- The chunk {1, 2, 3} answers item 1 (70 MB decoded) and stops at item
+    -- 2, which raised: the I/O thread counts that answer failed; the drain,
+    -- unable to decode it, makes it an error of kind "parent", which must
+    -- not count it again. The map then runs items 1, 2, 3 alone: 1 fails
+    -- the same way (the map's error), 2 raises, 3 answers.
+    local out = run_map_script()
+    assert.matches("map\tfalse\tmap: item 1 failed: the result of call %d+ cannot be used in the parent", out)
+    local done, failed, results, calls = out:match("stats\t(%d+)\t(%d+)\t(%d+)\t(%d+)\n")
+    assert.are.equal(results, done, out)
+    assert.are.equal(tonumber(calls) - tonumber(results), tonumber(failed), out)
   end)
 
   it("fails the pool, never the process, when the I/O thread runs out elsewhere", function()

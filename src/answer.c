@@ -145,8 +145,10 @@ static int record_result(struct pz_io *io, pz_slot *w, const pz_frame *f, const 
     pz_part part = boxed ? (pz_part){&box, sizeof box, 0} : (pz_part){p, n, 0};
     if (pz_io_record(io, PZ_F_RESULT, tag, f->id, &part, 1) != 0)
         return -1;
-    if (flags && (f->flags & PZ_RESULT_ITEM_RAISED))
+    if (flags && (f->flags & PZ_RESULT_ITEM_RAISED)) {
         io->failed++; /* an error record, the map's or the store's (frame.h) */
+        flags |= PZ_REC_FAILED;
+    }
     if (boxed) {
         flags |= PZ_REC_BOXED;
         w->in = (pz_buf)PZ_BUF_INIT;

@@ -106,6 +106,10 @@
  * chunk that stopped at an item that raised is stored as an error record
  * (lrecords.c, chunks.lua), not as the results of the items before it */
 #define PZ_REC_CHUNK 0x10
+/* a chunk's answer the I/O thread counted failed (its worker flagged it
+ * PZ_RESULT_ITEM_RAISED): a drain that cannot decode it and makes it an
+ * error of kind "parent" does not count it again (lrecords.c) */
+#define PZ_REC_FAILED 0x08
 
 /* flag of an ERROR record, beside its kind: the call was cancelled after it
  * was sent, and its worker may still decode its arguments; a RELEASE

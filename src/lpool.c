@@ -476,8 +476,8 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
  * recycles, timeouts, cancelled, retries, retrying, running, requeued, elapsed
  * (seconds), samples = {{t, done}, ...}, workers = {{pid =, calls =,
  * busy =}, ...}, shared = {sent =, received =}}; `done` counts results
- * and errors.  The pool must not be
- * freed yet. */
+ * and errors, `failed` the errors, with the results the drain could not
+ * decode (u->salvaged).  The pool must not be freed yet. */
 /* Copies the I/O thread's counts into *st, its slots' entries in a buffer
  * pushed on the stack (the caller pops it).  The pool must not be freed. */
 static void fetch_stats(lua_State *L, lpool *u, pz_pool_stats *st)
@@ -494,7 +494,7 @@ static void push_stats(lua_State *L, lpool *u)
     int64_t now = pz_now_ns();
     lua_createtable(L, 0, 14);
     set_count(L, "done", st.done);
-    set_count(L, "failed", st.failed);
+    set_count(L, "failed", st.failed + (uint64_t)u->salvaged);
     set_count(L, "deaths", st.deaths);
     set_count(L, "respawns", st.respawns);
     set_count(L, "recycles", st.recycles);

@@ -52,6 +52,9 @@ typedef struct lpool {
                         * hooks are the Lua state's, not a thread's */
     unsigned fast_calls; /* p(x)'s through the fast path (lsubmit.c) */
     double helper_items; /* results the compiled helper took (lrunrec.h) */
+    double salvaged;   /* results the drain could not decode and stored as
+                        * errors of kind "parent" (lrecords.c): the I/O
+                        * thread counted them done, p:stats() failed */
     unsigned run_taken; /* calls of the record at the head of the done queue
                          * (a run's: run.h) already stored, when a decode
                          * raised before its end (lrecords.c) */

@@ -765,6 +765,7 @@ static int salvage_record(lua_State *L)
         push_error_record(L, id, &e, PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, id);
+        u->salvaged++; /* a result to the I/O thread (lpool.h) */
         if (++u->run_taken < (unsigned)pz_run_record_count(&f)) {
             lua_pushboolean(L, 1);
             return 1;
@@ -790,6 +791,10 @@ static int salvage_record(lua_State *L)
         push_error_record(L, f.id, &e, f.type == PZ_F_ERROR ? f.flags : PZ_ERR_PARENT, NULL);
         note_failure(L);
         store_error(L, &d, f.tag, f.id);
+        /* A result to the I/O thread, unless it counted the chunk failed
+         * already (an item raised in it). */
+        if (f.type == PZ_F_RESULT && !(f.flags & PZ_REC_FAILED))
+            u->salvaged++;
         forget_stored(L, u, &f);
     } else if (f.type == PZ_F_INIT_OK) {
         lua_pushfstring(L, "<executor copy cannot be decoded: %s>", why);
