@@ -95,6 +95,24 @@ describe("a call that fails in its worker", function()
       tostring(err))
   end)
 
+  it("says whose memory ran out when a Deferred constructor left none #nosan", function()
+    -- (the slot is given up; the message came bare, as the parent's own)
+    local p = parallelize.Parallelize({ parallelize.Deferred(function()
+      limit_address_space(32)
+      local kept = {}
+      while true do kept = { kept, {} } end
+    end), function(x) return x end })
+    finally(function() p:stop() end)
+    for _ = 1, 6000 do -- at most a minute
+      if #p.init_errors > 0 then break end
+      parallelize.sleep(0.01)
+    end
+    assert.are.equal(1, #p.init_errors)
+    assert.are.equal(1, p.init_errors[1].worker)
+    assert.matches("^not enough memory %(in worker 1, pid %d+%)$", p.init_errors[1].message)
+    assert.are.same({ 7 }, p:map({ 7 })) -- the other worker runs on
+  end)
+
   it("makes runs' calls in C once memory ran out in the compiled loop #nosan", function()
     -- Runs of one-number calls are made by a compiled loop (src/wruns.h).
     -- Once the address space is full (RLIMIT_AS, as above), the loop's own

@@ -1169,11 +1169,17 @@ static int encode_copy(lua_State *L)
 static _Noreturn void refuse_init(lua_State *L, const char *msg, size_t mlen, const char *tb,
                                   size_t tlen)
 {
+    char whose[256];
     if (W.remote) {
         lua_pushfstring(L, "host %s: ", W.host);
         lua_pushlstring(L, msg, mlen);
         lua_concat(L, 2);
         msg = lua_tolstring(L, -1, &mlen);
+    } else if (strlen(msg) == mlen) {
+        /* A constructor that ran out of memory: the parent says "not
+         * enough memory" of its own too.  (A remote one's host says whose.) */
+        msg = pz_worker_whose_memory(msg, whose, sizeof whose);
+        mlen = strlen(msg);
     }
     if (!tb)
         tlen = 0;
