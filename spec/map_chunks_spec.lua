@@ -74,18 +74,68 @@ describe("a map in chunks", function()
   end)
 
   it("runs every item exactly once, each in some worker", function()
+    -- Each worker keeps the items it ran; its close hands them over
+    -- (p.closed, by slot, after stop).
     p = Parallelize(parallelize.Deferred(function()
       local seen = {}
-      return function(x)
-        seen[#seen + 1] = x
-        return parallelize.getpid()
-      end, seen
+      return setmetatable({ close = function() return seen end }, {
+        __call = function(_, x)
+          seen[#seen + 1] = x
+          return parallelize.getpid()
+        end,
+      })
     end), { workers = 2 })
     local n = 20000
     local out = p:map(range(n))
-    local pids = {}
-    for _, pid in ipairs(p.pids) do pids[pid] = true end
-    for i = 1, n do assert.is_true(pids[out[i]], "item " .. i .. " ran in " .. tostring(out[i])) end
+    -- p.pids is by slot, and has no entry for a slot whose worker has not
+    -- initialized yet: one slow to start (a loaded machine) leaves the
+    -- whole map to the other, and a hole at [1] that ipairs stops at.
+    local slot_of = {}
+    for slot, pid in pairs(p.pids) do slot_of[pid] = slot end
+    for i = 1, n do assert.is_truthy(slot_of[out[i]], "item " .. i .. " ran in " .. tostring(out[i])) end
+    p:stop()
+    local ran = {}
+    for slot, seen in pairs(p.closed) do
+      for _, x in ipairs(seen) do
+        assert.is_nil(ran[x], "item " .. x .. " ran twice")
+        ran[x] = slot
+      end
+    end
+    for i = 1, n do assert.are.equal(slot_of[out[i]], ran[i], "item " .. i) end
+  end)
+
+  it("runs every item in some worker while another is still starting", function()
+    -- Worker 1 initializes only once the map has returned: the map is
+    -- worker 2's alone, and p.pids, which names a slot once its worker has
+    -- initialized, has slot 2 only.
+    local dir = support.tmpdir()
+    finally(function() support.rmdir(dir) end)
+    local gate = dir .. "/gate"
+    p = Parallelize({
+      parallelize.Deferred(function()
+        for _ = 1, 6000 do
+          local f = io.open(gate)
+          if f then
+            f:close()
+            break
+          end
+          parallelize.sleep(0.01)
+        end
+        return function() return parallelize.getpid() end
+      end),
+      function() return parallelize.getpid() end,
+    })
+    local n = 20000
+    local out = p:map(range(n))
+    local before = p.pids
+    assert.is_nil(before[1])
+    for i = 1, n do assert.are.equal(before[2], out[i], "item " .. i) end
+    support.write(gate, "")
+    local _ = p.executors -- both initialized
+    local now = p.pids
+    assert.are.equal(before[2], now[2])
+    assert.is_number(now[1])
+    assert.are_not.equal(now[1], now[2])
   end)
 
   it("raises for the item that raised, at the user's line", function()
