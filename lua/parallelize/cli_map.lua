@@ -84,16 +84,22 @@ end
 -- same lines. Raises when a write fails; after that nothing more is
 -- written (a batch written again could repeat the part that went out),
 -- and the lines of the batches not written stay counted in `unwritten`.
+-- Between the two writes, `unlogged` counts the lines whose output went
+-- out: when the joblog's write then fails, those lines are the output's
+-- last ones, and --resume, which knows only the joblog, runs them again;
+-- counted among the lines not done, they were said to need exactly
+-- that rerun, which wrote them twice.
 function Run:flush()
   if self.write_error then return end
   if self.nout > 0 then
-    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 4, self, "outbuf", {}, self, "nout", 0,
-      self, "outbytes", 0, self, "unwritten", self.log and self.unwritten or 0)
+    local ok, err = write_then(io.stdout, concat(self.outbuf, "", 1, self.nout), 5, self, "outbuf", {}, self, "nout", 0,
+      self, "outbytes", 0, self, "unwritten", self.log and self.unwritten or 0,
+      self, "unlogged", self.log and self.unlogged + self.nout / 2 or 0)
     if not ok then self:write_failed("cannot write the output: " .. tostring(err)) end
   end
   if self.nlog > 0 then
-    local ok, err = write_then(self.log, concat(self.logbuf, "", 1, self.nlog), 3, self, "logbuf", {}, self, "nlog", 0,
-      self, "unwritten", 0)
+    local ok, err = write_then(self.log, concat(self.logbuf, "", 1, self.nlog), 4, self, "logbuf", {}, self, "nlog", 0,
+      self, "unwritten", 0, self, "unlogged", 0)
     if not ok then self:write_failed(format("cannot write the joblog %s: %s", self.opts.joblog, tostring(err))) end
   end
   self.flushed_at = now()
@@ -342,7 +348,7 @@ function Run:cut_short(p, finish)
     local ok, err = pcall(self.flush, self)
     if not ok then self:say("%s", describe_failure(err)) end
   end
-  local not_done = self.submitted - self.done + self.unwritten
+  local not_done = self.submitted - self.done + self.unwritten - self.unlogged
   local unread = self:count_unread()
   return not_done + (unread or 0), unread ~= nil
 end
@@ -362,13 +368,20 @@ function Run:cut_short_protected(p)
   ok, count, whole = pcall(self.cut_short, self, p, 0)
   if ok then return count, whole end
   self:say("could not take and write what had finished: %s", describe_failure(count))
-  return self.submitted - self.done + self.unwritten, false
+  return self.submitted - self.done + self.unwritten - self.unlogged, false
 end
 
 function Run:not_done_message(count, whole)
   local rerun = self.log and format("; rerun with --resume --joblog %s to finish them", self.opts.joblog) or ""
-  if whole then return format("%d lines not done%s", count, count > 0 and rerun or "") end
-  return format("%d lines read and not done, and the rest of the input not read%s", count, rerun)
+  local unlogged = ""
+  if self.unlogged > 0 then
+    -- (a joblog write that failed may still have written some entries,
+    -- whole: --resume skips those lines)
+    unlogged = format("; the output's last %d lines went out, but not all their joblog entries: "
+      .. "--resume runs those lines again", self.unlogged)
+  end
+  if whole then return format("%d lines not done%s%s", count, count > 0 and rerun or "", unlogged) end
+  return format("%d lines read and not done, and the rest of the input not read%s%s", count, rerun, unlogged)
 end
 
 --- The pool, its workers ready; nil and why when the executor cannot be
@@ -456,7 +469,8 @@ function M.main(prog, ...)
     prefix = tostring(prog or "pzlua") .. " --map: ", clear_bar = "",
     outbuf = {}, nout = 0, outbytes = 0, logbuf = {}, nlog = 0, flushed_at = now(), id_base = 0,
     slots = FIRST_SLOTS, slot_pos = free_slots(FIRST_SLOTS), slot_line = free_slots(FIRST_SLOTS),
-    lines_read = 0, bytes_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, failures = 0,
+    lines_read = 0, bytes_read = 0, submitted = 0, consumed = 0, done = 0, unwritten = 0, unlogged = 0,
+    failures = 0,
   }, Run)
   local opts, why = cli_args.parse({ ... })
   if not opts then
@@ -512,7 +526,8 @@ function M.main(prog, ...)
       if p and (not p.stopped or run.streaming) then
         local count, whole = run:cut_short_protected(p)
         if interrupted then
-          run:say("%s: %d lines done, %s", how, run.done - run.unwritten, run:not_done_message(count, whole))
+          run:say("%s: %d lines done, %s", how, run.done - run.unwritten + run.unlogged,
+            run:not_done_message(count, whole))
         else
           run:say("%s", failure)
           run:say("stopped: %s", run:not_done_message(count, whole))
