@@ -994,6 +994,15 @@ describe("pzlua --map", function()
       assert.is_truthy(not_done, err)
       assert.are.equal(n, #joblog(dir .. "/jobs.log") + tonumber(not_done))
     end)
+
+    it("an input that cannot be read is not said to have no lines left", function()
+      local cmd = string.format("cd %s && %s --map %s < . > out 2> err; echo $? > status", quote(dir), quote(PZLUA),
+        quote(fn))
+      os.execute(cmd)
+      assert.are.same({ PZLUA .. " --map: cannot read the input: Is a directory\n"
+        .. PZLUA .. " --map: stopped: 0 lines read and not done, and the rest of the input not read\n", 255 },
+        { read(dir .. "/err"), tonumber(read(dir .. "/status")) })
+    end)
   end)
 
   describe("the command line", function()

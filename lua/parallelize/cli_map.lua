@@ -299,6 +299,7 @@ end
 -- a descriptor of its own, from the end of the last line counted: stdin's
 -- stream may keep the error flag of a read that Ctrl-C interrupted.
 function Run:count_unread()
+  local EINTR = 4
   if self.eof then return 0 end
   -- From the end of the last line counted, not from stdin's position: a
   -- line read when an interrupt came, before it was counted, is past that.
@@ -307,9 +308,18 @@ function Run:count_unread()
   if not f then return nil end
   local n = 0
   if f:seek("set", at) then
-    for text in read_line, f do
-      self.lines_read = self.lines_read + 1
-      if not self:skipped(self.lines_read, text) then n = n + 1 end
+    while true do
+      local text, err, code = read_line(f)
+      if text == nil then
+        -- A read that fails (stdin a directory: the failure that stopped
+        -- the run) leaves the rest uncounted, not counted as none: "0
+        -- lines not done" was said of an input never read.
+        if err ~= nil and code ~= EINTR then n = nil end
+        if err == nil or code ~= EINTR then break end
+      else
+        self.lines_read = self.lines_read + 1
+        if not self:skipped(self.lines_read, text) then n = n + 1 end
+      end
     end
   end
   f:close()
