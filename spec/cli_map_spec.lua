@@ -916,6 +916,43 @@ describe("pzlua --map", function()
       assert.are.equal(n, tonumber(done) + tonumber(not_done))
     end)
 
+    it("stops on a Ctrl-C that came while --resume read the joblog, and drops none of its entries", function()
+      -- SIGINT raised as the joblog's third entry is decoded: the hook
+      -- fires at the next call or return, inside read_done's
+      -- pcall(cjson.decode). Taken for a torn entry, it dropped line 3
+      -- from the lines done (run again: written twice) and the signal
+      -- with it (the run went on, status 0); outside that pcall, it was
+      -- a traceback and status 255.
+      write(dir .. "/stdin", numbers(6))
+      local entries = {}
+      for line = 1, 5 do entries[line] = string.format('{"line":%d,"status":"ok"}\n', line) end
+      write(dir .. "/jobs.log", table.concat(entries))
+      write(dir .. "/cut.lua", [[
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int raise(int sig);")
+        local cjson = require "cjson"
+        local real, calls = cjson.decode, 0
+        local function wrapped(text)
+          calls = calls + 1
+          if calls == 3 then ffi.C.raise(2) end
+          return real(text)
+        end
+        jit.off(wrapped)
+        cjson.decode = wrapped
+        os.exit(require("parallelize.cli_map").main("pzlua", "--joblog", "jobs.log", "--resume",
+          "function(x) return x end"), true)
+      ]])
+      local cmd = string.format("cd %s && %s cut.lua < stdin > out 2> err; echo $?", quote(dir), quote(PZLUA))
+      local p = assert(io.popen(cmd))
+      local status = tonumber(p:read("*a"))
+      p:close()
+      assert.are.same({ 130, "pzlua --map: interrupted before any input was read\n", "" },
+        { status, read(dir .. "/err"), read(dir .. "/out") })
+      -- and the joblog is as it was: a rerun runs line 6 alone
+      local out = map({ "--joblog", "jobs.log", "--resume", "function(x) return x end" }, numbers(6))
+      assert.are.equal("6\n", out)
+    end)
+
     it("logs every line under its own number when Ctrl-C came as the line numbers' slots grew", function()
       -- The first time the slots that map stream positions to line
       -- numbers grow (-j 2: past 1024 lines in flight), SIGINT is raised

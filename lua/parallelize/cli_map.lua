@@ -502,18 +502,20 @@ function M.main(prog, ...)
   end
   run.cjson = cjson
   if opts.progress and core.isatty(2) then run.clear_bar = "\r\27[K" end
-  if opts.joblog then
-    local ok, err = run:open_joblog()
-    if not ok then
-      run:say("%s", err)
-      return STATUS_BROKEN
-    end
-  end
   io.stdout:setvbuf("no") -- each batch is one write, made when this file says
   run.start_at = io.stdin:seek("cur") -- nil for a pipe (count_unread)
 
   local p
   local ok, status = pcall(function()
+    -- In here, so that a Ctrl-C while --resume reads a long joblog is
+    -- one message and its status, as later (it was a traceback, 255).
+    if opts.joblog then
+      local opened, open_err = run:open_joblog()
+      if not opened then
+        run:say("%s", open_err)
+        return STATUS_BROKEN
+      end
+    end
     local err
     p, err = run:start_pool()
     if not p then

@@ -89,6 +89,14 @@ function M.read_done(path, cjson, only_ok)
       return done, entries
     end
     local ok, e = pcall(cjson.decode, text)
+    -- Ctrl-C (SIGTERM, SIGHUP) raises "interrupted!" from a hook at the
+    -- next call, which may be this one, in the pcall: taken for a torn
+    -- entry, it dropped the entry (its line ran again, written twice)
+    -- and the signal (the run went on). Raised again.
+    if not ok and type(e) == "string" and e:find("interrupted!$") then
+      f:close()
+      error(e, 0)
+    end
     if ok and type(e) == "table" and type(e.line) == "number" and e.line >= 1
         and e.line == floor(e.line) and type(e.status) == "string" then
       entries = entries + 1
