@@ -841,6 +841,48 @@ describe("stream", function()
     assert.are.equal(p.calls, handed + #results + #errors + #aborted)
   end)
 
+  -- Once string results size the calls out (max_pending_bytes over their
+  -- mean size), two per worker were let out even when that was more than
+  -- four times a small window: beyond the bound, and beyond the ring an
+  -- ordered stream holds results back in, where input k + 4 took input k's
+  -- slot (results handed out at each other's positions, or a loop waiting
+  -- for good on a slot overwritten).
+  for _, ordered in ipairs({ false, true }) do
+    it(("keeps four times a small window out with big string results (ordered = %s)")
+      :format(tostring(ordered)), function()
+      -- In a process of its own: a loop waiting for good on a slot
+      -- overwritten must fail the spec, not hang it.
+      local dir = support.tmpdir()
+      finally(function() support.rmdir(dir) end)
+      support.write(dir .. "/s.lua", ([[
+        local parallelize = require "parallelize"
+        local p = parallelize.Parallelize(function(x)
+          -- in each run of four, the first finishes last
+          parallelize.sleep(x %% 4 == 1 and 0.02 or 0.002)
+          return string.rep("s", 1000) .. "#" .. x
+        end, { workers = 4, max_pending_bytes = 1000 })
+        local list = {}
+        for i = 1, 120 do list[i] = i end
+        local handed, most, wrong = 0, 0, 0
+        for i, ok, v in p:stream(list, { ordered = %s, max_pending = 1 }) do
+          assert(ok)
+          handed = handed + 1
+          most = math.max(most, p.calls - handed + 1)
+          if tonumber(v:match("#(%%d+)$")) ~= i then wrong = wrong + 1 end
+        end
+        p:stop()
+        print(("handed=%%d wrong=%%d most=%%d"):format(handed, wrong, most))
+      ]]):format(tostring(ordered)))
+      local out, status = support.run("timeout 30 " .. support.quote(support.pzlua()) .. " "
+        .. support.quote(dir .. "/s.lua"))
+      assert.are.equal(0, status, out)
+      local handed, wrong, most = out:match("handed=(%d+) wrong=(%d+) most=(%d+)")
+      assert.are.equal("120", handed, out)
+      assert.are.equal("0", wrong, out)
+      assert.is_true(tonumber(most) <= 4, out)
+    end)
+  end
+
   it("names the item that cannot travel; the items before it stay its own", function()
     local p = Parallelize(function(x) return x end, { workers = 2 })
     finally(function() p:stop() end)

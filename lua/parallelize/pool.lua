@@ -961,6 +961,7 @@ function methods.stream(p, src, opts)
   -- the loop's body waited on a slow pipe (pzlua --map; 200 MB now).
   local strings, string_bytes = 0, 0
   local result_bytes = pool_env(p).max_pending_bytes
+  -- (two per worker at least, within 4 * window all the same: see refill)
   local min_outstanding = 2 * pool_size(p)
   claim.owns = function(id)
     for s = seg_head, seg_tail do
@@ -1060,7 +1061,10 @@ function methods.stream(p, src, opts)
     local most = 4 * window
     if strings >= SIZED then
       local by_bytes = floor(result_bytes * strings / string_bytes)
-      if by_bytes < most then most = math.max(by_bytes, min_outstanding) end
+      -- (two per worker at least, but never past four times the window:
+      -- an ordered stream's ring holds that many, and with a window below
+      -- half the workers, input k + ring took input k's slot)
+      if by_bytes < most then most = math.min(most, math.max(by_bytes, min_outstanding)) end
     end
     local room = math.min(window - pending, window - nheld(), most - outstanding())
     if room <= 0 then return end
