@@ -841,6 +841,33 @@ describe("stream", function()
     assert.are.equal(p.calls, handed + #results + #errors + #aborted)
   end)
 
+  it("says what failed when its source steps the stream itself", function()
+    local p = Parallelize(function(x) return x end, { workers = 2 })
+    finally(function() p:stop() end)
+    local it, n, inner_ok, inner_err, handed = nil, 0, nil, nil, 0
+    it = p:stream(function()
+      n = n + 1
+      if n == 5 then inner_ok, inner_err = pcall(it) end
+      if n <= 10 then return n end
+    end)
+    local ok, err = pcall(function()
+      for _ in it do handed = handed + 1 end -- the line the error names
+    end)
+    assert.is_false(inner_ok)
+    assert.matches("stream: an error or interrupt left it while it queued inputs, and it cannot go on", inner_err)
+    assert.is_false(ok)
+    assert.matches("^spec/results_spec%.lua:%d+: stream: its source stepped the stream, which cannot go on: "
+      .. "what it had not handed out went to the pool's results$", err)
+    assert.is_nil(it()) -- ended
+    -- the four inputs queued before are each in one place; the fifth the
+    -- source returned never became a call
+    p:wait()
+    local results, _, errors = p:take()
+    local aborted = p:stop()
+    assert.are.equal(4, p.calls)
+    assert.are.equal(p.calls, handed + #results + #errors + #aborted)
+  end)
+
   -- Once string results size the calls out (max_pending_bytes over their
   -- mean size), two per worker were let out even when that was more than
   -- four times a small window: beyond the bound, and beyond the ring an

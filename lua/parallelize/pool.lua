@@ -160,6 +160,11 @@ local OUT_OF_MEMORY = "not enough memory to take the results that came (they sta
 local STREAM_BROKEN = "stream: an error or interrupt left it while it queued inputs, and it cannot go on: what "
   .. "it had not handed out went to the pool's results"
 
+-- What a stream raises when its source stepped it: that step raised
+-- STREAM_BROKEN to the source and ended the stream.
+local STREAM_SELF_STEPPED = "stream: its source stepped the stream, which cannot go on: what it had not handed out "
+  .. "went to the pool's results"
+
 -- What a stream raises once the pool was stopped under it.
 local STREAM_STOPPED = "stream: the pool was stopped; what the stream had not handed out went to its results"
 
@@ -1099,6 +1104,11 @@ function methods.stream(p, src, opts)
     starved = false
     for _ = 1, room do
       local item = src()
+      -- A source that stepped this stream (the step saw `refilling`, raised
+      -- STREAM_BROKEN and ended the stream: finish() let go of the claim
+      -- and its lists) and caught that error: the loop raised "attempt to
+      -- index upvalue 'claim'" below, which said nothing of what failed.
+      if not claim then error(STREAM_SELF_STEPPED, caller.level()) end
       if item == nil then
         exhausted = true
         return
