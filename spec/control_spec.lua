@@ -396,6 +396,36 @@ describe("cancel", function()
     assert.are.same({}, p:stop())
   end)
 
+  it("counts a call cancelled in its worker's queue as failed, not also as running", function()
+    -- Its record is made at the cancel; it stays in its worker's queue
+    -- until the worker starts it (and is ended): counted as running too,
+    -- done + failed + pending + running came to one more than the calls.
+    local dir = support.tmpdir()
+    local p = Parallelize(function(s, gate)
+      local P = require("parallelize")
+      while gate and not io.open(gate, "r") do P.sleep(0.005) end
+      P.sleep(s)
+      return s
+    end, { workers = 1, window = 10, quiet = true })
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    for _ = 1, 3 do p(0.001) end
+    assert.is_true(p:wait(10))
+    local gate = dir .. "/gate"
+    local _, cancelled = p(0.3, gate), p(1000)
+    p(0.01)
+    core.sleep(0.1)
+    assert.is_true(p:cancel(cancelled))
+    local s = p:stats()
+    assert.are.same({ 6, 3, 1, 1, 0, 2 }, { s.calls, s.done, s.failed, s.cancelled, s.pending, s.running })
+    support.write(gate, "")
+    assert.is_true(p:wait(10))
+    s = p:stats()
+    assert.are.same({ 6, 5, 1, 0, 0 }, { s.calls, s.done, s.failed, s.pending, s.running })
+  end)
+
   it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()
     -- The kill of a cancelled call goes through the spawner: stopped
     -- (SIGSTOP), it lets the call raise first, and the worker start the

@@ -350,6 +350,11 @@ int64_t pz_slot_timeout_ns(struct pz_io *io, const char *frame);
  * Returns how many of them w held. */
 size_t pz_slot_cancel(struct pz_io *io, pz_slot *w, const uint64_t *ids, size_t n);
 
+/* How many of the calls w holds were cancelled after they were sent: each
+ * has its error record already, and leaves `inflight` only as it starts
+ * (its worker ended) or is answered. */
+uint32_t pz_slot_cancelled_held(const pz_slot *w);
+
 /* Whether id is among the n sorted ids (a cancel batch). */
 int pz_id_among(const uint64_t *ids, size_t n, uint64_t id);
 

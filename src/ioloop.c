@@ -340,9 +340,12 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
     st->cancelled = io->cancelled;
     st->retries = io->retried;
     st->retrying = pz_retry_held(io);
+    /* A call cancelled after it was sent is failed already (its record is
+     * made at the cancel): counted as running too, it made done + failed +
+     * pending + running exceed the calls until its worker started it. */
     st->running = 0;
     for (int i = 0; i < io->nrecords; i++)
-        st->running += io->slots[i].inflight;
+        st->running += io->slots[i].inflight - pz_slot_cancelled_held(&io->slots[i]);
     st->queued = 0;
     for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos))
         st->queued++;

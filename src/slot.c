@@ -484,6 +484,15 @@ static int cancel_frame(struct pz_io *io, pz_slot *w, char *fr, size_t pos)
     return 0;
 }
 
+uint32_t pz_slot_cancelled_held(const pz_slot *w)
+{
+    uint32_t n = 0;
+    for (size_t pos = w->out_head; pos < w->out_sent; pos += pz_frame_size(w->out.data + pos))
+        if (pz_frame_flags(w->out.data + pos) & PZ_CALL_CANCELLED)
+            n++;
+    return n;
+}
+
 size_t pz_slot_cancel(struct pz_io *io, pz_slot *w, const uint64_t *ids, size_t n)
 {
     /* One pass; the frames dropped (never sent: all past out_sent) are
