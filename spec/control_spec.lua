@@ -418,12 +418,35 @@ describe("cancel", function()
     p(0.01)
     core.sleep(0.1)
     assert.is_true(p:cancel(cancelled))
+    -- (the I/O thread acts on the cancel soon after it returns)
+    assert.is_true(support.eventually(function() return p:stats().cancelled == 1 end, 10))
     local s = p:stats()
     assert.are.same({ 6, 3, 1, 1, 0, 2 }, { s.calls, s.done, s.failed, s.cancelled, s.pending, s.running })
     support.write(gate, "")
     assert.is_true(p:wait(10))
     s = p:stats()
     assert.are.same({ 6, 5, 1, 0, 0 }, { s.calls, s.done, s.failed, s.pending, s.running })
+  end)
+
+  it("counts calls cancelled while they waited for a worker as failed, not also as pending", function()
+    -- Their records are made at the cancel; they stay in the queue, flagged,
+    -- until a worker has room: 502 of them counted in both pending and
+    -- failed, done + failed + pending + running came to 1,503 calls of 1,001.
+    local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
+    finally(function() p:stop(0) end)
+    local first = p(0.5)
+    for _ = 1, 1000 do p(0) end
+    core.sleep(0.1)
+    for id = 500, 1001 do p:cancel(id) end
+    assert.is_true(support.eventually(function() return p:stats().cancelled == 502 end, 10))
+    local s = p:stats()
+    assert.is_true(s.pending > 0, "the worker ran its calls before the test looked")
+    assert.are.same({ 1001, 502, 502 }, { s.calls, s.failed, s.cancelled })
+    assert.are.equal(s.calls, s.done + s.failed + s.pending + s.running)
+    assert.are.same({ true, 0.5 }, { p:result(first) })
+    assert.is_true(p:wait(10))
+    s = p:stats()
+    assert.are.same({ 1001, 499, 502, 0, 0 }, { s.calls, s.done, s.failed, s.pending, s.running })
   end)
 
   it("does not run again a call that raised as it was cancelled, nor blame the next for the kill", function()

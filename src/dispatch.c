@@ -228,6 +228,8 @@ void pz_dispatch(struct pz_io *io)
             taken = count;
         } else {
             pz_io_release(io, fr);
+            if (!from_rq)
+                io->cancelled_unseen--;
         }
         if (from_rq) {
             io->rq_pos += size;
@@ -288,13 +290,15 @@ int pz_dispatch_requeue_frame(struct pz_io *io, const char *frame, size_t size)
 }
 
 /* Writes the cancellation record of the waiting CALL frame fr and flags
- * it, so that it is dropped when its turn comes. */
-static void cancel_waiting(struct pz_io *io, char *fr)
+ * it, so that it is dropped when its turn comes.  Returns 1 when it did. */
+static int cancel_waiting(struct pz_io *io, char *fr)
 {
     char msg[80];
     snprintf(msg, sizeof msg, "call %" PRIu64 " cancelled", pz_frame_id(fr));
-    if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) == 0)
-        pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+    if (pz_slot_record_error(io, fr, msg, PZ_ERR_CANCELLED) != 0)
+        return 0;
+    pz_frame_set_flags(fr, pz_frame_flags(fr) | PZ_CALL_CANCELLED);
+    return 1;
 }
 
 int pz_id_among(const uint64_t *ids, size_t n, uint64_t id)
@@ -317,14 +321,13 @@ typedef struct cancel_search {
 } cancel_search;
 
 /* Cancels fr, a waiting CALL frame (requeued or in the submit queue), if
- * its id is to be. */
-static void cancel_if_among(cancel_search *c, char *fr)
+ * its id is to be; returns 1 when it flagged it now. */
+static int cancel_if_among(cancel_search *c, char *fr)
 {
     if (!pz_id_among(c->ids, c->n, pz_frame_id(fr)))
-        return;
+        return 0;
     c->found++;
-    if (!(pz_frame_flags(fr) & PZ_CALL_CANCELLED))
-        cancel_waiting(c->io, fr);
+    return !(pz_frame_flags(fr) & PZ_CALL_CANCELLED) && cancel_waiting(c->io, fr);
 }
 
 /* pz_spsc_walk's visitor over the submit queue's frames. */
@@ -332,7 +335,7 @@ static int cancel_in_chunk(char *data, size_t n, void *ud)
 {
     cancel_search *c = ud;
     for (size_t pos = 0; pos < n && c->found < c->n; pos += pz_frame_size(data + pos))
-        cancel_if_among(c, data + pos);
+        c->io->cancelled_unseen += (uint64_t)cancel_if_among(c, data + pos);
     return c->found == c->n;
 }
 

@@ -181,6 +181,8 @@ struct pz_io {
     int64_t now;             /* pz_now_ns as last read: at each turn of the
                               * loop, and after each read from a worker */
     uint64_t calls_taken;    /* CALL frames taken from the submit queue */
+    uint64_t cancelled_unseen; /* frames in the submit queue flagged cancelled
+                                * (their records made), not taken yet */
     uint64_t bytes_taken;    /* and their bytes */
     size_t backlog_added;    /* bytes of records written since the last publish */
     int slots_settled;

@@ -346,9 +346,13 @@ void pz_io_get_stats(struct pz_io *io, pz_pool_stats *st)
     st->running = 0;
     for (int i = 0; i < io->nrecords; i++)
         st->running += io->slots[i].inflight - pz_slot_cancelled_held(&io->slots[i]);
+    /* Cancelled calls waiting are failed already: not counted as queued
+     * (nor, with cancelled_unseen, as pending in the submit queue). */
     st->queued = 0;
     for (size_t pos = io->rq_pos; pos < io->rq.len; pos += pz_frame_size(io->rq.data + pos))
-        st->queued++;
+        st->queued += !(pz_frame_flags(io->rq.data + pos) & PZ_CALL_CANCELLED);
+    st->taken = io->calls_taken;
+    st->cancelled_unseen = io->cancelled_unseen;
     st->started_ns = io->started_ns;
     st->nsamples = io->nsamples;
     memcpy(st->sample_ns, io->sample_ns, sizeof st->sample_ns);

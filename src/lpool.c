@@ -492,7 +492,7 @@ static void push_stats(lua_State *L, lpool *u)
     pz_pool_stats st;
     fetch_stats(L, u, &st);
     int64_t now = pz_now_ns();
-    lua_createtable(L, 0, 14);
+    lua_createtable(L, 0, 16);
     set_count(L, "done", st.done);
     set_count(L, "failed", st.failed + (uint64_t)u->salvaged);
     set_count(L, "deaths", st.deaths);
@@ -504,6 +504,8 @@ static void push_stats(lua_State *L, lpool *u)
     set_count(L, "retrying", st.retrying);
     set_count(L, "running", st.running);
     set_count(L, "requeued", st.queued);
+    set_count(L, "taken", st.taken);
+    set_count(L, "cancelled_unseen", st.cancelled_unseen);
     lua_pushnumber(L, st.started_ns ? (lua_Number)(now - st.started_ns) / 1e9 : 0);
     lua_setfield(L, -2, "elapsed");
     lua_createtable(L, st.nsamples + 1, 0);

@@ -103,6 +103,8 @@ typedef struct pz_pool_stats {
     uint64_t retrying;        /* calls that raised and run again: their attempts are kept */
     uint64_t running;    /* calls in workers */
     uint64_t queued;     /* calls requeued, waiting for a worker */
+    uint64_t taken;      /* calls taken from the submit queue */
+    uint64_t cancelled_unseen; /* calls in the submit queue cancelled there */
     int64_t started_ns;  /* when the pool started */
     /* calls_done sampled now and then, oldest first (rates): */
     int nsamples;

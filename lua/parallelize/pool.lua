@@ -1509,7 +1509,7 @@ function methods.stats(p)
   check_self(p, "stats")
   pool_drain(p)
   local s = core.pool_stats(p)
-  local calls, _, pending = pool_counts(p)
+  local calls = pool_counts(p)
   local env = pool_env(p)
   -- After stop, what still waited, ran or was to run again after raising
   -- is in the aborted list: the I/O side keeps those frames (walked, not
@@ -1520,7 +1520,10 @@ function methods.stats(p)
     calls = calls,
     done = s.done - s.failed,
     failed = s.failed,
-    pending = stopped and 0 or pending + s.requeued,
+    -- (from the calls the I/O side had taken when it counted the rest,
+    -- not the count published for the main thread, which may be read
+    -- later: calls taken in between were in neither pending nor running)
+    pending = stopped and 0 or calls - s.taken - s.cancelled_unseen + s.requeued,
     running = stopped and 0 or s.running,
     aborted = env.aborted_count or 0,
     cancelled = s.cancelled,
