@@ -285,6 +285,30 @@ describe("init_timeout", function()
 end)
 
 describe("cancel", function()
+  --- One worker holding up to ten calls, warmed up: a call p(s, gate) waits
+  -- until the file gate exists (if given), then sleeps s seconds and
+  -- returns s; p("die") ends its worker. Returns the pool and a directory
+  -- for gates; both go when the test ends.
+  local function gated_pool(options)
+    local dir = support.tmpdir()
+    local opts = { workers = 1, window = 10, quiet = true }
+    for k, v in pairs(options) do opts[k] = v end
+    local p = Parallelize(function(s, gate)
+      local P = require("parallelize")
+      while gate and not io.open(gate, "r") do P.sleep(0.005) end
+      if s == "die" then os.exit(7) end
+      P.sleep(s)
+      return s
+    end, opts)
+    finally(function()
+      p:stop(0)
+      support.rmdir(dir)
+    end)
+    for _ = 1, 3 do p(0.001) end
+    assert.is_true(p:wait(10))
+    return p, dir
+  end
+
   it("drops a call not started at once, ends a running one, and leaves a finished one", function()
     local p = Parallelize(function(s) require("parallelize").sleep(s) return s end, { workers = 1 })
     finally(function() p:stop() end)
@@ -360,20 +384,7 @@ describe("cancel", function()
     -- waits in the worker behind the first when it is cancelled. The
     -- first runs until the test opens its gate, after the cancel: the
     -- second cannot have started by then, however late the cancel comes.
-    local dir = support.tmpdir()
-    local p = Parallelize(function(s, gate)
-      local P = require("parallelize")
-      while gate and not io.open(gate, "r") do P.sleep(0.005) end
-      if s == "die" then os.exit(7) end
-      P.sleep(s)
-      return s
-    end, { workers = 1, window = 10, max_deaths = 1, quiet = true })
-    finally(function()
-      p:stop(0)
-      support.rmdir(dir)
-    end)
-    for _ = 1, 3 do p(0.001) end
-    assert.is_true(p:wait(10))
+    local p, dir = gated_pool({ max_deaths = 1 })
     for k, doomed in ipairs({ 1000, "die" }) do
       local gate = dir .. "/gate" .. k
       local first = p(0.3, gate)
@@ -400,19 +411,7 @@ describe("cancel", function()
     -- Its record is made at the cancel; it stays in its worker's queue
     -- until the worker starts it (and is ended): counted as running too,
     -- done + failed + pending + running came to one more than the calls.
-    local dir = support.tmpdir()
-    local p = Parallelize(function(s, gate)
-      local P = require("parallelize")
-      while gate and not io.open(gate, "r") do P.sleep(0.005) end
-      P.sleep(s)
-      return s
-    end, { workers = 1, window = 10, quiet = true })
-    finally(function()
-      p:stop(0)
-      support.rmdir(dir)
-    end)
-    for _ = 1, 3 do p(0.001) end
-    assert.is_true(p:wait(10))
+    local p, dir = gated_pool({})
     local gate = dir .. "/gate"
     local _, cancelled = p(0.3, gate), p(1000)
     p(0.01)
