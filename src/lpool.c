@@ -472,12 +472,6 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
     lua_setfield(L, -2, name);
 }
 
-/* Pushes the I/O thread's counts: {done, failed, deaths, respawns,
- * recycles, timeouts, cancelled, retries, retrying, running, requeued, elapsed
- * (seconds), samples = {{t, done}, ...}, workers = {{pid =, calls =,
- * busy =}, ...}, shared = {sent =, received =}}; `done` counts results
- * and errors, `failed` the errors, with the results the drain could not
- * decode (u->salvaged).  The pool must not be freed yet. */
 /* Copies the I/O thread's counts into *st, its slots' entries in a buffer
  * pushed on the stack (the caller pops it).  The pool must not be freed. */
 static void fetch_stats(lua_State *L, lpool *u, pz_pool_stats *st)
@@ -487,6 +481,13 @@ static void fetch_stats(lua_State *L, lpool *u, pz_pool_stats *st)
     pz_pool_get_stats(u->pool, st);
 }
 
+/* Pushes the I/O thread's counts: {done, failed, deaths, respawns,
+ * recycles, timeouts, cancelled, retries, retrying, running, requeued,
+ * taken, cancelled_unseen, elapsed (seconds), samples = {{t, done}, ...},
+ * workers = {{pid =, calls =, busy =}, ...}, shared = {sent =, received
+ * =}}; `done` counts results and errors, `failed` the errors, with the
+ * results the drain could not decode (u->salvaged).  The pool must not be
+ * freed yet. */
 static void push_stats(lua_State *L, lpool *u)
 {
     pz_pool_stats st;

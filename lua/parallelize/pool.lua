@@ -1069,7 +1069,7 @@ function methods.stream(p, src, opts)
       -- (two per worker at least, but never past four times the window:
       -- an ordered stream's ring holds that many, and with a window below
       -- half the workers, input k + ring took input k's slot)
-      if by_bytes < most then most = math.min(most, math.max(by_bytes, min_outstanding)) end
+      most = math.min(most, math.max(by_bytes, min_outstanding))
     end
     local room = math.min(window - pending, window - nheld(), most - outstanding())
     if room <= 0 then return end
